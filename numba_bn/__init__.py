@@ -1,0 +1,19 @@
+"""numba_bn: batch normalisation for NumPy arrays with compiled Numba kernels."""
+
+from .conventions import CONVENTIONS, torch_momentum
+from .functional import backward, batch_norm, forward_eval, forward_train
+from .layer import BatchNorm
+from .warmup import warmup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONVENTIONS",
+    "BatchNorm",
+    "backward",
+    "batch_norm",
+    "forward_eval",
+    "forward_train",
+    "torch_momentum",
+    "warmup",
+]

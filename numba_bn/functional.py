@@ -1,0 +1,439 @@
+"""Public functions: validate, allocate, dispatch to a backend on the canonical view.
+
+Every check runs before any buffer is written, so a call that raises leaves running statistics
+(and every other argument) as they were. Per-channel statistics travel between calls in float64;
+the public functions return them in the input's dtype (float32 for float16 input).
+"""
+
+import math
+
+import numpy as np
+
+from . import dispatch
+from .layout import canonical_shape, normalize_axis
+
+NAN_POLICIES = ("propagate", "raise")
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
+
+
+# ------------------------------------------------------------------------------------ checks
+def compute_dtype(dtype, name="x"):
+    """float32 for float16 and float32, float64 for float64; TypeError for anything else."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return dtype
+    if dtype in (np.float32, np.float16):
+        return np.dtype(np.float32)
+    raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
+
+
+def check_input(x, name="x"):
+    """``x`` as an ndarray with a float dtype and a batch and a channel dimension."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    compute_dtype(x.dtype, name)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (batch and channels), got shape {x.shape}"
+        )
+    return x
+
+
+def check_scalar(value, name, low, high=math.inf):
+    value = float(value)
+    if not low <= value <= high:  # also rejects NaN
+        bounds = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def check_nan_policy(nan_policy):
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    return nan_policy
+
+
+class Vectors:
+    """Per-channel arguments checked together: length C, one dtype, converted for the kernels."""
+
+    def __init__(self, x, channels, **vectors):
+        given = {name: v for name, v in vectors.items() if v is not None}
+        dtypes = {}
+        for name, vector in given.items():
+            if not isinstance(vector, np.ndarray):
+                raise TypeError(f"{name} must be a numpy array, got {type(vector).__name__}")
+            if vector.shape != (channels,):
+                raise ValueError(
+                    f"{name} must have shape ({channels},) to match the {channels} channels of "
+                    f"x, got {vector.shape}"
+                )
+            dtypes[name] = vector.dtype
+        allowed = {x.dtype, compute_dtype(x.dtype)}
+        for name, dtype in dtypes.items():
+            if dtype not in allowed:
+                expected = " or ".join(sorted(str(d) for d in allowed))
+                raise TypeError(f"{name} has dtype {dtype}; expected {expected} (as x: {x.dtype})")
+        if len(set(dtypes.values())) > 1:
+            listing = ", ".join(f"{name}: {dtype}" for name, dtype in dtypes.items())
+            raise TypeError(f"per-channel arguments must share one dtype, got {listing}")
+        self.given = given
+        self.kernel_dtype = compute_dtype(x.dtype)
+
+    def kernel(self, name):
+        """The vector as the kernels take it: contiguous, compute dtype, empty when absent."""
+        vector = self.given.get(name)
+        if vector is None:
+            return _EMPTY[self.kernel_dtype]
+        return np.ascontiguousarray(vector, dtype=self.kernel_dtype)
+
+    def writable(self, name):
+        """A buffer the kernels update in place, and a function that stores it back."""
+        vector = self.given[name]
+        if not vector.flags.writeable:
+            raise ValueError(f"{name} must be writable: it is updated in place")
+        work = self.kernel(name)
+        if work is vector:
+            return work, lambda: None
+        return work.copy(), lambda: np.copyto(vector, work)
+
+
+class Prepared:
+    """An input checked and seen as its canonical (outer, C, inner) view in the compute dtype."""
+
+    def __init__(self, x, axis, name="x"):
+        x = check_input(x, name)
+        self.x = x
+        self.axis = normalize_axis(axis, x.ndim)
+        self.shape = canonical_shape(x.shape, self.axis)
+        self.count = self.shape[0] * self.shape[2]
+        self.channels = self.shape[1]
+        self.dtype = compute_dtype(x.dtype, name)
+        self.view = np.ascontiguousarray(x, dtype=self.dtype).reshape(self.shape)
+
+    def output(self, out, name="out"):
+        """(the user's array or None, the canonical view the kernel writes)."""
+        if out is not None:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+            if out.shape != self.x.shape or out.dtype != self.x.dtype:
+                raise ValueError(
+                    f"{name} must have the shape and dtype of x, {self.x.shape} {self.x.dtype}, "
+                    f"got {out.shape} {out.dtype}"
+                )
+            if not (out.flags.c_contiguous and out.flags.writeable):
+                raise ValueError(f"{name} must be C-contiguous and writable")
+        if self.dtype != self.x.dtype:  # float16: compute in float32, convert in finish()
+            return out, np.empty(self.shape, self.dtype)
+        if out is None:
+            out = np.empty(self.x.shape, self.dtype)
+        return out, out.reshape(self.shape)
+
+    def finish(self, out, view):
+        """The result in the user's dtype and shape (float16 is converted here)."""
+        if view.dtype == self.x.dtype:
+            return out
+        if out is None:
+            return view.reshape(self.x.shape).astype(self.x.dtype)
+        np.copyto(out, view.reshape(self.x.shape), casting="same_kind")
+        return out
+
+
+def check_training_count(prepared):
+    if prepared.count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{prepared.x.shape} (axis={prepared.axis})"
+        )
+
+
+# ------------------------------------------------------------------------- internal operations
+class TrainResult:
+    """What a training forward produces: y and the float64 statistics backward needs."""
+
+    def __init__(self, y, mean, invstd, m2, count):
+        self.y, self.mean, self.invstd, self.m2, self.count = y, mean, invstd, m2, count
+
+
+def train_forward(
+    x,
+    weight,
+    bias,
+    eps,
+    axis,
+    *,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    unbiased=True,
+    nan_policy="propagate",
+    out=None,
+    backend="cpu",
+):
+    """Training forward with batch statistics; updates the running buffers when given."""
+    prepared = Prepared(x, axis)
+    eps = check_scalar(eps, "eps", 0.0)
+    momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+    check_nan_policy(nan_policy)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    vectors = Vectors(
+        prepared.x,
+        prepared.channels,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    check_training_count(prepared)
+    y, y_view = prepared.output(out)
+    channels = prepared.channels
+    mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
+    if prepared.count == 0 or channels == 0:
+        mean.fill(np.nan), invstd.fill(np.nan), m2.fill(np.nan)
+        return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
+    store_back = []
+    run_mean = run_var = _EMPTY[prepared.dtype]
+    if running_mean is not None:
+        (run_mean, store_mean), (run_var, store_var) = (
+            vectors.writable("running_mean"),
+            vectors.writable("running_var"),
+        )
+        store_back = [store_mean, store_var]
+    ok = dispatch.get(backend).forward_train(
+        prepared.view,
+        vectors.kernel("weight"),
+        vectors.kernel("bias"),
+        eps,
+        run_mean,
+        run_var,
+        momentum,
+        unbiased,
+        nan_policy == "raise",
+        y_view,
+        mean,
+        invstd,
+        m2,
+    )
+    if not ok:
+        raise ValueError(
+            "x holds NaN or Inf (nan_policy='raise'): batch statistics are not finite; "
+            "running statistics were not updated"
+        )
+    for store in store_back:
+        store()
+    return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, prepared.count)
+
+
+def eval_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=None, backend="cpu"):
+    prepared = Prepared(x, axis)
+    eps = check_scalar(eps, "eps", 0.0)
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        if value is None:
+            raise ValueError(f"{name} is required for the eval forward (training=False)")
+    vectors = Vectors(
+        prepared.x,
+        prepared.channels,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    y, y_view = prepared.output(out)
+    if prepared.count and prepared.channels:
+        dispatch.get(backend).forward_eval(
+            prepared.view,
+            vectors.kernel("weight"),
+            vectors.kernel("bias"),
+            vectors.kernel("running_mean"),
+            vectors.kernel("running_var"),
+            eps,
+            y_view,
+        )
+    return prepared.finish(y, y_view)
+
+
+def stats_vector(value, name, channels):
+    """A saved statistic as a float64 (C,) vector."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(value).__name__}")
+    if value.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {value.shape}")
+    compute_dtype(value.dtype, name)
+    return np.ascontiguousarray(value, dtype=np.float64)
+
+
+def train_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"):
+    """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward."""
+    prepared = Prepared(x, axis)
+    dy = check_input(dy, "dy")
+    if dy.shape != prepared.x.shape:
+        raise ValueError(f"dy must have the shape of x, {prepared.x.shape}, got {dy.shape}")
+    if dy.dtype != prepared.x.dtype:
+        raise TypeError(f"dy must have the dtype of x, {prepared.x.dtype}, got {dy.dtype}")
+    channels = prepared.channels
+    mean = stats_vector(mean, "mean", channels)
+    invstd = stats_vector(invstd, "invstd", channels)
+    vectors = Vectors(prepared.x, channels, weight=weight)
+    dx, dx_view = prepared.output(out)
+    sum_dy, sum_dy_xmu = np.zeros(channels), np.zeros(channels)
+    if prepared.count and channels:
+        dy_view = np.ascontiguousarray(dy, dtype=prepared.dtype).reshape(prepared.shape)
+        dispatch.get(backend).backward(
+            dy_view,
+            prepared.view,
+            mean,
+            invstd,
+            vectors.kernel("weight"),
+            dx_view,
+            sum_dy,
+            sum_dy_xmu,
+        )
+    return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu
+
+
+def frozen_backward(
+    dy, x, running_mean, running_var, weight, eps, axis, *, out=None, backend="cpu"
+):
+    """Eval-mode backward with frozen statistics: dx = dy * weight * invstd; and the sums."""
+    prepared = Prepared(x, axis)
+    dy = check_input(dy, "dy")
+    if dy.shape != prepared.x.shape or dy.dtype != prepared.x.dtype:
+        raise ValueError(
+            f"dy must have the shape and dtype of x, {prepared.x.shape} {prepared.x.dtype}, "
+            f"got {dy.shape} {dy.dtype}"
+        )
+    channels = prepared.channels
+    mean = stats_vector(running_mean, "running_mean", channels)
+    invstd = 1.0 / np.sqrt(stats_vector(running_var, "running_var", channels) + eps)
+    vectors = Vectors(prepared.x, channels, weight=weight)
+    dx, dx_view = prepared.output(out)
+    sum_dy, sum_dy_xmu = np.zeros(channels), np.zeros(channels)
+    if prepared.count and channels:
+        dy_view = np.ascontiguousarray(dy, dtype=prepared.dtype).reshape(prepared.shape)
+        kernels = dispatch.get(backend)
+        kernels.backward_sums(dy_view, prepared.view, mean, sum_dy, sum_dy_xmu)
+        scale = invstd * vectors.kernel("weight") if weight is not None else invstd
+        coef = np.zeros((5, channels), prepared.dtype)
+        coef[4] = scale
+        kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
+    return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, invstd
+
+
+def _in_dtype_of(array, *vectors):
+    """float64 per-channel vectors in the compute dtype of ``array``."""
+    dtype = compute_dtype(array.dtype)
+    return tuple(vector.astype(dtype) for vector in vectors)
+
+
+# ------------------------------------------------------------------------------ public functions
+def forward_train(
+    x, weight=None, bias=None, eps=1e-5, axis=1, *, out=None, nan_policy="propagate", backend="cpu"
+):
+    """Training-mode forward with batch statistics.
+
+    Parameters
+    ----------
+    x : ndarray, float16/32/64, rank >= 2
+        Channels on ``axis``; the statistics reduce over every other axis.
+    weight, bias : ndarray (C,), optional
+        Affine parameters (1 and 0 when None).
+    eps : float
+        Added to the biased variance.
+    out : ndarray, optional
+        C-contiguous array with the shape and dtype of ``x`` to write ``y`` into.
+    nan_policy : {"propagate", "raise"}
+        "raise": ValueError when the batch statistics are not finite.
+
+    Returns
+    -------
+    y, mean, invstd
+        ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) have shape (C,) and the
+        dtype of ``x`` (float32 for float16).
+
+    .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
+    """
+    result = train_forward(
+        x, weight, bias, eps, axis, nan_policy=nan_policy, out=out, backend=backend
+    )
+    return (result.y, *_in_dtype_of(result.y, result.mean, result.invstd))
+
+
+def forward_eval(
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    axis=1,
+    *,
+    out=None,
+    backend="cpu",
+):
+    """Inference forward with frozen statistics: ``(x - running_mean) / sqrt(running_var + eps)``
+    scaled by ``weight`` and shifted by ``bias``; arguments as :func:`forward_train`."""
+    return eval_forward(
+        x, running_mean, running_var, weight, bias, eps, axis, out=out, backend=backend
+    )
+
+
+def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu"):
+    """Exact training-mode backward (docs/backward.md).
+
+    ``mean`` and ``invstd`` are those returned by :func:`forward_train` for the same ``x``.
+    Returns ``dx, dweight, dbias`` with ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)``
+    per channel (in the dtype of ``x``, float32 for float16).
+
+    .. math::
+        dx = w\\,\\sigma^{-1}\\left(dy - \\tfrac{1}{m}\\textstyle\\sum dy
+             - \\hat x\\,\\tfrac{1}{m}\\sum dy\\,\\hat x\\right)
+    """
+    dx, sum_dy, sum_dy_xmu = train_backward(
+        dy, x, mean, invstd, weight, axis, out=out, backend=backend
+    )
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    return (dx, *_in_dtype_of(dx, invstd64 * sum_dy_xmu, sum_dy))
+
+
+def batch_norm(
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    axis=1,
+    *,
+    out=None,
+    unbiased_running_var=True,
+    nan_policy="propagate",
+    backend="cpu",
+):
+    """Batch normalisation shaped like ``torch.nn.functional.batch_norm``.
+
+    ``training=True`` normalises with batch statistics and, when ``running_mean`` and
+    ``running_var`` are given, updates them in place: ``r = (1 - momentum) * r + momentum * s``
+    with the unbiased batch variance (``unbiased_running_var=False``: the biased one, as Keras,
+    Flax and ONNX). ``training=False`` normalises with the running statistics. Nothing is
+    modified when the call raises.
+    """
+    if training:
+        return train_forward(
+            x,
+            weight,
+            bias,
+            eps,
+            axis,
+            running_mean=running_mean,
+            running_var=running_var,
+            momentum=momentum,
+            unbiased=unbiased_running_var,
+            nan_policy=nan_policy,
+            out=out,
+            backend=backend,
+        ).y
+    return eval_forward(
+        x, running_mean, running_var, weight, bias, eps, axis, out=out, backend=backend
+    )

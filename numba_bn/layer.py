@@ -1,0 +1,230 @@
+"""BatchNorm: parameters, running buffers, train/eval, gradients, state_dict."""
+
+import numpy as np
+
+from . import conventions as _conventions
+from .functional import (
+    check_nan_policy,
+    check_scalar,
+    compute_dtype,
+    eval_forward,
+    frozen_backward,
+    train_backward,
+    train_forward,
+)
+
+_DEFAULT = object()
+
+
+class BatchNorm:
+    """Batch normalisation over the channel ``axis`` of inputs of any rank >= 2.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the size of the channel axis.
+    eps, momentum, axis : optional
+        Defaults from ``convention``; momentum is in that convention's own meaning
+        (``"torch"``: weight of the new batch, ``None`` = cumulative average; ``"keras"``,
+        ``"flax"``, ``"onnx"``: weight of the old value).
+    affine : bool
+        Learnable ``weight`` (ones) and ``bias`` (zeros); ``scale``/``center`` toggle them
+        separately, as in Keras.
+    track_running_stats : bool
+        Keep ``running_mean``/``running_var``; when False, eval mode uses batch statistics.
+    dtype : float16, float32 or float64
+        dtype of the parameters and buffers.
+    convention : {"torch", "keras", "flax", "onnx"}
+    nan_policy : {"propagate", "raise"}
+        "raise": a training batch with non-finite statistics raises and updates nothing.
+
+    Training forward saves what :meth:`backward` needs; ``backward(dy)`` returns dx and sets
+    ``grad_weight``/``grad_bias``.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        eps=None,
+        momentum=_DEFAULT,
+        affine=True,
+        track_running_stats=True,
+        axis=None,
+        dtype=np.float32,
+        convention="torch",
+        *,
+        center=None,
+        scale=None,
+        nan_policy="propagate",
+        backend="cpu",
+    ):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        self.convention = _conventions.get(convention)
+        self.num_features = int(num_features)
+        self.eps = check_scalar(self.convention.eps if eps is None else eps, "eps", 0.0)
+        momentum = self.convention.momentum if momentum is _DEFAULT else momentum
+        if momentum is not None:
+            momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+        self.convention.new_batch_weight(momentum, 1)  # rejects None outside PyTorch's
+        self.momentum = momentum
+        self.axis = self.convention.axis if axis is None else axis
+        self.dtype = np.dtype(dtype)
+        compute_dtype(self.dtype, "dtype")
+        self.nan_policy = check_nan_policy(nan_policy)
+        self.backend = backend
+        self.track_running_stats = bool(track_running_stats)
+        self.affine = bool(affine)
+        scale = self.affine if scale is None else bool(scale)
+        center = self.affine if center is None else bool(center)
+        self.weight = np.ones(num_features, self.dtype) if scale else None
+        self.bias = np.zeros(num_features, self.dtype) if center else None
+        self.grad_weight = self.grad_bias = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(num_features, self.dtype)
+            self.running_var = np.ones(num_features, self.dtype)
+        else:
+            self.running_mean = self.running_var = None
+        self.num_batches_tracked = 0
+        self.training = True
+        self._saved = None
+
+    # ---------------------------------------------------------------------------- modes
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -------------------------------------------------------------------------- forward
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x, *, out=None):
+        """Normalise ``x``; in training mode also update the running statistics."""
+        if self.training or not self.track_running_stats:
+            update = self.training and self.track_running_stats
+            batches = self.num_batches_tracked + 1
+            result = train_forward(
+                x,
+                self.weight,
+                self.bias,
+                self.eps,
+                self.axis,
+                running_mean=self.running_mean if update else None,
+                running_var=self.running_var if update else None,
+                momentum=self.convention.new_batch_weight(self.momentum, batches),
+                unbiased=self.convention.unbiased_running_var,
+                nan_policy=self.nan_policy,
+                out=out,
+                backend=self.backend,
+            )
+            if update and result.count:
+                self.num_batches_tracked = batches
+            self._saved = ("batch", x, result.mean, result.invstd)
+            return result.y
+        y = eval_forward(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.axis,
+            out=out,
+            backend=self.backend,
+        )
+        self._saved = ("running", x)
+        return y
+
+    # ------------------------------------------------------------------------- backward
+    def backward(self, dy, *, out=None):
+        """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``."""
+        if self._saved is None:
+            raise RuntimeError("BatchNorm.backward() needs a forward call first: nothing saved")
+        if self._saved[0] == "batch":
+            _, x, mean, invstd = self._saved
+            dx, sum_dy, sum_dy_xmu = train_backward(
+                dy, x, mean, invstd, self.weight, self.axis, out=out, backend=self.backend
+            )
+        else:
+            dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
+                dy,
+                self._saved[1],
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.eps,
+                self.axis,
+                out=out,
+                backend=self.backend,
+            )
+        self.grad_weight = (
+            (invstd * sum_dy_xmu).astype(self.dtype) if self.weight is not None else None
+        )
+        self.grad_bias = sum_dy.astype(self.dtype) if self.bias is not None else None
+        return dx
+
+    # ----------------------------------------------------------------------- state dict
+    def state_dict(self):
+        """Copies, under the keys of ``torch.nn.BatchNorm2d.state_dict()``."""
+        state = {}
+        for name in self._state_keys():
+            value = getattr(self, name)
+            if name == "num_batches_tracked":
+                state[name] = np.array(value, dtype=np.int64)
+            else:
+                state[name] = value.copy()
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Load values (numpy arrays, or anything np.asarray takes, torch CPU tensors too).
+
+        Every value is checked before any is assigned.
+        """
+        expected = self._state_keys()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        loaded = {}
+        for name in expected:
+            if name not in state:
+                continue
+            value = np.asarray(state[name])
+            if name == "num_batches_tracked":
+                if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+                    raise ValueError(
+                        f"num_batches_tracked must be an integer scalar, got {value!r}"
+                    )
+                loaded[name] = int(value)
+                continue
+            if value.shape != (self.num_features,):
+                raise ValueError(
+                    f"{name} must have shape ({self.num_features},), got {value.shape}"
+                )
+            if not np.issubdtype(value.dtype, np.floating):
+                raise TypeError(f"{name} must hold floats, got dtype {value.dtype}")
+            loaded[name] = value.astype(self.dtype)
+        for name, value in loaded.items():
+            setattr(self, name, value)
+        return self
+
+    def _state_keys(self):
+        keys = [n for n in ("weight", "bias") if getattr(self, n) is not None]
+        if self.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def __repr__(self):
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"axis={self.axis}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}, "
+            f"convention={self.convention.name!r}, training={self.training})"
+        )

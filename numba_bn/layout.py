@@ -1,0 +1,35 @@
+"""Any array and channel axis -> the canonical ``(outer, C, inner)`` view.
+
+For a C-contiguous array the view is a reshape, whatever the axis:
+``outer = prod(shape[:axis])``, ``C = shape[axis]``, ``inner = prod(shape[axis + 1:])``.
+(N, C) is (N, C, 1); NCHW is (N, C, H*W); channels-last NHWC with axis -1 is (N*H*W, C, 1).
+Non-contiguous inputs are copied once into C order (the only copy the library makes).
+"""
+
+import math
+
+import numpy as np
+
+
+def normalize_axis(axis, ndim, name="axis"):
+    """Return ``axis`` as a non-negative index into ``ndim`` dimensions, or raise ValueError."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an input with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def canonical_shape(shape, axis):
+    """(outer, C, inner) of ``shape`` with channels on (non-negative) ``axis``."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def canonical_view(array, axis):
+    """A C-contiguous (outer, C, inner) view of ``array`` (a copy only if it is not contiguous)."""
+    return np.ascontiguousarray(array).reshape(canonical_shape(array.shape, axis))
+
+
+def per_channel_shape(shape, axis):
+    """The shape that broadcasts a (C,) vector against an array of ``shape`` along ``axis``."""
+    return tuple(size if dim == axis else 1 for dim, size in enumerate(shape))

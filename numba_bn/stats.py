@@ -1,0 +1,82 @@
+"""Per-channel statistics as ``(count, mean, M2)``: a block statistic, a merge, a finalisation.
+
+Every kernel, thread, GPU block, stream chunk and MPI rank combines statistics through
+:func:`chan_merge`; nothing computes ``E[x^2] - E[x]^2``.
+
+.. math::
+
+    n = n_a + n_b,\\quad \\delta = \\bar x_b - \\bar x_a,\\quad
+    \\bar x = \\bar x_a + \\delta\\,\\frac{n_b}{n},\\quad
+    M_2 = M_{2,a} + M_{2,b} + \\delta^2\\,\\frac{n_a n_b}{n}
+
+(Chan, Golub & LeVeque, 1979). A block small enough to stay in L1 gets its exact
+``(count, mean, M2)`` from two vectorisable passes (sum, then squared deviations from the block
+mean); blocks are then merged with the formula above in a fixed order, so results do not depend
+on the number of threads.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+# Reductions may be reassociated (that is what lets LLVM vectorise them); NaN/Inf semantics are
+# kept so that NaN checks survive. Elementwise code uses CONTRACT only: the compensated
+# ``(x - mean_hi) - mean_lo`` must not be folded back into ``x - (mean_hi + mean_lo)``.
+REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
+CONTRACT_FASTMATH = {"contract"}
+
+
+@njit(inline="always")
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Merge two ``(count, mean, M2)`` states; counts are floats so any size fits."""
+    count = count_a + count_b
+    if count_b == 0.0:
+        return count_a, mean_a, m2_a
+    if count_a == 0.0:
+        return count_b, mean_b, m2_b
+    delta = mean_b - mean_a
+    frac_b = count_b / count
+    mean = mean_a + delta * frac_b
+    m2 = m2_a + m2_b + delta * delta * count_a * frac_b
+    return count, mean, m2
+
+
+@njit(fastmath=REDUCE_FASTMATH)
+def run_stats(run):
+    """Exact ``(count, mean, M2)`` of a contiguous 1-D run, accumulated in float64.
+
+    Two passes over a run that stays in L1: the sum, then squared deviations from its mean.
+    """
+    count = run.size
+    if count == 0:
+        return 0.0, 0.0, 0.0
+    total = 0.0
+    for i in range(count):
+        total += run[i]
+    mean = total / count
+    m2 = 0.0
+    for i in range(count):
+        dev = run[i] - mean
+        m2 += dev * dev
+    return float(count), mean, m2
+
+
+@njit(inline="always")
+def finalize(count, mean, m2, eps):
+    """``(count, mean, M2)`` -> ``(invstd, unbiased variance)``; biased variance normalises."""
+    var_biased = m2 / count
+    invstd = 1.0 / math.sqrt(var_biased + eps)
+    var_unbiased = m2 / (count - 1.0) if count > 1.0 else math.nan
+    return invstd, var_unbiased
+
+
+@njit(inline="always")
+def split_hi_lo(value, out_hi, out_lo, index):
+    """Store ``value`` (float64) as ``hi + lo`` in the output dtype.
+
+    ``(x - hi) - lo`` then equals ``x - value`` to float64 accuracy for x close to the mean, which
+    keeps float32 outputs exact when the mean is large against the spread (mean 1e4, std 1e-2).
+    """
+    out_hi[index] = value
+    out_lo[index] = value - np.float64(out_hi[index])
