@@ -81,26 +81,20 @@ def _demo(args):
         ok &= good
         print(f"  {name:<13} {err:9.2e}  {'ok' if good else 'FAIL'}")
 
-    _, mean, invstd = nbn.forward_train(x, bn.weight, bn.bias)
-    rm, rv = bn.running_mean, bn.running_var
-    w, b = bn.weight, bn.bias
+    a = args.axis
+    w, b, rm, rv = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    _, mean, invstd = nbn.forward_train(x, w, b, axis=a)
     ops = [
-        (
-            "forward-train",
-            lambda: nbn.forward_train(x, w, b),
-            lambda: reference.forward_train(x, w, b),
-        ),
-        (
-            "forward-eval",
-            lambda: nbn.forward_eval(x, rm, rv, w, b),
-            lambda: reference.forward_eval(x, rm, rv, w, b),
-        ),
-        (
-            "backward",
-            lambda: nbn.backward(dy, x, mean, invstd, w),
-            lambda: reference.backward(dy, x, mean, invstd, w),
-        ),
-    ]
+        ("forward-train",
+         lambda: nbn.forward_train(x, w, b, axis=a),
+         lambda: reference.forward_train(x, w, b, axis=a)),
+        ("forward-eval",
+         lambda: nbn.forward_eval(x, rm, rv, w, b, axis=a),
+         lambda: reference.forward_eval(x, rm, rv, w, b, axis=a)),
+        ("backward",
+         lambda: nbn.backward(dy, x, mean, invstd, w, axis=a),
+         lambda: reference.backward(dy, x, mean, invstd, w, axis=a)),
+    ]  # fmt: skip
     print(f"\nmedian of {args.repeat} runs, {x.nbytes / 2**20:.1f} MiB per tensor")
     print(f"  {'operation':<14} {'numba_bn ms':>12} {'NumPy ms':>10} {'speed-up':>9}")
     for name, ours, numpy_version in ops:

@@ -1,0 +1,130 @@
+"""Numerical properties: large means, finite differences, thread-count independence, partitions."""
+
+import numba
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn.cpu import kernels
+
+import naive
+from conftest import random_batch
+
+
+@pytest.mark.parametrize("shape, axis", [((64, 8, 32, 32), 1), ((4096, 16), 1), ((8, 9, 9, 8), -1)])
+def test_large_mean_small_spread_keeps_variance_and_output(rng, shape, axis):
+    """float32, mean 1e4, std 1e-2: variance within 1e-6 of the float64 computation."""
+    x = (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    y, mean, invstd = nbn.forward_train(x, eps=0.0, axis=axis)
+    _, var_ref, _ = naive.batch_stats(x, axis)  # float64 on the same float32 values
+    var = 1.0 / invstd.astype(np.float64) ** 2
+    np.testing.assert_allclose(var, var_ref, rtol=1e-6)
+    y_ref = naive.forward(x, naive.batch_stats(x, axis)[0], var_ref, eps=0.0, axis=axis)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)  # compensated mean: no loss in y
+
+
+def test_large_mean_backward_stays_accurate(rng):
+    x = (1e4 + 1e-2 * rng.standard_normal((32, 4, 16, 16))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    bn = nbn.BatchNorm(4, eps=0.0)
+    bn(x)
+    dx = bn.backward(dy)
+    dx_ref, dweight_ref, _ = naive.backward(dy, x, eps=0.0)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(bn.grad_weight, dweight_ref, rtol=1e-4, atol=1e-2)
+
+
+def _loss(x, weight, bias, probe, axis):
+    y, _, _ = nbn.forward_train(x, weight, bias, eps=1e-3, axis=axis)
+    return float(np.sum(y * probe))
+
+
+@pytest.mark.parametrize("shape, axis", [((5, 3), 1), ((3, 2, 4), 1), ((2, 3, 3, 2), -1)])
+def test_backward_matches_finite_differences(rng, shape, axis):
+    x = random_batch(rng, shape, np.float64, axis=axis)
+    channels = shape[axis]
+    weight, bias = rng.uniform(0.5, 2.0, channels), rng.standard_normal(channels)
+    probe = rng.standard_normal(shape)  # L = sum(y * probe), so dL/dy = probe
+    _, mean, invstd = nbn.forward_train(x, weight, bias, eps=1e-3, axis=axis)
+    dx, dweight, dbias = nbn.backward(probe, x, mean, invstd, weight, axis=axis)
+    h = 1e-6
+
+    def central(f, array, index):
+        saved = array[index]
+        array[index] = saved + h
+        up = f()
+        array[index] = saved - h
+        down = f()
+        array[index] = saved
+        return (up - down) / (2 * h)
+
+    def loss():
+        return _loss(x, weight, bias, probe, axis)
+
+    for index in np.ndindex(shape):
+        assert central(loss, x, index) == pytest.approx(dx[index], rel=1e-5, abs=1e-7)
+    for c in range(channels):
+        assert central(loss, weight, c) == pytest.approx(dweight[c], rel=1e-6, abs=1e-8)
+        assert central(loss, bias, c) == pytest.approx(dbias[c], rel=1e-6, abs=1e-8)
+
+
+# Shapes that take every path of the drivers: fused channels, split planes (few channels),
+# multi-segment planes, rows with several chunks and channel tiles.
+PARTITION_SHAPES = [
+    ((6, 16, 50), 1),
+    ((2, 1, 3 * kernels.PLANE_BLOCK + 17), 1),
+    ((3, 3, kernels.PLANE_BLOCK + 5), 1),
+    ((2 * kernels.ROW_CHUNK + 3, kernels.CHANNEL_TILE + 9), 1),
+    ((kernels.ROW_CHUNK + 1, 3), 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", PARTITION_SHAPES)
+def test_results_are_bitwise_identical_with_one_and_two_threads(rng, shape, axis, dtype):
+    x = random_batch(rng, shape, dtype, axis=axis)
+    dy = random_batch(rng, shape, dtype, axis=axis)
+    weight = rng.uniform(0.5, 2.0, shape[axis]).astype(dtype)
+    results = []
+    saved = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            y, mean, invstd = nbn.forward_train(x, weight, axis=axis)
+            results.append((y, mean, invstd, *nbn.backward(dy, x, mean, invstd, weight, axis=axis)))
+    finally:
+        numba.set_num_threads(saved)
+    for one, two in zip(*results, strict=True):
+        np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", PARTITION_SHAPES)
+def test_every_partition_path_matches_reference(rng, shape, axis, dtype):
+    x = random_batch(rng, shape, dtype, axis=axis)
+    dy = random_batch(rng, shape, dtype, mean_scale=0.5, axis=axis)
+    y, mean, invstd = nbn.forward_train(x, axis=axis)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd, axis=axis)
+    y_ref, mean_ref, _ = naive.forward_train(x, axis=axis)
+    dx_ref, dweight_ref, dbias_ref = naive.backward(dy, x, axis=axis)
+    tol = 3e-5 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol * 10)
+    np.testing.assert_allclose(mean, mean_ref, rtol=tol, atol=tol * 10)
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol * 10 * np.abs(dx_ref).max())
+    size = np.sum(np.abs(dy), axis=0 if len(shape) == 2 else (0, 2)).max() * 4
+    np.testing.assert_allclose(dweight, dweight_ref, atol=tol * size)
+    np.testing.assert_allclose(dbias, dbias_ref, atol=tol * size)
+
+
+def test_nan_input_propagates_by_default_and_raises_on_request(rng):
+    x = random_batch(rng, (8, 3, 4), np.float32)
+    x[2, 1, 3] = np.nan
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y = nbn.batch_norm(x, rm, rv, training=True)
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all()
+    assert np.isnan(rm[1]) and np.isfinite(rm[[0, 2]]).all()
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="nan_policy"):
+        nbn.batch_norm(x, rm, rv, training=True, nan_policy="raise")
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)

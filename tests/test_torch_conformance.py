@@ -1,0 +1,126 @@
+"""BatchNorm against torch.nn.BatchNorm{1,2,3}d on the CPU (torch is a test-only reference)."""
+
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+
+from conftest import random_batch
+
+torch = pytest.importorskip("torch")
+
+TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+            5: torch.nn.BatchNorm3d}  # fmt: skip
+TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
+TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-10, atol=1e-10)}
+
+# channel-first shapes; channels_last=True moves the channels to the end (axis=-1) for numba_bn
+CONFIGS = [
+    # shape, channels_last, dtype, affine, momentum, track_running_stats
+    ((32, 7), False, np.float32, True, 0.1, True),
+    ((16, 5, 9), False, np.float64, False, None, True),
+    ((8, 6, 5, 7), False, np.float32, True, None, True),
+    ((8, 6, 5, 7), True, np.float32, True, 0.1, True),
+    ((4, 3, 3, 4, 5), False, np.float64, True, 0.1, True),
+    ((5, 4, 6, 3), True, np.float64, False, 0.1, True),
+    ((12, 3, 10), False, np.float32, True, 0.1, False),
+    ((6, 40, 4, 4), False, np.float32, True, 0.3, True),
+]
+
+
+def _ours_layout(array, channels_last):
+    return np.ascontiguousarray(np.moveaxis(array, 1, -1)) if channels_last else array
+
+
+def _to_np(tensor, channels_last):
+    return _ours_layout(tensor.detach().numpy(), channels_last)
+
+
+@pytest.mark.parametrize("shape, channels_last, dtype, affine, momentum, track", CONFIGS)
+def test_training_steps_then_eval_match_torch(rng, shape, channels_last, dtype, affine, momentum,
+                                              track):  # fmt: skip
+    torch.manual_seed(int(rng.integers(2**31)))
+    channels = shape[1]
+    axis = -1 if channels_last else 1
+    ours = nbn.BatchNorm(channels, momentum=momentum, affine=affine, track_running_stats=track,
+                         axis=axis, dtype=dtype)  # fmt: skip
+    ref = TORCH_BN[len(shape)](channels, momentum=momentum, affine=affine,
+                               track_running_stats=track, dtype=TORCH_DTYPE[dtype])  # fmt: skip
+    if affine:
+        weight = rng.uniform(0.5, 2.0, channels).astype(dtype)
+        bias = rng.standard_normal(channels).astype(dtype)
+        ours.weight[:], ours.bias[:] = weight, bias
+        with torch.no_grad():
+            ref.weight.copy_(torch.from_numpy(weight))
+            ref.bias.copy_(torch.from_numpy(bias))
+    tol = TOL[dtype]
+    for step in range(3):
+        x = random_batch(rng, shape, dtype)
+        dy = random_batch(rng, shape, dtype, mean_scale=0.5)
+        x_t = torch.from_numpy(x).requires_grad_(True)
+        y_t = ref(x_t)
+        y_t.backward(torch.from_numpy(dy))
+        y = ours(_ours_layout(x, channels_last))
+        dx = ours.backward(_ours_layout(dy, channels_last))
+        np.testing.assert_allclose(y, _to_np(y_t, channels_last), **tol, err_msg=f"y step {step}")
+        np.testing.assert_allclose(dx, _to_np(x_t.grad, channels_last), **tol, err_msg="dx")
+        if affine:
+            np.testing.assert_allclose(ours.grad_weight, ref.weight.grad.numpy(), **tol)
+            np.testing.assert_allclose(ours.grad_bias, ref.bias.grad.numpy(), **tol)
+            ref.weight.grad = ref.bias.grad = None
+        if track:
+            np.testing.assert_allclose(ours.running_mean, ref.running_mean.numpy(), **tol)
+            np.testing.assert_allclose(ours.running_var, ref.running_var.numpy(), **tol)
+            assert ours.num_batches_tracked == int(ref.num_batches_tracked) == step + 1
+    ours.eval()
+    ref.eval()
+    x = random_batch(rng, shape, dtype)
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    y_t = ref(x_t)
+    dy = random_batch(rng, shape, dtype, mean_scale=0.5)
+    y_t.backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(ours(_ours_layout(x, channels_last)), _to_np(y_t, channels_last),
+                               **tol)  # fmt: skip
+    dx = ours.backward(_ours_layout(dy, channels_last))
+    np.testing.assert_allclose(dx, _to_np(x_t.grad, channels_last), **tol)
+    if affine:
+        np.testing.assert_allclose(ours.grad_weight, ref.weight.grad.numpy(), **tol)
+        np.testing.assert_allclose(ours.grad_bias, ref.bias.grad.numpy(), **tol)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_state_dict_loads_into_torch_and_back(rng, affine):
+    ours = nbn.BatchNorm(6, affine=affine)
+    if affine:
+        ours.weight[:] = rng.uniform(0.5, 2.0, 6)
+        ours.bias[:] = rng.standard_normal(6)
+    for _ in range(2):
+        ours(random_batch(rng, (8, 6, 4, 4), np.float32))
+    state = ours.state_dict()
+    ref = torch.nn.BatchNorm2d(6, affine=affine)
+    assert list(state) == list(ref.state_dict())
+    ref.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+    ours.eval()
+    ref.eval()
+    x = random_batch(rng, (3, 6, 5, 5), np.float32)
+    expected = ref(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ours(x), expected, rtol=1e-5, atol=1e-5)
+    assert int(ref.num_batches_tracked) == 2
+    back = nbn.BatchNorm(6, affine=affine).load_state_dict(ref.state_dict()).eval()
+    np.testing.assert_allclose(back(x), expected, rtol=1e-5, atol=1e-5)
+    assert back.num_batches_tracked == 2
+
+
+def test_functional_batch_norm_matches_torch_functional(rng):
+    x = random_batch(rng, (10, 4, 6), np.float64)
+    weight, bias = rng.uniform(0.5, 2.0, 4), rng.standard_normal(4)
+    rm, rv = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
+    rm_t, rv_t = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    y_t = torch.nn.functional.batch_norm(
+        torch.from_numpy(x), rm_t, rv_t, torch.from_numpy(weight), torch.from_numpy(bias),
+        training=True, momentum=0.2, eps=1e-4,
+    )  # fmt: skip
+    y = nbn.batch_norm(x, rm, rv, weight, bias, training=True, momentum=0.2, eps=1e-4)
+    np.testing.assert_allclose(y, y_t.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(rm, rm_t.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rv, rv_t.numpy(), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,41 @@
+"""4 Python threads x 50 calls of the parallel kernels; exits non-zero on a wrong result.
+
+Run as a script so that the threading layer can be chosen (NUMBA_THREADING_LAYER) per process.
+"""
+
+import sys
+import threading
+
+import numpy as np
+
+import numba_bn as nbn
+
+
+def main(threads=4, calls=50):
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(shape).astype(np.float32) * 3 + 1
+              for shape in ((16, 8, 9, 9), (512, 64), (4, 2, 300), (8, 9, 7, 8))]  # fmt: skip
+    axes = [1, 1, 1, -1]
+    expected = [nbn.forward_train(x, axis=a)[0] for x, a in zip(inputs, axes, strict=True)]
+    failures = []
+
+    def work(worker):
+        for call in range(calls):
+            k = (worker + call) % len(inputs)
+            y = nbn.forward_train(inputs[k], axis=axes[k])[0]
+            if not np.array_equal(y, expected[k]):
+                failures.append((worker, call, k))
+
+    pool = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    from numba_bn.cpu.threads import threading_layer
+
+    print(f"layer={threading_layer()} failures={len(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
