@@ -24,7 +24,7 @@ from numba import njit
 # kept so that NaN checks survive. Elementwise code uses CONTRACT only: the compensated
 # ``(x - mean_hi) - mean_lo`` must not be folded back into ``x - (mean_hi + mean_lo)``.
 REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
-CONTRACT_FASTMATH = {"contract"}
+CONTRACT_FASTMATH = set()
 
 
 @njit(inline="always")

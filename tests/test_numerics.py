@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn.cpu import kernels
+from numba_bn.cpu import drivers, kernels
 
 import naive
 from conftest import random_batch
@@ -71,7 +71,7 @@ def test_backward_matches_finite_differences(rng, shape, axis):
 # Shapes that take every path of the drivers: fused channels, split planes (few channels),
 # multi-segment planes, rows with several chunks and channel tiles.
 PARTITION_SHAPES = [
-    ((6, 16, 50), 1),
+    ((6, 16, 400), 1),
     ((2, 1, 3 * kernels.PLANE_BLOCK + 17), 1),
     ((3, 3, kernels.PLANE_BLOCK + 5), 1),
     ((2 * kernels.ROW_CHUNK + 3, kernels.CHANNEL_TILE + 9), 1),
@@ -96,6 +96,30 @@ def test_results_are_bitwise_identical_with_one_and_two_threads(rng, shape, axis
         numba.set_num_threads(saved)
     for one, two in zip(*results, strict=True):
         np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape", [(6, 16, 40), (5, 2, 300), (700, 9, 1)])
+def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
+    fused = fused and shape[2] > 1
+    x = random_batch(rng, shape, np.float32)
+    dy = random_batch(rng, shape, np.float32)
+    weight = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
+    bias = rng.standard_normal(shape[1]).astype(np.float32)
+    results = []
+    for train, back in ((drivers.forward_train, drivers.backward),
+                        (drivers.forward_train_serial, drivers.backward_serial)):  # fmt: skip
+        running = [np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)]
+        y = np.full_like(x, np.nan)
+        stats = [np.full(shape[1], np.nan) for _ in range(3)]
+        assert train(x, weight, bias, 1e-5, *running, 0.1, True, True, fused, y, *stats)
+        dx = np.full_like(x, np.nan)
+        sums = [np.full(shape[1], np.nan) for _ in range(2)]
+        back(dy, x, stats[0], stats[1], weight, fused, dx, *sums)
+        results.append([y, *stats, *running, dx, *sums])
+    for parallel, serial in zip(*results, strict=True):
+        assert np.all(np.isfinite(parallel))
+        np.testing.assert_array_equal(parallel, serial)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

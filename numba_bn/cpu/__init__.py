@@ -1,14 +1,30 @@
-"""CPU backend: ``@njit(parallel=True)`` drivers over serial range kernels."""
+"""CPU backend: Numba drivers over serial range kernels, parallel or serial by input size."""
+
+import contextlib
+from types import SimpleNamespace
 
 import numba
 
 from . import drivers
 from .threads import launch_guard
 
+# Below this many elements a call runs on the calling thread: waking the pool costs ~5 us on an
+# idle machine (and milliseconds on an oversubscribed one), more than the work itself.
+SERIAL_MAX_ELEMENTS = 1 << 15
 
-def fuse_channels(x):
-    """Planes layout with enough channels to give every thread whole channels (see drivers)."""
-    return x.shape[2] > 1 and x.shape[1] >= 2 * numba.get_num_threads()
+_NAMES = ("forward_train", "forward_eval", "backward", "channel_stats", "normalize",
+          "backward_sums", "backward_dx")  # fmt: skip
+_PARALLEL = SimpleNamespace(**{name: getattr(drivers, name) for name in _NAMES})
+_SERIAL = SimpleNamespace(**{name: getattr(drivers, name + "_serial") for name in _NAMES})
+
+
+def _plan(x):
+    """(drivers, guard, fused) for an input: which twin runs it and how planes are split."""
+    threads = numba.get_num_threads()
+    if x.size < SERIAL_MAX_ELEMENTS or threads == 1:
+        return _SERIAL, contextlib.nullcontext(), x.shape[2] > 1
+    # fused: whole channels per thread, statistics and normalisation while the channel is in L2
+    return _PARALLEL, launch_guard(), x.shape[2] > 1 and x.shape[1] >= 2 * threads
 
 
 class CpuBackend:
@@ -16,60 +32,40 @@ class CpuBackend:
 
     name = "cpu"
 
-    def forward_train(
-        self,
-        x,
-        weight,
-        bias,
-        eps,
-        running_mean,
-        running_var,
-        momentum,
-        unbiased,
-        nan_check,
-        y,
-        save_mean,
-        save_invstd,
-        save_m2,
-    ):
-        with launch_guard():
-            return drivers.forward_train(
-                x,
-                weight,
-                bias,
-                eps,
-                running_mean,
-                running_var,
-                momentum,
-                unbiased,
-                nan_check,
-                fuse_channels(x),
-                y,
-                save_mean,
-                save_invstd,
-                save_m2,
-            )
+    def forward_train(self, x, weight, bias, eps, running_mean, running_var, momentum, unbiased,
+                      nan_check, y, save_mean, save_invstd, save_m2):  # fmt: skip
+        run, guard, fused = _plan(x)
+        with guard:
+            return run.forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
+                                     unbiased, nan_check, fused, y, save_mean, save_invstd,
+                                     save_m2)  # fmt: skip
 
     def forward_eval(self, x, weight, bias, running_mean, running_var, eps, y):
-        with launch_guard():
-            drivers.forward_eval(x, weight, bias, running_mean, running_var, eps, y)
+        run, guard, _ = _plan(x)
+        with guard:
+            run.forward_eval(x, weight, bias, running_mean, running_var, eps, y)
 
     def backward(self, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
-        with launch_guard():
-            drivers.backward(dy, x, mean, invstd, weight, fuse_channels(x), dx, sum_dy, sum_dy_xmu)
+        run, guard, fused = _plan(x)
+        with guard:
+            run.backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu)
 
     def channel_stats(self, x, mean, m2):
-        with launch_guard():
-            return drivers.channel_stats(x, mean, m2)
+        run, guard, _ = _plan(x)
+        with guard:
+            return run.channel_stats(x, mean, m2)
 
     def normalize(self, x, coef, y):
-        with launch_guard():
-            drivers.normalize(x, coef, y)
+        run, guard, _ = _plan(x)
+        with guard:
+            run.normalize(x, coef, y)
 
     def backward_sums(self, dy, x, mean, sum_dy, sum_dy_xmu):
-        with launch_guard():
-            drivers.backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
+        run, guard, _ = _plan(x)
+        with guard:
+            run.backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
 
     def backward_dx(self, dy, x, coef, dx):
-        with launch_guard():
-            drivers.backward_dx(dy, x, coef, dx)
+        run, guard, _ = _plan(x)
+        with guard:
+            run.backward_dx(dy, x, coef, dx)

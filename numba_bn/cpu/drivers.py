@@ -1,4 +1,4 @@
-"""Parallel drivers: split the canonical view into the serial ranges of :mod:`.kernels`.
+"""Drivers: split the canonical view into the serial ranges of :mod:`.kernels`.
 
 Arguments come validated, C-contiguous and in one dtype (float32 or float64) from
 :mod:`numba_bn.functional`; per-channel outputs are float64. Absent weight/bias/running buffers
@@ -15,20 +15,23 @@ Work partition (the merge order inside a channel never depends on it):
   chunk order, then the elementwise pass over the same items.
 """
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
-from ..stats import chan_merge, finalize, split_hi_lo
 from .kernels import (
     CHANNEL_TILE,
     PLANE_BLOCK,
     ROW_CHUNK,
+    add_parts,
     affine_run,
+    dx_coefficients,
     dx_run,
-    plane_affine,
-    plane_channel_stats,
-    plane_channel_sums,
-    plane_dx,
+    eval_coefficients,
+    merge_parts,
+    plane_channel_backward,
+    plane_channel_train,
     plane_segment_stats,
     plane_segment_sums,
     plane_segments_jit,
@@ -36,12 +39,35 @@ from .kernels import (
     rows_chunk_stats,
     rows_chunk_sums,
     rows_dx,
+    train_coefficients,
+    update_running,
 )
 
 CACHE = True
 
 
-# ------------------------------------------------------------------------- per-channel helpers
+def _twins(template):
+    """Compile ``template`` twice: ``parallel=True``, and serial (``prange`` runs as ``range``).
+
+    The serial twin serves inputs too small to repay waking the thread pool (a parallel launch
+    costs ~5 us on an idle machine and milliseconds on a loaded one). Both run the same code in
+    the same order, so they give bitwise the same results. The copy gets its own qualname so
+    that Numba's on-disk cache keeps the two apart.
+    """
+    serial = types.FunctionType(
+        template.__code__, template.__globals__, template.__name__ + "_serial",
+        template.__defaults__, template.__closure__,
+    )  # fmt: skip
+    serial.__qualname__ = template.__qualname__ + "_serial"
+    serial.__doc__ = template.__doc__
+    return njit(parallel=True, cache=CACHE)(template), njit(cache=CACHE)(serial)
+
+
+# ------------------------------------------------------------------------------ work items
+# Every prange body below is a call into .kernels (index arithmetic aside). Keeping the floating
+# point inside separately compiled kernels is what makes the parallel and serial twins bitwise
+# identical: float code written inline in a prange body was seen to round differently (1 ulp)
+# between the twins once the function held several parallel loops.
 @njit(inline="always")
 def _row_items(outer, channels):
     return -(-outer // ROW_CHUNK), -(-channels // CHANNEL_TILE)
@@ -55,69 +81,40 @@ def _row_item_range(item, ntiles, outer, channels):
 
 
 @njit(inline="always")
-def _train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
-    """Channel c: save (mean, invstd); coefficients of y = (x - mean) * scale + shift."""
-    invstd, _ = finalize(count, mean, m2, eps)
-    save_mean[c] = mean
-    save_invstd[c] = invstd
-    scale = invstd * weight[c] if weight.size else invstd
-    split_hi_lo(mean, coef[0], coef[1], c)
-    coef[2, c] = scale
-    coef[3, c] = bias[c] if bias.size else 0.0
+def _plane_item(item, channels, nblk, inner):
+    n, c, b = item // (channels * nblk), (item // nblk) % channels, item % nblk
+    return n, c, b * PLANE_BLOCK, min((b + 1) * PLANE_BLOCK, inner)
 
 
+# ------------------------------------------------------------------------------- loop nests
+# inline="always" inlines these into each driver before Numba's parfor pass, so their prange
+# loops run on threads in the parallel twin and as plain loops in the serial one.
 @njit(inline="always")
-def _dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
-    """Channel c: the terms of dx = k * (dy - mean_dy - (x - mean) * proj), docs/backward.md."""
-    split_hi_lo(mean, coef[0], coef[1], c)
-    coef[2, c] = invstd * invstd * sum_dy_xmu / count  # term 3: projection onto x_hat
-    coef[3, c] = sum_dy / count  # term 2: mean of dy
-    coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
-
-
-# ---------------------------------------------------------------------------- split primitives
-@njit(parallel=True, cache=CACHE)
-def channel_stats(x, mean, m2):
-    """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
+def _stats_loops(x, mean, m2):
+    """mean, M2 (=) per channel: partials per work item, then a merge per channel."""
     outer, channels, inner = x.shape
     if inner == 1:
         x2 = x.reshape(outer, channels)
-        nchunks, ntiles = _row_items(outer, channels)
-        part_mean = np.empty((nchunks, channels))
-        part_m2 = np.empty((nchunks, channels))
-        for item in prange(nchunks * ntiles):
+        nparts, ntiles = _row_items(outer, channels)
+        part = np.empty((3, nparts, channels))
+        for item in prange(nparts * ntiles):
             k, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
             scratch = np.empty((2, c1 - c0))
-            rows_chunk_stats(
-                x2, r0, r1, c0, c1, part_mean[k, c0:c1], part_m2[k, c0:c1], scratch[0], scratch[1]
+            part[0, k, c0:c1] = rows_chunk_stats(
+                x2, r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1], scratch[0], scratch[1]
             )
-        for c in prange(channels):
-            count, mu, sq = 0.0, 0.0, 0.0
-            for k in range(nchunks):
-                rows = float(min(ROW_CHUNK, outer - k * ROW_CHUNK))
-                count, mu, sq = chan_merge(count, mu, sq, rows, part_mean[k, c], part_m2[k, c])
-            mean[c] = mu
-            m2[c] = sq
     else:
-        nseg = outer * plane_segments_jit(inner)
-        part = np.empty((3, channels, nseg))
-        for item in prange(channels * nseg):
-            c, g = item // nseg, item % nseg
-            part[0, c, g], part[1, c, g], part[2, c, g] = plane_segment_stats(x, c, g)
-        for c in prange(channels):
-            count, mu, sq = 0.0, 0.0, 0.0
-            for g in range(nseg):
-                count, mu, sq = chan_merge(
-                    count, mu, sq, part[0, c, g], part[1, c, g], part[2, c, g]
-                )
-            mean[c] = mu
-            m2[c] = sq
-    return float(outer * inner)
+        nparts = outer * plane_segments_jit(inner)
+        part = np.empty((3, nparts, channels))
+        for item in prange(channels * nparts):
+            c, g = item // nparts, item % nparts
+            part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, c, g)
+    for c in prange(channels):
+        _, mean[c], m2[c] = merge_parts(part, c)
 
 
-@njit(parallel=True, cache=CACHE)
-def normalize(x, coef, y):
-    """y = ((x - mean_hi) - mean_lo) * scale + shift with per-channel ``coef`` rows."""
+@njit(inline="always")
+def _normalize_loops(x, coef, y):
     outer, channels, inner = x.shape
     if inner == 1:
         x2 = x.reshape(outer, channels)
@@ -129,50 +126,36 @@ def normalize(x, coef, y):
     else:
         nblk = plane_segments_jit(inner)
         for item in prange(outer * channels * nblk):
-            n, c, b = item // (channels * nblk), (item // nblk) % channels, item % nblk
-            s0, s1 = b * PLANE_BLOCK, min((b + 1) * PLANE_BLOCK, inner)
+            n, c, s0, s1 = _plane_item(item, channels, nblk, inner)
             affine_run(
                 x[n, c, s0:s1], y[n, c, s0:s1], coef[0, c], coef[1, c], coef[2, c], coef[3, c]
             )
 
 
-@njit(parallel=True, cache=CACHE)
-def backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
-    """sum_dy, sum_dy_xmu (=, float64, (C,)): the per-channel reduction of the backward."""
+@njit(inline="always")
+def _sums_loops(dy, x, mean, sum_dy, sum_dy_xmu):
+    """sum_dy, sum_dy_xmu (=) per channel: partials per work item, added in part order."""
     outer, channels, inner = x.shape
     if inner == 1:
         dy2 = dy.reshape(outer, channels)
         x2 = x.reshape(outer, channels)
-        nchunks, ntiles = _row_items(outer, channels)
-        part = np.empty((2, nchunks, channels))
-        for item in prange(nchunks * ntiles):
+        nparts, ntiles = _row_items(outer, channels)
+        part = np.empty((2, nparts, channels))
+        for item in prange(nparts * ntiles):
             k, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
             rows_chunk_sums(dy2, x2, r0, r1, c0, c1, mean, part[0, k, c0:c1], part[1, k, c0:c1])
-        for c in prange(channels):
-            total_dy, total_dy_xmu = 0.0, 0.0
-            for k in range(nchunks):
-                total_dy += part[0, k, c]
-                total_dy_xmu += part[1, k, c]
-            sum_dy[c] = total_dy
-            sum_dy_xmu[c] = total_dy_xmu
     else:
-        nseg = outer * plane_segments_jit(inner)
-        part = np.empty((2, channels, nseg))
-        for item in prange(channels * nseg):
-            c, g = item // nseg, item % nseg
-            part[0, c, g], part[1, c, g] = plane_segment_sums(dy, x, c, g, mean[c])
-        for c in prange(channels):
-            total_dy, total_dy_xmu = 0.0, 0.0
-            for g in range(nseg):
-                total_dy += part[0, c, g]
-                total_dy_xmu += part[1, c, g]
-            sum_dy[c] = total_dy
-            sum_dy_xmu[c] = total_dy_xmu
+        nparts = outer * plane_segments_jit(inner)
+        part = np.empty((2, nparts, channels))
+        for item in prange(channels * nparts):
+            c, g = item // nparts, item % nparts
+            part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, c, g, mean[c])
+    for c in prange(channels):
+        sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
 
 
-@njit(parallel=True, cache=CACHE)
-def backward_dx(dy, x, coef, dx):
-    """dx from per-channel ``coef`` rows (mean_hi, mean_lo, proj, mean_dy, k)."""
+@njit(inline="always")
+def _dx_loops(dy, x, coef, dx):
     outer, channels, inner = x.shape
     if inner == 1:
         dy2 = dy.reshape(outer, channels)
@@ -185,111 +168,93 @@ def backward_dx(dy, x, coef, dx):
     else:
         nblk = plane_segments_jit(inner)
         for item in prange(outer * channels * nblk):
-            n, c, b = item // (channels * nblk), (item // nblk) % channels, item % nblk
-            s0, s1 = b * PLANE_BLOCK, min((b + 1) * PLANE_BLOCK, inner)
-            dx_run(
-                dy[n, c, s0:s1],
-                x[n, c, s0:s1],
-                dx[n, c, s0:s1],
-                coef[0, c],
-                coef[1, c],
-                coef[2, c],
-                coef[3, c],
-                coef[4, c],
-            )
+            n, c, s0, s1 = _plane_item(item, channels, nblk, inner)
+            dx_run(dy[n, c, s0:s1], x[n, c, s0:s1], dx[n, c, s0:s1], coef[0, c], coef[1, c],
+                   coef[2, c], coef[3, c], coef[4, c])  # fmt: skip
 
 
-# ------------------------------------------------------------------------------ fused drivers
-@njit(cache=CACHE)
-def update_running(running_mean, running_var, count, mean, m2, momentum, unbiased):
-    """r = (1 - momentum) * r + momentum * batch; momentum weights the new batch."""
-    keep = 1.0 - momentum
-    for c in range(mean.size):
-        var = m2[c] / (count - 1.0) if unbiased else m2[c] / count
-        running_mean[c] = keep * running_mean[c] + momentum * mean[c]
-        running_var[c] = keep * running_var[c] + momentum * var
+# ------------------------------------------------------------------------------------ drivers
+def _channel_stats(x, mean, m2):
+    """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
+    _stats_loops(x, mean, m2)
+    return float(x.shape[0] * x.shape[2])
 
 
-@njit(parallel=True, cache=CACHE)
-def forward_train(
-    x,
-    weight,
-    bias,
-    eps,
-    running_mean,
-    running_var,
-    momentum,
-    unbiased,
-    nan_check,
-    fused,
-    y,
-    save_mean,
-    save_invstd,
-    save_m2,
-):
+def _normalize(x, coef, y):
+    """y = ((x - mean_hi) - mean_lo) * scale + shift with per-channel ``coef`` rows."""
+    _normalize_loops(x, coef, y)
+
+
+def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
+    """sum_dy, sum_dy_xmu (=, float64, (C,)): the per-channel reduction of the backward."""
+    _sums_loops(dy, x, mean, sum_dy, sum_dy_xmu)
+
+
+def _backward_dx(dy, x, coef, dx):
+    """dx from per-channel ``coef`` rows (mean_hi, mean_lo, proj, mean_dy, k)."""
+    _dx_loops(dy, x, coef, dx)
+
+
+def _forward_train(
+    x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check, fused,
+    y, save_mean, save_invstd, save_m2,
+):  # fmt: skip
     """Batch statistics, normalisation and the running update in one call.
 
     Writes y, save_mean, save_invstd and save_m2 (M2 per channel, float64). Returns False, with
     the running buffers untouched, when ``nan_check`` is set and a statistic is not finite.
+    ``fused`` (planes only): one channel per work item, statistics and normalisation back to back.
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
     coef = np.empty((4, channels), x.dtype)
     if fused:
         for c in prange(channels):
-            _, mu, sq = plane_channel_stats(x, c)
-            save_m2[c] = sq
-            _train_coefficients(c, count, mu, sq, eps, weight, bias, coef, save_mean, save_invstd)
-            for n in range(outer):
-                plane_affine(x, y, n, c, coef)
+            plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2)
     else:
-        channel_stats(x, save_mean, save_m2)
+        _stats_loops(x, save_mean, save_m2)
         for c in range(channels):
-            mu, sq = save_mean[c], save_m2[c]
-            _train_coefficients(c, count, mu, sq, eps, weight, bias, coef, save_mean, save_invstd)
-    if nan_check:
-        for c in range(channels):
-            if not (np.isfinite(save_mean[c]) and np.isfinite(save_m2[c])):
-                return False
+            train_coefficients(c, count, save_mean[c], save_m2[c], eps, weight, bias, coef,
+                               save_mean, save_invstd)  # fmt: skip
+    if nan_check and not (np.isfinite(save_mean).all() and np.isfinite(save_m2).all()):
+        return False
     if running_mean.size:
         update_running(running_mean, running_var, count, save_mean, save_m2, momentum, unbiased)
     if not fused:
-        normalize(x, coef, y)
+        _normalize_loops(x, coef, y)
     return True
 
 
-@njit(cache=CACHE)
-def forward_eval(x, weight, bias, running_mean, running_var, eps, y):
+def _forward_eval(x, weight, bias, running_mean, running_var, eps, y):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
-    channels = x.shape[1]
-    coef = np.empty((4, channels), x.dtype)
-    for c in range(channels):
-        invstd = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
-        coef[0, c] = running_mean[c]
-        coef[1, c] = 0.0
-        coef[2, c] = invstd * weight[c] if weight.size else invstd
-        coef[3, c] = bias[c] if bias.size else 0.0
-    normalize(x, coef, y)
+    coef = np.empty((4, x.shape[1]), x.dtype)
+    eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
+    _normalize_loops(x, coef, y)
 
 
-@njit(parallel=True, cache=CACHE)
-def backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu):
+def _backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu):
     """Training-mode backward: the per-channel reduction, then dx (docs/backward.md).
 
     Writes dx and the float64 reductions sum_dy (= dbias) and sum_dy_xmu (dweight is
-    invstd * sum_dy_xmu).
+    invstd * sum_dy_xmu). ``fused`` as in forward_train.
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
     coef = np.empty((5, channels), x.dtype)
     if fused:
         for c in prange(channels):
-            sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[c])
-            _dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
-            for n in range(outer):
-                plane_dx(dy, x, dx, n, c, coef)
-        return
-    backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
-    for c in range(channels):
-        _dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
-    backward_dx(dy, x, coef, dx)
+            plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
+    else:
+        _sums_loops(dy, x, mean, sum_dy, sum_dy_xmu)
+        for c in range(channels):
+            dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
+        _dx_loops(dy, x, coef, dx)
+
+
+channel_stats, channel_stats_serial = _twins(_channel_stats)
+normalize, normalize_serial = _twins(_normalize)
+backward_sums, backward_sums_serial = _twins(_backward_sums)
+backward_dx, backward_dx_serial = _twins(_backward_dx)
+forward_train, forward_train_serial = _twins(_forward_train)
+forward_eval, forward_eval_serial = _twins(_forward_eval)
+backward, backward_serial = _twins(_backward)

@@ -23,9 +23,11 @@ result of a shape is the same for any number of threads and on every entry point
 drivers, C plugin).
 """
 
+import math
+
 from numba import njit
 
-from ..stats import CONTRACT_FASTMATH, REDUCE_FASTMATH, chan_merge, run_stats
+from ..stats import CONTRACT_FASTMATH, REDUCE_FASTMATH, chan_merge, finalize, run_stats, split_hi_lo
 
 PLANE_BLOCK = 4096  # elements of one plane reduced at a time: 16 KiB of float32, in L1
 ROW_BLOCK = 32  # rows reduced at a time; ROW_BLOCK x CHANNEL_TILE float32 = 32 KiB, in L1
@@ -96,6 +98,67 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
             )
         count += block_count
     return count
+
+
+@njit
+def merge_parts(part, c):
+    """(count, mean, M2) of channel ``c`` from partials ``part`` (3, parts, C), in part order."""
+    count, mean, m2 = 0.0, 0.0, 0.0
+    for k in range(part.shape[1]):
+        count, mean, m2 = chan_merge(count, mean, m2, part[0, k, c], part[1, k, c], part[2, k, c])
+    return count, mean, m2
+
+
+@njit
+def add_parts(part, c):
+    """(sum_dy, sum_dy_xmu) of channel ``c`` from partials ``part`` (2, parts, C), in order."""
+    sum_dy, sum_dy_xmu = 0.0, 0.0
+    for k in range(part.shape[1]):
+        sum_dy += part[0, k, c]
+        sum_dy_xmu += part[1, k, c]
+    return sum_dy, sum_dy_xmu
+
+
+# ---------------------------------------------------------------------- per-channel coefficients
+@njit
+def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
+    """Channel c: save (mean, invstd); ``coef`` rows of y = ((x - hi) - lo) * scale + shift."""
+    invstd, _ = finalize(count, mean, m2, eps)
+    save_mean[c] = mean
+    save_invstd[c] = invstd
+    split_hi_lo(mean, coef[0], coef[1], c)
+    coef[2, c] = invstd * weight[c] if weight.size else invstd
+    coef[3, c] = bias[c] if bias.size else 0.0
+
+
+@njit
+def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
+    """``coef`` rows (as train_coefficients) from frozen running statistics, every channel."""
+    for c in range(coef.shape[1]):
+        invstd = 1.0 / math.sqrt(running_var[c] + eps)
+        coef[0, c] = running_mean[c]
+        coef[1, c] = 0.0
+        coef[2, c] = invstd * weight[c] if weight.size else invstd
+        coef[3, c] = bias[c] if bias.size else 0.0
+
+
+@njit
+def update_running(running_mean, running_var, count, mean, m2, momentum, unbiased):
+    """r = (1 - momentum) * r + momentum * batch; momentum weights the new batch."""
+    keep = 1.0 - momentum
+    for c in range(mean.size):
+        var = m2[c] / (count - 1.0) if unbiased else m2[c] / count
+        running_mean[c] = keep * running_mean[c] + momentum * mean[c]
+        running_var[c] = keep * running_var[c] + momentum * var
+
+
+@njit
+def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
+    """Channel c: ``coef`` rows of dx = k * (dy - mean_dy - (x - mean) * proj), see dx_run."""
+    split_hi_lo(mean, coef[0], coef[1], c)
+    coef[2, c] = invstd * invstd * sum_dy_xmu / count  # term 3: projection onto x_hat
+    coef[3, c] = sum_dy / count  # term 2: mean of dy
+    coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
 
 
 # ------------------------------------------------------------------------- elementwise transform
@@ -192,3 +255,25 @@ def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
         for c in range(c0, c1):
             xmu = (x[r, c] - mean_hi[c]) - mean_lo[c]
             dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
+
+
+# ------------------------------------------------------------------ whole channels (planes, fused)
+# One channel start to finish while its planes are still in L2: x (and dy) come from memory once.
+@njit
+def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2):
+    """Statistics of channel ``c``, its coefficients, then y for its planes."""
+    count, mean, m2 = plane_channel_stats(x, c)
+    save_m2[c] = m2
+    train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd)
+    for n in range(x.shape[0]):
+        plane_affine(x, y, n, c, coef)
+
+
+@njit
+def plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu):
+    """Backward reduction of channel ``c``, its dx coefficients, then dx for its planes."""
+    count = float(x.shape[0] * x.shape[2])
+    sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[c])
+    dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
+    for n in range(x.shape[0]):
+        plane_dx(dy, x, dx, n, c, coef)
