@@ -14,17 +14,22 @@ from .layout import canonical_shape, normalize_axis
 
 NAN_POLICIES = ("propagate", "raise")
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
+_COMPUTE_DTYPE = {
+    np.dtype(np.float16): np.dtype(np.float32),
+    np.dtype(np.float32): np.dtype(np.float32),
+    np.dtype(np.float64): np.dtype(np.float64),
+}
 
 
 # ------------------------------------------------------------------------------------ checks
 def compute_dtype(dtype, name="x"):
     """float32 for float16 and float32, float64 for float64; TypeError for anything else."""
-    dtype = np.dtype(dtype)
-    if dtype == np.float64:
-        return dtype
-    if dtype in (np.float32, np.float16):
-        return np.dtype(np.float32)
-    raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
+    result = _COMPUTE_DTYPE.get(dtype)
+    if result is None:
+        result = _COMPUTE_DTYPE.get(np.dtype(dtype))
+        if result is None:
+            raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
+    return result
 
 
 def check_input(x, name="x"):
@@ -57,27 +62,28 @@ class Vectors:
     """Per-channel arguments checked together: length C, one dtype, converted for the kernels."""
 
     def __init__(self, x, channels, **vectors):
-        given = {name: v for name, v in vectors.items() if v is not None}
-        dtypes = {}
-        for name, vector in given.items():
+        self.kernel_dtype = kernel_dtype = compute_dtype(x.dtype)
+        self.given = given = {}
+        shape = (channels,)
+        for name, vector in vectors.items():
+            if vector is None:
+                continue
             if not isinstance(vector, np.ndarray):
                 raise TypeError(f"{name} must be a numpy array, got {type(vector).__name__}")
-            if vector.shape != (channels,):
+            if vector.shape != shape:
                 raise ValueError(
                     f"{name} must have shape ({channels},) to match the {channels} channels of "
                     f"x, got {vector.shape}"
                 )
-            dtypes[name] = vector.dtype
-        allowed = {x.dtype, compute_dtype(x.dtype)}
-        for name, dtype in dtypes.items():
-            if dtype not in allowed:
-                expected = " or ".join(sorted(str(d) for d in allowed))
-                raise TypeError(f"{name} has dtype {dtype}; expected {expected} (as x: {x.dtype})")
-        if len(set(dtypes.values())) > 1:
-            listing = ", ".join(f"{name}: {dtype}" for name, dtype in dtypes.items())
+            if vector.dtype != x.dtype and vector.dtype != kernel_dtype:
+                expected = " or ".join(sorted({str(x.dtype), str(kernel_dtype)}))
+                raise TypeError(
+                    f"{name} has dtype {vector.dtype}; expected {expected} (as x: {x.dtype})"
+                )
+            given[name] = vector
+        if len({vector.dtype for vector in given.values()}) > 1:
+            listing = ", ".join(f"{name}: {vector.dtype}" for name, vector in given.items())
             raise TypeError(f"per-channel arguments must share one dtype, got {listing}")
-        self.given = given
-        self.kernel_dtype = compute_dtype(x.dtype)
 
     def kernel(self, name):
         """The vector as the kernels take it: contiguous, compute dtype, empty when absent."""
@@ -187,10 +193,10 @@ def train_forward(
     check_training_count(prepared)
     y, y_view = prepared.output(out)
     channels = prepared.channels
-    mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
     if prepared.count == 0 or channels == 0:
-        mean.fill(np.nan), invstd.fill(np.nan), m2.fill(np.nan)
+        mean, invstd, m2 = np.full((3, channels), np.nan)
         return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
+    mean, invstd, m2 = np.empty((3, channels))
     store_back = []
     run_mean = run_var = _EMPTY[prepared.dtype]
     if running_mean is not None:
@@ -322,7 +328,7 @@ def frozen_backward(
 def _in_dtype_of(array, *vectors):
     """float64 per-channel vectors in the compute dtype of ``array``."""
     dtype = compute_dtype(array.dtype)
-    return tuple(vector.astype(dtype) for vector in vectors)
+    return tuple(vector.astype(dtype, copy=False) for vector in vectors)
 
 
 # ------------------------------------------------------------------------------ public functions

@@ -18,7 +18,7 @@ on the number of threads.
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
 # Reductions may be reassociated (that is what lets LLVM vectorise them); NaN/Inf semantics are
 # kept so that NaN checks survive. Elementwise code uses CONTRACT only: the compensated
@@ -43,23 +43,25 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @njit(fastmath=REDUCE_FASTMATH)
-def run_stats(run):
-    """Exact ``(count, mean, M2)`` of a contiguous 1-D run, accumulated in float64.
+def run_stats(values, start, stop):
+    """Exact ``(count, mean, M2)`` of ``values[start:stop]`` (1-D), accumulated in float64.
 
     Two passes over a run that stays in L1: the sum, then squared deviations from its mean.
+    Indices are unsigned: with a signed index of unknown sign Numba wraps negative indices
+    around, which stops LLVM from vectorising the loop (measured 4x slower).
     """
-    count = run.size
-    if count == 0:
+    if stop <= start:
         return 0.0, 0.0, 0.0
     total = 0.0
-    for i in range(count):
-        total += run[i]
+    for i in range(uint64(start), uint64(stop)):
+        total += values[i]
+    count = float(stop - start)
     mean = total / count
     m2 = 0.0
-    for i in range(count):
-        dev = run[i] - mean
+    for i in range(uint64(start), uint64(stop)):
+        dev = values[i] - mean
         m2 += dev * dev
-    return float(count), mean, m2
+    return count, mean, m2
 
 
 @njit(inline="always")
@@ -72,11 +74,11 @@ def finalize(count, mean, m2, eps):
 
 
 @njit(inline="always")
-def split_hi_lo(value, out_hi, out_lo, index):
-    """Store ``value`` (float64) as ``hi + lo`` in the output dtype.
+def split_hi_lo(value, out, row, index):
+    """Store ``value`` (float64) as ``hi + lo`` in ``out[row, index]`` and ``out[row + 1, index]``.
 
     ``(x - hi) - lo`` then equals ``x - value`` to float64 accuracy for x close to the mean, which
     keeps float32 outputs exact when the mean is large against the spread (mean 1e4, std 1e-2).
     """
-    out_hi[index] = value
-    out_lo[index] = value - np.float64(out_hi[index])
+    out[row, index] = value
+    out[row + 1, index] = value - np.float64(out[row, index])

@@ -20,8 +20,10 @@ _SERIAL = SimpleNamespace(**{name: getattr(drivers, name + "_serial") for name i
 
 def _plan(x):
     """(drivers, guard, fused) for an input: which twin runs it and how planes are split."""
+    if x.size < SERIAL_MAX_ELEMENTS:
+        return _SERIAL, contextlib.nullcontext(), x.shape[2] > 1
     threads = numba.get_num_threads()
-    if x.size < SERIAL_MAX_ELEMENTS or threads == 1:
+    if threads == 1:
         return _SERIAL, contextlib.nullcontext(), x.shape[2] > 1
     # fused: whole channels per thread, statistics and normalisation while the channel is in L2
     return _PARALLEL, launch_guard(), x.shape[2] > 1 and x.shape[1] >= 2 * threads

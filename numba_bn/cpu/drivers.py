@@ -25,9 +25,9 @@ from .kernels import (
     PLANE_BLOCK,
     ROW_CHUNK,
     add_parts,
-    affine_run,
+    affine_range,
     dx_coefficients,
-    dx_run,
+    dx_range,
     eval_coefficients,
     merge_parts,
     plane_channel_backward,
@@ -82,8 +82,10 @@ def _row_item_range(item, ntiles, outer, channels):
 
 @njit(inline="always")
 def _plane_item(item, channels, nblk, inner):
-    n, c, b = item // (channels * nblk), (item // nblk) % channels, item % nblk
-    return n, c, b * PLANE_BLOCK, min((b + 1) * PLANE_BLOCK, inner)
+    """(channel, start, stop) of elementwise item ``item`` = (n, c, block) in the flat array."""
+    plane, b = item // nblk, item % nblk
+    start = plane * inner + b * PLANE_BLOCK
+    return plane % channels, start, min(start + PLANE_BLOCK, (plane + 1) * inner)
 
 
 # ------------------------------------------------------------------------------- loop nests
@@ -124,12 +126,12 @@ def _normalize_loops(x, coef, y):
             _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
             rows_affine(x2, y2, r0, r1, c0, c1, coef)
     else:
+        x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
         nblk = plane_segments_jit(inner)
         for item in prange(outer * channels * nblk):
-            n, c, s0, s1 = _plane_item(item, channels, nblk, inner)
-            affine_run(
-                x[n, c, s0:s1], y[n, c, s0:s1], coef[0, c], coef[1, c], coef[2, c], coef[3, c]
-            )
+            c, start, stop = _plane_item(item, channels, nblk, inner)
+            affine_range(x_flat, y_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
+                         coef[3, c])  # fmt: skip
 
 
 @njit(inline="always")
@@ -166,11 +168,12 @@ def _dx_loops(dy, x, coef, dx):
             _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
             rows_dx(dy2, x2, dx2, r0, r1, c0, c1, coef)
     else:
+        dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
         nblk = plane_segments_jit(inner)
         for item in prange(outer * channels * nblk):
-            n, c, s0, s1 = _plane_item(item, channels, nblk, inner)
-            dx_run(dy[n, c, s0:s1], x[n, c, s0:s1], dx[n, c, s0:s1], coef[0, c], coef[1, c],
-                   coef[2, c], coef[3, c], coef[4, c])  # fmt: skip
+            c, start, stop = _plane_item(item, channels, nblk, inner)
+            dx_range(dy_flat, x_flat, dx_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
+                     coef[3, c], coef[4, c])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ drivers

@@ -1,33 +1,44 @@
 """Serial range kernels on the canonical ``(outer, C, inner)`` view.
 
-Each kernel covers one channel (planes, ``inner > 1``) or one block of rows and a tile of
-channels (rows, ``inner == 1``); the parallel drivers in :mod:`numba_bn.cpu.drivers` and the C
-shim of the plugin split the work into these ranges. None of them allocates: scratch and outputs
-come from the caller, so they can be exported through ``@cfunc``.
+Each kernel covers one channel or one segment of a plane (planes, ``inner > 1``), or one chunk of
+rows and a tile of channels (rows, ``inner == 1``); the drivers in :mod:`numba_bn.cpu.drivers`
+and the C shim of the plugin split the work into these ranges. None of them allocates: scratch
+and outputs come from the caller, so they can be exported through ``@cfunc``. Runs inside a
+plane are addressed as ``[start, stop)`` of the flattened array, so the hot loops create no
+array views (each view costs reference counting). Hot loops index with unsigned integers: a
+signed index of unknown sign makes Numba emit negative-index wraparound, which stops LLVM from
+vectorising the loop.
 
-Outputs: ``=`` overwritten, never ``+=``. Bytes per element (float32, 4 B):
+Outputs are overwritten (``=``), never accumulated. Memory traffic per element:
 
-=====================  ============================  ==============
-kernel                 role                          traffic
-=====================  ============================  ==============
-plane_channel_stats    (count, mean, M2) of channel  read x (1x)
-rows_chunk_stats       (mean, M2) of a row chunk     read x (1x)
-plane_affine/rows_aff  y = (x - mean)*scale + shift  read x, write y
-plane_channel_sums     sum_dy, sum_dy_xmu            read dy, x
-rows_chunk_sums        sum_dy, sum_dy_xmu            read dy, x
-plane_dx / rows_dx     dx from the three terms       read dy, x; write dx
-=====================  ============================  ==============
+=============================  ============================  ==========================
+kernel                         computes                      traffic
+=============================  ============================  ==========================
+plane_channel_stats / rows_    (count, mean, M2)             read x
+affine_range / rows_affine     y = (x - mean) * scale + b    read x, write y
+plane_channel_sums / rows_     sum_dy, sum_dy_xmu            read dy, x
+dx_range / rows_dx             dx from the three terms       read dy, x; write dx
+plane_channel_train            all of the forward, fused     read x, write y (x in L2)
+plane_channel_backward         all of the backward, fused    read dy, x; write dx
+=============================  ============================  ==========================
 
 Block sizes fix the merge order; the merge order fixes the result. They are constants so that the
-result of a shape is the same for any number of threads and on every entry point (parallel
-drivers, C plugin).
+result for a shape is the same for any number of threads and on every entry point (parallel and
+serial drivers, C plugin).
 """
 
 import math
 
-from numba import njit
+from numba import njit, uint64
 
-from ..stats import CONTRACT_FASTMATH, REDUCE_FASTMATH, chan_merge, finalize, run_stats, split_hi_lo
+from ..stats import (
+    CONTRACT_FASTMATH,
+    REDUCE_FASTMATH,
+    chan_merge,
+    finalize,
+    run_stats,
+    split_hi_lo,
+)
 
 PLANE_BLOCK = 4096  # elements of one plane reduced at a time: 16 KiB of float32, in L1
 ROW_BLOCK = 32  # rows reduced at a time; ROW_BLOCK x CHANNEL_TILE float32 = 32 KiB, in L1
@@ -43,23 +54,33 @@ def plane_segments(inner):
 plane_segments_jit = njit(inline="always")(plane_segments)
 
 
+@njit(inline="always")
+def segment_range(channels, inner, c, segment):
+    """[start, stop) in the flattened array of segment ``segment`` = (n, block) of channel c."""
+    nseg = plane_segments_jit(inner)
+    plane = (segment // nseg) * channels + c
+    start = plane * inner + (segment % nseg) * PLANE_BLOCK
+    return start, min(start + PLANE_BLOCK, (plane + 1) * inner)
+
+
 # ---------------------------------------------------------------------------- forward statistics
 @njit
 def plane_segment_stats(x, c, segment):
-    """(count, mean, M2) of segment ``segment`` of channel ``c``; segments run over (n, block)."""
-    inner = x.shape[2]
-    nseg = plane_segments_jit(inner)
-    n = segment // nseg
-    start = (segment % nseg) * PLANE_BLOCK
-    return run_stats(x[n, c, start : min(start + PLANE_BLOCK, inner)])
+    """(count, mean, M2) of one segment of channel ``c``; segments run over (n, block)."""
+    _, channels, inner = x.shape
+    start, stop = segment_range(channels, inner, c, segment)
+    return run_stats(x.reshape(x.size), start, stop)
 
 
 @njit
 def plane_channel_stats(x, c):
     """(count, mean, M2) of channel ``c``: segments merged in (n, block) order."""
+    outer, channels, inner = x.shape
+    flat = x.reshape(x.size)
     count, mean, m2 = 0.0, 0.0, 0.0
-    for segment in range(x.shape[0] * plane_segments_jit(x.shape[2])):
-        seg_count, seg_mean, seg_m2 = plane_segment_stats(x, c, segment)
+    for segment in range(outer * plane_segments_jit(inner)):
+        start, stop = segment_range(channels, inner, c, segment)
+        seg_count, seg_mean, seg_m2 = run_stats(flat, start, stop)
         count, mean, m2 = chan_merge(count, mean, m2, seg_count, seg_mean, seg_m2)
     return count, mean, m2
 
@@ -72,7 +93,7 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     Rows are reduced ROW_BLOCK at a time (two passes, vectorised across channels) and each block
     is Chan-merged into the chunk in row order.
     """
-    width = c1 - c0
+    width, c0 = uint64(c1 - c0), uint64(c0)
     for j in range(width):
         mean_out[j] = 0.0
         m2_out[j] = 0.0
@@ -83,12 +104,12 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
         for j in range(width):
             block_mean[j] = 0.0
             block_m2[j] = 0.0
-        for r in range(b0, b1):
+        for r in range(uint64(b0), uint64(b1)):
             for j in range(width):
                 block_mean[j] += x[r, c0 + j]
         for j in range(width):
             block_mean[j] /= block_count
-        for r in range(b0, b1):
+        for r in range(uint64(b0), uint64(b1)):
             for j in range(width):
                 dev = x[r, c0 + j] - block_mean[j]
                 block_m2[j] += dev * dev
@@ -126,7 +147,7 @@ def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, s
     invstd, _ = finalize(count, mean, m2, eps)
     save_mean[c] = mean
     save_invstd[c] = invstd
-    split_hi_lo(mean, coef[0], coef[1], c)
+    split_hi_lo(mean, coef, 0, c)
     coef[2, c] = invstd * weight[c] if weight.size else invstd
     coef[3, c] = bias[c] if bias.size else 0.0
 
@@ -154,8 +175,8 @@ def update_running(running_mean, running_var, count, mean, m2, momentum, unbiase
 
 @njit
 def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
-    """Channel c: ``coef`` rows of dx = k * (dy - mean_dy - (x - mean) * proj), see dx_run."""
-    split_hi_lo(mean, coef[0], coef[1], c)
+    """Channel c: ``coef`` rows of dx = k * (dy - mean_dy - (x - mean) * proj), see dx_range."""
+    split_hi_lo(mean, coef, 0, c)
     coef[2, c] = invstd * invstd * sum_dy_xmu / count  # term 3: projection onto x_hat
     coef[3, c] = sum_dy / count  # term 2: mean of dy
     coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
@@ -163,34 +184,28 @@ def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
 
 # ------------------------------------------------------------------------- elementwise transform
 @njit(fastmath=CONTRACT_FASTMATH)
-def affine_run(src, dst, mean_hi, mean_lo, scale, shift):
-    """dst = ((src - mean_hi) - mean_lo) * scale + shift over a contiguous run."""
-    for i in range(src.size):
-        dst[i] = ((src[i] - mean_hi) - mean_lo) * scale + shift
-
-
-@njit
-def plane_affine(x, y, n, c, coef):
-    """Normalise plane (n, c); ``coef`` rows: mean_hi, mean_lo, scale, shift."""
-    affine_run(x[n, c], y[n, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c])
+def affine_range(x, y, start, stop, mean_hi, mean_lo, scale, shift):
+    """y = ((x - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays."""
+    for i in range(uint64(start), uint64(stop)):
+        y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
 
 
 @njit(fastmath=CONTRACT_FASTMATH)
 def rows_affine(x, y, r0, r1, c0, c1, coef):
-    """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as plane_affine."""
+    """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range."""
     mean_hi, mean_lo, scale, shift = coef[0], coef[1], coef[2], coef[3]
-    for r in range(r0, r1):
-        for c in range(c0, c1):
+    for r in range(uint64(r0), uint64(r1)):
+        for c in range(uint64(c0), uint64(c1)):
             y[r, c] = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
 
 
 # ----------------------------------------------------------------------------- backward: reduce
 @njit(fastmath=REDUCE_FASTMATH)
-def sums_run(dy, x, mean):
-    """(sum dy, sum dy * (x - mean)) over a contiguous run, in float64."""
+def sums_range(dy, x, start, stop, mean):
+    """(sum dy, sum dy * (x - mean)) over [start, stop) of 1-D arrays, in float64."""
     sum_dy = 0.0
     sum_dy_xmu = 0.0
-    for i in range(dy.size):
+    for i in range(uint64(start), uint64(stop)):
         sum_dy += dy[i]
         sum_dy_xmu += dy[i] * (x[i] - mean)
     return sum_dy, sum_dy_xmu
@@ -198,20 +213,20 @@ def sums_run(dy, x, mean):
 
 @njit
 def plane_segment_sums(dy, x, c, segment, mean):
-    inner = x.shape[2]
-    nseg = plane_segments_jit(inner)
-    n = segment // nseg
-    start = (segment % nseg) * PLANE_BLOCK
-    stop = min(start + PLANE_BLOCK, inner)
-    return sums_run(dy[n, c, start:stop], x[n, c, start:stop], mean)
+    _, channels, inner = x.shape
+    start, stop = segment_range(channels, inner, c, segment)
+    return sums_range(dy.reshape(dy.size), x.reshape(x.size), start, stop, mean)
 
 
 @njit
 def plane_channel_sums(dy, x, c, mean):
     """(sum_dy, sum_dy_xmu) of channel ``c``, segments added in (n, block) order."""
+    outer, channels, inner = x.shape
+    dy_flat, x_flat = dy.reshape(dy.size), x.reshape(x.size)
     sum_dy, sum_dy_xmu = 0.0, 0.0
-    for segment in range(x.shape[0] * plane_segments_jit(x.shape[2])):
-        seg_dy, seg_dy_xmu = plane_segment_sums(dy, x, c, segment, mean)
+    for segment in range(outer * plane_segments_jit(inner)):
+        start, stop = segment_range(channels, inner, c, segment)
+        seg_dy, seg_dy_xmu = sums_range(dy_flat, x_flat, start, stop, mean)
         sum_dy += seg_dy
         sum_dy_xmu += seg_dy_xmu
     return sum_dy, sum_dy_xmu
@@ -220,11 +235,11 @@ def plane_channel_sums(dy, x, c, mean):
 @njit(fastmath=REDUCE_FASTMATH)
 def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
     """sum_dy, sum_dy_xmu (=, length >= c1-c0) of channels ``c0:c1`` over rows ``r0:r1``."""
-    width = c1 - c0
+    width, c0 = uint64(c1 - c0), uint64(c0)
     for j in range(width):
         sum_dy_out[j] = 0.0
         sum_dy_xmu_out[j] = 0.0
-    for r in range(r0, r1):
+    for r in range(uint64(r0), uint64(r1)):
         for j in range(width):
             g = dy[r, c0 + j]
             sum_dy_out[j] += g
@@ -237,22 +252,17 @@ def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
 #   term 3: xmu * proj, proj = invstd**2 * sum_dy_xmu / m      final scale: k = weight * invstd
 # ``coef`` rows: mean_hi, mean_lo, proj, mean_dy, k.
 @njit(fastmath=CONTRACT_FASTMATH)
-def dx_run(dy, x, dx, mean_hi, mean_lo, proj, mean_dy, k):
-    for i in range(dy.size):
+def dx_range(dy, x, dx, start, stop, mean_hi, mean_lo, proj, mean_dy, k):
+    for i in range(uint64(start), uint64(stop)):
         xmu = (x[i] - mean_hi) - mean_lo
         dx[i] = (dy[i] - mean_dy - xmu * proj) * k
-
-
-@njit
-def plane_dx(dy, x, dx, n, c, coef):
-    dx_run(dy[n, c], x[n, c], dx[n, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c])
 
 
 @njit(fastmath=CONTRACT_FASTMATH)
 def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
     mean_hi, mean_lo, proj, mean_dy, k = coef[0], coef[1], coef[2], coef[3], coef[4]
-    for r in range(r0, r1):
-        for c in range(c0, c1):
+    for r in range(uint64(r0), uint64(r1)):
+        for c in range(uint64(c0), uint64(c1)):
             xmu = (x[r, c] - mean_hi[c]) - mean_lo[c]
             dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
 
@@ -262,18 +272,26 @@ def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
 @njit
 def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2):
     """Statistics of channel ``c``, its coefficients, then y for its planes."""
+    outer, channels, inner = x.shape
     count, mean, m2 = plane_channel_stats(x, c)
     save_m2[c] = m2
     train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd)
-    for n in range(x.shape[0]):
-        plane_affine(x, y, n, c, coef)
+    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
+    for n in range(outer):
+        start = (n * channels + c) * inner
+        affine_range(x_flat, y_flat, start, start + inner, coef[0, c], coef[1, c], coef[2, c],
+                     coef[3, c])  # fmt: skip
 
 
 @njit
 def plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu):
     """Backward reduction of channel ``c``, its dx coefficients, then dx for its planes."""
-    count = float(x.shape[0] * x.shape[2])
+    outer, channels, inner = x.shape
+    count = float(outer * inner)
     sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[c])
     dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
-    for n in range(x.shape[0]):
-        plane_dx(dy, x, dx, n, c, coef)
+    dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
+    for n in range(outer):
+        start = (n * channels + c) * inner
+        dx_range(dy_flat, x_flat, dx_flat, start, start + inner, coef[0, c], coef[1, c],
+                 coef[2, c], coef[3, c], coef[4, c])  # fmt: skip
