@@ -153,10 +153,28 @@ def _info(args):
     return 0
 
 
+# -------------------------------------------------------------------------------- train-demo
+def _train_demo_arguments(parser):
+    from .train_demo import add_arguments
+
+    add_arguments(parser)
+
+
+def _train_demo(args):
+    from .train_demo import run_from_args
+
+    return run_from_args(args)
+
+
 # ------------------------------------------------------------------------------------ commands
 COMMANDS = {
     "demo": (_demo_arguments, _demo, "check and time a default batch (train, backward, eval)"),
     "info": (_info_arguments, _info, "versions, threading layer, CPU, CUDA"),
+    "train-demo": (
+        _train_demo_arguments,
+        _train_demo,
+        "train an MLP on scikit-learn's digits with and without BatchNorm, plot the curves",
+    ),
 }
 
 
