@@ -158,7 +158,9 @@ def train_digits(
                 if h.diverged_at is not None and h.diverged_at <= epoch:
                     row += f"{'(diverged)':>28}"
                 else:
-                    row += f"{h.train_loss[-1]:10.4g}{h.val_accuracy[-1]:9.1%}"
+                    loss = h.train_loss[-1]
+                    row += f"{loss:10.4f}" if abs(loss) < 1e4 else f"{loss:10.3g}"
+                    row += f"{h.val_accuracy[-1]:9.1%}"
                     row += f"{h.epoch_seconds[-1]:9.3f}"
             log(row)
         runs += pair
@@ -248,8 +250,7 @@ def add_arguments(parser):
         "--threads",
         type=int,
         default=None,
-        help="numba threads (default: numba's); these batches are small enough "
-        "that 1 thread is often faster",
+        help="numba threads (default: numba's); the results do not depend on it",
     )
     parser.add_argument(
         "--plot",
