@@ -3,11 +3,14 @@
 A backend implements, on validated C-contiguous canonical ``(outer, C, inner)`` views,
 ``forward_train``, ``forward_eval``, ``backward``, ``channel_stats``, ``normalize``,
 ``backward_sums`` and ``backward_dx`` with the signatures of :class:`numba_bn.cpu.CpuBackend`.
+Its arrays live in its ``memory`` (:mod:`numba_bn.placement`; host NumPy when it has none).
 """
 
 from .cpu import CpuBackend
+from .cuda import CudaBackend
+from .placement import HOST
 
-_backends = {"cpu": CpuBackend()}
+_backends = {"cpu": CpuBackend(), "cuda": CudaBackend()}
 
 
 def register(name, backend):
@@ -23,6 +26,11 @@ def get(name):
     except KeyError:
         known = ", ".join(sorted(_backends))
         raise ValueError(f"backend={name!r} is not registered; known backends: {known}") from None
+
+
+def memory(backend):
+    """Where ``backend``'s arrays live: its ``memory``, or host NumPy arrays."""
+    return getattr(backend, "memory", HOST)
 
 
 def names():

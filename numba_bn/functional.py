@@ -2,18 +2,21 @@
 
 Every check runs before any buffer is written, so a call that raises leaves running statistics
 (and every other argument) as they were. Per-channel statistics travel between calls in float64;
-the public functions return them in the input's dtype (float32 for float16 input).
+the public functions return them in the input's dtype (float32 for float16 input). ``device``
+picks the CPU or the CUDA backend (:mod:`numba_bn.placement`); arrays are checked and allocated
+through the backend's ``memory``, so the same code serves NumPy and device arrays.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from . import dispatch
 from .layout import canonical_shape, normalize_axis
+from .placement import HOST, memory_of, placed
 
 NAN_POLICIES = ("propagate", "raise")
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
 _COMPUTE_DTYPE = {
     np.dtype(np.float16): np.dtype(np.float32),
     np.dtype(np.float32): np.dtype(np.float32),
@@ -32,10 +35,9 @@ def compute_dtype(dtype, name="x"):
     return result
 
 
-def check_input(x, name="x"):
-    """``x`` as an ndarray with a float dtype and a batch and a channel dimension."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+def check_input(x, name="x", memory=HOST):
+    """``x`` as an array of ``memory`` with a float dtype and a batch and a channel dimension."""
+    x = memory.asarray(x, name)
     compute_dtype(x.dtype, name)
     if x.ndim < 2:
         raise ValueError(
@@ -61,15 +63,16 @@ def check_nan_policy(nan_policy):
 class Vectors:
     """Per-channel arguments checked together: length C, one dtype, converted for the kernels."""
 
-    def __init__(self, x, channels, **vectors):
+    def __init__(self, x, channels, *, memory=HOST, **vectors):
         self.kernel_dtype = kernel_dtype = compute_dtype(x.dtype)
+        self.memory = memory
         self.given = given = {}
         shape = (channels,)
         for name, vector in vectors.items():
             if vector is None:
                 continue
-            if not isinstance(vector, np.ndarray):
-                raise TypeError(f"{name} must be a numpy array, got {type(vector).__name__}")
+            if not memory.is_array(vector):
+                raise TypeError(f"{name} must be {memory.array_kind}, got {type(vector).__name__}")
             if vector.shape != shape:
                 raise ValueError(
                     f"{name} must have shape ({channels},) to match the {channels} channels of "
@@ -89,49 +92,52 @@ class Vectors:
         """The vector as the kernels take it: contiguous, compute dtype, empty when absent."""
         vector = self.given.get(name)
         if vector is None:
-            return _EMPTY[self.kernel_dtype]
-        return np.ascontiguousarray(vector, dtype=self.kernel_dtype)
+            return self.memory.empty(0, self.kernel_dtype)
+        return self.memory.contiguous(vector, self.kernel_dtype, name)
 
     def writable(self, name):
         """A buffer the kernels update in place, and a function that stores it back."""
         vector = self.given[name]
-        if not vector.flags.writeable:
+        if not self.memory.is_writable(vector):
             raise ValueError(f"{name} must be writable: it is updated in place")
         work = self.kernel(name)
         if work is vector:
             return work, lambda: None
-        return work.copy(), lambda: np.copyto(vector, work)
+        work = self.memory.copy(work)
+        return work, lambda: self.memory.copy_into(vector, work)
 
 
 class Prepared:
     """An input checked and seen as its canonical (outer, C, inner) view in the compute dtype."""
 
-    def __init__(self, x, axis, name="x"):
-        x = check_input(x, name)
+    def __init__(self, x, axis, name="x", memory=HOST):
+        x = check_input(x, name, memory)
         self.x = x
+        self.memory = memory
         self.axis = normalize_axis(axis, x.ndim)
         self.shape = canonical_shape(x.shape, self.axis)
         self.count = self.shape[0] * self.shape[2]
         self.channels = self.shape[1]
         self.dtype = compute_dtype(x.dtype, name)
-        self.view = np.ascontiguousarray(x, dtype=self.dtype).reshape(self.shape)
+        self.view = memory.contiguous(x, self.dtype, name).reshape(self.shape)
 
     def output(self, out, name="out"):
         """(the user's array or None, the canonical view the kernel writes)."""
+        memory = self.memory
         if out is not None:
-            if not isinstance(out, np.ndarray):
-                raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+            if not memory.is_array(out):
+                raise TypeError(f"{name} must be {memory.array_kind}, got {type(out).__name__}")
             if out.shape != self.x.shape or out.dtype != self.x.dtype:
                 raise ValueError(
                     f"{name} must have the shape and dtype of x, {self.x.shape} {self.x.dtype}, "
                     f"got {out.shape} {out.dtype}"
                 )
-            if not (out.flags.c_contiguous and out.flags.writeable):
+            if not (memory.is_c_contiguous(out) and memory.is_writable(out)):
                 raise ValueError(f"{name} must be C-contiguous and writable")
         if self.dtype != self.x.dtype:  # float16: compute in float32, convert in finish()
-            return out, np.empty(self.shape, self.dtype)
+            return out, memory.empty(self.shape, self.dtype)
         if out is None:
-            out = np.empty(self.x.shape, self.dtype)
+            out = memory.empty(self.x.shape, self.dtype)
         return out, out.reshape(self.shape)
 
     def finish(self, out, view):
@@ -139,8 +145,8 @@ class Prepared:
         if view.dtype == self.x.dtype:
             return out
         if out is None:
-            return view.reshape(self.x.shape).astype(self.x.dtype)
-        np.copyto(out, view.reshape(self.x.shape), casting="same_kind")
+            return self.memory.astype(view.reshape(self.x.shape), self.x.dtype)
+        self.memory.copy_into(out, view.reshape(self.x.shape))
         return out
 
 
@@ -153,13 +159,18 @@ def check_training_count(prepared):
 
 
 # ------------------------------------------------------------------------- internal operations
-class TrainResult:
+class TrainResult(NamedTuple):
     """What a training forward produces: y and the float64 statistics backward needs."""
 
-    def __init__(self, y, mean, invstd, m2, count):
-        self.y, self.mean, self.invstd, self.m2, self.count = y, mean, invstd, m2, count
+    y: object
+    mean: object
+    invstd: object
+    m2: object
+    count: int
 
 
+@placed(("x", "weight", "bias", "running_mean", "running_var", "out"),
+        inplace=("running_mean", "running_var", "out"))  # fmt: skip
 def train_forward(
     x,
     weight,
@@ -176,7 +187,9 @@ def train_forward(
     backend="cpu",
 ):
     """Training forward with batch statistics; updates the running buffers when given."""
-    prepared = Prepared(x, axis)
+    kernels = dispatch.get(backend)
+    memory = dispatch.memory(kernels)
+    prepared = Prepared(x, axis, memory=memory)
     eps = check_scalar(eps, "eps", 0.0)
     momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
     check_nan_policy(nan_policy)
@@ -185,6 +198,7 @@ def train_forward(
     vectors = Vectors(
         prepared.x,
         prepared.channels,
+        memory=memory,
         weight=weight,
         bias=bias,
         running_mean=running_mean,
@@ -194,18 +208,20 @@ def train_forward(
     y, y_view = prepared.output(out)
     channels = prepared.channels
     if prepared.count == 0 or channels == 0:
-        mean, invstd, m2 = np.full((3, channels), np.nan)
+        stats = memory.full((3, channels), np.nan, np.float64)
+        mean, invstd, m2 = stats[0], stats[1], stats[2]
         return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
-    mean, invstd, m2 = np.empty((3, channels))
+    stats = memory.empty((3, channels), np.float64)
+    mean, invstd, m2 = stats[0], stats[1], stats[2]
     store_back = []
-    run_mean = run_var = _EMPTY[prepared.dtype]
+    run_mean = run_var = memory.empty(0, prepared.dtype)
     if running_mean is not None:
         (run_mean, store_mean), (run_var, store_var) = (
             vectors.writable("running_mean"),
             vectors.writable("running_var"),
         )
         store_back = [store_mean, store_var]
-    ok = dispatch.get(backend).forward_train(
+    ok = kernels.forward_train(
         prepared.view,
         vectors.kernel("weight"),
         vectors.kernel("bias"),
@@ -230,8 +246,11 @@ def train_forward(
     return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, prepared.count)
 
 
+@placed(("x", "running_mean", "running_var", "weight", "bias", "out"), inplace=("out",))
 def eval_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=None, backend="cpu"):
-    prepared = Prepared(x, axis)
+    kernels = dispatch.get(backend)
+    memory = dispatch.memory(kernels)
+    prepared = Prepared(x, axis, memory=memory)
     eps = check_scalar(eps, "eps", 0.0)
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
         if value is None:
@@ -239,6 +258,7 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=N
     vectors = Vectors(
         prepared.x,
         prepared.channels,
+        memory=memory,
         weight=weight,
         bias=bias,
         running_mean=running_mean,
@@ -246,7 +266,7 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=N
     )
     y, y_view = prepared.output(out)
     if prepared.count and prepared.channels:
-        dispatch.get(backend).forward_eval(
+        kernels.forward_eval(
             prepared.view,
             vectors.kernel("weight"),
             vectors.kernel("bias"),
@@ -258,33 +278,36 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=N
     return prepared.finish(y, y_view)
 
 
-def stats_vector(value, name, channels):
+def stats_vector(value, name, channels, memory=HOST):
     """A saved statistic as a float64 (C,) vector."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(value).__name__}")
+    if not memory.is_array(value):
+        raise TypeError(f"{name} must be {memory.array_kind}, got {type(value).__name__}")
     if value.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {value.shape}")
     compute_dtype(value.dtype, name)
-    return np.ascontiguousarray(value, dtype=np.float64)
+    return memory.contiguous(value, np.float64, name)
 
 
+@placed(("dy", "x", "mean", "invstd", "weight", "out"), inplace=("out",))
 def train_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"):
     """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward."""
-    prepared = Prepared(x, axis)
-    dy = check_input(dy, "dy")
+    kernels = dispatch.get(backend)
+    memory = dispatch.memory(kernels)
+    prepared = Prepared(x, axis, memory=memory)
+    dy = check_input(dy, "dy", memory)
     if dy.shape != prepared.x.shape:
         raise ValueError(f"dy must have the shape of x, {prepared.x.shape}, got {dy.shape}")
     if dy.dtype != prepared.x.dtype:
         raise TypeError(f"dy must have the dtype of x, {prepared.x.dtype}, got {dy.dtype}")
     channels = prepared.channels
-    mean = stats_vector(mean, "mean", channels)
-    invstd = stats_vector(invstd, "invstd", channels)
-    vectors = Vectors(prepared.x, channels, weight=weight)
+    mean = stats_vector(mean, "mean", channels, memory)
+    invstd = stats_vector(invstd, "invstd", channels, memory)
+    vectors = Vectors(prepared.x, channels, memory=memory, weight=weight)
     dx, dx_view = prepared.output(out)
-    sum_dy, sum_dy_xmu = np.zeros(channels), np.zeros(channels)
+    sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     if prepared.count and channels:
-        dy_view = np.ascontiguousarray(dy, dtype=prepared.dtype).reshape(prepared.shape)
-        dispatch.get(backend).backward(
+        dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
+        kernels.backward(
             dy_view,
             prepared.view,
             mean,
@@ -297,49 +320,64 @@ def train_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
     return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu
 
 
+@placed(("dy", "x", "running_mean", "running_var", "weight", "out"), inplace=("out",))
 def frozen_backward(
     dy, x, running_mean, running_var, weight, eps, axis, *, out=None, backend="cpu"
 ):
     """Eval-mode backward with frozen statistics: dx = dy * weight * invstd; and the sums."""
-    prepared = Prepared(x, axis)
-    dy = check_input(dy, "dy")
+    kernels = dispatch.get(backend)
+    memory = dispatch.memory(kernels)
+    prepared = Prepared(x, axis, memory=memory)
+    dy = check_input(dy, "dy", memory)
     if dy.shape != prepared.x.shape or dy.dtype != prepared.x.dtype:
         raise ValueError(
             f"dy must have the shape and dtype of x, {prepared.x.shape} {prepared.x.dtype}, "
             f"got {dy.shape} {dy.dtype}"
         )
     channels = prepared.channels
-    mean = stats_vector(running_mean, "running_mean", channels)
-    invstd = 1.0 / np.sqrt(stats_vector(running_var, "running_var", channels) + eps)
-    vectors = Vectors(prepared.x, channels, weight=weight)
+    mean = stats_vector(running_mean, "running_mean", channels, memory)
+    invstd = memory.invstd(stats_vector(running_var, "running_var", channels, memory), eps)
+    vectors = Vectors(prepared.x, channels, memory=memory, weight=weight)
     dx, dx_view = prepared.output(out)
-    sum_dy, sum_dy_xmu = np.zeros(channels), np.zeros(channels)
+    sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     if prepared.count and channels:
-        dy_view = np.ascontiguousarray(dy, dtype=prepared.dtype).reshape(prepared.shape)
-        kernels = dispatch.get(backend)
+        dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
         kernels.backward_sums(dy_view, prepared.view, mean, sum_dy, sum_dy_xmu)
-        scale = invstd * vectors.kernel("weight") if weight is not None else invstd
-        coef = np.zeros((5, channels), prepared.dtype)
-        coef[4] = scale
+        scale = (
+            memory.product(invstd, vectors.kernel("weight"), prepared.dtype)
+            if weight is not None
+            else memory.astype(invstd, prepared.dtype)
+        )
+        coef = memory.full((5, channels), 0.0, prepared.dtype)
+        memory.copy_into(coef[4], scale)
         kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
     return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, invstd
 
 
 def _in_dtype_of(array, *vectors):
-    """float64 per-channel vectors in the compute dtype of ``array``."""
+    """float64 per-channel vectors in the compute dtype of ``array``, on its side."""
     dtype = compute_dtype(array.dtype)
-    return tuple(vector.astype(dtype, copy=False) for vector in vectors)
+    return tuple(memory_of(array).astype(vector, dtype) for vector in vectors)
 
 
 # ------------------------------------------------------------------------------ public functions
 def forward_train(
-    x, weight=None, bias=None, eps=1e-5, axis=1, *, out=None, nan_policy="propagate", backend="cpu"
+    x,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    axis=1,
+    *,
+    out=None,
+    nan_policy="propagate",
+    backend="cpu",
+    device="auto",
 ):
     """Training-mode forward with batch statistics.
 
     Parameters
     ----------
-    x : ndarray, float16/32/64, rank >= 2
+    x : ndarray or CUDA array, float16/32/64, rank >= 2
         Channels on ``axis``; the statistics reduce over every other axis.
     weight, bias : ndarray (C,), optional
         Affine parameters (1 and 0 when None).
@@ -349,6 +387,10 @@ def forward_train(
         C-contiguous array with the shape and dtype of ``x`` to write ``y`` into.
     nan_policy : {"propagate", "raise"}
         "raise": ValueError when the batch statistics are not finite.
+    device : {"auto", "cpu", "cuda"}
+        "auto": the GPU for arrays that expose ``__cuda_array_interface__`` (results are Numba
+        device arrays), the CPU for NumPy arrays. "cuda" with NumPy arrays copies them over and
+        returns NumPy arrays. Host and device arrays in one call raise ValueError.
 
     Returns
     -------
@@ -359,7 +401,7 @@ def forward_train(
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """
     result = train_forward(
-        x, weight, bias, eps, axis, nan_policy=nan_policy, out=out, backend=backend
+        x, weight, bias, eps, axis, nan_policy=nan_policy, out=out, backend=backend, device=device
     )
     return (result.y, *_in_dtype_of(result.y, result.mean, result.invstd))
 
@@ -375,15 +417,25 @@ def forward_eval(
     *,
     out=None,
     backend="cpu",
+    device="auto",
 ):
     """Inference forward with frozen statistics: ``(x - running_mean) / sqrt(running_var + eps)``
     scaled by ``weight`` and shifted by ``bias``; arguments as :func:`forward_train`."""
     return eval_forward(
-        x, running_mean, running_var, weight, bias, eps, axis, out=out, backend=backend
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        eps,
+        axis,
+        out=out,
+        backend=backend,
+        device=device,
     )
 
 
-def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu"):
+def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu", device="auto"):
     """Exact training-mode backward (docs/backward.md).
 
     ``mean`` and ``invstd`` are those returned by :func:`forward_train` for the same ``x``.
@@ -395,10 +447,10 @@ def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu
              - \\hat x\\,\\tfrac{1}{m}\\sum dy\\,\\hat x\\right)
     """
     dx, sum_dy, sum_dy_xmu = train_backward(
-        dy, x, mean, invstd, weight, axis, out=out, backend=backend
+        dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device
     )
-    invstd64 = np.asarray(invstd, dtype=np.float64)
-    return (dx, *_in_dtype_of(dx, invstd64 * sum_dy_xmu, sum_dy))
+    memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
+    return dx, memory.product(invstd, sum_dy_xmu, dtype), memory.astype(sum_dy, dtype)
 
 
 def batch_norm(
@@ -416,6 +468,7 @@ def batch_norm(
     unbiased_running_var=True,
     nan_policy="propagate",
     backend="cpu",
+    device="auto",
 ):
     """Batch normalisation shaped like ``torch.nn.functional.batch_norm``.
 
@@ -423,7 +476,7 @@ def batch_norm(
     ``running_var`` are given, updates them in place: ``r = (1 - momentum) * r + momentum * s``
     with the unbiased batch variance (``unbiased_running_var=False``: the biased one, as Keras,
     Flax and ONNX). ``training=False`` normalises with the running statistics. Nothing is
-    modified when the call raises.
+    modified when the call raises. ``device`` as in :func:`forward_train`.
     """
     if training:
         return train_forward(
@@ -439,7 +492,17 @@ def batch_norm(
             nan_policy=nan_policy,
             out=out,
             backend=backend,
+            device=device,
         ).y
     return eval_forward(
-        x, running_mean, running_var, weight, bias, eps, axis, out=out, backend=backend
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        eps,
+        axis,
+        out=out,
+        backend=backend,
+        device=device,
     )

@@ -12,6 +12,9 @@ from .functional import (
     train_backward,
     train_forward,
 )
+from .placement import DEVICES, is_device_array, memory_of
+
+_ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
 
 _DEFAULT = object()
 
@@ -37,6 +40,10 @@ class BatchNorm:
     convention : {"torch", "keras", "flax", "onnx"}
     nan_policy : {"propagate", "raise"}
         "raise": a training batch with non-finite statistics raises and updates nothing.
+    device : {"auto", "cpu", "cuda"}
+        Where parameters, buffers and gradients live. "auto": in host memory until the layer is
+        called on CUDA arrays, then on the GPU (they follow the input). "cpu" / "cuda" keep them
+        there; an input from the other side raises. :meth:`to` moves them.
 
     Training forward saves what :meth:`backward` needs; ``backward(dy)`` returns dx and sets
     ``grad_weight``/``grad_bias``.
@@ -57,6 +64,7 @@ class BatchNorm:
         scale=None,
         nan_policy="propagate",
         backend="cpu",
+        device="auto",
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
@@ -90,6 +98,9 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self.training = True
         self._saved = None
+        self.device = "auto"
+        self._side = "cpu"  # where the arrays are now
+        self.to(device)
 
     # ---------------------------------------------------------------------------- modes
     def train(self, mode=True):
@@ -99,12 +110,56 @@ class BatchNorm:
     def eval(self):
         return self.train(False)
 
+    # -------------------------------------------------------------------------- device
+    def to(self, device):
+        """Move parameters, buffers and gradients to ``device`` ("cpu", "cuda" or "auto", which
+        leaves them where they are and lets them follow the input); returns self."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if device != "auto":
+            self._move(device)
+        self.device = device
+        return self
+
+    def _move(self, side):
+        if side == self._side:
+            return
+        if side == "cuda":
+            from .cuda import require_cuda
+
+            require_cuda()
+            from .cuda.arrays import DEVICE
+
+            move = DEVICE.to_device
+        else:
+            move = lambda array: array.copy_to_host()
+        for name in _ARRAYS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, move(value))
+        self._side = side
+        self._saved = None  # a saved input on the other side cannot feed backward()
+
+    def _follow(self, x):
+        """Bring the arrays to the side of ``x`` (device="auto"), or raise."""
+        side = "cuda" if is_device_array(x) else "cpu"
+        if side == self._side:
+            return
+        if self.device != "auto":
+            where = "a CUDA device array" if side == "cuda" else "a host (NumPy) array"
+            raise ValueError(
+                f"this BatchNorm keeps its arrays on {self.device!r} but x is {where}: move x, "
+                f"or the layer with .to({side!r})"
+            )
+        self._move(side)
+
     # -------------------------------------------------------------------------- forward
     def __call__(self, x):
         return self.forward(x)
 
     def forward(self, x, *, out=None):
         """Normalise ``x``; in training mode also update the running statistics."""
+        self._follow(x)
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1
@@ -121,6 +176,7 @@ class BatchNorm:
                 nan_policy=self.nan_policy,
                 out=out,
                 backend=self.backend,
+                device=self._side,
             )
             if update and result.count:
                 self.num_batches_tracked = batches
@@ -136,6 +192,7 @@ class BatchNorm:
             self.axis,
             out=out,
             backend=self.backend,
+            device=self._side,
         )
         self._saved = ("running", x)
         return y
@@ -148,7 +205,15 @@ class BatchNorm:
         if self._saved[0] == "batch":
             _, x, mean, invstd = self._saved
             dx, sum_dy, sum_dy_xmu = train_backward(
-                dy, x, mean, invstd, self.weight, self.axis, out=out, backend=self.backend
+                dy,
+                x,
+                mean,
+                invstd,
+                self.weight,
+                self.axis,
+                out=out,
+                backend=self.backend,
+                device=self._side,
             )
         else:
             dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
@@ -161,27 +226,31 @@ class BatchNorm:
                 self.axis,
                 out=out,
                 backend=self.backend,
+                device=self._side,
             )
+        memory = memory_of(sum_dy)
         self.grad_weight = (
-            (invstd * sum_dy_xmu).astype(self.dtype) if self.weight is not None else None
+            memory.product(invstd, sum_dy_xmu, self.dtype) if self.weight is not None else None
         )
-        self.grad_bias = sum_dy.astype(self.dtype) if self.bias is not None else None
+        self.grad_bias = memory.astype(sum_dy, self.dtype) if self.bias is not None else None
         return dx
 
     # ----------------------------------------------------------------------- state dict
     def state_dict(self):
-        """Copies, under the keys of ``torch.nn.BatchNorm2d.state_dict()``."""
+        """Host NumPy copies (wherever the layer is), under the keys of
+        ``torch.nn.BatchNorm2d.state_dict()``."""
         state = {}
         for name in self._state_keys():
             value = getattr(self, name)
             if name == "num_batches_tracked":
                 state[name] = np.array(value, dtype=np.int64)
             else:
-                state[name] = value.copy()
+                state[name] = value.copy_to_host() if self._side == "cuda" else value.copy()
         return state
 
     def load_state_dict(self, state, strict=True):
-        """Load values (numpy arrays, or anything np.asarray takes, torch CPU tensors too).
+        """Load values (numpy arrays, or anything np.asarray takes, torch CPU tensors too, and
+        CUDA arrays); they land where the layer's arrays are.
 
         Every value is checked before any is assigned.
         """
@@ -196,7 +265,12 @@ class BatchNorm:
         for name in expected:
             if name not in state:
                 continue
-            value = np.asarray(state[name])
+            value = state[name]
+            if is_device_array(value):
+                from .cuda.arrays import DEVICE
+
+                value = DEVICE.adopt(value).copy_to_host()
+            value = np.asarray(value)
             if name == "num_batches_tracked":
                 if value.shape != () or not np.issubdtype(value.dtype, np.integer):
                     raise ValueError(
@@ -211,6 +285,13 @@ class BatchNorm:
             if not np.issubdtype(value.dtype, np.floating):
                 raise TypeError(f"{name} must hold floats, got dtype {value.dtype}")
             loaded[name] = value.astype(self.dtype)
+        if self._side == "cuda":
+            from .cuda.arrays import DEVICE
+
+            loaded = {
+                n: v if n == "num_batches_tracked" else DEVICE.to_device(v)
+                for n, v in loaded.items()
+            }
         for name, value in loaded.items():
             setattr(self, name, value)
         return self
@@ -226,5 +307,6 @@ class BatchNorm:
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"axis={self.axis}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}, "
-            f"convention={self.convention.name!r}, training={self.training})"
+            f"convention={self.convention.name!r}, training={self.training}, "
+            f"device={self.device!r})"
         )

@@ -1,0 +1,120 @@
+"""CUDA device arrays for the functional layer: adoption without copies, allocation, and the
+few per-channel conversions it needs (the counterpart of :class:`numba_bn.placement.HostMemory`).
+
+Any object that exposes ``__cuda_array_interface__`` (CuPy, PyTorch, Numba) is viewed as a Numba
+device array over the same memory; nothing is copied unless a dtype conversion is asked for.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, float64
+
+from ..placement import is_device_array
+
+_THREADS = 128
+
+
+def _blocks(size):
+    return math.ceil(size / _THREADS)
+
+
+@cuda.jit
+def _cast(src, dst):
+    """dst = src, elementwise over flat arrays of any two dtypes."""
+    i = cuda.grid(1)
+    if i < dst.size:
+        dst[i] = src[i]
+
+
+@cuda.jit
+def _product(a, b, out):
+    """out = a * b in float64 arithmetic, stored in out's dtype."""
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = float64(a[i]) * b[i]
+
+
+@cuda.jit
+def _invstd(var, eps, out):
+    """out = 1 / sqrt(var + eps)."""
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = 1.0 / math.sqrt(float64(var[i]) + eps)
+
+
+class DeviceMemory:
+    """Numba device arrays on the current CUDA device."""
+
+    name = "cuda"
+    array_kind = "a CUDA device array (anything with __cuda_array_interface__)"
+
+    def adopt(self, value):
+        """A Numba device array over the memory of ``value`` (no copy)."""
+        if getattr(value, "__cuda_ndarray__", False):  # Numba's own (and the simulator's)
+            return value
+        return cuda.as_cuda_array(value)
+
+    def to_device(self, value):
+        """A device copy of a host array (or anything np.asarray takes)."""
+        return cuda.to_device(np.ascontiguousarray(np.asarray(value)))
+
+    def asarray(self, value, name):
+        if not is_device_array(value):
+            raise TypeError(f"{name} must be {self.array_kind}, got {type(value).__name__}")
+        return self.adopt(value)
+
+    def is_array(self, value):
+        return is_device_array(value)
+
+    def contiguous(self, array, dtype, name):
+        array = self.adopt(array)
+        if not array.is_c_contiguous():
+            raise ValueError(
+                f"{name} must be C-contiguous on the CUDA device (strides {array.strides}); "
+                "make it so there first (cupy.ascontiguousarray(a), torch: a.contiguous())"
+            )
+        if array.dtype == dtype:
+            return array
+        return self.astype(array, dtype)
+
+    def is_writable(self, array):
+        return True
+
+    def is_c_contiguous(self, array):
+        return self.adopt(array).is_c_contiguous()
+
+    def empty(self, shape, dtype):
+        return cuda.device_array(shape, dtype)
+
+    def full(self, shape, value, dtype):
+        return cuda.to_device(np.full(shape, value, dtype))
+
+    def copy(self, array):
+        out = cuda.device_array(array.shape, array.dtype)
+        out.copy_to_device(array)
+        return out
+
+    def copy_into(self, dst, src):
+        if dst.size:
+            _cast[_blocks(dst.size), _THREADS](src.reshape(src.size), dst.reshape(dst.size))
+
+    def astype(self, array, dtype):
+        out = cuda.device_array(array.shape, dtype)
+        self.copy_into(out, array)
+        return out
+
+    def product(self, a, b, dtype):
+        out = cuda.device_array(a.shape, dtype)
+        if out.size:
+            _product[_blocks(out.size), _THREADS](a, b, out)
+        return out
+
+    def invstd(self, var, eps):
+        out = cuda.device_array(var.shape, np.float64)
+        if out.size:
+            _invstd[_blocks(out.size), _THREADS](var, float(eps), out)
+        return out
+
+
+DEVICE = DeviceMemory()

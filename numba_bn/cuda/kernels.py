@@ -1,0 +1,382 @@
+"""numba.cuda kernels on the canonical ``(outer, C, inner)`` view; two launches per call.
+
+=============  ======================================  ========================================
+call           launch 1                                launch 2
+=============  ======================================  ========================================
+train forward  channel_stats: (count, mean, M2) and    affine: y; block 0 applies the running
+               the coefficients of y                   update (skipped if the check failed)
+eval forward   eval_coefficients (one thread/channel)  affine
+backward       backward_sums: sum_dy, sum_dy_xmu and   backward_dx
+               the dx coefficients
+=============  ======================================  ========================================
+
+Outputs are overwritten (``=``), never accumulated. Bytes per element: the reductions read x
+(and dy) once, the elementwise passes read x (and dy) and write y (dx) once.
+
+Reductions (``channel_stats``, ``backward_sums``): a block works on one channel (planes,
+``inner > 1``; threads.x run along a plane, threads.y over planes n) or on a tile of channels
+(rows, ``inner == 1``; threads.x are neighbouring channels, threads.y rows), and a channel is
+shared by ``parts_n * parts_s`` blocks, each taking a strided subset of its (n, s) values.
+
+1. each thread accumulates its values: Welford for the statistics, written as
+   :func:`numba_bn.stats.chan_merge` with a one-value state, on ``x - shift`` in the input dtype
+   (``shift`` = the channel's first value, so float32 keeps its precision when the mean is large
+   against the spread); float64 sums for the backward;
+2. the threads of a channel merge in shared memory, in float64, over a fixed tree (the simulator
+   has no warp shuffles, so this is the reduction that CI tests);
+3. each block stores its partial; the last block of the channel to finish (an atomic counter)
+   merges the partials in block order, finalises, and writes the per-channel outputs and the
+   coefficients of the elementwise pass. The merge order depends on the launch shape only, so
+   results are deterministic.
+
+Every merge is :func:`numba_bn.stats.chan_merge` and every finalisation
+:func:`numba_bn.stats.finalize`: numba.cuda compiles the same ``@njit(inline="always")``
+functions as device functions, and the simulator calls them as they are. Helpers that take
+arrays cannot be shared that way (the simulator passes its own array type, which ``@njit``
+cannot type), so the per-channel coefficients below are device-function twins of
+``_train_coefficients`` / ``_dx_coefficients`` in :mod:`numba_bn.cpu.drivers` and of
+:func:`numba_bn.stats.split_hi_lo`.
+"""
+
+import math
+
+from numba import cuda, float64, int32
+
+from ..stats import chan_merge, finalize
+from .config import MAX_THREADS
+
+
+# --------------------------------------------------------------------------- block positions
+@cuda.jit(device=True)
+def _reduction_position(channels, inner, parts_n, parts_s):
+    """(channel, first n, n step, first s, s step, rank, ranks, width) of this thread.
+
+    Planes: the block's threads all serve channel ``blockIdx // parts``; rows: threads.x are
+    ``blockDim.x`` neighbouring channels. ``rank`` numbers the threads of one channel, ``width``
+    is the thread-id distance between two ranks of a channel.
+    """
+    parts = parts_n * parts_s
+    tile, part = cuda.blockIdx.x // parts, cuda.blockIdx.x % parts
+    part_n, part_s = part // parts_s, part % parts_s
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    bx, by = cuda.blockDim.x, cuda.blockDim.y
+    n0, n_step = part_n * by + ty, parts_n * by
+    if inner > 1:
+        channel = tile
+        s0, s_step = part_s * bx + tx, parts_s * bx
+        rank, ranks, width = ty * bx + tx, bx * by, 1
+    else:
+        channel = tile * bx + tx
+        s0, s_step = 0, 1
+        rank, ranks, width = ty, by, bx
+    return channel, n0, n_step, s0, s_step, rank, ranks, width
+
+
+@cuda.jit(device=True)
+def _elementwise_run(outer, channels, inner, values_per_thread):
+    """(channel, first, stop, step): this thread's strided run of the flattened view.
+
+    Planes: threads.y pick a plane (n, c), threads.x a stretch of it; rows: threads.x pick a
+    channel of the tile, threads.y rows. (No ``min``: numba 0.68's CUDA target fails to type
+    ``min`` of two integers.)
+    """
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    bx, by = cuda.blockDim.x, cuda.blockDim.y
+    if inner > 1:
+        chunk = bx * values_per_thread
+        chunks = (inner + chunk - 1) // chunk
+        group, k = cuda.blockIdx.x // chunks, cuda.blockIdx.x % chunks
+        plane = group * by + ty
+        if plane >= outer * channels:
+            return 0, 0, 0, 1
+        base, end = plane * inner, (k + 1) * chunk
+        return plane % channels, base + k * chunk + tx, base + (end if end < inner else inner), bx
+    tiles = (channels + bx - 1) // bx
+    group, tile = cuda.blockIdx.x // tiles, cuda.blockIdx.x % tiles
+    channel = tile * bx + tx
+    if channel >= channels:
+        return 0, 0, 0, 1
+    rows = by * values_per_thread
+    first = (group * rows + ty) * channels + channel
+    end = (group + 1) * rows
+    stop = (end if end < outer else outer) * channels
+    return channel, first, stop, by * channels
+
+
+# ------------------------------------------------------------------ per-channel coefficients
+@cuda.jit(device=True)
+def _store_mean(mean, coef, c):
+    """coef[0, c] + coef[1, c] == mean (float64) in the input dtype: see stats.split_hi_lo."""
+    coef[0, c] = mean
+    coef[1, c] = mean - float64(coef[0, c])
+
+
+@cuda.jit(device=True)
+def _train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_invstd):
+    """Channel c: save invstd; coef rows of y = ((x - mean_hi) - mean_lo) * scale + shift."""
+    invstd, _ = finalize(count, mean, m2, eps)
+    save_invstd[c] = invstd
+    _store_mean(mean, coef, c)
+    coef[2, c] = invstd * weight[c] if weight.size else invstd
+    coef[3, c] = bias[c] if bias.size else 0.0
+
+
+@cuda.jit(device=True)
+def _dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
+    """Channel c: the terms of dx = k * (dy - mean_dy - (x - mean) * proj), docs/backward.md."""
+    _store_mean(mean, coef, c)
+    coef[2, c] = invstd * invstd * sum_dy_xmu / count  # term 3: projection onto x_hat
+    coef[3, c] = sum_dy / count  # term 2: mean of dy
+    coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
+
+
+# ----------------------------------------------------------------------- cross-thread merges
+@cuda.jit(device=True)
+def _block_merge_stats(sh_count, sh_mean, sh_m2, t, rank, ranks, width):
+    """Tree-merge the states of one channel's ranks (thread t is rank ``rank``) into rank 0."""
+    half = ranks // 2
+    while half > 0:
+        cuda.syncthreads()
+        if rank < half:
+            o = t + half * width
+            sh_count[t], sh_mean[t], sh_m2[t] = chan_merge(
+                sh_count[t], sh_mean[t], sh_m2[t], sh_count[o], sh_mean[o], sh_m2[o]
+            )
+        half //= 2
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _block_sum(sh_a, sh_b, t, rank, ranks, width):
+    """Tree-add two values over one channel's ranks (thread t is rank ``rank``) into rank 0."""
+    half = ranks // 2
+    while half > 0:
+        cuda.syncthreads()
+        if rank < half:
+            o = t + half * width
+            sh_a[t] += sh_a[o]
+            sh_b[t] += sh_b[o]
+        half //= 2
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _is_last_block(flags, tile, parts, sh_flag):
+    """Count this block as done for ``tile``; True in every thread of the last one to finish.
+
+    ``flags[1 + tile]`` starts at 0. The fence makes this block's partials visible before the
+    count says so; the last block then reads them through atomics (L2), never a stale L1 line.
+    """
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+        sh_flag[0] = cuda.atomic.add(flags, 1 + tile, 1) == parts - 1
+    cuda.syncthreads()
+    return sh_flag[0] != 0
+
+
+@cuda.jit(device=True)
+def _read(partial, row, channel, part):
+    """A partial written by another block: an atomic add of 0 reads it from L2."""
+    return cuda.atomic.add(partial, (row, channel, part), 0.0)
+
+
+# --------------------------------------------------------------------------------- forward
+@cuda.jit
+def channel_stats(
+    x,
+    weight,
+    bias,
+    eps,
+    one,
+    parts_n,
+    parts_s,
+    partial,
+    flags,
+    save_mean,
+    save_invstd,
+    save_m2,
+    coef,
+):
+    """Batch statistics of every channel of ``x`` (outer, C, inner).
+
+    Writes save_mean, save_m2 (float64, (C,)); when ``coef`` has C columns also save_invstd and
+    ``coef`` (mean_hi, mean_lo, scale, shift) in the dtype of x. ``one`` is 1 in that dtype (the
+    type of the per-thread state). ``partial`` is (3, C, parts) float64 scratch; ``flags``
+    int32 zeros: flags[0] is set to 1 if a statistic is not finite, flags[1:] count finished
+    blocks per tile.
+    """
+    outer, channels, inner = x.shape
+    sh_count = cuda.shared.array(MAX_THREADS, float64)
+    sh_mean = cuda.shared.array(MAX_THREADS, float64)
+    sh_m2 = cuda.shared.array(MAX_THREADS, float64)
+    sh_flag = cuda.shared.array(1, int32)
+    c, n0, n_step, s0, s_step, rank, ranks, width = _reduction_position(
+        channels, inner, parts_n, parts_s
+    )
+    t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    zero = one - one
+    count, mean, m2 = zero, zero, zero
+    if c < channels:
+        shift = x[0, c, 0]
+        for n in range(n0, outer, n_step):
+            for s in range(s0, inner, s_step):
+                count, mean, m2 = chan_merge(count, mean, m2, one, x[n, c, s] - shift, zero)
+    sh_count[t], sh_mean[t], sh_m2[t] = count, mean, m2
+    _block_merge_stats(sh_count, sh_mean, sh_m2, t, rank, ranks, width)
+
+    parts = parts_n * parts_s
+    part = cuda.blockIdx.x % parts
+    if rank == 0 and c < channels:
+        partial[0, c, part] = sh_count[t]
+        partial[1, c, part] = sh_mean[t]
+        partial[2, c, part] = sh_m2[t]
+    if not _is_last_block(flags, cuda.blockIdx.x // parts, parts, sh_flag):
+        return
+
+    total, mean64, m2_64 = 0.0, 0.0, 0.0
+    if c < channels:
+        for p in range(rank, parts, ranks):
+            total, mean64, m2_64 = chan_merge(
+                total,
+                mean64,
+                m2_64,
+                _read(partial, 0, c, p),
+                _read(partial, 1, c, p),
+                _read(partial, 2, c, p),
+            )
+    sh_count[t], sh_mean[t], sh_m2[t] = total, mean64, m2_64
+    _block_merge_stats(sh_count, sh_mean, sh_m2, t, rank, ranks, width)
+    if rank != 0 or c >= channels:
+        return
+    total, m2_64 = sh_count[t], sh_m2[t]
+    mean64 = float64(x[0, c, 0]) + sh_mean[t]
+    save_mean[c] = mean64
+    save_m2[c] = m2_64
+    if coef.shape[1]:
+        _train_coefficients(c, total, mean64, m2_64, eps, weight, bias, coef, save_invstd)
+    if not (math.isfinite(mean64) and math.isfinite(m2_64)):
+        flags[0] = 1
+
+
+@cuda.jit
+def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
+    """coef (=, 4 x C): running_mean, 0, invstd * weight, bias; one thread per channel."""
+    c = cuda.grid(1)
+    if c >= coef.shape[1]:
+        return
+    invstd = 1.0 / math.sqrt(float64(running_var[c]) + eps)
+    coef[0, c] = running_mean[c]
+    coef[1, c] = 0.0
+    coef[2, c] = invstd * weight[c] if weight.size else invstd
+    coef[3, c] = bias[c] if bias.size else 0.0
+
+
+@cuda.jit
+def affine(
+    x,
+    coef,
+    values_per_thread,
+    count,
+    save_mean,
+    save_m2,
+    momentum,
+    unbiased,
+    nan_check,
+    flags,
+    running_mean,
+    running_var,
+    y,
+):
+    """y = ((x - mean_hi) - mean_lo) * scale + shift with the rows of ``coef`` (4 x C).
+
+    Block 0 also updates running_mean/running_var (when not empty) from save_mean, save_m2:
+    ``r = (1 - momentum) * r + momentum * batch``, unless ``nan_check`` and flags[0] say a
+    statistic is not finite.
+    """
+    outer, channels, inner = x.shape
+    c, first, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
+    mean_hi, mean_lo, scale, shift = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
+    x1 = x.reshape((x.size,))
+    y1 = y.reshape((y.size,))
+    for i in range(first, stop, step):
+        y1[i] = ((x1[i] - mean_hi) - mean_lo) * scale + shift
+
+    if cuda.blockIdx.x != 0 or running_mean.size == 0 or (nan_check and flags[0] != 0):
+        return
+    keep = 1.0 - momentum
+    threads = cuda.blockDim.x * cuda.blockDim.y
+    for ch in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, channels, threads):
+        var = save_m2[ch] / (count - 1.0) if unbiased else save_m2[ch] / count
+        running_mean[ch] = keep * running_mean[ch] + momentum * save_mean[ch]
+        running_var[ch] = keep * running_var[ch] + momentum * var
+
+
+# -------------------------------------------------------------------------------- backward
+@cuda.jit
+def backward_sums(
+    dy, x, mean, invstd, weight, parts_n, parts_s, partial, flags, sum_dy, sum_dy_xmu, coef
+):
+    """sum_dy, sum_dy_xmu (=, float64, (C,)) of docs/backward.md, accumulated in float64.
+
+    When ``coef`` has C columns, also the dx coefficients (mean_hi, mean_lo, proj, mean_dy, k).
+    ``partial`` is (2, C, parts) float64 scratch, ``flags`` as for :func:`channel_stats`.
+    """
+    outer, channels, inner = x.shape
+    sh_a = cuda.shared.array(MAX_THREADS, float64)
+    sh_b = cuda.shared.array(MAX_THREADS, float64)
+    sh_flag = cuda.shared.array(1, int32)
+    c, n0, n_step, s0, s_step, rank, ranks, width = _reduction_position(
+        channels, inner, parts_n, parts_s
+    )
+    t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    total_dy, total_dy_xmu = 0.0, 0.0
+    if c < channels:
+        mu = mean[c]
+        for n in range(n0, outer, n_step):
+            for s in range(s0, inner, s_step):
+                g = float64(dy[n, c, s])
+                total_dy += g
+                total_dy_xmu += g * (x[n, c, s] - mu)
+    sh_a[t], sh_b[t] = total_dy, total_dy_xmu
+    _block_sum(sh_a, sh_b, t, rank, ranks, width)
+
+    parts = parts_n * parts_s
+    part = cuda.blockIdx.x % parts
+    if rank == 0 and c < channels:
+        partial[0, c, part] = sh_a[t]
+        partial[1, c, part] = sh_b[t]
+    if not _is_last_block(flags, cuda.blockIdx.x // parts, parts, sh_flag):
+        return
+
+    total_dy, total_dy_xmu = 0.0, 0.0
+    if c < channels:
+        for p in range(rank, parts, ranks):
+            total_dy += _read(partial, 0, c, p)
+            total_dy_xmu += _read(partial, 1, c, p)
+    sh_a[t], sh_b[t] = total_dy, total_dy_xmu
+    _block_sum(sh_a, sh_b, t, rank, ranks, width)
+    if rank != 0 or c >= channels:
+        return
+    sum_dy[c] = sh_a[t]
+    sum_dy_xmu[c] = sh_b[t]
+    if coef.shape[1]:
+        count = float64(outer * inner)
+        _dx_coefficients(c, count, mean[c], invstd[c], weight, sh_a[t], sh_b[t], coef)
+
+
+@cuda.jit
+def backward_dx(dy, x, coef, values_per_thread, dx):
+    """dx = k * (dy - mean_dy - ((x - mean_hi) - mean_lo) * proj), docs/backward.md.
+
+    ``coef`` rows: mean_hi, mean_lo, proj (term 3), mean_dy (term 2), k (final scale).
+    """
+    outer, channels, inner = x.shape
+    c, first, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
+    mean_hi, mean_lo, proj, mean_dy, k = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
+    dy1 = dy.reshape((dy.size,))
+    x1 = x.reshape((x.size,))
+    dx1 = dx.reshape((dx.size,))
+    for i in range(first, stop, step):
+        xmu = (x1[i] - mean_hi) - mean_lo
+        dx1[i] = (dy1[i] - mean_dy - xmu * proj) * k
