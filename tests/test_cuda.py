@@ -1,0 +1,123 @@
+"""The CUDA backend from the main test process, which has no GPU and no simulator.
+
+numba.cuda picks the simulator when it is first imported, so the backend's own tests
+(tests/gpu_suite.py) run in a subprocess with NUMBA_ENABLE_CUDASIM=1; this process checks the
+dispatch errors that need no CUDA at all, and that the kernels compile for a real GPU.
+"""
+
+import importlib.util
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn.cuda import CudaUnavailableError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class FakeDeviceArray:
+    """Exposes __cuda_array_interface__ like CuPy or PyTorch arrays; never touched."""
+
+    __cuda_array_interface__ = {"shape": (4, 3), "typestr": "<f4", "data": (0, False), "version": 3}
+    shape, dtype, ndim = (4, 3), np.dtype(np.float32), 2
+
+
+def run(command, env_extra, timeout):
+    """(returncode, output) of a child process; its process group is killed on timeout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{output[-4000:]}")
+    return process.returncode, output
+
+
+def cuda_runs_here():
+    from numba import cuda
+
+    return cuda.is_available()
+
+
+def toolkit_root():
+    """A CUDA toolkit tree with NVVM (CUDA_HOME, or the nvidia-cuda-nvcc-cu12 wheel), or None."""
+    candidates = [os.environ.get("CUDA_HOME", "")]
+    spec = (
+        importlib.util.find_spec("nvidia.cuda_nvcc") if importlib.util.find_spec("nvidia") else None
+    )
+    candidates += list(spec.submodule_search_locations) if spec else []
+    for root in candidates:
+        if root and (pathlib.Path(root) / "nvvm" / "lib64").is_dir():
+            return root
+    return None
+
+
+def test_gpu_suite_passes_under_the_simulator():
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu_suite.py"]
+    code, output = run(command, {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=900)
+    assert code == 0, output[-6000:]
+    assert " passed" in output.splitlines()[-1], output[-2000:]
+
+
+def test_gpu_benchmark_smoke_mode_runs_under_the_simulator():
+    command = [sys.executable, "benchmarks/gpu_bench.py", "--smoke"]
+    code, output = run(command, {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=300)
+    assert code == 0, output[-4000:]
+    assert "all checks passed" in output, output[-4000:]
+
+
+@pytest.mark.skipif(toolkit_root() is None, reason="no NVVM: pip install nvidia-cuda-nvcc-cu12")
+def test_kernels_compile_for_a_real_gpu():
+    code, output = run(
+        [sys.executable, "tests/cuda_compile.py", "9.0"], {"CUDA_HOME": toolkit_root()}, 600
+    )
+    assert code == 0, output[-4000:]
+    assert "channel_stats" in output
+
+
+@pytest.mark.skipif("cuda_runs_here()", reason="a GPU (or the simulator) is present")
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: nbn.forward_train(np.ones((4, 3)), device="cuda"),
+        lambda: nbn.forward_train(FakeDeviceArray()),
+        lambda: nbn.BatchNorm(3, device="cuda"),
+    ],
+    ids=["device=cuda", "device array", "BatchNorm(device=cuda)"],
+)
+def test_cuda_without_a_gpu_raises_and_names_the_reason(call):
+    with pytest.raises(CudaUnavailableError, match=r"numba\.cuda\.is_available\(\) is False: \S"):
+        call()
+
+
+def test_device_must_be_auto_cpu_or_cuda():
+    with pytest.raises(ValueError, match=r"device must be one of \('auto', 'cpu', 'cuda'\)"):
+        nbn.forward_train(np.ones((4, 3)), device="gpu")
+
+
+def test_device_cpu_rejects_device_arrays():
+    with pytest.raises(TypeError, match=r"device='cpu', but x is on the CUDA device"):
+        nbn.forward_train(FakeDeviceArray(), device="cpu")
+
+
+def test_host_and_device_arrays_in_one_call_raise_before_touching_cuda():
+    with pytest.raises(ValueError, match=r"x is on the CUDA device, weight is in host memory"):
+        nbn.forward_train(FakeDeviceArray(), np.ones(3))
+    with pytest.raises(ValueError, match=r"dy is on the CUDA device, x, mean, invstd are in host"):
+        nbn.backward(FakeDeviceArray(), np.ones((4, 3)), np.zeros(3), np.ones(3))
