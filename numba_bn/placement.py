@@ -130,6 +130,10 @@ def placed(arrays, inplace=()):
 
         @functools.wraps(function)
         def call(*args, device="auto", **kwargs):
+            if device in ("auto", "cpu") and not any(
+                map(is_device_array, (*args, *kwargs.values()))
+            ):
+                return function(*args, **kwargs)  # the common host call, without binding
             bound = signature.bind(*args, **kwargs)
             given = {n: bound.arguments[n] for n in arrays if bound.arguments.get(n) is not None}
             on_device = [name for name, value in given.items() if is_device_array(value)]

@@ -70,52 +70,24 @@ class CudaBackend:
 
         return launch
 
-    def forward_train(
-        self,
-        x,
-        weight,
-        bias,
-        eps,
-        running_mean,
-        running_var,
-        momentum,
-        unbiased,
-        nan_check,
-        y,
-        save_mean,
-        save_invstd,
-        save_m2,
-    ):
-        return self._launch().forward_train(
-            x,
-            weight,
-            bias,
-            eps,
-            running_mean,
-            running_var,
-            momentum,
-            unbiased,
-            nan_check,
-            y,
-            save_mean,
-            save_invstd,
-            save_m2,
-        )
+    # The signatures are those of numba_bn.cpu.CpuBackend; numba_bn.cuda.launch documents them.
+    def forward_train(self, *args):
+        return self._launch().forward_train(*args)
 
-    def forward_eval(self, x, weight, bias, running_mean, running_var, eps, y):
-        self._launch().forward_eval(x, weight, bias, running_mean, running_var, eps, y)
+    def forward_eval(self, *args):
+        self._launch().forward_eval(*args)
 
-    def backward(self, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
-        self._launch().backward(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
+    def backward(self, *args):
+        self._launch().backward(*args)
 
-    def channel_stats(self, x, mean, m2):
-        return self._launch().channel_stats(x, mean, m2)
+    def channel_stats(self, *args):
+        return self._launch().channel_stats(*args)
 
-    def normalize(self, x, coef, y):
-        self._launch().normalize(x, coef, y)
+    def normalize(self, *args):
+        self._launch().normalize(*args)
 
-    def backward_sums(self, dy, x, mean, sum_dy, sum_dy_xmu):
-        self._launch().backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
+    def backward_sums(self, *args):
+        self._launch().backward_sums(*args)
 
-    def backward_dx(self, dy, x, coef, dx):
-        self._launch().backward_dx(dy, x, coef, dx)
+    def backward_dx(self, *args):
+        self._launch().backward_dx(*args)

@@ -25,5 +25,6 @@ TARGET_BLOCKS = 1024
 # Values each thread writes in the elementwise passes.
 ELEMENTWISE_VALUES_PER_THREAD = 4
 
-# Upper bound of THREADS_PER_BLOCK: the size of the static shared-memory merge buffers.
-MAX_THREADS = 1024
+# Upper bound of THREADS_PER_BLOCK: the size of the static shared-memory merge buffers (three
+# float64 arrays, 12 KiB a block); fixed when the kernels compile, unlike the sizes above.
+MAX_THREADS = 512

@@ -48,7 +48,7 @@ from .config import MAX_THREADS
 
 # --------------------------------------------------------------------------- block positions
 @cuda.jit(device=True)
-def _reduction_position(channels, inner, parts_n, parts_s):
+def _reduction_position(inner, parts_n, parts_s):
     """(channel, first n, n step, first s, s step, rank, ranks, width) of this thread.
 
     Planes: the block's threads all serve channel ``blockIdx // parts``; rows: threads.x are
@@ -211,9 +211,7 @@ def channel_stats(
     sh_mean = cuda.shared.array(MAX_THREADS, float64)
     sh_m2 = cuda.shared.array(MAX_THREADS, float64)
     sh_flag = cuda.shared.array(1, int32)
-    c, n0, n_step, s0, s_step, rank, ranks, width = _reduction_position(
-        channels, inner, parts_n, parts_s
-    )
+    c, n0, n_step, s0, s_step, rank, ranks, width = _reduction_position(inner, parts_n, parts_s)
     t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     zero = one - one
     count, mean, m2 = zero, zero, zero
@@ -326,9 +324,7 @@ def backward_sums(
     sh_a = cuda.shared.array(MAX_THREADS, float64)
     sh_b = cuda.shared.array(MAX_THREADS, float64)
     sh_flag = cuda.shared.array(1, int32)
-    c, n0, n_step, s0, s_step, rank, ranks, width = _reduction_position(
-        channels, inner, parts_n, parts_s
-    )
+    c, n0, n_step, s0, s_step, rank, ranks, width = _reduction_position(inner, parts_n, parts_s)
     t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     total_dy, total_dy_xmu = 0.0, 0.0
     if c < channels:

@@ -67,10 +67,10 @@ def elementwise_shape(shape):
     return blocks, (bx, by), values
 
 
-def _scratch(rows, shape):
-    """(partial, flags) of a reduction: float64 partials and zeroed int32 flags."""
-    blocks, _, parts_n, parts_s, tiles = reduction_shape(shape)
-    partial = cuda.device_array((rows, shape[1], parts_n * parts_s), np.float64)
+def _scratch(rows, channels, parts, tiles):
+    """(partial, flags) of a reduction: float64 partials per block, zeroed int32 flags (a copy
+    from the host, not a launch)."""
+    partial = cuda.device_array((rows, channels, parts), np.float64)
     return partial, cuda.to_device(np.zeros(1 + tiles, np.int32))
 
 
@@ -81,8 +81,8 @@ def _empty(dtype, shape=(0,)):
 # ------------------------------------------------------------------------------- operations
 def _launch_stats(x, weight, bias, eps, save_mean, save_invstd, save_m2, coef):
     """Launch channel_stats; returns its flags (flags[0] != 0: a statistic is not finite)."""
-    blocks, block, parts_n, parts_s, _ = reduction_shape(x.shape)
-    partial, flags = _scratch(3, x.shape)
+    blocks, block, parts_n, parts_s, tiles = reduction_shape(x.shape)
+    partial, flags = _scratch(3, x.shape[1], parts_n * parts_s, tiles)
     one = x.dtype.type(1)
     kernels.channel_stats[blocks, block](
         x,
@@ -152,6 +152,7 @@ def forward_train(
 
 
 def forward_eval(x, weight, bias, running_mean, running_var, eps, y):
+    """Coefficients from the running statistics (launch 1), then y (launch 2)."""
     coef = _empty(x.dtype, (4, x.shape[1]))
     threads = 128
     blocks = math.ceil(x.shape[1] / threads)
@@ -162,14 +163,16 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, y):
 
 
 def _launch_sums(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
-    blocks, block, parts_n, parts_s, _ = reduction_shape(x.shape)
-    partial, flags = _scratch(2, x.shape)
+    """Launch backward_sums (dx coefficients too when ``coef`` has C columns)."""
+    blocks, block, parts_n, parts_s, tiles = reduction_shape(x.shape)
+    partial, flags = _scratch(2, x.shape[1], parts_n * parts_s, tiles)
     kernels.backward_sums[blocks, block](
         dy, x, mean, invstd, weight, parts_n, parts_s, partial, flags, sum_dy, sum_dy_xmu, coef
     )
 
 
 def backward_dx(dy, x, coef, dx):
+    """dx from per-channel ``coef`` rows (mean_hi, mean_lo, proj, mean_dy, k)."""
     blocks, block, values = elementwise_shape(x.shape)
     kernels.backward_dx[blocks, block](dy, x, coef, values, dx)
 
