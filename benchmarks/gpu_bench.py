@@ -202,6 +202,8 @@ def main(argv=None):
         print("no CUDA GPU (numba.cuda.is_available() is False); --smoke: NUMBA_ENABLE_CUDASIM=1")
         return 2
     simulated = bool(numba.config.ENABLE_CUDASIM)
+    if simulated:
+        sys.setswitchinterval(1e-4)  # the simulator polls its threads holding the GIL
     if args.smoke:
         config.THREADS_PER_BLOCK, config.ROW_TILE, config.VALUES_PER_THREAD = 8, 2, 1
     shapes = [

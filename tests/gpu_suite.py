@@ -5,13 +5,14 @@ a subprocess), or on a real GPU:
     python -m pytest tests/gpu_suite.py                           # an NVIDIA GPU
 
 The launch sizes are shrunk (see ``tiny_launches``) so that these tiny shapes span several
-blocks per channel, tail tiles and the cross-block merge. Conformance cases run on both
-backends ("cpu", "cuda") against the float64 loops of tests/naive.py.
+blocks per channel, tail tiles and the cross-block merge. The conformance cases are the CPU
+tests' LAYOUTS, run on both backends ("cpu", "cuda") against the float64 loops of
+tests/naive.py, plus one plane split across several blocks.
 """
 
-import zlib
+import sys
 
-import naive
+import numba
 import numpy as np
 import pytest
 from numba import cuda
@@ -23,19 +24,17 @@ from numba_bn.cuda import kernels as cuda_kernels
 from numba_bn.cuda.arrays import DEVICE, DeviceMemory
 from numba_bn.placement import is_device_array
 
+import naive
+from conftest import LAYOUTS, poison, random_batch
+
 if not cuda.is_available():
     pytest.skip("no CUDA GPU and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
+if numba.config.ENABLE_CUDASIM:
+    # The simulator runs a block's threads as Python threads and polls them while holding the
+    # GIL: a short switch interval lets them reach each syncthreads() sooner (5x faster here).
+    sys.setswitchinterval(1e-4)
 
-# (shape, axis): rows with a tail tile, planes, NCHW, channels-last, one sample with long planes
-# (blocks split the plane), a middle axis.
-CASES = [
-    ((6, 3), 1),
-    ((3, 4, 5), 1),
-    ((2, 3, 2, 5), 1),
-    ((2, 3, 2, 5), -1),
-    ((1, 2, 40), 1),
-    ((2, 3, 2, 3), 2),
-]
+CASES = [*LAYOUTS, ((1, 2, 40), 1)]
 CASE_IDS = [f"{'x'.join(map(str, s))}-axis{a}" for s, a in CASES]
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 3e-5, np.float64: 1e-11}
@@ -50,22 +49,7 @@ def tiny_launches(monkeypatch):
     monkeypatch.setattr(config, "VALUES_PER_THREAD", 1)
     monkeypatch.setattr(config, "BLOCKS_PER_CHANNEL", 4)
     monkeypatch.setattr(config, "TARGET_BLOCKS", 64)
-    monkeypatch.setattr(config, "ELEMENTWISE_VALUES_PER_THREAD", 2)
-
-
-def make_rng(*key):
-    """A generator seeded by the test's own key: different data per case, reproducible."""
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def batch(rng, shape, dtype, axis=1):
-    """Random x with per-channel non-zero means and varied scales."""
-    channels = shape[axis]
-    per_channel = [1] * len(shape)
-    per_channel[axis] = channels
-    mean = rng.uniform(-20, 20, channels).reshape(per_channel)
-    scale = rng.uniform(0.1, 5.0, channels).reshape(per_channel)
-    return (rng.standard_normal(shape) * scale + mean).astype(dtype)
+    monkeypatch.setattr(config, "ELEMENTWISE_VALUES_PER_THREAD", 4)
 
 
 def params(rng, channels, dtype):
@@ -84,16 +68,15 @@ def host(array):
 
 
 def poisoned(device, like):
-    return on(device, np.full(like.shape, np.nan, like.dtype))[0]
+    return on(device, poison(like.shape, like.dtype))[0]
 
 
 # ------------------------------------------------------------------------------ conformance
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "axis"), CASES, ids=CASE_IDS)
-def test_forward_train_matches_reference(device, dtype, shape, axis):
-    rng = make_rng("forward", shape, axis, dtype)
-    x = batch(rng, shape, dtype, axis)
+def test_forward_train_matches_reference(rng, device, dtype, shape, axis):
+    x = random_batch(rng, shape, dtype, axis=axis)
     weight, bias = params(rng, shape[axis], dtype)
     x_d, w_d, b_d = on(device, x, weight, bias)
     out = poisoned(device, x)
@@ -107,12 +90,14 @@ def test_forward_train_matches_reference(device, dtype, shape, axis):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("shape", "axis"), CASES, ids=CASE_IDS)
-def test_running_statistics_follow_the_update_rule(device, unbiased, dtype, shape, axis):
-    rng = make_rng("running", shape, axis, dtype, unbiased)
-    x = batch(rng, shape, dtype, axis)
+@pytest.mark.parametrize(
+    ("shape", "axis", "unbiased"),
+    [(*case, True) for case in CASES] + [(*CASES[1], False)],
+    ids=[*CASE_IDS, f"{CASE_IDS[1]}-biased"],
+)
+def test_running_statistics_follow_the_update_rule(rng, device, dtype, shape, axis, unbiased):
+    x = random_batch(rng, shape, dtype, axis=axis)
     channels = shape[axis]
     running_mean = rng.normal(0, 1, channels).astype(dtype)
     running_var = rng.uniform(0.5, 2, channels).astype(dtype)
@@ -129,9 +114,8 @@ def test_running_statistics_follow_the_update_rule(device, unbiased, dtype, shap
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "axis"), CASES, ids=CASE_IDS)
-def test_eval_forward_uses_running_statistics(device, dtype, shape, axis):
-    rng = make_rng("eval", shape, axis, dtype)
-    x = batch(rng, shape, dtype, axis)
+def test_eval_forward_uses_running_statistics(rng, device, dtype, shape, axis):
+    x = random_batch(rng, shape, dtype, axis=axis)
     channels = shape[axis]
     weight, bias = params(rng, channels, dtype)
     running_mean = rng.normal(0, 5, channels).astype(dtype)
@@ -146,9 +130,8 @@ def test_eval_forward_uses_running_statistics(device, dtype, shape, axis):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "axis"), CASES, ids=CASE_IDS)
-def test_backward_matches_textbook_formula(device, dtype, shape, axis):
-    rng = make_rng("backward", shape, axis, dtype)
-    x = batch(rng, shape, dtype, axis)
+def test_backward_matches_textbook_formula(rng, device, dtype, shape, axis):
+    x = random_batch(rng, shape, dtype, axis=axis)
     dy = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
     weight, _ = params(rng, shape[axis], dtype)
     x_d, dy_d, w_d = on(device, x, dy, weight)
@@ -165,9 +148,8 @@ def test_backward_matches_textbook_formula(device, dtype, shape, axis):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "axis"), CASES[:3], ids=CASE_IDS[:3])
-def test_eval_mode_backward_uses_frozen_statistics(device, dtype, shape, axis):
-    rng = make_rng("frozen", shape, axis, dtype)
-    x = batch(rng, shape, dtype, axis)
+def test_eval_mode_backward_uses_frozen_statistics(rng, device, dtype, shape, axis):
+    x = random_batch(rng, shape, dtype, axis=axis)
     dy = rng.standard_normal(shape).astype(dtype)
     bn = nbn.BatchNorm(shape[axis], axis=axis, dtype=dtype, device=device).eval()
     running_var = rng.uniform(0.5, 3, shape[axis]).astype(dtype)
@@ -187,8 +169,7 @@ def test_eval_mode_backward_uses_frozen_statistics(device, dtype, shape, axis):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_float32_keeps_precision_when_the_mean_dwarfs_the_spread(device):
-    rng = make_rng("offset", device)
+def test_float32_keeps_precision_when_the_mean_dwarfs_the_spread(rng, device):
     x = (1e4 + 1e-2 * rng.standard_normal((64, 3, 5))).astype(np.float32)
     y, mean, _ = nbn.forward_train(*on(device, x))
     y_ref, mean_ref, _ = naive.forward_train(x)
@@ -207,8 +188,8 @@ def test_constant_channel_normalises_to_bias(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_propagates_into_output_and_running_statistics(device):
-    x = make_rng("nan").standard_normal((5, 3, 4))
+def test_nan_propagates_into_output_and_running_statistics(rng, device):
+    x = rng.standard_normal((5, 3, 4))
     x[2, 1, 3] = np.nan
     rm, rv = on(device, np.zeros(3), np.ones(3))
     y = host(nbn.batch_norm(on(device, x)[0], rm, rv, training=True))
@@ -218,8 +199,8 @@ def test_nan_propagates_into_output_and_running_statistics(device):
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the simulator's inf - inf
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_policy_raise_leaves_running_statistics_untouched(device):
-    x = make_rng("raise").standard_normal((5, 3, 4))
+def test_nan_policy_raise_leaves_running_statistics_untouched(rng, device):
+    x = rng.standard_normal((5, 3, 4))
     x[0, 2, 0] = np.inf
     rm, rv = on(device, np.full(3, 0.25), np.full(3, 2.0))
     with pytest.raises(ValueError, match="not finite"):
@@ -251,9 +232,8 @@ def test_tiny_launches_span_several_blocks_and_tail_tiles():
     assert parts_n * parts_s > 1
 
 
-def test_outputs_stay_on_the_device():
-    rng = make_rng("stay")
-    x, dy = on("cuda", batch(rng, (4, 3, 5), np.float32), rng.standard_normal((4, 3, 5)))
+def test_outputs_stay_on_the_device(rng):
+    x, dy = on("cuda", random_batch(rng, (4, 3, 5), np.float32), rng.standard_normal((4, 3, 5)))
     dy = on("cuda", host(dy).astype(np.float32))[0]
     y, mean, invstd = nbn.forward_train(x)
     dx, dweight, dbias = nbn.backward(dy, x, mean, invstd)
@@ -262,14 +242,13 @@ def test_outputs_stay_on_the_device():
         assert is_device_array(value) and not isinstance(value, np.ndarray)
 
 
-def test_device_arrays_are_used_in_place(monkeypatch):
+def test_device_arrays_are_used_in_place(rng, monkeypatch):
     def no_copy(*args, **kwargs):
         raise AssertionError("a device argument was copied or converted")
 
     for method in ("to_device", "copy", "astype", "copy_into"):
         monkeypatch.setattr(DeviceMemory, method, no_copy)
-    rng = make_rng("in place")
-    x = batch(rng, (4, 3, 5), np.float32)
+    x = random_batch(rng, (4, 3, 5), np.float32)
     weight, bias = params(rng, 3, np.float32)
     x_d, w_d, b_d, rm, rv = on(
         "cuda", x, weight, bias, np.zeros(3, np.float32), np.ones(3, np.float32)
@@ -283,9 +262,8 @@ def test_device_arrays_are_used_in_place(monkeypatch):
     )
 
 
-def test_numpy_inputs_with_device_cuda_come_back_as_numpy():
-    rng = make_rng("staged")
-    x = batch(rng, (4, 3, 5), np.float64)
+def test_numpy_inputs_with_device_cuda_come_back_as_numpy(rng):
+    x = random_batch(rng, (4, 3, 5), np.float64)
     rm, rv = np.zeros(3), np.ones(3)
     out = np.full_like(x, np.nan)
     y = nbn.batch_norm(x, rm, rv, training=True, out=out, device="cuda")
@@ -320,9 +298,8 @@ def test_non_contiguous_device_input_is_rejected():
         nbn.forward_train(x_d)
 
 
-def test_float16_on_the_device_is_computed_in_float32():
-    rng = make_rng("half")
-    x = batch(rng, (4, 3, 5), np.float16)
+def test_float16_on_the_device_is_computed_in_float32(rng):
+    x = random_batch(rng, (4, 3, 5), np.float16)
     rm, rv = on("cuda", np.zeros(3, np.float16), np.ones(3, np.float16))
     y = nbn.batch_norm(on("cuda", x)[0], rm, rv, training=True)
     assert host(y).dtype == np.float16 and host(rm).dtype == np.float16
@@ -331,16 +308,16 @@ def test_float16_on_the_device_is_computed_in_float32():
     np.testing.assert_allclose(host(rm), expected[0], rtol=2e-3)
 
 
-def test_results_are_deterministic():
-    x = on("cuda", batch(make_rng("same"), (5, 4, 7), np.float32))[0]
+def test_results_are_deterministic(rng):
+    x = on("cuda", random_batch(rng, (5, 4, 7), np.float32))[0]
     first = [host(v) for v in nbn.forward_train(x)]
     second = [host(v) for v in nbn.forward_train(x)]
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_launch_shape_changes_rounding_only(monkeypatch):
-    x = batch(make_rng("shapes"), (6, 3, 10), np.float32)
+def test_launch_shape_changes_rounding_only(rng, monkeypatch):
+    x = random_batch(rng, (6, 3, 10), np.float32)
     results = []
     for threads in (4, 32):
         monkeypatch.setattr(config, "THREADS_PER_BLOCK", threads)
@@ -366,13 +343,12 @@ class Counting:
         return self.kernel[configuration]
 
 
-def test_each_forward_and_backward_launches_at_most_two_kernels(monkeypatch):
+def test_each_forward_and_backward_launches_at_most_two_kernels(rng, monkeypatch):
     launches = []
     for name in ("channel_stats", "affine", "eval_coefficients", "backward_sums", "backward_dx"):
         monkeypatch.setattr(cuda_kernels, name, Counting(getattr(cuda_kernels, name), launches))
     bn = nbn.BatchNorm(3, device="cuda")
-    rng = make_rng("launches")
-    x, dy = on("cuda", batch(rng, (4, 3, 5), np.float32), np.ones((4, 3, 5), np.float32))
+    x, dy = on("cuda", random_batch(rng, (4, 3, 5), np.float32), np.ones((4, 3, 5), np.float32))
     bn(x)
     assert launches == ["channel_stats", "affine"]
     launches.clear()
@@ -383,10 +359,9 @@ def test_each_forward_and_backward_launches_at_most_two_kernels(monkeypatch):
     assert launches == ["eval_coefficients", "affine"]
 
 
-def test_split_primitives_match_the_cpu_backend():
-    rng = make_rng("split")
+def test_split_primitives_match_the_cpu_backend(rng):
     for shape in ((7, 3, 1), (3, 2, 6)):
-        x = batch(rng, shape, np.float64).reshape(shape)
+        x = random_batch(rng, shape, np.float64).reshape(shape)
         dy = rng.standard_normal(shape)
         coefficients = rng.uniform(1, 2, (5, shape[1]))
         results = {}
@@ -406,11 +381,10 @@ def test_split_primitives_match_the_cpu_backend():
 
 
 # -------------------------------------------------------------------------------- BatchNorm
-def test_batchnorm_on_cuda_matches_the_cpu_layer_over_steps():
-    rng = make_rng("layer")
+def test_batchnorm_on_cuda_matches_the_cpu_layer_over_steps(rng):
     layers = {d: nbn.BatchNorm(3, momentum=None, dtype=np.float64, device=d) for d in DEVICES}
     for step in range(3):
-        x = batch(rng, (4, 3, 5), np.float64)
+        x = random_batch(rng, (4, 3, 5), np.float64)
         dy = rng.standard_normal(x.shape)
         outputs = {}
         for device, bn in layers.items():
@@ -427,9 +401,9 @@ def test_batchnorm_on_cuda_matches_the_cpu_layer_over_steps():
         np.testing.assert_allclose(states["cuda"][key], value, rtol=1e-12)
 
 
-def test_batchnorm_on_cuda_keeps_its_arrays_on_the_device():
+def test_batchnorm_on_cuda_keeps_its_arrays_on_the_device(rng):
     bn = nbn.BatchNorm(3, device="cuda")
-    x = on("cuda", batch(make_rng("keep"), (4, 3, 5), np.float32))[0]
+    x = on("cuda", random_batch(rng, (4, 3, 5), np.float32))[0]
     bn(x)
     bn.backward(x)
     for name in ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias"):

@@ -12,11 +12,10 @@ from numba import cuda, float64
 
 from ..placement import is_device_array
 
-_THREADS = 128
-
-
-def _blocks(size):
-    return math.ceil(size / _THREADS)
+def _grid(size):
+    """[blocks, threads] for one thread per element of a small array."""
+    threads = min(128, size)
+    return math.ceil(size / threads), threads
 
 
 @cuda.jit
@@ -97,7 +96,7 @@ class DeviceMemory:
 
     def copy_into(self, dst, src):
         if dst.size:
-            _cast[_blocks(dst.size), _THREADS](src.reshape(src.size), dst.reshape(dst.size))
+            _cast[_grid(dst.size)](src.reshape(src.size), dst.reshape(dst.size))
 
     def astype(self, array, dtype):
         out = cuda.device_array(array.shape, dtype)
@@ -107,13 +106,13 @@ class DeviceMemory:
     def product(self, a, b, dtype):
         out = cuda.device_array(a.shape, dtype)
         if out.size:
-            _product[_blocks(out.size), _THREADS](a, b, out)
+            _product[_grid(out.size)](a, b, out)
         return out
 
     def invstd(self, var, eps):
         out = cuda.device_array(var.shape, np.float64)
         if out.size:
-            _invstd[_blocks(out.size), _THREADS](var, float(eps), out)
+            _invstd[_grid(out.size)](var, float(eps), out)
         return out
 
 
