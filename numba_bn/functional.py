@@ -169,8 +169,10 @@ class TrainResult(NamedTuple):
     count: int
 
 
-@placed(("x", "weight", "bias", "running_mean", "running_var", "out"),
-        inplace=("running_mean", "running_var", "out"))  # fmt: skip
+@placed(
+    ("x", "weight", "bias", "running_mean", "running_var", "out"),
+    inplace=("running_mean", "running_var", "out"),
+)
 def train_forward(
     x,
     weight,

@@ -12,7 +12,7 @@ from .functional import (
     train_backward,
     train_forward,
 )
-from .placement import DEVICES, is_device_array, memory_of
+from .placement import DEVICES, is_device_array, memory_of, move
 
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
 
@@ -124,19 +124,10 @@ class BatchNorm:
     def _move(self, side):
         if side == self._side:
             return
-        if side == "cuda":
-            from .cuda import require_cuda
-
-            require_cuda()
-            from .cuda.arrays import DEVICE
-
-            move = DEVICE.to_device
-        else:
-            move = lambda array: array.copy_to_host()
         for name in _ARRAYS:
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, move(value))
+                setattr(self, name, move(value, side))
         self._side = side
         self._saved = None  # a saved input on the other side cannot feed backward()
 
@@ -245,7 +236,7 @@ class BatchNorm:
             if name == "num_batches_tracked":
                 state[name] = np.array(value, dtype=np.int64)
             else:
-                state[name] = value.copy_to_host() if self._side == "cuda" else value.copy()
+                state[name] = move(value, "cpu") if self._side == "cuda" else value.copy()
         return state
 
     def load_state_dict(self, state, strict=True):
@@ -265,12 +256,7 @@ class BatchNorm:
         for name in expected:
             if name not in state:
                 continue
-            value = state[name]
-            if is_device_array(value):
-                from .cuda.arrays import DEVICE
-
-                value = DEVICE.adopt(value).copy_to_host()
-            value = np.asarray(value)
+            value = np.asarray(move(state[name], "cpu"))
             if name == "num_batches_tracked":
                 if value.shape != () or not np.issubdtype(value.dtype, np.integer):
                     raise ValueError(
@@ -284,14 +270,7 @@ class BatchNorm:
                 )
             if not np.issubdtype(value.dtype, np.floating):
                 raise TypeError(f"{name} must hold floats, got dtype {value.dtype}")
-            loaded[name] = value.astype(self.dtype)
-        if self._side == "cuda":
-            from .cuda.arrays import DEVICE
-
-            loaded = {
-                n: v if n == "num_batches_tracked" else DEVICE.to_device(v)
-                for n, v in loaded.items()
-            }
+            loaded[name] = move(value.astype(self.dtype), self._side)
         for name, value in loaded.items():
             setattr(self, name, value)
         return self

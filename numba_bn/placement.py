@@ -83,6 +83,24 @@ def memory_of(array):
     return HOST
 
 
+def move(array, side):
+    """``array`` on ``side`` ("cpu" or "cuda"): a copy when it is on the other side."""
+    if side == "cuda":
+        if is_device_array(array):
+            return array
+        from .cuda import require_cuda
+
+        require_cuda()
+        from .cuda.arrays import DEVICE
+
+        return DEVICE.to_device(array)
+    if is_device_array(array):
+        from .cuda.arrays import DEVICE
+
+        return DEVICE.adopt(array).copy_to_host()
+    return array
+
+
 # --------------------------------------------------------------------------------- placement
 def _names(names):
     return ", ".join(names) + (" is" if len(names) == 1 else " are")

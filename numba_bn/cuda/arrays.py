@@ -12,6 +12,7 @@ from numba import cuda, float64
 
 from ..placement import is_device_array
 
+
 def _grid(size):
     """[blocks, threads] for one thread per element of a small array."""
     threads = min(128, size)
