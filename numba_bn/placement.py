@@ -17,10 +17,13 @@ import inspect
 import numpy as np
 
 DEVICES = ("auto", "cpu", "cuda")
+_HOST_TYPES = (np.ndarray, int, float, str, bool)
 
 
 def is_device_array(value):
     """True for anything that exposes ``__cuda_array_interface__`` (and the simulator's arrays)."""
+    if value is None or type(value) in _HOST_TYPES:  # the common case, decided fast
+        return False
     return hasattr(value, "__cuda_array_interface__") or bool(
         getattr(value, "__cuda_ndarray__", False)
     )
