@@ -1,5 +1,6 @@
 """numba_bn: batch normalisation for NumPy arrays with compiled Numba kernels."""
 
+from .c_backend import register_backend
 from .conventions import CONVENTIONS, torch_momentum
 from .functional import backward, batch_norm, forward_eval, forward_train
 from .layer import BatchNorm
@@ -14,6 +15,7 @@ __all__ = [
     "batch_norm",
     "forward_eval",
     "forward_train",
+    "register_backend",
     "torch_momentum",
     "warmup",
 ]

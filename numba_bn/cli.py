@@ -166,6 +166,25 @@ def _train_demo(args):
     return run_from_args(args)
 
 
+# ------------------------------------------------------------------------------- build-plugin
+def _build_plugin_arguments(parser):
+    parser.add_argument("--out", required=True, help="directory for libnumba_bn.so, numba_bn.h")
+    parser.add_argument(
+        "--cpu",
+        help="one LLVM CPU name, or 'host' (default: x86-64-v2 with AVX2/AVX-512 variants)",
+    )
+
+
+def _build_plugin(args):
+    from numba_bn.plugin import build_plugin
+
+    result = build_plugin(args.out, cpu=args.cpu)
+    print(f"{result.library} ({result.size_bytes / 1024:.0f} KiB; {', '.join(result.targets)})")
+    print(f"{result.header}")
+    print(f"built in {result.seconds:.1f} s")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ commands
 COMMANDS = {
     "demo": (_demo_arguments, _demo, "check and time a default batch (train, backward, eval)"),
@@ -174,6 +193,11 @@ COMMANDS = {
         _train_demo_arguments,
         _train_demo,
         "train an MLP on scikit-learn's digits with and without BatchNorm, plot the curves",
+    ),
+    "build-plugin": (
+        _build_plugin_arguments,
+        _build_plugin,
+        "build the C library libnumba_bn.so and its header from the kernels",
     ),
 }
 

@@ -1,0 +1,455 @@
+/* nbn_shim.c: the C side of libnumba_bn.so (the API is numba_bn.h).
+ *
+ * The arithmetic is not here: it is numba_bn's Numba code (numba_bn/cpu/exported.py), compiled
+ * by `numba-bn build-plugin` into one table of serial range drivers per instruction set
+ * (nbn_kernels.h, generated). This file
+ *   - picks the table for the CPU at load time (a constructor; NBN_ISA=<name> picks a lower one),
+ *   - checks arguments (nbn_checks.h) before anything is written,
+ *   - allocates the per-call scratch (one malloc, freed before returning),
+ *   - runs the drivers on pthreads over the work items of the JIT drivers
+ *     (numba_bn/cpu/drivers.py):
+ *       planes (inner > 1), channels >= 2 * threads: one channel per item, fused, so x is
+ *         read from memory once;
+ *       planes, few channels: (channel, segment) items, a merge per channel, then
+ *         (n, channel, block) items for the elementwise pass;
+ *       rows (inner == 1): (row chunk, channel tile) items, a merge per channel, the same items.
+ * Items write disjoint outputs and each channel's merge runs in a fixed order, so results are
+ * the same for any number of threads.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "nbn_checks.h"
+#include "nbn_kernels.h"
+
+/* ------------------------------------------------------------- kernel table, chosen at load */
+typedef struct {
+    const char *name;
+    const nbn_kernel_table *table;
+} nbn_variant;
+
+static const nbn_variant variants[] = {NBN_KERNEL_TABLES}; /* best first */
+static const size_t n_variants = sizeof variants / sizeof variants[0];
+static const nbn_variant *selected = &variants[sizeof variants / sizeof variants[0] - 1];
+
+/* Whether this CPU (and OS) runs code built for `name`; a build for one named CPU (--cpu) is
+ * taken as wanted. */
+static int cpu_runs(const char *name) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    int v2 = __builtin_cpu_supports("ssse3") && __builtin_cpu_supports("sse4.2") &&
+             __builtin_cpu_supports("popcnt");
+    int v3 = v2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vl");
+    if (strcmp(name, "x86-64-v4") == 0) return v4;
+    if (strcmp(name, "x86-64-v3") == 0) return v3;
+    if (strcmp(name, "x86-64-v2") == 0) return v2;
+#endif
+    (void)name;
+    return 1;
+}
+
+__attribute__((constructor)) static void nbn_select_variant(void) {
+    const char *wanted = getenv("NBN_ISA");
+    for (int pass = 0; pass < 2; pass++) { /* pass 0 honours NBN_ISA, pass 1 ignores it */
+        for (size_t i = 0; i < n_variants; i++) {
+            if (pass == 0 && wanted && *wanted && strcmp(wanted, variants[i].name) != 0) continue;
+            if (cpu_runs(variants[i].name)) {
+                selected = &variants[i];
+                return;
+            }
+        }
+    }
+}
+
+NBN_API const char *nbn_isa(void) { return selected->name; }
+
+/* ------------------------------------------------------------------------------------ threads */
+static atomic_int requested_threads; /* 0: every CPU this process may run on */
+
+static int available_cpus(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+NBN_API void nbn_set_num_threads(int n) { atomic_store(&requested_threads, n > 0 ? n : 0); }
+
+NBN_API int nbn_get_num_threads(void) {
+    int n = atomic_load(&requested_threads);
+    return n > 0 ? n : available_cpus();
+}
+
+/* A range of work items; returns the driver's status (0: ok). `scratch` is the calling thread's
+ * own NBN_THREAD_SCRATCH doubles. */
+typedef int32_t (*nbn_range)(const void *job, int64_t first, int64_t last, double *scratch);
+
+#define NBN_THREAD_SCRATCH (2 * NBN_CHANNEL_TILE)
+#define NBN_CLAIM_ELEMENTS (1 << 16) /* elements per claim: hides the atomic, still balances */
+
+typedef struct {
+    nbn_range run;
+    const void *job;
+    int64_t items, grain;
+    atomic_llong next;
+    atomic_int failed;
+} nbn_loop;
+
+static void *loop_worker(void *arg) {
+    nbn_loop *loop = arg;
+    double scratch[NBN_THREAD_SCRATCH];
+    for (;;) {
+        int64_t first = atomic_fetch_add(&loop->next, loop->grain);
+        if (first >= loop->items) return NULL;
+        int64_t last = loop->items - first < loop->grain ? loop->items : first + loop->grain;
+        if (loop->run(loop->job, first, last, scratch) != 0) atomic_store(&loop->failed, 1);
+    }
+}
+
+/* Items [0, items), of about `item_elements` elements each, on up to nbn_get_num_threads()
+ * threads (the caller's included); fewer when there is little work or a thread cannot start. */
+static int parallel_items(nbn_range run, const void *job, int64_t items, int64_t item_elements) {
+    nbn_loop loop = {.run = run, .job = job, .items = items};
+    loop.grain = item_elements >= NBN_CLAIM_ELEMENTS ? 1 : NBN_CLAIM_ELEMENTS / item_elements;
+    atomic_init(&loop.next, 0);
+    atomic_init(&loop.failed, 0);
+    int64_t claims = (items + loop.grain - 1) / loop.grain;
+    int64_t threads = nbn_get_num_threads();
+    if (threads > claims) threads = claims;
+    pthread_t *ids = threads > 1 ? malloc((size_t)(threads - 1) * sizeof *ids) : NULL;
+    int64_t started = 0;
+    while (ids && started < threads - 1 &&
+           pthread_create(&ids[started], NULL, loop_worker, &loop) == 0)
+        started++;
+    loop_worker(&loop);
+    for (int64_t i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    free(ids);
+    return atomic_load(&loop.failed) ? NBN_ERR_INTERNAL : NBN_OK;
+}
+
+/* ------------------------------------------------------------------ one call's arguments */
+typedef struct {
+    const nbn_dtype_kernels *k;
+    int64_t outer, channels, inner;
+    const void *dy, *x;
+    void *out; /* y or dx */
+    const void *weight, *bias;
+    int64_t n_weight, n_bias;
+    const void *running_mean, *running_var;
+    double eps;
+    void *coef;                      /* (4 or 5, channels) coefficients, tensor dtype */
+    double *mean, *invstd, *m2;      /* per channel */
+    double *sum_dy, *sum_dy_xmu;     /* per channel */
+    double *part, *part_m2;          /* partials of the split layouts */
+} nbn_call;
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Work items of each layout (as numba_bn/cpu/drivers.py) and their sizes in elements. */
+static int64_t segments(const nbn_call *a) { return a->outer * ceil_div(a->inner, NBN_PLANE_BLOCK); }
+static int64_t chunks(const nbn_call *a) { return ceil_div(a->outer, NBN_ROW_CHUNK); }
+static int64_t tiles(const nbn_call *a) { return ceil_div(a->channels, NBN_CHANNEL_TILE); }
+static int64_t block_elements(const nbn_call *a) { return min64(a->inner, NBN_PLANE_BLOCK); }
+static int64_t tile_elements(const nbn_call *a) {
+    return min64(a->outer, NBN_ROW_CHUNK) * min64(a->channels, NBN_CHANNEL_TILE);
+}
+
+static int fused(const nbn_call *a) {
+    return a->inner > 1 && a->channels >= 2 * (int64_t)nbn_get_num_threads();
+}
+
+static const nbn_dtype_kernels *kernels(int f64) {
+    return f64 ? &selected->table->f64 : &selected->table->f32;
+}
+
+/* Scratch for one call: `doubles` float64 values, then room for `coef_values` coefficients of
+ * the tensor dtype (float or double). */
+static double *alloc_scratch(int64_t doubles, int64_t coef_values, void **coef) {
+    double *scratch = malloc((size_t)(doubles + coef_values) * sizeof(double));
+    if (scratch) *coef = scratch + doubles;
+    return scratch;
+}
+
+static void store_vector(void *dst, int f64, const double *src, int64_t n) {
+    if (f64) {
+        memcpy(dst, src, (size_t)n * sizeof(double));
+    } else {
+        for (int64_t i = 0; i < n; i++) ((float *)dst)[i] = (float)src[i];
+    }
+}
+
+static void load_vector(double *dst, const void *src, int f64, int64_t n) {
+    if (f64) {
+        memcpy(dst, src, (size_t)n * sizeof(double));
+    } else {
+        for (int64_t i = 0; i < n; i++) dst[i] = ((const float *)src)[i];
+    }
+}
+
+/* ----------------------------------------------------------------------- ranges: forward */
+static int32_t train_channels(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->train_plane_channels(a->x, a->outer, a->channels, a->inner, first, last, a->eps,
+                                      a->weight, a->n_weight, a->bias, a->n_bias, a->out,
+                                      a->coef, a->mean, a->invstd, a->m2);
+}
+
+static int32_t plane_stats(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->plane_stats_items(a->x, a->outer, a->channels, a->inner, first, last, a->part);
+}
+
+static int32_t plane_train_merge(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->train_from_plane_parts(a->outer, a->channels, a->inner, first, last, a->part,
+                                        a->eps, a->weight, a->n_weight, a->bias, a->n_bias,
+                                        a->coef, a->mean, a->invstd, a->m2);
+}
+
+static int32_t rows_stats(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    return a->k->rows_stats_items(a->x, a->outer, a->channels, first, last, a->part, a->part_m2,
+                                  scratch);
+}
+
+static int32_t rows_train_merge(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->train_from_row_parts(a->outer, a->channels, first, last, a->part, a->part_m2,
+                                      a->eps, a->weight, a->n_weight, a->bias, a->n_bias,
+                                      a->coef, a->mean, a->invstd, a->m2);
+}
+
+static int32_t normalize(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->normalize_items(a->x, a->outer, a->channels, a->inner, first, last, a->coef,
+                                 a->out);
+}
+
+/* y from the coefficients, over the elementwise items of the layout. */
+static int normalize_all(const nbn_call *a) {
+    if (a->inner > 1) {
+        int64_t items = a->outer * a->channels * ceil_div(a->inner, NBN_PLANE_BLOCK);
+        return parallel_items(normalize, a, items, block_elements(a));
+    }
+    return parallel_items(normalize, a, chunks(a) * tiles(a), tile_elements(a));
+}
+
+/* ---------------------------------------------------------------------- ranges: backward */
+static int32_t backward_channels(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->backward_plane_channels(a->dy, a->x, a->outer, a->channels, a->inner, first,
+                                         last, a->mean, a->invstd, a->weight, a->n_weight,
+                                         a->coef, a->sum_dy, a->sum_dy_xmu, a->out);
+}
+
+static int32_t plane_sums(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->plane_sums_items(a->dy, a->x, a->outer, a->channels, a->inner, first, last,
+                                  a->mean, a->part);
+}
+
+static int32_t plane_dx_merge(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->dx_from_plane_parts(a->outer, a->channels, a->inner, first, last, a->part,
+                                     a->mean, a->invstd, a->weight, a->n_weight, a->coef,
+                                     a->sum_dy, a->sum_dy_xmu);
+}
+
+static int32_t rows_sums(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->rows_sums_items(a->dy, a->x, a->outer, a->channels, first, last, a->mean,
+                                 a->part);
+}
+
+static int32_t rows_dx_merge(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->dx_from_row_parts(a->outer, a->channels, first, last, a->part, a->mean,
+                                   a->invstd, a->weight, a->n_weight, a->coef, a->sum_dy,
+                                   a->sum_dy_xmu);
+}
+
+static int32_t dx_blocks(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_call *a = job;
+    (void)scratch;
+    return a->k->dx_items(a->dy, a->x, a->outer, a->channels, a->inner, first, last, a->coef,
+                          a->out);
+}
+
+/* ------------------------------------------------------------------------------ operations */
+static int forward_train(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
+                         const void *weight, const void *bias, double eps, void *y,
+                         void *save_mean, void *save_invstd, void *running_mean,
+                         void *running_var, double momentum) {
+    int status = nbn_check_forward_train(x, outer, channels, inner, eps, y, save_mean,
+                                         save_invstd, running_mean, running_var, momentum);
+    if (status != NBN_OK) return status;
+    nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
+                  .x = x, .out = y, .weight = weight, .bias = bias,
+                  .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps};
+    int split_planes = inner > 1 && !fused(&a);
+    int64_t parts = split_planes ? 3 * channels * segments(&a)
+                    : inner == 1 ? 2 * chunks(&a) * channels : 0;
+    double *scratch = alloc_scratch(3 * channels + parts, 4 * channels, &a.coef);
+    if (!scratch) return NBN_ERR_INTERNAL;
+    a.mean = scratch, a.invstd = scratch + channels, a.m2 = scratch + 2 * channels;
+    a.part = scratch + 3 * channels, a.part_m2 = a.part + parts / 2;
+
+    if (inner > 1 && !split_planes) {
+        status = parallel_items(train_channels, &a, channels, outer * inner);
+    } else if (split_planes) {
+        status = parallel_items(plane_stats, &a, channels * segments(&a), block_elements(&a));
+        if (status == NBN_OK) status = parallel_items(plane_train_merge, &a, channels, segments(&a));
+        if (status == NBN_OK) status = normalize_all(&a);
+    } else {
+        status = parallel_items(rows_stats, &a, chunks(&a) * tiles(&a), tile_elements(&a));
+        if (status == NBN_OK) status = parallel_items(rows_train_merge, &a, channels, chunks(&a));
+        if (status == NBN_OK) status = normalize_all(&a);
+    }
+    if (status == NBN_OK && running_mean &&
+        a.k->update_running(channels, running_mean, running_var, (double)(outer * inner), a.mean,
+                            a.m2, momentum) != 0)
+        status = NBN_ERR_INTERNAL;
+    if (status == NBN_OK) {
+        store_vector(save_mean, f64, a.mean, channels);
+        store_vector(save_invstd, f64, a.invstd, channels);
+    }
+    free(scratch);
+    return status;
+}
+
+static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
+                        const void *weight, const void *bias, const void *running_mean,
+                        const void *running_var, double eps, void *y) {
+    int status = nbn_check_forward_eval(x, outer, channels, inner, running_mean, running_var,
+                                        eps, y);
+    if (status != NBN_OK) return status;
+    nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
+                  .x = x, .out = y};
+    double *scratch = alloc_scratch(0, 4 * channels, &a.coef);
+    if (!scratch) return NBN_ERR_INTERNAL;
+    status = a.k->eval_coefficients(channels, 0, channels, weight, weight ? channels : 0, bias,
+                                    bias ? channels : 0, running_mean, running_var, eps, a.coef)
+                 ? NBN_ERR_INTERNAL
+                 : normalize_all(&a);
+    free(scratch);
+    return status;
+}
+
+static int backward(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
+                    int64_t inner, const void *weight, const void *save_mean,
+                    const void *save_invstd, void *dx, void *dweight, void *dbias) {
+    int status = nbn_check_backward(dy, x, outer, channels, inner, save_mean, save_invstd, dx);
+    if (status != NBN_OK) return status;
+    nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
+                  .dy = dy, .x = x, .out = dx, .weight = weight,
+                  .n_weight = weight ? channels : 0};
+    int split_planes = inner > 1 && !fused(&a);
+    int64_t parts = split_planes ? 2 * channels * segments(&a)
+                    : inner == 1 ? 2 * chunks(&a) * channels : 0;
+    double *scratch = alloc_scratch(4 * channels + parts, 5 * channels, &a.coef);
+    if (!scratch) return NBN_ERR_INTERNAL;
+    a.mean = scratch, a.invstd = scratch + channels;
+    a.sum_dy = scratch + 2 * channels, a.sum_dy_xmu = scratch + 3 * channels;
+    a.part = scratch + 4 * channels;
+    load_vector(a.mean, save_mean, f64, channels);
+    load_vector(a.invstd, save_invstd, f64, channels);
+
+    if (inner > 1 && !split_planes) {
+        status = parallel_items(backward_channels, &a, channels, outer * inner);
+    } else {
+        int64_t dx_items;
+        if (split_planes) {
+            status = parallel_items(plane_sums, &a, channels * segments(&a), block_elements(&a));
+            if (status == NBN_OK) status = parallel_items(plane_dx_merge, &a, channels, segments(&a));
+            dx_items = outer * channels * ceil_div(inner, NBN_PLANE_BLOCK);
+        } else {
+            status = parallel_items(rows_sums, &a, chunks(&a) * tiles(&a), tile_elements(&a));
+            if (status == NBN_OK) status = parallel_items(rows_dx_merge, &a, channels, chunks(&a));
+            dx_items = chunks(&a) * tiles(&a);
+        }
+        int64_t dx_elements = split_planes ? block_elements(&a) : tile_elements(&a);
+        if (status == NBN_OK) status = parallel_items(dx_blocks, &a, dx_items, dx_elements);
+    }
+    if (status == NBN_OK) {
+        /* dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)), as numba_bn.backward */
+        for (int64_t c = 0; c < channels; c++) a.sum_dy_xmu[c] *= a.invstd[c];
+        if (dweight) store_vector(dweight, f64, a.sum_dy_xmu, channels);
+        if (dbias) store_vector(dbias, f64, a.sum_dy, channels);
+    }
+    free(scratch);
+    return status;
+}
+
+/* ------------------------------------------------------------------------------ the C ABI */
+NBN_API uint32_t nbn_version(void) { return NBN_VERSION_NUMBER; }
+
+NBN_API const char *nbn_status_string(int status) { return nbn_status_text(status); }
+
+NBN_API int nbn_forward_train_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                                  const float *weight, const float *bias, double eps, float *y,
+                                  float *save_mean, float *save_invstd, float *running_mean,
+                                  float *running_var, double momentum) {
+    return forward_train(0, x, outer, channels, inner, weight, bias, eps, y, save_mean,
+                         save_invstd, running_mean, running_var, momentum);
+}
+
+NBN_API int nbn_forward_train_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                  const double *weight, const double *bias, double eps, double *y,
+                                  double *save_mean, double *save_invstd, double *running_mean,
+                                  double *running_var, double momentum) {
+    return forward_train(1, x, outer, channels, inner, weight, bias, eps, y, save_mean,
+                         save_invstd, running_mean, running_var, momentum);
+}
+
+NBN_API int nbn_forward_eval_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                                 const float *weight, const float *bias,
+                                 const float *running_mean, const float *running_var, double eps,
+                                 float *y) {
+    return forward_eval(0, x, outer, channels, inner, weight, bias, running_mean, running_var,
+                        eps, y);
+}
+
+NBN_API int nbn_forward_eval_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                 const double *weight, const double *bias,
+                                 const double *running_mean, const double *running_var,
+                                 double eps, double *y) {
+    return forward_eval(1, x, outer, channels, inner, weight, bias, running_mean, running_var,
+                        eps, y);
+}
+
+NBN_API int nbn_backward_f32(const float *dy, const float *x, int64_t outer, int64_t channels,
+                             int64_t inner, const float *weight, const float *save_mean,
+                             const float *save_invstd, float *dx, float *dweight, float *dbias) {
+    return backward(0, dy, x, outer, channels, inner, weight, save_mean, save_invstd, dx,
+                    dweight, dbias);
+}
+
+NBN_API int nbn_backward_f64(const double *dy, const double *x, int64_t outer, int64_t channels,
+                             int64_t inner, const double *weight, const double *save_mean,
+                             const double *save_invstd, double *dx, double *dweight,
+                             double *dbias) {
+    return backward(1, dy, x, outer, channels, inner, weight, save_mean, save_invstd, dx,
+                    dweight, dbias);
+}

@@ -1,0 +1,115 @@
+/* numba_bn.h: batch normalisation from C (the C ABI of numba_bn).
+ *
+ * libnumba_bn.so is built from numba_bn's own Numba kernels (`numba-bn build-plugin --out DIR`)
+ * and needs only libc, libm and libpthread at run time. Any shared library that exports these
+ * symbols can also serve numba_bn's Python API as a backend (numba_bn.register_backend).
+ *
+ * Tensors are C-contiguous arrays of shape (outer, channels, inner): NCHW is
+ * (N, C, H*W), NHWC is (N*H*W, C, 1), (N, C) is (N, C, 1). Per-channel vectors have length
+ * `channels`. Statistics are accumulated in double precision whatever the tensor type.
+ *
+ * Ownership: the caller owns every buffer; the library keeps no pointer after a call returns
+ * and allocates only scratch that it frees before returning. Calls are thread-safe: several
+ * threads may call at once (each call then runs its own worker threads).
+ *
+ * Errors: every function returns an nbn_status. On failure nothing is written, except after
+ * NBN_ERR_INTERNAL raised by the compute code itself (a bug), when outputs are unspecified.
+ * The order of checks: NULL pointers, then shapes, then values.
+ */
+#ifndef NUMBA_BN_H
+#define NUMBA_BN_H
+
+#include <stdint.h>
+
+#define NBN_VERSION_MAJOR 1 /* bumped when a signature or a meaning changes */
+#define NBN_VERSION_MINOR 0 /* bumped when symbols are added */
+#define NBN_VERSION_PATCH 0
+#define NBN_VERSION_NUMBER (NBN_VERSION_MAJOR * 10000 + NBN_VERSION_MINOR * 100 + NBN_VERSION_PATCH)
+
+#if defined(_WIN32)
+#define NBN_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define NBN_API __attribute__((visibility("default")))
+#else
+#define NBN_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    NBN_OK = 0,
+    NBN_ERR_NULL = 1,     /* a required pointer is NULL (or only one running buffer is given) */
+    NBN_ERR_SHAPE = 2,    /* outer, channels or inner < 1, or their product overflows */
+    NBN_ERR_VALUE = 3,    /* one value per channel in training, eps < 0 or NaN, momentum
+                             outside [0, 1] or NaN */
+    NBN_ERR_INTERNAL = 4  /* out of memory for scratch, or a bug */
+} nbn_status;
+
+/* NBN_VERSION_NUMBER of the library loaded: major * 10000 + minor * 100 + patch. */
+NBN_API uint32_t nbn_version(void);
+
+/* "NBN_OK: success", "NBN_ERR_NULL: ...": a static string, also for unknown codes. */
+NBN_API const char *nbn_status_string(int status);
+
+/* Worker threads per call, for every thread of the process: n <= 0 means all the CPUs this
+ * process may run on (the default). Results do not depend on the number of threads. */
+NBN_API void nbn_set_num_threads(int n);
+NBN_API int nbn_get_num_threads(void);
+
+/* Which compiled variant runs here, chosen at load time ("x86-64-v4" = AVX-512,
+ * "x86-64-v3" = AVX2/FMA, "x86-64-v2"); NBN_ISA=<name> in the environment picks a lower one.
+ * An addition of numba_bn's library: other backends need not export it. */
+NBN_API const char *nbn_isa(void);
+
+/* Training forward with batch statistics:
+ *   mean, var = per-channel mean and biased variance of x over outer and inner
+ *   y = (x - mean) / sqrt(var + eps) * weight + bias
+ *   save_mean = mean, save_invstd = 1 / sqrt(var + eps)     (what nbn_backward_* takes)
+ * weight and bias may be NULL (1 and 0). running_mean and running_var may both be NULL (no
+ * update); otherwise they are updated in place, PyTorch-style:
+ *   running = (1 - momentum) * running + momentum * batch  (unbiased batch variance).
+ * Needs outer * inner >= 2. y may be x (in place). */
+NBN_API int nbn_forward_train_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                                  const float *weight, const float *bias, double eps, float *y,
+                                  float *save_mean, float *save_invstd, float *running_mean,
+                                  float *running_var, double momentum);
+
+/* Inference forward with frozen statistics:
+ *   y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+ * weight and bias may be NULL. y may be x. */
+NBN_API int nbn_forward_eval_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                                 const float *weight, const float *bias,
+                                 const float *running_mean, const float *running_var, double eps,
+                                 float *y);
+
+/* Backward of the training forward, given dy = dL/dy and the forward's x, save_mean and
+ * save_invstd (x_hat = (x - save_mean) * save_invstd, m = outer * inner):
+ *   dbias   = sum(dy)                                      (may be NULL: not written)
+ *   dweight = sum(dy * x_hat)                              (may be NULL: not written)
+ *   dx      = weight * save_invstd * (dy - dbias / m - x_hat * dweight / m)
+ * weight may be NULL (1). dx may be dy. */
+NBN_API int nbn_backward_f32(const float *dy, const float *x, int64_t outer, int64_t channels,
+                             int64_t inner, const float *weight, const float *save_mean,
+                             const float *save_invstd, float *dx, float *dweight, float *dbias);
+
+/* The same three for double. */
+NBN_API int nbn_forward_train_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                  const double *weight, const double *bias, double eps, double *y,
+                                  double *save_mean, double *save_invstd, double *running_mean,
+                                  double *running_var, double momentum);
+NBN_API int nbn_forward_eval_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                 const double *weight, const double *bias,
+                                 const double *running_mean, const double *running_var,
+                                 double eps, double *y);
+NBN_API int nbn_backward_f64(const double *dy, const double *x, int64_t outer, int64_t channels,
+                             int64_t inner, const double *weight, const double *save_mean,
+                             const double *save_invstd, double *dx, double *dweight,
+                             double *dbias);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NUMBA_BN_H */

@@ -1,0 +1,112 @@
+/* reference.h: batch norm in double precision, written as plainly as possible.
+ *
+ * One thread, textbook two-pass statistics, the formulas of numba_bn.h and docs/backward.md
+ * and nothing else. The reference C backend (reference_backend.c) exports it through the ABI;
+ * the C test host (test_host.c) checks libnumba_bn.so against it.
+ *
+ * Arrays are C-contiguous (outer, channels, inner); element (n, c, i) is
+ * x[(n * channels + c) * inner + i]. Every output is overwritten (=).
+ */
+#ifndef NBN_REFERENCE_H
+#define NBN_REFERENCE_H
+
+#include <math.h>
+#include <stdint.h>
+
+#define NBN_AT(n, c, i) (((n) * channels + (c)) * inner + (i))
+
+/* Per channel: mean and biased variance over outer and inner. */
+static void reference_batch_stats(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                  double *mean, double *var) {
+    double m = (double)(outer * inner);
+    for (int64_t c = 0; c < channels; c++) {
+        double sum = 0.0;
+        for (int64_t n = 0; n < outer; n++)
+            for (int64_t i = 0; i < inner; i++) sum += x[NBN_AT(n, c, i)];
+        mean[c] = sum / m;
+        double squares = 0.0;
+        for (int64_t n = 0; n < outer; n++)
+            for (int64_t i = 0; i < inner; i++) {
+                double d = x[NBN_AT(n, c, i)] - mean[c];
+                squares += d * d;
+            }
+        var[c] = squares / m;
+    }
+}
+
+/* y = (x - mean) * invstd * weight + bias; weight and bias may be NULL (1 and 0). */
+static void reference_normalize(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                const double *mean, const double *invstd, const double *weight,
+                                const double *bias, double *y) {
+    for (int64_t n = 0; n < outer; n++)
+        for (int64_t c = 0; c < channels; c++)
+            for (int64_t i = 0; i < inner; i++) {
+                double x_hat = (x[NBN_AT(n, c, i)] - mean[c]) * invstd[c];
+                y[NBN_AT(n, c, i)] = x_hat * (weight ? weight[c] : 1.0) + (bias ? bias[c] : 0.0);
+            }
+}
+
+/* Training forward: y, mean, invstd = 1 / sqrt(var + eps), and the unbiased variance. */
+static void reference_forward_train(const double *x, int64_t outer, int64_t channels,
+                                    int64_t inner, const double *weight, const double *bias,
+                                    double eps, double *y, double *mean, double *invstd,
+                                    double *var_unbiased) {
+    double m = (double)(outer * inner);
+    reference_batch_stats(x, outer, channels, inner, mean, var_unbiased); /* biased, for now */
+    for (int64_t c = 0; c < channels; c++) {
+        double var = var_unbiased[c];
+        invstd[c] = 1.0 / sqrt(var + eps);
+        var_unbiased[c] = var * m / (m - 1.0);
+    }
+    reference_normalize(x, outer, channels, inner, mean, invstd, weight, bias, y);
+}
+
+/* running = (1 - momentum) * running + momentum * batch. */
+static void reference_running_update(int64_t channels, const double *mean,
+                                     const double *var_unbiased, double momentum,
+                                     double *running_mean, double *running_var) {
+    for (int64_t c = 0; c < channels; c++) {
+        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c];
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var_unbiased[c];
+    }
+}
+
+/* Inference forward; invstd is scratch of length channels. */
+static void reference_forward_eval(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                   const double *weight, const double *bias,
+                                   const double *running_mean, const double *running_var,
+                                   double eps, double *invstd, double *y) {
+    for (int64_t c = 0; c < channels; c++) invstd[c] = 1.0 / sqrt(running_var[c] + eps);
+    reference_normalize(x, outer, channels, inner, running_mean, invstd, weight, bias, y);
+}
+
+/* Backward (docs/backward.md): dbias = sum dy, dweight = sum dy * x_hat,
+ * dx = weight * invstd * (dy - dbias / m - x_hat * dweight / m). */
+static void reference_backward(const double *dy, const double *x, int64_t outer,
+                               int64_t channels, int64_t inner, const double *weight,
+                               const double *mean, const double *invstd, double *dx,
+                               double *dweight, double *dbias) {
+    double m = (double)(outer * inner);
+    for (int64_t c = 0; c < channels; c++) {
+        double sum_dy = 0.0, sum_dy_xhat = 0.0;
+        for (int64_t n = 0; n < outer; n++)
+            for (int64_t i = 0; i < inner; i++) {
+                double x_hat = (x[NBN_AT(n, c, i)] - mean[c]) * invstd[c];
+                sum_dy += dy[NBN_AT(n, c, i)];
+                sum_dy_xhat += dy[NBN_AT(n, c, i)] * x_hat;
+            }
+        dbias[c] = sum_dy;
+        dweight[c] = sum_dy_xhat;
+        double scale = (weight ? weight[c] : 1.0) * invstd[c];
+        for (int64_t n = 0; n < outer; n++)
+            for (int64_t i = 0; i < inner; i++) {
+                double x_hat = (x[NBN_AT(n, c, i)] - mean[c]) * invstd[c];
+                dx[NBN_AT(n, c, i)] =
+                    scale * (dy[NBN_AT(n, c, i)] - sum_dy / m - x_hat * sum_dy_xhat / m);
+            }
+    }
+}
+
+#undef NBN_AT
+
+#endif /* NBN_REFERENCE_H */

@@ -1,0 +1,184 @@
+/* reference_backend.c: a plain C backend with the ABI of numba_bn.h.
+ *
+ * Inputs are copied to double, computed by reference.h (one thread, two-pass statistics) and
+ * rounded back to the tensor type. Slow and simple on purpose: it is what numba_bn's tests
+ * compare against, and the template for anyone who plugs their own C kernels into numba_bn
+ * (`numba_bn.register_backend("mine", "libmine.so")`).
+ *
+ *   cc -std=c11 -O2 -fPIC -shared -I kernels kernels/reference_backend.c -o libnbn_reference.so -lm
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "nbn_checks.h"
+#include "reference.h"
+
+/* ------------------------------------------------------------------ float or double <-> double */
+static double *to_double(const void *src, int f64, int64_t n) {
+    double *dst = malloc((size_t)n * sizeof(double));
+    if (!dst) return NULL;
+    if (f64) {
+        memcpy(dst, src, (size_t)n * sizeof(double));
+    } else {
+        for (int64_t i = 0; i < n; i++) dst[i] = ((const float *)src)[i];
+    }
+    return dst;
+}
+
+static void from_double(void *dst, int f64, const double *src, int64_t n) {
+    if (f64) {
+        memcpy(dst, src, (size_t)n * sizeof(double));
+    } else {
+        for (int64_t i = 0; i < n; i++) ((float *)dst)[i] = (float)src[i];
+    }
+}
+
+/* Copies of the optional inputs: NULL stays NULL. Sets *failed when malloc fails. */
+static double *optional_to_double(const void *src, int f64, int64_t n, int *failed) {
+    if (!src) return NULL;
+    double *dst = to_double(src, f64, n);
+    if (!dst) *failed = 1;
+    return dst;
+}
+
+/* ------------------------------------------------------------------------------ operations */
+static int forward_train(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
+                         const void *weight, const void *bias, double eps, void *y,
+                         void *save_mean, void *save_invstd, void *running_mean,
+                         void *running_var, double momentum) {
+    int status = nbn_check_forward_train(x, outer, channels, inner, eps, y, save_mean,
+                                         save_invstd, running_mean, running_var, momentum);
+    if (status != NBN_OK) return status;
+    int64_t size = outer * channels * inner;
+    int failed = 0;
+    double *xd = optional_to_double(x, f64, size, &failed);
+    double *wd = optional_to_double(weight, f64, channels, &failed);
+    double *bd = optional_to_double(bias, f64, channels, &failed);
+    double *rm = optional_to_double(running_mean, f64, channels, &failed);
+    double *rv = optional_to_double(running_var, f64, channels, &failed);
+    double *yd = malloc((size_t)size * sizeof(double));
+    double *stats = malloc(3 * (size_t)channels * sizeof(double));
+    if (!failed && yd && stats) {
+        double *mean = stats, *invstd = stats + channels, *var_unbiased = stats + 2 * channels;
+        reference_forward_train(xd, outer, channels, inner, wd, bd, eps, yd, mean, invstd,
+                                var_unbiased);
+        from_double(y, f64, yd, size);
+        from_double(save_mean, f64, mean, channels);
+        from_double(save_invstd, f64, invstd, channels);
+        if (rm) {
+            reference_running_update(channels, mean, var_unbiased, momentum, rm, rv);
+            from_double(running_mean, f64, rm, channels);
+            from_double(running_var, f64, rv, channels);
+        }
+    } else {
+        status = NBN_ERR_INTERNAL;
+    }
+    free(xd), free(wd), free(bd), free(rm), free(rv), free(yd), free(stats);
+    return status;
+}
+
+static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
+                        const void *weight, const void *bias, const void *running_mean,
+                        const void *running_var, double eps, void *y) {
+    int status = nbn_check_forward_eval(x, outer, channels, inner, running_mean, running_var,
+                                        eps, y);
+    if (status != NBN_OK) return status;
+    int64_t size = outer * channels * inner;
+    int failed = 0;
+    double *xd = optional_to_double(x, f64, size, &failed);
+    double *wd = optional_to_double(weight, f64, channels, &failed);
+    double *bd = optional_to_double(bias, f64, channels, &failed);
+    double *rm = optional_to_double(running_mean, f64, channels, &failed);
+    double *rv = optional_to_double(running_var, f64, channels, &failed);
+    double *yd = malloc((size_t)size * sizeof(double));
+    double *invstd = malloc((size_t)channels * sizeof(double));
+    if (!failed && yd && invstd) {
+        reference_forward_eval(xd, outer, channels, inner, wd, bd, rm, rv, eps, invstd, yd);
+        from_double(y, f64, yd, size);
+    } else {
+        status = NBN_ERR_INTERNAL;
+    }
+    free(xd), free(wd), free(bd), free(rm), free(rv), free(yd), free(invstd);
+    return status;
+}
+
+static int backward(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
+                    int64_t inner, const void *weight, const void *save_mean,
+                    const void *save_invstd, void *dx, void *dweight, void *dbias) {
+    int status = nbn_check_backward(dy, x, outer, channels, inner, save_mean, save_invstd, dx);
+    if (status != NBN_OK) return status;
+    int64_t size = outer * channels * inner;
+    int failed = 0;
+    double *dyd = optional_to_double(dy, f64, size, &failed);
+    double *xd = optional_to_double(x, f64, size, &failed);
+    double *wd = optional_to_double(weight, f64, channels, &failed);
+    double *mean = optional_to_double(save_mean, f64, channels, &failed);
+    double *invstd = optional_to_double(save_invstd, f64, channels, &failed);
+    double *dxd = malloc((size_t)size * sizeof(double));
+    double *sums = malloc(2 * (size_t)channels * sizeof(double));
+    if (!failed && dxd && sums) {
+        reference_backward(dyd, xd, outer, channels, inner, wd, mean, invstd, dxd, sums,
+                           sums + channels);
+        from_double(dx, f64, dxd, size);
+        if (dweight) from_double(dweight, f64, sums, channels);
+        if (dbias) from_double(dbias, f64, sums + channels, channels);
+    } else {
+        status = NBN_ERR_INTERNAL;
+    }
+    free(dyd), free(xd), free(wd), free(mean), free(invstd), free(dxd), free(sums);
+    return status;
+}
+
+/* ------------------------------------------------------------------------------ the C ABI */
+NBN_API uint32_t nbn_version(void) { return NBN_VERSION_NUMBER; }
+NBN_API const char *nbn_status_string(int status) { return nbn_status_text(status); }
+NBN_API void nbn_set_num_threads(int n) { (void)n; } /* always one thread */
+NBN_API int nbn_get_num_threads(void) { return 1; }
+NBN_API const char *nbn_isa(void) { return "reference"; }
+
+NBN_API int nbn_forward_train_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                                  const float *weight, const float *bias, double eps, float *y,
+                                  float *save_mean, float *save_invstd, float *running_mean,
+                                  float *running_var, double momentum) {
+    return forward_train(0, x, outer, channels, inner, weight, bias, eps, y, save_mean,
+                         save_invstd, running_mean, running_var, momentum);
+}
+
+NBN_API int nbn_forward_train_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                  const double *weight, const double *bias, double eps, double *y,
+                                  double *save_mean, double *save_invstd, double *running_mean,
+                                  double *running_var, double momentum) {
+    return forward_train(1, x, outer, channels, inner, weight, bias, eps, y, save_mean,
+                         save_invstd, running_mean, running_var, momentum);
+}
+
+NBN_API int nbn_forward_eval_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                                 const float *weight, const float *bias,
+                                 const float *running_mean, const float *running_var, double eps,
+                                 float *y) {
+    return forward_eval(0, x, outer, channels, inner, weight, bias, running_mean, running_var,
+                        eps, y);
+}
+
+NBN_API int nbn_forward_eval_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                                 const double *weight, const double *bias,
+                                 const double *running_mean, const double *running_var,
+                                 double eps, double *y) {
+    return forward_eval(1, x, outer, channels, inner, weight, bias, running_mean, running_var,
+                        eps, y);
+}
+
+NBN_API int nbn_backward_f32(const float *dy, const float *x, int64_t outer, int64_t channels,
+                             int64_t inner, const float *weight, const float *save_mean,
+                             const float *save_invstd, float *dx, float *dweight, float *dbias) {
+    return backward(0, dy, x, outer, channels, inner, weight, save_mean, save_invstd, dx,
+                    dweight, dbias);
+}
+
+NBN_API int nbn_backward_f64(const double *dy, const double *x, int64_t outer, int64_t channels,
+                             int64_t inner, const double *weight, const double *save_mean,
+                             const double *save_invstd, double *dx, double *dweight,
+                             double *dbias) {
+    return backward(1, dy, x, outer, channels, inner, weight, save_mean, save_invstd, dx,
+                    dweight, dbias);
+}

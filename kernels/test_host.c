@@ -1,0 +1,341 @@
+/* test_host.c: checks libnumba_bn.so from C, with no Python anywhere.
+ *
+ *   cc -std=c11 -O2 -I kernels kernels/test_host.c -L DIR -lnumba_bn -Wl,-rpath,DIR -lm -o host
+ *   env -i ./host            (tests/test_plugin.py does this, once per instruction set)
+ *
+ * For several shapes (planes and rows, one and many blocks, chunks and tiles), both types, with
+ * and without weight/bias, it checks the six compute functions against the double-precision
+ * reference of reference.h, that 1 and 2 threads give identical bits, that in-place calls give
+ * the bits of out-of-place ones, the status code of each kind of bad argument and that a failed
+ * call writes nothing. Prints one line per failure and a summary; exit status 0 when all pass.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "numba_bn.h"
+#include "reference.h"
+
+static int checks, failures;
+
+static void check(int ok, const char *what, const char *context) {
+    checks++;
+    if (!ok) {
+        failures++;
+        printf("FAIL %s (%s)\n", what, context);
+    }
+}
+
+/* ---------------------------------------------------------------------------- test data */
+static uint64_t rng_state = 0x9e3779b97f4a7c15u;
+
+static double uniform(void) { /* xorshift64*, in [0, 1) */
+    rng_state ^= rng_state >> 12, rng_state ^= rng_state << 25, rng_state ^= rng_state >> 27;
+    return (double)((rng_state * 0x2545f4914f6cdd1du) >> 11) / 9007199254740992.0;
+}
+
+/* Per channel a different offset and scale, so channels are not alike. */
+static void fill_input(double *x, int64_t outer, int64_t channels, int64_t inner) {
+    for (int64_t c = 0; c < channels; c++) {
+        double offset = 20.0 * uniform() - 5.0, scale = 0.1 + 4.0 * uniform();
+        for (int64_t n = 0; n < outer; n++)
+            for (int64_t i = 0; i < inner; i++)
+                x[(n * channels + c) * inner + i] = offset + scale * (2.0 * uniform() - 1.0);
+    }
+}
+
+static void fill(double *v, int64_t n, double low, double high) {
+    for (int64_t i = 0; i < n; i++) v[i] = low + (high - low) * uniform();
+}
+
+/* A tensor in double (the reference's) and in the type under test. */
+typedef struct {
+    int f64;
+    int64_t n;
+    double *d;
+    void *t;
+} tensor;
+
+static tensor make(int f64, int64_t n) {
+    tensor a = {f64, n, calloc((size_t)n, sizeof(double)), calloc((size_t)n, f64 ? 8 : 4)};
+    return a;
+}
+
+static void release(tensor *a) { free(a->d), free(a->t); }
+
+static double get(const tensor *a, int64_t i) {
+    return a->f64 ? ((double *)a->t)[i] : ((float *)a->t)[i];
+}
+
+/* Round the double values to the tested type and back, so both sides see the same inputs. */
+static void sync_from_double(tensor *a) {
+    for (int64_t i = 0; i < a->n; i++) {
+        if (a->f64) {
+            ((double *)a->t)[i] = a->d[i];
+        } else {
+            ((float *)a->t)[i] = (float)a->d[i];
+            a->d[i] = ((float *)a->t)[i];
+        }
+    }
+}
+
+static void poison(tensor *a) { memset(a->t, 0xff, (size_t)a->n * (a->f64 ? 8 : 4)); }
+
+static int same_bits(const tensor *a, const tensor *b) {
+    return a->n == b->n && memcmp(a->t, b->t, (size_t)a->n * (a->f64 ? 8 : 4)) == 0;
+}
+
+/* max |tested - reference| <= tol * max(1, max |reference|), NaN fails. */
+static void check_close(const tensor *tested, const double *reference, double tol,
+                        const char *what, const char *context) {
+    double worst = 0.0, size = 1.0;
+    for (int64_t i = 0; i < tested->n; i++) size = fmax(size, fabs(reference[i]));
+    for (int64_t i = 0; i < tested->n; i++) {
+        double err = fabs(get(tested, i) - reference[i]);
+        if (!(err <= worst)) worst = err; /* NaN sticks */
+    }
+    char line[256];
+    snprintf(line, sizeof line, "%s; max error %.3g, scale %.3g", context, worst, size);
+    check(worst <= tol * size, what, line);
+}
+
+/* ------------------------------------------------------------------------- calls by type */
+static int train(const tensor *x, int64_t o, int64_t c, int64_t i, const tensor *w,
+                 const tensor *b, double eps, tensor *y, tensor *mean, tensor *invstd,
+                 tensor *rm, tensor *rv, double momentum) {
+    if (x->f64)
+        return nbn_forward_train_f64(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, eps, y->t,
+                                     mean->t, invstd->t, rm ? rm->t : NULL, rv ? rv->t : NULL,
+                                     momentum);
+    return nbn_forward_train_f32(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, eps, y->t,
+                                 mean->t, invstd->t, rm ? rm->t : NULL, rv ? rv->t : NULL,
+                                 momentum);
+}
+
+static int eval(const tensor *x, int64_t o, int64_t c, int64_t i, const tensor *w,
+                const tensor *b, const tensor *rm, const tensor *rv, double eps, tensor *y) {
+    if (x->f64)
+        return nbn_forward_eval_f64(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, rm->t,
+                                    rv->t, eps, y->t);
+    return nbn_forward_eval_f32(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, rm->t, rv->t,
+                                eps, y->t);
+}
+
+static int back(const tensor *dy, const tensor *x, int64_t o, int64_t c, int64_t i,
+                const tensor *w, const tensor *mean, const tensor *invstd, tensor *dx,
+                tensor *dw, tensor *db) {
+    if (x->f64)
+        return nbn_backward_f64(dy->t, x->t, o, c, i, w ? w->t : NULL, mean->t, invstd->t,
+                                dx->t, dw ? dw->t : NULL, db ? db->t : NULL);
+    return nbn_backward_f32(dy->t, x->t, o, c, i, w ? w->t : NULL, mean->t, invstd->t, dx->t,
+                            dw ? dw->t : NULL, db ? db->t : NULL);
+}
+
+/* ------------------------------------------------------------- results against the reference */
+typedef struct {
+    tensor y, mean, invstd, rm, rv, y_eval, dx, dw, db;
+} results;
+
+static results run_all(const tensor *x, const tensor *dy, int64_t o, int64_t c, int64_t i,
+                       const tensor *w, const tensor *b, double eps, double momentum,
+                       const char *context) {
+    int f64 = x->f64;
+    int64_t size = o * c * i;
+    results r = {make(f64, size), make(f64, c), make(f64, c), make(f64, c), make(f64, c),
+                 make(f64, size), make(f64, size), make(f64, c), make(f64, c)};
+    tensor *outputs[] = {&r.y, &r.mean, &r.invstd, &r.y_eval, &r.dx, &r.dw, &r.db};
+    for (size_t k = 0; k < sizeof outputs / sizeof outputs[0]; k++) poison(outputs[k]);
+    for (int64_t k = 0; k < c; k++) r.rm.d[k] = 0.5 * k, r.rv.d[k] = 1.0 + 0.25 * k;
+    sync_from_double(&r.rm), sync_from_double(&r.rv);
+    check(train(x, o, c, i, w, b, eps, &r.y, &r.mean, &r.invstd, &r.rm, &r.rv, momentum) == 0,
+          "forward_train returns NBN_OK", context);
+    check(eval(x, o, c, i, w, b, &r.rm, &r.rv, eps, &r.y_eval) == 0,
+          "forward_eval returns NBN_OK", context);
+    check(back(dy, x, o, c, i, w, &r.mean, &r.invstd, &r.dx, &r.dw, &r.db) == 0,
+          "backward returns NBN_OK", context);
+    return r;
+}
+
+static void release_results(results *r) {
+    tensor *all[] = {&r->y, &r->mean, &r->invstd, &r->rm, &r->rv, &r->y_eval, &r->dx, &r->dw,
+                     &r->db};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) release(all[k]);
+}
+
+static void check_against_reference(const results *r, const tensor *x, const tensor *dy,
+                                    int64_t o, int64_t c, int64_t i, const tensor *w,
+                                    const tensor *b, double eps, double momentum,
+                                    const char *context) {
+    int64_t size = o * c * i;
+    double tol = x->f64 ? 1e-12 : 2e-6;
+    double *y = calloc((size_t)size, sizeof(double)), *dx = calloc((size_t)size, sizeof(double));
+    double *v = calloc(8 * (size_t)c, sizeof(double));
+    double *mean = v, *invstd = v + c, *var_u = v + 2 * c, *rm = v + 3 * c, *rv = v + 4 * c;
+    double *dw = v + 5 * c, *db = v + 6 * c, *scratch = v + 7 * c;
+    const double *wd = w ? w->d : NULL, *bd = b ? b->d : NULL;
+
+    reference_forward_train(x->d, o, c, i, wd, bd, eps, y, mean, invstd, var_u);
+    for (int64_t k = 0; k < c; k++) rm[k] = 0.5 * k, rv[k] = 1.0 + 0.25 * k;
+    reference_running_update(c, mean, var_u, momentum, rm, rv);
+    check_close(&r->y, y, tol, "forward_train y", context);
+    check_close(&r->mean, mean, tol, "forward_train save_mean", context);
+    check_close(&r->invstd, invstd, tol, "forward_train save_invstd", context);
+    check_close(&r->rm, rm, tol, "forward_train running_mean", context);
+    check_close(&r->rv, rv, tol, "forward_train running_var", context);
+
+    /* eval and backward from the library's own (rounded) statistics */
+    for (int64_t k = 0; k < c; k++) rm[k] = get(&r->rm, k), rv[k] = get(&r->rv, k);
+    reference_forward_eval(x->d, o, c, i, wd, bd, rm, rv, eps, scratch, y);
+    check_close(&r->y_eval, y, tol, "forward_eval y", context);
+    for (int64_t k = 0; k < c; k++) mean[k] = get(&r->mean, k), invstd[k] = get(&r->invstd, k);
+    reference_backward(dy->d, x->d, o, c, i, wd, mean, invstd, dx, dw, db);
+    check_close(&r->dx, dx, x->f64 ? 1e-10 : 2e-5, "backward dx", context);
+    check_close(&r->dw, dw, tol, "backward dweight", context);
+    check_close(&r->db, db, tol, "backward dbias", context);
+    free(y), free(dx), free(v);
+}
+
+static void check_same_bits(const results *a, const results *b, const char *what,
+                            const char *context) {
+    int same = same_bits(&a->y, &b->y) && same_bits(&a->mean, &b->mean) &&
+               same_bits(&a->invstd, &b->invstd) && same_bits(&a->rm, &b->rm) &&
+               same_bits(&a->rv, &b->rv) && same_bits(&a->y_eval, &b->y_eval) &&
+               same_bits(&a->dx, &b->dx) && same_bits(&a->dw, &b->dw) &&
+               same_bits(&a->db, &b->db);
+    check(same, what, context);
+}
+
+/* In place (y = x, dx = dy) gives the bits of out-of-place; NULL dweight/dbias leave dx as is. */
+static void check_in_place(const results *r, const tensor *x, const tensor *dy, int64_t o,
+                           int64_t c, int64_t i, const tensor *w, const tensor *b, double eps,
+                           const char *context) {
+    int f64 = x->f64;
+    tensor buffer = make(f64, o * c * i), mean = make(f64, c), invstd = make(f64, c);
+    memcpy(buffer.t, x->t, (size_t)buffer.n * (f64 ? 8 : 4));
+    train(&buffer, o, c, i, w, b, eps, &buffer, &mean, &invstd, NULL, NULL, 0.1);
+    check(same_bits(&buffer, &r->y), "forward_train in place", context);
+    memcpy(buffer.t, x->t, (size_t)buffer.n * (f64 ? 8 : 4));
+    eval(&buffer, o, c, i, w, b, &r->rm, &r->rv, eps, &buffer);
+    check(same_bits(&buffer, &r->y_eval), "forward_eval in place", context);
+    memcpy(buffer.t, dy->t, (size_t)buffer.n * (f64 ? 8 : 4));
+    back(&buffer, x, o, c, i, w, &r->mean, &r->invstd, &buffer, NULL, NULL);
+    check(same_bits(&buffer, &r->dx), "backward in place, no dweight/dbias", context);
+    release(&buffer), release(&mean), release(&invstd);
+}
+
+static void test_shape(int f64, int64_t o, int64_t c, int64_t i, int affine) {
+    char context[128];
+    snprintf(context, sizeof context, "%s (%lld, %lld, %lld)%s", f64 ? "f64" : "f32",
+             (long long)o, (long long)c, (long long)i, affine ? " affine" : "");
+    int64_t size = o * c * i;
+    const double eps = 1e-5, momentum = 0.1;
+    tensor x = make(f64, size), dy = make(f64, size), w = make(f64, c), b = make(f64, c);
+    fill_input(x.d, o, c, i), fill(dy.d, size, -1.0, 1.0);
+    fill(w.d, c, 0.5, 1.5), fill(b.d, c, -1.0, 1.0);
+    sync_from_double(&x), sync_from_double(&dy), sync_from_double(&w), sync_from_double(&b);
+    const tensor *wp = affine ? &w : NULL, *bp = affine ? &b : NULL;
+
+    nbn_set_num_threads(1);
+    results one = run_all(&x, &dy, o, c, i, wp, bp, eps, momentum, context);
+    nbn_set_num_threads(2);
+    results two = run_all(&x, &dy, o, c, i, wp, bp, eps, momentum, context);
+    check_against_reference(&two, &x, &dy, o, c, i, wp, bp, eps, momentum, context);
+    check_same_bits(&one, &two, "1 and 2 threads give the same bits", context);
+    check_in_place(&two, &x, &dy, o, c, i, wp, bp, eps, context);
+    release_results(&one), release_results(&two);
+    release(&x), release(&dy), release(&w), release(&b);
+}
+
+/* --------------------------------------------------------------------------- status codes */
+static void test_status_codes(void) {
+    enum { O = 3, C = 2, I = 4, N = O * C * I };
+    float x[N], y[N], mean[C], invstd[C], rm[C], rv[C], dx[N], dw[C], db[C];
+    for (int k = 0; k < N; k++) x[k] = (float)k * 0.25f;
+    float *outputs[] = {y, mean, invstd, rm, rv, dx, dw, db};
+    size_t sizes[] = {N, C, C, C, C, N, C, C};
+    for (int k = 0; k < 8; k++) memset(outputs[k], 0x7f, sizes[k] * sizeof(float));
+    float poisoned;
+    memset(&poisoned, 0x7f, sizeof poisoned);
+
+#define TRAIN(x_, o_, eps_, y_, rm_, rv_, m_) \
+    nbn_forward_train_f32(x_, o_, C, I, NULL, NULL, eps_, y_, mean, invstd, rm_, rv_, m_)
+    check(TRAIN(NULL, O, 1e-5, y, rm, rv, 0.1) == NBN_ERR_NULL, "train: x NULL", "");
+    check(TRAIN(x, O, 1e-5, NULL, rm, rv, 0.1) == NBN_ERR_NULL, "train: y NULL", "");
+    check(TRAIN(x, O, 1e-5, y, rm, NULL, 0.1) == NBN_ERR_NULL, "train: one running NULL", "");
+    check(TRAIN(NULL, 0, 1e-5, y, rm, rv, 0.1) == NBN_ERR_NULL, "train: NULL before shape", "");
+    check(TRAIN(x, 0, 1e-5, y, rm, rv, 0.1) == NBN_ERR_SHAPE, "train: outer 0", "");
+    check(TRAIN(x, -3, 1e-5, y, rm, rv, 0.1) == NBN_ERR_SHAPE, "train: outer < 0", "");
+    check(nbn_forward_train_f32(x, O, 0, I, NULL, NULL, 1e-5, y, mean, invstd, NULL, NULL, 0.1) ==
+              NBN_ERR_SHAPE, "train: channels 0", "");
+    check(nbn_forward_train_f32(x, INT64_MAX / 2, C, I, NULL, NULL, 1e-5, y, mean, invstd, NULL,
+                                NULL, 0.1) == NBN_ERR_SHAPE, "train: size overflows", "");
+    check(nbn_forward_train_f32(x, 1, C, 1, NULL, NULL, 1e-5, y, mean, invstd, NULL, NULL, 0.1) ==
+              NBN_ERR_VALUE, "train: one value per channel", "");
+    check(TRAIN(x, O, -1e-5, y, rm, rv, 0.1) == NBN_ERR_VALUE, "train: eps < 0", "");
+    check(TRAIN(x, O, NAN, y, rm, rv, 0.1) == NBN_ERR_VALUE, "train: eps NaN", "");
+    check(TRAIN(x, O, 1e-5, y, rm, rv, 1.5) == NBN_ERR_VALUE, "train: momentum > 1", "");
+    check(TRAIN(x, O, 1e-5, y, rm, rv, -0.1) == NBN_ERR_VALUE, "train: momentum < 0", "");
+    check(TRAIN(x, O, 1e-5, y, rm, rv, NAN) == NBN_ERR_VALUE, "train: momentum NaN", "");
+
+    check(nbn_forward_eval_f32(x, O, C, I, NULL, NULL, NULL, rv, 1e-5, y) == NBN_ERR_NULL,
+          "eval: running_mean NULL", "");
+    check(nbn_forward_eval_f32(x, O, C, I, NULL, NULL, rm, rv, 1e-5, NULL) == NBN_ERR_NULL,
+          "eval: y NULL", "");
+    check(nbn_forward_eval_f32(x, O, C, 0, NULL, NULL, rm, rv, 1e-5, y) == NBN_ERR_SHAPE,
+          "eval: inner 0", "");
+    check(nbn_forward_eval_f32(x, O, C, I, NULL, NULL, rm, rv, -1.0, y) == NBN_ERR_VALUE,
+          "eval: eps < 0", "");
+    check(nbn_backward_f32(NULL, x, O, C, I, NULL, mean, invstd, dx, dw, db) == NBN_ERR_NULL,
+          "backward: dy NULL", "");
+    check(nbn_backward_f32(x, x, O, C, I, NULL, NULL, invstd, dx, dw, db) == NBN_ERR_NULL,
+          "backward: save_mean NULL", "");
+    check(nbn_backward_f32(x, x, O, C, I, NULL, mean, invstd, NULL, dw, db) == NBN_ERR_NULL,
+          "backward: dx NULL", "");
+    check(nbn_backward_f32(x, x, O, -1, I, NULL, mean, invstd, dx, dw, db) == NBN_ERR_SHAPE,
+          "backward: channels < 0", "");
+    check(nbn_forward_train_f64(NULL, O, C, I, NULL, NULL, 1e-5, NULL, NULL, NULL, NULL, NULL,
+                                0.1) == NBN_ERR_NULL, "train f64: x NULL", "");
+    check(nbn_forward_eval_f64(NULL, O, C, I, NULL, NULL, NULL, NULL, 1e-5, NULL) ==
+              NBN_ERR_NULL, "eval f64: x NULL", "");
+    check(nbn_backward_f64(NULL, NULL, O, C, I, NULL, NULL, NULL, NULL, NULL, NULL) ==
+              NBN_ERR_NULL, "backward f64: dy NULL", "");
+
+    int untouched = 1;
+    for (int k = 0; k < 8; k++)
+        for (size_t j = 0; j < sizes[k]; j++)
+            untouched &= memcmp(&outputs[k][j], &poisoned, sizeof poisoned) == 0;
+    check(untouched, "failed calls write nothing", "");
+    check(TRAIN(x, O, 0.0, y, NULL, NULL, 1.0) == NBN_OK, "train: eps 0, momentum 1 are valid", "");
+#undef TRAIN
+}
+
+static void test_library_info(void) {
+    check(nbn_version() == NBN_VERSION_NUMBER, "nbn_version matches the header", "");
+    check(nbn_version() / 10000 == NBN_VERSION_MAJOR, "major version", "");
+    check(strncmp(nbn_status_string(NBN_OK), "NBN_OK", 6) == 0, "status string of NBN_OK", "");
+    check(strncmp(nbn_status_string(NBN_ERR_VALUE), "NBN_ERR_VALUE", 13) == 0,
+          "status string of NBN_ERR_VALUE", "");
+    check(nbn_status_string(12345) != NULL, "status string of an unknown code", "");
+    nbn_set_num_threads(3);
+    check(nbn_get_num_threads() == 3, "set_num_threads(3)", "");
+    nbn_set_num_threads(0);
+    check(nbn_get_num_threads() >= 1, "set_num_threads(0): all CPUs", "");
+}
+
+int main(void) {
+    /* (outer, channels, inner): planes with one and several blocks per run, many channels
+     * (fused with 2 threads) and few (split), rows with one and several chunks and tiles,
+     * outer = 1, the smallest training batch (two values per channel). */
+    static const int64_t shapes[][3] = {
+        {4, 3, 5},  {2, 5, 4100}, {6, 1, 4097}, {16, 9, 7}, {1, 2, 9},
+        {3, 7, 1},  {2100, 300, 1}, {2, 1, 1},   {1, 4, 2},
+    };
+    test_library_info();
+    test_status_codes();
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int f64 = 0; f64 < 2; f64++)
+            test_shape(f64, shapes[s][0], shapes[s][1], shapes[s][2], (int)((s + f64) % 2));
+    printf("isa %s: %d checks, %d failed\n", nbn_isa(), checks, failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,246 @@
+"""C backends: a shared library with the ABI of kernels/numba_bn.h behind ``backend=name``.
+
+``register_backend("c", "plugin/libnumba_bn.so")`` loads the library with ctypes and makes
+``backend="c"`` work in the functional API and in ``BatchNorm``. The library built by
+``numba-bn build-plugin`` gives a backend that needs no JIT compile at start-up; the reference
+backend (kernels/reference_backend.c) shows how to plug in C kernels of one's own.
+
+How the backend protocol (:mod:`numba_bn.dispatch`) maps onto the ABI:
+
+* ``forward_train``, ``forward_eval``, ``backward`` run in the library (ctypes releases the GIL).
+  Arguments arrive validated by :mod:`numba_bn.functional`; the C side checks them again.
+* The ABI carries statistics in the tensor's dtype: ``save_mean``/``save_invstd`` come back in it
+  and go into ``backward`` in it (exact for those that ``forward_train`` returned), ``dweight``
+  comes back as ``invstd * sum_dy_xmu``.
+* The ABI updates running statistics with PyTorch's rule only, and checks nothing for NaN. So the
+  batch mean and unbiased variance come back through running buffers that start at 0 with
+  momentum 1, and the running update (PyTorch's, or the biased one of Keras/Flax/ONNX) and
+  ``nan_policy="raise"`` happen here, in float64, from those float32/float64 values: running
+  statistics can differ from the CPU backend's in the last bit of float32.
+* ``channel_stats``, ``normalize``, ``backward_sums`` and ``backward_dx`` (the eval-mode backward,
+  SyncBatchNorm's split steps) have no ABI entry points: they run on the CPU backend.
+"""
+
+import ctypes
+import os
+
+import numpy as np
+
+from . import dispatch
+from .cpu import CpuBackend
+
+ABI_MAJOR = 1  # NBN_VERSION_MAJOR of kernels/numba_bn.h
+
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_ARGTYPES = {
+    "forward_train": [_P, _I, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P, _D],
+    "forward_eval": [_P, _I, _I, _I, _P, _P, _P, _P, _D, _P],
+    "backward": [_P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P],
+}
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+REQUIRED_SYMBOLS = (
+    "nbn_version",
+    "nbn_status_string",
+    "nbn_set_num_threads",
+    "nbn_get_num_threads",
+    *(f"nbn_{op}_{suffix}" for op in _ARGTYPES for suffix in _SUFFIX.values()),
+)
+
+
+def _pointer(array):
+    """The data pointer of a C-contiguous array; None (NULL) for an absent (empty) one."""
+    return array.ctypes.data if array is not None and array.size else None
+
+
+def load_library(path_or_handle):
+    """A ctypes library from a path, a ``ctypes.CDLL``, or a handle from ``dlopen``."""
+    if isinstance(path_or_handle, ctypes.CDLL):
+        return path_or_handle
+    if isinstance(path_or_handle, int):
+        return ctypes.CDLL(f"<handle {path_or_handle:#x}>", handle=path_or_handle)
+    path = os.fspath(path_or_handle)
+    try:
+        return ctypes.CDLL(path)
+    except OSError as exc:
+        raise OSError(f"cannot load the C backend library {path!r}: {exc}") from None
+
+
+class CBackend:
+    """A shared library with the numba_bn.h ABI, as a backend of :mod:`numba_bn.dispatch`."""
+
+    def __init__(self, name, library):
+        missing = [symbol for symbol in REQUIRED_SYMBOLS if not hasattr(library, symbol)]
+        if missing:
+            raise ValueError(
+                f"{library._name} does not export the numba_bn C ABI: missing {', '.join(missing)}"
+            )
+        self.name = name
+        self.library = library
+        library.nbn_version.restype = ctypes.c_uint32
+        library.nbn_version.argtypes = []
+        self.version = library.nbn_version()
+        if self.version // 10000 != ABI_MAJOR:
+            raise ValueError(
+                f"{library._name} has ABI version {self.version} (major {self.version // 10000});"
+                f" numba_bn needs major version {ABI_MAJOR}"
+            )
+        library.nbn_status_string.restype = ctypes.c_char_p
+        library.nbn_status_string.argtypes = [ctypes.c_int]
+        library.nbn_set_num_threads.argtypes = [ctypes.c_int]
+        library.nbn_get_num_threads.argtypes = []
+        self._functions = {}
+        for op, argtypes in _ARGTYPES.items():
+            for dtype, suffix in _SUFFIX.items():
+                function = getattr(library, f"nbn_{op}_{suffix}")
+                function.argtypes, function.restype = argtypes, ctypes.c_int
+                self._functions[op, dtype] = function
+        self._cpu = CpuBackend()
+
+    @property
+    def isa(self):
+        """The library's compiled variant in use (nbn_isa), or None if it does not say."""
+        if not hasattr(self.library, "nbn_isa"):
+            return None
+        self.library.nbn_isa.restype = ctypes.c_char_p
+        return self.library.nbn_isa().decode()
+
+    def set_num_threads(self, n):
+        """Worker threads of the library (n <= 0: all CPUs)."""
+        self.library.nbn_set_num_threads(int(n))
+
+    def get_num_threads(self):
+        return self.library.nbn_get_num_threads()
+
+    def _call(self, op, dtype, *args):
+        status = self._functions[op, dtype](*args)
+        if status != 0:
+            message = self.library.nbn_status_string(status).decode(errors="replace")
+            raise RuntimeError(f"C backend {self.name!r}: nbn_{op}_{_SUFFIX[dtype]}: {message}")
+
+    # --------------------------------------------------------------- through the library
+    def forward_train(
+        self,
+        x,
+        weight,
+        bias,
+        eps,
+        running_mean,
+        running_var,
+        momentum,
+        unbiased,
+        nan_check,
+        y,
+        save_mean,
+        save_invstd,
+        save_m2,
+    ):
+        outer, channels, inner = x.shape
+        count = outer * inner
+        mean, invstd = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
+        batch_mean, batch_var = np.zeros(channels, x.dtype), np.zeros(channels, x.dtype)
+        self._call(
+            "forward_train",
+            x.dtype,
+            _pointer(x),
+            outer,
+            channels,
+            inner,
+            _pointer(weight),
+            _pointer(bias),
+            eps,
+            _pointer(y),
+            _pointer(mean),
+            _pointer(invstd),
+            _pointer(batch_mean),
+            _pointer(batch_var),
+            1.0,  # momentum 1 from zeros: the running buffers receive the batch statistics
+        )
+        save_mean[:] = mean
+        save_invstd[:] = invstd
+        var_unbiased = batch_var.astype(np.float64)
+        save_m2[:] = var_unbiased * (count - 1)
+        if nan_check and not (np.isfinite(save_mean).all() and np.isfinite(save_m2).all()):
+            return False
+        if running_mean.size:
+            var = var_unbiased if unbiased else save_m2 / count
+            keep = 1.0 - momentum
+            running_mean[:] = keep * running_mean.astype(np.float64) + momentum * save_mean
+            running_var[:] = keep * running_var.astype(np.float64) + momentum * var
+        return True
+
+    def forward_eval(self, x, weight, bias, running_mean, running_var, eps, y):
+        outer, channels, inner = x.shape
+        self._call(
+            "forward_eval",
+            x.dtype,
+            _pointer(x),
+            outer,
+            channels,
+            inner,
+            _pointer(weight),
+            _pointer(bias),
+            _pointer(running_mean),
+            _pointer(running_var),
+            eps,
+            _pointer(y),
+        )
+
+    def backward(self, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+        outer, channels, inner = x.shape
+        mean_t, invstd_t = mean.astype(x.dtype), invstd.astype(x.dtype)
+        dweight, dbias = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
+        self._call(
+            "backward",
+            x.dtype,
+            _pointer(dy),
+            _pointer(x),
+            outer,
+            channels,
+            inner,
+            _pointer(weight),
+            _pointer(mean_t),
+            _pointer(invstd_t),
+            _pointer(dx),
+            _pointer(dweight),
+            _pointer(dbias),
+        )
+        sum_dy[:] = dbias
+        sum_dy_xmu[:] = 0.0  # dweight = invstd * sum_dy_xmu; nothing to recover where invstd = 0
+        np.divide(dweight, invstd_t, out=sum_dy_xmu, where=invstd_t != 0)
+
+    # ------------------------------------------------- not in the ABI: the CPU backend's
+    def channel_stats(self, x, mean, m2):
+        return self._cpu.channel_stats(x, mean, m2)
+
+    def normalize(self, x, coef, y):
+        self._cpu.normalize(x, coef, y)
+
+    def backward_sums(self, dy, x, mean, sum_dy, sum_dy_xmu):
+        self._cpu.backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
+
+    def backward_dx(self, dy, x, coef, dx):
+        self._cpu.backward_dx(dy, x, coef, dx)
+
+
+def register_backend(name, path_or_handle):
+    """Load a C library with the ABI of ``numba_bn.h`` and make ``backend=name`` use it.
+
+    Parameters
+    ----------
+    name : str
+        The name to pass as ``backend=`` to the functional API and ``BatchNorm``; "cpu" is
+        taken by the built-in backend.
+    path_or_handle : str, os.PathLike, ctypes.CDLL or int
+        The shared library (a path, an already loaded ``ctypes.CDLL``, or a ``dlopen`` handle),
+        e.g. ``libnumba_bn.so`` from ``numba-bn build-plugin``.
+
+    Returns
+    -------
+    CBackend
+        The registered backend (``.isa``, ``.version``, ``.set_num_threads(n)``).
+    """
+    if name == "cpu":
+        raise ValueError("backend name 'cpu' is the built-in CPU backend; choose another name")
+    backend = CBackend(name, load_library(path_or_handle))
+    dispatch.register(name, backend)
+    return backend

@@ -1,0 +1,341 @@
+"""Build ``libnumba_bn.so`` (the C ABI of kernels/numba_bn.h) from the library's Numba kernels.
+
+Steps, run by :func:`build_plugin` (``numba-bn build-plugin --out DIR``):
+
+1. One child Python process per target CPU (concurrently), with ``NUMBA_CPU_NAME`` set to that
+   CPU and ``NUMBA_CPU_FEATURES=""`` (the host's features must not leak into a portable build),
+   compiles the serial range drivers of :mod:`numba_bn.cpu.exported` as ``@cfunc`` for float32
+   and float64, through Numba's own pipeline as its JIT would for that CPU, so the code matches
+   the JIT backend's. A fresh ``NUMBA_CACHE_DIR``: a cache hit gives a module without IR.
+2. Each function gets a small wrapper that calls Numba's inner function (not the cfunc wrapper,
+   which reports exceptions through the Python C API) and returns 0 or 1; the wrappers go into
+   a table of function pointers (``nbn_kernels_<cpu>``); everything else is made internal, and
+   llvmlite re-optimises the module for the target CPU (dropping the Python and runtime paths
+   nothing calls any more) and emits an object file.
+3. The system C compiler links the objects with the C shim (kernels/nbn_shim.c), which checks
+   arguments, runs the drivers on pthreads and picks a table at load time for the CPU it runs on.
+
+Targets: x86-64-v2, x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512) by default, or one CPU
+(``--cpu NAME``, ``--cpu host``). The library needs libc, libm and libpthread only.
+"""
+
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+KERNELS_DIR = PACKAGE_ROOT.parent / "kernels"
+LIBRARY_NAME = "libnumba_bn.so"
+HEADER_NAME = "numba_bn.h"
+GENERATED_HEADER = "nbn_kernels.h"
+
+#: Instruction sets of the default x86-64 build, best first (LLVM CPU names).
+X86_64_LEVELS = ("x86-64-v4", "x86-64-v3", "x86-64-v2")
+
+DTYPES = ("f32", "f64")
+
+
+@dataclass
+class BuildResult:
+    library: Path
+    header: Path
+    targets: tuple
+    seconds: float
+
+    @property
+    def size_bytes(self):
+        return self.library.stat().st_size
+
+
+def c_compiler():
+    """The C compiler: $CC, else ``cc``."""
+    return os.environ.get("CC", "cc")
+
+
+def run_compiler(args, what):
+    """Run the C compiler; RuntimeError with its output when it fails."""
+    command = [c_compiler(), *map(str, args)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"{what} needs a C compiler: {command[0]!r} was not found (set CC to another)"
+        ) from None
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n$ {' '.join(command)}\n{done.stdout}{done.stderr}")
+
+
+def _kernels_dir():
+    if not (KERNELS_DIR / "nbn_shim.c").is_file():
+        raise RuntimeError(
+            f"the C sources of the plugin are not at {KERNELS_DIR}: building it needs the numba_bn "
+            "source tree (kernels/ next to the numba_bn package), e.g. an editable install"
+        )
+    return KERNELS_DIR
+
+
+# -------------------------------------------------------------------------------- parent side
+def build_targets(cpu=None):
+    """(name, LLVM CPU, LLVM features) of each object to build, best first.
+
+    ``cpu``: None for the portable x86-64 build (x86-64-v2 baseline, AVX2 and AVX-512 variants
+    chosen at load time; on another architecture its generic CPU); ``"host"`` for this machine's
+    CPU and features (then results match the JIT backend's bit for bit); any other LLVM CPU name
+    for that CPU only (the library then needs that CPU).
+    """
+    import llvmlite.binding as llvm
+
+    if cpu == "host":
+        host = llvm.get_host_cpu_name()
+        return ((host, host, llvm.get_host_cpu_features().flatten()),)
+    if cpu:
+        return ((cpu, cpu, ""),)
+    if llvm.get_process_triple().startswith("x86_64"):
+        return tuple((level, level, "") for level in X86_64_LEVELS)
+    return (("generic", "generic", ""),)
+
+
+def build_plugin(out_dir, cpu=None):
+    """Build ``out_dir/libnumba_bn.so`` and copy ``numba_bn.h`` next to it (see
+    :func:`build_targets` for ``cpu``); returns a :class:`BuildResult`."""
+    from .cpu.exported import EXPORTED
+
+    start = time.perf_counter()
+    kernels = _kernels_dir()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = build_targets(cpu)
+    with tempfile.TemporaryDirectory(prefix="nbn-plugin-") as work:
+        work = Path(work)
+        children = [_start_child(work, *target) for target in targets]
+        try:
+            for (name, _, _), child in zip(targets, children, strict=True):
+                output, _ = child.communicate()
+                if child.returncode != 0:
+                    raise RuntimeError(f"compiling the kernels for {name} failed:\n{output}")
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        (work / GENERATED_HEADER).write_text(_generated_header(EXPORTED, targets))
+        library = out_dir / LIBRARY_NAME
+        run_compiler(
+            [
+                "-std=c11", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
+                "-I", kernels, "-I", work,
+                kernels / "nbn_shim.c", *sorted(work.glob("kernels-*.o")),
+                "-o", library,
+                "-Wl,--no-undefined", "-Wl,-z,noexecstack", "-Wl,-soname," + LIBRARY_NAME,
+                "-lpthread", "-lm",
+            ],
+            "linking libnumba_bn.so",
+        )  # fmt: skip
+    header = out_dir / HEADER_NAME
+    shutil.copyfile(kernels / HEADER_NAME, header)
+    return BuildResult(library, header, tuple(t[0] for t in targets), time.perf_counter() - start)
+
+
+def _start_child(work, name, cpu_name, features):
+    """A Python process that compiles the kernels for one CPU (they run concurrently).
+
+    Numba compiles for that CPU with its own pipeline, as its JIT does for the host, and must
+    not see the host's features; a cache hit would give a module without IR, hence a fresh
+    cache directory.
+    """
+    env = dict(os.environ)
+    env.update(
+        NUMBA_CPU_NAME=cpu_name,
+        NUMBA_CPU_FEATURES=features,
+        NUMBA_CACHE_DIR=str(work / f"numba-cache-{_identifier(name)}"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT.parent), env.get("PYTHONPATH")])),
+    )
+    env.pop("NUMBA_OPT", None)
+    env.pop("NUMBA_DISABLE_JIT", None)
+    command = [sys.executable, "-m", "numba_bn.plugin", str(work), name, cpu_name, features]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def build_reference_backend(out_dir):
+    """Build the plain double-precision C backend (kernels/reference_backend.c); its path."""
+    kernels = _kernels_dir()
+    library = Path(out_dir) / "libnbn_reference.so"
+    run_compiler(
+        ["-std=c11", "-O2", "-fPIC", "-shared", "-I", kernels,
+         kernels / "reference_backend.c", "-o", library, "-lm"],
+        "building the reference C backend",
+    )  # fmt: skip
+    return library
+
+
+# --------------------------------------------------------------------------------- child side
+def _identifier(name):
+    return re.sub(r"[^0-9A-Za-z]", "_", name)
+
+
+def _numba_signature(function, dtype):
+    """The cfunc signature of an exported function for ``dtype`` (from its annotations)."""
+    from numba import types
+
+    scalar = {"f32": types.float32, "f64": types.float64}[dtype]
+    numba_type = {
+        "const T *": types.CPointer(scalar),
+        "T *": types.CPointer(scalar),
+        "const double *": types.CPointer(types.float64),
+        "double *": types.CPointer(types.float64),
+        "int64_t": types.int64,
+        "double": types.float64,
+    }
+    params = inspect.signature(function).parameters.values()
+    return types.void(*(numba_type[p.annotation] for p in params))
+
+
+def _c_parameters(function):
+    """The C parameter list of an exported function, ``T *`` as ``void *``."""
+    params = inspect.signature(function).parameters.values()
+    return ", ".join(
+        f"{p.annotation.replace('T *', 'void *')}{'' if p.annotation.endswith('*') else ' '}"
+        f"{p.name.removesuffix('_ptr')}"
+        for p in params
+    )
+
+
+def _generated_header(functions, targets):
+    from .cpu.exported import CONSTANTS
+
+    lines = [
+        "/* Generated by numba_bn/plugin.py from numba_bn/cpu/exported.py: do not edit.",
+        " * The table of serial range drivers the shim calls, one per instruction set; T * is",
+        " * void * here (float or double by the member of nbn_kernel_table). Each returns 0, or 1",
+        " * when the Numba code raised (a bug: arguments are checked before). */",
+        "#ifndef NBN_KERNELS_H",
+        "#define NBN_KERNELS_H",
+        "#include <stdint.h>",
+        "",
+        *(f"#define NBN_{name} {value}" for name, value in CONSTANTS.items()),
+        "",
+        "typedef struct nbn_dtype_kernels {",
+        *(f"    int32_t (*{f.__name__})({_c_parameters(f)});" for f in functions),
+        "} nbn_dtype_kernels;",
+        "",
+        "typedef struct nbn_kernel_table {",
+        "    nbn_dtype_kernels f32, f64;",
+        "} nbn_kernel_table;",
+        "",
+        *(f"extern const nbn_kernel_table nbn_kernels_{_identifier(t[0])};" for t in targets),
+        "",
+        "/* {name, table}, best first */",
+        "#define NBN_KERNEL_TABLES \\",
+        ", \\\n".join(f'    {{"{t[0]}", &nbn_kernels_{_identifier(t[0])}}}' for t in targets),
+        "",
+        "#endif",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _compile_cfuncs(functions):
+    """LLVM IR of each exported function and dtype: {(name, dtype): (inner symbol, IR text)}."""
+    from numba import cfunc
+
+    compiled = {}
+    for dtype in DTYPES:
+        for function in functions:
+            sig = _numba_signature(function, dtype)
+            compiled_function = cfunc(sig)(function)  # never cache=True: a hit has no IR
+            inner = compiled_function.native_name.removeprefix("cfunc.")
+            ir = compiled_function.inspect_llvm()
+            # Numba marks its runtime helpers noinline; inlined, the refcount calls on arrays
+            # that carray made (no meminfo) fold away with the references to libnrt.
+            ir = re.sub(r"(?m)^(attributes #\d+ = \{.*)\bnoinline\b", r"\1inlinehint", ir)
+            compiled[function.__name__, dtype] = inner, ir
+    return compiled
+
+
+def _wrappers_ir(base, compiled, functions, table, triple, data_layout):
+    """Wrappers that call Numba's inner functions, and the table of them (LLVM IR text)."""
+    lines = [f'target triple = "{triple}"', f'target datalayout = "{data_layout}"']
+    entries = []
+    for dtype in DTYPES:
+        for function in functions:
+            inner, _ = compiled[function.__name__, dtype]
+            arg_types = [str(a.type) for a in base.get_function(inner).arguments][2:]
+            params = ", ".join(f"{t} %a{i}" for i, t in enumerate(arg_types))
+            args = ", ".join(f"{t} %a{i}" for i, t in enumerate(arg_types))
+            wrapper = f"nbn_k_{function.__name__}_{dtype}"
+            lines += [
+                f'declare i32 @"{inner}"(ptr, ptr, {", ".join(arg_types)})',
+                f'define internal i32 @"{wrapper}"({params}) {{',
+                "  %ret = alloca ptr, align 8",
+                "  %exc = alloca ptr, align 8",
+                "  store ptr null, ptr %ret, align 8",
+                "  store ptr null, ptr %exc, align 8",
+                f'  %status = call i32 @"{inner}"(ptr %ret, ptr %exc, {args})',
+                "  %ok_value = icmp eq i32 %status, 0",  # Numba: 0 returned a value
+                "  %ok_none = icmp eq i32 %status, -2",  # -2 returned None
+                "  %ok = or i1 %ok_value, %ok_none",
+                "  %result = select i1 %ok, i32 0, i32 1",
+                "  ret i32 %result",
+                "}",
+            ]
+            entries.append(f'ptr @"{wrapper}"')
+    lines.append(
+        f"@{table} = hidden constant [{len(entries)} x ptr] [{', '.join(entries)}], align 8"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _optimise(module, target_machine):
+    import llvmlite.binding as llvm
+
+    tuning = llvm.create_pipeline_tuning_options(speed_level=3)
+    tuning.loop_vectorization = True
+    tuning.slp_vectorization = False  # off in Numba since a miscompilation (numba#8705)
+    builder = llvm.create_pass_builder(target_machine, tuning)
+    builder.getModulePassManager().run(module, builder)
+
+
+def emit_object(work, name, cpu_name, features):
+    """Child process: compile the exported drivers and write ``work/kernels-<name>.o``."""
+    import llvmlite.binding as llvm
+
+    from .cpu.exported import EXPORTED
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    compiled = _compile_cfuncs(EXPORTED)
+    module = None
+    for _, ir in compiled.values():
+        if module is None:
+            module = llvm.parse_assembly(ir)
+        else:
+            module.link_in(llvm.parse_assembly(ir))
+    triple = llvm.get_process_triple()
+    machine = llvm.Target.from_triple(triple).create_target_machine(
+        cpu=cpu_name, features=features, opt=3, reloc="pic", codemodel="default"
+    )
+    data_layout = str(machine.target_data)
+    module.triple, module.data_layout = triple, data_layout
+    table = f"nbn_kernels_{_identifier(name)}"
+    module.link_in(
+        llvm.parse_assembly(_wrappers_ir(module, compiled, EXPORTED, table, triple, data_layout))
+    )
+    for value in (*module.functions, *module.global_variables):
+        if not value.is_declaration and value.name != table:
+            value.linkage = "internal"
+    module.verify()
+    _optimise(module, machine)
+    (Path(work) / f"kernels-{_identifier(name)}.o").write_bytes(machine.emit_object(module))
+
+
+if __name__ == "__main__":
+    emit_object(*sys.argv[1:5])
