@@ -8,11 +8,11 @@
  *   - allocates the per-call scratch (one malloc, freed before returning),
  *   - runs the drivers on pthreads over the work items of the JIT drivers
  *     (numba_bn/cpu/drivers.py):
- *       planes (inner > 1), channels >= 2 * threads: one channel per item, fused, so x is
- *         read from memory once;
- *       planes, few channels: (channel, segment) items, a merge per channel, then
- *         (n, channel, block) items for the elementwise pass;
- *       rows (inner == 1): (row chunk, channel tile) items, a merge per channel, the same items.
+ *       planes (inner > 1), channels >= 2 * threads: one channel per item, start to finish,
+ *         so x is read from memory once;
+ *       otherwise: partials per reduction item ((channel, segment) for planes, (row chunk,
+ *         channel tile) for rows), a merge per channel in part order, then the elementwise
+ *         items ((n, channel, block) for planes, the same (row chunk, channel tile) for rows).
  * Items write disjoint outputs and each channel's merge runs in a fixed order, so results are
  * the same for any number of threads.
  */
@@ -146,26 +146,47 @@ typedef struct {
     void *out; /* y or dx */
     const void *weight, *bias;
     int64_t n_weight, n_bias;
-    const void *running_mean, *running_var;
     double eps;
-    void *coef;                      /* (4 or 5, channels) coefficients, tensor dtype */
-    double *mean, *invstd, *m2;      /* per channel */
-    double *sum_dy, *sum_dy_xmu;     /* per channel */
-    double *part, *part_m2;          /* partials of the split layouts */
+    void *coef;                  /* (4 or 5, channels) coefficients, tensor dtype */
+    double *mean, *invstd, *m2;  /* per channel */
+    double *sum_dy, *sum_dy_xmu; /* per channel */
+    double *part;                /* (3 or 2, parts, channels) partials of the split layouts */
 } nbn_call;
 
 static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Work items of each layout (as numba_bn/cpu/drivers.py) and their sizes in elements. */
-static int64_t segments(const nbn_call *a) { return a->outer * ceil_div(a->inner, NBN_PLANE_BLOCK); }
-static int64_t chunks(const nbn_call *a) { return ceil_div(a->outer, NBN_ROW_CHUNK); }
-static int64_t tiles(const nbn_call *a) { return ceil_div(a->channels, NBN_CHANNEL_TILE); }
-static int64_t block_elements(const nbn_call *a) { return min64(a->inner, NBN_PLANE_BLOCK); }
-static int64_t tile_elements(const nbn_call *a) {
+/* The work items of numba_bn/cpu/drivers.py and their sizes in elements:
+ *   reduction items: (channel, segment) for planes, (row chunk, channel tile) for rows;
+ *   elementwise items: (n, channel, block) for planes, (row chunk, channel tile) for rows;
+ *   partials per channel: segments (n, block) for planes, row chunks for rows. */
+static int64_t parts(const nbn_call *a) {
+    return a->inner > 1 ? a->outer * ceil_div(a->inner, NBN_PLANE_BLOCK)
+                        : ceil_div(a->outer, NBN_ROW_CHUNK);
+}
+
+static int64_t row_items(const nbn_call *a) {
+    return ceil_div(a->outer, NBN_ROW_CHUNK) * ceil_div(a->channels, NBN_CHANNEL_TILE);
+}
+
+static int64_t row_item_elements(const nbn_call *a) {
     return min64(a->outer, NBN_ROW_CHUNK) * min64(a->channels, NBN_CHANNEL_TILE);
 }
 
+static int64_t reduce_items(const nbn_call *a) {
+    return a->inner > 1 ? a->channels * parts(a) : row_items(a);
+}
+
+static int64_t elementwise_items(const nbn_call *a) {
+    return a->inner > 1 ? a->outer * a->channels * ceil_div(a->inner, NBN_PLANE_BLOCK)
+                        : row_items(a);
+}
+
+static int64_t item_elements(const nbn_call *a) {
+    return a->inner > 1 ? min64(a->inner, NBN_PLANE_BLOCK) : row_item_elements(a);
+}
+
+/* Planes with channels for every thread: one channel per item, x read from memory once. */
 static int fused(const nbn_call *a) {
     return a->inner > 1 && a->channels >= 2 * (int64_t)nbn_get_num_threads();
 }
@@ -198,7 +219,7 @@ static void load_vector(double *dst, const void *src, int f64, int64_t n) {
     }
 }
 
-/* ----------------------------------------------------------------------- ranges: forward */
+/* ------------------------------------------------------------------------- work item ranges */
 static int32_t train_channels(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
     (void)scratch;
@@ -207,32 +228,18 @@ static int32_t train_channels(const void *job, int64_t first, int64_t last, doub
                                       a->coef, a->mean, a->invstd, a->m2);
 }
 
-static int32_t plane_stats(const void *job, int64_t first, int64_t last, double *scratch) {
+static int32_t stats(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
-    (void)scratch;
-    return a->k->plane_stats_items(a->x, a->outer, a->channels, a->inner, first, last, a->part);
+    return a->k->stats_items(a->x, a->outer, a->channels, a->inner, first, last, a->part,
+                             scratch);
 }
 
-static int32_t plane_train_merge(const void *job, int64_t first, int64_t last, double *scratch) {
+static int32_t train_merge(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
     (void)scratch;
-    return a->k->train_from_plane_parts(a->outer, a->channels, a->inner, first, last, a->part,
-                                        a->eps, a->weight, a->n_weight, a->bias, a->n_bias,
-                                        a->coef, a->mean, a->invstd, a->m2);
-}
-
-static int32_t rows_stats(const void *job, int64_t first, int64_t last, double *scratch) {
-    const nbn_call *a = job;
-    return a->k->rows_stats_items(a->x, a->outer, a->channels, first, last, a->part, a->part_m2,
-                                  scratch);
-}
-
-static int32_t rows_train_merge(const void *job, int64_t first, int64_t last, double *scratch) {
-    const nbn_call *a = job;
-    (void)scratch;
-    return a->k->train_from_row_parts(a->outer, a->channels, first, last, a->part, a->part_m2,
-                                      a->eps, a->weight, a->n_weight, a->bias, a->n_bias,
-                                      a->coef, a->mean, a->invstd, a->m2);
+    return a->k->train_from_parts(a->outer, a->channels, a->inner, first, last, a->part, a->eps,
+                                  a->weight, a->n_weight, a->bias, a->n_bias, a->coef, a->mean,
+                                  a->invstd, a->m2);
 }
 
 static int32_t normalize(const void *job, int64_t first, int64_t last, double *scratch) {
@@ -242,16 +249,6 @@ static int32_t normalize(const void *job, int64_t first, int64_t last, double *s
                                  a->out);
 }
 
-/* y from the coefficients, over the elementwise items of the layout. */
-static int normalize_all(const nbn_call *a) {
-    if (a->inner > 1) {
-        int64_t items = a->outer * a->channels * ceil_div(a->inner, NBN_PLANE_BLOCK);
-        return parallel_items(normalize, a, items, block_elements(a));
-    }
-    return parallel_items(normalize, a, chunks(a) * tiles(a), tile_elements(a));
-}
-
-/* ---------------------------------------------------------------------- ranges: backward */
 static int32_t backward_channels(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
     (void)scratch;
@@ -260,34 +257,19 @@ static int32_t backward_channels(const void *job, int64_t first, int64_t last, d
                                          a->coef, a->sum_dy, a->sum_dy_xmu, a->out);
 }
 
-static int32_t plane_sums(const void *job, int64_t first, int64_t last, double *scratch) {
+static int32_t sums(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
     (void)scratch;
-    return a->k->plane_sums_items(a->dy, a->x, a->outer, a->channels, a->inner, first, last,
-                                  a->mean, a->part);
+    return a->k->sums_items(a->dy, a->x, a->outer, a->channels, a->inner, first, last, a->mean,
+                            a->part);
 }
 
-static int32_t plane_dx_merge(const void *job, int64_t first, int64_t last, double *scratch) {
+static int32_t dx_merge(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
     (void)scratch;
-    return a->k->dx_from_plane_parts(a->outer, a->channels, a->inner, first, last, a->part,
-                                     a->mean, a->invstd, a->weight, a->n_weight, a->coef,
-                                     a->sum_dy, a->sum_dy_xmu);
-}
-
-static int32_t rows_sums(const void *job, int64_t first, int64_t last, double *scratch) {
-    const nbn_call *a = job;
-    (void)scratch;
-    return a->k->rows_sums_items(a->dy, a->x, a->outer, a->channels, first, last, a->mean,
-                                 a->part);
-}
-
-static int32_t rows_dx_merge(const void *job, int64_t first, int64_t last, double *scratch) {
-    const nbn_call *a = job;
-    (void)scratch;
-    return a->k->dx_from_row_parts(a->outer, a->channels, first, last, a->part, a->mean,
-                                   a->invstd, a->weight, a->n_weight, a->coef, a->sum_dy,
-                                   a->sum_dy_xmu);
+    return a->k->dx_from_parts(a->outer, a->channels, a->inner, first, last, a->part, a->mean,
+                               a->invstd, a->weight, a->n_weight, a->coef, a->sum_dy,
+                               a->sum_dy_xmu);
 }
 
 static int32_t dx_blocks(const void *job, int64_t first, int64_t last, double *scratch) {
@@ -308,24 +290,20 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y, .weight = weight, .bias = bias,
                   .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps};
-    int split_planes = inner > 1 && !fused(&a);
-    int64_t parts = split_planes ? 3 * channels * segments(&a)
-                    : inner == 1 ? 2 * chunks(&a) * channels : 0;
-    double *scratch = alloc_scratch(3 * channels + parts, 4 * channels, &a.coef);
+    int whole_channels = fused(&a);
+    int64_t n_part = whole_channels ? 0 : 3 * parts(&a) * channels;
+    double *scratch = alloc_scratch(3 * channels + n_part, 4 * channels, &a.coef);
     if (!scratch) return NBN_ERR_INTERNAL;
     a.mean = scratch, a.invstd = scratch + channels, a.m2 = scratch + 2 * channels;
-    a.part = scratch + 3 * channels, a.part_m2 = a.part + parts / 2;
+    a.part = scratch + 3 * channels;
 
-    if (inner > 1 && !split_planes) {
+    if (whole_channels) {
         status = parallel_items(train_channels, &a, channels, outer * inner);
-    } else if (split_planes) {
-        status = parallel_items(plane_stats, &a, channels * segments(&a), block_elements(&a));
-        if (status == NBN_OK) status = parallel_items(plane_train_merge, &a, channels, segments(&a));
-        if (status == NBN_OK) status = normalize_all(&a);
     } else {
-        status = parallel_items(rows_stats, &a, chunks(&a) * tiles(&a), tile_elements(&a));
-        if (status == NBN_OK) status = parallel_items(rows_train_merge, &a, channels, chunks(&a));
-        if (status == NBN_OK) status = normalize_all(&a);
+        status = parallel_items(stats, &a, reduce_items(&a), item_elements(&a));
+        if (status == NBN_OK) status = parallel_items(train_merge, &a, channels, parts(&a));
+        if (status == NBN_OK)
+            status = parallel_items(normalize, &a, elementwise_items(&a), item_elements(&a));
     }
     if (status == NBN_OK && running_mean &&
         a.k->update_running(channels, running_mean, running_var, (double)(outer * inner), a.mean,
@@ -349,10 +327,11 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
                   .x = x, .out = y};
     double *scratch = alloc_scratch(0, 4 * channels, &a.coef);
     if (!scratch) return NBN_ERR_INTERNAL;
-    status = a.k->eval_coefficients(channels, 0, channels, weight, weight ? channels : 0, bias,
-                                    bias ? channels : 0, running_mean, running_var, eps, a.coef)
-                 ? NBN_ERR_INTERNAL
-                 : normalize_all(&a);
+    if (a.k->eval_coefficients(channels, weight, weight ? channels : 0, bias, bias ? channels : 0,
+                               running_mean, running_var, eps, a.coef) != 0)
+        status = NBN_ERR_INTERNAL;
+    else
+        status = parallel_items(normalize, &a, elementwise_items(&a), item_elements(&a));
     free(scratch);
     return status;
 }
@@ -365,10 +344,9 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .dy = dy, .x = x, .out = dx, .weight = weight,
                   .n_weight = weight ? channels : 0};
-    int split_planes = inner > 1 && !fused(&a);
-    int64_t parts = split_planes ? 2 * channels * segments(&a)
-                    : inner == 1 ? 2 * chunks(&a) * channels : 0;
-    double *scratch = alloc_scratch(4 * channels + parts, 5 * channels, &a.coef);
+    int whole_channels = fused(&a);
+    int64_t n_part = whole_channels ? 0 : 2 * parts(&a) * channels;
+    double *scratch = alloc_scratch(4 * channels + n_part, 5 * channels, &a.coef);
     if (!scratch) return NBN_ERR_INTERNAL;
     a.mean = scratch, a.invstd = scratch + channels;
     a.sum_dy = scratch + 2 * channels, a.sum_dy_xmu = scratch + 3 * channels;
@@ -376,21 +354,13 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
     load_vector(a.mean, save_mean, f64, channels);
     load_vector(a.invstd, save_invstd, f64, channels);
 
-    if (inner > 1 && !split_planes) {
+    if (whole_channels) {
         status = parallel_items(backward_channels, &a, channels, outer * inner);
     } else {
-        int64_t dx_items;
-        if (split_planes) {
-            status = parallel_items(plane_sums, &a, channels * segments(&a), block_elements(&a));
-            if (status == NBN_OK) status = parallel_items(plane_dx_merge, &a, channels, segments(&a));
-            dx_items = outer * channels * ceil_div(inner, NBN_PLANE_BLOCK);
-        } else {
-            status = parallel_items(rows_sums, &a, chunks(&a) * tiles(&a), tile_elements(&a));
-            if (status == NBN_OK) status = parallel_items(rows_dx_merge, &a, channels, chunks(&a));
-            dx_items = chunks(&a) * tiles(&a);
-        }
-        int64_t dx_elements = split_planes ? block_elements(&a) : tile_elements(&a);
-        if (status == NBN_OK) status = parallel_items(dx_blocks, &a, dx_items, dx_elements);
+        status = parallel_items(sums, &a, reduce_items(&a), item_elements(&a));
+        if (status == NBN_OK) status = parallel_items(dx_merge, &a, channels, parts(&a));
+        if (status == NBN_OK)
+            status = parallel_items(dx_blocks, &a, elementwise_items(&a), item_elements(&a));
     }
     if (status == NBN_OK) {
         /* dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)), as numba_bn.backward */
