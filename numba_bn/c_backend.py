@@ -205,8 +205,10 @@ class CBackend:
             _pointer(dbias),
         )
         sum_dy[:] = dbias
-        sum_dy_xmu[:] = 0.0  # dweight = invstd * sum_dy_xmu; nothing to recover where invstd = 0
-        np.divide(dweight, invstd_t, out=sum_dy_xmu, where=invstd_t != 0)
+        # dweight = invstd * sum_dy_xmu, in float64; nothing to recover where invstd = 0
+        invstd64 = invstd_t.astype(np.float64)
+        sum_dy_xmu[:] = 0.0
+        np.divide(dweight.astype(np.float64), invstd64, out=sum_dy_xmu, where=invstd64 != 0)
 
     # ------------------------------------------------- not in the ABI: the CPU backend's
     def channel_stats(self, x, mean, m2):

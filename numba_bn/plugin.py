@@ -253,11 +253,7 @@ def _compile_cfuncs(functions):
             sig = _numba_signature(function, dtype)
             compiled_function = cfunc(sig)(function)  # never cache=True: a hit has no IR
             inner = compiled_function.native_name.removeprefix("cfunc.")
-            ir = compiled_function.inspect_llvm()
-            # Numba marks its runtime helpers noinline; inlined, the refcount calls on arrays
-            # that carray made (no meminfo) fold away with the references to libnrt.
-            ir = re.sub(r"(?m)^(attributes #\d+ = \{.*)\bnoinline\b", r"\1inlinehint", ir)
-            compiled[function.__name__, dtype] = inner, ir
+            compiled[function.__name__, dtype] = inner, compiled_function.inspect_llvm()
     return compiled
 
 

@@ -1,0 +1,314 @@
+"""The C plugin: libnumba_bn.so built from the kernels, checked from C and as a Python backend.
+
+The plugin is built once per session (``numba-bn build-plugin``, the portable build with its
+x86-64-v2/v3/v4 variants) together with a ``--cpu host`` build, which compiles the kernels exactly
+as the JIT does and must therefore give the CPU backend's bits. Both builds, the reference C
+backend and the C test host need a C compiler (``cc`` or $CC).
+"""
+
+import ctypes
+import ctypes.util
+import os
+import re
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn import plugin
+from numba_bn.cli import main
+
+from conftest import LAYOUTS, poison, random_batch
+
+KERNELS = plugin.KERNELS_DIR
+ABI_SYMBOLS = {
+    "nbn_version", "nbn_status_string", "nbn_set_num_threads", "nbn_get_num_threads", "nbn_isa",
+    *(f"nbn_{op}_{t}" for op in ("forward_train", "forward_eval", "backward")
+      for t in ("f32", "f64")),
+}  # fmt: skip
+SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libgomp.so.1"}
+TOL = {np.float32: 2e-5, np.float64: 1e-12}
+# planes fused and split, a plane of two blocks, rows of two chunks and two tiles, channels-last
+BIG_LAYOUTS = [((8, 16, 32, 32), 1), ((4, 2, 9000), 1), ((2100, 300), 1), ((40, 6, 6, 5), -1)]
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory):
+    """The portable build (through the CLI) and a --cpu host build, made concurrently."""
+    portable, host = tmp_path_factory.mktemp("plugin"), tmp_path_factory.mktemp("plugin-host")
+    host_build = {}
+    thread = threading.Thread(
+        target=lambda: host_build.setdefault("result", plugin.build_plugin(host, cpu="host"))
+    )
+    thread.start()
+    status = main(["build-plugin", "--out", str(portable)])
+    thread.join()
+    assert status == 0 and "result" in host_build
+    return portable, host
+
+
+@pytest.fixture(scope="session")
+def library(builds):
+    return builds[0] / plugin.LIBRARY_NAME
+
+
+@pytest.fixture(scope="session")
+def backends(builds, tmp_path_factory):
+    """C backends registered for the session: the portable plugin, the host build, the reference."""
+    reference = plugin.build_reference_backend(tmp_path_factory.mktemp("reference"))
+    return {
+        "c-plugin": nbn.register_backend("c-plugin", builds[0] / plugin.LIBRARY_NAME),
+        "c-host": nbn.register_backend("c-host", builds[1] / plugin.LIBRARY_NAME),
+        "c-reference": nbn.register_backend("c-reference", reference),
+    }
+
+
+@pytest.fixture(scope="session")
+def test_host(builds, tmp_path_factory):
+    """kernels/test_host.c linked against the portable build."""
+    binary = tmp_path_factory.mktemp("host") / "test_host"
+    plugin.run_compiler(
+        ["-std=c11", "-O2", "-I", KERNELS, KERNELS / "test_host.c", "-L", builds[0],
+         "-lnumba_bn", f"-Wl,-rpath,{builds[0]}", "-lm", "-o", binary],
+        "building the C test host",
+    )  # fmt: skip
+    return binary
+
+
+def _tool(*command):
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+# --------------------------------------------------------------------------- the library itself
+def test_build_writes_the_library_and_the_header(builds):
+    for directory in builds:
+        assert (directory / plugin.LIBRARY_NAME).stat().st_size > 0
+        header = (directory / plugin.HEADER_NAME).read_text()
+        assert header == (KERNELS / "numba_bn.h").read_text()
+
+
+def test_library_needs_only_the_c_runtime(library):
+    """No Python, no Numba runtime: libc/libm/libpthread/libgomp symbols only."""
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", _tool("readelf", "-d", library))
+    assert needed and set(needed) <= SYSTEM_LIBRARIES
+    for line in _tool("nm", "-D", "--undefined-only", library).splitlines():
+        kind, symbol = line.split()[-2:]
+        assert not re.search(r"Py|NRT|numba", symbol), line
+        if kind == "U":  # weak ones (w) are the toolchain's optional hooks
+            assert re.search(r"@(GLIBC|GOMP|OMP)_", symbol), line
+
+
+def test_library_exports_exactly_the_abi(library):
+    exported = {
+        line.split()[-1] for line in _tool("nm", "-D", "--defined-only", library).splitlines()
+    }
+    assert exported == ABI_SYMBOLS
+
+
+@pytest.mark.parametrize("isa", [None, *plugin.X86_64_LEVELS])
+def test_c_host_passes_with_an_empty_environment(test_host, isa):
+    """All six functions against the double reference, status codes, 1 vs 2 threads, from C."""
+    environment = [f"NBN_ISA={isa}"] if isa else []
+    done = subprocess.run(
+        ["env", "-i", *environment, str(test_host)], capture_output=True, text=True, timeout=300
+    )
+    summary = done.stdout.strip().splitlines()[-1]
+    if isa and not summary.startswith(f"isa {isa}:"):
+        pytest.skip(f"this CPU cannot run the {isa} variant ({summary})")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary.endswith(", 0 failed")
+
+
+def test_the_c_example_of_the_docs_runs(builds, tmp_path):
+    docs = (KERNELS.parent / "docs" / "c-abi.md").read_text()
+    source = tmp_path / "example.c"
+    source.write_text(re.search(r"```c\n(.*?)```", docs, re.DOTALL).group(1))
+    plugin.run_compiler(
+        ["-std=c11", "-O2", "-Wall", "-Werror", "-I", builds[0], source, "-L", builds[0],
+         "-lnumba_bn", f"-Wl,-rpath,{builds[0]}", "-o", tmp_path / "example"],
+        "building the example of docs/c-abi.md",
+    )  # fmt: skip
+    done = subprocess.run(
+        ["env", "-i", str(tmp_path / "example")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("channel ") == 4
+    assert "eps = -1: NBN_ERR_VALUE" in done.stdout
+
+
+# ------------------------------------------------------------------------ as a Python backend
+def _train_eval_backward(data, shape, axis, dtype, backend, affine=True):
+    """forward_train, forward_eval and backward of a batch drawn from ``data``, on ``backend``."""
+    x = random_batch(data, shape, dtype, axis=axis)
+    dy = random_batch(data, shape, dtype, mean_scale=1.0, axis=axis)
+    channels = shape[axis]
+    weight = data.uniform(0.5, 2.0, channels).astype(dtype) if affine else None
+    bias = data.standard_normal(channels).astype(dtype) if affine else None
+    y, mean, invstd = nbn.forward_train(
+        x, weight, bias, axis=axis, out=poison(shape, dtype), backend=backend
+    )
+    running_var = (1.0 / invstd.astype(np.float64) ** 2).astype(dtype)
+    y_eval = nbn.forward_eval(x, mean, running_var, weight, bias, axis=axis, backend=backend)
+    dx, dweight, dbias = nbn.backward(
+        dy, x, mean, invstd, weight, axis=axis, out=poison(shape, dtype), backend=backend
+    )
+    return {"y": y, "mean": mean, "invstd": invstd, "y_eval": y_eval, "dx": dx,
+            "dweight": dweight, "dbias": dbias}  # fmt: skip
+
+
+def _same_seed(rng):
+    """An rng whose copies give the same draws, so two backends see the same batch."""
+    seed = int(rng.integers(2**32))
+    return lambda: np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", LAYOUTS + BIG_LAYOUTS)
+def test_c_backends_agree_with_the_cpu_backend(backends, rng, shape, axis, dtype, backend):
+    fresh = _same_seed(rng)
+    ours = _train_eval_backward(fresh(), shape, axis, dtype, backend, affine=shape[0] % 2 == 0)
+    cpu = _train_eval_backward(fresh(), shape, axis, dtype, "cpu", affine=shape[0] % 2 == 0)
+    count = np.prod(shape) // shape[axis]  # values per channel: the reductions' scale
+    for name, expected in cpu.items():
+        assert ours[name].dtype == expected.dtype and ours[name].shape == expected.shape, name
+        scale = max(1.0, float(np.max(np.abs(expected.astype(np.float64)))))
+        scale = count if name in ("dweight", "dbias") else scale
+        np.testing.assert_allclose(
+            ours[name], expected, rtol=TOL[dtype], atol=TOL[dtype] * scale, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", LAYOUTS[:3] + BIG_LAYOUTS)
+def test_host_build_gives_the_bits_of_the_jit(backends, rng, shape, axis, dtype):
+    """Same kernels, same compiler pipeline, same work items: the same bits."""
+    fresh = _same_seed(rng)
+    ours = _train_eval_backward(fresh(), shape, axis, dtype, "c-host")
+    cpu = _train_eval_backward(fresh(), shape, axis, dtype, "cpu")
+    for name, expected in cpu.items():
+        np.testing.assert_array_equal(ours[name], expected, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_update_in_c_gives_the_bits_of_the_jit(backends, rng, dtype):
+    """nbn_forward_train_* updates running buffers itself (PyTorch's rule), as the JIT does."""
+    x = random_batch(rng, (6, 5, 7, 3), dtype)
+    run_mean, run_var = rng.standard_normal(5).astype(dtype), rng.uniform(0.5, 2, 5).astype(dtype)
+    cpu_mean, cpu_var = run_mean.copy(), run_var.copy()
+    nbn.batch_norm(x, cpu_mean, cpu_var, training=True, momentum=0.3)
+    suffix = "f32" if dtype == np.float32 else "f64"
+    function = getattr(backends["c-host"].library, f"nbn_forward_train_{suffix}")
+    y, mean, invstd = np.empty_like(x), np.empty(5, dtype), np.empty(5, dtype)
+    pointers = [a.ctypes.data for a in (x, y, mean, invstd, run_mean, run_var)]
+    status = function(pointers[0], 6, 5, 21, None, None, 1e-5, *pointers[1:], 0.3)
+    assert status == 0
+    np.testing.assert_array_equal(run_mean, cpu_mean)
+    np.testing.assert_array_equal(run_var, cpu_var)
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_batchnorm_layer_on_a_c_backend(backends, rng, backend, convention):
+    """Two training steps, backward, eval forward and eval-mode backward, as on the CPU."""
+    layers = {
+        name: nbn.BatchNorm(6, convention=convention, backend=name) for name in (backend, "cpu")
+    }
+    shape = (5, 4, 3, 6) if convention == "keras" else (5, 6, 4, 3)
+    batches = [random_batch(rng, shape, np.float32, axis=-1 if convention == "keras" else 1)
+               for _ in range(2)]  # fmt: skip
+    dy = random_batch(rng, shape, np.float32, mean_scale=1.0)
+    results = {}
+    for name, bn in layers.items():
+        bn.weight[:] = np.linspace(0.5, 1.5, 6)
+        outputs = [bn(x) for x in batches]
+        outputs += [bn.backward(dy), bn.grad_weight, bn.grad_bias]
+        bn.eval()
+        outputs += [bn(batches[0]), bn.backward(dy), bn.running_mean, bn.running_var]
+        results[name] = outputs
+    for ours, expected in zip(results[backend], results["cpu"], strict=True):
+        np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=2e-5)
+    assert layers[backend].num_batches_tracked == 2
+
+
+def test_float16_runs_in_float32_on_a_c_backend(backends, rng):
+    x = random_batch(rng, (4, 3, 5, 5), np.float16, mean_scale=2.0, std_range=(0.5, 2.0))
+    y, mean, invstd = nbn.forward_train(x, backend="c-host")
+    y_cpu, mean_cpu, invstd_cpu = nbn.forward_train(x)
+    assert y.dtype == np.float16 and mean.dtype == np.float32
+    for ours, expected in ((y, y_cpu), (mean, mean_cpu), (invstd, invstd_cpu)):
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_nan_policy_raise_leaves_running_buffers_untouched(backends, rng):
+    x = random_batch(rng, (8, 3, 4), np.float32)
+    x[2, 1, 3] = np.nan
+    running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        nbn.batch_norm(x, running_mean, running_var, training=True, nan_policy="raise",
+                       backend="c-plugin")  # fmt: skip
+    np.testing.assert_array_equal(running_mean, 0.0)
+    np.testing.assert_array_equal(running_var, 1.0)
+
+
+# --------------------------------------------------------------------------------------- errors
+def test_arguments_are_checked_in_python_first(backends, rng):
+    x = random_batch(rng, (4, 3, 5), np.float32)
+    with pytest.raises(ValueError, match="eps"):
+        nbn.forward_train(x, eps=-1.0, backend="c-plugin")
+    with pytest.raises(ValueError, match="weight"):
+        nbn.forward_train(x, weight=np.ones(4, np.float32), backend="c-plugin")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nbn.forward_train(x[:1, :, :1], backend="c-plugin")
+
+
+def test_a_c_status_becomes_an_error_naming_it(backends, rng):
+    """Past the Python checks (called directly), the library's own check answers."""
+    x = random_batch(rng, (4, 3, 5), np.float32)
+    empty = np.empty(0, np.float32)
+    with pytest.raises(RuntimeError, match="NBN_ERR_VALUE"):
+        running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+        backends["c-plugin"].forward_eval(
+            x, empty, empty, running_mean, running_var, -1.0, np.empty_like(x)
+        )
+
+
+def test_register_backend_loads_a_ctypes_library(backends, builds):
+    backend = nbn.register_backend("c-again", ctypes.CDLL(str(builds[0] / plugin.LIBRARY_NAME)))
+    assert backend.version == 10000
+    assert backend.isa in {name for name, _, _ in plugin.build_targets()}
+    backend.set_num_threads(1)
+    assert backend.get_num_threads() == 1
+    backend.set_num_threads(0)
+    assert backends["c-reference"].isa == "reference"
+
+
+def test_register_backend_rejects_what_is_not_a_backend(tmp_path):
+    with pytest.raises(ValueError, match="'cpu'"):
+        nbn.register_backend("cpu", KERNELS / "missing.so")
+    with pytest.raises(OSError, match="missing.so"):
+        nbn.register_backend("c-missing", tmp_path / "missing.so")
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no libm to load")
+    with pytest.raises(ValueError, match="nbn_forward_train_f32"):
+        nbn.register_backend("c-libm", libm)
+    with pytest.raises(ValueError, match="not registered"):
+        nbn.forward_train(np.ones((2, 2)), backend="c-libm")
+
+
+def test_build_without_the_c_sources_says_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(plugin, "KERNELS_DIR", tmp_path)
+    with pytest.raises(RuntimeError, match="source tree"):
+        plugin.build_plugin(tmp_path / "out")
+
+
+def test_missing_compiler_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", os.fspath(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="no-such-cc"):
+        plugin.build_reference_backend(tmp_path)
