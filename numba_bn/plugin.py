@@ -157,8 +157,8 @@ def _start_child(work, name, cpu_name, features):
         NUMBA_CACHE_DIR=str(work / f"numba-cache-{_identifier(name)}"),
         PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT.parent), env.get("PYTHONPATH")])),
     )
-    env.pop("NUMBA_OPT", None)
-    env.pop("NUMBA_DISABLE_JIT", None)
+    for setting in ("NUMBA_OPT", "NUMBA_DISABLE_JIT"):  # the JIT's defaults, always
+        env.pop(setting, None)
     command = [sys.executable, "-m", "numba_bn.plugin", str(work), name, cpu_name, features]
     return subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -266,7 +266,6 @@ def _wrappers_ir(base, compiled, functions, table, triple, data_layout):
             inner, _ = compiled[function.__name__, dtype]
             arg_types = [str(a.type) for a in base.get_function(inner).arguments][2:]
             params = ", ".join(f"{t} %a{i}" for i, t in enumerate(arg_types))
-            args = ", ".join(f"{t} %a{i}" for i, t in enumerate(arg_types))
             wrapper = f"nbn_k_{function.__name__}_{dtype}"
             lines += [
                 f'declare i32 @"{inner}"(ptr, ptr, {", ".join(arg_types)})',
@@ -275,7 +274,7 @@ def _wrappers_ir(base, compiled, functions, table, triple, data_layout):
                 "  %exc = alloca ptr, align 8",
                 "  store ptr null, ptr %ret, align 8",
                 "  store ptr null, ptr %exc, align 8",
-                f'  %status = call i32 @"{inner}"(ptr %ret, ptr %exc, {args})',
+                f'  %status = call i32 @"{inner}"(ptr %ret, ptr %exc, {params})',
                 "  %ok_value = icmp eq i32 %status, 0",  # Numba: 0 returned a value
                 "  %ok_none = icmp eq i32 %status, -2",  # -2 returned None
                 "  %ok = or i1 %ok_value, %ok_none",
@@ -284,6 +283,7 @@ def _wrappers_ir(base, compiled, functions, table, triple, data_layout):
                 "}",
             ]
             entries.append(f'ptr @"{wrapper}"')
+    # laid out as nbn_kernel_table in the generated header: float32 functions, then float64
     lines.append(
         f"@{table} = hidden constant [{len(entries)} x ptr] [{', '.join(entries)}], align 8"
     )
