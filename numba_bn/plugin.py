@@ -13,7 +13,8 @@ Steps, run by :func:`build_plugin` (``numba-bn build-plugin --out DIR``):
    llvmlite re-optimises the module for the target CPU (dropping the Python and runtime paths
    nothing calls any more) and emits an object file.
 3. The system C compiler links the objects with the C shim (kernels/nbn_shim.c), which checks
-   arguments, runs the drivers on pthreads and picks a table at load time for the CPU it runs on.
+   arguments, runs the drivers on pthreads and picks a table at load time for the CPU it runs on,
+   and with the two Numba runtime functions the kernels reference (kernels/nbn_numba_runtime.c).
 
 Targets: x86-64-v2, x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512) by default, or one CPU
 (``--cpu NAME``, ``--cpu host``). The library needs libc, libm and libpthread only.
@@ -131,7 +132,8 @@ def build_plugin(out_dir, cpu=None):
             [
                 "-std=c11", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
                 "-I", kernels, "-I", work,
-                kernels / "nbn_shim.c", *sorted(work.glob("kernels-*.o")),
+                kernels / "nbn_shim.c", kernels / "nbn_numba_runtime.c",
+                *sorted(work.glob("kernels-*.o")),
                 "-o", library,
                 "-Wl,--no-undefined", "-Wl,-z,noexecstack", "-Wl,-soname," + LIBRARY_NAME,
                 "-lpthread", "-lm",

@@ -215,24 +215,32 @@ def test_running_update_in_c_gives_the_bits_of_the_jit(backends, rng, dtype):
 @pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
 @pytest.mark.parametrize("convention", ["torch", "keras"])
 def test_batchnorm_layer_on_a_c_backend(backends, rng, backend, convention):
-    """Two training steps, backward, eval forward and eval-mode backward, as on the CPU."""
+    """Two training steps, backward, eval forward and eval-mode backward, as on the CPU.
+
+    BatchNorm keeps the batch mean in float64 for its backward; through the ABI it travels in
+    float32, as in PyTorch, so the training backward gets a looser tolerance.
+    """
     layers = {
         name: nbn.BatchNorm(6, convention=convention, backend=name) for name in (backend, "cpu")
     }
+    axis = -1 if convention == "keras" else 1
     shape = (5, 4, 3, 6) if convention == "keras" else (5, 6, 4, 3)
-    batches = [random_batch(rng, shape, np.float32, axis=-1 if convention == "keras" else 1)
-               for _ in range(2)]  # fmt: skip
+    batches = [random_batch(rng, shape, np.float32, axis=axis) for _ in range(2)]
     dy = random_batch(rng, shape, np.float32, mean_scale=1.0)
     results = {}
     for name, bn in layers.items():
         bn.weight[:] = np.linspace(0.5, 1.5, 6)
-        outputs = [bn(x) for x in batches]
-        outputs += [bn.backward(dy), bn.grad_weight, bn.grad_bias]
+        results[name] = {"y1": bn(batches[0]), "y2": bn(batches[1])}
+        results[name].update(dx=bn.backward(dy), dweight=bn.grad_weight, dbias=bn.grad_bias)
         bn.eval()
-        outputs += [bn(batches[0]), bn.backward(dy), bn.running_mean, bn.running_var]
-        results[name] = outputs
-    for ours, expected in zip(results[backend], results["cpu"], strict=True):
-        np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=2e-5)
+        results[name].update(y_eval=bn(batches[0]), dx_eval=bn.backward(dy))
+        results[name].update(running_mean=bn.running_mean, running_var=bn.running_var)
+    for name, expected in results["cpu"].items():
+        tol = 1e-4 if name in ("dx", "dweight") else 2e-5
+        scale = max(1.0, float(np.max(np.abs(expected))))
+        np.testing.assert_allclose(
+            results[backend][name], expected, rtol=tol, atol=tol * scale, err_msg=name
+        )
     assert layers[backend].num_batches_tracked == 2
 
 

@@ -39,9 +39,9 @@ from .kernels import (
     PLANE_BLOCK,
     ROW_CHUNK,
     add_parts,
-    affine_run,
+    affine_range,
     dx_coefficients,
-    dx_run,
+    dx_range,
     merge_parts,
     plane_channel_backward,
     plane_channel_train,
@@ -182,11 +182,13 @@ def normalize_items(
             _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
             rows_affine(x2, y2, r0, r1, c0, c1, coef)
         return
-    x, y = carray(x_ptr, (outer, channels, inner)), carray(y_ptr, (outer, channels, inner))
+    size = outer * channels * inner
+    x_flat, y_flat = carray(x_ptr, size), carray(y_ptr, size)
     nblk = plane_segments_jit(inner)
     for item in range(first, last):
-        n, c, s0, s1 = _plane_item(item, channels, nblk, inner)
-        affine_run(x[n, c, s0:s1], y[n, c, s0:s1], coef[0, c], coef[1, c], coef[2, c], coef[3, c])
+        c, start, stop = _plane_item(item, channels, nblk, inner)
+        affine_range(x_flat, y_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
+                     coef[3, c])  # fmt: skip
 
 
 def update_running(
@@ -332,13 +334,13 @@ def dx_items(
             _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
             rows_dx(dy2, x2, dx2, r0, r1, c0, c1, coef)
         return
-    dy, x = carray(dy_ptr, (outer, channels, inner)), carray(x_ptr, (outer, channels, inner))
-    dx = carray(dx_ptr, (outer, channels, inner))
+    size = outer * channels * inner
+    dy_flat, x_flat, dx_flat = carray(dy_ptr, size), carray(x_ptr, size), carray(dx_ptr, size)
     nblk = plane_segments_jit(inner)
     for item in range(first, last):
-        n, c, s0, s1 = _plane_item(item, channels, nblk, inner)
-        dx_run(dy[n, c, s0:s1], x[n, c, s0:s1], dx[n, c, s0:s1], coef[0, c], coef[1, c],
-               coef[2, c], coef[3, c], coef[4, c])  # fmt: skip
+        c, start, stop = _plane_item(item, channels, nblk, inner)
+        dx_range(dy_flat, x_flat, dx_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
+                 coef[3, c], coef[4, c])  # fmt: skip
 
 
 #: In the order of the generated C table (nbn_kernels.h in the build directory).
