@@ -3,7 +3,8 @@
  * Inputs are copied to double, computed by reference.h (one thread, two-pass statistics) and
  * rounded back to the tensor type. Slow and simple on purpose: it is what numba_bn's tests
  * compare against, and the template for anyone who plugs their own C kernels into numba_bn
- * (`numba_bn.register_backend("mine", "libmine.so")`).
+ * (`numba_bn.register_backend("mine", "libmine.so")`). The typed nbn_*_f32/_f64 entry points
+ * come from nbn_entry_points.h, over the three generic operations below.
  *
  *   cc -std=c11 -O2 -fPIC -shared -I kernels kernels/reference_backend.c -o libnbn_reference.so -lm
  */
@@ -130,55 +131,8 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
 }
 
 /* ------------------------------------------------------------------------------ the C ABI */
-NBN_API uint32_t nbn_version(void) { return NBN_VERSION_NUMBER; }
-NBN_API const char *nbn_status_string(int status) { return nbn_status_text(status); }
 NBN_API void nbn_set_num_threads(int n) { (void)n; } /* always one thread */
 NBN_API int nbn_get_num_threads(void) { return 1; }
 NBN_API const char *nbn_isa(void) { return "reference"; }
 
-NBN_API int nbn_forward_train_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                                  const float *weight, const float *bias, double eps, float *y,
-                                  float *save_mean, float *save_invstd, float *running_mean,
-                                  float *running_var, double momentum) {
-    return forward_train(0, x, outer, channels, inner, weight, bias, eps, y, save_mean,
-                         save_invstd, running_mean, running_var, momentum);
-}
-
-NBN_API int nbn_forward_train_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
-                                  const double *weight, const double *bias, double eps, double *y,
-                                  double *save_mean, double *save_invstd, double *running_mean,
-                                  double *running_var, double momentum) {
-    return forward_train(1, x, outer, channels, inner, weight, bias, eps, y, save_mean,
-                         save_invstd, running_mean, running_var, momentum);
-}
-
-NBN_API int nbn_forward_eval_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                                 const float *weight, const float *bias,
-                                 const float *running_mean, const float *running_var, double eps,
-                                 float *y) {
-    return forward_eval(0, x, outer, channels, inner, weight, bias, running_mean, running_var,
-                        eps, y);
-}
-
-NBN_API int nbn_forward_eval_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
-                                 const double *weight, const double *bias,
-                                 const double *running_mean, const double *running_var,
-                                 double eps, double *y) {
-    return forward_eval(1, x, outer, channels, inner, weight, bias, running_mean, running_var,
-                        eps, y);
-}
-
-NBN_API int nbn_backward_f32(const float *dy, const float *x, int64_t outer, int64_t channels,
-                             int64_t inner, const float *weight, const float *save_mean,
-                             const float *save_invstd, float *dx, float *dweight, float *dbias) {
-    return backward(0, dy, x, outer, channels, inner, weight, save_mean, save_invstd, dx,
-                    dweight, dbias);
-}
-
-NBN_API int nbn_backward_f64(const double *dy, const double *x, int64_t outer, int64_t channels,
-                             int64_t inner, const double *weight, const double *save_mean,
-                             const double *save_invstd, double *dx, double *dweight,
-                             double *dbias) {
-    return backward(1, dy, x, outer, channels, inner, weight, save_mean, save_invstd, dx,
-                    dweight, dbias);
-}
+#include "nbn_entry_points.h"

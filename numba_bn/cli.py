@@ -168,21 +168,15 @@ def _train_demo(args):
 
 # ------------------------------------------------------------------------------- build-plugin
 def _build_plugin_arguments(parser):
-    parser.add_argument("--out", required=True, help="directory for libnumba_bn.so, numba_bn.h")
-    parser.add_argument(
-        "--cpu",
-        help="one LLVM CPU name, or 'host' (default: x86-64-v2 with AVX2/AVX-512 variants)",
-    )
+    from .plugin import add_arguments
+
+    add_arguments(parser)
 
 
 def _build_plugin(args):
-    from numba_bn.plugin import build_plugin
+    from .plugin import run_from_args
 
-    result = build_plugin(args.out, cpu=args.cpu)
-    print(f"{result.library} ({result.size_bytes / 1024:.0f} KiB; {', '.join(result.targets)})")
-    print(f"{result.header}")
-    print(f"built in {result.seconds:.1f} s")
-    return 0
+    return run_from_args(args)
 
 
 # ------------------------------------------------------------------------------------ commands

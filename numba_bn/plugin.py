@@ -82,6 +82,23 @@ def _kernels_dir():
     return KERNELS_DIR
 
 
+# ------------------------------------------------------------------------- numba-bn command
+def add_arguments(parser):
+    parser.add_argument("--out", required=True, help="directory for libnumba_bn.so, numba_bn.h")
+    parser.add_argument(
+        "--cpu",
+        help="one LLVM CPU name, or 'host' (default: x86-64-v2 with AVX2/AVX-512 variants)",
+    )
+
+
+def run_from_args(args):
+    result = build_plugin(args.out, cpu=args.cpu)
+    print(f"{result.library} ({result.size_bytes / 1024:.0f} KiB; {', '.join(result.targets)})")
+    print(f"{result.header}")
+    print(f"built in {result.seconds:.1f} s")
+    return 0
+
+
 # -------------------------------------------------------------------------------- parent side
 def build_targets(cpu=None):
     """(name, LLVM CPU, LLVM features) of each object to build, best first.
