@@ -55,7 +55,8 @@ static inline const char *nbn_status_text(int status) {
     switch (status) {
     case NBN_OK: return "NBN_OK: success";
     case NBN_ERR_NULL: return "NBN_ERR_NULL: a required pointer is NULL";
-    case NBN_ERR_SHAPE: return "NBN_ERR_SHAPE: outer, channels and inner must be >= 1";
+    case NBN_ERR_SHAPE:
+        return "NBN_ERR_SHAPE: outer, channels and inner must be >= 1, their product addressable";
     case NBN_ERR_VALUE:
         return "NBN_ERR_VALUE: training needs 2+ values per channel, eps >= 0, momentum in [0, 1]";
     case NBN_ERR_INTERNAL: return "NBN_ERR_INTERNAL: out of memory or internal error";

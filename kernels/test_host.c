@@ -326,10 +326,11 @@ static void test_library_info(void) {
 int main(void) {
     /* (outer, channels, inner): planes with one and several blocks per run, many channels
      * (fused with 2 threads) and few (split), rows with one and several chunks and tiles,
-     * outer = 1, the smallest training batch (two values per channel). */
+     * outer = 1, the smallest training batch (two values per channel); the last three are big
+     * enough (> 2 * 2^18 elements) for the library to start a second thread. */
     static const int64_t shapes[][3] = {
-        {4, 3, 5},  {2, 5, 4100}, {6, 1, 4097}, {16, 9, 7}, {1, 2, 9},
-        {3, 7, 1},  {2100, 300, 1}, {2, 1, 1},   {1, 4, 2},
+        {4, 3, 5},     {2, 5, 4100}, {6, 1, 4097}, {16, 9, 7},    {1, 2, 9},   {3, 7, 1},
+        {2, 1, 1},     {1, 4, 2},    {16, 8, 4100}, {40, 3, 4500}, {2100, 300, 1},
     };
     test_library_info();
     test_status_codes();

@@ -88,6 +88,8 @@ class CBackend:
         library.nbn_status_string.argtypes = [ctypes.c_int]
         library.nbn_set_num_threads.argtypes = [ctypes.c_int]
         library.nbn_get_num_threads.argtypes = []
+        if hasattr(library, "nbn_isa"):
+            library.nbn_isa.argtypes, library.nbn_isa.restype = [], ctypes.c_char_p
         self._functions = {}
         for op, argtypes in _ARGTYPES.items():
             for dtype, suffix in _SUFFIX.items():
@@ -101,7 +103,6 @@ class CBackend:
         """The library's compiled variant in use (nbn_isa), or None if it does not say."""
         if not hasattr(self.library, "nbn_isa"):
             return None
-        self.library.nbn_isa.restype = ctypes.c_char_p
         return self.library.nbn_isa().decode()
 
     def set_num_threads(self, n):
