@@ -264,6 +264,26 @@ def test_nan_policy_raise_leaves_running_buffers_untouched(backends, rng):
     np.testing.assert_array_equal(running_var, 1.0)
 
 
+def test_calls_from_several_threads_at_once(backends, rng):
+    """ctypes releases the GIL, so these run in the library at the same time."""
+    batches = [random_batch(rng, (64, 8, 1100), np.float32) for _ in range(4)]
+    expected = [nbn.forward_train(x, backend="c-plugin") for x in batches]
+    results = [None] * len(batches)
+
+    def work(i):
+        for _ in range(3):
+            results[i] = nbn.forward_train(batches[i], backend="c-plugin")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for ours, reference in zip(results, expected, strict=True):
+        for a, b in zip(ours, reference, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 # --------------------------------------------------------------------------------------- errors
 def test_arguments_are_checked_in_python_first(backends, rng):
     x = random_batch(rng, (4, 3, 5), np.float32)
