@@ -231,8 +231,8 @@ def register_backend(name, path_or_handle):
     Parameters
     ----------
     name : str
-        The name to pass as ``backend=`` to the functional API and ``BatchNorm``; "cpu" is
-        taken by the built-in backend.
+        The name to pass as ``backend=`` to the functional API and ``BatchNorm``; it may replace
+        an earlier C backend, not a built-in one ("cpu", "cuda").
     path_or_handle : str, os.PathLike, ctypes.CDLL or int
         The shared library (a path, an already loaded ``ctypes.CDLL``, or a ``dlopen`` handle),
         e.g. ``libnumba_bn.so`` from ``numba-bn build-plugin``.
@@ -242,8 +242,8 @@ def register_backend(name, path_or_handle):
     CBackend
         The registered backend (``.isa``, ``.version``, ``.set_num_threads(n)``).
     """
-    if name == "cpu":
-        raise ValueError("backend name 'cpu' is the built-in CPU backend; choose another name")
+    if name in dispatch.names() and not isinstance(dispatch.get(name), CBackend):
+        raise ValueError(f"backend name {name!r} is taken by another backend; choose another name")
     backend = CBackend(name, load_library(path_or_handle))
     dispatch.register(name, backend)
     return backend

@@ -317,8 +317,9 @@ def test_register_backend_loads_a_ctypes_library(backends, builds):
 
 
 def test_register_backend_rejects_what_is_not_a_backend(tmp_path):
-    with pytest.raises(ValueError, match="'cpu'"):
-        nbn.register_backend("cpu", KERNELS / "missing.so")
+    for builtin in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match=f"'{builtin}' is taken"):
+            nbn.register_backend(builtin, KERNELS / "missing.so")
     with pytest.raises(OSError, match="missing.so"):
         nbn.register_backend("c-missing", tmp_path / "missing.so")
     libm = ctypes.util.find_library("m")
