@@ -24,6 +24,8 @@ def test_info_lists_versions_and_layer(capsys):
     output = capsys.readouterr().out
     for key in ("numba ", "llvmlite", "threading layer", "threads", "cpu", "cuda available"):
         assert key in output
+    layer = next(line for line in output.splitlines() if line.startswith("threading layer"))
+    assert layer.split()[-1] in ("omp", "tbb", "workqueue")
 
 
 def test_unknown_command_exits_with_usage():
