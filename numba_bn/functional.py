@@ -150,6 +150,42 @@ class Prepared:
         return out
 
 
+def check_train_inputs(
+    x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy, memory=HOST
+):
+    """The checks of a training forward: (Prepared x, eps, momentum, Vectors of the rest)."""
+    prepared = Prepared(x, axis, memory=memory)
+    eps = check_scalar(eps, "eps", 0.0)
+    momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+    check_nan_policy(nan_policy)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    vectors = Vectors(
+        prepared.x,
+        prepared.channels,
+        memory=memory,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    return prepared, eps, momentum, vectors
+
+
+def check_backward_inputs(dy, x, mean, invstd, weight, axis, memory=HOST):
+    """The checks of a training backward: (Prepared x, dy, float64 mean and invstd, Vectors)."""
+    prepared = Prepared(x, axis, memory=memory)
+    dy = check_input(dy, "dy", memory)
+    if dy.shape != prepared.x.shape:
+        raise ValueError(f"dy must have the shape of x, {prepared.x.shape}, got {dy.shape}")
+    if dy.dtype != prepared.x.dtype:
+        raise TypeError(f"dy must have the dtype of x, {prepared.x.dtype}, got {dy.dtype}")
+    mean = stats_vector(mean, "mean", prepared.channels, memory)
+    invstd = stats_vector(invstd, "invstd", prepared.channels, memory)
+    vectors = Vectors(prepared.x, prepared.channels, memory=memory, weight=weight)
+    return prepared, dy, mean, invstd, vectors
+
+
 def check_training_count(prepared):
     if prepared.count == 1:
         raise ValueError(
@@ -191,20 +227,8 @@ def train_forward(
     """Training forward with batch statistics; updates the running buffers when given."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
-    prepared = Prepared(x, axis, memory=memory)
-    eps = check_scalar(eps, "eps", 0.0)
-    momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
-    check_nan_policy(nan_policy)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
-    vectors = Vectors(
-        prepared.x,
-        prepared.channels,
-        memory=memory,
-        weight=weight,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
+    prepared, eps, momentum, vectors = check_train_inputs(
+        x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy, memory
     )
     check_training_count(prepared)
     y, y_view = prepared.output(out)
@@ -295,16 +319,10 @@ def train_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
     """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
-    prepared = Prepared(x, axis, memory=memory)
-    dy = check_input(dy, "dy", memory)
-    if dy.shape != prepared.x.shape:
-        raise ValueError(f"dy must have the shape of x, {prepared.x.shape}, got {dy.shape}")
-    if dy.dtype != prepared.x.dtype:
-        raise TypeError(f"dy must have the dtype of x, {prepared.x.dtype}, got {dy.dtype}")
+    prepared, dy, mean, invstd, vectors = check_backward_inputs(
+        dy, x, mean, invstd, weight, axis, memory
+    )
     channels = prepared.channels
-    mean = stats_vector(mean, "mean", channels, memory)
-    invstd = stats_vector(invstd, "invstd", channels, memory)
-    vectors = Vectors(prepared.x, channels, memory=memory, weight=weight)
     dx, dx_view = prepared.output(out)
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     if prepared.count and channels:

@@ -49,6 +49,12 @@ class BatchNorm:
     ``grad_weight``/``grad_bias``.
     """
 
+    # The operations on batch statistics; SyncBatchNorm (numba_bn.distributed) swaps in versions
+    # that reduce over the ranks of an MPI communicator.
+    _train_forward = staticmethod(train_forward)
+    _train_backward = staticmethod(train_backward)
+    _frozen_backward = staticmethod(frozen_backward)
+
     def __init__(
         self,
         num_features,
@@ -154,7 +160,7 @@ class BatchNorm:
         if self.training or not self.track_running_stats:
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1
-            result = train_forward(
+            result = self._train_forward(
                 x,
                 self.weight,
                 self.bias,
@@ -195,7 +201,7 @@ class BatchNorm:
             raise RuntimeError("BatchNorm.backward() needs a forward call first: nothing saved")
         if self._saved[0] == "batch":
             _, x, mean, invstd = self._saved
-            dx, sum_dy, sum_dy_xmu = train_backward(
+            dx, sum_dy, sum_dy_xmu = self._train_backward(
                 dy,
                 x,
                 mean,
@@ -207,7 +213,7 @@ class BatchNorm:
                 device=self._side,
             )
         else:
-            dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
+            dx, sum_dy, sum_dy_xmu, invstd = self._frozen_backward(
                 dy,
                 self._saved[1],
                 self.running_mean,
@@ -283,7 +289,7 @@ class BatchNorm:
 
     def __repr__(self):
         return (
-            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"axis={self.axis}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}, "
             f"convention={self.convention.name!r}, training={self.training}, "
