@@ -1,0 +1,343 @@
+"""SyncBatchNorm: statistics of the global batch across the processes of an MPI job (mpi4py).
+
+Each rank reduces its own part of the batch with the backend's split kernels and the ranks
+exchange per-channel summaries only:
+
+* forward: local ``(count, mean, M2)`` per channel, one ``Allgather`` of 3C float64 values, a
+  Chan merge of the ranks' rows in rank order (:func:`numba_bn.stats.chan_merge`; the same
+  arithmetic on every rank, so every rank holds bitwise identical statistics), then the local
+  normalisation with the global statistics and the running update from the global unbiased
+  variance;
+* backward: local ``(sum_dy, sum_dy_xmu)``, one ``Allreduce`` of 2C + 1 float64 values (the two
+  sums and the count), then the local dx with the global count (docs/backward.md).
+
+Gathering the 3C values and merging locally, rather than reducing with an MPI operation, keeps
+the merge exact (never a mean of means) and its order fixed. Ranks may hold batches of different
+sizes, or none. What depends on the global batch (one value per channel, non-finite statistics
+under ``nan_policy="raise"``) is decided from the exchanged values, so every rank raises the same
+ValueError and none is left waiting in a collective. A local error (a bad argument on one rank)
+raises on that rank only: launch with ``mpiexec -n K python -m mpi4py script.py`` so that it
+aborts the job (docs/distributed.md).
+
+mpi4py is imported on first use, never by ``import numba_bn``: ``pip install "numba-bn[mpi]"``.
+"""
+
+import numpy as np
+from numba import njit
+
+from . import dispatch
+from .cpu.drivers import _dx_coefficients, _train_coefficients, update_running
+from .functional import (
+    TrainResult,
+    _in_dtype_of,
+    check_backward_inputs,
+    check_train_inputs,
+    frozen_backward,
+)
+from .layer import BatchNorm
+from .stats import chan_merge
+
+INSTALL_HINT = 'pip install "numba-bn[mpi]"'
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(
+            f"numba_bn.distributed needs mpi4py and an MPI library; install them with "
+            f"{INSTALL_HINT}"
+        ) from exc
+    return MPI
+
+
+def resolve_comm(comm):
+    """``comm``, or ``MPI.COMM_WORLD`` for None; TypeError for anything but an intracommunicator."""
+    mpi = _mpi()
+    if comm is None:
+        return mpi.COMM_WORLD
+    if not isinstance(comm, mpi.Intracomm):
+        raise TypeError(
+            f"comm must be an mpi4py intracommunicator such as MPI.COMM_WORLD, "
+            f"got {type(comm).__name__}"
+        )
+    return comm
+
+
+# ------------------------------------------------------------------- per-channel, over ranks
+@njit(cache=True)
+def _merge_ranks(ranks, mean, m2):
+    """mean, M2 (=, (C,)) of the global batch from the (count, mean, M2) rows of each rank.
+
+    ``ranks`` is (size, 3, C) as gathered; the merge runs in rank order, empty ranks included
+    (a count of 0 leaves the state as it is). Returns the global count per channel.
+    """
+    count = 0.0
+    for c in range(ranks.shape[2]):
+        count, mu, sq = 0.0, 0.0, 0.0
+        for r in range(ranks.shape[0]):
+            count, mu, sq = chan_merge(
+                count, mu, sq, ranks[r, 0, c], ranks[r, 1, c], ranks[r, 2, c]
+            )
+        mean[c] = mu
+        m2[c] = sq
+    return count
+
+
+@njit(cache=True)
+def _normalize_coefficients(count, mean, m2, eps, weight, bias, coef, invstd):
+    """coef rows (mean_hi, mean_lo, scale, shift) and invstd (=) of every channel."""
+    for c in range(mean.size):
+        _train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
+
+
+@njit(cache=True)
+def _backward_coefficients(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
+    """coef rows (mean_hi, mean_lo, proj, mean_dy, k) (=) of every channel, global count."""
+    for c in range(mean.size):
+        _dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
+
+
+def _single_value_error(ranks):
+    counts = [int(n) for n in ranks[:, 0, 0]]
+    return ValueError(
+        "Expected more than 1 value per channel when training, got 1 value per channel in the "
+        f"global batch over {len(counts)} ranks (values per channel on each rank: {counts})"
+    )
+
+
+# ------------------------------------------------------------------------- internal operations
+def sync_train_forward(
+    x,
+    weight,
+    bias,
+    eps,
+    axis,
+    *,
+    comm,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    unbiased=True,
+    nan_policy="propagate",
+    out=None,
+    backend="cpu",
+):
+    """:func:`numba_bn.functional.train_forward` over the global batch of ``comm``.
+
+    Returns a TrainResult whose statistics and count are those of the global batch.
+    """
+    prepared, eps, momentum, vectors = check_train_inputs(
+        x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy
+    )
+    running = []
+    if running_mean is not None:  # checked before the collective: a local error stays local
+        running = [vectors.writable("running_mean"), vectors.writable("running_var")]
+    y, y_view = prepared.output(out)
+    kernels = dispatch.get(backend)
+    channels = prepared.channels
+
+    local = np.zeros((3, channels))  # rows: count, mean, M2; an empty rank sends zeros
+    if prepared.count and channels:
+        local[0] = kernels.channel_stats(prepared.view, local[1], local[2])
+    ranks = np.empty((comm.size, 3, channels))
+    comm.Allgather(local, ranks)  # collective 1 of 1: 3C values per rank
+    mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
+    count = _merge_ranks(ranks, mean, m2)
+
+    # Every rank holds the same `ranks`, so every rank takes the same branch below.
+    if count == 1:
+        raise _single_value_error(ranks)
+    if count == 0:
+        mean.fill(np.nan), invstd.fill(np.nan), m2.fill(np.nan)
+        return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
+    coef = np.empty((4, channels), prepared.dtype)
+    _normalize_coefficients(
+        count, mean, m2, eps, vectors.kernel("weight"), vectors.kernel("bias"), coef, invstd
+    )
+    if nan_policy == "raise" and not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+        raise ValueError(
+            "x holds NaN or Inf on some rank (nan_policy='raise'): the global batch statistics "
+            "are not finite; running statistics were not updated"
+        )
+    if running:
+        (run_mean, store_mean), (run_var, store_var) = running
+        update_running(run_mean, run_var, count, mean, m2, momentum, unbiased)
+        store_mean(), store_var()
+    if prepared.count and channels:
+        kernels.normalize(prepared.view, coef, y_view)
+    return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, int(count))
+
+
+def sync_train_backward(dy, x, mean, invstd, weight, axis, *, comm, out=None, backend="cpu"):
+    """dx, and the global (sum_dy, sum_dy_xmu); ``mean``/``invstd`` are the global statistics."""
+    prepared, dy, mean, invstd, vectors = check_backward_inputs(dy, x, mean, invstd, weight, axis)
+    dx, dx_view = prepared.output(out)
+    kernels = dispatch.get(backend)
+    channels = prepared.channels
+    dy_view = np.ascontiguousarray(dy, dtype=prepared.dtype).reshape(prepared.shape)
+
+    local = np.zeros(2 * channels + 1)  # sum_dy | sum_dy_xmu | count
+    if prepared.count and channels:
+        kernels.backward_sums(dy_view, prepared.view, mean, local[:channels], local[channels:-1])
+    local[-1] = prepared.count
+    total = np.empty_like(local)
+    comm.Allreduce(local, total)  # collective 1 of 1: 2C + 1 values, summed
+    sum_dy, sum_dy_xmu, count = total[:channels], total[channels:-1], total[-1]
+
+    if prepared.count and channels:
+        coef = np.empty((5, channels), prepared.dtype)
+        _backward_coefficients(
+            count, mean, invstd, vectors.kernel("weight"), sum_dy, sum_dy_xmu, coef
+        )
+        kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
+    return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu
+
+
+def sync_frozen_backward(
+    dy, x, running_mean, running_var, weight, eps, axis, *, comm, out=None, backend="cpu"
+):
+    """Eval-mode backward: dx is local (frozen statistics); the sums are all-reduced so that
+    the gradients of weight and bias are those of the global batch, as in training mode."""
+    dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
+        dy, x, running_mean, running_var, weight, eps, axis, out=out, backend=backend
+    )
+    total = np.empty(2 * sum_dy.size)
+    comm.Allreduce(np.concatenate([sum_dy, sum_dy_xmu]), total)
+    return dx, total[: sum_dy.size], total[sum_dy.size :], invstd
+
+
+# ------------------------------------------------------------------------------ public functions
+def sync_forward_train(
+    x,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    axis=1,
+    *,
+    comm=None,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    unbiased_running_var=True,
+    out=None,
+    nan_policy="propagate",
+    backend="cpu",
+):
+    """:func:`numba_bn.forward_train` with the statistics of the global batch over ``comm``.
+
+    Every rank of ``comm`` (default ``MPI.COMM_WORLD``) must call it; ranks may pass batches of
+    different sizes along every axis but the channel axis, or an empty batch. ``y`` is this
+    rank's part of the output.
+
+    ``running_mean``/``running_var``, when given, are updated in place from the global batch
+    (momentum weighting the new batch, unbiased variance unless ``unbiased_running_var=False``),
+    identically on every rank.
+
+    Returns
+    -------
+    y, mean, invstd
+        ``mean`` and ``invstd`` of the global batch, identical on every rank, shape (C,), in
+        the dtype of ``x`` (float32 for float16). A global batch of one value per channel
+        raises ValueError on every rank.
+    """
+    result = sync_train_forward(
+        x,
+        weight,
+        bias,
+        eps,
+        axis,
+        comm=resolve_comm(comm),
+        running_mean=running_mean,
+        running_var=running_var,
+        momentum=momentum,
+        unbiased=unbiased_running_var,
+        nan_policy=nan_policy,
+        out=out,
+        backend=backend,
+    )
+    return (result.y, *_in_dtype_of(result.y, result.mean, result.invstd))
+
+
+def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=None, backend="cpu"):
+    """:func:`numba_bn.backward` for :func:`sync_forward_train`: one all-reduce of the sums.
+
+    ``mean`` and ``invstd`` are those :func:`sync_forward_train` returned. Returns this rank's
+    ``dx`` and the global ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)`` over every rank's
+    batch, identical on every rank (do not all-reduce them again).
+    """
+    dx, sum_dy, sum_dy_xmu = sync_train_backward(
+        dy, x, mean, invstd, weight, axis, comm=resolve_comm(comm), out=out, backend=backend
+    )
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    return (dx, *_in_dtype_of(dx, invstd64 * sum_dy_xmu, sum_dy))
+
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`numba_bn.BatchNorm` whose batch statistics are those of the global batch.
+
+    ``SyncBatchNorm(num_features, comm=None, **options)`` takes the options of BatchNorm
+    (eps, momentum, affine, track_running_stats, axis, dtype, convention, nan_policy, ...);
+    ``comm`` is an mpi4py intracommunicator, ``MPI.COMM_WORLD`` by default. Every rank calls
+    forward and backward in the same order (they are collective); ranks may hold batches of
+    different sizes, or empty ones.
+
+    Wherever BatchNorm uses batch statistics (training mode; eval mode without running
+    statistics) they come from the global batch: y and dx equal the rows of a single-process
+    BatchNorm on the concatenated batch, and the running statistics, ``grad_weight`` and
+    ``grad_bias`` equal its values on every rank (the gradients are already summed over the
+    ranks: leave them out of a gradient all-reduce). Eval mode with running statistics
+    normalises locally; only its backward communicates, to sum the gradients.
+    """
+
+    def __init__(self, num_features, comm=None, **options):
+        self.comm = resolve_comm(comm)
+        super().__init__(num_features, **options)
+
+    def _train_forward(self, *args, **kwargs):
+        return sync_train_forward(*args, comm=self.comm, **kwargs)
+
+    def _train_backward(self, *args, **kwargs):
+        return sync_train_backward(*args, comm=self.comm, **kwargs)
+
+    def _frozen_backward(self, *args, **kwargs):
+        return sync_frozen_backward(*args, comm=self.comm, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- warm-up
+class _OneProcess:
+    """The two collectives on a communicator of one process, without MPI (for :func:`warmup`)."""
+
+    size = 1
+
+    def Allgather(self, send, recv):
+        recv[0] = send
+
+    def Allreduce(self, send, recv):
+        recv[...] = send
+
+
+def warmup(dtypes=(np.float32, np.float64)):
+    """Compile (or load from Numba's cache) the kernels SyncBatchNorm uses; returns seconds.
+
+    Needs no MPI. Run it once before ``mpiexec`` (with the NUMBA_CACHE_DIR the job will use)
+    so that the ranks load machine code instead of each compiling the same kernels at once.
+    """
+    import time
+
+    start = time.perf_counter()
+    comm = _OneProcess()
+    rng = np.random.default_rng(0)
+    for dtype in dtypes:
+        for shape in ((4, 3, 5), (6, 3)):  # planes, rows
+            x = rng.standard_normal(shape).astype(dtype)
+            weight, bias = np.ones(3, dtype), np.zeros(3, dtype)
+            result = sync_train_forward(
+                x, weight, bias, 1e-5, 1, comm=comm, running_mean=np.zeros(3, dtype),
+                running_var=np.ones(3, dtype),
+            )  # fmt: skip
+            sync_train_backward(x, x, result.mean, result.invstd, weight, 1, comm=comm)
+    return time.perf_counter() - start
+
+
+__all__ = ["SyncBatchNorm", "sync_backward", "sync_forward_train", "warmup"]
