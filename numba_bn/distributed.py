@@ -70,7 +70,7 @@ def _merge_ranks(ranks, mean, m2):
     """mean, M2 (=, (C,)) of the global batch from the (count, mean, M2) rows of each rank.
 
     ``ranks`` is (size, 3, C) as gathered; the merge runs in rank order, empty ranks included
-    (a count of 0 leaves the state as it is). Returns the global count per channel.
+    (a count of 0 leaves the state as it is). Returns the global count (every channel's).
     """
     count = 0.0
     for c in range(ranks.shape[2]):
@@ -99,10 +99,11 @@ def _backward_coefficients(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef
 
 
 def _single_value_error(ranks):
-    counts = [int(n) for n in ranks[:, 0, 0]]
+    """The same message on every rank: it is built from the gathered counts only."""
+    holder = int(np.argmax(ranks[:, 0, 0]))
     return ValueError(
         "Expected more than 1 value per channel when training, got 1 value per channel in the "
-        f"global batch over {len(counts)} ranks (values per channel on each rank: {counts})"
+        f"global batch over {ranks.shape[0]} ranks (on rank {holder})"
     )
 
 
@@ -131,7 +132,7 @@ def sync_train_forward(
         x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy
     )
     running = []
-    if running_mean is not None:  # checked before the collective: a local error stays local
+    if running_mean is not None:  # like every local check, before the exchange
         running = [vectors.writable("running_mean"), vectors.writable("running_var")]
     y, y_view = prepared.output(out)
     kernels = dispatch.get(backend)

@@ -82,6 +82,7 @@ LAYERS = {
     "nchw64": ((5, 4, 3), {"dtype": "float64"}),
     "nhwc32_keras": ((2, 5, 3), {"dtype": "float32", "convention": "keras"}),
     "nc64_cumulative": ((4,), {"dtype": "float64", "momentum": None}),
+    "ncl16": ((3, 7), {"dtype": "float16"}),
 }
 STEPS = 3
 
@@ -182,7 +183,7 @@ def assert_close(actual, expected, what):
     """Equal to float tolerance of the dtype, relative to the largest expected magnitude."""
     expected = np.asarray(expected)
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    relative = 1e-10 if expected.dtype == np.float64 else 2e-5
+    relative = {np.float64: 1e-12, np.float32: 1e-6, np.float16: 2e-3}.get(expected.dtype.type, 0)
     scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=relative * scale, err_msg=what)
 
@@ -265,6 +266,7 @@ def test_one_value_per_channel_in_the_global_batch_raises_the_same_error_on_ever
     for key in ("error_single_value", "error_single_value_functional"):
         messages = [str(m) for m in job.per_rank(key)]
         assert messages[0].startswith("ValueError: Expected more than 1 value per channel"), key
+        assert messages[0].endswith(f"over {job.size} ranks (on rank {job.size - 1})"), key
         assert messages == [messages[0]] * job.size, key
     for record in job.records:  # nothing was updated
         assert np.array_equal(record["single_value_running_var"], np.ones(4))
