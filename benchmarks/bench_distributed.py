@@ -1,0 +1,157 @@
+"""SyncBatchNorm training step over K ranks against a local BatchNorm on each rank's part.
+
+    NUMBA_NUM_THREADS=1 mpiexec -n 2 python -m mpi4py benchmarks/bench_distributed.py
+
+The global batch (default 32x64x56x56 float32) is split along N; every rank times, on its own
+part, a training step (forward + backward) of
+
+* ``local``: numba_bn.BatchNorm, no communication (the fused kernels: one read of x per pass);
+* ``sync, COMM_SELF``: SyncBatchNorm on a one-process communicator: the split kernels
+  (statistics, then normalisation; sums, then dx) without peers, which isolates what the split
+  itself costs;
+* ``sync``: SyncBatchNorm over all ranks;
+* ``collectives``: the step's two collectives alone (Allgather of 3C, Allreduce of 2C + 1
+  float64 values).
+
+It first checks that the synchronised step equals a single-process BatchNorm on the concatenated
+batch (gathered on rank 0). Every timed step starts after a barrier; the variants are interleaved
+so that load from other processes falls on all of them; rank 0 prints, per variant, the median
+and the minimum over repeats of the slowest rank's time, and the bandwidth that the minimum means
+for the napkin bytes of the variant.
+"""
+
+import argparse
+import time
+
+import numba
+import numpy as np
+from mpi4py import MPI
+
+import numba_bn as nbn
+from numba_bn.distributed import SyncBatchNorm
+
+
+def arguments():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="32,64,56,56", help="global batch (default %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--repeat", type=int, default=30, help="timed steps per variant")
+    return parser.parse_args()
+
+
+def local_part(shape, dtype, comm, seed=0):
+    """This rank's rows of the global batch (N split as evenly as possible), x and dy."""
+    sizes = [shape[0] // comm.size + (r < shape[0] % comm.size) for r in range(comm.size)]
+    rng = np.random.default_rng([seed, comm.rank])
+    part = (sizes[comm.rank], *shape[1:])
+    x = (rng.standard_normal(part) * 2.0 + 3.0).astype(dtype)
+    dy = rng.standard_normal(part).astype(dtype)
+    return x, dy
+
+
+def rel_err(value, ref):
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(np.asarray(value, np.float64) - ref) / np.linalg.norm(ref))
+
+
+def verify(comm, x, dy, channels, dtype):
+    """Relative errors of the synchronised step against BatchNorm on the gathered batch."""
+    sync = SyncBatchNorm(channels, comm=comm, dtype=dtype)
+    y, dx = sync(x), sync.backward(dy)
+    parts = [comm.gather(a, root=0) for a in (x, dy, y, dx)]
+    if comm.rank != 0:
+        return None
+    x_all, dy_all, y_all, dx_all = (np.concatenate(p) for p in parts)
+    local = nbn.BatchNorm(channels, dtype=dtype)
+    y_ref, dx_ref = local(x_all), local.backward(dy_all)
+    return {
+        "y": rel_err(y_all, y_ref),
+        "dx": rel_err(dx_all, dx_ref),
+        "grad_weight": rel_err(sync.grad_weight, local.grad_weight),
+        "running_var": rel_err(sync.running_var, local.running_var),
+    }
+
+
+def main():
+    args = arguments()
+    comm = MPI.COMM_WORLD
+    shape = tuple(int(s) for s in args.shape.split(","))
+    dtype = np.dtype(args.dtype)
+    channels = shape[1]
+    x, dy = local_part(shape, dtype, comm)
+
+    errors = verify(comm, x, dy, channels, dtype)
+    local = nbn.BatchNorm(channels, dtype=dtype)
+    sync_self = SyncBatchNorm(channels, comm=MPI.COMM_SELF, dtype=dtype)
+    sync = SyncBatchNorm(channels, comm=comm, dtype=dtype)
+    stats, gathered = np.zeros((3, channels)), np.empty((comm.size, 3, channels))
+    sums, summed = np.zeros(2 * channels + 1), np.empty(2 * channels + 1)
+
+    def step(layer):
+        layer(x)
+        layer.backward(dy)
+
+    def collectives():
+        comm.Allgather(stats, gathered)
+        comm.Allreduce(sums, summed)
+
+    # Napkin bytes of one rank's step, in passes over a tensor of x's size: the local step fuses
+    # each pass pair per channel (x, y | dy, x, dx), the split kernels read the inputs again
+    # (x | x, y || dy, x | dy, x, dx).
+    variants = {
+        "local BatchNorm": (lambda: step(local), 5),
+        "sync, COMM_SELF": (lambda: step(sync_self), 8),
+        f"sync, {comm.size} ranks": (lambda: step(sync), 8),
+        "collectives alone": (collectives, 0),
+    }
+    for run, _ in variants.values():  # compile or load from cache, touch the memory
+        run(), run()
+    times = {name: [] for name in variants}
+    for _ in range(args.repeat):
+        for name, (run, _) in variants.items():
+            comm.Barrier()
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            times[name].append(comm.allreduce(elapsed, op=MPI.MAX))
+    if comm.rank != 0:
+        return
+
+    print(
+        f"SyncBatchNorm step: global batch {shape} {dtype}, {comm.size} ranks x "
+        f"{x.shape[0]} rows, {numba.get_num_threads()} Numba thread(s) per rank, "
+        f"{MPI.Get_library_version().split(',')[0]}"
+    )
+    print("check against BatchNorm on the gathered batch (relative L2 error):")
+    print("  " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    # The median is the typical step; the minimum is the step least disturbed by other load.
+    base = {"median": np.median(times["local BatchNorm"]), "min": np.min(times["local BatchNorm"])}
+    print(f"\n{args.repeat} steps per variant, time of the slowest rank, forward + backward:")
+    print(
+        f"  {'variant':<20} {'median ms':>10} {'vs local':>9} {'min ms':>9} {'vs local':>9} "
+        f"{'GB/s at min':>12}"
+    )
+    for name, values in times.items():
+        median, least = np.median(values), np.min(values)
+        bandwidth = variants[name][1] * x.nbytes / least / 1e9
+        print(
+            f"  {name:<20} {median * 1e3:10.3f} {median / base['median']:8.2f}x "
+            f"{least * 1e3:9.3f} {least / base['min']:8.2f}x {bandwidth:12.1f}"
+        )
+    values = 3 * channels + 2 * channels + 1
+    sent = 8 * values
+    received = 8 * (3 * channels * comm.size + 2 * channels + 1)
+    print(
+        f"\nexchanged per step and rank: {values} float64 values = 3C (Allgather) + 2C + 1 "
+        f"(Allreduce); {sent} B sent, {received} B received (Allgather includes the own row)"
+    )
+    sync = times[f"sync, {comm.size} ranks"]
+    print(
+        f"overhead of the synchronised step over the local step: "
+        f"{np.median(sync) / base['median'] - 1:+.1%} (medians), "
+        f"{np.min(sync) / base['min'] - 1:+.1%} (minima)"
+    )
+
+
+if __name__ == "__main__":
+    main()
