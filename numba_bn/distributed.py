@@ -22,12 +22,14 @@ aborts the job (docs/distributed.md).
 mpi4py is imported on first use, never by ``import numba_bn``: ``pip install "numba-bn[mpi]"``.
 """
 
+import numba
 import numpy as np
 from numba import njit
 
 from . import dispatch
-from .cpu.drivers import _dx_coefficients, _train_coefficients, update_running
+from .cpu.kernels import dx_coefficients, train_coefficients, update_running
 from .functional import (
+    _EMPTY,
     TrainResult,
     _in_dtype_of,
     check_backward_inputs,
@@ -85,17 +87,22 @@ def _merge_ranks(ranks, mean, m2):
 
 
 @njit(cache=True)
-def _normalize_coefficients(count, mean, m2, eps, weight, bias, coef, invstd):
-    """coef rows (mean_hi, mean_lo, scale, shift) and invstd (=) of every channel."""
+def _apply_global_stats(
+    count, mean, m2, eps, weight, bias, momentum, unbiased, running_mean, running_var, coef, invstd
+):
+    """coef rows (mean_hi, mean_lo, scale, shift) and invstd (=) of every channel, and the
+    running update (+=, when the buffers are not empty) from the global statistics."""
     for c in range(mean.size):
-        _train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
+        train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
+    if running_mean.size:
+        update_running(running_mean, running_var, count, mean, m2, momentum, unbiased)
 
 
 @njit(cache=True)
 def _backward_coefficients(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     """coef rows (mean_hi, mean_lo, proj, mean_dy, k) (=) of every channel, global count."""
     for c in range(mean.size):
-        _dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
+        dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
 
 
 def _single_value_error(ranks):
@@ -131,9 +138,14 @@ def sync_train_forward(
     prepared, eps, momentum, vectors = check_train_inputs(
         x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy
     )
-    running = []
+    run_mean = run_var = _EMPTY[prepared.dtype]  # zero-length: no running update
+    store_back = ()
     if running_mean is not None:  # like every local check, before the exchange
-        running = [vectors.writable("running_mean"), vectors.writable("running_var")]
+        (run_mean, store_mean), (run_var, store_var) = (
+            vectors.writable("running_mean"),
+            vectors.writable("running_var"),
+        )
+        store_back = (store_mean, store_var)
     y, y_view = prepared.output(out)
     kernels = dispatch.get(backend)
     channels = prepared.channels
@@ -152,19 +164,18 @@ def sync_train_forward(
     if count == 0:
         mean.fill(np.nan), invstd.fill(np.nan), m2.fill(np.nan)
         return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
-    coef = np.empty((4, channels), prepared.dtype)
-    _normalize_coefficients(
-        count, mean, m2, eps, vectors.kernel("weight"), vectors.kernel("bias"), coef, invstd
-    )
     if nan_policy == "raise" and not (np.isfinite(mean).all() and np.isfinite(m2).all()):
         raise ValueError(
             "x holds NaN or Inf on some rank (nan_policy='raise'): the global batch statistics "
             "are not finite; running statistics were not updated"
         )
-    if running:
-        (run_mean, store_mean), (run_var, store_var) = running
-        update_running(run_mean, run_var, count, mean, m2, momentum, unbiased)
-        store_mean(), store_var()
+    coef = np.empty((4, channels), prepared.dtype)
+    weight, bias = vectors.kernel("weight"), vectors.kernel("bias")
+    _apply_global_stats(
+        count, mean, m2, eps, weight, bias, momentum, unbiased, run_mean, run_var, coef, invstd
+    )
+    for store in store_back:
+        store()
     if prepared.count and channels:
         kernels.normalize(prepared.view, coef, y_view)
     return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, int(count))
@@ -323,19 +334,27 @@ def warmup(dtypes=(np.float32, np.float64)):
 
     Needs no MPI. Run it once before ``mpiexec`` (with the NUMBA_CACHE_DIR the job will use)
     so that the ranks load machine code instead of each compiling the same kernels at once.
+    Small inputs run the serial twins of the kernels; inputs of SERIAL_MAX_ELEMENTS or more the
+    parallel ones, when Numba has more than one thread (numba_bn.cpu).
     """
     import time
+
+    from .cpu import SERIAL_MAX_ELEMENTS
 
     start = time.perf_counter()
     comm = _OneProcess()
     rng = np.random.default_rng(0)
+    small = ((4, 3, 5), (6, 3))  # planes, rows
+    large = ((SERIAL_MAX_ELEMENTS // 3, 3, 2), (SERIAL_MAX_ELEMENTS // 3 + 1, 3))
     for dtype in dtypes:
-        for shape in ((4, 3, 5), (6, 3)):  # planes, rows
+        for shape in small + (large if numba.get_num_threads() > 1 else ()):
             x = rng.standard_normal(shape).astype(dtype)
-            weight, bias = np.ones(3, dtype), np.zeros(3, dtype)
+            channels = shape[1]
+            weight, bias = np.ones(channels, dtype), np.zeros(channels, dtype)
+            running_mean, running_var = np.zeros(channels, dtype), np.ones(channels, dtype)
             result = sync_train_forward(
-                x, weight, bias, 1e-5, 1, comm=comm, running_mean=np.zeros(3, dtype),
-                running_var=np.ones(3, dtype),
+                x, weight, bias, 1e-5, 1, comm=comm, running_mean=running_mean,
+                running_var=running_var,
             )  # fmt: skip
             sync_train_backward(x, x, result.mean, result.invstd, weight, 1, comm=comm)
     return time.perf_counter() - start
