@@ -11,7 +11,9 @@ part, a training step (forward + backward) of
   itself costs;
 * ``sync``: SyncBatchNorm over all ranks;
 * ``collectives``: the step's two collectives alone (Allgather of 3C, Allreduce of 2C + 1
-  float64 values).
+  float64 values);
+* ``kernel: ...``: the backend kernels behind the two steps on this rank's part, the fused
+  forward and backward of the local step against the split pairs the synchronised step runs.
 
 It first checks that the synchronised step equals a single-process BatchNorm on the concatenated
 batch (gathered on rank 0). Every timed step starts after a barrier; the variants are interleaved
@@ -28,6 +30,7 @@ import numpy as np
 from mpi4py import MPI
 
 import numba_bn as nbn
+from numba_bn import dispatch
 from numba_bn.distributed import SyncBatchNorm
 
 
@@ -72,6 +75,38 @@ def verify(comm, x, dy, channels, dtype):
     }
 
 
+def kernel_variants(x, dy):
+    """The backend kernels behind the two steps, on this rank's part: fused against split."""
+    kernels = dispatch.get("cpu")
+    view = x.reshape(x.shape[0], x.shape[1], -1)
+    dy_view = dy.reshape(view.shape)
+    channels, empty = view.shape[1], np.empty(0, x.dtype)
+    y, dx = np.empty_like(view), np.empty_like(view)
+    mean, invstd, m2, sum_dy, sum_dy_xmu = np.empty((5, channels))
+    kernels.forward_train(view, empty, empty, 1e-5, empty, empty, 0.1, True, False, y, mean,
+                          invstd, m2)  # fmt: skip
+    coef_y = np.array([mean, np.zeros(channels), invstd, np.zeros(channels)], x.dtype)
+    coef_dx = np.array([mean, np.zeros(channels), invstd, invstd, invstd], x.dtype)
+    return {
+        "kernel: fused fwd": (
+            lambda: kernels.forward_train(view, empty, empty, 1e-5, empty, empty, 0.1, True,
+                                          False, y, mean, invstd, m2), 2,
+        ),
+        "kernel: stats+norm": (
+            lambda: (kernels.channel_stats(view, mean, m2), kernels.normalize(view, coef_y, y)),
+            3,
+        ),
+        "kernel: fused bwd": (
+            lambda: kernels.backward(dy_view, view, mean, invstd, empty, dx, sum_dy, sum_dy_xmu),
+            3,
+        ),
+        "kernel: sums+dx": (
+            lambda: (kernels.backward_sums(dy_view, view, mean, sum_dy, sum_dy_xmu),
+                     kernels.backward_dx(dy_view, view, coef_dx, dx)), 5,
+        ),
+    }  # fmt: skip
+
+
 def main():
     args = arguments()
     comm = MPI.COMM_WORLD
@@ -103,6 +138,7 @@ def main():
         "sync, COMM_SELF": (lambda: step(sync_self), 8),
         f"sync, {comm.size} ranks": (lambda: step(sync), 8),
         "collectives alone": (collectives, 0),
+        **kernel_variants(x, dy),
     }
     for run, _ in variants.values():  # compile or load from cache, touch the memory
         run(), run()
@@ -126,7 +162,9 @@ def main():
     print("  " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     # The median is the typical step; the minimum is the step least disturbed by other load.
     base = {"median": np.median(times["local BatchNorm"]), "min": np.min(times["local BatchNorm"])}
-    print(f"\n{args.repeat} steps per variant, time of the slowest rank, forward + backward:")
+    print(
+        f"\n{args.repeat} calls per variant, time of the slowest rank (a step: forward + backward):"
+    )
     print(
         f"  {'variant':<20} {'median ms':>10} {'vs local':>9} {'min ms':>9} {'vs local':>9} "
         f"{'GB/s at min':>12}"

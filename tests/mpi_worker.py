@@ -91,10 +91,13 @@ def functional(comm, data, counts, record):
     dy = rows_of_rank(data["func_dy"], counts, comm.rank)
     weight, bias = data["func_weight"], data["func_bias"]
     running_mean, running_var = data["func_running_mean"].copy(), data["func_running_var"].copy()
+    y_out, dx_out = np.full_like(x, np.nan), np.full_like(x, np.nan)  # poisoned: all rewritten
     y, mean, invstd = sync_forward_train(
-        x, weight, bias, running_mean=running_mean, running_var=running_var, momentum=0.3
-    )
-    dx, dweight, dbias = sync_backward(dy, x, mean, invstd, weight)
+        x, weight, bias, running_mean=running_mean, running_var=running_var, momentum=0.3,
+        out=y_out,
+    )  # fmt: skip
+    dx, dweight, dbias = sync_backward(dy, x, mean, invstd, weight, out=dx_out)
+    assert y is y_out and dx is dx_out
     record.update(
         func_y=y, func_mean=mean, func_invstd=invstd, func_dx=dx, func_dweight=dweight,
         func_dbias=dbias, func_running_mean=running_mean, func_running_var=running_var,
