@@ -29,7 +29,6 @@ from numba import njit
 from . import dispatch
 from .cpu.kernels import dx_coefficients, train_coefficients, update_running
 from .functional import (
-    _EMPTY,
     TrainResult,
     _in_dtype_of,
     check_backward_inputs,
@@ -37,6 +36,7 @@ from .functional import (
     frozen_backward,
 )
 from .layer import BatchNorm
+from .placement import is_device_array
 from .stats import chan_merge
 
 INSTALL_HINT = 'pip install "numba-bn[mpi]"'
@@ -51,6 +51,16 @@ def _mpi():
             f"{INSTALL_HINT}"
         ) from exc
     return MPI
+
+
+def host_only(**arrays):
+    """TypeError for CUDA arrays: the exchange and the merge run on host (NumPy) arrays."""
+    on_device = [name for name, value in arrays.items() if is_device_array(value)]
+    if on_device:
+        raise TypeError(
+            f"SyncBatchNorm works on host (NumPy) arrays; {', '.join(on_device)} on the CUDA "
+            "device: copy to the host first (numba: a.copy_to_host(), CuPy: a.get())"
+        )
 
 
 def resolve_comm(comm):
@@ -138,7 +148,7 @@ def sync_train_forward(
     prepared, eps, momentum, vectors = check_train_inputs(
         x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy
     )
-    run_mean = run_var = _EMPTY[prepared.dtype]  # zero-length: no running update
+    run_mean = run_var = np.empty(0, prepared.dtype)  # zero-length: no running update
     store_back = ()
     if running_mean is not None:  # like every local check, before the exchange
         (run_mean, store_mean), (run_var, store_var) = (
@@ -253,6 +263,7 @@ def sync_forward_train(
         the dtype of ``x`` (float32 for float16). A global batch of one value per channel
         raises ValueError on every rank.
     """
+    host_only(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     result = sync_train_forward(
         x,
         weight,
@@ -278,6 +289,7 @@ def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=No
     ``dx`` and the global ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)`` over every rank's
     batch, identical on every rank (do not all-reduce them again).
     """
+    host_only(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight)
     dx, sum_dy, sum_dy_xmu = sync_train_backward(
         dy, x, mean, invstd, weight, axis, comm=resolve_comm(comm), out=out, backend=backend
     )
@@ -306,13 +318,22 @@ class SyncBatchNorm(BatchNorm):
         self.comm = resolve_comm(comm)
         super().__init__(num_features, **options)
 
-    def _train_forward(self, *args, **kwargs):
+    def _move(self, side):
+        if side == "cuda":
+            raise ValueError(
+                "SyncBatchNorm keeps its arrays in host memory: the statistics exchange runs on "
+                "NumPy arrays (CUDA inputs are not supported; copy them to the host)"
+            )
+        super()._move(side)
+
+    # BatchNorm passes device=self._side, which _move keeps on "cpu".
+    def _train_forward(self, *args, device="cpu", **kwargs):
         return sync_train_forward(*args, comm=self.comm, **kwargs)
 
-    def _train_backward(self, *args, **kwargs):
+    def _train_backward(self, *args, device="cpu", **kwargs):
         return sync_train_backward(*args, comm=self.comm, **kwargs)
 
-    def _frozen_backward(self, *args, **kwargs):
+    def _frozen_backward(self, *args, device="cpu", **kwargs):
         return sync_frozen_backward(*args, comm=self.comm, **kwargs)
 
 
