@@ -296,6 +296,12 @@ def test_comm_must_be_an_mpi_communicator(job):
 
 
 @needs_mpi
+def test_sync_batch_norm_refuses_to_move_to_cuda(job):
+    for message in job.per_rank("error_cuda"):
+        assert str(message).startswith("ValueError: SyncBatchNorm keeps its arrays in host memory")
+
+
+@needs_mpi
 def test_a_rank_that_raises_ends_the_job_with_a_nonzero_code(tmp_path):
     code, output, ended = launch(2, "abort", tmp_path)
     raised = float((tmp_path / "raised_at").read_text())
@@ -320,3 +326,13 @@ def test_without_mpi4py_sync_batch_norm_says_how_to_install(monkeypatch):
         distributed.SyncBatchNorm(4)
     with pytest.raises(ImportError, match=r'pip install "numba-bn\[mpi\]"'):
         distributed.sync_forward_train(np.ones((2, 4)))
+
+
+def test_functional_forms_refuse_cuda_arrays():
+    class DeviceArray:  # what numba_bn.placement recognises as a CUDA array
+        __cuda_array_interface__ = {}
+
+    with pytest.raises(TypeError, match=r"host \(NumPy\) arrays; x on the CUDA device"):
+        distributed.sync_forward_train(DeviceArray())
+    with pytest.raises(TypeError, match=r"host \(NumPy\) arrays; dy on the CUDA device"):
+        distributed.sync_backward(DeviceArray(), np.ones((2, 3)), np.zeros(3), np.ones(3))
