@@ -19,6 +19,7 @@ ValueError and none is left waiting in a collective. A local error (a bad argume
 raises on that rank only: launch with ``mpiexec -n K python -m mpi4py script.py`` so that it
 aborts the job (docs/distributed.md).
 
+Host (NumPy) arrays and host backends only: SyncBatchNorm does not move to CUDA.
 mpi4py is imported on first use, never by ``import numba_bn``: ``pip install "numba-bn[mpi]"``.
 """
 
