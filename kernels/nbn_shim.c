@@ -161,7 +161,8 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* The work items of numba_bn/cpu/drivers.py and their sizes in elements:
  *   reduction items: (channel, segment) for planes, (row chunk, channel tile) for rows;
- *   elementwise items: (n, channel, block) for planes, (row chunk, channel tile) for rows;
+ *   elementwise items: (n, channel, block) for planes, whole rows (about ROW_SPAN elements)
+ *   for rows;
  *   partials per channel: segments (n, block) for planes, row chunks for rows. */
 static int64_t parts(const nbn_call *a) {
     return a->inner > 1 ? a->outer * ceil_div(a->inner, NBN_PLANE_BLOCK)
@@ -180,9 +181,19 @@ static int64_t reduce_items(const nbn_call *a) {
     return a->inner > 1 ? a->channels * parts(a) : row_items(a);
 }
 
+static int64_t span_rows(const nbn_call *a) {
+    int64_t rows = NBN_ROW_SPAN / a->channels;
+    return rows > 1 ? rows : 1;
+}
+
 static int64_t elementwise_items(const nbn_call *a) {
     return a->inner > 1 ? a->outer * a->channels * ceil_div(a->inner, NBN_PLANE_BLOCK)
-                        : row_items(a);
+                        : ceil_div(a->outer, span_rows(a));
+}
+
+static int64_t elementwise_item_elements(const nbn_call *a) {
+    return a->inner > 1 ? min64(a->inner, NBN_PLANE_BLOCK)
+                        : min64(a->outer, span_rows(a)) * a->channels;
 }
 
 static int64_t item_elements(const nbn_call *a) {
@@ -306,7 +317,7 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
         status = parallel_items(stats, &a, reduce_items(&a), item_elements(&a));
         if (status == NBN_OK) status = parallel_items(train_merge, &a, channels, parts(&a));
         if (status == NBN_OK)
-            status = parallel_items(normalize, &a, elementwise_items(&a), item_elements(&a));
+            status = parallel_items(normalize, &a, elementwise_items(&a), elementwise_item_elements(&a));
     }
     if (status == NBN_OK && running_mean &&
         a.k->update_running(channels, running_mean, running_var, (double)(outer * inner), a.mean,
@@ -334,7 +345,7 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
                                running_mean, running_var, eps, a.coef) != 0)
         status = NBN_ERR_INTERNAL;
     else
-        status = parallel_items(normalize, &a, elementwise_items(&a), item_elements(&a));
+        status = parallel_items(normalize, &a, elementwise_items(&a), elementwise_item_elements(&a));
     free(scratch);
     return status;
 }
@@ -363,7 +374,7 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
         status = parallel_items(sums, &a, reduce_items(&a), item_elements(&a));
         if (status == NBN_OK) status = parallel_items(dx_merge, &a, channels, parts(&a));
         if (status == NBN_OK)
-            status = parallel_items(dx_blocks, &a, elementwise_items(&a), item_elements(&a));
+            status = parallel_items(dx_blocks, &a, elementwise_items(&a), elementwise_item_elements(&a));
     }
     if (status == NBN_OK) {
         /* dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)), as numba_bn.backward */

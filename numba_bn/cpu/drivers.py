@@ -35,6 +35,7 @@ from .kernels import (
     plane_segment_stats,
     plane_segment_sums,
     plane_segments_jit,
+    row_span_rows,
     rows_affine,
     rows_chunk_stats,
     rows_chunk_sums,
@@ -81,6 +82,13 @@ def _row_item_range(item, ntiles, outer, channels):
 
 
 @njit(inline="always")
+def _row_span_items(outer, channels):
+    """(items, rows per item) of the elementwise passes of the rows layout: whole rows."""
+    rows = row_span_rows(channels)
+    return -(-outer // rows), rows
+
+
+@njit(inline="always")
 def _plane_item(item, channels, nblk, inner):
     """(channel, start, stop) of elementwise item ``item`` = (n, c, block) in the flat array."""
     plane, b = item // nblk, item % nblk
@@ -121,10 +129,10 @@ def _normalize_loops(x, coef, y):
     if inner == 1:
         x2 = x.reshape(outer, channels)
         y2 = y.reshape(outer, channels)
-        nchunks, ntiles = _row_items(outer, channels)
-        for item in prange(nchunks * ntiles):
-            _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
-            rows_affine(x2, y2, r0, r1, c0, c1, coef)
+        nitems, rows = _row_span_items(outer, channels)
+        for item in prange(nitems):
+            r0 = item * rows
+            rows_affine(x2, y2, r0, min(r0 + rows, outer), 0, channels, coef)
     else:
         x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
         nblk = plane_segments_jit(inner)
@@ -163,10 +171,10 @@ def _dx_loops(dy, x, coef, dx):
         dy2 = dy.reshape(outer, channels)
         x2 = x.reshape(outer, channels)
         dx2 = dx.reshape(outer, channels)
-        nchunks, ntiles = _row_items(outer, channels)
-        for item in prange(nchunks * ntiles):
-            _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
-            rows_dx(dy2, x2, dx2, r0, r1, c0, c1, coef)
+        nitems, rows = _row_span_items(outer, channels)
+        for item in prange(nitems):
+            r0 = item * rows
+            rows_dx(dy2, x2, dx2, r0, min(r0 + rows, outer), 0, channels, coef)
     else:
         dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
         nblk = plane_segments_jit(inner)

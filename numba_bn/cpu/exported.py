@@ -33,11 +33,12 @@ dx_items                   as normalize_items                             dx
 
 from numba import carray, njit
 
-from .drivers import _plane_item, _row_item_range, _row_items
+from .drivers import _plane_item, _row_item_range, _row_items, _row_span_items
 from .kernels import (
     CHANNEL_TILE,
     PLANE_BLOCK,
     ROW_CHUNK,
+    ROW_SPAN,
     add_parts,
     affine_range,
     dx_coefficients,
@@ -66,7 +67,12 @@ I64 = "int64_t"
 F64 = "double"
 
 #: Constants the shim needs to lay out its work items like the drivers.
-CONSTANTS = {"PLANE_BLOCK": PLANE_BLOCK, "ROW_CHUNK": ROW_CHUNK, "CHANNEL_TILE": CHANNEL_TILE}
+CONSTANTS = {
+    "PLANE_BLOCK": PLANE_BLOCK,
+    "ROW_CHUNK": ROW_CHUNK,
+    "CHANNEL_TILE": CHANNEL_TILE,
+    "ROW_SPAN": ROW_SPAN,
+}
 
 
 @njit(inline="always")
@@ -173,14 +179,14 @@ def normalize_items(
     coef_ptr: IN,
     y_ptr: OUT,
 ):
-    """y of items first:last: (n, channel, block) for planes, (row chunk, tile) for rows."""
+    """y of items first:last: (n, channel, block) for planes, runs of whole rows for rows."""
     coef = carray(coef_ptr, (4, channels))
     if inner == 1:
         x2, y2 = carray(x_ptr, (outer, channels)), carray(y_ptr, (outer, channels))
-        _, ntiles = _row_items(outer, channels)
+        _, rows = _row_span_items(outer, channels)
         for item in range(first, last):
-            _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
-            rows_affine(x2, y2, r0, r1, c0, c1, coef)
+            r0 = item * rows
+            rows_affine(x2, y2, r0, min(r0 + rows, outer), 0, channels, coef)
         return
     size = outer * channels * inner
     x_flat, y_flat = carray(x_ptr, size), carray(y_ptr, size)
@@ -329,10 +335,10 @@ def dx_items(
     if inner == 1:
         dy2, x2 = carray(dy_ptr, (outer, channels)), carray(x_ptr, (outer, channels))
         dx2 = carray(dx_ptr, (outer, channels))
-        _, ntiles = _row_items(outer, channels)
+        _, rows = _row_span_items(outer, channels)
         for item in range(first, last):
-            _, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
-            rows_dx(dy2, x2, dx2, r0, r1, c0, c1, coef)
+            r0 = item * rows
+            rows_dx(dy2, x2, dx2, r0, min(r0 + rows, outer), 0, channels, coef)
         return
     size = outer * channels * inner
     dy_flat, x_flat, dx_flat = carray(dy_ptr, size), carray(x_ptr, size), carray(dx_ptr, size)
