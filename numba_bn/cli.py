@@ -166,6 +166,19 @@ def _train_demo(args):
     return run_from_args(args)
 
 
+# -------------------------------------------------------------------------------------- bench
+def _bench_arguments(parser):
+    from .bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _bench(args):
+    from .bench import command
+
+    return command(args)
+
+
 # ------------------------------------------------------------------------------------ commands
 COMMANDS = {
     "demo": (_demo_arguments, _demo, "check and time a default batch (train, backward, eval)"),
@@ -175,6 +188,7 @@ COMMANDS = {
         _train_demo,
         "train an MLP on scikit-learn's digits with and without BatchNorm, plot the curves",
     ),
+    "bench": (_bench_arguments, _bench, "verify, then time against memcpy, NumPy and PyTorch"),
 }
 
 
