@@ -69,49 +69,31 @@ def set_threads(threads, torch=None):
 
 def command(args, log=print):
     """Run the benchmark as the CLI asks; 0 on success, 1 when a check fails, 2 on bad input."""
-    import numba
-
-    from .. import __version__
-
     try:
         names = parse_shapes(args.shapes)
         wanted = [n.strip() for n in args.impls.split(",") if n.strip()]
         unknown = sorted(set(wanted) - set(PEERS))
-        if unknown or args.repeat < 1:
-            raise ValueError(
-                f"--impls takes names from {', '.join(PEERS)}, got {', '.join(unknown)}"
-                if unknown
-                else f"--repeat must be >= 1, got {args.repeat}"
-            )
+        if unknown:
+            raise ValueError(f"--impls takes names from {', '.join(PEERS)}, got {unknown}")
+        if args.repeat < 1:
+            raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
         torch = import_torch() if "torch" in wanted else None
-        set_threads(args.threads, torch if "torch" in wanted else None)
+        set_threads(args.threads, torch)
     except ValueError as exc:
         log(f"numba-bn bench: {exc}")
         return 2
     chosen = implementations(wanted, args.threads, torch)
-    chosen_names = [i.name for i in chosen]
+    names_chosen = [i.name for i in chosen]
     dtype = np.dtype(args.dtype)
-
     log(
         f"numba-bn bench: {dtype}, {args.threads} threads, median of {args.repeat} interleaved "
-        f"hot runs per call, one process"
+        "hot runs per call, one process"
     )
-    versions = [f"numba_bn {__version__} (numba {numba.__version__})"]
-    if "torch" in wanted and torch is None:
-        versions.append("torch not installed: its columns are absent")
-    elif "torch" in wanted:
-        versions.append(
-            f"torch {torch.__version__} (aten.native_batch_norm, native_batch_norm_backward)"
-        )
-    if "numpy" in wanted:
-        versions.append(f"numpy {np.__version__} (naive: numba_bn/reference.py in {dtype})")
-    if "memcpy" in wanted:
-        versions.append("memcpy = np.copyto into a preallocated array, 1 thread")
-    log("implementations: " + "; ".join(versions))
+    log("implementations: " + "; ".join(_describe(wanted, torch, dtype)))
     log(BYTE_MODEL)
-    load_before = os.getloadavg()[0]
 
-    results, errors = [], {}
+    load_before = os.getloadavg()[0]
+    results = []
     for name in names:
         start = time.perf_counter()
         case = Case(SHAPES[name], dtype)
@@ -121,15 +103,14 @@ def command(args, log=print):
             log(f"CHECK FAILED, nothing timed: {exc}")
             return 1
         results += shape_results
-        errors[name] = worst
         checked = ", ".join(f"{n} {e:.1e}" for n, e in worst.items())
         log(
             f"{SHAPES[name]}, {case.x.nbytes / 1e6:.1f} MB: verified (largest relative error "
             f"vs float64: {checked}), timed in {time.perf_counter() - start:.1f} s"
         )
         del case
-
     load_after = os.getloadavg()[0]
+
     log(
         f"\nload average (1 min) {load_before:.2f} before, {load_after:.2f} after, "
         f"on {os.cpu_count()} CPUs"
@@ -141,44 +122,65 @@ def command(args, log=print):
             "these numbers as final."
         )
     log("\nms per call (median); /memcpy = time / memcpy time; x peer = numba_bn's speed-up\n")
-    log(main_table(results, chosen_names))
-    overhead = overhead_table(results, chosen_names)
+    log(main_table(results, names_chosen))
+    overhead = overhead_table(results, names_chosen)
     if overhead:
         log("\nper-call overhead on the small shapes: fastest of the timed samples, us per call;")
         log("kernels = numba_bn's CPU backend on prepared buffers, so 'API adds' = validation +")
         log("allocation + dispatch\n")
         log(overhead)
-
     first_call = None
     if not args.no_first_call:
         first_call = cold_and_warm_first_call(dtype, args.threads)
-        log("")
-        for line in first_call_lines(first_call):
-            log(line)
+        log("\n" + "\n".join(first_call_lines(first_call)))
 
     settings = {
-        "dtype": str(dtype),
-        "threads": args.threads,
-        "repeat": args.repeat,
-        "shapes": names,
-        "implementations": chosen_names,
-        "torch": None if torch is None else torch.__version__,
-        "byte_model": BYTE_MODEL,
-        "load_average": [load_before, load_after],
         "command": (
             f"numba-bn bench --shapes {args.shapes} --dtype {dtype} --threads {args.threads} "
             f"--repeat {args.repeat} --impls {args.impls}"
         ),
+        "dtype": str(dtype),
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "shapes": names,
+        "implementations": names_chosen,
+        "torch": None if torch is None else torch.__version__,
+        "byte_model": BYTE_MODEL,
+        "load_average": [load_before, load_after],
     }
+    _save(args, results, names_chosen, settings, first_call, log)
+    return 0
+
+
+def _describe(wanted, torch, dtype):
+    import numba
+
+    from .. import __version__
+
+    lines = [f"numba_bn {__version__} (numba {numba.__version__})"]
+    if "torch" in wanted and torch is None:
+        lines.append("torch not installed: its columns are absent")
+    elif "torch" in wanted:
+        lines.append(
+            f"torch {torch.__version__} (aten.native_batch_norm, native_batch_norm_backward)"
+        )
+    if "numpy" in wanted:
+        lines.append(f"numpy {np.__version__} (naive: numba_bn/reference.py in {dtype})")
+    if "memcpy" in wanted:
+        lines.append("memcpy = np.copyto into a preallocated array, 1 thread")
+    return lines
+
+
+def _save(args, results, names, settings, first_call, log):
+    """The JSON and the plot, when asked for."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump(pytest_benchmark_json(results, settings, first_call), f, indent=2)
         log(f"\nwrote {args.json} (pytest-benchmark JSON)")
     if args.plot:
         try:
-            title = f"numba-bn bench, {dtype}, {args.threads} threads"
-            bar_chart(results, chosen_names, args.plot, title)
+            title = f"numba-bn bench, {settings['dtype']}, {args.threads} threads"
+            bar_chart(results, names, args.plot, title)
             log(f"wrote {args.plot}")
         except ImportError:
             log("matplotlib is not installed: no plot (pip install matplotlib)")
-    return 0

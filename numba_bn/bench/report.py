@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 
+from .. import __version__
 from .cases import OPS
 
 BASELINE = "numba_bn"
@@ -206,7 +207,7 @@ def pytest_benchmark_json(results, settings, first_call=None):
         "commit_info": _commit_info(),
         "benchmarks": benchmarks,
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "version": "5.1.0",
+        "version": f"numba_bn {__version__}",
         "numba_bn": {**settings, "first_call": first_call},
     }
 
