@@ -225,7 +225,8 @@ def bar_chart(results, names, path, title):
         s for s in dict.fromkeys(r.shape.name for r in results) if (s, "memcpy", "memcpy") in index
     ]
     shown = [n for n in names if n != "memcpy"]
-    fig, axes = plt.subplots(1, len(OPS), figsize=(4.5 * len(OPS), 4), sharey=True)
+    panel_width = max(4.5, 0.9 * len(shapes) + 1.0)
+    fig, axes = plt.subplots(1, len(OPS), figsize=(panel_width * len(OPS), 4.5), sharey=True)
     width = 0.8 / max(len(shown), 1)
     for ax, op in zip(axes, OPS, strict=True):
         for k, name in enumerate(shown):
@@ -236,8 +237,9 @@ def bar_chart(results, names, path, title):
                 for s in shapes
             ]
             ax.bar(np.arange(len(shapes)) + k * width, ratios, width, label=name)
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="memcpy")
         ax.set_xticks(np.arange(len(shapes)) + width * (len(shown) - 1) / 2, shapes)
+        ax.tick_params(axis="x", labelrotation=30)
         ax.set_yscale("log")
         ax.set_title(op)
     axes[0].set_ylabel("time / memcpy time (lower is better)")
