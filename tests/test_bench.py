@@ -57,7 +57,9 @@ def restore_threads():
 
 
 def bench(capsys, *args):
-    code = cli.main(["bench", "--shapes", "small-nc,small-nhwc", "--repeat", "2", *args])
+    """``numba-bn bench`` on two tiny shapes, one thread (any machine has one), two rounds."""
+    base = ["bench", "--shapes", "small-nc,small-nhwc", "--repeat", "2", "--threads", "1"]
+    code = cli.main([*base, *args])
     return code, capsys.readouterr().out
 
 
@@ -65,9 +67,7 @@ def test_bench_command_verifies_times_and_writes_pytest_benchmark_json(
     tmp_path, capsys, restore_threads
 ):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code, out = bench(
-        capsys, "--threads", "1", "--no-first-call", "--json", str(out_json), "--plot", str(out_png)
-    )
+    code, out = bench(capsys, "--no-first-call", "--json", str(out_json), "--plot", str(out_png))
     assert code == 0, out
     assert "verified" in out and "| numba_bn ms |" in out and "| numpy ms |" in out
     assert "API adds us" in out  # the per-call overhead table of the small shapes
@@ -193,6 +193,7 @@ def test_benchmark_suites_run_each_case_once():
             "pytest",
             "benchmarks",
             "--bn-shapes=small",
+            "--bn-threads=1",
             "--benchmark-disable",
             "-q",
             "-p",
