@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .cases import BYTES_PER_ELEMENT_MOVED, SHAPES
+from .cases import BYTES_PER_ELEMENT_MOVED
 from .peers import NumbaBnKernels
 
 BLOCK_SECONDS = 1e-3  # calls faster than this are timed in blocks (small shapes)
@@ -159,11 +159,15 @@ def first_call_seconds(shapes, dtype, threads, cache_dir=None, timeout=900):
     return json.loads(out.strip().splitlines()[-1])
 
 
+# one planes and one rows input, large enough for the parallel kernels (small inputs run serial
+# twins, compiled separately): what a first real batch costs
+FIRST_CALL_INPUTS = [((16, 32, 32, 32), 1), ((4096, 64), 1)]
+
+
 def cold_and_warm_first_call(dtype, threads):
-    """First calls on the small planes and rows shapes with an empty Numba cache (compile and
-    store), then in another process with that cache (load)."""
-    shapes = [(SHAPES[name].dims, SHAPES[name].axis) for name in ("small-nchw", "small-nc")]
+    """First calls on FIRST_CALL_INPUTS with an empty Numba cache (compile and store), then in
+    another process with that cache (load)."""
     with tempfile.TemporaryDirectory(prefix="numba-bn-cache-") as cache_dir:
-        cold = first_call_seconds(shapes, dtype, threads, cache_dir)
-        warm = first_call_seconds(shapes, dtype, threads, cache_dir)
-    return {"shapes": shapes, "cold": cold, "warm": warm}
+        cold = first_call_seconds(FIRST_CALL_INPUTS, dtype, threads, cache_dir)
+        warm = first_call_seconds(FIRST_CALL_INPUTS, dtype, threads, cache_dir)
+    return {"shapes": FIRST_CALL_INPUTS, "cold": cold, "warm": warm}
