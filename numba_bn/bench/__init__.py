@@ -117,9 +117,9 @@ def command(args, log=print):
     )
     if load_before > os.cpu_count() - args.threads + 0.5:
         log(
-            f"WARNING: the machine was busy before this run: {args.threads} threads could not\n"
-            "have the CPUs to themselves and parallel calls waited for CPU time; do not take\n"
-            "these numbers as final."
+            f"WARNING: other processes were using the CPUs before this run ({args.threads} "
+            f"threads on {os.cpu_count()} CPUs):\nparallel calls may have waited for CPU time; "
+            "rerun on a quiet machine before taking these numbers as final."
         )
     log("\nms per call (median); /memcpy = time / memcpy time; x peer = numba_bn's speed-up\n")
     log(main_table(results, names_chosen))
