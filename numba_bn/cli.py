@@ -181,6 +181,19 @@ def _build_plugin(args):
     return run_from_args(args)
 
 
+# -------------------------------------------------------------------------------------- bench
+def _bench_arguments(parser):
+    from .bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _bench(args):
+    from .bench import command
+
+    return command(args)
+
+
 # ------------------------------------------------------------------------------------ commands
 COMMANDS = {
     "demo": (_demo_arguments, _demo, "check and time a default batch (train, backward, eval)"),
@@ -195,6 +208,7 @@ COMMANDS = {
         _build_plugin,
         "build the C library libnumba_bn.so and its header from the kernels",
     ),
+    "bench": (_bench_arguments, _bench, "verify, then time against memcpy, NumPy and PyTorch"),
 }
 
 

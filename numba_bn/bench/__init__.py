@@ -1,0 +1,186 @@
+"""``numba-bn bench``: numba_bn against the memory limit (memcpy) and its peers, verified first.
+
+For each shape: every implementation's forward-train, eval and backward is checked against the
+float64 reference (:mod:`.cases`), then every (operation, implementation) pair and memcpy is
+timed in interleaved rounds in this one process (:mod:`.measure`); the median seconds per call
+are reported in ms, GB/s of the byte model, and ratios to memcpy and to each peer
+(:mod:`.report`). The implementations are in :mod:`.peers`; torch is imported only here, and
+only when installed.
+
+Byte model: memcpy, forward-train and eval move 1 read + 1 write of the tensor; backward
+2 reads + 1 write. The pytest-benchmark suites in benchmarks/ reuse these modules.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+
+from .cases import SHAPES, Case, parse_shapes
+from .measure import VerificationError, cold_and_warm_first_call, run_case
+from .peers import PEERS, implementations, import_torch
+from .report import bar_chart, first_call_lines, main_table, overhead_table, pytest_benchmark_json
+
+BYTE_MODEL = (
+    "byte model: memcpy, forward-train and eval = 1 read + 1 write of the tensor; "
+    "backward = 2 reads + 1 write; GB/s = those bytes / median time"
+)
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--shapes",
+        default="default",
+        help="comma-separated names from "
+        + ", ".join(f"{n} {s.dims}" for n, s in SHAPES.items())
+        + "; or 'default' (A,B,C,D,small-nchw,small-nc), 'small', 'all' (default %(default)s)",
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=2, help="numba and torch threads (2)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument(
+        "--impls",
+        default=",".join(PEERS),
+        help="implementations to run (default %(default)s; torch only if installed)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="write pytest-benchmark JSON here")
+    parser.add_argument("--plot", metavar="FILE", help="bar chart (needs matplotlib)")
+    parser.add_argument(
+        "--no-first-call",
+        action="store_true",
+        help="skip timing the first call with a cold and a warm Numba cache (new processes)",
+    )
+
+
+def set_threads(threads, torch=None):
+    """numba's (and torch's) thread count; ValueError beyond NUMBA_NUM_THREADS."""
+    import numba
+
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(
+            f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}] (NUMBA_NUM_THREADS), "
+            f"got {threads}"
+        )
+    numba.set_num_threads(threads)
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def command(args, log=print):
+    """Run the benchmark as the CLI asks; 0 on success, 1 when a check fails, 2 on bad input."""
+    try:
+        names = parse_shapes(args.shapes)
+        wanted = [n.strip() for n in args.impls.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - set(PEERS))
+        if unknown:
+            raise ValueError(f"--impls takes names from {', '.join(PEERS)}, got {unknown}")
+        if args.repeat < 1:
+            raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+        torch = import_torch() if "torch" in wanted else None
+        set_threads(args.threads, torch)
+    except ValueError as exc:
+        log(f"numba-bn bench: {exc}")
+        return 2
+    chosen = implementations(wanted, args.threads, torch)
+    names_chosen = [i.name for i in chosen]
+    dtype = np.dtype(args.dtype)
+    log(
+        f"numba-bn bench: {dtype}, {args.threads} threads, median of {args.repeat} interleaved "
+        "hot runs per call, one process"
+    )
+    log("implementations: " + "; ".join(_describe(wanted, torch, dtype)))
+    log(BYTE_MODEL)
+
+    load_before = os.getloadavg()[0]
+    results = []
+    for name in names:
+        start = time.perf_counter()
+        case = Case(SHAPES[name], dtype)
+        try:
+            shape_results, worst = run_case(case, chosen, args.repeat)
+        except VerificationError as exc:
+            log(f"CHECK FAILED, nothing timed: {exc}")
+            return 1
+        results += shape_results
+        checked = ", ".join(f"{n} {e:.1e}" for n, e in worst.items())
+        log(
+            f"{SHAPES[name]}, {case.x.nbytes / 1e6:.1f} MB: verified (largest relative error "
+            f"vs float64: {checked}), timed in {time.perf_counter() - start:.1f} s"
+        )
+        del case
+    load_after = os.getloadavg()[0]
+
+    log(
+        f"\nload average (1 min) {load_before:.2f} before, {load_after:.2f} after, "
+        f"on {os.cpu_count()} CPUs"
+    )
+    if load_before > os.cpu_count() - args.threads + 0.5:
+        log(
+            f"WARNING: other processes were using the CPUs before this run ({args.threads} "
+            f"threads on {os.cpu_count()} CPUs):\nparallel calls may have waited for CPU time; "
+            "rerun on a quiet machine before taking these numbers as final."
+        )
+    log("\nms per call (median); /memcpy = time / memcpy time; x peer = numba_bn's speed-up\n")
+    log(main_table(results, names_chosen))
+    overhead = overhead_table(results, names_chosen)
+    if overhead:
+        log("\nper-call overhead on the small shapes: fastest of the timed samples, us per call;")
+        log("kernels = numba_bn's CPU backend on prepared buffers, so 'API adds' = validation +")
+        log("allocation + dispatch\n")
+        log(overhead)
+    first_call = None
+    if not args.no_first_call:
+        first_call = cold_and_warm_first_call(dtype, args.threads)
+        log("\n" + "\n".join(first_call_lines(first_call)))
+
+    settings = {
+        "command": (
+            f"numba-bn bench --shapes {args.shapes} --dtype {dtype} --threads {args.threads} "
+            f"--repeat {args.repeat} --impls {args.impls}"
+        ),
+        "dtype": str(dtype),
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "shapes": names,
+        "implementations": names_chosen,
+        "torch": None if torch is None else torch.__version__,
+        "byte_model": BYTE_MODEL,
+        "load_average": [load_before, load_after],
+    }
+    _save(args, results, names_chosen, settings, first_call, log)
+    return 0
+
+
+def _describe(wanted, torch, dtype):
+    import numba
+
+    from .. import __version__
+
+    lines = [f"numba_bn {__version__} (numba {numba.__version__})"]
+    if "torch" in wanted and torch is None:
+        lines.append("torch not installed: its columns are absent")
+    elif "torch" in wanted:
+        lines.append(
+            f"torch {torch.__version__} (aten.native_batch_norm, native_batch_norm_backward)"
+        )
+    if "numpy" in wanted:
+        lines.append(f"numpy {np.__version__} (naive: numba_bn/reference.py in {dtype})")
+    if "memcpy" in wanted:
+        lines.append("memcpy = np.copyto into a preallocated array, 1 thread")
+    return lines
+
+
+def _save(args, results, names, settings, first_call, log):
+    """The JSON and the plot, when asked for."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(pytest_benchmark_json(results, settings, first_call), f, indent=2)
+        log(f"\nwrote {args.json} (pytest-benchmark JSON)")
+    if args.plot:
+        try:
+            title = f"numba-bn bench, {settings['dtype']}, {args.threads} threads"
+            bar_chart(results, names, args.plot, title)
+            log(f"wrote {args.plot}")
+        except ImportError:
+            log("matplotlib is not installed: no plot (pip install matplotlib)")

@@ -1,0 +1,173 @@
+"""Verify against the float64 reference, then time: interleaved hot runs, and first calls."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .cases import BYTES_PER_ELEMENT_MOVED
+from .peers import NumbaBnKernels
+
+BLOCK_SECONDS = 1e-3  # calls faster than this are timed in blocks (small shapes)
+
+
+class VerificationError(AssertionError):
+    pass
+
+
+def relative_error(value, expected):
+    """||value - expected|| / ||expected|| in float64 (inf for a wrong shape, NaN stays NaN)."""
+    value, expected = np.asarray(value, np.float64), np.asarray(expected, np.float64)
+    if value.shape != expected.shape:
+        return math.inf
+    return float(np.linalg.norm(value - expected) / max(np.linalg.norm(expected), 1e-300))
+
+
+def verify(implementation, case, op, call):
+    """Run ``call`` once; its largest relative error over the outputs of ``op``.
+
+    Raises VerificationError above the implementation's tolerance for the dtype (and for NaN).
+    """
+    outputs = implementation.numpy_outputs(call(), case)
+    expected = case.expected[op]
+    where = f"{implementation.name} {op} on {case.shape.name} ({case.dtype})"
+    if len(outputs) != len(expected):
+        raise VerificationError(f"{where}: {len(outputs)} outputs, expected {len(expected)}")
+    error = max(relative_error(v, e) for v, e in zip(outputs, expected, strict=True))
+    tolerance = implementation.tolerance[case.dtype]
+    if not error <= tolerance:
+        raise VerificationError(
+            f"{where}: relative error {error:.3g} against the float64 reference "
+            f"(tolerance {tolerance:g})"
+        )
+    return error
+
+
+def time_interleaved(calls, repeat):
+    """({key: seconds per call, ``repeat`` samples}, {key: calls per sample}).
+
+    Every round visits every call in turn, so a drift in the machine's load shifts all of them
+    alike and the ratios between them hold. Each call runs four times untimed first (hot caches,
+    compiled code); calls faster than BLOCK_SECONDS are timed in blocks of back-to-back calls.
+    """
+    iterations = {}
+    for key, call in calls.items():
+        call()
+        single = min(_seconds(call) for _ in range(3))
+        iterations[key] = max(1, min(10_000, int(BLOCK_SECONDS / max(single, 1e-9))))
+    samples = {key: [] for key in calls}
+    for _ in range(repeat):
+        for key, call in calls.items():
+            n = iterations[key]
+            start = time.perf_counter()
+            for _ in range(n):
+                call()
+            samples[key].append((time.perf_counter() - start) / n)
+    return samples, iterations
+
+
+def _seconds(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+class Result:
+    """One timed (shape, operation, implementation); times in seconds per call."""
+
+    def __init__(self, case, op, name, samples, iterations, error):
+        self.shape, self.dtype, self.op, self.name = case.shape, case.dtype, op, name
+        self.samples, self.iterations, self.error = samples, iterations, error
+        self.median, self.best = float(np.median(samples)), float(np.min(samples))
+        self.bytes = BYTES_PER_ELEMENT_MOVED[op] * case.x.nbytes
+        self.gb_per_s = self.bytes / self.median / 1e9
+
+
+def run_case(case, chosen, repeat):
+    """Verify every (operation, implementation) of ``case``, then time them all interleaved.
+
+    Small shapes also time numba_bn's backend alone (per-call overhead). Returns (results,
+    {implementation name: largest error}); VerificationError before any timing if one is wrong.
+    """
+    chosen = list(chosen)
+    if case.shape.small and any(i.name == "numba_bn" for i in chosen):
+        chosen.append(NumbaBnKernels())
+    calls, errors, worst = {}, {}, {}
+    for implementation in chosen:
+        name = implementation.name
+        for op, call in implementation.calls(case).items():
+            errors[op, name] = verify(implementation, case, op, call)
+            calls[op, name] = call
+            worst[name] = max(worst.get(name, 0.0), errors[op, name])
+    samples, iterations = time_interleaved(calls, repeat)
+    results = [
+        Result(case, op, name, samples[op, name], iterations[op, name], errors[op, name])
+        for op, name in calls
+    ]
+    return results, worst
+
+
+# --------------------------------------------------------------------------------- first call
+_FIRST_CALL = """
+import json, time
+start = time.perf_counter()
+import numpy as np
+import numba_bn as nbn
+imported = time.perf_counter()
+for shape, axis in {shapes!r}:
+    x = np.random.default_rng(0).standard_normal(shape).astype({dtype!r}) + 1.0
+    y, mean, invstd = nbn.forward_train(x, axis=axis)
+    nbn.forward_eval(x, mean, 1.0 / invstd**2, axis=axis)
+    nbn.backward(y, x, mean, invstd, axis=axis)
+print(json.dumps({{"import_s": imported - start, "first_call_s": time.perf_counter() - imported}}))
+"""
+
+
+def first_call_seconds(shapes, dtype, threads, cache_dir=None, timeout=900):
+    """{"import_s", "first_call_s"}: ``import numba_bn``, then the first forward-train + eval +
+    backward on each (dims, axis) of ``shapes``, in a new Python process.
+
+    ``cache_dir`` is that process's NUMBA_CACHE_DIR (None: inherited from this one).
+    """
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    code = _FIRST_CALL.format(shapes=[tuple(s) for s in shapes], dtype=np.dtype(dtype).name)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.communicate()
+        raise
+    if process.returncode != 0:
+        raise RuntimeError(f"the first-call process failed:\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# one planes and one rows input, large enough for the parallel kernels (small inputs run serial
+# twins, compiled separately): what a first real batch costs
+FIRST_CALL_INPUTS = [((16, 32, 32, 32), 1), ((4096, 64), 1)]
+
+
+def cold_and_warm_first_call(dtype, threads):
+    """First calls on FIRST_CALL_INPUTS with an empty Numba cache (compile and store), then in
+    another process with that cache (load)."""
+    with tempfile.TemporaryDirectory(prefix="numba-bn-cache-") as cache_dir:
+        cold = first_call_seconds(FIRST_CALL_INPUTS, dtype, threads, cache_dir)
+        warm = first_call_seconds(FIRST_CALL_INPUTS, dtype, threads, cache_dir)
+    return {"shapes": FIRST_CALL_INPUTS, "cold": cold, "warm": warm}
