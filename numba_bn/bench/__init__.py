@@ -2,7 +2,7 @@
 
 For each shape: every implementation's forward-train, eval and backward is checked against the
 float64 reference (:mod:`.cases`), then every (operation, implementation) pair and memcpy is
-timed in interleaved rounds in this one process (:mod:`.measure`); the median seconds per call
+timed in this one process, one after another (:mod:`.measure`); the median seconds per call
 are reported in ms, GB/s of the byte model, and ratios to memcpy and to each peer
 (:mod:`.report`). The implementations are in :mod:`.peers`; torch is imported only here, and
 only when installed.
@@ -86,7 +86,7 @@ def command(args, log=print):
     names_chosen = [i.name for i in chosen]
     dtype = np.dtype(args.dtype)
     log(
-        f"numba-bn bench: {dtype}, {args.threads} threads, median of {args.repeat} interleaved "
+        f"numba-bn bench: {dtype}, {args.threads} threads, median of {args.repeat} "
         "hot runs per call, one process"
     )
     log("implementations: " + "; ".join(_describe(wanted, torch, dtype)))

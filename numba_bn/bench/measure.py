@@ -1,4 +1,4 @@
-"""Verify against the float64 reference, then time: interleaved hot runs, and first calls."""
+"""Verify against the float64 reference, then time: hot runs, and first calls."""
 
 import json
 import math
@@ -13,6 +13,7 @@ import numpy as np
 from .cases import BYTES_PER_ELEMENT_MOVED
 from .peers import NumbaBnKernels
 
+PAUSE_SECONDS = 0.3
 BLOCK_SECONDS = 1e-3  # calls faster than this are timed in blocks (small shapes)
 
 
@@ -48,22 +49,31 @@ def verify(implementation, case, op, call):
     return error
 
 
-def time_interleaved(calls, repeat):
-    """({key: seconds per call, ``repeat`` samples}, {key: calls per sample}).
+def time_each(calls, repeat):
+    """({key: seconds per call, ``repeat`` samples}, {key: calls per sample}); keys (op, name).
 
-    Every round visits every call in turn, so a drift in the machine's load shifts all of them
-    alike and the ratios between them hold. Each call runs four times untimed first (hot caches,
-    compiled code); calls faster than BLOCK_SECONDS are timed in blocks of back-to-back calls.
+    Each (operation, implementation) is timed on its own: four untimed calls (hot caches,
+    compiled code), then ``repeat`` samples back to back, with a pause before each
+    implementation. This is the best case for every peer, on purpose:
+    - interleaving implementations call by call made both Numba and PyTorch 2-5x slower on 2
+      cores (each OpenMP runtime's threads spin-wait after a parallel region and take the cores
+      the other one needs);
+    - rotating PyTorch's operations made them 1.2-2x slower (each call allocates its outputs,
+      and glibc's mmap threshold only settles when the same size is freed and asked for again).
+    Calls faster than BLOCK_SECONDS are timed in blocks of back-to-back calls.
     """
     iterations = {}
-    for key, call in calls.items():
-        call()
-        single = min(_seconds(call) for _ in range(3))
-        iterations[key] = max(1, min(10_000, int(BLOCK_SECONDS / max(single, 1e-9))))
     samples = {key: [] for key in calls}
-    for _ in range(repeat):
-        for key, call in calls.items():
-            n = iterations[key]
+    previous = None
+    for key, call in calls.items():
+        if key[1] != previous:
+            time.sleep(PAUSE_SECONDS)  # let the previous runtime's spinning threads sleep
+            previous = key[1]
+        for _ in range(4):
+            call()
+        single = min(_seconds(call) for _ in range(3))
+        n = iterations[key] = max(1, min(10_000, int(BLOCK_SECONDS / max(single, 1e-9))))
+        for _ in range(repeat):
             start = time.perf_counter()
             for _ in range(n):
                 call()
@@ -89,7 +99,7 @@ class Result:
 
 
 def run_case(case, chosen, repeat):
-    """Verify every (operation, implementation) of ``case``, then time them all interleaved.
+    """Verify every (operation, implementation) of ``case``, then time them (see time_each).
 
     Small shapes also time numba_bn's backend alone (per-call overhead). Returns (results,
     {implementation name: largest error}); VerificationError before any timing if one is wrong.
@@ -104,7 +114,7 @@ def run_case(case, chosen, repeat):
             errors[op, name] = verify(implementation, case, op, call)
             calls[op, name] = call
             worst[name] = max(worst.get(name, 0.0), errors[op, name])
-    samples, iterations = time_interleaved(calls, repeat)
+    samples, iterations = time_each(calls, repeat)
     results = [
         Result(case, op, name, samples[op, name], iterations[op, name], errors[op, name])
         for op, name in calls
