@@ -163,10 +163,12 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
  *   reduction items: (channel, segment) for planes, (row chunk, channel tile) for rows;
  *   elementwise items: (n, channel, block) for planes, whole rows (about ROW_SPAN elements)
  *   for rows;
- *   partials per channel: segments (n, block) for planes, row chunks for rows. */
+ *   partials per channel: segments for planes (numba_bn/cpu/kernels.py channel_segments:
+ *   (n, block) pieces of long planes, groups of short planes), row chunks for rows. */
 static int64_t parts(const nbn_call *a) {
-    return a->inner > 1 ? a->outer * ceil_div(a->inner, NBN_PLANE_BLOCK)
-                        : ceil_div(a->outer, NBN_ROW_CHUNK);
+    if (a->inner == 1) return ceil_div(a->outer, NBN_ROW_CHUNK);
+    if (a->inner >= NBN_PLANE_BLOCK) return a->outer * ceil_div(a->inner, NBN_PLANE_BLOCK);
+    return ceil_div(a->outer, NBN_PLANE_BLOCK / a->inner); /* groups of whole short planes */
 }
 
 static int64_t row_items(const nbn_call *a) {

@@ -76,6 +76,8 @@ PARTITION_SHAPES = [
     ((3, 3, kernels.PLANE_BLOCK + 5), 1),
     ((2 * kernels.ROW_CHUNK + 3, kernels.CHANNEL_TILE + 9), 1),
     ((kernels.ROW_CHUNK + 1, 3), 1),
+    ((45, 3, 196), 1),  # short planes in groups of 20, 20 and 5
+    ((45, 8, 196), 1),
 ]
 
 

@@ -56,8 +56,8 @@ def time_each(calls, repeat):
     compiled code), then ``repeat`` samples back to back, with a pause before each
     implementation. This is the best case for every peer, on purpose:
     - interleaving implementations call by call made both Numba and PyTorch 2-5x slower on 2
-      cores (each OpenMP runtime's threads spin-wait after a parallel region and take the cores
-      the other one needs);
+      cores (cause not pinned down: both share the system libgomp; PyTorch's per-call output
+      allocations and the cache each leaves behind are the suspects);
     - rotating PyTorch's operations made them 1.2-2x slower (each call allocates its outputs,
       and glibc's mmap threshold only settles when the same size is freed and asked for again).
     Calls faster than BLOCK_SECONDS are timed in blocks of back-to-back calls.
@@ -67,7 +67,7 @@ def time_each(calls, repeat):
     previous = None
     for key, call in calls.items():
         if key[1] != previous:
-            time.sleep(PAUSE_SECONDS)  # let the previous runtime's spinning threads sleep
+            time.sleep(PAUSE_SECONDS)  # let the previous implementation's threads go idle
             previous = key[1]
         for _ in range(4):
             call()

@@ -26,6 +26,7 @@ from .kernels import (
     ROW_CHUNK,
     add_parts,
     affine_range,
+    channel_segments_jit,
     dx_coefficients,
     dx_range,
     eval_coefficients,
@@ -114,7 +115,7 @@ def _stats_loops(x, mean, m2):
                 x2, r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1], scratch[0], scratch[1]
             )
     else:
-        nparts = outer * plane_segments_jit(inner)
+        nparts = channel_segments_jit(outer, inner)
         part = np.empty((3, nparts, channels))
         for item in prange(channels * nparts):
             c, g = item // nparts, item % nparts
@@ -155,7 +156,7 @@ def _sums_loops(dy, x, mean, sum_dy, sum_dy_xmu):
             k, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
             rows_chunk_sums(dy2, x2, r0, r1, c0, c1, mean, part[0, k, c0:c1], part[1, k, c0:c1])
     else:
-        nparts = outer * plane_segments_jit(inner)
+        nparts = channel_segments_jit(outer, inner)
         part = np.empty((2, nparts, channels))
         for item in prange(channels * nparts):
             c, g = item // nparts, item % nparts

@@ -41,6 +41,7 @@ from .kernels import (
     ROW_SPAN,
     add_parts,
     affine_range,
+    channel_segments_jit,
     dx_coefficients,
     dx_range,
     merge_parts,
@@ -78,7 +79,7 @@ CONSTANTS = {
 @njit(inline="always")
 def _parts(outer, inner):
     """Number of partials per channel: (n, block) segments for planes, row chunks for rows."""
-    return outer * plane_segments_jit(inner) if inner > 1 else _row_items(outer, 1)[0]
+    return channel_segments_jit(outer, inner) if inner > 1 else _row_items(outer, 1)[0]
 
 
 # ---------------------------------------------------------------------------------- forward

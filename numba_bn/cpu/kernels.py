@@ -37,7 +37,7 @@ from ..stats import (
     REDUCE_FASTMATH,
     chan_merge,
     finalize,
-    run_stats,
+    runs_stats,
     split_hi_lo,
 )
 
@@ -58,40 +58,57 @@ def row_span_rows(channels):
 
 
 def plane_segments(inner):
-    """Number of PLANE_BLOCK segments in one plane of ``inner`` elements."""
+    """Number of PLANE_BLOCK pieces of one plane of ``inner`` elements (elementwise items)."""
     return -(-inner // PLANE_BLOCK)
 
 
 plane_segments_jit = njit(inline="always")(plane_segments)
 
 
+def channel_segments(outer, inner):
+    """Reduction segments of one channel, merged in this order: the PLANE_BLOCK pieces of each
+    plane (n, block) for planes of at least PLANE_BLOCK values; groups of whole consecutive
+    planes, up to PLANE_BLOCK values, for shorter ones (one merge per group, not per plane)."""
+    if inner >= PLANE_BLOCK:
+        return outer * -(-inner // PLANE_BLOCK)
+    return -(-outer // (PLANE_BLOCK // inner))
+
+
+channel_segments_jit = njit(inline="always")(channel_segments)
+
+
 @njit(inline="always")
-def segment_range(channels, inner, c, segment):
-    """[start, stop) in the flattened array of segment ``segment`` = (n, block) of channel c."""
-    nseg = plane_segments_jit(inner)
-    plane = (segment // nseg) * channels + c
-    start = plane * inner + (segment % nseg) * PLANE_BLOCK
-    return start, min(start + PLANE_BLOCK, (plane + 1) * inner)
+def segment_runs(outer, channels, inner, c, segment):
+    """(start, length, stride, runs) of reduction segment ``segment`` of channel ``c``."""
+    pitch = channels * inner
+    if inner >= PLANE_BLOCK:
+        nblk = plane_segments_jit(inner)
+        n, block = segment // nblk, segment % nblk
+        start = (n * channels + c) * inner + block * PLANE_BLOCK
+        return start, min(PLANE_BLOCK, inner - block * PLANE_BLOCK), pitch, 1
+    group = PLANE_BLOCK // inner
+    n0 = segment * group
+    return (n0 * channels + c) * inner, inner, pitch, min(group, outer - n0)
 
 
 # ---------------------------------------------------------------------------- forward statistics
 @njit
 def plane_segment_stats(x, c, segment):
-    """(count, mean, M2) of one segment of channel ``c``; segments run over (n, block)."""
-    _, channels, inner = x.shape
-    start, stop = segment_range(channels, inner, c, segment)
-    return run_stats(x.reshape(x.size), start, stop)
+    """(count, mean, M2) of reduction segment ``segment`` of channel ``c``."""
+    outer, channels, inner = x.shape
+    start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
+    return runs_stats(x.reshape(x.size), start, length, stride, runs)
 
 
 @njit
 def plane_channel_stats(x, c):
-    """(count, mean, M2) of channel ``c``: segments merged in (n, block) order."""
+    """(count, mean, M2) of channel ``c``: its segments merged in order."""
     outer, channels, inner = x.shape
     flat = x.reshape(x.size)
     count, mean, m2 = 0.0, 0.0, 0.0
-    for segment in range(outer * plane_segments_jit(inner)):
-        start, stop = segment_range(channels, inner, c, segment)
-        seg_count, seg_mean, seg_m2 = run_stats(flat, start, stop)
+    for segment in range(channel_segments_jit(outer, inner)):
+        start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
+        seg_count, seg_mean, seg_m2 = runs_stats(flat, start, length, stride, runs)
         count, mean, m2 = chan_merge(count, mean, m2, seg_count, seg_mean, seg_m2)
     return count, mean, m2
 
@@ -229,32 +246,34 @@ def rows_affine(x, y, r0, r1, c0, c1, coef):
 
 # ----------------------------------------------------------------------------- backward: reduce
 @njit(fastmath=REDUCE_FASTMATH)
-def sums_range(dy, x, start, stop, mean):
-    """(sum dy, sum dy * (x - mean)) over [start, stop) of 1-D arrays, in float64."""
+def runs_sums(dy, x, start, length, stride, runs, mean):
+    """(sum dy, sum dy * (x - mean)) over a block laid out as in runs_stats, in float64."""
     sum_dy = 0.0
     sum_dy_xmu = 0.0
-    for i in range(uint64(start), uint64(stop)):
-        sum_dy += dy[i]
-        sum_dy_xmu += dy[i] * (x[i] - mean)
+    for k in range(runs):
+        first = uint64(start + k * stride)
+        for i in range(first, first + uint64(length)):
+            sum_dy += dy[i]
+            sum_dy_xmu += dy[i] * (x[i] - mean)
     return sum_dy, sum_dy_xmu
 
 
 @njit
 def plane_segment_sums(dy, x, c, segment, mean):
-    _, channels, inner = x.shape
-    start, stop = segment_range(channels, inner, c, segment)
-    return sums_range(dy.reshape(dy.size), x.reshape(x.size), start, stop, mean)
+    outer, channels, inner = x.shape
+    start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
+    return runs_sums(dy.reshape(dy.size), x.reshape(x.size), start, length, stride, runs, mean)
 
 
 @njit
 def plane_channel_sums(dy, x, c, mean):
-    """(sum_dy, sum_dy_xmu) of channel ``c``, segments added in (n, block) order."""
+    """(sum_dy, sum_dy_xmu) of channel ``c``, its segments added in order."""
     outer, channels, inner = x.shape
     dy_flat, x_flat = dy.reshape(dy.size), x.reshape(x.size)
     sum_dy, sum_dy_xmu = 0.0, 0.0
-    for segment in range(outer * plane_segments_jit(inner)):
-        start, stop = segment_range(channels, inner, c, segment)
-        seg_dy, seg_dy_xmu = sums_range(dy_flat, x_flat, start, stop, mean)
+    for segment in range(channel_segments_jit(outer, inner)):
+        start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
+        seg_dy, seg_dy_xmu = runs_sums(dy_flat, x_flat, start, length, stride, runs, mean)
         sum_dy += seg_dy
         sum_dy_xmu += seg_dy_xmu
     return sum_dy, sum_dy_xmu
