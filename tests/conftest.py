@@ -1,5 +1,41 @@
+import os
+import signal
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_child(command, env=None, timeout=600, stop_signal=signal.SIGKILL):
+    """(return code, stdout + stderr) of ``command``, run at the repository root with this
+    checkout first on PYTHONPATH and ``env`` over the current environment.
+
+    The child gets its own process session, so on timeout its whole group (mpiexec and its
+    ranks, say) gets ``stop_signal``, SIGKILL 10 s later, and the test fails.
+    """
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
+    process = subprocess.Popen(
+        [str(part) for part in command], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, stop_signal)
+        try:
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+        command_line = " ".join(str(part) for part in command)
+        pytest.fail(f"{command_line} did not finish in {timeout} s:\n{output[-4000:]}")
+    return process.returncode, output
 
 
 @pytest.fixture

@@ -4,9 +4,6 @@ Nothing here asserts a timing: the benchmarks run once on tiny shapes to prove t
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,32 +14,15 @@ import pytest
 from numba_bn import cli
 from numba_bn.bench import cases, measure, peers
 
+from conftest import run_child
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(args, timeout):
     """(returncode, stdout + stderr) of ``python args`` at the repository root, killed with its
     process group on timeout."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    process = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        pytest.fail(f"python {' '.join(args)} ran past {timeout} s:\n{out}")
-    return process.returncode, out
+    return run_child([sys.executable, *args], timeout=timeout)
 
 
 @pytest.fixture

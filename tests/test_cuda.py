@@ -8,8 +8,6 @@ dispatch errors that need no CUDA at all, and that the kernels compile for a rea
 import importlib.util
 import os
 import pathlib
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +15,8 @@ import pytest
 
 import numba_bn as nbn
 from numba_bn.cuda import CudaUnavailableError
+
+from conftest import run_child
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -30,23 +30,7 @@ class FakeDeviceArray:
 
 def run(command, env_extra, timeout):
     """(returncode, output) of a child process; its process group is killed on timeout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{output[-4000:]}")
-    return process.returncode, output
+    return run_child(command, env_extra, timeout)
 
 
 def cuda_runs_here():

@@ -24,7 +24,7 @@ import numba_bn as nbn
 from numba_bn import distributed
 
 import naive
-from conftest import random_batch
+from conftest import random_batch, run_child
 
 HERE = Path(__file__).parent
 JOB_TIMEOUT = 300  # s: a hang is a failure; generous for a loaded 2-core machine
@@ -48,32 +48,20 @@ needs_mpi = pytest.mark.skipif(
 
 def launch(ranks, case, workdir, extra=()):
     """Run ``mpiexec -n ranks`` on the worker; (return code, output, end time)."""
-    env = dict(os.environ)
-    for name, value in (
-        ("OMPI_ALLOW_RUN_AS_ROOT", "1"),  # containers and CI run as root
-        ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
-        ("OMPI_MCA_btl", "self,vader"),  # shared memory only: no network probing
-    ):
-        env.setdefault(name, value)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env = {
+        name: os.environ.get(name, value)
+        for name, value in (
+            ("OMPI_ALLOW_RUN_AS_ROOT", "1"),  # containers and CI run as root
+            ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+            ("OMPI_MCA_btl", "self,vader"),  # shared memory only: no network probing
+        )
+    }
     env["NUMBA_NUM_THREADS"] = "1"  # K ranks on 2 cores; results do not depend on threads
     command = [MPIEXEC, "-n", str(ranks), *extra, sys.executable, "-m", "mpi4py"]
     command += [str(HERE / "mpi_worker.py"), case, str(workdir)]
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)  # mpiexec forwards it to the ranks and cleans up
-        try:
-            output, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        pytest.fail(f"{' '.join(command)} did not end within {JOB_TIMEOUT} s:\n{output}")
-    return proc.returncode, output, time.time()
+    # on timeout SIGTERM first: mpiexec forwards it to the ranks and cleans up
+    code, output = run_child(command, env, timeout=JOB_TIMEOUT, stop_signal=signal.SIGTERM)
+    return code, output, time.time()
 
 
 # ---------------------------------------------------------------------------- the suite job
