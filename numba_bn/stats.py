@@ -21,8 +21,10 @@ import numpy as np
 from numba import njit, uint64
 
 # Reductions may be reassociated (that is what lets LLVM vectorise them); NaN/Inf semantics are
-# kept so that NaN checks survive. Elementwise code uses CONTRACT only: the compensated
-# ``(x - mean_hi) - mean_lo`` must not be folded back into ``x - (mean_hi + mean_lo)``.
+# kept so that NaN checks survive. Elementwise code takes no fast-math flag at all: the
+# compensated ``(x - mean_hi) - mean_lo`` must not be folded back into ``x - (mean_hi +
+# mean_lo)``, and a contraction left to the optimiser (FMA or not) may be decided differently in
+# each compilation of the same kernel; the passes are memory-bound, so exact IEEE costs nothing.
 REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
 CONTRACT_FASTMATH = set()
 
