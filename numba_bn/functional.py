@@ -172,14 +172,20 @@ def check_train_inputs(
     return prepared, eps, momentum, vectors
 
 
-def check_backward_inputs(dy, x, mean, invstd, weight, axis, memory=HOST):
-    """The checks of a training backward: (Prepared x, dy, float64 mean and invstd, Vectors)."""
-    prepared = Prepared(x, axis, memory=memory)
+def check_dy(dy, prepared, memory=HOST):
+    """``dy`` checked against the prepared ``x``: its shape (ValueError) and dtype (TypeError)."""
     dy = check_input(dy, "dy", memory)
     if dy.shape != prepared.x.shape:
         raise ValueError(f"dy must have the shape of x, {prepared.x.shape}, got {dy.shape}")
     if dy.dtype != prepared.x.dtype:
         raise TypeError(f"dy must have the dtype of x, {prepared.x.dtype}, got {dy.dtype}")
+    return dy
+
+
+def check_backward_inputs(dy, x, mean, invstd, weight, axis, memory=HOST):
+    """The checks of a training backward: (Prepared x, dy, float64 mean and invstd, Vectors)."""
+    prepared = Prepared(x, axis, memory=memory)
+    dy = check_dy(dy, prepared, memory)
     mean = stats_vector(mean, "mean", prepared.channels, memory)
     invstd = stats_vector(invstd, "invstd", prepared.channels, memory)
     vectors = Vectors(prepared.x, prepared.channels, memory=memory, weight=weight)
@@ -348,12 +354,7 @@ def frozen_backward(
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
-    dy = check_input(dy, "dy", memory)
-    if dy.shape != prepared.x.shape or dy.dtype != prepared.x.dtype:
-        raise ValueError(
-            f"dy must have the shape and dtype of x, {prepared.x.shape} {prepared.x.dtype}, "
-            f"got {dy.shape} {dy.dtype}"
-        )
+    dy = check_dy(dy, prepared, memory)
     channels = prepared.channels
     mean = stats_vector(running_mean, "running_mean", channels, memory)
     invstd = memory.invstd(stats_vector(running_var, "running_var", channels, memory), eps)

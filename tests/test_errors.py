@@ -133,3 +133,13 @@ def test_layer_errors_leave_the_layer_unchanged():
 def test_layer_constructor_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         nbn.BatchNorm(**kwargs)
+
+
+def test_eval_mode_backward_checks_dy_like_the_training_backward():
+    bn = nbn.BatchNorm(C).eval()
+    x = np.ones((4, C, 5), np.float32)
+    bn(x)
+    with pytest.raises(ValueError, match=r"dy must have the shape of x, \(4, 3, 5\)"):
+        bn.backward(np.ones((4, C, 4), np.float32))
+    with pytest.raises(TypeError, match="dy must have the dtype of x"):
+        bn.backward(np.ones(x.shape))
