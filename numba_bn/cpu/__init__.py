@@ -20,13 +20,12 @@ _SERIAL = SimpleNamespace(**{name: getattr(drivers, name + "_serial") for name i
 
 def _plan(x):
     """(drivers, guard, fused) for an input: which twin runs it and how planes are split."""
-    if x.size < SERIAL_MAX_ELEMENTS:
-        return _SERIAL, contextlib.nullcontext(), x.shape[2] > 1
-    threads = numba.get_num_threads()
+    planes = x.shape[2] > 1
+    threads = 1 if x.size < SERIAL_MAX_ELEMENTS else numba.get_num_threads()
     if threads == 1:
-        return _SERIAL, contextlib.nullcontext(), x.shape[2] > 1
+        return _SERIAL, contextlib.nullcontext(), planes
     # fused: whole channels per thread, statistics and normalisation while the channel is in L2
-    return _PARALLEL, launch_guard(), x.shape[2] > 1 and x.shape[1] >= 2 * threads
+    return _PARALLEL, launch_guard(), planes and x.shape[1] >= 2 * threads
 
 
 class CpuBackend:
