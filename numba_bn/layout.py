@@ -3,7 +3,8 @@
 For a C-contiguous array the view is a reshape, whatever the axis:
 ``outer = prod(shape[:axis])``, ``C = shape[axis]``, ``inner = prod(shape[axis + 1:])``.
 (N, C) is (N, C, 1); NCHW is (N, C, H*W); channels-last NHWC with axis -1 is (N*H*W, C, 1).
-Non-contiguous inputs are copied once into C order (the only copy the library makes).
+Non-contiguous inputs are copied once into C order (functional.Prepared, through the backend's
+memory), the only copy the library makes of x.
 """
 
 import math
@@ -23,13 +24,3 @@ def normalize_axis(axis, ndim, name="axis"):
 def canonical_shape(shape, axis):
     """(outer, C, inner) of ``shape`` with channels on (non-negative) ``axis``."""
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
-
-
-def canonical_view(array, axis):
-    """A C-contiguous (outer, C, inner) view of ``array`` (a copy only if it is not contiguous)."""
-    return np.ascontiguousarray(array).reshape(canonical_shape(array.shape, axis))
-
-
-def per_channel_shape(shape, axis):
-    """The shape that broadcasts a (C,) vector against an array of ``shape`` along ``axis``."""
-    return tuple(size if dim == axis else 1 for dim, size in enumerate(shape))
