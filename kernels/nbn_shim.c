@@ -150,7 +150,7 @@ typedef struct {
     const void *weight, *bias;
     int64_t n_weight, n_bias;
     double eps;
-    void *coef;                  /* (4 or 5, channels) coefficients, tensor dtype */
+    void *coef;                  /* (NBN_AFFINE_ROWS or NBN_DX_ROWS, channels), tensor dtype */
     double *mean, *invstd, *m2;  /* per channel */
     double *sum_dy, *sum_dy_xmu; /* per channel */
     double *part;                /* (3 or 2, parts, channels) partials of the split layouts */
@@ -308,7 +308,7 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
                   .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps};
     int whole_channels = fused(&a);
     int64_t n_part = whole_channels ? 0 : 3 * parts(&a) * channels;
-    double *scratch = alloc_scratch(3 * channels + n_part, 4 * channels, &a.coef);
+    double *scratch = alloc_scratch(3 * channels + n_part, NBN_AFFINE_ROWS * channels, &a.coef);
     if (!scratch) return NBN_ERR_INTERNAL;
     a.mean = scratch, a.invstd = scratch + channels, a.m2 = scratch + 2 * channels;
     a.part = scratch + 3 * channels;
@@ -341,7 +341,7 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
     if (status != NBN_OK) return status;
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y};
-    double *scratch = alloc_scratch(0, 4 * channels, &a.coef);
+    double *scratch = alloc_scratch(0, NBN_AFFINE_ROWS * channels, &a.coef);
     if (!scratch) return NBN_ERR_INTERNAL;
     if (a.k->eval_coefficients(channels, weight, weight ? channels : 0, bias, bias ? channels : 0,
                                running_mean, running_var, eps, a.coef) != 0)
@@ -362,7 +362,7 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
                   .n_weight = weight ? channels : 0};
     int whole_channels = fused(&a);
     int64_t n_part = whole_channels ? 0 : 2 * parts(&a) * channels;
-    double *scratch = alloc_scratch(4 * channels + n_part, 5 * channels, &a.coef);
+    double *scratch = alloc_scratch(4 * channels + n_part, NBN_DX_ROWS * channels, &a.coef);
     if (!scratch) return NBN_ERR_INTERNAL;
     a.mean = scratch, a.invstd = scratch + channels;
     a.sum_dy = scratch + 2 * channels, a.sum_dy_xmu = scratch + 3 * channels;

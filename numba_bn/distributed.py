@@ -38,7 +38,7 @@ from .functional import (
 )
 from .layer import BatchNorm
 from .placement import is_device_array
-from .stats import chan_merge
+from .stats import AFFINE_ROWS, DX_ROWS, chan_merge
 
 INSTALL_HINT = 'pip install "numba-bn[mpi]"'
 
@@ -180,7 +180,7 @@ def sync_train_forward(
             "x holds NaN or Inf on some rank (nan_policy='raise'): the global batch statistics "
             "are not finite; running statistics were not updated"
         )
-    coef = np.empty((4, channels), prepared.dtype)
+    coef = np.empty((AFFINE_ROWS, channels), prepared.dtype)
     weight, bias = vectors.kernel("weight"), vectors.kernel("bias")
     _apply_global_stats(
         count, mean, m2, eps, weight, bias, momentum, unbiased, run_mean, run_var, coef, invstd
@@ -209,7 +209,7 @@ def sync_train_backward(dy, x, mean, invstd, weight, axis, *, comm, out=None, ba
     sum_dy, sum_dy_xmu, count = total[:channels], total[channels:-1], total[-1]
 
     if prepared.count and channels:
-        coef = np.empty((5, channels), prepared.dtype)
+        coef = np.empty((DX_ROWS, channels), prepared.dtype)
         _backward_coefficients(
             count, mean, invstd, vectors.kernel("weight"), sum_dy, sum_dy_xmu, coef
         )

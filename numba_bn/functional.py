@@ -15,6 +15,7 @@ import numpy as np
 from . import dispatch
 from .layout import canonical_shape, normalize_axis
 from .placement import HOST, memory_of, placed
+from .stats import DX_ROWS
 
 NAN_POLICIES = ("propagate", "raise")
 _COMPUTE_DTYPE = {
@@ -369,8 +370,9 @@ def frozen_backward(
             if weight is not None
             else memory.astype(invstd, prepared.dtype)
         )
-        coef = memory.full((5, channels), 0.0, prepared.dtype)
-        memory.copy_into(coef[4], scale)
+        coef = memory.full((DX_ROWS, channels), 0.0, prepared.dtype)
+        memory.copy_into(coef[4], scale)  # k; mean, proj and mean_dy stay 0
+        memory.copy_into(coef[5], memory.full(channels, 1.0, prepared.dtype))  # pre
         kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
     return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, invstd
 

@@ -270,7 +270,8 @@ def _compile_cfuncs(functions):
     for dtype in DTYPES:
         for function in functions:
             sig = _numba_signature(function, dtype)
-            compiled_function = cfunc(sig)(function)  # never cache=True: a hit has no IR
+            # never cache=True: a hit has no IR; IEEE division as every kernel (stats.kernel)
+            compiled_function = cfunc(sig, error_model="numpy")(function)
             inner = compiled_function.native_name.removeprefix("cfunc.")
             compiled[function.__name__, dtype] = inner, compiled_function.inspect_llvm()
     return compiled

@@ -15,10 +15,17 @@ mean); blocks are then merged with the formula above in a fixed order, so result
 on the number of threads.
 """
 
+import functools
 import math
 
 import numpy as np
 from numba import njit, uint64
+
+#: ``numba.njit`` for every kernel of the package: IEEE division (``error_model="numpy"``: x / 0
+#: is inf or NaN) instead of a raised ZeroDivisionError. A compiled function must never raise:
+#: Numba does not free the arrays of a nopython function that raises, and a kernel that has
+#: written half its output cannot take it back. Errors are found in Python before a kernel runs.
+kernel = functools.partial(njit, error_model="numpy")
 
 # Reductions may be reassociated (that is what lets LLVM vectorise them); NaN/Inf semantics are
 # kept so that NaN checks survive. Elementwise code takes no fast-math flag at all: the
@@ -29,7 +36,7 @@ REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
 CONTRACT_FASTMATH = set()
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Merge two ``(count, mean, M2)`` states; counts are floats so any size fits."""
     count = count_a + count_b
@@ -44,7 +51,7 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean, m2
 
 
-@njit(fastmath=REDUCE_FASTMATH)
+@kernel(fastmath=REDUCE_FASTMATH)
 def runs_stats(values, start, length, stride, runs):
     """Exact ``(count, mean, M2)`` of a block of 1-D ``values``, accumulated in float64.
 
@@ -72,7 +79,7 @@ def runs_stats(values, start, length, stride, runs):
     return count, mean, m2
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def finalize(count, mean, m2, eps):
     """``(count, mean, M2)`` -> ``(invstd, unbiased variance)``; biased variance normalises."""
     var_biased = m2 / count
@@ -81,7 +88,7 @@ def finalize(count, mean, m2, eps):
     return invstd, var_unbiased
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def split_hi_lo(value, out, row, index):
     """Store ``value`` (float64) as ``hi + lo`` in ``out[row, index]`` and ``out[row + 1, index]``.
 
@@ -90,3 +97,21 @@ def split_hi_lo(value, out, row, index):
     """
     out[row, index] = value
     out[row + 1, index] = value - np.float64(out[row, index])
+
+
+# The elementwise passes read per-channel coefficients in the tensor dtype, one row each:
+#   affine (AFFINE_ROWS): mean_hi, mean_lo, scale, shift, pre
+#       y = ((x * pre - mean_hi) - mean_lo) * scale + shift
+#   dx (DX_ROWS): mean_hi, mean_lo, proj, mean_dy, k, pre  (terms: see dx_range)
+# mean_hi + mean_lo is mean * pre to float64 accuracy (split_hi_lo). ``pre`` is 1 except in a
+# channel whose deviations from the mean can overflow the dtype (values within 2x of its
+# maximum): there it is 1/4, so that ``x * pre - mean * pre`` stays finite; scaling by a power of
+# two is exact, and scale (or proj) carries 1 / pre, so the result is the same.
+AFFINE_ROWS = 5
+DX_ROWS = 6
+
+
+@kernel(inline="always")
+def prescale(spread, coef):
+    """``pre`` for a channel whose values lie within ``spread`` of the mean (see above)."""
+    return 0.25 if spread > np.finfo(coef.dtype).max * 0.25 else 1.0

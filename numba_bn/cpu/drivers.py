@@ -18,8 +18,9 @@ Work partition (the merge order inside a channel never depends on it):
 import types
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from ..stats import AFFINE_ROWS, DX_ROWS, kernel
 from .kernels import (
     CHANNEL_TILE,
     PLANE_BLOCK,
@@ -62,7 +63,7 @@ def _twins(template):
     )  # fmt: skip
     serial.__qualname__ = template.__qualname__ + "_serial"
     serial.__doc__ = template.__doc__
-    return njit(parallel=True, cache=CACHE)(template), njit(cache=CACHE)(serial)
+    return kernel(parallel=True, cache=CACHE)(template), kernel(cache=CACHE)(serial)
 
 
 # ------------------------------------------------------------------------------ work items
@@ -70,26 +71,26 @@ def _twins(template):
 # point inside separately compiled kernels is what makes the parallel and serial twins bitwise
 # identical: float code written inline in a prange body was seen to round differently (1 ulp)
 # between the twins once the function held several parallel loops.
-@njit(inline="always")
+@kernel(inline="always")
 def _row_items(outer, channels):
     return -(-outer // ROW_CHUNK), -(-channels // CHANNEL_TILE)
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def _row_item_range(item, ntiles, outer, channels):
     k, t = item // ntiles, item % ntiles
     r0, c0 = k * ROW_CHUNK, t * CHANNEL_TILE
     return k, r0, min(r0 + ROW_CHUNK, outer), c0, min(c0 + CHANNEL_TILE, channels)
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def _row_span_items(outer, channels):
     """(items, rows per item) of the elementwise passes of the rows layout: whole rows."""
     rows = row_span_rows(channels)
     return -(-outer // rows), rows
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def _plane_item(item, channels, nblk, inner):
     """(channel, start, stop) of elementwise item ``item`` = (n, c, block) in the flat array."""
     plane, b = item // nblk, item % nblk
@@ -100,7 +101,7 @@ def _plane_item(item, channels, nblk, inner):
 # ------------------------------------------------------------------------------- loop nests
 # inline="always" inlines these into each driver before Numba's parfor pass, so their prange
 # loops run on threads in the parallel twin and as plain loops in the serial one.
-@njit(inline="always")
+@kernel(inline="always")
 def _stats_loops(x, mean, m2):
     """mean, M2 (=) per channel: partials per work item, then a merge per channel."""
     outer, channels, inner = x.shape
@@ -124,7 +125,7 @@ def _stats_loops(x, mean, m2):
         _, mean[c], m2[c] = merge_parts(part, c)
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def _normalize_loops(x, coef, y):
     outer, channels, inner = x.shape
     if inner == 1:
@@ -139,11 +140,10 @@ def _normalize_loops(x, coef, y):
         nblk = plane_segments_jit(inner)
         for item in prange(outer * channels * nblk):
             c, start, stop = _plane_item(item, channels, nblk, inner)
-            affine_range(x_flat, y_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
-                         coef[3, c])  # fmt: skip
+            affine_range(x_flat, y_flat, start, stop, coef, c)
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def _sums_loops(dy, x, mean, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=) per channel: partials per work item, added in part order."""
     outer, channels, inner = x.shape
@@ -165,7 +165,7 @@ def _sums_loops(dy, x, mean, sum_dy, sum_dy_xmu):
         sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def _dx_loops(dy, x, coef, dx):
     outer, channels, inner = x.shape
     if inner == 1:
@@ -181,8 +181,7 @@ def _dx_loops(dy, x, coef, dx):
         nblk = plane_segments_jit(inner)
         for item in prange(outer * channels * nblk):
             c, start, stop = _plane_item(item, channels, nblk, inner)
-            dx_range(dy_flat, x_flat, dx_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
-                     coef[3, c], coef[4, c])  # fmt: skip
+            dx_range(dy_flat, x_flat, dx_flat, start, stop, coef, c)
 
 
 # ------------------------------------------------------------------------------------ drivers
@@ -193,7 +192,7 @@ def _channel_stats(x, mean, m2):
 
 
 def _normalize(x, coef, y):
-    """y = ((x - mean_hi) - mean_lo) * scale + shift with per-channel ``coef`` rows."""
+    """y = ((x * pre - mean_hi) - mean_lo) * scale + shift with per-channel ``coef`` rows."""
     _normalize_loops(x, coef, y)
 
 
@@ -203,7 +202,7 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
 
 
 def _backward_dx(dy, x, coef, dx):
-    """dx from per-channel ``coef`` rows (mean_hi, mean_lo, proj, mean_dy, k)."""
+    """dx from per-channel ``coef`` dx rows (mean_hi, mean_lo, proj, mean_dy, k, pre)."""
     _dx_loops(dy, x, coef, dx)
 
 
@@ -219,7 +218,7 @@ def _forward_train(
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
-    coef = np.empty((4, channels), x.dtype)
+    coef = np.empty((AFFINE_ROWS, channels), x.dtype)
     if fused:
         for c in prange(channels):
             plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2)
@@ -239,7 +238,7 @@ def _forward_train(
 
 def _forward_eval(x, weight, bias, running_mean, running_var, eps, y):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
-    coef = np.empty((4, x.shape[1]), x.dtype)
+    coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
     _normalize_loops(x, coef, y)
 
@@ -252,7 +251,7 @@ def _backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu):
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
-    coef = np.empty((5, channels), x.dtype)
+    coef = np.empty((DX_ROWS, channels), x.dtype)
     if fused:
         for c in prange(channels):
             plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)

@@ -31,8 +31,9 @@ dx_items                   as normalize_items                             dx
 =========================  =============================================  ====================
 """
 
-from numba import carray, njit
+from numba import carray
 
+from ..stats import AFFINE_ROWS, DX_ROWS, kernel
 from .drivers import _plane_item, _row_item_range, _row_items, _row_span_items
 from .kernels import (
     CHANNEL_TILE,
@@ -69,6 +70,8 @@ F64 = "double"
 
 #: Constants the shim needs to lay out its work items like the drivers.
 CONSTANTS = {
+    "AFFINE_ROWS": AFFINE_ROWS,
+    "DX_ROWS": DX_ROWS,
     "PLANE_BLOCK": PLANE_BLOCK,
     "ROW_CHUNK": ROW_CHUNK,
     "CHANNEL_TILE": CHANNEL_TILE,
@@ -76,7 +79,7 @@ CONSTANTS = {
 }
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def _parts(outer, inner):
     """Number of partials per channel: (n, block) segments for planes, row chunks for rows."""
     return channel_segments_jit(outer, inner) if inner > 1 else _row_items(outer, 1)[0]
@@ -105,7 +108,7 @@ def train_plane_channels(
     x = carray(x_ptr, (outer, channels, inner))
     y = carray(y_ptr, (outer, channels, inner))
     weight, bias = carray(weight_ptr, n_weight), carray(bias_ptr, n_bias)
-    coef = carray(coef_ptr, (4, channels))
+    coef = carray(coef_ptr, (AFFINE_ROWS, channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
     m2 = carray(m2_ptr, channels)
     for c in range(first, last):
@@ -161,7 +164,7 @@ def train_from_parts(
     """Channels first:last: merge the partials in order, then the coefficients."""
     part = carray(part_ptr, (3, _parts(outer, inner), channels))
     weight, bias = carray(weight_ptr, n_weight), carray(bias_ptr, n_bias)
-    coef = carray(coef_ptr, (4, channels))
+    coef = carray(coef_ptr, (AFFINE_ROWS, channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
     m2 = carray(m2_ptr, channels)
     count = float(outer * inner)
@@ -181,7 +184,7 @@ def normalize_items(
     y_ptr: OUT,
 ):
     """y of items first:last: (n, channel, block) for planes, runs of whole rows for rows."""
-    coef = carray(coef_ptr, (4, channels))
+    coef = carray(coef_ptr, (AFFINE_ROWS, channels))
     if inner == 1:
         x2, y2 = carray(x_ptr, (outer, channels)), carray(y_ptr, (outer, channels))
         _, rows = _row_span_items(outer, channels)
@@ -194,8 +197,7 @@ def normalize_items(
     nblk = plane_segments_jit(inner)
     for item in range(first, last):
         c, start, stop = _plane_item(item, channels, nblk, inner)
-        affine_range(x_flat, y_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
-                     coef[3, c])  # fmt: skip
+        affine_range(x_flat, y_flat, start, stop, coef, c)
 
 
 def update_running(
@@ -234,7 +236,7 @@ def eval_coefficients(
         carray(running_var_ptr, channels),
     )
     _eval_coefficients(
-        weight, bias, running_mean, running_var, eps, carray(coef_ptr, (4, channels))
+        weight, bias, running_mean, running_var, eps, carray(coef_ptr, (AFFINE_ROWS, channels))
     )
 
 
@@ -260,7 +262,7 @@ def backward_plane_channels(
     dy, x = carray(dy_ptr, (outer, channels, inner)), carray(x_ptr, (outer, channels, inner))
     dx = carray(dx_ptr, (outer, channels, inner))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
-    weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (5, channels))
+    weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (DX_ROWS, channels))
     sum_dy, sum_dy_xmu = carray(sum_dy_ptr, channels), carray(sum_dy_xmu_ptr, channels)
     for c in range(first, last):
         plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
@@ -312,7 +314,7 @@ def dx_from_parts(
     """Channels first:last: add the partials in order, then the dx coefficients."""
     part = carray(part_ptr, (2, _parts(outer, inner), channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
-    weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (5, channels))
+    weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (DX_ROWS, channels))
     sum_dy, sum_dy_xmu = carray(sum_dy_ptr, channels), carray(sum_dy_xmu_ptr, channels)
     count = float(outer * inner)
     for c in range(first, last):
@@ -332,7 +334,7 @@ def dx_items(
     dx_ptr: OUT,
 ):
     """dx of items first:last (the items of normalize_items)."""
-    coef = carray(coef_ptr, (5, channels))
+    coef = carray(coef_ptr, (DX_ROWS, channels))
     if inner == 1:
         dy2, x2 = carray(dy_ptr, (outer, channels)), carray(x_ptr, (outer, channels))
         dx2 = carray(dx_ptr, (outer, channels))
@@ -346,8 +348,7 @@ def dx_items(
     nblk = plane_segments_jit(inner)
     for item in range(first, last):
         c, start, stop = _plane_item(item, channels, nblk, inner)
-        dx_range(dy_flat, x_flat, dx_flat, start, stop, coef[0, c], coef[1, c], coef[2, c],
-                 coef[3, c], coef[4, c])  # fmt: skip
+        dx_range(dy_flat, x_flat, dx_flat, start, stop, coef, c)
 
 
 #: In the order of the generated C table (nbn_kernels.h in the build directory).

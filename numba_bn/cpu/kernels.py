@@ -30,13 +30,15 @@ serial drivers, C plugin).
 import math
 
 import numpy as np
-from numba import njit, uint64
+from numba import uint64
 
 from ..stats import (
     CONTRACT_FASTMATH,
     REDUCE_FASTMATH,
     chan_merge,
     finalize,
+    kernel,
+    prescale,
     runs_stats,
     split_hi_lo,
 )
@@ -51,7 +53,7 @@ CHANNEL_TILE = 256  # channels of the rows layout handled by one work item
 ROW_SPAN = 1 << 16
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def row_span_rows(channels):
     """Rows per elementwise work item of the rows layout."""
     return max(1, ROW_SPAN // channels)
@@ -62,7 +64,7 @@ def plane_segments(inner):
     return -(-inner // PLANE_BLOCK)
 
 
-plane_segments_jit = njit(inline="always")(plane_segments)
+plane_segments_jit = kernel(inline="always")(plane_segments)
 
 
 def channel_segments(outer, inner):
@@ -74,10 +76,10 @@ def channel_segments(outer, inner):
     return -(-outer // (PLANE_BLOCK // inner))
 
 
-channel_segments_jit = njit(inline="always")(channel_segments)
+channel_segments_jit = kernel(inline="always")(channel_segments)
 
 
-@njit(inline="always")
+@kernel(inline="always")
 def segment_runs(outer, channels, inner, c, segment):
     """(start, length, stride, runs) of reduction segment ``segment`` of channel ``c``."""
     pitch = channels * inner
@@ -92,7 +94,7 @@ def segment_runs(outer, channels, inner, c, segment):
 
 
 # ---------------------------------------------------------------------------- forward statistics
-@njit
+@kernel
 def plane_segment_stats(x, c, segment):
     """(count, mean, M2) of reduction segment ``segment`` of channel ``c``."""
     outer, channels, inner = x.shape
@@ -100,7 +102,7 @@ def plane_segment_stats(x, c, segment):
     return runs_stats(x.reshape(x.size), start, length, stride, runs)
 
 
-@njit
+@kernel
 def plane_channel_stats(x, c):
     """(count, mean, M2) of channel ``c``: its segments merged in order."""
     outer, channels, inner = x.shape
@@ -113,7 +115,7 @@ def plane_channel_stats(x, c):
     return count, mean, m2
 
 
-@njit(fastmath=REDUCE_FASTMATH)
+@kernel(fastmath=REDUCE_FASTMATH)
 def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     """(mean, M2) of channels ``c0:c1`` over rows ``r0:r1`` of ``x`` (rows, C); returns the count.
 
@@ -166,7 +168,7 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     return count
 
 
-@njit
+@kernel
 def merge_parts(part, c):
     """(count, mean, M2) of channel ``c`` from partials ``part`` (3, parts, C), in part order."""
     count, mean, m2 = 0.0, 0.0, 0.0
@@ -175,7 +177,7 @@ def merge_parts(part, c):
     return count, mean, m2
 
 
-@njit
+@kernel
 def add_parts(part, c):
     """(sum_dy, sum_dy_xmu) of channel ``c`` from partials ``part`` (2, parts, C), in order."""
     sum_dy, sum_dy_xmu = 0.0, 0.0
@@ -186,29 +188,41 @@ def add_parts(part, c):
 
 
 # ---------------------------------------------------------------------- per-channel coefficients
-@njit
+@kernel
 def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
-    """Channel c: save (mean, invstd); ``coef`` rows of y = ((x - hi) - lo) * scale + shift."""
+    """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics.
+
+    No value is further from the mean than sqrt(M2), which bounds the deviations for ``pre``.
+    """
     invstd, _ = finalize(count, mean, m2, eps)
     save_mean[c] = mean
     save_invstd[c] = invstd
-    split_hi_lo(mean, coef, 0, c)
-    coef[2, c] = invstd * weight[c] if weight.size else invstd
+    pre = prescale(math.sqrt(m2), coef)
+    split_hi_lo(mean * pre, coef, 0, c)
+    coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
     coef[3, c] = bias[c] if bias.size else 0.0
+    coef[4, c] = pre
 
 
-@njit
+@kernel
 def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
-    """``coef`` rows (as train_coefficients) from frozen running statistics, every channel."""
+    """``coef`` affine rows from frozen running statistics, every channel.
+
+    Nothing bounds x here but the dtype: ``x - running_mean`` can overflow once
+    ``|running_mean|`` reaches half an ulp of the maximum, so such channels get ``pre``.
+    """
+    half_ulp_of_max = np.finfo(coef.dtype).max * np.finfo(coef.dtype).eps * 0.25
     for c in range(coef.shape[1]):
         invstd = 1.0 / math.sqrt(running_var[c] + eps)
-        coef[0, c] = running_mean[c]
+        pre = 0.25 if abs(running_mean[c]) >= half_ulp_of_max else 1.0
+        coef[0, c] = running_mean[c] * pre
         coef[1, c] = 0.0
-        coef[2, c] = invstd * weight[c] if weight.size else invstd
+        coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
         coef[3, c] = bias[c] if bias.size else 0.0
+        coef[4, c] = pre
 
 
-@njit
+@kernel
 def update_running(running_mean, running_var, count, mean, m2, momentum, unbiased):
     """r = (1 - momentum) * r + momentum * batch; momentum weights the new batch."""
     keep = 1.0 - momentum
@@ -218,34 +232,41 @@ def update_running(running_mean, running_var, count, mean, m2, momentum, unbiase
         running_var[c] = keep * running_var[c] + momentum * var
 
 
-@njit
+@kernel
 def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
-    """Channel c: ``coef`` rows of dx = k * (dy - mean_dy - (x - mean) * proj), see dx_range."""
-    split_hi_lo(mean, coef, 0, c)
-    coef[2, c] = invstd * invstd * sum_dy_xmu / count  # term 3: projection onto x_hat
+    """Channel c: ``coef`` dx rows, see dx_range.
+
+    ``sqrt(count) / invstd >= sqrt(M2)`` bounds the deviations from the mean for ``pre``.
+    """
+    pre = prescale(math.sqrt(count) / invstd, coef)
+    split_hi_lo(mean * pre, coef, 0, c)
+    coef[2, c] = invstd * invstd * sum_dy_xmu / count / pre  # term 3: projection onto x_hat
     coef[3, c] = sum_dy / count  # term 2: mean of dy
     coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
+    coef[5, c] = pre
 
 
 # ------------------------------------------------------------------------- elementwise transform
-@njit(fastmath=CONTRACT_FASTMATH)
-def affine_range(x, y, start, stop, mean_hi, mean_lo, scale, shift):
-    """y = ((x - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays."""
+@kernel(fastmath=CONTRACT_FASTMATH)
+def affine_range(x, y, start, stop, coef, c):
+    """y = ((x * pre - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays,
+    with the affine rows of channel ``c``."""
+    mean_hi, mean_lo, scale, shift, pre = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
     for i in range(uint64(start), uint64(stop)):
-        y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
+        y[i] = ((x[i] * pre - mean_hi) - mean_lo) * scale + shift
 
 
-@njit(fastmath=CONTRACT_FASTMATH)
+@kernel(fastmath=CONTRACT_FASTMATH)
 def rows_affine(x, y, r0, r1, c0, c1, coef):
     """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range."""
-    mean_hi, mean_lo, scale, shift = coef[0], coef[1], coef[2], coef[3]
+    mean_hi, mean_lo, scale, shift, pre = coef[0], coef[1], coef[2], coef[3], coef[4]
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
-            y[r, c] = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+            y[r, c] = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
 
 
 # ----------------------------------------------------------------------------- backward: reduce
-@njit(fastmath=REDUCE_FASTMATH)
+@kernel(fastmath=REDUCE_FASTMATH)
 def runs_sums(dy, x, start, length, stride, runs, mean):
     """(sum dy, sum dy * (x - mean)) over a block laid out as in runs_stats, in float64."""
     sum_dy = 0.0
@@ -258,14 +279,14 @@ def runs_sums(dy, x, start, length, stride, runs, mean):
     return sum_dy, sum_dy_xmu
 
 
-@njit
+@kernel
 def plane_segment_sums(dy, x, c, segment, mean):
     outer, channels, inner = x.shape
     start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
     return runs_sums(dy.reshape(dy.size), x.reshape(x.size), start, length, stride, runs, mean)
 
 
-@njit
+@kernel
 def plane_channel_sums(dy, x, c, mean):
     """(sum_dy, sum_dy_xmu) of channel ``c``, its segments added in order."""
     outer, channels, inner = x.shape
@@ -279,7 +300,7 @@ def plane_channel_sums(dy, x, c, mean):
     return sum_dy, sum_dy_xmu
 
 
-@njit(fastmath=REDUCE_FASTMATH)
+@kernel(fastmath=REDUCE_FASTMATH)
 def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
     """sum_dy, sum_dy_xmu (=, length >= c1-c0) of channels ``c0:c1`` over rows ``r0:r1``.
 
@@ -313,26 +334,30 @@ def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
 # dx = k * (dy - mean_dy - xmu * proj), see docs/backward.md:
 #   term 1: dy                 term 2: mean_dy = sum_dy / m
 #   term 3: xmu * proj, proj = invstd**2 * sum_dy_xmu / m      final scale: k = weight * invstd
-# ``coef`` rows: mean_hi, mean_lo, proj, mean_dy, k.
-@njit(fastmath=CONTRACT_FASTMATH)
-def dx_range(dy, x, dx, start, stop, mean_hi, mean_lo, proj, mean_dy, k):
+# xmu is (x - mean) * pre, and proj carries 1 / pre.
+@kernel(fastmath=CONTRACT_FASTMATH)
+def dx_range(dy, x, dx, start, stop, coef, c):
+    """dx over [start, stop) of 1-D arrays with the dx rows of channel ``c``."""
+    mean_hi, mean_lo, proj, mean_dy = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
+    k, pre = coef[4, c], coef[5, c]
     for i in range(uint64(start), uint64(stop)):
-        xmu = (x[i] - mean_hi) - mean_lo
+        xmu = (x[i] * pre - mean_hi) - mean_lo
         dx[i] = (dy[i] - mean_dy - xmu * proj) * k
 
 
-@njit(fastmath=CONTRACT_FASTMATH)
+@kernel(fastmath=CONTRACT_FASTMATH)
 def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
     mean_hi, mean_lo, proj, mean_dy, k = coef[0], coef[1], coef[2], coef[3], coef[4]
+    pre = coef[5]
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
-            xmu = (x[r, c] - mean_hi[c]) - mean_lo[c]
+            xmu = (x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]
             dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
 
 
 # ------------------------------------------------------------------ whole channels (planes, fused)
 # One channel start to finish while its planes are still in L2: x (and dy) come from memory once.
-@njit
+@kernel
 def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2):
     """Statistics of channel ``c``, its coefficients, then y for its planes."""
     outer, channels, inner = x.shape
@@ -342,11 +367,10 @@ def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd
     x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
     for n in range(outer):
         start = (n * channels + c) * inner
-        affine_range(x_flat, y_flat, start, start + inner, coef[0, c], coef[1, c], coef[2, c],
-                     coef[3, c])  # fmt: skip
+        affine_range(x_flat, y_flat, start, start + inner, coef, c)
 
 
-@njit
+@kernel
 def plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu):
     """Backward reduction of channel ``c``, its dx coefficients, then dx for its planes."""
     outer, channels, inner = x.shape
@@ -356,5 +380,4 @@ def plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
     for n in range(outer):
         start = (n * channels + c) * inner
-        dx_range(dy_flat, x_flat, dx_flat, start, start + inner, coef[0, c], coef[1, c],
-                 coef[2, c], coef[3, c], coef[4, c])  # fmt: skip
+        dx_range(dy_flat, x_flat, dx_flat, start, start + inner, coef, c)
