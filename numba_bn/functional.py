@@ -8,6 +8,7 @@ through the backend's ``memory``, so the same code serves NumPy and device array
 """
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -48,11 +49,58 @@ def check_input(x, name="x", memory=HOST):
 
 
 def check_scalar(value, name, low, high=math.inf):
+    """``value`` as a float in [low, high]: TypeError for a non-number, ValueError outside."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if not low <= value <= high:  # also rejects NaN
         bounds = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
+
+
+def check_eps(eps, training):
+    """``eps`` >= 0, and > 0 when training: a channel of equal values (all zero after a ReLU,
+    say) has batch variance 0, and 1 / sqrt(0 + eps) must stay finite (PyTorch rejects it too).
+    With frozen statistics eps = 0 is allowed and IEEE rules apply (inf or NaN, as PyTorch)."""
+    eps = check_scalar(eps, "eps", 0.0)
+    if training and eps == 0.0:
+        raise ValueError(
+            "eps must be > 0 when training (a channel whose values are all equal has batch "
+            "variance 0), got 0.0"
+        )
+    return eps
+
+
+def check_momentum(momentum):
+    """The weight of the new batch in [0, 1]; None is explained, not guessed at."""
+    if momentum is None:
+        raise TypeError(
+            "momentum must be a number in [0, 1], got None: the cumulative average (PyTorch's "
+            "momentum=None) needs a count of batches, which BatchNorm(momentum=None) keeps; "
+            "here pass momentum=1/k for the k-th batch"
+        )
+    return check_scalar(momentum, "momentum", 0.0, 1.0)
+
+
+def check_running_var(running_var, memory):
+    """ValueError naming the first channel whose running variance is negative (a corrupted
+    checkpoint, say): its square root would silently be NaN. O(C), once per call."""
+    values = memory.to_host(running_var)
+    if values.size and values.min() < 0:
+        channel = int(np.flatnonzero(values < 0)[0])
+        raise ValueError(f"running_var must be >= 0, got {values[channel]} in channel {channel}")
+
+
+def check_no_overlap(out, name, memory, **inputs):
+    """ValueError when ``out`` shares memory with an input without being that very array:
+    a kernel writing one element would change another it has yet to read."""
+    for input_name, value in inputs.items():
+        if value is not None and memory.overlaps(out, value):
+            raise ValueError(
+                f"{name} overlaps {input_name} without being {input_name} itself; pass "
+                f"{name}={input_name} (in place) or an array that shares no memory with it"
+            )
 
 
 def check_nan_policy(nan_policy):
@@ -72,6 +120,7 @@ class Vectors:
         for name, vector in vectors.items():
             if vector is None:
                 continue
+            memory.check_unmasked(vector, name)
             if not memory.is_array(vector):
                 raise TypeError(f"{name} must be {memory.array_kind}, got {type(vector).__name__}")
             if vector.shape != shape:
@@ -122,10 +171,14 @@ class Prepared:
         self.dtype = compute_dtype(x.dtype, name)
         self.view = memory.contiguous(x, self.dtype, name).reshape(self.shape)
 
-    def output(self, out, name="out"):
-        """(the user's array or None, the canonical view the kernel writes)."""
+    def output(self, out, name="out", **inputs):
+        """(the user's array or None, the canonical view the kernel writes).
+
+        ``out`` may be one of ``inputs`` (x by default, others by name) but not overlap one.
+        """
         memory = self.memory
         if out is not None:
+            memory.check_unmasked(out, name)
             if not memory.is_array(out):
                 raise TypeError(f"{name} must be {memory.array_kind}, got {type(out).__name__}")
             if out.shape != self.x.shape or out.dtype != self.x.dtype:
@@ -135,6 +188,7 @@ class Prepared:
                 )
             if not (memory.is_c_contiguous(out) and memory.is_writable(out)):
                 raise ValueError(f"{name} must be C-contiguous and writable")
+            check_no_overlap(out, name, memory, **(inputs or {"x": self.x}))
         if self.dtype != self.x.dtype:  # float16: compute in float32, convert in finish()
             return out, memory.empty(self.shape, self.dtype)
         if out is None:
@@ -156,8 +210,8 @@ def check_train_inputs(
 ):
     """The checks of a training forward: (Prepared x, eps, momentum, Vectors of the rest)."""
     prepared = Prepared(x, axis, memory=memory)
-    eps = check_scalar(eps, "eps", 0.0)
-    momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
+    eps = check_eps(eps, training=True)
+    momentum = check_momentum(momentum)
     check_nan_policy(nan_policy)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
@@ -284,7 +338,7 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=N
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
-    eps = check_scalar(eps, "eps", 0.0)
+    eps = check_eps(eps, training=False)
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
         if value is None:
             raise ValueError(f"{name} is required for the eval forward (training=False)")
@@ -297,6 +351,7 @@ def eval_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=N
         running_mean=running_mean,
         running_var=running_var,
     )
+    check_running_var(running_var, memory)
     y, y_view = prepared.output(out)
     if prepared.count and prepared.channels:
         kernels.forward_eval(
@@ -330,7 +385,7 @@ def train_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
         dy, x, mean, invstd, weight, axis, memory
     )
     channels = prepared.channels
-    dx, dx_view = prepared.output(out)
+    dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     if prepared.count and channels:
         dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
@@ -356,11 +411,14 @@ def frozen_backward(
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
     dy = check_dy(dy, prepared, memory)
+    eps = check_eps(eps, training=False)
     channels = prepared.channels
     mean = stats_vector(running_mean, "running_mean", channels, memory)
-    invstd = memory.invstd(stats_vector(running_var, "running_var", channels, memory), eps)
+    running_var = stats_vector(running_var, "running_var", channels, memory)
+    check_running_var(running_var, memory)
+    invstd = memory.invstd(running_var, eps)
     vectors = Vectors(prepared.x, channels, memory=memory, weight=weight)
-    dx, dx_view = prepared.output(out)
+    dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     if prepared.count and channels:
         dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
@@ -375,6 +433,15 @@ def frozen_backward(
         memory.copy_into(coef[5], memory.full(channels, 1.0, prepared.dtype))  # pre
         kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
     return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, invstd
+
+
+def weight_gradient(invstd, sum_dy_xmu, count, dtype):
+    """dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)) in ``dtype``; 0 for a batch of
+    no values (a sum over nothing), whose invstd is NaN."""
+    memory = memory_of(sum_dy_xmu)
+    if count == 0:
+        return memory.full(sum_dy_xmu.shape, 0.0, dtype)
+    return memory.product(invstd, sum_dy_xmu, dtype)
 
 
 def _in_dtype_of(array, *vectors):
@@ -473,7 +540,9 @@ def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu
         dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device
     )
     memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
-    return dx, memory.product(invstd, sum_dy_xmu, dtype), memory.astype(sum_dy, dtype)
+    count = dx.size // max(sum_dy.size, 1)  # values per channel
+    dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
+    return dx, dweight, memory.astype(sum_dy, dtype)
 
 
 def batch_norm(

@@ -1,5 +1,7 @@
 """BatchNorm: parameters, running buffers, train/eval, gradients, state_dict."""
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import conventions as _conventions
@@ -11,12 +13,32 @@ from .functional import (
     frozen_backward,
     train_backward,
     train_forward,
+    weight_gradient,
 )
+from .layout import check_axis, normalize_axis
 from .placement import DEVICES, is_device_array, memory_of, move
 
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
 
 _DEFAULT = object()
+
+
+class _Saved(NamedTuple):
+    """What backward() needs from the last forward: how it normalised, and its input."""
+
+    batch: bool  # batch statistics (mean, invstd of the batch) or the running ones
+    x: object  # a callable returning the input, or None once it is gone
+    mean: object = None
+    invstd: object = None
+    count: int = 0  # values per channel of the (global) batch
+
+
+def _kept(x):
+    return lambda: x
+
+
+def _gone():
+    return None
 
 
 class BatchNorm:
@@ -45,8 +67,11 @@ class BatchNorm:
         called on CUDA arrays, then on the GPU (they follow the input). "cpu" / "cuda" keep them
         there; an input from the other side raises. :meth:`to` moves them.
 
-    Training forward saves what :meth:`backward` needs; ``backward(dy)`` returns dx and sets
-    ``grad_weight``/``grad_bias``.
+    A forward saves what :meth:`backward` needs: x itself, so in training mode ``out=`` may
+    not share memory with x (after an eval-mode ``forward(x, out=x)``, backward raises).
+    ``backward(dy)`` returns dx, sets ``grad_weight``/``grad_bias`` and releases the saved input
+    (as PyTorch frees its graph): one backward per forward. Pickles hold parameters, buffers and
+    gradients, never a saved input.
     """
 
     # The operations on batch statistics; SyncBatchNorm (numba_bn.distributed) swaps in versions
@@ -84,7 +109,7 @@ class BatchNorm:
             momentum = check_scalar(momentum, "momentum", 0.0, 1.0)
         self.convention.new_batch_weight(momentum, 1)  # rejects None outside PyTorch's
         self.momentum = momentum
-        self.axis = self.convention.axis if axis is None else axis
+        self.axis = check_axis(self.convention.axis if axis is None else axis)
         self.dtype = np.dtype(dtype)
         compute_dtype(self.dtype, "dtype")
         self.nan_policy = check_nan_policy(nan_policy)
@@ -107,6 +132,28 @@ class BatchNorm:
         self.device = "auto"
         self._side = "cpu"  # where the arrays are now
         self.to(device)
+
+    # ---------------------------------------------------------------------------- state
+    def reset_running_stats(self):
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (as PyTorch)."""
+        if self.track_running_stats:
+            self.running_mean = move(np.zeros(self.num_features, self.dtype), self._side)
+            self.running_var = move(np.ones(self.num_features, self.dtype), self._side)
+        self.num_batches_tracked = 0
+        self._saved = None  # a pending backward would mix the old forward with new statistics
+
+    def reset_parameters(self):
+        """reset_running_stats(), and weight = 1, bias = 0 where they exist (as PyTorch)."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            self.weight = move(np.ones(self.num_features, self.dtype), self._side)
+        if self.bias is not None:
+            self.bias = move(np.zeros(self.num_features, self.dtype), self._side)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_saved"] = None  # a layer's state is its parameters, buffers and gradients
+        return state
 
     # ---------------------------------------------------------------------------- modes
     def train(self, mode=True):
@@ -154,10 +201,50 @@ class BatchNorm:
     def __call__(self, x):
         return self.forward(x)
 
+    def _check_input(self, x):
+        """The layer's own words for an input that does not fit it (before the functional
+        checks, which would speak of weight and running_mean the caller never passed)."""
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) < 2:
+            return  # the functional checks explain
+        axis = normalize_axis(self.axis, len(shape))
+        name = type(self).__name__
+        if shape[axis] != self.num_features:
+            raise ValueError(
+                f"{name}(num_features={self.num_features}) got {shape[axis]} channels on axis "
+                f"{self.axis} of x with shape {tuple(shape)}"
+            )
+        try:
+            dtype = np.dtype(x.dtype)
+        except TypeError:
+            return  # not a NumPy dtype (a torch one, say): the functional checks explain
+        compute = _compute_dtype_or_none(dtype)
+        if compute is None:
+            return  # not a float dtype: the functional checks explain
+        holds_arrays = any(getattr(self, n) is not None for n in _ARRAYS[:4])
+        if holds_arrays and self.dtype not in (dtype, compute):
+            raise TypeError(
+                f"{name}(dtype={self.dtype.name}) got x of dtype {dtype}: create the layer "
+                f"with dtype=np.{dtype} or cast x (x.astype(np.{self.dtype}))"
+            )
+
     def forward(self, x, *, out=None):
         """Normalise ``x``; in training mode also update the running statistics."""
         self._follow(x)
+        self._check_input(x)
+        memory = memory_of(x)
+        overwrites_x = (
+            out is not None
+            and memory.is_array(x)
+            and memory.is_array(out)
+            and memory.shares_memory(out, x)
+        )
         if self.training or not self.track_running_stats:
+            if overwrites_x:
+                raise ValueError(
+                    "out shares memory with x: in training mode backward() needs x as it was; "
+                    "pass another array as out= (or none)"
+                )
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1
             result = self._train_forward(
@@ -175,9 +262,9 @@ class BatchNorm:
                 backend=self.backend,
                 device=self._side,
             )
-            if update and result.count:
+            if update:  # an empty batch counts, as in PyTorch (its statistics change nothing)
                 self.num_batches_tracked = batches
-            self._saved = ("batch", x, result.mean, result.invstd)
+            self._saved = _Saved(True, _kept(x), result.mean, result.invstd, result.count)
             return result.y
         y = eval_forward(
             x,
@@ -191,21 +278,30 @@ class BatchNorm:
             backend=self.backend,
             device=self._side,
         )
-        self._saved = ("running", x)
+        self._saved = _Saved(False, _gone if overwrites_x else _kept(x))
         return y
 
     # ------------------------------------------------------------------------- backward
     def backward(self, dy, *, out=None):
         """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``."""
-        if self._saved is None:
-            raise RuntimeError("BatchNorm.backward() needs a forward call first: nothing saved")
-        if self._saved[0] == "batch":
-            _, x, mean, invstd = self._saved
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError(
+                "BatchNorm.backward() needs a forward call first: nothing is saved (a backward "
+                "releases what its forward saved; the state may also have been reloaded)"
+            )
+        x = saved.x()
+        if x is None:
+            raise RuntimeError(
+                "BatchNorm.backward() needs x of the last forward, which forward(x, out=x) "
+                "overwrote: pass another array as out= to call backward() afterwards"
+            )
+        if saved.batch:
             dx, sum_dy, sum_dy_xmu = self._train_backward(
                 dy,
                 x,
-                mean,
-                invstd,
+                saved.mean,
+                saved.invstd,
                 self.weight,
                 self.axis,
                 out=out,
@@ -215,7 +311,7 @@ class BatchNorm:
         else:
             dx, sum_dy, sum_dy_xmu, invstd = self._frozen_backward(
                 dy,
-                self._saved[1],
+                x,
                 self.running_mean,
                 self.running_var,
                 self.weight,
@@ -226,10 +322,14 @@ class BatchNorm:
                 device=self._side,
             )
         memory = memory_of(sum_dy)
-        self.grad_weight = (
-            memory.product(invstd, sum_dy_xmu, self.dtype) if self.weight is not None else None
-        )
+        if self.weight is None:
+            self.grad_weight = None
+        elif saved.batch:
+            self.grad_weight = weight_gradient(saved.invstd, sum_dy_xmu, saved.count, self.dtype)
+        else:
+            self.grad_weight = memory.product(invstd, sum_dy_xmu, self.dtype)
         self.grad_bias = memory.astype(sum_dy, self.dtype) if self.bias is not None else None
+        self._saved = None  # one backward per forward, as PyTorch frees its graph
         return dx
 
     # ----------------------------------------------------------------------- state dict
@@ -264,9 +364,9 @@ class BatchNorm:
                 continue
             value = np.asarray(move(state[name], "cpu"))
             if name == "num_batches_tracked":
-                if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+                if value.shape != () or not np.issubdtype(value.dtype, np.integer) or value < 0:
                     raise ValueError(
-                        f"num_batches_tracked must be an integer scalar, got {value!r}"
+                        f"num_batches_tracked must be a non-negative integer scalar, got {value!r}"
                     )
                 loaded[name] = int(value)
                 continue
@@ -279,6 +379,7 @@ class BatchNorm:
             loaded[name] = move(value.astype(self.dtype), self._side)
         for name, value in loaded.items():
             setattr(self, name, value)
+        self._saved = None  # a pending backward would mix the old forward with the new state
         return self
 
     def _state_keys(self):
@@ -295,3 +396,10 @@ class BatchNorm:
             f"convention={self.convention.name!r}, training={self.training}, "
             f"device={self.device!r})"
         )
+
+
+def _compute_dtype_or_none(dtype):
+    try:
+        return compute_dtype(dtype)
+    except TypeError:
+        return None

@@ -12,10 +12,16 @@ import math
 import numpy as np
 
 
+def check_axis(axis, name="axis"):
+    """``axis`` as an int; TypeError for anything but an integer (1.5, [1, 2], True)."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(axis).__name__} {axis!r}")
+    return int(axis)
+
+
 def normalize_axis(axis, ndim, name="axis"):
     """Return ``axis`` as a non-negative index into ``ndim`` dimensions, or raise ValueError."""
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(axis).__name__}")
+    axis = check_axis(axis, name)
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an input with {ndim} dimensions")
     return int(axis) % ndim

@@ -29,6 +29,27 @@ def is_device_array(value):
     )
 
 
+def reject_masked(value, name):
+    """TypeError for a ``numpy.ma.MaskedArray``: its mask would be silently ignored."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray: masks are not supported (masked values would "
+            f"enter the statistics); pass {name}.filled(value) or only the valid rows"
+        )
+
+
+def _conversion_hint(value, name):
+    """What to do with an object NumPy could not turn into an array (torch tensors, say)."""
+    module = type(value).__module__ or ""
+    if module.startswith("torch"):
+        if getattr(value, "requires_grad", False):
+            return f"{name} is a torch tensor that requires grad: pass {name}.detach()"
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            return f"{name} is a torch bfloat16 tensor, which NumPy cannot hold: use {name}.float()"
+        return f"{name} is a torch tensor NumPy cannot view: pass {name}.detach().cpu()"
+    return f"{name} must be an array or a rectangular nested sequence of numbers"
+
+
 class HostMemory:
     """NumPy arrays in host memory."""
 
@@ -36,10 +57,38 @@ class HostMemory:
     array_kind = "a numpy array"
 
     def asarray(self, value, name):
-        return value if isinstance(value, np.ndarray) else np.asarray(value)
+        if isinstance(value, np.ndarray):
+            reject_masked(value, name)
+            return value
+        try:
+            return np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            error = ValueError if isinstance(exc, ValueError) else TypeError
+            raise error(f"{_conversion_hint(value, name)} (NumPy: {exc})") from exc
 
     def is_array(self, value):
         return isinstance(value, np.ndarray)
+
+    def check_unmasked(self, value, name):
+        reject_masked(value, name)
+
+    def overlaps(self, a, b):
+        """True when ``a`` and ``b`` share memory without being the same view of it."""
+        if a is b or not np.may_share_memory(a, b):
+            return False
+        same_view = (
+            a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+        )
+        return not same_view and np.shares_memory(a, b)
+
+    def shares_memory(self, a, b):
+        return np.may_share_memory(a, b) and np.shares_memory(a, b)
+
+    def to_host(self, array):
+        return array
 
     def contiguous(self, array, dtype, name):
         return np.ascontiguousarray(array, dtype=dtype)
@@ -70,8 +119,9 @@ class HostMemory:
         return (np.asarray(a, np.float64) * b).astype(dtype)
 
     def invstd(self, var, eps):
-        """``1 / sqrt(var + eps)`` of a float64 vector."""
-        return 1.0 / np.sqrt(var + eps)
+        """``1 / sqrt(var + eps)`` of a float64 vector (IEEE: inf for a zero variance and eps)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 1.0 / np.sqrt(var + eps)
 
 
 HOST = HostMemory()

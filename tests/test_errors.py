@@ -56,6 +56,28 @@ BAD_TRAINING_CALLS = [
     (dict(out=np.empty((4, C, 6), np.float32)), ValueError, "out must have the shape and dtype"),
     (dict(out=np.empty((4, C, 10), np.float32)[:, :, ::2]), ValueError, "out must be C-contiguous"),
     (dict(backend="gpu9000"), ValueError, "backend='gpu9000' is not registered"),
+    # issue 10: eps, momentum, masks, overlapping out
+    (dict(eps=0.0), ValueError, "eps must be > 0 when training"),
+    (dict(eps=None), TypeError, "eps must be a real number, got NoneType"),
+    (dict(eps="1e-5"), TypeError, "eps must be a real number, got str"),
+    (dict(eps=True), TypeError, "eps must be a real number, got bool"),
+    (dict(momentum=None), TypeError, r"momentum must be a number in \[0, 1\], got None.*BatchNorm"),
+    (dict(momentum="0.1"), TypeError, "momentum must be a real number"),
+    (
+        dict(x=np.ma.masked_array(np.ones((4, C), np.float32), mask=np.eye(4, C))),
+        TypeError,
+        "x is a numpy.ma.MaskedArray: masks are not supported",
+    ),
+    (
+        dict(running_mean=np.ma.masked_array(np.zeros(C, np.float32), mask=[1, 0, 0])),
+        TypeError,
+        "running_mean is a numpy.ma.MaskedArray",
+    ),
+    (
+        dict(out=np.ma.masked_array(np.zeros((4, C, 5), np.float32))),
+        TypeError,
+        "out is a numpy.ma.MaskedArray",
+    ),
 ]
 
 

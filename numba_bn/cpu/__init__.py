@@ -36,6 +36,9 @@ class CpuBackend:
     def forward_train(self, x, weight, bias, eps, running_mean, running_var, momentum, unbiased,
                       nan_check, y, save_mean, save_invstd, save_m2):  # fmt: skip
         run, guard, fused = _plan(x)
+        # The fused pass writes y channel by channel as it goes; a NaN check must come before
+        # any y is written (a call that raises leaves out= as it was), so it takes the split one.
+        fused = fused and not nan_check
         with guard:
             return run.forward_train(x, weight, bias, eps, running_mean, running_var, momentum,
                                      unbiased, nan_check, fused, y, save_mean, save_invstd,

@@ -43,6 +43,14 @@ def _invstd(var, eps, out):
         out[i] = 1.0 / math.sqrt(float64(var[i]) + eps)
 
 
+def _byte_range(array):
+    """[start, end) device addresses of a C-contiguous device array."""
+    # the simulator's arrays hold a NumPy array and have only its __array_interface__
+    interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__
+    start = interface["data"][0]
+    return start, start + array.size * array.dtype.itemsize
+
+
 class DeviceMemory:
     """Numba device arrays on the current CUDA device."""
 
@@ -115,6 +123,24 @@ class DeviceMemory:
         if out.size:
             _invstd[_grid(out.size)](var, float(eps), out)
         return out
+
+    def check_unmasked(self, value, name):
+        """Device arrays carry no mask (see placement.reject_masked)."""
+
+    def shares_memory(self, a, b):
+        """True when C-contiguous ``a`` and ``b`` share bytes."""
+        (start_a, end_a), (start_b, end_b) = _byte_range(self.adopt(a)), _byte_range(self.adopt(b))
+        return start_a < end_b and start_b < end_a
+
+    def overlaps(self, a, b):
+        """True when C-contiguous ``a`` and ``b`` share bytes without being the same view."""
+        same_view = _byte_range(self.adopt(a)) == _byte_range(self.adopt(b)) and (
+            a.shape == b.shape and a.dtype == b.dtype
+        )
+        return not same_view and self.shares_memory(a, b)
+
+    def to_host(self, array):
+        return self.adopt(array).copy_to_host()
 
 
 DEVICE = DeviceMemory()
