@@ -1,14 +1,27 @@
-"""Backend registry: the kernels behind the functional API, chosen by name.
+"""Which backend and which device run a call.
 
-A backend implements, on validated C-contiguous canonical ``(outer, C, inner)`` views,
+Backends: a backend implements, on validated C-contiguous canonical ``(outer, C, inner)`` views,
 ``forward_train``, ``forward_eval``, ``backward``, ``channel_stats``, ``normalize``,
 ``backward_sums`` and ``backward_dx`` with the signatures of :class:`numba_bn.cpu.CpuBackend`.
-Its arrays live in its ``memory`` (:mod:`numba_bn.placement`; host NumPy when it has none).
+Its arrays live in its ``memory`` (:mod:`numba_bn.memory`; host NumPy when it has none).
+
+Devices: ``device="auto"`` runs where the arrays are: on the CUDA backend when they expose
+``__cuda_array_interface__`` (CuPy, PyTorch, Numba device arrays, ...), on the host backend for
+NumPy arrays. ``device="cpu"`` / ``device="cuda"`` force it; NumPy arrays with
+``device="cuda"`` are copied to the GPU, and the results come back as NumPy arrays. Host and
+device arrays in one call are an error that names which argument is where.
 """
 
+import functools
+import inspect
+
+import numpy as np
+
 from .cpu import CpuBackend
-from .cuda import CudaBackend
-from .placement import HOST
+from .cuda import CudaBackend, require_cuda
+from .memory import HOST, is_device_array
+
+DEVICES = ("auto", "cpu", "cuda")
 
 _backends = {"cpu": CpuBackend(), "cuda": CudaBackend()}
 
@@ -35,3 +48,108 @@ def memory(backend):
 
 def names():
     return sorted(_backends)
+
+
+# ------------------------------------------------------------------------------- devices
+def memory_of(array):
+    """The memory an array returned by the functional layer lives in."""
+    return _backends["cuda"].memory if is_device_array(array) else HOST
+
+
+def move(array, side):
+    """``array`` on ``side`` ("cpu" or "cuda"): a copy when it is on the other side."""
+    if side == "cuda":
+        return array if is_device_array(array) else _backends["cuda"].memory.to_device(array)
+    return memory_of(array).to_host(array)
+
+
+def _names(names):
+    return ", ".join(names) + (" is" if len(names) == 1 else " are")
+
+
+def resolve_device(device, on_device, on_host):
+    """The device ("cpu" or "cuda") of a call whose named arrays are on_device / on_host."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        if on_device:
+            raise TypeError(
+                f"device='cpu', but {_names(on_device)} on the CUDA device: copy them to the host "
+                "(numba: a.copy_to_host(), CuPy: a.get()) or use device='cuda'"
+            )
+        return "cpu"
+    if on_device and on_host:
+        raise ValueError(
+            f"arrays on two devices: {_names(on_device)} on the CUDA device, {_names(on_host)} "
+            "in host memory (NumPy). Pass them all on one side: numba.cuda.to_device(a) copies a "
+            "NumPy array to the GPU, d.copy_to_host() brings one back"
+        )
+    if device == "cuda" or on_device:
+        require_cuda()
+        return "cuda"
+    return "cpu"
+
+
+def placed(arrays, inplace=()):
+    """Run the decorated function on the device that ``device=`` or its arrays name.
+
+    The wrapper takes a keyword ``device`` ("auto", "cpu", "cuda") and sets ``backend="cuda"``
+    for the GPU. ``arrays`` names the array parameters; ``inplace`` those the function updates.
+    On the GPU, device arrays are viewed as Numba device arrays (no copy) and NumPy arrays
+    (``device="cuda"``) are copied over; afterwards the ``inplace`` NumPy arrays are updated
+    from their copies, and the result (a value, a tuple or a NamedTuple) gives back the caller's
+    own ``inplace`` arrays, and NumPy arrays for the other device arrays when the inputs were
+    NumPy.
+    """
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def call(*args, device="auto", **kwargs):
+            if device in ("auto", "cpu") and not any(
+                map(is_device_array, (*args, *kwargs.values()))
+            ):
+                return function(*args, **kwargs)  # the common host call, without binding
+            bound = signature.bind(*args, **kwargs)
+            given = {n: bound.arguments[n] for n in arrays if bound.arguments.get(n) is not None}
+            on_device = [name for name, value in given.items() if is_device_array(value)]
+            on_host = [name for name in given if name not in on_device]
+            if resolve_device(device, on_device, on_host) == "cpu":
+                return function(*bound.args, **bound.kwargs)
+            backend = bound.arguments.get("backend", "cpu")
+            if backend not in ("cpu", "cuda"):
+                raise ValueError(
+                    f"backend={backend!r} runs on the host; CUDA arrays run on the 'cuda' backend"
+                )
+            device_memory = _backends["cuda"].memory
+            bound.arguments["backend"] = "cuda"
+            moved, callers = {}, {}
+            for name, value in given.items():
+                adopt = device_memory.adopt if name in on_device else device_memory.to_device
+                moved[name] = adopt(value)
+                bound.arguments[name] = moved[name]
+                if name in inplace:
+                    callers[id(moved[name])] = value
+            result = function(*bound.args, **bound.kwargs)
+            for name in on_host:
+                if name in inplace:
+                    np.copyto(given[name], moved[name].copy_to_host())
+            return _returned(result, callers, to_host=bool(on_host))
+
+        return call
+
+    return decorate
+
+
+def _returned(value, callers, to_host):
+    """``value`` with the caller's own arrays (``callers``: id -> array) in place of their
+    device views, and other device arrays copied to NumPy when ``to_host``."""
+    if isinstance(value, tuple):
+        items = [_returned(item, callers, to_host) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if id(value) in callers:
+        return callers[id(value)]
+    if to_host and is_device_array(value):
+        return value.copy_to_host()
+    return value

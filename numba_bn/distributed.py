@@ -37,7 +37,7 @@ from .functional import (
     frozen_backward,
 )
 from .layer import BatchNorm
-from .placement import is_device_array
+from .memory import is_device_array
 from .stats import AFFINE_ROWS, DX_ROWS, chan_merge
 
 INSTALL_HINT = 'pip install "numba-bn[mpi]"'

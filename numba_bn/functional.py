@@ -3,7 +3,7 @@
 Every check runs before any buffer is written, so a call that raises leaves running statistics
 (and every other argument) as they were. Per-channel statistics travel between calls in float64;
 the public functions return them in the input's dtype (float32 for float16 input). ``device``
-picks the CPU or the CUDA backend (:mod:`numba_bn.placement`); arrays are checked and allocated
+picks the CPU or the CUDA backend (:mod:`numba_bn.dispatch`); arrays are checked and allocated
 through the backend's ``memory``, so the same code serves NumPy and device arrays.
 """
 
@@ -14,8 +14,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import dispatch
+from .dispatch import memory_of, placed
 from .layout import canonical_shape, normalize_axis
-from .placement import HOST, memory_of, placed
+from .memory import HOST
 from .stats import DX_ROWS
 
 NAN_POLICIES = ("propagate", "raise")

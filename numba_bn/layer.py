@@ -5,6 +5,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import conventions as _conventions
+from .dispatch import DEVICES, memory_of, move
 from .functional import (
     check_nan_policy,
     check_scalar,
@@ -16,7 +17,7 @@ from .functional import (
     weight_gradient,
 )
 from .layout import check_axis, normalize_axis
-from .placement import DEVICES, is_device_array, memory_of, move
+from .memory import is_device_array
 
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
 

@@ -22,7 +22,7 @@ from numba_bn import dispatch
 from numba_bn.cuda import config, launch
 from numba_bn.cuda import kernels as cuda_kernels
 from numba_bn.cuda.arrays import DEVICE, DeviceMemory
-from numba_bn.placement import is_device_array
+from numba_bn.memory import is_device_array
 
 import naive
 from conftest import LAYOUTS, poison, random_batch

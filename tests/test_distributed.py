@@ -317,7 +317,7 @@ def test_without_mpi4py_sync_batch_norm_says_how_to_install(monkeypatch):
 
 
 def test_functional_forms_refuse_cuda_arrays():
-    class DeviceArray:  # what numba_bn.placement recognises as a CUDA array
+    class DeviceArray:  # what numba_bn.memory recognises as a CUDA array
         __cuda_array_interface__ = {}
 
     with pytest.raises(TypeError, match=r"host \(NumPy\) arrays; x on the CUDA device"):

@@ -236,7 +236,11 @@ def test_float32_near_its_maximum_gives_the_float64_answer(rng, shape, axis):
     dx_ref, dweight_ref, dbias_ref = naive.backward(dy, x, weight, axis=axis)
     assert np.isfinite(dx).all()
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5 * np.abs(dx_ref).max())
-    np.testing.assert_allclose(dweight, dweight_ref, rtol=1e-4)
+    # mean and invstd come back in float32: mean's rounding (2^-24 |mean|) times sum(dy) shifts a
+    # channel's dweight by up to ~1e-6 of the largest one, whatever the channel's own size
+    np.testing.assert_allclose(
+        dweight, dweight_ref, rtol=1e-4, atol=1e-5 * np.abs(dweight_ref).max()
+    )
     np.testing.assert_allclose(dbias, dbias_ref, rtol=1e-4)
 
 

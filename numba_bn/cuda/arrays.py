@@ -1,5 +1,5 @@
 """CUDA device arrays for the functional layer: adoption without copies, allocation, and the
-few per-channel conversions it needs (the counterpart of :class:`numba_bn.placement.HostMemory`).
+few per-channel conversions it needs (the counterpart of :class:`numba_bn.memory.HostMemory`).
 
 Any object that exposes ``__cuda_array_interface__`` (CuPy, PyTorch, Numba) is viewed as a Numba
 device array over the same memory; nothing is copied unless a dtype conversion is asked for.
@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import cuda, float64
 
-from ..placement import is_device_array
+from ..memory import is_device_array
 
 
 def _grid(size):
@@ -125,7 +125,7 @@ class DeviceMemory:
         return out
 
     def check_unmasked(self, value, name):
-        """Device arrays carry no mask (see placement.reject_masked)."""
+        """Device arrays carry no mask (see memory.reject_masked)."""
 
     def shares_memory(self, a, b):
         """True when C-contiguous ``a`` and ``b`` share bytes."""
