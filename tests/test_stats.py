@@ -1,0 +1,116 @@
+"""The numerics in one place (numba_bn/stats.py), against float64 sums and the textbook formulas."""
+
+import math
+
+import numpy as np
+import pytest
+
+from numba_bn.stats import (
+    AFFINE_ROWS,
+    DX_ROWS,
+    chan_merge,
+    finalize,
+    kernel,
+    prescale,
+    runs_stats,
+    split_hi_lo,
+)
+
+from conftest import random_batch
+
+
+def _exact(values):
+    """(count, mean, M2) of ``values`` from math.fsum: two-pass, in float64."""
+    values = np.asarray(values, np.float64).ravel()
+    mean = math.fsum(values) / values.size
+    return float(values.size), mean, math.fsum((values - mean) ** 2)
+
+
+@pytest.mark.parametrize("split", [1, 7, 500, 999])
+def test_chan_merge_of_two_parts_is_the_statistic_of_the_whole(rng, split):
+    values = random_batch(rng, (1000, 1), np.float64).ravel() * 1e3 + 1e6
+    merged = chan_merge(*_exact(values[:split]), *_exact(values[split:]))
+    count, mean, m2 = _exact(values)
+    assert merged[0] == count
+    assert merged[1] == pytest.approx(mean, rel=1e-15)
+    assert merged[2] == pytest.approx(m2, rel=1e-11)
+
+
+def test_chan_merge_with_an_empty_side_returns_the_other_unchanged():
+    state = (5.0, 2.5, 7.25)
+    assert chan_merge(0.0, 0.0, 0.0, *state) == state
+    assert chan_merge(*state, 0.0, 0.0, 0.0) == state
+    assert chan_merge(0.0, 0.0, 0.0, 0.0, 0.0, 0.0) == (0.0, 0.0, 0.0)
+
+
+def test_chan_merge_in_any_grouping_agrees(rng):
+    parts = np.array_split(rng.standard_normal(997) * 3.0 - 40.0, 9)
+    states = [_exact(p) for p in parts]
+    left = states[0]
+    for state in states[1:]:
+        left = chan_merge(*left, *state)
+    pairs = states
+    while len(pairs) > 1:
+        pairs = [chan_merge(*pairs[i], *pairs[i + 1]) if i + 1 < len(pairs) else pairs[i]
+                 for i in range(0, len(pairs), 2)]  # fmt: skip
+    np.testing.assert_allclose(left, pairs[0], rtol=1e-12)
+    np.testing.assert_allclose(left, _exact(np.concatenate(parts)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_runs_stats_reads_runs_at_a_stride(rng, dtype):
+    """Three runs of 5 values, 11 apart: the layout of one channel's short planes."""
+    flat = random_batch(rng, (40, 1), dtype).ravel()
+    start, length, stride, runs = 3, 5, 11, 3
+    picked = np.concatenate([flat[start + k * stride : start + k * stride + length]
+                             for k in range(runs)])  # fmt: skip
+    count, mean, m2 = runs_stats(flat, start, length, stride, runs)
+    ref = _exact(picked)
+    assert count == ref[0]
+    assert mean == pytest.approx(ref[1], rel=1e-14)
+    assert m2 == pytest.approx(ref[2], rel=1e-12)
+
+
+def test_runs_stats_of_nothing_is_zero():
+    assert runs_stats(np.ones(4), 0, 0, 4, 3) == (0.0, 0.0, 0.0)
+
+
+def test_finalize_gives_invstd_of_the_biased_and_the_unbiased_variance():
+    count, m2, eps = 8.0, 12.0, 1e-3
+    invstd, var_unbiased = finalize(count, 0.5, m2, eps)
+    assert invstd == pytest.approx(1.0 / math.sqrt(m2 / count + eps), rel=1e-15)
+    assert var_unbiased == pytest.approx(m2 / (count - 1.0), rel=1e-15)
+    assert math.isnan(finalize(1.0, 3.0, 0.0, eps)[1])
+
+
+def test_finalize_with_zero_variance_and_eps_is_inf_not_an_exception():
+    invstd, _ = finalize(4.0, 1.0, 0.0, 0.0)
+    assert invstd == math.inf
+
+
+def test_kernel_division_by_zero_follows_ieee():
+    @kernel
+    def ratio(a, b):
+        return a / b
+
+    assert ratio(1.0, 0.0) == math.inf
+    assert math.isnan(ratio(0.0, 0.0))
+
+
+def test_split_hi_lo_keeps_the_float64_value_in_float32_parts():
+    out = np.zeros((2, 1), np.float32)
+    value = 1e4 + 1.0 / 3.0
+    split_hi_lo(value, out, 0, 0)
+    assert out[0, 0] == np.float32(value)
+    assert float(out[0, 0]) + float(out[1, 0]) == pytest.approx(value, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prescale_is_one_except_within_reach_of_the_maximum(dtype):
+    coef = np.zeros((AFFINE_ROWS, 1), dtype)
+    top = float(np.finfo(dtype).max)
+    assert prescale(1.0, coef) == 1.0
+    assert prescale(0.2 * top, coef) == 1.0
+    assert prescale(0.9 * top, coef) == 0.25
+    assert prescale(math.inf, coef) == 0.25
+    assert DX_ROWS == AFFINE_ROWS + 1
