@@ -28,16 +28,11 @@ import numpy as np
 from numba import njit
 
 from . import dispatch
+from .checks import check_backward_inputs, check_train_inputs, in_compute_dtype
 from .cpu.kernels import dx_coefficients, train_coefficients, update_running
-from .functional import (
-    TrainResult,
-    _in_dtype_of,
-    check_backward_inputs,
-    check_train_inputs,
-    frozen_backward,
-)
 from .layer import BatchNorm
 from .memory import is_device_array
+from .ops import TrainResult, frozen_backward
 from .stats import AFFINE_ROWS, DX_ROWS, chan_merge
 
 INSTALL_HINT = 'pip install "numba-bn[mpi]"'
@@ -142,7 +137,7 @@ def sync_train_forward(
     out=None,
     backend="cpu",
 ):
-    """:func:`numba_bn.functional.train_forward` over the global batch of ``comm``.
+    """:func:`numba_bn.ops.batch_forward` over the global batch of ``comm``.
 
     Returns a TrainResult whose statistics and count are those of the global batch.
     """
@@ -280,7 +275,7 @@ def sync_forward_train(
         out=out,
         backend=backend,
     )
-    return (result.y, *_in_dtype_of(result.y, result.mean, result.invstd))
+    return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
 
 
 def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=None, backend="cpu"):
@@ -295,7 +290,7 @@ def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=No
         dy, x, mean, invstd, weight, axis, comm=resolve_comm(comm), out=out, backend=backend
     )
     invstd64 = np.asarray(invstd, dtype=np.float64)
-    return (dx, *_in_dtype_of(dx, invstd64 * sum_dy_xmu, sum_dy))
+    return (dx, *in_compute_dtype(dx, invstd64 * sum_dy_xmu, sum_dy))
 
 
 class SyncBatchNorm(BatchNorm):

@@ -5,19 +5,11 @@ from typing import NamedTuple
 import numpy as np
 
 from . import conventions as _conventions
+from .checks import check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
-from .functional import (
-    check_nan_policy,
-    check_scalar,
-    compute_dtype,
-    eval_forward,
-    frozen_backward,
-    train_backward,
-    train_forward,
-    weight_gradient,
-)
 from .layout import check_axis, normalize_axis
 from .memory import is_device_array
+from .ops import batch_backward, batch_forward, frozen_backward, frozen_forward, weight_gradient
 
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
 
@@ -77,8 +69,8 @@ class BatchNorm:
 
     # The operations on batch statistics; SyncBatchNorm (numba_bn.distributed) swaps in versions
     # that reduce over the ranks of an MPI communicator.
-    _train_forward = staticmethod(train_forward)
-    _train_backward = staticmethod(train_backward)
+    _train_forward = staticmethod(batch_forward)
+    _train_backward = staticmethod(batch_backward)
     _frozen_backward = staticmethod(frozen_backward)
 
     def __init__(
@@ -267,7 +259,7 @@ class BatchNorm:
                 self.num_batches_tracked = batches
             self._saved = _Saved(True, _kept(x), result.mean, result.invstd, result.count)
             return result.y
-        y = eval_forward(
+        y = frozen_forward(
             x,
             self.running_mean,
             self.running_var,

@@ -3,7 +3,7 @@
 For a C-contiguous array the view is a reshape, whatever the axis:
 ``outer = prod(shape[:axis])``, ``C = shape[axis]``, ``inner = prod(shape[axis + 1:])``.
 (N, C) is (N, C, 1); NCHW is (N, C, H*W); channels-last NHWC with axis -1 is (N*H*W, C, 1).
-Non-contiguous inputs are copied once into C order (functional.Prepared, through the backend's
+Non-contiguous inputs are copied once into C order (checks.Prepared, through the backend's
 memory), the only copy the library makes of x.
 """
 
