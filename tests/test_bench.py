@@ -155,7 +155,8 @@ def test_library_and_bench_modules_do_not_import_torch():
     code, out = run_python(
         [
             "-c",
-            "import sys, numba_bn, numba_bn.cli, numba_bn.bench, numba_bn.bench.peers; "
+            "import sys, numba_bn, numba_bn.cli, numba_bn.bench, numba_bn.bench.peers, "
+            "numba_bn.bench.demo; "
             "assert 'torch' not in sys.modules, 'torch imported'",
         ],
         120,

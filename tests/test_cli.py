@@ -1,22 +1,78 @@
-"""The numba-bn command: demo checks itself against a reference; info reports the machine."""
+"""The numba-bn command: demo checks itself against a reference, through the benchmark's
+verify-then-time path; info reports the machine."""
 
+import numpy as np
 import pytest
 
+from numba_bn.bench import cases, demo, measure, peers
 from numba_bn.cli import main
 
 
-def test_demo_passes_its_checks(capsys):
+@pytest.fixture
+def no_pause(monkeypatch):
+    """The benchmark pauses between implementations so that threads go idle; no test here reads
+    a timing, so the demo tests skip the pauses."""
+    monkeypatch.setattr(measure, "PAUSE_SECONDS", 0.0)
+
+
+def test_demo_passes_its_checks(capsys, no_pause):
     assert main(["demo", "--shape", "8,16,6,6", "--repeat", "2"]) == 0
     output = capsys.readouterr().out
     assert "all checks passed" in output
     assert output.count(" ok") == 7
-    for op in ("forward-train", "forward-eval", "backward"):
-        assert op in output
+    assert "verified" in output
+    rows = [line.split("|") for line in output.splitlines() if line.startswith("|")]
+    timed = {row[2].strip(): row for row in rows if row[1].strip() == "demo"}
+    assert set(timed) == set(cases.OPS)  # forward-train, eval, backward: one row each
+    header = [cell.strip() for cell in rows[0]]
+    for column in ("memcpy ms", "numba_bn ms", "numpy ms", "x numpy"):
+        assert column in header
 
 
-def test_demo_on_channels_last_rows(capsys):
+def test_demo_on_channels_last_rows(capsys, no_pause):
     assert main(["demo", "--shape", "64,5,5,7", "--axis", "-1", "--dtype", "float64",
                  "--repeat", "2"]) == 0  # fmt: skip
+    assert "(rows)" in capsys.readouterr().out
+
+
+class DxOffByOnePercent(demo.BatchNorm):
+    def backward(self, dy, **kwargs):
+        return super().backward(dy, **kwargs) * 1.01
+
+
+def test_demo_times_nothing_when_the_layer_is_wrong(capsys, monkeypatch):
+    monkeypatch.setattr(demo, "BatchNorm", DxOffByOnePercent)
+    assert main(["demo", "--shape", "8,16,6,6", "--repeat", "2"]) == 1
+    output = capsys.readouterr().out
+    dx_line = next(line for line in output.splitlines() if line.split()[:1] == ["dx"])
+    assert dx_line.endswith("FAIL")
+    assert output.count(" ok") == 6
+    assert "CHECK FAILED, nothing timed" in output and "ms |" not in output
+
+
+def test_demo_verifies_each_timed_call_as_bench_does(capsys, monkeypatch):
+    """A tolerance of zero: float32 rounding alone fails the functional forward-train."""
+    monkeypatch.setattr(peers.NumbaBn, "tolerance", {np.dtype(np.float32): 0.0})
+    assert main(["demo", "--shape", "8,16,6,6", "--repeat", "2"]) == 1
+    output = capsys.readouterr().out
+    assert output.count(" ok") == 7  # the layer's own check uses peers.STRICT
+    assert "CHECK FAILED, nothing timed: numba_bn forward-train on demo" in output
+    assert "ms |" not in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shape", "8,x"], "--shape must be integers separated by commas"),
+        (["--shape", "8"], "--shape must have 2 or more dimensions"),
+        (["--shape", "1,4"], "--shape must give each channel 2 or more values"),
+        (["--axis", "4"], "--axis must be in [-4, 3], got 4"),
+        (["--repeat", "0"], "--repeat must be >= 1"),
+    ],
+)
+def test_demo_rejects_bad_arguments_by_name(capsys, args, message):
+    assert main(["demo", *args]) == 2
+    assert message in capsys.readouterr().out
 
 
 def test_info_lists_versions_and_layer(capsys):

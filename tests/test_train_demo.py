@@ -1,5 +1,6 @@
-"""The training demo: the whole network's gradient against finite differences, then a short run
-through training, eval mode, state_dict, the command and the example script."""
+"""The digits example (examples/train_digits/): the whole network's gradient against finite
+differences, then a short run through training, eval mode, state_dict, the command line and the
+script itself."""
 
 import runpy
 import sys
@@ -8,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numba_bn import train_demo
-from numba_bn.cli import main
 from numba_bn.layer import BatchNorm
-from numba_bn.mlp import MLP, cross_entropy
+
+# The example is a script beside its network module, not part of the package: import both the
+# way running the script does, with its folder on sys.path.
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits"
+sys.path.insert(0, str(EXAMPLE))
+import train_digits  # noqa: E402
+from mlp import MLP, cross_entropy  # noqa: E402
+
+sys.path.remove(str(EXAMPLE))
 
 SIZES = (6, 9, 7, 4)  # fc1, bn1, relu1, fc2, bn2, relu2, fc3
 BATCH = 8
@@ -127,7 +134,7 @@ def test_gradient_check_catches_a_backward_that_ignores_batch_statistics():
 def short_run():
     pytest.importorskip("sklearn")
     lines = []
-    result = train_demo.train_digits(epochs=2, lr=0.05, high_lr=0.5, log=lines.append)
+    result = train_digits.train_digits(epochs=2, lr=0.05, high_lr=0.5, log=lines.append)
     return result, lines
 
 
@@ -153,7 +160,7 @@ def test_short_run_trains_both_models_at_both_learning_rates(short_run):
 
 def test_running_statistics_count_each_training_batch_once(short_run):
     result, _ = short_run
-    batches = 2 * (len(train_demo.load_digits_split()["train"][0]) // 64)
+    batches = 2 * (len(train_digits.load_digits_split()["train"][0]) // 64)
     for run in result.runs[1::2]:
         for name in ("bn1", "bn2", "bn3"):
             bn = run.model.layers[name]
@@ -165,7 +172,7 @@ def test_running_statistics_count_each_training_batch_once(short_run):
 def test_eval_mode_predictions_use_running_statistics(short_run):
     trained = short_run[0].runs[1].model
     model = MLP(trained.sizes, True).load_state_dict(trained.state_dict())  # leave the fixture be
-    x = train_demo.load_digits_split()["test"][0][:16]
+    x = train_digits.load_digits_split()["test"][0][:16]
     model.eval()
     batch = model.forward(x)
     one_by_one = np.concatenate([model.forward(x[i : i + 1]) for i in range(len(x))])
@@ -184,7 +191,7 @@ def test_state_dict_round_trip_reproduces_eval_predictions(short_run):
     assert {"fc1.weight", "bn1.running_var", "bn3.num_batches_tracked", "fc4.bias"} <= set(state)
     assert "fc1.bias" not in state
     fresh = MLP(model.sizes, batch_norm=True, seed=99)
-    x = train_demo.load_digits_split()["test"][0]
+    x = train_digits.load_digits_split()["test"][0]
     model.eval(), fresh.eval()
     assert not np.allclose(fresh.forward(x), model.forward(x))
     fresh.load_state_dict(state)
@@ -196,35 +203,41 @@ def test_state_dict_round_trip_reproduces_eval_predictions(short_run):
 def test_a_diverging_run_stops_and_is_reported():
     pytest.importorskip("sklearn")
     lines = []
-    result = train_demo.train_digits(epochs=2, lr=5.0, high_lr=None, log=lines.append)
+    result = train_digits.train_digits(epochs=2, lr=5.0, high_lr=None, log=lines.append)
     h = result.runs[0].history
     assert h.diverged_at == 1
     assert np.isnan(h.train_loss[1]) and np.isnan(h.val_accuracy[1])
     assert "(diverged)" in lines[-1]
 
 
-# ------------------------------------------------------------------------ command, example
+# ------------------------------------------------------------------------ command, script
 def test_command_prints_results_and_writes_the_plot(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     plot = tmp_path / "sub" / "curves.png"
-    argv = ["train-demo", "--epochs", "1", "--high-lr", "0", "--batch-size", "256"]
-    assert main([*argv, "--plot", str(plot)]) == 0
+    argv = ["--epochs", "1", "--high-lr", "0", "--batch-size", "256"]
+    assert train_digits.main([*argv, "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     assert "test accuracy (eval mode, running statistics)" in out
     assert "with BN, lr 0.05" in out and "identical test logits" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_example_script_runs_the_demo(monkeypatch, capsys):
+def test_example_runs_as_a_script(monkeypatch, capsys):
+    """``python examples/train_digits/train_digits.py ...`` in this process (the kernels are
+    compiled already): the script runs as __main__ with only its own folder on sys.path, as
+    Python puts it there, and imports its network module afresh from it."""
     pytest.importorskip("sklearn")
-    script = Path(__file__).parents[1] / "examples" / "train_digits.py"
-    argv = [str(script), "--epochs", "1", "--high-lr", "0", "--batch-size", "256", "--no-plot"]
-    monkeypatch.setattr(sys, "argv", argv)
+    script = EXAMPLE / "train_digits.py"
+    argv = ["--epochs", "1", "--high-lr", "0", "--batch-size", "256", "--no-plot"]
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.delitem(sys.modules, "mlp")
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 0
-    assert "without BN, lr 0.05" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "without BN, lr 0.05" in out and "identical test logits" in out
 
 
 @pytest.mark.parametrize(
@@ -238,5 +251,5 @@ def test_example_script_runs_the_demo(monkeypatch, capsys):
 )
 def test_command_rejects_bad_arguments_naming_them(argument, value, named, capsys):
     pytest.importorskip("sklearn")
-    assert main(["train-demo", argument, value, "--no-plot"]) == 2
+    assert train_digits.main([argument, value, "--no-plot"]) == 2
     assert capsys.readouterr().out.startswith(f"error: {named} must")

@@ -20,7 +20,15 @@ import numpy as np
 from .cases import SHAPES, Case, parse_shapes
 from .measure import VerificationError, cold_and_warm_first_call, run_case
 from .peers import PEERS, implementations, import_torch
-from .report import bar_chart, first_call_lines, main_table, overhead_table, pytest_benchmark_json
+from .report import (
+    TABLE_LEGEND,
+    bar_chart,
+    first_call_lines,
+    load_lines,
+    main_table,
+    overhead_table,
+    pytest_benchmark_json,
+)
 
 BYTE_MODEL = (
     "byte model: memcpy, forward-train and eval = 1 read + 1 write of the tensor; "
@@ -111,17 +119,8 @@ def command(args, log=print):
         del case
     load_after = os.getloadavg()[0]
 
-    log(
-        f"\nload average (1 min) {load_before:.2f} before, {load_after:.2f} after, "
-        f"on {os.cpu_count()} CPUs"
-    )
-    if load_before > os.cpu_count() - args.threads + 0.5:
-        log(
-            f"WARNING: other processes were using the CPUs before this run ({args.threads} "
-            f"threads on {os.cpu_count()} CPUs):\nparallel calls may have waited for CPU time; "
-            "rerun on a quiet machine before taking these numbers as final."
-        )
-    log("\nms per call (median); /memcpy = time / memcpy time; x peer = numba_bn's speed-up\n")
+    log("\n" + "\n".join(load_lines(load_before, load_after, args.threads)))
+    log(f"\n{TABLE_LEGEND}\n")
     log(main_table(results, names_chosen))
     overhead = overhead_table(results, names_chosen)
     if overhead:

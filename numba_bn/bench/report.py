@@ -12,6 +12,9 @@ from .cases import OPS
 
 BASELINE = "numba_bn"
 KERNELS = "numba_bn kernels"
+TABLE_LEGEND = (
+    "ms per call (median); /memcpy = time / memcpy time; x peer = numba_bn's speed-up over it"
+)
 
 
 def _significant(value, digits=3):
@@ -96,6 +99,23 @@ def overhead_table(results, names):
                 row.append(_us(theirs.best))
             rows.append(row)
     return markdown(header, rows)
+
+
+def load_lines(load_before, load_after, threads):
+    """The 1-minute load average around the timed runs, and a warning when other processes were
+    already using the CPUs that ``threads`` threads needed."""
+    cpus = os.cpu_count()
+    lines = [
+        f"load average (1 min) {load_before:.2f} before, {load_after:.2f} after, on {cpus} CPUs"
+    ]
+    if load_before > cpus - threads + 0.5:
+        lines += [
+            f"WARNING: other processes were using the CPUs before this run ({threads} threads on "
+            f"{cpus} CPUs):",
+            "parallel calls may have waited for CPU time; rerun on a quiet machine before taking "
+            "these numbers as final.",
+        ]
+    return lines
 
 
 def first_call_lines(first_call):

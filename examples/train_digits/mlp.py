@@ -1,8 +1,8 @@
 """A multilayer perceptron in NumPy around numba_bn.BatchNorm, with hand-written gradients.
 
-The network of the training demo (numba_bn/train_demo.py): Linear layers as matmuls, ReLU,
-softmax cross-entropy and SGD with momentum, each a few lines of NumPy; BatchNorm is the library's
-layer. Every layer has ``forward(x)`` and ``backward(dy) -> dx``; learnable arrays are
+The network of the digits example (train_digits.py, beside this file): Linear layers as matmuls,
+ReLU, softmax cross-entropy and SGD with momentum, each a few lines of NumPy; BatchNorm is the
+library's layer. Every layer has ``forward(x)`` and ``backward(dy) -> dx``; learnable arrays are
 ``weight``/``bias`` with gradients ``grad_weight``/``grad_bias`` as BatchNorm names them.
 tests/test_train_demo.py checks the whole network's gradient against finite differences.
 """
@@ -11,7 +11,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from .layer import BatchNorm
+from numba_bn import BatchNorm
 
 
 # ----------------------------------------------------------------------------------- layers

@@ -5,21 +5,24 @@ batch order and learning rate with and without a BatchNorm before each hidden ac
 learning rate high enough that the network without it diverges or lags. Every part of the
 library takes part: training forward with batch statistics, the exact backward, running
 statistics, eval mode (validation and test accuracy), state_dict. The matmuls, the loss and the
-optimiser are plain NumPy with gradients written by hand; tests/test_train_demo.py checks the
-whole network's gradient against finite differences.
+optimiser are plain NumPy with gradients written by hand (mlp.py, beside this file);
+tests/test_train_demo.py checks the whole network's gradient against finite differences.
+Needs scikit-learn (data) and matplotlib (plot): pip install -e ".[demo]". See docs/train_demo.md.
 
-    numba-bn train-demo [--epochs 20] [--lr 0.05] [--high-lr 0.5] [--plot docs/train_digits.png]
+    python examples/train_digits/train_digits.py [--epochs 20] [--lr 0.05] [--high-lr 0.5]
+        [--plot docs/train_digits.png]
 """
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mlp import MLP, SGD, accuracy, cross_entropy  # beside this file: run it as a script
 
-from .mlp import MLP, SGD, accuracy, cross_entropy
-from .warmup import warmup
+from numba_bn import warmup
 
 
 # -------------------------------------------------------------------------------------- data
@@ -33,8 +36,8 @@ def load_digits_split(seed=0, dtype=np.float32):
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ImportError(
-            "train-demo needs scikit-learn for its bundled digits data: "
-            "pip install 'numba-bn[demo]'"
+            "the digits example needs scikit-learn for its bundled data: "
+            "pip install -e '.[demo]' (or pip install scikit-learn)"
         ) from exc
     digits = load_digits()
     x = (digits.data / 16.0).astype(dtype)
@@ -300,7 +303,7 @@ def run_from_args(args):
         if save_plot(result.runs, args.plot):
             print(f"plot: {args.plot}")
         else:
-            print("plot: skipped, matplotlib is not installed (pip install 'numba-bn[plot]')")
+            print("plot: skipped, matplotlib is not installed (pip install matplotlib)")
     print(
         f"wall time {result.total_seconds:.1f} s (kernels ready in "
         f"{result.warmup_seconds:.1f} s: compile or cache load)"
@@ -312,3 +315,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="train_digits", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
