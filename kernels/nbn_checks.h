@@ -1,16 +1,22 @@
 /* nbn_checks.h: the argument checks of numba_bn.h, shared by every C backend in kernels/.
  *
  * Order: NULL pointers (NBN_ERR_NULL), then shapes (NBN_ERR_SHAPE), then values
- * (NBN_ERR_VALUE), so a call with several problems reports the first in that order.
+ * (NBN_ERR_VALUE), so a call with several problems reports the first in that order. A backend
+ * then sizes its scratch with nbn_mul, nbn_add and nbn_bytes: a shape can pass these checks and
+ * still need more scratch than any address space holds (NBN_ERR_SHAPE, after the value checks).
  */
 #ifndef NBN_CHECKS_H
 #define NBN_CHECKS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "numba_bn.h"
 
-/* Sizes are >= 1 and the tensor's byte count fits in int64 (8-byte elements). */
+/* Sizes are >= 1 and the tensor's byte count fits in int64 (8-byte elements). Each of outer,
+ * channels, inner and their product is then below INT64_MAX / 8, so a multiple of one of them by
+ * a constant below 8 is exact; a product of two, or a byte count, goes through the helpers
+ * below. */
 static inline int nbn_check_shape(int64_t outer, int64_t channels, int64_t inner) {
     if (outer < 1 || channels < 1 || inner < 1) return NBN_ERR_SHAPE;
     const int64_t limit = INT64_MAX / 8;
@@ -18,8 +24,31 @@ static inline int nbn_check_shape(int64_t outer, int64_t channels, int64_t inner
     return NBN_OK;
 }
 
-/* eps >= 0 (NaN fails the comparison). */
-static inline int nbn_check_eps(double eps) { return eps >= 0.0 ? NBN_OK : NBN_ERR_VALUE; }
+/* a * b and a + b of counts (>= 0), or -1 when the result exceeds INT64_MAX; -1 stays -1. */
+static inline int64_t nbn_mul(int64_t a, int64_t b) {
+    if (a < 0 || b < 0 || (a > 0 && b > INT64_MAX / a)) return -1;
+    return a * b;
+}
+
+static inline int64_t nbn_add(int64_t a, int64_t b) {
+    if (a < 0 || b < 0 || a > INT64_MAX - b) return -1;
+    return a + b;
+}
+
+/* *bytes = count * size for malloc, or NBN_ERR_SHAPE when count overflowed (-1) or the bytes
+ * exceed PTRDIFF_MAX, the most one object may span (on 32-bit targets too). */
+static inline int nbn_bytes(int64_t count, size_t size, size_t *bytes) {
+    if (count < 0 || (uint64_t)count > (uint64_t)PTRDIFF_MAX / size) return NBN_ERR_SHAPE;
+    *bytes = (size_t)count * size;
+    return NBN_OK;
+}
+
+/* Training: eps > 0. A channel of equal values (a dead ReLU, a constant feature) is common in a
+ * batch, and eps is all that keeps its invstd = 1 / sqrt(0 + eps) finite. Eval: eps >= 0; the
+ * running variance is the caller's, and eps = 0 with a zero variance gives inf/NaN (IEEE, as
+ * PyTorch). NaN fails both comparisons. */
+static inline int nbn_check_train_eps(double eps) { return eps > 0.0 ? NBN_OK : NBN_ERR_VALUE; }
+static inline int nbn_check_eval_eps(double eps) { return eps >= 0.0 ? NBN_OK : NBN_ERR_VALUE; }
 
 static inline int nbn_check_forward_train(const void *x, int64_t outer, int64_t channels,
                                           int64_t inner, double eps, const void *y,
@@ -32,7 +61,7 @@ static inline int nbn_check_forward_train(const void *x, int64_t outer, int64_t 
     if (status != NBN_OK) return status;
     if (outer * inner == 1) return NBN_ERR_VALUE; /* one value per channel: no variance */
     if (!(momentum >= 0.0 && momentum <= 1.0)) return NBN_ERR_VALUE;
-    return nbn_check_eps(eps);
+    return nbn_check_train_eps(eps);
 }
 
 static inline int nbn_check_forward_eval(const void *x, int64_t outer, int64_t channels,
@@ -41,7 +70,7 @@ static inline int nbn_check_forward_eval(const void *x, int64_t outer, int64_t c
     if (!x || !running_mean || !running_var || !y) return NBN_ERR_NULL;
     int status = nbn_check_shape(outer, channels, inner);
     if (status != NBN_OK) return status;
-    return nbn_check_eps(eps);
+    return nbn_check_eval_eps(eps);
 }
 
 static inline int nbn_check_backward(const void *dy, const void *x, int64_t outer,
@@ -56,9 +85,11 @@ static inline const char *nbn_status_text(int status) {
     case NBN_OK: return "NBN_OK: success";
     case NBN_ERR_NULL: return "NBN_ERR_NULL: a required pointer is NULL";
     case NBN_ERR_SHAPE:
-        return "NBN_ERR_SHAPE: outer, channels and inner must be >= 1, their product addressable";
+        return "NBN_ERR_SHAPE: outer, channels and inner must be >= 1, their product and the "
+               "call's scratch addressable";
     case NBN_ERR_VALUE:
-        return "NBN_ERR_VALUE: training needs 2+ values per channel, eps >= 0, momentum in [0, 1]";
+        return "NBN_ERR_VALUE: training needs 2+ values per channel, eps > 0, momentum in [0, 1]; "
+               "eval needs eps >= 0";
     case NBN_ERR_INTERNAL: return "NBN_ERR_INTERNAL: out of memory or internal error";
     default: return "unknown nbn_status";
     }

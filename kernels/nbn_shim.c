@@ -5,7 +5,8 @@
  * (nbn_kernels.h, generated). This file
  *   - picks the table for the CPU at load time (a constructor; NBN_ISA=<name> picks a lower one),
  *   - checks arguments (nbn_checks.h) before anything is written,
- *   - allocates the per-call scratch (one malloc, freed before returning),
+ *   - allocates the per-call scratch (one malloc, freed before returning; NBN_ERR_SHAPE when
+ *     its byte count overflows),
  *   - runs the drivers on pthreads over the work items of the JIT drivers
  *     (numba_bn/cpu/drivers.py):
  *       planes (inner > 1), channels >= 2 * threads: one channel per item, start to finish,
@@ -126,6 +127,8 @@ static int parallel_items(nbn_range run, const void *job, int64_t items, int64_t
     atomic_init(&loop.next, 0);
     atomic_init(&loop.failed, 0);
     int64_t claims = (items + loop.grain - 1) / loop.grain;
+    /* items * item_elements is below 4 times the tensor's size (an item count is rounded up
+     * once per axis at most), so it stays in int64 after nbn_check_shape */
     int64_t worth = items * item_elements / NBN_THREAD_ELEMENTS; /* threads the work repays */
     int64_t threads = nbn_get_num_threads();
     if (threads > claims) threads = claims;
@@ -212,10 +215,19 @@ static const nbn_dtype_kernels *kernels(int f64) {
 }
 
 /* Scratch for one call: `doubles` float64 values, then room for `coef_values` coefficients of
- * the tensor dtype (float or double). */
-static double *alloc_scratch(int64_t doubles, int64_t coef_values, void **coef) {
-    double *scratch = malloc((size_t)(doubles + coef_values) * sizeof(double));
-    if (scratch) *coef = scratch + doubles;
+ * the tensor dtype (float or double); counts of -1 are overflows (nbn_mul, nbn_add). NULL when
+ * the byte count overflows, *status NBN_ERR_SHAPE: a shape that passes nbn_check_shape can
+ * still need more than any address space (eval with 2^59 + 2 channels: over 2^64 bytes of
+ * coefficients); NULL when malloc fails, *status NBN_ERR_INTERNAL. */
+static double *alloc_scratch(int64_t doubles, int64_t coef_values, void **coef, int *status) {
+    size_t bytes;
+    *status = nbn_bytes(nbn_add(doubles, coef_values), sizeof(double), &bytes);
+    if (*status != NBN_OK) return NULL;
+    double *scratch = malloc(bytes);
+    if (scratch)
+        *coef = scratch + doubles;
+    else
+        *status = NBN_ERR_INTERNAL;
     return scratch;
 }
 
@@ -307,9 +319,10 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
                   .x = x, .out = y, .weight = weight, .bias = bias,
                   .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps};
     int whole_channels = fused(&a);
-    int64_t n_part = whole_channels ? 0 : 3 * parts(&a) * channels;
-    double *scratch = alloc_scratch(3 * channels + n_part, NBN_AFFINE_ROWS * channels, &a.coef);
-    if (!scratch) return NBN_ERR_INTERNAL;
+    int64_t n_part = whole_channels ? 0 : nbn_mul(3 * parts(&a), channels);
+    double *scratch = alloc_scratch(nbn_add(3 * channels, n_part),
+                                    nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
+    if (!scratch) return status;
     a.mean = scratch, a.invstd = scratch + channels, a.m2 = scratch + 2 * channels;
     a.part = scratch + 3 * channels;
 
@@ -341,8 +354,8 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
     if (status != NBN_OK) return status;
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y};
-    double *scratch = alloc_scratch(0, NBN_AFFINE_ROWS * channels, &a.coef);
-    if (!scratch) return NBN_ERR_INTERNAL;
+    double *scratch = alloc_scratch(0, nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
+    if (!scratch) return status;
     if (a.k->eval_coefficients(channels, weight, weight ? channels : 0, bias, bias ? channels : 0,
                                running_mean, running_var, eps, a.coef) != 0)
         status = NBN_ERR_INTERNAL;
@@ -361,9 +374,10 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
                   .dy = dy, .x = x, .out = dx, .weight = weight,
                   .n_weight = weight ? channels : 0};
     int whole_channels = fused(&a);
-    int64_t n_part = whole_channels ? 0 : 2 * parts(&a) * channels;
-    double *scratch = alloc_scratch(4 * channels + n_part, NBN_DX_ROWS * channels, &a.coef);
-    if (!scratch) return NBN_ERR_INTERNAL;
+    int64_t n_part = whole_channels ? 0 : nbn_mul(2 * parts(&a), channels);
+    double *scratch = alloc_scratch(nbn_add(4 * channels, n_part),
+                                    nbn_mul(NBN_DX_ROWS, channels), &a.coef, &status);
+    if (!scratch) return status;
     a.mean = scratch, a.invstd = scratch + channels;
     a.sum_dy = scratch + 2 * channels, a.sum_dy_xmu = scratch + 3 * channels;
     a.part = scratch + 4 * channels;

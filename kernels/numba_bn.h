@@ -14,7 +14,8 @@
  *
  * Errors: every function returns an nbn_status. On failure nothing is written, except after
  * NBN_ERR_INTERNAL raised by the compute code itself (a bug), when outputs are unspecified.
- * The order of checks: NULL pointers, then shapes, then values.
+ * The order of checks: NULL pointers, then shapes, then values; then the call's scratch
+ * (NBN_ERR_SHAPE when its byte count would overflow, NBN_ERR_INTERNAL when malloc fails).
  */
 #ifndef NUMBA_BN_H
 #define NUMBA_BN_H
@@ -23,7 +24,7 @@
 
 #define NBN_VERSION_MAJOR 1 /* bumped when a signature or a meaning changes */
 #define NBN_VERSION_MINOR 0 /* bumped when symbols are added */
-#define NBN_VERSION_PATCH 0
+#define NBN_VERSION_PATCH 1 /* 1: eps <= 0 in training and scratch that overflows are refused */
 #define NBN_VERSION_NUMBER (NBN_VERSION_MAJOR * 10000 + NBN_VERSION_MINOR * 100 + NBN_VERSION_PATCH)
 
 #if defined(_WIN32)
@@ -41,9 +42,10 @@ extern "C" {
 typedef enum {
     NBN_OK = 0,
     NBN_ERR_NULL = 1,     /* a required pointer is NULL (or only one running buffer is given) */
-    NBN_ERR_SHAPE = 2,    /* outer, channels or inner < 1, or their product overflows */
-    NBN_ERR_VALUE = 3,    /* one value per channel in training, eps < 0 or NaN, momentum
-                             outside [0, 1] or NaN */
+    NBN_ERR_SHAPE = 2,    /* outer, channels or inner < 1, or their product (or the bytes of
+                             the call's scratch) overflows */
+    NBN_ERR_VALUE = 3,    /* one value per channel in training, eps <= 0 in training (< 0 in
+                             eval) or NaN, momentum outside [0, 1] or NaN */
     NBN_ERR_INTERNAL = 4  /* out of memory for scratch, or a bug */
 } nbn_status;
 
@@ -70,7 +72,8 @@ NBN_API const char *nbn_isa(void);
  * weight and bias may be NULL (1 and 0). running_mean and running_var may both be NULL (no
  * update); otherwise they are updated in place, PyTorch-style:
  *   running = (1 - momentum) * running + momentum * batch  (unbiased batch variance).
- * Needs outer * inner >= 2. y may be x (in place). */
+ * Needs outer * inner >= 2 and eps > 0 (a channel of equal values has variance 0). y may be x
+ * (in place). */
 NBN_API int nbn_forward_train_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
                                   const float *weight, const float *bias, double eps, float *y,
                                   float *save_mean, float *save_invstd, float *running_mean,
@@ -78,7 +81,8 @@ NBN_API int nbn_forward_train_f32(const float *x, int64_t outer, int64_t channel
 
 /* Inference forward with frozen statistics:
  *   y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
- * weight and bias may be NULL. y may be x. */
+ * weight and bias may be NULL. y may be x. eps >= 0: with eps = 0 a channel whose running_var
+ * is 0 gets y = inf or NaN (IEEE, as PyTorch), not an error. */
 NBN_API int nbn_forward_eval_f32(const float *x, int64_t outer, int64_t channels, int64_t inner,
                                  const float *weight, const float *bias,
                                  const float *running_mean, const float *running_var, double eps,

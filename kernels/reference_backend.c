@@ -42,6 +42,15 @@ static double *optional_to_double(const void *src, int f64, int64_t n, int *fail
     return dst;
 }
 
+/* NBN_ERR_SHAPE when the double copies of a tensor, or of 3 per-channel vectors (the most one
+ * allocation below holds), exceed what one object may span: then no byte count below wraps.
+ * On 64-bit targets nbn_check_shape already implies it; a 32-bit size_t does not. */
+static int check_copies(int64_t outer, int64_t channels, int64_t inner) {
+    size_t bytes;
+    int status = nbn_bytes(outer * channels * inner, sizeof(double), &bytes);
+    return status != NBN_OK ? status : nbn_bytes(3 * channels, sizeof(double), &bytes);
+}
+
 /* ------------------------------------------------------------------------------ operations */
 static int forward_train(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
                          const void *weight, const void *bias, double eps, void *y,
@@ -49,6 +58,7 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
                          void *running_var, double momentum) {
     int status = nbn_check_forward_train(x, outer, channels, inner, eps, y, save_mean,
                                          save_invstd, running_mean, running_var, momentum);
+    if (status == NBN_OK) status = check_copies(outer, channels, inner);
     if (status != NBN_OK) return status;
     int64_t size = outer * channels * inner;
     int failed = 0;
@@ -83,6 +93,7 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
                         const void *running_var, double eps, void *y) {
     int status = nbn_check_forward_eval(x, outer, channels, inner, running_mean, running_var,
                                         eps, y);
+    if (status == NBN_OK) status = check_copies(outer, channels, inner);
     if (status != NBN_OK) return status;
     int64_t size = outer * channels * inner;
     int failed = 0;
@@ -107,6 +118,7 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
                     int64_t inner, const void *weight, const void *save_mean,
                     const void *save_invstd, void *dx, void *dweight, void *dbias) {
     int status = nbn_check_backward(dy, x, outer, channels, inner, save_mean, save_invstd, dx);
+    if (status == NBN_OK) status = check_copies(outer, channels, inner);
     if (status != NBN_OK) return status;
     int64_t size = outer * channels * inner;
     int failed = 0;

@@ -6,8 +6,10 @@
  * For several shapes (planes and rows, one and many blocks, chunks and tiles), both types, with
  * and without weight/bias, it checks the six compute functions against the double-precision
  * reference of reference.h, that 1 and 2 threads give identical bits, that in-place calls give
- * the bits of out-of-place ones, the status code of each kind of bad argument and that a failed
- * call writes nothing. Prints one line per failure and a summary; exit status 0 when all pass.
+ * the bits of out-of-place ones, the status code of each kind of bad argument (shapes whose
+ * scratch cannot exist included) and that a failed call writes nothing, and that eval with
+ * eps = 0 follows IEEE. Prints one line per failure (line-buffered, so a crash keeps them) and a
+ * summary; exit status 0 when all pass.
  */
 #include <math.h>
 #include <stdio.h>
@@ -301,13 +303,90 @@ static void test_status_codes(void) {
     check(nbn_backward_f64(NULL, NULL, O, C, I, NULL, NULL, NULL, NULL, NULL, NULL) ==
               NBN_ERR_NULL, "backward f64: dy NULL", "");
 
+    check(TRAIN(x, O, 0.0, y, rm, rv, 0.1) == NBN_ERR_VALUE, "train: eps 0", "");
+    check(TRAIN(x, O, -0.0, y, rm, rv, 0.1) == NBN_ERR_VALUE, "train: eps -0", "");
+
     int untouched = 1;
     for (int k = 0; k < 8; k++)
         for (size_t j = 0; j < sizes[k]; j++)
             untouched &= memcmp(&outputs[k][j], &poisoned, sizeof poisoned) == 0;
     check(untouched, "failed calls write nothing", "");
-    check(TRAIN(x, O, 0.0, y, NULL, NULL, 1.0) == NBN_OK, "train: eps 0, momentum 1 are valid", "");
+    check(TRAIN(x, O, 1e-300, y, NULL, NULL, 1.0) == NBN_OK,
+          "train: eps 1e-300, momentum 1 are valid", "");
+    check(nbn_forward_eval_f32(x, O, C, I, NULL, NULL, rm, rv, 0.0, y) == NBN_OK,
+          "eval: eps 0 is valid", "");
 #undef TRAIN
+}
+
+/* Shapes within nbn_check_shape's bound (outer * channels * inner * 8 bytes fit in int64) whose
+ * scratch, a few doubles per channel, is over 2^64 bytes: NBN_ERR_SHAPE, nothing read or
+ * written. Before the shim checked its byte counts they wrapped: eval with 2^59 + 2 channels and
+ * 4 coefficient rows to 64 bytes, backward with 12 doubles per channel to 192, and the call
+ * wrote past them. Training gets 2^59 - 1 channels (it needs two values per channel), as planes
+ * (fused: no partials) and as rows (partials per row chunk). */
+static void test_scratch_that_cannot_exist(void) {
+    enum { N = 8 };
+    const int64_t wide = ((int64_t)1 << 59) + 2, wide_train = ((int64_t)1 << 59) - 1;
+    float xf[N] = {0}, of[5][N], expected_f[5][N];
+    double xd[N] = {0}, od[5][N], expected_d[5][N];
+    memset(of, 0x7f, sizeof of), memset(od, 0x7f, sizeof od);
+    memcpy(expected_f, of, sizeof of), memcpy(expected_d, od, sizeof od);
+
+    check(nbn_forward_eval_f32(xf, 1, wide, 1, NULL, NULL, xf, xf, 1e-5, of[0]) == NBN_ERR_SHAPE,
+          "eval f32: scratch bytes overflow", "channels 2^59 + 2");
+    check(nbn_forward_eval_f64(xd, 1, wide, 1, NULL, NULL, xd, xd, 1e-5, od[0]) == NBN_ERR_SHAPE,
+          "eval f64: scratch bytes overflow", "channels 2^59 + 2");
+    for (int64_t planes = 0; planes < 2; planes++) {
+        const int64_t outer = planes ? 1 : 2, inner = planes ? 2 : 1;
+        const char *layout = planes ? "planes (1, 2^59 - 1, 2)" : "rows (2, 2^59 - 1, 1)";
+        check(nbn_forward_train_f32(xf, outer, wide_train, inner, NULL, NULL, 1e-5, of[0], of[1],
+                                    of[2], of[3], of[4], 0.1) == NBN_ERR_SHAPE,
+              "train f32: scratch bytes overflow", layout);
+        check(nbn_forward_train_f64(xd, outer, wide_train, inner, NULL, NULL, 1e-5, od[0], od[1],
+                                    od[2], od[3], od[4], 0.1) == NBN_ERR_SHAPE,
+              "train f64: scratch bytes overflow", layout);
+        check(nbn_backward_f32(xf, xf, outer, wide_train, inner, NULL, xf, xf, of[0], of[1],
+                               of[2]) == NBN_ERR_SHAPE,
+              "backward f32: scratch bytes overflow", layout);
+        check(nbn_backward_f64(xd, xd, outer, wide_train, inner, NULL, xd, xd, od[0], od[1],
+                               od[2]) == NBN_ERR_SHAPE,
+              "backward f64: scratch bytes overflow", layout);
+    }
+    check(nbn_backward_f32(xf, xf, 1, wide, 1, NULL, xf, xf, of[0], of[1], of[2]) ==
+              NBN_ERR_SHAPE, "backward f32: scratch bytes overflow", "channels 2^59 + 2");
+    check(memcmp(of, expected_f, sizeof of) == 0 && memcmp(od, expected_d, sizeof od) == 0,
+          "calls with scratch that cannot exist write nothing", "");
+}
+
+/* eps = 0 in eval follows IEEE, as PyTorch: a channel whose running variance is 0 gets
+ * invstd = inf and a y that is not finite (inf, or NaN where x equals the mean), and the other
+ * channels are unaffected. Training refuses eps = 0 (test_status_codes): there a channel of
+ * equal values is common and would give the same infinities. */
+static void test_eval_eps_zero(int f64) {
+    enum { O = 3, C = 2, I = 4, N = O * C * I };
+    const char *context = f64 ? "f64" : "f32";
+    tensor x = make(f64, N), rm = make(f64, C), rv = make(f64, C), y = make(f64, N);
+    fill_input(x.d, O, C, I);
+    rm.d[0] = 0.5, rv.d[0] = 0.0; /* channel 0: variance 0 */
+    rm.d[1] = 1.5, rv.d[1] = 2.0;
+    sync_from_double(&x), sync_from_double(&rm), sync_from_double(&rv);
+    poison(&y);
+    check(eval(&x, O, C, I, NULL, NULL, &rm, &rv, 0.0, &y) == NBN_OK,
+          "eval: eps 0 with a zero running variance returns NBN_OK", context);
+    double reference[N], invstd[C];
+    reference_forward_eval(x.d, O, C, I, NULL, NULL, rm.d, rv.d, 0.0, invstd, reference);
+    const double tol = f64 ? 1e-12 : 2e-6;
+    int channel_0_inf = 1, channel_1_right = 1;
+    for (int64_t n = 0; n < O; n++)
+        for (int64_t i = 0; i < I; i++) {
+            int64_t at_0 = n * C * I + i, at_1 = (n * C + 1) * I + i;
+            channel_0_inf &= !isfinite(get(&y, at_0));
+            channel_1_right &= fabs(get(&y, at_1) - reference[at_1]) <=
+                               tol * fmax(1.0, fabs(reference[at_1]));
+        }
+    check(channel_0_inf, "eval: eps 0, variance 0: y is not finite", context);
+    check(channel_1_right, "eval: eps 0: the other channels as the reference", context);
+    release(&x), release(&rm), release(&rv), release(&y);
 }
 
 static void test_library_info(void) {
@@ -324,6 +403,7 @@ static void test_library_info(void) {
 }
 
 int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
     /* (outer, channels, inner): planes with one and several blocks per run, many channels
      * (fused with 2 threads) and few (split), rows with one and several chunks and tiles,
      * outer = 1, the smallest training batch (two values per channel); the last three are big
@@ -334,6 +414,8 @@ int main(void) {
     };
     test_library_info();
     test_status_codes();
+    test_scratch_that_cannot_exist();
+    test_eval_eps_zero(0), test_eval_eps_zero(1);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int f64 = 0; f64 < 2; f64++)
             test_shape(f64, shapes[s][0], shapes[s][1], shapes[s][2], (int)((s + f64) % 2));

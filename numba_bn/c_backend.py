@@ -16,7 +16,9 @@ How the backend protocol (:mod:`numba_bn.dispatch`) maps onto the ABI:
   batch mean and unbiased variance come back through running buffers that start at 0 with
   momentum 1, and the running update (PyTorch's, or the biased one of Keras/Flax/ONNX) and
   ``nan_policy="raise"`` happen here, in float64, from those float32/float64 values: running
-  statistics can differ from the CPU backend's in the last bit of float32.
+  statistics can differ from the CPU backend's in the last bit of float32. With
+  ``nan_policy="raise"`` the library writes y into scratch, copied into y only once the
+  statistics are finite, so a call that raises leaves ``out=`` (x itself, perhaps) as it was.
 * ``channel_stats``, ``normalize``, ``backward_sums`` and ``backward_dx`` (the eval-mode backward,
   SyncBatchNorm's split steps) have no ABI entry points: they run on the CPU backend.
 """
@@ -139,6 +141,9 @@ class CBackend:
         count = outer * inner
         mean, invstd = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
         batch_mean, batch_var = np.zeros(channels, x.dtype), np.zeros(channels, x.dtype)
+        # the library checks nothing for NaN and writes y as it goes: with the check, into
+        # scratch, so that y (which may be x) is untouched when the check fails
+        y_written = np.empty_like(y) if nan_check else y
         self._call(
             "forward_train",
             x.dtype,
@@ -149,7 +154,7 @@ class CBackend:
             _pointer(weight),
             _pointer(bias),
             eps,
-            _pointer(y),
+            _pointer(y_written),
             _pointer(mean),
             _pointer(invstd),
             _pointer(batch_mean),
@@ -160,8 +165,10 @@ class CBackend:
         save_invstd[:] = invstd
         var_unbiased = batch_var.astype(np.float64)
         save_m2[:] = var_unbiased * (count - 1)
-        if nan_check and not (np.isfinite(save_mean).all() and np.isfinite(save_m2).all()):
-            return False
+        if nan_check:
+            if not (np.isfinite(save_mean).all() and np.isfinite(save_m2).all()):
+                return False
+            np.copyto(y, y_written)
         if running_mean.size:
             var = var_unbiased if unbiased else save_m2 / count
             keep = 1.0 - momentum

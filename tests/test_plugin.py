@@ -117,7 +117,11 @@ def test_c_host_passes_with_an_empty_environment(test_host, isa):
     done = subprocess.run(
         ["env", "-i", *environment, str(test_host)], capture_output=True, text=True, timeout=300
     )
-    summary = done.stdout.strip().splitlines()[-1]
+    summary = (done.stdout.strip().splitlines() or [""])[-1]
+    assert summary.startswith("isa "), (
+        f"the C test host stopped before its summary (exit status {done.returncode}):\n"
+        f"{done.stdout}{done.stderr}"
+    )
     if isa and not summary.startswith(f"isa {isa}:"):
         pytest.skip(f"this CPU cannot run the {isa} variant ({summary})")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -265,15 +269,25 @@ def test_float16_runs_in_float32_on_a_c_backend(backends, rng):
         np.testing.assert_array_equal(ours, expected)
 
 
-def test_nan_policy_raise_leaves_running_buffers_untouched(backends, rng):
-    x = random_batch(rng, (8, 3, 4), np.float32)
-    x[2, 1, 3] = np.nan
-    running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+@pytest.mark.parametrize("into", ["x", "a poisoned buffer"])
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_nan_policy_raise_leaves_every_buffer_as_it_was(backends, rng, shape, axis, into, backend):
+    """x, out (x itself, or a buffer of its own) and the running buffers keep their bits: the
+    library writes y into scratch, copied into out only once the statistics are finite."""
+    x = random_batch(rng, shape, np.float32, axis=axis)
+    x.flat[x.size // 2] = np.nan
+    # a NaN whose payload no arithmetic makes: a y of NaN (one channel) written over it shows
+    out = x if into == "x" else np.full(shape, 0x7FA5A5A5, np.uint32).view(np.float32)
+    channels = shape[axis]
+    running_mean, running_var = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    buffers = {"x": x, "out": out, "running_mean": running_mean, "running_var": running_var}
+    before = {name: buffer.tobytes() for name, buffer in buffers.items()}
     with pytest.raises(ValueError, match="NaN"):
-        nbn.batch_norm(x, running_mean, running_var, training=True, nan_policy="raise",
-                       backend="c-plugin")  # fmt: skip
-    np.testing.assert_array_equal(running_mean, 0.0)
-    np.testing.assert_array_equal(running_var, 1.0)
+        nbn.batch_norm(x, running_mean, running_var, training=True, axis=axis, out=out,
+                       nan_policy="raise", backend=backend)  # fmt: skip
+    for name, buffer in buffers.items():
+        assert buffer.tobytes() == before[name], name
 
 
 def test_calls_from_several_threads_at_once(backends, rng):
@@ -318,9 +332,69 @@ def test_a_c_status_becomes_an_error_naming_it(backends, rng):
         )
 
 
+NBN_ERR_SHAPE, NBN_ERR_VALUE, NBN_ERR_INTERNAL = 2, 3, 4  # nbn_status of numba_bn.h
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+@pytest.mark.parametrize("eps", [0.0, -0.0, np.nan])
+def test_training_refuses_eps_zero_through_the_abi(backends, backend, eps):
+    """NBN_ERR_VALUE and nothing written: with eps = 0 a channel of equal values (channel 0
+    here, common in training) would get invstd = 1 / sqrt(0) = inf."""
+    x = np.ones((4, 2, 3))
+    x[:, 1] = np.arange(12.0).reshape(4, 3)
+    outputs = [np.full(x.shape, -7.25)] + [np.full(2, -7.25) for _ in range(4)]
+    function = backends[backend].library.nbn_forward_train_f64
+    pointers = [a.ctypes.data for a in outputs]
+    assert function(x.ctypes.data, 4, 2, 3, None, None, eps, *pointers, 0.1) == NBN_ERR_VALUE
+    for output in outputs:
+        np.testing.assert_array_equal(output, -7.25)
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_with_eps_zero_follows_ieee(backends, rng, backend, dtype):
+    """A zero running variance with eps = 0 is no error: invstd = inf and y not finite on that
+    channel (inf, NaN where x equals the mean), as in PyTorch; the other channels as usual."""
+    x = random_batch(rng, (4, 3, 5), dtype)
+    running_mean = rng.standard_normal(3).astype(dtype)
+    running_var = np.array([1.5, 0.0, 0.5], dtype)
+    y = nbn.forward_eval(x, running_mean, running_var, eps=0.0, backend=backend)
+    assert not np.isfinite(y[:, 1]).any()
+    finite = [0, 2]
+    expected = (x[:, finite].astype(np.float64) - running_mean[finite, None]) / np.sqrt(
+        running_var[finite, None].astype(np.float64)
+    )
+    np.testing.assert_allclose(y[:, finite], expected, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+def test_a_shape_whose_scratch_cannot_exist_is_refused(backends, backend):
+    """Sizes within the element check whose scratch in the plugin is over 2^64 bytes (the count
+    wrapped: backward with 2^59 + 2 channels to 192 bytes, and crashed): NBN_ERR_SHAPE, nothing
+    written. The reference backend's double copies fit in a 64-bit size_t, so it may instead
+    fail to allocate them (NBN_ERR_INTERNAL)."""
+    allowed = {NBN_ERR_SHAPE} if backend == "c-plugin" else {NBN_ERR_SHAPE, NBN_ERR_INTERNAL}
+    library = backends[backend].library
+    wide, wide_train = 2**59 + 2, 2**59 - 1
+    x = np.zeros(8, np.float32)
+    outputs = [np.full(8, -7.25, np.float32) for _ in range(5)]
+    p = [a.ctypes.data for a in (x, *outputs)]
+    statuses = {
+        "eval": library.nbn_forward_eval_f32(p[0], 1, wide, 1, None, None, p[0], p[0], 1e-5, p[1]),
+        "backward": library.nbn_backward_f32(p[0], p[0], 1, wide, 1, None, p[0], p[0], *p[1:4]),
+    }
+    for outer, inner in ((1, 2), (2, 1)):  # planes, rows
+        statuses[f"train ({outer}, 2^59 - 1, {inner})"] = library.nbn_forward_train_f32(
+            p[0], outer, wide_train, inner, None, None, 1e-5, *p[1:], 0.1
+        )
+    assert all(status in allowed for status in statuses.values()), statuses
+    for output in outputs:
+        np.testing.assert_array_equal(output, -7.25)
+
+
 def test_register_backend_loads_a_ctypes_library(backends, builds):
     backend = nbn.register_backend("c-again", ctypes.CDLL(str(builds[0] / plugin.LIBRARY_NAME)))
-    assert backend.version == 10000
+    assert backend.version == 10001
     assert backend.isa in {name for name, _, _ in plugin.build_targets()}
     backend.set_num_threads(1)
     assert backend.get_num_threads() == 1
