@@ -7,13 +7,11 @@
  *   - checks arguments (nbn_checks.h) before anything is written,
  *   - allocates the per-call scratch (one malloc, freed before returning; NBN_ERR_SHAPE when
  *     its byte count overflows),
- *   - runs the drivers on pthreads over the work items of the JIT drivers
- *     (numba_bn/cpu/drivers.py):
- *       planes (inner > 1), channels >= 2 * threads: one channel per item, start to finish,
- *         so x is read from memory once;
- *       otherwise: partials per reduction item ((channel, segment) for planes, (row chunk,
- *         channel tile) for rows), a merge per channel in part order, then the elementwise
- *         items ((n, channel, block) for planes, the same (row chunk, channel tile) for rows).
+ *   - runs the drivers on pthreads over the work items of numba_bn/cpu/items.py, the items
+ *     the JIT drivers run in prange, counted by the library (`plan`), never here:
+ *       fused: one channel per item, start to finish, so x is read from memory once;
+ *       otherwise: partials per reduction item, a merge per channel in part order, then the
+ *         elementwise items.
  * Items write disjoint outputs and each channel's merge runs in a fixed order, so results are
  * the same for any number of threads.
  */
@@ -96,7 +94,7 @@ NBN_API int nbn_get_num_threads(void) {
  * own NBN_THREAD_SCRATCH doubles. */
 typedef int32_t (*nbn_range)(const void *job, int64_t first, int64_t last, double *scratch);
 
-#define NBN_THREAD_SCRATCH (2 * NBN_CHANNEL_TILE)
+#define NBN_THREAD_SCRATCH NBN_ITEM_SCRATCH /* a reduction item's scratch (items.py) */
 #define NBN_CLAIM_ELEMENTS (1 << 16)  /* elements per claim: hides the atomic, still balances */
 #define NBN_THREAD_ELEMENTS (1 << 18) /* per extra thread: starting one costs ~25 us (measured) */
 
@@ -159,55 +157,14 @@ typedef struct {
     double *part;                /* (3 or 2, parts, channels) partials of the split layouts */
 } nbn_call;
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-/* The work items of numba_bn/cpu/drivers.py and their sizes in elements:
- *   reduction items: (channel, segment) for planes, (row chunk, channel tile) for rows;
- *   elementwise items: (n, channel, block) for planes, whole rows (about ROW_SPAN elements)
- *   for rows;
- *   partials per channel: segments for planes (numba_bn/cpu/kernels.py channel_segments:
- *   (n, block) pieces of long planes, groups of short planes), row chunks for rows. */
-static int64_t parts(const nbn_call *a) {
-    if (a->inner == 1) return ceil_div(a->outer, NBN_ROW_CHUNK);
-    if (a->inner >= NBN_PLANE_BLOCK) return a->outer * ceil_div(a->inner, NBN_PLANE_BLOCK);
-    return ceil_div(a->outer, NBN_PLANE_BLOCK / a->inner); /* groups of whole short planes */
-}
-
-static int64_t row_items(const nbn_call *a) {
-    return ceil_div(a->outer, NBN_ROW_CHUNK) * ceil_div(a->channels, NBN_CHANNEL_TILE);
-}
-
-static int64_t row_item_elements(const nbn_call *a) {
-    return min64(a->outer, NBN_ROW_CHUNK) * min64(a->channels, NBN_CHANNEL_TILE);
-}
-
-static int64_t reduce_items(const nbn_call *a) {
-    return a->inner > 1 ? a->channels * parts(a) : row_items(a);
-}
-
-static int64_t span_rows(const nbn_call *a) {
-    int64_t rows = NBN_ROW_SPAN / a->channels;
-    return rows > 1 ? rows : 1;
-}
-
-static int64_t elementwise_items(const nbn_call *a) {
-    return a->inner > 1 ? a->outer * a->channels * ceil_div(a->inner, NBN_PLANE_BLOCK)
-                        : ceil_div(a->outer, span_rows(a));
-}
-
-static int64_t elementwise_item_elements(const nbn_call *a) {
-    return a->inner > 1 ? min64(a->inner, NBN_PLANE_BLOCK)
-                        : min64(a->outer, span_rows(a)) * a->channels;
-}
-
-static int64_t item_elements(const nbn_call *a) {
-    return a->inner > 1 ? min64(a->inner, NBN_PLANE_BLOCK) : row_item_elements(a);
-}
-
-/* Planes with channels for every thread: one channel per item, x read from memory once. */
-static int fused(const nbn_call *a) {
-    return a->inner > 1 && a->channels >= 2 * (int64_t)nbn_get_num_threads();
+/* The partition of a call comes from the library (numba_bn/cpu/items.py, exported as `plan`):
+ * whether channels run whole, the partials per channel, and the count and size of the reduction
+ * and elementwise items. The shim counts nothing itself, so the partials it allocates are the
+ * ones the Numba code indexes, and its items are the JIT drivers' prange items. */
+static int read_plan(const nbn_call *a, int64_t plan[NBN_PLAN_SIZE]) {
+    return a->k->plan(a->outer, a->channels, a->inner, nbn_get_num_threads(), plan) == 0
+               ? NBN_OK
+               : NBN_ERR_INTERNAL;
 }
 
 static const nbn_dtype_kernels *kernels(int f64) {
@@ -318,8 +275,10 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y, .weight = weight, .bias = bias,
                   .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps};
-    int whole_channels = fused(&a);
-    int64_t n_part = whole_channels ? 0 : nbn_mul(3 * parts(&a), channels);
+    int64_t plan[NBN_PLAN_SIZE];
+    if ((status = read_plan(&a, plan)) != NBN_OK) return status;
+    int whole_channels = plan[NBN_PLAN_FUSED] != 0;
+    int64_t n_part = whole_channels ? 0 : nbn_mul(3 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(3 * channels, n_part),
                                     nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
     if (!scratch) return status;
@@ -329,10 +288,13 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
     if (whole_channels) {
         status = parallel_items(train_channels, &a, channels, outer * inner);
     } else {
-        status = parallel_items(stats, &a, reduce_items(&a), item_elements(&a));
-        if (status == NBN_OK) status = parallel_items(train_merge, &a, channels, parts(&a));
+        status = parallel_items(stats, &a, plan[NBN_PLAN_REDUCE_ITEMS],
+                                plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS]);
         if (status == NBN_OK)
-            status = parallel_items(normalize, &a, elementwise_items(&a), elementwise_item_elements(&a));
+            status = parallel_items(train_merge, &a, channels, plan[NBN_PLAN_PARTS]);
+        if (status == NBN_OK)
+            status = parallel_items(normalize, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
+                                    plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS]);
     }
     if (status == NBN_OK && running_mean &&
         a.k->update_running(channels, running_mean, running_var, (double)(outer * inner), a.mean,
@@ -354,13 +316,16 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
     if (status != NBN_OK) return status;
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y};
+    int64_t plan[NBN_PLAN_SIZE];
+    if ((status = read_plan(&a, plan)) != NBN_OK) return status;
     double *scratch = alloc_scratch(0, nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
     if (!scratch) return status;
     if (a.k->eval_coefficients(channels, weight, weight ? channels : 0, bias, bias ? channels : 0,
                                running_mean, running_var, eps, a.coef) != 0)
         status = NBN_ERR_INTERNAL;
     else
-        status = parallel_items(normalize, &a, elementwise_items(&a), elementwise_item_elements(&a));
+        status = parallel_items(normalize, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
+                                plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS]);
     free(scratch);
     return status;
 }
@@ -373,8 +338,10 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .dy = dy, .x = x, .out = dx, .weight = weight,
                   .n_weight = weight ? channels : 0};
-    int whole_channels = fused(&a);
-    int64_t n_part = whole_channels ? 0 : nbn_mul(2 * parts(&a), channels);
+    int64_t plan[NBN_PLAN_SIZE];
+    if ((status = read_plan(&a, plan)) != NBN_OK) return status;
+    int whole_channels = plan[NBN_PLAN_FUSED] != 0;
+    int64_t n_part = whole_channels ? 0 : nbn_mul(2 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(4 * channels, n_part),
                                     nbn_mul(NBN_DX_ROWS, channels), &a.coef, &status);
     if (!scratch) return status;
@@ -387,10 +354,13 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
     if (whole_channels) {
         status = parallel_items(backward_channels, &a, channels, outer * inner);
     } else {
-        status = parallel_items(sums, &a, reduce_items(&a), item_elements(&a));
-        if (status == NBN_OK) status = parallel_items(dx_merge, &a, channels, parts(&a));
+        status = parallel_items(sums, &a, plan[NBN_PLAN_REDUCE_ITEMS],
+                                plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS]);
         if (status == NBN_OK)
-            status = parallel_items(dx_blocks, &a, elementwise_items(&a), elementwise_item_elements(&a));
+            status = parallel_items(dx_merge, &a, channels, plan[NBN_PLAN_PARTS]);
+        if (status == NBN_OK)
+            status = parallel_items(dx_blocks, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
+                                    plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS]);
     }
     if (status == NBN_OK) {
         /* dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)), as numba_bn.backward */

@@ -211,6 +211,7 @@ def _numba_signature(function, dtype):
         "T *": types.CPointer(scalar),
         "const double *": types.CPointer(types.float64),
         "double *": types.CPointer(types.float64),
+        "int64_t *": types.CPointer(types.int64),
         "int64_t": types.int64,
         "double": types.float64,
     }

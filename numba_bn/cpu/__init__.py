@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numba
 
 from . import drivers
+from .items import is_fused
 from .threads import launch_guard
 
 # Below this many elements a call runs on the calling thread: waking the pool costs ~5 us on an
@@ -19,13 +20,13 @@ _SERIAL = SimpleNamespace(**{name: getattr(drivers, name + "_serial") for name i
 
 
 def _plan(x):
-    """(drivers, guard, fused) for an input: which twin runs it and how planes are split."""
-    planes = x.shape[2] > 1
+    """(drivers, guard, fused) for an input: which twin runs it, and whether channels run whole
+    (:func:`.items.is_fused`, the rule the C plugin's shim follows too)."""
     threads = 1 if x.size < SERIAL_MAX_ELEMENTS else numba.get_num_threads()
+    fused = is_fused(x.shape[1], x.shape[2], threads)
     if threads == 1:
-        return _SERIAL, contextlib.nullcontext(), planes
-    # fused: whole channels per thread, statistics and normalisation while the channel is in L2
-    return _PARALLEL, launch_guard(), planes and x.shape[1] >= 2 * threads
+        return _SERIAL, contextlib.nullcontext(), fused
+    return _PARALLEL, launch_guard(), fused
 
 
 class CpuBackend:

@@ -1,63 +1,42 @@
-"""Serial range drivers over raw pointers: the compute code of the C plugin.
+"""Range drivers over raw pointers: the compute code of the C plugin.
 
 ``numba-bn build-plugin`` (:mod:`numba_bn.plugin`) compiles every function in :data:`EXPORTED`
 with ``@cfunc`` for float32 and float64 and links them into ``libnumba_bn.so``. The C shim
 (kernels/nbn_shim.c) checks arguments, allocates scratch and runs them on its threads, each call
-over a range ``first:last`` of work items. The work items, the partials and the calls into
-:mod:`.kernels` are those of the drivers (:mod:`.drivers`), and, as there, each item is index
-arithmetic plus a call into a kernel, so the plugin computes what the JIT backend computes; only
-the loop over items moved from ``prange`` to the shim.
+over a range ``first:last`` of the work items of :mod:`.items`, the items the JIT drivers run in
+``prange``; :func:`plan` tells the shim how many there are and how many partials a channel has.
+So the plugin computes what the JIT backend computes, bit for bit; only the loop over items moved
+from ``prange`` to the shim.
 
 Arguments: ``T`` is the tensor dtype, ``(outer, channels, inner)`` the canonical view; weight and
 bias come with their length (``channels``, or 0 when absent). The annotations give each
 argument's C type; the build generates the C declarations from them. Outputs are overwritten
 (``=``); nothing allocates (``part`` and ``scratch`` come from the shim). Partials ``part`` are
-``(3, parts, C)`` (count, mean, M2) or ``(2, parts, C)`` (sum_dy, sum_dy_xmu), ``parts`` being
-``outer * segments`` for planes and the row chunks for rows.
+``(3, parts, C)`` (count, mean, M2) or ``(2, parts, C)`` (sum_dy, sum_dy_xmu).
 
-=========================  =============================================  ====================
-function                   items                                          writes
-=========================  =============================================  ====================
-train_plane_channels       channels (planes, fused)                       y, coef, statistics
-stats_items                (channel, segment) or (row chunk, ch. tile)    part
-train_from_parts           channels: merge in part order, coefficients    coef, statistics
-normalize_items            (n, channel, block) or (row chunk, ch. tile)   y
-update_running             -                                              running_mean, _var
-eval_coefficients          -                                              coef
-backward_plane_channels    channels (planes, fused)                       dx, coef, sums
-sums_items                 as stats_items                                 part
-dx_from_parts              channels: add in part order, coefficients      coef, sums
-dx_items                   as normalize_items                             dx
-=========================  =============================================  ====================
+=========================  ==========================================  ========================
+function                   items                                       writes
+=========================  ==========================================  ========================
+plan                       -                                           the partition (PLAN_FIELDS)
+train_plane_channels       channels (fused)                            y, coef, statistics
+stats_items                reduction items                             part
+train_from_parts           channels: merge in part order, coefficients coef, statistics
+normalize_items            elementwise items                           y
+update_running             -                                           running_mean, _var
+eval_coefficients          -                                           coef
+backward_plane_channels    channels (fused)                            dx, coef, sums
+sums_items                 reduction items                             part
+dx_from_parts              channels: add in part order, coefficients   coef, sums
+dx_items                   elementwise items                           dx
+=========================  ==========================================  ========================
 """
 
 from numba import carray
 
-from ..stats import AFFINE_ROWS, DX_ROWS, kernel
-from .drivers import _plane_item, _row_item_range, _row_items, _row_span_items
-from .kernels import (
-    CHANNEL_TILE,
-    PLANE_BLOCK,
-    ROW_CHUNK,
-    ROW_SPAN,
-    add_parts,
-    affine_range,
-    channel_segments_jit,
-    dx_coefficients,
-    dx_range,
-    merge_parts,
-    plane_channel_backward,
-    plane_channel_train,
-    plane_segment_stats,
-    plane_segment_sums,
-    plane_segments_jit,
-    rows_affine,
-    rows_chunk_stats,
-    rows_chunk_sums,
-    rows_dx,
-    train_coefficients,
-)
+from ..stats import AFFINE_ROWS, DX_ROWS
+from . import items
 from .kernels import eval_coefficients as _eval_coefficients
+from .kernels import plane_channel_backward, plane_channel_train
 from .kernels import update_running as _update_running
 
 # C types of the arguments; T becomes float or double.
@@ -65,24 +44,24 @@ IN = "const T *"
 OUT = "T *"
 IN64 = "const double *"
 OUT64 = "double *"
+OUTI64 = "int64_t *"
 I64 = "int64_t"
 F64 = "double"
 
-#: Constants the shim needs to lay out its work items like the drivers.
+#: Constants the shim needs: coefficient rows, the per-thread scratch of a reduction item, and
+#: the order of the fields plan() writes (NBN_PLAN_<FIELD>).
 CONSTANTS = {
     "AFFINE_ROWS": AFFINE_ROWS,
     "DX_ROWS": DX_ROWS,
-    "PLANE_BLOCK": PLANE_BLOCK,
-    "ROW_CHUNK": ROW_CHUNK,
-    "CHANNEL_TILE": CHANNEL_TILE,
-    "ROW_SPAN": ROW_SPAN,
+    "ITEM_SCRATCH": items.ITEM_SCRATCH_SHAPE[0] * items.ITEM_SCRATCH_SHAPE[1],
+    "PLAN_SIZE": len(items.PLAN_FIELDS),
+    **{f"PLAN_{field.upper()}": index for index, field in enumerate(items.PLAN_FIELDS)},
 }
 
 
-@kernel(inline="always")
-def _parts(outer, inner):
-    """Number of partials per channel: (n, block) segments for planes, row chunks for rows."""
-    return channel_segments_jit(outer, inner) if inner > 1 else _row_items(outer, 1)[0]
+def plan(outer: I64, channels: I64, inner: I64, threads: I64, plan_ptr: OUTI64):
+    """The partition of a call (:func:`numba_bn.cpu.items.plan`) for ``threads`` threads."""
+    items.plan(outer, channels, inner, threads, carray(plan_ptr, len(items.PLAN_FIELDS)))
 
 
 # ---------------------------------------------------------------------------------- forward
@@ -125,23 +104,12 @@ def stats_items(
     part_ptr: OUT64,
     scratch_ptr: OUT64,
 ):
-    """Partials (count, mean, M2) of items first:last; ``scratch``: 2 * CHANNEL_TILE."""
-    part = carray(part_ptr, (3, _parts(outer, inner), channels))
-    if inner == 1:
-        x2 = carray(x_ptr, (outer, channels))
-        scratch = carray(scratch_ptr, (2, CHANNEL_TILE))
-        _, ntiles = _row_items(outer, channels)
-        for item in range(first, last):
-            k, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
-            part[0, k, c0:c1] = rows_chunk_stats(
-                x2, r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1], scratch[0], scratch[1]
-            )
-        return
+    """Partials (count, mean, M2) of items first:last; ``scratch``: NBN_ITEM_SCRATCH doubles."""
     x = carray(x_ptr, (outer, channels, inner))
-    nparts = part.shape[1]
+    part = carray(part_ptr, (3, items.parts(outer, inner), channels))
+    scratch = carray(scratch_ptr, items.ITEM_SCRATCH_SHAPE)
     for item in range(first, last):
-        c, g = item // nparts, item % nparts
-        part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, c, g)
+        items.stats_item(x, item, part, scratch)
 
 
 def train_from_parts(
@@ -162,15 +130,14 @@ def train_from_parts(
     m2_ptr: OUT64,
 ):
     """Channels first:last: merge the partials in order, then the coefficients."""
-    part = carray(part_ptr, (3, _parts(outer, inner), channels))
+    part = carray(part_ptr, (3, items.parts(outer, inner), channels))
     weight, bias = carray(weight_ptr, n_weight), carray(bias_ptr, n_bias)
     coef = carray(coef_ptr, (AFFINE_ROWS, channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
     m2 = carray(m2_ptr, channels)
     count = float(outer * inner)
     for c in range(first, last):
-        _, mean[c], m2[c] = merge_parts(part, c)
-        train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
+        items.train_channel(c, part, count, eps, weight, bias, coef, mean, invstd, m2)
 
 
 def normalize_items(
@@ -183,21 +150,12 @@ def normalize_items(
     coef_ptr: IN,
     y_ptr: OUT,
 ):
-    """y of items first:last: (n, channel, block) for planes, runs of whole rows for rows."""
+    """y of elementwise items first:last."""
+    x = carray(x_ptr, (outer, channels, inner))
+    y = carray(y_ptr, (outer, channels, inner))
     coef = carray(coef_ptr, (AFFINE_ROWS, channels))
-    if inner == 1:
-        x2, y2 = carray(x_ptr, (outer, channels)), carray(y_ptr, (outer, channels))
-        _, rows = _row_span_items(outer, channels)
-        for item in range(first, last):
-            r0 = item * rows
-            rows_affine(x2, y2, r0, min(r0 + rows, outer), 0, channels, coef)
-        return
-    size = outer * channels * inner
-    x_flat, y_flat = carray(x_ptr, size), carray(y_ptr, size)
-    nblk = plane_segments_jit(inner)
     for item in range(first, last):
-        c, start, stop = _plane_item(item, channels, nblk, inner)
-        affine_range(x_flat, y_flat, start, stop, coef, c)
+        items.normalize_item(x, item, coef, y)
 
 
 def update_running(
@@ -235,9 +193,8 @@ def eval_coefficients(
         carray(running_mean_ptr, channels),
         carray(running_var_ptr, channels),
     )
-    _eval_coefficients(
-        weight, bias, running_mean, running_var, eps, carray(coef_ptr, (AFFINE_ROWS, channels))
-    )
+    coef = carray(coef_ptr, (AFFINE_ROWS, channels))
+    _eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
 
 
 # --------------------------------------------------------------------------------- backward
@@ -279,21 +236,12 @@ def sums_items(
     mean_ptr: IN64,
     part_ptr: OUT64,
 ):
-    """Partials (sum_dy, sum_dy_xmu) of items first:last (the items of stats_items)."""
-    mean = carray(mean_ptr, channels)
-    part = carray(part_ptr, (2, _parts(outer, inner), channels))
-    if inner == 1:
-        dy2, x2 = carray(dy_ptr, (outer, channels)), carray(x_ptr, (outer, channels))
-        _, ntiles = _row_items(outer, channels)
-        for item in range(first, last):
-            k, r0, r1, c0, c1 = _row_item_range(item, ntiles, outer, channels)
-            rows_chunk_sums(dy2, x2, r0, r1, c0, c1, mean, part[0, k, c0:c1], part[1, k, c0:c1])
-        return
+    """Partials (sum_dy, sum_dy_xmu) of reduction items first:last."""
     dy, x = carray(dy_ptr, (outer, channels, inner)), carray(x_ptr, (outer, channels, inner))
-    nparts = part.shape[1]
+    mean = carray(mean_ptr, channels)
+    part = carray(part_ptr, (2, items.parts(outer, inner), channels))
     for item in range(first, last):
-        c, g = item // nparts, item % nparts
-        part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, c, g, mean[c])
+        items.sums_item(dy, x, item, mean, part)
 
 
 def dx_from_parts(
@@ -312,14 +260,13 @@ def dx_from_parts(
     sum_dy_xmu_ptr: OUT64,
 ):
     """Channels first:last: add the partials in order, then the dx coefficients."""
-    part = carray(part_ptr, (2, _parts(outer, inner), channels))
+    part = carray(part_ptr, (2, items.parts(outer, inner), channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
     weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (DX_ROWS, channels))
     sum_dy, sum_dy_xmu = carray(sum_dy_ptr, channels), carray(sum_dy_xmu_ptr, channels)
     count = float(outer * inner)
     for c in range(first, last):
-        sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
-        dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
+        items.dx_channel(c, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
 
 
 def dx_items(
@@ -333,26 +280,17 @@ def dx_items(
     coef_ptr: IN,
     dx_ptr: OUT,
 ):
-    """dx of items first:last (the items of normalize_items)."""
+    """dx of elementwise items first:last."""
+    dy, x = carray(dy_ptr, (outer, channels, inner)), carray(x_ptr, (outer, channels, inner))
+    dx = carray(dx_ptr, (outer, channels, inner))
     coef = carray(coef_ptr, (DX_ROWS, channels))
-    if inner == 1:
-        dy2, x2 = carray(dy_ptr, (outer, channels)), carray(x_ptr, (outer, channels))
-        dx2 = carray(dx_ptr, (outer, channels))
-        _, rows = _row_span_items(outer, channels)
-        for item in range(first, last):
-            r0 = item * rows
-            rows_dx(dy2, x2, dx2, r0, min(r0 + rows, outer), 0, channels, coef)
-        return
-    size = outer * channels * inner
-    dy_flat, x_flat, dx_flat = carray(dy_ptr, size), carray(x_ptr, size), carray(dx_ptr, size)
-    nblk = plane_segments_jit(inner)
     for item in range(first, last):
-        c, start, stop = _plane_item(item, channels, nblk, inner)
-        dx_range(dy_flat, x_flat, dx_flat, start, stop, coef, c)
+        items.dx_item(dy, x, item, coef, dx)
 
 
 #: In the order of the generated C table (nbn_kernels.h in the build directory).
 EXPORTED = (
+    plan,
     train_plane_channels,
     stats_items,
     train_from_parts,

@@ -1,0 +1,230 @@
+"""The CPU work partition, counted and split once.
+
+Every CPU entry point runs these work items: the JIT drivers (:mod:`.drivers`) as ``prange``
+loops over items, the C plugin's range drivers (:mod:`.exported`) over ``first:last`` on the
+shim's threads. The shim takes its item counts and the size of its partials from :func:`plan`
+(exported as ``plan``), never from arithmetic of its own.
+
+Work items of the canonical ``(outer, C, inner)`` view:
+
+* fused, planes (``inner > 1``) with ``C >= 2 * threads``: one channel per item, statistics and
+  normalisation (or reduction and dx) back to back while the channel is in L2;
+* reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
+  (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows;
+* channel items merge the partials of one channel in part order, then its coefficients;
+* elementwise items: ``(n, channel, block)`` for planes, runs of whole rows for rows.
+
+Which item computes what never changes the merge order inside a channel, so results do not depend
+on the partition's use of threads. Each item is index arithmetic plus a call into
+:mod:`.kernels`: floating point stays in separately compiled kernels, which keeps the parallel and
+serial twins bitwise identical (float code inline in a prange body was seen to round 1 ulp
+differently between twins).
+"""
+
+from ..stats import kernel
+from .kernels import (
+    CHANNEL_TILE,
+    PLANE_BLOCK,
+    ROW_CHUNK,
+    add_parts,
+    affine_range,
+    channel_segments_jit,
+    dx_coefficients,
+    dx_range,
+    merge_parts,
+    plane_segment_stats,
+    plane_segment_sums,
+    plane_segments_jit,
+    row_span_rows,
+    rows_affine,
+    rows_chunk_stats,
+    rows_chunk_sums,
+    rows_dx,
+    train_coefficients,
+)
+
+#: The float64 scratch a reduction item of the rows layout needs (rows_chunk_stats' block sums).
+ITEM_SCRATCH_SHAPE = (2, CHANNEL_TILE)
+
+#: The fields :func:`plan` writes, in order (the shim reads them by these names).
+PLAN_FIELDS = (
+    "fused",
+    "parts",
+    "reduce_items",
+    "reduce_item_elements",
+    "elementwise_items",
+    "elementwise_item_elements",
+)
+
+
+# ------------------------------------------------------------------------------ counting
+def is_fused(channels, inner, threads):
+    """Whole channels per item: planes with a channel or more for each thread, twice over."""
+    return inner > 1 and channels >= 2 * threads
+
+
+is_fused_jit = kernel(inline="always")(is_fused)  # the same rule, for plan()
+
+
+@kernel(inline="always")
+def row_tiles(channels):
+    return -(-channels // CHANNEL_TILE)
+
+
+@kernel(inline="always")
+def parts(outer, inner):
+    """Partials per channel: segments for planes, row chunks for rows."""
+    return channel_segments_jit(outer, inner) if inner > 1 else -(-outer // ROW_CHUNK)
+
+
+@kernel(inline="always")
+def reduce_items(outer, channels, inner):
+    if inner > 1:
+        return channels * parts(outer, inner)
+    return parts(outer, inner) * row_tiles(channels)
+
+
+@kernel(inline="always")
+def reduce_item_elements(outer, channels, inner):
+    """Elements one reduction item reads (the largest item)."""
+    if inner > 1:
+        if inner >= PLANE_BLOCK:
+            return PLANE_BLOCK
+        return min(outer, PLANE_BLOCK // inner) * inner
+    return min(outer, ROW_CHUNK) * min(channels, CHANNEL_TILE)
+
+
+@kernel(inline="always")
+def elementwise_items(outer, channels, inner):
+    if inner > 1:
+        return outer * channels * plane_segments_jit(inner)
+    return -(-outer // row_span_rows(channels))
+
+
+@kernel(inline="always")
+def elementwise_item_elements(outer, channels, inner):
+    if inner > 1:
+        return min(inner, PLANE_BLOCK)
+    return min(outer, row_span_rows(channels)) * channels
+
+
+@kernel
+def plan(outer, channels, inner, threads, out):
+    """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 6)."""
+    out[0] = 1 if is_fused_jit(channels, inner, threads) else 0
+    out[1] = parts(outer, inner)
+    out[2] = reduce_items(outer, channels, inner)
+    out[3] = reduce_item_elements(outer, channels, inner)
+    out[4] = elementwise_items(outer, channels, inner)
+    out[5] = elementwise_item_elements(outer, channels, inner)
+
+
+# ---------------------------------------------------------------------------- reduction items
+@kernel(inline="always")
+def _row_item_range(item, outer, channels):
+    """(chunk, r0, r1, c0, c1) of reduction item ``item`` of the rows layout."""
+    ntiles = row_tiles(channels)
+    k, t = item // ntiles, item % ntiles
+    r0, c0 = k * ROW_CHUNK, t * CHANNEL_TILE
+    return k, r0, min(r0 + ROW_CHUNK, outer), c0, min(c0 + CHANNEL_TILE, channels)
+
+
+@kernel
+def stats_item(x, item, part, scratch):
+    """Partials (=) count, mean, M2 of reduction item ``item`` in ``part`` (3, parts, C).
+
+    ``scratch`` (2, >= CHANNEL_TILE) float64 is used by the rows layout only.
+    """
+    outer, channels, inner = x.shape
+    if inner == 1:
+        k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
+        part[0, k, c0:c1] = rows_chunk_stats(
+            x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
+            scratch[0], scratch[1],
+        )  # fmt: skip
+    else:
+        nparts = part.shape[1]
+        c, g = item // nparts, item % nparts
+        part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, c, g)
+
+
+@kernel
+def sums_item(dy, x, item, mean, part):
+    """Partials (=) sum_dy, sum_dy_xmu of reduction item ``item`` in ``part`` (2, parts, C)."""
+    outer, channels, inner = x.shape
+    if inner == 1:
+        k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
+        rows_chunk_sums(
+            dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean,
+            part[0, k, c0:c1], part[1, k, c0:c1],
+        )  # fmt: skip
+    else:
+        nparts = part.shape[1]
+        c, g = item // nparts, item % nparts
+        part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, c, g, mean[c])
+
+
+# ----------------------------------------------------------------------------- channel items
+@kernel
+def merge_channel(c, part, mean, m2):
+    """mean[c], m2[c] (=) from the partials of channel ``c``, in part order."""
+    _, mean[c], m2[c] = merge_parts(part, c)
+
+
+@kernel
+def train_channel(c, part, count, eps, weight, bias, coef, mean, invstd, m2):
+    """Channel ``c``: merge its partials, save mean, invstd, M2, and its affine coefficients."""
+    _, mean[c], m2[c] = merge_parts(part, c)
+    train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
+
+
+@kernel
+def add_channel(c, part, sum_dy, sum_dy_xmu):
+    """sum_dy[c], sum_dy_xmu[c] (=) from the partials of channel ``c``, in part order."""
+    sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
+
+
+@kernel
+def dx_channel(c, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu):
+    """Channel ``c``: add its partials, then its dx coefficients."""
+    sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
+    dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
+
+
+# -------------------------------------------------------------------------- elementwise items
+@kernel(inline="always")
+def _plane_item(item, channels, inner):
+    """(channel, start, stop) of elementwise item ``item`` = (n, c, block) in the flat array."""
+    nblk = plane_segments_jit(inner)
+    plane, b = item // nblk, item % nblk
+    start = plane * inner + b * PLANE_BLOCK
+    return plane % channels, start, min(start + PLANE_BLOCK, (plane + 1) * inner)
+
+
+@kernel
+def normalize_item(x, item, coef, y):
+    """y (=) of elementwise item ``item`` with the affine rows ``coef``."""
+    outer, channels, inner = x.shape
+    if inner == 1:
+        rows = row_span_rows(channels)
+        r0 = item * rows
+        rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0,
+                    min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+    else:
+        c, start, stop = _plane_item(item, channels, inner)
+        affine_range(x.reshape(x.size), y.reshape(y.size), start, stop, coef, c)
+
+
+@kernel
+def dx_item(dy, x, item, coef, dx):
+    """dx (=) of elementwise item ``item`` with the dx rows ``coef``."""
+    outer, channels, inner = x.shape
+    if inner == 1:
+        rows = row_span_rows(channels)
+        r0 = item * rows
+        shape = (outer, channels)
+        rows_dx(dy.reshape(shape), x.reshape(shape), dx.reshape(shape), r0,
+                min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+    else:
+        c, start, stop = _plane_item(item, channels, inner)
+        dx_range(dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size), start, stop, coef, c)

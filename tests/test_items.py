@@ -1,0 +1,67 @@
+"""The CPU work partition (numba_bn/cpu/items.py): the items cover every element once, and the
+plan the C shim reads is the partition the JIT drivers run."""
+
+import numpy as np
+import pytest
+
+from numba_bn.cpu import drivers, items
+from numba_bn.stats import AFFINE_ROWS
+
+from conftest import random_batch
+
+# rows with several chunks and channel tiles, long planes (several blocks), short planes
+# (grouped segments), one channel, and a plane just over one block
+SHAPES = [(2500, 300, 1), (3, 2, 9000), (700, 3, 5), (5, 1, 4100), (9, 7, 1), (4, 6, 35)]
+
+
+def _plan(shape, threads=2):
+    out = np.full(len(items.PLAN_FIELDS), -1, np.int64)
+    items.plan(*shape, threads, out)
+    return dict(zip(items.PLAN_FIELDS, out.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_elementwise_items_write_every_element(rng, shape):
+    x = random_batch(rng, shape, np.float32)
+    coef = np.zeros((AFFINE_ROWS, shape[1]), np.float32)
+    coef[2], coef[4] = 2.0, 1.0  # y = 2 x
+    y = np.full(shape, np.nan, np.float32)
+    for item in range(_plan(shape)["elementwise_items"]):
+        items.normalize_item(x, item, coef, y)
+    np.testing.assert_array_equal(y, 2 * x)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, shape):
+    x = random_batch(rng, shape, np.float64)
+    plan = _plan(shape)
+    part = np.full((3, plan["parts"], shape[1]), np.nan)
+    scratch = np.empty(items.ITEM_SCRATCH_SHAPE)
+    for item in range(plan["reduce_items"]):
+        items.stats_item(x, item, part, scratch)
+    assert not np.isnan(part).any(), "a partial no item wrote"
+    mean, m2 = np.empty(shape[1]), np.empty(shape[1])
+    for c in range(shape[1]):
+        items.merge_channel(c, part, mean, m2)
+    expected_mean, expected_m2 = np.empty(shape[1]), np.empty(shape[1])
+    drivers.channel_stats_serial(x, expected_mean, expected_m2)
+    np.testing.assert_array_equal(mean, expected_mean)
+    np.testing.assert_array_equal(m2, expected_m2)
+    values = np.moveaxis(x, 1, 0).reshape(shape[1], -1)
+    np.testing.assert_allclose(mean, values.mean(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_item_sizes_bound_the_work(shape):
+    plan = _plan(shape)
+    size = int(np.prod(shape))
+    assert plan["reduce_items"] * plan["reduce_item_elements"] >= size
+    assert plan["elementwise_items"] * plan["elementwise_item_elements"] >= size
+
+
+@pytest.mark.parametrize("channels, inner, threads, fused", [
+    (4, 100, 2, True), (3, 100, 2, False), (8, 1, 2, False), (1, 100, 1, False), (2, 5, 1, True),
+])  # fmt: skip
+def test_plan_and_the_jit_backend_share_the_fused_rule(channels, inner, threads, fused):
+    assert items.is_fused(channels, inner, threads) is fused
+    assert _plan((3, channels, inner), threads)["fused"] == int(fused)
