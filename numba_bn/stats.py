@@ -102,16 +102,22 @@ def split_hi_lo(value, out, row, index):
 # The elementwise passes read per-channel coefficients in the tensor dtype, one row each:
 #   affine (AFFINE_ROWS): mean_hi, mean_lo, scale, shift, pre
 #       y = ((x * pre - mean_hi) - mean_lo) * scale + shift
-#   dx (DX_ROWS): mean_hi, mean_lo, proj, mean_dy, k, pre  (terms: see dx_range)
+#   dx (DX_ROWS): mean_hi, mean_lo, proj, mean_dy, k, pre  (terms: see cpu/kernels.py dx_range)
 # mean_hi + mean_lo is mean * pre to float64 accuracy (split_hi_lo). ``pre`` is 1 except in a
-# channel whose deviations from the mean can overflow the dtype (values within 2x of its
-# maximum): there it is 1/4, so that ``x * pre - mean * pre`` stays finite; scaling by a power of
-# two is exact, and scale (or proj) carries 1 / pre, so the result is the same.
+# channel whose ``x - mean`` can overflow the dtype: there it is 1/4, so that
+# ``x * pre - mean * pre`` stays finite; scaling by a power of two is exact, and scale (or proj)
+# carries 1 / pre, so the result is the same.
 AFFINE_ROWS = 5
 DX_ROWS = 6
 
 
 @kernel(inline="always")
-def prescale(spread, coef):
-    """``pre`` for a channel whose values lie within ``spread`` of the mean (see above)."""
-    return 0.25 if spread > np.finfo(coef.dtype).max * 0.25 else 1.0
+def prescale(mean, coef):
+    """``pre`` for a channel normalised around ``mean``, in the dtype of ``coef``.
+
+    Any |x| is at most the dtype's maximum, so ``x - mean`` can overflow only when |mean| comes
+    within an ulp of it: below a quarter ulp (max * eps / 8) the difference rounds to at most
+    the maximum, whatever x. Beyond, x / 4 - mean / 4 cannot overflow.
+    """
+    limit = np.finfo(coef.dtype).max * np.finfo(coef.dtype).eps * 0.125
+    return 0.25 if abs(mean) >= limit else 1.0

@@ -106,11 +106,19 @@ def test_split_hi_lo_keeps_the_float64_value_in_float32_parts():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_prescale_is_one_except_within_reach_of_the_maximum(dtype):
+def test_prescale_is_one_unless_x_minus_mean_could_overflow(dtype):
+    """x - mean overflows only for |mean| within an ulp of the maximum (|x| <= max)."""
     coef = np.zeros((AFFINE_ROWS, 1), dtype)
-    top = float(np.finfo(dtype).max)
-    assert prescale(1.0, coef) == 1.0
-    assert prescale(0.2 * top, coef) == 1.0
-    assert prescale(0.9 * top, coef) == 0.25
-    assert prescale(math.inf, coef) == 0.25
+    info = np.finfo(dtype)
+    top = float(info.max)
+    assert prescale(0.0, coef) == 1.0
+    assert prescale(-1e30, coef) == 1.0
+    limit = top * float(info.eps) / 8
+    assert prescale(0.99 * limit, coef) == 1.0
+    assert prescale(-limit, coef) == 0.25
+    assert prescale(0.5 * top, coef) == 0.25
+    # the worst case below the limit: x = max and mean just under it, opposite signs
+    mean = dtype(-0.99 * limit)
+    with np.errstate(over="raise"):
+        assert np.isfinite(info.max - mean)
     assert DX_ROWS == AFFINE_ROWS + 1

@@ -190,14 +190,11 @@ def add_parts(part, c):
 # ---------------------------------------------------------------------- per-channel coefficients
 @kernel
 def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
-    """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics.
-
-    No value is further from the mean than sqrt(M2), which bounds the deviations for ``pre``.
-    """
+    """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics."""
     invstd, _ = finalize(count, mean, m2, eps)
     save_mean[c] = mean
     save_invstd[c] = invstd
-    pre = prescale(math.sqrt(m2), coef)
+    pre = prescale(mean, coef)
     split_hi_lo(mean * pre, coef, 0, c)
     coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
     coef[3, c] = bias[c] if bias.size else 0.0
@@ -206,15 +203,10 @@ def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, s
 
 @kernel
 def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
-    """``coef`` affine rows from frozen running statistics, every channel.
-
-    Nothing bounds x here but the dtype: ``x - running_mean`` can overflow once
-    ``|running_mean|`` reaches half an ulp of the maximum, so such channels get ``pre``.
-    """
-    half_ulp_of_max = np.finfo(coef.dtype).max * np.finfo(coef.dtype).eps * 0.25
+    """``coef`` affine rows from frozen running statistics, every channel."""
     for c in range(coef.shape[1]):
         invstd = 1.0 / math.sqrt(running_var[c] + eps)
-        pre = 0.25 if abs(running_mean[c]) >= half_ulp_of_max else 1.0
+        pre = prescale(running_mean[c], coef)
         coef[0, c] = running_mean[c] * pre
         coef[1, c] = 0.0
         coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
@@ -234,11 +226,8 @@ def update_running(running_mean, running_var, count, mean, m2, momentum, unbiase
 
 @kernel
 def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
-    """Channel c: ``coef`` dx rows, see dx_range.
-
-    ``sqrt(count) / invstd >= sqrt(M2)`` bounds the deviations from the mean for ``pre``.
-    """
-    pre = prescale(math.sqrt(count) / invstd, coef)
+    """Channel c: ``coef`` dx rows, see dx_range."""
+    pre = prescale(mean, coef)
     split_hi_lo(mean * pre, coef, 0, c)
     coef[2, c] = invstd * invstd * sum_dy_xmu / count / pre  # term 3: projection onto x_hat
     coef[3, c] = sum_dy / count  # term 2: mean of dy
