@@ -10,8 +10,10 @@ part, a training step (forward + backward) of
   (statistics, then normalisation; sums, then dx) without peers, which isolates what the split
   itself costs;
 * ``sync``: SyncBatchNorm over all ranks;
-* ``collectives``: the step's two collectives alone (Allgather of 3C, Allreduce of 2C + 1
-  float64 values);
+* ``collectives``: the step's four collectives alone, as SyncBatchNorm makes them: per operation
+  the header (an Allgather of 4 int64 values, checked) and the payload (forward: Allgather of
+  2C float64 values; backward: Allreduce of 2C float64 values);
+* ``headers alone``: the two header exchanges, what the check of every call costs;
 * ``kernel: ...``: the backend kernels behind the two steps on this rank's part, the fused
   forward and backward of the local step against the split pairs the synchronised step runs.
 
@@ -31,7 +33,13 @@ from mpi4py import MPI
 
 import numba_bn as nbn
 from numba_bn import dispatch
-from numba_bn.distributed import SyncBatchNorm
+from numba_bn.distributed import (
+    HEADER_FIELDS,
+    TRAIN_BACKWARD,
+    TRAIN_FORWARD,
+    SyncBatchNorm,
+    exchange_header,
+)
 
 
 def arguments():
@@ -119,15 +127,22 @@ def main():
     local = nbn.BatchNorm(channels, dtype=dtype)
     sync_self = SyncBatchNorm(channels, comm=MPI.COMM_SELF, dtype=dtype)
     sync = SyncBatchNorm(channels, comm=comm, dtype=dtype)
-    stats, gathered = np.zeros((3, channels)), np.empty((comm.size, 3, channels))
-    sums, summed = np.zeros(2 * channels + 1), np.empty(2 * channels + 1)
+    stats, gathered = np.zeros((2, channels)), np.empty((comm.size, 2, channels))
+    sums, summed = np.zeros(2 * channels), np.empty(2 * channels)
+    count = x.size // channels
 
     def step(layer):
         layer(x)
         layer.backward(dy)
 
+    def headers():
+        exchange_header(comm, TRAIN_FORWARD, channels, dtype, count)
+        exchange_header(comm, TRAIN_BACKWARD, channels, dtype, count)
+
     def collectives():
+        exchange_header(comm, TRAIN_FORWARD, channels, dtype, count)
         comm.Allgather(stats, gathered)
+        exchange_header(comm, TRAIN_BACKWARD, channels, dtype, count)
         comm.Allreduce(sums, summed)
 
     # Napkin bytes of one rank's step, in passes over a tensor of x's size: the local step fuses
@@ -138,6 +153,7 @@ def main():
         "sync, COMM_SELF": (lambda: step(sync_self), 8),
         f"sync, {comm.size} ranks": (lambda: step(sync), 8),
         "collectives alone": (collectives, 0),
+        "headers alone": (headers, 0),
         **kernel_variants(x, dy),
     }
     for run, _ in variants.values():  # compile or load from cache, touch the memory
@@ -176,12 +192,13 @@ def main():
             f"  {name:<20} {median * 1e3:10.3f} {median / base['median']:8.2f}x "
             f"{least * 1e3:9.3f} {least / base['min']:8.2f}x {bandwidth:12.1f}"
         )
-    values = 3 * channels + 2 * channels + 1
-    sent = 8 * values
-    received = 8 * (3 * channels * comm.size + 2 * channels + 1)
+    header = 8 * len(HEADER_FIELDS)
+    sent = 2 * header + 8 * (2 * channels + 2 * channels)
+    received = 2 * header * comm.size + 8 * (2 * channels * comm.size + 2 * channels)
     print(
-        f"\nexchanged per step and rank: {values} float64 values = 3C (Allgather) + 2C + 1 "
-        f"(Allreduce); {sent} B sent, {received} B received (Allgather includes the own row)"
+        f"\nexchanged per step and rank: two headers of {len(HEADER_FIELDS)} int64 (Allgather), "
+        f"2C float64 (Allgather) and 2C float64 (Allreduce); {sent} B sent, {received} B "
+        "received (an Allgather includes the own row)"
     )
     sync = times[f"sync, {comm.size} ranks"]
     print(

@@ -1,23 +1,31 @@
 """SyncBatchNorm: statistics of the global batch across the processes of an MPI job (mpi4py).
 
 Each rank reduces its own part of the batch with the backend's split kernels and the ranks
-exchange per-channel summaries only:
+exchange per-channel summaries only. Every operation makes two collectives:
 
-* forward: local ``(count, mean, M2)`` per channel, one ``Allgather`` of 3C float64 values, a
-  Chan merge of the ranks' rows in rank order (:func:`numba_bn.stats.chan_merge`; the same
-  arithmetic on every rank, so every rank holds bitwise identical statistics), then the local
-  normalisation with the global statistics and the running update from the global unbiased
-  variance;
-* backward: local ``(sum_dy, sum_dy_xmu)``, one ``Allreduce`` of 2C + 1 float64 values (the two
-  sums and the count), then the local dx with the global count (docs/backward.md).
+* a header: one ``Allgather`` of four int64 values per rank, the same shape for every operation
+  (operation, C, dtype, local count; :func:`exchange_header`). Ranks that disagree on the
+  operation (one in eval mode while the others train, a forward meeting a backward), on C or on
+  the dtype all raise the same ValueError here, before anything is computed or written, instead
+  of pairing mismatched collectives (a hang, or MPI_ERR_TRUNCATE after the ranks with more
+  channels had merged garbage);
+* the payload, whose shape the header has just proved equal on every rank:
 
-Gathering the 3C values and merging locally, rather than reducing with an MPI operation, keeps
-the merge exact (never a mean of means) and its order fixed. Ranks may hold batches of different
+  - forward: local ``(mean, M2)`` per channel, one ``Allgather`` of 2C float64 values, a Chan
+    merge of the ranks' rows in rank order with the counts from the header
+    (:func:`numba_bn.stats.chan_merge`; the same arithmetic on every rank, so every rank holds
+    bitwise identical statistics), then the local normalisation with the global statistics and
+    the running update from the global unbiased variance;
+  - backward (training or eval mode): local ``(sum_dy, sum_dy_xmu)``, one ``Allreduce`` of 2C
+    float64 values; in training mode then the local dx with the global count (docs/backward.md).
+
+Gathering the rows and merging locally, rather than reducing with an MPI operation, keeps the
+merge exact (never a mean of means) and its order fixed. Ranks may hold batches of different
 sizes, or none. What depends on the global batch (one value per channel, non-finite statistics
-under ``nan_policy="raise"``) is decided from the exchanged values, so every rank raises the same
-ValueError and none is left waiting in a collective. A local error (a bad argument on one rank)
-raises on that rank only: launch with ``mpiexec -n K python -m mpi4py script.py`` so that it
-aborts the job (docs/distributed.md).
+under ``nan_policy="raise"``) or on every rank's call (the header) is decided from the exchanged
+values, so every rank raises the same ValueError and none is left waiting in a collective. A
+local error (a bad argument on one rank) raises on that rank only: launch with
+``mpiexec -n K python -m mpi4py script.py`` so that it aborts the job (docs/distributed.md).
 
 Host (NumPy) arrays and host backends only: SyncBatchNorm does not move to CUDA.
 mpi4py is imported on first use, never by ``import numba_bn``: ``pip install "numba-bn[mpi]"``.
@@ -28,11 +36,18 @@ import numpy as np
 from numba import njit
 
 from . import dispatch
-from .checks import check_backward_inputs, check_train_inputs, in_compute_dtype
+from .checks import (
+    check_backward_inputs,
+    check_input,
+    check_train_inputs,
+    compute_dtype,
+    in_compute_dtype,
+)
 from .cpu.kernels import dx_coefficients, train_coefficients, update_running
 from .layer import BatchNorm
+from .layout import canonical_shape, normalize_axis
 from .memory import is_device_array
-from .ops import TrainResult, frozen_backward
+from .ops import TrainResult, frozen_backward, weight_gradient
 from .stats import AFFINE_ROWS, DX_ROWS, chan_merge
 
 INSTALL_HINT = 'pip install "numba-bn[mpi]"'
@@ -72,21 +87,90 @@ def resolve_comm(comm):
     return comm
 
 
+# ---------------------------------------------------------------------- the collective header
+# Every collective operation starts with the same Allgather of HEADER_FIELDS int64 values per
+# rank, whatever the operation, C or dtype, so that two ranks in different calls always meet in
+# the header (never a header against a payload, or payloads of different shapes) and each sees
+# what every other rank is doing.
+HEADER_FIELDS = ("operation", "channels", "dtype", "count")
+TRAIN_FORWARD, TRAIN_BACKWARD, FROZEN_BACKWARD = 1, 2, 3
+_OPERATION_NAMES = {
+    TRAIN_FORWARD: "forward with batch statistics (training mode)",
+    TRAIN_BACKWARD: "backward with batch statistics (training mode)",
+    FROZEN_BACKWARD: "backward with running statistics (eval mode)",
+}
+_DTYPE_CODES = {np.dtype(np.float16): 16, np.dtype(np.float32): 32, np.dtype(np.float64): 64}
+_LISTED_GROUPS = 6  # the error message lists this many distinct calls, then counts the rest
+
+
+def exchange_header(comm, operation, channels, dtype, count):
+    """Every rank's local count, (size,) int64, after checking that all ranks make one call.
+
+    Collective: an Allgather of (operation, channels, dtype code, count) from every rank. When
+    the ranks disagree on any of the first three, every rank raises the same ValueError (it is
+    built from the gathered headers only), naming the ranks and what each of them called.
+    """
+    local = np.array([operation, channels, _DTYPE_CODES[np.dtype(dtype)], count], np.int64)
+    headers = np.empty((comm.size, len(HEADER_FIELDS)), np.int64)
+    comm.Allgather(local, headers)
+    # every rank's (operation, channels, dtype) equals this rank's; as bytes: 1 us, not 3 us of
+    # ufunc calls on a (size, 3) array, in a step that may take 100 us
+    if headers[:, :3].tobytes() != local[:3].tobytes() * comm.size:
+        raise _disagreement_error(headers)
+    return headers[:, 3]
+
+
+def _rank_list(ranks):
+    """'rank 2', 'ranks 0, 1', 'ranks 0-5, 7': consecutive ranks as a range."""
+    runs = []
+    for rank in ranks:
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    text = ", ".join(
+        str(first) if first == last else f"{first}{', ' if last == first + 1 else '-'}{last}"
+        for first, last in runs
+    )
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+
+
+def _disagreement_error(headers):
+    """The same message on every rank: it is built from the gathered headers only."""
+    labels = ("operation (train/eval mode)", "number of channels", "dtype")
+    differ = [labels[i] for i in range(3) if (headers[:, i] != headers[0, i]).any()]
+    calls = {}
+    for rank, (operation, channels, dtype) in enumerate(headers[:, :3].tolist()):
+        calls.setdefault((operation, channels, dtype), []).append(rank)
+    listed = [
+        f"{_rank_list(ranks)}: {_OPERATION_NAMES.get(op, f'operation {op}')}, {channels} "
+        f"channels, float{dtype}"
+        for (op, channels, dtype), ranks in calls.items()
+    ]
+    if len(listed) > _LISTED_GROUPS:
+        listed[_LISTED_GROUPS:] = [f"and {len(listed) - _LISTED_GROUPS} more distinct calls"]
+    return ValueError(
+        f"SyncBatchNorm: the {headers.shape[0]} ranks disagree on the {' and the '.join(differ)}"
+        f" of this collective call: {'; '.join(listed)}. Every rank must call forward and "
+        "backward in the same order, in the same train/eval mode, with the same number of "
+        "channels and dtype; nothing was changed on any rank"
+    )
+
+
 # ------------------------------------------------------------------- per-channel, over ranks
 @njit(cache=True)
-def _merge_ranks(ranks, mean, m2):
-    """mean, M2 (=, (C,)) of the global batch from the (count, mean, M2) rows of each rank.
+def _merge_ranks(counts, ranks, mean, m2):
+    """mean, M2 (=, (C,)) of the global batch from each rank's count and (mean, M2) rows.
 
-    ``ranks`` is (size, 3, C) as gathered; the merge runs in rank order, empty ranks included
-    (a count of 0 leaves the state as it is). Returns the global count (every channel's).
+    ``counts`` is (size,) from the header, ``ranks`` (size, 2, C) as gathered; the merge runs in
+    rank order, empty ranks included (a count of 0 leaves the state as it is). Returns the global
+    count (every channel's; 0 when there are no channels).
     """
     count = 0.0
     for c in range(ranks.shape[2]):
         count, mu, sq = 0.0, 0.0, 0.0
         for r in range(ranks.shape[0]):
-            count, mu, sq = chan_merge(
-                count, mu, sq, ranks[r, 0, c], ranks[r, 1, c], ranks[r, 2, c]
-            )
+            count, mu, sq = chan_merge(count, mu, sq, counts[r], ranks[r, 0, c], ranks[r, 1, c])
         mean[c] = mu
         m2[c] = sq
     return count
@@ -111,12 +195,12 @@ def _backward_coefficients(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef
         dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
 
 
-def _single_value_error(ranks):
+def _single_value_error(counts):
     """The same message on every rank: it is built from the gathered counts only."""
-    holder = int(np.argmax(ranks[:, 0, 0]))
+    holder = int(np.argmax(counts))
     return ValueError(
         "Expected more than 1 value per channel when training, got 1 value per channel in the "
-        f"global batch over {ranks.shape[0]} ranks (on rank {holder})"
+        f"global batch over {counts.size} ranks (on rank {holder})"
     )
 
 
@@ -156,17 +240,19 @@ def sync_train_forward(
     kernels = dispatch.get(backend)
     channels = prepared.channels
 
-    local = np.zeros((3, channels))  # rows: count, mean, M2; an empty rank sends zeros
+    # collective 1 of 2, after every local check and before anything is computed or written
+    counts = exchange_header(comm, TRAIN_FORWARD, channels, prepared.x.dtype, prepared.count)
+    local = np.zeros((2, channels))  # rows: mean, M2; an empty rank sends zeros
     if prepared.count and channels:
-        local[0] = kernels.channel_stats(prepared.view, local[1], local[2])
-    ranks = np.empty((comm.size, 3, channels))
-    comm.Allgather(local, ranks)  # collective 1 of 1: 3C values per rank
+        kernels.channel_stats(prepared.view, local[0], local[1])
+    ranks = np.empty((comm.size, 2, channels))
+    comm.Allgather(local, ranks)  # collective 2 of 2: 2C values per rank
     mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
-    count = _merge_ranks(ranks, mean, m2)
+    count = _merge_ranks(counts.astype(np.float64), ranks, mean, m2)
 
-    # Every rank holds the same `ranks`, so every rank takes the same branch below.
+    # Every rank holds the same `counts` and `ranks`, so every rank takes the same branch below.
     if count == 1:
-        raise _single_value_error(ranks)
+        raise _single_value_error(counts)
     if count == 0:
         mean.fill(np.nan), invstd.fill(np.nan), m2.fill(np.nan)
         return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
@@ -189,19 +275,27 @@ def sync_train_forward(
 
 def sync_train_backward(dy, x, mean, invstd, weight, axis, *, comm, out=None, backend="cpu"):
     """dx, and the global (sum_dy, sum_dy_xmu); ``mean``/``invstd`` are the global statistics."""
+    return _train_backward_over_ranks(
+        dy, x, mean, invstd, weight, axis, comm=comm, out=out, backend=backend
+    )[:3]
+
+
+def _train_backward_over_ranks(dy, x, mean, invstd, weight, axis, *, comm, out, backend):
+    """:func:`sync_train_backward`, and the global count."""
     prepared, dy, mean, invstd, vectors = check_backward_inputs(dy, x, mean, invstd, weight, axis)
     dx, dx_view = prepared.output(out)
     kernels = dispatch.get(backend)
     channels = prepared.channels
     dy_view = np.ascontiguousarray(dy, dtype=prepared.dtype).reshape(prepared.shape)
 
-    local = np.zeros(2 * channels + 1)  # sum_dy | sum_dy_xmu | count
+    # collective 1 of 2, after every local check and before anything is computed or written
+    counts = exchange_header(comm, TRAIN_BACKWARD, channels, prepared.x.dtype, prepared.count)
+    local = np.zeros(2 * channels)  # sum_dy | sum_dy_xmu
     if prepared.count and channels:
-        kernels.backward_sums(dy_view, prepared.view, mean, local[:channels], local[channels:-1])
-    local[-1] = prepared.count
+        kernels.backward_sums(dy_view, prepared.view, mean, local[:channels], local[channels:])
     total = np.empty_like(local)
-    comm.Allreduce(local, total)  # collective 1 of 1: 2C + 1 values, summed
-    sum_dy, sum_dy_xmu, count = total[:channels], total[channels:-1], total[-1]
+    comm.Allreduce(local, total)  # collective 2 of 2: 2C values, summed
+    sum_dy, sum_dy_xmu, count = total[:channels], total[channels:], float(counts.sum())
 
     if prepared.count and channels:
         coef = np.empty((DX_ROWS, channels), prepared.dtype)
@@ -209,7 +303,7 @@ def sync_train_backward(dy, x, mean, invstd, weight, axis, *, comm, out=None, ba
             count, mean, invstd, vectors.kernel("weight"), sum_dy, sum_dy_xmu, coef
         )
         kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
-    return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu
+    return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, count
 
 
 def sync_frozen_backward(
@@ -217,11 +311,16 @@ def sync_frozen_backward(
 ):
     """Eval-mode backward: dx is local (frozen statistics); the sums are all-reduced so that
     the gradients of weight and bias are those of the global batch, as in training mode."""
+    # The header needs only x's shape and dtype; frozen_backward checks every argument before it
+    # writes dx, and it runs after the header, so a disagreement leaves ``out`` untouched.
+    x = check_input(x)
+    outer, channels, inner = canonical_shape(x.shape, normalize_axis(axis, x.ndim))
+    exchange_header(comm, FROZEN_BACKWARD, channels, x.dtype, outer * inner)  # collective 1 of 2
     dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
         dy, x, running_mean, running_var, weight, eps, axis, out=out, backend=backend
     )
     total = np.empty(2 * sum_dy.size)
-    comm.Allreduce(np.concatenate([sum_dy, sum_dy_xmu]), total)
+    comm.Allreduce(np.concatenate([sum_dy, sum_dy_xmu]), total)  # collective 2 of 2
     return dx, total[: sum_dy.size], total[sum_dy.size :], invstd
 
 
@@ -283,14 +382,16 @@ def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=No
 
     ``mean`` and ``invstd`` are those :func:`sync_forward_train` returned. Returns this rank's
     ``dx`` and the global ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)`` over every rank's
-    batch, identical on every rank (do not all-reduce them again).
+    batch, identical on every rank (do not all-reduce them again); both are 0 when every rank's
+    batch is empty, as PyTorch's gradients of an empty batch.
     """
     host_only(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight)
-    dx, sum_dy, sum_dy_xmu = sync_train_backward(
+    dx, sum_dy, sum_dy_xmu, count = _train_backward_over_ranks(
         dy, x, mean, invstd, weight, axis, comm=resolve_comm(comm), out=out, backend=backend
     )
-    invstd64 = np.asarray(invstd, dtype=np.float64)
-    return (dx, *in_compute_dtype(dx, invstd64 * sum_dy_xmu, sum_dy))
+    # the global count: 0 (every rank's batch empty, invstd NaN) gives a zero dweight
+    dweight = weight_gradient(invstd, sum_dy_xmu, count, compute_dtype(dx.dtype))
+    return (dx, dweight, *in_compute_dtype(dx, sum_dy))
 
 
 class SyncBatchNorm(BatchNorm):

@@ -7,12 +7,14 @@
 takes this rank's rows, runs SyncBatchNorm and the functional forms, and writes what it saw to
 DIR/rank{R}.npz; the test compares those with a single-process BatchNorm on the concatenated
 batch. Errors that must be raised on every rank are caught and their messages recorded, so the
-job itself ends cleanly.
+job itself ends cleanly. Last come calls on which the ranks disagree (channels, dtype, train/eval
+mode): under a watchdog, so that a hang ends the job within WATCHDOG_S with the ranks' stacks.
 
 ``abort``: rank 1 raises while rank 0 waits in a SyncBatchNorm collective; the job must end with
 a non-zero code (python -m mpi4py turns the uncaught exception into MPI_Abort).
 """
 
+import faulthandler
 import json
 import sys
 import time
@@ -24,6 +26,7 @@ from mpi4py import MPI
 from numba_bn.distributed import SyncBatchNorm, sync_backward, sync_forward_train
 
 LR = 0.1  # SGD step applied to weight and bias between training steps, as the test does
+WATCHDOG_S = 60  # the disagreement calls take milliseconds; a hang must not wait for the test
 
 
 def rows_of_rank(array, counts, rank):
@@ -60,6 +63,105 @@ def collective_errors(comm, record):
     record["nan_running_mean"] = strict.running_mean.copy()
     record["error_comm_type"] = error_message(lambda: SyncBatchNorm(4, comm="world"))
     record["error_cuda"] = error_message(lambda: SyncBatchNorm(4, device="cuda"))
+
+
+def snapshot(*arrays):
+    """The bytes of ``arrays`` (buffers, parameters, outputs), for a bitwise comparison."""
+    return np.frombuffer(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays), np.uint8)
+
+
+def layer_state(bn):
+    """Everything a failed call must leave as it was: parameters, buffers, the batch count."""
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, np.array(bn.num_batches_tracked)
+
+
+def disagreements(comm, record):
+    """Calls on which the ranks disagree: every rank must raise the same ValueError, at once,
+    before any buffer, parameter or out= array changes (bytes recorded before and after)."""
+    rank, last = comm.rank, comm.size - 1
+    x = np.arange(12.0).reshape(3, 4) * (rank + 1)
+    dy = np.cos(x)
+
+    def attempt(key, call, state):
+        """Record ``call``'s error, and the bytes of what ``state()`` returns before and after
+        (read afresh: an attribute the call rebinds or a count it increments shows too)."""
+        before = snapshot(*state())
+        record[f"{key}_error"] = error_message(call)
+        record[f"{key}_before"], record[f"{key}_after"] = before, snapshot(*state())
+
+    # The last rank has 5 channels, the others 4 (it would merge memory it never received).
+    channels = 5 if rank == last else 4
+    xc, dyc = np.ones((3, channels)) * np.arange(1, 4)[:, None], np.ones((3, channels))
+    bn = SyncBatchNorm(channels, comm=comm, dtype=np.float64)
+    y_out = np.full_like(xc, np.nan)
+    attempt("channels_layer", lambda: bn.forward(xc, out=y_out), lambda: (*layer_state(bn), y_out))
+    running_mean, running_var = np.zeros(channels), np.ones(channels)
+    attempt(
+        "channels_forward",
+        lambda: sync_forward_train(
+            xc, running_mean=running_mean, running_var=running_var, out=y_out
+        ),
+        lambda: (running_mean, running_var, y_out),
+    )  # fmt: skip
+    dx_out = np.full_like(xc, np.nan)
+    stats = np.ones(channels)
+    attempt(
+        "channels_backward",
+        lambda: sync_backward(dyc, xc, stats, stats, stats, out=dx_out),
+        lambda: (dx_out,),
+    )
+
+    # Rank 0 computes in float32, the others in float64.
+    dtype = np.float32 if rank == 0 else np.float64
+    xd, y_out = x.astype(dtype), np.full(x.shape, np.nan, dtype)
+    running_mean, running_var = np.zeros(4, dtype), np.ones(4, dtype)
+    attempt(
+        "dtype",
+        lambda: sync_forward_train(
+            xd, running_mean=running_mean, running_var=running_var, out=y_out
+        ),
+        lambda: (running_mean, running_var, y_out),
+    )  # fmt: skip
+
+    # Rank 0 in eval mode, the others training: its backward meets their forward.
+    bn = SyncBatchNorm(4, comm=comm, dtype=np.float64)
+    y_out, dx_out = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    if rank == 0:
+        bn.eval()
+        bn(x)  # running statistics: no collective
+    attempt(
+        "eval_vs_train_forward",
+        (lambda: bn.backward(dy, out=dx_out)) if rank == 0 else (lambda: bn.forward(x, out=y_out)),
+        lambda: (*layer_state(bn), y_out, dx_out),
+    )
+    record["eval_vs_train_forward_no_gradients"] = np.array(bn.grad_weight is None)
+
+    # One training step together, then rank 0's eval-mode backward meets a training backward.
+    bn = SyncBatchNorm(4, comm=comm, dtype=np.float64)
+    bn(x)
+    if rank == 0:
+        bn.eval()
+        bn(x)
+    dx_out = np.full_like(x, np.nan)
+    attempt(
+        "eval_vs_train_backward",
+        lambda: bn.backward(dy, out=dx_out),
+        lambda: (*layer_state(bn), dx_out),
+    )
+    record["eval_vs_train_backward_no_gradients"] = np.array(bn.grad_weight is None)
+
+
+def empty_global_batch(comm, record):
+    """Every rank's batch is empty: the gradients are 0, as PyTorch's for an empty batch."""
+    empty = np.empty((0, 4))
+    weight = np.linspace(0.5, 1.5, 4)
+    bn = SyncBatchNorm(4, comm=comm, dtype=np.float64)
+    bn(empty)
+    bn.backward(empty)
+    record["empty_grad_weight"], record["empty_grad_bias"] = bn.grad_weight, bn.grad_bias
+    _, mean, invstd = sync_forward_train(empty, weight)
+    _, dweight, dbias = sync_backward(empty, empty, mean, invstd, weight)
+    record["empty_dweight"], record["empty_dbias"] = dweight, dbias
 
 
 def train_layer(comm, data, counts, name, spec, record):
@@ -113,6 +215,10 @@ def suite(comm, workdir):
     for name, spec in config["layers"].items():
         train_layer(comm, data, config["counts"], name, spec, record)
     functional(comm, data, config["counts"], record)
+    empty_global_batch(comm, record)
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hang: stacks, exit code 1
+    disagreements(comm, record)
+    faulthandler.cancel_dump_traceback_later()
     np.savez(workdir / f"rank{comm.rank}.npz", **record)
 
 

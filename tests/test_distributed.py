@@ -3,7 +3,9 @@
 The tests launch real MPI jobs (``mpiexec -n K python -m mpi4py tests/mpi_worker.py ...``): the
 test writes the global batches, each rank takes its rows (uneven sizes, one rank empty in the
 3-rank job), and the results the ranks write back are compared here with numba_bn.BatchNorm and
-the functional API run in this process on the whole batch, and with tests/naive.py.
+the functional API run in this process on the whole batch, and with tests/naive.py. The same job
+also records the errors every rank must raise alike: a global batch of one value, NaN under
+nan_policy="raise", and calls on which the ranks disagree (channels, dtype, train/eval mode).
 """
 
 import importlib.util
@@ -277,6 +279,90 @@ def test_nan_on_one_rank_raises_on_every_rank_with_nan_policy_raise(job):
         assert np.array_equal(record["nan_running_mean"], np.zeros(4))
 
 
+# What the ranks called, in the words of the disagreement error (numba_bn.distributed).
+TRAIN_FORWARD = "forward with batch statistics (training mode)"
+TRAIN_BACKWARD = "backward with batch statistics (training mode)"
+EVAL_BACKWARD = "backward with running statistics (eval mode)"
+
+
+def ranks_named(ranks):
+    ranks = list(ranks)
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def same_error_and_nothing_changed(job, key):
+    """The message every rank recorded for the call ``key``, after checking that it is the same
+    on every rank and that the call left every array it was given bitwise as it was."""
+    messages = [str(m) for m in job.per_rank(f"{key}_error")]
+    assert messages[0].startswith("ValueError: SyncBatchNorm: "), f"{key}: {messages}"
+    assert messages == [messages[0]] * job.size, f"{key}: {messages}"
+    for rank, record in enumerate(job.records):
+        before, after = record[f"{key}_before"], record[f"{key}_after"]
+        assert np.array_equal(before, after), f"{key}: rank {rank} changed its arrays"
+    return messages[0]
+
+
+@needs_mpi
+def test_ranks_with_different_channel_counts_raise_the_same_error_and_change_nothing(job):
+    last = job.size - 1
+    for key, operation in (
+        ("channels_layer", TRAIN_FORWARD), ("channels_forward", TRAIN_FORWARD),
+        ("channels_backward", TRAIN_BACKWARD),
+    ):  # fmt: skip
+        message = same_error_and_nothing_changed(job, key)
+        assert f"the {job.size} ranks disagree on the number of channels of" in message, key
+        expected = (
+            f"{ranks_named(range(last))}: {operation}, 4 channels, float64; "
+            f"rank {last}: {operation}, 5 channels, float64."
+        )
+        assert expected in message, key
+
+
+@needs_mpi
+def test_ranks_with_different_dtypes_raise_the_same_error_and_change_nothing(job):
+    message = same_error_and_nothing_changed(job, "dtype")
+    assert f"the {job.size} ranks disagree on the dtype of" in message
+    expected = (
+        f"rank 0: {TRAIN_FORWARD}, 4 channels, float32; "
+        f"{ranks_named(range(1, job.size))}: {TRAIN_FORWARD}, 4 channels, float64."
+    )
+    assert expected in message
+
+
+@needs_mpi
+def test_one_rank_in_eval_mode_while_the_others_train_raises_on_every_rank(job):
+    # Before the header this hung: the eval rank's backward all-reduce met the others' forward
+    # all-gather. A hang now ends the job (tests/mpi_worker.py's watchdog) and fails the suite.
+    message = same_error_and_nothing_changed(job, "eval_vs_train_forward")
+    assert f"the {job.size} ranks disagree on the operation (train/eval mode) of" in message
+    expected = (
+        f"rank 0: {EVAL_BACKWARD}, 4 channels, float64; "
+        f"{ranks_named(range(1, job.size))}: {TRAIN_FORWARD}, 4 channels, float64."
+    )
+    assert expected in message
+    assert all(job.per_rank("eval_vs_train_forward_no_gradients"))
+
+
+@needs_mpi
+def test_an_eval_mode_backward_meeting_a_training_backward_raises_on_every_rank(job):
+    message = same_error_and_nothing_changed(job, "eval_vs_train_backward")
+    assert f"the {job.size} ranks disagree on the operation (train/eval mode) of" in message
+    expected = (
+        f"rank 0: {EVAL_BACKWARD}, 4 channels, float64; "
+        f"{ranks_named(range(1, job.size))}: {TRAIN_BACKWARD}, 4 channels, float64."
+    )
+    assert expected in message
+    assert all(job.per_rank("eval_vs_train_backward_no_gradients"))
+
+
+@needs_mpi
+def test_an_empty_global_batch_gives_zero_gradients_as_pytorch(job):
+    # torch.nn.BatchNorm1d on a (0, C) batch: weight.grad and bias.grad are zeros
+    for key in ("empty_grad_weight", "empty_grad_bias", "empty_dweight", "empty_dbias"):
+        for rank, value in enumerate(job.per_rank(key)):
+            assert np.array_equal(value, np.zeros(4)), f"{key} on rank {rank}: {value}"
+
+
 @needs_mpi
 def test_comm_must_be_an_mpi_communicator(job):
     for message in job.per_rank("error_comm_type"):
@@ -314,6 +400,40 @@ def test_without_mpi4py_sync_batch_norm_says_how_to_install(monkeypatch):
         distributed.SyncBatchNorm(4)
     with pytest.raises(ImportError, match=r'pip install "numba-bn\[mpi\]"'):
         distributed.sync_forward_train(np.ones((2, 4)))
+
+
+class GatheredHeaders:
+    """A communicator whose Allgather hands back the headers of ranks that are not there."""
+
+    def __init__(self, headers):
+        self.headers = np.array(headers, np.int64)
+        self.size = len(headers)
+
+    def Allgather(self, send, recv):
+        recv[...] = self.headers
+
+
+def test_disagreement_error_lists_ranks_as_ranges_and_caps_the_distinct_calls():
+    forward = [distributed.TRAIN_FORWARD, 4, 32, 10]
+    headers = [forward] * 4 + [[distributed.TRAIN_FORWARD, 5, 32, 10], forward]
+    headers += [[distributed.FROZEN_BACKWARD, 10 + r, 64, 0] for r in range(7)]
+    with pytest.raises(ValueError) as error:
+        distributed.exchange_header(GatheredHeaders(headers), forward[0], 4, np.float32, 10)
+    assert str(error.value).startswith(
+        "SyncBatchNorm: the 13 ranks disagree on the operation (train/eval mode) and the number "
+        f"of channels and the dtype of this collective call: ranks 0-3, 5: {TRAIN_FORWARD}, 4 "
+        f"channels, float32; rank 4: {TRAIN_FORWARD}, 5 channels, float32; rank 6: "
+        f"{EVAL_BACKWARD}, 10 channels, float64; "
+    )
+    assert f"rank 9: {EVAL_BACKWARD}, 13 channels, float64; and 3 more distinct calls." in str(
+        error.value
+    )
+
+
+def test_agreeing_headers_return_every_ranks_count():
+    headers = [[distributed.TRAIN_BACKWARD, 3, 16, count] for count in (5, 0, 7)]
+    counts = distributed.exchange_header(GatheredHeaders(headers), headers[0][0], 3, np.float16, 5)
+    assert counts.tolist() == [5, 0, 7]
 
 
 def test_functional_forms_refuse_cuda_arrays():
