@@ -1,6 +1,6 @@
 """numba_bn: batch normalisation for NumPy arrays with compiled Numba kernels."""
 
-from .c_backend import register_backend
+from .capi import register_backend
 from .conventions import CONVENTIONS, torch_momentum
 from .functional import backward, batch_norm, forward_eval, forward_train
 from .layer import BatchNorm

@@ -71,13 +71,13 @@ def _info(args):
 
 # ------------------------------------------------------------------------------- build-plugin
 def _build_plugin_arguments(parser):
-    from .plugin import add_arguments
+    from .capi.build import add_arguments
 
     add_arguments(parser)
 
 
 def _build_plugin(args):
-    from .plugin import run_from_args
+    from .capi.build import run_from_args
 
     return run_from_args(args)
 

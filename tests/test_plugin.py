@@ -8,21 +8,25 @@ backend and the C test host need a C compiler (``cc`` or $CC).
 
 import ctypes
 import ctypes.util
+import fnmatch
 import os
 import re
 import subprocess
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn import plugin
+from numba_bn.capi import build
+from numba_bn.capi.ranges import EXPORTED
 from numba_bn.cli import main
 
 from conftest import LAYOUTS, poison, random_batch
 
-KERNELS = plugin.KERNELS_DIR
+CSRC = build.csrc_dir()
+REPOSITORY = Path(__file__).resolve().parents[1]
 ABI_SYMBOLS = {
     "nbn_version", "nbn_status_string", "nbn_set_num_threads", "nbn_get_num_threads", "nbn_isa",
     *(f"nbn_{op}_{t}" for op in ("forward_train", "forward_eval", "backward")
@@ -41,7 +45,7 @@ def builds(tmp_path_factory):
     portable, host = tmp_path_factory.mktemp("plugin"), tmp_path_factory.mktemp("plugin-host")
     host_build = {}
     thread = threading.Thread(
-        target=lambda: host_build.setdefault("result", plugin.build_plugin(host, cpu="host"))
+        target=lambda: host_build.setdefault("result", build.build_plugin(host, cpu="host"))
     )
     thread.start()
     status = main(["build-plugin", "--out", str(portable)])
@@ -52,26 +56,26 @@ def builds(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def library(builds):
-    return builds[0] / plugin.LIBRARY_NAME
+    return builds[0] / build.LIBRARY_NAME
 
 
 @pytest.fixture(scope="session")
 def backends(builds, tmp_path_factory):
     """C backends registered for the session: the portable plugin, the host build, the reference."""
-    reference = plugin.build_reference_backend(tmp_path_factory.mktemp("reference"))
+    reference = build.build_reference_backend(tmp_path_factory.mktemp("reference"))
     return {
-        "c-plugin": nbn.register_backend("c-plugin", builds[0] / plugin.LIBRARY_NAME),
-        "c-host": nbn.register_backend("c-host", builds[1] / plugin.LIBRARY_NAME),
+        "c-plugin": nbn.register_backend("c-plugin", builds[0] / build.LIBRARY_NAME),
+        "c-host": nbn.register_backend("c-host", builds[1] / build.LIBRARY_NAME),
         "c-reference": nbn.register_backend("c-reference", reference),
     }
 
 
 @pytest.fixture(scope="session")
 def test_host(builds, tmp_path_factory):
-    """kernels/test_host.c linked against the portable build."""
+    """csrc/test_host.c linked against the portable build."""
     binary = tmp_path_factory.mktemp("host") / "test_host"
-    plugin.run_compiler(
-        ["-std=c11", "-O2", "-I", KERNELS, KERNELS / "test_host.c", "-L", builds[0],
+    build.run_compiler(
+        ["-std=c11", "-O2", "-I", CSRC, CSRC / "test_host.c", "-L", builds[0],
          "-lnumba_bn", f"-Wl,-rpath,{builds[0]}", "-lm", "-o", binary],
         "building the C test host",
     )  # fmt: skip
@@ -87,9 +91,9 @@ def _tool(*command):
 # --------------------------------------------------------------------------- the library itself
 def test_build_writes_the_library_and_the_header(builds):
     for directory in builds:
-        assert (directory / plugin.LIBRARY_NAME).stat().st_size > 0
-        header = (directory / plugin.HEADER_NAME).read_text()
-        assert header == (KERNELS / "numba_bn.h").read_text()
+        assert (directory / build.LIBRARY_NAME).stat().st_size > 0
+        header = (directory / build.HEADER_NAME).read_text()
+        assert header == (CSRC / "numba_bn.h").read_text()
 
 
 def test_library_needs_only_the_c_runtime(library):
@@ -110,7 +114,7 @@ def test_library_exports_exactly_the_abi(library):
     assert exported == ABI_SYMBOLS
 
 
-@pytest.mark.parametrize("isa", [None, *plugin.X86_64_LEVELS])
+@pytest.mark.parametrize("isa", [None, *build.X86_64_LEVELS])
 def test_c_host_passes_with_an_empty_environment(test_host, isa):
     """All six functions against the double reference, status codes, 1 vs 2 threads, from C."""
     environment = [f"NBN_ISA={isa}"] if isa else []
@@ -129,10 +133,10 @@ def test_c_host_passes_with_an_empty_environment(test_host, isa):
 
 
 def test_the_c_example_of_the_docs_runs(builds, tmp_path):
-    docs = (KERNELS.parent / "docs" / "c-abi.md").read_text()
+    docs = (REPOSITORY / "docs" / "c-abi.md").read_text()
     source = tmp_path / "example.c"
     source.write_text(re.search(r"```c\n(.*?)```", docs, re.DOTALL).group(1))
-    plugin.run_compiler(
+    build.run_compiler(
         ["-std=c11", "-O2", "-Wall", "-Werror", "-I", builds[0], source, "-L", builds[0],
          "-lnumba_bn", f"-Wl,-rpath,{builds[0]}", "-o", tmp_path / "example"],
         "building the example of docs/c-abi.md",
@@ -393,9 +397,9 @@ def test_a_shape_whose_scratch_cannot_exist_is_refused(backends, backend):
 
 
 def test_register_backend_loads_a_ctypes_library(backends, builds):
-    backend = nbn.register_backend("c-again", ctypes.CDLL(str(builds[0] / plugin.LIBRARY_NAME)))
+    backend = nbn.register_backend("c-again", ctypes.CDLL(str(builds[0] / build.LIBRARY_NAME)))
     assert backend.version == 10001
-    assert backend.isa in {name for name, _, _ in plugin.build_targets()}
+    assert backend.isa in {name for name, _, _ in build.build_targets()}
     backend.set_num_threads(1)
     assert backend.get_num_threads() == 1
     backend.set_num_threads(0)
@@ -405,7 +409,7 @@ def test_register_backend_loads_a_ctypes_library(backends, builds):
 def test_register_backend_rejects_what_is_not_a_backend(tmp_path):
     for builtin in ("cpu", "cuda"):
         with pytest.raises(ValueError, match=f"'{builtin}' is taken"):
-            nbn.register_backend(builtin, KERNELS / "missing.so")
+            nbn.register_backend(builtin, tmp_path / "missing.so")
     with pytest.raises(OSError, match="missing.so"):
         nbn.register_backend("c-missing", tmp_path / "missing.so")
     libm = ctypes.util.find_library("m")
@@ -418,12 +422,38 @@ def test_register_backend_rejects_what_is_not_a_backend(tmp_path):
 
 
 def test_build_without_the_c_sources_says_what_is_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(plugin, "KERNELS_DIR", tmp_path)
-    with pytest.raises(RuntimeError, match="source tree"):
-        plugin.build_plugin(tmp_path / "out")
+    monkeypatch.setattr(build, "CSRC_DIR", tmp_path)
+    with pytest.raises(RuntimeError, match="package data"):
+        build.build_plugin(tmp_path / "out")
+
+
+def test_the_c_sources_are_package_data():
+    """Every file of csrc/ matches a pattern of pyproject.toml's package data, so the wheel
+    carries it (.ci/run builds the plugin from an installed wheel)."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["numba_bn.capi"]
+    sources = [path.relative_to(CSRC.parent).as_posix() for path in CSRC.iterdir()]
+    assert "csrc/nbn_shim.c" in sources
+    for source in sources:
+        assert any(fnmatch.fnmatch(source, pattern) for pattern in patterns), source
+
+
+def test_header_only_writes_the_generated_header_the_shim_compiles_with(tmp_path):
+    """`numba-bn build-plugin --header-only` reproduces nbn_kernels.h without compiling kernels,
+    and the shim compiles against it without a warning."""
+    assert main(["build-plugin", "--out", str(tmp_path), "--header-only", "--cpu", "host"]) == 0
+    assert [path.name for path in tmp_path.iterdir()] == [build.GENERATED_HEADER]
+    header = (tmp_path / build.GENERATED_HEADER).read_text()
+    assert all(f"(*{function.__name__})(" in header for function in EXPORTED)
+    build.run_compiler(
+        ["-std=c11", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-I", CSRC, "-I", tmp_path,
+         CSRC / "nbn_shim.c"],
+        "compiling the shim against the generated header",
+    )  # fmt: skip
 
 
 def test_missing_compiler_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", os.fspath(tmp_path / "no-such-cc"))
     with pytest.raises(RuntimeError, match="no-such-cc"):
-        plugin.build_reference_backend(tmp_path)
+        build.build_reference_backend(tmp_path)

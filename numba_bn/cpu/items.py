@@ -1,9 +1,9 @@
 """The CPU work partition, counted and split once.
 
 Every CPU entry point runs these work items: the JIT drivers (:mod:`.drivers`) as ``prange``
-loops over items, the C plugin's range drivers (:mod:`.exported`) over ``first:last`` on the
-shim's threads. The shim takes its item counts and the size of its partials from :func:`plan`
-(exported as ``plan``), never from arithmetic of its own.
+loops over items, the C plugin's range drivers (:mod:`numba_bn.capi.ranges`) over
+``first:last`` on the shim's threads. The shim takes its item counts and the size of its
+partials from :func:`plan` (exported as ``plan``), never from arithmetic of its own.
 
 Work items of the canonical ``(outer, C, inner)`` view:
 

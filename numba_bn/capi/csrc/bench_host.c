@@ -1,6 +1,7 @@
 /* bench_host.c: times libnumba_bn.so from C, with no Python in the process.
  *
- *   cc -std=c11 -O2 -I kernels kernels/bench_host.c -L DIR -lnumba_bn -Wl,-rpath,DIR -o bench
+ *   cc -std=c11 -O2 -I $CSRC $CSRC/bench_host.c -L DIR -lnumba_bn -Wl,-rpath,DIR -o bench
+ *   (CSRC: this folder, numba_bn/capi/csrc; installed, numba_bn.capi.csrc_dir())
  *   ./bench OUTER CHANNELS INNER [THREADS [REPEAT]]      e.g. ./bench 32 64 3136
  *
  * float32, PyTorch-style training forward (with running buffers), eval forward and backward:

@@ -1,7 +1,9 @@
 /* test_host.c: checks libnumba_bn.so from C, with no Python anywhere.
  *
- *   cc -std=c11 -O2 -I kernels kernels/test_host.c -L DIR -lnumba_bn -Wl,-rpath,DIR -lm -o host
+ *   cc -std=c11 -O2 -I $CSRC $CSRC/test_host.c -L DIR -lnumba_bn -Wl,-rpath,DIR -lm -o host
  *   env -i ./host            (tests/test_plugin.py does this, once per instruction set)
+ * CSRC is this folder, numba_bn/capi/csrc (installed: numba_bn.capi.csrc_dir()); .ci/run
+ * builds and runs it against a library built from the installed wheel.
  *
  * For several shapes (planes and rows, one and many blocks, chunks and tiles), both types, with
  * and without weight/bias, it checks the six compute functions against the double-precision

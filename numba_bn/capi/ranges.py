@@ -1,17 +1,18 @@
-"""Range drivers over raw pointers: the compute code of the C plugin.
+"""Range drivers over raw pointers: the compute code of the C library.
 
-``numba-bn build-plugin`` (:mod:`numba_bn.plugin`) compiles every function in :data:`EXPORTED`
-with ``@cfunc`` for float32 and float64 and links them into ``libnumba_bn.so``. The C shim
-(kernels/nbn_shim.c) checks arguments, allocates scratch and runs them on its threads, each call
-over a range ``first:last`` of the work items of :mod:`.items`, the items the JIT drivers run in
-``prange``; :func:`plan` tells the shim how many there are and how many partials a channel has.
-So the plugin computes what the JIT backend computes, bit for bit; only the loop over items moved
-from ``prange`` to the shim.
+``numba-bn build-plugin`` (:mod:`.build`) compiles every function in :data:`EXPORTED` with
+``@cfunc`` for float32 and float64 and links them into ``libnumba_bn.so``. The C shim
+(csrc/nbn_shim.c) checks arguments, allocates scratch and runs them on its threads, each call
+over a range ``first:last`` of the work items of :mod:`numba_bn.cpu.items`, the items the JIT
+drivers run in ``prange``; :func:`plan` tells the shim how many there are and how many partials a
+channel has. So the plugin computes what the JIT backend computes, bit for bit; only the loop over
+items moved from ``prange`` to the shim.
 
 Arguments: ``T`` is the tensor dtype, ``(outer, channels, inner)`` the canonical view; weight and
 bias come with their length (``channels``, or 0 when absent). The annotations give each
-argument's C type; the build generates the C declarations from them. Outputs are overwritten
-(``=``); nothing allocates (``part`` and ``scratch`` come from the shim). Partials ``part`` are
+argument's C type; the build generates the C declarations from them (nbn_kernels.h:
+``numba-bn build-plugin --out DIR --header-only`` writes it). Outputs are overwritten (``=``);
+nothing allocates (``part`` and ``scratch`` come from the shim). Partials ``part`` are
 ``(3, parts, C)`` (count, mean, M2) or ``(2, parts, C)`` (sum_dy, sum_dy_xmu).
 
 =========================  ==========================================  ========================
@@ -33,11 +34,11 @@ dx_items                   elementwise items                           dx
 
 from numba import carray
 
+from ..cpu import items
+from ..cpu.kernels import eval_coefficients as _eval_coefficients
+from ..cpu.kernels import plane_channel_backward, plane_channel_train
+from ..cpu.kernels import update_running as _update_running
 from ..stats import AFFINE_ROWS, DX_ROWS
-from . import items
-from .kernels import eval_coefficients as _eval_coefficients
-from .kernels import plane_channel_backward, plane_channel_train
-from .kernels import update_running as _update_running
 
 # C types of the arguments; T becomes float or double.
 IN = "const T *"
@@ -288,7 +289,7 @@ def dx_items(
         items.dx_item(dy, x, item, coef, dx)
 
 
-#: In the order of the generated C table (nbn_kernels.h in the build directory).
+#: In the order of the generated C table (struct nbn_dtype_kernels of nbn_kernels.h).
 EXPORTED = (
     plan,
     train_plane_channels,

@@ -1,4 +1,4 @@
-/* nbn_checks.h: the argument checks of numba_bn.h, shared by every C backend in kernels/.
+/* nbn_checks.h: the argument checks of numba_bn.h, shared by every C backend in csrc/.
  *
  * Order: NULL pointers (NBN_ERR_NULL), then shapes (NBN_ERR_SHAPE), then values
  * (NBN_ERR_VALUE), so a call with several problems reports the first in that order. A backend

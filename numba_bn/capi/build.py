@@ -1,23 +1,29 @@
-"""Build ``libnumba_bn.so`` (the C ABI of kernels/numba_bn.h) from the library's Numba kernels.
+"""Build ``libnumba_bn.so`` (the C ABI of csrc/numba_bn.h) from the library's Numba kernels.
 
 Steps, run by :func:`build_plugin` (``numba-bn build-plugin --out DIR``):
 
 1. One child Python process per target CPU (concurrently), with ``NUMBA_CPU_NAME`` set to that
    CPU and ``NUMBA_CPU_FEATURES=""`` (the host's features must not leak into a portable build),
-   compiles the serial range drivers of :mod:`numba_bn.cpu.exported` as ``@cfunc`` for float32
-   and float64, through Numba's own pipeline as its JIT would for that CPU, so the code matches
-   the JIT backend's. A fresh ``NUMBA_CACHE_DIR``: a cache hit gives a module without IR.
+   compiles the serial range drivers of :mod:`.ranges` as ``@cfunc`` for float32 and float64,
+   through Numba's own pipeline as its JIT would for that CPU, so the code matches the JIT
+   backend's. A fresh ``NUMBA_CACHE_DIR``: a cache hit gives a module without IR.
 2. Each function gets a small wrapper that calls Numba's inner function (not the cfunc wrapper,
    which reports exceptions through the Python C API) and returns 0 or 1; the wrappers go into
    a table of function pointers (``nbn_kernels_<cpu>``); everything else is made internal, and
    llvmlite re-optimises the module for the target CPU (dropping the Python and runtime paths
    nothing calls any more) and emits an object file.
-3. The system C compiler links the objects with the C shim (kernels/nbn_shim.c), which checks
+3. The system C compiler links the objects with the C shim (csrc/nbn_shim.c), which checks
    arguments, runs the drivers on pthreads and picks a table at load time for the CPU it runs on,
-   and with the two Numba runtime functions the kernels reference (kernels/nbn_numba_runtime.c).
+   and with the two Numba runtime functions the kernels reference (csrc/nbn_numba_runtime.c).
+   The shim declares the tables through ``nbn_kernels.h``, generated from the annotations of
+   :mod:`.ranges` into the build's temporary directory; ``numba-bn build-plugin --out DIR
+   --header-only`` writes the same header to DIR, to read (nothing is compiled).
 
 Targets: x86-64-v2, x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512) by default, or one CPU
 (``--cpu NAME``, ``--cpu host``). The library needs libc, libm and libpthread only.
+
+The C sources are package data (csrc/, in the wheel) found through :mod:`importlib.resources`,
+never through a source tree: ``pip install numba-bn`` and a C compiler are all a build needs.
 """
 
 import inspect
@@ -29,10 +35,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
-KERNELS_DIR = PACKAGE_ROOT.parent / "kernels"
+#: The folder that holds the installed ``numba_bn`` package: a child process imports from it.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+#: The C sources, package data of numba_bn.capi.
+CSRC_DIR = Path(str(resources.files(__package__) / "csrc"))
 LIBRARY_NAME = "libnumba_bn.so"
 HEADER_NAME = "numba_bn.h"
 GENERATED_HEADER = "nbn_kernels.h"
@@ -73,13 +82,15 @@ def run_compiler(args, what):
         raise RuntimeError(f"{what} failed:\n$ {' '.join(command)}\n{done.stdout}{done.stderr}")
 
 
-def _kernels_dir():
-    if not (KERNELS_DIR / "nbn_shim.c").is_file():
+def csrc_dir():
+    """The folder of the C sources in the installed package (numba_bn.h, the shim, the reference
+    backend, the C test and bench hosts); RuntimeError naming it when they are not there."""
+    if not (CSRC_DIR / "nbn_shim.c").is_file():
         raise RuntimeError(
-            f"the C sources of the plugin are not at {KERNELS_DIR}: building it needs the numba_bn "
-            "source tree (kernels/ next to the numba_bn package), e.g. an editable install"
+            f"the C sources of numba_bn.capi are not at {CSRC_DIR}: the installed package lacks "
+            "its package data (csrc/); reinstall numba-bn from a wheel or with `pip install .`"
         )
-    return KERNELS_DIR
+    return CSRC_DIR
 
 
 # ------------------------------------------------------------------------- numba-bn command
@@ -89,9 +100,18 @@ def add_arguments(parser):
         "--cpu",
         help="one LLVM CPU name, or 'host' (default: x86-64-v2 with AVX2/AVX-512 variants)",
     )
+    parser.add_argument(
+        "--header-only",
+        action="store_true",
+        help=f"write only {GENERATED_HEADER}, the header of the kernel tables that the build "
+        "generates for the shim, to read (nothing is compiled)",
+    )
 
 
 def run_from_args(args):
+    if args.header_only:
+        print(write_generated_header(args.out, cpu=args.cpu))
+        return 0
     result = build_plugin(args.out, cpu=args.cpu)
     print(f"{result.library} ({result.size_bytes / 1024:.0f} KiB; {', '.join(result.targets)})")
     print(f"{result.header}")
@@ -120,13 +140,24 @@ def build_targets(cpu=None):
     return (("generic", "generic", ""),)
 
 
+def write_generated_header(out_dir, cpu=None):
+    """Write ``out_dir/nbn_kernels.h``, the header the build generates for the shim: the constants
+    and the table of range drivers of :mod:`.ranges`, one table per target of
+    :func:`build_targets` (``cpu``). Compiles nothing; returns its path."""
+    from .ranges import EXPORTED
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = out_dir / GENERATED_HEADER
+    header.write_text(_generated_header(EXPORTED, build_targets(cpu)))
+    return header
+
+
 def build_plugin(out_dir, cpu=None):
     """Build ``out_dir/libnumba_bn.so`` and copy ``numba_bn.h`` next to it (see
     :func:`build_targets` for ``cpu``); returns a :class:`BuildResult`."""
-    from .cpu.exported import EXPORTED
-
     start = time.perf_counter()
-    kernels = _kernels_dir()
+    csrc = csrc_dir()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = build_targets(cpu)
@@ -143,13 +174,13 @@ def build_plugin(out_dir, cpu=None):
                 if child.poll() is None:
                     child.kill()
                     child.wait()
-        (work / GENERATED_HEADER).write_text(_generated_header(EXPORTED, targets))
+        write_generated_header(work, cpu)
         library = out_dir / LIBRARY_NAME
         run_compiler(
             [
                 "-std=c11", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
-                "-I", kernels, "-I", work,
-                kernels / "nbn_shim.c", kernels / "nbn_numba_runtime.c",
+                "-I", csrc, "-I", work,
+                csrc / "nbn_shim.c", csrc / "nbn_numba_runtime.c",
                 *sorted(work.glob("kernels-*.o")),
                 "-o", library,
                 "-Wl,--no-undefined", "-Wl,-z,noexecstack", "-Wl,-soname," + LIBRARY_NAME,
@@ -158,7 +189,7 @@ def build_plugin(out_dir, cpu=None):
             "linking libnumba_bn.so",
         )  # fmt: skip
     header = out_dir / HEADER_NAME
-    shutil.copyfile(kernels / HEADER_NAME, header)
+    shutil.copyfile(csrc / HEADER_NAME, header)
     return BuildResult(library, header, tuple(t[0] for t in targets), time.perf_counter() - start)
 
 
@@ -167,30 +198,33 @@ def _start_child(work, name, cpu_name, features):
 
     Numba compiles for that CPU with its own pipeline, as its JIT does for the host, and must
     not see the host's features; a cache hit would give a module without IR, hence a fresh
-    cache directory.
+    cache directory. The child imports the numba_bn this process runs (PACKAGE_PARENT first on
+    its path, the build directory as its working directory), never one the caller's working
+    directory happens to hold.
     """
     env = dict(os.environ)
     env.update(
         NUMBA_CPU_NAME=cpu_name,
         NUMBA_CPU_FEATURES=features,
         NUMBA_CACHE_DIR=str(work / f"numba-cache-{_identifier(name)}"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT.parent), env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")])),
     )
     for setting in ("NUMBA_OPT", "NUMBA_DISABLE_JIT"):  # the JIT's defaults, always
         env.pop(setting, None)
-    command = [sys.executable, "-m", "numba_bn.plugin", str(work), name, cpu_name, features]
+    child = "import sys; from numba_bn.capi.build import emit_object; emit_object(*sys.argv[1:])"
+    command = [sys.executable, "-c", child, str(work), name, cpu_name, features]
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
 def build_reference_backend(out_dir):
-    """Build the plain double-precision C backend (kernels/reference_backend.c); its path."""
-    kernels = _kernels_dir()
+    """Build the plain double-precision C backend (csrc/reference_backend.c); its path."""
+    csrc = csrc_dir()
     library = Path(out_dir) / "libnbn_reference.so"
     run_compiler(
-        ["-std=c11", "-O2", "-fPIC", "-shared", "-I", kernels,
-         kernels / "reference_backend.c", "-o", library, "-lm"],
+        ["-std=c11", "-O2", "-fPIC", "-shared", "-I", csrc,
+         csrc / "reference_backend.c", "-o", library, "-lm"],
         "building the reference C backend",
     )  # fmt: skip
     return library
@@ -220,20 +254,36 @@ def _numba_signature(function, dtype):
 
 
 def _c_parameters(function):
-    """The C parameter list of an exported function, ``T *`` as ``void *``."""
+    """The C parameters of an exported function, ``T *`` as ``void *``: a list of strings."""
     params = inspect.signature(function).parameters.values()
-    return ", ".join(
+    return [
         f"{p.annotation.replace('T *', 'void *')}{'' if p.annotation.endswith('*') else ' '}"
         f"{p.name.removesuffix('_ptr')}"
         for p in params
-    )
+    ]
+
+
+def _c_member(function, width=100):
+    """The table member of an exported function, its parameters wrapped at ``width`` columns."""
+    head, params = f"    int32_t (*{function.__name__})(", _c_parameters(function)
+    one_line = f"{head}{', '.join(params)});"
+    if len(one_line) <= width:
+        return one_line
+    indent, lines, line = " " * 8, [head], ""
+    for param in [*(p + "," for p in params[:-1]), params[-1] + ");"]:
+        if line and len(indent) + len(line) + 1 + len(param) > width:
+            lines.append(indent + line)
+            line = ""
+        line = f"{line} {param}" if line else param
+    return "\n".join([*lines, indent + line])
 
 
 def _generated_header(functions, targets):
-    from .cpu.exported import CONSTANTS
+    from .ranges import CONSTANTS
 
     lines = [
-        "/* Generated by numba_bn/plugin.py from numba_bn/cpu/exported.py: do not edit.",
+        "/* Generated by numba_bn/capi/build.py from numba_bn/capi/ranges.py: do not edit.",
+        " * `numba-bn build-plugin --out DIR --header-only [--cpu NAME]` writes it to DIR.",
         " * The table of serial range drivers the shim calls, one per instruction set; T * is",
         " * void * here (float or double by the member of nbn_kernel_table). Each returns 0, or 1",
         " * when the Numba code raised (a bug: arguments are checked before). */",
@@ -244,7 +294,7 @@ def _generated_header(functions, targets):
         *(f"#define NBN_{name} {value}" for name, value in CONSTANTS.items()),
         "",
         "typedef struct nbn_dtype_kernels {",
-        *(f"    int32_t (*{f.__name__})({_c_parameters(f)});" for f in functions),
+        *(_c_member(f) for f in functions),
         "} nbn_dtype_kernels;",
         "",
         "typedef struct nbn_kernel_table {",
@@ -325,7 +375,7 @@ def emit_object(work, name, cpu_name, features):
     """Child process: compile the exported drivers and write ``work/kernels-<name>.o``."""
     import llvmlite.binding as llvm
 
-    from .cpu.exported import EXPORTED
+    from .ranges import EXPORTED
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
@@ -352,7 +402,3 @@ def emit_object(work, name, cpu_name, features):
     module.verify()
     _optimise(module, machine)
     (Path(work) / f"kernels-{_identifier(name)}.o").write_bytes(machine.emit_object(module))
-
-
-if __name__ == "__main__":
-    emit_object(*sys.argv[1:5])

@@ -1,8 +1,10 @@
 /* nbn_shim.c: the C side of libnumba_bn.so (the API is numba_bn.h).
  *
- * The arithmetic is not here: it is numba_bn's Numba code (numba_bn/cpu/exported.py), compiled
- * by `numba-bn build-plugin` into one table of serial range drivers per instruction set
- * (nbn_kernels.h, generated). This file
+ * The arithmetic is not here: it is numba_bn's Numba code (numba_bn/capi/ranges.py), compiled
+ * by `numba-bn build-plugin` into one table of serial range drivers per instruction set.
+ * nbn_kernels.h declares those tables; the build generates it from ranges.py, and
+ * `numba-bn build-plugin --out DIR --header-only` writes the same header to DIR, to read.
+ * This file
  *   - picks the table for the CPU at load time (a constructor; NBN_ISA=<name> picks a lower one),
  *   - checks arguments (nbn_checks.h) before anything is written,
  *   - allocates the per-call scratch (one malloc, freed before returning; NBN_ERR_SHAPE when

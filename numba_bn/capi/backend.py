@@ -1,14 +1,14 @@
-"""C backends: a shared library with the ABI of kernels/numba_bn.h behind ``backend=name``.
+"""C backends: a shared library with the ABI of csrc/numba_bn.h behind ``backend=name``.
 
 ``register_backend("c", "plugin/libnumba_bn.so")`` loads the library with ctypes and makes
 ``backend="c"`` work in the functional API and in ``BatchNorm``. The library built by
 ``numba-bn build-plugin`` gives a backend that needs no JIT compile at start-up; the reference
-backend (kernels/reference_backend.c) shows how to plug in C kernels of one's own.
+backend (csrc/reference_backend.c) shows how to plug in C kernels of one's own.
 
 How the backend protocol (:mod:`numba_bn.dispatch`) maps onto the ABI:
 
 * ``forward_train``, ``forward_eval``, ``backward`` run in the library (ctypes releases the GIL).
-  Arguments arrive validated by :mod:`numba_bn.functional`; the C side checks them again.
+  Arguments arrive validated by :mod:`numba_bn.checks`; the C side checks them again.
 * The ABI carries statistics in the tensor's dtype: ``save_mean``/``save_invstd`` come back in it
   and go into ``backward`` in it (exact for those that ``forward_train`` returned), ``dweight``
   comes back as ``invstd * sum_dy_xmu``.
@@ -28,10 +28,10 @@ import os
 
 import numpy as np
 
-from . import dispatch
-from .cpu import CpuBackend
+from .. import dispatch
+from ..cpu import CpuBackend
 
-ABI_MAJOR = 1  # NBN_VERSION_MAJOR of kernels/numba_bn.h
+ABI_MAJOR = 1  # NBN_VERSION_MAJOR of csrc/numba_bn.h
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _ARGTYPES = {

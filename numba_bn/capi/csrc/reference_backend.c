@@ -6,7 +6,8 @@
  * (`numba_bn.register_backend("mine", "libmine.so")`). The typed nbn_*_f32/_f64 entry points
  * come from nbn_entry_points.h, over the three generic operations below.
  *
- *   cc -std=c11 -O2 -fPIC -shared -I kernels kernels/reference_backend.c -o libnbn_reference.so -lm
+ *   cc -std=c11 -O2 -fPIC -shared -I $CSRC $CSRC/reference_backend.c -o libnbn_reference.so -lm
+ *   (CSRC: this folder, numba_bn/capi/csrc; installed, numba_bn.capi.csrc_dir())
  */
 #include <stdlib.h>
 #include <string.h>

@@ -1,0 +1,18 @@
+"""The C library: libnumba_bn.so from the library's own Numba kernels, and C backends.
+
+* ``csrc/`` (package data): the C API (numba_bn.h), the shim that runs the compiled range drivers
+  on pthreads, the argument checks, a plain reference backend and the C test and bench hosts.
+* :mod:`.ranges`: the serial range drivers over :mod:`numba_bn.cpu.items`, exported with
+  ``@cfunc``.
+* :mod:`.build`: ``numba-bn build-plugin``, which compiles those drivers and links them with
+  csrc/ into ``libnumba_bn.so``.
+* :mod:`.backend`: ``register_backend``, any library with the ABI of numba_bn.h as a backend.
+
+:mod:`numba_bn.cpu` never imports this package: the C library is built on the CPU work items,
+not the other way round.
+"""
+
+from .backend import CBackend, register_backend
+from .build import build_plugin, build_reference_backend, csrc_dir
+
+__all__ = ["CBackend", "build_plugin", "build_reference_backend", "csrc_dir", "register_backend"]
