@@ -10,7 +10,11 @@ tests' LAYOUTS, run on both backends ("cpu", "cuda") against the float64 loops o
 tests/naive.py, plus one plane split across several blocks.
 """
 
+import contextlib
+import random
 import sys
+import threading
+import time
 
 import numba
 import numpy as np
@@ -23,6 +27,7 @@ from numba_bn.cuda import config, launch
 from numba_bn.cuda import kernels as cuda_kernels
 from numba_bn.cuda.arrays import DEVICE, DeviceMemory
 from numba_bn.memory import is_device_array
+from numba_bn.stats import AFFINE_ROWS, DX_ROWS
 
 import naive
 from conftest import LAYOUTS, poison, random_batch
@@ -316,6 +321,72 @@ def test_results_are_deterministic(rng):
         np.testing.assert_array_equal(a, b)
 
 
+@contextlib.contextmanager
+def interleaved_threads(probability=0.05, seed=0):
+    """Threads started inside this context give up the GIL at random C calls (and every 1 us).
+
+    Under the simulator a block's threads are Python threads that switch only at the GIL's
+    switch interval, so most launches run each stretch of code in one thread without
+    interruption and a missing barrier or an unlocked check-then-set still passes. Yielding at
+    a random few percent of C calls (array reads and writes, merges, allocations) interleaves the
+    threads the way a GPU's warps do, as often as the time of the test allows.
+    """
+    choose = random.Random(seed)
+
+    def maybe_yield(frame, event, arg):
+        if event == "c_call" and choose.random() < probability:
+            time.sleep(0)  # releases the GIL: another thread of the block may run now
+
+    interval, profile = sys.getswitchinterval(), threading.getprofile()
+    sys.setswitchinterval(1e-6)
+    threading.setprofile(maybe_yield)
+    try:
+        yield
+    finally:
+        threading.setprofile(profile)
+        sys.setswitchinterval(interval)
+
+
+STRESS_SHAPES = [(4, 1, 7), (8, 2, 1)]  # a plane over 4 blocks; a tile of 2 rows over 2 blocks
+STRESS_REPETITIONS = 40
+
+
+def stress_case(fixed, shape, spread):
+    """(x, dy, mean) on the device and the float64 (mean, M2, sum_dy, sum_dy_xmu) of x, dy."""
+    x, dy = fixed.normal(spread, spread, shape), fixed.normal(0, 1, shape)
+    mean = x.mean(axis=(0, 2))
+    xmu = x - mean[:, None]
+    expected = [mean, (xmu**2).sum(axis=(0, 2)), dy.sum(axis=(0, 2)), (dy * xmu).sum(axis=(0, 2))]
+    return on("cuda", x, dy, mean), expected
+
+
+def test_cross_block_merges_are_exact_when_threads_interleave():
+    """Reductions of fixed inputs, each spread over several blocks, repeated with the threads of
+    every block interleaved: each launch must give the float64 sums. Alternating two inputs per
+    layout keeps a shared array left over from the previous launch from holding the right values
+    by chance. (Before the simulator's shared arrays were made thread-safe, see
+    numba_bn/cuda/simulator.py, a few launches in a hundred went wrong here.)"""
+    backend = dispatch.get("cuda")
+    fixed = np.random.default_rng(1234)
+    cases = []
+    for shape in STRESS_SHAPES:
+        _, _, parts_n, parts_s, _ = launch.reduction_shape(shape)
+        assert parts_n * parts_s > 1, shape  # the merge crosses blocks
+        cases += [stress_case(fixed, shape, spread) for spread in (1.0, 100.0)]
+    wrong = []
+    with interleaved_threads():
+        for repetition in range(STRESS_REPETITIONS):
+            for (x, dy, mean), expected in cases:
+                got = on("cuda", *(np.full(x.shape[1], np.nan) for _ in expected))
+                backend.channel_stats(x, got[0], got[1])
+                backend.backward_sums(dy, x, mean, got[2], got[3])
+                got = np.array([host(v) for v in got])
+                if not np.allclose(got, expected, rtol=1e-12, atol=1e-12):
+                    wrong.append(f"repetition {repetition}, {x.shape}: {got} != {expected}")
+    runs = STRESS_REPETITIONS * len(cases)
+    assert not wrong, f"{len(wrong)} of {runs} runs wrong; first: {wrong[0]}"
+
+
 def test_launch_shape_changes_rounding_only(rng, monkeypatch):
     x = random_batch(rng, (6, 3, 10), np.float32)
     results = []
@@ -363,7 +434,9 @@ def test_split_primitives_match_the_cpu_backend(rng):
     for shape in ((7, 3, 1), (3, 2, 6)):
         x = random_batch(rng, shape, np.float64).reshape(shape)
         dy = rng.standard_normal(shape)
-        coefficients = rng.uniform(1, 2, (5, shape[1]))
+        # numba_bn.stats' affine and dx rows; their last, pre, is 1 (the CUDA passes assume so)
+        affine, dx_rows = (rng.uniform(1, 2, (rows, shape[1])) for rows in (AFFINE_ROWS, DX_ROWS))
+        affine[-1] = dx_rows[-1] = 1.0
         results = {}
         for device in DEVICES:
             backend = dispatch.get(device)
@@ -371,10 +444,10 @@ def test_split_primitives_match_the_cpu_backend(rng):
             x_d, dy_d = on(device, x, dy)
             count = backend.channel_stats(x_d, mean, m2)
             backend.backward_sums(dy_d, x_d, mean, sum_dy, sum_dy_xmu)
-            coef = on(device, coefficients)[0]
+            affine_d, dx_rows_d = on(device, affine, dx_rows)
             y, dx = on(device, np.zeros(shape), np.zeros(shape))
-            backend.normalize(x_d, coef[:4], y)
-            backend.backward_dx(dy_d, x_d, coef, dx)
+            backend.normalize(x_d, affine_d, y)
+            backend.backward_dx(dy_d, x_d, dx_rows_d, dx)
             results[device] = [count, *(host(v) for v in (mean, m2, sum_dy, sum_dy_xmu, y, dx))]
         for a, b in zip(results["cpu"], results["cuda"], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

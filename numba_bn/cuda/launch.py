@@ -3,6 +3,9 @@
 Arguments come validated from :mod:`numba_bn.functional` as C-contiguous Numba device arrays in
 one compute dtype; per-channel statistics are float64; absent weight/bias/running buffers are
 zero-length device arrays. Every call launches at most two kernels (see :mod:`.kernels`).
+
+Under the simulator, importing this module first makes its shared arrays thread-safe (see
+:mod:`.simulator`).
 """
 
 import math
@@ -11,6 +14,9 @@ import numpy as np
 from numba import cuda
 
 from . import config, kernels
+from .simulator import make_shared_arrays_thread_safe
+
+make_shared_arrays_thread_safe()
 
 
 def _pow2_at_least(n):
