@@ -1,9 +1,20 @@
 """Which backend and which device run a call.
 
 Backends: a backend implements, on validated C-contiguous canonical ``(outer, C, inner)`` views,
-``forward_train``, ``forward_eval``, ``backward``, ``channel_stats``, ``normalize``,
-``backward_sums`` and ``backward_dx`` with the signatures of :class:`numba_bn.cpu.CpuBackend`.
-Its arrays live in its ``memory`` (:mod:`numba_bn.memory`; host NumPy when it has none).
+the interface of :class:`numba_bn.cpu.CpuBackend`, every per-channel argument named:
+
+* whole operations, which a backend may fuse: ``forward_train(x, *, weight, bias, eps, y,
+  mean, invstd, m2, running=None, nan_check=False)``, ``forward_eval(x, *, weight, bias,
+  running_mean, running_var, eps, y)``, ``backward(dy, x, *, mean, invstd, weight, dx, sum_dy,
+  sum_dy_xmu)``;
+* the split steps that an exchange (SyncBatchNorm's ranks) goes between: ``batch_stats(x, *,
+  mean, m2)`` -> count, ``normalize(x, *, mean, invstd, weight, bias, y)``,
+  ``backward_sums(dy, x, *, mean, sum_dy, sum_dy_xmu)``, ``backward_dx(dy, x, *, mean, invstd,
+  weight, sum_dy, sum_dy_xmu, count, dx)``.
+
+mean, invstd, m2 and the sums are float64; a backend builds its own elementwise coefficients
+from them. Its arrays live in its ``memory`` (:mod:`numba_bn.memory`; host NumPy when it has
+none).
 
 Devices: ``device="auto"`` runs where the arrays are: on the CUDA backend when they expose
 ``__cuda_array_interface__`` (CuPy, PyTorch, Numba device arrays, ...), on the host backend for

@@ -35,20 +35,11 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import dispatch
-from .checks import (
-    check_backward_inputs,
-    check_input,
-    check_train_inputs,
-    compute_dtype,
-    in_compute_dtype,
-)
-from .cpu.kernels import dx_coefficients, train_coefficients, update_running
+from .checks import compute_dtype, in_compute_dtype
 from .layer import BatchNorm
-from .layout import canonical_shape, normalize_axis
 from .memory import is_device_array
-from .ops import TrainResult, frozen_backward, weight_gradient
-from .stats import AFFINE_ROWS, DX_ROWS, chan_merge
+from .ops import batch_backward, batch_forward, weight_gradient
+from .stats import chan_merge
 
 INSTALL_HINT = 'pip install "numba-bn[mpi]"'
 
@@ -176,25 +167,6 @@ def _merge_ranks(counts, ranks, mean, m2):
     return count
 
 
-@njit(cache=True)
-def _apply_global_stats(
-    count, mean, m2, eps, weight, bias, momentum, unbiased, running_mean, running_var, coef, invstd
-):
-    """coef rows (mean_hi, mean_lo, scale, shift) and invstd (=) of every channel, and the
-    running update (+=, when the buffers are not empty) from the global statistics."""
-    for c in range(mean.size):
-        train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
-    if running_mean.size:
-        update_running(running_mean, running_var, count, mean, m2, momentum, unbiased)
-
-
-@njit(cache=True)
-def _backward_coefficients(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
-    """coef rows (mean_hi, mean_lo, proj, mean_dy, k) (=) of every channel, global count."""
-    for c in range(mean.size):
-        dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
-
-
 def _single_value_error(counts):
     """The same message on every rank: it is built from the gathered counts only."""
     holder = int(np.argmax(counts))
@@ -204,124 +176,39 @@ def _single_value_error(counts):
     )
 
 
-# ------------------------------------------------------------------------- internal operations
-def sync_train_forward(
-    x,
-    weight,
-    bias,
-    eps,
-    axis,
-    *,
-    comm,
-    running_mean=None,
-    running_var=None,
-    momentum=0.1,
-    unbiased=True,
-    nan_policy="propagate",
-    out=None,
-    backend="cpu",
-):
-    """:func:`numba_bn.ops.batch_forward` over the global batch of ``comm``.
+# ------------------------------------------------------------------------------- the exchange
+class RankExchange:
+    """:class:`numba_bn.ops.Exchange` over the ranks of an MPI communicator.
 
-    Returns a TrainResult whose statistics and count are those of the global batch.
+    Each call is collective: the header (:func:`exchange_header`, where ranks that disagree all
+    raise), then one payload collective. The operations themselves are numba_bn.ops', with
+    this exchange between their local reduction and their elementwise pass.
     """
-    prepared, eps, momentum, vectors = check_train_inputs(
-        x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy
-    )
-    run_mean = run_var = np.empty(0, prepared.dtype)  # zero-length: no running update
-    store_back = ()
-    if running_mean is not None:  # like every local check, before the exchange
-        (run_mean, store_mean), (run_var, store_var) = (
-            vectors.writable("running_mean"),
-            vectors.writable("running_var"),
-        )
-        store_back = (store_mean, store_var)
-    y, y_view = prepared.output(out)
-    kernels = dispatch.get(backend)
-    channels = prepared.channels
 
-    # collective 1 of 2, after every local check and before anything is computed or written
-    counts = exchange_header(comm, TRAIN_FORWARD, channels, prepared.x.dtype, prepared.count)
-    local = np.zeros((2, channels))  # rows: mean, M2; an empty rank sends zeros
-    if prepared.count and channels:
-        kernels.channel_stats(prepared.view, local[0], local[1])
-    ranks = np.empty((comm.size, 2, channels))
-    comm.Allgather(local, ranks)  # collective 2 of 2: 2C values per rank
-    mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
-    count = _merge_ranks(counts.astype(np.float64), ranks, mean, m2)
+    def __init__(self, comm):
+        self.comm = comm
 
-    # Every rank holds the same `counts` and `ranks`, so every rank takes the same branch below.
-    if count == 1:
-        raise _single_value_error(counts)
-    if count == 0:
-        mean.fill(np.nan), invstd.fill(np.nan), m2.fill(np.nan)
-        return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
-    if nan_policy == "raise" and not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-        raise ValueError(
-            "x holds NaN or Inf on some rank (nan_policy='raise'): the global batch statistics "
-            "are not finite; running statistics were not updated"
-        )
-    coef = np.empty((AFFINE_ROWS, channels), prepared.dtype)
-    weight, bias = vectors.kernel("weight"), vectors.kernel("bias")
-    _apply_global_stats(
-        count, mean, m2, eps, weight, bias, momentum, unbiased, run_mean, run_var, coef, invstd
-    )
-    for store in store_back:
-        store()
-    if prepared.count and channels:
-        kernels.normalize(prepared.view, coef, y_view)
-    return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, int(count))
+    def batch_stats(self, dtype, count, mean, m2):
+        """The global (count, mean, M2): an Allgather of every rank's (mean, M2), 2C values,
+        Chan-merged in rank order with the counts of the header, the same on every rank."""
+        channels = mean.size
+        counts = exchange_header(self.comm, TRAIN_FORWARD, channels, dtype, count)
+        ranks = np.empty((self.comm.size, 2, channels))
+        self.comm.Allgather(np.stack([mean, m2]), ranks)
+        global_mean, global_m2 = np.empty(channels), np.empty(channels)
+        total = _merge_ranks(counts.astype(np.float64), ranks, global_mean, global_m2)
+        if total == 1:  # every rank holds the same counts: every rank raises
+            raise _single_value_error(counts)
+        return total, global_mean, global_m2
 
-
-def sync_train_backward(dy, x, mean, invstd, weight, axis, *, comm, out=None, backend="cpu"):
-    """dx, and the global (sum_dy, sum_dy_xmu); ``mean``/``invstd`` are the global statistics."""
-    return _train_backward_over_ranks(
-        dy, x, mean, invstd, weight, axis, comm=comm, out=out, backend=backend
-    )[:3]
-
-
-def _train_backward_over_ranks(dy, x, mean, invstd, weight, axis, *, comm, out, backend):
-    """:func:`sync_train_backward`, and the global count."""
-    prepared, dy, mean, invstd, vectors = check_backward_inputs(dy, x, mean, invstd, weight, axis)
-    dx, dx_view = prepared.output(out)
-    kernels = dispatch.get(backend)
-    channels = prepared.channels
-    dy_view = np.ascontiguousarray(dy, dtype=prepared.dtype).reshape(prepared.shape)
-
-    # collective 1 of 2, after every local check and before anything is computed or written
-    counts = exchange_header(comm, TRAIN_BACKWARD, channels, prepared.x.dtype, prepared.count)
-    local = np.zeros(2 * channels)  # sum_dy | sum_dy_xmu
-    if prepared.count and channels:
-        kernels.backward_sums(dy_view, prepared.view, mean, local[:channels], local[channels:])
-    total = np.empty_like(local)
-    comm.Allreduce(local, total)  # collective 2 of 2: 2C values, summed
-    sum_dy, sum_dy_xmu, count = total[:channels], total[channels:], float(counts.sum())
-
-    if prepared.count and channels:
-        coef = np.empty((DX_ROWS, channels), prepared.dtype)
-        _backward_coefficients(
-            count, mean, invstd, vectors.kernel("weight"), sum_dy, sum_dy_xmu, coef
-        )
-        kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
-    return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, count
-
-
-def sync_frozen_backward(
-    dy, x, running_mean, running_var, weight, eps, axis, *, comm, out=None, backend="cpu"
-):
-    """Eval-mode backward: dx is local (frozen statistics); the sums are all-reduced so that
-    the gradients of weight and bias are those of the global batch, as in training mode."""
-    # The header needs only x's shape and dtype; frozen_backward checks every argument before it
-    # writes dx, and it runs after the header, so a disagreement leaves ``out`` untouched.
-    x = check_input(x)
-    outer, channels, inner = canonical_shape(x.shape, normalize_axis(axis, x.ndim))
-    exchange_header(comm, FROZEN_BACKWARD, channels, x.dtype, outer * inner)  # collective 1 of 2
-    dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
-        dy, x, running_mean, running_var, weight, eps, axis, out=out, backend=backend
-    )
-    total = np.empty(2 * sum_dy.size)
-    comm.Allreduce(np.concatenate([sum_dy, sum_dy_xmu]), total)  # collective 2 of 2
-    return dx, total[: sum_dy.size], total[sum_dy.size :], invstd
+    def sums(self, dtype, count, sum_dy, sum_dy_xmu, *, frozen):
+        """The global (count, sum_dy, sum_dy_xmu): an Allreduce of 2C values."""
+        channels = sum_dy.size
+        operation = FROZEN_BACKWARD if frozen else TRAIN_BACKWARD
+        counts = exchange_header(self.comm, operation, channels, dtype, count)
+        total = np.empty(2 * channels)
+        self.comm.Allreduce(np.concatenate([sum_dy, sum_dy_xmu]), total)
+        return float(counts.sum()), total[:channels], total[channels:]
 
 
 # ------------------------------------------------------------------------------ public functions
@@ -359,13 +246,12 @@ def sync_forward_train(
         raises ValueError on every rank.
     """
     host_only(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
-    result = sync_train_forward(
+    result = batch_forward(
         x,
         weight,
         bias,
         eps,
         axis,
-        comm=resolve_comm(comm),
         running_mean=running_mean,
         running_var=running_var,
         momentum=momentum,
@@ -373,6 +259,8 @@ def sync_forward_train(
         nan_policy=nan_policy,
         out=out,
         backend=backend,
+        exchange=RankExchange(resolve_comm(comm)),
+        device="cpu",
     )
     return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
 
@@ -386,9 +274,10 @@ def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=No
     batch is empty, as PyTorch's gradients of an empty batch.
     """
     host_only(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight)
-    dx, sum_dy, sum_dy_xmu, count = _train_backward_over_ranks(
-        dy, x, mean, invstd, weight, axis, comm=resolve_comm(comm), out=out, backend=backend
-    )
+    dx, sum_dy, sum_dy_xmu, count = batch_backward(
+        dy, x, mean, invstd, weight, axis, out=out, backend=backend,
+        exchange=RankExchange(resolve_comm(comm)), device="cpu",
+    )  # fmt: skip
     # the global count: 0 (every rank's batch empty, invstd NaN) gives a zero dweight
     dweight = weight_gradient(invstd, sum_dy_xmu, count, compute_dtype(dx.dtype))
     return (dx, dweight, *in_compute_dtype(dx, sum_dy))
@@ -413,6 +302,7 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features, comm=None, **options):
         self.comm = resolve_comm(comm)
+        self._exchange = RankExchange(self.comm)
         super().__init__(num_features, **options)
 
     def _move(self, side):
@@ -422,16 +312,6 @@ class SyncBatchNorm(BatchNorm):
                 "NumPy arrays (CUDA inputs are not supported; copy them to the host)"
             )
         super()._move(side)
-
-    # BatchNorm passes device=self._side, which _move keeps on "cpu".
-    def _train_forward(self, *args, device="cpu", **kwargs):
-        return sync_train_forward(*args, comm=self.comm, **kwargs)
-
-    def _train_backward(self, *args, device="cpu", **kwargs):
-        return sync_train_backward(*args, comm=self.comm, **kwargs)
-
-    def _frozen_backward(self, *args, device="cpu", **kwargs):
-        return sync_frozen_backward(*args, comm=self.comm, **kwargs)
 
 
 # ------------------------------------------------------------------------------------- warm-up
@@ -470,11 +350,12 @@ def warmup(dtypes=(np.float32, np.float64)):
             channels = shape[1]
             weight, bias = np.ones(channels, dtype), np.zeros(channels, dtype)
             running_mean, running_var = np.zeros(channels, dtype), np.ones(channels, dtype)
-            result = sync_train_forward(
-                x, weight, bias, 1e-5, 1, comm=comm, running_mean=running_mean,
-                running_var=running_var,
+            exchange = RankExchange(comm)
+            result = batch_forward(
+                x, weight, bias, 1e-5, 1, running_mean=running_mean, running_var=running_var,
+                exchange=exchange,
             )  # fmt: skip
-            sync_train_backward(x, x, result.mean, result.invstd, weight, 1, comm=comm)
+            batch_backward(x, x, result.mean, result.invstd, weight, 1, exchange=exchange)
     return time.perf_counter() - start
 
 

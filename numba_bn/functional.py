@@ -95,11 +95,10 @@ def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu
         dx = w\\,\\sigma^{-1}\\left(dy - \\tfrac{1}{m}\\textstyle\\sum dy
              - \\hat x\\,\\tfrac{1}{m}\\sum dy\\,\\hat x\\right)
     """
-    dx, sum_dy, sum_dy_xmu = batch_backward(
+    dx, sum_dy, sum_dy_xmu, count = batch_backward(
         dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device
     )
     memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
-    count = dx.size // max(sum_dy.size, 1)  # values per channel
     dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
     return dx, dweight, memory.astype(sum_dy, dtype)
 

@@ -67,11 +67,9 @@ class BatchNorm:
     gradients, never a saved input.
     """
 
-    # The operations on batch statistics; SyncBatchNorm (numba_bn.distributed) swaps in versions
-    # that reduce over the ranks of an MPI communicator.
-    _train_forward = staticmethod(batch_forward)
-    _train_backward = staticmethod(batch_backward)
-    _frozen_backward = staticmethod(frozen_backward)
+    # Where batch statistics and backward sums meet across processes (numba_bn.ops.Exchange):
+    # none for one process; SyncBatchNorm (numba_bn.distributed) sets an MPI one.
+    _exchange = None
 
     def __init__(
         self,
@@ -240,7 +238,7 @@ class BatchNorm:
                 )
             update = self.training and self.track_running_stats
             batches = self.num_batches_tracked + 1
-            result = self._train_forward(
+            result = batch_forward(
                 x,
                 self.weight,
                 self.bias,
@@ -253,6 +251,7 @@ class BatchNorm:
                 nan_policy=self.nan_policy,
                 out=out,
                 backend=self.backend,
+                exchange=self._exchange,
                 device=self._side,
             )
             if update:  # an empty batch counts, as in PyTorch (its statistics change nothing)
@@ -290,7 +289,7 @@ class BatchNorm:
                 "overwrote: pass another array as out= to call backward() afterwards"
             )
         if saved.batch:
-            dx, sum_dy, sum_dy_xmu = self._train_backward(
+            dx, sum_dy, sum_dy_xmu, _ = batch_backward(
                 dy,
                 x,
                 saved.mean,
@@ -299,10 +298,11 @@ class BatchNorm:
                 self.axis,
                 out=out,
                 backend=self.backend,
+                exchange=self._exchange,
                 device=self._side,
             )
         else:
-            dx, sum_dy, sum_dy_xmu, invstd = self._frozen_backward(
+            dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
                 dy,
                 x,
                 self.running_mean,
@@ -312,6 +312,7 @@ class BatchNorm:
                 self.axis,
                 out=out,
                 backend=self.backend,
+                exchange=self._exchange,
                 device=self._side,
             )
         memory = memory_of(sum_dy)

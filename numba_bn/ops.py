@@ -7,7 +7,7 @@ the running ones (eval). ``device`` (added by :func:`numba_bn.dispatch.placed`) 
 the CUDA backend.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from .checks import (
     stats_vector,
 )
 from .dispatch import memory_of, placed
-from .stats import DX_ROWS
+from .stats import RunningUpdate, invstd_of, running_update
 
 
 class TrainResult(NamedTuple):
@@ -35,6 +35,19 @@ class TrainResult(NamedTuple):
     invstd: object
     m2: object
     count: int
+
+
+class Exchange(Protocol):
+    """Where the statistics of a batch split over processes meet (SyncBatchNorm's MPI ranks).
+
+    ``batch_stats`` takes this process's count and float64 (mean, M2) per channel and returns
+    the global ones; ``sums`` the backward's (sum_dy, sum_dy_xmu) with the count, ``frozen``
+    telling an eval-mode backward from a training one. Every process must call them in the same
+    order; an implementation raises the same error on every process or none.
+    """
+
+    def batch_stats(self, dtype, count, mean, m2): ...
+    def sums(self, dtype, count, sum_dy, sum_dy_xmu, *, frozen): ...
 
 
 @placed(
@@ -55,59 +68,72 @@ def batch_forward(
     nan_policy="propagate",
     out=None,
     backend="cpu",
+    exchange=None,
 ):
-    """Training forward with batch statistics; updates the running buffers when given."""
+    """Training forward with batch statistics; updates the running buffers when given.
+
+    statistics -> (``exchange``: merged over the processes) -> finalise -> normalise. Without an
+    exchange the backend runs it as one fused call.
+    """
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared, eps, momentum, vectors = check_train_inputs(
         x, weight, bias, eps, axis, running_mean, running_var, momentum, nan_policy, memory
     )
-    check_training_count(prepared)
+    if exchange is None:  # with one, only the global batch must hold more than one value
+        check_training_count(prepared)
     y, y_view = prepared.output(out)
     channels = prepared.channels
-    if prepared.count == 0 or channels == 0:
-        stats = memory.full((3, channels), np.nan, np.float64)
-        mean, invstd, m2 = stats[0], stats[1], stats[2]
-        return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
-    stats = memory.empty((3, channels), np.float64)
-    mean, invstd, m2 = stats[0], stats[1], stats[2]
-    store_back = []
-    run_mean = run_var = memory.empty(0, prepared.dtype)
+    running, store_back = None, ()
     if running_mean is not None:
         (run_mean, store_mean), (run_var, store_var) = (
             vectors.writable("running_mean"),
             vectors.writable("running_var"),
         )
-        store_back = [store_mean, store_var]
-    ok = kernels.forward_train(
-        prepared.view,
-        vectors.kernel("weight"),
-        vectors.kernel("bias"),
-        eps,
-        run_mean,
-        run_var,
-        momentum,
-        unbiased,
-        nan_policy == "raise",
-        y_view,
-        mean,
-        invstd,
-        m2,
-    )
-    if not ok:
+        running = RunningUpdate(run_mean, run_var, momentum, unbiased)
+        store_back = (store_mean, store_var)
+    stats = memory.full((3, channels), np.nan, np.float64)
+    mean, invstd, m2 = stats[0], stats[1], stats[2]
+    weight, bias = vectors.kernel("weight"), vectors.kernel("bias")
+    local = prepared.count and channels
+    if exchange is None:
+        if not local:
+            return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
+        finite = kernels.forward_train(
+            prepared.view, weight=weight, bias=bias, eps=eps, y=y_view, mean=mean,
+            invstd=invstd, m2=m2, running=running, nan_check=nan_policy == "raise",
+        )  # fmt: skip
+        count = prepared.count
+    else:
+        mean[:], m2[:] = 0.0, 0.0  # an empty part sends zeros
+        if local:
+            kernels.batch_stats(prepared.view, mean=mean, m2=m2)
+        count, mean, m2 = exchange.batch_stats(prepared.x.dtype, prepared.count, mean, m2)
+        if count == 0:
+            mean[:], m2[:] = np.nan, np.nan
+            return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
+        finite = nan_policy != "raise" or (np.isfinite(mean).all() and np.isfinite(m2).all())
+        if finite:
+            invstd_of(count, m2, eps, invstd)
+            if running is not None:
+                running_update(*running[:2], count, mean, m2, momentum, unbiased)
+            if local:
+                kernels.normalize(prepared.view, mean=mean, invstd=invstd, weight=weight,
+                                  bias=bias, y=y_view)  # fmt: skip
+    if not finite:
+        where = "" if exchange is None else " on some process (statistics of the whole batch)"
         raise ValueError(
-            "x holds NaN or Inf (nan_policy='raise'): batch statistics are not finite; "
+            f"x holds NaN or Inf{where} (nan_policy='raise'): batch statistics are not finite; "
             "running statistics were not updated"
         )
     for store in store_back:
         store()
-    return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, prepared.count)
+    return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, int(count))
 
 
 @placed(("x", "running_mean", "running_var", "weight", "bias", "out"), inplace=("out",))
-def frozen_forward(
-    x, running_mean, running_var, weight, bias, eps, axis, *, out=None, backend="cpu"
-):
+def frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=None,
+                   backend="cpu"):  # fmt: skip
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
@@ -129,19 +155,30 @@ def frozen_forward(
     if prepared.count and prepared.channels:
         kernels.forward_eval(
             prepared.view,
-            vectors.kernel("weight"),
-            vectors.kernel("bias"),
-            vectors.kernel("running_mean"),
-            vectors.kernel("running_var"),
-            eps,
-            y_view,
+            weight=vectors.kernel("weight"),
+            bias=vectors.kernel("bias"),
+            running_mean=vectors.kernel("running_mean"),
+            running_var=vectors.kernel("running_var"),
+            eps=eps,
+            y=y_view,
         )
     return prepared.finish(y, y_view)
 
 
+class BackwardResult(NamedTuple):
+    """dx and the float64 reductions of a backward, with the count of values per channel they
+    cover (the global batch's under an exchange)."""
+
+    dx: object
+    sum_dy: object
+    sum_dy_xmu: object
+    count: int
+
+
 @placed(("dy", "x", "mean", "invstd", "weight", "out"), inplace=("out",))
-def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"):
-    """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward."""
+def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu", exchange=None):
+    """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward:
+    reduce -> (``exchange``: summed over the processes) -> dx."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared, dy, mean, invstd, vectors = check_backward_inputs(
@@ -150,26 +187,32 @@ def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
     channels = prepared.channels
     dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
-    if prepared.count and channels:
-        dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
-        kernels.backward(
-            dy_view,
-            prepared.view,
-            mean,
-            invstd,
-            vectors.kernel("weight"),
-            dx_view,
-            sum_dy,
-            sum_dy_xmu,
+    local, count = prepared.count and channels, prepared.count
+    dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
+    weight = vectors.kernel("weight")
+    if exchange is None:
+        if local:
+            kernels.backward(dy_view, prepared.view, mean=mean, invstd=invstd, weight=weight,
+                             dx=dx_view, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+    else:
+        if local:
+            kernels.backward_sums(dy_view, prepared.view, mean=mean, sum_dy=sum_dy,
+                                  sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+        count, sum_dy, sum_dy_xmu = exchange.sums(
+            prepared.x.dtype, count, sum_dy, sum_dy_xmu, frozen=False
         )
-    return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu
+        if local:
+            kernels.backward_dx(dy_view, prepared.view, mean=mean, invstd=invstd, weight=weight,
+                                sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, count=count,
+                                dx=dx_view)  # fmt: skip
+    return BackwardResult(prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, int(count))
 
 
 @placed(("dy", "x", "running_mean", "running_var", "weight", "out"), inplace=("out",))
-def frozen_backward(
-    dy, x, running_mean, running_var, weight, eps, axis, *, out=None, backend="cpu"
-):
-    """Eval-mode backward with frozen statistics: dx = dy * weight * invstd; and the sums."""
+def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=None,
+                    backend="cpu", exchange=None):  # fmt: skip
+    """Eval-mode backward with frozen statistics: dx = dy * weight * invstd, and the sums
+    (``exchange``: summed over the processes, for the gradients of weight and bias)."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
@@ -183,18 +226,20 @@ def frozen_backward(
     vectors = Vectors(prepared.x, channels, memory=memory, weight=weight)
     dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
-    if prepared.count and channels:
-        dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
-        kernels.backward_sums(dy_view, prepared.view, mean, sum_dy, sum_dy_xmu)
-        scale = (
-            memory.product(invstd, vectors.kernel("weight"), prepared.dtype)
-            if weight is not None
-            else memory.astype(invstd, prepared.dtype)
+    local = prepared.count and channels
+    dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
+    if local:
+        kernels.backward_sums(dy_view, prepared.view, mean=mean, sum_dy=sum_dy,
+                              sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+    if exchange is not None:
+        _, sum_dy, sum_dy_xmu = exchange.sums(
+            prepared.x.dtype, prepared.count, sum_dy, sum_dy_xmu, frozen=True
         )
-        coef = memory.full((DX_ROWS, channels), 0.0, prepared.dtype)
-        memory.copy_into(coef[4], scale)  # k; mean, proj and mean_dy stay 0
-        memory.copy_into(coef[5], memory.full(channels, 1.0, prepared.dtype))  # pre
-        kernels.backward_dx(dy_view, prepared.view, coef, dx_view)
+    if local:
+        # the statistics are constants, so dx = dy * invstd * weight: the affine pass on dy
+        kernels.normalize(dy_view, mean=memory.full(channels, 0.0, np.float64), invstd=invstd,
+                          weight=vectors.kernel("weight"), bias=vectors.kernel("bias"),
+                          y=dx_view)  # fmt: skip
     return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, invstd
 
 

@@ -17,6 +17,7 @@ on the number of threads.
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, uint64
@@ -81,11 +82,57 @@ def runs_stats(values, start, length, stride, runs):
 
 @kernel(inline="always")
 def finalize(count, mean, m2, eps):
-    """``(count, mean, M2)`` -> ``(invstd, unbiased variance)``; biased variance normalises."""
-    var_biased = m2 / count
-    invstd = 1.0 / math.sqrt(var_biased + eps)
-    var_unbiased = m2 / (count - 1.0) if count > 1.0 else math.nan
-    return invstd, var_unbiased
+    """``(count, mean, M2)`` -> invstd = 1 / sqrt(M2 / count + eps): the biased variance
+    normalises (the unbiased one only enters PyTorch's running variance, running_update)."""
+    return 1.0 / math.sqrt(m2 / count + eps)
+
+
+@kernel
+def invstd_of(count, m2, eps, invstd):
+    """invstd (=) of every channel from its M2: :func:`finalize`, channel by channel."""
+    for c in range(m2.size):
+        invstd[c] = finalize(count, 0.0, m2[c], eps)
+
+
+@kernel
+def running_update(running_mean, running_var, count, mean, m2, momentum, unbiased):
+    """r = (1 - momentum) * r + momentum * batch, every channel; momentum weights the new batch
+    (PyTorch's meaning; conventions.py converts Keras', Flax's and ONNX'). The batch variance is
+    the unbiased M2 / (count - 1) (PyTorch) or the biased M2 / count (Keras, Flax, ONNX)."""
+    for c in range(mean.size):
+        running_mean[c] = running_step(running_mean[c], mean[c], momentum)
+        running_var[c] = running_step(
+            running_var[c], batch_variance(count, m2[c], unbiased), momentum
+        )
+
+
+class RunningUpdate(NamedTuple):
+    """The running buffers a training forward updates in place, and how (:func:`running_update`):
+    ``momentum`` weighs the new batch, ``unbiased`` picks the batch variance."""
+
+    mean: object
+    var: object
+    momentum: float
+    unbiased: bool
+
+
+def no_running_update(dtype):
+    """Zero-length buffers: what the kernels take for "no running update"."""
+    return RunningUpdate(np.empty(0, dtype), np.empty(0, dtype), 0.0, True)
+
+
+# Scalar pieces of running_update, which the CUDA kernels call too (the simulator cannot pass
+# its arrays to an njit function, scalars it can).
+@kernel(inline="always")
+def running_step(running, batch, momentum):
+    """One running value: (1 - momentum) * running + momentum * batch."""
+    return (1.0 - momentum) * running + momentum * batch
+
+
+@kernel(inline="always")
+def batch_variance(count, m2, unbiased):
+    """The batch variance a running update takes: unbiased (PyTorch) or biased."""
+    return m2 / (count - 1.0) if unbiased else m2 / count
 
 
 @kernel(inline="always")

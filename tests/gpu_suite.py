@@ -27,7 +27,6 @@ from numba_bn.cuda import config, launch
 from numba_bn.cuda import kernels as cuda_kernels
 from numba_bn.cuda.arrays import DEVICE, DeviceMemory
 from numba_bn.memory import is_device_array
-from numba_bn.stats import AFFINE_ROWS, DX_ROWS
 
 import naive
 from conftest import LAYOUTS, poison, random_batch
@@ -378,8 +377,8 @@ def test_cross_block_merges_are_exact_when_threads_interleave():
         for repetition in range(STRESS_REPETITIONS):
             for (x, dy, mean), expected in cases:
                 got = on("cuda", *(np.full(x.shape[1], np.nan) for _ in expected))
-                backend.channel_stats(x, got[0], got[1])
-                backend.backward_sums(dy, x, mean, got[2], got[3])
+                backend.batch_stats(x, mean=got[0], m2=got[1])
+                backend.backward_sums(dy, x, mean=mean, sum_dy=got[2], sum_dy_xmu=got[3])
                 got = np.array([host(v) for v in got])
                 if not np.allclose(got, expected, rtol=1e-12, atol=1e-12):
                     wrong.append(f"repetition {repetition}, {x.shape}: {got} != {expected}")
@@ -434,20 +433,19 @@ def test_split_primitives_match_the_cpu_backend(rng):
     for shape in ((7, 3, 1), (3, 2, 6)):
         x = random_batch(rng, shape, np.float64).reshape(shape)
         dy = rng.standard_normal(shape)
-        # numba_bn.stats' affine and dx rows; their last, pre, is 1 (the CUDA passes assume so)
-        affine, dx_rows = (rng.uniform(1, 2, (rows, shape[1])) for rows in (AFFINE_ROWS, DX_ROWS))
-        affine[-1] = dx_rows[-1] = 1.0
+        weight, bias = rng.uniform(0.5, 2.0, shape[1]), rng.uniform(-1.0, 1.0, shape[1])
+        invstd = rng.uniform(0.5, 2.0, shape[1])
         results = {}
         for device in DEVICES:
             backend = dispatch.get(device)
             mean, m2, sum_dy, sum_dy_xmu = on(device, *(np.zeros(shape[1]) for _ in range(4)))
-            x_d, dy_d = on(device, x, dy)
-            count = backend.channel_stats(x_d, mean, m2)
-            backend.backward_sums(dy_d, x_d, mean, sum_dy, sum_dy_xmu)
-            affine_d, dx_rows_d = on(device, affine, dx_rows)
+            x_d, dy_d, w_d, b_d, invstd_d = on(device, x, dy, weight, bias, invstd)
+            count = backend.batch_stats(x_d, mean=mean, m2=m2)
+            backend.backward_sums(dy_d, x_d, mean=mean, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
             y, dx = on(device, np.zeros(shape), np.zeros(shape))
-            backend.normalize(x_d, affine_d, y)
-            backend.backward_dx(dy_d, x_d, dx_rows_d, dx)
+            backend.normalize(x_d, mean=mean, invstd=invstd_d, weight=w_d, bias=b_d, y=y)
+            backend.backward_dx(dy_d, x_d, mean=mean, invstd=invstd_d, weight=w_d, sum_dy=sum_dy,
+                                sum_dy_xmu=sum_dy_xmu, count=count, dx=dx)  # fmt: skip
             results[device] = [count, *(host(v) for v in (mean, m2, sum_dy, sum_dy_xmu, y, dx))]
         for a, b in zip(results["cpu"], results["cuda"], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -273,7 +273,7 @@ def test_one_value_per_channel_in_the_global_batch_raises_the_same_error_on_ever
 @needs_mpi
 def test_nan_on_one_rank_raises_on_every_rank_with_nan_policy_raise(job):
     messages = [str(m) for m in job.per_rank("error_nan")]
-    assert messages[0].startswith("ValueError: x holds NaN or Inf on some rank")
+    assert messages[0].startswith("ValueError: x holds NaN or Inf on some process")
     assert messages == [messages[0]] * job.size
     for record in job.records:
         assert np.array_equal(record["nan_running_mean"], np.zeros(4))

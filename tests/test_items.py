@@ -27,7 +27,7 @@ def test_elementwise_items_write_every_element(rng, shape):
     coef[2], coef[4] = 2.0, 1.0  # y = 2 x
     y = np.full(shape, np.nan, np.float32)
     for item in range(_plan(shape)["elementwise_items"]):
-        items.normalize_item(x, item, coef, y)
+        items.normalize_item(x.reshape(-1), y.reshape(-1), shape, item, coef)
     np.testing.assert_array_equal(y, 2 * x)
 
 
@@ -44,7 +44,7 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
     for c in range(shape[1]):
         items.merge_channel(c, part, mean, m2)
     expected_mean, expected_m2 = np.empty(shape[1]), np.empty(shape[1])
-    drivers.channel_stats_serial(x, expected_mean, expected_m2)
+    drivers.batch_stats_serial(x, expected_mean, expected_m2)
     np.testing.assert_array_equal(mean, expected_mean)
     np.testing.assert_array_equal(m2, expected_m2)
     values = np.moveaxis(x, 1, 0).reshape(shape[1], -1)

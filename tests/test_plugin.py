@@ -332,8 +332,9 @@ def test_a_c_status_becomes_an_error_naming_it(backends, rng):
     with pytest.raises(RuntimeError, match="NBN_ERR_VALUE"):
         running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
         backends["c-plugin"].forward_eval(
-            x, empty, empty, running_mean, running_var, -1.0, np.empty_like(x)
-        )
+            x, weight=empty, bias=empty, running_mean=running_mean, running_var=running_var,
+            eps=-1.0, y=np.empty_like(x),
+        )  # fmt: skip
 
 
 NBN_ERR_SHAPE, NBN_ERR_VALUE, NBN_ERR_INTERNAL = 2, 3, 4  # nbn_status of numba_bn.h

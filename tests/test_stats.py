@@ -10,8 +10,10 @@ from numba_bn.stats import (
     DX_ROWS,
     chan_merge,
     finalize,
+    invstd_of,
     kernel,
     prescale,
+    running_update,
     runs_stats,
     split_hi_lo,
 )
@@ -75,17 +77,29 @@ def test_runs_stats_of_nothing_is_zero():
     assert runs_stats(np.ones(4), 0, 0, 4, 3) == (0.0, 0.0, 0.0)
 
 
-def test_finalize_gives_invstd_of_the_biased_and_the_unbiased_variance():
+def test_finalize_gives_invstd_of_the_biased_variance():
     count, m2, eps = 8.0, 12.0, 1e-3
-    invstd, var_unbiased = finalize(count, 0.5, m2, eps)
-    assert invstd == pytest.approx(1.0 / math.sqrt(m2 / count + eps), rel=1e-15)
-    assert var_unbiased == pytest.approx(m2 / (count - 1.0), rel=1e-15)
-    assert math.isnan(finalize(1.0, 3.0, 0.0, eps)[1])
+    assert finalize(count, 0.5, m2, eps) == pytest.approx(1.0 / math.sqrt(m2 / count + eps))
+    invstd = np.empty(2)
+    invstd_of(count, np.array([m2, 0.0]), eps, invstd)
+    assert invstd[0] == finalize(count, 0.5, m2, eps)
+    assert invstd[1] == 1.0 / math.sqrt(eps)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_running_update_weighs_the_new_batch_with_momentum(unbiased):
+    """PyTorch's rule with the unbiased variance; Keras' with the biased one."""
+    running_mean, running_var = np.array([1.0, -2.0]), np.array([4.0, 0.5])
+    count, mean, m2, momentum = 5.0, np.array([3.0, 0.0]), np.array([8.0, 2.0]), 0.1
+    var = m2 / (count - 1.0) if unbiased else m2 / count
+    expected = (0.9 * running_mean + 0.1 * mean, 0.9 * running_var + 0.1 * var)
+    running_update(running_mean, running_var, count, mean, m2, momentum, unbiased)
+    np.testing.assert_allclose(running_mean, expected[0], rtol=1e-15)
+    np.testing.assert_allclose(running_var, expected[1], rtol=1e-15)
 
 
 def test_finalize_with_zero_variance_and_eps_is_inf_not_an_exception():
-    invstd, _ = finalize(4.0, 1.0, 0.0, 0.0)
-    assert invstd == math.inf
+    assert finalize(4.0, 1.0, 0.0, 0.0) == math.inf
 
 
 def test_kernel_division_by_zero_follows_ieee():

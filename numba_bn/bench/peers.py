@@ -56,21 +56,21 @@ class NumbaBnKernels(NumbaBn):
         mean, invstd, m2, sum_dy, sum_dy_xmu = (np.empty(case.channels) for _ in range(5))
         saved_mean = case.saved_mean.astype(np.float64)
         saved_invstd = case.saved_invstd.astype(np.float64)
-        no_buffer = np.empty(0, x.dtype)
         shape = case.x.shape
 
         def train():
-            backend.forward_train(
-                x, w, b, eps, no_buffer, no_buffer, 0.1, True, False, y, mean, invstd, m2
-            )
+            backend.forward_train(x, weight=w, bias=b, eps=eps, y=y, mean=mean, invstd=invstd,
+                                  m2=m2)  # fmt: skip
             return y.reshape(shape), mean, invstd
 
         def evaluate():
-            backend.forward_eval(x, w, b, rm, rv, eps, y)
+            backend.forward_eval(x, weight=w, bias=b, running_mean=rm, running_var=rv, eps=eps,
+                                 y=y)  # fmt: skip
             return (y.reshape(shape),)
 
         def differentiate():
-            backend.backward(dy, x, saved_mean, saved_invstd, w, dx, sum_dy, sum_dy_xmu)
+            backend.backward(dy, x, mean=saved_mean, invstd=saved_invstd, weight=w, dx=dx,
+                             sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)  # fmt: skip
             return dx.reshape(shape), saved_invstd * sum_dy_xmu, sum_dy
 
         return {"forward-train": train, "eval": evaluate, "backward": differentiate}

@@ -19,7 +19,7 @@ How the backend protocol (:mod:`numba_bn.dispatch`) maps onto the ABI:
   statistics can differ from the CPU backend's in the last bit of float32. With
   ``nan_policy="raise"`` the library writes y into scratch, copied into y only once the
   statistics are finite, so a call that raises leaves ``out=`` (x itself, perhaps) as it was.
-* ``channel_stats``, ``normalize``, ``backward_sums`` and ``backward_dx`` (the eval-mode backward,
+* ``batch_stats``, ``normalize``, ``backward_sums`` and ``backward_dx`` (the eval-mode backward,
   SyncBatchNorm's split steps) have no ABI entry points: they run on the CPU backend.
 """
 
@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import dispatch
 from ..cpu import CpuBackend
+from ..stats import running_update
 
 ABI_MAJOR = 1  # NBN_VERSION_MAJOR of csrc/numba_bn.h
 
@@ -121,22 +122,9 @@ class CBackend:
             raise RuntimeError(f"C backend {self.name!r}: nbn_{op}_{_SUFFIX[dtype]}: {message}")
 
     # --------------------------------------------------------------- through the library
-    def forward_train(
-        self,
-        x,
-        weight,
-        bias,
-        eps,
-        running_mean,
-        running_var,
-        momentum,
-        unbiased,
-        nan_check,
-        y,
-        save_mean,
-        save_invstd,
-        save_m2,
-    ):
+    def forward_train(self, x, *, weight, bias, eps, y, mean, invstd, m2, running=None,
+                      nan_check=False):  # fmt: skip
+        save_mean, save_invstd, save_m2 = mean, invstd, m2
         outer, channels, inner = x.shape
         count = outer * inner
         mean, invstd = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
@@ -169,14 +157,11 @@ class CBackend:
             if not (np.isfinite(save_mean).all() and np.isfinite(save_m2).all()):
                 return False
             np.copyto(y, y_written)
-        if running_mean.size:
-            var = var_unbiased if unbiased else save_m2 / count
-            keep = 1.0 - momentum
-            running_mean[:] = keep * running_mean.astype(np.float64) + momentum * save_mean
-            running_var[:] = keep * running_var.astype(np.float64) + momentum * var
+        if running is not None:
+            running_update(*running[:2], float(count), save_mean, save_m2, *running[2:])
         return True
 
-    def forward_eval(self, x, weight, bias, running_mean, running_var, eps, y):
+    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y):
         outer, channels, inner = x.shape
         self._call(
             "forward_eval",
@@ -193,7 +178,7 @@ class CBackend:
             _pointer(y),
         )
 
-    def backward(self, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
         outer, channels, inner = x.shape
         mean_t, invstd_t = mean.astype(x.dtype), invstd.astype(x.dtype)
         dweight, dbias = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
@@ -219,17 +204,17 @@ class CBackend:
         np.divide(dweight.astype(np.float64), invstd64, out=sum_dy_xmu, where=invstd64 != 0)
 
     # ------------------------------------------------- not in the ABI: the CPU backend's
-    def channel_stats(self, x, mean, m2):
-        return self._cpu.channel_stats(x, mean, m2)
+    def batch_stats(self, x, **vectors):
+        return self._cpu.batch_stats(x, **vectors)
 
-    def normalize(self, x, coef, y):
-        self._cpu.normalize(x, coef, y)
+    def normalize(self, x, **vectors):
+        self._cpu.normalize(x, **vectors)
 
-    def backward_sums(self, dy, x, mean, sum_dy, sum_dy_xmu):
-        self._cpu.backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
+    def backward_sums(self, dy, x, **vectors):
+        self._cpu.backward_sums(dy, x, **vectors)
 
-    def backward_dx(self, dy, x, coef, dx):
-        self._cpu.backward_dx(dy, x, coef, dx)
+    def backward_dx(self, dy, x, **vectors):
+        self._cpu.backward_dx(dy, x, **vectors)
 
 
 def register_backend(name, path_or_handle):

@@ -37,8 +37,7 @@ from numba import carray
 from ..cpu import items
 from ..cpu.kernels import eval_coefficients as _eval_coefficients
 from ..cpu.kernels import plane_channel_backward, plane_channel_train
-from ..cpu.kernels import update_running as _update_running
-from ..stats import AFFINE_ROWS, DX_ROWS
+from ..stats import AFFINE_ROWS, DX_ROWS, running_update
 
 # C types of the arguments; T becomes float or double.
 IN = "const T *"
@@ -152,11 +151,11 @@ def normalize_items(
     y_ptr: OUT,
 ):
     """y of elementwise items first:last."""
-    x = carray(x_ptr, (outer, channels, inner))
-    y = carray(y_ptr, (outer, channels, inner))
+    size = outer * channels * inner
+    x, y = carray(x_ptr, size), carray(y_ptr, size)
     coef = carray(coef_ptr, (AFFINE_ROWS, channels))
     for item in range(first, last):
-        items.normalize_item(x, item, coef, y)
+        items.normalize_item(x, y, (outer, channels, inner), item, coef)
 
 
 def update_running(
@@ -174,7 +173,7 @@ def update_running(
         carray(running_var_ptr, channels),
     )
     mean, m2 = carray(mean_ptr, channels), carray(m2_ptr, channels)
-    _update_running(running_mean, running_var, count, mean, m2, momentum, True)
+    running_update(running_mean, running_var, count, mean, m2, momentum, True)
 
 
 def eval_coefficients(
@@ -282,11 +281,11 @@ def dx_items(
     dx_ptr: OUT,
 ):
     """dx of elementwise items first:last."""
-    dy, x = carray(dy_ptr, (outer, channels, inner)), carray(x_ptr, (outer, channels, inner))
-    dx = carray(dx_ptr, (outer, channels, inner))
+    size = outer * channels * inner
+    dy, x, dx = carray(dy_ptr, size), carray(x_ptr, size), carray(dx_ptr, size)
     coef = carray(coef_ptr, (DX_ROWS, channels))
     for item in range(first, last):
-        items.dx_item(dy, x, item, coef, dx)
+        items.dx_item(dy, x, dx, (outer, channels, inner), item, coef)
 
 
 #: In the order of the generated C table (struct nbn_dtype_kernels of nbn_kernels.h).

@@ -16,7 +16,7 @@ import types
 import numpy as np
 from numba import prange
 
-from ..stats import AFFINE_ROWS, DX_ROWS, kernel
+from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
 from .items import (
     ITEM_SCRATCH_SHAPE,
     add_channel,
@@ -32,10 +32,11 @@ from .items import (
     train_channel,
 )
 from .kernels import (
+    affine_coefficients,
+    dx_coefficients,
     eval_coefficients,
     plane_channel_backward,
     plane_channel_train,
-    update_running,
 )
 
 CACHE = True
@@ -84,19 +85,21 @@ def _sums_loop(dy, x, mean, part):
 @kernel(inline="always")
 def _normalize_loop(x, coef, y):
     outer, channels, inner = x.shape
+    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
     for item in prange(elementwise_items(outer, channels, inner)):
-        normalize_item(x, item, coef, y)
+        normalize_item(x_flat, y_flat, x.shape, item, coef)
 
 
 @kernel(inline="always")
 def _dx_loop(dy, x, coef, dx):
     outer, channels, inner = x.shape
+    dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
     for item in prange(elementwise_items(outer, channels, inner)):
-        dx_item(dy, x, item, coef, dx)
+        dx_item(dy_flat, x_flat, dx_flat, x.shape, item, coef)
 
 
 # ------------------------------------------------------------------------------------ drivers
-def _channel_stats(x, mean, m2):
+def _batch_stats(x, mean, m2):
     """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
     outer, channels, inner = x.shape
     part = np.empty((3, parts(outer, inner), channels))
@@ -106,8 +109,11 @@ def _channel_stats(x, mean, m2):
     return float(outer * inner)
 
 
-def _normalize(x, coef, y):
-    """y = ((x * pre - mean_hi) - mean_lo) * scale + shift with per-channel ``coef`` rows."""
+def _normalize(x, mean, invstd, weight, bias, y):
+    """y = (x - mean) * invstd * weight + bias from float64 per-channel ``mean``, ``invstd``."""
+    coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
+    for c in range(x.shape[1]):
+        affine_coefficients(c, mean[c], invstd[c], weight, bias, coef)
     _normalize_loop(x, coef, y)
 
 
@@ -120,8 +126,12 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
         add_channel(c, part, sum_dy, sum_dy_xmu)
 
 
-def _backward_dx(dy, x, coef, dx):
-    """dx from per-channel ``coef`` dx rows (mean_hi, mean_lo, proj, mean_dy, k, pre)."""
+def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
+    """dx from the reductions ``sum_dy``, ``sum_dy_xmu`` over ``count`` values per channel
+    (which may be those of a larger batch than x: SyncBatchNorm's global batch)."""
+    coef = np.empty((DX_ROWS, x.shape[1]), x.dtype)
+    for c in range(x.shape[1]):
+        dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
     _dx_loop(dy, x, coef, dx)
 
 
@@ -149,7 +159,7 @@ def _forward_train(
     if nan_check and not (np.isfinite(save_mean).all() and np.isfinite(save_m2).all()):
         return False
     if running_mean.size:
-        update_running(running_mean, running_var, count, save_mean, save_m2, momentum, unbiased)
+        running_update(running_mean, running_var, count, save_mean, save_m2, momentum, unbiased)
     if not fused:
         _normalize_loop(x, coef, y)
     return True
@@ -182,7 +192,7 @@ def _backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu):
         _dx_loop(dy, x, coef, dx)
 
 
-channel_stats, channel_stats_serial = _twins(_channel_stats)
+batch_stats, batch_stats_serial = _twins(_batch_stats)
 normalize, normalize_serial = _twins(_normalize)
 backward_sums, backward_sums_serial = _twins(_backward_sums)
 backward_dx, backward_dx_serial = _twins(_backward_dx)

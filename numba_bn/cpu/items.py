@@ -16,9 +16,10 @@ Work items of the canonical ``(outer, C, inner)`` view:
 
 Which item computes what never changes the merge order inside a channel, so results do not depend
 on the partition's use of threads. Each item is index arithmetic plus a call into
-:mod:`.kernels`: floating point stays in separately compiled kernels, which keeps the parallel and
-serial twins bitwise identical (float code inline in a prange body was seen to round 1 ulp
-differently between twins).
+:mod:`.kernels`, inlined into the loop that runs it (a call per item costs: 16384 items of 196
+values in a 14x14 feature map made eval 2x slower). Floating point stays in the separately
+compiled kernels, which keeps the parallel and serial twins bitwise identical (float code inline
+in a prange body was seen to round 1 ulp differently between twins).
 """
 
 from ..stats import kernel
@@ -129,7 +130,7 @@ def _row_item_range(item, outer, channels):
     return k, r0, min(r0 + ROW_CHUNK, outer), c0, min(c0 + CHANNEL_TILE, channels)
 
 
-@kernel
+@kernel(inline="always")
 def stats_item(x, item, part, scratch):
     """Partials (=) count, mean, M2 of reduction item ``item`` in ``part`` (3, parts, C).
 
@@ -148,7 +149,7 @@ def stats_item(x, item, part, scratch):
         part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, c, g)
 
 
-@kernel
+@kernel(inline="always")
 def sums_item(dy, x, item, mean, part):
     """Partials (=) sum_dy, sum_dy_xmu of reduction item ``item`` in ``part`` (2, parts, C)."""
     outer, channels, inner = x.shape
@@ -165,26 +166,26 @@ def sums_item(dy, x, item, mean, part):
 
 
 # ----------------------------------------------------------------------------- channel items
-@kernel
+@kernel(inline="always")
 def merge_channel(c, part, mean, m2):
     """mean[c], m2[c] (=) from the partials of channel ``c``, in part order."""
     _, mean[c], m2[c] = merge_parts(part, c)
 
 
-@kernel
+@kernel(inline="always")
 def train_channel(c, part, count, eps, weight, bias, coef, mean, invstd, m2):
     """Channel ``c``: merge its partials, save mean, invstd, M2, and its affine coefficients."""
     _, mean[c], m2[c] = merge_parts(part, c)
     train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
 
 
-@kernel
+@kernel(inline="always")
 def add_channel(c, part, sum_dy, sum_dy_xmu):
     """sum_dy[c], sum_dy_xmu[c] (=) from the partials of channel ``c``, in part order."""
     sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
 
 
-@kernel
+@kernel(inline="always")
 def dx_channel(c, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu):
     """Channel ``c``: add its partials, then its dx coefficients."""
     sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
@@ -201,10 +202,13 @@ def _plane_item(item, channels, inner):
     return plane % channels, start, min(start + PLANE_BLOCK, (plane + 1) * inner)
 
 
-@kernel
-def normalize_item(x, item, coef, y):
-    """y (=) of elementwise item ``item`` with the affine rows ``coef``."""
-    outer, channels, inner = x.shape
+# Elementwise items take the flat arrays and the view's shape: planes have thousands of short
+# items (64 x 256 planes of 196 values in a 14x14 feature map), and a reshape per item, with its
+# reference counting, cost 2x in eval there (measured); rows items are long and reshape inside.
+@kernel(inline="always")
+def normalize_item(x, y, shape, item, coef):
+    """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``."""
+    outer, channels, inner = shape
     if inner == 1:
         rows = row_span_rows(channels)
         r0 = item * rows
@@ -212,19 +216,19 @@ def normalize_item(x, item, coef, y):
                     min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
     else:
         c, start, stop = _plane_item(item, channels, inner)
-        affine_range(x.reshape(x.size), y.reshape(y.size), start, stop, coef, c)
+        affine_range(x, y, start, stop, coef, c)
 
 
-@kernel
-def dx_item(dy, x, item, coef, dx):
-    """dx (=) of elementwise item ``item`` with the dx rows ``coef``."""
-    outer, channels, inner = x.shape
+@kernel(inline="always")
+def dx_item(dy, x, dx, shape, item, coef):
+    """dx (=) of elementwise item ``item`` of flat ``dy``, ``x``, ``dx`` with the dx rows."""
+    outer, channels, inner = shape
     if inner == 1:
         rows = row_span_rows(channels)
         r0 = item * rows
-        shape = (outer, channels)
-        rows_dx(dy.reshape(shape), x.reshape(shape), dx.reshape(shape), r0,
-                min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+        rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels),
+                dx.reshape(outer, channels), r0, min(r0 + rows, outer), 0, channels,
+                coef)  # fmt: skip
     else:
         c, start, stop = _plane_item(item, channels, inner)
-        dx_range(dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size), start, stop, coef, c)
+        dx_range(dy, x, dx, start, stop, coef, c)

@@ -189,11 +189,8 @@ def add_parts(part, c):
 
 # ---------------------------------------------------------------------- per-channel coefficients
 @kernel
-def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
-    """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics."""
-    invstd, _ = finalize(count, mean, m2, eps)
-    save_mean[c] = mean
-    save_invstd[c] = invstd
+def affine_coefficients(c, mean, invstd, weight, bias, coef):
+    """Channel c: ``coef`` affine rows of y = (x - mean) * invstd * weight + bias."""
     pre = prescale(mean, coef)
     split_hi_lo(mean * pre, coef, 0, c)
     coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
@@ -202,26 +199,20 @@ def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, s
 
 
 @kernel
+def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
+    """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics."""
+    invstd = finalize(count, mean, m2, eps)
+    save_mean[c] = mean
+    save_invstd[c] = invstd
+    affine_coefficients(c, mean, invstd, weight, bias, coef)
+
+
+@kernel
 def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
     """``coef`` affine rows from frozen running statistics, every channel."""
     for c in range(coef.shape[1]):
         invstd = 1.0 / math.sqrt(running_var[c] + eps)
-        pre = prescale(running_mean[c], coef)
-        coef[0, c] = running_mean[c] * pre
-        coef[1, c] = 0.0
-        coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
-        coef[3, c] = bias[c] if bias.size else 0.0
-        coef[4, c] = pre
-
-
-@kernel
-def update_running(running_mean, running_var, count, mean, m2, momentum, unbiased):
-    """r = (1 - momentum) * r + momentum * batch; momentum weights the new batch."""
-    keep = 1.0 - momentum
-    for c in range(mean.size):
-        var = m2[c] / (count - 1.0) if unbiased else m2[c] / count
-        running_mean[c] = keep * running_mean[c] + momentum * mean[c]
-        running_var[c] = keep * running_var[c] + momentum * var
+        affine_coefficients(c, running_mean[c], invstd, weight, bias, coef)
 
 
 @kernel
@@ -241,17 +232,35 @@ def affine_range(x, y, start, stop, coef, c):
     """y = ((x * pre - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays,
     with the affine rows of channel ``c``."""
     mean_hi, mean_lo, scale, shift, pre = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
-    for i in range(uint64(start), uint64(stop)):
-        y[i] = ((x[i] * pre - mean_hi) - mean_lo) * scale + shift
+    if pre == 1.0:  # every ordinary channel: the loop without the multiply (measured 1.1-1.5x)
+        for i in range(uint64(start), uint64(stop)):
+            y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
+    else:
+        for i in range(uint64(start), uint64(stop)):
+            y[i] = ((x[i] * pre - mean_hi) - mean_lo) * scale + shift
+
+
+@kernel(inline="always")
+def prescaled(pre, c0, c1):
+    """Whether a channel of ``c0:c1`` has ``pre`` != 1 (stats.prescale)."""
+    for c in range(c0, c1):
+        if pre[c] != 1.0:
+            return True
+    return False
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
 def rows_affine(x, y, r0, r1, c0, c1, coef):
     """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range."""
     mean_hi, mean_lo, scale, shift, pre = coef[0], coef[1], coef[2], coef[3], coef[4]
-    for r in range(uint64(r0), uint64(r1)):
-        for c in range(uint64(c0), uint64(c1)):
-            y[r, c] = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+    if prescaled(pre, c0, c1):
+        for r in range(uint64(r0), uint64(r1)):
+            for c in range(uint64(c0), uint64(c1)):
+                y[r, c] = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+    else:  # every ordinary input: the loop without the multiply (as affine_range)
+        for r in range(uint64(r0), uint64(r1)):
+            for c in range(uint64(c0), uint64(c1)):
+                y[r, c] = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
 
 
 # ----------------------------------------------------------------------------- backward: reduce
@@ -329,19 +338,28 @@ def dx_range(dy, x, dx, start, stop, coef, c):
     """dx over [start, stop) of 1-D arrays with the dx rows of channel ``c``."""
     mean_hi, mean_lo, proj, mean_dy = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
     k, pre = coef[4, c], coef[5, c]
-    for i in range(uint64(start), uint64(stop)):
-        xmu = (x[i] * pre - mean_hi) - mean_lo
-        dx[i] = (dy[i] - mean_dy - xmu * proj) * k
+    if pre == 1.0:  # every ordinary channel: the loop without the multiply (as affine_range)
+        for i in range(uint64(start), uint64(stop)):
+            dx[i] = (dy[i] - mean_dy - ((x[i] - mean_hi) - mean_lo) * proj) * k
+    else:
+        for i in range(uint64(start), uint64(stop)):
+            dx[i] = (dy[i] - mean_dy - ((x[i] * pre - mean_hi) - mean_lo) * proj) * k
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
 def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
     mean_hi, mean_lo, proj, mean_dy, k = coef[0], coef[1], coef[2], coef[3], coef[4]
     pre = coef[5]
-    for r in range(uint64(r0), uint64(r1)):
-        for c in range(uint64(c0), uint64(c1)):
-            xmu = (x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]
-            dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
+    if prescaled(pre, c0, c1):
+        for r in range(uint64(r0), uint64(r1)):
+            for c in range(uint64(c0), uint64(c1)):
+                xmu = (x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]
+                dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
+    else:  # every ordinary input: the loop without the multiply (as affine_range)
+        for r in range(uint64(r0), uint64(r1)):
+            for c in range(uint64(c0), uint64(c1)):
+                xmu = (x[r, c] - mean_hi[c]) - mean_lo[c]
+                dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
 
 
 # ------------------------------------------------------------------ whole channels (planes, fused)

@@ -70,24 +70,30 @@ class CudaBackend:
 
         return launch
 
-    # The signatures are those of numba_bn.cpu.CpuBackend; numba_bn.cuda.launch documents them.
-    def forward_train(self, *args):
-        return self._launch().forward_train(*args)
+    # The interface of numba_bn.cpu.CpuBackend; numba_bn.cuda.launch documents the launches.
+    def forward_train(self, x, *, weight, bias, eps, y, mean, invstd, m2, running=None,
+                      nan_check=False):  # fmt: skip
+        launch = self._launch()
+        if running is None:  # zero-length buffers: no running update
+            running = (self.memory.empty(0, x.dtype), self.memory.empty(0, x.dtype), 0.0, True)
+        run_mean, run_var, momentum, unbiased = running
+        return launch.forward_train(x, weight, bias, eps, run_mean, run_var, momentum, unbiased,
+                                    nan_check, y, mean, invstd, m2)  # fmt: skip
 
-    def forward_eval(self, *args):
-        self._launch().forward_eval(*args)
+    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y):
+        self._launch().forward_eval(x, weight, bias, running_mean, running_var, eps, y)
 
-    def backward(self, *args):
-        self._launch().backward(*args)
+    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+        self._launch().backward(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
 
-    def channel_stats(self, *args):
-        return self._launch().channel_stats(*args)
+    def batch_stats(self, x, *, mean, m2):
+        return self._launch().batch_stats(x, mean, m2)
 
-    def normalize(self, *args):
-        self._launch().normalize(*args)
+    def normalize(self, x, *, mean, invstd, weight, bias, y):
+        self._launch().normalize(x, mean, invstd, weight, bias, y)
 
-    def backward_sums(self, *args):
-        self._launch().backward_sums(*args)
+    def backward_sums(self, dy, x, *, mean, sum_dy, sum_dy_xmu):
+        self._launch().backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
 
-    def backward_dx(self, *args):
-        self._launch().backward_dx(*args)
+    def backward_dx(self, dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
+        self._launch().backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)

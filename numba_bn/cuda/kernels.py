@@ -42,7 +42,7 @@ import math
 
 from numba import cuda, float64, int32
 
-from ..stats import chan_merge, finalize
+from ..stats import batch_variance, chan_merge, finalize, running_step
 from .config import MAX_THREADS
 
 
@@ -114,7 +114,7 @@ def _store_mean(mean, coef, c):
 @cuda.jit(device=True)
 def _train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_invstd):
     """Channel c: save invstd; coef rows of y = ((x - mean_hi) - mean_lo) * scale + shift."""
-    invstd, _ = finalize(count, mean, m2, eps)
+    invstd = finalize(count, mean, m2, eps)
     save_invstd[c] = invstd
     _store_mean(mean, coef, c)
     coef[2, c] = invstd * weight[c] if weight.size else invstd
@@ -128,6 +128,26 @@ def _dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     coef[2, c] = invstd * invstd * sum_dy_xmu / count  # term 3: projection onto x_hat
     coef[3, c] = sum_dy / count  # term 2: mean of dy
     coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
+
+
+@cuda.jit
+def affine_coefficients(mean, invstd, weight, bias, coef):
+    """coef (=, 4 x C) of y = (x - mean) * invstd * weight + bias; one thread per channel."""
+    c = cuda.grid(1)
+    if c >= coef.shape[1]:
+        return
+    _store_mean(mean[c], coef, c)
+    coef[2, c] = invstd[c] * weight[c] if weight.size else invstd[c]
+    coef[3, c] = bias[c] if bias.size else 0.0
+
+
+@cuda.jit
+def dx_coefficients(count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
+    """coef (=, 5 x C) of dx from the reductions over ``count`` values; one thread per channel."""
+    c = cuda.grid(1)
+    if c >= coef.shape[1]:
+        return
+    _dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
 
 
 # ----------------------------------------------------------------------- cross-thread merges
@@ -307,12 +327,11 @@ def affine(
 
     if cuda.blockIdx.x != 0 or running_mean.size == 0 or (nan_check and flags[0] != 0):
         return
-    keep = 1.0 - momentum
     threads = cuda.blockDim.x * cuda.blockDim.y
     for ch in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, channels, threads):
-        var = save_m2[ch] / (count - 1.0) if unbiased else save_m2[ch] / count
-        running_mean[ch] = keep * running_mean[ch] + momentum * save_mean[ch]
-        running_var[ch] = keep * running_var[ch] + momentum * var
+        running_mean[ch] = running_step(running_mean[ch], save_mean[ch], momentum)
+        var = batch_variance(count, save_m2[ch], unbiased)
+        running_var[ch] = running_step(running_var[ch], var, momentum)
 
 
 # -------------------------------------------------------------------------------- backward

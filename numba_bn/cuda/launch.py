@@ -177,7 +177,7 @@ def _launch_sums(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     )
 
 
-def backward_dx(dy, x, coef, dx):
+def _launch_dx(dy, x, coef, dx):
     """dx from per-channel ``coef`` rows (mean_hi, mean_lo, proj, mean_dy, k)."""
     blocks, block, values = elementwise_shape(x.shape)
     kernels.backward_dx[blocks, block](dy, x, coef, values, dx)
@@ -187,19 +187,35 @@ def backward(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
     """The per-channel reduction and dx coefficients (launch 1), then dx (launch 2)."""
     coef = _empty(x.dtype, (5, x.shape[1]))
     _launch_sums(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
-    backward_dx(dy, x, coef, dx)
+    _launch_dx(dy, x, coef, dx)
+
+
+def backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
+    """dx from the float64 reductions over ``count`` values per channel (coefficients, dx)."""
+    coef = _empty(x.dtype, (5, x.shape[1]))
+    _per_channel(kernels.dx_coefficients, x.shape[1], float(count), mean, invstd, weight, sum_dy,
+                 sum_dy_xmu, coef)  # fmt: skip
+    _launch_dx(dy, x, coef, dx)
 
 
 # ------------------------------------------------------------- split primitives (SyncBN steps)
-def channel_stats(x, mean, m2):
+def _per_channel(kernel, channels, *args):
+    """Launch a one-thread-per-channel kernel."""
+    threads = min(128, channels)
+    kernel[math.ceil(channels / threads), threads](*args)
+
+
+def batch_stats(x, mean, m2):
     """mean, M2 (=, float64) of every channel; returns the count."""
     none = _empty(x.dtype)
     _launch_stats(x, none, none, 0.0, mean, _empty(np.float64), m2, _empty(x.dtype, (4, 0)))
     return float(x.shape[0] * x.shape[2])
 
 
-def normalize(x, coef, y):
-    """y from per-channel ``coef`` rows (mean_hi, mean_lo, scale, shift)."""
+def normalize(x, mean, invstd, weight, bias, y):
+    """y from float64 per-channel ``mean`` and ``invstd`` (coefficients, then y)."""
+    coef = _empty(x.dtype, (4, x.shape[1]))
+    _per_channel(kernels.affine_coefficients, x.shape[1], mean, invstd, weight, bias, coef)
     _launch_affine(x, coef, y)
 
 
