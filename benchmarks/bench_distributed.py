@@ -91,26 +91,28 @@ def kernel_variants(x, dy):
     channels, empty = view.shape[1], np.empty(0, x.dtype)
     y, dx = np.empty_like(view), np.empty_like(view)
     mean, invstd, m2, sum_dy, sum_dy_xmu = np.empty((5, channels))
-    kernels.forward_train(view, empty, empty, 1e-5, empty, empty, 0.1, True, False, y, mean,
-                          invstd, m2)  # fmt: skip
-    coef_y = np.array([mean, np.zeros(channels), invstd, np.zeros(channels)], x.dtype)
-    coef_dx = np.array([mean, np.zeros(channels), invstd, invstd, invstd], x.dtype)
+    vectors = dict(weight=empty, bias=empty)
+    kernels.forward_train(view, eps=1e-5, y=y, mean=mean, invstd=invstd, m2=m2, **vectors)
+    count = float(view.shape[0] * view.shape[2])
     return {
         "kernel: fused fwd": (
-            lambda: kernels.forward_train(view, empty, empty, 1e-5, empty, empty, 0.1, True,
-                                          False, y, mean, invstd, m2), 2,
+            lambda: kernels.forward_train(view, eps=1e-5, y=y, mean=mean, invstd=invstd, m2=m2,
+                                          **vectors), 2,
         ),
         "kernel: stats+norm": (
-            lambda: (kernels.channel_stats(view, mean, m2), kernels.normalize(view, coef_y, y)),
-            3,
+            lambda: (kernels.batch_stats(view, mean=mean, m2=m2),
+                     kernels.normalize(view, mean=mean, invstd=invstd, y=y, **vectors)), 3,
         ),
         "kernel: fused bwd": (
-            lambda: kernels.backward(dy_view, view, mean, invstd, empty, dx, sum_dy, sum_dy_xmu),
-            3,
+            lambda: kernels.backward(dy_view, view, mean=mean, invstd=invstd, weight=empty,
+                                     dx=dx, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu), 3,
         ),
         "kernel: sums+dx": (
-            lambda: (kernels.backward_sums(dy_view, view, mean, sum_dy, sum_dy_xmu),
-                     kernels.backward_dx(dy_view, view, coef_dx, dx)), 5,
+            lambda: (kernels.backward_sums(dy_view, view, mean=mean, sum_dy=sum_dy,
+                                           sum_dy_xmu=sum_dy_xmu),
+                     kernels.backward_dx(dy_view, view, mean=mean, invstd=invstd, weight=empty,
+                                         sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, count=count,
+                                         dx=dx)), 5,
         ),
     }  # fmt: skip
 

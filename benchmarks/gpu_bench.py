@@ -142,17 +142,38 @@ def time_shape(shape, axis, dtype, repeat, warmup, smoke):
         "copy": (2, lambda: copy_d.copy_to_device(x_d), None),
         "forward-train": (
             3,
-            lambda: gpu.forward_train(x3, w_d, b_d, 1e-5, rm, rv, 0.1, True, False, y3, *stats[:3]),
+            lambda: gpu.forward_train(
+                x3,
+                weight=w_d,
+                bias=b_d,
+                eps=1e-5,
+                y=y3,
+                mean=stats[0],
+                invstd=stats[1],
+                m2=stats[2],
+                running=(rm, rv, 0.1, True),
+            ),
             lambda: nbn.batch_norm(x_d, rm, rv, w_d, b_d, training=True, axis=axis, out=y_d),
         ),
         "forward-eval": (
             2,
-            lambda: gpu.forward_eval(x3, w_d, b_d, rm, rv, 1e-5, y3),
+            lambda: gpu.forward_eval(
+                x3, weight=w_d, bias=b_d, running_mean=rm, running_var=rv, eps=1e-5, y=y3
+            ),
             lambda: nbn.forward_eval(x_d, rm, rv, w_d, b_d, axis=axis, out=y_d),
         ),
         "backward": (
             5,
-            lambda: gpu.backward(dy3, x3, mean64, invstd64, w_d, dx3, *stats[3:]),
+            lambda: gpu.backward(
+                dy3,
+                x3,
+                mean=mean64,
+                invstd=invstd64,
+                weight=w_d,
+                dx=dx3,
+                sum_dy=stats[3],
+                sum_dy_xmu=stats[4],
+            ),
             lambda: nbn.backward(dy_d, x_d, mean, invstd, w_d, axis, out=dx_d),
         ),
     }
