@@ -35,6 +35,8 @@ def signatures(dt):
             (x, v, v, f64, dt, i64, i64, partial, flags, v64, v64, v64, array(dt, 2))
         ),
         kernels.eval_coefficients: (v, v, v, v, f64, array(dt, 2)),
+        kernels.affine_coefficients: (v64, v64, v, v, array(dt, 2)),
+        kernels.dx_coefficients: (f64, v64, v64, v, v64, v64, array(dt, 2)),
         kernels.affine: (
             (x, array(dt, 2), i64, f64, v64, v64, f64, types.boolean, types.boolean, flags, v, v, x)
         ),

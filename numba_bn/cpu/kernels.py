@@ -232,35 +232,17 @@ def affine_range(x, y, start, stop, coef, c):
     """y = ((x * pre - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays,
     with the affine rows of channel ``c``."""
     mean_hi, mean_lo, scale, shift, pre = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
-    if pre == 1.0:  # every ordinary channel: the loop without the multiply (measured 1.1-1.5x)
-        for i in range(uint64(start), uint64(stop)):
-            y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
-    else:
-        for i in range(uint64(start), uint64(stop)):
-            y[i] = ((x[i] * pre - mean_hi) - mean_lo) * scale + shift
-
-
-@kernel(inline="always")
-def prescaled(pre, c0, c1):
-    """Whether a channel of ``c0:c1`` has ``pre`` != 1 (stats.prescale)."""
-    for c in range(c0, c1):
-        if pre[c] != 1.0:
-            return True
-    return False
+    for i in range(uint64(start), uint64(stop)):
+        y[i] = ((x[i] * pre - mean_hi) - mean_lo) * scale + shift
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
 def rows_affine(x, y, r0, r1, c0, c1, coef):
     """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range."""
     mean_hi, mean_lo, scale, shift, pre = coef[0], coef[1], coef[2], coef[3], coef[4]
-    if prescaled(pre, c0, c1):
-        for r in range(uint64(r0), uint64(r1)):
-            for c in range(uint64(c0), uint64(c1)):
-                y[r, c] = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
-    else:  # every ordinary input: the loop without the multiply (as affine_range)
-        for r in range(uint64(r0), uint64(r1)):
-            for c in range(uint64(c0), uint64(c1)):
-                y[r, c] = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+    for r in range(uint64(r0), uint64(r1)):
+        for c in range(uint64(c0), uint64(c1)):
+            y[r, c] = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
 
 
 # ----------------------------------------------------------------------------- backward: reduce
@@ -338,28 +320,19 @@ def dx_range(dy, x, dx, start, stop, coef, c):
     """dx over [start, stop) of 1-D arrays with the dx rows of channel ``c``."""
     mean_hi, mean_lo, proj, mean_dy = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
     k, pre = coef[4, c], coef[5, c]
-    if pre == 1.0:  # every ordinary channel: the loop without the multiply (as affine_range)
-        for i in range(uint64(start), uint64(stop)):
-            dx[i] = (dy[i] - mean_dy - ((x[i] - mean_hi) - mean_lo) * proj) * k
-    else:
-        for i in range(uint64(start), uint64(stop)):
-            dx[i] = (dy[i] - mean_dy - ((x[i] * pre - mean_hi) - mean_lo) * proj) * k
+    for i in range(uint64(start), uint64(stop)):
+        xmu = (x[i] * pre - mean_hi) - mean_lo
+        dx[i] = (dy[i] - mean_dy - xmu * proj) * k
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
 def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
     mean_hi, mean_lo, proj, mean_dy, k = coef[0], coef[1], coef[2], coef[3], coef[4]
     pre = coef[5]
-    if prescaled(pre, c0, c1):
-        for r in range(uint64(r0), uint64(r1)):
-            for c in range(uint64(c0), uint64(c1)):
-                xmu = (x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]
-                dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
-    else:  # every ordinary input: the loop without the multiply (as affine_range)
-        for r in range(uint64(r0), uint64(r1)):
-            for c in range(uint64(c0), uint64(c1)):
-                xmu = (x[r, c] - mean_hi[c]) - mean_lo[c]
-                dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
+    for r in range(uint64(r0), uint64(r1)):
+        for c in range(uint64(c0), uint64(c1)):
+            xmu = (x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]
+            dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
 
 
 # ------------------------------------------------------------------ whole channels (planes, fused)
