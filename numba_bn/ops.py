@@ -92,13 +92,13 @@ def batch_forward(
         )
         running = RunningUpdate(run_mean, run_var, momentum, unbiased)
         store_back = (store_mean, store_var)
-    stats = memory.full((3, channels), np.nan, np.float64)
+    stats = memory.empty((3, channels), np.float64)
     mean, invstd, m2 = stats[0], stats[1], stats[2]
     weight, bias = vectors.kernel("weight"), vectors.kernel("bias")
     local = prepared.count and channels
     if exchange is None:
         if not local:
-            return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
+            return _no_values(prepared, y, y_view, memory)
         finite = kernels.forward_train(
             prepared.view, weight=weight, bias=bias, eps=eps, y=y_view, mean=mean,
             invstd=invstd, m2=m2, running=running, nan_check=nan_policy == "raise",
@@ -110,8 +110,7 @@ def batch_forward(
             kernels.batch_stats(prepared.view, mean=mean, m2=m2)
         count, mean, m2 = exchange.batch_stats(prepared.x.dtype, prepared.count, mean, m2)
         if count == 0:
-            mean[:], m2[:] = np.nan, np.nan
-            return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, 0)
+            return _no_values(prepared, y, y_view, memory)
         finite = nan_policy != "raise" or (np.isfinite(mean).all() and np.isfinite(m2).all())
         if finite:
             invstd_of(count, m2, eps, invstd)
@@ -129,6 +128,12 @@ def batch_forward(
     for store in store_back:
         store()
     return TrainResult(prepared.finish(y, y_view), mean, invstd, m2, int(count))
+
+
+def _no_values(prepared, y, y_view, memory):
+    """The result of a batch with no values: y as it is, NaN statistics, a count of 0."""
+    stats = memory.full((3, prepared.channels), np.nan, np.float64)
+    return TrainResult(prepared.finish(y, y_view), stats[0], stats[1], stats[2], 0)
 
 
 @placed(("x", "running_mean", "running_var", "weight", "bias", "out"), inplace=("out",))

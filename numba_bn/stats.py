@@ -81,8 +81,8 @@ def runs_stats(values, start, length, stride, runs):
 
 
 @kernel(inline="always")
-def finalize(count, mean, m2, eps):
-    """``(count, mean, M2)`` -> invstd = 1 / sqrt(M2 / count + eps): the biased variance
+def finalize(count, m2, eps):
+    """``(count, M2)`` -> invstd = 1 / sqrt(M2 / count + eps): the biased variance
     normalises (the unbiased one only enters PyTorch's running variance, running_update)."""
     return 1.0 / math.sqrt(m2 / count + eps)
 
@@ -91,7 +91,7 @@ def finalize(count, mean, m2, eps):
 def invstd_of(count, m2, eps, invstd):
     """invstd (=) of every channel from its M2: :func:`finalize`, channel by channel."""
     for c in range(m2.size):
-        invstd[c] = finalize(count, 0.0, m2[c], eps)
+        invstd[c] = finalize(count, m2[c], eps)
 
 
 @kernel

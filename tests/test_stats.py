@@ -79,10 +79,10 @@ def test_runs_stats_of_nothing_is_zero():
 
 def test_finalize_gives_invstd_of_the_biased_variance():
     count, m2, eps = 8.0, 12.0, 1e-3
-    assert finalize(count, 0.5, m2, eps) == pytest.approx(1.0 / math.sqrt(m2 / count + eps))
+    assert finalize(count, m2, eps) == pytest.approx(1.0 / math.sqrt(m2 / count + eps))
     invstd = np.empty(2)
     invstd_of(count, np.array([m2, 0.0]), eps, invstd)
-    assert invstd[0] == finalize(count, 0.5, m2, eps)
+    assert invstd[0] == finalize(count, m2, eps)
     assert invstd[1] == 1.0 / math.sqrt(eps)
 
 
@@ -99,7 +99,7 @@ def test_running_update_weighs_the_new_batch_with_momentum(unbiased):
 
 
 def test_finalize_with_zero_variance_and_eps_is_inf_not_an_exception():
-    assert finalize(4.0, 1.0, 0.0, 0.0) == math.inf
+    assert finalize(4.0, 0.0, 0.0) == math.inf
 
 
 def test_kernel_division_by_zero_follows_ieee():

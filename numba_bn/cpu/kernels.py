@@ -201,7 +201,7 @@ def affine_coefficients(c, mean, invstd, weight, bias, coef):
 @kernel
 def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
     """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics."""
-    invstd = finalize(count, mean, m2, eps)
+    invstd = finalize(count, m2, eps)
     save_mean[c] = mean
     save_invstd[c] = invstd
     affine_coefficients(c, mean, invstd, weight, bias, coef)

@@ -114,7 +114,7 @@ def _store_mean(mean, coef, c):
 @cuda.jit(device=True)
 def _train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_invstd):
     """Channel c: save invstd; coef rows of y = ((x - mean_hi) - mean_lo) * scale + shift."""
-    invstd = finalize(count, mean, m2, eps)
+    invstd = finalize(count, m2, eps)
     save_invstd[c] = invstd
     _store_mean(mean, coef, c)
     coef[2, c] = invstd * weight[c] if weight.size else invstd
