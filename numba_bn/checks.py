@@ -209,16 +209,25 @@ def check_train_inputs(
     check_nan_policy(nan_policy)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
-    vectors = Vectors(
-        prepared.x,
-        prepared.channels,
-        memory=memory,
-        weight=weight,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    return prepared, eps, momentum, vectors
+    return prepared, eps, momentum, _vectors(prepared, memory, weight, bias, running_mean,
+                                             running_var)  # fmt: skip
+
+
+def check_eval_inputs(x, running_mean, running_var, weight, bias, eps, axis, memory=HOST):
+    """The checks of an eval forward: (Prepared x, eps, Vectors of the rest)."""
+    prepared = Prepared(x, axis, memory=memory)
+    eps = check_eps(eps, training=False)
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        if value is None:
+            raise ValueError(f"{name} is required for the eval forward (training=False)")
+    vectors = _vectors(prepared, memory, weight, bias, running_mean, running_var)
+    check_running_var(running_var, memory)
+    return prepared, eps, vectors
+
+
+def _vectors(prepared, memory, weight, bias, running_mean, running_var):
+    return Vectors(prepared.x, prepared.channels, memory=memory, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var)  # fmt: skip
 
 
 def check_dy(dy, prepared, memory=HOST):
@@ -262,4 +271,6 @@ def stats_vector(value, name, channels, memory=HOST):
 def in_compute_dtype(array, *vectors):
     """float64 per-channel vectors in the compute dtype of ``array``, on its side."""
     dtype = compute_dtype(array.dtype)
+    if type(array) is np.ndarray:  # the common case, without a look at the device
+        return tuple([vector.astype(dtype, copy=False) for vector in vectors])
     return tuple(memory_of(array).astype(vector, dtype) for vector in vectors)

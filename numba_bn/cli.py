@@ -36,11 +36,11 @@ def _info(args):
     import numba
 
     import numba_bn as nbn
-    from numba_bn.cpu import SERIAL_MAX_ELEMENTS
+    from numba_bn.cpu import PARALLEL_MIN_ELEMENTS
     from numba_bn.cpu.threads import threading_layer
 
     # one call large enough for the parallel kernels, so that numba picks its threading layer
-    nbn.forward_train(np.ones((SERIAL_MAX_ELEMENTS // 2, 2)))
+    nbn.forward_train(np.ones((PARALLEL_MIN_ELEMENTS // 2 + 1, 2)))
     features = sorted(
         f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f[0] == "+"
     )

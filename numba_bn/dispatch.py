@@ -34,7 +34,8 @@ from .memory import HOST, is_device_array
 
 DEVICES = ("auto", "cpu", "cuda")
 
-_backends = {"cpu": CpuBackend(), "cuda": CudaBackend()}
+_backends = {}
+_on_host = {}  # the registered backends whose arrays are host NumPy arrays
 
 
 def register(name, backend):
@@ -42,6 +43,14 @@ def register(name, backend):
     if not isinstance(name, str) or not name:
         raise ValueError(f"backend name must be a non-empty string, got {name!r}")
     _backends[name] = backend
+    _on_host.pop(name, None)
+    if inspect.getattr_static(backend, "memory", None) is None:
+        _on_host[name] = backend
+
+
+def on_host(name):
+    """The backend ``name`` when it is registered and takes host NumPy arrays, else None."""
+    return _on_host.get(name) if type(name) is str else None
 
 
 def get(name):
@@ -55,6 +64,10 @@ def get(name):
 def memory(backend):
     """Where ``backend``'s arrays live: its ``memory``, or host NumPy arrays."""
     return getattr(backend, "memory", HOST)
+
+
+register("cpu", CpuBackend())
+register("cuda", CudaBackend())
 
 
 def names():

@@ -70,6 +70,7 @@ class BatchNorm:
     # Where batch statistics and backward sums meet across processes (numba_bn.ops.Exchange):
     # none for one process; SyncBatchNorm (numba_bn.distributed) sets an MPI one.
     _exchange = None
+    _admitted = None  # (shape, dtype, axis, side) of the last NumPy input _admit() checked
 
     def __init__(
         self,
@@ -219,17 +220,21 @@ class BatchNorm:
                 f"with dtype=np.{dtype} or cast x (x.astype(np.{self.dtype}))"
             )
 
-    def forward(self, x, *, out=None):
-        """Normalise ``x``; in training mode also update the running statistics."""
+    def _admit(self, x):
+        """Bring the arrays to the side of ``x`` and check x against the layer, once per kind of
+        input: a NumPy array with the shape and dtype of the last one (a training loop's next
+        batch) was checked already, and the functional checks still run on every call."""
+        if type(x) is np.ndarray and self._admitted == (x.shape, x.dtype, self.axis, self._side):
+            return
         self._follow(x)
         self._check_input(x)
-        memory = memory_of(x)
-        overwrites_x = (
-            out is not None
-            and memory.is_array(x)
-            and memory.is_array(out)
-            and memory.shares_memory(out, x)
-        )
+        if type(x) is np.ndarray:
+            self._admitted = (x.shape, x.dtype, self.axis, self._side)
+
+    def forward(self, x, *, out=None):
+        """Normalise ``x``; in training mode also update the running statistics."""
+        self._admit(x)
+        overwrites_x = out is not None and _shares_memory(out, x)
         if self.training or not self.track_running_stats:
             if overwrites_x:
                 raise ValueError(
@@ -390,6 +395,11 @@ class BatchNorm:
             f"convention={self.convention.name!r}, training={self.training}, "
             f"device={self.device!r})"
         )
+
+
+def _shares_memory(out, x):
+    memory = memory_of(x)
+    return memory.is_array(x) and memory.is_array(out) and memory.shares_memory(out, x)
 
 
 def _compute_dtype_or_none(dtype):

@@ -11,20 +11,21 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, hostcall
 from .checks import (
     Prepared,
     Vectors,
     check_backward_inputs,
     check_dy,
     check_eps,
+    check_eval_inputs,
     check_running_var,
     check_train_inputs,
     check_training_count,
     stats_vector,
 )
 from .dispatch import memory_of, placed
-from .stats import RunningUpdate, invstd_of, running_update
+from .stats import RunningUpdate, first_negative, invstd_of, running_update
 
 
 class TrainResult(NamedTuple):
@@ -50,10 +51,6 @@ class Exchange(Protocol):
     def sums(self, dtype, count, sum_dy, sum_dy_xmu, *, frozen): ...
 
 
-@placed(
-    ("x", "weight", "bias", "running_mean", "running_var", "out"),
-    inplace=("running_mean", "running_var", "out"),
-)
 def batch_forward(
     x,
     weight,
@@ -69,12 +66,75 @@ def batch_forward(
     out=None,
     backend="cpu",
     exchange=None,
+    device="auto",
 ):
     """Training forward with batch statistics; updates the running buffers when given.
 
     statistics -> (``exchange``: merged over the processes) -> finalise -> normalise. Without an
     exchange the backend runs it as one fused call.
     """
+    if out is None and exchange is None and nan_policy == "propagate" and device != "cuda":
+        result = _plain_batch_forward(
+            x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend
+        )
+        if result is not None:
+            return result
+    return _checked_batch_forward(
+        x, weight, bias, eps, axis, running_mean=running_mean, running_var=running_var,
+        momentum=momentum, unbiased=unbiased, nan_policy=nan_policy, out=out, backend=backend,
+        exchange=exchange, device=device,
+    )  # fmt: skip
+
+
+def _plain_batch_forward(
+    x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend
+):
+    """batch_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
+    kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
+    if kernels is None or view is None or not hostcall.training_eps(eps):
+        return None
+    outer, channels, inner = view.shape
+    dtype = x.dtype
+    weight, bias = hostcall.vector(weight, channels, dtype), hostcall.vector(bias, channels, dtype)
+    if outer * inner < 2 or not channels or weight is None or bias is None:
+        return None  # an empty batch, one value per channel, or a vector to check or convert
+    running = None
+    if running_mean is not None or running_var is not None:
+        running_mean = hostcall.buffer(running_mean, channels, dtype)
+        running_var = hostcall.buffer(running_var, channels, dtype)
+        if running_mean is None or running_var is None or not hostcall.momentum(momentum):
+            return None
+        if type(unbiased) is not bool:
+            return None
+        running = RunningUpdate(running_mean, running_var, momentum, unbiased)
+    y = np.empty(x.shape, dtype)
+    mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
+    kernels.forward_train(view, weight=weight, bias=bias, eps=eps, y=y.reshape(view.shape),
+                          mean=mean, invstd=invstd, m2=m2, running=running)  # fmt: skip
+    return TrainResult(y, mean, invstd, m2, outer * inner)
+
+
+@placed(
+    ("x", "weight", "bias", "running_mean", "running_var", "out"),
+    inplace=("running_mean", "running_var", "out"),
+)
+def _checked_batch_forward(
+    x,
+    weight,
+    bias,
+    eps,
+    axis,
+    *,
+    running_mean,
+    running_var,
+    momentum,
+    unbiased,
+    nan_policy,
+    out,
+    backend,
+    exchange,
+):
+    """batch_forward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared, eps, momentum, vectors = check_train_inputs(
@@ -136,26 +196,47 @@ def _no_values(prepared, y, y_view, memory):
     return TrainResult(prepared.finish(y, y_view), stats[0], stats[1], stats[2], 0)
 
 
-@placed(("x", "running_mean", "running_var", "weight", "bias", "out"), inplace=("out",))
 def frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=None,
-                   backend="cpu"):  # fmt: skip
+                   backend="cpu", device="auto"):  # fmt: skip
+    """Eval forward: normalise with the running statistics."""
+    if out is None and device != "cuda":
+        y = _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend)
+        if y is not None:
+            return y
+    return _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis,
+                                   out=out, backend=backend, device=device)  # fmt: skip
+
+
+def _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend):
+    """frozen_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
+    kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
+    if kernels is None or view is None or not view.size or not hostcall.eval_eps(eps):
+        return None
+    if running_mean is None or running_var is None:
+        return None  # an error to explain
+    channels, dtype = view.shape[1], x.dtype
+    running_mean = hostcall.vector(running_mean, channels, dtype)
+    running_var = hostcall.vector(running_var, channels, dtype)
+    weight, bias = hostcall.vector(weight, channels, dtype), hostcall.vector(bias, channels, dtype)
+    if running_mean is None or running_var is None or weight is None or bias is None:
+        return None
+    if first_negative(running_var) >= 0:
+        return None  # an error to explain
+    y = np.empty(x.shape, dtype)
+    kernels.forward_eval(view, weight=weight, bias=bias, running_mean=running_mean,
+                         running_var=running_var, eps=eps, y=y.reshape(view.shape))  # fmt: skip
+    return y
+
+
+@placed(("x", "running_mean", "running_var", "weight", "bias", "out"), inplace=("out",))
+def _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out,
+                            backend):  # fmt: skip
+    """frozen_forward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
-    prepared = Prepared(x, axis, memory=memory)
-    eps = check_eps(eps, training=False)
-    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
-        if value is None:
-            raise ValueError(f"{name} is required for the eval forward (training=False)")
-    vectors = Vectors(
-        prepared.x,
-        prepared.channels,
-        memory=memory,
-        weight=weight,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
+    prepared, eps, vectors = check_eval_inputs(
+        x, running_mean, running_var, weight, bias, eps, axis, memory
     )
-    check_running_var(running_var, memory)
     y, y_view = prepared.output(out)
     if prepared.count and prepared.channels:
         kernels.forward_eval(
@@ -180,10 +261,39 @@ class BackwardResult(NamedTuple):
     count: int
 
 
-@placed(("dy", "x", "mean", "invstd", "weight", "out"), inplace=("out",))
-def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu", exchange=None):
+def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu", exchange=None,
+                   device="auto"):  # fmt: skip
     """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward:
     reduce -> (``exchange``: summed over the processes) -> dx."""
+    if out is None and exchange is None and device != "cuda":
+        result = _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend)
+        if result is not None:
+            return result
+    return _checked_batch_backward(dy, x, mean, invstd, weight, axis, out=out, backend=backend,
+                                   exchange=exchange, device=device)  # fmt: skip
+
+
+def _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend):
+    """batch_backward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
+    kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
+    if kernels is None or view is None or not view.size:
+        return None
+    outer, channels, inner = view.shape
+    dy_view = hostcall.like(dy, x, view)
+    mean, invstd = hostcall.statistic(mean, channels), hostcall.statistic(invstd, channels)
+    weight = hostcall.vector(weight, channels, x.dtype)
+    if dy_view is None or mean is None or invstd is None or weight is None:
+        return None
+    dx = np.empty(x.shape, x.dtype)
+    sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
+    kernels.backward(dy_view, view, mean=mean, invstd=invstd, weight=weight,
+                     dx=dx.reshape(view.shape), sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+    return BackwardResult(dx, sum_dy, sum_dy_xmu, outer * inner)
+
+
+@placed(("dy", "x", "mean", "invstd", "weight", "out"), inplace=("out",))
+def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange):
+    """batch_backward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared, dy, mean, invstd, vectors = check_backward_inputs(

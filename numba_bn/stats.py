@@ -116,8 +116,10 @@ class RunningUpdate(NamedTuple):
     unbiased: bool
 
 
+@functools.cache
 def no_running_update(dtype):
-    """Zero-length buffers: what the kernels take for "no running update"."""
+    """Zero-length buffers: what the kernels take for "no running update" (one per dtype: with no
+    elements they hold nothing to share)."""
     return RunningUpdate(np.empty(0, dtype), np.empty(0, dtype), 0.0, True)
 
 
@@ -168,3 +170,13 @@ def prescale(mean, coef):
     """
     limit = np.finfo(coef.dtype).max * np.finfo(coef.dtype).eps * 0.125
     return 0.25 if abs(mean) >= limit else 1.0
+
+
+@kernel(cache=True)
+def first_negative(values):
+    """The index of the first value below zero (a corrupted running variance), or -1: the
+    check a plain call makes in one compiled loop instead of NumPy reductions."""
+    for i in range(values.size):
+        if values[i] < 0:
+            return i
+    return -1

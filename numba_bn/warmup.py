@@ -11,12 +11,12 @@ def warmup(dtypes=(np.float32, np.float64)):
     Numba compiles on first use; with its on-disk cache (NUMBA_CACHE_DIR) a later process loads
     the machine code instead, which is what this measures when called again in a new process.
     """
-    from .cpu import SERIAL_MAX_ELEMENTS
+    from .cpu import PARALLEL_MIN_ELEMENTS
     from .functional import backward, forward_eval, forward_train
 
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    big = SERIAL_MAX_ELEMENTS // 8  # inputs of SERIAL_MAX_ELEMENTS take the parallel twins
+    big = PARALLEL_MIN_ELEMENTS // 8 + 1  # inputs of PARALLEL_MIN_ELEMENTS take the parallel twins
     shapes = [(4, 8, 3), (4, 8), (4, 2, 3)]  # planes fused, rows, planes split: serial twins
     shapes += [(8, 8, big // 8), (big, 8), (8, 2, big // 2)]  # the same, parallel twins
     for dtype in dtypes:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "numba_bn"
-LEAVES = ("numba_bn.memory", "numba_bn.layout", "numba_bn.stats")
+LEAVES = ("numba_bn.memory", "numba_bn.layout", "numba_bn.stats", "numba_bn.hostcall")
 ABOVE_THE_BACKENDS = ("numba_bn.functional", "numba_bn.layer", "numba_bn.distributed")
 
 

@@ -65,3 +65,20 @@ def test_item_sizes_bound_the_work(shape):
 def test_plan_and_the_jit_backend_share_the_fused_rule(channels, inner, threads, fused):
     assert items.is_fused(channels, inner, threads) is fused
     assert _plan((3, channels, inner), threads)["fused"] == int(fused)
+
+
+def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(monkeypatch):
+    import numba
+
+    from numba_bn import cpu
+
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    for step, ns in cpu.NS_PER_ELEMENT.items():
+        assert cpu.threads_for(step, 64 * 32) == 1, step  # an MLP batch: never worth a wake-up
+        assert cpu.threads_for(step, cpu.PARALLEL_MIN_ELEMENTS) == 2, step
+        pays = cpu.WAKE_NS / (ns * 0.5)  # with 2 threads, half the work is saved
+        assert (
+            cpu.threads_for(step, int(pays) - 1) == 1 and cpu.threads_for(step, int(pays) + 1) == 2
+        )
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    assert cpu.threads_for("forward_train", 10**8) == 1

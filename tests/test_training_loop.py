@@ -19,9 +19,9 @@ from conftest import LAYOUTS, random_batch
 
 F32_MAX = float(np.finfo(np.float32).max)
 
-# Inputs large enough for the parallel drivers (SERIAL_MAX_ELEMENTS), planes with enough
+# Inputs large enough for the parallel drivers (numba_bn.cpu's cost model), planes with enough
 # channels for the fused one-channel-per-item path, and the small serial ones of LAYOUTS.
-PATH_SHAPES = [((64, 8, 64), 1), ((4, 16, 32, 32), 1), ((4096, 12), 1), ((8, 16, 16, 4), -1)]
+PATH_SHAPES = [((64, 8, 256), 1), ((8, 16, 32, 32), 1), ((12288, 12), 1), ((8, 16, 16, 4), -1)]
 
 
 def _torch_layer(channels, **options):

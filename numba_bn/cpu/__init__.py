@@ -1,7 +1,6 @@
-"""CPU backend: Numba drivers over serial range kernels, parallel or serial by input size."""
+"""CPU backend: Numba drivers over serial range kernels, parallel or serial by a cost model."""
 
 import contextlib
-from types import SimpleNamespace
 
 import numba
 
@@ -10,24 +9,51 @@ from . import drivers
 from .items import is_fused
 from .threads import launch_guard
 
-# Below this many elements a call runs on the calling thread: waking the pool costs ~5 us on an
-# idle machine (and milliseconds on an oversubscribed one), more than the work itself.
-SERIAL_MAX_ELEMENTS = 1 << 15
+# Serial or parallel, by a measured cost model (benchmarks/serial_parallel.py measures it and
+# prints these numbers; benchmarks/README.md records them). A parallel launch costs WAKE_NS more
+# than a serial call (waking the pool, writing and merging the partials of every thread), then
+# divides the serial time, NS_PER_ELEMENT[step] per element, among the threads. It runs when
+#     NS_PER_ELEMENT[step] * size * (1 - 1 / threads) > WAKE_NS
+# (an idle machine; on an oversubscribed one a wake-up takes milliseconds, and only large inputs
+# repay it anyway).
+WAKE_NS = 8000.0
+NS_PER_ELEMENT = {
+    "forward_train": 0.45,
+    "forward_eval": 0.15,
+    "backward": 0.40,
+    "batch_stats": 0.25,
+    "normalize": 0.15,
+    "backward_sums": 0.25,
+    "backward_dx": 0.20,
+}
+_SERIAL_BELOW = {step: WAKE_NS / ns for step, ns in NS_PER_ELEMENT.items()}  # whatever threads
+#: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
+PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
+_DRIVERS = {
+    step: (getattr(drivers, step + "_serial"), getattr(drivers, step)) for step in NS_PER_ELEMENT
+}
+_NO_GUARD = contextlib.nullcontext()
 
-_NAMES = ("forward_train", "forward_eval", "backward", "batch_stats", "normalize",
-          "backward_sums", "backward_dx")  # fmt: skip
-_PARALLEL = SimpleNamespace(**{name: getattr(drivers, name) for name in _NAMES})
-_SERIAL = SimpleNamespace(**{name: getattr(drivers, name + "_serial") for name in _NAMES})
+
+def threads_for(step, size):
+    """How many threads the cost model gives ``step`` on ``size`` elements (1: serial)."""
+    if size < _SERIAL_BELOW[step]:
+        return 1
+    threads = numba.get_num_threads()
+    if threads == 1 or NS_PER_ELEMENT[step] * size * (1.0 - 1.0 / threads) <= WAKE_NS:
+        return 1
+    return threads
 
 
-def _plan(x):
-    """(drivers, guard, fused) for an input: which twin runs it, and whether channels run whole
-    (:func:`.items.is_fused`, the rule the C plugin's shim follows too)."""
-    threads = 1 if x.size < SERIAL_MAX_ELEMENTS else numba.get_num_threads()
+def _plan(step, x):
+    """(driver, guard, fused) of ``step`` on ``x``: the twin the cost model picks, the lock a
+    parallel launch may need (.threads), and whether channels run whole (:func:`.items.is_fused`,
+    the rule the C plugin's shim follows too)."""
+    threads = threads_for(step, x.size)
     fused = is_fused(x.shape[1], x.shape[2], threads)
     if threads == 1:
-        return _SERIAL, contextlib.nullcontext(), fused
-    return _PARALLEL, launch_guard(), fused
+        return _DRIVERS[step][0], _NO_GUARD, fused
+    return _DRIVERS[step][1], launch_guard(), fused
 
 
 class CpuBackend:
@@ -44,44 +70,44 @@ class CpuBackend:
                       nan_check=False):  # fmt: skip
         """Batch statistics, y, and the running update (``running``: a RunningUpdate). False,
         with nothing written but the statistics, when nan_check finds them not finite."""
-        run, guard, fused = _plan(x)
+        run, guard, fused = _plan("forward_train", x)
         # The fused pass writes y channel by channel as it goes; a NaN check must come before
         # any y is written (a call that raises leaves out= as it was), so it takes the split one.
         fused = fused and not nan_check
-        running = running or no_running_update(x.dtype)
+        running = running or no_running_update(x.dtype)  # cached zero-length buffers
         with guard:
-            return run.forward_train(x, weight, bias, eps, running.mean, running.var,
+            return run(x, weight, bias, eps, running.mean, running.var,
                                      running.momentum, running.unbiased, nan_check, fused, y,
                                      mean, invstd, m2)  # fmt: skip
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y):
-        run, guard, _ = _plan(x)
+        run, guard, _ = _plan("forward_eval", x)
         with guard:
-            run.forward_eval(x, weight, bias, running_mean, running_var, eps, y)
+            run(x, weight, bias, running_mean, running_var, eps, y)
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
-        run, guard, fused = _plan(x)
+        run, guard, fused = _plan("backward", x)
         with guard:
-            run.backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu)
+            run(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu)
 
     # ----------------------------------------------- the split steps (and their exchange)
     def batch_stats(self, x, *, mean, m2):
         """mean, M2 (=) per channel; returns the count of values per channel."""
-        run, guard, _ = _plan(x)
+        run, guard, _ = _plan("batch_stats", x)
         with guard:
-            return run.batch_stats(x, mean, m2)
+            return run(x, mean, m2)
 
     def normalize(self, x, *, mean, invstd, weight, bias, y):
-        run, guard, _ = _plan(x)
+        run, guard, _ = _plan("normalize", x)
         with guard:
-            run.normalize(x, mean, invstd, weight, bias, y)
+            run(x, mean, invstd, weight, bias, y)
 
     def backward_sums(self, dy, x, *, mean, sum_dy, sum_dy_xmu):
-        run, guard, _ = _plan(x)
+        run, guard, _ = _plan("backward_sums", x)
         with guard:
-            run.backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)
+            run(dy, x, mean, sum_dy, sum_dy_xmu)
 
     def backward_dx(self, dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
-        run, guard, _ = _plan(x)
+        run, guard, _ = _plan("backward_dx", x)
         with guard:
-            run.backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)
+            run(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)

@@ -1,0 +1,94 @@
+"""Measure the CPU backend's serial/parallel cost model (numba_bn/cpu/__init__.py).
+
+    python benchmarks/serial_parallel.py [--threads 2]
+
+For each step, times the serial and the parallel twin of its driver on prepared buffers, rows
+(N, 256) and planes (N, 64, 196) of float32 at growing N, and fits
+
+    serial(n)   = NS_PER_ELEMENT * n
+    parallel(n) = WAKE_NS + NS_PER_ELEMENT * n / threads
+
+with medians throughout (of short repeats, then over the sizes), so that a busy moment drops
+out. Prints the fitted numbers and the size where parallel starts to pay. Run it on a quiet
+machine (check `uptime`) and copy the numbers into numba_bn/cpu/__init__.py.
+"""
+
+import argparse
+import os
+import timeit
+
+import numba
+import numpy as np
+
+from numba_bn.cpu import drivers
+
+LAYOUTS = {"rows": lambda n: (n, 256, 1), "planes": lambda n: (max(1, n // 64), 64, 196)}
+SIZES = [1 << k for k in range(12, 20)]  # elements, 4K to 512K
+
+
+def arguments(step, shape):
+    """The positional arguments of ``step``'s drivers on fresh float32 buffers of ``shape``."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) + 3).astype(np.float32)
+    out = np.empty_like(x)
+    channels = shape[1]
+    vec = [np.ones(channels) for _ in range(4)]
+    f32 = np.ones(channels, np.float32)
+    none = np.empty(0, np.float32)
+    fused = shape[2] > 1 and channels >= 4
+    return {
+        "forward_train": (x, f32, f32, 1e-5, none, none, 0.1, True, False, fused, out, *vec[:3]),
+        "forward_eval": (x, f32, f32, f32, f32, 1e-5, out),
+        "backward": (x, x, vec[0], vec[1], f32, fused, out, vec[2], vec[3]),
+        "batch_stats": (x, vec[0], vec[1]),
+        "normalize": (x, vec[0], vec[1], f32, f32, out),
+        "backward_sums": (x, x, vec[0], vec[1], vec[2]),
+        "backward_dx": (x, x, vec[0], vec[1], f32, vec[2], vec[3], float(x.size), out),
+    }[step]
+
+
+def seconds(function, args):
+    function(*args)
+    number = max(1, int(2e-3 / max(1e-7, timeit.timeit(lambda: function(*args), number=1))))
+    times = timeit.repeat(lambda: function(*args), number=number, repeat=15)
+    return float(np.median(times)) / number
+
+
+def fit(sizes, serial, parallel, threads):
+    """(ns per element, wake ns): the median serial time per element, then the median of what
+    each parallel time costs beyond its share of that work (medians: robust to a busy moment)."""
+    n = np.asarray(sizes, float)
+    ns = float(np.median(np.asarray(serial) * 1e9 / n))
+    wake = float(np.median(np.asarray(parallel) * 1e9 - ns * n / threads))
+    return ns, wake
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    args = parser.parse_args()
+    numba.set_num_threads(args.threads)
+    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}")
+    wakes = []
+    for step in ("forward_train", "forward_eval", "backward", "batch_stats", "normalize",
+                 "backward_sums", "backward_dx"):  # fmt: skip
+        serial_driver, parallel_driver = getattr(drivers, step + "_serial"), getattr(drivers, step)
+        fits = []
+        for layout, shape_of in LAYOUTS.items():
+            serial, parallel = [], []
+            for size in SIZES:
+                call = arguments(step, shape_of(size // 256 if layout == "rows" else size // 196))
+                serial.append(seconds(serial_driver, call))
+                parallel.append(seconds(parallel_driver, call))
+            ns, wake = fit(SIZES, serial, parallel, args.threads)
+            fits.append(ns)
+            wakes.append(wake)
+            pays = wake / (ns * (1 - 1 / args.threads))
+            print(f"{step:<14} {layout:<7} {ns:6.3f} ns/element  wake {wake / 1e3:6.1f} us  "
+                  f"parallel pays from {pays / 1e3:7.1f}K elements")  # fmt: skip
+        print(f"{step:<14} mean    {np.mean(fits):6.3f} ns/element")
+    print(f"median wake {np.median(wakes) / 1e3:.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The plain host call, recognised in a few attribute checks.
+
+Most calls pass C-contiguous NumPy float32/float64 arrays whose per-channel vectors match x, and
+ordinary float scalars. Such a call needs none of the conversions, copies and explanations of
+:mod:`numba_bn.checks`: recognising it costs about a microsecond where the full checks cost ten,
+which is most of a call on an (N, C) batch of an MLP.
+
+Each function here returns what the kernels take, or None when an argument is anything but
+plain; :mod:`numba_bn.ops` then takes the full path, which accepts everything accepted here and
+explains what it rejects (tests/test_hostcall.py holds the two paths to the same bits and the
+same errors). Nothing here raises.
+"""
+
+import math
+
+import numpy as np
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+_EMPTY = {F32: np.empty(0, F32), F64: np.empty(0, F64)}  # "absent": no elements to share
+
+
+def canonical_view(x, axis):
+    """The ``(outer, C, inner)`` view of a plain ``x`` (an ``np.ndarray`` of float32 or
+    float64, C-contiguous, rank >= 2) with channels on the int ``axis``; else None."""
+    if type(x) is not np.ndarray or type(axis) is not int:
+        return None
+    dtype, shape = x.dtype, x.shape
+    ndim = len(shape)
+    if (dtype is not F32 and dtype is not F64) or ndim < 2 or not -ndim <= axis < ndim:
+        return None
+    if not x.flags.c_contiguous:
+        return None
+    axis %= ndim
+    if ndim == 2:
+        return x.reshape(shape[0], shape[1], 1) if axis == 1 else x.reshape(1, shape[0], shape[1])
+    return x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+
+
+def like(other, x, view):
+    """``other`` (dy, say) seen as ``view``, the canonical view of ``x``, when it is plain with
+    the shape and dtype of x; else None."""
+    if type(other) is not np.ndarray or other.dtype is not x.dtype or other.shape != x.shape:
+        return None
+    return other.reshape(view.shape) if other.flags.c_contiguous else None
+
+
+def vector(value, channels, dtype):
+    """A plain per-channel vector (C,) of ``dtype`` as it is, the zero-length "absent" array for
+    None; else None."""
+    if value is None:
+        return _EMPTY[dtype]
+    if type(value) is not np.ndarray or value.dtype is not dtype or value.shape != (channels,):
+        return None
+    return value if value.flags.c_contiguous else None
+
+
+def buffer(value, channels, dtype):
+    """A running buffer the kernels update in place: a plain vector that is writable; else None
+    (also for None: a running buffer is given or the call has none)."""
+    if value is None:
+        return None
+    value = vector(value, channels, dtype)
+    return value if value is not None and value.flags.writeable else None
+
+
+def statistic(value, channels):
+    """A saved statistic (mean, invstd) as the float64 vector the kernels take; else None."""
+    if type(value) is not np.ndarray or value.shape != (channels,):
+        return None
+    if value.dtype is F64:
+        return value if value.flags.c_contiguous else None
+    return value.astype(F64) if value.dtype is F32 else None
+
+
+def training_eps(eps):
+    return type(eps) is float and 0.0 < eps <= math.inf
+
+
+def eval_eps(eps):
+    return type(eps) is float and 0.0 <= eps <= math.inf
+
+
+def momentum(value):
+    return type(value) is float and 0.0 <= value <= 1.0

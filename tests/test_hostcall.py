@@ -1,0 +1,141 @@
+"""The plain host call (numba_bn.hostcall) against the checked path it short-cuts.
+
+A plain call must give the bits of the checked one, and anything that is not plain (an error to
+explain, a conversion to make) must leave the plain path to the checks.
+"""
+
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn import ops
+
+from conftest import LAYOUTS, poison, random_batch
+
+
+@pytest.fixture
+def checked_calls(monkeypatch):
+    """The names of the checked operations called, in order."""
+    calls = []
+    for name in ("_checked_batch_forward", "_checked_frozen_forward", "_checked_batch_backward"):
+        original = getattr(ops, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_plain_calls_skip_the_checks_and_give_their_bits(rng, shape, axis, dtype, checked_calls):
+    x = random_batch(rng, shape, dtype, axis=axis)
+    dy = random_batch(rng, shape, dtype, mean_scale=1.0, axis=axis)
+    channels = shape[axis]
+    weight = rng.uniform(0.5, 2.0, channels).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    running = [rng.standard_normal(channels).astype(dtype), rng.uniform(0.5, 2, channels)]
+    running[1] = running[1].astype(dtype)
+    plain_running, checked_running = [r.copy() for r in running], [r.copy() for r in running]
+
+    plain = [
+        nbn.batch_norm(x, *plain_running, weight, bias, training=True, momentum=0.3, axis=axis),
+        *nbn.forward_train(x, weight, bias, axis=axis),
+        nbn.forward_eval(x, *running, weight, bias, axis=axis),
+    ]
+    plain += nbn.backward(dy, x, plain[2], plain[3], weight, axis=axis)
+    assert checked_calls == []
+
+    def out():  # out= takes the checked path
+        return poison(shape, dtype)
+
+    checked = [
+        nbn.batch_norm(
+            x, *checked_running, weight, bias, training=True, momentum=0.3, axis=axis, out=out()
+        ),  # fmt: skip
+        *nbn.forward_train(x, weight, bias, axis=axis, out=out()),
+        nbn.forward_eval(x, *running, weight, bias, axis=axis, out=out()),
+    ]
+    checked += nbn.backward(dy, x, checked[2], checked[3], weight, axis=axis, out=out())
+    assert len(checked_calls) == 4
+    for a, b in zip(plain + plain_running, checked + checked_running, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def _variants(rng):
+    """(name, forward_train arguments) that are not plain: each needs a check or a conversion."""
+    x = random_batch(rng, (6, 3, 4), np.float32)
+    w = np.ones(3, np.float32)
+    masked = np.ma.masked_array(x, mask=np.zeros_like(x, bool))
+    read_only = np.zeros(3, np.float32)
+    read_only.flags.writeable = False
+    return [
+        ("float16 x", dict(x=x.astype(np.float16))),
+        ("int x", dict(x=x.astype(np.int32))),
+        ("non-contiguous x", dict(x=x[:, :, ::2])),
+        ("fortran x", dict(x=np.asfortranarray(x))),
+        ("nested list x", dict(x=x.tolist())),
+        ("masked x", dict(x=masked)),
+        ("1-d x", dict(x=x.ravel())),
+        ("numpy integer axis", dict(x=x, axis=np.int64(1))),
+        ("axis out of range", dict(x=x, axis=3)),
+        ("int eps", dict(x=x, eps=1)),
+        ("eps 0", dict(x=x, eps=0.0)),
+        ("NaN eps", dict(x=x, eps=float("nan"))),
+        ("float64 weight", dict(x=x, weight=w.astype(np.float64))),
+        ("weight too short", dict(x=x, weight=w[:2])),
+        ("strided weight", dict(x=x, weight=np.ones(6, np.float32)[::2])),
+        ("weight as list", dict(x=x, weight=[1.0, 1.0, 1.0])),
+        ("running_mean alone", dict(x=x, running_mean=np.zeros(3, np.float32))),
+        ("read-only running_var", dict(x=x, running_mean=w.copy(), running_var=read_only)),
+        ("int momentum", dict(x=x, running_mean=w.copy(), running_var=w.copy(), momentum=1)),
+        ("momentum above 1", dict(x=x, running_mean=w.copy(), running_var=w.copy(), momentum=2.0)),
+        ("empty batch", dict(x=np.empty((0, 3, 4), np.float32))),
+        ("one value per channel", dict(x=np.ones((1, 3), np.float32))),
+        ("unknown backend", dict(x=x, backend="no-such-backend")),
+    ]
+
+
+def test_anything_but_a_plain_call_goes_to_the_checks(rng):
+    defaults = dict(weight=None, bias=None, eps=1e-5, axis=1, running_mean=None,
+                    running_var=None, momentum=0.1, unbiased=True, backend="cpu")  # fmt: skip
+    for name, arguments in _variants(rng):
+        call = {**defaults, **arguments}
+        assert ops._plain_batch_forward(**call) is None, name
+
+
+def test_not_plain_eval_and_backward_go_to_the_checks(rng):
+    x = random_batch(rng, (6, 3, 4), np.float32)
+    mean, var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    negative = var.copy()
+    negative[1] = -1.0
+    for name, args in [
+        ("no running_mean", (x, None, var, None, None, 1e-5, 1, "cpu")),
+        ("negative running_var", (x, mean, negative, None, None, 1e-5, 1, "cpu")),
+        ("negative eps", (x, mean, var, None, None, -1e-5, 1, "cpu")),
+        ("float16 x", (x.astype(np.float16), mean, var, None, None, 1e-5, 1, "cpu")),
+    ]:
+        assert ops._plain_frozen_forward(*args) is None, name
+    for name, args in [
+        ("dy of another shape", (x[:3], x, mean, var, None, 1, "cpu")),
+        ("dy of another dtype", (x.astype(np.float64), x, mean, var, None, 1, "cpu")),
+        ("mean too long", (x, x, np.zeros(4), var, None, 1, "cpu")),
+        ("invstd as list", (x, x, mean, [1.0, 1.0, 1.0], None, 1, "cpu")),
+    ]:
+        assert ops._plain_batch_backward(*args) is None, name
+
+
+def test_a_layer_checks_an_input_of_a_new_kind_again(rng):
+    bn = nbn.BatchNorm(3, affine=False, track_running_stats=False)
+    bn(random_batch(rng, (8, 3), np.float32))
+    bn(random_batch(rng, (8, 3), np.float32))  # the same kind: admitted before
+    with pytest.raises(ValueError, match=r"BatchNorm\(num_features=3\) got 4 channels"):
+        bn(random_batch(rng, (8, 4), np.float32))
+    with pytest.raises(TypeError, match=r"BatchNorm\(dtype=float32\) got x of dtype float64"):
+        nbn.BatchNorm(3)(random_batch(rng, (8, 3), np.float64))
+    bn.axis = 0  # an attribute a user may change between calls
+    with pytest.raises(ValueError, match=r"got 8 channels on axis 0"):
+        bn(random_batch(rng, (8, 3), np.float32))
