@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from numba_bn import cli
-from numba_bn.bench import cases, measure, peers
+from numba_bn.bench import cases, measure, peers, report
 
 from conftest import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_python(args, timeout):
@@ -36,6 +37,13 @@ def restore_threads():
         torch.set_num_threads(before[1])
 
 
+@pytest.fixture
+def no_pause(monkeypatch):
+    """No test here reads a timing: skip the pauses that let threads go idle between
+    implementations."""
+    monkeypatch.setattr(measure, "PAUSE_SECONDS", 0.0)
+
+
 def bench(capsys, *args):
     """``numba-bn bench`` on two tiny shapes, one thread (any machine has one), two rounds."""
     base = ["bench", "--shapes", "small-nc,small-nhwc", "--repeat", "2", "--threads", "1"]
@@ -43,28 +51,40 @@ def bench(capsys, *args):
     return code, capsys.readouterr().out
 
 
+def table(out, first_column):
+    """(header, rows) of the markdown table in ``out`` whose first header cell is
+    ``first_column``, each a list of stripped cells."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("|") and not line.startswith("|-")]  # fmt: skip
+    start = next(i for i, row in enumerate(rows) if row[0] == first_column)
+    header, body = rows[start], []
+    for row in rows[start + 1 :]:
+        if len(row) != len(header):
+            break
+        body.append(row)
+    return header, body
+
+
 def test_bench_command_verifies_times_and_writes_pytest_benchmark_json(
     tmp_path, capsys, restore_threads
 ):
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code, out = bench(capsys, "--no-first-call", "--json", str(out_json), "--plot", str(out_png))
+    out_json = tmp_path / "bench.json"
+    code, out = bench(capsys, "--no-first-call", "--json", str(out_json))
     assert code == 0, out
     assert "verified" in out and "| numba_bn ms |" in out and "| numpy ms |" in out
     assert "API adds us" in out  # the per-call overhead table of the small shapes
 
     report = json.loads(out_json.read_text())
-    expected_names = {"numba_bn", "numpy", "memcpy", "numba_bn kernels"}
+    expected_names = {"numba_bn", "numpy", "numba_bn kernels"}
     if peers.import_torch() is not None:
         expected_names.add("torch")
     timed = {
         (b["params"]["shape"], b["params"]["op"], b["params"]["impl"]) for b in report["benchmarks"]
     }
     for shape in ("small-nc", "small-nhwc"):
-        assert (shape, "memcpy", "memcpy") in timed
+        assert {name for s, o, name in timed if (s, o) == (shape, "memcpy")} == set(peers.COPIES)
         for op in cases.OPS:
-            assert {name for s, o, name in timed if (s, o) == (shape, op)} == expected_names - {
-                "memcpy"
-            }
+            assert {name for s, o, name in timed if (s, o) == (shape, op)} == expected_names
     stats_fields = {"min", "max", "mean", "stddev", "rounds", "median", "iqr", "q1", "q3"}
     stats_fields |= {"iqr_outliers", "stddev_outliers", "outliers", "ld15iqr", "hd15iqr"}
     stats_fields |= {"ops", "total", "iterations"}
@@ -79,10 +99,103 @@ def test_bench_command_verifies_times_and_writes_pytest_benchmark_json(
         assert entry["stats"]["rounds"] == 2
         assert entry["group"] == entry["params"]["shape"]
     assert report["numba_bn"]["threads"] == 1
-    if out_png.exists():
-        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    else:
-        assert "matplotlib is not installed" in out
+
+
+def test_bench_plot_is_a_png_bar_chart(tmp_path, capsys, restore_threads, no_pause):
+    pytest.importorskip("matplotlib")
+    out_png = tmp_path / "bench.png"
+    code, out = bench(
+        capsys, "--impls", "numba_bn,memcpy", "--no-first-call", "--plot", str(out_png)
+    )
+    assert code == 0, out
+    assert out_png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def sweep(capsys, *args):
+    """``numba-bn bench --sweep`` on two of its shapes (one (N, C), one NCHW), one round."""
+    base = ["bench", "--sweep", "--shapes", "small-nc,small-nchw", "--repeat", "1"]
+    code = cli.main([*base, "--threads", "1", "--no-first-call", *args])
+    return code, capsys.readouterr().out
+
+
+def test_sweep_prints_each_operation_for_each_shape_and_implementation(
+    capsys, restore_threads, no_pause
+):
+    code, out = sweep(capsys)
+    assert code == 0, out
+    header, rows = table(out, "shape")
+    with_torch = peers.import_torch() is not None
+    columns = ["shape", "elements", "memcpy us", "by", "impl", "fwd us", "eval us", "bwd us"]
+    columns += ["fwd /memcpy", "eval /memcpy", "bwd /memcpy"]
+    columns += ["x torch fwd", "x torch eval", "x torch bwd"] if with_torch else []
+    columns += ["x numpy fwd"]
+    assert header == columns
+    implementations = ["numba_bn", "BatchNorm", *(["torch"] if with_torch else []), "numpy"]
+    assert [row[4] for row in rows] == implementations * 2  # both APIs, the peers, per shape
+    assert [row[0] for row in rows if row[0]] == ["(64, 32)", "(8, 16, 8, 8)"]  # rows, planes
+    for row in rows:
+        cells = dict(zip(header, row, strict=True))
+        for column in columns[5:]:
+            if column.startswith(f"x {cells['impl']} "):  # no speed-up over itself
+                assert cells[column] == "-", row
+            else:
+                assert float(cells[column]) > 0, (column, row)
+        if cells["shape"]:  # a shape's first row carries its memcpy limit and which copy it was
+            assert float(cells["memcpy us"]) > 0 and cells["by"] in peers.COPIES
+
+
+def test_sweep_plot_draws_time_against_size(tmp_path, capsys, restore_threads, no_pause):
+    pytest.importorskip("matplotlib")
+    out_png = tmp_path / "sweep.png"
+    code, out = sweep(capsys, "--impls", "numba_bn,memcpy", "--plot", str(out_png))
+    assert code == 0, out
+    assert f"wrote {out_png}" in out
+    assert out_png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_plot_without_matplotlib_is_refused_before_anything_runs(
+    tmp_path, capsys, monkeypatch, restore_threads
+):
+    monkeypatch.setattr("numba_bn.bench.has_matplotlib", lambda: False)
+    code, out = sweep(capsys, "--plot", str(tmp_path / "sweep.png"))
+    assert code == 2
+    assert "--plot needs matplotlib" in out and "verified" not in out
+
+
+def test_sweep_shapes_are_the_speed_issues_table():
+    dims = [(cases.SHAPES[name].dims, cases.SHAPES[name].axis) for name in cases.SWEEP_SHAPES]
+    assert dims == [
+        ((64, 32), 1), ((64, 256), 1), ((256, 512), 1), ((1024, 1024), 1), ((4096, 1024), 1),
+        ((8, 16, 8, 8), 1), ((16, 32, 16, 16), 1), ((32, 64, 28, 28), 1), ((64, 256, 14, 14), 1),
+        ((32, 56, 56, 64), -1),
+    ]  # fmt: skip
+
+
+def test_memcpy_is_the_faster_of_the_two_copies():
+    case = cases.Case(cases.SHAPES["small-nc"], np.float32)
+
+    def result(op, name, seconds):
+        return measure.Result(case, op, name, [seconds], 1, 0.0)
+
+    copies = [result("memcpy", "copyto", 2e-6), result("memcpy", "parallel copy", 1e-6)]
+    ours = [result(op, "numba_bn", 4e-6) for op in cases.OPS]
+    header, rows = table(report.sweep_table(copies + ours, ["numba_bn"]), "shape")
+    (row,) = rows
+    assert row[2:5] == ["1.00", "parallel copy", "numba_bn"]
+    assert row[header.index("fwd /memcpy")] == "4.00"
+
+
+def test_layer_peer_checks_batch_statistics_from_its_running_buffers():
+    """The layer's forward-train outputs are (y, running_mean, running_var) at momentum 1: the
+    batch mean and the unbiased batch variance."""
+    case = cases.Case(cases.SHAPES["small-nchw"], np.float64)
+    layer = peers.NumbaBnLayer()
+    y, running_mean, running_var = layer.calls(case)["forward-train"]()
+    x = case.x.astype(np.float64)
+    np.testing.assert_allclose(running_mean, x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(running_var, x.var(axis=(0, 2, 3), ddof=1), rtol=1e-12)
+    for op, call in layer.calls(case).items():
+        assert measure.verify(layer, case, op, call) <= peers.STRICT[case.dtype]
 
 
 def test_pytest_benchmark_compare_reads_the_json(tmp_path, capsys, restore_threads):

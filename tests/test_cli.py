@@ -1,6 +1,9 @@
 """The numba-bn command: demo checks itself against a reference, through the benchmark's
 verify-then-time path; info reports the machine."""
 
+import os
+
+import numba
 import numpy as np
 import pytest
 
@@ -15,7 +18,15 @@ def no_pause(monkeypatch):
     monkeypatch.setattr(measure, "PAUSE_SECONDS", 0.0)
 
 
-def test_demo_passes_its_checks(capsys, no_pause):
+def load_average(monkeypatch, per_cpu):
+    """os.getloadavg() reports ``per_cpu`` x the number of CPUs for 1, 5 and 15 minutes."""
+    load = per_cpu * os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    return load
+
+
+def test_demo_passes_its_checks(capsys, monkeypatch, no_pause):
+    load_average(monkeypatch, 0.1)
     assert main(["demo", "--shape", "8,16,6,6", "--repeat", "2"]) == 0
     output = capsys.readouterr().out
     assert "all checks passed" in output
@@ -27,6 +38,31 @@ def test_demo_passes_its_checks(capsys, no_pause):
     header = [cell.strip() for cell in rows[0]]
     for column in ("memcpy ms", "numba_bn ms", "numpy ms", "x numpy"):
         assert column in header
+
+
+def test_demo_prints_threads_load_and_speed_up_on_a_quiet_machine(capsys, monkeypatch, no_pause):
+    load_average(monkeypatch, 0.5)
+    assert main(["demo", "--shape", "8,16,6,6", "--repeat", "2"]) == 0
+    output = capsys.readouterr().out
+    threads = numba.get_num_threads()
+    assert f"load average (1 min) {0.5 * os.cpu_count():.2f} before" in output
+    assert f"{threads} threads" in output
+    speedup = next(line for line in output.splitlines() if line.startswith("speed-up of"))
+    assert speedup.startswith("speed-up of numba_bn over numpy: forward-train ")
+    assert "eval " in speedup and "backward " in speedup
+    assert "machine busy" not in output
+
+
+def test_demo_warns_instead_of_a_speed_up_on_a_busy_machine(capsys, monkeypatch, no_pause):
+    load = load_average(monkeypatch, 0.8)  # above 0.75 per CPU
+    assert main(["demo", "--shape", "8,16,6,6", "--repeat", "2"]) == 0
+    output = capsys.readouterr().out
+    cpus = os.cpu_count()
+    warning = f"machine busy (load {load:.2f} on {cpus} CPUs): timings not meaningful; "
+    assert warning + "speed-ups not shown" in output
+    assert "speed-up of" not in output and "x numpy" not in output
+    assert "numba_bn ms" in output  # the times are still printed
+    assert "all checks passed" in output
 
 
 def test_demo_on_channels_last_rows(capsys, no_pause):

@@ -1,16 +1,21 @@
 """``numba-bn bench``: numba_bn against the memory limit (memcpy) and its peers, verified first.
 
 For each shape: every implementation's forward-train, eval and backward is checked against the
-float64 reference (:mod:`.cases`), then every (operation, implementation) pair and memcpy is
-timed in this one process, one after another (:mod:`.measure`); the median seconds per call
-are reported in ms, GB/s of the byte model, and ratios to memcpy and to each peer
-(:mod:`.report`). The implementations are in :mod:`.peers`; torch is imported only here, and
-only when installed.
+float64 reference (:mod:`.cases`), then every (operation, implementation) pair and the two
+copies are timed in this one process, one after another (:mod:`.measure`); the median seconds
+per call are reported with ratios to memcpy (the faster copy) and to each peer (:mod:`.report`,
+:mod:`.plots`). The implementations are in :mod:`.peers`; torch is imported only here, and only
+when installed.
+
+Two reports: by default one row per (shape, operation) in ms with GB/s of the byte model;
+``--sweep`` runs the speed issue's sizes, one row per (shape, implementation) in us, with the
+BatchNorm layer next to the functions, and ``--plot`` draws time against size.
 
 Byte model: memcpy, forward-train and eval move 1 read + 1 write of the tensor; backward
 2 reads + 1 write. The pytest-benchmark suites in benchmarks/ reuse these modules.
 """
 
+import importlib.util
 import json
 import os
 import time
@@ -19,15 +24,17 @@ import numpy as np
 
 from .cases import SHAPES, Case, parse_shapes
 from .measure import VerificationError, cold_and_warm_first_call, run_case
-from .peers import PEERS, implementations, import_torch
+from .peers import DEFAULT_PEERS, PEERS, implementations, import_torch
+from .plots import bar_chart, size_plot
 from .report import (
+    SWEEP_LEGEND,
     TABLE_LEGEND,
-    bar_chart,
     first_call_lines,
     load_lines,
     main_table,
     overhead_table,
     pytest_benchmark_json,
+    sweep_table,
 )
 
 BYTE_MODEL = (
@@ -39,26 +46,46 @@ BYTE_MODEL = (
 def add_arguments(parser):
     parser.add_argument(
         "--shapes",
-        default="default",
+        default=None,
         help="comma-separated names from "
         + ", ".join(f"{n} {s.dims}" for n, s in SHAPES.items())
-        + "; or 'default' (A,B,C,D,small-nchw,small-nc), 'small', 'all' (default %(default)s)",
+        + "; or 'default' (A,B,C,D,small-nchw,small-nc), 'small', 'sweep', 'all' "
+        "(default: 'default', or 'sweep' with --sweep)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="the speed issue's sizes from (64, 32) to (32, 56, 56, 64) (or --shapes), one row "
+        "per shape and implementation in us, the BatchNorm layer included; --plot draws time "
+        "against size",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=2, help="numba and torch threads (2)")
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds (default 20)")
     parser.add_argument(
         "--impls",
-        default=",".join(PEERS),
-        help="implementations to run (default %(default)s; torch only if installed)",
+        default=None,
+        help=f"implementations to run, from {','.join(PEERS)} (default {','.join(DEFAULT_PEERS)}"
+        "; --sweep adds BatchNorm; torch only if installed; memcpy = np.copyto and a parallel "
+        "copy, the faster is the limit)",
     )
     parser.add_argument("--json", metavar="FILE", help="write pytest-benchmark JSON here")
-    parser.add_argument("--plot", metavar="FILE", help="bar chart (needs matplotlib)")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="bar chart of time / memcpy; with --sweep, time against size on log-log axes "
+        "(needs matplotlib)",
+    )
     parser.add_argument(
         "--no-first-call",
         action="store_true",
         help="skip timing the first call with a cold and a warm Numba cache (new processes)",
     )
+
+
+def has_matplotlib():
+    """Whether --plot can draw (checked before the benchmark runs, not after)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def set_threads(threads, torch=None):
@@ -77,14 +104,18 @@ def set_threads(threads, torch=None):
 
 def command(args, log=print):
     """Run the benchmark as the CLI asks; 0 on success, 1 when a check fails, 2 on bad input."""
+    shapes = args.shapes or ("sweep" if args.sweep else "default")
+    impls = args.impls or ",".join(PEERS if args.sweep else DEFAULT_PEERS)
     try:
-        names = parse_shapes(args.shapes)
-        wanted = [n.strip() for n in args.impls.split(",") if n.strip()]
+        names = parse_shapes(shapes)
+        wanted = [n.strip() for n in impls.split(",") if n.strip()]
         unknown = sorted(set(wanted) - set(PEERS))
         if unknown:
             raise ValueError(f"--impls takes names from {', '.join(PEERS)}, got {unknown}")
         if args.repeat < 1:
             raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+        if args.plot and not has_matplotlib():
+            raise ValueError("--plot needs matplotlib, not installed: pip install matplotlib")
         torch = import_torch() if "torch" in wanted else None
         set_threads(args.threads, torch)
     except ValueError as exc:
@@ -97,7 +128,7 @@ def command(args, log=print):
         f"numba-bn bench: {dtype}, {args.threads} threads, median of {args.repeat} "
         "hot runs per call, one process"
     )
-    log("implementations: " + "; ".join(_describe(wanted, torch, dtype)))
+    log("implementations: " + "; ".join(_describe(wanted, torch, dtype, args.threads)))
     log(BYTE_MODEL)
 
     load_before = os.getloadavg()[0]
@@ -120,8 +151,12 @@ def command(args, log=print):
     load_after = os.getloadavg()[0]
 
     log("\n" + "\n".join(load_lines(load_before, load_after, args.threads)))
-    log(f"\n{TABLE_LEGEND}\n")
-    log(main_table(results, names_chosen))
+    if args.sweep:
+        log(f"\n{SWEEP_LEGEND}\n")
+        log(sweep_table(results, names_chosen))
+    else:
+        log(f"\n{TABLE_LEGEND}\n")
+        log(main_table(results, names_chosen))
     overhead = overhead_table(results, names_chosen)
     if overhead:
         log("\nper-call overhead on the small shapes: fastest of the timed samples, us per call;")
@@ -135,8 +170,8 @@ def command(args, log=print):
 
     settings = {
         "command": (
-            f"numba-bn bench --shapes {args.shapes} --dtype {dtype} --threads {args.threads} "
-            f"--repeat {args.repeat} --impls {args.impls}"
+            f"numba-bn bench{' --sweep' if args.sweep else ''} --shapes {shapes} --dtype {dtype} "
+            f"--threads {args.threads} --repeat {args.repeat} --impls {impls}"
         ),
         "dtype": str(dtype),
         "threads": args.threads,
@@ -151,7 +186,7 @@ def command(args, log=print):
     return 0
 
 
-def _describe(wanted, torch, dtype):
+def _describe(wanted, torch, dtype, threads):
     import numba
 
     from .. import __version__
@@ -165,8 +200,15 @@ def _describe(wanted, torch, dtype):
         )
     if "numpy" in wanted:
         lines.append(f"numpy {np.__version__} (naive: numba_bn/reference.py in {dtype})")
+    if "BatchNorm" in wanted:
+        lines.append(
+            "BatchNorm = numba_bn.BatchNorm: bn(x) in train and eval mode, bn.backward(dy)"
+        )
     if "memcpy" in wanted:
-        lines.append("memcpy = np.copyto into a preallocated array, 1 thread")
+        lines.append(
+            "memcpy = the faster of np.copyto (1 thread) and a numba prange copy "
+            f"on {threads} thread(s), into a preallocated array"
+        )
     return lines
 
 
@@ -176,10 +218,7 @@ def _save(args, results, names, settings, first_call, log):
         with open(args.json, "w") as f:
             json.dump(pytest_benchmark_json(results, settings, first_call), f, indent=2)
         log(f"\nwrote {args.json} (pytest-benchmark JSON)")
-    if args.plot:
-        try:
-            title = f"numba-bn bench, {settings['dtype']}, {args.threads} threads"
-            bar_chart(results, names, args.plot, title)
-            log(f"wrote {args.plot}")
-        except ImportError:
-            log("matplotlib is not installed: no plot (pip install matplotlib)")
+    if args.plot:  # matplotlib's presence was checked before anything ran
+        title = f"numba-bn bench, {settings['dtype']}, threads: {args.threads}"
+        (size_plot if args.sweep else bar_chart)(results, names, args.plot, title)
+        log(f"wrote {args.plot}")

@@ -4,6 +4,8 @@ Byte model (napkin math; per-channel vectors ignored): memcpy, forward-train and
 1 read + 1 write of the tensor (2 x nbytes), backward 2 reads + 1 write (3 x nbytes).
 """
 
+import math
+
 import numpy as np
 
 from .. import reference
@@ -21,6 +23,10 @@ class Shape:
     def __str__(self):
         return f"{self.name} {self.dims} axis {self.axis}, {self.layout}"
 
+    @property
+    def elements(self):
+        return math.prod(self.dims)
+
 
 SHAPES = {
     shape.name: shape
@@ -32,15 +38,31 @@ SHAPES = {
         Shape("small-nchw", (8, 16, 8, 8), 1, "NCHW planes", small=True),
         Shape("small-nc", (64, 32), 1, "(N, C) rows", small=True),
         Shape("small-nhwc", (4, 8, 8, 16), -1, "channels-last rows", small=True),
+        # the sizes between, for --sweep
+        Shape("64x256", (64, 256), 1, "(N, C) rows"),
+        Shape("256x512", (256, 512), 1, "(N, C) rows"),
+        Shape("1024x1024", (1024, 1024), 1, "(N, C) rows"),
+        Shape("16x32x16x16", (16, 32, 16, 16), 1, "NCHW planes"),
+        Shape("32x64x28x28", (32, 64, 28, 28), 1, "NCHW planes"),
     )
 }
 DEFAULT_SHAPES = ("A", "B", "C", "D", "small-nchw", "small-nc")  # the issue's shapes
-SHAPE_SETS = {"default": DEFAULT_SHAPES, "small": ("small-nchw", "small-nc", "small-nhwc")}
+# the speed issue's table: (N, C) rows, NCHW planes, channels-last, each from small to large
+SWEEP_SHAPES = (
+    *("small-nc", "64x256", "256x512", "1024x1024", "C"),
+    *("small-nchw", "16x32x16x16", "32x64x28x28", "B"),
+    "D",
+)
+SHAPE_SETS = {
+    "default": DEFAULT_SHAPES,
+    "small": ("small-nchw", "small-nc", "small-nhwc"),
+    "sweep": SWEEP_SHAPES,
+}
 
 
 def parse_shapes(text):
-    """Shape names from ``"A,B"``, ``"default"``, ``"small"`` or ``"all"``; ValueError for
-    an unknown name."""
+    """Shape names from ``"A,B"``, ``"default"``, ``"small"``, ``"sweep"`` or ``"all"``;
+    ValueError for an unknown name."""
     names = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         if item == "all":

@@ -4,9 +4,11 @@
 First a ``BatchNorm`` layer runs train forward, backward and eval (its first call: compile or
 cache load included), and every output, running statistics too, is compared with the float64
 reference. Then :func:`.measure.run_case` verifies the functional forward-train, eval and
-backward of numba_bn and of NumPy written by hand, and times them with memcpy, and
+backward of numba_bn and of NumPy written by hand, and times them with the two copies, and
 :func:`.report.main_table` prints the medians: the benchmark's path on one shape, without
-PyTorch. Nothing is timed after a failed check.
+PyTorch. Nothing is timed after a failed check. On a busy machine (1-minute load average above
+:data:`.report.BUSY_LOAD_PER_CPU` per CPU) the times are printed with a warning instead of
+speed-ups.
 """
 
 import math
@@ -22,8 +24,8 @@ from ..layout import canonical_shape
 from . import BYTE_MODEL
 from .cases import Case, Shape
 from .measure import VerificationError, relative_error, run_case
-from .peers import STRICT, Memcpy, NumbaBn, NumpyNaive
-from .report import TABLE_LEGEND, load_lines, main_table
+from .peers import STRICT, implementations
+from .report import TABLE_LEGEND, busy_warning, load_lines, main_table, speedup_line
 
 MOMENTUM = 0.1  # PyTorch's, weighting the new batch; the reference below assumes it
 
@@ -122,7 +124,8 @@ def command(args, log=print):
         log("result: CHECK FAILED, nothing timed")
         return 1
 
-    chosen = [NumbaBn(), NumpyNaive(), Memcpy()]
+    threads = numba.get_num_threads()
+    chosen = implementations(["numba_bn", "numpy", "memcpy"], threads, torch=None)
     load_before = os.getloadavg()[0]
     try:
         results, worst = run_case(case, chosen, args.repeat)
@@ -135,9 +138,12 @@ def command(args, log=print):
         f"\nforward_train, forward_eval, backward verified (largest relative error vs float64: "
         f"{checked}), then timed: median of {args.repeat} hot runs per call"
     )
-    log("\n".join(load_lines(load_before, load_after, numba.get_num_threads())))
+    log("\n".join(load_lines(load_before, load_after, threads, warn=False)))
+    busy = busy_warning(load_before, os.cpu_count())
     log(BYTE_MODEL)
     log(f"{TABLE_LEGEND}; numba-bn bench adds PyTorch\n")
-    log(main_table(results, [implementation.name for implementation in chosen]))
-    log("\nresult: all checks passed")
+    names = [implementation.name for implementation in chosen]
+    log(main_table(results, names, speedups=busy is None))
+    log("\n" + (busy or speedup_line(results, "numba_bn", "numpy")))
+    log("result: all checks passed")
     return 0

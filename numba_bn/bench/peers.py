@@ -1,15 +1,19 @@
 """The implementations timed side by side, each mapping a Case to {operation: call}.
 
-A call returns its outputs in the order of ``Case.expected``; ``numpy_outputs`` turns them into
-NumPy arrays for the check (outside the timed call). Outputs are allocated by each call, as a
-user calls each library; memcpy writes into a preallocated array, as the limit it stands for.
+A call returns the outputs that ``expected(case, op)`` lists (``Case.expected`` unless the
+implementation says otherwise); ``numpy_outputs`` turns them into NumPy arrays for the check
+(outside the timed call). Outputs are allocated by each call, as a user calls each library; the
+two copies write into a preallocated array, as the limit they stand for.
 """
 
+import numba
 import numpy as np
+from numba import prange, uint64
 
 from .. import reference
 from ..dispatch import get as get_backend
 from ..functional import backward, forward_eval, forward_train
+from ..layer import BatchNorm
 from ..layout import canonical_shape
 
 # Largest relative L2 error against the float64 reference that passes the check before timing.
@@ -20,7 +24,18 @@ STRICT = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 PEER = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-9}
 
 
-class NumbaBn:
+class Implementation:
+    """What every implementation has: a ``name``, a ``tolerance`` per dtype, ``calls(case)``."""
+
+    def expected(self, case, op):
+        """The float64 results that the outputs of ``op`` are checked against."""
+        return case.expected[op]
+
+    def numpy_outputs(self, outputs, case):
+        return outputs
+
+
+class NumbaBn(Implementation):
     """The public functions: forward_train, forward_eval, backward."""
 
     name = "numba_bn"
@@ -36,8 +51,60 @@ class NumbaBn:
             "backward": lambda: backward(dy, x, mean, invstd, w, axis),
         }
 
-    def numpy_outputs(self, outputs, case):
-        return outputs
+
+class NumbaBnLayer(Implementation):
+    """numba_bn.BatchNorm called as a user calls it: ``bn(x)`` in training mode (batch
+    statistics and the running update), ``bn(x)`` in eval mode, ``bn.backward(dy)``.
+
+    One layer per operation. The training layer has momentum 1, so that after each call its
+    running buffers hold the batch mean and unbiased variance: the check reads the statistics
+    from the layer's public state, and the update costs what it costs at momentum 0.1.
+    ``backward()`` releases what its forward saved (one backward per forward, as PyTorch frees
+    its graph); the backward call restores that state, so that backward alone is timed.
+    """
+
+    name = "BatchNorm"
+    tolerance = STRICT
+
+    def calls(self, case):
+        x, dy = case.x, case.dy
+        train, frozen, differentiated = (
+            self._layer(case, momentum) for momentum in (1.0, 0.1, 0.1)
+        )
+        frozen.eval()
+        frozen.running_mean[:], frozen.running_var[:] = case.running_mean, case.running_var
+        differentiated(x)
+        saved = differentiated._saved
+
+        def differentiate():
+            differentiated._saved = saved
+            dx = differentiated.backward(dy)
+            return dx, differentiated.grad_weight, differentiated.grad_bias
+
+        return {
+            "forward-train": lambda: (train(x), train.running_mean, train.running_var),
+            "eval": lambda: (frozen(x),),
+            "backward": differentiate,
+        }
+
+    @staticmethod
+    def _layer(case, momentum):
+        bn = BatchNorm(case.channels, case.eps, momentum, axis=case.shape.axis, dtype=case.dtype)
+        bn.weight[:], bn.bias[:] = case.weight, case.bias
+        return bn
+
+    def expected(self, case, op):
+        """forward-train: (y, batch mean, unbiased batch variance); backward: through the
+        layer's own batch statistics (float64 here), not the case's rounded ones."""
+        if op not in ("forward-train", "backward"):
+            return case.expected[op]
+        y, mean, invstd = case.expected["forward-train"]
+        if op == "forward-train":
+            count = case.x.size // case.channels
+            return y, mean, (1.0 / invstd**2 - case.eps) * count / (count - 1)
+        x64, dy64 = case.x.astype(np.float64), case.dy.astype(np.float64)
+        w64 = case.weight.astype(np.float64)
+        return reference.backward(dy64, x64, mean, invstd, w64, case.axis)
 
 
 class NumbaBnKernels(NumbaBn):
@@ -76,7 +143,7 @@ class NumbaBnKernels(NumbaBn):
         return {"forward-train": train, "eval": evaluate, "backward": differentiate}
 
 
-class NumpyNaive(NumbaBn):
+class NumpyNaive(Implementation):
     """numba_bn.reference in the input dtype: batch norm as written by hand in NumPy."""
 
     name = "numpy"
@@ -93,7 +160,7 @@ class NumpyNaive(NumbaBn):
         }
 
 
-class Torch:
+class Torch(Implementation):
     """The ATen CPU kernels that torch.nn.functional.batch_norm reaches, called directly (no
     autograd): native_batch_norm (training=True without running buffers; training=False with
     them for eval) and native_batch_norm_backward. The tensors share the NumPy arrays' memory:
@@ -131,10 +198,10 @@ class Torch:
         return (tensor.movedim(1, case.axis).numpy(), *(v.numpy() for v in vectors))
 
 
-class Memcpy(NumbaBn):
-    """np.copyto(dst, x) into a preallocated dst, one thread: the bytes limit."""
+class Memcpy(Implementation):
+    """np.copyto(dst, x) into a preallocated dst, one thread."""
 
-    name = "memcpy"
+    name = "copyto"
     tolerance = PEER
 
     def calls(self, case):
@@ -142,6 +209,35 @@ class Memcpy(NumbaBn):
 
         def copy():
             np.copyto(dst, case.x)
+            return (dst,)
+
+        return {"memcpy": copy}
+
+
+@numba.njit(parallel=True, cache=True)
+def _parallel_copy(dst, src, blocks):
+    """dst[:] = src[:] for 1-D arrays, as ``blocks`` contiguous slices in a prange loop."""
+    n = uint64(src.size)
+    for block in prange(blocks):
+        start, stop = n * uint64(block) // uint64(blocks), n * uint64(block + 1) // uint64(blocks)
+        for i in range(start, stop):  # unsigned, so that LLVM sees a plain copy loop
+            dst[i] = src[i]
+
+
+class ParallelCopy(Memcpy):
+    """The same copy on the benchmark's threads: one contiguous slice per numba thread."""
+
+    name = "parallel copy"
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def calls(self, case):
+        dst = np.empty_like(case.x)
+        flat_dst, flat_x = dst.reshape(-1), case.x.reshape(-1)
+
+        def copy():
+            _parallel_copy(flat_dst, flat_x, self.threads)
             return (dst,)
 
         return {"memcpy": copy}
@@ -156,12 +252,20 @@ def import_torch():
     return torch
 
 
-PEERS = ("numba_bn", "torch", "numpy", "memcpy")
+# --impls names; "memcpy" is the two copies, of which the faster is the limit in the tables
+PEERS = ("numba_bn", "BatchNorm", "torch", "numpy", "memcpy")
+DEFAULT_PEERS = ("numba_bn", "torch", "numpy", "memcpy")  # --sweep adds BatchNorm
+COPIES = ("copyto", "parallel copy")
 
 
 def implementations(names, threads, torch):
     """The implementations named in ``names`` (a subset of PEERS), torch only if it is given."""
-    available = {"numba_bn": NumbaBn(), "numpy": NumpyNaive(), "memcpy": Memcpy()}
+    available = {
+        "numba_bn": [NumbaBn()],
+        "BatchNorm": [NumbaBnLayer()],
+        "numpy": [NumpyNaive()],
+        "memcpy": [Memcpy(), ParallelCopy(threads)],
+    }
     if torch is not None:
-        available["torch"] = Torch(torch, threads)
-    return [available[name] for name in names if name in available]
+        available["torch"] = [Torch(torch, threads)]
+    return [chosen for name in names for chosen in available.get(name, [])]

@@ -1,4 +1,9 @@
-"""What ``numba-bn bench`` prints and writes: tables, pytest-benchmark JSON, a bar chart."""
+"""What ``numba-bn bench`` prints and writes: tables and pytest-benchmark JSON (the plots are
+in :mod:`.plots`).
+
+"memcpy" in every table and plot is the limit: per shape, the faster of the two copies timed
+in the same run (np.copyto on one thread, a prange copy on the benchmark's threads).
+"""
 
 import datetime
 import os
@@ -8,12 +13,21 @@ import subprocess
 import numpy as np
 
 from .. import __version__
+from ..layout import canonical_shape
 from .cases import OPS
+from .peers import COPIES
 
 BASELINE = "numba_bn"
 KERNELS = "numba_bn kernels"
+LIMIT = "memcpy"
 TABLE_LEGEND = (
-    "ms per call (median); /memcpy = time / memcpy time; x peer = numba_bn's speed-up over it"
+    "ms per call (median); memcpy = the faster of np.copyto (1 thread) and a parallel copy; "
+    "/memcpy = time / memcpy time; x peer = numba_bn's speed-up over it"
+)
+SWEEP_LEGEND = (
+    "us per call (median); memcpy = the faster of np.copyto (1 thread) and a parallel copy "
+    "('by'); /memcpy = time / memcpy time; x peer = the peer's time / this row's time (the "
+    "row's speed-up over it)"
 )
 
 
@@ -40,23 +54,36 @@ def markdown(header, rows):
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def _index(results):
-    return {(r.shape.name, r.op, r.name): r for r in results}
+def index_results(results):
+    """{(shape name, op, implementation): Result}, with (shape, "memcpy", "memcpy") the faster
+    of the copies."""
+    index = {(r.shape.name, r.op, r.name): r for r in results}
+    for shape in dict.fromkeys(r.shape.name for r in results):
+        copies = [index[shape, "memcpy", c] for c in COPIES if (shape, "memcpy", c) in index]
+        if copies:
+            index[shape, "memcpy", LIMIT] = min(copies, key=lambda r: r.median)
+    return index
 
 
-def main_table(results, names):
+def peer_columns(names):
+    """The implementations that get columns of their own: not numba_bn, not the copies."""
+    return [n for n in names if n not in (BASELINE, LIMIT, *COPIES)]
+
+
+def main_table(results, names, speedups=True):
     """One row per (shape, operation): memcpy, numba_bn in ms, GB/s and x memcpy, and each peer
-    in ms, x memcpy and numba_bn's speed-up over it."""
-    index = _index(results)
-    peers = [n for n in names if n not in (BASELINE, "memcpy")]
+    in ms, x memcpy and (unless ``speedups`` is False) numba_bn's speed-up over it."""
+    index = index_results(results)
+    peers = peer_columns(names)
     header = ["shape", "op", "memcpy ms", "GB/s"]
     if BASELINE in names:
         header += [f"{BASELINE} ms", "GB/s", "/memcpy"]
+    speedups = speedups and BASELINE in names
     for peer in peers:
-        header += [f"{peer} ms", "/memcpy"] + ([f"x {peer}"] if BASELINE in names else [])
+        header += [f"{peer} ms", "/memcpy"] + ([f"x {peer}"] if speedups else [])
     rows = []
     for shape in dict.fromkeys(r.shape.name for r in results):
-        memcpy = index.get((shape, "memcpy", "memcpy"))
+        memcpy = index.get((shape, "memcpy", LIMIT))
         for op in OPS:
             if not any((shape, op, n) in index for n in names):
                 continue
@@ -68,7 +95,7 @@ def main_table(results, names):
             for peer in peers:
                 theirs = index[shape, op, peer]
                 row += [_ms(theirs.median), _ratio(theirs, memcpy)]
-                if BASELINE in names:
+                if speedups:
                     row.append(f"{theirs.median / ours.median:.2f}")
             rows.append(row)
     return markdown(header, rows)
@@ -82,11 +109,11 @@ def overhead_table(results, names):
     """Small shapes: the fastest sample in microseconds per call (scheduling noise only adds
     time), and what validation, allocation and dispatch add to numba_bn's kernels (the public
     call minus the backend called on prepared buffers)."""
-    index = _index(results)
+    index = index_results(results)
     small = list(dict.fromkeys(r.shape.name for r in results if r.shape.small))
     if not small or BASELINE not in names:
         return ""
-    others = [n for n in names if n != BASELINE]
+    others = peer_columns(names) + [c for c in COPIES if c in names]
     header = ["shape", "op", f"{BASELINE} us", "kernels us", "API adds us"]
     header += [f"{n} us" for n in others]
     rows = []
@@ -95,20 +122,75 @@ def overhead_table(results, names):
             ours, kernels = index[shape, op, BASELINE], index[shape, op, KERNELS]
             row = [shape, op, _us(ours.best), _us(kernels.best), _us(ours.best - kernels.best)]
             for name in others:
-                theirs = index[shape, "memcpy" if name == "memcpy" else op, name]
+                theirs = index[shape, "memcpy" if name in COPIES else op, name]
                 row.append(_us(theirs.best))
             rows.append(row)
     return markdown(header, rows)
 
 
-def load_lines(load_before, load_after, threads):
-    """The 1-minute load average around the timed runs, and a warning when other processes were
-    already using the CPUs that ``threads`` threads needed."""
+def sweep_table(results, names):
+    """One row per (shape, implementation): us per call of each operation, each over memcpy,
+    and the speed-up over torch (every operation) and NumPy (forward-train)."""
+    index = index_results(results)
+    shown = [n for n in names if n == BASELINE] + peer_columns(names)
+    short = {"forward-train": "fwd", "eval": "eval", "backward": "bwd"}
+    header = ["shape", "elements", "memcpy us", "by", "impl"]
+    header += [f"{short[op]} us" for op in OPS] + [f"{short[op]} /memcpy" for op in OPS]
+    speedups = [("torch", op) for op in OPS] + [("numpy", "forward-train")]
+    speedups = [(peer, op) for peer, op in speedups if peer in names]
+    header += [f"x {peer} {short[op]}" for peer, op in speedups]
+    rows = []
+    for shape in shapes_by_size(results):
+        memcpy = index.get((shape.name, "memcpy", LIMIT))
+        first = True
+        for name in shown:
+            if not any((shape.name, op, name) in index for op in OPS):
+                continue
+            timed = [index.get((shape.name, op, name)) for op in OPS]
+            row = ["", "", "", ""]  # the shape's cells, on its first row only
+            if first:
+                limit = [_significant_us(memcpy.median), memcpy.name] if memcpy else ["-", "-"]
+                row = [_dims(shape), shape.elements, *limit]
+            row += [name] + [_significant_us(r.median) if r else "-" for r in timed]
+            row += [_ratio(r, memcpy) if r else "-" for r in timed]
+            for peer, op in speedups:
+                ours, theirs = index.get((shape.name, op, name)), index.get((shape.name, op, peer))
+                compared = ours is not None and theirs is not None and peer != name
+                row.append(f"{theirs.median / ours.median:.2f}" if compared else "-")
+            rows.append(row)
+            first = False
+    return markdown(header, rows)
+
+
+def _significant_us(seconds):
+    return _significant(seconds * 1e6).rstrip(".")
+
+
+def shapes_by_size(results):
+    """The shapes of ``results``: (N, C) and channels-last rows, then NCHW planes, each family
+    from the fewest elements up."""
+    shapes = {r.shape.name: r.shape for r in results}.values()
+    return sorted(shapes, key=lambda s: (is_planes(s), s.elements, s.name))
+
+
+def is_planes(shape):
+    return canonical_shape(shape.dims, shape.axis % len(shape.dims))[2] > 1
+
+
+def _dims(shape):
+    dims = "(" + ", ".join(str(d) for d in shape.dims) + ")"
+    return dims if shape.axis == 1 else f"{dims} axis {shape.axis}"
+
+
+def load_lines(load_before, load_after, threads, warn=True):
+    """The 1-minute load average around the timed runs, and (``warn``) a warning when other
+    processes were already using the CPUs that ``threads`` threads needed."""
     cpus = os.cpu_count()
     lines = [
         f"load average (1 min) {load_before:.2f} before, {load_after:.2f} after, on {cpus} CPUs"
+        f"; {threads} threads"
     ]
-    if load_before > cpus - threads + 0.5:
+    if warn and load_before > cpus - threads + 0.5:
         lines += [
             f"WARNING: other processes were using the CPUs before this run ({threads} threads on "
             f"{cpus} CPUs):",
@@ -116,6 +198,32 @@ def load_lines(load_before, load_after, threads):
             "these numbers as final.",
         ]
     return lines
+
+
+BUSY_LOAD_PER_CPU = 0.75  # numba-bn demo shows no speed-up above this 1-minute load per CPU
+
+
+def busy_warning(load, cpus):
+    """The warning that replaces speed-ups when the 1-minute ``load`` is above
+    BUSY_LOAD_PER_CPU x ``cpus``; None on a quiet enough machine."""
+    if load <= BUSY_LOAD_PER_CPU * cpus:
+        return None
+    return (
+        f"machine busy (load {load:.2f} on {cpus} CPUs): timings not meaningful; "
+        "speed-ups not shown"
+    )
+
+
+def speedup_line(results, ours, peer):
+    """ "ours is N x faster than peer": forward-train, eval and backward, from the medians."""
+    index = index_results(results)
+    shape = results[0].shape.name
+    ratios = [
+        f"{op} {index[shape, op, peer].median / index[shape, op, ours].median:.1f}x"
+        for op in OPS
+        if (shape, op, ours) in index and (shape, op, peer) in index
+    ]
+    return f"speed-up of {ours} over {peer}: " + ", ".join(ratios)
 
 
 def first_call_lines(first_call):
@@ -178,7 +286,8 @@ def _commit_info():
 def pytest_benchmark_json(results, settings, first_call=None):
     """A dict in pytest-benchmark's --benchmark-json format (``pytest-benchmark compare`` reads
     it), plus a "numba_bn" section with the settings and first-call times."""
-    memcpy = {r.shape.name: r for r in results if r.op == "memcpy"}
+    index = index_results(results)
+    memcpy = {shape: r for (shape, op, name), r in index.items() if name == LIMIT}
     benchmarks = []
     for r in results:
         param = f"{r.shape.name}-{r.name.replace(' ', '_')}"
@@ -230,41 +339,3 @@ def pytest_benchmark_json(results, settings, first_call=None):
         "version": f"numba_bn {__version__}",
         "numba_bn": {**settings, "first_call": first_call},
     }
-
-
-# --------------------------------------------------------------------------------------- plot
-def bar_chart(results, names, path, title):
-    """Time / memcpy time per shape, one panel per operation, one bar per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    index = _index(results)
-    shapes = [
-        s for s in dict.fromkeys(r.shape.name for r in results) if (s, "memcpy", "memcpy") in index
-    ]
-    shown = [n for n in names if n != "memcpy"]
-    panel_width = max(4.5, 0.9 * len(shapes) + 1.0)
-    fig, axes = plt.subplots(1, len(OPS), figsize=(panel_width * len(OPS), 4.5), sharey=True)
-    width = 0.8 / max(len(shown), 1)
-    for ax, op in zip(axes, OPS, strict=True):
-        for k, name in enumerate(shown):
-            ratios = [
-                index[s, op, name].median / index[s, "memcpy", "memcpy"].median
-                if (s, op, name) in index
-                else np.nan
-                for s in shapes
-            ]
-            ax.bar(np.arange(len(shapes)) + k * width, ratios, width, label=name)
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="memcpy")
-        ax.set_xticks(np.arange(len(shapes)) + width * (len(shown) - 1) / 2, shapes)
-        ax.tick_params(axis="x", labelrotation=30)
-        ax.set_yscale("log")
-        ax.set_title(op)
-    axes[0].set_ylabel("time / memcpy time (lower is better)")
-    axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
