@@ -2,6 +2,7 @@
 
 from .capi import register_backend
 from .conventions import CONVENTIONS, torch_momentum
+from .folding import fold_into, fold_into_next
 from .functional import backward, batch_norm, forward_eval, forward_train
 from .layer import BatchNorm
 from .warmup import warmup
@@ -13,6 +14,8 @@ __all__ = [
     "BatchNorm",
     "backward",
     "batch_norm",
+    "fold_into",
+    "fold_into_next",
     "forward_eval",
     "forward_train",
     "register_backend",

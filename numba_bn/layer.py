@@ -5,6 +5,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import conventions as _conventions
+from . import folding
 from .checks import check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
@@ -330,6 +331,30 @@ class BatchNorm:
         self.grad_bias = memory.astype(sum_dy, self.dtype) if self.bias is not None else None
         self._saved = None  # one backward per forward, as PyTorch frees its graph
         return dx
+
+    # -------------------------------------------------------------------------- folding
+    def scale_shift(self):
+        """``(scale, shift)``, float64 (C,): eval mode as ``y = x * scale + shift`` per channel,
+        from the running statistics, eps and the affine parameters."""
+        if not self.track_running_stats:
+            raise ValueError(
+                "scale_shift and folding need running statistics: this BatchNorm has "
+                "track_running_stats=False, so its eval mode normalises with batch statistics"
+            )
+        arrays = (self.running_mean, self.running_var, self.weight, self.bias)
+        return folding.scale_shift(*(None if a is None else move(a, "cpu") for a in arrays),
+                                   eps=self.eps)  # fmt: skip
+
+    def fold_into(self, weight, bias=None, axis=0):
+        """``(weight, bias)`` of the linear layer or convolution before this batch norm with the
+        batch norm folded in (:func:`numba_bn.fold_into`; ``axis``: weight's output axis)."""
+        return folding.affine_into(weight, bias, *self.scale_shift(), axis=axis)
+
+    def fold_into_next(self, weight, bias=None, axis=1, out_axis=0):
+        """``(weight, bias)`` of the linear layer after this batch norm with the batch norm
+        folded in (:func:`numba_bn.fold_into_next`, exact without padding)."""
+        return folding.affine_into_next(weight, bias, *self.scale_shift(), axis=axis,
+                                        out_axis=out_axis)  # fmt: skip
 
     # ----------------------------------------------------------------------- state dict
     def state_dict(self):
