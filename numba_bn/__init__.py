@@ -5,6 +5,7 @@ from .conventions import CONVENTIONS, torch_momentum
 from .folding import fold_into, fold_into_next
 from .functional import backward, batch_norm, forward_eval, forward_train
 from .layer import BatchNorm
+from .moments import Moments, moments, population_stats
 from .warmup import warmup
 
 __version__ = "0.1.0"
@@ -12,12 +13,15 @@ __version__ = "0.1.0"
 __all__ = [
     "CONVENTIONS",
     "BatchNorm",
+    "Moments",
     "backward",
     "batch_norm",
     "fold_into",
     "fold_into_next",
     "forward_eval",
     "forward_train",
+    "moments",
+    "population_stats",
     "register_backend",
     "torch_momentum",
     "warmup",

@@ -38,6 +38,7 @@ from numba import njit
 from .checks import compute_dtype, in_compute_dtype
 from .layer import BatchNorm
 from .memory import is_device_array
+from .moments import Moments
 from .ops import batch_backward, batch_forward, weight_gradient
 from .stats import chan_merge
 
@@ -84,11 +85,12 @@ def resolve_comm(comm):
 # the header (never a header against a payload, or payloads of different shapes) and each sees
 # what every other rank is doing.
 HEADER_FIELDS = ("operation", "channels", "dtype", "count")
-TRAIN_FORWARD, TRAIN_BACKWARD, FROZEN_BACKWARD = 1, 2, 3
+TRAIN_FORWARD, TRAIN_BACKWARD, FROZEN_BACKWARD, MOMENTS = 1, 2, 3, 4
 _OPERATION_NAMES = {
     TRAIN_FORWARD: "forward with batch statistics (training mode)",
     TRAIN_BACKWARD: "backward with batch statistics (training mode)",
     FROZEN_BACKWARD: "backward with running statistics (eval mode)",
+    MOMENTS: "allreduce_moments",
 }
 _DTYPE_CODES = {np.dtype(np.float16): 16, np.dtype(np.float32): 32, np.dtype(np.float64): 64}
 _LISTED_GROUPS = 6  # the error message lists this many distinct calls, then counts the rest
@@ -167,6 +169,29 @@ def _merge_ranks(counts, ranks, mean, m2):
     return count
 
 
+def merge_over_ranks(comm, operation, dtype, count, mean, m2):
+    """(every rank's count, global mean, global M2): the header, an Allgather of every rank's
+    (mean, M2), 2C values, and their Chan merge in rank order with the header's counts."""
+    channels = mean.size
+    counts = exchange_header(comm, operation, channels, dtype, count)
+    ranks = np.empty((comm.size, 2, channels))
+    comm.Allgather(np.stack([mean, m2]), ranks)
+    global_mean, global_m2 = np.empty(channels), np.empty(channels)
+    _merge_ranks(counts.astype(np.float64), ranks, global_mean, global_m2)
+    return counts, global_mean, global_m2
+
+
+def allreduce_moments(moments, comm=None):
+    """The :class:`numba_bn.Moments` of every rank's values together, on every rank (collective;
+    exact, in rank order; ranks may hold different counts, or none)."""
+    if not isinstance(moments, Moments):
+        raise TypeError(f"moments must be numba_bn.Moments, got {type(moments).__name__}")
+    counts, mean, m2 = merge_over_ranks(
+        resolve_comm(comm), MOMENTS, np.float64, moments.count, moments.mean, moments.m2
+    )
+    return Moments(int(counts.sum()), mean, m2)
+
+
 def _single_value_error(counts):
     """The same message on every rank: it is built from the gathered counts only."""
     holder = int(np.argmax(counts))
@@ -189,17 +214,13 @@ class RankExchange:
         self.comm = comm
 
     def batch_stats(self, dtype, count, mean, m2):
-        """The global (count, mean, M2): an Allgather of every rank's (mean, M2), 2C values,
-        Chan-merged in rank order with the counts of the header, the same on every rank."""
-        channels = mean.size
-        counts = exchange_header(self.comm, TRAIN_FORWARD, channels, dtype, count)
-        ranks = np.empty((self.comm.size, 2, channels))
-        self.comm.Allgather(np.stack([mean, m2]), ranks)
-        global_mean, global_m2 = np.empty(channels), np.empty(channels)
-        total = _merge_ranks(counts.astype(np.float64), ranks, global_mean, global_m2)
-        if total == 1:  # every rank holds the same counts: every rank raises
+        """The global (count, mean, M2) (:func:`merge_over_ranks`), the same on every rank."""
+        counts, global_mean, global_m2 = merge_over_ranks(
+            self.comm, TRAIN_FORWARD, dtype, count, mean, m2
+        )
+        if counts.sum() == 1:  # every rank holds the same counts: every rank raises
             raise _single_value_error(counts)
-        return total, global_mean, global_m2
+        return float(counts.sum()), global_mean, global_m2
 
     def sums(self, dtype, count, sum_dy, sum_dy_xmu, *, frozen):
         """The global (count, sum_dy, sum_dy_xmu): an Allreduce of 2C values."""

@@ -10,6 +10,7 @@ from .checks import check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
 from .memory import is_device_array
+from .moments import Moments
 from .ops import batch_backward, batch_forward, frozen_backward, frozen_forward, weight_gradient
 
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
@@ -72,6 +73,7 @@ class BatchNorm:
     # none for one process; SyncBatchNorm (numba_bn.distributed) sets an MPI one.
     _exchange = None
     _admitted = None  # (shape, dtype, axis, side) of the last NumPy input _admit() checked
+    _collected = None  # the Moments merged under numba_bn.population_stats, else None
 
     def __init__(
         self,
@@ -236,13 +238,13 @@ class BatchNorm:
         """Normalise ``x``; in training mode also update the running statistics."""
         self._admit(x)
         overwrites_x = out is not None and _shares_memory(out, x)
-        if self.training or not self.track_running_stats:
+        if self.training or not self.track_running_stats or self._collected is not None:
             if overwrites_x:
                 raise ValueError(
                     "out shares memory with x: in training mode backward() needs x as it was; "
                     "pass another array as out= (or none)"
                 )
-            update = self.training and self.track_running_stats
+            update = self.training and self.track_running_stats and self._collected is None
             batches = self.num_batches_tracked + 1
             result = batch_forward(
                 x,
@@ -262,6 +264,9 @@ class BatchNorm:
             )
             if update:  # an empty batch counts, as in PyTorch (its statistics change nothing)
                 self.num_batches_tracked = batches
+            if self._collected is not None and result.count:
+                mean, m2 = (memory_of(v).to_host(v) for v in (result.mean, result.m2))
+                self._collected = self._collected.merge(Moments(result.count, mean, m2))
             self._saved = _Saved(True, _kept(x), result.mean, result.invstd, result.count)
             return result.y
         y = frozen_forward(
@@ -331,6 +336,28 @@ class BatchNorm:
         self.grad_bias = memory.astype(sum_dy, self.dtype) if self.bias is not None else None
         self._saved = None  # one backward per forward, as PyTorch frees its graph
         return dx
+
+    # ---------------------------------------------------------------- population statistics
+    def collect_moments(self, moments):
+        """Start merging each forward's batch moments into ``moments`` (a Moments) instead of
+        updating the running statistics, or stop (None); returns what was collected. Used by
+        :func:`numba_bn.population_stats`."""
+        collected, self._collected = self._collected, moments
+        return collected
+
+    def is_synchronized(self):
+        """True when this layer's batch statistics are those of every process (SyncBatchNorm)."""
+        return self._exchange is not None
+
+    def set_running_stats(self, moments):
+        """running_mean and running_var from ``moments`` (the variance unbiased or biased as the
+        convention's running variance is), in the layer's dtype and place."""
+        var = moments.var(unbiased=self.convention.unbiased_running_var)
+        for name, value in (("running_mean", moments.mean), ("running_var", var)):
+            if self._side == "cpu":  # in place, as the functional API updates them
+                np.copyto(getattr(self, name), value, casting="same_kind")
+            else:
+                setattr(self, name, move(value.astype(self.dtype), self._side))
 
     # -------------------------------------------------------------------------- folding
     def scale_shift(self):

@@ -180,3 +180,12 @@ def first_negative(values):
         if values[i] < 0:
             return i
     return -1
+
+
+@kernel(cache=True)
+def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b, mean, m2):
+    """mean, m2 (=) per channel of two ``(count, mean, M2)`` states, each channel through
+    :func:`chan_merge`; returns the merged count."""
+    for c in range(mean.size):
+        _, mean[c], m2[c] = chan_merge(count_a, mean_a[c], m2_a[c], count_b, mean_b[c], m2_b[c])
+    return count_a + count_b

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from numba_bn.distributed import SyncBatchNorm, sync_backward, sync_forward_train
+import numba_bn as nbn
+from numba_bn.distributed import SyncBatchNorm, allreduce_moments, sync_backward, sync_forward_train
 
 LR = 0.1  # SGD step applied to weight and bias between training steps, as the test does
 WATCHDOG_S = 60  # the disagreement calls take milliseconds; a hang must not wait for the test
@@ -207,6 +208,22 @@ def functional(comm, data, counts, record):
     )  # fmt: skip
 
 
+def moments_over_ranks(comm, data, counts, record):
+    """allreduce_moments of this rank's rows (none on the empty rank), and population_stats
+    with comm over a plain BatchNorm that sees this rank's rows in two batches."""
+    x = rows_of_rank(data["func_x"], counts, comm.rank)
+    total = allreduce_moments(nbn.moments(x), comm)
+    record.update(moments_count=np.array(total.count), moments_array=total.to_array())
+    bn = nbn.BatchNorm(6, dtype=np.float64).eval()
+    half = len(x) // 2
+    with nbn.population_stats(bn, comm=comm):
+        for batch in (x[:half], x[half:]):
+            if len(batch) > 1:  # one value per channel cannot normalise with batch statistics
+                bn(batch)
+    record.update(population_mean=bn.running_mean, population_var=bn.running_var)
+    record["population_training"] = np.array(bn.training)
+
+
 def suite(comm, workdir):
     config = json.loads((workdir / "config.json").read_text())
     data = np.load(workdir / "input.npz")
@@ -215,6 +232,7 @@ def suite(comm, workdir):
     for name, spec in config["layers"].items():
         train_layer(comm, data, config["counts"], name, spec, record)
     functional(comm, data, config["counts"], record)
+    moments_over_ranks(comm, data, config["counts"], record)
     empty_global_batch(comm, record)
     faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hang: stacks, exit code 1
     disagreements(comm, record)

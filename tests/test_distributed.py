@@ -259,6 +259,37 @@ def test_functional_forms_equal_single_process_and_the_naive_reference(job):
 
 
 @needs_mpi
+def test_allreduce_moments_gives_the_statistics_of_the_concatenated_batch(job):
+    x = job.data["func_x"]
+    for record in job.records:
+        merged = nbn.Moments.from_array(record["moments_array"])
+        assert merged.count == len(x) == int(record["moments_count"])
+        np.testing.assert_allclose(merged.mean, x.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(merged.var(), x.var(axis=0), rtol=1e-12)
+    assert_identical_on_every_rank(job.per_rank("moments_array"), "allreduce_moments")
+
+
+@needs_mpi
+def test_population_stats_with_comm_cover_every_rank_batch(job):
+    """Each rank's batches of more than one row, concatenated: what the layers saw."""
+    seen = []
+    for rank in range(job.size):
+        rows = rows_of_rank_like_the_worker(job.data["func_x"], job.counts, rank)
+        half = len(rows) // 2
+        seen += [batch for batch in (rows[:half], rows[half:]) if len(batch) > 1]
+    seen = np.concatenate(seen)
+    for record in job.records:
+        np.testing.assert_allclose(record["population_mean"], seen.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(record["population_var"], seen.var(axis=0, ddof=1), rtol=1e-12)
+        assert not record["population_training"]
+
+
+def rows_of_rank_like_the_worker(array, counts, rank):
+    start = int(np.sum(counts[:rank]))
+    return array[start : start + int(counts[rank])]
+
+
+@needs_mpi
 def test_one_value_per_channel_in_the_global_batch_raises_the_same_error_on_every_rank(job):
     for key in ("error_single_value", "error_single_value_functional"):
         messages = [str(m) for m in job.per_rank(key)]
