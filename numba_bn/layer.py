@@ -193,8 +193,8 @@ class BatchNorm:
         self._move(side)
 
     # -------------------------------------------------------------------------- forward
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, *, training=None, out=None):
+        return self.forward(x, training=training, out=out)
 
     def _check_input(self, x):
         """The layer's own words for an input that does not fit it (before the functional
@@ -234,17 +234,19 @@ class BatchNorm:
         if type(x) is np.ndarray:
             self._admitted = (x.shape, x.dtype, self.axis, self._side)
 
-    def forward(self, x, *, out=None):
-        """Normalise ``x``; in training mode also update the running statistics."""
+    def forward(self, x, *, training=None, out=None):
+        """Normalise ``x``; in training mode also update the running statistics. ``training``
+        overrides the layer's mode for this call (as Keras' ``layer(x, training=False)``)."""
+        training = self.training if training is None else bool(training)
         self._admit(x)
         overwrites_x = out is not None and _shares_memory(out, x)
-        if self.training or not self.track_running_stats or self._collected is not None:
+        if training or not self.track_running_stats or self._collected is not None:
             if overwrites_x:
                 raise ValueError(
                     "out shares memory with x: in training mode backward() needs x as it was; "
                     "pass another array as out= (or none)"
                 )
-            update = self.training and self.track_running_stats and self._collected is None
+            update = training and self.track_running_stats and self._collected is None
             batches = self.num_batches_tracked + 1
             result = batch_forward(
                 x,

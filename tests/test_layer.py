@@ -172,3 +172,18 @@ def test_float64_layer_keeps_float64(rng):
 
 def test_repr_names_the_configuration():
     assert "convention='keras'" in repr(nbn.BatchNorm(2, convention="keras"))
+
+
+def test_training_argument_overrides_the_mode_for_one_call(rng):
+    """As Keras' layer(x, training=False): the mode itself stays."""
+    x = random_batch(rng, (16, 3), np.float64)
+    bn = nbn.BatchNorm(3, dtype=np.float64)
+    bn.running_mean[:] = [1.0, 2.0, 3.0]
+    y = bn(x, training=False)
+    np.testing.assert_allclose(y, naive.forward(x, bn.running_mean, bn.running_var), atol=1e-12)
+    assert bn.training and bn.num_batches_tracked == 0
+    np.testing.assert_array_equal(bn.running_mean, [1.0, 2.0, 3.0])
+    bn.eval()
+    y = bn(x, training=True)
+    np.testing.assert_allclose(y, naive.forward_train(x)[0], atol=1e-12)
+    assert not bn.training and bn.num_batches_tracked == 1
