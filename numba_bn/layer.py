@@ -5,7 +5,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import conventions as _conventions
-from . import folding
+from . import folding, ghost
 from .checks import check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
@@ -26,6 +26,7 @@ class _Saved(NamedTuple):
     mean: object = None
     invstd: object = None
     count: int = 0  # values per channel of the (global) batch
+    ghost: object = None  # the GhostResult of a forward with virtual_batch_size
 
 
 def _kept(x):
@@ -57,6 +58,10 @@ class BatchNorm:
     convention : {"torch", "keras", "flax", "onnx"}
     nan_policy : {"propagate", "raise"}
         "raise": a training batch with non-finite statistics raises and updates nothing.
+    virtual_batch_size : int, optional
+        Ghost batch normalisation (:mod:`numba_bn.ghost`): in batch mode each run of this many
+        consecutive samples along axis 0 is normalised with its own statistics; the running
+        statistics take one update per call from the mean of the ghost batches' statistics.
     device : {"auto", "cpu", "cuda"}
         Where parameters, buffers and gradients live. "auto": in host memory until the layer is
         called on CUDA arrays, then on the GPU (they follow the input). "cpu" / "cuda" keep them
@@ -91,6 +96,7 @@ class BatchNorm:
         nan_policy="propagate",
         backend="cpu",
         device="auto",
+        virtual_batch_size=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
@@ -108,6 +114,7 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         compute_dtype(self.dtype, "dtype")
         self.nan_policy = check_nan_policy(nan_policy)
+        self.virtual_batch_size = ghost.check_virtual_batch_size(virtual_batch_size)
         self.backend = backend
         self.track_running_stats = bool(track_running_stats)
         self.affine = bool(affine)
@@ -248,6 +255,8 @@ class BatchNorm:
                 )
             update = training and self.track_running_stats and self._collected is None
             batches = self.num_batches_tracked + 1
+            if self.virtual_batch_size is not None:
+                return self._ghost_forward(x, update, batches, out)
             result = batch_forward(
                 x,
                 self.weight,
@@ -286,6 +295,31 @@ class BatchNorm:
         self._saved = _Saved(False, _gone if overwrites_x else _kept(x))
         return y
 
+    def _ghost_forward(self, x, update, batches, out):
+        """forward() in batch mode with ghost batches (:mod:`numba_bn.ghost`)."""
+        if self._exchange is not None:
+            raise ValueError("virtual_batch_size is not supported by SyncBatchNorm")
+        result = ghost.ghost_forward(x, self.virtual_batch_size, self.weight, self.bias,
+                                     self.eps, self.axis, nan_policy=self.nan_policy,
+                                     backend=self.backend)  # fmt: skip
+        statistics = ghost.batch_statistics(result, self.convention.unbiased_running_var)
+        if update and statistics is not None:
+            weight = self.convention.new_batch_weight(self.momentum, batches)
+            for buffer, value in zip(
+                (self.running_mean, self.running_var), statistics, strict=True
+            ):
+                np.copyto(buffer, (1.0 - weight) * buffer + weight * value, casting="same_kind")
+        if update:
+            self.num_batches_tracked = batches
+        if self._collected is not None and result.count:
+            for mean, m2 in zip(result.mean, result.m2, strict=True):
+                self._collected = self._collected.merge(Moments(result.count, mean, m2))
+        self._saved = _Saved(True, _kept(x), ghost=result)
+        if out is None:
+            return result.y
+        np.copyto(out, result.y)
+        return out
+
     # ------------------------------------------------------------------------- backward
     def backward(self, dy, *, out=None):
         """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``."""
@@ -301,6 +335,17 @@ class BatchNorm:
                 "BatchNorm.backward() needs x of the last forward, which forward(x, out=x) "
                 "overwrote: pass another array as out= to call backward() afterwards"
             )
+        if saved.ghost is not None:
+            dx, sum_dy, dweight = ghost.ghost_backward(dy, x, saved.ghost, self.virtual_batch_size,
+                                                       self.weight, self.axis,
+                                                       backend=self.backend)  # fmt: skip
+            self.grad_weight = None if self.weight is None else dweight.astype(self.dtype)
+            self.grad_bias = None if self.bias is None else sum_dy.astype(self.dtype)
+            self._saved = None
+            if out is None:
+                return dx
+            np.copyto(out, dx)
+            return out
         if saved.batch:
             dx, sum_dy, sum_dy_xmu, _ = batch_backward(
                 dy,
