@@ -28,6 +28,12 @@ from .dispatch import memory_of, placed
 from .stats import RunningUpdate, first_negative, invstd_of, running_update
 
 
+def _host_device(device):
+    """True for the devices a plain host call may run on; anything else takes the checks
+    (which also explain a device that is not one)."""
+    return type(device) is str and (device == "auto" or device == "cpu")
+
+
 class TrainResult(NamedTuple):
     """What a training forward produces: y and the float64 statistics backward needs."""
 
@@ -73,7 +79,7 @@ def batch_forward(
     statistics -> (``exchange``: merged over the processes) -> finalise -> normalise. Without an
     exchange the backend runs it as one fused call.
     """
-    if out is None and exchange is None and nan_policy == "propagate" and device != "cuda":
+    if out is None and exchange is None and nan_policy == "propagate" and _host_device(device):
         result = _plain_batch_forward(
             x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend
         )
@@ -199,7 +205,7 @@ def _no_values(prepared, y, y_view, memory):
 def frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=None,
                    backend="cpu", device="auto"):  # fmt: skip
     """Eval forward: normalise with the running statistics."""
-    if out is None and device != "cuda":
+    if out is None and _host_device(device):
         y = _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend)
         if y is not None:
             return y
@@ -265,7 +271,7 @@ def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
                    device="auto"):  # fmt: skip
     """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward:
     reduce -> (``exchange``: summed over the processes) -> dx."""
-    if out is None and exchange is None and device != "cuda":
+    if out is None and exchange is None and _host_device(device):
         result = _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend)
         if result is not None:
             return result

@@ -139,3 +139,17 @@ def test_a_layer_checks_an_input_of_a_new_kind_again(rng):
     bn.axis = 0  # an attribute a user may change between calls
     with pytest.raises(ValueError, match=r"got 8 channels on axis 0"):
         bn(random_batch(rng, (8, 3), np.float32))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: nbn.forward_train(x, device="gpu"),
+        lambda x: nbn.forward_eval(x, np.zeros(3), np.ones(3), device="gpu"),
+        lambda x: nbn.backward(x, x, np.zeros(3), np.ones(3), device="gpu"),
+        lambda x: nbn.batch_norm(x, None, None, training=True, device=["cpu"]),
+    ],
+)
+def test_an_unknown_device_is_explained_even_for_a_plain_call(call):
+    with pytest.raises(ValueError, match=r"device must be one of \('auto', 'cpu', 'cuda'\)"):
+        call(np.ones((4, 3)))
