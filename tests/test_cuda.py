@@ -1,8 +1,9 @@
 """The CUDA backend from the main test process, which has no GPU and no simulator.
 
-numba.cuda picks the simulator when it is first imported, so the backend's own tests
-(tests/gpu_suite.py) run in a subprocess with NUMBA_ENABLE_CUDASIM=1; this process checks the
-dispatch errors that need no CUDA at all, and that the kernels compile for a real GPU.
+numba.cuda picks the simulator when it is first imported, so the backend's tests (the "cuda" cases
+of tests/test_conformance.py and the backend's own tests/gpu_suite.py) run in a subprocess with
+NUMBA_ENABLE_CUDASIM=1; this process checks the dispatch errors that need no CUDA at all, and that
+the kernels compile for a real GPU.
 """
 
 import importlib.util
@@ -52,11 +53,16 @@ def toolkit_root():
     return None
 
 
-def test_gpu_suite_passes_under_the_simulator():
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu_suite.py"]
-    code, output = run(command, {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=900)
+def test_cuda_conformance_and_gpu_suite_pass_under_the_simulator():
+    """The conformance suite on the "cuda" backend alone (the main process runs the others), and
+    the backend's own tests; nothing skipped, so a simulator that did not start shows."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "tests/test_conformance.py", "tests/gpu_suite.py"]  # fmt: skip
+    environment = {"NUMBA_ENABLE_CUDASIM": "1", "NBN_TEST_BACKENDS": "cuda"}
+    code, output = run(command, environment, timeout=900)
     assert code == 0, output[-6000:]
-    assert " passed" in output.splitlines()[-1], output[-2000:]
+    summary = output.splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, output[-2000:]
 
 
 def test_gpu_benchmark_smoke_mode_runs_under_the_simulator():

@@ -1,9 +1,10 @@
 """The C plugin: libnumba_bn.so built from the kernels, checked from C and as a Python backend.
 
-The plugin is built once per session (``numba-bn build-plugin``, the portable build with its
-x86-64-v2/v3/v4 variants) together with a ``--cpu host`` build, which compiles the kernels exactly
-as the JIT does and must therefore give the CPU backend's bits. Both builds, the reference C
-backend and the C test host need a C compiler (``cc`` or $CC).
+Its builds are session fixtures of tests/conftest.py, made once whichever files run: the portable
+build (``numba-bn build-plugin``, with its x86-64-v2/v3/v4 variants), which the conformance suite
+(tests/test_conformance.py) also runs as ``backend="c-plugin"``, and a ``--cpu host`` build, which
+compiles the kernels exactly as the JIT does and must therefore give the CPU backend's bits. The
+builds, the reference C backend and the C test host need a C compiler (``cc`` or $CC).
 """
 
 import ctypes
@@ -40,43 +41,28 @@ BIG_LAYOUTS = [((8, 16, 32, 32), 1), ((4, 2, 9000), 1), ((2100, 300), 1), ((40, 
 
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
-def builds(tmp_path_factory):
-    """The portable build (through the CLI) and a --cpu host build, made concurrently."""
-    portable, host = tmp_path_factory.mktemp("plugin"), tmp_path_factory.mktemp("plugin-host")
-    host_build = {}
-    thread = threading.Thread(
-        target=lambda: host_build.setdefault("result", build.build_plugin(host, cpu="host"))
-    )
-    thread.start()
-    status = main(["build-plugin", "--out", str(portable)])
-    thread.join()
-    assert status == 0 and "result" in host_build
-    return portable, host
+def library(plugin_build):
+    return plugin_build / build.LIBRARY_NAME
 
 
 @pytest.fixture(scope="session")
-def library(builds):
-    return builds[0] / build.LIBRARY_NAME
-
-
-@pytest.fixture(scope="session")
-def backends(builds, tmp_path_factory):
+def backends(plugin_backend, host_build, tmp_path_factory):
     """C backends registered for the session: the portable plugin, the host build, the reference."""
     reference = build.build_reference_backend(tmp_path_factory.mktemp("reference"))
     return {
-        "c-plugin": nbn.register_backend("c-plugin", builds[0] / build.LIBRARY_NAME),
-        "c-host": nbn.register_backend("c-host", builds[1] / build.LIBRARY_NAME),
+        "c-plugin": plugin_backend,
+        "c-host": nbn.register_backend("c-host", host_build / build.LIBRARY_NAME),
         "c-reference": nbn.register_backend("c-reference", reference),
     }
 
 
 @pytest.fixture(scope="session")
-def test_host(builds, tmp_path_factory):
+def test_host(plugin_build, tmp_path_factory):
     """csrc/test_host.c linked against the portable build."""
     binary = tmp_path_factory.mktemp("host") / "test_host"
     build.run_compiler(
-        ["-std=c11", "-O2", "-I", CSRC, CSRC / "test_host.c", "-L", builds[0],
-         "-lnumba_bn", f"-Wl,-rpath,{builds[0]}", "-lm", "-o", binary],
+        ["-std=c11", "-O2", "-I", CSRC, CSRC / "test_host.c", "-L", plugin_build,
+         "-lnumba_bn", f"-Wl,-rpath,{plugin_build}", "-lm", "-o", binary],
         "building the C test host",
     )  # fmt: skip
     return binary
@@ -89,8 +75,8 @@ def _tool(*command):
 
 
 # --------------------------------------------------------------------------- the library itself
-def test_build_writes_the_library_and_the_header(builds):
-    for directory in builds:
+def test_build_writes_the_library_and_the_header(plugin_build, host_build):
+    for directory in (plugin_build, host_build):
         assert (directory / build.LIBRARY_NAME).stat().st_size > 0
         header = (directory / build.HEADER_NAME).read_text()
         assert header == (CSRC / "numba_bn.h").read_text()
@@ -132,13 +118,13 @@ def test_c_host_passes_with_an_empty_environment(test_host, isa):
     assert summary.endswith(", 0 failed")
 
 
-def test_the_c_example_of_the_docs_runs(builds, tmp_path):
+def test_the_c_example_of_the_docs_runs(plugin_build, tmp_path):
     docs = (REPOSITORY / "docs" / "c-abi.md").read_text()
     source = tmp_path / "example.c"
     source.write_text(re.search(r"```c\n(.*?)```", docs, re.DOTALL).group(1))
     build.run_compiler(
-        ["-std=c11", "-O2", "-Wall", "-Werror", "-I", builds[0], source, "-L", builds[0],
-         "-lnumba_bn", f"-Wl,-rpath,{builds[0]}", "-o", tmp_path / "example"],
+        ["-std=c11", "-O2", "-Wall", "-Werror", "-I", plugin_build, source, "-L", plugin_build,
+         "-lnumba_bn", f"-Wl,-rpath,{plugin_build}", "-o", tmp_path / "example"],
         "building the example of docs/c-abi.md",
     )  # fmt: skip
     done = subprocess.run(
@@ -397,8 +383,8 @@ def test_a_shape_whose_scratch_cannot_exist_is_refused(backends, backend):
         np.testing.assert_array_equal(output, -7.25)
 
 
-def test_register_backend_loads_a_ctypes_library(backends, builds):
-    backend = nbn.register_backend("c-again", ctypes.CDLL(str(builds[0] / build.LIBRARY_NAME)))
+def test_register_backend_loads_a_ctypes_library(backends, library):
+    backend = nbn.register_backend("c-again", ctypes.CDLL(str(library)))
     assert backend.version == 10001
     assert backend.isa in {name for name, _, _ in build.build_targets()}
     backend.set_num_threads(1)
