@@ -6,12 +6,20 @@ import numpy as np
 
 from . import conventions as _conventions
 from . import folding, ghost
+from . import renorm as renorm_
 from .checks import check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
 from .memory import is_device_array
-from .moments import Moments
-from .ops import batch_backward, batch_forward, frozen_backward, frozen_forward, weight_gradient
+from .moments import Moments, moments
+from .ops import (
+    affine_forward,
+    batch_backward,
+    batch_forward,
+    frozen_backward,
+    frozen_forward,
+    weight_gradient,
+)
 
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
 
@@ -27,6 +35,7 @@ class _Saved(NamedTuple):
     invstd: object = None
     count: int = 0  # values per channel of the (global) batch
     ghost: object = None  # the GhostResult of a forward with virtual_batch_size
+    renorm: object = None  # (r, d), float64, of a Batch Renormalization forward
 
 
 def _kept(x):
@@ -97,6 +106,9 @@ class BatchNorm:
         backend="cpu",
         device="auto",
         virtual_batch_size=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
@@ -129,6 +141,20 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
+        self.renorm = bool(renorm)
+        if self.renorm:
+            if self.convention.momentum_weights_new:
+                raise ValueError(
+                    "renorm is Keras' Batch Renormalization: use convention='keras', 'flax' or "
+                    f"'onnx', got convention={self.convention.name!r}"
+                )
+            if not self.track_running_stats:
+                raise ValueError("renorm needs track_running_stats=True (its moving statistics)")
+            self.renorm_clipping = renorm_.check_clipping(renorm_clipping)
+            self.renorm_momentum = check_scalar(renorm_momentum, "renorm_momentum", 0.0, 1.0)
+            self.renorm_mean = np.zeros(num_features, self.dtype)
+            self.renorm_stddev = np.ones(num_features, self.dtype)
+            self.moving_stddev = np.ones(num_features, self.dtype)
         self.training = True
         self._saved = None
         self.device = "auto"
@@ -257,6 +283,8 @@ class BatchNorm:
             batches = self.num_batches_tracked + 1
             if self.virtual_batch_size is not None:
                 return self._ghost_forward(x, update, batches, out)
+            if self.renorm and training and self._collected is None:
+                return self._renorm_forward(x, update, batches, out)
             result = batch_forward(
                 x,
                 self.weight,
@@ -320,6 +348,48 @@ class BatchNorm:
         np.copyto(out, result.y)
         return out
 
+    def _renorm_forward(self, x, update, batches, out):
+        """forward() in training mode with Batch Renormalization (:mod:`numba_bn.renorm`)."""
+        if is_device_array(x) or self._exchange is not None:
+            raise TypeError("renorm runs on host (NumPy) arrays in one process")
+        batch = moments(x, self.axis, backend=self.backend)
+        if batch.count == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.shape}"
+            )
+        mean, var = batch.mean, batch.var()
+        if self.nan_policy == "raise" and not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            raise ValueError(
+                "x holds NaN or Inf (nan_policy='raise'): batch statistics are not finite; "
+                "running statistics were not updated"
+            )
+        r, d, stddev = renorm_.corrections(mean, var, self.eps, self.renorm_mean,
+                                           self.renorm_stddev, self.renorm_clipping)  # fmt: skip
+        scale, shift = renorm_.composed_affine(r, d, self.weight, self.bias)
+        invstd = 1.0 / stddev
+        dtype = compute_dtype(self.dtype)
+        y = affine_forward(x, mean, invstd, scale.astype(dtype), shift.astype(dtype), self.axis,
+                           out=out, backend=self.backend)  # fmt: skip
+        if update and batch.count:
+            old = 1.0 - self.convention.new_batch_weight(self.momentum, batches)
+            for name, value, weight in (
+                ("renorm_mean", mean, self.renorm_momentum),
+                ("renorm_stddev", stddev, self.renorm_momentum),
+                ("running_mean", mean, old),
+                ("moving_stddev", stddev, old),
+            ):
+                buffer = getattr(self, name)
+                np.copyto(
+                    buffer, renorm_.moving_average(buffer, value, weight), casting="same_kind"
+                )
+            moving_stddev = self.moving_stddev.astype(np.float64)
+            np.copyto(self.running_var, np.maximum(moving_stddev**2 - self.eps, 0.0),
+                      casting="same_kind")  # fmt: skip
+        if update:
+            self.num_batches_tracked = batches
+        self._saved = _Saved(True, _kept(x), mean, invstd, batch.count, renorm=(r, d))
+        return y
+
     # ------------------------------------------------------------------------- backward
     def backward(self, dy, *, out=None):
         """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``."""
@@ -346,13 +416,17 @@ class BatchNorm:
                 return dx
             np.copyto(out, dx)
             return out
+        weight = self.weight
+        if saved.renorm is not None:  # r and d are constants: the scale is weight * r
+            r = saved.renorm[0]
+            weight = (r if weight is None else r * weight).astype(compute_dtype(self.dtype))
         if saved.batch:
             dx, sum_dy, sum_dy_xmu, _ = batch_backward(
                 dy,
                 x,
                 saved.mean,
                 saved.invstd,
-                self.weight,
+                weight,
                 self.axis,
                 out=out,
                 backend=self.backend,
@@ -376,6 +450,10 @@ class BatchNorm:
         memory = memory_of(sum_dy)
         if self.weight is None:
             self.grad_weight = None
+        elif saved.renorm is not None:  # d(y)/d(gamma) = x_hat * r + d
+            r, d = saved.renorm
+            dx_hat = saved.invstd * sum_dy_xmu if saved.count else 0.0 * sum_dy_xmu
+            self.grad_weight = (r * dx_hat + d * sum_dy).astype(self.dtype)
         elif saved.batch:
             self.grad_weight = weight_gradient(saved.invstd, sum_dy_xmu, saved.count, self.dtype)
         else:
@@ -484,6 +562,8 @@ class BatchNorm:
         keys = [n for n in ("weight", "bias") if getattr(self, n) is not None]
         if self.track_running_stats:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
+        if self.renorm:
+            keys += list(renorm_.BUFFERS)
         return keys
 
     def __repr__(self):

@@ -364,6 +364,24 @@ def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=
     return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, invstd
 
 
+@placed(("x", "weight", "bias", "out"), inplace=("out",))
+def affine_forward(x, mean, invstd, weight, bias, axis, *, out=None, backend="cpu"):
+    """y = (x - mean) * invstd * weight + bias with given float64 host statistics (C,): the
+    elementwise pass of a training forward, for statistics computed elsewhere (Batch
+    Renormalization's composed scale and shift)."""
+    kernels = dispatch.get(backend)
+    memory = dispatch.memory(kernels)
+    prepared = Prepared(x, axis, memory=memory)
+    vectors = Vectors(prepared.x, prepared.channels, memory=memory, weight=weight, bias=bias)
+    mean, invstd = (stats_vector(v, name, prepared.channels, memory)
+                    for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
+    y, y_view = prepared.output(out)
+    if prepared.count and prepared.channels:
+        kernels.normalize(prepared.view, mean=mean, invstd=invstd, weight=vectors.kernel("weight"),
+                          bias=vectors.kernel("bias"), y=y_view)  # fmt: skip
+    return prepared.finish(y, y_view)
+
+
 def weight_gradient(invstd, sum_dy_xmu, count, dtype):
     """dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)) in ``dtype``; 0 for a batch of
     no values (a sum over nothing), whose invstd is NaN."""
