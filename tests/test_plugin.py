@@ -12,6 +12,7 @@ import ctypes.util
 import fnmatch
 import os
 import re
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -118,21 +119,74 @@ def test_c_host_passes_with_an_empty_environment(test_host, isa):
     assert summary.endswith(", 0 failed")
 
 
-def test_the_c_example_of_the_docs_runs(plugin_build, tmp_path):
+def _docs_example(tmp_path):
     docs = (REPOSITORY / "docs" / "c-abi.md").read_text()
     source = tmp_path / "example.c"
     source.write_text(re.search(r"```c\n(.*?)```", docs, re.DOTALL).group(1))
+    return source
+
+
+def _check_example_runs(binary):
+    done = subprocess.run(["env", "-i", str(binary)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("channel ") == 4
+    assert "eps = -1: NBN_ERR_VALUE" in done.stdout
+
+
+def test_the_c_example_of_the_docs_runs(plugin_build, tmp_path):
+    source = _docs_example(tmp_path)
     build.run_compiler(
         ["-std=c11", "-O2", "-Wall", "-Werror", "-I", plugin_build, source, "-L", plugin_build,
          "-lnumba_bn", f"-Wl,-rpath,{plugin_build}", "-o", tmp_path / "example"],
         "building the example of docs/c-abi.md",
     )  # fmt: skip
-    done = subprocess.run(
-        ["env", "-i", str(tmp_path / "example")], capture_output=True, text=True, timeout=60
+    _check_example_runs(tmp_path / "example")
+
+
+@pytest.mark.skipif(shutil.which("pkg-config") is None, reason="no pkg-config")
+def test_the_docs_example_builds_with_pkg_config(plugin_build, tmp_path):
+    environment = dict(os.environ, PKG_CONFIG_PATH=str(plugin_build))
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "numba_bn"], env=environment, capture_output=True,
+        text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    version = subprocess.run(["pkg-config", "--modversion", "numba_bn"], env=environment,
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert version == ".".join(map(str, build.abi_version()))
+    source = _docs_example(tmp_path)
+    build.run_compiler(["-std=c11", "-O2", source, *flags, "-o", tmp_path / "example"],
+                       "building the docs example with pkg-config")  # fmt: skip
+    _check_example_runs(tmp_path / "example")
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake")
+def test_the_docs_example_builds_with_cmake_find_package(plugin_build, tmp_path):
+    source = _docs_example(tmp_path)
+    major, minor, _ = build.abi_version()
+    (tmp_path / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\n"
+        "project(example C)\n"
+        f"find_package(numba_bn {major}.{minor} REQUIRED)\n"
+        f"add_executable(example {source.name})\n"
+        "target_link_libraries(example PRIVATE numba_bn::numba_bn)\n"
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("channel ") == 4
-    assert "eps = -1: NBN_ERR_VALUE" in done.stdout
+    for command in (
+        ["cmake", "-S", tmp_path, "-B", tmp_path / "build", f"-DCMAKE_PREFIX_PATH={plugin_build}"],
+        ["cmake", "--build", tmp_path / "build"],
+    ):
+        done = subprocess.run([str(c) for c in command], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    _check_example_runs(tmp_path / "build" / "example")
+    (tmp_path / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\nproject(too_new C)\n"
+        f"find_package(numba_bn {major + 1}.0 REQUIRED)\n"
+    )
+    done = subprocess.run(
+        ["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build2"),
+         f"-DCMAKE_PREFIX_PATH={plugin_build}"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and "numba_bn" in done.stdout + done.stderr
 
 
 # ------------------------------------------------------------------------ as a Python backend

@@ -190,7 +190,65 @@ def build_plugin(out_dir, cpu=None):
         )  # fmt: skip
     header = out_dir / HEADER_NAME
     shutil.copyfile(csrc / HEADER_NAME, header)
+    write_package_files(out_dir)
     return BuildResult(library, header, tuple(t[0] for t in targets), time.perf_counter() - start)
+
+
+PKG_CONFIG_NAME = "numba_bn.pc"
+CMAKE_CONFIG_NAME = "numba_bnConfig.cmake"
+CMAKE_VERSION_NAME = "numba_bnConfigVersion.cmake"
+
+
+def abi_version():
+    """(major, minor, patch) of the C ABI, as numba_bn.h defines it."""
+    header = (csrc_dir() / HEADER_NAME).read_text()
+    return tuple(
+        int(re.search(rf"#define NBN_VERSION_{part} (\d+)", header).group(1))
+        for part in ("MAJOR", "MINOR", "PATCH")
+    )
+
+
+def write_package_files(out_dir):
+    """``numba_bn.pc`` (pkg-config) and ``numba_bnConfig.cmake`` with its version file
+    (CMake's find_package), describing the library and header in ``out_dir`` wherever that
+    directory ends up: both locate themselves (${pcfiledir}, CMAKE_CURRENT_LIST_DIR)."""
+    out_dir = Path(out_dir)
+    version = ".".join(map(str, abi_version()))
+    (out_dir / PKG_CONFIG_NAME).write_text(
+        "prefix=${pcfiledir}\n"
+        "libdir=${prefix}\n"
+        "includedir=${prefix}\n\n"
+        "Name: numba_bn\n"
+        "Description: batch normalization kernels built from numba_bn (C ABI)\n"
+        f"Version: {version}\n"
+        "Cflags: -I${includedir}\n"
+        "Libs: -L${libdir} -Wl,-rpath,${libdir} -lnumba_bn\n"
+    )
+    (out_dir / CMAKE_CONFIG_NAME).write_text(
+        "# find_package(numba_bn) with this directory on CMAKE_PREFIX_PATH or as numba_bn_DIR\n"
+        "if(NOT TARGET numba_bn::numba_bn)\n"
+        "  add_library(numba_bn::numba_bn SHARED IMPORTED)\n"
+        "  set_target_properties(numba_bn::numba_bn PROPERTIES\n"
+        f'    IMPORTED_LOCATION "${{CMAKE_CURRENT_LIST_DIR}}/{LIBRARY_NAME}"\n'
+        f'    IMPORTED_SONAME "{LIBRARY_NAME}"\n'
+        '    INTERFACE_INCLUDE_DIRECTORIES "${CMAKE_CURRENT_LIST_DIR}")\n'
+        "endif()\n"
+        "set(numba_bn_FOUND TRUE)\n"
+    )
+    (out_dir / CMAKE_VERSION_NAME).write_text(
+        f'set(PACKAGE_VERSION "{version}")\n'
+        "# the same major version, at least the requested minor and patch\n"
+        'if(PACKAGE_FIND_VERSION_MAJOR STREQUAL "" OR\n'
+        f"   (PACKAGE_FIND_VERSION_MAJOR EQUAL {abi_version()[0]} AND\n"
+        "    NOT PACKAGE_VERSION VERSION_LESS PACKAGE_FIND_VERSION))\n"
+        "  set(PACKAGE_VERSION_COMPATIBLE TRUE)\n"
+        "  if(PACKAGE_VERSION VERSION_EQUAL PACKAGE_FIND_VERSION)\n"
+        "    set(PACKAGE_VERSION_EXACT TRUE)\n"
+        "  endif()\n"
+        "else()\n"
+        "  set(PACKAGE_VERSION_COMPATIBLE FALSE)\n"
+        "endif()\n"
+    )
 
 
 def _start_child(work, name, cpu_name, features):
