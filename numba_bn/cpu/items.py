@@ -11,28 +11,35 @@ Work items of the canonical ``(outer, C, inner)`` view:
   normalisation (or reduction and dx) back to back while the channel is in L2;
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
   (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows;
-* channel items merge the partials of one channel in part order, then its coefficients;
-* elementwise items: ``(n, channel, block)`` for planes, runs of whole rows for rows.
+* channel items (:func:`channel_items`) merge the partials of CHANNEL_GROUP channels, each in
+  part order, then their coefficients, in one kernel call (:mod:`.channels`): an item per
+  channel cost 30-40 ns a channel in reference counting and calls, more than the merge. An item
+  past the last group does nothing, so a loop over ``range(channels)`` also covers every channel
+  once;
+* elementwise items: runs of whole rows for rows, runs of whole consecutive planes for planes
+  shorter than PLANE_BLOCK, ``(n, channel, block)`` for longer ones (:mod:`.kernels`).
 
 Which item computes what never changes the merge order inside a channel, so results do not depend
 on the partition's use of threads. Each item is index arithmetic plus a call into
-:mod:`.kernels`, inlined into the loop that runs it (a call per item costs: 16384 items of 196
-values in a 14x14 feature map made eval 2x slower). Floating point stays in the separately
-compiled kernels, which keeps the parallel and serial twins bitwise identical (float code inline
-in a prange body was seen to round 1 ulp differently between twins).
+:mod:`.kernels` or :mod:`.channels`, inlined into the loop that runs it (an item's arguments are
+still reference-counted once per iteration, so items must be long: see the channel items and the
+short planes' elementwise items). Floating point stays in the separately compiled kernels,
+which keeps the parallel and serial twins bitwise identical (float code inline in a prange body
+was seen to round 1 ulp differently between twins).
 """
 
 from ..stats import kernel
+from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
     PLANE_BLOCK,
     ROW_CHUNK,
-    add_parts,
+    affine_planes,
     affine_range,
     channel_segments_jit,
-    dx_coefficients,
+    dx_planes,
     dx_range,
-    merge_parts,
+    plane_run_planes,
     plane_segment_stats,
     plane_segment_sums,
     plane_segments_jit,
@@ -41,8 +48,10 @@ from .kernels import (
     rows_chunk_stats,
     rows_chunk_sums,
     rows_dx,
-    train_coefficients,
 )
+
+#: Channels per channel-item kernel call (see the module's docstring).
+CHANNEL_GROUP = 64
 
 #: The float64 scratch a reduction item of the rows layout needs (rows_chunk_stats' block sums).
 ITEM_SCRATCH_SHAPE = (2, CHANNEL_TILE)
@@ -97,15 +106,19 @@ def reduce_item_elements(outer, channels, inner):
 
 @kernel(inline="always")
 def elementwise_items(outer, channels, inner):
-    if inner > 1:
+    if inner >= PLANE_BLOCK:
         return outer * channels * plane_segments_jit(inner)
+    if inner > 1:
+        return -(-(outer * channels) // plane_run_planes(inner))
     return -(-outer // row_span_rows(channels))
 
 
 @kernel(inline="always")
 def elementwise_item_elements(outer, channels, inner):
+    if inner >= PLANE_BLOCK:
+        return PLANE_BLOCK
     if inner > 1:
-        return min(inner, PLANE_BLOCK)
+        return min(outer * channels, plane_run_planes(inner)) * inner
     return min(outer, row_span_rows(channels)) * channels
 
 
@@ -167,44 +180,70 @@ def sums_item(dy, x, item, mean, part):
 
 # ----------------------------------------------------------------------------- channel items
 @kernel(inline="always")
-def merge_channel(c, part, mean, m2):
-    """mean[c], m2[c] (=) from the partials of channel ``c``, in part order."""
-    _, mean[c], m2[c] = merge_parts(part, c)
+def channel_items(channels):
+    """Channel items: groups of CHANNEL_GROUP channels."""
+    return -(-channels // CHANNEL_GROUP)
 
 
 @kernel(inline="always")
-def train_channel(c, part, count, eps, weight, bias, coef, mean, invstd, m2):
-    """Channel ``c``: merge its partials, save mean, invstd, M2, and its affine coefficients."""
-    _, mean[c], m2[c] = merge_parts(part, c)
-    train_coefficients(c, count, mean[c], m2[c], eps, weight, bias, coef, mean, invstd)
+def _group(item, channels):
+    """Channels c0:c1 of channel item ``item``; empty past the last group."""
+    c0 = min(item * CHANNEL_GROUP, channels)
+    return c0, min(c0 + CHANNEL_GROUP, channels)
 
 
 @kernel(inline="always")
-def add_channel(c, part, sum_dy, sum_dy_xmu):
-    """sum_dy[c], sum_dy_xmu[c] (=) from the partials of channel ``c``, in part order."""
-    sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
+def merge_channel(item, part, mean, m2):
+    """mean, m2 (=) of channel item ``item``'s channels, from their partials in part order."""
+    c0, c1 = _group(item, part.shape[2])
+    if c1 > c0:
+        merge_channels(c0, c1, part, mean, m2)
 
 
 @kernel(inline="always")
-def dx_channel(c, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu):
-    """Channel ``c``: add its partials, then its dx coefficients."""
-    sum_dy[c], sum_dy_xmu[c] = add_parts(part, c)
-    dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
+def train_channel(item, part, count, eps, weight, bias, coef, mean, invstd, m2):
+    """Channel item ``item``: merge the partials, save mean, invstd, M2, and the affine rows."""
+    c0, c1 = _group(item, part.shape[2])
+    if c1 > c0:
+        train_channels(c0, c1, part, count, eps, weight, bias, coef, mean, invstd, m2)
+
+
+@kernel(inline="always")
+def add_channel(item, part, sum_dy, sum_dy_xmu):
+    """sum_dy, sum_dy_xmu (=) of channel item ``item``'s channels, partials added in order."""
+    c0, c1 = _group(item, part.shape[2])
+    if c1 > c0:
+        add_channels(c0, c1, part, sum_dy, sum_dy_xmu)
+
+
+@kernel(inline="always")
+def dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu):
+    """Channel item ``item``: add the partials, then the dx rows."""
+    c0, c1 = _group(item, part.shape[2])
+    if c1 > c0:
+        dx_channels(c0, c1, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
 
 
 # -------------------------------------------------------------------------- elementwise items
 @kernel(inline="always")
-def _plane_item(item, channels, inner):
-    """(channel, start, stop) of elementwise item ``item`` = (n, c, block) in the flat array."""
+def _plane_block(item, channels, inner):
+    """(channel, start, stop) of elementwise item ``item`` = (n, c, block) of planes of at least
+    PLANE_BLOCK values, in the flat array."""
     nblk = plane_segments_jit(inner)
     plane, b = item // nblk, item % nblk
     start = plane * inner + b * PLANE_BLOCK
     return plane % channels, start, min(start + PLANE_BLOCK, (plane + 1) * inner)
 
 
-# Elementwise items take the flat arrays and the view's shape: planes have thousands of short
-# items (64 x 256 planes of 196 values in a 14x14 feature map), and a reshape per item, with its
-# reference counting, cost 2x in eval there (measured); rows items are long and reshape inside.
+@kernel(inline="always")
+def _plane_run(item, outer, channels, inner):
+    """Planes p0:p1 (flat plane index n * C + c) of elementwise item ``item`` of short planes."""
+    p0 = item * plane_run_planes(inner)
+    return p0, min(p0 + plane_run_planes(inner), outer * channels)
+
+
+# Elementwise items take the flat arrays and the view's shape (a reshape per item costs reference
+# counting); the rows layout reshapes once per item, inside.
 @kernel(inline="always")
 def normalize_item(x, y, shape, item, coef):
     """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``."""
@@ -214,8 +253,11 @@ def normalize_item(x, y, shape, item, coef):
         r0 = item * rows
         rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0,
                     min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+    elif inner < PLANE_BLOCK:
+        p0, p1 = _plane_run(item, outer, channels, inner)
+        affine_planes(x, y, p0, p1, 1, inner, coef)
     else:
-        c, start, stop = _plane_item(item, channels, inner)
+        c, start, stop = _plane_block(item, channels, inner)
         affine_range(x, y, start, stop, coef, c)
 
 
@@ -229,6 +271,9 @@ def dx_item(dy, x, dx, shape, item, coef):
         rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels),
                 dx.reshape(outer, channels), r0, min(r0 + rows, outer), 0, channels,
                 coef)  # fmt: skip
+    elif inner < PLANE_BLOCK:
+        p0, p1 = _plane_run(item, outer, channels, inner)
+        dx_planes(dy, x, dx, p0, p1, 1, inner, coef)
     else:
-        c, start, stop = _plane_item(item, channels, inner)
+        c, start, stop = _plane_block(item, channels, inner)
         dx_range(dy, x, dx, start, stop, coef, c)

@@ -15,9 +15,9 @@ Outputs are overwritten (``=``), never accumulated. Memory traffic per element:
 kernel                         computes                      traffic
 =============================  ============================  ==========================
 plane_channel_stats / rows_    (count, mean, M2)             read x
-affine_range / rows_affine     y = (x - mean) * scale + b    read x, write y
+affine_range, _planes, rows_   y = (x - mean) * scale + b    read x, write y
 plane_channel_sums / rows_     sum_dy, sum_dy_xmu            read dy, x
-dx_range / rows_dx             dx from the three terms       read dy, x; write dx
+dx_range, _planes, rows_dx     dx from the three terms       read dy, x; write dx
 plane_channel_train            all of the forward, fused     read x, write y (x in L2)
 plane_channel_backward         all of the backward, fused    read dy, x; write dx
 =============================  ============================  ==========================
@@ -27,36 +27,42 @@ result for a shape is the same for any number of threads and on every entry poin
 serial drivers, C plugin).
 """
 
-import math
-
 import numpy as np
 from numba import uint64
 
-from ..stats import (
-    CONTRACT_FASTMATH,
-    REDUCE_FASTMATH,
-    chan_merge,
-    finalize,
-    kernel,
-    prescale,
-    runs_stats,
-    split_hi_lo,
+from ..stats import CONTRACT_FASTMATH, REDUCE_FASTMATH, chan_merge, kernel, runs_stats
+
+# The per-channel coefficients live in .channels; drivers and the C library's ranges still
+# import them from here.
+from .channels import (  # noqa: F401
+    affine_coefficients,
+    dx_coefficients,
+    eval_coefficients,
+    train_coefficients,
 )
 
 PLANE_BLOCK = 4096  # elements of one plane reduced at a time: 16 KiB of float32, in L1
 ROW_BLOCK = 32  # rows reduced at a time; ROW_BLOCK x CHANNEL_TILE float32 = 32 KiB, in L1
 ROW_CHUNK = 1024  # rows merged sequentially into one partial (a work item of the rows layout)
 CHANNEL_TILE = 256  # channels of the rows layout handled by one work item
-# Elementwise passes of the rows layout take whole rows (a channel tile would stride through
-# memory, and a row pitch of 4 KiB makes every row of a tile land in the same L1 sets: measured
-# 2x slower) in items of about ROW_SPAN elements.
-ROW_SPAN = 1 << 16
+# Elementwise items span about ELEMENTWISE_SPAN elements: whole rows for rows (a channel tile
+# would stride through memory, and a row pitch of 4 KiB makes every row of a tile land in the
+# same L1 sets: measured 2x slower), runs of whole consecutive planes for planes shorter than
+# PLANE_BLOCK (an item per plane costs a call and reference counting per 196 values of a 14x14
+# feature map: eval of (64, 256, 14, 14) 605 -> 553 us serial), PLANE_BLOCK pieces of longer ones.
+ELEMENTWISE_SPAN = 1 << 16
 
 
 @kernel(inline="always")
 def row_span_rows(channels):
     """Rows per elementwise work item of the rows layout."""
-    return max(1, ROW_SPAN // channels)
+    return max(1, ELEMENTWISE_SPAN // channels)
+
+
+@kernel(inline="always")
+def plane_run_planes(inner):
+    """Planes per elementwise work item of planes shorter than PLANE_BLOCK."""
+    return max(1, ELEMENTWISE_SPAN // inner)
 
 
 def plane_segments(inner):
@@ -168,78 +174,53 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     return count
 
 
-@kernel
-def merge_parts(part, c):
-    """(count, mean, M2) of channel ``c`` from partials ``part`` (3, parts, C), in part order."""
-    count, mean, m2 = 0.0, 0.0, 0.0
-    for k in range(part.shape[1]):
-        count, mean, m2 = chan_merge(count, mean, m2, part[0, k, c], part[1, k, c], part[2, k, c])
-    return count, mean, m2
-
-
-@kernel
-def add_parts(part, c):
-    """(sum_dy, sum_dy_xmu) of channel ``c`` from partials ``part`` (2, parts, C), in order."""
-    sum_dy, sum_dy_xmu = 0.0, 0.0
-    for k in range(part.shape[1]):
-        sum_dy += part[0, k, c]
-        sum_dy_xmu += part[1, k, c]
-    return sum_dy, sum_dy_xmu
-
-
-# ---------------------------------------------------------------------- per-channel coefficients
-@kernel
-def affine_coefficients(c, mean, invstd, weight, bias, coef):
-    """Channel c: ``coef`` affine rows of y = (x - mean) * invstd * weight + bias."""
-    pre = prescale(mean, coef)
-    split_hi_lo(mean * pre, coef, 0, c)
-    coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
-    coef[3, c] = bias[c] if bias.size else 0.0
-    coef[4, c] = pre
-
-
-@kernel
-def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
-    """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics."""
-    invstd = finalize(count, m2, eps)
-    save_mean[c] = mean
-    save_invstd[c] = invstd
-    affine_coefficients(c, mean, invstd, weight, bias, coef)
-
-
-@kernel
-def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
-    """``coef`` affine rows from frozen running statistics, every channel."""
-    for c in range(coef.shape[1]):
-        invstd = 1.0 / math.sqrt(running_var[c] + eps)
-        affine_coefficients(c, running_mean[c], invstd, weight, bias, coef)
-
-
-@kernel
-def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
-    """Channel c: ``coef`` dx rows, see dx_range."""
-    pre = prescale(mean, coef)
-    split_hi_lo(mean * pre, coef, 0, c)
-    coef[2, c] = invstd * invstd * sum_dy_xmu / count / pre  # term 3: projection onto x_hat
-    coef[3, c] = sum_dy / count  # term 2: mean of dy
-    coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
-    coef[5, c] = pre
-
-
 # ------------------------------------------------------------------------- elementwise transform
-@kernel(fastmath=CONTRACT_FASTMATH)
-def affine_range(x, y, start, stop, coef, c):
-    """y = ((x * pre - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays,
-    with the affine rows of channel ``c``."""
+@kernel(inline="always")
+def _affine_run(x, y, start, stop, coef, c):
     mean_hi, mean_lo, scale, shift, pre = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
     for i in range(uint64(start), uint64(stop)):
         y[i] = ((x[i] * pre - mean_hi) - mean_lo) * scale + shift
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
+def affine_range(x, y, start, stop, coef, c):
+    """y = ((x * pre - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays,
+    with the affine rows of channel ``c``."""
+    _affine_run(x, y, start, stop, coef, c)
+
+
+@kernel(fastmath=CONTRACT_FASTMATH)
+def affine_planes(x, y, first, stop, step, inner, coef):
+    """y over the whole planes ``first:stop:step`` of flat ``x``, ``y``: plane p holds elements
+    [p * inner, (p + 1) * inner) of channel p % C. One call for many planes: a call per plane
+    costs as much as a short plane's work."""
+    channels = coef.shape[1]
+    for p in range(first, stop, step):
+        _affine_run(x, y, p * inner, (p + 1) * inner, coef, p % channels)
+
+
+@kernel(inline="always")
+def _all_one(pre, c0, c1):
+    """Whether ``pre`` is 1 in every channel of c0:c1: it is unless a channel's |mean| reaches
+    max * eps / 8 (stats.prescale; 5e30 in float32). The rows passes then skip ``x * pre`` (x * 1
+    is x, bit for bit): in a (rows, C) array pre is a row of its own, and its load is one of
+    seven memory operations per vector (measured 12-20% of the pass); in planes it is one
+    scalar per run and costs nothing."""
+    off = 0
+    for c in range(uint64(c0), uint64(c1)):
+        off += pre[c] != 1.0
+    return off == 0
+
+
+@kernel(fastmath=CONTRACT_FASTMATH)
 def rows_affine(x, y, r0, r1, c0, c1, coef):
     """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range."""
     mean_hi, mean_lo, scale, shift, pre = coef[0], coef[1], coef[2], coef[3], coef[4]
+    if _all_one(pre, c0, c1):
+        for r in range(uint64(r0), uint64(r1)):
+            for c in range(uint64(c0), uint64(c1)):
+                y[r, c] = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+        return
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
             y[r, c] = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
@@ -315,9 +296,8 @@ def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
 #   term 1: dy                 term 2: mean_dy = sum_dy / m
 #   term 3: xmu * proj, proj = invstd**2 * sum_dy_xmu / m      final scale: k = weight * invstd
 # xmu is (x - mean) * pre, and proj carries 1 / pre.
-@kernel(fastmath=CONTRACT_FASTMATH)
-def dx_range(dy, x, dx, start, stop, coef, c):
-    """dx over [start, stop) of 1-D arrays with the dx rows of channel ``c``."""
+@kernel(inline="always")
+def _dx_run(dy, x, dx, start, stop, coef, c):
     mean_hi, mean_lo, proj, mean_dy = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
     k, pre = coef[4, c], coef[5, c]
     for i in range(uint64(start), uint64(stop)):
@@ -326,9 +306,29 @@ def dx_range(dy, x, dx, start, stop, coef, c):
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
+def dx_range(dy, x, dx, start, stop, coef, c):
+    """dx over [start, stop) of 1-D arrays with the dx rows of channel ``c``."""
+    _dx_run(dy, x, dx, start, stop, coef, c)
+
+
+@kernel(fastmath=CONTRACT_FASTMATH)
+def dx_planes(dy, x, dx, first, stop, step, inner, coef):
+    """dx over the whole planes ``first:stop:step`` of flat arrays, as affine_planes."""
+    channels = coef.shape[1]
+    for p in range(first, stop, step):
+        _dx_run(dy, x, dx, p * inner, (p + 1) * inner, coef, p % channels)
+
+
+@kernel(fastmath=CONTRACT_FASTMATH)
 def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
     mean_hi, mean_lo, proj, mean_dy, k = coef[0], coef[1], coef[2], coef[3], coef[4]
     pre = coef[5]
+    if _all_one(pre, c0, c1):
+        for r in range(uint64(r0), uint64(r1)):
+            for c in range(uint64(c0), uint64(c1)):
+                xmu = (x[r, c] - mean_hi[c]) - mean_lo[c]
+                dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
+        return
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
             xmu = (x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]
@@ -344,10 +344,7 @@ def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd
     count, mean, m2 = plane_channel_stats(x, c)
     save_m2[c] = m2
     train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd)
-    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
-    for n in range(outer):
-        start = (n * channels + c) * inner
-        affine_range(x_flat, y_flat, start, start + inner, coef, c)
+    affine_planes(x.reshape(x.size), y.reshape(y.size), c, outer * channels, channels, inner, coef)
 
 
 @kernel
@@ -358,6 +355,4 @@ def plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum
     sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[c])
     dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
-    for n in range(outer):
-        start = (n * channels + c) * inner
-        dx_range(dy_flat, x_flat, dx_flat, start, start + inner, coef, c)
+    dx_planes(dy_flat, x_flat, dx_flat, c, outer * channels, channels, inner, coef)
