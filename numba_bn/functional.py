@@ -7,6 +7,7 @@ and the operations in :mod:`numba_bn.ops`.
 
 from .checks import compute_dtype, in_compute_dtype
 from .dispatch import memory_of
+from .masking import masked_batch_backward, masked_batch_forward
 from .ops import batch_backward, batch_forward, frozen_forward, weight_gradient
 
 
@@ -19,6 +20,7 @@ def forward_train(
     *,
     out=None,
     nan_policy="propagate",
+    mask=None,
     backend="cpu",
     device="auto",
 ):
@@ -36,6 +38,9 @@ def forward_train(
         C-contiguous array with the shape and dtype of ``x`` to write ``y`` into.
     nan_policy : {"propagate", "raise"}
         "raise": ValueError when the batch statistics are not finite.
+    mask : bool array, optional
+        Statistics over the True positions only (:mod:`numba_bn.masking`): the shape of x
+        without the channel axis, or broadcastable to it; every position is normalised.
     device : {"auto", "cpu", "cuda"}
         "auto": the GPU for arrays that expose ``__cuda_array_interface__`` (results are Numba
         device arrays), the CPU for NumPy arrays. "cuda" with NumPy arrays copies them over and
@@ -49,9 +54,12 @@ def forward_train(
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """
-    result = batch_forward(
-        x, weight, bias, eps, axis, nan_policy=nan_policy, out=out, backend=backend, device=device
-    )
+    if mask is not None:
+        result = masked_batch_forward(x, weight, bias, eps, axis, mask, nan_policy=nan_policy,
+                                      out=out, backend=backend)  # fmt: skip
+    else:
+        result = batch_forward(x, weight, bias, eps, axis, nan_policy=nan_policy, out=out,
+                               backend=backend, device=device)  # fmt: skip
     return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
 
 
@@ -84,10 +92,12 @@ def forward_eval(
     )
 
 
-def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu", device="auto"):
+def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, mask=None, backend="cpu",
+             device="auto"):  # fmt: skip
     """Exact training-mode backward (docs/backward.md).
 
-    ``mean`` and ``invstd`` are those returned by :func:`forward_train` for the same ``x``.
+    ``mean`` and ``invstd`` are those returned by :func:`forward_train` for the same ``x`` (and
+    ``mask``, when the statistics were masked).
     Returns ``dx, dweight, dbias`` with ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)``
     per channel (in the dtype of ``x``, float32 for float16).
 
@@ -95,9 +105,14 @@ def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, backend="cpu
         dx = w\\,\\sigma^{-1}\\left(dy - \\tfrac{1}{m}\\textstyle\\sum dy
              - \\hat x\\,\\tfrac{1}{m}\\sum dy\\,\\hat x\\right)
     """
-    dx, sum_dy, sum_dy_xmu, count = batch_backward(
-        dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device
-    )
+    if mask is not None:
+        dx, sum_dy, sum_dy_xmu, count = masked_batch_backward(
+            dy, x, mean, invstd, weight, axis, mask, out=out, backend=backend
+        )
+    else:
+        dx, sum_dy, sum_dy_xmu, count = batch_backward(
+            dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device
+        )
     memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
     dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
     return dx, dweight, memory.astype(sum_dy, dtype)
@@ -117,6 +132,7 @@ def batch_norm(
     out=None,
     unbiased_running_var=True,
     nan_policy="propagate",
+    mask=None,
     backend="cpu",
     device="auto",
 ):
@@ -125,9 +141,16 @@ def batch_norm(
     ``training=True`` normalises with batch statistics and, when ``running_mean`` and
     ``running_var`` are given, updates them in place: ``r = (1 - momentum) * r + momentum * s``
     with the unbiased batch variance (``unbiased_running_var=False``: the biased one, as Keras,
-    Flax and ONNX). ``training=False`` normalises with the running statistics. Nothing is
+    Flax and ONNX). ``training=False`` normalises with the running statistics. ``mask`` (in
+    training): statistics over its True positions, as :func:`forward_train`. Nothing is
     modified when the call raises. ``device`` as in :func:`forward_train`.
     """
+    if training and mask is not None:
+        return masked_batch_forward(
+            x, weight, bias, eps, axis, mask, running_mean=running_mean, running_var=running_var,
+            momentum=momentum, unbiased=unbiased_running_var, nan_policy=nan_policy, out=out,
+            backend=backend,
+        ).y  # fmt: skip
     if training:
         return batch_forward(
             x,

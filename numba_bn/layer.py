@@ -10,6 +10,7 @@ from . import renorm as renorm_
 from .checks import check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
+from .masking import masked_batch_backward, masked_batch_forward
 from .memory import is_device_array
 from .moments import Moments, moments
 from .ops import (
@@ -36,6 +37,7 @@ class _Saved(NamedTuple):
     count: int = 0  # values per channel of the (global) batch
     ghost: object = None  # the GhostResult of a forward with virtual_batch_size
     renorm: object = None  # (r, d), float64, of a Batch Renormalization forward
+    mask: object = None  # the mask= of a masked forward
 
 
 def _kept(x):
@@ -226,8 +228,8 @@ class BatchNorm:
         self._move(side)
 
     # -------------------------------------------------------------------------- forward
-    def __call__(self, x, *, training=None, out=None):
-        return self.forward(x, training=training, out=out)
+    def __call__(self, x, *, training=None, mask=None, out=None):
+        return self.forward(x, training=training, mask=mask, out=out)
 
     def _check_input(self, x):
         """The layer's own words for an input that does not fit it (before the functional
@@ -267,9 +269,11 @@ class BatchNorm:
         if type(x) is np.ndarray:
             self._admitted = (x.shape, x.dtype, self.axis, self._side)
 
-    def forward(self, x, *, training=None, out=None):
+    def forward(self, x, *, training=None, mask=None, out=None):
         """Normalise ``x``; in training mode also update the running statistics. ``training``
-        overrides the layer's mode for this call (as Keras' ``layer(x, training=False)``)."""
+        overrides the layer's mode for this call (as Keras' ``layer(x, training=False)``).
+        ``mask``: with batch statistics, those of the True positions (:mod:`numba_bn.masking`;
+        ignored when the running statistics normalise, as in Keras)."""
         training = self.training if training is None else bool(training)
         self._admit(x)
         overwrites_x = out is not None and _shares_memory(out, x)
@@ -281,32 +285,36 @@ class BatchNorm:
                 )
             update = training and self.track_running_stats and self._collected is None
             batches = self.num_batches_tracked + 1
+            if mask is not None and (self._exchange or self.virtual_batch_size or self.renorm):
+                raise ValueError(
+                    "mask= is not supported with SyncBatchNorm, ghost batches or renorm"
+                )
             if self.virtual_batch_size is not None:
                 return self._ghost_forward(x, update, batches, out)
             if self.renorm and training and self._collected is None:
                 return self._renorm_forward(x, update, batches, out)
-            result = batch_forward(
-                x,
-                self.weight,
-                self.bias,
-                self.eps,
-                self.axis,
-                running_mean=self.running_mean if update else None,
-                running_var=self.running_var if update else None,
-                momentum=self.convention.new_batch_weight(self.momentum, batches),
-                unbiased=self.convention.unbiased_running_var,
-                nan_policy=self.nan_policy,
-                out=out,
-                backend=self.backend,
-                exchange=self._exchange,
-                device=self._side,
-            )
+            running = {
+                "running_mean": self.running_mean if update else None,
+                "running_var": self.running_var if update else None,
+                "momentum": self.convention.new_batch_weight(self.momentum, batches),
+                "unbiased": self.convention.unbiased_running_var,
+                "nan_policy": self.nan_policy,
+                "out": out,
+                "backend": self.backend,
+            }
+            if mask is not None:
+                result = masked_batch_forward(x, self.weight, self.bias, self.eps, self.axis, mask,
+                                              **running)  # fmt: skip
+            else:
+                result = batch_forward(x, self.weight, self.bias, self.eps, self.axis, **running,
+                                       exchange=self._exchange, device=self._side)  # fmt: skip
             if update:  # an empty batch counts, as in PyTorch (its statistics change nothing)
                 self.num_batches_tracked = batches
             if self._collected is not None and result.count:
                 mean, m2 = (memory_of(v).to_host(v) for v in (result.mean, result.m2))
                 self._collected = self._collected.merge(Moments(result.count, mean, m2))
-            self._saved = _Saved(True, _kept(x), result.mean, result.invstd, result.count)
+            self._saved = _Saved(True, _kept(x), result.mean, result.invstd, result.count,
+                                 mask=mask)  # fmt: skip
             return result.y
         y = frozen_forward(
             x,
@@ -420,7 +428,12 @@ class BatchNorm:
         if saved.renorm is not None:  # r and d are constants: the scale is weight * r
             r = saved.renorm[0]
             weight = (r if weight is None else r * weight).astype(compute_dtype(self.dtype))
-        if saved.batch:
+        if saved.mask is not None:
+            dx, sum_dy, sum_dy_xmu, _ = masked_batch_backward(
+                dy, x, saved.mean, saved.invstd, weight, self.axis, saved.mask, out=out,
+                backend=self.backend,
+            )  # fmt: skip
+        elif saved.batch:
             dx, sum_dy, sum_dy_xmu, _ = batch_backward(
                 dy,
                 x,
