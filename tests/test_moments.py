@@ -155,3 +155,20 @@ def test_the_example_of_docs_population_prints_its_numbers(capsys):
     got, expected = capsys.readouterr().out.splitlines(), printed.splitlines()
     assert got[:2] == expected[:2]  # the recipes' errors, deterministic to the digits shown
     assert got[2].split()[:-1] == expected[2].split()[:-1] and float(got[2].split()[-1]) < 1e-12
+
+
+def test_the_mean_of_variances_is_what_pytorch_update_bn_computes(rng):
+    """The recipe population_stats replaces, as PyTorch ships it: update_bn resets the running
+    statistics and averages the batches' with momentum None."""
+    torch = pytest.importorskip("torch")
+    from torch.optim.swa_utils import update_bn
+
+    batches = _drifting_batches(rng)
+    model = torch.nn.BatchNorm1d(3).double()
+    update_bn([torch.from_numpy(b) for b in batches], model)
+    averaged = nbn.BatchNorm(3, dtype=np.float64, momentum=None)
+    for batch in batches:
+        averaged(batch)
+    np.testing.assert_allclose(averaged.running_var, model.running_var.numpy(), rtol=1e-12)
+    exact = np.concatenate(batches).var(axis=0, ddof=1)
+    assert np.max(np.abs(model.running_var.numpy() / exact - 1)) > 0.2
