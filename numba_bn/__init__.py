@@ -1,5 +1,6 @@
 """numba_bn: batch normalisation for NumPy arrays with compiled Numba kernels."""
 
+from . import compiling
 from .capi import register_backend
 from .conventions import CONVENTIONS, torch_momentum
 from .folding import fold_into, fold_into_next
@@ -7,6 +8,8 @@ from .functional import backward, batch_norm, forward_eval, forward_train
 from .layer import BatchNorm
 from .moments import Moments, moments, population_stats
 from .warmup import warmup
+
+compiling.install()  # one line on stderr while a driver compiles (NUMBA_BN_QUIET=1: none)
 
 __version__ = "0.1.0"
 

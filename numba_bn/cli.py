@@ -95,6 +95,44 @@ def _bench(args):
     return command(args)
 
 
+# ------------------------------------------------------------------------------------- warmup
+def _warmup_arguments(parser):
+    parser.add_argument(
+        "--dtype", action="extend", nargs="+", choices=("float32", "float64"),
+        help="dtypes to compile for (default: both)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distributed", action="store_true",
+        help="also SyncBatchNorm's split steps (batch_stats, normalize, backward_sums, "
+        "backward_dx); needs no MPI",
+    )  # fmt: skip
+
+
+def _warmup(args):
+    import numba
+
+    from .compiling import cache_location, silenced
+    from .warmup import Step, label, plan, warmup
+
+    dtypes = tuple(dict.fromkeys(args.dtype or ("float32", "float64")))
+    steps = len(plan(dtypes, args.distributed))
+    print(f"numba-bn warmup: {steps} steps, {numba.get_num_threads()} Numba threads; "
+          f"machine code cached in {cache_location()}")  # fmt: skip
+
+    def progress(step):  # a step's name before it runs, its time and outcome after
+        if isinstance(step, Step):
+            print(f" {step.outcome()}", flush=True)
+        else:
+            print(label(*step), end="", flush=True)
+
+    with silenced():  # the per-step lines say what compiled
+        timings = warmup(dtypes, distributed=args.distributed, progress=progress)
+    sources = [step.source for step in timings.steps]
+    counts = ", ".join(f"{sources.count(s)} {s}" for s in ("compiled", "from cache", "in memory"))
+    print(f"{timings:.1f} s, {steps} steps: {counts}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ commands
 COMMANDS = {
     "demo": (
@@ -109,6 +147,11 @@ COMMANDS = {
         "build the C library libnumba_bn.so and its header from the kernels",
     ),
     "bench": (_bench_arguments, _bench, "verify, then time against memcpy, NumPy and PyTorch"),
+    "warmup": (
+        _warmup_arguments,
+        _warmup,
+        "compile the kernels ahead of the first call (or load them from Numba's cache)",
+    ),
 }
 
 

@@ -1,28 +1,173 @@
-"""Compile (or load from Numba's cache) every kernel specialisation ahead of the first call."""
+"""Compile (or load from Numba's cache) the drivers ahead of the first call, step by step.
+
+A step is one operation on one dtype, memory shape and twin, run through the public functions
+on a small batch of that shape: it compiles the drivers that call would compile, or loads them
+from Numba's on-disk cache (NUMBA_CACHE_DIR). Serial twins run inputs below the cost model's
+threshold (numba_bn.cpu); parallel twins, warmed when Numba has two threads or more, run
+inputs of PARALLEL_MIN_ELEMENTS. ``numba-bn warmup`` prints a line per step.
+"""
 
 import time
+from typing import NamedTuple
 
+import numba
 import numpy as np
 
+from . import compiling
 
-def warmup(dtypes=(np.float32, np.float64)):
-    """Run each kernel once per memory shape, serial and parallel; returns the seconds taken.
+#: Memory shapes of the canonical (outer, C, inner) view, and what partitions them: rows
+#: (inner == 1), planes split into segments (few channels), planes one channel per item.
+LAYOUTS = ("rows", "planes", "fused")
+OPERATIONS = ("forward_train", "backward", "forward_eval")
+#: The steps of SyncBatchNorm (numba_bn.distributed): the split steps with an exchange between.
+SYNC_OPERATIONS = ("sync forward_train", "sync backward", "sync eval backward")
 
-    Numba compiles on first use; with its on-disk cache (NUMBA_CACHE_DIR) a later process loads
-    the machine code instead, which is what this measures when called again in a new process.
-    """
+
+def label(operation, dtype, layout, twin):
+    """The columns naming a step: ``forward_train        float32  rows    serial``."""
+    return f"{operation:<20} {dtype:<8} {layout:<7} {twin:<9}"
+
+
+class Step(NamedTuple):
+    """One warm-up step: what ran, how long it took, and where its drivers came from:
+    ``"compiled"`` (one at least), ``"from cache"`` (Numba's on-disk cache) or ``"in memory"``
+    (an earlier step, or call, of this process had them ready)."""
+
+    operation: str
+    dtype: str
+    layout: str
+    twin: str
+    seconds: float
+    source: str
+
+    @property
+    def compiled(self):
+        return self.source == "compiled"
+
+    def outcome(self):
+        return f"{self.seconds:7.2f} s  {self.source}"
+
+    def line(self):
+        return f"{label(*self[:4])} {self.outcome()}"
+
+
+def _cache_loads():
+    """How many times the drivers' machine code has come from Numba's cache in this process."""
+    from .cpu import drivers
+
+    loads = 0
+    for value in vars(drivers).values():
+        stats = getattr(value, "stats", None)  # a Numba dispatcher
+        loads += sum(getattr(stats, "cache_hits", {}).values())
+    return loads
+
+
+class Timings(float):
+    """The seconds warm-up took (a float, as before), with its :class:`Step` list in ``steps``."""
+
+    steps: tuple
+
+    def __new__(cls, steps):
+        total = super().__new__(cls, sum(step.seconds for step in steps))
+        total.steps = tuple(steps)
+        return total
+
+
+def _shape(layout, parallel, threads):
+    """A (N, C) or (N, C, L) batch of ``layout`` whose steps run on the twin asked for."""
     from .cpu import PARALLEL_MIN_ELEMENTS
+
+    if layout == "rows":
+        channels, inner = 8, 1
+    elif layout == "planes":  # fewer channels than 2 * threads: split into segments
+        channels, inner = 1, 6
+    else:  # at least 2 * threads channels: one channel per item
+        channels, inner = max(8, 2 * threads), 6
+    outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else 4
+    return (outer, channels) if inner == 1 else (outer, channels, inner)
+
+
+def _plain(operation, x):
     from .functional import backward, forward_eval, forward_train
 
-    start = time.perf_counter()
-    rng = np.random.default_rng(0)
-    big = PARALLEL_MIN_ELEMENTS // 8 + 1  # inputs of PARALLEL_MIN_ELEMENTS take the parallel twins
-    shapes = [(4, 8, 3), (4, 8), (4, 2, 3)]  # planes fused, rows, planes split: serial twins
-    shapes += [(8, 8, big // 8), (big, 8), (8, 2, big // 2)]  # the same, parallel twins
+    if operation == "forward_train":
+        return forward_train(x)
+    y, mean, invstd = forward_train(x)
+    if operation == "backward":
+        return backward(y, x, mean, invstd)
+    return forward_eval(x, mean, 1.0 / invstd**2)
+
+
+class _OneRank:
+    """The two collectives RankExchange makes, on a communicator of one process (no MPI)."""
+
+    size = 1
+
+    def Allgather(self, send, recv):
+        recv[0] = send
+
+    def Allreduce(self, send, recv):
+        recv[...] = send
+
+
+def _sync(operation, x):
+    """SyncBatchNorm's calls on one process: the split steps around a one-rank exchange."""
+    from .distributed import RankExchange
+    from .ops import batch_backward, batch_forward, frozen_backward
+
+    exchange = RankExchange(_OneRank())
+    channels = x.shape[1]
+    weight, bias = np.ones(channels, x.dtype), np.zeros(channels, x.dtype)
+    running_mean, running_var = np.zeros(channels, x.dtype), np.ones(channels, x.dtype)
+    if operation == "sync eval backward":
+        return frozen_backward(x, x, running_mean, running_var, weight, 1e-5, 1, exchange=exchange)
+    result = batch_forward(x, weight, bias, 1e-5, 1, running_mean=running_mean,
+                           running_var=running_var, exchange=exchange)  # fmt: skip
+    if operation == "sync backward":
+        batch_backward(x, x, result.mean, result.invstd, weight, 1, exchange=exchange)
+    return result
+
+
+def plan(dtypes=(np.float32, np.float64), distributed=False):
+    """The steps :func:`warmup` runs, as (operation, dtype, layout, twin) tuples."""
+    twins = ("serial", "parallel") if numba.get_num_threads() > 1 else ("serial",)
+    steps = []
     for dtype in dtypes:
-        for shape in shapes:
-            x = rng.standard_normal(shape).astype(dtype)
-            y, mean, invstd = forward_train(x)
-            forward_eval(x, mean, 1.0 / invstd**2)
-            backward(y, x, mean, invstd)
-    return time.perf_counter() - start
+        name = np.dtype(dtype).name
+        for twin in twins:
+            for layout in LAYOUTS:
+                steps += [(operation, name, layout, twin) for operation in OPERATIONS]
+            if distributed:  # the split steps have no fused variant
+                for layout in ("rows", "planes"):
+                    steps += [(operation, name, layout, twin) for operation in SYNC_OPERATIONS]
+    return steps
+
+
+def warmup(dtypes=(np.float32, np.float64), *, distributed=False, progress=None):
+    """Run every step of :func:`plan`; returns the seconds taken, with the steps.
+
+    The result is a float (the total) whose ``steps`` hold a :class:`Step` each: what ran, its
+    seconds, and whether its drivers compiled, came from Numba's cache or were in memory.
+    ``distributed`` adds SyncBatchNorm's split steps (no MPI needed). ``progress``, when given,
+    is called with each step's (operation, dtype, layout, twin) before it runs and with its
+    :class:`Step` after.
+    """
+    threads = numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    steps = []
+    for operation, dtype, layout, twin in plan(dtypes, distributed):
+        if progress is not None:
+            progress((operation, dtype, layout, twin))
+        x = rng.standard_normal(_shape(layout, twin == "parallel", threads)).astype(dtype)
+        run = _sync if operation.startswith("sync") else _plain
+        loads = _cache_loads()
+        with compiling.recording() as compiled:
+            start = time.perf_counter()
+            run(operation, x)
+            seconds = time.perf_counter() - start
+        source = "compiled" if compiled else "from cache" if _cache_loads() > loads else "in memory"
+        step = Step(operation, dtype, layout, twin, seconds, source)
+        steps.append(step)
+        if progress is not None:
+            progress(step)
+    return Timings(steps)

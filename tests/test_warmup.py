@@ -1,17 +1,112 @@
+"""The first call: one line on stderr while a driver compiles, none on a warm cache; warm-up.
+
+Compiles happen in child processes with their own NUMBA_CACHE_DIR, so that the cache starts
+empty. Times are printed, not asserted (benchmarks time things; tests state behaviour).
+"""
+
+import re
+import sys
+import time
+
 import numba
 import numpy as np
 
 import numba_bn as nbn
 from numba_bn.cpu import drivers
+from numba_bn.warmup import label, plan
+
+from conftest import run_child
+
+LINE = re.compile(r"^numba_bn: compiling .*$", re.MULTILINE)
+STEP = re.compile(r"^(.+?) +(\d+\.\d\d) s  (compiled|from cache|in memory)$", re.MULTILINE)
+# forward_eval alone: the cheapest first call (one driver and its kernels)
+EVAL_ONCE = (
+    "import numpy as np, numba_bn as nbn; "
+    "x = np.ones((64, 32), np.float32); "
+    "nbn.forward_eval(x, np.zeros(32, np.float32), np.ones(32, np.float32)); print('done')"
+)
 
 
-def test_warmup_compiles_serial_and_parallel_twins_for_both_dtypes():
-    nbn.warmup()
-    expect_parallel = numba.get_num_threads() > 1
-    for name in ("forward_train", "forward_eval", "backward"):
-        for twin in (getattr(drivers, name + "_serial"),) + (
-            (getattr(drivers, name),) if expect_parallel else ()
-        ):
-            dtypes = {sig[0].dtype for sig in twin.signatures}
-            assert {numba.float32, numba.float64} <= dtypes, (twin, dtypes)
-    assert np.isfinite(nbn.warmup())
+def _run(code, cache_dir, **env):
+    start = time.perf_counter()
+    status, output = run_child(
+        [sys.executable, "-c", code], {"NUMBA_CACHE_DIR": str(cache_dir), **env}
+    )
+    seconds = time.perf_counter() - start
+    assert status == 0 and "done" in output, output
+    return output, seconds
+
+
+def test_a_cold_cache_prints_one_line_saying_what_why_how_long_and_where(tmp_path):
+    output, seconds = _run(EVAL_ONCE, tmp_path)
+    print(f"cold forward_eval process: {seconds:.1f} s\n{output}")
+    lines = LINE.findall(output)
+    assert len(lines) == 1, output  # the kernels forward_eval inlines compile silently
+    (line,) = lines
+    assert "forward_eval (float32, serial twin)" in line
+    assert "first call with these argument types" in line and "nothing cached yet" in line
+    assert re.search(r"about \d+ s", line)
+    assert f"cached in {tmp_path}" in line
+    assert "NUMBA_BN_QUIET=1" in line
+
+
+def test_a_warm_cache_prints_nothing(tmp_path):
+    _run(EVAL_ONCE, tmp_path)
+    output, seconds = _run(EVAL_ONCE, tmp_path)
+    print(f"warm forward_eval process: {seconds:.1f} s")
+    assert not LINE.findall(output), output
+
+
+def test_numba_bn_quiet_silences_the_line(tmp_path):
+    output, _ = _run(EVAL_ONCE, tmp_path, NUMBA_BN_QUIET="1")
+    assert not LINE.findall(output), output
+
+
+def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
+    code = (
+        "import numpy as np, numba_bn as nbn; x = np.ones((64, 32), np.float32); "
+        "y, m, s = nbn.forward_train(x); nbn.backward(y, x, m, s); nbn.forward_train(x); "
+        "nbn.backward(y, x, m, s); print('done')"
+    )
+    output, seconds = _run(code, tmp_path)
+    print(f"cold forward_train + backward process: {seconds:.1f} s\n{output}")
+    lines = LINE.findall(output)
+    assert len(lines) == 2, output
+    assert "forward_train (split, float32, serial twin)" in lines[0]
+    assert "backward (split, float32, serial twin)" in lines[1]
+
+
+def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path):
+    command = [sys.executable, "-m", "numba_bn", "warmup", "--dtype", "float32", "--distributed"]
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}  # serial twins only
+    expected = [
+        label(*step).split()
+        for step in plan((np.float32,), distributed=True)
+        if step[3] == "serial"
+    ]
+    outcomes = []
+    for _ in range(2):
+        status, output = run_child(command, env)
+        print(output)
+        assert status == 0, output
+        steps = STEP.findall(output)
+        assert [name.split() for name, _, _ in steps] == expected, output
+        assert f"machine code cached in {tmp_path}" in output, output
+        assert not LINE.findall(output), output  # the step lines replace the compile lines
+        outcomes.append({outcome for _, _, outcome in steps})
+    assert "compiled" in outcomes[0] and "from cache" not in outcomes[0]
+    assert "from cache" in outcomes[1] and "compiled" not in outcomes[1]
+
+
+def test_warmup_returns_the_total_and_a_step_each():
+    timings = nbn.warmup((np.float32,))
+    assert np.isfinite(timings) and timings == sum(step.seconds for step in timings.steps)
+    assert [step[:4] for step in timings.steps] == plan((np.float32,))
+    for step in timings.steps:
+        print(step.line())
+    twins = ("_serial", "") if numba.get_num_threads() > 1 else ("_serial",)
+    for name in ("forward_train_split", "forward_train_fused", "backward_split", "backward_fused",
+                 "forward_eval"):  # fmt: skip
+        for twin in twins:
+            dispatcher = getattr(drivers, name + twin)
+            assert numba.float32 in {sig[0].dtype for sig in dispatcher.signatures}, name + twin

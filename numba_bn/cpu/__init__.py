@@ -29,8 +29,14 @@ NS_PER_ELEMENT = {
 _SERIAL_BELOW = {step: WAKE_NS / ns for step, ns in NS_PER_ELEMENT.items()}  # whatever threads
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
 PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
+# (serial twin, parallel twin) per step; forward_train and backward have a driver per
+# partition (fused planes or split items), so that a call compiles only the one it runs.
+_DRIVER_NAMES = (
+    "forward_train_split", "forward_train_fused", "forward_eval", "backward_split",
+    "backward_fused", "batch_stats", "normalize", "backward_sums", "backward_dx",
+)  # fmt: skip
 _DRIVERS = {
-    step: (getattr(drivers, step + "_serial"), getattr(drivers, step)) for step in NS_PER_ELEMENT
+    name: (getattr(drivers, name + "_serial"), getattr(drivers, name)) for name in _DRIVER_NAMES
 }
 _NO_GUARD = contextlib.nullcontext()
 
@@ -45,15 +51,17 @@ def threads_for(step, size):
     return threads
 
 
-def _plan(step, x):
-    """(driver, guard, fused) of ``step`` on ``x``: the twin the cost model picks, the lock a
-    parallel launch may need (.threads), and whether channels run whole (:func:`.items.is_fused`,
-    the rule the C plugin's shim follows too)."""
+def _plan(step, x, may_fuse=False):
+    """(driver, guard) of ``step`` on ``x``: the twin the cost model picks (and for a step with
+    two partitions, fused planes when :func:`.items.is_fused` says so, the rule the C plugin's
+    shim follows too), and the lock a parallel launch may need (.threads)."""
     threads = threads_for(step, x.size)
-    fused = is_fused(x.shape[1], x.shape[2], threads)
+    if step in ("forward_train", "backward"):
+        step += "_fused" if may_fuse and is_fused(x.shape[1], x.shape[2], threads) else "_split"
+    serial, parallel = _DRIVERS[step]
     if threads == 1:
-        return _DRIVERS[step][0], _NO_GUARD, fused
-    return _DRIVERS[step][1], launch_guard(), fused
+        return serial, _NO_GUARD
+    return parallel, launch_guard()
 
 
 class CpuBackend:
@@ -70,44 +78,42 @@ class CpuBackend:
                       nan_check=False):  # fmt: skip
         """Batch statistics, y, and the running update (``running``: a RunningUpdate). False,
         with nothing written but the statistics, when nan_check finds them not finite."""
-        run, guard, fused = _plan("forward_train", x)
         # The fused pass writes y channel by channel as it goes; a NaN check must come before
         # any y is written (a call that raises leaves out= as it was), so it takes the split one.
-        fused = fused and not nan_check
+        run, guard = _plan("forward_train", x, may_fuse=not nan_check)
         running = running or no_running_update(x.dtype)  # cached zero-length buffers
         with guard:
-            return run(x, weight, bias, eps, running.mean, running.var,
-                                     running.momentum, running.unbiased, nan_check, fused, y,
-                                     mean, invstd, m2)  # fmt: skip
+            return run(x, weight, bias, eps, running.mean, running.var, running.momentum,
+                       running.unbiased, nan_check, y, mean, invstd, m2)  # fmt: skip
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y):
-        run, guard, _ = _plan("forward_eval", x)
+        run, guard = _plan("forward_eval", x)
         with guard:
             run(x, weight, bias, running_mean, running_var, eps, y)
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
-        run, guard, fused = _plan("backward", x)
+        run, guard = _plan("backward", x, may_fuse=True)
         with guard:
-            run(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu)
+            run(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
 
     # ----------------------------------------------- the split steps (and their exchange)
     def batch_stats(self, x, *, mean, m2):
         """mean, M2 (=) per channel; returns the count of values per channel."""
-        run, guard, _ = _plan("batch_stats", x)
+        run, guard = _plan("batch_stats", x)
         with guard:
             return run(x, mean, m2)
 
     def normalize(self, x, *, mean, invstd, weight, bias, y):
-        run, guard, _ = _plan("normalize", x)
+        run, guard = _plan("normalize", x)
         with guard:
             run(x, mean, invstd, weight, bias, y)
 
     def backward_sums(self, dy, x, *, mean, sum_dy, sum_dy_xmu):
-        run, guard, _ = _plan("backward_sums", x)
+        run, guard = _plan("backward_sums", x)
         with guard:
             run(dy, x, mean, sum_dy, sum_dy_xmu)
 
     def backward_dx(self, dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
-        run, guard, _ = _plan("backward_dx", x)
+        run, guard = _plan("backward_dx", x)
         with guard:
             run(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)

@@ -6,11 +6,21 @@ zero-length arrays. What an item is, and how many there are, is :mod:`.items`' a
 chooses which items run and in what order (the merge order inside a channel never depends on
 it):
 
-* fused (planes, ``C >= 2 * threads``): one channel per item, x read from memory once;
-* otherwise reduction items into partials, a merge per channel, then elementwise items; planes
-  with few channels (C = 1 too) still use every core.
+* fused (planes, ``C >= 2 * threads``): one channel per item, x read from memory once
+  (``forward_train_fused``, ``backward_fused``);
+* split: reduction items into partials, a merge per channel, then elementwise items; planes
+  with few channels (C = 1 too) still use every core (``forward_train_split``,
+  ``backward_split``).
+
+Compile time is what a user feels first (README, "First call"): Numba compiles a driver with
+everything it inlines, and the kernels it calls, on its first call. One driver per partition
+keeps a call from compiling loop nests it never runs: with both in one driver, a rows input's
+forward_train compiled the fused kernels too, a quarter of its compile time (40% for the
+parallel twin). ``forward_train`` and ``backward`` keep the former one-driver signature (a ``fused``
+flag) and choose in Python; callers that know the partition call the drivers themselves.
 """
 
+import math
 import types
 
 import numpy as np
@@ -20,6 +30,7 @@ from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
 from .items import (
     ITEM_SCRATCH_SHAPE,
     add_channel,
+    channel_items,
     dx_channel,
     dx_item,
     elementwise_items,
@@ -56,7 +67,8 @@ def _twins(template):
     )  # fmt: skip
     serial.__qualname__ = template.__qualname__ + "_serial"
     serial.__doc__ = template.__doc__
-    return kernel(parallel=True, cache=CACHE)(template), kernel(cache=CACHE)(serial)
+    options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
+    return kernel(parallel=True, **options)(template), kernel(**options)(serial)
 
 
 # ------------------------------------------------------------------------------- loop nests
@@ -104,8 +116,8 @@ def _batch_stats(x, mean, m2):
     outer, channels, inner = x.shape
     part = np.empty((3, parts(outer, inner), channels))
     _stats_loop(x, part)
-    for c in prange(channels):
-        merge_channel(c, part, mean, m2)
+    for item in prange(channel_items(channels)):
+        merge_channel(item, part, mean, m2)
     return float(outer * inner)
 
 
@@ -122,8 +134,8 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     outer, channels, inner = x.shape
     part = np.empty((2, parts(outer, inner), channels))
     _sums_loop(dy, x, mean, part)
-    for c in prange(channels):
-        add_channel(c, part, sum_dy, sum_dy_xmu)
+    for item in prange(channel_items(channels)):
+        add_channel(item, part, sum_dy, sum_dy_xmu)
 
 
 def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
@@ -135,34 +147,58 @@ def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
     _dx_loop(dy, x, coef, dx)
 
 
-def _forward_train(
-    x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check, fused,
+@kernel(inline="always")
+def _running_update_if_finite(nan_check, running_mean, running_var, count, mean, m2, momentum,
+                              unbiased):  # fmt: skip
+    """The running update (when there are running buffers); False, with nothing updated, when
+    ``nan_check`` is set and a statistic is not finite."""
+    if nan_check:
+        # a loop, not np.isfinite(mean).all(): no temporary, and no array expression to compile
+        for c in range(mean.size):
+            if not (math.isfinite(mean[c]) and math.isfinite(m2[c])):
+                return False
+    if running_mean.size:
+        running_update(running_mean, running_var, count, mean, m2, momentum, unbiased)
+    return True
+
+
+def _forward_train_split(
+    x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check,
     y, save_mean, save_invstd, save_m2,
 ):  # fmt: skip
-    """Batch statistics, normalisation and the running update in one call.
+    """Batch statistics, normalisation and the running update in one call: reduction items,
+    channel merges, then elementwise items (any memory shape).
 
     Writes y, save_mean, save_invstd and save_m2 (M2 per channel, float64). Returns False, with
-    the running buffers and y untouched, when ``nan_check`` is set and a statistic is not finite
-    (the caller does not fuse then). ``fused``: one channel per item (:mod:`.items`).
+    the running buffers and y untouched, when ``nan_check`` is set and a statistic is not finite.
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
     coef = np.empty((AFFINE_ROWS, channels), x.dtype)
-    if fused:
-        for c in prange(channels):
-            plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2)
-    else:
-        part = np.empty((3, parts(outer, inner), channels))
-        _stats_loop(x, part)
-        for c in prange(channels):
-            train_channel(c, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
-    if nan_check and not (np.isfinite(save_mean).all() and np.isfinite(save_m2).all()):
+    part = np.empty((3, parts(outer, inner), channels))
+    _stats_loop(x, part)
+    for item in prange(channel_items(channels)):
+        train_channel(item, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
+    if not _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
+                                     save_m2, momentum, unbiased):  # fmt: skip
         return False
-    if running_mean.size:
-        running_update(running_mean, running_var, count, save_mean, save_m2, momentum, unbiased)
-    if not fused:
-        _normalize_loop(x, coef, y)
+    _normalize_loop(x, coef, y)
     return True
+
+
+def _forward_train_fused(
+    x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check,
+    y, save_mean, save_invstd, save_m2,
+):  # fmt: skip
+    """forward_train_split with one channel per item (planes, :mod:`.items`): x is read from
+    memory once. y is written channel by channel, so with ``nan_check`` it may be written when
+    False comes back (the caller does not fuse then)."""
+    outer, channels, inner = x.shape
+    coef = np.empty((AFFINE_ROWS, channels), x.dtype)
+    for c in prange(channels):
+        plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2)
+    return _running_update_if_finite(nan_check, running_mean, running_var, float(outer * inner),
+                                     save_mean, save_m2, momentum, unbiased)  # fmt: skip
 
 
 def _forward_eval(x, weight, bias, running_mean, running_var, eps, y):
@@ -172,30 +208,68 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, y):
     _normalize_loop(x, coef, y)
 
 
-def _backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu):
-    """Training-mode backward: the per-channel reduction, then dx (docs/backward.md).
+def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+    """Training-mode backward: the per-channel reduction, then dx (docs/backward.md), as
+    reduction items, channel sums, then elementwise items (any memory shape).
 
     Writes dx and the float64 reductions sum_dy (= dbias) and sum_dy_xmu (dweight is
-    invstd * sum_dy_xmu). ``fused`` as in forward_train.
+    invstd * sum_dy_xmu).
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
     coef = np.empty((DX_ROWS, channels), x.dtype)
-    if fused:
-        for c in prange(channels):
-            plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
-    else:
-        part = np.empty((2, parts(outer, inner), channels))
-        _sums_loop(dy, x, mean, part)
-        for c in prange(channels):
-            dx_channel(c, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
-        _dx_loop(dy, x, coef, dx)
+    part = np.empty((2, parts(outer, inner), channels))
+    _sums_loop(dy, x, mean, part)
+    for item in prange(channel_items(channels)):
+        dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+    _dx_loop(dy, x, coef, dx)
+
+
+def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+    """backward_split with one channel per item (planes): dy and x are read from memory once."""
+    coef = np.empty((DX_ROWS, x.shape[1]), x.dtype)
+    for c in prange(x.shape[1]):
+        plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
 
 
 batch_stats, batch_stats_serial = _twins(_batch_stats)
 normalize, normalize_serial = _twins(_normalize)
 backward_sums, backward_sums_serial = _twins(_backward_sums)
 backward_dx, backward_dx_serial = _twins(_backward_dx)
-forward_train, forward_train_serial = _twins(_forward_train)
+forward_train_split, forward_train_split_serial = _twins(_forward_train_split)
+forward_train_fused, forward_train_fused_serial = _twins(_forward_train_fused)
 forward_eval, forward_eval_serial = _twins(_forward_eval)
-backward, backward_serial = _twins(_backward)
+backward_split, backward_split_serial = _twins(_backward_split)
+backward_fused, backward_fused_serial = _twins(_backward_fused)
+
+
+# ------------------------------------------------------------------------ the fused choice
+# The former drivers' names and arguments, for callers that pass ``fused`` (numba_bn.cpu, the
+# tests): a choice in Python (about 0.5 us) before the driver.
+def _choose_forward_train(split, fused_driver):
+    def forward_train(x, weight, bias, eps, running_mean, running_var, momentum, unbiased,
+                      nan_check, fused, y, save_mean, save_invstd, save_m2):  # fmt: skip
+        return (fused_driver if fused else split)(
+            x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check,
+            y, save_mean, save_invstd, save_m2,
+        )  # fmt: skip
+
+    forward_train.__doc__ = f"{split.__name__} or {fused_driver.__name__}, as ``fused`` says."
+    return forward_train
+
+
+def _choose_backward(split, fused_driver):
+    def backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu):
+        return (fused_driver if fused else split)(
+            dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu
+        )
+
+    backward.__doc__ = f"{split.__name__} or {fused_driver.__name__}, as ``fused`` says."
+    return backward
+
+
+forward_train = _choose_forward_train(forward_train_split, forward_train_fused)
+forward_train_serial = _choose_forward_train(forward_train_split_serial,
+                                             forward_train_fused_serial)  # fmt: skip
+backward = _choose_backward(backward_split, backward_fused)
+backward_serial = _choose_backward(backward_split_serial, backward_fused_serial)

@@ -1,0 +1,196 @@
+"""What happens while Numba compiles numba_bn's drivers: one line on stderr, and a record of it.
+
+Numba compiles a driver (:mod:`numba_bn.cpu.drivers`) on its first call with new argument types
+and keeps the machine code in its on-disk cache; a later process loads it instead. Loading is
+silent; a real compile takes seconds, so it says so, in one line per driver on stderr::
+
+    numba_bn: compiling forward_train (split, float32, serial twin) on its first call with
+    these argument types (nothing cached yet); about 4 s, once: cached in /path/to/cache.
+    NUMBA_BN_QUIET=1 hides this line
+
+(wrapped here). The line comes from a listener on Numba's ``numba:compile`` event,
+which fires only for a real compile (never for a cache load, never on a call that finds its
+machine code), so a warm call pays nothing: there is no wrapper around the dispatchers. The
+kernels a driver inlines compile inside it and say nothing. ``NUMBA_BN_QUIET=1`` (read at each
+compile) silences the line; :func:`recording` collects what compiled, which is how
+:func:`numba_bn.warmup` tells a compile from a cache load.
+"""
+
+import contextlib
+import os
+import sys
+import threading
+import time
+
+from numba.core import event
+
+#: The module whose dispatchers announce their compiles.
+DRIVERS_MODULE = "numba_bn.cpu.drivers"
+
+#: Seconds a cold compile of each serial driver took on the 2-core machine of the README's
+#: "First call" section (load 1), the kernels it inlines included, in a process that had
+#: compiled nothing yet. A parallel twin takes about PARALLEL_FACTOR times as long; a driver
+#: whose kernels another one compiled already takes less. The line scales these by how the
+#: previous compile of the same process compared with its estimate.
+ESTIMATED_SECONDS = {
+    "forward_train_split": 6.0,
+    "forward_train_fused": 2.5,
+    "forward_eval": 1.2,
+    "backward_split": 4.0,
+    "backward_fused": 1.7,
+    "batch_stats": 2.2,
+    "normalize": 1.0,
+    "backward_sums": 1.1,
+    "backward_dx": 0.8,
+}
+PARALLEL_FACTOR = 1.8
+_DEFAULT_SECONDS = 2.0
+
+_QUIET = "NUMBA_BN_QUIET"
+_state = threading.local()  # per thread: the compiles under way (Numba's lock serialises them)
+_recorders = []
+_silenced = []
+_speed = [1.0]  # the last driver compile's actual / estimated seconds
+
+
+def quiet():
+    """Whether the line is off: NUMBA_BN_QUIET set (to anything but '', '0', 'false', 'no'), or
+    inside :func:`silenced`."""
+    if _silenced:
+        return True
+    return os.environ.get(_QUIET, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def silenced():
+    """No line inside the block (``numba-bn warmup`` prints its own, a line per step)."""
+    _silenced.append(True)
+    try:
+        yield
+    finally:
+        _silenced.pop()
+
+
+def driver_name(dispatcher):
+    """``forward_train_split_serial`` for a driver's dispatcher, None for anything else."""
+    py_func = getattr(dispatcher, "py_func", None)
+    if getattr(py_func, "__module__", None) != DRIVERS_MODULE:
+        return None
+    return py_func.__name__.lstrip("_")
+
+
+_LABELS = {"rows": "rows", "planes": "planes", "split": "split", "fused": "fused planes"}
+
+
+def describe(name, args):
+    """(what, estimated seconds) of driver ``name`` compiled for ``args`` (Numba types):
+    ``forward_train (split, float32, serial twin)``."""
+    serial = name.endswith("_serial")
+    step = name.removesuffix("_serial")
+    labels = []
+    for suffixes in (("rows", "planes"), ("split", "fused")):  # forward_train_split_rows
+        for suffix in suffixes:
+            if step.endswith("_" + suffix):
+                step = step.removesuffix("_" + suffix)
+                labels.append(suffix)
+    partition = next((label for label in labels if label in ("split", "fused")), None)
+    estimate = ESTIMATED_SECONDS.get(f"{step}_{partition}" if partition else step)
+    details = [_LABELS[labels[0]]] if labels else []  # the memory shape, if the name says
+    dtype = getattr(args[0], "dtype", None) if args else None
+    if dtype is not None:
+        details.append(str(dtype))
+    details.append("serial twin" if serial else "parallel twin")
+    seconds = (estimate or _DEFAULT_SECONDS) * (1.0 if serial else PARALLEL_FACTOR)
+    return f"{step} ({', '.join(details)})", seconds
+
+
+def cache_state(dispatcher):
+    """(why it compiles, where its machine code goes) from the dispatcher's Numba cache."""
+    cache = getattr(dispatcher, "_cache", None)
+    path = getattr(cache, "cache_path", None)
+    if not path:
+        return "Numba's cache is off for it", "not cached"
+    try:
+        index = cache._cache_file._index_path
+        cached_before = os.path.exists(index)
+    except AttributeError:  # another Numba's cache layout: say less
+        cached_before = None
+    if cached_before is False:
+        why = "nothing cached yet"
+    elif cached_before:
+        why = "the cache holds other argument types, or code of an older source"
+    else:
+        why = "not in Numba's cache"
+    return why, f"cached in {path}"
+
+
+def cache_location():
+    """Where Numba keeps the drivers' machine code (NUMBA_CACHE_DIR, or next to the sources)."""
+    from .cpu import drivers
+
+    for value in vars(drivers).values():  # the drivers' dispatchers share one cache directory
+        if getattr(getattr(value, "_cache", None), "cache_path", None):
+            return value._cache.cache_path
+    return "nowhere (Numba's cache is off)"
+
+
+def _line(name, args, dispatcher):
+    what, estimate = describe(name, args)
+    why, where = cache_state(dispatcher)
+    seconds = max(1, round(estimate * _speed[0]))
+    return (
+        f"numba_bn: compiling {what} on its first call with these argument types ({why}); "
+        f"about {seconds} s, once: {where}. {_QUIET}=1 hides this line"
+    )
+
+
+class _Listener(event.Listener):
+    """Announces and records the compiles of drivers started from outside any other compile."""
+
+    # Numba sends every compile of the process here, the user's own functions too; nothing here
+    # may raise into a compile.
+    def on_start(self, ev):
+        stack = _state.__dict__.setdefault("stack", [])
+        dispatcher = ev.data["dispatcher"]
+        name = driver_name(dispatcher) if not stack else None
+        stack.append((name, time.perf_counter()))
+        if name is not None and not quiet():
+            try:
+                print(_line(name, ev.data["args"], dispatcher), file=sys.stderr, flush=True)
+            except Exception:  # a missing line must not stop the compile
+                pass
+
+    def on_end(self, ev):
+        stack = getattr(_state, "stack", None)
+        if not stack:
+            return
+        name, start = stack.pop()
+        if name is None:
+            return
+        seconds = time.perf_counter() - start
+        _, estimate = describe(name, ev.data["args"])
+        _speed[0] = min(4.0, max(0.25, seconds / estimate))
+        for record in list(_recorders):
+            record.append((name, seconds))
+
+
+_LISTENER = _Listener()
+_installed = []
+
+
+def install():
+    """Register the listener with Numba's event system (once per process)."""
+    if not _installed:
+        event.register("numba:compile", _LISTENER)
+        _installed.append(True)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect ``(driver name, seconds)`` of each driver compiled inside the block."""
+    record = []
+    _recorders.append(record)
+    try:
+        yield record
+    finally:
+        _recorders.remove(record)
