@@ -16,15 +16,19 @@ from .threads import launch_guard
 #     NS_PER_ELEMENT[step] * size * (1 - 1 / threads) > WAKE_NS
 # (an idle machine; on an oversubscribed one a wake-up takes milliseconds, and only large inputs
 # repay it anyway).
+# Measured 2026-12-01 (serial_parallel.py, float32, means of rows and planes): per element
+# forward_train 0.46 ns, eval 0.13, backward 0.49, batch_stats 0.26, normalize 0.12,
+# backward_sums 0.25, backward_dx 0.16; a wake-up 2-7 us when the other core was idle, so
+# WAKE_NS takes 8 us (a wake-up that finds the other core busy costs milliseconds instead).
 WAKE_NS = 8000.0
 NS_PER_ELEMENT = {
-    "forward_train": 0.45,
-    "forward_eval": 0.15,
-    "backward": 0.40,
-    "batch_stats": 0.25,
-    "normalize": 0.15,
+    "forward_train": 0.46,
+    "forward_eval": 0.13,
+    "backward": 0.49,
+    "batch_stats": 0.26,
+    "normalize": 0.12,
     "backward_sums": 0.25,
-    "backward_dx": 0.20,
+    "backward_dx": 0.16,
 }
 _SERIAL_BELOW = {step: WAKE_NS / ns for step, ns in NS_PER_ELEMENT.items()}  # whatever threads
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
