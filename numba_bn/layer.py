@@ -293,7 +293,7 @@ class BatchNorm:
                 return self._ghost_forward(x, update, batches, out)
             if self.renorm and training and self._collected is None:
                 return self._renorm_forward(x, update, batches, out)
-            running = {
+            options = {  # of ops.batch_forward, with or without a mask
                 "running_mean": self.running_mean if update else None,
                 "running_var": self.running_var if update else None,
                 "momentum": self.convention.new_batch_weight(self.momentum, batches),
@@ -304,9 +304,9 @@ class BatchNorm:
             }
             if mask is not None:
                 result = masked_batch_forward(x, self.weight, self.bias, self.eps, self.axis, mask,
-                                              **running)  # fmt: skip
+                                              **options)  # fmt: skip
             else:
-                result = batch_forward(x, self.weight, self.bias, self.eps, self.axis, **running,
+                result = batch_forward(x, self.weight, self.bias, self.eps, self.axis, **options,
                                        exchange=self._exchange, device=self._side)  # fmt: skip
             if update:  # an empty batch counts, as in PyTorch (its statistics change nothing)
                 self.num_batches_tracked = batches
