@@ -336,8 +336,9 @@ class SyncBatchNorm(BatchNorm):
 
 
 # ------------------------------------------------------------------------------------- warm-up
-class _OneProcess:
-    """The two collectives on a communicator of one process, without MPI (for :func:`warmup`)."""
+class OneProcess:
+    """The two collectives RankExchange makes, on a communicator of one process without MPI
+    (for :func:`warmup` and numba_bn.warmup's --distributed steps)."""
 
     size = 1
 
@@ -361,7 +362,7 @@ def warmup(dtypes=(np.float32, np.float64)):
     from .cpu import PARALLEL_MIN_ELEMENTS
 
     start = time.perf_counter()
-    comm = _OneProcess()
+    comm = OneProcess()
     rng = np.random.default_rng(0)
     small = ((4, 3, 5), (6, 3))  # planes, rows
     large = ((PARALLEL_MIN_ELEMENTS // 6 + 1, 3, 2), (PARALLEL_MIN_ELEMENTS // 3 + 1, 3))

@@ -98,24 +98,12 @@ def _plain(operation, x):
     return forward_eval(x, mean, 1.0 / invstd**2)
 
 
-class _OneRank:
-    """The two collectives RankExchange makes, on a communicator of one process (no MPI)."""
-
-    size = 1
-
-    def Allgather(self, send, recv):
-        recv[0] = send
-
-    def Allreduce(self, send, recv):
-        recv[...] = send
-
-
 def _sync(operation, x):
     """SyncBatchNorm's calls on one process: the split steps around a one-rank exchange."""
-    from .distributed import RankExchange
+    from .distributed import OneProcess, RankExchange
     from .ops import batch_backward, batch_forward, frozen_backward
 
-    exchange = RankExchange(_OneRank())
+    exchange = RankExchange(OneProcess())
     channels = x.shape[1]
     weight, bias = np.ones(channels, x.dtype), np.zeros(channels, x.dtype)
     running_mean, running_var = np.zeros(channels, x.dtype), np.ones(channels, x.dtype)
