@@ -35,11 +35,10 @@ def arguments(step, shape):
     vec = [np.ones(channels) for _ in range(4)]
     f32 = np.ones(channels, np.float32)
     none = np.empty(0, np.float32)
-    fused = shape[2] > 1 and channels >= 4
     return {
-        "forward_train": (x, f32, f32, 1e-5, none, none, 0.1, True, False, fused, out, *vec[:3]),
+        "forward_train": (x, f32, f32, 1e-5, none, none, 0.1, True, False, out, *vec[:3]),
         "forward_eval": (x, f32, f32, f32, f32, 1e-5, out),
-        "backward": (x, x, vec[0], vec[1], f32, fused, out, vec[2], vec[3]),
+        "backward": (x, x, vec[0], vec[1], f32, out, vec[2], vec[3]),
         "batch_stats": (x, vec[0], vec[1]),
         "normalize": (x, vec[0], vec[1], f32, f32, out),
         "backward_sums": (x, x, vec[0], vec[1], vec[2]),
@@ -72,9 +71,14 @@ def main():
     wakes = []
     for step in ("forward_train", "forward_eval", "backward", "batch_stats", "normalize",
                  "backward_sums", "backward_dx"):  # fmt: skip
-        serial_driver, parallel_driver = getattr(drivers, step + "_serial"), getattr(drivers, step)
         fits = []
         for layout, shape_of in LAYOUTS.items():
+            # the partition numba_bn.cpu picks for these inputs: planes of 64 channels fuse
+            name = step
+            if step in ("forward_train", "backward"):
+                name += "_fused" if layout == "planes" else "_split"
+            serial_driver = getattr(drivers, name + "_serial")
+            parallel_driver = getattr(drivers, name)
             serial, parallel = [], []
             for size in SIZES:
                 call = arguments(step, shape_of(size // 256 if layout == "rows" else size // 196))

@@ -109,16 +109,18 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
     dy = random_batch(rng, shape, np.float32)
     weight = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
     bias = rng.standard_normal(shape[1]).astype(np.float32)
+    partition = "fused" if fused else "split"
     results = []
-    for train, back in ((drivers.forward_train, drivers.backward),
-                        (drivers.forward_train_serial, drivers.backward_serial)):  # fmt: skip
+    for twin in ("", "_serial"):
+        train = getattr(drivers, f"forward_train_{partition}{twin}")
+        back = getattr(drivers, f"backward_{partition}{twin}")
         running = [np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)]
         y = np.full_like(x, np.nan)
         stats = [np.full(shape[1], np.nan) for _ in range(3)]
-        assert train(x, weight, bias, 1e-5, *running, 0.1, True, True, fused, y, *stats)
+        assert train(x, weight, bias, 1e-5, *running, 0.1, True, True, y, *stats)
         dx = np.full_like(x, np.nan)
         sums = [np.full(shape[1], np.nan) for _ in range(2)]
-        back(dy, x, stats[0], stats[1], weight, fused, dx, *sums)
+        back(dy, x, stats[0], stats[1], weight, dx, *sums)
         results.append([y, *stats, *running, dx, *sums])
     for parallel, serial in zip(*results, strict=True):
         assert np.all(np.isfinite(parallel))

@@ -241,35 +241,3 @@ forward_train_fused, forward_train_fused_serial = _twins(_forward_train_fused)
 forward_eval, forward_eval_serial = _twins(_forward_eval)
 backward_split, backward_split_serial = _twins(_backward_split)
 backward_fused, backward_fused_serial = _twins(_backward_fused)
-
-
-# ------------------------------------------------------------------------ the fused choice
-# The former drivers' names and arguments, for callers that pass ``fused`` (numba_bn.cpu, the
-# tests): a choice in Python (about 0.5 us) before the driver.
-def _choose_forward_train(split, fused_driver):
-    def forward_train(x, weight, bias, eps, running_mean, running_var, momentum, unbiased,
-                      nan_check, fused, y, save_mean, save_invstd, save_m2):  # fmt: skip
-        return (fused_driver if fused else split)(
-            x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check,
-            y, save_mean, save_invstd, save_m2,
-        )  # fmt: skip
-
-    forward_train.__doc__ = f"{split.__name__} or {fused_driver.__name__}, as ``fused`` says."
-    return forward_train
-
-
-def _choose_backward(split, fused_driver):
-    def backward(dy, x, mean, invstd, weight, fused, dx, sum_dy, sum_dy_xmu):
-        return (fused_driver if fused else split)(
-            dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu
-        )
-
-    backward.__doc__ = f"{split.__name__} or {fused_driver.__name__}, as ``fused`` says."
-    return backward
-
-
-forward_train = _choose_forward_train(forward_train_split, forward_train_fused)
-forward_train_serial = _choose_forward_train(forward_train_split_serial,
-                                             forward_train_fused_serial)  # fmt: skip
-backward = _choose_backward(backward_split, backward_fused)
-backward_serial = _choose_backward(backward_split_serial, backward_fused_serial)
