@@ -11,7 +11,12 @@ from .warmup import warmup
 
 compiling.install()  # one line on stderr while a driver compiles (NUMBA_BN_QUIET=1: none)
 
-__version__ = "0.1.0"
+try:  # one source for the version: the installed distribution's metadata (pyproject.toml's)
+    from importlib.metadata import version as _distribution_version
+
+    __version__ = _distribution_version("numba-bn")
+except ImportError:  # PackageNotFoundError is one: a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CONVENTIONS",
