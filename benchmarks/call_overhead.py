@@ -28,10 +28,11 @@ def main(n=64, c=32):
     view, y = x.reshape(n, c, 1), np.empty((n, c, 1), np.float32)
     mean, invstd, m2, sum_dy, sum_dy_xmu = (np.empty(c) for _ in range(5))
     train = best(lambda: drivers.forward_train_split_serial(
-        view, weight, bias, 1e-5, running_mean, running_var, 0.1, True, False, y, mean, invstd, m2
+        view, weight, bias, 1e-5, running_mean, running_var, 0.1, True, False, y, mean, invstd, m2,
+        view,  # the residual slot: x itself, not read by the plain driver
     ))  # fmt: skip
     evaluate = best(lambda: drivers.forward_eval_serial(
-        view, weight, bias, running_mean, running_var, 1e-5, y
+        view, weight, bias, running_mean, running_var, 1e-5, y, view
     ))  # fmt: skip
     back = best(lambda: drivers.backward_split_serial(
         view, view, mean, invstd, weight, y, sum_dy, sum_dy_xmu

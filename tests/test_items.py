@@ -23,12 +23,15 @@ def _plan(shape, threads=2):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_elementwise_items_write_every_element(rng, shape):
     x = random_batch(rng, shape, np.float32)
+    z = random_batch(rng, shape, np.float32)
     coef = np.zeros((AFFINE_ROWS, shape[1]), np.float32)
     coef[2], coef[4] = 2.0, 1.0  # y = 2 x
-    y = np.full(shape, np.nan, np.float32)
-    for item in range(_plan(shape)["elementwise_items"]):
-        items.normalize_item(x.reshape(-1), y.reshape(-1), shape, item, coef)
-    np.testing.assert_array_equal(y, 2 * x)
+    for epilogue, expected in [(0, 2 * x), (3, np.maximum(2 * x + z, 0))]:  # plain; add, ReLU
+        y = np.full(shape, np.nan, np.float32)
+        for item in range(_plan(shape)["elementwise_items"]):
+            items.normalize_item(x.reshape(-1), y.reshape(-1), shape, item, coef, z.reshape(-1),
+                                 epilogue)  # fmt: skip
+        np.testing.assert_array_equal(y, expected)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

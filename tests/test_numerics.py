@@ -111,17 +111,21 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
     bias = rng.standard_normal(shape[1]).astype(np.float32)
     partition = "fused" if fused else "split"
     results = []
+    add_relu = drivers.EPILOGUE_DRIVERS[3][f"forward_train_{partition}"]  # (parallel, serial)
     for twin in ("", "_serial"):
         train = getattr(drivers, f"forward_train_{partition}{twin}")
         back = getattr(drivers, f"backward_{partition}{twin}")
         running = [np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)]
         y = np.full_like(x, np.nan)
         stats = [np.full(shape[1], np.nan) for _ in range(3)]
-        assert train(x, weight, bias, 1e-5, *running, 0.1, True, True, y, *stats)
+        assert train(x, weight, bias, 1e-5, *running, 0.1, True, True, y, *stats, x)
         dx = np.full_like(x, np.nan)
         sums = [np.full(shape[1], np.nan) for _ in range(2)]
         back(dy, x, stats[0], stats[1], weight, dx, *sums)
-        results.append([y, *stats, *running, dx, *sums])
+        fused_y = np.full_like(x, np.nan)  # the epilogue's twins: y = relu(BN(x) + dy)
+        add_relu[0 if twin == "" else 1](x, weight, bias, 1e-5, *running, 0.1, True, True,
+                                         fused_y, *stats, dy)  # fmt: skip
+        results.append([y, *stats, *running, dx, *sums, fused_y])
     for parallel, serial in zip(*results, strict=True):
         assert np.all(np.isfinite(parallel))
         np.testing.assert_array_equal(parallel, serial)

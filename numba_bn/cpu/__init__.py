@@ -7,6 +7,7 @@ import numba
 from ..stats import no_running_update
 from . import drivers
 from .items import is_fused
+from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .threads import launch_guard
 
 # Serial or parallel, by a measured cost model (benchmarks/serial_parallel.py measures it and
@@ -29,6 +30,7 @@ NS_PER_ELEMENT = {
     "normalize": 0.12,
     "backward_sums": 0.25,
     "backward_dx": 0.16,
+    "relu_grad": 0.12,  # not measured: an elementwise pass like normalize's
 }
 _SERIAL_BELOW = {step: WAKE_NS / ns for step, ns in NS_PER_ELEMENT.items()}  # whatever threads
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
@@ -37,7 +39,7 @@ PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
 # partition (fused planes or split items), so that a call compiles only the one it runs.
 _DRIVER_NAMES = (
     "forward_train_split", "forward_train_fused", "forward_eval", "backward_split",
-    "backward_fused", "batch_stats", "normalize", "backward_sums", "backward_dx",
+    "backward_fused", "batch_stats", "normalize", "backward_sums", "backward_dx", "relu_grad",
 )  # fmt: skip
 _DRIVERS = {
     name: (getattr(drivers, name + "_serial"), getattr(drivers, name)) for name in _DRIVER_NAMES
@@ -55,14 +57,24 @@ def threads_for(step, size):
     return threads
 
 
-def _plan(step, x, may_fuse=False):
+def epilogue_code(residual, activation):
+    """The kernels' epilogue code (:mod:`.kernels`) of a residual (an array or None) and a
+    validated activation (None or "relu")."""
+    code = EPILOGUE_NONE if residual is None else EPILOGUE_ADD
+    return code | EPILOGUE_RELU if activation == "relu" else code
+
+
+def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     """(driver, guard) of ``step`` on ``x``: the twin the cost model picks (and for a step with
     two partitions, fused planes when :func:`.items.is_fused` says so, the rule the C plugin's
-    shim follows too), and the lock a parallel launch may need (.threads)."""
+    shim follows too), with ``epilogue``, and the lock a parallel launch may need (.threads)."""
     threads = threads_for(step, x.size)
     if step in ("forward_train", "backward"):
         step += "_fused" if may_fuse and is_fused(x.shape[1], x.shape[2], threads) else "_split"
-    serial, parallel = _DRIVERS[step]
+    if epilogue == EPILOGUE_NONE:
+        serial, parallel = _DRIVERS[step]
+    else:
+        parallel, serial = drivers.EPILOGUE_DRIVERS[epilogue][step]
     if threads == 1:
         return serial, _NO_GUARD
     return parallel, launch_guard()
@@ -72,28 +84,41 @@ class CpuBackend:
     """The backend interface (numba_bn.dispatch) on validated, C-contiguous canonical views.
 
     Per-channel vectors are float64 (mean, invstd, m2, the sums) or in x's dtype (weight, bias,
-    running buffers: zero-length when absent). Outputs are overwritten.
+    running buffers: zero-length when absent). Outputs are overwritten. The forward steps take
+    a ``residual`` (a view like x) and an ``activation`` (None or "relu"): y = activation(BN(x)
+    + residual) in the same pass.
     """
 
     name = "cpu"
 
     # ----------------------------------------------------------- whole operations, fused
     def forward_train(self, x, *, weight, bias, eps, y, mean, invstd, m2, running=None,
-                      nan_check=False):  # fmt: skip
+                      nan_check=False, residual=None, activation=None):  # fmt: skip
         """Batch statistics, y, and the running update (``running``: a RunningUpdate). False,
         with nothing written but the statistics, when nan_check finds them not finite."""
         # The fused pass writes y channel by channel as it goes; a NaN check must come before
         # any y is written (a call that raises leaves out= as it was), so it takes the split one.
-        run, guard = _plan("forward_train", x, may_fuse=not nan_check)
+        run, guard = _plan("forward_train", x, may_fuse=not nan_check,
+                           epilogue=epilogue_code(residual, activation))  # fmt: skip
         running = running or no_running_update(x.dtype)  # cached zero-length buffers
         with guard:
             return run(x, weight, bias, eps, running.mean, running.var, running.momentum,
-                       running.unbiased, nan_check, y, mean, invstd, m2)  # fmt: skip
+                       running.unbiased, nan_check, y, mean, invstd, m2,
+                       x if residual is None else residual)  # fmt: skip
 
-    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y):
-        run, guard = _plan("forward_eval", x)
+    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
+                     activation=None):  # fmt: skip
+        run, guard = _plan("forward_eval", x, epilogue=epilogue_code(residual, activation))
         with guard:
-            run(x, weight, bias, running_mean, running_var, eps, y)
+            run(x, weight, bias, running_mean, running_var, eps, y,
+                x if residual is None else residual)  # fmt: skip
+
+    def activation_grad(self, dy, y, *, activation, grad):
+        """grad (=, like dy) = the gradient through ``activation`` of the forward that gave
+        ``y``: dy where y > 0, else 0, for "relu"."""
+        run, guard = _plan("relu_grad", dy)
+        with guard:
+            run(dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size))
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
         run, guard = _plan("backward", x, may_fuse=True)
@@ -107,10 +132,10 @@ class CpuBackend:
         with guard:
             return run(x, mean, m2)
 
-    def normalize(self, x, *, mean, invstd, weight, bias, y):
-        run, guard = _plan("normalize", x)
+    def normalize(self, x, *, mean, invstd, weight, bias, y, residual=None, activation=None):
+        run, guard = _plan("normalize", x, epilogue=epilogue_code(residual, activation))
         with guard:
-            run(x, mean, invstd, weight, bias, y)
+            run(x, mean, invstd, weight, bias, y, x if residual is None else residual)
 
     def backward_sums(self, dy, x, *, mean, sum_dy, sum_dy_xmu):
         run, guard = _plan("backward_sums", x)

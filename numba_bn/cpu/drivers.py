@@ -34,6 +34,8 @@ from .items import (
     dx_channel,
     dx_item,
     elementwise_items,
+    flat_item,
+    flat_items,
     merge_channel,
     normalize_item,
     parts,
@@ -43,32 +45,50 @@ from .items import (
     train_channel,
 )
 from .kernels import (
+    EPILOGUE_NONE,
     affine_coefficients,
     dx_coefficients,
     eval_coefficients,
     plane_channel_backward,
     plane_channel_train,
+    relu_grad_range,
 )
+
+EPILOGUE = EPILOGUE_NONE  # the plain drivers'; _twins gives each other epilogue its own copy
 
 CACHE = True
 
 
-def _twins(template):
+def _copy(template, suffix, scope):
+    """``template`` under another name (Numba's on-disk cache keys on it) and globals."""
+    copy = types.FunctionType(
+        template.__code__, scope, template.__name__ + suffix, template.__defaults__,
+        template.__closure__,
+    )  # fmt: skip
+    copy.__qualname__ = template.__qualname__ + suffix
+    copy.__doc__ = template.__doc__
+    return copy
+
+
+def _twins(template, epilogue=EPILOGUE_NONE):
     """Compile ``template`` twice: ``parallel=True``, and serial (``prange`` runs as ``range``).
 
     The serial twin serves inputs too small to repay waking the thread pool (a parallel launch
     costs ~5 us on an idle machine and milliseconds on a loaded one). Both run the same code in
     the same order, so they give bitwise the same results. The copy gets its own qualname so
     that Numba's on-disk cache keeps the two apart.
+
+    ``epilogue`` (:mod:`.kernels`) becomes the global EPILOGUE of both, a compile-time constant:
+    each epilogue is a driver of its own, compiled on its first call.
     """
-    serial = types.FunctionType(
-        template.__code__, template.__globals__, template.__name__ + "_serial",
-        template.__defaults__, template.__closure__,
-    )  # fmt: skip
-    serial.__qualname__ = template.__qualname__ + "_serial"
-    serial.__doc__ = template.__doc__
+    if epilogue == EPILOGUE_NONE:
+        parallel, suffix, scope = template, "", template.__globals__
+    else:
+        suffix, scope = f"_epilogue{epilogue}", {**template.__globals__, "EPILOGUE": epilogue}
+        parallel = _copy(template, suffix, scope)
+    serial = _copy(template, suffix + "_serial", scope)
     options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
-    return kernel(parallel=True, **options)(template), kernel(**options)(serial)
+    return kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
 
 
 # ------------------------------------------------------------------------------- loop nests
@@ -95,11 +115,13 @@ def _sums_loop(dy, x, mean, part):
 
 
 @kernel(inline="always")
-def _normalize_loop(x, coef, y):
+def _normalize_loop(x, coef, y, z, epilogue):
+    """y (=) of every elementwise item, with ``epilogue`` (the calling driver's EPILOGUE: a
+    global here would be this module's) and ``z`` (as x)."""
     outer, channels, inner = x.shape
-    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
+    x_flat, y_flat, z_flat = x.reshape(x.size), y.reshape(y.size), z.reshape(z.size)
     for item in prange(elementwise_items(outer, channels, inner)):
-        normalize_item(x_flat, y_flat, x.shape, item, coef)
+        normalize_item(x_flat, y_flat, x.shape, item, coef, z_flat, epilogue)
 
 
 @kernel(inline="always")
@@ -121,12 +143,13 @@ def _batch_stats(x, mean, m2):
     return float(outer * inner)
 
 
-def _normalize(x, mean, invstd, weight, bias, y):
-    """y = (x - mean) * invstd * weight + bias from float64 per-channel ``mean``, ``invstd``."""
+def _normalize(x, mean, invstd, weight, bias, y, z):
+    """y = (x - mean) * invstd * weight + bias from float64 per-channel ``mean``, ``invstd``,
+    then the EPILOGUE with ``z`` (x itself when it has no residual, and not read)."""
     coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         affine_coefficients(c, mean[c], invstd[c], weight, bias, coef)
-    _normalize_loop(x, coef, y)
+    _normalize_loop(x, coef, y, z, EPILOGUE)
 
 
 def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
@@ -164,10 +187,10 @@ def _running_update_if_finite(nan_check, running_mean, running_var, count, mean,
 
 def _forward_train_split(
     x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check,
-    y, save_mean, save_invstd, save_m2,
+    y, save_mean, save_invstd, save_m2, z,
 ):  # fmt: skip
     """Batch statistics, normalisation and the running update in one call: reduction items,
-    channel merges, then elementwise items (any memory shape).
+    channel merges, then elementwise items (any memory shape); y with the EPILOGUE and ``z``.
 
     Writes y, save_mean, save_invstd and save_m2 (M2 per channel, float64). Returns False, with
     the running buffers and y untouched, when ``nan_check`` is set and a statistic is not finite.
@@ -182,13 +205,13 @@ def _forward_train_split(
     if not _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
                                      save_m2, momentum, unbiased):  # fmt: skip
         return False
-    _normalize_loop(x, coef, y)
+    _normalize_loop(x, coef, y, z, EPILOGUE)
     return True
 
 
 def _forward_train_fused(
     x, weight, bias, eps, running_mean, running_var, momentum, unbiased, nan_check,
-    y, save_mean, save_invstd, save_m2,
+    y, save_mean, save_invstd, save_m2, z,
 ):  # fmt: skip
     """forward_train_split with one channel per item (planes, :mod:`.items`): x is read from
     memory once. y is written channel by channel, so with ``nan_check`` it may be written when
@@ -196,16 +219,17 @@ def _forward_train_fused(
     outer, channels, inner = x.shape
     coef = np.empty((AFFINE_ROWS, channels), x.dtype)
     for c in prange(channels):
-        plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2)
+        plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2, z,
+                            EPILOGUE)  # fmt: skip
     return _running_update_if_finite(nan_check, running_mean, running_var, float(outer * inner),
                                      save_mean, save_m2, momentum, unbiased)  # fmt: skip
 
 
-def _forward_eval(x, weight, bias, running_mean, running_var, eps, y):
-    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
+def _forward_eval(x, weight, bias, running_mean, running_var, eps, y, z):
+    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, then the EPILOGUE."""
     coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
-    _normalize_loop(x, coef, y)
+    _normalize_loop(x, coef, y, z, EPILOGUE)
 
 
 def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
@@ -232,6 +256,14 @@ def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
         plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
 
 
+def _relu_grad(dy, y, g):
+    """g = dy where y > 0, else 0 (flat arrays of one size): the backward of a ReLU epilogue."""
+    size = dy.size
+    for item in prange(flat_items(size)):
+        start, stop = flat_item(item, size)
+        relu_grad_range(dy, y, g, start, stop)
+
+
 batch_stats, batch_stats_serial = _twins(_batch_stats)
 normalize, normalize_serial = _twins(_normalize)
 backward_sums, backward_sums_serial = _twins(_backward_sums)
@@ -241,3 +273,17 @@ forward_train_fused, forward_train_fused_serial = _twins(_forward_train_fused)
 forward_eval, forward_eval_serial = _twins(_forward_eval)
 backward_split, backward_split_serial = _twins(_backward_split)
 backward_fused, backward_fused_serial = _twins(_backward_fused)
+relu_grad, relu_grad_serial = _twins(_relu_grad)
+
+#: The steps whose elementwise pass takes an epilogue; EPILOGUE_DRIVERS[code][step] is the
+#: (parallel, serial) twins of that step with epilogue ``code`` (EPILOGUE_NONE: the plain ones).
+EPILOGUE_STEPS = {
+    "forward_train_split": _forward_train_split,
+    "forward_train_fused": _forward_train_fused,
+    "forward_eval": _forward_eval,
+    "normalize": _normalize,
+}
+EPILOGUE_DRIVERS = {
+    code: {step: _twins(template, code) for step, template in EPILOGUE_STEPS.items()}
+    for code in range(1, 4)
+}

@@ -32,6 +32,7 @@ from ..stats import kernel
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
+    ELEMENTWISE_SPAN,
     PLANE_BLOCK,
     ROW_CHUNK,
     affine_planes,
@@ -242,23 +243,38 @@ def _plane_run(item, outer, channels, inner):
     return p0, min(p0 + plane_run_planes(inner), outer * channels)
 
 
+@kernel(inline="always")
+def flat_items(size):
+    """Items of an elementwise pass that needs no channel: ELEMENTWISE_SPAN elements each."""
+    return -(-size // ELEMENTWISE_SPAN)
+
+
+@kernel(inline="always")
+def flat_item(item, size):
+    """[start, stop) of flat item ``item``."""
+    start = item * ELEMENTWISE_SPAN
+    return start, min(start + ELEMENTWISE_SPAN, size)
+
+
 # Elementwise items take the flat arrays and the view's shape (a reshape per item costs reference
 # counting); the rows layout reshapes once per item, inside.
 @kernel(inline="always")
-def normalize_item(x, y, shape, item, coef):
-    """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``."""
+def normalize_item(x, y, shape, item, coef, z, epilogue):
+    """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``,
+    then the ``epilogue`` (:mod:`.kernels`) with flat ``z``."""
     outer, channels, inner = shape
     if inner == 1:
         rows = row_span_rows(channels)
         r0 = item * rows
         rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0,
-                    min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+                    min(r0 + rows, outer), 0, channels, coef, z.reshape(outer, channels),
+                    epilogue)  # fmt: skip
     elif inner < PLANE_BLOCK:
         p0, p1 = _plane_run(item, outer, channels, inner)
-        affine_planes(x, y, p0, p1, 1, inner, coef)
+        affine_planes(x, y, p0, p1, 1, inner, coef, z, epilogue)
     else:
         c, start, stop = _plane_block(item, channels, inner)
-        affine_range(x, y, start, stop, coef, c)
+        affine_range(x, y, start, stop, coef, c, z, epilogue)
 
 
 @kernel(inline="always")

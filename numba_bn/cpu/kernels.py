@@ -16,6 +16,7 @@ kernel                         computes                      traffic
 =============================  ============================  ==========================
 plane_channel_stats / rows_    (count, mean, M2)             read x
 affine_range, _planes, rows_   y = (x - mean) * scale + b    read x, write y
+  with an epilogue             y = relu(... + z)             and read z (a residual)
 plane_channel_sums / rows_     sum_dy, sum_dy_xmu            read dy, x
 dx_range, _planes, rows_dx     dx from the three terms       read dy, x; write dx
 plane_channel_train            all of the forward, fused     read x, write y (x in L2)
@@ -175,28 +176,46 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
 
 
 # ------------------------------------------------------------------------- elementwise transform
+# The epilogue of the elementwise forward (fused BN+ReLU and BN+Add+ReLU): what a normalised
+# value becomes before it is stored. Bit 0: add the residual z (an array like x); bit 1: ReLU.
+# Callers pass the code as a compile-time constant (Numba types it as a literal), so each
+# specialisation keeps only its own arithmetic and vectorises as the plain loop does; without a
+# residual, z is x itself and never read.
+EPILOGUE_NONE, EPILOGUE_ADD, EPILOGUE_RELU, EPILOGUE_ADD_RELU = 0, 1, 2, 3
+
+
 @kernel(inline="always")
-def _affine_run(x, y, start, stop, coef, c):
+def _epilogue(v, z, i, epilogue):
+    """``v`` (+ z[i]), then max(., 0) keeping NaN (as torch.relu), per the ``epilogue`` bits."""
+    if epilogue & EPILOGUE_ADD:
+        v = v + z[i]
+    if epilogue & EPILOGUE_RELU:
+        v = v if not v < 0 else 0
+    return v
+
+
+@kernel(inline="always")
+def _affine_run(x, y, start, stop, coef, c, z, epilogue):
     mean_hi, mean_lo, scale, shift, pre = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
     for i in range(uint64(start), uint64(stop)):
-        y[i] = ((x[i] * pre - mean_hi) - mean_lo) * scale + shift
+        y[i] = _epilogue(((x[i] * pre - mean_hi) - mean_lo) * scale + shift, z, i, epilogue)
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
-def affine_range(x, y, start, stop, coef, c):
+def affine_range(x, y, start, stop, coef, c, z, epilogue):
     """y = ((x * pre - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays,
-    with the affine rows of channel ``c``."""
-    _affine_run(x, y, start, stop, coef, c)
+    with the affine rows of channel ``c``, then the ``epilogue`` with flat ``z``."""
+    _affine_run(x, y, start, stop, coef, c, z, epilogue)
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
-def affine_planes(x, y, first, stop, step, inner, coef):
+def affine_planes(x, y, first, stop, step, inner, coef, z, epilogue):
     """y over the whole planes ``first:stop:step`` of flat ``x``, ``y``: plane p holds elements
     [p * inner, (p + 1) * inner) of channel p % C. One call for many planes: a call per plane
     costs as much as a short plane's work."""
     channels = coef.shape[1]
     for p in range(first, stop, step):
-        _affine_run(x, y, p * inner, (p + 1) * inner, coef, p % channels)
+        _affine_run(x, y, p * inner, (p + 1) * inner, coef, p % channels, z, epilogue)
 
 
 @kernel(inline="always")
@@ -213,17 +232,20 @@ def _all_one(pre, c0, c1):
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
-def rows_affine(x, y, r0, r1, c0, c1, coef):
-    """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range."""
+def rows_affine(x, y, r0, r1, c0, c1, coef, z, epilogue):
+    """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range,
+    ``z`` (rows, C)."""
     mean_hi, mean_lo, scale, shift, pre = coef[0], coef[1], coef[2], coef[3], coef[4]
     if _all_one(pre, c0, c1):
         for r in range(uint64(r0), uint64(r1)):
             for c in range(uint64(c0), uint64(c1)):
-                y[r, c] = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+                v = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+                y[r, c] = _epilogue(v, z, (r, c), epilogue)
         return
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
-            y[r, c] = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+            v = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+            y[r, c] = _epilogue(v, z, (r, c), epilogue)
 
 
 # ----------------------------------------------------------------------------- backward: reduce
@@ -335,16 +357,29 @@ def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
             dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
 
 
+# --------------------------------------------------------------------- backward of an epilogue
+@kernel
+def relu_grad_range(dy, y, g, start, stop):
+    """g = dy where y > 0, else 0, over [start, stop) of flat arrays: the gradient through the
+    ReLU of a fused forward, from its output (torch's threshold_backward). The batch norm
+    backward then runs on g; g is also the gradient of the residual."""
+    for i in range(uint64(start), uint64(stop)):
+        g[i] = dy[i] if y[i] > 0 else 0
+
+
 # ------------------------------------------------------------------ whole channels (planes, fused)
 # One channel start to finish while its planes are still in L2: x (and dy) come from memory once.
 @kernel
-def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2):
-    """Statistics of channel ``c``, its coefficients, then y for its planes."""
+def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2, z,
+                        epilogue):  # fmt: skip
+    """Statistics of channel ``c``, its coefficients, then y for its planes (with the
+    ``epilogue`` and ``z``, as x)."""
     outer, channels, inner = x.shape
     count, mean, m2 = plane_channel_stats(x, c)
     save_m2[c] = m2
     train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd)
-    affine_planes(x.reshape(x.size), y.reshape(y.size), c, outer * channels, channels, inner, coef)
+    affine_planes(x.reshape(x.size), y.reshape(y.size), c, outer * channels, channels, inner, coef,
+                  z.reshape(z.size), epilogue)  # fmt: skip
 
 
 @kernel
