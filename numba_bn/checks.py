@@ -14,6 +14,8 @@ from .layout import canonical_shape, normalize_axis
 from .memory import HOST
 
 NAN_POLICIES = ("propagate", "raise")
+#: What may follow batch norm in the same pass (issue 13): y = activation(BN(x) + residual).
+ACTIVATIONS = (None, "relu")
 _COMPUTE_DTYPE = {
     np.dtype(np.float16): np.dtype(np.float32),
     np.dtype(np.float32): np.dtype(np.float32),
@@ -95,6 +97,13 @@ def check_no_overlap(out, name, memory, **inputs):
                 f"{name} overlaps {input_name} without being {input_name} itself; pass "
                 f"{name}={input_name} (in place) or an array that shares no memory with it"
             )
+
+
+def check_activation(activation):
+    """``activation`` as one of ACTIVATIONS; ValueError naming it otherwise."""
+    if activation is None or (type(activation) is str and activation in ACTIVATIONS):
+        return activation
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_nan_policy(nan_policy):
@@ -230,20 +239,36 @@ def _vectors(prepared, memory, weight, bias, running_mean, running_var):
                    running_mean=running_mean, running_var=running_var)  # fmt: skip
 
 
-def check_dy(dy, prepared, memory=HOST):
-    """``dy`` checked against the prepared ``x``: its shape (ValueError) and dtype (TypeError)."""
-    dy = check_input(dy, "dy", memory)
-    if dy.shape != prepared.x.shape:
-        raise ValueError(f"dy must have the shape of x, {prepared.x.shape}, got {dy.shape}")
-    if dy.dtype != prepared.x.dtype:
-        raise TypeError(f"dy must have the dtype of x, {prepared.x.dtype}, got {dy.dtype}")
-    return dy
+def check_like(value, name, prepared, memory=HOST):
+    """``value`` (dy, a residual, y) checked against the prepared ``x``: its shape (ValueError)
+    and dtype (TypeError)."""
+    value = check_input(value, name, memory)
+    if value.shape != prepared.x.shape:
+        raise ValueError(f"{name} must have the shape of x, {prepared.x.shape}, got {value.shape}")
+    if value.dtype != prepared.x.dtype:
+        raise TypeError(f"{name} must have the dtype of x, {prepared.x.dtype}, got {value.dtype}")
+    return value
+
+
+def check_residual_out(residual_out, prepared, memory=HOST, **inputs):
+    """``residual_out`` (the residual's gradient) as an output like x that shares no memory at
+    all with ``inputs`` (x, dy, y, out=): it is written while they are read."""
+    check_like(residual_out, "residual_out", prepared, memory)
+    if not (memory.is_c_contiguous(residual_out) and memory.is_writable(residual_out)):
+        raise ValueError("residual_out must be C-contiguous and writable")
+    for name, value in inputs.items():
+        if value is not None and memory.shares_memory(residual_out, value):
+            raise ValueError(
+                f"residual_out shares memory with {name}: it is written while {name} is read; "
+                "pass an array of its own"
+            )
+    return residual_out
 
 
 def check_backward_inputs(dy, x, mean, invstd, weight, axis, memory=HOST):
     """The checks of a training backward: (Prepared x, dy, float64 mean and invstd, Vectors)."""
     prepared = Prepared(x, axis, memory=memory)
-    dy = check_dy(dy, prepared, memory)
+    dy = check_like(dy, "dy", prepared, memory)
     mean = stats_vector(mean, "mean", prepared.channels, memory)
     invstd = stats_vector(invstd, "invstd", prepared.channels, memory)
     vectors = Vectors(prepared.x, prepared.channels, memory=memory, weight=weight)

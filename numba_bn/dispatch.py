@@ -4,13 +4,17 @@ Backends: a backend implements, on validated C-contiguous canonical ``(outer, C,
 the interface of :class:`numba_bn.cpu.CpuBackend`, every per-channel argument named:
 
 * whole operations, which a backend may fuse: ``forward_train(x, *, weight, bias, eps, y,
-  mean, invstd, m2, running=None, nan_check=False)``, ``forward_eval(x, *, weight, bias,
-  running_mean, running_var, eps, y)``, ``backward(dy, x, *, mean, invstd, weight, dx, sum_dy,
-  sum_dy_xmu)``;
+  mean, invstd, m2, running=None, nan_check=False, residual=None, activation=None)``,
+  ``forward_eval(x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
+  activation=None)``, ``backward(dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)``;
 * the split steps that an exchange (SyncBatchNorm's ranks) goes between: ``batch_stats(x, *,
-  mean, m2)`` -> count, ``normalize(x, *, mean, invstd, weight, bias, y)``,
-  ``backward_sums(dy, x, *, mean, sum_dy, sum_dy_xmu)``, ``backward_dx(dy, x, *, mean, invstd,
-  weight, sum_dy, sum_dy_xmu, count, dx)``.
+  mean, m2)`` -> count, ``normalize(x, *, mean, invstd, weight, bias, y, residual=None,
+  activation=None)``, ``backward_sums(dy, x, *, mean, sum_dy, sum_dy_xmu)``,
+  ``backward_dx(dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)``;
+* the epilogue (issue 13): the forwards' ``residual`` (a view like x) and ``activation`` (None
+  or "relu") give ``y = activation(BN(x) + residual)`` in the elementwise pass;
+  ``activation_grad(dy, y, *, activation, grad)`` writes the gradient through the activation
+  (dy where y > 0), on which the plain backward then runs.
 
 mean, invstd, m2 and the sums are float64; a backend builds its own elementwise coefficients
 from them. Its arrays live in its ``memory`` (:mod:`numba_bn.memory`; host NumPy when it has

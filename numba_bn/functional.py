@@ -21,6 +21,8 @@ def forward_train(
     out=None,
     nan_policy="propagate",
     mask=None,
+    residual=None,
+    activation=None,
     backend="cpu",
     device="auto",
 ):
@@ -41,6 +43,12 @@ def forward_train(
     mask : bool array, optional
         Statistics over the True positions only (:mod:`numba_bn.masking`): the shape of x
         without the channel axis, or broadcastable to it; every position is normalised.
+    residual : array like x, optional
+        Added to the normalised values: ``y = activation(BN(x) + residual)``, in the same pass
+        over memory (a ResNet block's skip connection). ``out`` may be x or the residual itself.
+    activation : {None, "relu"}
+        Applied last, in the same pass (ReLU keeps NaN, as torch.relu). Its backward needs this
+        y: :func:`backward` with ``activation`` and ``y``.
     device : {"auto", "cpu", "cuda"}
         "auto": the GPU for arrays that expose ``__cuda_array_interface__`` (results are Numba
         device arrays), the CPU for NumPy arrays. "cuda" with NumPy arrays copies them over and
@@ -54,12 +62,13 @@ def forward_train(
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """
+    epilogue = {"residual": residual, "activation": activation}
     if mask is not None:
         result = masked_batch_forward(x, weight, bias, eps, axis, mask, nan_policy=nan_policy,
-                                      out=out, backend=backend)  # fmt: skip
+                                      out=out, backend=backend, **epilogue)  # fmt: skip
     else:
         result = batch_forward(x, weight, bias, eps, axis, nan_policy=nan_policy, out=out,
-                               backend=backend, device=device)  # fmt: skip
+                               backend=backend, device=device, **epilogue)  # fmt: skip
     return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
 
 
@@ -73,11 +82,14 @@ def forward_eval(
     axis=1,
     *,
     out=None,
+    residual=None,
+    activation=None,
     backend="cpu",
     device="auto",
 ):
     """Inference forward with frozen statistics: ``(x - running_mean) / sqrt(running_var + eps)``
-    scaled by ``weight`` and shifted by ``bias``; arguments as :func:`forward_train`."""
+    scaled by ``weight`` and shifted by ``bias`` (then ``residual`` and ``activation``);
+    arguments as :func:`forward_train`."""
     return frozen_forward(
         x,
         running_mean,
@@ -87,13 +99,15 @@ def forward_eval(
         eps,
         axis,
         out=out,
+        residual=residual,
+        activation=activation,
         backend=backend,
         device=device,
     )
 
 
-def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, mask=None, backend="cpu",
-             device="auto"):  # fmt: skip
+def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, mask=None, activation=None,
+             y=None, residual_out=None, backend="cpu", device="auto"):  # fmt: skip
     """Exact training-mode backward (docs/backward.md).
 
     ``mean`` and ``invstd`` are those returned by :func:`forward_train` for the same ``x`` (and
@@ -101,17 +115,23 @@ def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, mask=None, b
     Returns ``dx, dweight, dbias`` with ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)``
     per channel (in the dtype of ``x``, float32 for float16).
 
+    After a fused forward (``residual``, ``activation``): pass its ``activation`` and its output
+    ``y`` ("relu": the gradient flows where y > 0); ``residual_out`` (an array like dy, sharing
+    no memory with x, dy, y or out) receives the residual's gradient, dy through the activation
+    (dy itself without one), in the same pass.
+
     .. math::
         dx = w\\,\\sigma^{-1}\\left(dy - \\tfrac{1}{m}\\textstyle\\sum dy
              - \\hat x\\,\\tfrac{1}{m}\\sum dy\\,\\hat x\\right)
     """
+    epilogue = {"activation": activation, "y": y, "residual_out": residual_out}
     if mask is not None:
         dx, sum_dy, sum_dy_xmu, count = masked_batch_backward(
-            dy, x, mean, invstd, weight, axis, mask, out=out, backend=backend
+            dy, x, mean, invstd, weight, axis, mask, out=out, backend=backend, **epilogue
         )
     else:
         dx, sum_dy, sum_dy_xmu, count = batch_backward(
-            dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device
+            dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device, **epilogue
         )
     memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
     dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
@@ -133,6 +153,8 @@ def batch_norm(
     unbiased_running_var=True,
     nan_policy="propagate",
     mask=None,
+    residual=None,
+    activation=None,
     backend="cpu",
     device="auto",
 ):
@@ -142,14 +164,17 @@ def batch_norm(
     ``running_var`` are given, updates them in place: ``r = (1 - momentum) * r + momentum * s``
     with the unbiased batch variance (``unbiased_running_var=False``: the biased one, as Keras,
     Flax and ONNX). ``training=False`` normalises with the running statistics. ``mask`` (in
-    training): statistics over its True positions, as :func:`forward_train`. Nothing is
-    modified when the call raises. ``device`` as in :func:`forward_train`.
+    training): statistics over its True positions, as :func:`forward_train`. ``residual`` and
+    ``activation``: ``y = activation(BN(x) + residual)`` in the same pass, as
+    :func:`forward_train`. Nothing is modified when the call raises. ``device`` as in
+    :func:`forward_train`.
     """
+    epilogue = {"residual": residual, "activation": activation}
     if training and mask is not None:
         return masked_batch_forward(
             x, weight, bias, eps, axis, mask, running_mean=running_mean, running_var=running_var,
             momentum=momentum, unbiased=unbiased_running_var, nan_policy=nan_policy, out=out,
-            backend=backend,
+            backend=backend, **epilogue,
         ).y  # fmt: skip
     if training:
         return batch_forward(
@@ -166,6 +191,7 @@ def batch_norm(
             out=out,
             backend=backend,
             device=device,
+            **epilogue,
         ).y
     return frozen_forward(
         x,
@@ -178,4 +204,5 @@ def batch_norm(
         out=out,
         backend=backend,
         device=device,
+        **epilogue,
     )

@@ -80,5 +80,18 @@ def eval_eps(eps):
     return type(eps) is float and 0.0 <= eps <= math.inf
 
 
+def activation(value):
+    """Whether ``value`` names an activation as the kernels take it (None or "relu")."""
+    return value is None or (type(value) is str and value == "relu")
+
+
+def residual(value, x, view):
+    """(True, the residual as ``view``) for None or a plain array like x; (False, None) else."""
+    if value is None:
+        return True, None
+    value = like(value, x, view)
+    return value is not None, value
+
+
 def momentum(value):
     return type(value) is float and 0.0 <= value <= 1.0

@@ -7,7 +7,7 @@ import numpy as np
 from . import conventions as _conventions
 from . import folding, ghost
 from . import renorm as renorm_
-from .checks import check_nan_policy, check_scalar, compute_dtype
+from .checks import check_activation, check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
 from .masking import masked_batch_backward, masked_batch_forward
@@ -17,12 +17,14 @@ from .ops import (
     affine_forward,
     batch_backward,
     batch_forward,
+    epilogue_gradient,
     frozen_backward,
     frozen_forward,
     weight_gradient,
 )
 
-_ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
+_ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias",
+           "grad_residual")  # fmt: skip
 
 _DEFAULT = object()
 
@@ -38,6 +40,8 @@ class _Saved(NamedTuple):
     ghost: object = None  # the GhostResult of a forward with virtual_batch_size
     renorm: object = None  # (r, d), float64, of a Batch Renormalization forward
     mask: object = None  # the mask= of a masked forward
+    y: object = None  # the output, when the activation's backward needs it
+    residual: bool = False  # whether the forward added a residual (backward gives its gradient)
 
 
 def _kept(x):
@@ -73,6 +77,10 @@ class BatchNorm:
         Ghost batch normalisation (:mod:`numba_bn.ghost`): in batch mode each run of this many
         consecutive samples along axis 0 is normalised with its own statistics; the running
         statistics take one update per call from the mean of the ghost batches' statistics.
+    activation : {None, "relu"}
+        Fused into the forward's pass: ``y = activation(BN(x) + residual)`` with
+        ``layer(x, residual=z)`` (:func:`numba_bn.forward_train`); the forward then keeps y for
+        the backward (do not change it in place before ``backward``).
     device : {"auto", "cpu", "cuda"}
         Where parameters, buffers and gradients live. "auto": in host memory until the layer is
         called on CUDA arrays, then on the GPU (they follow the input). "cpu" / "cuda" keep them
@@ -80,9 +88,9 @@ class BatchNorm:
 
     A forward saves what :meth:`backward` needs: x itself, so in training mode ``out=`` may
     not share memory with x (after an eval-mode ``forward(x, out=x)``, backward raises).
-    ``backward(dy)`` returns dx, sets ``grad_weight``/``grad_bias`` and releases the saved input
-    (as PyTorch frees its graph): one backward per forward. Pickles hold parameters, buffers and
-    gradients, never a saved input.
+    ``backward(dy)`` returns dx, sets ``grad_weight``/``grad_bias`` (and ``grad_residual`` after
+    a forward with a residual) and releases the saved input (as PyTorch frees its graph): one
+    backward per forward. Pickles hold parameters, buffers and gradients, never a saved input.
     """
 
     # Where batch statistics and backward sums meet across processes (numba_bn.ops.Exchange):
@@ -90,6 +98,7 @@ class BatchNorm:
     _exchange = None
     _admitted = None  # (shape, dtype, axis, side) of the last NumPy input _admit() checked
     _collected = None  # the Moments merged under numba_bn.population_stats, else None
+    grad_residual = None  # (a class default: pickles from before it load too)
 
     def __init__(
         self,
@@ -111,6 +120,7 @@ class BatchNorm:
         renorm=False,
         renorm_clipping=None,
         renorm_momentum=0.99,
+        activation=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
@@ -128,6 +138,7 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         compute_dtype(self.dtype, "dtype")
         self.nan_policy = check_nan_policy(nan_policy)
+        self.activation = check_activation(activation)
         self.virtual_batch_size = ghost.check_virtual_batch_size(virtual_batch_size)
         self.backend = backend
         self.track_running_stats = bool(track_running_stats)
@@ -136,7 +147,7 @@ class BatchNorm:
         center = self.affine if center is None else bool(center)
         self.weight = np.ones(num_features, self.dtype) if scale else None
         self.bias = np.zeros(num_features, self.dtype) if center else None
-        self.grad_weight = self.grad_bias = None
+        self.grad_weight = self.grad_bias = self.grad_residual = None
         if self.track_running_stats:
             self.running_mean = np.zeros(num_features, self.dtype)
             self.running_var = np.ones(num_features, self.dtype)
@@ -228,8 +239,8 @@ class BatchNorm:
         self._move(side)
 
     # -------------------------------------------------------------------------- forward
-    def __call__(self, x, *, training=None, mask=None, out=None):
-        return self.forward(x, training=training, mask=mask, out=out)
+    def __call__(self, x, *, training=None, mask=None, out=None, residual=None):
+        return self.forward(x, training=training, mask=mask, out=out, residual=residual)
 
     def _check_input(self, x):
         """The layer's own words for an input that does not fit it (before the functional
@@ -269,13 +280,23 @@ class BatchNorm:
         if type(x) is np.ndarray:
             self._admitted = (x.shape, x.dtype, self.axis, self._side)
 
-    def forward(self, x, *, training=None, mask=None, out=None):
+    def forward(self, x, *, training=None, mask=None, out=None, residual=None):
         """Normalise ``x``; in training mode also update the running statistics. ``training``
         overrides the layer's mode for this call (as Keras' ``layer(x, training=False)``).
         ``mask``: with batch statistics, those of the True positions (:mod:`numba_bn.masking`;
-        ignored when the running statistics normalise, as in Keras)."""
+        ignored when the running statistics normalise, as in Keras). ``residual`` (an array
+        like x): added before the layer's ``activation``, in the same pass."""
         training = self.training if training is None else bool(training)
         self._admit(x)
+        y = self._forward(x, training, mask, out, residual)
+        if self._saved is not None and (self.activation is not None or residual is not None):
+            self._saved = self._saved._replace(
+                y=y if self.activation is not None else None, residual=residual is not None
+            )
+        return y
+
+    def _forward(self, x, training, mask, out, residual):
+        epilogue = {"residual": residual, "activation": self.activation}
         overwrites_x = out is not None and _shares_memory(out, x)
         if training or not self.track_running_stats or self._collected is not None:
             if overwrites_x:
@@ -290,9 +311,9 @@ class BatchNorm:
                     "mask= is not supported with SyncBatchNorm, ghost batches or renorm"
                 )
             if self.virtual_batch_size is not None:
-                return self._ghost_forward(x, update, batches, out)
+                return self._ghost_forward(x, update, batches, out, epilogue)
             if self.renorm and training and self._collected is None:
-                return self._renorm_forward(x, update, batches, out)
+                return self._renorm_forward(x, update, batches, out, epilogue)
             options = {  # of ops.batch_forward, with or without a mask
                 "running_mean": self.running_mean if update else None,
                 "running_var": self.running_var if update else None,
@@ -301,6 +322,7 @@ class BatchNorm:
                 "nan_policy": self.nan_policy,
                 "out": out,
                 "backend": self.backend,
+                **epilogue,
             }
             if mask is not None:
                 result = masked_batch_forward(x, self.weight, self.bias, self.eps, self.axis, mask,
@@ -327,12 +349,14 @@ class BatchNorm:
             out=out,
             backend=self.backend,
             device=self._side,
+            **epilogue,
         )
         self._saved = _Saved(False, _gone if overwrites_x else _kept(x))
         return y
 
-    def _ghost_forward(self, x, update, batches, out):
-        """forward() in batch mode with ghost batches (:mod:`numba_bn.ghost`)."""
+    def _ghost_forward(self, x, update, batches, out, epilogue):
+        """forward() in batch mode with ghost batches (:mod:`numba_bn.ghost`); the epilogue in
+        a pass of its own over y (the identity affine, then the epilogue)."""
         if self._exchange is not None:
             raise ValueError("virtual_batch_size is not supported by SyncBatchNorm")
         result = ghost.ghost_forward(x, self.virtual_batch_size, self.weight, self.bias,
@@ -351,12 +375,17 @@ class BatchNorm:
             for mean, m2 in zip(result.mean, result.m2, strict=True):
                 self._collected = self._collected.merge(Moments(result.count, mean, m2))
         self._saved = _Saved(True, _kept(x), ghost=result)
+        y = result.y
+        if epilogue["residual"] is not None or epilogue["activation"] is not None:
+            channels = self.num_features
+            y = affine_forward(y, np.zeros(channels), np.ones(channels), None, None, self.axis,
+                               out=y, backend=self.backend, **epilogue)  # fmt: skip
         if out is None:
-            return result.y
-        np.copyto(out, result.y)
+            return y
+        np.copyto(out, y)
         return out
 
-    def _renorm_forward(self, x, update, batches, out):
+    def _renorm_forward(self, x, update, batches, out, epilogue):
         """forward() in training mode with Batch Renormalization (:mod:`numba_bn.renorm`)."""
         if is_device_array(x) or self._exchange is not None:
             raise TypeError("renorm runs on host (NumPy) arrays in one process")
@@ -377,7 +406,7 @@ class BatchNorm:
         invstd = 1.0 / stddev
         dtype = compute_dtype(self.dtype)
         y = affine_forward(x, mean, invstd, scale.astype(dtype), shift.astype(dtype), self.axis,
-                           out=out, backend=self.backend)  # fmt: skip
+                           out=out, backend=self.backend, **epilogue)  # fmt: skip
         if update and batch.count:
             old = 1.0 - self.convention.new_batch_weight(self.momentum, batches)
             for name, value, weight in (
@@ -400,7 +429,8 @@ class BatchNorm:
 
     # ------------------------------------------------------------------------- backward
     def backward(self, dy, *, out=None):
-        """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``."""
+        """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``, and
+        after a forward with a residual ``grad_residual`` (dy through the activation)."""
         saved = self._saved
         if saved is None:
             raise RuntimeError(
@@ -413,12 +443,17 @@ class BatchNorm:
                 "BatchNorm.backward() needs x of the last forward, which forward(x, out=x) "
                 "overwrote: pass another array as out= to call backward() afterwards"
             )
+        grad_residual = memory_of(x).empty(x.shape, x.dtype) if saved.residual else None
+        epilogue = {"activation": self.activation, "y": saved.y, "residual_out": grad_residual}
         if saved.ghost is not None:
+            if self.activation is not None or saved.residual:  # the epilogue had its own pass
+                dy = epilogue_gradient(dy, x, self.axis, **epilogue, backend=self.backend)
             dx, sum_dy, dweight = ghost.ghost_backward(dy, x, saved.ghost, self.virtual_batch_size,
                                                        self.weight, self.axis,
                                                        backend=self.backend)  # fmt: skip
             self.grad_weight = None if self.weight is None else dweight.astype(self.dtype)
             self.grad_bias = None if self.bias is None else sum_dy.astype(self.dtype)
+            self.grad_residual = grad_residual
             self._saved = None
             if out is None:
                 return dx
@@ -431,7 +466,7 @@ class BatchNorm:
         if saved.mask is not None:
             dx, sum_dy, sum_dy_xmu, _ = masked_batch_backward(
                 dy, x, saved.mean, saved.invstd, weight, self.axis, saved.mask, out=out,
-                backend=self.backend,
+                backend=self.backend, **epilogue,
             )  # fmt: skip
         elif saved.batch:
             dx, sum_dy, sum_dy_xmu, _ = batch_backward(
@@ -445,6 +480,7 @@ class BatchNorm:
                 backend=self.backend,
                 exchange=self._exchange,
                 device=self._side,
+                **epilogue,
             )
         else:
             dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
@@ -459,6 +495,7 @@ class BatchNorm:
                 backend=self.backend,
                 exchange=self._exchange,
                 device=self._side,
+                **epilogue,
             )
         memory = memory_of(sum_dy)
         if self.weight is None:
@@ -472,6 +509,7 @@ class BatchNorm:
         else:
             self.grad_weight = memory.product(invstd, sum_dy_xmu, self.dtype)
         self.grad_bias = memory.astype(sum_dy, self.dtype) if self.bias is not None else None
+        self.grad_residual = grad_residual
         self._saved = None  # one backward per forward, as PyTorch frees its graph
         return dx
 

@@ -93,29 +93,36 @@ def outside_gradient(dx, dy, mask_full, invstd, weight, axis):
 
 def masked_batch_forward(x, weight, bias, eps, axis, mask, *, running_mean=None,
                          running_var=None, momentum=0.1, unbiased=True, nan_policy="propagate",
-                         out=None, backend="cpu"):  # fmt: skip
+                         out=None, backend="cpu", residual=None, activation=None):  # fmt: skip
     """ops.batch_forward with the statistics of the positions ``mask`` selects."""
     mask, axis = check_mask(mask, x, axis)
     values, _ = selected(x, mask, axis)
     exchange = MaskedStatistics(values, backend)
+    epilogue = {"residual": residual, "activation": activation}
     if exchange.moments.count == 0:  # nothing selected: NaN statistics, as a batch of no values
         result = batch_forward(x, weight, bias, eps, axis, nan_policy=nan_policy, out=out,
-                               backend=backend)  # fmt: skip
+                               backend=backend, **epilogue)  # fmt: skip
         result.y[...] = np.nan
         nan = np.full(np.shape(result.mean), np.nan)
         return TrainResult(result.y, nan, nan, nan, 0)
     return batch_forward(
         x, weight, bias, eps, axis, running_mean=running_mean, running_var=running_var,
         momentum=momentum, unbiased=unbiased, nan_policy=nan_policy, out=out, backend=backend,
-        exchange=exchange,
+        exchange=exchange, **epilogue,
     )  # fmt: skip
 
 
-def masked_batch_backward(dy, x, mean, invstd, weight, axis, mask, *, out=None, backend="cpu"):
-    """ops.batch_backward of a masked forward (see the module's formula)."""
+def masked_batch_backward(dy, x, mean, invstd, weight, axis, mask, *, out=None, backend="cpu",
+                          activation=None, y=None, residual_out=None):  # fmt: skip
+    """ops.batch_backward of a masked forward (see the module's formula); through the
+    epilogue's activation first, as ops.batch_backward."""
     mask, axis = check_mask(mask, x, axis)
     count = int(np.count_nonzero(mask))
     result = batch_backward(dy, x, mean, invstd, weight, axis, out=out, backend=backend,
-                            exchange=SelectedCount(count))  # fmt: skip
-    outside_gradient(result.dx, np.asarray(dy), np.expand_dims(mask, axis), invstd, weight, axis)
+                            exchange=SelectedCount(count), activation=activation, y=y,
+                            residual_out=residual_out)  # fmt: skip
+    grad = np.asarray(dy)
+    if activation is not None:  # checked by batch_backward: the gradient that reached BN
+        grad = np.where(np.asarray(y) > 0, grad, grad.dtype.type(0))
+    outside_gradient(result.dx, grad, np.expand_dims(mask, axis), invstd, weight, axis)
     return result

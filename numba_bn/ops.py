@@ -15,10 +15,12 @@ from . import dispatch, hostcall
 from .checks import (
     Prepared,
     Vectors,
+    check_activation,
     check_backward_inputs,
-    check_dy,
     check_eps,
     check_eval_inputs,
+    check_like,
+    check_residual_out,
     check_running_var,
     check_train_inputs,
     check_training_count,
@@ -72,32 +74,38 @@ def batch_forward(
     out=None,
     backend="cpu",
     exchange=None,
+    residual=None,
+    activation=None,
     device="auto",
 ):
     """Training forward with batch statistics; updates the running buffers when given.
 
-    statistics -> (``exchange``: merged over the processes) -> finalise -> normalise. Without an
-    exchange the backend runs it as one fused call.
+    statistics -> (``exchange``: merged over the processes) -> finalise -> normalise (with the
+    epilogue: y = activation(BN(x) + residual)). Without an exchange the backend runs it as one
+    fused call.
     """
     if out is None and exchange is None and nan_policy == "propagate" and _host_device(device):
         result = _plain_batch_forward(
-            x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend
-        )
+            x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend,
+            residual, activation,
+        )  # fmt: skip
         if result is not None:
             return result
     return _checked_batch_forward(
         x, weight, bias, eps, axis, running_mean=running_mean, running_var=running_var,
         momentum=momentum, unbiased=unbiased, nan_policy=nan_policy, out=out, backend=backend,
-        exchange=exchange, device=device,
+        exchange=exchange, residual=residual, activation=activation, device=device,
     )  # fmt: skip
 
 
-def _plain_batch_forward(
-    x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend
-):
+def _plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum,
+                         unbiased, backend, residual, activation):  # fmt: skip
     """batch_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
     if kernels is None or view is None or not hostcall.training_eps(eps):
+        return None
+    plain, residual = hostcall.residual(residual, x, view)
+    if not plain or not hostcall.activation(activation):
         return None
     outer, channels, inner = view.shape
     dtype = x.dtype
@@ -116,12 +124,24 @@ def _plain_batch_forward(
     y = np.empty(x.shape, dtype)
     mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
     kernels.forward_train(view, weight=weight, bias=bias, eps=eps, y=y.reshape(view.shape),
-                          mean=mean, invstd=invstd, m2=m2, running=running)  # fmt: skip
+                          mean=mean, invstd=invstd, m2=m2, running=running, residual=residual,
+                          activation=activation)  # fmt: skip
     return TrainResult(y, mean, invstd, m2, outer * inner)
 
 
+def _epilogue_inputs(residual, activation, prepared, memory):
+    """The checked epilogue of a forward: (residual as the kernels take it, or None;
+    activation)."""
+    activation = check_activation(activation)
+    if residual is None:
+        return None, activation
+    residual = check_like(residual, "residual", prepared, memory)
+    residual = memory.contiguous(residual, prepared.dtype, "residual")
+    return residual.reshape(prepared.shape), activation
+
+
 @placed(
-    ("x", "weight", "bias", "running_mean", "running_var", "out"),
+    ("x", "weight", "bias", "running_mean", "running_var", "out", "residual"),
     inplace=("running_mean", "running_var", "out"),
 )
 def _checked_batch_forward(
@@ -139,6 +159,8 @@ def _checked_batch_forward(
     out,
     backend,
     exchange,
+    residual,
+    activation,
 ):
     """batch_forward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)
@@ -148,7 +170,9 @@ def _checked_batch_forward(
     )
     if exchange is None:  # with one, only the global batch must hold more than one value
         check_training_count(prepared)
-    y, y_view = prepared.output(out)
+    epilogue = _epilogue_inputs(residual, activation, prepared, memory)
+    # y[i] depends on x[i] and residual[i] alone: out may be either of them, not overlap one
+    y, y_view = prepared.output(out, x=prepared.x, residual=residual)
     channels = prepared.channels
     running, store_back = None, ()
     if running_mean is not None:
@@ -168,6 +192,7 @@ def _checked_batch_forward(
         finite = kernels.forward_train(
             prepared.view, weight=weight, bias=bias, eps=eps, y=y_view, mean=mean,
             invstd=invstd, m2=m2, running=running, nan_check=nan_policy == "raise",
+            residual=epilogue[0], activation=epilogue[1],
         )  # fmt: skip
         count = prepared.count
     else:
@@ -184,7 +209,8 @@ def _checked_batch_forward(
                 running_update(*running[:2], count, mean, m2, momentum, unbiased)
             if local:
                 kernels.normalize(prepared.view, mean=mean, invstd=invstd, weight=weight,
-                                  bias=bias, y=y_view)  # fmt: skip
+                                  bias=bias, y=y_view, residual=epilogue[0],
+                                  activation=epilogue[1])  # fmt: skip
     if not finite:
         where = "" if exchange is None else " on some process (statistics of the whole batch)"
         raise ValueError(
@@ -203,20 +229,27 @@ def _no_values(prepared, y, y_view, memory):
 
 
 def frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out=None,
-                   backend="cpu", device="auto"):  # fmt: skip
-    """Eval forward: normalise with the running statistics."""
+                   backend="cpu", residual=None, activation=None, device="auto"):  # fmt: skip
+    """Eval forward: normalise with the running statistics (then the epilogue, as
+    batch_forward)."""
     if out is None and _host_device(device):
-        y = _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend)
+        y = _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend,
+                                  residual, activation)  # fmt: skip
         if y is not None:
             return y
     return _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis,
-                                   out=out, backend=backend, device=device)  # fmt: skip
+                                   out=out, backend=backend, residual=residual,
+                                   activation=activation, device=device)  # fmt: skip
 
 
-def _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend):
+def _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend,
+                          residual, activation):  # fmt: skip
     """frozen_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
     if kernels is None or view is None or not view.size or not hostcall.eval_eps(eps):
+        return None
+    plain, residual = hostcall.residual(residual, x, view)
+    if not plain or not hostcall.activation(activation):
         return None
     if running_mean is None or running_var is None:
         return None  # an error to explain
@@ -230,20 +263,23 @@ def _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis,
         return None  # an error to explain
     y = np.empty(x.shape, dtype)
     kernels.forward_eval(view, weight=weight, bias=bias, running_mean=running_mean,
-                         running_var=running_var, eps=eps, y=y.reshape(view.shape))  # fmt: skip
+                         running_var=running_var, eps=eps, y=y.reshape(view.shape),
+                         residual=residual, activation=activation)  # fmt: skip
     return y
 
 
-@placed(("x", "running_mean", "running_var", "weight", "bias", "out"), inplace=("out",))
+@placed(("x", "running_mean", "running_var", "weight", "bias", "out", "residual"),
+        inplace=("out",))  # fmt: skip
 def _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out,
-                            backend):  # fmt: skip
+                            backend, residual, activation):  # fmt: skip
     """frozen_forward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared, eps, vectors = check_eval_inputs(
         x, running_mean, running_var, weight, bias, eps, axis, memory
     )
-    y, y_view = prepared.output(out)
+    epilogue = _epilogue_inputs(residual, activation, prepared, memory)
+    y, y_view = prepared.output(out, x=prepared.x, residual=residual)
     if prepared.count and prepared.channels:
         kernels.forward_eval(
             prepared.view,
@@ -253,6 +289,8 @@ def _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axi
             running_var=vectors.kernel("running_var"),
             eps=eps,
             y=y_view,
+            residual=epilogue[0],
+            activation=epilogue[1],
         )
     return prepared.finish(y, y_view)
 
@@ -268,15 +306,47 @@ class BackwardResult(NamedTuple):
 
 
 def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu", exchange=None,
-                   device="auto"):  # fmt: skip
+                   activation=None, y=None, residual_out=None, device="auto"):  # fmt: skip
     """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward:
-    reduce -> (``exchange``: summed over the processes) -> dx."""
-    if out is None and exchange is None and _host_device(device):
+    (through the epilogue's ``activation``, :func:`_through_epilogue`) -> reduce ->
+    (``exchange``: summed over the processes) -> dx."""
+    plain = activation is None and y is None and residual_out is None
+    if plain and out is None and exchange is None and _host_device(device):
         result = _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend)
         if result is not None:
             return result
     return _checked_batch_backward(dy, x, mean, invstd, weight, axis, out=out, backend=backend,
-                                   exchange=exchange, device=device)  # fmt: skip
+                                   exchange=exchange, activation=activation, y=y,
+                                   residual_out=residual_out, device=device)  # fmt: skip
+
+
+def _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y, residual_out, out):
+    """The gradient that reaches batch norm (canonical view, compute dtype): dy through the
+    ``activation`` of the fused forward whose output was ``y`` (dy where y > 0 for "relu").
+    That is also the residual's gradient, written into ``residual_out`` when given (dy itself
+    without an activation). Everything is checked before anything is written."""
+    activation = check_activation(activation)
+    if activation is not None:
+        if y is None:
+            raise ValueError(
+                f"y is required with activation={activation!r}: the gradient flows where the "
+                "fused forward's output y > 0"
+            )
+        y = check_like(y, "y", prepared, memory)
+    if residual_out is not None:
+        check_residual_out(residual_out, prepared, memory, x=prepared.x, dy=dy, y=y, out=out)
+    if activation is None:
+        if residual_out is not None:
+            memory.copy_into(residual_out, dy)
+        return dy_view
+    y_view = memory.contiguous(y, prepared.dtype, "y").reshape(prepared.shape)
+    direct = residual_out is not None and residual_out.dtype == prepared.dtype
+    grad = (residual_out.reshape(prepared.shape) if direct
+            else memory.empty(prepared.shape, prepared.dtype))  # fmt: skip
+    kernels.activation_grad(dy_view, y_view, activation=activation, grad=grad)
+    if residual_out is not None and not direct:  # float16: computed in float32
+        memory.copy_into(residual_out, grad.reshape(prepared.x.shape))
+    return grad
 
 
 def _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend):
@@ -297,8 +367,10 @@ def _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend):
     return BackwardResult(dx, sum_dy, sum_dy_xmu, outer * inner)
 
 
-@placed(("dy", "x", "mean", "invstd", "weight", "out"), inplace=("out",))
-def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange):
+@placed(("dy", "x", "mean", "invstd", "weight", "out", "y", "residual_out"),
+        inplace=("out", "residual_out"))  # fmt: skip
+def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange,
+                            activation, y, residual_out):  # fmt: skip
     """batch_backward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
@@ -310,6 +382,8 @@ def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, 
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     local, count = prepared.count and channels, prepared.count
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
+    dy_view = _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y,
+                                residual_out, out)  # fmt: skip
     weight = vectors.kernel("weight")
     if exchange is None:
         if local:
@@ -329,15 +403,31 @@ def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, 
     return BackwardResult(prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, int(count))
 
 
-@placed(("dy", "x", "running_mean", "running_var", "weight", "out"), inplace=("out",))
-def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=None,
-                    backend="cpu", exchange=None):  # fmt: skip
-    """Eval-mode backward with frozen statistics: dx = dy * weight * invstd, and the sums
-    (``exchange``: summed over the processes, for the gradients of weight and bias)."""
+def epilogue_gradient(dy, x, axis, *, activation, y, residual_out, backend="cpu"):
+    """dy through the epilogue alone, like x (host arrays): for a backward that cannot take the
+    epilogue in its own pass (ghost batches). ``residual_out`` as in batch_backward."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
-    dy = check_dy(dy, prepared, memory)
+    dy = check_like(dy, "dy", prepared, memory)
+    dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
+    grad = _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y, residual_out,
+                             None)  # fmt: skip
+    return memory.astype(grad.reshape(prepared.x.shape), prepared.x.dtype)
+
+
+@placed(("dy", "x", "running_mean", "running_var", "weight", "out", "y", "residual_out"),
+        inplace=("out", "residual_out"))  # fmt: skip
+def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=None,
+                    backend="cpu", exchange=None, activation=None, y=None,
+                    residual_out=None):  # fmt: skip
+    """Eval-mode backward with frozen statistics: dx = dy * weight * invstd, and the sums
+    (``exchange``: summed over the processes, for the gradients of weight and bias); through
+    the epilogue's activation first, as batch_backward."""
+    kernels = dispatch.get(backend)
+    memory = dispatch.memory(kernels)
+    prepared = Prepared(x, axis, memory=memory)
+    dy = check_like(dy, "dy", prepared, memory)
     eps = check_eps(eps, training=False)
     channels = prepared.channels
     mean = stats_vector(running_mean, "running_mean", channels, memory)
@@ -349,6 +439,8 @@ def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     local = prepared.count and channels
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
+    dy_view = _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y,
+                                residual_out, out)  # fmt: skip
     if local:
         kernels.backward_sums(dy_view, prepared.view, mean=mean, sum_dy=sum_dy,
                               sum_dy_xmu=sum_dy_xmu)  # fmt: skip
@@ -364,21 +456,24 @@ def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=
     return prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, invstd
 
 
-@placed(("x", "weight", "bias", "out"), inplace=("out",))
-def affine_forward(x, mean, invstd, weight, bias, axis, *, out=None, backend="cpu"):
-    """y = (x - mean) * invstd * weight + bias with given float64 host statistics (C,): the
-    elementwise pass of a training forward, for statistics computed elsewhere (Batch
-    Renormalization's composed scale and shift)."""
+@placed(("x", "weight", "bias", "out", "residual"), inplace=("out",))
+def affine_forward(x, mean, invstd, weight, bias, axis, *, out=None, backend="cpu",
+                   residual=None, activation=None):  # fmt: skip
+    """y = (x - mean) * invstd * weight + bias with given float64 host statistics (C,), then the
+    epilogue: the elementwise pass of a training forward, for statistics computed elsewhere
+    (Batch Renormalization's composed scale and shift)."""
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
     vectors = Vectors(prepared.x, prepared.channels, memory=memory, weight=weight, bias=bias)
     mean, invstd = (stats_vector(v, name, prepared.channels, memory)
                     for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
-    y, y_view = prepared.output(out)
+    epilogue = _epilogue_inputs(residual, activation, prepared, memory)
+    y, y_view = prepared.output(out, x=prepared.x, residual=residual)
     if prepared.count and prepared.channels:
         kernels.normalize(prepared.view, mean=mean, invstd=invstd, weight=vectors.kernel("weight"),
-                          bias=vectors.kernel("bias"), y=y_view)  # fmt: skip
+                          bias=vectors.kernel("bias"), y=y_view, residual=epilogue[0],
+                          activation=epilogue[1])  # fmt: skip
     return prepared.finish(y, y_view)
 
 

@@ -44,6 +44,8 @@ def test_plain_calls_skip_the_checks_and_give_their_bits(rng, shape, axis, dtype
         nbn.batch_norm(x, *plain_running, weight, bias, training=True, momentum=0.3, axis=axis),
         *nbn.forward_train(x, weight, bias, axis=axis),
         nbn.forward_eval(x, *running, weight, bias, axis=axis),
+        nbn.forward_train(x, weight, bias, axis=axis, residual=dy, activation="relu")[0],
+        nbn.forward_eval(x, *running, weight, bias, axis=axis, residual=dy, activation="relu"),
     ]
     plain += nbn.backward(dy, x, plain[2], plain[3], weight, axis=axis)
     assert checked_calls == []
@@ -57,9 +59,15 @@ def test_plain_calls_skip_the_checks_and_give_their_bits(rng, shape, axis, dtype
         ),  # fmt: skip
         *nbn.forward_train(x, weight, bias, axis=axis, out=out()),
         nbn.forward_eval(x, *running, weight, bias, axis=axis, out=out()),
+        nbn.forward_train(x, weight, bias, axis=axis, residual=dy, activation="relu", out=out())[
+            0
+        ],  # fmt: skip
+        nbn.forward_eval(
+            x, *running, weight, bias, axis=axis, residual=dy, activation="relu", out=out()
+        ),  # fmt: skip
     ]
     checked += nbn.backward(dy, x, checked[2], checked[3], weight, axis=axis, out=out())
-    assert len(checked_calls) == 4
+    assert len(checked_calls) == 6
     for a, b in zip(plain + plain_running, checked + checked_running, strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
@@ -96,12 +104,18 @@ def _variants(rng):
         ("empty batch", dict(x=np.empty((0, 3, 4), np.float32))),
         ("one value per channel", dict(x=np.ones((1, 3), np.float32))),
         ("unknown backend", dict(x=x, backend="no-such-backend")),
+        ("float64 residual", dict(x=x, residual=x.astype(np.float64))),
+        ("residual of another shape", dict(x=x, residual=x[:3])),
+        ("non-contiguous residual", dict(x=x, residual=np.repeat(x, 2, axis=2)[:, :, ::2])),
+        ("unknown activation", dict(x=x, activation="gelu")),
+        ("activation not a str", dict(x=x, activation=np.str_("relu"))),
     ]
 
 
 def test_anything_but_a_plain_call_goes_to_the_checks(rng):
     defaults = dict(weight=None, bias=None, eps=1e-5, axis=1, running_mean=None,
-                    running_var=None, momentum=0.1, unbiased=True, backend="cpu")  # fmt: skip
+                    running_var=None, momentum=0.1, unbiased=True, backend="cpu", residual=None,
+                    activation=None)  # fmt: skip
     for name, arguments in _variants(rng):
         call = {**defaults, **arguments}
         assert ops._plain_batch_forward(**call) is None, name
@@ -113,10 +127,12 @@ def test_not_plain_eval_and_backward_go_to_the_checks(rng):
     negative = var.copy()
     negative[1] = -1.0
     for name, args in [
-        ("no running_mean", (x, None, var, None, None, 1e-5, 1, "cpu")),
-        ("negative running_var", (x, mean, negative, None, None, 1e-5, 1, "cpu")),
-        ("negative eps", (x, mean, var, None, None, -1e-5, 1, "cpu")),
-        ("float16 x", (x.astype(np.float16), mean, var, None, None, 1e-5, 1, "cpu")),
+        ("no running_mean", (x, None, var, None, None, 1e-5, 1, "cpu", None, None)),
+        ("negative running_var", (x, mean, negative, None, None, 1e-5, 1, "cpu", None, None)),
+        ("negative eps", (x, mean, var, None, None, -1e-5, 1, "cpu", None, None)),
+        ("float16 x", (x.astype(np.float16), mean, var, None, None, 1e-5, 1, "cpu", None, None)),
+        ("float64 residual", (x, mean, var, None, None, 1e-5, 1, "cpu", x.astype(float), None)),
+        ("unknown activation", (x, mean, var, None, None, 1e-5, 1, "cpu", None, "tanh")),
     ]:
         assert ops._plain_frozen_forward(*args) is None, name
     for name, args in [
