@@ -38,8 +38,25 @@ def signatures(dt):
         kernels.affine_coefficients: (v64, v64, v, v, array(dt, 2)),
         kernels.dx_coefficients: (f64, v64, v64, v, v64, v64, array(dt, 2)),
         kernels.affine: (
-            (x, array(dt, 2), i64, f64, v64, v64, f64, types.boolean, types.boolean, flags, v, v, x)
+            (
+                x,
+                x,
+                i64,
+                array(dt, 2),
+                i64,
+                f64,
+                v64,
+                v64,
+                f64,
+                types.boolean,
+                types.boolean,
+                flags,
+                v,
+                v,
+                x,
+            )
         ),
+        kernels.relu_grad: (v, v, v),
         kernels.backward_sums: (
             x,
             x,

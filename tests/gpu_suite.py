@@ -257,6 +257,58 @@ def test_split_primitives_match_the_cpu_backend(rng):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+# ------------------------------------------------------------------------ fused epilogues
+def _train(x, residual=None, activation=None):
+    """y of the cuda backend's forward_train on host ``x`` (and ``residual``), no weight/bias."""
+    backend, channels = dispatch.get("cuda"), x.shape[1]
+    y = CUDA.poisoned(x.shape, x.dtype)
+    mean, invstd, m2 = CUDA.on(*(np.zeros(channels) for _ in range(3)))
+    none = CUDA.on(np.zeros(0, x.dtype))
+    residual = None if residual is None else CUDA.on(residual)
+    epilogue = {"residual": residual, "activation": activation}
+    backend.forward_train(CUDA.on(x), weight=none, bias=none, eps=1e-5, y=y, mean=mean,
+                          invstd=invstd, m2=m2, **epilogue)  # fmt: skip
+    return CUDA.host(y)
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 1), (3, 2, 40)], ids=["rows", "planes"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_epilogue_is_the_plain_affine_then_add_and_relu_bit_for_bit(rng, shape, dtype):
+    """Across the blocks and tail tiles of both elementwise layouts the residual is read at y's
+    own index, and the affine rounds as before: fused y == relu(plain y + z) in x's dtype."""
+    x = random_batch(rng, shape, dtype)
+    z = rng.standard_normal(shape).astype(dtype)
+    z[0, 1, 0] = np.nan  # passes through the ReLU
+    plain = _train(x)
+    added = plain + z
+    np.testing.assert_array_equal(_train(x, z), added)
+    np.testing.assert_array_equal(_train(x, z, "relu"), np.where(added < 0, dtype(0), added))
+    np.testing.assert_array_equal(_train(x, None, "relu"), np.where(plain < 0, dtype(0), plain))
+
+
+def test_fused_forward_launches_two_kernels_and_relu_grad_one(rng, monkeypatch):
+    launches = []
+    for name in ("channel_stats", "affine", "relu_grad"):
+        monkeypatch.setattr(cuda_kernels, name, Counting(getattr(cuda_kernels, name), launches))
+    x = random_batch(rng, (4, 3, 5), np.float32)
+    _train(x, np.ones_like(x), "relu")
+    assert launches == ["channel_stats", "affine"]
+    launches.clear()
+    dy, y, grad = CUDA.on(x, x, np.zeros_like(x))
+    dispatch.get("cuda").activation_grad(dy, y, activation="relu", grad=grad)
+    assert launches == ["relu_grad"]
+
+
+@pytest.mark.parametrize("size", [1, 31, 32, 33, 100])
+def test_relu_grad_writes_every_element_across_blocks(rng, size):
+    """tiny_launches: 8 threads of 4 values, so these sizes end inside, at and past a block."""
+    dy, y = rng.standard_normal((2, size)), rng.standard_normal((2, size))
+    y[0, 0], dy[1, -1], y[1, -1] = np.nan, np.nan, 1.0  # NaN in y masks; NaN in dy passes
+    grad = CUDA.poisoned(dy.shape, dy.dtype)
+    dispatch.get("cuda").activation_grad(*CUDA.on(dy, y), activation="relu", grad=grad)
+    np.testing.assert_array_equal(CUDA.host(grad), np.where(y > 0, dy, 0.0))
+
+
 # -------------------------------------------------------------------------------- BatchNorm
 def test_batchnorm_on_cuda_matches_the_cpu_layer_over_steps(rng):
     layers = {d: nbn.BatchNorm(3, momentum=None, dtype=np.float64, device=d) for d in DEVICES}

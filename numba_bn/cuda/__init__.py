@@ -7,6 +7,8 @@ Importing this package does not import numba.cuda: the kernels are compiled on f
 import importlib.util
 import os
 
+from ..cpu import epilogue_code
+
 
 class CudaUnavailableError(RuntimeError):
     """CUDA was asked for (``device="cuda"`` or device arrays) but cannot run here."""
@@ -71,17 +73,26 @@ class CudaBackend:
         return launch
 
     # The interface of numba_bn.cpu.CpuBackend; numba_bn.cuda.launch documents the launches.
+    # The forward steps take residual= and activation= (y = activation(BN(x) + residual)),
+    # applied in their elementwise launch as the CPU kernels' epilogue code.
     def forward_train(self, x, *, weight, bias, eps, y, mean, invstd, m2, running=None,
-                      nan_check=False):  # fmt: skip
+                      nan_check=False, residual=None, activation=None):  # fmt: skip
         launch = self._launch()
         if running is None:  # zero-length buffers: no running update
             running = (self.memory.empty(0, x.dtype), self.memory.empty(0, x.dtype), 0.0, True)
         run_mean, run_var, momentum, unbiased = running
         return launch.forward_train(x, weight, bias, eps, run_mean, run_var, momentum, unbiased,
-                                    nan_check, y, mean, invstd, m2)  # fmt: skip
+                                    nan_check, y, mean, invstd, m2, residual,
+                                    epilogue_code(residual, activation))  # fmt: skip
 
-    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y):
-        self._launch().forward_eval(x, weight, bias, running_mean, running_var, eps, y)
+    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
+                     activation=None):  # fmt: skip
+        self._launch().forward_eval(x, weight, bias, running_mean, running_var, eps, y, residual,
+                                    epilogue_code(residual, activation))  # fmt: skip
+
+    def activation_grad(self, dy, y, *, activation, grad):
+        """grad (=, like dy) = dy where y > 0, else 0, for "relu" (the only activation)."""
+        self._launch().relu_grad(dy, y, grad)
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
         self._launch().backward(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
@@ -89,8 +100,9 @@ class CudaBackend:
     def batch_stats(self, x, *, mean, m2):
         return self._launch().batch_stats(x, mean, m2)
 
-    def normalize(self, x, *, mean, invstd, weight, bias, y):
-        self._launch().normalize(x, mean, invstd, weight, bias, y)
+    def normalize(self, x, *, mean, invstd, weight, bias, y, residual=None, activation=None):
+        self._launch().normalize(x, mean, invstd, weight, bias, y, residual,
+                                 epilogue_code(residual, activation))  # fmt: skip
 
     def backward_sums(self, dy, x, *, mean, sum_dy, sum_dy_xmu):
         self._launch().backward_sums(dy, x, mean, sum_dy, sum_dy_xmu)

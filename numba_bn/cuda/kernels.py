@@ -8,10 +8,14 @@ train forward  channel_stats: (count, mean, M2) and    affine: y; block 0 applie
 eval forward   eval_coefficients (one thread/channel)  affine
 backward       backward_sums: sum_dy, sum_dy_xmu and   backward_dx
                the dx coefficients
+ReLU gradient  relu_grad: dy where y > 0, else 0       (one launch; the backward above then
+                                                       runs on its result)
 =============  ======================================  ========================================
 
 Outputs are overwritten (``=``), never accumulated. Bytes per element: the reductions read x
-(and dy) once, the elementwise passes read x (and dy) and write y (dx) once.
+(and dy) once, the elementwise passes read x (and dy) and write y (dx) once; ``affine`` with a
+residual (fused BN+Add(+ReLU)) also reads it once, and ``relu_grad`` reads dy, y and writes the
+masked gradient.
 
 Reductions (``channel_stats``, ``backward_sums``): a block works on one channel (planes,
 ``inner > 1``; threads.x run along a plane, threads.y over planes n) or on a tile of channels
@@ -42,6 +46,7 @@ import math
 
 from numba import cuda, float64, int32
 
+from ..cpu.kernels import EPILOGUE_ADD, EPILOGUE_RELU
 from ..stats import batch_variance, chan_merge, finalize, running_step
 from .config import MAX_THREADS
 
@@ -298,6 +303,8 @@ def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
 @cuda.jit
 def affine(
     x,
+    residual,
+    epilogue,
     coef,
     values_per_thread,
     count,
@@ -311,7 +318,14 @@ def affine(
     running_var,
     y,
 ):
-    """y = ((x - mean_hi) - mean_lo) * scale + shift with the rows of ``coef`` (4 x C).
+    """y = ((x - mean_hi) - mean_lo) * scale + shift with the rows of ``coef`` (4 x C), then
+    the ``epilogue`` (the codes of :mod:`numba_bn.cpu.kernels`): bit 0 adds ``residual`` (like
+    x; x itself when there is none, never read then), bit 1 applies ReLU, keeping NaN as
+    torch.relu does. The stored value of a negative one is a literal 0, so float32 stays float32.
+
+    The epilogue is a runtime argument, the same in every thread, so its branches never diverge
+    and cost nothing against the loads of this memory-bound pass; one compiled kernel per dtype
+    serves all four codes (specialised kernels would compile four times as much).
 
     Block 0 also updates running_mean/running_var (when not empty) from save_mean, save_m2:
     ``r = (1 - momentum) * r + momentum * batch``, unless ``nan_check`` and flags[0] say a
@@ -320,10 +334,18 @@ def affine(
     outer, channels, inner = x.shape
     c, first, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
     mean_hi, mean_lo, scale, shift = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
+    add, relu = (epilogue & EPILOGUE_ADD) != 0, (epilogue & EPILOGUE_RELU) != 0
     x1 = x.reshape((x.size,))
+    z1 = residual.reshape((residual.size,))
     y1 = y.reshape((y.size,))
     for i in range(first, stop, step):
-        y1[i] = ((x1[i] - mean_hi) - mean_lo) * scale + shift
+        v = ((x1[i] - mean_hi) - mean_lo) * scale + shift
+        if add:
+            v += z1[i]
+        if relu and v < 0:  # False for NaN, which passes through
+            y1[i] = 0
+        else:
+            y1[i] = v
 
     if cuda.blockIdx.x != 0 or running_mean.size == 0 or (nan_check and flags[0] != 0):
         return
@@ -400,3 +422,17 @@ def backward_dx(dy, x, coef, values_per_thread, dx):
     for i in range(first, stop, step):
         xmu = (x1[i] - mean_hi) - mean_lo
         dx1[i] = (dy1[i] - mean_dy - xmu * proj) * k
+
+
+# ------------------------------------------------------------------ backward of an epilogue
+@cuda.jit
+def relu_grad(dy, y, grad):
+    """grad (=) = dy where y > 0, else 0, over flat arrays (torch's threshold_backward): the
+    gradient through the ReLU of a fused forward, from its output y. NaN in y gives 0. A
+    grid-stride loop; consecutive threads take consecutive elements."""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, grad.size, stride):
+        if y[i] > 0:
+            grad[i] = dy[i]
+        else:
+            grad[i] = 0

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from ..cpu.kernels import EPILOGUE_NONE
 from . import config, kernels
 from .simulator import make_shared_arrays_thread_safe
 
@@ -108,9 +109,11 @@ def _launch_stats(x, weight, bias, eps, save_mean, save_invstd, save_m2, coef):
     return flags
 
 
-def _launch_affine(x, coef, y, running=None):
-    """Launch affine: y from coef; ``running`` = (count, save_mean, save_m2, momentum, unbiased,
-    nan_check, flags, running_mean, running_var) for the running update in the same launch."""
+def _launch_affine(x, coef, y, residual, epilogue, running=None):
+    """Launch affine: y from coef, then the ``epilogue`` (a code of :mod:`numba_bn.cpu.kernels`)
+    with ``residual`` (None: x is passed and not read); ``running`` = (count, save_mean,
+    save_m2, momentum, unbiased, nan_check, flags, running_mean, running_var) for the running
+    update in the same launch."""
     blocks, block, values = elementwise_shape(x.shape)
     if running is None:
         stats, none = _empty(np.float64), _empty(x.dtype)
@@ -118,6 +121,8 @@ def _launch_affine(x, coef, y, running=None):
     count, save_mean, save_m2, momentum, unbiased, nan_check, flags, run_mean, run_var = running
     kernels.affine[blocks, block](
         x,
+        x if residual is None else residual,
+        int(epilogue),
         coef,
         values,
         float(count),
@@ -147,25 +152,30 @@ def forward_train(
     save_mean,
     save_invstd,
     save_m2,
+    residual=None,
+    epilogue=EPILOGUE_NONE,
 ):
-    """Statistics (launch 1), then y and the running update (launch 2); see the CPU driver."""
+    """Statistics (launch 1), then y with its epilogue and the running update (launch 2); see
+    the CPU driver."""
     coef = _empty(x.dtype, (4, x.shape[1]))
     flags = _launch_stats(x, weight, bias, float(eps), save_mean, save_invstd, save_m2, coef)
     count = x.shape[0] * x.shape[2]
     running = (count, save_mean, save_m2, momentum, unbiased, nan_check, flags)
-    _launch_affine(x, coef, y, (*running, running_mean, running_var))
+    _launch_affine(x, coef, y, residual, epilogue, (*running, running_mean, running_var))
     return not nan_check or flags.copy_to_host()[0] == 0
 
 
-def forward_eval(x, weight, bias, running_mean, running_var, eps, y):
-    """Coefficients from the running statistics (launch 1), then y (launch 2)."""
+def forward_eval(x, weight, bias, running_mean, running_var, eps, y, residual=None,
+                 epilogue=EPILOGUE_NONE):  # fmt: skip
+    """Coefficients from the running statistics (launch 1), then y with its epilogue
+    (launch 2)."""
     coef = _empty(x.dtype, (4, x.shape[1]))
     threads = min(128, x.shape[1])
     blocks = math.ceil(x.shape[1] / threads)
     kernels.eval_coefficients[blocks, threads](
         weight, bias, running_mean, running_var, float(eps), coef
     )
-    _launch_affine(x, coef, y)
+    _launch_affine(x, coef, y, residual, epilogue)
 
 
 def _launch_sums(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
@@ -212,11 +222,12 @@ def batch_stats(x, mean, m2):
     return float(x.shape[0] * x.shape[2])
 
 
-def normalize(x, mean, invstd, weight, bias, y):
-    """y from float64 per-channel ``mean`` and ``invstd`` (coefficients, then y)."""
+def normalize(x, mean, invstd, weight, bias, y, residual=None, epilogue=EPILOGUE_NONE):
+    """y from float64 per-channel ``mean`` and ``invstd`` (coefficients, then y with its
+    epilogue)."""
     coef = _empty(x.dtype, (4, x.shape[1]))
     _per_channel(kernels.affine_coefficients, x.shape[1], mean, invstd, weight, bias, coef)
-    _launch_affine(x, coef, y)
+    _launch_affine(x, coef, y, residual, epilogue)
 
 
 def backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
@@ -224,3 +235,15 @@ def backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     none = _empty(x.dtype)
     coef = _empty(x.dtype, (5, 0))
     _launch_sums(dy, x, mean, _empty(np.float64), none, sum_dy, sum_dy_xmu, coef)
+
+
+# ---------------------------------------------------------------------- backward of an epilogue
+def relu_grad(dy, y, grad):
+    """grad (=) = dy where y > 0, else 0, over C-contiguous arrays of one shape: one launch, a
+    thread per ELEMENTWISE_VALUES_PER_THREAD elements (a grid-stride loop)."""
+    if grad.size == 0:  # a launch of no blocks is an error
+        return
+    threads, _ = _threads()
+    blocks = math.ceil(grad.size / (threads * config.ELEMENTWISE_VALUES_PER_THREAD))
+    flat = (dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size))
+    kernels.relu_grad[blocks, threads](*flat)
