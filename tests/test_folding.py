@@ -188,5 +188,8 @@ def test_the_example_of_docs_deployment_runs():
     from pathlib import Path
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
-    code = re.search(r"```python\n(.*?)```", docs, re.DOTALL).group(1)
-    exec(compile(code, "docs/deployment.md", "exec"), {"conv2d": conv2d})
+    blocks = re.findall(r"```python\n(.*?)```", docs, re.DOTALL)
+    assert len(blocks) == 2  # the folded conv-BN-ReLU block, then the fused residual block
+    namespace = {"conv2d": conv2d}
+    for code in blocks:  # one session, as a reader runs them
+        exec(compile(code, "docs/deployment.md", "exec"), namespace)
