@@ -6,7 +6,8 @@ the interface of :class:`numba_bn.cpu.CpuBackend`, every per-channel argument na
 * whole operations, which a backend may fuse: ``forward_train(x, *, weight, bias, eps, y,
   mean, invstd, m2, running=None, nan_check=False, residual=None, activation=None)``,
   ``forward_eval(x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
-  activation=None)``, ``backward(dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)``;
+  activation=None)``, ``backward(dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
+  activation=None, y=None, grad=None)``;
 * the split steps that an exchange (SyncBatchNorm's ranks) goes between: ``batch_stats(x, *,
   mean, m2)`` -> count, ``normalize(x, *, mean, invstd, weight, bias, y, residual=None,
   activation=None)``, ``backward_sums(dy, x, *, mean, sum_dy, sum_dy_xmu)``,
@@ -14,7 +15,8 @@ the interface of :class:`numba_bn.cpu.CpuBackend`, every per-channel argument na
 * the epilogue (issue 13): the forwards' ``residual`` (a view like x) and ``activation`` (None
   or "relu") give ``y = activation(BN(x) + residual)`` in the elementwise pass;
   ``activation_grad(dy, y, *, activation, grad)`` writes the gradient through the activation
-  (dy where y > 0), on which the plain backward then runs.
+  (dy where y > 0), on which the plain backward then runs; ``backward`` with an activation does
+  both (the CPU channel by channel, while grad is in L2).
 
 mean, invstd, m2 and the sums are float64; a backend builds its own elementwise coefficients
 from them. Its arrays live in its ``memory`` (:mod:`numba_bn.memory`; host NumPy when it has

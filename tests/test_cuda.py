@@ -1,9 +1,9 @@
 """The CUDA backend from the main test process, which has no GPU and no simulator.
 
 numba.cuda picks the simulator when it is first imported, so the backend's tests (the "cuda" cases
-of tests/test_conformance.py and the backend's own tests/gpu_suite.py) run in a subprocess with
-NUMBA_ENABLE_CUDASIM=1; this process checks the dispatch errors that need no CUDA at all, and that
-the kernels compile for a real GPU.
+of tests/test_conformance.py and tests/test_fused.py, and tests/gpu_suite.py) run in a subprocess
+with NUMBA_ENABLE_CUDASIM=1; this process checks the dispatch errors that need no CUDA at all,
+and that the kernels compile for a real GPU.
 """
 
 import importlib.util
@@ -54,10 +54,13 @@ def toolkit_root():
 
 
 def test_cuda_conformance_and_gpu_suite_pass_under_the_simulator():
-    """The conformance suite on the "cuda" backend alone (the main process runs the others), and
-    the backend's own tests; nothing skipped, so a simulator that did not start shows."""
+    """The conformance suite on the "cuda" backend alone (the main process runs the others),
+    the fused op's backend tests, and the backend's own tests; nothing skipped, so a simulator
+    that did not start shows."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "tests/test_conformance.py", "tests/gpu_suite.py"]  # fmt: skip
+               "tests/test_conformance.py", "tests/gpu_suite.py",
+               "tests/test_fused.py::test_fused_train_matches_torch_autograd",
+               "tests/test_fused.py::test_fused_eval_matches_torch"]  # fmt: skip
     environment = {"NUMBA_ENABLE_CUDASIM": "1", "NBN_TEST_BACKENDS": "cuda"}
     code, output = run(command, environment, timeout=900)
     assert code == 0, output[-6000:]

@@ -126,6 +126,14 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
         add_relu[0 if twin == "" else 1](x, weight, bias, 1e-5, *running, 0.1, True, True,
                                          fused_y, *stats, dy)  # fmt: skip
         results.append([y, *stats, *running, dx, *sums, fused_y])
+        if fused:  # its backward, through the ReLU channel by channel
+            grad, relu_dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+            relu_sums = [np.full(shape[1], np.nan) for _ in range(2)]
+            getattr(drivers, f"backward_fused_relu{twin}")(
+                dy, fused_y, x, stats[0], stats[1], weight, relu_dx, *relu_sums, grad
+            )
+            np.testing.assert_array_equal(grad, np.where(fused_y > 0, dy, np.float32(0)))
+            results[-1] += [relu_dx, *relu_sums]
     for parallel, serial in zip(*results, strict=True):
         assert np.all(np.isfinite(parallel))
         np.testing.assert_array_equal(parallel, serial)

@@ -31,6 +31,7 @@ NS_PER_ELEMENT = {
     "backward_sums": 0.25,
     "backward_dx": 0.16,
     "relu_grad": 0.12,  # not measured: an elementwise pass like normalize's
+    "backward_fused_relu": 0.49,  # not measured: the backward's
 }
 _SERIAL_BELOW = {step: WAKE_NS / ns for step, ns in NS_PER_ELEMENT.items()}  # whatever threads
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
@@ -40,6 +41,7 @@ PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
 _DRIVER_NAMES = (
     "forward_train_split", "forward_train_fused", "forward_eval", "backward_split",
     "backward_fused", "batch_stats", "normalize", "backward_sums", "backward_dx", "relu_grad",
+    "backward_fused_relu",
 )  # fmt: skip
 _DRIVERS = {
     name: (getattr(drivers, name + "_serial"), getattr(drivers, name)) for name in _DRIVER_NAMES
@@ -120,8 +122,20 @@ class CpuBackend:
         with guard:
             run(dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size))
 
-    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, activation=None,
+                 y=None, grad=None):  # fmt: skip
+        """The backward; with an ``activation``, first through it (``grad`` (=) as in
+        activation_grad, from the forward's ``y``): channel by channel in the fused partition,
+        so that grad is read back from L2."""
         run, guard = _plan("backward", x, may_fuse=True)
+        if activation is not None:
+            if run in _DRIVERS["backward_fused"]:
+                run, guard = _plan("backward_fused_relu", x)  # the same threads
+                with guard:
+                    run(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grad)
+                return
+            self.activation_grad(dy, y, activation=activation, grad=grad)
+            dy = grad
         with guard:
             run(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
 

@@ -51,6 +51,7 @@ from .kernels import (
     eval_coefficients,
     plane_channel_backward,
     plane_channel_train,
+    relu_grad_planes,
     relu_grad_range,
 )
 
@@ -256,6 +257,18 @@ def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
         plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
 
 
+def _backward_fused_relu(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grad):
+    """backward_fused through a ReLU epilogue: per channel, grad (=) = dy where y > 0, then the
+    channel's backward on grad while it is still in L2 (dy and y are read from memory once, grad
+    is written once: the residual's gradient)."""
+    outer, channels, inner = x.shape
+    coef = np.empty((DX_ROWS, channels), x.dtype)
+    dy_flat, y_flat, grad_flat = dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size)
+    for c in prange(channels):
+        relu_grad_planes(dy_flat, y_flat, grad_flat, c, outer * channels, channels, inner)
+        plane_channel_backward(grad, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
+
+
 def _relu_grad(dy, y, g):
     """g = dy where y > 0, else 0 (flat arrays of one size): the backward of a ReLU epilogue."""
     size = dy.size
@@ -274,6 +287,7 @@ forward_eval, forward_eval_serial = _twins(_forward_eval)
 backward_split, backward_split_serial = _twins(_backward_split)
 backward_fused, backward_fused_serial = _twins(_backward_fused)
 relu_grad, relu_grad_serial = _twins(_relu_grad)
+backward_fused_relu, backward_fused_relu_serial = _twins(_backward_fused_relu)
 
 #: The steps whose elementwise pass takes an epilogue; EPILOGUE_DRIVERS[code][step] is the
 #: (parallel, serial) twins of that step with epilogue ``code`` (EPILOGUE_NONE: the plain ones).

@@ -358,13 +358,26 @@ def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
 
 
 # --------------------------------------------------------------------- backward of an epilogue
+@kernel(inline="always")
+def _relu_grad_run(dy, y, g, start, stop):
+    for i in range(uint64(start), uint64(stop)):
+        g[i] = dy[i] if y[i] > 0 else 0
+
+
 @kernel
 def relu_grad_range(dy, y, g, start, stop):
     """g = dy where y > 0, else 0, over [start, stop) of flat arrays: the gradient through the
     ReLU of a fused forward, from its output (torch's threshold_backward). The batch norm
     backward then runs on g; g is also the gradient of the residual."""
-    for i in range(uint64(start), uint64(stop)):
-        g[i] = dy[i] if y[i] > 0 else 0
+    _relu_grad_run(dy, y, g, start, stop)
+
+
+@kernel
+def relu_grad_planes(dy, y, g, first, stop, step, inner):
+    """relu_grad_range over the whole planes ``first:stop:step`` of flat arrays (as
+    affine_planes): one channel's, before its backward reads g from L2."""
+    for p in range(first, stop, step):
+        _relu_grad_run(dy, y, g, p * inner, (p + 1) * inner)
 
 
 # ------------------------------------------------------------------ whole channels (planes, fused)

@@ -94,7 +94,11 @@ class CudaBackend:
         """grad (=, like dy) = dy where y > 0, else 0, for "relu" (the only activation)."""
         self._launch().relu_grad(dy, y, grad)
 
-    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, activation=None,
+                 y=None, grad=None):  # fmt: skip
+        if activation is not None:  # through the activation first, a launch of its own
+            self.activation_grad(dy, y, activation=activation, grad=grad)
+            dy = grad
         self._launch().backward(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
 
     def batch_stats(self, x, *, mean, m2):
