@@ -7,6 +7,18 @@ from .folding import fold_into, fold_into_next
 from .functional import backward, batch_norm, forward_eval, forward_train
 from .layer import BatchNorm
 from .moments import Moments, moments, population_stats
+from .norm_layers import GroupNorm, InstanceNorm, LayerNorm
+from .norms import (
+    group_norm,
+    group_norm_backward,
+    group_norm_forward,
+    instance_norm,
+    instance_norm_backward,
+    instance_norm_forward,
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_forward,
+)
 from .warmup import warmup
 
 compiling.install()  # one line on stderr while a driver compiles (NUMBA_BN_QUIET=1: none)
@@ -21,6 +33,9 @@ except ImportError:  # PackageNotFoundError is one: a source tree that is not in
 __all__ = [
     "CONVENTIONS",
     "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
     "Moments",
     "backward",
     "batch_norm",
@@ -28,6 +43,15 @@ __all__ = [
     "fold_into_next",
     "forward_eval",
     "forward_train",
+    "group_norm",
+    "group_norm_backward",
+    "group_norm_forward",
+    "instance_norm",
+    "instance_norm_backward",
+    "instance_norm_forward",
+    "layer_norm",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "moments",
     "population_stats",
     "register_backend",

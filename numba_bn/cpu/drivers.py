@@ -55,7 +55,7 @@ from .kernels import (
     relu_grad_range,
 )
 
-EPILOGUE = EPILOGUE_NONE  # the plain drivers'; _twins gives each other epilogue its own copy
+EPILOGUE = EPILOGUE_NONE  # the plain drivers'; twins gives each other epilogue its own copy
 
 CACHE = True
 
@@ -71,7 +71,7 @@ def _copy(template, suffix, scope):
     return copy
 
 
-def _twins(template, epilogue=EPILOGUE_NONE):
+def twins(template, epilogue=EPILOGUE_NONE):
     """Compile ``template`` twice: ``parallel=True``, and serial (``prange`` runs as ``range``).
 
     The serial twin serves inputs too small to repay waking the thread pool (a parallel launch
@@ -277,17 +277,17 @@ def _relu_grad(dy, y, g):
         relu_grad_range(dy, y, g, start, stop)
 
 
-batch_stats, batch_stats_serial = _twins(_batch_stats)
-normalize, normalize_serial = _twins(_normalize)
-backward_sums, backward_sums_serial = _twins(_backward_sums)
-backward_dx, backward_dx_serial = _twins(_backward_dx)
-forward_train_split, forward_train_split_serial = _twins(_forward_train_split)
-forward_train_fused, forward_train_fused_serial = _twins(_forward_train_fused)
-forward_eval, forward_eval_serial = _twins(_forward_eval)
-backward_split, backward_split_serial = _twins(_backward_split)
-backward_fused, backward_fused_serial = _twins(_backward_fused)
-relu_grad, relu_grad_serial = _twins(_relu_grad)
-backward_fused_relu, backward_fused_relu_serial = _twins(_backward_fused_relu)
+batch_stats, batch_stats_serial = twins(_batch_stats)
+normalize, normalize_serial = twins(_normalize)
+backward_sums, backward_sums_serial = twins(_backward_sums)
+backward_dx, backward_dx_serial = twins(_backward_dx)
+forward_train_split, forward_train_split_serial = twins(_forward_train_split)
+forward_train_fused, forward_train_fused_serial = twins(_forward_train_fused)
+forward_eval, forward_eval_serial = twins(_forward_eval)
+backward_split, backward_split_serial = twins(_backward_split)
+backward_fused, backward_fused_serial = twins(_backward_fused)
+relu_grad, relu_grad_serial = twins(_relu_grad)
+backward_fused_relu, backward_fused_relu_serial = twins(_backward_fused_relu)
 
 #: The steps whose elementwise pass takes an epilogue; EPILOGUE_DRIVERS[code][step] is the
 #: (parallel, serial) twins of that step with epilogue ``code`` (EPILOGUE_NONE: the plain ones).
@@ -298,6 +298,6 @@ EPILOGUE_STEPS = {
     "normalize": _normalize,
 }
 EPILOGUE_DRIVERS = {
-    code: {step: _twins(template, code) for step, template in EPILOGUE_STEPS.items()}
+    code: {step: twins(template, code) for step, template in EPILOGUE_STEPS.items()}
     for code in range(1, 4)
 }

@@ -1,0 +1,178 @@
+"""Group norm and layer norm (issue 16) against PyTorch's CPU kernels, NumPy and a memcpy.
+
+    python benchmarks/norms_bench.py [--threads 2] [--repeat 10]
+
+Shapes of the issue: group norm on (32, 64, 56, 56) with 32 groups, layer norm on
+(64, 512, 768), float32. Every implementation is checked against a float64 NumPy reference
+before it is timed. Times are medians; "memcpy" is np.copyto of the bytes each pass must move
+at least (forward: read x, write y; backward: read dy and x, write dx), and GB/s counts those
+bytes. PyTorch runs its native kernels (aten.native_group_norm / native_layer_norm and their
+_backward, what autograd calls) with the same number of threads. The load average before and
+after is printed: on a shared machine, compare runs made at the same load.
+"""
+
+import argparse
+import os
+import time
+
+import numba
+import numpy as np
+import torch
+
+from numba_bn.norms import (
+    group_norm_backward,
+    group_norm_forward,
+    layer_norm_backward,
+    layer_norm_forward,
+)
+
+EPS = 1e-5
+
+
+def median_ms(function, repeat):
+    function()  # compiled and warm
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples)) * 1e3
+
+
+# ------------------------------------------------------------------------------- NumPy
+def numpy_group_forward(x, groups, weight, bias):
+    n, c = x.shape[:2]
+    grouped = x.reshape(n, groups, -1)
+    mean = grouped.mean(axis=2, keepdims=True)
+    invstd = 1.0 / np.sqrt(grouped.var(axis=2, keepdims=True) + EPS)
+    x_hat = ((grouped - mean) * invstd).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    return x_hat * weight.reshape(shape) + bias.reshape(shape), mean, invstd
+
+
+def numpy_group_backward(dy, x, mean, invstd, groups, weight):
+    n, c = x.shape[:2]
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    g = (dy * weight.reshape(shape)).reshape(n, groups, -1)
+    x_hat = (x.reshape(n, groups, -1) - mean) * invstd
+    projection = x_hat * (g * x_hat).mean(axis=2, keepdims=True)
+    dx = invstd * (g - g.mean(axis=2, keepdims=True) - projection)
+    axes = (0,) + tuple(range(2, x.ndim))
+    dweight = (dy * x_hat.reshape(x.shape)).sum(axis=axes)
+    return dx.reshape(x.shape), dweight, dy.sum(axis=axes)
+
+
+def numpy_layer_forward(x, weight, bias):
+    mean = x.mean(axis=-1, keepdims=True)
+    invstd = 1.0 / np.sqrt(x.var(axis=-1, keepdims=True) + EPS)
+    return (x - mean) * invstd * weight + bias, mean, invstd
+
+
+def numpy_layer_backward(dy, x, mean, invstd, weight):
+    g = dy * weight
+    x_hat = (x - mean) * invstd
+    projection = x_hat * (g * x_hat).mean(axis=-1, keepdims=True)
+    dx = invstd * (g - g.mean(axis=-1, keepdims=True) - projection)
+    lead = tuple(range(x.ndim - 1))
+    return dx, (dy * x_hat).sum(axis=lead), dy.sum(axis=lead)
+
+
+# -------------------------------------------------------------------------------- cases
+def group_case(rng):
+    shape, groups = (32, 64, 56, 56), 32
+    n, c = shape[:2]
+    hw = shape[2] * shape[3]
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.uniform(-1, 1, c).astype(np.float32)
+    tx, tdy, tw, tb = (torch.from_numpy(a) for a in (x, dy, w, b))
+    _, mean, invstd = group_norm_forward(x, groups, w, b)
+    _, t_mean, t_rstd = torch.ops.aten.native_group_norm(tx, tw, tb, n, c, hw, groups, EPS)
+    _, np_mean, np_invstd = numpy_group_forward(x, groups, w, b)
+    out = np.empty_like(x)
+    forward = {
+        "numba_bn": lambda: group_norm_forward(x, groups, w, b, out=out),
+        "torch": lambda: torch.ops.aten.native_group_norm(tx, tw, tb, n, c, hw, groups, EPS),
+        "numpy": lambda: numpy_group_forward(x, groups, w, b),
+    }
+    backward = {
+        "numba_bn": lambda: group_norm_backward(dy, x, mean, invstd, groups, w, out=out),
+        "torch": lambda: torch.ops.aten.native_group_norm_backward(
+            tdy, tx, t_mean, t_rstd, tw, n, c, hw, groups, [True, True, True]
+        ),
+        "numpy": lambda: numpy_group_backward(dy, x, np_mean, np_invstd, groups, w),
+    }
+    x64, dy64, w64, b64 = (a.astype(np.float64) for a in (x, dy, w, b))
+    ref_y, ref_mean, ref_invstd = numpy_group_forward(x64, groups, w64, b64)
+    reference = (ref_y, numpy_group_backward(dy64, x64, ref_mean, ref_invstd, groups, w64)[0])
+    return "group norm (32,64,56,56) G=32", x, forward, backward, reference
+
+
+def layer_case(rng):
+    shape = (64, 512, 768)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 768).astype(np.float32)
+    b = rng.uniform(-1, 1, 768).astype(np.float32)
+    tx, tdy, tw, tb = (torch.from_numpy(a) for a in (x, dy, w, b))
+    _, mean, invstd = layer_norm_forward(x, 768, w, b)
+    _, t_mean, t_rstd = torch.ops.aten.native_layer_norm(tx, [768], tw, tb, EPS)
+    _, np_mean, np_invstd = numpy_layer_forward(x, w, b)
+    out = np.empty_like(x)
+    forward = {
+        "numba_bn": lambda: layer_norm_forward(x, 768, w, b, out=out),
+        "torch": lambda: torch.ops.aten.native_layer_norm(tx, [768], tw, tb, EPS),
+        "numpy": lambda: numpy_layer_forward(x, w, b),
+    }
+    backward = {
+        "numba_bn": lambda: layer_norm_backward(dy, x, mean, invstd, 768, w, out=out),
+        "torch": lambda: torch.ops.aten.native_layer_norm_backward(
+            tdy, tx, [768], t_mean, t_rstd, tw, tb, [True, True, True]
+        ),
+        "numpy": lambda: numpy_layer_backward(dy, x, np_mean, np_invstd, w),
+    }
+    x64, dy64, w64, b64 = (a.astype(np.float64) for a in (x, dy, w, b))
+    ref_y, ref_mean, ref_invstd = numpy_layer_forward(x64, w64, b64)
+    reference = (ref_y, numpy_layer_backward(dy64, x64, ref_mean, ref_invstd, w64)[0])
+    return "layer norm (64,512,768)", x, forward, backward, reference
+
+
+def _first(result):
+    value = result[0] if isinstance(result, tuple) else result
+    return value.numpy() if isinstance(value, torch.Tensor) else value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    numba.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"threads {args.threads}, repeat {args.repeat}, load average before "
+          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"{'case':34} {'pass':8} {'impl':9} {'ms':>8} {'GB/s':>7} {'/memcpy':>8} {'/torch':>7}")
+    for make_case in (group_case, layer_case):
+        name, x, forward, backward, reference = make_case(rng)
+        src, dst = np.ones(x.size * 3 // 2, np.float32), np.empty(x.size * 3 // 2, np.float32)
+        for label, impls, expected, moved in (
+            ("forward", forward, reference[0], 2 * x.nbytes),
+            ("backward", backward, reference[1], 3 * x.nbytes),
+        ):
+            for impl, call in impls.items():  # verify before timing
+                error = np.abs(_first(call()) - expected).max() / np.abs(expected).max()
+                assert error < 1e-4, f"{name} {label} {impl}: relative error {error:.2e}"
+            half = moved // 2 // 4  # float32 elements copied: read + write = moved bytes
+            copy = (dst[:half], src[:half])
+            times = {"memcpy": median_ms(lambda c=copy: np.copyto(*c), args.repeat)}
+            times.update({impl: median_ms(call, args.repeat) for impl, call in impls.items()})
+            for impl, ms in times.items():
+                ratios = f"{ms / times['memcpy']:8.2f} {ms / times['torch']:7.2f}"
+                print(f"{name:34} {label:8} {impl:9} {ms:8.2f} {moved / ms / 1e6:7.1f} {ratios}")
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

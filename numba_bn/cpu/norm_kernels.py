@@ -1,0 +1,329 @@
+"""Group, instance and layer norm on the CPU: drivers over batch norm's kernels, and the
+elementwise loops batch norm has no use for.
+
+Views (channels first, C-contiguous; :mod:`numba_bn.norms` brings any other layout here):
+
+* group norm (instance norm is ``G = C``): statistics of group ``ng = n * G + g`` are those of
+  channel ``ng`` of the view ``(1, N*G, C/G*S)``, by batch norm's own kernel
+  (:func:`.kernels.plane_channel_stats`, the merge order of ``CpuBackend.batch_stats`` on that
+  view, so the same bits); the affine and the backward sums are per channel ``nc = n * C + c`` of
+  the view ``(1, N*C, S)``, weight and bias tiled to length ``N*C``;
+* layer norm: statistics of row ``n`` are those of channel ``n`` of ``(1, N, F)``; the affine is
+  per element of a row (``weight[f]``), which no per-channel pass expresses.
+
+Variants (each a ``prange`` driver with a serial twin, as :mod:`.drivers`):
+
+==========================  =================================================  ===================
+driver                      computes                                           traffic
+==========================  =================================================  ===================
+group_forward               per group: statistics, then y of its channels      read x, write y
+                            (batch norm's affine_coefficients)                 (group in L2)
+group_backward              per group: channel sums (plane_channel_sums), the  read dy, x; write dx
+                            group's dx rows, then dx (weighted_dx_planes)
+layer_forward               per row: statistics, then y (layer_affine_row)     read x, write y
+layer_backward              per row: sums, then dx and the column partials     read dy, x; write dx
+                            of dweight, dbias (layer_row_dx)
+==========================  =================================================  ===================
+
+Group norm's affine is batch norm's affine_planes on the (1, N*C, S) view (so the same bits as
+``CpuBackend.normalize``). New hot loops: batch norm's dx pass is
+``(dy - mean_dy - xmu * proj) * k`` with ``k = weight * invstd``; in a group the weight sits
+inside the sums (``g = weight[c] * dy``), so dx is ``(dy * w - mean_g - xmu * proj) * invstd``
+(dividing the weight back out of the sums fails for a zero weight): weighted_dx_planes, whose
+rows (GROUP_DX_ROWS) carry the weight too. Layer norm's weight varies along the row:
+layer_affine_row, layer_row_dx.
+
+Outputs are overwritten (``=``). Work items cover whole groups or rows, whose results do not
+depend on the item; the one cross-row reduction (layer norm's dweight, dbias) goes through
+partials over fixed row chunks that depend on the shape only, added in chunk order: results are
+bitwise the same for any number of threads.
+"""
+
+import numpy as np
+from numba import prange, uint64
+
+from ..stats import (
+    AFFINE_ROWS,
+    CONTRACT_FASTMATH,
+    REDUCE_FASTMATH,
+    finalize,
+    kernel,
+    prescale,
+    split_hi_lo,
+)
+from .drivers import twins
+from .kernels import (
+    EPILOGUE_NONE,
+    affine_coefficients,
+    affine_planes,
+    plane_channel_stats,
+    plane_channel_sums,
+)
+
+#: Rows of the group dx coefficients: mean_hi, mean_lo, proj, mean_g, weight, pre, invstd.
+GROUP_DX_ROWS = 7
+#: Elements a work item of the group and row drivers spans at least (whole groups or rows).
+ITEM_SPAN = 1 << 14
+#: Layer norm backward: at most this many row chunks, and at most PART_BUDGET float64 partials
+#: per column sum (the chunks depend on the shape only, never on the threads).
+MAX_PARTS = 64
+PART_BUDGET = 1 << 20
+
+
+# ------------------------------------------------------------------------------- counting
+@kernel(inline="always")
+def units_per_item(unit_size):
+    """Groups (or rows) of ``unit_size`` elements per work item."""
+    return max(1, ITEM_SPAN // max(1, unit_size))
+
+
+def part_rows(rows, width):
+    """Rows per chunk of layer norm's column partials: a function of the shape only."""
+    parts = max(1, min(MAX_PARTS, PART_BUDGET // max(1, width)))
+    return max(1, -(-rows // parts))
+
+
+part_rows_jit = kernel(inline="always")(part_rows)
+
+
+# ------------------------------------------------------------------------------- group norm
+@kernel
+def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2):
+    """Groups g0:g1 of ``x`` (1, N*G, C/G*S): mean, invstd, m2 (=, float64), their channels'
+    affine rows (columns n*C + c of ``coef``) and y."""
+    inner = x.shape[2] // group_channels
+    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
+    for ng in range(g0, g1):
+        count, mu, group_m2 = plane_channel_stats(x, ng)
+        inv = finalize(count, group_m2, eps)
+        mean[ng], invstd[ng], m2[ng] = mu, inv, group_m2
+        c0 = ng * group_channels
+        for c in range(c0, c0 + group_channels):
+            affine_coefficients(c, mu, inv, weight, bias, coef)
+        affine_planes(x_flat, y_flat, c0, c0 + group_channels, 1, inner, coef, x_flat,
+                      EPILOGUE_NONE)  # fmt: skip
+
+
+@kernel
+def group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_dy, sum_dy_xmu,
+                          coef):  # fmt: skip
+    """The dx rows (GROUP_DX_ROWS) of group ``ng``'s channels from their float64 sums; see
+    docs/backward.md, "Group, instance and layer norm":
+    dx = (dy * w - mean_g - xmu * proj) * invstd, xmu = (x * pre - mean_hi) - mean_lo."""
+    c0 = ng * group_channels
+    sum_g, sum_g_xmu = 0.0, 0.0  # the sums of g = weight * dy over the group
+    for c in range(c0, c0 + group_channels):
+        w = weight[c] if weight.size else 1.0
+        sum_g += w * sum_dy[c]
+        sum_g_xmu += w * sum_dy_xmu[c]
+    mu, inv = mean[ng], invstd[ng]
+    pre = prescale(mu, coef)
+    mean_g = sum_g / count  # term 2
+    proj = inv * inv * sum_g_xmu / count / pre  # term 3, per unit of the scaled xmu
+    for c in range(c0, c0 + group_channels):
+        split_hi_lo(mu * pre, coef, 0, c)
+        coef[2, c] = proj
+        coef[3, c] = mean_g
+        coef[4, c] = weight[c] if weight.size else 1.0  # term 1: g = dy * weight
+        coef[5, c] = pre
+        coef[6, c] = inv  # final scale
+
+
+@kernel(fastmath=CONTRACT_FASTMATH)
+def weighted_dx_planes(dy, x, dx, first, stop, inner, coef):
+    """dx = (dy * w - mean_g - xmu * proj) * invstd over planes first:stop of flat arrays
+    (plane p is column p of ``coef``)."""
+    for p in range(first, stop):
+        mean_hi, mean_lo, proj, mean_g = coef[0, p], coef[1, p], coef[2, p], coef[3, p]
+        w, pre, k = coef[4, p], coef[5, p], coef[6, p]
+        for i in range(uint64(p * inner), uint64((p + 1) * inner)):
+            xmu = (x[i] * pre - mean_hi) - mean_lo
+            dx[i] = ((dy[i] * w - mean_g) - xmu * proj) * k
+
+
+@kernel
+def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx, sum_dy,
+                         sum_dy_xmu):  # fmt: skip
+    """Groups g0:g1 of (1, N*C, S) views: per channel sum_dy, sum_dy_xmu (=, float64), then the
+    group's dx rows and dx."""
+    inner = x.shape[2]
+    count = float(group_channels * inner)
+    dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
+    for ng in range(g0, g1):
+        c0 = ng * group_channels
+        for c in range(c0, c0 + group_channels):
+            sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[ng])
+        group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_dy,
+                              sum_dy_xmu, coef)  # fmt: skip
+        weighted_dx_planes(dy_flat, x_flat, dx_flat, c0, c0 + group_channels, inner, coef)
+
+
+def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
+    """Group norm forward on ``x``, ``y`` (1, N*G, C/G*S): mean, invstd, m2 (N*G,) float64 (=);
+    weight, bias tiled to (N*C,) in x's dtype, or zero-length."""
+    groups = x.shape[1]
+    per = units_per_item(x.shape[2])
+    coef = np.empty((AFFINE_ROWS, groups * group_channels), x.dtype)
+    for item in prange(-(-groups // per)):
+        g0 = item * per
+        group_train_range(x, g0, min(g0 + per, groups), group_channels, eps, weight, bias, coef,
+                          y, mean, invstd, m2)  # fmt: skip
+
+
+def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+    """Group norm backward on (1, N*C, S) views: dx, and sum_dy, sum_dy_xmu (N*C,) float64 (=)
+    per channel of each sample (dbias and, times invstd, dweight before the sum over n)."""
+    groups = mean.size
+    per = units_per_item(group_channels * x.shape[2])
+    coef = np.empty((GROUP_DX_ROWS, x.shape[1]), x.dtype)
+    for item in prange(-(-groups // per)):
+        g0 = item * per
+        group_backward_range(dy, x, g0, min(g0 + per, groups), group_channels, mean, invstd,
+                             weight, coef, dx, sum_dy, sum_dy_xmu)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- layer norm
+@kernel(inline="always")
+def _row_coefficients(mean, invstd, x):
+    """(mean_hi, mean_lo, scale, pre) of a row in x's dtype: y = ((x*pre - hi) - lo) * scale."""
+    cast = x.dtype.type
+    pre = prescale(mean, x)
+    hi = cast(mean * pre)
+    lo = cast(mean * pre - np.float64(hi))
+    return hi, lo, cast(invstd / pre), cast(pre)
+
+
+@kernel(fastmath=CONTRACT_FASTMATH)
+def layer_affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, bias):
+    """y = x_hat * weight[f] + bias[f] over [start, start + width) of flat x, y."""
+    first = uint64(start)
+    if weight.size and bias.size:
+        for f in range(uint64(width)):
+            x_hat = ((x[first + f] * pre - mean_hi) - mean_lo) * scale
+            y[first + f] = x_hat * weight[f] + bias[f]
+    elif weight.size:
+        for f in range(uint64(width)):
+            y[first + f] = (((x[first + f] * pre - mean_hi) - mean_lo) * scale) * weight[f]
+    elif bias.size:
+        for f in range(uint64(width)):
+            y[first + f] = ((x[first + f] * pre - mean_hi) - mean_lo) * scale + bias[f]
+    else:
+        for f in range(uint64(width)):
+            y[first + f] = ((x[first + f] * pre - mean_hi) - mean_lo) * scale
+
+
+@kernel
+def layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd):
+    """Rows r0:r1 of ``x`` (1, N, F): mean, invstd (=, float64) and y."""
+    width = x.shape[2]
+    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
+    for r in range(r0, r1):
+        count, mu, m2 = plane_channel_stats(x, r)
+        inv = finalize(count, m2, eps)
+        mean[r], invstd[r] = mu, inv
+        mean_hi, mean_lo, scale, pre = _row_coefficients(mu, inv, x)
+        layer_affine_row(x_flat, y_flat, r * width, width, mean_hi, mean_lo, scale, pre, weight,
+                         bias)  # fmt: skip
+
+
+@kernel(fastmath=REDUCE_FASTMATH)
+def layer_row_sums(dy, x, start, width, mean, weight):
+    """(sum g, sum g * (x - mean)) over a row, g = dy * weight[f], in float64."""
+    first = uint64(start)
+    sum_g, sum_g_xmu = 0.0, 0.0
+    if weight.size:
+        for f in range(uint64(width)):
+            g = np.float64(dy[first + f]) * weight[f]
+            sum_g += g
+            sum_g_xmu += g * (x[first + f] - mean)
+    else:
+        for f in range(uint64(width)):
+            g = np.float64(dy[first + f])
+            sum_g += g
+            sum_g_xmu += g * (x[first + f] - mean)
+    return sum_g, sum_g_xmu
+
+
+@kernel(fastmath=CONTRACT_FASTMATH)
+def layer_row_dx(dy, x, dx, start, width, mean_hi, mean_lo, pre, k, mean_g, proj, mean,
+                 invstd, weight, col_dy, col_dy_xhat):  # fmt: skip
+    """dx = (dy * weight[f] - mean_g - xmu * proj) * k over a row; adds (+=) the row's dy and
+    dy * x_hat (float64, x_hat from the float64 mean and invstd) to the column partials."""
+    first = uint64(start)
+    if weight.size:
+        for f in range(uint64(width)):
+            g, xv = dy[first + f], x[first + f]
+            col_dy[f] += g
+            col_dy_xhat[f] += g * ((xv - mean) * invstd)
+            xmu = (xv * pre - mean_hi) - mean_lo
+            dx[first + f] = ((g * weight[f] - mean_g) - xmu * proj) * k
+    else:
+        for f in range(uint64(width)):
+            g, xv = dy[first + f], x[first + f]
+            col_dy[f] += g
+            col_dy_xhat[f] += g * ((xv - mean) * invstd)
+            dx[first + f] = ((g - mean_g) - ((xv * pre - mean_hi) - mean_lo) * proj) * k
+
+
+@kernel
+def layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part):
+    """Rows r0:r1 of (1, N, F) views: dx, and the chunk's column partials ``part`` (=, float64,
+    (2, F)) of dbias (sum dy) and dweight (sum dy * x_hat)."""
+    width = x.shape[2]
+    cast = x.dtype.type
+    dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
+    col_dy, col_dy_xhat = part[0], part[1]
+    for f in range(width):
+        col_dy[f] = 0.0
+        col_dy_xhat[f] = 0.0
+    for r in range(r0, r1):
+        mu, inv = mean[r], invstd[r]
+        sum_g, sum_g_xmu = layer_row_sums(dy_flat, x_flat, r * width, width, mu, weight)
+        mean_hi, mean_lo, _, pre = _row_coefficients(mu, inv, x)
+        mean_g = cast(sum_g / width)  # term 2
+        proj = cast(inv * inv * sum_g_xmu / width / np.float64(pre))  # term 3
+        layer_row_dx(dy_flat, x_flat, dx_flat, r * width, width, mean_hi, mean_lo, pre,
+                     cast(inv), mean_g, proj, mu, inv, weight, col_dy,
+                     col_dy_xhat)  # fmt: skip
+
+
+@kernel
+def add_parts(part, dweight, dbias):
+    """dweight, dbias (=, float64) from the column partials (chunks, 2, F), in chunk order."""
+    for f in range(dbias.size):
+        dbias[f] = 0.0
+        dweight[f] = 0.0
+    for k in range(part.shape[0]):
+        for f in range(dbias.size):
+            dbias[f] += part[k, 0, f]
+        for f in range(dbias.size):
+            dweight[f] += part[k, 1, f]
+
+
+def _layer_forward(x, eps, weight, bias, y, mean, invstd):
+    """Layer norm forward on ``x``, ``y`` (1, N, F): mean, invstd (N,) float64 (=); weight and
+    bias (F,) in x's dtype, or zero-length."""
+    rows = x.shape[1]
+    per = units_per_item(x.shape[2])
+    for item in prange(-(-rows // per)):
+        r0 = item * per
+        layer_train_rows(x, r0, min(r0 + per, rows), eps, weight, bias, y, mean, invstd)
+
+
+def _layer_backward(dy, x, mean, invstd, weight, dx, dweight, dbias):
+    """Layer norm backward on (1, N, F) views: dx, and dweight, dbias (F,) float64 (=)."""
+    rows, width = x.shape[1], x.shape[2]
+    per = part_rows_jit(rows, width)
+    chunks = -(-rows // per)
+    part = np.empty((chunks, 2, width))
+    for item in prange(chunks):
+        r0 = item * per
+        layer_backward_rows(dy, x, r0, min(r0 + per, rows), mean, invstd, weight, dx,
+                            part[item])  # fmt: skip
+    add_parts(part, dweight, dbias)
+
+
+group_forward, group_forward_serial = twins(_group_forward)
+group_backward, group_backward_serial = twins(_group_backward)
+layer_forward, layer_forward_serial = twins(_layer_forward)
+layer_backward, layer_backward_serial = twins(_layer_backward)
