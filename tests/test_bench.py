@@ -258,6 +258,24 @@ def test_bench_rejects_bad_arguments_by_name(capsys, args, message):
     assert message in capsys.readouterr().out
 
 
+def test_fused_and_norms_tables_verify_and_print(capsys, monkeypatch, restore_threads, no_pause):
+    from numba_bn.bench import fused, norms
+
+    monkeypatch.setattr(fused, "FUSED_SHAPES", ("small-nchw",))
+    monkeypatch.setattr(norms, "GROUP_SHAPE", (4, 8, 5, 5))
+    monkeypatch.setattr(norms, "GROUPS", 4)
+    monkeypatch.setattr(norms, "LAYER_SHAPE", (4, 6, 16))
+    code = cli.main(["bench", "--fused", "--norms", "--repeat", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for row in ("  forward ", "  backward "):  # the fused table: plain, fused, unfused, torch
+        assert len([line for line in out.splitlines() if line.startswith(row)]) == 1
+    for case in ("group norm (4, 8, 5, 5) G=4", "layer norm (4, 6, 16)"):
+        for impl in ("numba_bn", "torch", "numpy", "memcpy"):
+            assert sum(line.startswith(case) and f" {impl} " in line
+                       for line in out.splitlines()) == 2, (case, impl)  # fmt: skip
+
+
 def test_first_call_is_timed_in_a_fresh_process():
     seconds = measure.first_call_seconds([((4, 3), 1), ((2, 3, 4), 1)], np.float32, threads=1)
     assert set(seconds) == {"import_s", "first_call_s"}
@@ -269,7 +287,7 @@ def test_library_and_bench_modules_do_not_import_torch():
         [
             "-c",
             "import sys, numba_bn, numba_bn.cli, numba_bn.bench, numba_bn.bench.peers, "
-            "numba_bn.bench.demo; "
+            "numba_bn.bench.demo, numba_bn.bench.fused, numba_bn.bench.norms; "
             "assert 'torch' not in sys.modules, 'torch imported'",
         ],
         120,

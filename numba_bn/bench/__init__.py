@@ -11,6 +11,9 @@ Two reports: by default one row per (shape, operation) in ms with GB/s of the by
 ``--sweep`` runs the speed issue's sizes, one row per (shape, implementation) in us, with the
 BatchNorm layer next to the functions, and ``--plot`` draws time against size.
 
+``--fused`` and ``--norms`` print instead the tables of the fused BN+Add+ReLU (:mod:`.fused`)
+and of group and layer norm (:mod:`.norms`), each verified before it is timed.
+
 Byte model: memcpy, forward-train and eval move 1 read + 1 write of the tensor; backward
 2 reads + 1 write. The pytest-benchmark suites in benchmarks/ reuse these modules.
 """
@@ -77,6 +80,18 @@ def add_arguments(parser):
         "(needs matplotlib)",
     )
     parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="instead: fused BN+Add+ReLU on shapes A and B against the plain op, this library's "
+        "unfused calls and PyTorch's three ops, forward and backward (numba_bn.bench.fused)",
+    )
+    parser.add_argument(
+        "--norms",
+        action="store_true",
+        help="instead: group norm (32, 64, 56, 56) G=32 and layer norm (64, 512, 768) against "
+        "PyTorch, NumPy and a memcpy (numba_bn.bench.norms)",
+    )
+    parser.add_argument(
         "--no-first-call",
         action="store_true",
         help="skip timing the first call with a cold and a warm Numba cache (new processes)",
@@ -104,6 +119,8 @@ def set_threads(threads, torch=None):
 
 def command(args, log=print):
     """Run the benchmark as the CLI asks; 0 on success, 1 when a check fails, 2 on bad input."""
+    if args.fused or args.norms:
+        return _other_tables(args, log)
     shapes = args.shapes or ("sweep" if args.sweep else "default")
     impls = args.impls or ",".join(PEERS if args.sweep else DEFAULT_PEERS)
     try:
@@ -183,6 +200,25 @@ def command(args, log=print):
         "load_average": [load_before, load_after],
     }
     _save(args, results, names_chosen, settings, first_call, log)
+    return 0
+
+
+def _other_tables(args, log):
+    """The fused op's and the other normalisations' tables (float32, with torch if installed)."""
+    from . import fused, norms
+
+    try:
+        if args.repeat < 1:
+            raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+        torch = import_torch()
+        set_threads(args.threads, torch)
+    except ValueError as exc:
+        log(f"numba-bn bench: {exc}")
+        return 2
+    if args.fused:
+        fused.run(args.threads, args.repeat, torch, log)
+    if args.norms:
+        norms.run(args.threads, args.repeat, torch, log)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Group norm and layer norm (issue 16) against PyTorch's CPU kernels, NumPy and a memcpy.
 
-    python benchmarks/norms_bench.py [--threads 2] [--repeat 10]
+    numba-bn bench --norms [--threads 2] [--repeat 10]
 
 Shapes of the issue: group norm on (32, 64, 56, 56) with 32 groups, layer norm on
 (64, 512, 768), float32. Every implementation is checked against a float64 NumPy reference
@@ -11,15 +11,12 @@ _backward, what autograd calls) with the same number of threads. The load averag
 after is printed: on a shared machine, compare runs made at the same load.
 """
 
-import argparse
 import os
 import time
 
-import numba
 import numpy as np
-import torch
 
-from numba_bn.norms import (
+from ..norms import (
     group_norm_backward,
     group_norm_forward,
     layer_norm_backward,
@@ -27,6 +24,9 @@ from numba_bn.norms import (
 )
 
 EPS = 1e-5
+#: The issue's shapes: group norm (x, groups), layer norm (x, normalized size).
+GROUP_SHAPE, GROUPS = (32, 64, 56, 56), 32
+LAYER_SHAPE = (64, 512, 768)
 
 
 def median_ms(function, repeat):
@@ -78,84 +78,84 @@ def numpy_layer_backward(dy, x, mean, invstd, weight):
 
 
 # -------------------------------------------------------------------------------- cases
-def group_case(rng):
-    shape, groups = (32, 64, 56, 56), 32
+def group_case(rng, torch):
+    shape, groups = GROUP_SHAPE, GROUPS
     n, c = shape[:2]
     hw = shape[2] * shape[3]
     x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     w = rng.uniform(0.5, 1.5, c).astype(np.float32)
     b = rng.uniform(-1, 1, c).astype(np.float32)
-    tx, tdy, tw, tb = (torch.from_numpy(a) for a in (x, dy, w, b))
     _, mean, invstd = group_norm_forward(x, groups, w, b)
-    _, t_mean, t_rstd = torch.ops.aten.native_group_norm(tx, tw, tb, n, c, hw, groups, EPS)
     _, np_mean, np_invstd = numpy_group_forward(x, groups, w, b)
     out = np.empty_like(x)
     forward = {
         "numba_bn": lambda: group_norm_forward(x, groups, w, b, out=out),
-        "torch": lambda: torch.ops.aten.native_group_norm(tx, tw, tb, n, c, hw, groups, EPS),
         "numpy": lambda: numpy_group_forward(x, groups, w, b),
     }
     backward = {
         "numba_bn": lambda: group_norm_backward(dy, x, mean, invstd, groups, w, out=out),
-        "torch": lambda: torch.ops.aten.native_group_norm_backward(
-            tdy, tx, t_mean, t_rstd, tw, n, c, hw, groups, [True, True, True]
-        ),
         "numpy": lambda: numpy_group_backward(dy, x, np_mean, np_invstd, groups, w),
     }
+    if torch is not None:
+        aten = torch.ops.aten
+        tx, tdy, tw, tb = (torch.from_numpy(a) for a in (x, dy, w, b))
+        _, t_mean, t_rstd = aten.native_group_norm(tx, tw, tb, n, c, hw, groups, EPS)
+        forward["torch"] = lambda: aten.native_group_norm(tx, tw, tb, n, c, hw, groups, EPS)
+        backward["torch"] = lambda: aten.native_group_norm_backward(
+            tdy, tx, t_mean, t_rstd, tw, n, c, hw, groups, [True, True, True]
+        )
     x64, dy64, w64, b64 = (a.astype(np.float64) for a in (x, dy, w, b))
     ref_y, ref_mean, ref_invstd = numpy_group_forward(x64, groups, w64, b64)
     reference = (ref_y, numpy_group_backward(dy64, x64, ref_mean, ref_invstd, groups, w64)[0])
-    return "group norm (32,64,56,56) G=32", x, forward, backward, reference
+    return f"group norm {shape} G={groups}", x, forward, backward, reference
 
 
-def layer_case(rng):
-    shape = (64, 512, 768)
+def layer_case(rng, torch):
+    shape = LAYER_SHAPE
+    width = shape[-1]
     x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    w = rng.uniform(0.5, 1.5, 768).astype(np.float32)
-    b = rng.uniform(-1, 1, 768).astype(np.float32)
-    tx, tdy, tw, tb = (torch.from_numpy(a) for a in (x, dy, w, b))
-    _, mean, invstd = layer_norm_forward(x, 768, w, b)
-    _, t_mean, t_rstd = torch.ops.aten.native_layer_norm(tx, [768], tw, tb, EPS)
+    w = rng.uniform(0.5, 1.5, width).astype(np.float32)
+    b = rng.uniform(-1, 1, width).astype(np.float32)
+    _, mean, invstd = layer_norm_forward(x, width, w, b)
     _, np_mean, np_invstd = numpy_layer_forward(x, w, b)
     out = np.empty_like(x)
     forward = {
-        "numba_bn": lambda: layer_norm_forward(x, 768, w, b, out=out),
-        "torch": lambda: torch.ops.aten.native_layer_norm(tx, [768], tw, tb, EPS),
+        "numba_bn": lambda: layer_norm_forward(x, width, w, b, out=out),
         "numpy": lambda: numpy_layer_forward(x, w, b),
     }
     backward = {
-        "numba_bn": lambda: layer_norm_backward(dy, x, mean, invstd, 768, w, out=out),
-        "torch": lambda: torch.ops.aten.native_layer_norm_backward(
-            tdy, tx, [768], t_mean, t_rstd, tw, tb, [True, True, True]
-        ),
+        "numba_bn": lambda: layer_norm_backward(dy, x, mean, invstd, width, w, out=out),
         "numpy": lambda: numpy_layer_backward(dy, x, np_mean, np_invstd, w),
     }
+    if torch is not None:
+        aten = torch.ops.aten
+        tx, tdy, tw, tb = (torch.from_numpy(a) for a in (x, dy, w, b))
+        _, t_mean, t_rstd = aten.native_layer_norm(tx, [width], tw, tb, EPS)
+        forward["torch"] = lambda: aten.native_layer_norm(tx, [width], tw, tb, EPS)
+        backward["torch"] = lambda: aten.native_layer_norm_backward(
+            tdy, tx, [width], t_mean, t_rstd, tw, tb, [True, True, True]
+        )
     x64, dy64, w64, b64 = (a.astype(np.float64) for a in (x, dy, w, b))
     ref_y, ref_mean, ref_invstd = numpy_layer_forward(x64, w64, b64)
     reference = (ref_y, numpy_layer_backward(dy64, x64, ref_mean, ref_invstd, w64)[0])
-    return "layer norm (64,512,768)", x, forward, backward, reference
+    return f"layer norm {shape}", x, forward, backward, reference
 
 
 def _first(result):
     value = result[0] if isinstance(result, tuple) else result
-    return value.numpy() if isinstance(value, torch.Tensor) else value
+    return value if isinstance(value, np.ndarray) else value.numpy()  # torch's, else
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=10)
-    args = parser.parse_args()
-    numba.set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
+def run(threads, repeat, torch, log=print):
+    """Verify, time and print the table (``torch`` None: without PyTorch's rows)."""
     rng = np.random.default_rng(0)
-    print(f"threads {args.threads}, repeat {args.repeat}, load average before "
-          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
-    print(f"{'case':34} {'pass':8} {'impl':9} {'ms':>8} {'GB/s':>7} {'/memcpy':>8} {'/torch':>7}")
+    log(f"group and layer norm: float32, threads {threads}, median of {repeat}, load average "
+        f"before {os.getloadavg()[0]:.2f}")  # fmt: skip
+    log(f"{'case':34} {'pass':8} {'impl':9} {'ms':>8} {'GB/s':>7} {'/memcpy':>8} {'/torch':>7}")
     for make_case in (group_case, layer_case):
-        name, x, forward, backward, reference = make_case(rng)
+        name, x, forward, backward, reference = make_case(rng, torch)
         src, dst = np.ones(x.size * 3 // 2, np.float32), np.empty(x.size * 3 // 2, np.float32)
         for label, impls, expected, moved in (
             ("forward", forward, reference[0], 2 * x.nbytes),
@@ -166,13 +166,10 @@ def main():
                 assert error < 1e-4, f"{name} {label} {impl}: relative error {error:.2e}"
             half = moved // 2 // 4  # float32 elements copied: read + write = moved bytes
             copy = (dst[:half], src[:half])
-            times = {"memcpy": median_ms(lambda c=copy: np.copyto(*c), args.repeat)}
-            times.update({impl: median_ms(call, args.repeat) for impl, call in impls.items()})
+            times = {"memcpy": median_ms(lambda c=copy: np.copyto(*c), repeat)}
+            times.update({impl: median_ms(call, repeat) for impl, call in impls.items()})
             for impl, ms in times.items():
-                ratios = f"{ms / times['memcpy']:8.2f} {ms / times['torch']:7.2f}"
-                print(f"{name:34} {label:8} {impl:9} {ms:8.2f} {moved / ms / 1e6:7.1f} {ratios}")
-    print(f"load average after {os.getloadavg()[0]:.2f}")
-
-
-if __name__ == "__main__":
-    main()
+                versus = ms / times["torch"] if "torch" in times else float("nan")
+                ratios = f"{ms / times['memcpy']:8.2f} {versus:7.2f}"
+                log(f"{name:34} {label:8} {impl:9} {ms:8.2f} {moved / ms / 1e6:7.1f} {ratios}")
+    log(f"load average after {os.getloadavg()[0]:.2f}")

@@ -215,7 +215,7 @@ class Memcpy(Implementation):
 
 
 @numba.njit(parallel=True, cache=True)
-def _parallel_copy(dst, src, blocks):
+def parallel_copy(dst, src, blocks):
     """dst[:] = src[:] for 1-D arrays, as ``blocks`` contiguous slices in a prange loop."""
     n = uint64(src.size)
     for block in prange(blocks):
@@ -237,7 +237,7 @@ class ParallelCopy(Memcpy):
         flat_dst, flat_x = dst.reshape(-1), case.x.reshape(-1)
 
         def copy():
-            _parallel_copy(flat_dst, flat_x, self.threads)
+            parallel_copy(flat_dst, flat_x, self.threads)
             return (dst,)
 
         return {"memcpy": copy}
