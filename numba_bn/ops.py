@@ -320,35 +320,6 @@ def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
                                    residual_out=residual_out, device=device)  # fmt: skip
 
 
-def _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y, residual_out, out):
-    """The gradient that reaches batch norm (canonical view, compute dtype): dy through the
-    ``activation`` of the fused forward whose output was ``y`` (dy where y > 0 for "relu").
-    That is also the residual's gradient, written into ``residual_out`` when given (dy itself
-    without an activation). Everything is checked before anything is written."""
-    activation = check_activation(activation)
-    if activation is not None:
-        if y is None:
-            raise ValueError(
-                f"y is required with activation={activation!r}: the gradient flows where the "
-                "fused forward's output y > 0"
-            )
-        y = check_like(y, "y", prepared, memory)
-    if residual_out is not None:
-        check_residual_out(residual_out, prepared, memory, x=prepared.x, dy=dy, y=y, out=out)
-    if activation is None:
-        if residual_out is not None:
-            memory.copy_into(residual_out, dy)
-        return dy_view
-    y_view = memory.contiguous(y, prepared.dtype, "y").reshape(prepared.shape)
-    direct = residual_out is not None and residual_out.dtype == prepared.dtype
-    grad = (residual_out.reshape(prepared.shape) if direct
-            else memory.empty(prepared.shape, prepared.dtype))  # fmt: skip
-    kernels.activation_grad(dy_view, y_view, activation=activation, grad=grad)
-    if residual_out is not None and not direct:  # float16: computed in float32
-        memory.copy_into(residual_out, grad.reshape(prepared.x.shape))
-    return grad
-
-
 def _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend):
     """batch_backward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
@@ -367,6 +338,59 @@ def _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend):
     return BackwardResult(dx, sum_dy, sum_dy_xmu, outer * inner)
 
 
+class _Through(NamedTuple):
+    """The gradient through a fused forward's activation, ready for the kernels: ``grad`` (=)
+    will hold dy where y > 0 ("relu"), and is the residual's gradient."""
+
+    activation: str
+    y: object  # the forward's output: canonical view, compute dtype
+    grad: object  # canonical view, compute dtype: residual_out itself when it can be
+    residual_out: object  # the caller's, or None
+
+    def kernel_args(self):
+        return {"activation": self.activation, "y": self.y, "grad": self.grad}
+
+    def finish(self, memory, shape):
+        """residual_out (=) grad, where grad could not be residual_out itself (float16)."""
+        if self.residual_out is not None and self.grad.dtype != self.residual_out.dtype:
+            memory.copy_into(self.residual_out, self.grad.reshape(shape))
+
+
+def _through_epilogue(dy, prepared, memory, activation, y, residual_out, out):
+    """The backward's way through the epilogue of a fused forward whose output was ``y``: a
+    :class:`_Through` for an ``activation``; else None, with dy (the residual's gradient
+    without an activation) copied into ``residual_out`` when given. Everything is checked
+    before anything is written."""
+    activation = check_activation(activation)
+    if activation is not None:
+        if y is None:
+            raise ValueError(
+                f"y is required with activation={activation!r}: the gradient flows where the "
+                "fused forward's output y > 0"
+            )
+        y = check_like(y, "y", prepared, memory)
+    if residual_out is not None:
+        check_residual_out(residual_out, prepared, memory, x=prepared.x, dy=dy, y=y, out=out)
+    if activation is None:
+        if residual_out is not None:
+            memory.copy_into(residual_out, dy)
+        return None
+    y_view = memory.contiguous(y, prepared.dtype, "y").reshape(prepared.shape)
+    if residual_out is not None and residual_out.dtype == prepared.dtype:
+        grad = residual_out.reshape(prepared.shape)
+    else:
+        grad = memory.empty(prepared.shape, prepared.dtype)
+    return _Through(activation, y_view, grad, residual_out)
+
+
+def _gradient_through(through, kernels, dy_view):
+    """The gradient that reaches batch norm: dy_view, or through the activation."""
+    if through is None:
+        return dy_view
+    kernels.activation_grad(dy_view, through.y, activation=through.activation, grad=through.grad)
+    return through.grad
+
+
 @placed(("dy", "x", "mean", "invstd", "weight", "out", "y", "residual_out"),
         inplace=("out", "residual_out"))  # fmt: skip
 def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange,
@@ -382,14 +406,15 @@ def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, 
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     local, count = prepared.count and channels, prepared.count
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
-    dy_view = _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y,
-                                residual_out, out)  # fmt: skip
+    through = _through_epilogue(dy, prepared, memory, activation, y, residual_out, out)
     weight = vectors.kernel("weight")
     if exchange is None:
-        if local:
+        if local:  # the backend may fuse the activation's gradient into its passes
             kernels.backward(dy_view, prepared.view, mean=mean, invstd=invstd, weight=weight,
-                             dx=dx_view, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+                             dx=dx_view, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu,
+                             **(through.kernel_args() if through else {}))  # fmt: skip
     else:
+        dy_view = _gradient_through(through, kernels, dy_view)
         if local:
             kernels.backward_sums(dy_view, prepared.view, mean=mean, sum_dy=sum_dy,
                                   sum_dy_xmu=sum_dy_xmu)  # fmt: skip
@@ -400,6 +425,8 @@ def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, 
             kernels.backward_dx(dy_view, prepared.view, mean=mean, invstd=invstd, weight=weight,
                                 sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, count=count,
                                 dx=dx_view)  # fmt: skip
+    if through is not None:
+        through.finish(memory, prepared.x.shape)
     return BackwardResult(prepared.finish(dx, dx_view), sum_dy, sum_dy_xmu, int(count))
 
 
@@ -411,8 +438,10 @@ def epilogue_gradient(dy, x, axis, *, activation, y, residual_out, backend="cpu"
     prepared = Prepared(x, axis, memory=memory)
     dy = check_like(dy, "dy", prepared, memory)
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
-    grad = _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y, residual_out,
-                             None)  # fmt: skip
+    through = _through_epilogue(dy, prepared, memory, activation, y, residual_out, None)
+    grad = _gradient_through(through, kernels, dy_view)
+    if through is not None:
+        through.finish(memory, prepared.x.shape)
     return memory.astype(grad.reshape(prepared.x.shape), prepared.x.dtype)
 
 
@@ -439,8 +468,10 @@ def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=
     sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     local = prepared.count and channels
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
-    dy_view = _through_epilogue(dy, dy_view, prepared, memory, kernels, activation, y,
-                                residual_out, out)  # fmt: skip
+    through = _through_epilogue(dy, prepared, memory, activation, y, residual_out, out)
+    dy_view = _gradient_through(through, kernels, dy_view)
+    if through is not None:
+        through.finish(memory, prepared.x.shape)
     if local:
         kernels.backward_sums(dy_view, prepared.view, mean=mean, sum_dy=sum_dy,
                               sum_dy_xmu=sum_dy_xmu)  # fmt: skip
