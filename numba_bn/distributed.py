@@ -27,7 +27,12 @@ values, so every rank raises the same ValueError and none is left waiting in a c
 local error (a bad argument on one rank) raises on that rank only: launch with
 ``mpiexec -n K python -m mpi4py script.py`` so that it aborts the job (docs/distributed.md).
 
-Host (NumPy) arrays and host backends only: SyncBatchNorm does not move to CUDA.
+Host (NumPy) arrays or CUDA arrays (anything with ``__cuda_array_interface__``; the CUDA
+backend): the kernels run where the arrays are, and only the per-channel vectors cross to the
+host. The forward's local (mean, M2) are copied to the host, where the Chan merge and the
+C-length finalisation (invstd, the running update) run; their results go back to the device.
+The backward's sums travel through the host too, or, when mpi4py reports a CUDA-aware MPI
+(:func:`cuda_aware_mpi`), are all-reduced straight from and into device memory.
 mpi4py is imported on first use, never by ``import numba_bn``: ``pip install "numba-bn[mpi]"``.
 """
 
@@ -36,8 +41,9 @@ import numpy as np
 from numba import njit
 
 from .checks import compute_dtype, in_compute_dtype
+from .dispatch import memory_of
 from .layer import BatchNorm
-from .memory import is_device_array
+from .memory import HOST
 from .moments import Moments
 from .ops import batch_backward, batch_forward, weight_gradient
 from .stats import chan_merge
@@ -56,14 +62,13 @@ def _mpi():
     return MPI
 
 
-def host_only(**arrays):
-    """TypeError for CUDA arrays: the exchange and the merge run on host (NumPy) arrays."""
-    on_device = [name for name, value in arrays.items() if is_device_array(value)]
-    if on_device:
-        raise TypeError(
-            f"SyncBatchNorm works on host (NumPy) arrays; {', '.join(on_device)} on the CUDA "
-            "device: copy to the host first (numba: a.copy_to_host(), CuPy: a.get())"
-        )
+def cuda_aware_mpi():
+    """True when mpi4py reports that its MPI reads and writes CUDA device memory itself
+    (``MPI.Query_cuda_support()``, where mpi4py offers it); False otherwise, including when
+    mpi4py cannot tell (mpi4py 4.1 does not wrap Open MPI's ``MPIX_Query_cuda_support``): then
+    the per-channel vectors of device arrays travel through host memory."""
+    query = getattr(_mpi(), "Query_cuda_support", None)
+    return bool(query()) if query is not None else False
 
 
 def resolve_comm(comm):
@@ -214,21 +219,46 @@ class RankExchange:
         self.comm = comm
 
     def batch_stats(self, dtype, count, mean, m2):
-        """The global (count, mean, M2) (:func:`merge_over_ranks`), the same on every rank."""
+        """The global (count, mean, M2) (:func:`merge_over_ranks`), the same on every rank.
+
+        ``mean`` and ``m2`` may be device vectors; the global ones are host (NumPy) vectors
+        whatever MPI can read: the merge runs on the host, so the 2C local values go there
+        first (gathering them on the device would only move that copy after the collective
+        and make it K times larger).
+        """
+        memory = memory_of(mean)
         counts, global_mean, global_m2 = merge_over_ranks(
-            self.comm, TRAIN_FORWARD, dtype, count, mean, m2
+            self.comm, TRAIN_FORWARD, dtype, count, memory.to_host(mean), memory.to_host(m2)
         )
         if counts.sum() == 1:  # every rank holds the same counts: every rank raises
             raise _single_value_error(counts)
         return float(counts.sum()), global_mean, global_m2
 
     def sums(self, dtype, count, sum_dy, sum_dy_xmu, *, frozen):
-        """The global (count, sum_dy, sum_dy_xmu): an Allreduce of 2C values."""
+        """The global (count, sum_dy, sum_dy_xmu): an Allreduce of 2C values.
+
+        The sums come back in the memory they came in (the dx pass reads them there): device
+        vectors go through host memory, or with a CUDA-aware MPI (:func:`cuda_aware_mpi`) are
+        all-reduced from and into device memory.
+        """
         channels = sum_dy.size
         operation = FROZEN_BACKWARD if frozen else TRAIN_BACKWARD
         counts = exchange_header(self.comm, operation, channels, dtype, count)
-        total = np.empty(2 * channels)
-        self.comm.Allreduce(np.concatenate([sum_dy, sum_dy_xmu]), total)
+        memory = memory_of(sum_dy)
+        if memory is not HOST and cuda_aware_mpi():
+            local = memory.empty(2 * channels, np.float64)
+            memory.copy_into(local[:channels], sum_dy)
+            memory.copy_into(local[channels:], sum_dy_xmu)
+            total = memory.empty(2 * channels, np.float64)
+            from numba import cuda
+
+            cuda.synchronize()  # MPI reads the device memory outside CUDA's stream order
+            self.comm.Allreduce(local, total)
+        else:
+            total = np.empty(2 * channels)
+            local = np.concatenate([memory.to_host(sum_dy), memory.to_host(sum_dy_xmu)])
+            self.comm.Allreduce(local, total)
+            total = memory.from_host(total)
         return float(counts.sum()), total[:channels], total[channels:]
 
 
@@ -248,6 +278,7 @@ def sync_forward_train(
     out=None,
     nan_policy="propagate",
     backend="cpu",
+    device="auto",
 ):
     """:func:`numba_bn.forward_train` with the statistics of the global batch over ``comm``.
 
@@ -259,14 +290,19 @@ def sync_forward_train(
     (momentum weighting the new batch, unbiased variance unless ``unbiased_running_var=False``),
     identically on every rank.
 
+    ``device`` as in :func:`numba_bn.forward_train`: CUDA arrays run on the CUDA backend (all
+    arrays of a call on one side), and only the per-channel statistics cross to the host for
+    the exchange (module docstring).
+
     Returns
     -------
     y, mean, invstd
         ``mean`` and ``invstd`` of the global batch, identical on every rank, shape (C,), in
         the dtype of ``x`` (float32 for float16). A global batch of one value per channel
-        raises ValueError on every rank.
+        raises ValueError on every rank. For CUDA inputs all three are Numba device arrays
+        (the running buffers are updated in place on the device); with ``device="cuda"`` and
+        NumPy inputs, NumPy arrays.
     """
-    host_only(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     result = batch_forward(
         x,
         weight,
@@ -281,23 +317,24 @@ def sync_forward_train(
         out=out,
         backend=backend,
         exchange=RankExchange(resolve_comm(comm)),
-        device="cpu",
+        device=device,
     )
     return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
 
 
-def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=None, backend="cpu"):
+def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=None, backend="cpu",
+                  device="auto"):  # fmt: skip
     """:func:`numba_bn.backward` for :func:`sync_forward_train`: one all-reduce of the sums.
 
     ``mean`` and ``invstd`` are those :func:`sync_forward_train` returned. Returns this rank's
     ``dx`` and the global ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)`` over every rank's
     batch, identical on every rank (do not all-reduce them again); both are 0 when every rank's
-    batch is empty, as PyTorch's gradients of an empty batch.
+    batch is empty, as PyTorch's gradients of an empty batch. For CUDA inputs all three are
+    Numba device arrays (``device`` as in :func:`sync_forward_train`).
     """
-    host_only(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight)
     dx, sum_dy, sum_dy_xmu, count = batch_backward(
         dy, x, mean, invstd, weight, axis, out=out, backend=backend,
-        exchange=RankExchange(resolve_comm(comm)), device="cpu",
+        exchange=RankExchange(resolve_comm(comm)), device=device,
     )  # fmt: skip
     # the global count: 0 (every rank's batch empty, invstd NaN) gives a zero dweight
     dweight = weight_gradient(invstd, sum_dy_xmu, count, compute_dtype(dx.dtype))
@@ -319,20 +356,15 @@ class SyncBatchNorm(BatchNorm):
     ``grad_bias`` equal its values on every rank (the gradients are already summed over the
     ranks: leave them out of a gradient all-reduce). Eval mode with running statistics
     normalises locally; only its backward communicates, to sum the gradients.
+
+    On CUDA inputs (or with ``device="cuda"``) it keeps parameters, buffers and gradients on
+    the device, as BatchNorm does; only per-channel vectors cross to the host for the exchange.
     """
 
     def __init__(self, num_features, comm=None, **options):
         self.comm = resolve_comm(comm)
         self._exchange = RankExchange(self.comm)
         super().__init__(num_features, **options)
-
-    def _move(self, side):
-        if side == "cuda":
-            raise ValueError(
-                "SyncBatchNorm keeps its arrays in host memory: the statistics exchange runs on "
-                "NumPy arrays (CUDA inputs are not supported; copy them to the host)"
-            )
-        super()._move(side)
 
 
 # ------------------------------------------------------------------------------------- warm-up

@@ -65,6 +65,7 @@ class Memory(Protocol):
     def product(self, a, b, dtype): ...
     def invstd(self, var, eps): ...
     def to_host(self, array): ...
+    def from_host(self, array, out=None): ...
 
 
 class HostMemory:
@@ -106,6 +107,13 @@ class HostMemory:
 
     def to_host(self, array):
         return array
+
+    def from_host(self, array, out=None):
+        """The host ``array`` in this memory: itself, or copied into ``out``."""
+        if out is None or out is array:
+            return array
+        np.copyto(out, array)
+        return out
 
     def contiguous(self, array, dtype, name):
         return np.ascontiguousarray(array, dtype=dtype)

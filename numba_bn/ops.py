@@ -182,13 +182,13 @@ def _checked_batch_forward(
         )
         running = RunningUpdate(run_mean, run_var, momentum, unbiased)
         store_back = (store_mean, store_var)
-    stats = memory.empty((3, channels), np.float64)
-    mean, invstd, m2 = stats[0], stats[1], stats[2]
     weight, bias = vectors.kernel("weight"), vectors.kernel("bias")
     local = prepared.count and channels
     if exchange is None:
         if not local:
             return _no_values(prepared, y, y_view, memory)
+        stats = memory.empty((3, channels), np.float64)
+        mean, invstd, m2 = stats[0], stats[1], stats[2]
         finite = kernels.forward_train(
             prepared.view, weight=weight, bias=bias, eps=eps, y=y_view, mean=mean,
             invstd=invstd, m2=m2, running=running, nan_check=nan_policy == "raise",
@@ -196,17 +196,24 @@ def _checked_batch_forward(
         )  # fmt: skip
         count = prepared.count
     else:
-        mean[:], m2[:] = 0.0, 0.0  # an empty part sends zeros
+        mean, m2 = (memory.full(channels, 0.0, np.float64) for _ in range(2))  # empty: zeros
         if local:
             kernels.batch_stats(prepared.view, mean=mean, m2=m2)
+        # the global statistics come back in host memory (NumPy), where the C-length
+        # finalisation runs for either memory; its results then go to the backend's memory
         count, mean, m2 = exchange.batch_stats(prepared.x.dtype, prepared.count, mean, m2)
         if count == 0:
             return _no_values(prepared, y, y_view, memory)
         finite = nan_policy != "raise" or (np.isfinite(mean).all() and np.isfinite(m2).all())
         if finite:
+            invstd = np.empty(channels)
             invstd_of(count, m2, eps, invstd)
-            if running is not None:
-                running_update(*running[:2], count, mean, m2, momentum, unbiased)
+            if running is not None:  # on host copies (the buffers themselves on the host)
+                buffers = [memory.to_host(buffer) for buffer in running[:2]]
+                running_update(*buffers, count, mean, m2, momentum, unbiased)
+                for buffer, updated in zip(running[:2], buffers, strict=True):
+                    memory.from_host(updated, out=buffer)
+            mean, invstd, m2 = (memory.from_host(v) for v in (mean, invstd, m2))
             if local:
                 kernels.normalize(prepared.view, mean=mean, invstd=invstd, weight=weight,
                                   bias=bias, y=y_view, residual=epilogue[0],

@@ -63,7 +63,6 @@ def collective_errors(comm, record):
     record["error_nan"] = error_message(lambda: strict(x))
     record["nan_running_mean"] = strict.running_mean.copy()
     record["error_comm_type"] = error_message(lambda: SyncBatchNorm(4, comm="world"))
-    record["error_cuda"] = error_message(lambda: SyncBatchNorm(4, device="cuda"))
 
 
 def snapshot(*arrays):

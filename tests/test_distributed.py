@@ -6,6 +6,7 @@ test writes the global batches, each rank takes its rows (uneven sizes, one rank
 the functional API run in this process on the whole batch, and with tests/naive.py. The same job
 also records the errors every rank must raise alike: a global batch of one value, NaN under
 nan_policy="raise", and calls on which the ranks disagree (channels, dtype, train/eval mode).
+CUDA arrays run in jobs of their own under the CUDA simulator (tests/mpi_cuda_worker.py).
 """
 
 import importlib.util
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -48,8 +50,9 @@ needs_mpi = pytest.mark.skipif(
 )
 
 
-def launch(ranks, case, workdir, extra=()):
-    """Run ``mpiexec -n ranks`` on the worker; (return code, output, end time)."""
+def launch(ranks, arguments, extra=(), worker="mpi_worker.py", environment=None):
+    """Run ``mpiexec -n ranks`` on ``worker`` with ``arguments``, ``environment`` over the
+    current one; (return code, output, end time)."""
     env = {
         name: os.environ.get(name, value)
         for name, value in (
@@ -59,8 +62,9 @@ def launch(ranks, case, workdir, extra=()):
         )
     }
     env["NUMBA_NUM_THREADS"] = "1"  # K ranks on 2 cores; results do not depend on threads
+    env.update(environment or {})
     command = [MPIEXEC, "-n", str(ranks), *extra, sys.executable, "-m", "mpi4py"]
-    command += [str(HERE / "mpi_worker.py"), case, str(workdir)]
+    command += [str(HERE / worker), *map(str, arguments)]
     # on timeout SIGTERM first: mpiexec forwards it to the ranks and cleans up
     code, output = run_child(command, env, timeout=JOB_TIMEOUT, stop_signal=signal.SIGTERM)
     return code, output, time.time()
@@ -80,13 +84,11 @@ STEPS = 3
 
 
 class Job:
-    """A finished suite job: its inputs, what each rank wrote, and the single-process results."""
+    """A finished job: its inputs, what each rank wrote, and the single-process results."""
 
-    def __init__(self, size, counts, data, records):
+    def __init__(self, size, counts, data, records, reference):
         self.size, self.counts, self.data, self.records = size, counts, data, records
-        self.reference = {}
-        for name in LAYERS:
-            self.reference.update(single_process_layer(data, name))
+        self.reference = reference
 
     def gathered(self, key):
         """A per-rank output concatenated along the batch axis, as one process would have it."""
@@ -152,16 +154,24 @@ def single_process_layer(data, name):
     return out
 
 
+def run_job(label, size, jobs, tmp_path_factory, write, arguments=(), **launch_options):
+    """Inputs written by ``write`` from a fresh seed (printed), then the job of ``size`` ranks
+    (``jobs``: rows per rank and mpiexec options); (counts, inputs, each rank's record)."""
+    counts, extra = jobs[size]
+    workdir = tmp_path_factory.mktemp(f"{label}{size}")
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print(f"input seed for the {size}-rank {label} job: {seed}")
+    data = write(np.random.default_rng(seed), counts, workdir)
+    code, output, _ = launch(size, [*arguments, workdir], extra, **launch_options)
+    assert code == 0, f"seed {seed}:\n{output}"
+    return counts, data, [dict(np.load(workdir / f"rank{r}.npz")) for r in range(size)]
+
+
 @pytest.fixture(scope="module", params=sorted(JOBS), ids=lambda n: f"{n}ranks")
 def job(request, tmp_path_factory):
     if not (HAVE_MPI4PY and MPIEXEC):
         pytest.skip(needs_mpi.kwargs["reason"])
     size = request.param
-    counts, extra = JOBS[size]
-    workdir = tmp_path_factory.mktemp(f"sync{size}")
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    print(f"input seed for the {size}-rank job: {seed}")
-    data = write_inputs(np.random.default_rng(seed), counts, workdir)
     # Compile once here, so that the ranks load the kernels from Numba's cache; with one thread,
     # as the ranks run, warmup compiles only the serial twins they use.
     threads = numba.get_num_threads()
@@ -170,17 +180,20 @@ def job(request, tmp_path_factory):
         distributed.warmup()
     finally:
         numba.set_num_threads(threads)
-    code, output, _ = launch(size, "suite", workdir, extra)
-    assert code == 0, f"seed {seed}:\n{output}"
-    records = [dict(np.load(workdir / f"rank{r}.npz")) for r in range(size)]
-    return Job(size, counts, data, records)
+    counts, data, records = run_job("sync", size, JOBS, tmp_path_factory, write_inputs, ["suite"])
+    reference = {}
+    for name in LAYERS:
+        reference.update(single_process_layer(data, name))
+    return Job(size, counts, data, records, reference)
 
 
-def assert_close(actual, expected, what):
-    """Equal to float tolerance of the dtype, relative to the largest expected magnitude."""
+def assert_close(actual, expected, what, tolerances=None):
+    """Equal to float tolerance of the dtype (``tolerances``: dtype -> relative, these by
+    default), relative to the largest expected magnitude."""
     expected = np.asarray(expected)
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    relative = {np.float64: 1e-12, np.float32: 1e-6, np.float16: 2e-3}.get(expected.dtype.type, 0)
+    tolerances = tolerances or {np.float64: 1e-12, np.float32: 1e-6, np.float16: 2e-3}
+    relative = tolerances.get(expected.dtype.type, 0)
     scale = max(1.0, float(np.abs(expected.astype(np.float64)).max(initial=0.0)))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=relative * scale, err_msg=what)
 
@@ -401,14 +414,8 @@ def test_comm_must_be_an_mpi_communicator(job):
 
 
 @needs_mpi
-def test_sync_batch_norm_refuses_to_move_to_cuda(job):
-    for message in job.per_rank("error_cuda"):
-        assert str(message).startswith("ValueError: SyncBatchNorm keeps its arrays in host memory")
-
-
-@needs_mpi
 def test_a_rank_that_raises_ends_the_job_with_a_nonzero_code(tmp_path):
-    code, output, ended = launch(2, "abort", tmp_path)
+    code, output, ended = launch(2, ["abort", tmp_path])
     raised = float((tmp_path / "raised_at").read_text())
     assert code != 0, output
     assert "rank 1 fails on purpose" in output
@@ -467,11 +474,129 @@ def test_agreeing_headers_return_every_ranks_count():
     assert counts.tolist() == [5, 0, 7]
 
 
-def test_functional_forms_refuse_cuda_arrays():
-    class DeviceArray:  # what numba_bn.memory recognises as a CUDA array
-        __cuda_array_interface__ = {}
+@pytest.mark.parametrize(
+    "mpi, expected",
+    [
+        (SimpleNamespace(Query_cuda_support=lambda: 1), True),
+        (SimpleNamespace(Query_cuda_support=lambda: 0), False),
+        (SimpleNamespace(), False),  # mpi4py 4.1 cannot tell: through host memory
+    ],
+    ids=["cuda-aware", "not-cuda-aware", "unknown"],
+)
+def test_cuda_aware_mpi_is_what_mpi4py_reports(monkeypatch, mpi, expected):
+    monkeypatch.setattr(distributed, "_mpi", lambda: mpi)
+    assert distributed.cuda_aware_mpi() is expected
 
-    with pytest.raises(TypeError, match=r"host \(NumPy\) arrays; x on the CUDA device"):
-        distributed.sync_forward_train(DeviceArray())
-    with pytest.raises(TypeError, match=r"host \(NumPy\) arrays; dy on the CUDA device"):
-        distributed.sync_backward(DeviceArray(), np.ones((2, 3)), np.zeros(3), np.ones(3))
+
+# ------------------------------------------------------- CUDA arrays, under the simulator
+# Rows per rank: uneven, and an empty rank in the 3-rank job. Small: the simulator runs each
+# GPU thread as a Python thread.
+CUDA_JOBS = {2: ([3, 4], []), 3: ([2, 0, 3], ["--oversubscribe"])}
+CUDA_TOLERANCES = {np.float64: 1e-12, np.float32: 2e-5}  # as tests/test_conformance.py's
+
+
+def write_cuda_inputs(rng, counts, workdir):
+    """The global batches of tests/mpi_cuda_worker.py: a float64 (N, 3, 5) batch for the
+    functional forms, float32 (N, 4, 3) batches for a training step and an eval step of the
+    layer."""
+    total = sum(counts)
+    data = {"func_x": random_batch(rng, (total, 3, 5))}
+    data["func_dy"] = rng.standard_normal((total, 3, 5)) + 0.5
+    data["func_weight"], data["func_bias"] = rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
+    data["func_running_mean"], data["func_running_var"] = (
+        rng.standard_normal(3),
+        rng.uniform(1, 2, 3),
+    )
+    for suffix in ("", "_eval"):
+        data[f"layer_x{suffix}"] = random_batch(rng, (total, 4, 3), np.float32)
+        data[f"layer_dy{suffix}"] = rng.standard_normal((total, 4, 3)).astype(np.float32)
+    data["layer_weight"] = rng.uniform(0.5, 1.5, 4).astype(np.float32)
+    data["layer_bias"] = rng.standard_normal(4).astype(np.float32)
+    np.savez(workdir / "input.npz", **data)
+    (workdir / "config.json").write_text(json.dumps({"counts": counts}))
+    return data
+
+
+def single_process_on_the_cpu(data):
+    """What the CUDA job computes, by one process on the concatenated batch on the CPU."""
+    x, dy, weight, bias = (data[f"func_{key}"] for key in ("x", "dy", "weight", "bias"))
+    y, mean, invstd = nbn.forward_train(x, weight, bias)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd, weight)
+    running_mean, running_var = data["func_running_mean"].copy(), data["func_running_var"].copy()
+    nbn.batch_norm(x, running_mean, running_var, weight, bias, training=True, momentum=0.3)
+    reference = {"func_y": y, "func_mean": mean, "func_invstd": invstd, "func_dx": dx,
+                 "func_dweight": dweight, "func_dbias": dbias,
+                 "func_running_mean": running_mean, "func_running_var": running_var}  # fmt: skip
+    bn = nbn.BatchNorm(4, dtype=np.float32)
+    bn.weight[:], bn.bias[:] = data["layer_weight"], data["layer_bias"]
+    for suffix, mode in (("", bn.train), ("_eval", bn.eval)):
+        mode()
+        reference[f"layer_y{suffix}"] = bn(data[f"layer_x{suffix}"])
+        reference[f"layer_dx{suffix}"] = bn.backward(data[f"layer_dy{suffix}"])
+        reference[f"layer_grad_weight{suffix}"] = bn.grad_weight
+        reference[f"layer_grad_bias{suffix}"] = bn.grad_bias
+    reference.update(layer_running_mean=bn.running_mean, layer_running_var=bn.running_var)
+    return reference
+
+
+@pytest.fixture(scope="module", params=sorted(CUDA_JOBS), ids=lambda n: f"{n}ranks")
+def cuda_job(request, tmp_path_factory):
+    """A finished CUDA job (a Job: its records and the CPU reference on the whole batch)."""
+    if not (HAVE_MPI4PY and MPIEXEC):
+        pytest.skip(needs_mpi.kwargs["reason"])
+    size = request.param
+    counts, data, records = run_job(
+        "cuda", size, CUDA_JOBS, tmp_path_factory, write_cuda_inputs,
+        worker="mpi_cuda_worker.py", environment={"NUMBA_ENABLE_CUDASIM": "1"},
+    )  # fmt: skip
+    assert all(record["simulator"] for record in records)
+    return Job(size, counts, data, records, single_process_on_the_cpu(data))
+
+
+def assert_cuda_close(actual, expected, what):
+    assert_close(actual, expected, what, CUDA_TOLERANCES)
+
+
+@needs_mpi
+def test_cuda_functional_forms_equal_one_process_on_the_cpu(cuda_job):
+    assert all(cuda_job.per_rank("func_on_device")), "a result came back in host memory"
+    for key in ("func_y", "func_dx"):
+        assert_cuda_close(cuda_job.gathered(key), cuda_job.reference[key], key)
+    for key in ("func_mean", "func_invstd", "func_dweight", "func_dbias"):
+        assert_identical_on_every_rank(cuda_job.per_rank(key), key)
+        assert_cuda_close(cuda_job.records[0][key], cuda_job.reference[key], key)
+
+
+@needs_mpi
+def test_cuda_running_buffers_are_updated_on_the_device_as_one_process(cuda_job):
+    for key in ("func_running_mean", "func_running_var"):
+        assert_identical_on_every_rank(cuda_job.per_rank(key), key)
+        assert_cuda_close(cuda_job.records[0][key], cuda_job.reference[key], key)
+
+
+@needs_mpi
+def test_cuda_aware_mpi_all_reduces_the_sums_in_device_memory(cuda_job):
+    """The backward again with cuda_aware_mpi() True: the same dx and gradients, and no copy
+    of the sums to or from the host (tests/mpi_cuda_worker.py forbids them)."""
+    assert all(int(asked) >= 1 for asked in cuda_job.per_rank("direct_asked"))
+    assert all(cuda_job.per_rank("direct_on_device"))
+    assert_cuda_close(cuda_job.gathered("direct_dx"), cuda_job.reference["func_dx"], "dx")
+    for key in ("dweight", "dbias"):
+        assert_identical_on_every_rank(cuda_job.per_rank(f"direct_{key}"), key)
+        assert_cuda_close(cuda_job.records[0][f"direct_{key}"], cuda_job.reference[f"func_{key}"],
+                          key)  # fmt: skip
+
+
+@needs_mpi
+def test_cuda_sync_batch_norm_equals_batch_norm_on_the_cpu(cuda_job):
+    for suffix in ("", "_eval"):
+        assert all(cuda_job.per_rank(f"layer_on_device{suffix}")), "a layer array left the GPU"
+        for key in (f"layer_y{suffix}", f"layer_dx{suffix}"):
+            assert_cuda_close(cuda_job.gathered(key), cuda_job.reference[key], key)
+        for key in (f"layer_grad_weight{suffix}", f"layer_grad_bias{suffix}"):
+            assert_identical_on_every_rank(cuda_job.per_rank(key), key)
+            assert_cuda_close(cuda_job.records[0][key], cuda_job.reference[key], key)
+    for key in ("layer_running_mean", "layer_running_var"):
+        assert_identical_on_every_rank(cuda_job.per_rank(key), key)
+        assert_cuda_close(cuda_job.records[0][key], cuda_job.reference[key], key)
+    assert [int(batches) for batches in cuda_job.per_rank("layer_batches")] == [1] * cuda_job.size

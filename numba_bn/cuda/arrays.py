@@ -100,7 +100,7 @@ class DeviceMemory:
 
     def copy(self, array):
         out = cuda.device_array(array.shape, array.dtype)
-        out.copy_to_device(array)
+        self.adopt(out).copy_to_device(array)
         return out
 
     def copy_into(self, dst, src):
@@ -141,6 +141,14 @@ class DeviceMemory:
 
     def to_host(self, array):
         return self.adopt(array).copy_to_host()
+
+    def from_host(self, array, out=None):
+        """A device copy of the host ``array``, or ``out`` (same shape and dtype) overwritten
+        with it."""
+        if out is None:
+            return cuda.to_device(array)
+        out.copy_to_device(array)
+        return out
 
 
 DEVICE = DeviceMemory()
