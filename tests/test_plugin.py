@@ -31,13 +31,18 @@ CSRC = build.csrc_dir()
 REPOSITORY = Path(__file__).resolve().parents[1]
 ABI_SYMBOLS = {
     "nbn_version", "nbn_status_string", "nbn_set_num_threads", "nbn_get_num_threads", "nbn_isa",
-    *(f"nbn_{op}_{t}" for op in ("forward_train", "forward_eval", "backward")
-      for t in ("f32", "f64")),
+    *(f"nbn_{op}{ex}_{t}" for op in ("forward_train", "forward_eval", "backward")
+      for ex in ("", "_ex") for t in ("f32", "f64")),
 }  # fmt: skip
 SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libgomp.so.1"}
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 # planes fused and split, a plane of two blocks, rows of two chunks and two tiles, channels-last
 BIG_LAYOUTS = [((8, 16, 32, 32), 1), ((4, 2, 9000), 1), ((2100, 300), 1), ((40, 6, 6, 5), -1)]
+# canonical (outer, C, inner) views for the backends' own methods: planes fused and split, short
+# planes, a plane of two blocks, rows of one and of several chunks and tiles
+VIEWS = [(7, 3, 11), (4, 6, 35), (8, 16, 1024), (4, 2, 9000), (16, 5, 1), (2100, 300, 1)]
+EPILOGUES = [(True, None), (False, "relu"), (True, "relu")]  # (residual?, activation)
+NBN_ACTIVATION_RELU = 1  # nbn_activation of numba_bn.h
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -103,7 +108,8 @@ def test_library_exports_exactly_the_abi(library):
 
 @pytest.mark.parametrize("isa", [None, *build.X86_64_LEVELS])
 def test_c_host_passes_with_an_empty_environment(test_host, isa):
-    """All six functions against the double reference, status codes, 1 vs 2 threads, from C."""
+    """All twelve functions (the plain ones and the fused _ex ones) against the double
+    reference, status codes, 1 vs 2 threads, from C."""
     environment = [f"NBN_ISA={isa}"] if isa else []
     done = subprocess.run(
         ["env", "-i", *environment, str(test_host)], capture_output=True, text=True, timeout=300
@@ -354,6 +360,201 @@ def test_calls_from_several_threads_at_once(backends, rng):
             np.testing.assert_array_equal(a, b)
 
 
+# ------------------------------------------------------------- fused residual add and ReLU
+def _fused_forward(backend, x, z, activation, w, b, rm, rv):
+    """forward_train and forward_eval of a backend object with a residual and an activation."""
+    channels = x.shape[1]
+    y, y_eval = poison(x.shape, x.dtype), poison(x.shape, x.dtype)
+    mean, invstd, m2 = (np.empty(channels) for _ in range(3))
+    backend.forward_train(x, weight=w, bias=b, eps=1e-5, y=y, mean=mean, invstd=invstd, m2=m2,
+                          residual=z, activation=activation)  # fmt: skip
+    backend.forward_eval(x, weight=w, bias=b, running_mean=rm, running_var=rv, eps=1e-5,
+                         y=y_eval, residual=z, activation=activation)  # fmt: skip
+    return {"y": y, "mean": mean, "invstd": invstd, "y_eval": y_eval}
+
+
+def _fused_case(rng, view, dtype):
+    x = random_batch(rng, view, dtype)
+    z = rng.standard_normal(view).astype(dtype)
+    channels = view[1]
+    w, b = (
+        rng.uniform(0.5, 1.5, channels).astype(dtype),
+        rng.standard_normal(channels).astype(dtype),
+    )
+    rm, rv = (
+        rng.standard_normal(channels).astype(dtype),
+        rng.uniform(0.5, 2, channels).astype(dtype),
+    )
+    return x, z, w, b, rm, rv
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("residual, activation", EPILOGUES)
+@pytest.mark.parametrize("view", VIEWS)
+def test_fused_forward_on_c_backends_agrees_with_the_cpu_backend(
+    backends, rng, view, residual, activation, dtype, backend
+):
+    """y = activation(BN(x) + z) through nbn_forward_{train,eval}_ex_*, train and eval."""
+    x, z, w, b, rm, rv = _fused_case(rng, view, dtype)
+    z = z if residual else None
+    ours = _fused_forward(backends[backend], x, z, activation, w, b, rm, rv)
+    cpu = _fused_forward(nbn.dispatch.get("cpu"), x, z, activation, w, b, rm, rv)
+    for name, expected in cpu.items():
+        scale = max(1.0, float(np.max(np.abs(expected))))
+        np.testing.assert_allclose(ours[name], expected, rtol=TOL[dtype], atol=TOL[dtype] * scale,
+                                   err_msg=name)  # fmt: skip
+    if activation == "relu":
+        assert (ours["y"] >= 0).all() and (ours["y"] == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("residual, activation", EPILOGUES)
+@pytest.mark.parametrize("view", VIEWS)
+def test_fused_forward_of_the_host_build_gives_the_bits_of_the_jit(
+    backends, rng, view, residual, activation, dtype
+):
+    """The epilogue is the JIT's own code, specialised per code as the JIT does: y and y_eval
+    are the CPU backend's bits (the statistics travel in the tensor's dtype: compared in it)."""
+    x, z, w, b, rm, rv = _fused_case(rng, view, dtype)
+    z = z if residual else None
+    ours = _fused_forward(backends["c-host"], x, z, activation, w, b, rm, rv)
+    cpu = _fused_forward(nbn.dispatch.get("cpu"), x, z, activation, w, b, rm, rv)
+    for name in ("y", "y_eval"):
+        np.testing.assert_array_equal(ours[name], cpu[name], err_msg=name)
+    for name in ("mean", "invstd"):
+        np.testing.assert_array_equal(ours[name], cpu[name].astype(dtype), err_msg=name)
+
+
+def _backward_ex(library, dtype, dy, x, w, mean, invstd, y, activation, residual_out):
+    """nbn_backward_ex_* called directly: (status, dx, dweight, dbias)."""
+    suffix = "f32" if dtype == np.float32 else "f64"
+    outer, channels, inner = x.shape
+    dx = poison(x.shape, dtype)
+    dweight, dbias = poison(channels, dtype), poison(channels, dtype)
+    status = getattr(library, f"nbn_backward_ex_{suffix}")(
+        *(ctypes.c_void_p(a.ctypes.data) for a in (dy, x)), ctypes.c_int64(outer),
+        ctypes.c_int64(channels), ctypes.c_int64(inner),
+        *(ctypes.c_void_p(a.ctypes.data) for a in (w, mean, invstd, dx, dweight, dbias)),
+        None if y is None else ctypes.c_void_p(y.ctypes.data), ctypes.c_int(activation),
+        None if residual_out is None else ctypes.c_void_p(residual_out.ctypes.data),
+    )  # fmt: skip
+    return status, dx, dweight, dbias
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-host", "c-reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("view", VIEWS)
+def test_backward_ex_is_the_backward_of_the_gradient_through_the_relu(
+    backends, rng, view, dtype, backend
+):
+    """nbn_backward_ex_* (relu) = activation_grad, then the plain backward, on the CPU backend:
+    residual_out is dy masked by y > 0 exactly; dx, dweight, dbias as the plain backward of it,
+    also without residual_out (g then lives in the library's scratch)."""
+    x, z, w, b, rm, rv = _fused_case(rng, view, dtype)
+    dy = rng.standard_normal(view).astype(dtype)
+    cpu = nbn.dispatch.get("cpu")
+    forward = _fused_forward(cpu, x, z, "relu", w, b, rm, rv)
+    y, channels = forward["y"], view[1]
+    mean, invstd = forward["mean"].astype(dtype), forward["invstd"].astype(dtype)
+    g = np.empty_like(dy)
+    cpu.activation_grad(dy, y, activation="relu", grad=g)
+    dx, sum_dy, sum_dy_xmu = np.empty_like(x), np.empty(channels), np.empty(channels)
+    cpu.backward(g, x, mean=mean.astype(np.float64), invstd=invstd.astype(np.float64), weight=w,
+                 dx=dx, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+    expected = {"dx": dx, "dweight": sum_dy_xmu * invstd, "dbias": sum_dy}
+    library = backends[backend].library
+    residual_out = poison(view, dtype)
+    with_out = _backward_ex(library, dtype, dy, x, w, mean, invstd, y, NBN_ACTIVATION_RELU,
+                            residual_out)  # fmt: skip
+    np.testing.assert_array_equal(residual_out, g)
+    without = _backward_ex(library, dtype, dy, x, w, mean, invstd, y, NBN_ACTIVATION_RELU, None)
+    assert with_out[0] == without[0] == 0
+    count = view[0] * view[2]
+    for name, ours, again in zip(expected, with_out[1:], without[1:], strict=True):
+        np.testing.assert_array_equal(ours, again, err_msg=name)
+        scale = count if name != "dx" else max(1.0, float(np.max(np.abs(expected[name]))))
+        np.testing.assert_allclose(ours, expected[name], rtol=TOL[dtype],
+                                   atol=TOL[dtype] * scale, err_msg=name)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+def test_activation_grad_of_a_c_backend_gives_the_bits_of_the_cpu_backend(backends, backend):
+    """dy where y > 0, else +0.0: NaN in y or in dy where y <= 0 gives 0; in place too."""
+    y = np.array([[1.0, -1.0, 0.0, -0.0, np.nan, 2.0, -3.0, 0.5]], np.float32)
+    dy = np.array([[0.5, 0.25, -1.0, 2.0, 3.0, np.nan, np.nan, -0.0]], np.float32)
+    expected = np.empty_like(dy)
+    nbn.dispatch.get("cpu").activation_grad(dy, y, activation="relu", grad=expected)
+    np.testing.assert_array_equal(expected, [[0.5, 0, 0, 0, 0, np.nan, 0, -0.0]])
+    ours = poison(dy.shape, dy.dtype)
+    backends[backend].activation_grad(dy, y, activation="relu", grad=ours)
+    assert ours.tobytes() == expected.tobytes()
+    backends[backend].activation_grad(dy, y, activation="relu", grad=dy)
+    assert dy.tobytes() == expected.tobytes()
+
+
+NBN_ERR_ALIAS = 5  # nbn_status of numba_bn.h (1.1)
+
+
+@pytest.mark.parametrize("backend", ["c-plugin", "c-reference"])
+def test_backward_ex_refuses_a_residual_out_that_overlaps_its_inputs(backends, rng, backend):
+    """NBN_ERR_ALIAS for residual_out on x, dy, y or dx, or sharing one element with dx;
+    NBN_ERR_VALUE for an unknown activation; nothing written."""
+    view, size = (4, 3, 5), 60
+    dy, x, y = rng.standard_normal(view), rng.standard_normal(view), rng.standard_normal(view)
+    w, mean, invstd, sums = np.ones(3), np.zeros(3), np.ones(3), np.full(6, -7.25)
+    buffer = np.full(3 * size, -7.25)  # dx first, then room for residual_out
+    backward_ex = backends[backend].library.nbn_backward_ex_f64
+    address = {name: a.ctypes.data for name, a in dict(dy=dy, x=x, y=y, dx=buffer).items()}
+
+    def call(residual_out, activation=NBN_ACTIVATION_RELU):
+        return backward_ex(
+            address["dy"], address["x"], 4, 3, 5, w.ctypes.data, mean.ctypes.data,
+            invstd.ctypes.data, address["dx"], sums.ctypes.data, sums.ctypes.data + 24,
+            address["y"], activation, residual_out,
+        )  # fmt: skip
+
+    for name, residual_out in [*address.items(), ("dx + 1 element", address["dx"] + 8),
+                               ("dx's last element", address["dx"] + 8 * (size - 1))]:  # fmt: skip
+        assert call(residual_out) == NBN_ERR_ALIAS, name
+    assert call(address["dx"] + 8 * size, activation=2) == NBN_ERR_VALUE, "activation 2"
+    np.testing.assert_array_equal(buffer, -7.25)
+    np.testing.assert_array_equal(sums, -7.25)
+    assert call(address["dx"] + 8 * size) == 0, "residual_out right after dx"
+    np.testing.assert_array_equal(buffer[size : 2 * size], np.where(y > 0, dy, 0).ravel())
+
+
+def test_a_library_without_the_ex_entry_points_serves_plain_calls_only(backends, tmp_path, rng):
+    """A backend of ABI 1.0 (here the reference backend with only the 1.0 symbols exported)
+    still registers and runs plain calls; residual= or activation= is a NotImplementedError
+    that names the backend and the entry points it lacks."""
+    plain = [f"nbn_{op}_{t}" for op in ("forward_train", "forward_eval", "backward")
+             for t in ("f32", "f64")]  # fmt: skip
+    exported = ["nbn_version", "nbn_status_string", "nbn_set_num_threads", "nbn_get_num_threads",
+                "nbn_isa", *plain]  # fmt: skip
+    script = tmp_path / "abi-1.0.map"
+    script.write_text("{ global: " + "; ".join(exported) + "; local: *; };\n")
+    library = tmp_path / "libnbn_abi10.so"
+    build.run_compiler(
+        ["-std=c11", "-O2", "-fPIC", "-shared", "-I", CSRC, CSRC / "reference_backend.c",
+         f"-Wl,--version-script={script}", "-o", library, "-lm"],
+        "building a reference backend with the 1.0 symbols only",
+    )  # fmt: skip
+    backend = nbn.register_backend("c-abi10", library)
+    assert not backend.fused
+    x, z, w, b, rm, rv = _fused_case(rng, (4, 3, 5), np.float32)
+    ours = _fused_forward(backend, x, None, None, w, b, rm, rv)
+    expected = _fused_forward(backends["c-reference"], x, None, None, w, b, rm, rv)
+    for name in expected:
+        np.testing.assert_array_equal(ours[name], expected[name], err_msg=name)
+    for residual, activation in EPILOGUES:
+        with pytest.raises(NotImplementedError, match="'c-abi10'.*nbn_forward_train_ex"):
+            _fused_forward(backend, x, z if residual else None, activation, w, b, rm, rv)
+    with pytest.raises(NotImplementedError, match="'c-abi10'"):
+        backend.forward_eval(x, weight=w, bias=b, running_mean=rm, running_var=rv, eps=1e-5,
+                             y=np.empty_like(x), residual=z)  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------- errors
 def test_arguments_are_checked_in_python_first(backends, rng):
     x = random_batch(rng, (4, 3, 5), np.float32)
@@ -439,7 +640,9 @@ def test_a_shape_whose_scratch_cannot_exist_is_refused(backends, backend):
 
 def test_register_backend_loads_a_ctypes_library(backends, library):
     backend = nbn.register_backend("c-again", ctypes.CDLL(str(library)))
-    assert backend.version == 10001
+    major, minor, patch = build.abi_version()
+    assert backend.version == major * 10000 + minor * 100 + patch and minor >= 1
+    assert backend.fused
     assert backend.isa in {name for name, _, _ in build.build_targets()}
     backend.set_num_threads(1)
     assert backend.get_num_threads() == 1

@@ -9,6 +9,10 @@ How the backend protocol (:mod:`numba_bn.dispatch`) maps onto the ABI:
 
 * ``forward_train``, ``forward_eval``, ``backward`` run in the library (ctypes releases the GIL).
   Arguments arrive validated by :mod:`numba_bn.checks`; the C side checks them again.
+* A ``residual`` and an ``activation`` (the fused forward, y = activation(BN(x) + residual)) go
+  through the _ex entry points of ABI 1.1 (``nbn_forward_train_ex_*``, ``nbn_forward_eval_ex_*``).
+  A library without them (ABI 1.0, or a backend of one's own that has not added them yet) still
+  serves every plain call; a fused one raises NotImplementedError naming the backend.
 * The ABI carries statistics in the tensor's dtype: ``save_mean``/``save_invstd`` come back in it
   and go into ``backward`` in it (exact for those that ``forward_train`` returned), ``dweight``
   comes back as ``invstd * sum_dy_xmu``.
@@ -20,7 +24,14 @@ How the backend protocol (:mod:`numba_bn.dispatch`) maps onto the ABI:
   ``nan_policy="raise"`` the library writes y into scratch, copied into y only once the
   statistics are finite, so a call that raises leaves ``out=`` (x itself, perhaps) as it was.
 * ``batch_stats``, ``normalize``, ``backward_sums`` and ``backward_dx`` (the eval-mode backward,
-  SyncBatchNorm's split steps) have no ABI entry points: they run on the CPU backend.
+  SyncBatchNorm's split steps) have no ABI entry points: they run on the CPU backend, a residual
+  and an activation of ``normalize`` with them.
+* The backward of a fused forward (``backward(..., activation=, y=, grad=)``) is one call of
+  ``nbn_backward_ex_*``, which writes g = dy where y > 0, else 0, into grad and runs the batch
+  norm backward on it. ``activation_grad`` alone (the eval-mode and SyncBatchNorm paths) runs in
+  NumPy: the ABI has no entry point for it, and the CPU backend would cost a JIT compile, which
+  a C backend exists to avoid. g is dy or 0 element by element, so every way gives the same
+  bits.
 """
 
 import ctypes
@@ -33,12 +44,21 @@ from ..cpu import CpuBackend
 from ..stats import running_update
 
 ABI_MAJOR = 1  # NBN_VERSION_MAJOR of csrc/numba_bn.h
+#: nbn_activation of csrc/numba_bn.h (1.1) by the ``activation`` of the Python API.
+ACTIVATIONS = {None: 0, "relu": 1}
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _ARGTYPES = {
     "forward_train": [_P, _I, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P, _D],
     "forward_eval": [_P, _I, _I, _I, _P, _P, _P, _P, _D, _P],
     "backward": [_P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P],
+}
+#: The fused entry points of ABI 1.1: the plain arguments, then residual and the activation
+#: code (the backward: y, the activation code and residual_out).
+_EX_ARGTYPES = {
+    "forward_train_ex": [*_ARGTYPES["forward_train"], _P, ctypes.c_int],
+    "forward_eval_ex": [*_ARGTYPES["forward_eval"], _P, ctypes.c_int],
+    "backward_ex": [*_ARGTYPES["backward"], _P, ctypes.c_int, _P],
 }
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 REQUIRED_SYMBOLS = (
@@ -48,6 +68,8 @@ REQUIRED_SYMBOLS = (
     "nbn_get_num_threads",
     *(f"nbn_{op}_{suffix}" for op in _ARGTYPES for suffix in _SUFFIX.values()),
 )
+#: Exported by libraries of ABI 1.1 and later: residual= and activation= need them.
+FUSED_SYMBOLS = tuple(f"nbn_{op}_{suffix}" for op in _EX_ARGTYPES for suffix in _SUFFIX.values())
 
 
 def _pointer(array):
@@ -93,8 +115,10 @@ class CBackend:
         library.nbn_get_num_threads.argtypes = []
         if hasattr(library, "nbn_isa"):
             library.nbn_isa.argtypes, library.nbn_isa.restype = [], ctypes.c_char_p
+        #: Whether the library has the fused entry points of ABI 1.1 (residual=, activation=).
+        self.fused = all(hasattr(library, symbol) for symbol in FUSED_SYMBOLS)
         self._functions = {}
-        for op, argtypes in _ARGTYPES.items():
+        for op, argtypes in (*_ARGTYPES.items(), *(_EX_ARGTYPES.items() if self.fused else ())):
             for dtype, suffix in _SUFFIX.items():
                 function = getattr(library, f"nbn_{op}_{suffix}")
                 function.argtypes, function.restype = argtypes, ctypes.c_int
@@ -115,6 +139,21 @@ class CBackend:
     def get_num_threads(self):
         return self.library.nbn_get_num_threads()
 
+    def _fused_op(self, op, residual, activation):
+        """``op``, or its _ex entry point when there is a residual or an activation (then also
+        the trailing arguments: residual pointer, activation code)."""
+        if residual is None and activation is None:
+            return op, ()
+        if not self.fused:
+            raise NotImplementedError(
+                f"C backend {self.name!r} ({self.library._name}, ABI version {self.version}) "
+                "lacks the fused entry points of numba_bn.h 1.1 (nbn_forward_train_ex_*, "
+                "nbn_forward_eval_ex_*, nbn_backward_ex_*) that residual= and activation= need"
+            )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"C backend {self.name!r}: unknown activation {activation!r}")
+        return f"{op}_ex", (_pointer(residual), ACTIVATIONS[activation])
+
     def _call(self, op, dtype, *args):
         status = self._functions[op, dtype](*args)
         if status != 0:
@@ -123,7 +162,8 @@ class CBackend:
 
     # --------------------------------------------------------------- through the library
     def forward_train(self, x, *, weight, bias, eps, y, mean, invstd, m2, running=None,
-                      nan_check=False):  # fmt: skip
+                      nan_check=False, residual=None, activation=None):  # fmt: skip
+        op, fused = self._fused_op("forward_train", residual, activation)
         save_mean, save_invstd, save_m2 = mean, invstd, m2
         outer, channels, inner = x.shape
         count = outer * inner
@@ -133,7 +173,7 @@ class CBackend:
         # scratch, so that y (which may be x) is untouched when the check fails
         y_written = np.empty_like(y) if nan_check else y
         self._call(
-            "forward_train",
+            op,
             x.dtype,
             _pointer(x),
             outer,
@@ -148,6 +188,7 @@ class CBackend:
             _pointer(batch_mean),
             _pointer(batch_var),
             1.0,  # momentum 1 from zeros: the running buffers receive the batch statistics
+            *fused,
         )
         save_mean[:] = mean
         save_invstd[:] = invstd
@@ -161,10 +202,12 @@ class CBackend:
             running_update(*running[:2], float(count), save_mean, save_m2, *running[2:])
         return True
 
-    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y):
+    def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
+                     activation=None):  # fmt: skip
+        op, fused = self._fused_op("forward_eval", residual, activation)
         outer, channels, inner = x.shape
         self._call(
-            "forward_eval",
+            op,
             x.dtype,
             _pointer(x),
             outer,
@@ -176,14 +219,22 @@ class CBackend:
             _pointer(running_var),
             eps,
             _pointer(y),
+            *fused,
         )
 
-    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+    def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, activation=None,
+                 y=None, grad=None):  # fmt: skip
+        """The plain backward, or with an ``activation`` nbn_backward_ex: the gradient through
+        it (from the forward's ``y``) into ``grad``, then the backward on it, in one call."""
+        op, through = "backward", ()
+        if activation is not None:
+            op, (_, code) = self._fused_op("backward", None, activation)
+            through = (_pointer(y), code, _pointer(grad))
         outer, channels, inner = x.shape
         mean_t, invstd_t = mean.astype(x.dtype), invstd.astype(x.dtype)
         dweight, dbias = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
         self._call(
-            "backward",
+            op,
             x.dtype,
             _pointer(dy),
             _pointer(x),
@@ -196,6 +247,7 @@ class CBackend:
             _pointer(dx),
             _pointer(dweight),
             _pointer(dbias),
+            *through,
         )
         sum_dy[:] = dbias
         # dweight = invstd * sum_dy_xmu, in float64; nothing to recover where invstd = 0
@@ -208,7 +260,19 @@ class CBackend:
         return self._cpu.batch_stats(x, **vectors)
 
     def normalize(self, x, **vectors):
+        """The CPU backend's, residual= and activation= included."""
         self._cpu.normalize(x, **vectors)
+
+    # ----------------------------------------------------------------------- in NumPy
+    def activation_grad(self, dy, y, *, activation, grad):
+        """grad (=, like dy) = dy where y > 0, else 0 (``activation="relu"``): the gradient
+        through the fused forward's activation, from its output ``y``. NumPy, exact (see the
+        module's docstring); grad may be dy."""
+        if activation != "relu":
+            raise ValueError(f"activation_grad: unknown activation {activation!r}")
+        cut = np.logical_not(y > 0)  # before grad is written: NaN in y cuts too
+        np.copyto(grad, dy)
+        np.copyto(grad, 0, where=cut)
 
     def backward_sums(self, dy, x, **vectors):
         self._cpu.backward_sums(dy, x, **vectors)

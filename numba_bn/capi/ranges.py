@@ -15,6 +15,12 @@ argument's C type; the build generates the C declarations from them (nbn_kernels
 nothing allocates (``part`` and ``scratch`` come from the shim). Partials ``part`` are
 ``(3, parts, C)`` (count, mean, M2) or ``(2, parts, C)`` (sum_dy, sum_dy_xmu).
 
+The forward's elementwise pass takes a residual ``z`` (like x; x itself when there is none, never
+read then) and an ``epilogue`` code (:mod:`numba_bn.cpu.kernels`: bit 0 adds z, bit 1 applies
+ReLU). The kernels need the code as a compile-time constant, so the drivers branch on it once and
+call a specialisation per code: a code read at run time inside the loop would cost the plain pass
+its speed. An unknown code computes nothing (the shim checks codes first).
+
 =========================  ==========================================  ========================
 function                   items                                       writes
 =========================  ==========================================  ========================
@@ -23,6 +29,7 @@ train_plane_channels       channels (fused)                            y, coef, 
 stats_items                reduction items                             part
 train_from_parts           channels: merge in part order, coefficients coef, statistics
 normalize_items            elementwise items                           y
+relu_grad_items            flat items                                  g
 update_running             -                                           running_mean, _var
 eval_coefficients          -                                           coef
 backward_plane_channels    channels (fused)                            dx, coef, sums
@@ -35,9 +42,17 @@ dx_items                   elementwise items                           dx
 from numba import carray
 
 from ..cpu import items
+from ..cpu.kernels import (
+    EPILOGUE_ADD,
+    EPILOGUE_ADD_RELU,
+    EPILOGUE_NONE,
+    EPILOGUE_RELU,
+    plane_channel_backward,
+    plane_channel_train,
+    relu_grad_range,
+)
 from ..cpu.kernels import eval_coefficients as _eval_coefficients
-from ..cpu.kernels import plane_channel_backward, plane_channel_train
-from ..stats import AFFINE_ROWS, DX_ROWS, running_update
+from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
 
 # C types of the arguments; T becomes float or double.
 IN = "const T *"
@@ -48,23 +63,43 @@ OUTI64 = "int64_t *"
 I64 = "int64_t"
 F64 = "double"
 
-#: Constants the shim needs: coefficient rows, the per-thread scratch of a reduction item, and
-#: the order of the fields plan() writes (NBN_PLAN_<FIELD>).
+#: The fields plan() writes: the partition of :func:`numba_bn.cpu.items.plan`, then the flat
+#: items of a pass that needs no channel (relu_grad_items) over the whole tensor.
+PLAN_FIELDS = (*items.PLAN_FIELDS, "flat_items", "flat_item_elements")
+_FLAT_FIELD = len(items.PLAN_FIELDS)
+
+#: Constants the shim needs: coefficient rows, the per-thread scratch of a reduction item, the
+#: epilogue bits, and the order of the fields plan() writes (NBN_PLAN_<FIELD>).
 CONSTANTS = {
     "AFFINE_ROWS": AFFINE_ROWS,
     "DX_ROWS": DX_ROWS,
     "ITEM_SCRATCH": items.ITEM_SCRATCH_SHAPE[0] * items.ITEM_SCRATCH_SHAPE[1],
-    "PLAN_SIZE": len(items.PLAN_FIELDS),
-    **{f"PLAN_{field.upper()}": index for index, field in enumerate(items.PLAN_FIELDS)},
+    "EPILOGUE_NONE": EPILOGUE_NONE,
+    "EPILOGUE_ADD": EPILOGUE_ADD,
+    "EPILOGUE_RELU": EPILOGUE_RELU,
+    "PLAN_SIZE": len(PLAN_FIELDS),
+    **{f"PLAN_{field.upper()}": index for index, field in enumerate(PLAN_FIELDS)},
 }
 
 
 def plan(outer: I64, channels: I64, inner: I64, threads: I64, plan_ptr: OUTI64):
-    """The partition of a call (:func:`numba_bn.cpu.items.plan`) for ``threads`` threads."""
-    items.plan(outer, channels, inner, threads, carray(plan_ptr, len(items.PLAN_FIELDS)))
+    """The partition of a call (:func:`numba_bn.cpu.items.plan`) for ``threads`` threads, and
+    the flat items of the whole tensor (:func:`numba_bn.cpu.items.flat_items`)."""
+    out = carray(plan_ptr, len(PLAN_FIELDS))
+    items.plan(outer, channels, inner, threads, out)
+    size = outer * channels * inner
+    start, stop = items.flat_item(0, size)
+    out[_FLAT_FIELD] = items.flat_items(size)
+    out[_FLAT_FIELD + 1] = stop - start
 
 
 # ---------------------------------------------------------------------------------- forward
+@kernel(inline="always")
+def _train_channels(x, first, last, eps, weight, bias, coef, y, mean, invstd, m2, z, epilogue):
+    for c in range(first, last):
+        plane_channel_train(x, c, eps, weight, bias, coef, y, mean, invstd, m2, z, epilogue)
+
+
 def train_plane_channels(
     x_ptr: IN,
     outer: I64,
@@ -82,16 +117,30 @@ def train_plane_channels(
     mean_ptr: OUT64,
     invstd_ptr: OUT64,
     m2_ptr: OUT64,
+    z_ptr: IN,
+    epilogue: I64,
 ):
-    """Channels first:last of the planes layout, each start to finish (statistics, y)."""
-    x = carray(x_ptr, (outer, channels, inner))
-    y = carray(y_ptr, (outer, channels, inner))
+    """Channels first:last of the planes layout, each start to finish (statistics, y with the
+    epilogue)."""
+    shape = (outer, channels, inner)
+    x, y, z = carray(x_ptr, shape), carray(y_ptr, shape), carray(z_ptr, shape)
     weight, bias = carray(weight_ptr, n_weight), carray(bias_ptr, n_bias)
     coef = carray(coef_ptr, (AFFINE_ROWS, channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
     m2 = carray(m2_ptr, channels)
-    for c in range(first, last):
-        plane_channel_train(x, c, eps, weight, bias, coef, y, mean, invstd, m2)
+    # spelt out per code: a call through *args would type the code as a plain int64
+    if epilogue == EPILOGUE_NONE:
+        _train_channels(x, first, last, eps, weight, bias, coef, y, mean, invstd, m2, z,
+                        EPILOGUE_NONE)  # fmt: skip
+    elif epilogue == EPILOGUE_ADD:
+        _train_channels(x, first, last, eps, weight, bias, coef, y, mean, invstd, m2, z,
+                        EPILOGUE_ADD)  # fmt: skip
+    elif epilogue == EPILOGUE_RELU:
+        _train_channels(x, first, last, eps, weight, bias, coef, y, mean, invstd, m2, z,
+                        EPILOGUE_RELU)  # fmt: skip
+    elif epilogue == EPILOGUE_ADD_RELU:
+        _train_channels(x, first, last, eps, weight, bias, coef, y, mean, invstd, m2, z,
+                        EPILOGUE_ADD_RELU)  # fmt: skip
 
 
 def stats_items(
@@ -140,6 +189,12 @@ def train_from_parts(
         items.train_channel(c, part, count, eps, weight, bias, coef, mean, invstd, m2)
 
 
+@kernel(inline="always")
+def _normalize_items(x, y, shape, first, last, coef, z, epilogue):
+    for item in range(first, last):
+        items.normalize_item(x, y, shape, item, coef, z, epilogue)
+
+
 def normalize_items(
     x_ptr: IN,
     outer: I64,
@@ -149,13 +204,22 @@ def normalize_items(
     last: I64,
     coef_ptr: IN,
     y_ptr: OUT,
+    z_ptr: IN,
+    epilogue: I64,
 ):
-    """y of elementwise items first:last."""
+    """y of elementwise items first:last, with the epilogue."""
     size = outer * channels * inner
-    x, y = carray(x_ptr, size), carray(y_ptr, size)
+    x, y, z = carray(x_ptr, size), carray(y_ptr, size), carray(z_ptr, size)
     coef = carray(coef_ptr, (AFFINE_ROWS, channels))
-    for item in range(first, last):
-        items.normalize_item(x, y, (outer, channels, inner), item, coef)
+    shape = (outer, channels, inner)
+    if epilogue == EPILOGUE_NONE:  # spelt out as in train_plane_channels
+        _normalize_items(x, y, shape, first, last, coef, z, EPILOGUE_NONE)
+    elif epilogue == EPILOGUE_ADD:
+        _normalize_items(x, y, shape, first, last, coef, z, EPILOGUE_ADD)
+    elif epilogue == EPILOGUE_RELU:
+        _normalize_items(x, y, shape, first, last, coef, z, EPILOGUE_RELU)
+    elif epilogue == EPILOGUE_ADD_RELU:
+        _normalize_items(x, y, shape, first, last, coef, z, EPILOGUE_ADD_RELU)
 
 
 def update_running(
@@ -288,6 +352,22 @@ def dx_items(
         items.dx_item(dy, x, dx, (outer, channels, inner), item, coef)
 
 
+def relu_grad_items(
+    dy_ptr: IN,
+    y_ptr: IN,
+    size: I64,
+    first: I64,
+    last: I64,
+    g_ptr: OUT,
+):
+    """g = dy where y > 0, else 0, over flat items first:last (the gradient through a fused
+    forward's ReLU, from its output y)."""
+    dy, y, g = carray(dy_ptr, size), carray(y_ptr, size), carray(g_ptr, size)
+    for item in range(first, last):
+        start, stop = items.flat_item(item, size)
+        relu_grad_range(dy, y, g, start, stop)
+
+
 #: In the order of the generated C table (struct nbn_dtype_kernels of nbn_kernels.h).
 EXPORTED = (
     plan,
@@ -301,4 +381,5 @@ EXPORTED = (
     sums_items,
     dx_from_parts,
     dx_items,
+    relu_grad_items,
 )

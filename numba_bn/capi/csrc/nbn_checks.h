@@ -1,7 +1,9 @@
 /* nbn_checks.h: the argument checks of numba_bn.h, shared by every C backend in csrc/.
  *
  * Order: NULL pointers (NBN_ERR_NULL), then shapes (NBN_ERR_SHAPE), then values
- * (NBN_ERR_VALUE), so a call with several problems reports the first in that order. A backend
+ * (NBN_ERR_VALUE), then overlapping buffers (NBN_ERR_ALIAS), so a call with several problems
+ * reports the first in that order. The checks of the _ex entry points (1.1) are those of the
+ * plain ones plus their own arguments, in the same order. A backend
  * then sizes its scratch with nbn_mul, nbn_add and nbn_bytes: a shape can pass these checks and
  * still need more scratch than any address space holds (NBN_ERR_SHAPE, after the value checks).
  */
@@ -80,6 +82,58 @@ static inline int nbn_check_backward(const void *dy, const void *x, int64_t oute
     return nbn_check_shape(outer, channels, inner);
 }
 
+/* An activation code of nbn_activation. */
+static inline int nbn_check_activation(int activation) {
+    return activation == NBN_ACTIVATION_NONE || activation == NBN_ACTIVATION_RELU
+               ? NBN_OK
+               : NBN_ERR_VALUE;
+}
+
+static inline int nbn_check_forward_train_ex(const void *x, int64_t outer, int64_t channels,
+                                             int64_t inner, double eps, const void *y,
+                                             const void *save_mean, const void *save_invstd,
+                                             const void *running_mean, const void *running_var,
+                                             double momentum, int activation) {
+    int status = nbn_check_forward_train(x, outer, channels, inner, eps, y, save_mean,
+                                         save_invstd, running_mean, running_var, momentum);
+    return status != NBN_OK ? status : nbn_check_activation(activation);
+}
+
+static inline int nbn_check_forward_eval_ex(const void *x, int64_t outer, int64_t channels,
+                                            int64_t inner, const void *running_mean,
+                                            const void *running_var, double eps, const void *y,
+                                            int activation) {
+    int status =
+        nbn_check_forward_eval(x, outer, channels, inner, running_mean, running_var, eps, y);
+    return status != NBN_OK ? status : nbn_check_activation(activation);
+}
+
+/* Whether two tensors of `bytes` bytes each share a byte (NULL shares none). */
+static inline int nbn_overlaps(const void *a, const void *b, size_t bytes) {
+    if (!a || !b) return 0;
+    uintptr_t p = (uintptr_t)a, q = (uintptr_t)b;
+    return p < q + bytes && q < p + bytes;
+}
+
+/* nbn_backward_ex_*: y is required with ReLU; residual_out (optional) overlaps none of x, dy,
+ * y and dx. `element` is the tensor type's size in bytes. */
+static inline int nbn_check_backward_ex(const void *dy, const void *x, int64_t outer,
+                                        int64_t channels, int64_t inner, const void *save_mean,
+                                        const void *save_invstd, const void *dx, const void *y,
+                                        int activation, const void *residual_out,
+                                        size_t element) {
+    if (activation == NBN_ACTIVATION_RELU && !y) return NBN_ERR_NULL;
+    int status = nbn_check_backward(dy, x, outer, channels, inner, save_mean, save_invstd, dx);
+    if (status == NBN_OK) status = nbn_check_activation(activation);
+    if (status != NBN_OK || !residual_out) return status;
+    /* below INT64_MAX after nbn_check_shape (8-byte elements at most) */
+    size_t bytes = (size_t)(outer * channels * inner) * element;
+    const void *inputs[] = {x, dy, y, dx};
+    for (size_t k = 0; k < sizeof inputs / sizeof inputs[0]; k++)
+        if (nbn_overlaps(residual_out, inputs[k], bytes)) return NBN_ERR_ALIAS;
+    return NBN_OK;
+}
+
 static inline const char *nbn_status_text(int status) {
     switch (status) {
     case NBN_OK: return "NBN_OK: success";
@@ -89,8 +143,10 @@ static inline const char *nbn_status_text(int status) {
                "call's scratch addressable";
     case NBN_ERR_VALUE:
         return "NBN_ERR_VALUE: training needs 2+ values per channel, eps > 0, momentum in [0, 1]; "
-               "eval needs eps >= 0";
+               "eval needs eps >= 0; activation must be an nbn_activation code";
     case NBN_ERR_INTERNAL: return "NBN_ERR_INTERNAL: out of memory or internal error";
+    case NBN_ERR_ALIAS:
+        return "NBN_ERR_ALIAS: residual_out overlaps x, dy, y or dx";
     default: return "unknown nbn_status";
     }
 }

@@ -14,6 +14,9 @@
  *       fused: one channel per item, start to finish, so x is read from memory once;
  *       otherwise: partials per reduction item, a merge per channel in part order, then the
  *         elementwise items.
+ *   - for the fused entry points (1.1), passes the residual and the epilogue code to the
+ *     forward's elementwise pass, and runs the backward on g, the gradient through the
+ *     activation (flat items into residual_out or into scratch), before the plain backward.
  * Items write disjoint outputs and each channel's merge runs in a fixed order, so results are
  * the same for any number of threads.
  */
@@ -150,6 +153,8 @@ typedef struct {
     int64_t outer, channels, inner;
     const void *dy, *x;
     void *out; /* y or dx */
+    const void *z;   /* the residual of the forward (x when there is none: never read) */
+    int64_t epilogue; /* NBN_EPILOGUE_* bits of the forward's elementwise pass */
     const void *weight, *bias;
     int64_t n_weight, n_bias;
     double eps;
@@ -158,6 +163,14 @@ typedef struct {
     double *sum_dy, *sum_dy_xmu; /* per channel */
     double *part;                /* (3 or 2, parts, channels) partials of the split layouts */
 } nbn_call;
+
+/* A pass over the flat tensor that needs no channel: g = dy where y > 0, else 0. */
+typedef struct {
+    const nbn_dtype_kernels *k;
+    int64_t size;
+    const void *dy, *y;
+    void *g;
+} nbn_flat_call;
 
 /* The partition of a call comes from the library (numba_bn/cpu/items.py, exported as `plan`):
  * whether channels run whole, the partials per channel, and the count and size of the reduction
@@ -212,7 +225,7 @@ static int32_t train_channels(const void *job, int64_t first, int64_t last, doub
     (void)scratch;
     return a->k->train_plane_channels(a->x, a->outer, a->channels, a->inner, first, last, a->eps,
                                       a->weight, a->n_weight, a->bias, a->n_bias, a->out,
-                                      a->coef, a->mean, a->invstd, a->m2);
+                                      a->coef, a->mean, a->invstd, a->m2, a->z, a->epilogue);
 }
 
 static int32_t stats(const void *job, int64_t first, int64_t last, double *scratch) {
@@ -233,7 +246,7 @@ static int32_t normalize(const void *job, int64_t first, int64_t last, double *s
     const nbn_call *a = job;
     (void)scratch;
     return a->k->normalize_items(a->x, a->outer, a->channels, a->inner, first, last, a->coef,
-                                 a->out);
+                                 a->out, a->z, a->epilogue);
 }
 
 static int32_t backward_channels(const void *job, int64_t first, int64_t last, double *scratch) {
@@ -266,17 +279,33 @@ static int32_t dx_blocks(const void *job, int64_t first, int64_t last, double *s
                           a->out);
 }
 
+static int32_t relu_grad(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_flat_call *a = job;
+    (void)scratch;
+    return a->k->relu_grad_items(a->dy, a->y, a->size, first, last, a->g);
+}
+
 /* ------------------------------------------------------------------------------ operations */
-static int forward_train(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
-                         const void *weight, const void *bias, double eps, void *y,
-                         void *save_mean, void *save_invstd, void *running_mean,
-                         void *running_var, double momentum) {
-    int status = nbn_check_forward_train(x, outer, channels, inner, eps, y, save_mean,
-                                         save_invstd, running_mean, running_var, momentum);
+/* The epilogue of the forward's elementwise pass (numba_bn/cpu/kernels.py), after
+ * nbn_check_activation. */
+static int64_t epilogue_code(const void *residual, int activation) {
+    return (residual ? NBN_EPILOGUE_ADD : NBN_EPILOGUE_NONE) |
+           (activation == NBN_ACTIVATION_RELU ? NBN_EPILOGUE_RELU : NBN_EPILOGUE_NONE);
+}
+
+static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t channels,
+                            int64_t inner, const void *weight, const void *bias, double eps,
+                            void *y, void *save_mean, void *save_invstd, void *running_mean,
+                            void *running_var, double momentum, const void *residual,
+                            int activation) {
+    int status = nbn_check_forward_train_ex(x, outer, channels, inner, eps, y, save_mean,
+                                            save_invstd, running_mean, running_var, momentum,
+                                            activation);
     if (status != NBN_OK) return status;
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y, .weight = weight, .bias = bias,
-                  .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps};
+                  .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps,
+                  .z = residual ? residual : x, .epilogue = epilogue_code(residual, activation)};
     int64_t plan[NBN_PLAN_SIZE];
     if ((status = read_plan(&a, plan)) != NBN_OK) return status;
     int whole_channels = plan[NBN_PLAN_FUSED] != 0;
@@ -310,14 +339,16 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
     return status;
 }
 
-static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
-                        const void *weight, const void *bias, const void *running_mean,
-                        const void *running_var, double eps, void *y) {
-    int status = nbn_check_forward_eval(x, outer, channels, inner, running_mean, running_var,
-                                        eps, y);
+static int forward_eval_ex(int f64, const void *x, int64_t outer, int64_t channels,
+                           int64_t inner, const void *weight, const void *bias,
+                           const void *running_mean, const void *running_var, double eps,
+                           void *y, const void *residual, int activation) {
+    int status = nbn_check_forward_eval_ex(x, outer, channels, inner, running_mean, running_var,
+                                           eps, y, activation);
     if (status != NBN_OK) return status;
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
-                  .x = x, .out = y};
+                  .x = x, .out = y, .z = residual ? residual : x,
+                  .epilogue = epilogue_code(residual, activation)};
     int64_t plan[NBN_PLAN_SIZE];
     if ((status = read_plan(&a, plan)) != NBN_OK) return status;
     double *scratch = alloc_scratch(0, nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
@@ -332,10 +363,13 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
     return status;
 }
 
-static int backward(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
-                    int64_t inner, const void *weight, const void *save_mean,
-                    const void *save_invstd, void *dx, void *dweight, void *dbias) {
-    int status = nbn_check_backward(dy, x, outer, channels, inner, save_mean, save_invstd, dx);
+static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
+                       int64_t inner, const void *weight, const void *save_mean,
+                       const void *save_invstd, void *dx, void *dweight, void *dbias,
+                       const void *y, int activation, void *residual_out) {
+    const size_t element = f64 ? sizeof(double) : sizeof(float);
+    int status = nbn_check_backward_ex(dy, x, outer, channels, inner, save_mean, save_invstd, dx,
+                                       y, activation, residual_out, element);
     if (status != NBN_OK) return status;
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .dy = dy, .x = x, .out = dx, .weight = weight,
@@ -347,11 +381,40 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
     double *scratch = alloc_scratch(nbn_add(4 * channels, n_part),
                                     nbn_mul(NBN_DX_ROWS, channels), &a.coef, &status);
     if (!scratch) return status;
+    /* g, the gradient through the activation, is what the batch-norm backward runs on: dy
+     * itself without one; with ReLU, computed into residual_out, or into a tensor of scratch
+     * (allocated before anything is written, so a call that fails writes nothing) */
+    const int64_t size = outer * channels * inner;
+    const int relu = activation == NBN_ACTIVATION_RELU;
+    void *g_scratch = NULL;
+    if (relu && !residual_out) {
+        size_t bytes;
+        status = nbn_bytes(size, element, &bytes);
+        if (status == NBN_OK && !(g_scratch = malloc(bytes))) status = NBN_ERR_INTERNAL;
+        if (status != NBN_OK) {
+            free(scratch);
+            return status;
+        }
+    }
     a.mean = scratch, a.invstd = scratch + channels;
     a.sum_dy = scratch + 2 * channels, a.sum_dy_xmu = scratch + 3 * channels;
     a.part = scratch + 4 * channels;
     load_vector(a.mean, save_mean, f64, channels);
     load_vector(a.invstd, save_invstd, f64, channels);
+
+    if (relu) {
+        nbn_flat_call g = {.k = a.k, .size = size, .dy = dy, .y = y,
+                           .g = residual_out ? residual_out : g_scratch};
+        status = parallel_items(relu_grad, &g, plan[NBN_PLAN_FLAT_ITEMS],
+                                plan[NBN_PLAN_FLAT_ITEM_ELEMENTS]);
+        a.dy = g.g;
+    } else if (residual_out) {
+        memcpy(residual_out, dy, (size_t)size * element); /* before dx, which may be dy */
+    }
+    if (status != NBN_OK) {
+        free(scratch), free(g_scratch);
+        return status;
+    }
 
     if (whole_channels) {
         status = parallel_items(backward_channels, &a, channels, outer * inner);
@@ -370,7 +433,7 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
         if (dweight) store_vector(dweight, f64, a.sum_dy_xmu, channels);
         if (dbias) store_vector(dbias, f64, a.sum_dy, channels);
     }
-    free(scratch);
+    free(scratch), free(g_scratch);
     return status;
 }
 

@@ -14,8 +14,9 @@
  *
  * Errors: every function returns an nbn_status. On failure nothing is written, except after
  * NBN_ERR_INTERNAL raised by the compute code itself (a bug), when outputs are unspecified.
- * The order of checks: NULL pointers, then shapes, then values; then the call's scratch
- * (NBN_ERR_SHAPE when its byte count would overflow, NBN_ERR_INTERNAL when malloc fails).
+ * The order of checks: NULL pointers, then shapes, then values, then overlapping buffers; then
+ * the call's scratch (NBN_ERR_SHAPE when its byte count would overflow, NBN_ERR_INTERNAL when
+ * malloc fails).
  */
 #ifndef NUMBA_BN_H
 #define NUMBA_BN_H
@@ -23,8 +24,9 @@
 #include <stdint.h>
 
 #define NBN_VERSION_MAJOR 1 /* bumped when a signature or a meaning changes */
-#define NBN_VERSION_MINOR 0 /* bumped when symbols are added */
-#define NBN_VERSION_PATCH 1 /* 1: eps <= 0 in training and scratch that overflows are refused */
+#define NBN_VERSION_MINOR 1 /* bumped when symbols are added; 1: the _ex entry points (fused
+                              residual add and activation, nbn_activation, NBN_ERR_ALIAS) */
+#define NBN_VERSION_PATCH 0 /* 1.0.1: eps <= 0 in training and scratch that overflows refused */
 #define NBN_VERSION_NUMBER (NBN_VERSION_MAJOR * 10000 + NBN_VERSION_MINOR * 100 + NBN_VERSION_PATCH)
 
 #if defined(_WIN32)
@@ -45,9 +47,19 @@ typedef enum {
     NBN_ERR_SHAPE = 2,    /* outer, channels or inner < 1, or their product (or the bytes of
                              the call's scratch) overflows */
     NBN_ERR_VALUE = 3,    /* one value per channel in training, eps <= 0 in training (< 0 in
-                             eval) or NaN, momentum outside [0, 1] or NaN */
-    NBN_ERR_INTERNAL = 4  /* out of memory for scratch, or a bug */
+                             eval) or NaN, momentum outside [0, 1] or NaN, an unknown
+                             activation code (1.1) */
+    NBN_ERR_INTERNAL = 4, /* out of memory for scratch, or a bug */
+    NBN_ERR_ALIAS = 5     /* (1.1) an output overlaps a buffer it must not: residual_out of
+                             nbn_backward_ex_* with x, dy, y or dx */
 } nbn_status;
+
+/* (1.1) The activation of the fused entry points (the `activation` argument of the _ex
+ * functions); an int in their signatures, so that codes can be added. */
+typedef enum {
+    NBN_ACTIVATION_NONE = 0, /* y = BN(x) (+ residual) */
+    NBN_ACTIVATION_RELU = 1  /* y = max(BN(x) (+ residual), 0); NaN stays NaN (as torch.relu) */
+} nbn_activation;
 
 /* NBN_VERSION_NUMBER of the library loaded: major * 10000 + minor * 100 + patch. */
 NBN_API uint32_t nbn_version(void);
@@ -98,7 +110,44 @@ NBN_API int nbn_backward_f32(const float *dy, const float *x, int64_t outer, int
                              int64_t inner, const float *weight, const float *save_mean,
                              const float *save_invstd, float *dx, float *dweight, float *dbias);
 
-/* The same three for double. */
+/* (1.1) The fused forward of a residual block, y = activation(BN(x) + residual), in the same
+ * pass over memory as the plain forward: the arguments of nbn_forward_train_f32 followed by
+ *   residual   NULL (no residual, y = activation(BN(x))) or a tensor shaped like x, read only;
+ *              y may be residual (in place) or x, and must not partially overlap either;
+ *   activation NBN_ACTIVATION_NONE or NBN_ACTIVATION_RELU (anything else: NBN_ERR_VALUE).
+ * save_mean, save_invstd and the running update are those of the plain forward (statistics of
+ * x only). With residual NULL and NBN_ACTIVATION_NONE it is nbn_forward_train_f32. */
+NBN_API int nbn_forward_train_ex_f32(const float *x, int64_t outer, int64_t channels,
+                                     int64_t inner, const float *weight, const float *bias,
+                                     double eps, float *y, float *save_mean, float *save_invstd,
+                                     float *running_mean, float *running_var, double momentum,
+                                     const float *residual, int activation);
+
+/* (1.1) The fused inference forward, y = activation(BN_eval(x) + residual): the arguments of
+ * nbn_forward_eval_f32, then residual and activation as in nbn_forward_train_ex_f32. */
+NBN_API int nbn_forward_eval_ex_f32(const float *x, int64_t outer, int64_t channels,
+                                    int64_t inner, const float *weight, const float *bias,
+                                    const float *running_mean, const float *running_var,
+                                    double eps, float *y, const float *residual, int activation);
+
+/* (1.1) Backward of the fused training forward: the arguments of nbn_backward_f32 followed by
+ *   y            the fused forward's output, shaped like x, read only: required (else
+ *                NBN_ERR_NULL) with NBN_ACTIVATION_RELU, not read (may be NULL) without;
+ *   activation   the fused forward's (anything else than its codes: NBN_ERR_VALUE);
+ *   residual_out NULL (not wanted) or a tensor shaped like dy, written (=) with the gradient of
+ *                the residual, g = dL/d(BN(x) + residual):
+ *                  NBN_ACTIVATION_RELU: g = dy where y > 0, else 0;
+ *                  NBN_ACTIVATION_NONE: g = dy.
+ *                It must not overlap x, dy, y or dx (NBN_ERR_ALIAS).
+ * dx, dweight and dbias are those of nbn_backward_f32 with dy replaced by g. With
+ * residual_out NULL and relu, g lives in scratch the call allocates (one tensor) and frees.
+ * dx may be dy. With NBN_ACTIVATION_NONE and residual_out NULL it is nbn_backward_f32. */
+NBN_API int nbn_backward_ex_f32(const float *dy, const float *x, int64_t outer, int64_t channels,
+                                int64_t inner, const float *weight, const float *save_mean,
+                                const float *save_invstd, float *dx, float *dweight, float *dbias,
+                                const float *y, int activation, float *residual_out);
+
+/* The same six for double. */
 NBN_API int nbn_forward_train_f64(const double *x, int64_t outer, int64_t channels, int64_t inner,
                                   const double *weight, const double *bias, double eps, double *y,
                                   double *save_mean, double *save_invstd, double *running_mean,
@@ -111,6 +160,22 @@ NBN_API int nbn_backward_f64(const double *dy, const double *x, int64_t outer, i
                              int64_t inner, const double *weight, const double *save_mean,
                              const double *save_invstd, double *dx, double *dweight,
                              double *dbias);
+NBN_API int nbn_forward_train_ex_f64(const double *x, int64_t outer, int64_t channels,
+                                     int64_t inner, const double *weight, const double *bias,
+                                     double eps, double *y, double *save_mean,
+                                     double *save_invstd, double *running_mean,
+                                     double *running_var, double momentum,
+                                     const double *residual, int activation);
+NBN_API int nbn_forward_eval_ex_f64(const double *x, int64_t outer, int64_t channels,
+                                    int64_t inner, const double *weight, const double *bias,
+                                    const double *running_mean, const double *running_var,
+                                    double eps, double *y, const double *residual,
+                                    int activation);
+NBN_API int nbn_backward_ex_f64(const double *dy, const double *x, int64_t outer,
+                                int64_t channels, int64_t inner, const double *weight,
+                                const double *save_mean, const double *save_invstd, double *dx,
+                                double *dweight, double *dbias, const double *y, int activation,
+                                double *residual_out);
 
 #ifdef __cplusplus
 }

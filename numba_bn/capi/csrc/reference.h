@@ -107,6 +107,21 @@ static void reference_backward(const double *dy, const double *x, int64_t outer,
     }
 }
 
+/* The epilogue of the fused forward (numba_bn.h 1.1), applied to y: y + residual (residual may
+ * be NULL: none), then, when relu, max(., 0) keeping NaN. */
+static void reference_epilogue(double *y, int64_t size, const double *residual, int relu) {
+    for (int64_t k = 0; k < size; k++) {
+        double v = residual ? y[k] + residual[k] : y[k];
+        y[k] = relu && v < 0.0 ? 0.0 : v;
+    }
+}
+
+/* The gradient through the fused forward's ReLU, from its output y: g = dy where y > 0, else 0
+ * (NaN y included). It is the residual's gradient, and the batch norm backward runs on it. */
+static void reference_relu_grad(const double *dy, const double *y, int64_t size, double *g) {
+    for (int64_t k = 0; k < size; k++) g[k] = y[k] > 0.0 ? dy[k] : 0.0;
+}
+
 #undef NBN_AT
 
 #endif /* NBN_REFERENCE_H */

@@ -4,7 +4,8 @@
  * rounded back to the tensor type. Slow and simple on purpose: it is what numba_bn's tests
  * compare against, and the template for anyone who plugs their own C kernels into numba_bn
  * (`numba_bn.register_backend("mine", "libmine.so")`). The typed nbn_*_f32/_f64 entry points
- * come from nbn_entry_points.h, over the three generic operations below.
+ * and their _ex variants (1.1: residual and activation) come from nbn_entry_points.h, over the
+ * three generic operations below.
  *
  *   cc -std=c11 -O2 -fPIC -shared -I $CSRC $CSRC/reference_backend.c -o libnbn_reference.so -lm
  *   (CSRC: this folder, numba_bn/capi/csrc; installed, numba_bn.capi.csrc_dir())
@@ -53,12 +54,14 @@ static int check_copies(int64_t outer, int64_t channels, int64_t inner) {
 }
 
 /* ------------------------------------------------------------------------------ operations */
-static int forward_train(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
-                         const void *weight, const void *bias, double eps, void *y,
-                         void *save_mean, void *save_invstd, void *running_mean,
-                         void *running_var, double momentum) {
-    int status = nbn_check_forward_train(x, outer, channels, inner, eps, y, save_mean,
-                                         save_invstd, running_mean, running_var, momentum);
+static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t channels,
+                            int64_t inner, const void *weight, const void *bias, double eps,
+                            void *y, void *save_mean, void *save_invstd, void *running_mean,
+                            void *running_var, double momentum, const void *residual,
+                            int activation) {
+    int status = nbn_check_forward_train_ex(x, outer, channels, inner, eps, y, save_mean,
+                                            save_invstd, running_mean, running_var, momentum,
+                                            activation);
     if (status == NBN_OK) status = check_copies(outer, channels, inner);
     if (status != NBN_OK) return status;
     int64_t size = outer * channels * inner;
@@ -68,12 +71,14 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
     double *bd = optional_to_double(bias, f64, channels, &failed);
     double *rm = optional_to_double(running_mean, f64, channels, &failed);
     double *rv = optional_to_double(running_var, f64, channels, &failed);
+    double *zd = optional_to_double(residual, f64, size, &failed);
     double *yd = malloc((size_t)size * sizeof(double));
     double *stats = malloc(3 * (size_t)channels * sizeof(double));
     if (!failed && yd && stats) {
         double *mean = stats, *invstd = stats + channels, *var_unbiased = stats + 2 * channels;
         reference_forward_train(xd, outer, channels, inner, wd, bd, eps, yd, mean, invstd,
                                 var_unbiased);
+        reference_epilogue(yd, size, zd, activation == NBN_ACTIVATION_RELU);
         from_double(y, f64, yd, size);
         from_double(save_mean, f64, mean, channels);
         from_double(save_invstd, f64, invstd, channels);
@@ -85,15 +90,16 @@ static int forward_train(int f64, const void *x, int64_t outer, int64_t channels
     } else {
         status = NBN_ERR_INTERNAL;
     }
-    free(xd), free(wd), free(bd), free(rm), free(rv), free(yd), free(stats);
+    free(xd), free(wd), free(bd), free(rm), free(rv), free(zd), free(yd), free(stats);
     return status;
 }
 
-static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels, int64_t inner,
-                        const void *weight, const void *bias, const void *running_mean,
-                        const void *running_var, double eps, void *y) {
-    int status = nbn_check_forward_eval(x, outer, channels, inner, running_mean, running_var,
-                                        eps, y);
+static int forward_eval_ex(int f64, const void *x, int64_t outer, int64_t channels,
+                           int64_t inner, const void *weight, const void *bias,
+                           const void *running_mean, const void *running_var, double eps,
+                           void *y, const void *residual, int activation) {
+    int status = nbn_check_forward_eval_ex(x, outer, channels, inner, running_mean, running_var,
+                                           eps, y, activation);
     if (status == NBN_OK) status = check_copies(outer, channels, inner);
     if (status != NBN_OK) return status;
     int64_t size = outer * channels * inner;
@@ -103,22 +109,27 @@ static int forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
     double *bd = optional_to_double(bias, f64, channels, &failed);
     double *rm = optional_to_double(running_mean, f64, channels, &failed);
     double *rv = optional_to_double(running_var, f64, channels, &failed);
+    double *zd = optional_to_double(residual, f64, size, &failed);
     double *yd = malloc((size_t)size * sizeof(double));
     double *invstd = malloc((size_t)channels * sizeof(double));
     if (!failed && yd && invstd) {
         reference_forward_eval(xd, outer, channels, inner, wd, bd, rm, rv, eps, invstd, yd);
+        reference_epilogue(yd, size, zd, activation == NBN_ACTIVATION_RELU);
         from_double(y, f64, yd, size);
     } else {
         status = NBN_ERR_INTERNAL;
     }
-    free(xd), free(wd), free(bd), free(rm), free(rv), free(yd), free(invstd);
+    free(xd), free(wd), free(bd), free(rm), free(rv), free(zd), free(yd), free(invstd);
     return status;
 }
 
-static int backward(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
-                    int64_t inner, const void *weight, const void *save_mean,
-                    const void *save_invstd, void *dx, void *dweight, void *dbias) {
-    int status = nbn_check_backward(dy, x, outer, channels, inner, save_mean, save_invstd, dx);
+static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
+                       int64_t inner, const void *weight, const void *save_mean,
+                       const void *save_invstd, void *dx, void *dweight, void *dbias,
+                       const void *y, int activation, void *residual_out) {
+    int status = nbn_check_backward_ex(dy, x, outer, channels, inner, save_mean, save_invstd, dx,
+                                       y, activation, residual_out,
+                                       f64 ? sizeof(double) : sizeof(float));
     if (status == NBN_OK) status = check_copies(outer, channels, inner);
     if (status != NBN_OK) return status;
     int64_t size = outer * channels * inner;
@@ -128,18 +139,23 @@ static int backward(int f64, const void *dy, const void *x, int64_t outer, int64
     double *wd = optional_to_double(weight, f64, channels, &failed);
     double *mean = optional_to_double(save_mean, f64, channels, &failed);
     double *invstd = optional_to_double(save_invstd, f64, channels, &failed);
+    int relu = activation == NBN_ACTIVATION_RELU;
+    double *yd = relu ? optional_to_double(y, f64, size, &failed) : NULL;
     double *dxd = malloc((size_t)size * sizeof(double));
     double *sums = malloc(2 * (size_t)channels * sizeof(double));
     if (!failed && dxd && sums) {
+        /* g, the gradient through the activation: the residual's, and what dx comes from */
+        if (relu) reference_relu_grad(dyd, yd, size, dyd);
         reference_backward(dyd, xd, outer, channels, inner, wd, mean, invstd, dxd, sums,
                            sums + channels);
         from_double(dx, f64, dxd, size);
         if (dweight) from_double(dweight, f64, sums, channels);
         if (dbias) from_double(dbias, f64, sums + channels, channels);
+        if (residual_out) from_double(residual_out, f64, dyd, size);
     } else {
         status = NBN_ERR_INTERNAL;
     }
-    free(dyd), free(xd), free(wd), free(mean), free(invstd), free(dxd), free(sums);
+    free(dyd), free(xd), free(wd), free(mean), free(invstd), free(yd), free(dxd), free(sums);
     return status;
 }
 

@@ -6,12 +6,13 @@
  * builds and runs it against a library built from the installed wheel.
  *
  * For several shapes (planes and rows, one and many blocks, chunks and tiles), both types, with
- * and without weight/bias, it checks the six compute functions against the double-precision
- * reference of reference.h, that 1 and 2 threads give identical bits, that in-place calls give
- * the bits of out-of-place ones, the status code of each kind of bad argument (shapes whose
- * scratch cannot exist included) and that a failed call writes nothing, and that eval with
- * eps = 0 follows IEEE. Prints one line per failure (line-buffered, so a crash keeps them) and a
- * summary; exit status 0 when all pass.
+ * and without weight/bias, it checks the six compute functions and the six fused _ex ones (1.1:
+ * residual add, ReLU, the residual's gradient) against the double-precision reference of
+ * reference.h, that 1 and 2 threads give identical bits, that in-place calls give the bits of
+ * out-of-place ones, the status code of each kind of bad argument (shapes whose scratch cannot
+ * exist, unknown activations and an overlapping residual_out included) and that a failed call
+ * writes nothing, and that eval with eps = 0 follows IEEE. Prints one line per failure
+ * (line-buffered, so a crash keeps them) and a summary; exit status 0 when all pass.
  */
 #include <math.h>
 #include <stdio.h>
@@ -136,19 +137,67 @@ static int back(const tensor *dy, const tensor *x, int64_t o, int64_t c, int64_t
                             dw ? dw->t : NULL, db ? db->t : NULL);
 }
 
+static int train_ex(const tensor *x, int64_t o, int64_t c, int64_t i, const tensor *w,
+                    const tensor *b, double eps, tensor *y, tensor *mean, tensor *invstd,
+                    const tensor *z, int activation) {
+    if (x->f64)
+        return nbn_forward_train_ex_f64(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, eps,
+                                        y->t, mean->t, invstd->t, NULL, NULL, 0.1,
+                                        z ? z->t : NULL, activation);
+    return nbn_forward_train_ex_f32(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, eps, y->t,
+                                    mean->t, invstd->t, NULL, NULL, 0.1, z ? z->t : NULL,
+                                    activation);
+}
+
+static int eval_ex(const tensor *x, int64_t o, int64_t c, int64_t i, const tensor *w,
+                   const tensor *b, const tensor *rm, const tensor *rv, double eps, tensor *y,
+                   const tensor *z, int activation) {
+    if (x->f64)
+        return nbn_forward_eval_ex_f64(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, rm->t,
+                                       rv->t, eps, y->t, z ? z->t : NULL, activation);
+    return nbn_forward_eval_ex_f32(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, rm->t,
+                                   rv->t, eps, y->t, z ? z->t : NULL, activation);
+}
+
+static int back_ex(const tensor *dy, const tensor *x, int64_t o, int64_t c, int64_t i,
+                   const tensor *w, const tensor *mean, const tensor *invstd, tensor *dx,
+                   tensor *dw, tensor *db, const tensor *y, int activation, tensor *dz) {
+    if (x->f64)
+        return nbn_backward_ex_f64(dy->t, x->t, o, c, i, w ? w->t : NULL, mean->t, invstd->t,
+                                   dx->t, dw ? dw->t : NULL, db ? db->t : NULL, y ? y->t : NULL,
+                                   activation, dz ? dz->t : NULL);
+    return nbn_backward_ex_f32(dy->t, x->t, o, c, i, w ? w->t : NULL, mean->t, invstd->t, dx->t,
+                               dw ? dw->t : NULL, db ? db->t : NULL, y ? y->t : NULL, activation,
+                               dz ? dz->t : NULL);
+}
+
+/* The library's values of a tensor, as doubles (n of them): what the reference is given. */
+static double *values(const tensor *a) {
+    double *v = calloc((size_t)a->n, sizeof(double));
+    for (int64_t k = 0; k < a->n; k++) v[k] = get(a, k);
+    return v;
+}
+
 /* ------------------------------------------------------------- results against the reference */
 typedef struct {
     tensor y, mean, invstd, rm, rv, y_eval, dx, dw, db;
+    /* the fused entry points: y = relu(BN(x) + z), and the backward with residual_out dz */
+    tensor fy, fmean, finvstd, fy_eval, fdx, fdw, fdb, fdz;
 } results;
 
-static results run_all(const tensor *x, const tensor *dy, int64_t o, int64_t c, int64_t i,
-                       const tensor *w, const tensor *b, double eps, double momentum,
+static results run_all(const tensor *x, const tensor *dy, const tensor *z, int64_t o, int64_t c,
+                       int64_t i, const tensor *w, const tensor *b, double eps, double momentum,
                        const char *context) {
     int f64 = x->f64;
     int64_t size = o * c * i;
-    results r = {make(f64, size), make(f64, c), make(f64, c), make(f64, c), make(f64, c),
-                 make(f64, size), make(f64, size), make(f64, c), make(f64, c)};
-    tensor *outputs[] = {&r.y, &r.mean, &r.invstd, &r.y_eval, &r.dx, &r.dw, &r.db};
+    results r = {make(f64, size), make(f64, c),    make(f64, c),    make(f64, c),
+                 make(f64, c),    make(f64, size), make(f64, size), make(f64, c),
+                 make(f64, c),    make(f64, size), make(f64, c),    make(f64, c),
+                 make(f64, size), make(f64, size), make(f64, c),    make(f64, c),
+                 make(f64, size)};
+    tensor *outputs[] = {&r.y,  &r.mean,    &r.invstd, &r.y_eval,  &r.dx,  &r.dw,  &r.db,
+                         &r.fy, &r.fmean,   &r.finvstd, &r.fy_eval, &r.fdx, &r.fdw, &r.fdb,
+                         &r.fdz};
     for (size_t k = 0; k < sizeof outputs / sizeof outputs[0]; k++) poison(outputs[k]);
     for (int64_t k = 0; k < c; k++) r.rm.d[k] = 0.5 * k, r.rv.d[k] = 1.0 + 0.25 * k;
     sync_from_double(&r.rm), sync_from_double(&r.rv);
@@ -158,19 +207,28 @@ static results run_all(const tensor *x, const tensor *dy, int64_t o, int64_t c, 
           "forward_eval returns NBN_OK", context);
     check(back(dy, x, o, c, i, w, &r.mean, &r.invstd, &r.dx, &r.dw, &r.db) == 0,
           "backward returns NBN_OK", context);
+    check(train_ex(x, o, c, i, w, b, eps, &r.fy, &r.fmean, &r.finvstd, z,
+                   NBN_ACTIVATION_RELU) == NBN_OK,
+          "forward_train_ex (residual, relu) returns NBN_OK", context);
+    check(eval_ex(x, o, c, i, w, b, &r.rm, &r.rv, eps, &r.fy_eval, z, NBN_ACTIVATION_RELU) ==
+              NBN_OK, "forward_eval_ex (residual, relu) returns NBN_OK", context);
+    check(back_ex(dy, x, o, c, i, w, &r.fmean, &r.finvstd, &r.fdx, &r.fdw, &r.fdb, &r.fy,
+                  NBN_ACTIVATION_RELU, &r.fdz) == NBN_OK,
+          "backward_ex (relu, residual_out) returns NBN_OK", context);
     return r;
 }
 
 static void release_results(results *r) {
-    tensor *all[] = {&r->y, &r->mean, &r->invstd, &r->rm, &r->rv, &r->y_eval, &r->dx, &r->dw,
-                     &r->db};
+    tensor *all[] = {&r->y,   &r->mean,    &r->invstd,  &r->rm,  &r->rv,  &r->y_eval,
+                     &r->dx,  &r->dw,      &r->db,      &r->fy,  &r->fmean, &r->finvstd,
+                     &r->fy_eval, &r->fdx, &r->fdw,     &r->fdb, &r->fdz};
     for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) release(all[k]);
 }
 
 static void check_against_reference(const results *r, const tensor *x, const tensor *dy,
-                                    int64_t o, int64_t c, int64_t i, const tensor *w,
-                                    const tensor *b, double eps, double momentum,
-                                    const char *context) {
+                                    const tensor *z, int64_t o, int64_t c, int64_t i,
+                                    const tensor *w, const tensor *b, double eps,
+                                    double momentum, const char *context) {
     int64_t size = o * c * i;
     double tol = x->f64 ? 1e-12 : 2e-6;
     double *y = calloc((size_t)size, sizeof(double)), *dx = calloc((size_t)size, sizeof(double));
@@ -197,7 +255,25 @@ static void check_against_reference(const results *r, const tensor *x, const ten
     check_close(&r->dx, dx, x->f64 ? 1e-10 : 2e-5, "backward dx", context);
     check_close(&r->dw, dw, tol, "backward dweight", context);
     check_close(&r->db, db, tol, "backward dbias", context);
-    free(y), free(dx), free(v);
+
+    /* fused: y = relu(BN(x) + z); its backward from the library's own y and statistics */
+    reference_forward_train(x->d, o, c, i, wd, bd, eps, y, mean, invstd, var_u);
+    reference_epilogue(y, size, z->d, 1);
+    check_close(&r->fy, y, tol, "forward_train_ex y (residual, relu)", context);
+    check_close(&r->fmean, mean, tol, "forward_train_ex save_mean", context);
+    check_close(&r->finvstd, invstd, tol, "forward_train_ex save_invstd", context);
+    reference_forward_eval(x->d, o, c, i, wd, bd, rm, rv, eps, scratch, y);
+    reference_epilogue(y, size, z->d, 1);
+    check_close(&r->fy_eval, y, tol, "forward_eval_ex y (residual, relu)", context);
+    double *fy = values(&r->fy), *g = calloc((size_t)size, sizeof(double));
+    reference_relu_grad(dy->d, fy, size, g);
+    check_close(&r->fdz, g, 0.0, "backward_ex residual_out is dy where y > 0, else 0", context);
+    for (int64_t k = 0; k < c; k++) mean[k] = get(&r->fmean, k), invstd[k] = get(&r->finvstd, k);
+    reference_backward(g, x->d, o, c, i, wd, mean, invstd, dx, dw, db);
+    check_close(&r->fdx, dx, x->f64 ? 1e-10 : 2e-5, "backward_ex dx (relu)", context);
+    check_close(&r->fdw, dw, tol, "backward_ex dweight (relu)", context);
+    check_close(&r->fdb, db, tol, "backward_ex dbias (relu)", context);
+    free(y), free(dx), free(v), free(fy), free(g);
 }
 
 static void check_same_bits(const results *a, const results *b, const char *what,
@@ -206,7 +282,11 @@ static void check_same_bits(const results *a, const results *b, const char *what
                same_bits(&a->invstd, &b->invstd) && same_bits(&a->rm, &b->rm) &&
                same_bits(&a->rv, &b->rv) && same_bits(&a->y_eval, &b->y_eval) &&
                same_bits(&a->dx, &b->dx) && same_bits(&a->dw, &b->dw) &&
-               same_bits(&a->db, &b->db);
+               same_bits(&a->db, &b->db) && same_bits(&a->fy, &b->fy) &&
+               same_bits(&a->fmean, &b->fmean) && same_bits(&a->finvstd, &b->finvstd) &&
+               same_bits(&a->fy_eval, &b->fy_eval) && same_bits(&a->fdx, &b->fdx) &&
+               same_bits(&a->fdw, &b->fdw) && same_bits(&a->fdb, &b->fdb) &&
+               same_bits(&a->fdz, &b->fdz);
     check(same, what, context);
 }
 
@@ -228,6 +308,88 @@ static void check_in_place(const results *r, const tensor *x, const tensor *dy, 
     release(&buffer), release(&mean), release(&invstd);
 }
 
+/* The fused entry points in place: y = x, y = residual, dx = dy give the out-of-place bits. */
+static void check_fused_in_place(const results *r, const tensor *x, const tensor *dy,
+                                 const tensor *z, int64_t o, int64_t c, int64_t i,
+                                 const tensor *w, const tensor *b, double eps,
+                                 const char *context) {
+    int f64 = x->f64;
+    size_t bytes = (size_t)(o * c * i) * (f64 ? 8 : 4);
+    tensor buffer = make(f64, o * c * i), dz = make(f64, o * c * i);
+    tensor mean = make(f64, c), invstd = make(f64, c);
+    memcpy(buffer.t, x->t, bytes);
+    train_ex(&buffer, o, c, i, w, b, eps, &buffer, &mean, &invstd, z, NBN_ACTIVATION_RELU);
+    check(same_bits(&buffer, &r->fy), "forward_train_ex in place (y = x)", context);
+    memcpy(buffer.t, z->t, bytes);
+    train_ex(x, o, c, i, w, b, eps, &buffer, &mean, &invstd, &buffer, NBN_ACTIVATION_RELU);
+    check(same_bits(&buffer, &r->fy), "forward_train_ex in place (y = residual)", context);
+    memcpy(buffer.t, z->t, bytes);
+    eval_ex(x, o, c, i, w, b, &r->rm, &r->rv, eps, &buffer, &buffer, NBN_ACTIVATION_RELU);
+    check(same_bits(&buffer, &r->fy_eval), "forward_eval_ex in place (y = residual)", context);
+    memcpy(buffer.t, dy->t, bytes);
+    back_ex(&buffer, x, o, c, i, w, &r->fmean, &r->finvstd, &buffer, NULL, NULL, &r->fy,
+            NBN_ACTIVATION_RELU, &dz);
+    check(same_bits(&buffer, &r->fdx) && same_bits(&dz, &r->fdz),
+          "backward_ex in place (dx = dy), with residual_out", context);
+    release(&buffer), release(&dz), release(&mean), release(&invstd);
+}
+
+/* The other epilogues against the reference (residual without relu, relu without residual),
+ * backward_ex without residual_out, and backward_ex without activation (residual_out = dy). */
+static void check_fused_variants(const results *r, const tensor *x, const tensor *dy,
+                                 const tensor *z, int64_t o, int64_t c, int64_t i,
+                                 const tensor *w, const tensor *b, double eps,
+                                 const char *context) {
+    int f64 = x->f64;
+    int64_t size = o * c * i;
+    double tol = f64 ? 1e-12 : 2e-6;
+    const double *wd = w ? w->d : NULL, *bd = b ? b->d : NULL;
+    tensor out = make(f64, size), mean = make(f64, c), invstd = make(f64, c);
+    tensor dw = make(f64, c), db = make(f64, c), dz = make(f64, size);
+    double *y = calloc((size_t)size, sizeof(double)), *v = calloc(4 * (size_t)c, sizeof(double));
+    double *ref_mean = v, *ref_invstd = v + c, *var_u = v + 2 * c, *rm = v + 3 * c;
+    double *rv = calloc((size_t)c, sizeof(double));
+    for (int64_t k = 0; k < c; k++) rm[k] = get(&r->rm, k), rv[k] = get(&r->rv, k);
+    const struct {
+        int residual, activation;
+        const char *name;
+    } epilogues[] = {{1, NBN_ACTIVATION_NONE, "residual"}, {0, NBN_ACTIVATION_RELU, "relu"}};
+    for (size_t e = 0; e < 2; e++) {
+        char what[128];
+        const tensor *zp = epilogues[e].residual ? z : NULL;
+        int relu = epilogues[e].activation == NBN_ACTIVATION_RELU;
+        poison(&out);
+        int status = train_ex(x, o, c, i, w, b, eps, &out, &mean, &invstd, zp,
+                              epilogues[e].activation);
+        reference_forward_train(x->d, o, c, i, wd, bd, eps, y, ref_mean, ref_invstd, var_u);
+        reference_epilogue(y, size, zp ? z->d : NULL, relu);
+        snprintf(what, sizeof what, "forward_train_ex y (%s)", epilogues[e].name);
+        check(status == NBN_OK, what, context);
+        check_close(&out, y, tol, what, context);
+        poison(&out);
+        status = eval_ex(x, o, c, i, w, b, &r->rm, &r->rv, eps, &out, zp,
+                         epilogues[e].activation);
+        reference_forward_eval(x->d, o, c, i, wd, bd, rm, rv, eps, ref_invstd, y);
+        reference_epilogue(y, size, zp ? z->d : NULL, relu);
+        snprintf(what, sizeof what, "forward_eval_ex y (%s)", epilogues[e].name);
+        check(status == NBN_OK, what, context);
+        check_close(&out, y, tol, what, context);
+    }
+    poison(&out), poison(&dw), poison(&db);
+    check(back_ex(dy, x, o, c, i, w, &r->fmean, &r->finvstd, &out, &dw, &db, &r->fy,
+                  NBN_ACTIVATION_RELU, NULL) == NBN_OK &&
+              same_bits(&out, &r->fdx) && same_bits(&dw, &r->fdw) && same_bits(&db, &r->fdb),
+          "backward_ex without residual_out: the bits of the one with it", context);
+    poison(&out), poison(&dw), poison(&db), poison(&dz);
+    check(back_ex(dy, x, o, c, i, w, &r->mean, &r->invstd, &out, &dw, &db, NULL,
+                  NBN_ACTIVATION_NONE, &dz) == NBN_OK &&
+              same_bits(&out, &r->dx) && same_bits(&dw, &r->dw) && same_bits(&db, &r->db),
+          "backward_ex without activation: the bits of backward", context);
+    check(same_bits(&dz, dy), "backward_ex without activation: residual_out = dy", context);
+    release(&out), release(&mean), release(&invstd), release(&dw), release(&db), release(&dz);
+    free(y), free(v), free(rv);
+}
+
 static void test_shape(int f64, int64_t o, int64_t c, int64_t i, int affine) {
     char context[128];
     snprintf(context, sizeof context, "%s (%lld, %lld, %lld)%s", f64 ? "f64" : "f32",
@@ -235,20 +397,24 @@ static void test_shape(int f64, int64_t o, int64_t c, int64_t i, int affine) {
     int64_t size = o * c * i;
     const double eps = 1e-5, momentum = 0.1;
     tensor x = make(f64, size), dy = make(f64, size), w = make(f64, c), b = make(f64, c);
-    fill_input(x.d, o, c, i), fill(dy.d, size, -1.0, 1.0);
+    tensor z = make(f64, size); /* the residual: relu then cuts about half of BN(x) + z */
+    fill_input(x.d, o, c, i), fill(dy.d, size, -1.0, 1.0), fill(z.d, size, -1.0, 1.0);
     fill(w.d, c, 0.5, 1.5), fill(b.d, c, -1.0, 1.0);
     sync_from_double(&x), sync_from_double(&dy), sync_from_double(&w), sync_from_double(&b);
+    sync_from_double(&z);
     const tensor *wp = affine ? &w : NULL, *bp = affine ? &b : NULL;
 
     nbn_set_num_threads(1);
-    results one = run_all(&x, &dy, o, c, i, wp, bp, eps, momentum, context);
+    results one = run_all(&x, &dy, &z, o, c, i, wp, bp, eps, momentum, context);
     nbn_set_num_threads(2);
-    results two = run_all(&x, &dy, o, c, i, wp, bp, eps, momentum, context);
-    check_against_reference(&two, &x, &dy, o, c, i, wp, bp, eps, momentum, context);
+    results two = run_all(&x, &dy, &z, o, c, i, wp, bp, eps, momentum, context);
+    check_against_reference(&two, &x, &dy, &z, o, c, i, wp, bp, eps, momentum, context);
     check_same_bits(&one, &two, "1 and 2 threads give the same bits", context);
     check_in_place(&two, &x, &dy, o, c, i, wp, bp, eps, context);
+    check_fused_in_place(&two, &x, &dy, &z, o, c, i, wp, bp, eps, context);
+    check_fused_variants(&two, &x, &dy, &z, o, c, i, wp, bp, eps, context);
     release_results(&one), release_results(&two);
-    release(&x), release(&dy), release(&w), release(&b);
+    release(&x), release(&dy), release(&w), release(&b), release(&z);
 }
 
 /* --------------------------------------------------------------------------- status codes */
@@ -320,6 +486,96 @@ static void test_status_codes(void) {
 #undef TRAIN
 }
 
+/* The fused entry points (1.1): their own arguments' codes, in the order NULL, shape, value,
+ * alias; residual_out must not overlap x, dy, y or dx (by one element is enough), and may sit
+ * right next to them; failed calls write nothing. */
+static void test_status_codes_ex(void) {
+    enum { O = 3, C = 2, I = 4, N = O * C * I };
+    float x[N], dy[N], z[N], y[N], mean[C], invstd[C], dw[C], db[C];
+    float out[3 * N]; /* dx and residual_out at chosen distances inside one buffer */
+    double xd[N], outd[2 * N];
+    for (int k = 0; k < N; k++) x[k] = (float)k * 0.25f, dy[k] = 0.5f - (float)(k % 3);
+    for (int k = 0; k < N; k++) z[k] = (float)(k % 5) - 2.0f, y[k] = (float)(k % 4) - 1.5f;
+    for (int k = 0; k < N; k++) xd[k] = x[k];
+    for (int k = 0; k < C; k++) mean[k] = 1.0f, invstd[k] = 0.5f;
+    float *outputs[] = {y, dw, db, out};
+    size_t sizes[] = {N, C, C, 3 * N};
+    for (int k = 0; k < 4; k++) memset(outputs[k], 0x7f, sizes[k] * sizeof(float));
+    memset(outd, 0x7f, sizeof outd);
+    float poisoned;
+    memset(&poisoned, 0x7f, sizeof poisoned);
+    unsigned char expected_d[sizeof outd];
+    memcpy(expected_d, outd, sizeof outd);
+    float ys[N]; /* the fused forward's output, read by the backward; y is the poisoned output */
+    for (int k = 0; k < N; k++) ys[k] = (float)(k % 4) - 1.5f;
+
+#define BACK_EX(y_, act_, dx_, dz_) \
+    nbn_backward_ex_f32(dy, x, O, C, I, NULL, mean, invstd, dx_, dw, db, y_, act_, dz_)
+    float *dx = out, *dz = out + N;
+    check(nbn_forward_train_ex_f32(x, O, C, I, NULL, NULL, 1e-5, y, mean, invstd, NULL, NULL,
+                                   0.1, z, 2) == NBN_ERR_VALUE,
+          "train_ex: activation 2 (unknown)", "");
+    check(nbn_forward_train_ex_f32(x, O, C, I, NULL, NULL, 1e-5, y, mean, invstd, NULL, NULL,
+                                   0.1, NULL, -1) == NBN_ERR_VALUE,
+          "train_ex: activation -1 (unknown)", "");
+    check(nbn_forward_train_ex_f32(NULL, O, C, I, NULL, NULL, 1e-5, y, mean, invstd, NULL, NULL,
+                                   0.1, z, 7) == NBN_ERR_NULL,
+          "train_ex: x NULL before the activation", "");
+    check(nbn_forward_train_ex_f64(xd, O, C, I, NULL, NULL, 1e-5, outd, outd + N, outd + N + C,
+                                   NULL, NULL, 0.1, NULL, 2) == NBN_ERR_VALUE,
+          "train_ex f64: activation 2 (unknown)", "");
+    check(nbn_forward_train_ex_f32(x, 0, C, I, NULL, NULL, 1e-5, y, mean, invstd, NULL, NULL, 0.1,
+                                   z, 2) == NBN_ERR_SHAPE,
+          "train_ex: shape before the activation", "");
+    check(nbn_forward_eval_ex_f32(x, O, C, I, NULL, NULL, mean, invstd, 1e-5, y, z, 3) ==
+              NBN_ERR_VALUE, "eval_ex: activation 3 (unknown)", "");
+    check(nbn_forward_eval_ex_f64(xd, O, C, I, NULL, NULL, xd, xd, 1e-5, outd, NULL, 2) ==
+              NBN_ERR_VALUE, "eval_ex f64: activation 2 (unknown)", "");
+    check(BACK_EX(ys, 2, dx, dz) == NBN_ERR_VALUE, "backward_ex: activation 2 (unknown)", "");
+    check(BACK_EX(NULL, NBN_ACTIVATION_RELU, dx, dz) == NBN_ERR_NULL,
+          "backward_ex: relu without y", "");
+    check(BACK_EX(ys, 2, dx, dx) == NBN_ERR_VALUE,
+          "backward_ex: the activation before the overlap", "");
+    check(BACK_EX(ys, NBN_ACTIVATION_RELU, dx, dx) == NBN_ERR_ALIAS,
+          "backward_ex: residual_out == dx", "");
+    check(BACK_EX(ys, NBN_ACTIVATION_RELU, dx, dx + 1) == NBN_ERR_ALIAS,
+          "backward_ex: residual_out overlaps dx", "");
+    check(BACK_EX(ys, NBN_ACTIVATION_RELU, dz + N - 1, dz) == NBN_ERR_ALIAS,
+          "backward_ex: dx overlaps the end of residual_out", "");
+    check(nbn_backward_ex_f32(dy, x, O, C, I, NULL, mean, invstd, dx, dw, db, ys,
+                              NBN_ACTIVATION_RELU, (float *)x) == NBN_ERR_ALIAS,
+          "backward_ex: residual_out == x", "");
+    check(nbn_backward_ex_f32(dy, x, O, C, I, NULL, mean, invstd, dx, dw, db, ys,
+                              NBN_ACTIVATION_RELU, (float *)dy) == NBN_ERR_ALIAS,
+          "backward_ex: residual_out == dy", "");
+    check(nbn_backward_ex_f32(dy, x, O, C, I, NULL, mean, invstd, dx, dw, db, ys,
+                              NBN_ACTIVATION_RELU, ys) == NBN_ERR_ALIAS,
+          "backward_ex: residual_out == y", "");
+    check(BACK_EX(ys, NBN_ACTIVATION_NONE, dx, dx) == NBN_ERR_ALIAS,
+          "backward_ex: residual_out == dx without activation", "");
+    check(nbn_backward_ex_f64(xd, xd, O, C, I, NULL, xd, xd, outd, NULL, NULL, NULL,
+                              NBN_ACTIVATION_NONE, outd + N / 2) == NBN_ERR_ALIAS,
+          "backward_ex f64: residual_out overlaps dx", "half a tensor apart");
+    check(nbn_backward_ex_f64(xd, xd, O, C, I, NULL, xd, xd, outd, NULL, NULL, NULL, 2,
+                              outd + N) == NBN_ERR_VALUE,
+          "backward_ex f64: activation 2 (unknown)", "");
+
+    int untouched = 1;
+    for (int k = 0; k < 4; k++)
+        for (size_t j = 0; j < sizes[k]; j++)
+            untouched &= memcmp(&outputs[k][j], &poisoned, sizeof poisoned) == 0;
+    check(untouched && memcmp(outd, expected_d, sizeof outd) == 0,
+          "failed _ex calls write nothing", "");
+    check(BACK_EX(ys, NBN_ACTIVATION_RELU, dx, dx + N) == NBN_OK,
+          "backward_ex: residual_out right after dx is valid", "");
+    int masked = 1;
+    for (int k = 0; k < N; k++) masked &= dz[k] == (ys[k] > 0.0f ? dy[k] : 0.0f);
+    check(masked, "backward_ex: residual_out is dy where y > 0, else 0", "");
+    check(BACK_EX(NULL, NBN_ACTIVATION_NONE, dx, NULL) == NBN_OK,
+          "backward_ex: y may be NULL without activation", "");
+#undef BACK_EX
+}
+
 /* Shapes within nbn_check_shape's bound (outer * channels * inner * 8 bytes fit in int64) whose
  * scratch, a few doubles per channel, is over 2^64 bytes: NBN_ERR_SHAPE, nothing read or
  * written. Before the shim checked its byte counts they wrapped: eval with 2^59 + 2 channels and
@@ -356,6 +612,12 @@ static void test_scratch_that_cannot_exist(void) {
     }
     check(nbn_backward_f32(xf, xf, 1, wide, 1, NULL, xf, xf, of[0], of[1], of[2]) ==
               NBN_ERR_SHAPE, "backward f32: scratch bytes overflow", "channels 2^59 + 2");
+    check(nbn_backward_ex_f32(xf, xf, 1, wide, 1, NULL, xf, xf, of[0], of[1], of[2], xf,
+                              NBN_ACTIVATION_RELU, NULL) == NBN_ERR_SHAPE,
+          "backward_ex f32 (relu): scratch bytes overflow", "channels 2^59 + 2");
+    check(nbn_forward_train_ex_f64(xd, 1, wide_train, 2, NULL, NULL, 1e-5, od[0], od[1], od[2],
+                                   od[3], od[4], 0.1, xd, NBN_ACTIVATION_RELU) == NBN_ERR_SHAPE,
+          "train_ex f64: scratch bytes overflow", "planes (1, 2^59 - 1, 2)");
     check(memcmp(of, expected_f, sizeof of) == 0 && memcmp(od, expected_d, sizeof od) == 0,
           "calls with scratch that cannot exist write nothing", "");
 }
@@ -397,6 +659,9 @@ static void test_library_info(void) {
     check(strncmp(nbn_status_string(NBN_OK), "NBN_OK", 6) == 0, "status string of NBN_OK", "");
     check(strncmp(nbn_status_string(NBN_ERR_VALUE), "NBN_ERR_VALUE", 13) == 0,
           "status string of NBN_ERR_VALUE", "");
+    check(strncmp(nbn_status_string(NBN_ERR_ALIAS), "NBN_ERR_ALIAS", 13) == 0,
+          "status string of NBN_ERR_ALIAS", "");
+    check(nbn_version() % 10000 / 100 >= 1, "minor version >= 1: the _ex entry points", "");
     check(nbn_status_string(12345) != NULL, "status string of an unknown code", "");
     nbn_set_num_threads(3);
     check(nbn_get_num_threads() == 3, "set_num_threads(3)", "");
@@ -416,6 +681,7 @@ int main(void) {
     };
     test_library_info();
     test_status_codes();
+    test_status_codes_ex();
     test_scratch_that_cannot_exist();
     test_eval_eps_zero(0), test_eval_eps_zero(1);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
