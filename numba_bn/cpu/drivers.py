@@ -16,8 +16,13 @@ Compile time is what a user feels first (README, "First call"): Numba compiles a
 everything it inlines, and the kernels it calls, on its first call. One driver per partition
 keeps a call from compiling loop nests it never runs: with both in one driver, a rows input's
 forward_train compiled the fused kernels too, a quarter of its compile time (40% for the
-parallel twin). ``forward_train`` and ``backward`` keep the former one-driver signature (a ``fused``
-flag) and choose in Python; callers that know the partition call the drivers themselves.
+parallel twin). The backend (:mod:`numba_bn.cpu`) picks the driver.
+
+The fused BN+Add+ReLU (issue 13) is the same drivers with another epilogue (:mod:`.kernels`):
+``EPILOGUE_DRIVERS[code]`` holds a copy of each forward driver per code, compiled on its first
+call, so that a plain call never compiles the epilogue's loops. Its backward is the plain one on
+the gradient through the ReLU: ``backward_fused_relu`` takes it channel by channel in the fused
+partition, ``relu_grad`` in a pass of its own otherwise.
 """
 
 import math
