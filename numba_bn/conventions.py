@@ -12,6 +12,8 @@ guessed from the value of ``momentum``.
 
 from dataclasses import dataclass
 
+from .annotations import ConventionName
+
 
 @dataclass(frozen=True)
 class Convention:
@@ -22,7 +24,7 @@ class Convention:
     axis: int
     unbiased_running_var: bool
 
-    def new_batch_weight(self, momentum, num_batches_tracked):
+    def new_batch_weight(self, momentum: float | None, num_batches_tracked: int) -> float:
         """The weight of the new batch in the running update (what the kernels take).
 
         ``momentum=None`` (PyTorch only) is the cumulative average over the batches seen,
@@ -38,7 +40,7 @@ class Convention:
         return momentum if self.momentum_weights_new else 1.0 - momentum
 
 
-CONVENTIONS = {
+CONVENTIONS: dict[str, Convention] = {
     "torch": Convention("torch", 0.1, True, 1e-5, 1, True),
     "keras": Convention("keras", 0.99, False, 1e-3, -1, False),
     "flax": Convention("flax", 0.99, False, 1e-5, -1, False),
@@ -46,7 +48,7 @@ CONVENTIONS = {
 }
 
 
-def get(name):
+def get(name: str) -> Convention:
     try:
         return CONVENTIONS[name]
     except KeyError:
@@ -54,6 +56,6 @@ def get(name):
         raise ValueError(f"convention must be one of {known}, got {name!r}") from None
 
 
-def torch_momentum(momentum, convention):
+def torch_momentum(momentum: float | None, convention: ConventionName) -> float:
     """A momentum of ``convention`` expressed as PyTorch's (the weight of the new batch)."""
     return get(convention).new_batch_weight(momentum, 1)

@@ -36,10 +36,15 @@ The backward's sums travel through the host too, or, when mpi4py reports a CUDA-
 mpi4py is imported on first use, never by ``import numba_bn``: ``pip install "numba-bn[mpi]"``.
 """
 
+from collections.abc import Iterable
+from typing import Any
+
 import numba
 import numpy as np
 from numba import njit
+from numpy.typing import DTypeLike
 
+from .annotations import Array, Backend, Comm, Device, NanPolicy
 from .checks import compute_dtype, in_compute_dtype
 from .dispatch import memory_of
 from .layer import BatchNorm
@@ -62,7 +67,7 @@ def _mpi():
     return MPI
 
 
-def cuda_aware_mpi():
+def cuda_aware_mpi() -> bool:
     """True when mpi4py reports that its MPI reads and writes CUDA device memory itself
     (``MPI.Query_cuda_support()``, where mpi4py offers it); False otherwise, including when
     mpi4py cannot tell (mpi4py 4.1 does not wrap Open MPI's ``MPIX_Query_cuda_support``): then
@@ -186,7 +191,7 @@ def merge_over_ranks(comm, operation, dtype, count, mean, m2):
     return counts, global_mean, global_m2
 
 
-def allreduce_moments(moments, comm=None):
+def allreduce_moments(moments: Moments, comm: Comm | None = None) -> Moments:
     """The :class:`numba_bn.Moments` of every rank's values together, on every rank (collective;
     exact, in rank order; ranks may hold different counts, or none)."""
     if not isinstance(moments, Moments):
@@ -264,22 +269,22 @@ class RankExchange:
 
 # ------------------------------------------------------------------------------ public functions
 def sync_forward_train(
-    x,
-    weight=None,
-    bias=None,
-    eps=1e-5,
-    axis=1,
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
     *,
-    comm=None,
-    running_mean=None,
-    running_var=None,
-    momentum=0.1,
-    unbiased_running_var=True,
-    out=None,
-    nan_policy="propagate",
-    backend="cpu",
-    device="auto",
-):
+    comm: Comm | None = None,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    momentum: float = 0.1,
+    unbiased_running_var: bool = True,
+    out: Array | None = None,
+    nan_policy: NanPolicy = "propagate",
+    backend: Backend = "cpu",
+    device: Device = "auto",
+) -> tuple[Array, Array, Array]:
     """:func:`numba_bn.forward_train` with the statistics of the global batch over ``comm``.
 
     Every rank of ``comm`` (default ``MPI.COMM_WORLD``) must call it; ranks may pass batches of
@@ -322,8 +327,19 @@ def sync_forward_train(
     return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
 
 
-def sync_backward(dy, x, mean, invstd, weight=None, axis=1, *, comm=None, out=None, backend="cpu",
-                  device="auto"):  # fmt: skip
+def sync_backward(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    weight: Array | None = None,
+    axis: int = 1,
+    *,
+    comm: Comm | None = None,
+    out: Array | None = None,
+    backend: Backend = "cpu",
+    device: Device = "auto",
+) -> tuple[Array, Array, Array]:
     """:func:`numba_bn.backward` for :func:`sync_forward_train`: one all-reduce of the sums.
 
     ``mean`` and ``invstd`` are those :func:`sync_forward_train` returned. Returns this rank's
@@ -361,7 +377,7 @@ class SyncBatchNorm(BatchNorm):
     the device, as BatchNorm does; only per-channel vectors cross to the host for the exchange.
     """
 
-    def __init__(self, num_features, comm=None, **options):
+    def __init__(self, num_features: int, comm: Comm | None = None, **options: Any) -> None:
         self.comm = resolve_comm(comm)
         self._exchange = RankExchange(self.comm)
         super().__init__(num_features, **options)
@@ -381,7 +397,7 @@ class OneProcess:
         recv[...] = send
 
 
-def warmup(dtypes=(np.float32, np.float64)):
+def warmup(dtypes: Iterable[DTypeLike] = (np.float32, np.float64)) -> float:
     """Compile (or load from Numba's cache) the kernels SyncBatchNorm uses; returns seconds.
 
     Needs no MPI. Run it once before ``mpiexec`` (with the NUMBA_CACHE_DIR the job will use)

@@ -17,13 +17,21 @@ Everything is computed in float64 and returned in the weight's dtype, as PyTorch
 """
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from .annotations import Float64Array, HostArray
 from .checks import check_eps
 from .layout import normalize_axis
 from .memory import is_device_array
 
 
-def scale_shift(running_mean, running_var, bn_weight=None, bn_bias=None, eps=1e-5):
+def scale_shift(
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    bn_weight: ArrayLike | None = None,
+    bn_bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+) -> tuple[Float64Array, Float64Array]:
     """``(scale, shift)``, float64 (C,): the eval-mode batch norm as ``x * scale + shift``."""
     eps = check_eps(eps, training=False)
     running_mean = _vector(running_mean, "running_mean")
@@ -43,8 +51,15 @@ def scale_shift(running_mean, running_var, bn_weight=None, bn_bias=None, eps=1e-
 
 
 def fold_into(
-    weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, eps=1e-5, axis=0
-):
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    bn_weight: ArrayLike | None = None,
+    bn_bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 0,
+) -> tuple[HostArray, HostArray]:
     """``(folded_weight, folded_bias)`` of a linear layer followed by batch norm (eval mode).
 
     ``axis`` is the output-channel axis of ``weight``: 0 for a convolution (OIHW) and a linear
@@ -57,9 +72,16 @@ def fold_into(
 
 
 def fold_into_next(
-    weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, eps=1e-5, axis=1,
-    out_axis=0,
-):  # fmt: skip
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    bn_weight: ArrayLike | None = None,
+    bn_bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out_axis: int = 0,
+) -> tuple[HostArray, HostArray]:
     """``(folded_weight, folded_bias)`` of batch norm (eval mode) followed by a linear layer.
 
     ``axis`` is the input-channel axis of ``weight`` and ``out_axis`` its output axis: a linear
@@ -75,7 +97,9 @@ def fold_into_next(
     return affine_into_next(weight, bias, scale, shift, axis, out_axis)
 
 
-def affine_into(weight, bias, scale, shift, axis=0):
+def affine_into(
+    weight: ArrayLike, bias: ArrayLike | None, scale: ArrayLike, shift: ArrayLike, axis: int = 0
+) -> tuple[HostArray, HostArray]:
     """:func:`fold_into` for any per-channel map ``x * scale + shift`` after the layer."""
     weight = _weight(weight)
     axis = normalize_axis(axis, weight.ndim)
@@ -86,7 +110,14 @@ def affine_into(weight, bias, scale, shift, axis=0):
     return folded.astype(weight.dtype), (bias * scale + shift).astype(weight.dtype)
 
 
-def affine_into_next(weight, bias, scale, shift, axis=1, out_axis=0):
+def affine_into_next(
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    scale: ArrayLike,
+    shift: ArrayLike,
+    axis: int = 1,
+    out_axis: int = 0,
+) -> tuple[HostArray, HostArray]:
     """:func:`fold_into_next` for any per-channel map ``x * scale + shift`` before the layer."""
     weight = _weight(weight)
     axis = normalize_axis(axis, weight.ndim)
@@ -98,13 +129,13 @@ def affine_into_next(weight, bias, scale, shift, axis=1, out_axis=0):
     bias = _vector(bias, "bias", weight.shape[out_axis], default=0.0)
     w64 = np.asarray(weight, np.float64)
     others = tuple(a for a in range(weight.ndim) if a != out_axis)
-    bias = bias + (w64 * _along(shift, axis, weight.ndim)).sum(axis=others)
+    folded_bias = bias + (w64 * _along(shift, axis, weight.ndim)).sum(axis=others)
     folded = w64 * _along(scale, axis, weight.ndim)
-    return folded.astype(weight.dtype), bias.astype(weight.dtype)
+    return folded.astype(weight.dtype), folded_bias.astype(weight.dtype)
 
 
 # ------------------------------------------------------------------------------ arguments
-def _weight(weight):
+def _weight(weight: ArrayLike) -> HostArray:
     if is_device_array(weight):
         raise TypeError(
             "weight is a CUDA array: fold on the host (a.copy_to_host(), cupy: a.get())"
@@ -117,7 +148,7 @@ def _weight(weight):
     return weight
 
 
-def _vector(value, name, channels=None, default=None):
+def _vector(value, name, channels=None, default=None) -> Float64Array:
     """``value`` as a float64 (C,) vector; ``default`` everywhere for None (when allowed)."""
     if value is None and default is not None:
         return np.full(channels, default)

@@ -7,13 +7,20 @@ in any grouping, gives the statistics of the whole to float64 rounding, where th
 """
 
 import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import dispatch
+from .annotations import Array, Backend, Comm, Device, Float64Array
 from .checks import Prepared
 from .dispatch import memory_of, placed
 from .stats import merge_moments
+
+if TYPE_CHECKING:  # for the hints only: layer imports this module
+    from .layer import BatchNorm
 
 
 class Moments:
@@ -22,7 +29,7 @@ class Moments:
 
     __slots__ = ("count", "mean", "m2")
 
-    def __init__(self, count, mean, m2):
+    def __init__(self, count: int, mean: ArrayLike, m2: ArrayLike) -> None:
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
             raise ValueError(f"count must be a non-negative integer, got {count!r}")
         mean, m2 = np.asarray(mean, np.float64), np.asarray(m2, np.float64)
@@ -33,20 +40,20 @@ class Moments:
         self.count, self.mean, self.m2 = int(count), mean, m2
 
     @classmethod
-    def empty(cls, channels):
+    def empty(cls, channels: int) -> "Moments":
         """No values yet: the neutral element of :meth:`merge`."""
         return cls(0, np.zeros(channels), np.zeros(channels))
 
     @property
-    def channels(self):
+    def channels(self) -> int:
         return self.mean.shape[0]
 
-    def var(self, unbiased=False):
+    def var(self, unbiased: bool = False) -> Float64Array:
         """M2 / count, or M2 / (count - 1) with ``unbiased``; NaN without values to divide."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.m2 / (self.count - 1 if unbiased else self.count)
 
-    def merge(self, other):
+    def merge(self, other: "Moments") -> "Moments":
         """The moments of both sets of values together (exact: Chan et al.'s merge)."""
         if not isinstance(other, Moments):
             raise TypeError(f"can only merge Moments, got {type(other).__name__}")
@@ -61,12 +68,12 @@ class Moments:
 
     __add__ = merge
 
-    def to_array(self):
+    def to_array(self) -> Float64Array:
         """``[count, mean..., m2...]`` as one float64 array of 2C + 1 values, to save or send."""
         return np.concatenate([[float(self.count)], self.mean, self.m2])
 
     @classmethod
-    def from_array(cls, array):
+    def from_array(cls, array: ArrayLike) -> "Moments":
         """The inverse of :meth:`to_array`."""
         array = np.asarray(array, np.float64)
         if array.ndim != 1 or array.size % 2 != 1:
@@ -79,7 +86,7 @@ class Moments:
         channels = array.size // 2
         return cls(int(count), array[1 : 1 + channels].copy(), array[1 + channels :].copy())
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Moments)
             and self.count == other.count
@@ -87,11 +94,13 @@ class Moments:
             and np.array_equal(self.m2, other.m2)
         )
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Moments(count={self.count}, mean={self.mean!r}, m2={self.m2!r})"
 
 
-def moments(x, axis=1, *, backend="cpu", device="auto"):
+def moments(
+    x: Array, axis: int = 1, *, backend: Backend = "cpu", device: Device = "auto"
+) -> Moments:
     """The :class:`Moments` of each channel of ``x`` (channels on ``axis``): the training
     forward's own statistics kernels, on any backend; the result is on the host."""
     mean, m2, count = _batch_moments(x, axis, backend=backend, device=device)
@@ -113,7 +122,7 @@ def _batch_moments(x, axis, *, backend="cpu"):
 
 
 @contextlib.contextmanager
-def population_stats(*layers, comm=None):
+def population_stats(*layers: "BatchNorm", comm: Comm | None = None) -> Iterator[None]:
     """Inside the block, each BatchNorm of ``layers`` normalises with batch statistics (whatever
     its mode) and merges each batch's moments instead of updating its running statistics; on a
     normal exit its ``running_mean`` and ``running_var`` become the mean and variance of every

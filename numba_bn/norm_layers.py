@@ -5,10 +5,13 @@ backward per forward). CPU (NumPy arrays) only, like :mod:`numba_bn.norms`.
 """
 
 import warnings
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
+from .annotations import HostArray
 from .checks import check_scalar, compute_dtype
 from .layout import check_axis, normalize_axis
 from .norms import (
@@ -23,6 +26,8 @@ from .norms import (
 )
 from .ops import frozen_backward
 from .state import StateDict
+
+_Layer = TypeVar("_Layer", bound="_Normalization")
 
 
 class _Saved(NamedTuple):
@@ -52,11 +57,11 @@ class _Normalization(StateDict):
         self._saved = None
 
     # ------------------------------------------------------------------------- modes
-    def train(self, mode=True):
+    def train(self: _Layer, mode: bool = True) -> _Layer:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self: _Layer) -> _Layer:
         return self.train(False)
 
     def __getstate__(self):
@@ -65,7 +70,7 @@ class _Normalization(StateDict):
         return state
 
     # ------------------------------------------------------------------- forward, backward
-    def __call__(self, x, *, out=None):
+    def __call__(self, x: ArrayLike, *, out: HostArray | None = None) -> HostArray:
         return self.forward(x, out=out)
 
     def _check_dtype(self, x):
@@ -84,7 +89,7 @@ class _Normalization(StateDict):
                 f"the layer with dtype=np.{np.dtype(dtype).name} or cast x"
             )
 
-    def forward(self, x, *, out=None):
+    def forward(self, x: ArrayLike, *, out: HostArray | None = None) -> HostArray:
         """Normalise ``x``; saves x and the statistics for :meth:`backward`."""
         self._check_dtype(x)
         y, mean, invstd = self._forward(x, out)
@@ -92,7 +97,7 @@ class _Normalization(StateDict):
         self._saved = _Saved(x if keeps_x else None, mean, invstd)
         return y
 
-    def backward(self, dy, *, out=None):
+    def backward(self, dy: ArrayLike, *, out: HostArray | None = None) -> HostArray:
         """dx for the last forward; sets ``grad_weight`` (sum dy * x_hat) and ``grad_bias``
         (sum dy), None for a parameter the layer does not have."""
         name = type(self).__name__
@@ -144,8 +149,16 @@ class GroupNorm(_Normalization):
         The channel axis of the inputs: 1 (NCHW, PyTorch) or -1 (channels-last).
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32, *,
-                 axis=1):  # fmt: skip
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        dtype: DTypeLike = np.float32,
+        *,
+        axis: int = 1,
+    ) -> None:
         self.num_channels = check_count(num_channels, "num_channels")
         self.num_groups = check_groups(check_count(num_groups, "num_groups"), num_channels)
         self.affine = bool(affine)
@@ -165,7 +178,7 @@ class GroupNorm(_Normalization):
                                     self._kernel_vector("weight"), self.axis,
                                     out=out)  # fmt: skip
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, "
             f"affine={self.affine}, dtype={self.dtype.name}, axis={self.axis})"
@@ -186,8 +199,14 @@ class LayerNorm(_Normalization):
     dtype : float16, float32 or float64
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-                 dtype=np.float32):  # fmt: skip
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        dtype: DTypeLike = np.float32,
+    ) -> None:
         self.normalized_shape = check_normalized_shape(normalized_shape)
         self.elementwise_affine = bool(elementwise_affine)
         self._init_common(eps, dtype, self.normalized_shape, self.elementwise_affine,
@@ -201,7 +220,7 @@ class LayerNorm(_Normalization):
         return layer_stats_backward(dy, saved.x, saved.mean, saved.invstd, self.normalized_shape,
                                     self._kernel_vector("weight"), out=out)  # fmt: skip
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
             f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}, "
@@ -233,8 +252,17 @@ class InstanceNorm(_Normalization):
         The channel axis: 1 or -1 (channels-last).
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, dtype=np.float32, *, axis=1):  # fmt: skip
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        dtype: DTypeLike = np.float32,
+        *,
+        axis: int = 1,
+    ) -> None:
         self.num_features = check_count(num_features, "num_features")
         self.momentum = None if momentum is None else check_scalar(momentum, "momentum", 0.0, 1.0)
         self.affine = bool(affine)
@@ -248,7 +276,7 @@ class InstanceNorm(_Normalization):
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
 
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean[:] = 0.0
             self.running_var[:] = 1.0
@@ -291,7 +319,7 @@ class InstanceNorm(_Normalization):
         keys = self._state_arrays()
         return keys + (["num_batches_tracked"] if self.track_running_stats else [])
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "

@@ -25,9 +25,12 @@ running buffers as they were.
 import contextlib
 import math
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from .annotations import HostArray
 from .checks import Vectors, check_eps, check_momentum, check_no_overlap, compute_dtype
 from .cpu import CpuBackend, threads_for
 from .cpu import norm_kernels as kernels
@@ -389,7 +392,16 @@ def _public(dtype, *arrays):
 
 
 # --------------------------------------------------------------------------- public API
-def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *, out=None):
+def group_norm_forward(
+    x: ArrayLike,
+    num_groups: int,
+    weight: HostArray | None = None,
+    bias: HostArray | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+    *,
+    out: HostArray | None = None,
+) -> tuple[HostArray, HostArray, HostArray]:
     """Group normalisation with its statistics: ``(y, mean, invstd)``.
 
     Parameters
@@ -418,12 +430,31 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, 
     return (y, *_public(y.dtype, mean, invstd))
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1, *, out=None):
+def group_norm(
+    x: ArrayLike,
+    num_groups: int,
+    weight: HostArray | None = None,
+    bias: HostArray | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+    *,
+    out: HostArray | None = None,
+) -> HostArray:
     """``torch.nn.functional.group_norm``: y of :func:`group_norm_forward`."""
     return group_stats_forward(x, num_groups, weight, bias, eps, axis, out=out)[0]
 
 
-def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, axis=1, *, out=None):
+def group_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: HostArray,
+    invstd: HostArray,
+    num_groups: int,
+    weight: HostArray | None = None,
+    axis: int = 1,
+    *,
+    out: HostArray | None = None,
+) -> tuple[HostArray, HostArray, HostArray]:
     """Exact group norm backward: ``(dx, dweight, dbias)``.
 
     ``mean``, ``invstd`` (N, G) are those :func:`group_norm_forward` returned for ``x``;
@@ -438,7 +469,15 @@ def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, axis=1, *,
     return (dx, *_public(dx.dtype, dweight, dbias))
 
 
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm_forward(
+    x: ArrayLike,
+    normalized_shape: int | Sequence[int],
+    weight: HostArray | None = None,
+    bias: HostArray | None = None,
+    eps: float = 1e-5,
+    *,
+    out: HostArray | None = None,
+) -> tuple[HostArray, HostArray, HostArray]:
     """Layer normalisation over the trailing dimensions ``normalized_shape``:
     ``(y, mean, invstd)``.
 
@@ -450,12 +489,29 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     return (y, *_public(y.dtype, mean, invstd))
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(
+    x: ArrayLike,
+    normalized_shape: int | Sequence[int],
+    weight: HostArray | None = None,
+    bias: HostArray | None = None,
+    eps: float = 1e-5,
+    *,
+    out: HostArray | None = None,
+) -> HostArray:
     """``torch.nn.functional.layer_norm``: y of :func:`layer_norm_forward`."""
     return layer_stats_forward(x, normalized_shape, weight, bias, eps, out=out)[0]
 
 
-def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, *, out=None):
+def layer_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: HostArray,
+    invstd: HostArray,
+    normalized_shape: int | Sequence[int],
+    weight: HostArray | None = None,
+    *,
+    out: HostArray | None = None,
+) -> tuple[HostArray, HostArray, HostArray]:
     """Exact layer norm backward: ``(dx, dweight, dbias)``, the gradients of shape
     ``normalized_shape`` summed over the leading dimensions; arguments as
     :func:`group_norm_backward`."""
@@ -464,9 +520,19 @@ def layer_norm_backward(dy, x, mean, invstd, normalized_shape, weight=None, *, o
     return (dx, *_public(dx.dtype, dweight, dbias))
 
 
-def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, bias=None,
-                          use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, *,
-                          out=None):  # fmt: skip
+def instance_norm_forward(
+    x: ArrayLike,
+    running_mean: HostArray | None = None,
+    running_var: HostArray | None = None,
+    weight: HostArray | None = None,
+    bias: HostArray | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    *,
+    out: HostArray | None = None,
+) -> tuple[HostArray, HostArray, HostArray]:
     """Instance normalisation (group norm with one channel per group): ``(y, mean, invstd)``,
     the statistics (N, C).
 
@@ -482,14 +548,34 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     return (y, *_public(y.dtype, mean, invstd))
 
 
-def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, axis=1, *, out=None):  # fmt: skip
+def instance_norm(
+    x: ArrayLike,
+    running_mean: HostArray | None = None,
+    running_var: HostArray | None = None,
+    weight: HostArray | None = None,
+    bias: HostArray | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    *,
+    out: HostArray | None = None,
+) -> HostArray:
     """``torch.nn.functional.instance_norm``: y of :func:`instance_norm_forward`."""
     return instance_stats_forward(x, running_mean, running_var, weight, bias, use_input_stats,
                                   momentum, eps, axis, out=out)[0]  # fmt: skip
 
 
-def instance_norm_backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None):
+def instance_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mean: HostArray,
+    invstd: HostArray,
+    weight: HostArray | None = None,
+    axis: int = 1,
+    *,
+    out: HostArray | None = None,
+) -> tuple[HostArray, HostArray, HostArray]:
     """Exact instance norm backward (input statistics): ``(dx, dweight, dbias)``; ``mean``,
     ``invstd`` (N, C) from :func:`instance_norm_forward`."""
     dx, dweight, dbias = group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)

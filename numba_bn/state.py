@@ -1,8 +1,14 @@
 """state_dict() and load_state_dict() under PyTorch's keys, for every layer of this library."""
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
 import numpy as np
 
+from .annotations import HostArray
 from .dispatch import move
+
+_Layer = TypeVar("_Layer", bound="StateDict")
 
 
 class StateDict:
@@ -12,7 +18,7 @@ class StateDict:
 
     _side = "cpu"
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, HostArray]:
         """Host NumPy copies (wherever the layer is), under the keys of the PyTorch module's
         ``state_dict()``."""
         state = {}
@@ -24,7 +30,7 @@ class StateDict:
                 state[name] = move(value, "cpu") if self._side == "cuda" else value.copy()
         return state
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self: _Layer, state: Mapping[str, Any], strict: bool = True) -> _Layer:
         """Load values (numpy arrays, or anything np.asarray takes, torch CPU tensors too, and
         CUDA arrays); they land where the layer's arrays are.
 

@@ -8,10 +8,12 @@ inputs of PARALLEL_MIN_ELEMENTS. ``numba-bn warmup`` prints a line per step.
 """
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numba
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import compiling
 
@@ -41,13 +43,13 @@ class Step(NamedTuple):
     source: str
 
     @property
-    def compiled(self):
+    def compiled(self) -> bool:
         return self.source == "compiled"
 
-    def outcome(self):
+    def outcome(self) -> str:
         return f"{self.seconds:7.2f} s  {self.source}"
 
-    def line(self):
+    def line(self) -> str:
         return f"{label(*self[:4])} {self.outcome()}"
 
 
@@ -65,9 +67,9 @@ def _cache_loads():
 class Timings(float):
     """The seconds warm-up took (a float, as before), with its :class:`Step` list in ``steps``."""
 
-    steps: tuple
+    steps: tuple[Step, ...]
 
-    def __new__(cls, steps):
+    def __new__(cls, steps: Sequence[Step]) -> "Timings":
         total = super().__new__(cls, sum(step.seconds for step in steps))
         total.steps = tuple(steps)
         return total
@@ -116,7 +118,9 @@ def _sync(operation, x):
     return result
 
 
-def plan(dtypes=(np.float32, np.float64), distributed=False):
+def plan(
+    dtypes: Iterable[DTypeLike] = (np.float32, np.float64), distributed: bool = False
+) -> list[tuple[str, str, str, str]]:
     """The steps :func:`warmup` runs, as (operation, dtype, layout, twin) tuples."""
     twins = ("serial", "parallel") if numba.get_num_threads() > 1 else ("serial",)
     steps = []
@@ -131,7 +135,12 @@ def plan(dtypes=(np.float32, np.float64), distributed=False):
     return steps
 
 
-def warmup(dtypes=(np.float32, np.float64), *, distributed=False, progress=None):
+def warmup(
+    dtypes: Iterable[DTypeLike] = (np.float32, np.float64),
+    *,
+    distributed: bool = False,
+    progress: Callable[[tuple[str, str, str, str] | Step], object] | None = None,
+) -> Timings:
     """Run every step of :func:`plan`; returns the seconds taken, with the steps.
 
     The result is a float (the total) whose ``steps`` hold a :class:`Step` each: what ran, its

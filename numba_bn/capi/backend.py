@@ -281,7 +281,9 @@ class CBackend:
         self._cpu.backward_dx(dy, x, **vectors)
 
 
-def register_backend(name, path_or_handle):
+def register_backend(
+    name: str, path_or_handle: str | os.PathLike[str] | ctypes.CDLL | int
+) -> CBackend:
     """Load a C library with the ABI of ``numba_bn.h`` and make ``backend=name`` use it.
 
     Parameters
