@@ -1,7 +1,9 @@
 """Validation and allocation shared by every operation: each check runs before any buffer is
 written, so a call that raises leaves running statistics, ``out=`` and every other argument as
 they were. Arrays are checked and allocated through a :class:`numba_bn.memory.Memory`, so the same
-code serves NumPy and CUDA arrays.
+code serves NumPy and CUDA arrays. Host arrays of other libraries (torch CPU tensors, DLPack and
+buffer-protocol objects) are checked as NumPy's views of their memory (:func:`check_array`), so
+what is written into them lands in the caller's memory.
 """
 
 import math
@@ -42,6 +44,18 @@ def check_input(x, name="x", memory=HOST):
             f"{name} must have at least 2 dimensions (batch and channels), got shape {x.shape}"
         )
     return x
+
+
+def check_array(value, name, memory=HOST):
+    """``value`` as an array of ``memory`` without a copy, for a per-channel vector, a running
+    buffer or ``out=``: on the host NumPy's view of any host array (:meth:`HostMemory.view
+    <numba_bn.memory.HostMemory.view>`); TypeError naming ``name`` for anything else."""
+    memory.check_unmasked(value, name)
+    if memory.is_array(value):
+        return value
+    if memory is HOST:  # a device memory's arrays are adopted (no copy) before the checks
+        return HOST.view(value, name)
+    raise TypeError(f"{name} must be {memory.array_kind}, got {type(value).__name__}")
 
 
 def check_scalar(value, name, low, high=math.inf):
@@ -123,9 +137,7 @@ class Vectors:
         for name, vector in vectors.items():
             if vector is None:
                 continue
-            memory.check_unmasked(vector, name)
-            if not memory.is_array(vector):
-                raise TypeError(f"{name} must be {memory.array_kind}, got {type(vector).__name__}")
+            vector = check_array(vector, name, memory)
             if vector.shape != shape:
                 raise ValueError(
                     f"{name} must have shape ({channels},) to match the {channels} channels of "
@@ -160,6 +172,22 @@ class Vectors:
         return work, lambda: self.memory.copy_into(vector, work)
 
 
+def check_out(out, like, memory=HOST, name="out", **inputs):
+    """``out`` as the array a kernel writes (on the host NumPy's view of it): ``like``'s (x's)
+    shape and dtype, C-contiguous, writable, and overlapping none of ``inputs`` (x by default)
+    unless it is that input."""
+    out = check_array(out, name, memory)
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(
+            f"{name} must have the shape and dtype of x, {like.shape} {like.dtype}, got "
+            f"{out.shape} {out.dtype}"
+        )
+    if not (memory.is_c_contiguous(out) and memory.is_writable(out)):
+        raise ValueError(f"{name} must be C-contiguous and writable")
+    check_no_overlap(out, name, memory, **(inputs or {"x": like}))
+    return out
+
+
 class Prepared:
     """An input checked and seen as its canonical (outer, C, inner) view in the compute dtype."""
 
@@ -175,23 +203,13 @@ class Prepared:
         self.view = memory.contiguous(x, self.dtype, name).reshape(self.shape)
 
     def output(self, out, name="out", **inputs):
-        """(the user's array or None, the canonical view the kernel writes).
+        """(the user's array (NumPy's view of it) or None, the canonical view the kernel writes).
 
         ``out`` may be one of ``inputs`` (x by default, others by name) but not overlap one.
         """
         memory = self.memory
         if out is not None:
-            memory.check_unmasked(out, name)
-            if not memory.is_array(out):
-                raise TypeError(f"{name} must be {memory.array_kind}, got {type(out).__name__}")
-            if out.shape != self.x.shape or out.dtype != self.x.dtype:
-                raise ValueError(
-                    f"{name} must have the shape and dtype of x, {self.x.shape} {self.x.dtype}, "
-                    f"got {out.shape} {out.dtype}"
-                )
-            if not (memory.is_c_contiguous(out) and memory.is_writable(out)):
-                raise ValueError(f"{name} must be C-contiguous and writable")
-            check_no_overlap(out, name, memory, **(inputs or {"x": self.x}))
+            out = check_out(out, self.x, memory, name, **inputs)
         if self.dtype != self.x.dtype:  # float16: compute in float32, convert in finish()
             return out, memory.empty(self.shape, self.dtype)
         if out is None:
@@ -230,7 +248,7 @@ def check_eval_inputs(x, running_mean, running_var, weight, bias, eps, axis, mem
         if value is None:
             raise ValueError(f"{name} is required for the eval forward (training=False)")
     vectors = _vectors(prepared, memory, weight, bias, running_mean, running_var)
-    check_running_var(running_var, memory)
+    check_running_var(vectors.given["running_var"], memory)
     return prepared, eps, vectors
 
 
@@ -253,7 +271,8 @@ def check_like(value, name, prepared, memory=HOST):
 def check_residual_out(residual_out, prepared, memory=HOST, **inputs):
     """``residual_out`` (the residual's gradient) as an output like x that shares no memory at
     all with ``inputs`` (x, dy, y, out=): it is written while they are read."""
-    check_like(residual_out, "residual_out", prepared, memory)
+    residual_out = check_array(residual_out, "residual_out", memory)
+    residual_out = check_like(residual_out, "residual_out", prepared, memory)
     if not (memory.is_c_contiguous(residual_out) and memory.is_writable(residual_out)):
         raise ValueError("residual_out must be C-contiguous and writable")
     for name, value in inputs.items():
@@ -285,8 +304,7 @@ def check_training_count(prepared):
 
 def stats_vector(value, name, channels, memory=HOST):
     """A saved statistic as a float64 (C,) vector."""
-    if not memory.is_array(value):
-        raise TypeError(f"{name} must be {memory.array_kind}, got {type(value).__name__}")
+    value = check_array(value, name, memory)
     if value.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {value.shape}")
     compute_dtype(value.dtype, name)

@@ -36,7 +36,7 @@ import numpy as np
 
 from .cpu import CpuBackend
 from .cuda import CudaBackend, require_cuda
-from .memory import HOST, is_device_array
+from .memory import HOST, host_view, is_device_array
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -156,15 +156,17 @@ def placed(arrays, inplace=()):
             bound.arguments["backend"] = "cuda"
             moved, callers = {}, {}
             for name, value in given.items():
-                adopt = device_memory.adopt if name in on_device else device_memory.to_device
-                moved[name] = adopt(value)
+                if name in on_device:
+                    moved[name] = device_memory.adopt(value)
+                else:  # a torch CPU tensor or a DLPack object, as NumPy views it
+                    moved[name] = device_memory.to_device(host_view(value))
                 bound.arguments[name] = moved[name]
                 if name in inplace:
                     callers[id(moved[name])] = value
             result = function(*bound.args, **bound.kwargs)
             for name in on_host:
                 if name in inplace:
-                    np.copyto(given[name], moved[name].copy_to_host())
+                    np.copyto(host_view(given[name]), moved[name].copy_to_host())
             return _returned(result, callers, to_host=bool(on_host))
 
         return call

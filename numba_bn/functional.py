@@ -5,6 +5,7 @@ CPU or the CUDA backend (:mod:`numba_bn.dispatch`); validation lives in :mod:`nu
 and the operations in :mod:`numba_bn.ops`.
 """
 
+from .annotations import Activation, Array, Backend, Device, NanPolicy
 from .checks import compute_dtype, in_compute_dtype
 from .dispatch import memory_of
 from .masking import masked_batch_backward, masked_batch_forward
@@ -12,32 +13,40 @@ from .ops import batch_backward, batch_forward, frozen_forward, weight_gradient
 
 
 def forward_train(
-    x,
-    weight=None,
-    bias=None,
-    eps=1e-5,
-    axis=1,
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
     *,
-    out=None,
-    nan_policy="propagate",
-    mask=None,
-    residual=None,
-    activation=None,
-    backend="cpu",
-    device="auto",
-):
+    out: Array | None = None,
+    nan_policy: NanPolicy = "propagate",
+    mask: Array | None = None,
+    residual: Array | None = None,
+    activation: Activation = None,
+    backend: Backend = "cpu",
+    device: Device = "auto",
+) -> tuple[Array, Array, Array]:
     """Training-mode forward with batch statistics.
+
+    Every array argument is a NumPy array, a CUDA array, or a host array NumPy views without a
+    copy: the buffer protocol, ``__array_interface__``, or ``__dlpack__`` (``np.from_dlpack``:
+    torch CPU tensors, JAX CPU arrays). Such a view shares the caller's memory, so ``out=`` (and
+    :func:`batch_norm`'s running buffers) are written in place; a non-contiguous ``x`` is copied
+    once, as a non-contiguous ndarray is.
 
     Parameters
     ----------
-    x : ndarray or CUDA array, float16/32/64, rank >= 2
-        Channels on ``axis``; the statistics reduce over every other axis.
-    weight, bias : ndarray (C,), optional
+    x : array, float16/32/64, rank >= 2
+        Channels on ``axis``; the statistics reduce over every other axis. Also a nested
+        sequence of numbers (converted, a copy).
+    weight, bias : array (C,), optional
         Affine parameters (1 and 0 when None).
     eps : float
         Added to the biased variance.
-    out : ndarray, optional
-        C-contiguous array with the shape and dtype of ``x`` to write ``y`` into.
+    out : array, optional
+        C-contiguous and writable, with the shape and dtype of ``x``, to write ``y`` into (a
+        torch CPU tensor receives y; the returned y is a NumPy view of its memory).
     nan_policy : {"propagate", "raise"}
         "raise": ValueError when the batch statistics are not finite.
     mask : bool array, optional
@@ -57,8 +66,9 @@ def forward_train(
     Returns
     -------
     y, mean, invstd
-        ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) have shape (C,) and the
-        dtype of ``x`` (float32 for float16).
+        NumPy arrays for host inputs (whatever kind of host array came in), Numba device arrays
+        for CUDA inputs. ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) have
+        shape (C,) and the dtype of ``x`` (float32 for float16).
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """
@@ -73,23 +83,25 @@ def forward_train(
 
 
 def forward_eval(
-    x,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    eps=1e-5,
-    axis=1,
+    x: Array,
+    running_mean: Array,
+    running_var: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
     *,
-    out=None,
-    residual=None,
-    activation=None,
-    backend="cpu",
-    device="auto",
-):
+    out: Array | None = None,
+    residual: Array | None = None,
+    activation: Activation = None,
+    backend: Backend = "cpu",
+    device: Device = "auto",
+) -> Array:
     """Inference forward with frozen statistics: ``(x - running_mean) / sqrt(running_var + eps)``
     scaled by ``weight`` and shifted by ``bias`` (then ``residual`` and ``activation``);
-    arguments as :func:`forward_train`."""
+    arguments (any host array NumPy views without a copy, as well as NumPy and CUDA arrays) as
+    :func:`forward_train`. Returns y: a NumPy array for host inputs (a view of ``out`` when
+    given), a Numba device array for CUDA inputs."""
     return frozen_forward(
         x,
         running_mean,
@@ -106,14 +118,31 @@ def forward_eval(
     )
 
 
-def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, mask=None, activation=None,
-             y=None, residual_out=None, backend="cpu", device="auto"):  # fmt: skip
+def backward(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    weight: Array | None = None,
+    axis: int = 1,
+    *,
+    out: Array | None = None,
+    mask: Array | None = None,
+    activation: Activation = None,
+    y: Array | None = None,
+    residual_out: Array | None = None,
+    backend: Backend = "cpu",
+    device: Device = "auto",
+) -> tuple[Array, Array, Array]:
     """Exact training-mode backward (docs/backward.md).
 
     ``mean`` and ``invstd`` are those returned by :func:`forward_train` for the same ``x`` (and
     ``mask``, when the statistics were masked).
     Returns ``dx, dweight, dbias`` with ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)``
-    per channel (in the dtype of ``x``, float32 for float16).
+    per channel (in the dtype of ``x``, float32 for float16): NumPy arrays for host inputs,
+    Numba device arrays for CUDA inputs. Arrays are taken as by :func:`forward_train` (torch
+    CPU tensors, DLPack and buffer-protocol objects too; ``out=`` and ``residual_out`` are
+    written in place).
 
     After a fused forward (``residual``, ``activation``): pass its ``activation`` and its output
     ``y`` ("relu": the gradient flows where y > 0); ``residual_out`` (an array like dy, sharing
@@ -139,25 +168,25 @@ def backward(dy, x, mean, invstd, weight=None, axis=1, *, out=None, mask=None, a
 
 
 def batch_norm(
-    x,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
-    axis=1,
+    x: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
     *,
-    out=None,
-    unbiased_running_var=True,
-    nan_policy="propagate",
-    mask=None,
-    residual=None,
-    activation=None,
-    backend="cpu",
-    device="auto",
-):
+    out: Array | None = None,
+    unbiased_running_var: bool = True,
+    nan_policy: NanPolicy = "propagate",
+    mask: Array | None = None,
+    residual: Array | None = None,
+    activation: Activation = None,
+    backend: Backend = "cpu",
+    device: Device = "auto",
+) -> Array:
     """Batch normalisation shaped like ``torch.nn.functional.batch_norm``.
 
     ``training=True`` normalises with batch statistics and, when ``running_mean`` and
@@ -168,6 +197,11 @@ def batch_norm(
     ``activation``: ``y = activation(BN(x) + residual)`` in the same pass, as
     :func:`forward_train`. Nothing is modified when the call raises. ``device`` as in
     :func:`forward_train`.
+
+    Arrays are taken as by :func:`forward_train`: ``running_mean`` and ``running_var`` may be
+    any writable host array NumPy views without a copy (a torch CPU tensor is updated in place;
+    a read-only one raises ValueError "must be writable"). Returns y: a NumPy array for host
+    inputs (a view of ``out`` when given), a Numba device array for CUDA inputs.
     """
     epilogue = {"residual": residual, "activation": activation}
     if training and mask is not None:

@@ -1,17 +1,29 @@
 """BatchNorm: parameters, running buffers, train/eval, gradients, state_dict."""
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import conventions as _conventions
 from . import folding, ghost
 from . import renorm as renorm_
+from .annotations import (
+    Activation,
+    Array,
+    Backend,
+    ConventionName,
+    Device,
+    Float64Array,
+    HostArray,
+    NanPolicy,
+)
 from .checks import check_activation, check_nan_policy, check_scalar, compute_dtype
 from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
 from .masking import masked_batch_backward, masked_batch_forward
-from .memory import is_device_array
+from .memory import host_view, is_device_array
 from .moments import Moments, moments
 from .ops import (
     affine_forward,
@@ -27,7 +39,8 @@ from .state import StateDict
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias",
            "grad_residual")  # fmt: skip
 
-_DEFAULT = object()
+_DEFAULT: Any = object()
+_Layer = TypeVar("_Layer", bound="BatchNorm")
 
 
 class _Saved(NamedTuple):
@@ -103,26 +116,26 @@ class BatchNorm(StateDict):
 
     def __init__(
         self,
-        num_features,
-        eps=None,
-        momentum=_DEFAULT,
-        affine=True,
-        track_running_stats=True,
-        axis=None,
-        dtype=np.float32,
-        convention="torch",
+        num_features: int,
+        eps: float | None = None,
+        momentum: float | None = _DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int | None = None,
+        dtype: DTypeLike = np.float32,
+        convention: ConventionName = "torch",
         *,
-        center=None,
-        scale=None,
-        nan_policy="propagate",
-        backend="cpu",
-        device="auto",
-        virtual_batch_size=None,
-        renorm=False,
-        renorm_clipping=None,
-        renorm_momentum=0.99,
-        activation=None,
-    ):
+        center: bool | None = None,
+        scale: bool | None = None,
+        nan_policy: NanPolicy = "propagate",
+        backend: Backend = "cpu",
+        device: Device = "auto",
+        virtual_batch_size: int | None = None,
+        renorm: bool = False,
+        renorm_clipping: Mapping[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        activation: Activation = None,
+    ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
         if num_features < 1:
@@ -176,7 +189,7 @@ class BatchNorm(StateDict):
         self.to(device)
 
     # ---------------------------------------------------------------------------- state
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (as PyTorch)."""
         if self.track_running_stats:
             self.running_mean = move(np.zeros(self.num_features, self.dtype), self._side)
@@ -184,7 +197,7 @@ class BatchNorm(StateDict):
         self.num_batches_tracked = 0
         self._saved = None  # a pending backward would mix the old forward with new statistics
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """reset_running_stats(), and weight = 1, bias = 0 where they exist (as PyTorch)."""
         self.reset_running_stats()
         if self.weight is not None:
@@ -198,15 +211,15 @@ class BatchNorm(StateDict):
         return state
 
     # ---------------------------------------------------------------------------- modes
-    def train(self, mode=True):
+    def train(self: _Layer, mode: bool = True) -> _Layer:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self: _Layer) -> _Layer:
         return self.train(False)
 
     # -------------------------------------------------------------------------- device
-    def to(self, device):
+    def to(self: _Layer, device: Device) -> _Layer:
         """Move parameters, buffers and gradients to ``device`` ("cpu", "cuda" or "auto", which
         leaves them where they are and lets them follow the input); returns self."""
         if device not in DEVICES:
@@ -240,7 +253,15 @@ class BatchNorm(StateDict):
         self._move(side)
 
     # -------------------------------------------------------------------------- forward
-    def __call__(self, x, *, training=None, mask=None, out=None, residual=None):
+    def __call__(
+        self,
+        x: Array,
+        *,
+        training: bool | None = None,
+        mask: Array | None = None,
+        out: Array | None = None,
+        residual: Array | None = None,
+    ) -> Array:
         return self.forward(x, training=training, mask=mask, out=out, residual=residual)
 
     def _check_input(self, x):
@@ -273,22 +294,34 @@ class BatchNorm(StateDict):
     def _admit(self, x):
         """Bring the arrays to the side of ``x`` and check x against the layer, once per kind of
         input: a NumPy array with the shape and dtype of the last one (a training loop's next
-        batch) was checked already, and the functional checks still run on every call."""
+        batch) was checked already, and the functional checks still run on every call. Returns
+        x as the layer keeps it: NumPy's view (no copy) of another host array (a torch CPU
+        tensor, say), so that backward, ghost batches and renorm see a NumPy array."""
         if type(x) is np.ndarray and self._admitted == (x.shape, x.dtype, self.axis, self._side):
-            return
+            return x
+        x = host_view(x)
         self._follow(x)
         self._check_input(x)
         if type(x) is np.ndarray:
             self._admitted = (x.shape, x.dtype, self.axis, self._side)
+        return x
 
-    def forward(self, x, *, training=None, mask=None, out=None, residual=None):
+    def forward(
+        self,
+        x: Array,
+        *,
+        training: bool | None = None,
+        mask: Array | None = None,
+        out: Array | None = None,
+        residual: Array | None = None,
+    ) -> Array:
         """Normalise ``x``; in training mode also update the running statistics. ``training``
         overrides the layer's mode for this call (as Keras' ``layer(x, training=False)``).
         ``mask``: with batch statistics, those of the True positions (:mod:`numba_bn.masking`;
         ignored when the running statistics normalise, as in Keras). ``residual`` (an array
         like x): added before the layer's ``activation``, in the same pass."""
         training = self.training if training is None else bool(training)
-        self._admit(x)
+        x, out = self._admit(x), host_view(out)
         y = self._forward(x, training, mask, out, residual)
         if self._saved is not None and (self.activation is not None or residual is not None):
             self._saved = self._saved._replace(
@@ -429,7 +462,7 @@ class BatchNorm(StateDict):
         return y
 
     # ------------------------------------------------------------------------- backward
-    def backward(self, dy, *, out=None):
+    def backward(self, dy: Array, *, out: Array | None = None) -> Array:
         """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``, and
         after a forward with a residual ``grad_residual`` (dy through the activation)."""
         saved = self._saved
@@ -438,7 +471,7 @@ class BatchNorm(StateDict):
                 "BatchNorm.backward() needs a forward call first: nothing is saved (a backward "
                 "releases what its forward saved; the state may also have been reloaded)"
             )
-        x = saved.x()
+        x, dy, out = saved.x(), host_view(dy), host_view(out)
         if x is None:
             raise RuntimeError(
                 "BatchNorm.backward() needs x of the last forward, which forward(x, out=x) "
@@ -537,7 +570,7 @@ class BatchNorm(StateDict):
                 setattr(self, name, move(value.astype(self.dtype), self._side))
 
     # -------------------------------------------------------------------------- folding
-    def scale_shift(self):
+    def scale_shift(self) -> tuple[Float64Array, Float64Array]:
         """``(scale, shift)``, float64 (C,): eval mode as ``y = x * scale + shift`` per channel,
         from the running statistics, eps and the affine parameters."""
         if not self.track_running_stats:
@@ -549,12 +582,16 @@ class BatchNorm(StateDict):
         return folding.scale_shift(*(None if a is None else move(a, "cpu") for a in arrays),
                                    eps=self.eps)  # fmt: skip
 
-    def fold_into(self, weight, bias=None, axis=0):
+    def fold_into(
+        self, weight: ArrayLike, bias: ArrayLike | None = None, axis: int = 0
+    ) -> tuple[HostArray, HostArray]:
         """``(weight, bias)`` of the linear layer or convolution before this batch norm with the
         batch norm folded in (:func:`numba_bn.fold_into`; ``axis``: weight's output axis)."""
         return folding.affine_into(weight, bias, *self.scale_shift(), axis=axis)
 
-    def fold_into_next(self, weight, bias=None, axis=1, out_axis=0):
+    def fold_into_next(
+        self, weight: ArrayLike, bias: ArrayLike | None = None, axis: int = 1, out_axis: int = 0
+    ) -> tuple[HostArray, HostArray]:
         """``(weight, bias)`` of the linear layer after this batch norm with the batch norm
         folded in (:func:`numba_bn.fold_into_next`, exact without padding)."""
         return folding.affine_into_next(weight, bias, *self.scale_shift(), axis=axis,
@@ -569,7 +606,7 @@ class BatchNorm(StateDict):
             keys += list(renorm_.BUFFERS)
         return keys
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"axis={self.axis}, affine={self.affine}, "

@@ -4,6 +4,12 @@ A leaf of the package: it imports nothing of numba_bn. :data:`HOST` serves NumPy
 counterpart is :data:`numba_bn.cuda.arrays.DEVICE`. Both implement :class:`Memory`, so
 validation and allocation (:mod:`numba_bn.functional`) are written once for both. Where a call
 runs is decided above both backends, in :mod:`numba_bn.dispatch`.
+
+Host arrays of other libraries are NumPy arrays here: :func:`host_view` is NumPy's view, without
+a copy, of anything that exports host memory through ``__array_interface__`` (or
+``__array_struct__``), the buffer protocol, or ``__dlpack__`` (``np.from_dlpack``: torch CPU
+tensors, JAX CPU arrays). A view shares the caller's memory, so a running buffer or ``out=``
+given as a torch tensor is updated in place; a read-only export gives a read-only view.
 """
 
 from typing import Protocol
@@ -40,7 +46,53 @@ def _conversion_hint(value, name):
         if str(getattr(value, "dtype", "")) == "torch.bfloat16":
             return f"{name} is a torch bfloat16 tensor, which NumPy cannot hold: use {name}.float()"
         return f"{name} is a torch tensor NumPy cannot view: pass {name}.detach().cpu()"
+    if hasattr(value, "__dlpack__"):
+        return f"{name} exports __dlpack__, but not as host memory NumPy can view"
     return f"{name} must be an array or a rectangular nested sequence of numbers"
+
+
+def _exports_buffer(value):
+    try:
+        with memoryview(value):
+            return True
+    except TypeError:
+        return False
+
+
+def _exported(value, name):
+    """``value`` itself for an ndarray (TypeError for a masked one), else NumPy's view of the host
+    memory ``value`` exports, without a copy; None when it exports none. TypeError (ValueError
+    for NumPy's ValueError) naming ``name`` when an export fails (a torch tensor that requires
+    grad, a bfloat16 one, a DLPack tensor on another device)."""
+    if isinstance(value, np.ndarray):
+        reject_masked(value, name)
+        return value
+    try:
+        if (
+            hasattr(value, "__array_interface__")
+            or hasattr(value, "__array_struct__")
+            or _exports_buffer(value)
+        ):
+            return np.asarray(value)  # these protocols describe the memory: never a copy
+        if hasattr(value, "__dlpack__"):
+            return np.from_dlpack(value)  # zero-copy or an error, never a copy
+    except (TypeError, ValueError, RuntimeError, BufferError) as exc:
+        error = ValueError if isinstance(exc, ValueError) else TypeError
+        raise error(f"{_conversion_hint(value, name)} (NumPy: {exc})") from exc
+    return None
+
+
+def host_view(value):
+    """``value`` as NumPy sees it without a copy when it is a host array of another library (a
+    torch CPU tensor, a ``__dlpack__`` or buffer-protocol object); anything else as it is
+    (NumPy and CUDA arrays, None, sequences, and exports that fail, which the checks explain)."""
+    if value is None or type(value) is np.ndarray or is_device_array(value):
+        return value
+    try:
+        array = _exported(value, "value")
+    except (TypeError, ValueError):
+        return value
+    return value if array is None else array
 
 
 class Memory(Protocol):
@@ -69,20 +121,35 @@ class Memory(Protocol):
 
 
 class HostMemory:
-    """NumPy arrays in host memory."""
+    """NumPy arrays in host memory, and NumPy's views of other host arrays (:func:`host_view`)."""
 
     name = "cpu"
-    array_kind = "a numpy array"
+    array_kind = (
+        "a numpy array (or an object NumPy views without a copy: the buffer protocol, "
+        "__array_interface__ or __dlpack__)"
+    )
 
     def asarray(self, value, name):
-        if isinstance(value, np.ndarray):
-            reject_masked(value, name)
-            return value
+        """An input (x, dy, a residual) as a NumPy array: a view of any host array, else a
+        conversion (a nested sequence is copied)."""
+        array = _exported(value, name)
+        if array is not None:
+            return array
         try:
             return np.asarray(value)
         except (TypeError, ValueError, RuntimeError) as exc:
             error = ValueError if isinstance(exc, ValueError) else TypeError
             raise error(f"{_conversion_hint(value, name)} (NumPy: {exc})") from exc
+
+    def view(self, value, name):
+        """``value`` as a NumPy array over its own memory, for arguments the kernels may write
+        (running buffers, ``out=``) or take as they are (per-channel vectors): an ndarray itself
+        or NumPy's view of another host array; TypeError naming ``name`` for anything else (a
+        list: converting it would hide that it is not updated)."""
+        array = _exported(value, name)
+        if array is None:
+            raise TypeError(f"{name} must be {self.array_kind}, got {type(value).__name__}")
+        return array
 
     def is_array(self, value):
         return isinstance(value, np.ndarray)
@@ -92,6 +159,7 @@ class HostMemory:
 
     def overlaps(self, a, b):
         """True when ``a`` and ``b`` share memory without being the same view of it."""
+        a, b = host_view(a), host_view(b)
         if a is b or not np.may_share_memory(a, b):
             return False
         same_view = (
@@ -103,10 +171,11 @@ class HostMemory:
         return not same_view and np.shares_memory(a, b)
 
     def shares_memory(self, a, b):
+        a, b = host_view(a), host_view(b)
         return np.may_share_memory(a, b) and np.shares_memory(a, b)
 
     def to_host(self, array):
-        return array
+        return host_view(array)
 
     def from_host(self, array, out=None):
         """The host ``array`` in this memory: itself, or copied into ``out``."""
@@ -134,14 +203,14 @@ class HostMemory:
         return array.copy()
 
     def copy_into(self, dst, src):
-        np.copyto(dst, src, casting="same_kind")
+        np.copyto(host_view(dst), src, casting="same_kind")
 
     def astype(self, array, dtype):
         return array.astype(dtype, copy=False)
 
     def product(self, a, b, dtype):
         """``a * b`` per channel (float64 arithmetic) in ``dtype``."""
-        return (np.asarray(a, np.float64) * b).astype(dtype)
+        return (np.asarray(host_view(a), np.float64) * b).astype(dtype)
 
     def invstd(self, var, eps):
         """``1 / sqrt(var + eps)`` of a float64 vector (IEEE: inf for a zero variance and eps)."""

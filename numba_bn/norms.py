@@ -31,7 +31,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .annotations import HostArray
-from .checks import Vectors, check_eps, check_momentum, check_no_overlap, compute_dtype
+from .checks import (
+    Vectors,
+    check_array,
+    check_eps,
+    check_momentum,
+    check_out,
+    compute_dtype,
+)
 from .cpu import CpuBackend, threads_for
 from .cpu import norm_kernels as kernels
 from .cpu.threads import launch_guard
@@ -106,21 +113,8 @@ def check_normalized_shape(normalized_shape, shape=None):
 
 
 def _check_out(out, like, **inputs):
-    """``out``: x's shape and dtype, C-contiguous, writable, overlapping no input unless it is
-    that input."""
-    if out is None:
-        return
-    HOST.check_unmasked(out, "out")
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
-    if out.shape != like.shape or out.dtype != like.dtype:
-        raise ValueError(
-            f"out must have the shape and dtype of x, {like.shape} {like.dtype}, got "
-            f"{out.shape} {out.dtype}"
-        )
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("out must be C-contiguous and writable")
-    check_no_overlap(out, "out", HOST, **(inputs or {"x": like}))
+    """``out`` (or None) as checks.check_out sees it: NumPy's view of the caller's array."""
+    return None if out is None else check_out(out, like, HOST, "out", **inputs)
 
 
 def _check_like(dy, x):
@@ -134,8 +128,7 @@ def _check_like(dy, x):
 
 def _check_stat(value, name, shape):
     """A saved statistic as a C-contiguous float64 array of ``shape``."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(value).__name__}")
+    value = check_array(value, name)
     if value.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {value.shape}")
     compute_dtype(value.dtype, name)
@@ -150,9 +143,7 @@ def _element_vectors(x, shape, **vectors):
     for name, vector in vectors.items():
         if vector is None:
             continue
-        HOST.check_unmasked(vector, name)
-        if not isinstance(vector, np.ndarray):
-            raise TypeError(f"{name} must be a numpy array, got {type(vector).__name__}")
+        vector = check_array(vector, name)
         if vector.shape != shape:
             raise ValueError(f"{name} must have shape normalized_shape={shape}, got {vector.shape}")
         if vector.dtype not in (x.dtype, dtype):
@@ -220,7 +211,7 @@ def group_stats_forward(x, num_groups, weight, bias, eps, axis, *, out=None):
     groups = channels if num_groups is None else check_groups(num_groups, channels)
     eps = check_eps(eps, training=True)
     vectors = Vectors(grid.x, channels, weight=weight, bias=bias)
-    _check_out(out, grid.x)
+    out = _check_out(out, grid.x)
     y, work = grid.output(out)
     stats = np.full((3, n * groups), np.nan)
     if grid.x.size:
@@ -261,7 +252,7 @@ def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=N
     mean, invstd = (_check_stat(v, name, (n, groups))
                     for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
     vectors = Vectors(grid.x, channels, weight=weight)
-    _check_out(out, grid.x, dy=dy, x=grid.x)
+    out = _check_out(out, grid.x, dy=dy, x=grid.x)
     dx, work = grid.output(out)
     sums = np.zeros((2, n * channels))
     if grid.x.size:
@@ -336,7 +327,7 @@ def layer_stats_forward(x, normalized_shape, weight, bias, eps, *, out=None):
     rows, width = math.prod(lead), math.prod(shape)
     eps = check_eps(eps, training=True)
     weight, bias = _element_vectors(x, shape, weight=weight, bias=bias)
-    _check_out(out, x)
+    out = _check_out(out, x)
     dtype = compute_dtype(x.dtype)
     mean, invstd = np.full(rows, np.nan), np.full(rows, np.nan)
     y = out if out is not None and dtype == x.dtype else np.empty(x.shape, dtype)
@@ -360,7 +351,7 @@ def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=N
     mean, invstd = (_check_stat(v, name, lead)
                     for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
     (weight,) = _element_vectors(x, shape, weight=weight)
-    _check_out(out, x, dy=dy, x=x)
+    out = _check_out(out, x, dy=dy, x=x)
     dtype = compute_dtype(x.dtype)
     dx = out if out is not None and dtype == x.dtype else np.empty(x.shape, dtype)
     dweight, dbias = np.zeros(width), np.zeros(width)

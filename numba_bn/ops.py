@@ -377,7 +377,8 @@ def _through_epilogue(dy, prepared, memory, activation, y, residual_out, out):
             )
         y = check_like(y, "y", prepared, memory)
     if residual_out is not None:
-        check_residual_out(residual_out, prepared, memory, x=prepared.x, dy=dy, y=y, out=out)
+        residual_out = check_residual_out(residual_out, prepared, memory, x=prepared.x, dy=dy,
+                                          y=y, out=out)  # fmt: skip
     if activation is None:
         if residual_out is not None:
             memory.copy_into(residual_out, dy)
