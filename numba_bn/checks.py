@@ -18,20 +18,33 @@ from .memory import HOST
 NAN_POLICIES = ("propagate", "raise")
 #: What may follow batch norm in the same pass (issue 13): y = activation(BN(x) + residual).
 ACTIVATIONS = (None, "relu")
+#: The dtype the kernels compute in, for each dtype accepted. Where they differ (float16,
+#: bfloat16) the input is converted once and the result converted back (:class:`Prepared`).
 _COMPUTE_DTYPE = {
     np.dtype(np.float16): np.dtype(np.float32),
     np.dtype(np.float32): np.dtype(np.float32),
     np.dtype(np.float64): np.dtype(np.float64),
 }
+#: Dtypes NumPy learns from an optional package, entered in _COMPUTE_DTYPE when first met:
+#: ml_dtypes' bfloat16 exists only once the caller has imported ml_dtypes, so none is imported
+#: here (numba_bn.memory imports it for torch bfloat16 tensors only).
+_COMPUTED_IN_FLOAT32_BY_NAME = ("bfloat16",)
 
 
 def compute_dtype(dtype, name="x"):
-    """float32 for float16 and float32, float64 for float64; TypeError for anything else."""
+    """float32 for float16, bfloat16 and float32, float64 for float64; TypeError for anything
+    else."""
     result = _COMPUTE_DTYPE.get(dtype)
     if result is None:
-        result = _COMPUTE_DTYPE.get(np.dtype(dtype))
+        dtype = np.dtype(dtype)
+        result = _COMPUTE_DTYPE.get(dtype)
+        if result is None and dtype.name in _COMPUTED_IN_FLOAT32_BY_NAME:
+            result = _COMPUTE_DTYPE[dtype] = np.dtype(np.float32)
         if result is None:
-            raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
+            raise TypeError(
+                f"{name} must be float16, float32 or float64, got dtype {dtype} (bfloat16 too: "
+                "ml_dtypes.bfloat16 arrays, torch bfloat16 tensors)"
+            )
     return result
 
 
@@ -210,14 +223,14 @@ class Prepared:
         memory = self.memory
         if out is not None:
             out = check_out(out, self.x, memory, name, **inputs)
-        if self.dtype != self.x.dtype:  # float16: compute in float32, convert in finish()
+        if self.dtype != self.x.dtype:  # float16, bfloat16: compute in float32, convert in finish()
             return out, memory.empty(self.shape, self.dtype)
         if out is None:
             out = memory.empty(self.x.shape, self.dtype)
         return out, out.reshape(self.shape)
 
     def finish(self, out, view):
-        """The result in the user's dtype and shape (float16 is converted here)."""
+        """The result in the user's dtype and shape (float16 and bfloat16 are converted here)."""
         if view.dtype == self.x.dtype:
             return out
         if out is None:

@@ -1,8 +1,8 @@
 """The public functions, shaped like ``torch.nn.functional.batch_norm`` and its explicit steps.
 
-Per-channel statistics come back in the input's dtype (float32 for float16). ``device`` picks the
-CPU or the CUDA backend (:mod:`numba_bn.dispatch`); validation lives in :mod:`numba_bn.checks`
-and the operations in :mod:`numba_bn.ops`.
+Per-channel statistics come back in the input's dtype (float32 for float16 and bfloat16).
+``device`` picks the CPU or the CUDA backend (:mod:`numba_bn.dispatch`); validation lives in
+:mod:`numba_bn.checks` and the operations in :mod:`numba_bn.ops`.
 """
 
 from .annotations import Activation, Array, Backend, Device, NanPolicy
@@ -37,7 +37,7 @@ def forward_train(
 
     Parameters
     ----------
-    x : array, float16/32/64, rank >= 2
+    x : array, float16/32/64 or bfloat16 (ml_dtypes, torch), rank >= 2
         Channels on ``axis``; the statistics reduce over every other axis. Also a nested
         sequence of numbers (converted, a copy).
     weight, bias : array (C,), optional
@@ -68,7 +68,7 @@ def forward_train(
     y, mean, invstd
         NumPy arrays for host inputs (whatever kind of host array came in), Numba device arrays
         for CUDA inputs. ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) have
-        shape (C,) and the dtype of ``x`` (float32 for float16).
+        shape (C,) and the dtype of ``x`` (float32 for float16 and bfloat16).
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """
@@ -139,10 +139,10 @@ def backward(
     ``mean`` and ``invstd`` are those returned by :func:`forward_train` for the same ``x`` (and
     ``mask``, when the statistics were masked).
     Returns ``dx, dweight, dbias`` with ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)``
-    per channel (in the dtype of ``x``, float32 for float16): NumPy arrays for host inputs,
-    Numba device arrays for CUDA inputs. Arrays are taken as by :func:`forward_train` (torch
-    CPU tensors, DLPack and buffer-protocol objects too; ``out=`` and ``residual_out`` are
-    written in place).
+    per channel (in the dtype of ``x``, float32 for float16 and bfloat16): NumPy arrays for host
+    inputs, Numba device arrays for CUDA inputs. Arrays are taken as by :func:`forward_train`
+    (torch CPU tensors, DLPack and buffer-protocol objects too; ``out=`` and ``residual_out``
+    are written in place).
 
     After a fused forward (``residual``, ``activation``): pass its ``activation`` and its output
     ``y`` ("relu": the gradient flows where y > 0); ``residual_out`` (an array like dy, sharing

@@ -82,8 +82,8 @@ class BatchNorm(StateDict):
         separately, as in Keras.
     track_running_stats : bool
         Keep ``running_mean``/``running_var``; when False, eval mode uses batch statistics.
-    dtype : float16, float32 or float64
-        dtype of the parameters and buffers.
+    dtype : float16, float32, float64 or ``ml_dtypes.bfloat16``
+        dtype of the parameters and buffers (float16 and bfloat16 are computed in float32).
     convention : {"torch", "keras", "flax", "onnx"}
     nan_policy : {"propagate", "raise"}
         "raise": a training batch with non-finite statistics raises and updates nothing.

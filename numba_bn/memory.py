@@ -10,8 +10,13 @@ a copy, of anything that exports host memory through ``__array_interface__`` (or
 ``__array_struct__``), the buffer protocol, or ``__dlpack__`` (``np.from_dlpack``: torch CPU
 tensors, JAX CPU arrays). A view shares the caller's memory, so a running buffer or ``out=``
 given as a torch tensor is updated in place; a read-only export gives a read-only view.
+
+bfloat16 is ``ml_dtypes.bfloat16`` in NumPy, an optional dependency imported only when a torch
+bfloat16 tensor comes in (NumPy's DLPack import has no bfloat16): the tensor's bits are viewed as
+int16 and seen as bfloat16, still without a copy (:func:`_torch_bfloat16_view`).
 """
 
+import sys
 from typing import Protocol
 
 import numpy as np
@@ -43,8 +48,6 @@ def _conversion_hint(value, name):
     if module.startswith("torch"):
         if getattr(value, "requires_grad", False):
             return f"{name} is a torch tensor that requires grad: pass {name}.detach()"
-        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
-            return f"{name} is a torch bfloat16 tensor, which NumPy cannot hold: use {name}.float()"
         return f"{name} is a torch tensor NumPy cannot view: pass {name}.detach().cpu()"
     if hasattr(value, "__dlpack__"):
         return f"{name} exports __dlpack__, but not as host memory NumPy can view"
@@ -59,15 +62,51 @@ def _exports_buffer(value):
         return False
 
 
+def _is_torch_bfloat16(value):
+    """True for a torch bfloat16 tensor NumPy may view: in host memory, not requiring grad (the
+    export of one that does explains itself). torch is never imported here: a tensor's module is
+    loaded already."""
+    torch = sys.modules.get("torch")
+    return (
+        torch is not None
+        and isinstance(value, torch.Tensor)
+        and value.dtype == torch.bfloat16
+        and value.device.type == "cpu"
+        and not value.requires_grad
+    )
+
+
+def _bfloat16(name):
+    """ml_dtypes' bfloat16 dtype, imported at the first torch bfloat16 tensor; TypeError naming
+    ``name`` and the extra to install when ml_dtypes is missing."""
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise TypeError(
+            f"{name} is a torch bfloat16 tensor: NumPy holds bfloat16 through the optional "
+            f'ml_dtypes package; pip install "numba-bn[bfloat16]" (or pass {name}.float())'
+        ) from exc
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _torch_bfloat16_view(tensor, dtype):
+    """NumPy's view of a torch bfloat16 CPU tensor as ``dtype`` (ml_dtypes' bfloat16), without a
+    copy: its bits cross DLPack as int16, which NumPy takes, and have the same size."""
+    return np.from_dlpack(tensor.view(sys.modules["torch"].int16)).view(dtype)
+
+
 def _exported(value, name):
     """``value`` itself for an ndarray (TypeError for a masked one), else NumPy's view of the host
     memory ``value`` exports, without a copy; None when it exports none. TypeError (ValueError
     for NumPy's ValueError) naming ``name`` when an export fails (a torch tensor that requires
-    grad, a bfloat16 one, a DLPack tensor on another device)."""
+    grad, a DLPack tensor on another device, a torch bfloat16 one without ml_dtypes)."""
     if isinstance(value, np.ndarray):
         reject_masked(value, name)
         return value
+    bfloat16 = _bfloat16(name) if _is_torch_bfloat16(value) else None
     try:
+        if bfloat16 is not None:
+            return _torch_bfloat16_view(value, bfloat16)
         if (
             hasattr(value, "__array_interface__")
             or hasattr(value, "__array_struct__")

@@ -7,6 +7,7 @@ memory, and what a NumPy array of the same layout would be refused for is refuse
 """
 
 import array
+import sys
 
 import numpy as np
 import pytest
@@ -313,7 +314,7 @@ def test_a_non_contiguous_torch_running_buffer_is_updated_as_a_non_contiguous_nd
 
 @needs_torch
 @pytest.mark.parametrize("name", ["x", "weight", "running_mean", "out"])
-def test_a_torch_tensor_numpy_cannot_view_is_refused_by_name(rng, name):
+def test_a_torch_tensor_numpy_cannot_view_is_refused_by_name(rng, name, monkeypatch):
     case = _case(rng, (6, 3), 1, np.float32)
     args = {"x": case["x"], "running_mean": case["running_mean"],
             "running_var": case["running_var"], "weight": case["weight"]}  # fmt: skip
@@ -322,6 +323,7 @@ def test_a_torch_tensor_numpy_cannot_view_is_refused_by_name(rng, name):
     with pytest.raises(TypeError, match=f"{name} is a torch tensor that requires grad: pass "
                                         f"{name}.detach"):  # fmt: skip
         nbn.batch_norm(**args, training=True)
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # without the bfloat16 extra
     args[name] = torch.ones(shape, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match=f"{name} is a torch bfloat16 tensor"):
         nbn.batch_norm(**args, training=True)

@@ -6,6 +6,7 @@ References are PyTorch 2.13 on the CPU and the float64 loops of tests/naive.py.
 
 import gc
 import pickle
+import sys
 import weakref
 
 import numpy as np
@@ -319,7 +320,8 @@ def test_torch_tensor_that_requires_grad_says_detach(rng):
         x.detach().numpy())[0], rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-def test_torch_bfloat16_tensor_says_what_to_do():
+def test_torch_bfloat16_tensor_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # without the bfloat16 extra
     x = torch.ones((8, 3), dtype=torch.bfloat16)
     with pytest.raises(TypeError, match=r"x is a torch bfloat16 tensor.*x.float\(\)"):
         nbn.forward_train(x)
