@@ -22,7 +22,7 @@ batch of no values does.
 import numpy as np
 
 from .layout import normalize_axis
-from .memory import is_device_array
+from .memory import host_view, is_device_array
 from .moments import moments
 from .ops import TrainResult, batch_backward, batch_forward
 
@@ -95,6 +95,7 @@ def masked_batch_forward(x, weight, bias, eps, axis, mask, *, running_mean=None,
                          running_var=None, momentum=0.1, unbiased=True, nan_policy="propagate",
                          out=None, backend="cpu", residual=None, activation=None):  # fmt: skip
     """ops.batch_forward with the statistics of the positions ``mask`` selects."""
+    x, mask = host_view(x), host_view(mask)  # torch CPU tensors, DLPack objects: NumPy's views
     mask, axis = check_mask(mask, x, axis)
     values, _ = selected(x, mask, axis)
     exchange = MaskedStatistics(values, backend)
@@ -116,6 +117,7 @@ def masked_batch_backward(dy, x, mean, invstd, weight, axis, mask, *, out=None, 
                           activation=None, y=None, residual_out=None):  # fmt: skip
     """ops.batch_backward of a masked forward (see the module's formula); through the
     epilogue's activation first, as ops.batch_backward."""
+    dy, x, mask, y = (host_view(value) for value in (dy, x, mask, y))
     mask, axis = check_mask(mask, x, axis)
     count = int(np.count_nonzero(mask))
     result = batch_backward(dy, x, mean, invstd, weight, axis, out=out, backend=backend,

@@ -335,3 +335,17 @@ def test_a_list_is_still_refused_where_the_call_writes_or_takes_a_vector(rng):
         nbn.batch_norm(case["x"], [0.0] * 3, case["running_var"], training=True)
     with pytest.raises(TypeError, match="out must be a numpy array .*got list"):
         nbn.forward_train(case["x"], out=case["x"].tolist())
+
+
+def test_a_mask_and_masked_arrays_of_other_libraries_give_the_numpy_bits(rng):
+    x = random_batch(rng, (6, 3, 4), np.float32)
+    dy = random_batch(rng, (6, 3, 4), np.float32)
+    mask = rng.random((6, 4)) < 0.7
+    y, mean, invstd = nbn.forward_train(x, mask=mask)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd, mask=mask)
+    y2, mean2, invstd2 = nbn.forward_train(DLPackOnly(x), mask=DLPackOnly(mask))
+    dx2, dweight2, dbias2 = nbn.backward(DLPackOnly(dy), DLPackOnly(x), mean2, invstd2,
+                                         mask=DLPackOnly(mask))  # fmt: skip
+    for a, b in zip((y, mean, invstd, dx, dweight, dbias), (y2, mean2, invstd2, dx2, dweight2,
+                                                            dbias2), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
