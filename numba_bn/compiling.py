@@ -79,27 +79,30 @@ def driver_name(dispatcher):
     return py_func.__name__.lstrip("_")
 
 
-_LABELS = {"rows": "rows", "planes": "planes", "split": "split", "fused": "fused planes"}
+_MEMORY = {"rows": "rows", "planes": "planes"}
+_PARTITIONS = {"split": "split", "fused": "fused planes"}
+_EPILOGUES = {"1": "+ residual", "2": "+ ReLU", "3": "+ residual + ReLU"}  # cpu.kernels' codes
 
 
 def describe(name, args):
     """(what, estimated seconds) of driver ``name`` compiled for ``args`` (Numba types):
-    ``forward_train (split, float32, serial twin)``."""
+    ``forward_train (split, rows, float32, serial twin)`` for forward_train_split_rows_serial."""
     serial = name.endswith("_serial")
-    step = name.removesuffix("_serial")
-    labels = []
-    for suffixes in (("rows", "planes"), ("split", "fused")):  # forward_train_split_rows
-        for suffix in suffixes:
+    step, details = name.removesuffix("_serial"), []
+    step, _, epilogue = step.partition("_epilogue")  # drivers.twins names its copies
+    for labels in (_MEMORY, _PARTITIONS):
+        for suffix, label in labels.items():
             if step.endswith("_" + suffix):
                 step = step.removesuffix("_" + suffix)
-                labels.append(suffix)
-    partition = next((label for label in labels if label in ("split", "fused")), None)
+                details.insert(0, label)
+    partition = next((s for s in _PARTITIONS if _PARTITIONS[s] in details), None)
     estimate = ESTIMATED_SECONDS.get(f"{step}_{partition}" if partition else step)
-    details = [_LABELS[labels[0]]] if labels else []  # the memory shape, if the name says
     dtype = getattr(args[0], "dtype", None) if args else None
     if dtype is not None:
         details.append(str(dtype))
     details.append("serial twin" if serial else "parallel twin")
+    if epilogue:
+        details.append(_EPILOGUES.get(epilogue, "epilogue " + epilogue))
     seconds = (estimate or _DEFAULT_SECONDS) * (1.0 if serial else PARALLEL_FACTOR)
     return f"{step} ({', '.join(details)})", seconds
 
@@ -128,10 +131,9 @@ def cache_location():
     """Where Numba keeps the drivers' machine code (NUMBA_CACHE_DIR, or next to the sources)."""
     from .cpu import drivers
 
-    for value in vars(drivers).values():  # the drivers' dispatchers share one cache directory
-        if getattr(getattr(value, "_cache", None), "cache_path", None):
-            return value._cache.cache_path
-    return "nowhere (Numba's cache is off)"
+    dispatcher = drivers.driver("forward_eval")[0]  # the drivers share one cache directory
+    path = getattr(getattr(dispatcher, "_cache", None), "cache_path", None)
+    return path or "nowhere (Numba's cache is off)"
 
 
 def _line(name, args, dispatcher):

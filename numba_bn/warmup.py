@@ -57,11 +57,7 @@ def _cache_loads():
     """How many times the drivers' machine code has come from Numba's cache in this process."""
     from .cpu import drivers
 
-    loads = 0
-    for value in vars(drivers).values():
-        stats = getattr(value, "stats", None)  # a Numba dispatcher
-        loads += sum(getattr(stats, "cache_hits", {}).values())
-    return loads
+    return sum(sum(dispatcher.stats.cache_hits.values()) for dispatcher in drivers.dispatchers())
 
 
 class Timings(float):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn.cpu import drivers, kernels
+from numba_bn.cpu import drivers, items, kernels
 
 import naive
 from conftest import random_batch
@@ -111,10 +111,12 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
     bias = rng.standard_normal(shape[1]).astype(np.float32)
     partition = "fused" if fused else "split"
     results = []
-    add_relu = drivers.EPILOGUE_DRIVERS[3][f"forward_train_{partition}"]  # (parallel, serial)
-    for twin in ("", "_serial"):
-        train = getattr(drivers, f"forward_train_{partition}{twin}")
-        back = getattr(drivers, f"backward_{partition}{twin}")
+    memory = items.memory_of(shape[2])
+    trains = drivers.driver(f"forward_train_{partition}", memory)  # (parallel, serial)
+    backs = drivers.driver(f"backward_{partition}", memory)
+    add_relu = drivers.driver(f"forward_train_{partition}", memory, kernels.EPILOGUE_ADD_RELU)
+    relu_backs = drivers.driver("backward_fused_relu")
+    for twin, train, back in zip(("", "_serial"), trains, backs, strict=True):
         running = [np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)]
         y = np.full_like(x, np.nan)
         stats = [np.full(shape[1], np.nan) for _ in range(3)]
@@ -129,7 +131,7 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
         if fused:  # its backward, through the ReLU channel by channel
             grad, relu_dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
             relu_sums = [np.full(shape[1], np.nan) for _ in range(2)]
-            getattr(drivers, f"backward_fused_relu{twin}")(
+            relu_backs[0 if twin == "" else 1](
                 dy, fused_y, x, stats[0], stats[1], weight, relu_dx, *relu_sums, grad
             )
             np.testing.assert_array_equal(grad, np.where(fused_y > 0, dy, np.float32(0)))

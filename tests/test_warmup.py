@@ -13,6 +13,9 @@ import numpy as np
 
 import numba_bn as nbn
 from numba_bn.cpu import drivers
+from numba_bn.cpu.items import MEMORY_ANY as ANY
+from numba_bn.cpu.items import MEMORY_PLANES as PLANES
+from numba_bn.cpu.items import MEMORY_ROWS as ROWS
 from numba_bn.warmup import label, plan
 
 from conftest import run_child
@@ -43,7 +46,7 @@ def test_a_cold_cache_prints_one_line_saying_what_why_how_long_and_where(tmp_pat
     lines = LINE.findall(output)
     assert len(lines) == 1, output  # the kernels forward_eval inlines compile silently
     (line,) = lines
-    assert "forward_eval (float32, serial twin)" in line
+    assert "forward_eval (rows, float32, serial twin)" in line
     assert "first call with these argument types" in line and "nothing cached yet" in line
     assert re.search(r"about \d+ s", line)
     assert f"cached in {tmp_path}" in line
@@ -62,18 +65,46 @@ def test_numba_bn_quiet_silences_the_line(tmp_path):
     assert not LINE.findall(output), output
 
 
+# The kernels of one memory shape only (cpu/kernels.py): a call compiles its own shape's alone.
+ROWS_KERNELS = {"rows_chunk_stats", "rows_chunk_sums", "rows_affine", "rows_dx"}
+PLANES_KERNELS = {"plane_segment_stats", "plane_segment_sums", "affine_planes", "affine_range",
+                  "dx_planes", "dx_range"}  # fmt: skip
+# A child that prints, after each call, the functions Numba compiled for it.
+COMPILED = """
+import numpy as np, numba_bn as nbn
+from numba.core import event
+names = []
+class Listener(event.Listener):
+    def on_start(self, ev): names.append(ev.data["dispatcher"].py_func.__name__)
+    def on_end(self, ev): pass
+event.register("numba:compile", Listener())
+def compiled(label):
+    print(label, sorted(set(names))); names.clear()
+"""
+
+
 def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
-    code = (
-        "import numpy as np, numba_bn as nbn; x = np.ones((64, 32), np.float32); "
-        "y, m, s = nbn.forward_train(x); nbn.backward(y, x, m, s); nbn.forward_train(x); "
-        "nbn.backward(y, x, m, s); print('done')"
+    code = COMPILED + (
+        "x = np.ones((64, 32), np.float32)\n"
+        "y, m, s = nbn.forward_train(x); nbn.backward(y, x, m, s); nbn.forward_train(x)\n"
+        "nbn.backward(y, x, m, s); compiled('rows:')\n"
+        "x = np.ones((2, 3, 5), np.float32)\n"
+        "nbn.forward_eval(x, np.zeros(3, np.float32), np.ones(3, np.float32))\n"
+        "compiled('planes:')\n"
+        "print('done')"
     )
     output, seconds = _run(code, tmp_path)
-    print(f"cold forward_train + backward process: {seconds:.1f} s\n{output}")
+    print(f"cold forward_train + backward (rows), forward_eval (planes): {seconds:.1f} s\n{output}")
     lines = LINE.findall(output)
-    assert len(lines) == 2, output
-    assert "forward_train (split, float32, serial twin)" in lines[0]
-    assert "backward (split, float32, serial twin)" in lines[1]
+    assert len(lines) == 3, output
+    assert "forward_train (split, rows, float32, serial twin)" in lines[0]
+    assert "backward (split, rows, float32, serial twin)" in lines[1]
+    assert "forward_eval (planes, float32, serial twin)" in lines[2]
+    # a driver is compiled for one memory shape: the other's kernels are not compiled with it
+    rows = set(eval(re.search(r"^rows: (.*)$", output, re.MULTILINE).group(1)))
+    planes = set(eval(re.search(r"^planes: (.*)$", output, re.MULTILINE).group(1)))
+    assert ROWS_KERNELS <= rows and not rows & PLANES_KERNELS, rows
+    assert {"affine_planes", "affine_range"} & planes and not planes & ROWS_KERNELS, planes
 
 
 def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path):
@@ -104,9 +135,12 @@ def test_warmup_returns_the_total_and_a_step_each():
     assert [step[:4] for step in timings.steps] == plan((np.float32,))
     for step in timings.steps:
         print(step.line())
-    twins = ("_serial", "") if numba.get_num_threads() > 1 else ("_serial",)
-    for name in ("forward_train_split", "forward_train_fused", "backward_split", "backward_fused",
-                 "forward_eval"):  # fmt: skip
+    twins = (1, 0) if numba.get_num_threads() > 1 else (1,)  # serial, parallel
+    for name, memory in [
+        ("forward_train_split", ROWS), ("forward_train_split", PLANES),
+        ("forward_train_fused", ANY), ("backward_split", ROWS), ("backward_split", PLANES),
+        ("backward_fused", ANY), ("forward_eval", ROWS), ("forward_eval", PLANES),
+    ]:  # fmt: skip
         for twin in twins:
-            dispatcher = getattr(drivers, name + twin)
-            assert numba.float32 in {sig[0].dtype for sig in dispatcher.signatures}, name + twin
+            dispatcher = drivers.driver(name, memory)[twin]
+            assert numba.float32 in {sig[0].dtype for sig in dispatcher.signatures}, name

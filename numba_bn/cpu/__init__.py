@@ -6,7 +6,7 @@ import numba
 
 from ..stats import no_running_update
 from . import drivers
-from .items import is_fused
+from .items import MEMORY_ANY, is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .threads import launch_guard
 
@@ -36,16 +36,6 @@ NS_PER_ELEMENT = {
 _SERIAL_BELOW = {step: WAKE_NS / ns for step, ns in NS_PER_ELEMENT.items()}  # whatever threads
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
 PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
-# (serial twin, parallel twin) per step; forward_train and backward have a driver per
-# partition (fused planes or split items), so that a call compiles only the one it runs.
-_DRIVER_NAMES = (
-    "forward_train_split", "forward_train_fused", "forward_eval", "backward_split",
-    "backward_fused", "batch_stats", "normalize", "backward_sums", "backward_dx", "relu_grad",
-    "backward_fused_relu",
-)  # fmt: skip
-_DRIVERS = {
-    name: (getattr(drivers, name + "_serial"), getattr(drivers, name)) for name in _DRIVER_NAMES
-}
 _NO_GUARD = contextlib.nullcontext()
 
 
@@ -67,19 +57,20 @@ def epilogue_code(residual, activation):
 
 
 def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
-    """(driver, guard) of ``step`` on ``x``: the twin the cost model picks (and for a step with
-    two partitions, fused planes when :func:`.items.is_fused` says so, the rule the C plugin's
-    shim follows too), with ``epilogue``, and the lock a parallel launch may need (.threads)."""
+    """(driver, guard, fused) of ``step`` on ``x``: the twin the cost model picks for x's memory
+    shape and ``epilogue`` (:func:`.drivers.driver`), the lock a parallel launch may need
+    (.threads), and for a step with two partitions whether it takes fused planes
+    (:func:`.items.is_fused`, the rule the C plugin's shim follows too)."""
     threads = threads_for(step, x.size)
+    fused = False
     if step in ("forward_train", "backward"):
-        step += "_fused" if may_fuse and is_fused(x.shape[1], x.shape[2], threads) else "_split"
-    if epilogue == EPILOGUE_NONE:
-        serial, parallel = _DRIVERS[step]
-    else:
-        parallel, serial = drivers.EPILOGUE_DRIVERS[epilogue][step]
+        fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads)
+        step += "_fused" if fused else "_split"
+    memory = memory_of(x.shape[2]) if step in drivers.BY_MEMORY else MEMORY_ANY  # relu_grad: flat
+    parallel, serial = drivers.driver(step, memory, epilogue)
     if threads == 1:
-        return serial, _NO_GUARD
-    return parallel, launch_guard()
+        return serial, _NO_GUARD, fused
+    return parallel, launch_guard(), fused
 
 
 class CpuBackend:
@@ -100,8 +91,8 @@ class CpuBackend:
         with nothing written but the statistics, when nan_check finds them not finite."""
         # The fused pass writes y channel by channel as it goes; a NaN check must come before
         # any y is written (a call that raises leaves out= as it was), so it takes the split one.
-        run, guard = _plan("forward_train", x, may_fuse=not nan_check,
-                           epilogue=epilogue_code(residual, activation))  # fmt: skip
+        run, guard, _ = _plan("forward_train", x, may_fuse=not nan_check,
+                              epilogue=epilogue_code(residual, activation))  # fmt: skip
         running = running or no_running_update(x.dtype)  # cached zero-length buffers
         with guard:
             return run(x, weight, bias, eps, running.mean, running.var, running.momentum,
@@ -110,7 +101,7 @@ class CpuBackend:
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
                      activation=None):  # fmt: skip
-        run, guard = _plan("forward_eval", x, epilogue=epilogue_code(residual, activation))
+        run, guard, _ = _plan("forward_eval", x, epilogue=epilogue_code(residual, activation))
         with guard:
             run(x, weight, bias, running_mean, running_var, eps, y,
                 x if residual is None else residual)  # fmt: skip
@@ -118,7 +109,7 @@ class CpuBackend:
     def activation_grad(self, dy, y, *, activation, grad):
         """grad (=, like dy) = the gradient through ``activation`` of the forward that gave
         ``y``: dy where y > 0, else 0, for "relu"."""
-        run, guard = _plan("relu_grad", dy)
+        run, guard, _ = _plan("relu_grad", dy)
         with guard:
             run(dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size))
 
@@ -127,10 +118,10 @@ class CpuBackend:
         """The backward; with an ``activation``, first through it (``grad`` (=) as in
         activation_grad, from the forward's ``y``): channel by channel in the fused partition,
         so that grad is read back from L2."""
-        run, guard = _plan("backward", x, may_fuse=True)
+        run, guard, fused = _plan("backward", x, may_fuse=True)
         if activation is not None:
-            if run in _DRIVERS["backward_fused"]:
-                run, guard = _plan("backward_fused_relu", x)  # the same threads
+            if fused:
+                run, guard, _ = _plan("backward_fused_relu", x)  # the same threads
                 with guard:
                     run(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grad)
                 return
@@ -142,21 +133,21 @@ class CpuBackend:
     # ----------------------------------------------- the split steps (and their exchange)
     def batch_stats(self, x, *, mean, m2):
         """mean, M2 (=) per channel; returns the count of values per channel."""
-        run, guard = _plan("batch_stats", x)
+        run, guard, _ = _plan("batch_stats", x)
         with guard:
             return run(x, mean, m2)
 
     def normalize(self, x, *, mean, invstd, weight, bias, y, residual=None, activation=None):
-        run, guard = _plan("normalize", x, epilogue=epilogue_code(residual, activation))
+        run, guard, _ = _plan("normalize", x, epilogue=epilogue_code(residual, activation))
         with guard:
             run(x, mean, invstd, weight, bias, y, x if residual is None else residual)
 
     def backward_sums(self, dy, x, *, mean, sum_dy, sum_dy_xmu):
-        run, guard = _plan("backward_sums", x)
+        run, guard, _ = _plan("backward_sums", x)
         with guard:
             run(dy, x, mean, sum_dy, sum_dy_xmu)
 
     def backward_dx(self, dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
-        run, guard = _plan("backward_dx", x)
+        run, guard, _ = _plan("backward_dx", x)
         with guard:
             run(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)

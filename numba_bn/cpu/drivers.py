@@ -18,9 +18,12 @@ keeps a call from compiling loop nests it never runs: with both in one driver, a
 forward_train compiled the fused kernels too, a quarter of its compile time (40% for the
 parallel twin). The backend (:mod:`numba_bn.cpu`) picks the driver.
 
-The fused BN+Add+ReLU (issue 13) is the same drivers with another epilogue (:mod:`.kernels`):
-``EPILOGUE_DRIVERS[code]`` holds a copy of each forward driver per code, compiled on its first
-call, so that a plain call never compiles the epilogue's loops. Its backward is the plain one on
+For the same reason a driver is compiled for one memory shape (:mod:`.items`: rows or planes),
+the globals MEMORY and EPILOGUE of a copy of its template being compile-time constants that Numba
+prunes branches by: :func:`driver` gives the copy of a step for a memory shape and an epilogue,
+made on first use. A rows call then never compiles the planes kernels (half of its compile
+time), and a plain call never compiles the loops of the fused BN+Add+ReLU (issue 13), which is
+the same forward drivers with another epilogue (:mod:`.kernels`). Its backward is the plain one on
 the gradient through the ReLU: ``backward_fused_relu`` takes it channel by channel in the fused
 partition, ``relu_grad`` in a pass of its own otherwise.
 """
@@ -34,6 +37,9 @@ from numba import prange
 from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
 from .items import (
     ITEM_SCRATCH_SHAPE,
+    MEMORY_ANY,
+    MEMORY_PLANES,
+    MEMORY_ROWS,
     add_channel,
     channel_items,
     dx_channel,
@@ -60,7 +66,9 @@ from .kernels import (
     relu_grad_range,
 )
 
-EPILOGUE = EPILOGUE_NONE  # the plain drivers'; twins gives each other epilogue its own copy
+# The templates' compile-time constants; each driver copy (twins, driver) has its own.
+EPILOGUE = EPILOGUE_NONE
+MEMORY = MEMORY_ANY
 
 CACHE = True
 
@@ -76,7 +84,10 @@ def _copy(template, suffix, scope):
     return copy
 
 
-def twins(template, epilogue=EPILOGUE_NONE):
+_MEMORY_SUFFIX = {MEMORY_ANY: "", MEMORY_ROWS: "_rows", MEMORY_PLANES: "_planes"}
+
+
+def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     """Compile ``template`` twice: ``parallel=True``, and serial (``prange`` runs as ``range``).
 
     The serial twin serves inputs too small to repay waking the thread pool (a parallel launch
@@ -84,13 +95,14 @@ def twins(template, epilogue=EPILOGUE_NONE):
     the same order, so they give bitwise the same results. The copy gets its own qualname so
     that Numba's on-disk cache keeps the two apart.
 
-    ``epilogue`` (:mod:`.kernels`) becomes the global EPILOGUE of both, a compile-time constant:
-    each epilogue is a driver of its own, compiled on its first call.
+    ``epilogue`` (:mod:`.kernels`) and ``memory`` (:mod:`.items`) become the globals EPILOGUE
+    and MEMORY of both, compile-time constants (``_rows_epilogue1`` in the copies' names).
     """
-    if epilogue == EPILOGUE_NONE:
-        parallel, suffix, scope = template, "", template.__globals__
+    suffix = _MEMORY_SUFFIX[memory] + (f"_epilogue{epilogue}" if epilogue != EPILOGUE_NONE else "")
+    if not suffix:
+        parallel, scope = template, template.__globals__
     else:
-        suffix, scope = f"_epilogue{epilogue}", {**template.__globals__, "EPILOGUE": epilogue}
+        scope = {**template.__globals__, "EPILOGUE": epilogue, "MEMORY": memory}
         parallel = _copy(template, suffix, scope)
     serial = _copy(template, suffix + "_serial", scope)
     options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
@@ -101,41 +113,41 @@ def twins(template, epilogue=EPILOGUE_NONE):
 # inline="always" inlines these into each driver before Numba's parfor pass, so their prange
 # loops run on threads in the parallel twin and as plain loops in the serial one.
 @kernel(inline="always")
-def _stats_loop(x, part):
-    """Partials (=) of every reduction item."""
+def _stats_loop(x, part, memory):
+    """Partials (=) of every reduction item; ``memory`` and ``epilogue`` below: the calling
+    driver's MEMORY and EPILOGUE (a global here would be this module's)."""
     outer, channels, inner = x.shape
-    if inner == 1:
+    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
         for item in prange(reduce_items(outer, channels, inner)):
-            stats_item(x, item, part, np.empty(ITEM_SCRATCH_SHAPE))
+            stats_item(x, item, part, np.empty(ITEM_SCRATCH_SHAPE), memory)
     else:
         unused = np.empty((2, 0))
         for item in prange(reduce_items(outer, channels, inner)):
-            stats_item(x, item, part, unused)
+            stats_item(x, item, part, unused, memory)
 
 
 @kernel(inline="always")
-def _sums_loop(dy, x, mean, part):
+def _sums_loop(dy, x, mean, part, memory):
     outer, channels, inner = x.shape
     for item in prange(reduce_items(outer, channels, inner)):
-        sums_item(dy, x, item, mean, part)
+        sums_item(dy, x, item, mean, part, memory)
 
 
 @kernel(inline="always")
-def _normalize_loop(x, coef, y, z, epilogue):
-    """y (=) of every elementwise item, with ``epilogue`` (the calling driver's EPILOGUE: a
-    global here would be this module's) and ``z`` (as x)."""
+def _normalize_loop(x, coef, y, z, epilogue, memory):
+    """y (=) of every elementwise item, with ``epilogue`` and ``z`` (as x)."""
     outer, channels, inner = x.shape
     x_flat, y_flat, z_flat = x.reshape(x.size), y.reshape(y.size), z.reshape(z.size)
     for item in prange(elementwise_items(outer, channels, inner)):
-        normalize_item(x_flat, y_flat, x.shape, item, coef, z_flat, epilogue)
+        normalize_item(x_flat, y_flat, x.shape, item, coef, z_flat, epilogue, memory)
 
 
 @kernel(inline="always")
-def _dx_loop(dy, x, coef, dx):
+def _dx_loop(dy, x, coef, dx, memory):
     outer, channels, inner = x.shape
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
     for item in prange(elementwise_items(outer, channels, inner)):
-        dx_item(dy_flat, x_flat, dx_flat, x.shape, item, coef)
+        dx_item(dy_flat, x_flat, dx_flat, x.shape, item, coef, memory)
 
 
 # ------------------------------------------------------------------------------------ drivers
@@ -143,7 +155,7 @@ def _batch_stats(x, mean, m2):
     """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
     outer, channels, inner = x.shape
     part = np.empty((3, parts(outer, inner), channels))
-    _stats_loop(x, part)
+    _stats_loop(x, part, MEMORY)
     for item in prange(channel_items(channels)):
         merge_channel(item, part, mean, m2)
     return float(outer * inner)
@@ -155,14 +167,14 @@ def _normalize(x, mean, invstd, weight, bias, y, z):
     coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         affine_coefficients(c, mean[c], invstd[c], weight, bias, coef)
-    _normalize_loop(x, coef, y, z, EPILOGUE)
+    _normalize_loop(x, coef, y, z, EPILOGUE, MEMORY)
 
 
 def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=, float64, (C,)): the per-channel reduction of the backward."""
     outer, channels, inner = x.shape
     part = np.empty((2, parts(outer, inner), channels))
-    _sums_loop(dy, x, mean, part)
+    _sums_loop(dy, x, mean, part, MEMORY)
     for item in prange(channel_items(channels)):
         add_channel(item, part, sum_dy, sum_dy_xmu)
 
@@ -173,7 +185,7 @@ def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
     coef = np.empty((DX_ROWS, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
-    _dx_loop(dy, x, coef, dx)
+    _dx_loop(dy, x, coef, dx, MEMORY)
 
 
 @kernel(inline="always")
@@ -205,13 +217,13 @@ def _forward_train_split(
     count = float(outer * inner)
     coef = np.empty((AFFINE_ROWS, channels), x.dtype)
     part = np.empty((3, parts(outer, inner), channels))
-    _stats_loop(x, part)
+    _stats_loop(x, part, MEMORY)
     for item in prange(channel_items(channels)):
         train_channel(item, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
     if not _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
                                      save_m2, momentum, unbiased):  # fmt: skip
         return False
-    _normalize_loop(x, coef, y, z, EPILOGUE)
+    _normalize_loop(x, coef, y, z, EPILOGUE, MEMORY)
     return True
 
 
@@ -235,7 +247,7 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, y, z):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, then the EPILOGUE."""
     coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
-    _normalize_loop(x, coef, y, z, EPILOGUE)
+    _normalize_loop(x, coef, y, z, EPILOGUE, MEMORY)
 
 
 def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
@@ -249,10 +261,10 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
     count = float(outer * inner)
     coef = np.empty((DX_ROWS, channels), x.dtype)
     part = np.empty((2, parts(outer, inner), channels))
-    _sums_loop(dy, x, mean, part)
+    _sums_loop(dy, x, mean, part, MEMORY)
     for item in prange(channel_items(channels)):
         dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
-    _dx_loop(dy, x, coef, dx)
+    _dx_loop(dy, x, coef, dx, MEMORY)
 
 
 def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
@@ -282,27 +294,48 @@ def _relu_grad(dy, y, g):
         relu_grad_range(dy, y, g, start, stop)
 
 
-batch_stats, batch_stats_serial = twins(_batch_stats)
-normalize, normalize_serial = twins(_normalize)
-backward_sums, backward_sums_serial = twins(_backward_sums)
-backward_dx, backward_dx_serial = twins(_backward_dx)
-forward_train_split, forward_train_split_serial = twins(_forward_train_split)
-forward_train_fused, forward_train_fused_serial = twins(_forward_train_fused)
-forward_eval, forward_eval_serial = twins(_forward_eval)
-backward_split, backward_split_serial = twins(_backward_split)
-backward_fused, backward_fused_serial = twins(_backward_fused)
-relu_grad, relu_grad_serial = twins(_relu_grad)
-backward_fused_relu, backward_fused_relu_serial = twins(_backward_fused_relu)
-
-#: The steps whose elementwise pass takes an epilogue; EPILOGUE_DRIVERS[code][step] is the
-#: (parallel, serial) twins of that step with epilogue ``code`` (EPILOGUE_NONE: the plain ones).
-EPILOGUE_STEPS = {
+#: The drivers' templates by step.
+STEPS = {
     "forward_train_split": _forward_train_split,
     "forward_train_fused": _forward_train_fused,
     "forward_eval": _forward_eval,
+    "backward_split": _backward_split,
+    "backward_fused": _backward_fused,
+    "backward_fused_relu": _backward_fused_relu,
+    "batch_stats": _batch_stats,
     "normalize": _normalize,
+    "backward_sums": _backward_sums,
+    "backward_dx": _backward_dx,
+    "relu_grad": _relu_grad,
 }
-EPILOGUE_DRIVERS = {
-    code: {step: twins(template, code) for step, template in EPILOGUE_STEPS.items()}
-    for code in range(1, 4)
-}
+#: The steps whose template reads MEMORY (the others are for planes only, or flat) and those
+#: whose elementwise pass takes an epilogue (read EPILOGUE).
+BY_MEMORY = frozenset(
+    ("forward_train_split", "forward_eval", "backward_split", "batch_stats", "normalize",
+     "backward_sums", "backward_dx")
+)  # fmt: skip
+BY_EPILOGUE = frozenset(("forward_train_split", "forward_train_fused", "forward_eval", "normalize"))
+_copies = {}
+
+
+def driver(step, memory=MEMORY_ANY, epilogue=EPILOGUE_NONE):
+    """The (parallel, serial) twins of ``step`` for a memory shape (:mod:`.items`) and an epilogue
+    code (:mod:`.kernels`), made on first use and compiled on their first call. A step that does
+    not read one of them has one copy for all its values."""
+    key = (step, memory, epilogue)
+    pair = _copies.get(key)
+    if pair is None:
+        canonical = (
+            step,
+            memory if step in BY_MEMORY else MEMORY_ANY,
+            epilogue if step in BY_EPILOGUE else EPILOGUE_NONE,
+        )
+        pair = _copies.get(canonical) or twins(STEPS[step], canonical[2], canonical[1])
+        _copies[key] = _copies[canonical] = pair
+    return pair
+
+
+def dispatchers():
+    """The drivers' dispatchers made so far, each once (warm-up and the compile line read
+    their caches)."""
+    return list({id(d): d for pair in _copies.values() for d in pair}.values())

@@ -19,6 +19,12 @@ Work items of the canonical ``(outer, C, inner)`` view:
 * elementwise items: runs of whole rows for rows, runs of whole consecutive planes for planes
   shorter than PLANE_BLOCK, ``(n, channel, block)`` for longer ones (:mod:`.kernels`).
 
+The memory shape (rows or planes) is a ``memory`` argument of the items that branch on it. The
+JIT drivers pass a compile-time constant (MEMORY_ROWS or MEMORY_PLANES: a driver copy per shape),
+so that Numba prunes the other shape's branch before it types it, and a rows call never compiles
+the planes kernels (the README's "First call"); the C shim's range drivers pass MEMORY_ANY, which
+decides per call from ``inner``.
+
 Which item computes what never changes the merge order inside a channel, so results do not depend
 on the partition's use of threads. Each item is index arithmetic plus a call into
 :mod:`.kernels` or :mod:`.channels`, inlined into the loop that runs it (an item's arguments are
@@ -56,6 +62,15 @@ CHANNEL_GROUP = 64
 
 #: The float64 scratch a reduction item of the rows layout needs (rows_chunk_stats' block sums).
 ITEM_SCRATCH_SHAPE = (2, CHANNEL_TILE)
+
+#: Memory shapes: the ``memory`` argument of the items below (see the module's docstring).
+MEMORY_ANY, MEMORY_ROWS, MEMORY_PLANES = 0, 1, 2
+
+
+def memory_of(inner):
+    """The memory shape of a canonical view whose planes have ``inner`` values."""
+    return MEMORY_ROWS if inner == 1 else MEMORY_PLANES
+
 
 #: The fields :func:`plan` writes, in order (the shim reads them by these names).
 PLAN_FIELDS = (
@@ -145,13 +160,14 @@ def _row_item_range(item, outer, channels):
 
 
 @kernel(inline="always")
-def stats_item(x, item, part, scratch):
+def stats_item(x, item, part, scratch, memory):
     """Partials (=) count, mean, M2 of reduction item ``item`` in ``part`` (3, parts, C).
 
     ``scratch`` (2, >= CHANNEL_TILE) float64 is used by the rows layout only.
     """
     outer, channels, inner = x.shape
-    if inner == 1:
+    # one comparison per branch, of constants in a driver: what Numba's branch pruning reads
+    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
         k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
         part[0, k, c0:c1] = rows_chunk_stats(
             x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
@@ -164,10 +180,10 @@ def stats_item(x, item, part, scratch):
 
 
 @kernel(inline="always")
-def sums_item(dy, x, item, mean, part):
+def sums_item(dy, x, item, mean, part, memory):
     """Partials (=) sum_dy, sum_dy_xmu of reduction item ``item`` in ``part`` (2, parts, C)."""
     outer, channels, inner = x.shape
-    if inner == 1:
+    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
         k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
         rows_chunk_sums(
             dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean,
@@ -259,11 +275,11 @@ def flat_item(item, size):
 # Elementwise items take the flat arrays and the view's shape (a reshape per item costs reference
 # counting); the rows layout reshapes once per item, inside.
 @kernel(inline="always")
-def normalize_item(x, y, shape, item, coef, z, epilogue):
+def normalize_item(x, y, shape, item, coef, z, epilogue, memory):
     """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``,
     then the ``epilogue`` (:mod:`.kernels`) with flat ``z``."""
     outer, channels, inner = shape
-    if inner == 1:
+    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
         rows = row_span_rows(channels)
         r0 = item * rows
         rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0,
@@ -278,10 +294,10 @@ def normalize_item(x, y, shape, item, coef, z, epilogue):
 
 
 @kernel(inline="always")
-def dx_item(dy, x, dx, shape, item, coef):
+def dx_item(dy, x, dx, shape, item, coef, memory):
     """dx (=) of elementwise item ``item`` of flat ``dy``, ``x``, ``dx`` with the dx rows."""
     outer, channels, inner = shape
-    if inner == 1:
+    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
         rows = row_span_rows(channels)
         r0 = item * rows
         rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels),
