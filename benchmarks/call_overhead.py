@@ -13,6 +13,7 @@ import numpy as np
 
 import numba_bn as nbn
 from numba_bn.cpu import drivers
+from numba_bn.cpu.items import MEMORY_ROWS as ROWS
 
 
 def best(call, number=300):
@@ -27,14 +28,14 @@ def main(n=64, c=32):
     running_mean, running_var = np.zeros(c, np.float32), np.ones(c, np.float32)
     view, y = x.reshape(n, c, 1), np.empty((n, c, 1), np.float32)
     mean, invstd, m2, sum_dy, sum_dy_xmu = (np.empty(c) for _ in range(5))
-    train = best(lambda: drivers.forward_train_split_serial(
+    train = best(lambda: drivers.driver("forward_train_split", ROWS)[1](
         view, weight, bias, 1e-5, running_mean, running_var, 0.1, True, False, y, mean, invstd, m2,
         view,  # the residual slot: x itself, not read by the plain driver
     ))  # fmt: skip
-    evaluate = best(lambda: drivers.forward_eval_serial(
+    evaluate = best(lambda: drivers.driver("forward_eval", ROWS)[1](
         view, weight, bias, running_mean, running_var, 1e-5, y, view
     ))  # fmt: skip
-    back = best(lambda: drivers.backward_split_serial(
+    back = best(lambda: drivers.driver("backward_split", ROWS)[1](
         view, view, mean, invstd, weight, y, sum_dy, sum_dy_xmu
     ))  # fmt: skip
     _, saved_mean, saved_invstd = nbn.forward_train(x, weight, bias)

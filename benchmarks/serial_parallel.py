@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from numba_bn.cpu import drivers
+from numba_bn.cpu.items import MEMORY_PLANES, MEMORY_ROWS
 
 LAYOUTS = {"rows": lambda n: (n, 256, 1), "planes": lambda n: (max(1, n // 64), 64, 196)}
 SIZES = [1 << k for k in range(12, 20)]  # elements, 4K to 512K
@@ -36,11 +37,11 @@ def arguments(step, shape):
     f32 = np.ones(channels, np.float32)
     none = np.empty(0, np.float32)
     return {
-        "forward_train": (x, f32, f32, 1e-5, none, none, 0.1, True, False, out, *vec[:3]),
-        "forward_eval": (x, f32, f32, f32, f32, 1e-5, out),
+        "forward_train": (x, f32, f32, 1e-5, none, none, 0.1, True, False, out, *vec[:3], x),
+        "forward_eval": (x, f32, f32, f32, f32, 1e-5, out, x),
         "backward": (x, x, vec[0], vec[1], f32, out, vec[2], vec[3]),
         "batch_stats": (x, vec[0], vec[1]),
-        "normalize": (x, vec[0], vec[1], f32, f32, out),
+        "normalize": (x, vec[0], vec[1], f32, f32, out, x),
         "backward_sums": (x, x, vec[0], vec[1], vec[2]),
         "backward_dx": (x, x, vec[0], vec[1], f32, vec[2], vec[3], float(x.size), out),
     }[step]
@@ -77,8 +78,8 @@ def main():
             name = step
             if step in ("forward_train", "backward"):
                 name += "_fused" if layout == "planes" else "_split"
-            serial_driver = getattr(drivers, name + "_serial")
-            parallel_driver = getattr(drivers, name)
+            memory = MEMORY_ROWS if layout == "rows" else MEMORY_PLANES
+            parallel_driver, serial_driver = drivers.driver(name, memory)
             serial, parallel = [], []
             for size in SIZES:
                 call = arguments(step, shape_of(size // 256 if layout == "rows" else size // 196))
