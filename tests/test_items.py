@@ -30,7 +30,7 @@ def test_elementwise_items_write_every_element(rng, shape):
         y = np.full(shape, np.nan, np.float32)
         for item in range(_plan(shape)["elementwise_items"]):
             items.normalize_item(x.reshape(-1), y.reshape(-1), shape, item, coef, z.reshape(-1),
-                                 epilogue, items.MEMORY_ANY)  # fmt: skip
+                                 epilogue)  # fmt: skip
         np.testing.assert_array_equal(y, expected)
 
 
@@ -41,7 +41,7 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
     part = np.full((3, plan["parts"], shape[1]), np.nan)
     scratch = np.empty(items.ITEM_SCRATCH_SHAPE)
     for item in range(plan["reduce_items"]):
-        items.stats_item(x, item, part, scratch, items.memory_of(shape[2]))
+        items.ITEMS[items.memory_of(shape[2])]["stats_item"](x, item, part, scratch)
     assert not np.isnan(part).any(), "a partial no item wrote"
     mean, m2 = np.empty(shape[1]), np.empty(shape[1])
     for c in range(shape[1]):

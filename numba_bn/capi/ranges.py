@@ -158,7 +158,7 @@ def stats_items(
     part = carray(part_ptr, (3, items.parts(outer, inner), channels))
     scratch = carray(scratch_ptr, items.ITEM_SCRATCH_SHAPE)
     for item in range(first, last):
-        items.stats_item(x, item, part, scratch, items.MEMORY_ANY)
+        items.stats_item(x, item, part, scratch)
 
 
 def train_from_parts(
@@ -192,7 +192,7 @@ def train_from_parts(
 @kernel(inline="always")
 def _normalize_items(x, y, shape, first, last, coef, z, epilogue):
     for item in range(first, last):
-        items.normalize_item(x, y, shape, item, coef, z, epilogue, items.MEMORY_ANY)
+        items.normalize_item(x, y, shape, item, coef, z, epilogue)
 
 
 def normalize_items(
@@ -305,7 +305,7 @@ def sums_items(
     mean = carray(mean_ptr, channels)
     part = carray(part_ptr, (2, items.parts(outer, inner), channels))
     for item in range(first, last):
-        items.sums_item(dy, x, item, mean, part, items.MEMORY_ANY)
+        items.sums_item(dy, x, item, mean, part)
 
 
 def dx_from_parts(
@@ -349,7 +349,7 @@ def dx_items(
     dy, x, dx = carray(dy_ptr, size), carray(x_ptr, size), carray(dx_ptr, size)
     coef = carray(coef_ptr, (DX_ROWS, channels))
     for item in range(first, last):
-        items.dx_item(dy, x, dx, (outer, channels, inner), item, coef, items.MEMORY_ANY)
+        items.dx_item(dy, x, dx, (outer, channels, inner), item, coef)
 
 
 def relu_grad_items(

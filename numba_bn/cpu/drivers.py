@@ -18,14 +18,14 @@ keeps a call from compiling loop nests it never runs: with both in one driver, a
 forward_train compiled the fused kernels too, a quarter of its compile time (40% for the
 parallel twin). The backend (:mod:`numba_bn.cpu`) picks the driver.
 
-For the same reason a driver is compiled for one memory shape (:mod:`.items`: rows or planes),
-the globals MEMORY and EPILOGUE of a copy of its template being compile-time constants that Numba
-prunes branches by: :func:`driver` gives the copy of a step for a memory shape and an epilogue,
-made on first use. A rows call then never compiles the planes kernels (half of its compile
-time), and a plain call never compiles the loops of the fused BN+Add+ReLU (issue 13), which is
-the same forward drivers with another epilogue (:mod:`.kernels`). Its backward is the plain one on
-the gradient through the ReLU: ``backward_fused_relu`` takes it channel by channel in the fused
-partition, ``relu_grad`` in a pass of its own otherwise.
+For the same reason a driver is compiled for one memory shape (:mod:`.items`: rows or planes)
+and one epilogue: :func:`driver` gives the copy of a step's template whose loop nests call that
+shape's items (:data:`.items.ITEMS`) and whose global EPILOGUE is that code, made on first use.
+A rows call then never sees the planes items and kernels (a third of its compile time), and a
+plain call never compiles the loops of the fused BN+Add+ReLU (issue 13), which is the same
+forward drivers with another epilogue (:mod:`.kernels`), a compile-time constant. Its backward
+is the plain one on the gradient through the ReLU: ``backward_fused_relu`` takes it channel by
+channel in the fused partition, ``relu_grad`` in a pass of its own otherwise.
 """
 
 import math
@@ -36,26 +36,23 @@ from numba import prange
 
 from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
 from .items import (
-    ITEM_SCRATCH_SHAPE,
+    ITEMS,
     MEMORY_ANY,
     MEMORY_PLANES,
     MEMORY_ROWS,
     add_channel,
     channel_items,
     dx_channel,
-    dx_item,
     elementwise_items,
     flat_item,
     flat_items,
     merge_channel,
-    normalize_item,
     parts,
     reduce_items,
-    stats_item,
-    sums_item,
     train_channel,
 )
 from .kernels import (
+    CHANNEL_TILE,
     EPILOGUE_NONE,
     affine_coefficients,
     dx_coefficients,
@@ -66,9 +63,7 @@ from .kernels import (
     relu_grad_range,
 )
 
-# The templates' compile-time constants; each driver copy (twins, driver) has its own.
-EPILOGUE = EPILOGUE_NONE
-MEMORY = MEMORY_ANY
+EPILOGUE = EPILOGUE_NONE  # the templates'; each driver copy (twins, driver) has its own
 
 CACHE = True
 
@@ -95,59 +90,62 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     the same order, so they give bitwise the same results. The copy gets its own qualname so
     that Numba's on-disk cache keeps the two apart.
 
-    ``epilogue`` (:mod:`.kernels`) and ``memory`` (:mod:`.items`) become the globals EPILOGUE
-    and MEMORY of both, compile-time constants (``_rows_epilogue1`` in the copies' names).
+    ``epilogue`` (:mod:`.kernels`) becomes the global EPILOGUE of both, a compile-time constant,
+    and the loop nests they call are those of ``memory`` (:data:`LOOPS`; ``_rows_epilogue1`` in
+    the copies' names).
     """
     suffix = _MEMORY_SUFFIX[memory] + (f"_epilogue{epilogue}" if epilogue != EPILOGUE_NONE else "")
-    if not suffix:
-        parallel, scope = template, template.__globals__
-    else:
-        scope = {**template.__globals__, "EPILOGUE": epilogue, "MEMORY": memory}
-        parallel = _copy(template, suffix, scope)
+    scope = {**template.__globals__, "EPILOGUE": epilogue, **LOOPS[memory]}
+    parallel = _copy(template, suffix, scope)
     serial = _copy(template, suffix + "_serial", scope)
     options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
     return kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
 
 
 # ------------------------------------------------------------------------------- loop nests
-# inline="always" inlines these into each driver before Numba's parfor pass, so their prange
-# loops run on threads in the parallel twin and as plain loops in the serial one.
-@kernel(inline="always")
-def _stats_loop(x, part, memory):
-    """Partials (=) of every reduction item; ``memory`` and ``epilogue`` below: the calling
-    driver's MEMORY and EPILOGUE (a global here would be this module's)."""
+# Templates: LOOPS holds their copies per memory shape, each calling that shape's items
+# (stats_item and the rest are names of .items.ITEMS, bound in the copies' globals), with
+# inline="always", which inlines them into each driver before Numba's parfor pass, so that their
+# prange loops run on threads in the parallel twin and as plain loops in the serial one.
+def _stats_loop(x, part):
+    """Partials (=) of every reduction item."""
     outer, channels, inner = x.shape
-    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
-        for item in prange(reduce_items(outer, channels, inner)):
-            stats_item(x, item, part, np.empty(ITEM_SCRATCH_SHAPE), memory)
-    else:
-        unused = np.empty((2, 0))
-        for item in prange(reduce_items(outer, channels, inner)):
-            stats_item(x, item, part, unused, memory)
+    for item in prange(reduce_items(outer, channels, inner)):  # scratch: rows' block sums
+        stats_item(x, item, part, np.empty((2, CHANNEL_TILE if inner == 1 else 0)))  # noqa: F821
 
 
-@kernel(inline="always")
-def _sums_loop(dy, x, mean, part, memory):
+def _sums_loop(dy, x, mean, part):
     outer, channels, inner = x.shape
     for item in prange(reduce_items(outer, channels, inner)):
-        sums_item(dy, x, item, mean, part, memory)
+        sums_item(dy, x, item, mean, part)  # noqa: F821
 
 
-@kernel(inline="always")
-def _normalize_loop(x, coef, y, z, epilogue, memory):
-    """y (=) of every elementwise item, with ``epilogue`` and ``z`` (as x)."""
+def _normalize_loop(x, coef, y, z, epilogue):
+    """y (=) of every elementwise item, with ``epilogue`` (the calling driver's EPILOGUE: a
+    global here would be this module's) and ``z`` (as x)."""
     outer, channels, inner = x.shape
     x_flat, y_flat, z_flat = x.reshape(x.size), y.reshape(y.size), z.reshape(z.size)
     for item in prange(elementwise_items(outer, channels, inner)):
-        normalize_item(x_flat, y_flat, x.shape, item, coef, z_flat, epilogue, memory)
+        normalize_item(x_flat, y_flat, x.shape, item, coef, z_flat, epilogue)  # noqa: F821
 
 
-@kernel(inline="always")
-def _dx_loop(dy, x, coef, dx, memory):
+def _dx_loop(dy, x, coef, dx):
     outer, channels, inner = x.shape
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
     for item in prange(elementwise_items(outer, channels, inner)):
-        dx_item(dy_flat, x_flat, dx_flat, x.shape, item, coef, memory)
+        dx_item(dy_flat, x_flat, dx_flat, x.shape, item, coef)  # noqa: F821
+
+
+#: LOOPS[memory][name]: the loop nests of one memory shape, as the drivers' copies call them.
+LOOPS = {
+    memory: {
+        loop.__name__: kernel(inline="always")(
+            _copy(loop, _MEMORY_SUFFIX[memory], {**globals(), **items})
+        )
+        for loop in (_stats_loop, _sums_loop, _normalize_loop, _dx_loop)
+    }
+    for memory, items in ITEMS.items()
+}
 
 
 # ------------------------------------------------------------------------------------ drivers
@@ -155,7 +153,7 @@ def _batch_stats(x, mean, m2):
     """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
     outer, channels, inner = x.shape
     part = np.empty((3, parts(outer, inner), channels))
-    _stats_loop(x, part, MEMORY)
+    _stats_loop(x, part)
     for item in prange(channel_items(channels)):
         merge_channel(item, part, mean, m2)
     return float(outer * inner)
@@ -167,14 +165,14 @@ def _normalize(x, mean, invstd, weight, bias, y, z):
     coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         affine_coefficients(c, mean[c], invstd[c], weight, bias, coef)
-    _normalize_loop(x, coef, y, z, EPILOGUE, MEMORY)
+    _normalize_loop(x, coef, y, z, EPILOGUE)
 
 
 def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=, float64, (C,)): the per-channel reduction of the backward."""
     outer, channels, inner = x.shape
     part = np.empty((2, parts(outer, inner), channels))
-    _sums_loop(dy, x, mean, part, MEMORY)
+    _sums_loop(dy, x, mean, part)
     for item in prange(channel_items(channels)):
         add_channel(item, part, sum_dy, sum_dy_xmu)
 
@@ -185,7 +183,7 @@ def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
     coef = np.empty((DX_ROWS, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
-    _dx_loop(dy, x, coef, dx, MEMORY)
+    _dx_loop(dy, x, coef, dx)
 
 
 @kernel(inline="always")
@@ -217,13 +215,13 @@ def _forward_train_split(
     count = float(outer * inner)
     coef = np.empty((AFFINE_ROWS, channels), x.dtype)
     part = np.empty((3, parts(outer, inner), channels))
-    _stats_loop(x, part, MEMORY)
+    _stats_loop(x, part)
     for item in prange(channel_items(channels)):
         train_channel(item, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
     if not _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
                                      save_m2, momentum, unbiased):  # fmt: skip
         return False
-    _normalize_loop(x, coef, y, z, EPILOGUE, MEMORY)
+    _normalize_loop(x, coef, y, z, EPILOGUE)
     return True
 
 
@@ -247,7 +245,7 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, y, z):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, then the EPILOGUE."""
     coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
-    _normalize_loop(x, coef, y, z, EPILOGUE, MEMORY)
+    _normalize_loop(x, coef, y, z, EPILOGUE)
 
 
 def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
@@ -261,10 +259,10 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
     count = float(outer * inner)
     coef = np.empty((DX_ROWS, channels), x.dtype)
     part = np.empty((2, parts(outer, inner), channels))
-    _sums_loop(dy, x, mean, part, MEMORY)
+    _sums_loop(dy, x, mean, part)
     for item in prange(channel_items(channels)):
         dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
-    _dx_loop(dy, x, coef, dx, MEMORY)
+    _dx_loop(dy, x, coef, dx)
 
 
 def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):

@@ -19,11 +19,11 @@ Work items of the canonical ``(outer, C, inner)`` view:
 * elementwise items: runs of whole rows for rows, runs of whole consecutive planes for planes
   shorter than PLANE_BLOCK, ``(n, channel, block)`` for longer ones (:mod:`.kernels`).
 
-The memory shape (rows or planes) is a ``memory`` argument of the items that branch on it. The
-JIT drivers pass a compile-time constant (MEMORY_ROWS or MEMORY_PLANES: a driver copy per shape),
-so that Numba prunes the other shape's branch before it types it, and a rows call never compiles
-the planes kernels (the README's "First call"); the C shim's range drivers pass MEMORY_ANY, which
-decides per call from ``inner``.
+The items that differ between memory shapes come as one per shape (``stats_item_rows``,
+``stats_item_planes``) and one that decides per call from ``inner`` (``stats_item``: the C shim's
+range drivers); :data:`ITEMS` names them by shape. A JIT driver is compiled for one shape
+(:func:`numba_bn.cpu.drivers.driver`) and calls that shape's items only, so that Numba never
+types, inlines or compiles the other's (the README's "First call").
 
 Which item computes what never changes the merge order inside a channel, so results do not depend
 on the partition's use of threads. Each item is index arithmetic plus a call into
@@ -63,7 +63,7 @@ CHANNEL_GROUP = 64
 #: The float64 scratch a reduction item of the rows layout needs (rows_chunk_stats' block sums).
 ITEM_SCRATCH_SHAPE = (2, CHANNEL_TILE)
 
-#: Memory shapes: the ``memory`` argument of the items below (see the module's docstring).
+#: Memory shapes: the keys of :data:`ITEMS` (see the module's docstring).
 MEMORY_ANY, MEMORY_ROWS, MEMORY_PLANES = 0, 1, 2
 
 
@@ -160,39 +160,62 @@ def _row_item_range(item, outer, channels):
 
 
 @kernel(inline="always")
-def stats_item(x, item, part, scratch, memory):
-    """Partials (=) count, mean, M2 of reduction item ``item`` in ``part`` (3, parts, C).
+def stats_item_rows(x, item, part, scratch):
+    """Partials (=) count, mean, M2 of reduction item ``item`` in ``part`` (3, parts, C), rows.
 
-    ``scratch`` (2, >= CHANNEL_TILE) float64 is used by the rows layout only.
+    ``scratch`` (2, >= CHANNEL_TILE) float64: rows_chunk_stats' block sums.
     """
-    outer, channels, inner = x.shape
-    # one comparison per branch, of constants in a driver: what Numba's branch pruning reads
-    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
-        k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
-        part[0, k, c0:c1] = rows_chunk_stats(
-            x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
-            scratch[0], scratch[1],
-        )  # fmt: skip
-    else:
-        nparts = part.shape[1]
-        c, g = item // nparts, item % nparts
-        part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, c, g)
+    outer, channels, _ = x.shape
+    k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
+    part[0, k, c0:c1] = rows_chunk_stats(
+        x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
+        scratch[0], scratch[1],
+    )  # fmt: skip
 
 
 @kernel(inline="always")
-def sums_item(dy, x, item, mean, part, memory):
-    """Partials (=) sum_dy, sum_dy_xmu of reduction item ``item`` in ``part`` (2, parts, C)."""
-    outer, channels, inner = x.shape
-    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
-        k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
-        rows_chunk_sums(
-            dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean,
-            part[0, k, c0:c1], part[1, k, c0:c1],
-        )  # fmt: skip
+def stats_item_planes(x, item, part, scratch):
+    """stats_item_rows for planes (``scratch`` unused)."""
+    nparts = part.shape[1]
+    c, g = item // nparts, item % nparts
+    part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, c, g)
+
+
+@kernel(inline="always")
+def stats_item(x, item, part, scratch):
+    """Either memory shape, decided from x."""
+    if x.shape[2] == 1:
+        stats_item_rows(x, item, part, scratch)
     else:
-        nparts = part.shape[1]
-        c, g = item // nparts, item % nparts
-        part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, c, g, mean[c])
+        stats_item_planes(x, item, part, scratch)
+
+
+@kernel(inline="always")
+def sums_item_rows(dy, x, item, mean, part):
+    """Partials (=) sum_dy, sum_dy_xmu of reduction item ``item`` in ``part`` (2, parts, C),
+    rows."""
+    outer, channels, _ = x.shape
+    k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
+    rows_chunk_sums(
+        dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean,
+        part[0, k, c0:c1], part[1, k, c0:c1],
+    )  # fmt: skip
+
+
+@kernel(inline="always")
+def sums_item_planes(dy, x, item, mean, part):
+    nparts = part.shape[1]
+    c, g = item // nparts, item % nparts
+    part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, c, g, mean[c])
+
+
+@kernel(inline="always")
+def sums_item(dy, x, item, mean, part):
+    """Either memory shape, decided from x."""
+    if x.shape[2] == 1:
+        sums_item_rows(dy, x, item, mean, part)
+    else:
+        sums_item_planes(dy, x, item, mean, part)
 
 
 # ----------------------------------------------------------------------------- channel items
@@ -275,17 +298,20 @@ def flat_item(item, size):
 # Elementwise items take the flat arrays and the view's shape (a reshape per item costs reference
 # counting); the rows layout reshapes once per item, inside.
 @kernel(inline="always")
-def normalize_item(x, y, shape, item, coef, z, epilogue, memory):
+def normalize_item_rows(x, y, shape, item, coef, z, epilogue):
     """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``,
-    then the ``epilogue`` (:mod:`.kernels`) with flat ``z``."""
+    then the ``epilogue`` (:mod:`.kernels`) with flat ``z``; rows."""
+    outer, channels, _ = shape
+    rows = row_span_rows(channels)
+    r0 = item * rows
+    rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0, min(r0 + rows, outer),
+                0, channels, coef, z.reshape(outer, channels), epilogue)  # fmt: skip
+
+
+@kernel(inline="always")
+def normalize_item_planes(x, y, shape, item, coef, z, epilogue):
     outer, channels, inner = shape
-    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
-        rows = row_span_rows(channels)
-        r0 = item * rows
-        rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0,
-                    min(r0 + rows, outer), 0, channels, coef, z.reshape(outer, channels),
-                    epilogue)  # fmt: skip
-    elif inner < PLANE_BLOCK:
+    if inner < PLANE_BLOCK:
         p0, p1 = _plane_run(item, outer, channels, inner)
         affine_planes(x, y, p0, p1, 1, inner, coef, z, epilogue)
     else:
@@ -294,18 +320,51 @@ def normalize_item(x, y, shape, item, coef, z, epilogue, memory):
 
 
 @kernel(inline="always")
-def dx_item(dy, x, dx, shape, item, coef, memory):
-    """dx (=) of elementwise item ``item`` of flat ``dy``, ``x``, ``dx`` with the dx rows."""
+def normalize_item(x, y, shape, item, coef, z, epilogue):
+    """Either memory shape, decided from ``shape``."""
+    if shape[2] == 1:
+        normalize_item_rows(x, y, shape, item, coef, z, epilogue)
+    else:
+        normalize_item_planes(x, y, shape, item, coef, z, epilogue)
+
+
+@kernel(inline="always")
+def dx_item_rows(dy, x, dx, shape, item, coef):
+    """dx (=) of elementwise item ``item`` of flat ``dy``, ``x``, ``dx`` with the dx rows; rows."""
+    outer, channels, _ = shape
+    rows = row_span_rows(channels)
+    r0 = item * rows
+    rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels), dx.reshape(outer, channels),
+            r0, min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+
+
+@kernel(inline="always")
+def dx_item_planes(dy, x, dx, shape, item, coef):
     outer, channels, inner = shape
-    if memory == MEMORY_ROWS or (memory == MEMORY_ANY and inner == 1):
-        rows = row_span_rows(channels)
-        r0 = item * rows
-        rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels),
-                dx.reshape(outer, channels), r0, min(r0 + rows, outer), 0, channels,
-                coef)  # fmt: skip
-    elif inner < PLANE_BLOCK:
+    if inner < PLANE_BLOCK:
         p0, p1 = _plane_run(item, outer, channels, inner)
         dx_planes(dy, x, dx, p0, p1, 1, inner, coef)
     else:
         c, start, stop = _plane_block(item, channels, inner)
         dx_range(dy, x, dx, start, stop, coef, c)
+
+
+@kernel(inline="always")
+def dx_item(dy, x, dx, shape, item, coef):
+    """Either memory shape, decided from ``shape``."""
+    if shape[2] == 1:
+        dx_item_rows(dy, x, dx, shape, item, coef)
+    else:
+        dx_item_planes(dy, x, dx, shape, item, coef)
+
+
+#: The items of each memory shape by name, as the drivers' loop nests call them
+#: (:func:`numba_bn.cpu.drivers.twins`): MEMORY_ANY's decide per call.
+ITEMS = {
+    MEMORY_ANY: {"stats_item": stats_item, "sums_item": sums_item,
+                 "normalize_item": normalize_item, "dx_item": dx_item},
+    MEMORY_ROWS: {"stats_item": stats_item_rows, "sums_item": sums_item_rows,
+                  "normalize_item": normalize_item_rows, "dx_item": dx_item_rows},
+    MEMORY_PLANES: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
+                    "normalize_item": normalize_item_planes, "dx_item": dx_item_planes},
+}  # fmt: skip
