@@ -4,7 +4,7 @@ Numba compiles a driver (:mod:`numba_bn.cpu.drivers`) on its first call with new
 and keeps the machine code in its on-disk cache; a later process loads it instead. Loading is
 silent; a real compile takes seconds, so it says so, in one line per driver on stderr::
 
-    numba_bn: compiling forward_train (split, float32, serial twin) on its first call with
+    numba_bn: compiling forward_train (split, rows, float32, serial twin) on its first call with
     these argument types (nothing cached yet); about 4 s, once: cached in /path/to/cache.
     NUMBA_BN_QUIET=1 hides this line
 
@@ -29,15 +29,16 @@ DRIVERS_MODULE = "numba_bn.cpu.drivers"
 
 #: Seconds a cold compile of each serial driver took on the 2-core machine of the README's
 #: "First call" section (load 1), the kernels it inlines included, in a process that had
-#: compiled nothing yet. A parallel twin takes about PARALLEL_FACTOR times as long; a driver
-#: whose kernels another one compiled already takes less. The line scales these by how the
-#: previous compile of the same process compared with its estimate.
+#: compiled nothing yet (2026-12-01; rows and planes within 20%). A parallel twin takes about
+#: PARALLEL_FACTOR times as long; a driver whose kernels another one compiled already takes
+#: less. The line scales these by how the previous compile of the same process compared with
+#: its estimate.
 ESTIMATED_SECONDS = {
-    "forward_train_split": 6.0,
-    "forward_train_fused": 2.5,
+    "forward_train_split": 4.0,
+    "forward_train_fused": 2.3,
     "forward_eval": 1.2,
-    "backward_split": 4.0,
-    "backward_fused": 1.7,
+    "backward_split": 3.0,
+    "backward_fused": 1.6,
     "batch_stats": 2.2,
     "normalize": 1.0,
     "backward_sums": 1.1,

@@ -72,13 +72,14 @@ def forward_train(
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """
-    epilogue = {"residual": residual, "activation": activation}
-    if mask is not None:
-        result = masked_batch_forward(x, weight, bias, eps, axis, mask, nan_policy=nan_policy,
-                                      out=out, backend=backend, **epilogue)  # fmt: skip
-    else:
+    if mask is None:  # the common call first: keywords spelt out, no dict to build (~0.5 us)
         result = batch_forward(x, weight, bias, eps, axis, nan_policy=nan_policy, out=out,
-                               backend=backend, device=device, **epilogue)  # fmt: skip
+                               backend=backend, device=device, residual=residual,
+                               activation=activation)  # fmt: skip
+    else:
+        result = masked_batch_forward(x, weight, bias, eps, axis, mask, nan_policy=nan_policy,
+                                      out=out, backend=backend, residual=residual,
+                                      activation=activation)  # fmt: skip
     return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
 
 
@@ -153,15 +154,16 @@ def backward(
         dx = w\\,\\sigma^{-1}\\left(dy - \\tfrac{1}{m}\\textstyle\\sum dy
              - \\hat x\\,\\tfrac{1}{m}\\sum dy\\,\\hat x\\right)
     """
-    epilogue = {"activation": activation, "y": y, "residual_out": residual_out}
-    if mask is not None:
-        dx, sum_dy, sum_dy_xmu, count = masked_batch_backward(
-            dy, x, mean, invstd, weight, axis, mask, out=out, backend=backend, **epilogue
-        )
-    else:
+    if mask is None:  # as in forward_train
         dx, sum_dy, sum_dy_xmu, count = batch_backward(
-            dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device, **epilogue
-        )
+            dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device,
+            activation=activation, y=y, residual_out=residual_out,
+        )  # fmt: skip
+    else:
+        dx, sum_dy, sum_dy_xmu, count = masked_batch_backward(
+            dy, x, mean, invstd, weight, axis, mask, out=out, backend=backend,
+            activation=activation, y=y, residual_out=residual_out,
+        )  # fmt: skip
     memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
     dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
     return dx, dweight, memory.astype(sum_dy, dtype)

@@ -85,3 +85,31 @@ def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(
         )
     monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
     assert cpu.threads_for("forward_train", 10**8) == 1
+
+
+def test_the_backend_remembers_only_plans_no_thread_count_changes(monkeypatch):
+    """A small input's plan is kept (its twin is serial at any thread count); a large one's is
+    made again at each call, so that numba.set_num_threads takes effect."""
+    import numba
+
+    from numba_bn import cpu
+    from numba_bn.cpu import drivers
+
+    monkeypatch.setattr(cpu, "_SERIAL_PLANS", {})
+    small = np.empty((64, 32, 1), np.float32)
+    large = np.empty((cpu.PARALLEL_MIN_ELEMENTS, 1, 1), np.float32)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    serial_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[1]
+    assert cpu._plan("forward_eval", small)[0] is serial_twin
+    assert (
+        cpu._plan("forward_eval", large)[0] is drivers.driver("forward_eval", items.MEMORY_ROWS)[0]
+    )
+    assert list(cpu._SERIAL_PLANS) == [("forward_eval", small.shape, False, 0)]
+    assert cpu._plan("forward_eval", small)[0] is serial_twin  # from the dict
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    assert cpu._plan("forward_eval", large)[0] is serial_twin
+    for shape, fused in [((2, 8, 5), True), ((2, 1, 5), False)]:  # the partition is kept too
+        x = np.empty(shape, np.float32)
+        assert cpu._plan("backward", x, may_fuse=True)[2] is fused
+        assert cpu._plan("backward", x, may_fuse=True)[2] is fused
+        assert cpu._plan("backward", x, may_fuse=False)[2] is False
