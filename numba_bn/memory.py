@@ -249,7 +249,7 @@ class HostMemory:
 
     def product(self, a, b, dtype):
         """``a * b`` per channel (float64 arithmetic) in ``dtype``."""
-        return (np.asarray(host_view(a), np.float64) * b).astype(dtype)
+        return np.multiply(host_view(a), b, dtype=np.float64).astype(dtype)  # no float64 copy
 
     def invstd(self, var, eps):
         """``1 / sqrt(var + eps)`` of a float64 vector (IEEE: inf for a zero variance and eps)."""
