@@ -29,6 +29,7 @@ channel in the fused partition, ``relu_grad`` in a pass of its own otherwise.
 """
 
 import math
+import threading
 import types
 
 import numpy as np
@@ -110,7 +111,7 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
 def _stats_loop(x, part):
     """Partials (=) of every reduction item."""
     outer, channels, inner = x.shape
-    for item in prange(reduce_items(outer, channels, inner)):  # scratch: rows' block sums
+    for item in prange(reduce_items(outer, channels, inner)):  # scratch: ITEM_SCRATCH_SHAPE, rows
         stats_item(x, item, part, np.empty((2, CHANNEL_TILE if inner == 1 else 0)))  # noqa: F821
 
 
@@ -306,30 +307,31 @@ STEPS = {
     "backward_dx": _backward_dx,
     "relu_grad": _relu_grad,
 }
-#: The steps whose template reads MEMORY (the others are for planes only, or flat) and those
-#: whose elementwise pass takes an epilogue (read EPILOGUE).
+#: The steps whose template calls the loop nests (a copy per memory shape; the others are for
+#: planes only, or flat) and those whose elementwise pass takes an epilogue (read EPILOGUE).
 BY_MEMORY = frozenset(
     ("forward_train_split", "forward_eval", "backward_split", "batch_stats", "normalize",
      "backward_sums", "backward_dx")
 )  # fmt: skip
 BY_EPILOGUE = frozenset(("forward_train_split", "forward_train_fused", "forward_eval", "normalize"))
 _copies = {}
+_copying = threading.Lock()  # two threads' first calls make one copy, compiled once
 
 
 def driver(step, memory=MEMORY_ANY, epilogue=EPILOGUE_NONE):
     """The (parallel, serial) twins of ``step`` for a memory shape (:mod:`.items`) and an epilogue
     code (:mod:`.kernels`), made on first use and compiled on their first call. A step that does
     not read one of them has one copy for all its values."""
-    key = (step, memory, epilogue)
-    pair = _copies.get(key)
+    pair = _copies.get((step, memory, epilogue))
     if pair is None:
         canonical = (
             step,
             memory if step in BY_MEMORY else MEMORY_ANY,
             epilogue if step in BY_EPILOGUE else EPILOGUE_NONE,
         )
-        pair = _copies.get(canonical) or twins(STEPS[step], canonical[2], canonical[1])
-        _copies[key] = _copies[canonical] = pair
+        with _copying:
+            pair = _copies.get(canonical) or twins(STEPS[step], canonical[2], canonical[1])
+            _copies[step, memory, epilogue] = _copies[canonical] = pair
     return pair
 
 
