@@ -91,12 +91,14 @@ def describe(name, args):
     serial = name.endswith("_serial")
     step, details = name.removesuffix("_serial"), []
     step, _, epilogue = step.partition("_epilogue")  # drivers.twins names its copies
-    for labels in (_MEMORY, _PARTITIONS):
+    found = {}  # "memory" and "partition" suffixes, read from the end of the name
+    for kind, labels in (("memory", _MEMORY), ("partition", _PARTITIONS)):
         for suffix, label in labels.items():
             if step.endswith("_" + suffix):
                 step = step.removesuffix("_" + suffix)
                 details.insert(0, label)
-    partition = next((s for s in _PARTITIONS if _PARTITIONS[s] in details), None)
+                found[kind] = suffix
+    partition = found.get("partition")
     estimate = ESTIMATED_SECONDS.get(f"{step}_{partition}" if partition else step)
     dtype = getattr(args[0], "dtype", None) if args else None
     if dtype is not None:

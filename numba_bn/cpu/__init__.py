@@ -6,7 +6,7 @@ import numba
 
 from ..stats import no_running_update
 from . import drivers
-from .items import MEMORY_ANY, is_fused, memory_of
+from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .threads import launch_guard
 
@@ -76,8 +76,9 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     if step in ("forward_train", "backward"):
         fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads)
         step += "_fused" if fused else "_split"
-    memory = memory_of(x.shape[2]) if step in drivers.BY_MEMORY else MEMORY_ANY  # relu_grad: flat
-    parallel, serial = drivers.driver(step, memory, epilogue)
+    # x.shape[-1]: the canonical view's inner (relu_grad takes any rank; driver() gives the steps
+    # without a copy per memory shape their one copy whatever memory says)
+    parallel, serial = drivers.driver(step, memory_of(x.shape[-1]), epilogue)
     if threads > 1:
         return parallel, launch_guard(), fused
     plan = serial, _NO_GUARD, fused
