@@ -16,13 +16,18 @@ from .checks import check_scalar, compute_dtype
 from .layout import check_axis, normalize_axis
 from .norms import (
     check_count,
+    check_dy,
     check_groups,
     check_normalized_shape,
+    check_spatial_dims,
     group_stats_backward,
     group_stats_forward,
+    instance_batch,
+    instance_stats_backward,
     instance_stats_forward,
     layer_stats_backward,
     layer_stats_forward,
+    sample_out,
 )
 from .ops import frozen_backward
 from .state import StateDict
@@ -229,8 +234,15 @@ class LayerNorm(_Normalization):
 
 
 class InstanceNorm(_Normalization):
-    """Instance normalisation (``torch.nn.InstanceNorm1d/2d/3d``, any rank >= 3): each channel
-    of each sample normalised with its own statistics.
+    """Instance normalisation (``torch.nn.InstanceNorm1d/2d/3d``): each channel of each sample
+    normalised with its own statistics.
+
+    One class for every rank: by default x is a batch (N, C, *spatial) of any rank >= 3.
+    PyTorch's modules also take one sample (C, *spatial), told from a batch by its rank; here
+    ``spatial_dims`` gives that rank (``InstanceNorm(C, spatial_dims=2)`` is InstanceNorm2d): x
+    of ``spatial_dims + 2`` dimensions is a batch, of ``spatial_dims + 1`` one sample, normalised
+    as a batch of one (a view, no copy) and returned in its shape; any other rank raises
+    ValueError.
 
     With ``track_running_stats``, training mode updates ``running_mean`` / ``running_var`` as
     PyTorch does (the mean over the batch of the per-instance statistics, the unbiased variance,
@@ -249,7 +261,10 @@ class InstanceNorm(_Normalization):
         False by default, as PyTorch.
     dtype : float16, float32 or float64
     axis : int
-        The channel axis: 1 or -1 (channels-last).
+        The channel axis of a batch: 1 or -1 (channels-last).
+    spatial_dims : int, optional
+        Spatial dimensions of the inputs (1, 2, 3 for PyTorch's 1d, 2d, 3d modules), which
+        lets the layer take one sample as well as a batch; None: batches only.
     """
 
     def __init__(
@@ -262,12 +277,14 @@ class InstanceNorm(_Normalization):
         dtype: DTypeLike = np.float32,
         *,
         axis: int = 1,
+        spatial_dims: int | None = None,
     ) -> None:
         self.num_features = check_count(num_features, "num_features")
         self.momentum = None if momentum is None else check_scalar(momentum, "momentum", 0.0, 1.0)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = check_axis(axis)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
         self._init_common(eps, dtype, (self.num_features,), self.affine, self.affine)
         if self.track_running_stats:
             self.running_mean = np.zeros(self.num_features, self.dtype)
@@ -287,28 +304,38 @@ class InstanceNorm(_Normalization):
 
     def _forward(self, x, out):
         arrays = self.affine or self.track_running_stats
-        _check_channels(self, x, self.num_features, warn_only=not arrays)
+        batch, _ = instance_batch(x, self.spatial_dims)
+        _check_channels(self, batch, self.num_features, warn_only=not arrays)
         weight, bias = self._kernel_vector("weight"), self._kernel_vector("bias")
         if self._uses_input_stats():
             update = self.track_running_stats
             return instance_stats_forward(
                 x, self.running_mean if update else None, self.running_var if update else None,
                 weight, bias, True, 0.0 if self.momentum is None else self.momentum, self.eps,
-                self.axis, out=out,
+                self.axis, spatial_dims=self.spatial_dims, out=out,
             )  # fmt: skip
         y, _, _ = instance_stats_forward(x, self.running_mean, self.running_var, weight, bias,
-                                         False, 0.0, self.eps, self.axis, out=out)  # fmt: skip
+                                         False, 0.0, self.eps, self.axis,
+                                         spatial_dims=self.spatial_dims, out=out)  # fmt: skip
         return y, None, None
 
     def _backward(self, dy, saved, out):
         weight = self._kernel_vector("weight")
         if saved.mean is not None:
-            return group_stats_backward(dy, saved.x, saved.mean, saved.invstd, None, weight,
-                                        self.axis, out=out)  # fmt: skip
+            return instance_stats_backward(dy, saved.x, saved.mean, saved.invstd, weight,
+                                           self.axis, spatial_dims=self.spatial_dims,
+                                           out=out)  # fmt: skip
         # the running statistics normalised: constants, so dx = dy * weight * invstd
+        x, one = instance_batch(saved.x, self.spatial_dims)
+        given = None
+        if one:  # dy and out as x: one sample, seen as a batch of one
+            dy = check_dy(dy, x[0])[None]
+            given, out = sample_out(out, x[0])
         dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
-            dy, saved.x, self.running_mean, self.running_var, weight, self.eps, self.axis, out=out
+            dy, x, self.running_mean, self.running_var, weight, self.eps, self.axis, out=out
         )
+        if one:
+            dx = dx[0] if given is None else given
         return dx, np.asarray(invstd) * sum_dy_xmu, sum_dy
 
     def _state_arrays(self):
@@ -323,7 +350,7 @@ class InstanceNorm(_Normalization):
         return (
             f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"dtype={self.dtype.name}, axis={self.axis})"
+            f"dtype={self.dtype.name}, axis={self.axis}, spatial_dims={self.spatial_dims})"
         )
 
 

@@ -112,12 +112,45 @@ def check_normalized_shape(normalized_shape, shape=None):
     return dims
 
 
+def check_spatial_dims(spatial_dims):
+    """None, or the number of spatial dimensions of an instance norm input as an int >= 1
+    (PyTorch's InstanceNorm1d, 2d, 3d: 1, 2, 3)."""
+    return None if spatial_dims is None else check_count(spatial_dims, "spatial_dims")
+
+
+def instance_batch(x, spatial_dims):
+    """(x as a batch, whether x is one sample). Without ``spatial_dims`` x is a batch, as in
+    PyTorch's functional (x is returned as given). With it, x of ``spatial_dims + 2`` dimensions
+    is a batch and x of ``spatial_dims + 1`` one sample, seen as a batch of one (a view, as
+    PyTorch's modules decide); any other rank is a ValueError naming x and spatial_dims."""
+    if spatial_dims is None:
+        return x, False
+    x = _check_array(x, "x", 0)
+    if x.ndim == spatial_dims + 2:
+        return x, False
+    if x.ndim == spatial_dims + 1:
+        return x[None], True
+    raise ValueError(
+        f"x must have {spatial_dims + 2} dimensions (a batch) or {spatial_dims + 1} (one "
+        f"sample) for spatial_dims={spatial_dims}, got shape {x.shape}"
+    )
+
+
+def sample_out(out, sample):
+    """``out`` (or None) checked for one sample ``sample`` (x without its batch axis): (NumPy's
+    view of it to return, its batch-of-one view for the kernels)."""
+    if out is None:
+        return None, None
+    out = _check_out(out, sample)
+    return out, out[None]
+
+
 def _check_out(out, like, **inputs):
     """``out`` (or None) as checks.check_out sees it: NumPy's view of the caller's array."""
     return None if out is None else check_out(out, like, HOST, "out", **inputs)
 
 
-def _check_like(dy, x):
+def check_dy(dy, x):
     dy = _check_array(dy, "dy", 0)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
@@ -248,7 +281,7 @@ def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=N
     n, channels, inner = grid.shape
     groups = channels if num_groups is None else check_groups(num_groups, channels)
     group_channels = channels // groups if groups else 1
-    dy = _check_like(dy, grid.x)
+    dy = check_dy(dy, grid.x)
     mean, invstd = (_check_stat(v, name, (n, groups))
                     for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
     vectors = Vectors(grid.x, channels, weight=weight)
@@ -273,13 +306,21 @@ def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=N
 
 
 def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
-                           eps, axis, *, out=None):  # fmt: skip
-    """Instance norm forward: (y, mean, invstd), float64 (N, C); with input statistics and
-    running buffers, the buffers take PyTorch's update (in place)."""
+                           eps, axis, *, spatial_dims=None, out=None):  # fmt: skip
+    """Instance norm forward: (y, mean, invstd), float64 (N, C), (C,) for one sample
+    (:func:`instance_batch`); with input statistics and running buffers, the buffers take
+    PyTorch's update (in place)."""
     if not isinstance(use_input_stats, (bool, np.bool_)):
         raise TypeError(f"use_input_stats must be a bool, got {type(use_input_stats).__name__}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
+    x, one = instance_batch(x, check_spatial_dims(spatial_dims))
+    if one:  # a batch of one: the batch's statistics are the sample's
+        given, out = sample_out(out, x[0])
+        y, mean, invstd = instance_stats_forward(x, running_mean, running_var, weight, bias,
+                                                 use_input_stats, momentum, eps, axis,
+                                                 out=out)  # fmt: skip
+        return y[0] if given is None else given, mean[0], invstd[0]
     if not use_input_stats:
         return _frozen_instance_forward(x, running_mean, running_var, weight, bias, eps, axis,
                                         out)  # fmt: skip
@@ -304,6 +345,21 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
             update = (1.0 - momentum) * buffer.astype(np.float64) + momentum * value
             np.copyto(buffer, update, casting="same_kind")
     return y, mean, invstd
+
+
+def instance_stats_backward(dy, x, mean, invstd, weight, axis, *, spatial_dims=None, out=None):
+    """Instance norm backward: (dx, dweight, dbias), the gradients float64 (C,); ``mean``,
+    ``invstd`` (N, C), or (C,) for one sample (:func:`instance_batch`)."""
+    x, one = instance_batch(x, check_spatial_dims(spatial_dims))
+    if not one:
+        return group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)
+    channels = _ChannelsFirst(x, axis).shape[1]
+    dy = check_dy(dy, x[0])[None]
+    mean, invstd = (_check_stat(v, name, (channels,)).reshape(1, channels)
+                    for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
+    given, out = sample_out(out, x[0])
+    dx, dweight, dbias = group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)
+    return dx[0] if given is None else given, dweight, dbias
 
 
 def _frozen_instance_forward(x, running_mean, running_var, weight, bias, eps, axis, out):
@@ -347,7 +403,7 @@ def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=N
     shape = check_normalized_shape(normalized_shape, x.shape)
     lead = x.shape[: x.ndim - len(shape)]
     rows, width = math.prod(lead), math.prod(shape)
-    dy = _check_like(dy, x)
+    dy = check_dy(dy, x)
     mean, invstd = (_check_stat(v, name, lead)
                     for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
     (weight,) = _element_vectors(x, shape, weight=weight)
@@ -522,10 +578,17 @@ def instance_norm_forward(
     eps: float = 1e-5,
     axis: int = 1,
     *,
+    spatial_dims: int | None = None,
     out: HostArray | None = None,
 ) -> tuple[HostArray, HostArray, HostArray]:
     """Instance normalisation (group norm with one channel per group): ``(y, mean, invstd)``,
     the statistics (N, C).
+
+    x is a batch (N, C, *spatial), as in ``torch.nn.functional.instance_norm``. With
+    ``spatial_dims`` (the number of spatial dimensions, PyTorch's InstanceNorm1d/2d/3d: 1, 2, 3),
+    x may also be one sample (C, *spatial) as those modules take it: ``x.ndim == spatial_dims +
+    1``; it is normalised as a batch of one (a view, no copy), y has its shape and the
+    statistics are (C,). ``axis`` counts the batch axis either way (1, or -1 for channels-last).
 
     With ``use_input_stats`` (training) and running buffers (C,), the buffers are updated in
     place as PyTorch does: ``r = (1 - momentum) * r + momentum * b`` with ``b`` the mean over
@@ -535,7 +598,7 @@ def instance_norm_forward(
     """
     y, mean, invstd = instance_stats_forward(x, running_mean, running_var, weight, bias,
                                              use_input_stats, momentum, eps, axis,
-                                             out=out)  # fmt: skip
+                                             spatial_dims=spatial_dims, out=out)  # fmt: skip
     return (y, *_public(y.dtype, mean, invstd))
 
 
@@ -550,11 +613,14 @@ def instance_norm(
     eps: float = 1e-5,
     axis: int = 1,
     *,
+    spatial_dims: int | None = None,
     out: HostArray | None = None,
 ) -> HostArray:
-    """``torch.nn.functional.instance_norm``: y of :func:`instance_norm_forward`."""
+    """``torch.nn.functional.instance_norm``: y of :func:`instance_norm_forward` (one sample
+    with ``spatial_dims``, as there)."""
     return instance_stats_forward(x, running_mean, running_var, weight, bias, use_input_stats,
-                                  momentum, eps, axis, out=out)[0]  # fmt: skip
+                                  momentum, eps, axis, spatial_dims=spatial_dims,
+                                  out=out)[0]  # fmt: skip
 
 
 def instance_norm_backward(
@@ -565,9 +631,12 @@ def instance_norm_backward(
     weight: HostArray | None = None,
     axis: int = 1,
     *,
+    spatial_dims: int | None = None,
     out: HostArray | None = None,
 ) -> tuple[HostArray, HostArray, HostArray]:
     """Exact instance norm backward (input statistics): ``(dx, dweight, dbias)``; ``mean``,
-    ``invstd`` (N, C) from :func:`instance_norm_forward`."""
-    dx, dweight, dbias = group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)
+    ``invstd`` (N, C) from :func:`instance_norm_forward`, (C,) for one sample (x and dy of
+    ``spatial_dims + 1`` dimensions, as there)."""
+    dx, dweight, dbias = instance_stats_backward(dy, x, mean, invstd, weight, axis,
+                                                 spatial_dims=spatial_dims, out=out)  # fmt: skip
     return (dx, *_public(dx.dtype, dweight, dbias))

@@ -385,6 +385,114 @@ def test_instance_norm_channels_last():
     close(np.moveaxis(y, -1, 1), F.instance_norm(tensor(first)).numpy(), np.float64)
 
 
+# One sample, (C, *spatial): PyTorch's InstanceNorm1d/2d/3d tell it from a batch by its rank,
+# which spatial_dims gives here.
+SAMPLE_CASES = [(torch.nn.InstanceNorm1d, (4, 9)), (torch.nn.InstanceNorm2d, (4, 5, 6)),
+                (torch.nn.InstanceNorm3d, (4, 3, 4, 5))]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("module_type", "shape"), SAMPLE_CASES)
+def test_one_sample_is_normalised_as_torch_modules_do(module_type, shape, dtype):
+    """The module unsqueezes the sample, runs the functional, squeezes: outputs, autograd's
+    gradients and the running update must agree, with statistics (C,)."""
+    rng = np.random.default_rng(97)
+    channels, spatial = shape[0], len(shape) - 1
+    x, dy = make(rng, shape, dtype), make(rng, shape, dtype, 0.0, 1.0)
+    weight, bias = make(rng, channels, dtype, 1.0, 0.5), make(rng, channels, dtype, 0.0, 0.5)
+    running_mean, running_var = make(rng, channels, dtype, 0.5, 0.1), np.full(channels, 2, dtype)
+    module = module_type(channels, affine=True, track_running_stats=True, momentum=0.3).double()
+    with torch.no_grad():
+        module.weight.copy_(tensor(weight)), module.bias.copy_(tensor(bias))
+        (
+            module.running_mean.copy_(tensor(running_mean)),
+            module.running_var.copy_(tensor(running_var)),
+        )
+    tx = tensor(x, True)
+    ty = module(tx)
+    ty.backward(tensor(dy))
+    y, mean, invstd = instance_norm_forward(x, running_mean, running_var, weight, bias,
+                                            momentum=0.3, spatial_dims=spatial)  # fmt: skip
+    assert y.shape == shape and mean.shape == invstd.shape == (channels,)
+    close(y, ty.detach().numpy(), dtype)
+    close(running_mean, module.running_mean.numpy(), dtype, 10)
+    close(running_var, module.running_var.numpy(), dtype, 10)
+    dx, dweight, dbias = instance_norm_backward(dy, x, mean, invstd, weight,
+                                                spatial_dims=spatial)  # fmt: skip
+    assert dx.shape == shape and dweight.shape == dbias.shape == (channels,)
+    close(dx, tx.grad.numpy(), dtype, dx_scale(dy, weight, invstd))
+    close(dweight, module.weight.grad.numpy(), dtype, grad_scale(module.weight.grad.numpy(), dy))
+    close(dbias, module.bias.grad.numpy(), dtype, grad_scale(module.bias.grad.numpy(), dy))
+    module.eval()
+    y_eval = instance_norm(x, running_mean, running_var, weight, bias, use_input_stats=False,
+                           spatial_dims=spatial)  # fmt: skip
+    close(y_eval, module(tensor(x)).detach().numpy(), dtype)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_one_sample_is_bitwise_a_batch_of_one(axis):
+    rng = np.random.default_rng(101)
+    x = make(rng, (5, 6, 7), np.float32)  # channels first (axis 1) or last (axis -1) of a batch
+    dy = make(rng, x.shape, np.float32, 0.0, 1.0)
+    weight = make(rng, 5 if axis == 1 else 7, np.float32, 1.0, 0.5)
+    buffers = [np.zeros(weight.size, np.float32), np.ones(weight.size, np.float32)]
+    batch_buffers = [b.copy() for b in buffers]
+    y, mean, invstd = instance_norm_forward(x, *buffers, weight, weight, axis=axis,
+                                            spatial_dims=2)  # fmt: skip
+    y1, mean1, invstd1 = instance_norm_forward(x[None], *batch_buffers, weight, weight,
+                                               axis=axis)  # fmt: skip
+    np.testing.assert_array_equal(y, y1[0])
+    np.testing.assert_array_equal(mean, mean1[0])
+    np.testing.assert_array_equal(invstd, invstd1[0])
+    for buffer, batch_buffer in zip(buffers, batch_buffers, strict=True):
+        np.testing.assert_array_equal(buffer, batch_buffer)
+    grads = instance_norm_backward(dy, x, mean, invstd, weight, axis=axis, spatial_dims=2)
+    grads1 = instance_norm_backward(dy[None], x[None], mean1, invstd1, weight, axis=axis)
+    np.testing.assert_array_equal(grads[0], grads1[0][0])
+    for grad, grad1 in zip(grads[1:], grads1[1:], strict=True):
+        np.testing.assert_array_equal(grad, grad1)
+    # a batch is still a batch with spatial_dims
+    y2 = instance_norm(x[None].repeat(2, 0), weight=weight, bias=weight, axis=axis, spatial_dims=2)
+    np.testing.assert_array_equal(y2[1], y)
+
+
+def test_one_sample_out_is_written_whole_and_may_be_x():
+    rng = np.random.default_rng(103)
+    x, dy = make(rng, (3, 8, 5), np.float64), make(rng, (3, 8, 5), np.float64, 0.0, 1.0)
+    expected, mean, invstd = instance_norm_forward(x, spatial_dims=2)
+    out = np.full(x.shape, np.nan)
+    assert instance_norm(x, spatial_dims=2, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    expected_dx = instance_norm_backward(dy, x, mean, invstd, spatial_dims=2)[0]
+    out = np.full(x.shape, np.nan)
+    assert instance_norm_backward(dy, x, mean, invstd, spatial_dims=2, out=out)[0] is out
+    np.testing.assert_array_equal(out, expected_dx)
+    assert instance_norm(x, spatial_dims=2, out=x) is x  # the batch of one is a view of x
+    np.testing.assert_array_equal(x, expected)
+
+
+@pytest.mark.parametrize(("module_type", "shape"), SAMPLE_CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_layer_takes_one_sample_as_torch_modules(module_type, shape, affine):
+    rng = np.random.default_rng(107)
+    channels, spatial = shape[0], len(shape) - 1
+    module = module_type(channels, affine=affine, track_running_stats=True,
+                         momentum=0.2).double()  # fmt: skip
+    layer = InstanceNorm(channels, affine=affine, track_running_stats=True, momentum=0.2,
+                         dtype=np.float64, spatial_dims=spatial)  # fmt: skip
+    if affine:
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(0.5, 1.5, channels, dtype=torch.float64))
+            module.bias.copy_(torch.linspace(-1, 1, channels, dtype=torch.float64))
+    layer.load_state_dict({k: v.numpy() for k, v in module.state_dict().items()})
+    for sample_shape in (shape, (3, *shape)):  # one sample, then a batch, as the module takes
+        _same_step(layer, module, rng, sample_shape)
+    close(layer.running_mean, module.running_mean.numpy(), np.float64)
+    close(layer.running_var, module.running_var.numpy(), np.float64)
+    layer.eval(), module.eval()  # the running statistics normalise; a frozen backward
+    _same_step(layer, module, rng, shape)
+
+
 # ------------------------------------------------------------------------------- float16
 @pytest.mark.parametrize("op", ["group", "layer", "instance"])
 def test_float16_is_computed_in_float32(op):
@@ -652,6 +760,32 @@ def _bad_calls(x, out, running_mean, running_var):
          lambda: instance_norm(x, use_input_stats=False, out=out)),
         (ValueError, "weight must have shape",
          lambda: instance_norm(x, **run, weight=w[:2], out=out)),
+        (ValueError, "x must have 3 dimensions (a batch) or 2 (one sample) for spatial_dims=1",
+         lambda: instance_norm(x, **run, spatial_dims=1, out=out)),
+        (ValueError, "spatial_dims must be >= 1",
+         lambda: instance_norm(x[0], **run, spatial_dims=0, out=out[0])),
+        (TypeError, "spatial_dims must be an integer",
+         lambda: instance_norm(x[0], **run, spatial_dims=2.0, out=out[0])),
+        (ValueError, "out must have the shape and dtype of x, (6, 5, 4)",
+         lambda: instance_norm(x[0], **run, spatial_dims=2, out=out)),
+        (ValueError, "running_var must have shape",
+         lambda: instance_norm(x[0], running_mean, running_var[:3], spatial_dims=2,
+                               out=out[0])),
+        (ValueError, "more than 1 spatial element",
+         lambda: instance_norm(x[0, :, :1, :1], **run, spatial_dims=2,
+                               out=out[0, :, :1, :1].copy())),
+        (ValueError, "x must have 4 dimensions (a batch) or 3 (one sample) for spatial_dims=2",
+         lambda: instance_norm_backward(dy[0, 0], x[0, 0], mean[0], invstd[0], spatial_dims=2,
+                                        out=out[0, 0])),
+        (ValueError, "dy must have the shape of x, (6, 5, 4)",
+         lambda: instance_norm_backward(dy, x[0], mean[0], invstd[0], spatial_dims=2,
+                                        out=out[0])),
+        (ValueError, "mean must have shape (6,)",
+         lambda: instance_norm_backward(dy[0], x[0], np.zeros((1, 6)), np.ones(6),
+                                        spatial_dims=2, out=out[0])),
+        (ValueError, "out must have the shape and dtype of x, (6, 5, 4)",
+         lambda: instance_norm_backward(dy[0], x[0], np.zeros(6), np.ones(6), spatial_dims=2,
+                                        out=out)),
     ]  # fmt: skip
 
 
@@ -694,6 +828,8 @@ def test_layer_constructors_reject_bad_arguments():
         LayerNorm(3, dtype=np.int32)
     with pytest.raises(ValueError, match="momentum must be in"):
         InstanceNorm(3, momentum=1.5)
+    with pytest.raises(ValueError, match="spatial_dims must be >= 1"):
+        InstanceNorm(3, spatial_dims=0)
 
 
 def test_layers_reject_inputs_that_do_not_fit_and_keep_their_state():
@@ -707,6 +843,14 @@ def test_layers_reject_inputs_that_do_not_fit_and_keep_their_state():
         layer.load_state_dict({**before, "weight": np.ones(3)})
     with pytest.raises(KeyError, match="missing keys"):
         layer.load_state_dict({"weight": np.ones(4)})
+    sample_layer = InstanceNorm(4, affine=True, track_running_stats=True, spatial_dims=1)
+    sample_layer.load_state_dict(before)
+    with pytest.raises(ValueError, match=r"x must have 3 dimensions \(a batch\) or 2"):
+        sample_layer(np.ones((1, 2, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="expects 4 channels on axis 1, got x of shape"):
+        sample_layer(np.ones((3, 5), np.float32))  # one sample of 3 channels
+    for key, value in sample_layer.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
     for key, value in layer.state_dict().items():
         np.testing.assert_array_equal(value, before[key])
     with pytest.warns(UserWarning, match="expects 4 channels"):
