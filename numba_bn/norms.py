@@ -19,7 +19,11 @@ float32. The statistics and gradients the functions return are in the compute dt
 backward is derived in docs/backward.md ("Group, instance and layer norm").
 
 Every argument is checked before anything is written: a call that raises leaves ``out=`` and the
-running buffers as they were.
+running buffers as they were. As batch norm's functions (:mod:`numba_bn.hostcall`), each
+operation first tries the plain call, recognised in a few attribute checks: C-contiguous NumPy
+float32/float64 x with channels on axis 1 and no empty dimension, vectors of x's dtype, Python
+ints and floats, no ``out=``. Anything else takes the checked path, which accepts all a plain
+call does (with the same bits) and explains what it rejects; the plain path never raises.
 """
 
 import contextlib
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from . import hostcall
 from .annotations import HostArray
 from .checks import (
     Vectors,
@@ -232,13 +237,116 @@ class _ChannelsFirst:
 def _plan(step, size):
     """(threads, guard): the CPU backend's cost model for a step of ``size`` elements."""
     threads = threads_for(step, size)
-    return threads, launch_guard() if threads > 1 else contextlib.nullcontext()
+    return threads, launch_guard() if threads > 1 else _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _tiled(vector, n):
+    """``vector`` (C,) repeated n times, (N*C,), as the group kernels index it (n*C + c);
+    zero-length stays zero-length. (np.tile costs 3 us on a small vector, this 0.8.)"""
+    if not vector.size:
+        return vector
+    tiled = np.empty((n, vector.size), vector.dtype)
+    tiled[:] = vector
+    return tiled.reshape(-1)
+
+
+# ------------------------------------------------------------------------- the plain call
+def _plain_grid(x, axis):
+    """x as (N, C, S) for a plain call: a C-contiguous float32/float64 ndarray of rank >= 2
+    and no empty dimension, channels on axis 1 (the int 1, or -1 for rank 2); else None."""
+    if type(x) is not np.ndarray or type(axis) is not int or not x.flags.c_contiguous:
+        return None
+    shape, dtype = x.shape, x.dtype
+    ndim = len(shape)
+    if (dtype is not hostcall.F32 and dtype is not hostcall.F64) or ndim < 2 or not x.size:
+        return None
+    if axis != 1 and axis != 1 - ndim:
+        return None
+    return x.reshape(shape[0], shape[1], x.size // (shape[0] * shape[1]))
+
+
+def _plain_groups(num_groups, channels):
+    """num_groups (None: one per channel) when it is an int >= 1 dividing C; else None."""
+    if num_groups is None:
+        return channels
+    if type(num_groups) is not int or num_groups < 1 or channels % num_groups:
+        return None
+    return num_groups
+
+
+def _plain_stat(value, shape):
+    """A saved statistic of ``shape`` as a flat float64 array; else None."""
+    if type(value) is not np.ndarray or value.shape != shape:
+        return None
+    if value.dtype is hostcall.F64:
+        return value.reshape(-1) if value.flags.c_contiguous else None
+    return value.astype(hostcall.F64).reshape(-1) if value.dtype is hostcall.F32 else None
+
+
+def _plain_layer_shape(x, normalized_shape):
+    """(rows, width, normalized_shape as a tuple) of a plain layer norm call; else None."""
+    if type(x) is not np.ndarray or not x.flags.c_contiguous or not x.size:
+        return None
+    if x.dtype is not hostcall.F32 and x.dtype is not hostcall.F64:
+        return None
+    if type(normalized_shape) is int:
+        shape = (normalized_shape,)
+    elif type(normalized_shape) is tuple and all(type(d) is int for d in normalized_shape):
+        shape = normalized_shape
+    else:
+        return None
+    lead = x.ndim - len(shape)
+    if not shape or lead < 0 or x.shape[lead:] != shape:
+        return None
+    width = math.prod(shape)
+    return x.size // width, width, shape
+
+
+def _plain_elements(value, shape, dtype):
+    """Layer norm's weight or bias of ``shape`` and ``dtype``, flat (zero-length for None);
+    else None."""
+    if value is None:
+        return hostcall.vector(None, 0, dtype)
+    if type(value) is not np.ndarray or value.dtype is not dtype or value.shape != shape:
+        return None
+    return value.reshape(-1) if value.flags.c_contiguous else None
 
 
 # --------------------------------------------------------------------------- operations
 def group_stats_forward(x, num_groups, weight, bias, eps, axis, *, out=None):
     """Group norm forward: (y, mean, invstd, m2), the statistics float64 (N, G);
     ``num_groups=None``: one group per channel (instance norm)."""
+    if out is None:
+        result = _plain_group_forward(x, num_groups, weight, bias, eps, axis)
+        if result is not None:
+            return result
+    return _checked_group_forward(x, num_groups, weight, bias, eps, axis, out)
+
+
+def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
+    """group_stats_forward of a plain call; None for any other."""
+    xc = _plain_grid(x, axis)
+    if xc is None or not hostcall.training_eps(eps):
+        return None
+    n, channels, _ = xc.shape
+    groups = _plain_groups(num_groups, channels)
+    weight = hostcall.vector(weight, channels, x.dtype)
+    bias = hostcall.vector(bias, channels, x.dtype)
+    if groups is None or weight is None or bias is None:
+        return None
+    y = np.empty(x.shape, x.dtype)
+    stats = np.empty((3, n * groups))
+    _group_forward(xc, groups, eps, _tiled(weight, n), _tiled(bias, n), y.reshape(xc.shape),
+                   stats[0], stats[1], stats[2])  # fmt: skip
+    mean, invstd, m2 = stats.reshape(3, n, groups)
+    return y, mean, invstd, m2
+
+
+def _checked_group_forward(x, num_groups, weight, bias, eps, axis, out):
+    """group_stats_forward with every check."""
     grid = _ChannelsFirst(x, axis)
     n, channels, inner = grid.shape
     groups = channels if num_groups is None else check_groups(num_groups, channels)
@@ -248,7 +356,7 @@ def group_stats_forward(x, num_groups, weight, bias, eps, axis, *, out=None):
     y, work = grid.output(out)
     stats = np.full((3, n * groups), np.nan)
     if grid.x.size:
-        tiled = [np.tile(vectors.kernel(name), n) for name in ("weight", "bias")]
+        tiled = [_tiled(vectors.kernel(name), n) for name in ("weight", "bias")]
         _group_forward(grid.view(grid.x), groups, eps, *tiled, work, *stats)
     mean, invstd, m2 = (s.reshape(n, groups) for s in stats)
     return grid.finish(y, work), mean, invstd, m2
@@ -277,31 +385,68 @@ def _group_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
 def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=None):
     """Group norm backward: (dx, dweight, dbias), the gradients float64 (C,);
     ``num_groups=None``: one group per channel (instance norm)."""
+    if out is None:
+        result = _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis)
+        if result is not None:
+            return result
+    return _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out)
+
+
+def _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis):
+    """group_stats_backward of a plain call; None for any other."""
+    xc = _plain_grid(x, axis)
+    if xc is None:
+        return None
+    dyc = hostcall.like(dy, x, xc)
+    n, channels, _ = xc.shape
+    groups = _plain_groups(num_groups, channels)
+    if dyc is None or groups is None:
+        return None
+    mean, invstd = _plain_stat(mean, (n, groups)), _plain_stat(invstd, (n, groups))
+    weight = hostcall.vector(weight, channels, x.dtype)
+    if mean is None or invstd is None or weight is None:
+        return None
+    dx = np.empty(x.shape, x.dtype)
+    dweight, dbias = _group_backward(dyc, xc, groups, mean, invstd, weight, dx.reshape(xc.shape))
+    return dx, dweight, dbias
+
+
+def _group_backward(dyc, xc, groups, mean, invstd, weight, dx):
+    """Kernels of the group norm backward on channels-first (N, C, S) arrays, S > 0: dx (=),
+    and (dweight, dbias) float64 (C,); mean, invstd flat float64 (N*G,), weight (C,) or
+    zero-length."""
+    n, channels, inner = xc.shape
+    group_channels = channels // groups
+    planes = (1, n * channels, inner)
+    sums = np.empty((2, n * channels))
+    threads, guard = _plan("backward", xc.size)
+    run = kernels.group_backward if threads > 1 else kernels.group_backward_serial
+    with guard:
+        run(dyc.reshape(planes), xc.reshape(planes), group_channels, mean, invstd,
+            _tiled(weight, n), dx.reshape(planes), sums[0], sums[1])  # fmt: skip
+    # sum_dy_xmu * invstd per (n, c), then both rows summed over n in one reduction
+    sums.reshape(2, n, groups, group_channels)[1] *= invstd.reshape(n, groups, 1)
+    dbias, dweight = np.add.reduce(sums.reshape(2, n, channels), axis=1)
+    return dweight, dbias
+
+
+def _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):
+    """group_stats_backward with every check."""
     grid = _ChannelsFirst(x, axis)
     n, channels, inner = grid.shape
     groups = channels if num_groups is None else check_groups(num_groups, channels)
-    group_channels = channels // groups if groups else 1
     dy = check_dy(dy, grid.x)
     mean, invstd = (_check_stat(v, name, (n, groups))
                     for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
     vectors = Vectors(grid.x, channels, weight=weight)
     out = _check_out(out, grid.x, dy=dy, x=grid.x)
     dx, work = grid.output(out)
-    sums = np.zeros((2, n * channels))
     if grid.x.size:
-        planes = (1, n * channels, inner)
-        threads, guard = _plan("backward", grid.x.size)
-        run = kernels.group_backward if threads > 1 else kernels.group_backward_serial
-        with guard:
-            run(grid.view(dy).reshape(planes), grid.view(grid.x).reshape(planes),
-                group_channels, mean.reshape(-1), invstd.reshape(-1),
-                np.tile(vectors.kernel("weight"), n), work.reshape(planes), *sums)  # fmt: skip
-    sum_dy, sum_dy_xmu = (s.reshape(n, groups, group_channels) for s in sums)
-    dbias = sum_dy.sum(axis=0).reshape(channels)
-    if inner:
-        dweight = (sum_dy_xmu * invstd[:, :, None]).sum(axis=0).reshape(channels)
-    else:  # a sum over no values (invstd is NaN)
-        dweight = np.zeros(channels)
+        dweight, dbias = _group_backward(grid.view(dy), grid.view(grid.x), groups,
+                                         mean.reshape(-1), invstd.reshape(-1),
+                                         vectors.kernel("weight"), work)  # fmt: skip
+    else:  # sums over no values
+        dweight, dbias = np.zeros(channels), np.zeros(channels)
     return grid.finish(dx, work), dweight, dbias
 
 
@@ -310,6 +455,11 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
     """Instance norm forward: (y, mean, invstd), float64 (N, C), (C,) for one sample
     (:func:`instance_batch`); with input statistics and running buffers, the buffers take
     PyTorch's update (in place)."""
+    if out is None and spatial_dims is None and use_input_stats is True:
+        result = _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum,
+                                         eps, axis)  # fmt: skip
+        if result is not None:
+            return result
     if not isinstance(use_input_stats, (bool, np.bool_)):
         raise TypeError(f"use_input_stats must be a bool, got {type(use_input_stats).__name__}")
     if (running_mean is None) != (running_var is None):
@@ -340,11 +490,47 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
     y, mean, invstd, m2 = group_stats_forward(grid.x, None, weight, bias, eps, grid.axis,
                                               out=out)  # fmt: skip
     if running_mean is not None and n:
-        batch = (mean.mean(axis=0), (m2 / (inner - 1)).mean(axis=0))  # unbiased, as PyTorch
-        for buffer, value in zip((running_mean, running_var), batch, strict=True):
-            update = (1.0 - momentum) * buffer.astype(np.float64) + momentum * value
-            np.copyto(buffer, update, casting="same_kind")
+        _running_update(running_mean, running_var, mean, m2, inner, momentum)
     return y, mean, invstd
+
+
+def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum, eps, axis):
+    """instance_stats_forward of a plain call with input statistics; None for any other."""
+    xc = _plain_grid(x, axis)
+    if xc is None or xc.shape[2] < 2:
+        return None
+    if running_mean is not None or running_var is not None:
+        channels = xc.shape[1]
+        running_mean = hostcall.buffer(running_mean, channels, x.dtype)
+        running_var = hostcall.buffer(running_var, channels, x.dtype)
+        if running_mean is None or running_var is None or not hostcall.momentum(momentum):
+            return None
+    result = _plain_group_forward(x, None, weight, bias, eps, axis)
+    if result is None:
+        return None
+    y, mean, invstd, m2 = result
+    if running_mean is not None:
+        _running_update(running_mean, running_var, mean, m2, xc.shape[2], momentum)
+    return y, mean, invstd
+
+
+def _running_update(running_mean, running_var, mean, m2, inner, momentum):
+    """PyTorch's instance norm update of the running buffers (in place, N >= 1, S >= 2): the
+    mean over the batch of the per-instance means and unbiased variances (float64 (N, C)),
+    ``momentum`` weighting it. Both buffers in one (2, C) float64 pass (11 -> 5 us on 8
+    channels; the bits of ``(1 - m) * r + m * batch.mean(axis=0)``, buffer by buffer)."""
+    n, channels = mean.shape
+    per_instance = np.empty((2, n, channels))
+    per_instance[0] = mean
+    np.divide(m2, inner - 1, out=per_instance[1])  # unbiased, as PyTorch
+    batch = np.add.reduce(per_instance, axis=1)
+    batch /= n  # ndarray.mean(axis=0): the sum, then one division
+    batch *= momentum
+    update = np.empty((2, channels))
+    update[0], update[1] = running_mean, running_var
+    update *= 1.0 - momentum
+    update += batch
+    running_mean[...], running_var[...] = update
 
 
 def instance_stats_backward(dy, x, mean, invstd, weight, axis, *, spatial_dims=None, out=None):
@@ -377,6 +563,40 @@ def _frozen_instance_forward(x, running_mean, running_var, weight, bias, eps, ax
 
 def layer_stats_forward(x, normalized_shape, weight, bias, eps, *, out=None):
     """Layer norm forward: (y, mean, invstd), float64 with x's leading shape."""
+    if out is None:
+        result = _plain_layer_forward(x, normalized_shape, weight, bias, eps)
+        if result is not None:
+            return result
+    return _checked_layer_forward(x, normalized_shape, weight, bias, eps, out)
+
+
+def _plain_layer_forward(x, normalized_shape, weight, bias, eps):
+    """layer_stats_forward of a plain call; None for any other."""
+    plain = _plain_layer_shape(x, normalized_shape)
+    if plain is None or not hostcall.training_eps(eps):
+        return None
+    rows, width, shape = plain
+    weight, bias = _plain_elements(weight, shape, x.dtype), _plain_elements(bias, shape, x.dtype)
+    if weight is None or bias is None:
+        return None
+    y = np.empty(x.shape, x.dtype)
+    stats = np.empty((2, rows))
+    _layer_forward(x.reshape(1, rows, width), eps, weight, bias, y, stats[0], stats[1])
+    lead = x.shape[: x.ndim - len(shape)]
+    return y, stats[0].reshape(lead), stats[1].reshape(lead)
+
+
+def _layer_forward(xc, eps, weight, bias, y, mean, invstd):
+    """Kernels of the layer norm forward on ``xc`` (1, rows, width), y of any shape of its
+    size: mean, invstd (rows,) float64 (=)."""
+    threads, guard = _plan("forward_train", xc.size)
+    run = kernels.layer_forward if threads > 1 else kernels.layer_forward_serial
+    with guard:
+        run(xc, eps, weight, bias, y.reshape(xc.shape), mean, invstd)
+
+
+def _checked_layer_forward(x, normalized_shape, weight, bias, eps, out):
+    """layer_stats_forward with every check."""
     x = _check_array(x, "x", 1)
     shape = check_normalized_shape(normalized_shape, x.shape)
     lead = x.shape[: x.ndim - len(shape)]
@@ -388,17 +608,50 @@ def layer_stats_forward(x, normalized_shape, weight, bias, eps, *, out=None):
     mean, invstd = np.full(rows, np.nan), np.full(rows, np.nan)
     y = out if out is not None and dtype == x.dtype else np.empty(x.shape, dtype)
     if x.size:
-        view = (1, rows, width)
-        xc = np.ascontiguousarray(x, dtype).reshape(view)
-        threads, guard = _plan("forward_train", x.size)
-        run = kernels.layer_forward if threads > 1 else kernels.layer_forward_serial
-        with guard:
-            run(xc, eps, weight, bias, y.reshape(view), mean, invstd)
+        xc = np.ascontiguousarray(x, dtype).reshape(1, rows, width)
+        _layer_forward(xc, eps, weight, bias, y, mean, invstd)
     return _in_dtype(y, x, out), mean.reshape(lead), invstd.reshape(lead)
 
 
 def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=None):
     """Layer norm backward: (dx, dweight, dbias), the gradients float64 of normalized_shape."""
+    if out is None:
+        result = _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight)
+        if result is not None:
+            return result
+    return _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out)
+
+
+def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight):
+    """layer_stats_backward of a plain call; None for any other."""
+    plain = _plain_layer_shape(x, normalized_shape)
+    if plain is None:
+        return None
+    rows, width, shape = plain
+    view = x.reshape(1, rows, width)
+    dyc = hostcall.like(dy, x, view)
+    lead = x.shape[: x.ndim - len(shape)]
+    mean, invstd = _plain_stat(mean, lead), _plain_stat(invstd, lead)
+    weight = _plain_elements(weight, shape, x.dtype)
+    if dyc is None or mean is None or invstd is None or weight is None:
+        return None
+    dx = np.empty(x.shape, x.dtype)
+    grads = np.empty((2, width))
+    _layer_backward(dyc, view, mean, invstd, weight, dx, grads[0], grads[1])
+    return dx, grads[0].reshape(shape), grads[1].reshape(shape)
+
+
+def _layer_backward(dyc, xc, mean, invstd, weight, dx, dweight, dbias):
+    """Kernels of the layer norm backward on (1, rows, width) views, dx of any shape of their
+    size: dweight, dbias (width,) float64 (=)."""
+    threads, guard = _plan("backward", xc.size)
+    run = kernels.layer_backward if threads > 1 else kernels.layer_backward_serial
+    with guard:
+        run(dyc, xc, mean, invstd, weight, dx.reshape(xc.shape), dweight, dbias)
+
+
+def _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out):
+    """layer_stats_backward with every check."""
     x = _check_array(x, "x", 1)
     shape = check_normalized_shape(normalized_shape, x.shape)
     lead = x.shape[: x.ndim - len(shape)]
@@ -413,12 +666,9 @@ def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=N
     dweight, dbias = np.zeros(width), np.zeros(width)
     if x.size:
         view = (1, rows, width)
-        threads, guard = _plan("backward", x.size)
-        run = kernels.layer_backward if threads > 1 else kernels.layer_backward_serial
-        with guard:
-            run(np.ascontiguousarray(dy, dtype).reshape(view),
-                np.ascontiguousarray(x, dtype).reshape(view), mean.reshape(-1),
-                invstd.reshape(-1), weight, dx.reshape(view), dweight, dbias)  # fmt: skip
+        _layer_backward(np.ascontiguousarray(dy, dtype).reshape(view),
+                        np.ascontiguousarray(x, dtype).reshape(view), mean.reshape(-1),
+                        invstd.reshape(-1), weight, dx, dweight, dbias)  # fmt: skip
     return _in_dtype(dx, x, out), dweight.reshape(shape), dbias.reshape(shape)
 
 

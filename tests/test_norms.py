@@ -576,6 +576,43 @@ def test_forward_in_place():
     np.testing.assert_array_equal(x, expected)
 
 
+def _plain_and_checked(monkeypatch, rng, dtype):
+    """(name, results of a plain call, results of the same call through the checks): eps as
+    np.float64 is not a Python float, so the second call takes the checked path. The plain
+    calls run with the checked functions made to fail, so they must not reach them."""
+    from numba_bn import norms
+
+    x, dy = make(rng, (3, 8, 5, 4), dtype), make(rng, (3, 8, 5, 4), dtype, 0.0, 1.0)
+    w, b = make(rng, 8, dtype, 1.0, 0.5), make(rng, 8, dtype, 0.0, 0.5)
+    lw, lb = make(rng, (5, 4), dtype, 1.0, 0.5), make(rng, (5, 4), dtype, 0.0, 0.5)
+
+    def calls(eps):
+        buffers = [np.full(8, 0.5, dtype), np.full(8, 2.0, dtype)]
+        y, gm, gi = group_norm_forward(x, 4, w, b, eps)
+        yield "group", (y, gm, gi, *group_norm_backward(dy, x, gm, gi, 4, w))
+        y, lm, li = layer_norm_forward(x, (5, 4), lw, lb, eps)
+        yield "layer", (y, lm, li, *layer_norm_backward(dy, x, lm, li, (5, 4), lw))
+        y, im, ii = instance_norm_forward(x, *buffers, w, b, momentum=0.25, eps=eps)
+        grads = instance_norm_backward(dy, x, im, ii, w)
+        yield "instance", (y, im, ii, *grads, *buffers)
+
+    checked = dict(calls(np.float64(EPS)))
+    for name in ("group_forward", "group_backward", "layer_forward", "layer_backward"):
+        monkeypatch.setattr(norms, f"_checked_{name}", None)  # calling it raises TypeError
+    monkeypatch.setattr(norms, "_ChannelsFirst", None)
+    plain = dict(calls(EPS))
+    return [(name, plain[name], checked[name]) for name in checked]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plain_calls_take_no_checks_and_give_the_checked_bits(monkeypatch, dtype):
+    for name, plain, checked in _plain_and_checked(monkeypatch, np.random.default_rng(79), dtype):
+        assert len(plain) == len(checked), name
+        for one, other in zip(plain, checked, strict=True):
+            assert one.dtype == other.dtype and one.shape == other.shape, name
+            np.testing.assert_array_equal(one, other, err_msg=name)
+
+
 PARALLEL_CASES = [  # large enough for the cost model to use every thread
     ("group", (8, 32, 24, 24), 8),
     ("group", (1, 4, 128, 128), 2),  # fewer groups than 2 * threads: the split steps
@@ -716,7 +753,8 @@ def test_layer_float16_parameters_and_gradients():
 
 # --------------------------------------------------------------------------------- bad input
 def _bad_calls(x, out, running_mean, running_var):
-    """(expected error, message fragment, call) of every argument a call can get wrong."""
+    """(expected error, message fragment, call) of every argument a call can get wrong; with
+    ``out=None`` (but for the out= errors) the calls look plain and must still be explained."""
     w = np.ones(6, np.float32)
     lw = np.ones((5, 4), np.float32)
     mean, invstd = np.zeros((2, 3)), np.ones((2, 3))
@@ -733,7 +771,7 @@ def _bad_calls(x, out, running_mean, running_var):
         (ValueError, "eps must be > 0", lambda: group_norm(x, 3, eps=0.0, out=out)),
         (ValueError, "axis must not be 0", lambda: group_norm(x, 2, axis=0, out=out)),
         (ValueError, "axis=4 is out of range", lambda: group_norm(x, 3, axis=4, out=out)),
-        (ValueError, "out must have the shape", lambda: group_norm(x, 3, out=out[:1])),
+        (ValueError, "out must have the shape", lambda: group_norm(x, 3, out=part(out, np.s_[:1]))),
         (ValueError, "out overlaps x", lambda: _call_overlapping(x)),
         (ValueError, "dy must have the shape",
          lambda: group_norm_backward(dy[:1], x, mean, invstd, 3, out=out)),
@@ -755,7 +793,8 @@ def _bad_calls(x, out, running_mean, running_var):
         (ValueError, "running_mean must be writable",
          lambda: instance_norm(x, _read_only(running_mean), running_var, out=out)),
         (ValueError, "more than 1 spatial element",
-         lambda: instance_norm(x[:, :, :1, :1], **run, out=out[:, :, :1, :1].copy())),
+         lambda: instance_norm(np.ascontiguousarray(x[:, :, :1, :1]), **run,
+                               out=part(out, np.s_[:, :, :1, :1]))),
         (ValueError, "required when use_input_stats=False",
          lambda: instance_norm(x, use_input_stats=False, out=out)),
         (ValueError, "weight must have shape",
@@ -763,26 +802,26 @@ def _bad_calls(x, out, running_mean, running_var):
         (ValueError, "x must have 3 dimensions (a batch) or 2 (one sample) for spatial_dims=1",
          lambda: instance_norm(x, **run, spatial_dims=1, out=out)),
         (ValueError, "spatial_dims must be >= 1",
-         lambda: instance_norm(x[0], **run, spatial_dims=0, out=out[0])),
+         lambda: instance_norm(x[0], **run, spatial_dims=0, out=part(out, np.s_[0]))),
         (TypeError, "spatial_dims must be an integer",
-         lambda: instance_norm(x[0], **run, spatial_dims=2.0, out=out[0])),
+         lambda: instance_norm(x[0], **run, spatial_dims=2.0, out=part(out, np.s_[0]))),
         (ValueError, "out must have the shape and dtype of x, (6, 5, 4)",
          lambda: instance_norm(x[0], **run, spatial_dims=2, out=out)),
         (ValueError, "running_var must have shape",
          lambda: instance_norm(x[0], running_mean, running_var[:3], spatial_dims=2,
-                               out=out[0])),
+                               out=part(out, np.s_[0]))),
         (ValueError, "more than 1 spatial element",
-         lambda: instance_norm(x[0, :, :1, :1], **run, spatial_dims=2,
-                               out=out[0, :, :1, :1].copy())),
+         lambda: instance_norm(np.ascontiguousarray(x[0, :, :1, :1]), **run, spatial_dims=2,
+                               out=part(out, np.s_[0, :, :1, :1]))),
         (ValueError, "x must have 4 dimensions (a batch) or 3 (one sample) for spatial_dims=2",
          lambda: instance_norm_backward(dy[0, 0], x[0, 0], mean[0], invstd[0], spatial_dims=2,
-                                        out=out[0, 0])),
+                                        out=part(out, np.s_[0, 0]))),
         (ValueError, "dy must have the shape of x, (6, 5, 4)",
          lambda: instance_norm_backward(dy, x[0], mean[0], invstd[0], spatial_dims=2,
-                                        out=out[0])),
+                                        out=part(out, np.s_[0]))),
         (ValueError, "mean must have shape (6,)",
          lambda: instance_norm_backward(dy[0], x[0], np.zeros((1, 6)), np.ones(6),
-                                        spatial_dims=2, out=out[0])),
+                                        spatial_dims=2, out=part(out, np.s_[0]))),
         (ValueError, "out must have the shape and dtype of x, (6, 5, 4)",
          lambda: instance_norm_backward(dy[0], x[0], np.zeros(6), np.ones(6), spatial_dims=2,
                                         out=out)),
@@ -796,19 +835,33 @@ def _call_overlapping(x):
     group_norm(buffer[:-1].reshape(x.shape), 3, out=buffer[1:].reshape(x.shape))
 
 
+def part(out, index):
+    """out[index] (a copy where that is not C-contiguous), None when out is None."""
+    if out is None:
+        return None
+    view = out[index]
+    return view if view.flags.c_contiguous else view.copy()
+
+
 def _read_only(a):
     a = a.view()
     a.flags.writeable = False
     return a
 
 
-def test_bad_input_raises_and_modifies_nothing():
+@pytest.mark.parametrize("with_out", [True, False], ids=["out", "no-out"])
+def test_bad_input_raises_and_modifies_nothing(with_out):
+    """Without out= the calls are what the plain path takes up (NumPy float32 x, Python
+    scalars): it must hand every one of them to the checks, which explain it."""
     rng = np.random.default_rng(71)
     x = make(rng, (2, 6, 5, 4), np.float32)
     x_before = x.copy()
     out = np.full(x.shape, np.nan, np.float32)
     running_mean, running_var = np.zeros(6, np.float32), np.ones(6, np.float32)
-    for error, fragment, call in _bad_calls(x, out, running_mean, running_var):
+    calls = _bad_calls(x, out if with_out else None, running_mean, running_var)
+    for error, fragment, call in calls:
+        if not with_out and fragment.startswith("out "):
+            continue
         with pytest.raises(error, match=re.escape(fragment)):
             call()
         assert np.isnan(out).all(), fragment
