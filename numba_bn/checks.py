@@ -329,4 +329,14 @@ def in_compute_dtype(array, *vectors):
     dtype = compute_dtype(array.dtype)
     if type(array) is np.ndarray:  # the common case, without a look at the device
         return tuple([vector.astype(dtype, copy=False) for vector in vectors])
-    return tuple(memory_of(array).astype(vector, dtype) for vector in vectors)
+    memory = memory_of(array)
+    return returned_like(array, *(memory.astype(vector, dtype) for vector in vectors))
+
+
+def returned_like(array, *results):
+    """``results``, this library's arrays on the side of ``array``, as the kind of ``array``: a
+    result that is the caller's kind already (CuPy in, CuPy out: :func:`.dispatch.placed`)."""
+    if type(array) is np.ndarray:
+        return results
+    returned = memory_of(array).returner(array)
+    return results if returned is None else tuple(map(returned, results))

@@ -128,8 +128,9 @@ def placed(arrays, inplace=()):
     On the GPU, device arrays are viewed as Numba device arrays (no copy) and NumPy arrays
     (``device="cuda"``) are copied over; afterwards the ``inplace`` NumPy arrays are updated
     from their copies, and the result (a value, a tuple or a NamedTuple) gives back the caller's
-    own ``inplace`` arrays, and NumPy arrays for the other device arrays when the inputs were
-    NumPy.
+    own ``inplace`` arrays; its other device arrays come back as NumPy arrays when the inputs
+    were NumPy, else as the kind of the first CUDA input in ``arrays`` order (CuPy in, CuPy out;
+    a torch CUDA tensor in, torch tensors out; Numba device arrays otherwise), zero-copy.
     """
 
     def decorate(function):
@@ -167,21 +168,29 @@ def placed(arrays, inplace=()):
             for name in on_host:
                 if name in inplace:
                     np.copyto(host_view(given[name]), moved[name].copy_to_host())
-            return _returned(result, callers, to_host=bool(on_host))
+            if on_host:  # NumPy inputs (device="cuda"): NumPy results
+                returned = _copy_to_host
+            else:  # the kind of the first CUDA input: CuPy, torch, or Numba device arrays
+                returned = device_memory.returner(given[on_device[0]])
+            return _returned(result, callers, returned)
 
         return call
 
     return decorate
 
 
-def _returned(value, callers, to_host):
+def _copy_to_host(array):
+    return array.copy_to_host()
+
+
+def _returned(value, callers, returned):
     """``value`` with the caller's own arrays (``callers``: id -> array) in place of their
-    device views, and other device arrays copied to NumPy when ``to_host``."""
+    device views, and the other device arrays passed through ``returned`` (when not None)."""
     if isinstance(value, tuple):
-        items = [_returned(item, callers, to_host) for item in value]
+        items = [_returned(item, callers, returned) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if id(value) in callers:
         return callers[id(value)]
-    if to_host and is_device_array(value):
-        return value.copy_to_host()
+    if returned is not None and is_device_array(value):
+        return returned(value)
     return value

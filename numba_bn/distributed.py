@@ -45,7 +45,7 @@ from numba import njit
 from numpy.typing import DTypeLike
 
 from .annotations import Array, Backend, Comm, Device, NanPolicy
-from .checks import compute_dtype, in_compute_dtype
+from .checks import compute_dtype, in_compute_dtype, returned_like
 from .dispatch import memory_of
 from .layer import BatchNorm
 from .memory import HOST
@@ -304,8 +304,9 @@ def sync_forward_train(
     y, mean, invstd
         ``mean`` and ``invstd`` of the global batch, identical on every rank, shape (C,), in
         the dtype of ``x`` (float32 for float16). A global batch of one value per channel
-        raises ValueError on every rank. For CUDA inputs all three are Numba device arrays
-        (the running buffers are updated in place on the device); with ``device="cuda"`` and
+        raises ValueError on every rank. For CUDA inputs all three are of the kind of ``x``
+        (CuPy, torch, else Numba device arrays; the running buffers are updated in place on the
+        device); with ``device="cuda"`` and
         NumPy inputs, NumPy arrays.
     """
     result = batch_forward(
@@ -346,7 +347,8 @@ def sync_backward(
     ``dx`` and the global ``dweight = sum(dy * x_hat)`` and ``dbias = sum(dy)`` over every rank's
     batch, identical on every rank (do not all-reduce them again); both are 0 when every rank's
     batch is empty, as PyTorch's gradients of an empty batch. For CUDA inputs all three are
-    Numba device arrays (``device`` as in :func:`sync_forward_train`).
+    of the kind of ``dy`` (CuPy, torch, else Numba device arrays; ``device`` as in
+    :func:`sync_forward_train`).
     """
     dx, sum_dy, sum_dy_xmu, count = batch_backward(
         dy, x, mean, invstd, weight, axis, out=out, backend=backend,
@@ -354,7 +356,7 @@ def sync_backward(
     )  # fmt: skip
     # the global count: 0 (every rank's batch empty, invstd NaN) gives a zero dweight
     dweight = weight_gradient(invstd, sum_dy_xmu, count, compute_dtype(dx.dtype))
-    return (dx, dweight, *in_compute_dtype(dx, sum_dy))
+    return (dx, *returned_like(dx, dweight), *in_compute_dtype(dx, sum_dy))
 
 
 class SyncBatchNorm(BatchNorm):

@@ -6,7 +6,7 @@ Per-channel statistics come back in the input's dtype (float32 for float16 and b
 """
 
 from .annotations import Activation, Array, Backend, Device, NanPolicy
-from .checks import compute_dtype, in_compute_dtype
+from .checks import compute_dtype, in_compute_dtype, returned_like
 from .dispatch import memory_of
 from .masking import masked_batch_backward, masked_batch_forward
 from .ops import batch_backward, batch_forward, frozen_forward, weight_gradient
@@ -66,8 +66,9 @@ def forward_train(
     Returns
     -------
     y, mean, invstd
-        NumPy arrays for host inputs (whatever kind of host array came in), Numba device arrays
-        for CUDA inputs. ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) have
+        NumPy arrays for host inputs (whatever kind of host array came in); for CUDA inputs the
+        kind of ``x`` (CuPy in, CuPy out; a torch CUDA tensor in, torch tensors out; Numba
+        device arrays otherwise), zero-copy views of the results. ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) have
         shape (C,) and the dtype of ``x`` (float32 for float16 and bfloat16).
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
@@ -102,7 +103,7 @@ def forward_eval(
     scaled by ``weight`` and shifted by ``bias`` (then ``residual`` and ``activation``);
     arguments (any host array NumPy views without a copy, as well as NumPy and CUDA arrays) as
     :func:`forward_train`. Returns y: a NumPy array for host inputs (a view of ``out`` when
-    given), a Numba device array for CUDA inputs."""
+    given); for CUDA inputs the kind of ``x`` (CuPy, torch, else a Numba device array)."""
     return frozen_forward(
         x,
         running_mean,
@@ -141,7 +142,8 @@ def backward(
     ``mask``, when the statistics were masked).
     Returns ``dx, dweight, dbias`` with ``dweight = sum(dy * x_hat)``, ``dbias = sum(dy)``
     per channel (in the dtype of ``x``, float32 for float16 and bfloat16): NumPy arrays for host
-    inputs, Numba device arrays for CUDA inputs. Arrays are taken as by :func:`forward_train`
+    inputs; for CUDA inputs the kind of ``dy`` (CuPy, torch, else Numba device arrays). Arrays
+    are taken as by :func:`forward_train`
     (torch CPU tensors, DLPack and buffer-protocol objects too; ``out=`` and ``residual_out``
     are written in place).
 
@@ -166,7 +168,7 @@ def backward(
         )  # fmt: skip
     memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
     dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
-    return dx, dweight, memory.astype(sum_dy, dtype)
+    return (dx, *returned_like(dx, dweight, memory.astype(sum_dy, dtype)))
 
 
 def batch_norm(
@@ -203,7 +205,8 @@ def batch_norm(
     Arrays are taken as by :func:`forward_train`: ``running_mean`` and ``running_var`` may be
     any writable host array NumPy views without a copy (a torch CPU tensor is updated in place;
     a read-only one raises ValueError "must be writable"). Returns y: a NumPy array for host
-    inputs (a view of ``out`` when given), a Numba device array for CUDA inputs.
+    inputs (a view of ``out`` when given); for CUDA inputs the kind of ``x`` (CuPy, torch, else
+    a Numba device array).
     """
     epilogue = {"residual": residual, "activation": activation}
     if training and mask is not None:

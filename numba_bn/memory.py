@@ -157,6 +157,7 @@ class Memory(Protocol):
     def invstd(self, var, eps): ...
     def to_host(self, array): ...
     def from_host(self, array, out=None): ...
+    def returner(self, value): ...  # results -> the kind of the caller's ``value``, or None
 
 
 class HostMemory:
@@ -222,6 +223,10 @@ class HostMemory:
             return array
         np.copyto(out, array)
         return out
+
+    def returner(self, value):
+        """None: results for host inputs are NumPy arrays, whatever kind came in."""
+        return None
 
     def contiguous(self, array, dtype, name):
         return np.ascontiguousarray(array, dtype=dtype)

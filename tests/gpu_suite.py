@@ -1,7 +1,9 @@
 """The CUDA backend's own tests: what the conformance suite (tests/test_conformance.py, which
 checks every backend against tests/naive.py) does not cover: launch shapes, outputs staying on
-the device, arguments on two devices, races in cross-block merges, kernel counts, BatchNorm on the
-GPU. Run under NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda.py runs both files in a subprocess), or on
+the device and coming back as the caller's kind (CuPy, torch: stand-ins under the simulator, the
+real libraries in the ``*_on_a_gpu`` tests, which need a GPU, ``pip install cupy-cuda12x`` and a
+CUDA build of torch), arguments on two devices, races in cross-block merges, kernel counts,
+BatchNorm on the GPU. Run under NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda.py runs both files in a subprocess), or on
 a real GPU:
 
     NUMBA_ENABLE_CUDASIM=1 NBN_TEST_BACKENDS=cuda python -m pytest tests/test_conformance.py \
@@ -18,6 +20,7 @@ import sys
 import threading
 import time
 
+import numba
 import numpy as np
 import pytest
 from numba import cuda
@@ -59,6 +62,112 @@ def test_outputs_stay_on_the_device(rng):
     y_eval = nbn.forward_eval(x, mean, invstd)
     for value in (y, mean, invstd, dx, dweight, dbias, y_eval):
         assert is_device_array(value) and not isinstance(value, np.ndarray)
+
+
+# ------------------------------------------------------------ results in the caller's kind
+_STAND_INS = {}
+
+
+def _as_kind(array, package):
+    """The Numba device array ``array`` disguised as an array of ``package`` (what numba_bn reads
+    is the class's module): the same object and memory, so the stand-in is zero-copy by
+    construction and the test checks numba_bn's choice, not the library's conversion."""
+    base = type(array)
+    if (package, base) not in _STAND_INS:
+        attributes = {"__module__": f"{package}._core", "device": f"{package}-device:1"}
+        _STAND_INS[package, base] = type(f"{package}_stand_in", (base,), attributes)
+    array.__class__ = _STAND_INS[package, base]
+    return array
+
+
+def _stand_in_module(monkeypatch, package):
+    """A module ``package`` in sys.modules whose converter disguises and records its inputs."""
+    import types
+
+    module = types.ModuleType(package)
+    module.converted = []
+    module.Tensor = type("Tensor", (), {})  # memory.py's isinstance checks on torch.Tensor
+
+    def asarray(array):  # cupy.asarray
+        module.converted.append(array)
+        return _as_kind(array, package)
+
+    def as_tensor(array, device):  # torch.as_tensor
+        module.converted.append(device)
+        return asarray(array)
+
+    module.asarray, module.as_tensor = asarray, as_tensor
+    monkeypatch.setitem(sys.modules, package, module)
+    return module
+
+
+@pytest.mark.parametrize("package", ["cupy", "torch"])
+def test_results_come_back_as_the_kind_of_the_first_cuda_input(rng, monkeypatch, package):
+    """CuPy in, CuPy out; torch in, torch out (on the input's device); the caller's own in-place
+    arrays (running buffers, out=) come back as they went in."""
+    library = _stand_in_module(monkeypatch, package)
+    x_host = random_batch(rng, (4, 3, 5), np.float64)
+    dy_host = rng.standard_normal(x_host.shape)
+    x, dy = (_as_kind(a, package) for a in CUDA.on(x_host, dy_host))
+    y, mean, invstd = nbn.forward_train(x)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd)
+    results = (y, mean, invstd, dx, dweight, dbias)
+    for index, value in enumerate(results):
+        assert type(value).__module__.startswith(package), (index, type(value))
+    expected = (*naive.forward_train(x_host), *naive.backward(dy_host, x_host))
+    for value, reference in zip(results, expected, strict=True):
+        np.testing.assert_allclose(value.copy_to_host(), reference, rtol=1e-12, atol=1e-12)
+    if package == "torch":  # as_tensor(array, device=x.device)
+        assert library.converted[0] == x.device
+    rm, rv = CUDA.on(np.zeros(3), np.ones(3))  # Numba device arrays: kept, updated in place
+    out = _as_kind(CUDA.poisoned(x_host.shape, x_host.dtype), package)
+    y = nbn.batch_norm(x, rm, rv, training=True, out=out)
+    assert y is out
+    np.testing.assert_allclose(y.copy_to_host(), expected[0], rtol=1e-12, atol=1e-12)
+    expected_rm, expected_rv = naive.running_update(np.zeros(3), np.ones(3), x_host, 0.1)
+    np.testing.assert_allclose(rm.copy_to_host(), expected_rm, rtol=1e-12)
+    np.testing.assert_allclose(rv.copy_to_host(), expected_rv, rtol=1e-12)
+    bn = nbn.BatchNorm(3, dtype=np.float64)  # the layer's outputs follow x too
+    y = bn(x)
+    dx = bn.backward(dy)
+    assert type(y).__module__.startswith(package) and type(dx).__module__.startswith(package)
+    np.testing.assert_allclose(dx.copy_to_host(), expected[3], rtol=1e-12, atol=1e-12)
+
+
+def test_numba_device_arrays_come_back_as_numba_device_arrays(rng):
+    x = CUDA.on(random_batch(rng, (4, 3, 5), np.float32))
+    y, mean, _ = nbn.forward_train(x)
+    assert type(y) is type(x) and type(mean) is type(x)
+
+
+# the same with the real libraries, on a GPU (the simulator's arrays are not theirs)
+on_a_gpu = pytest.mark.skipif(numba.config.ENABLE_CUDASIM, reason="needs a real GPU")
+
+
+@on_a_gpu
+def test_cupy_in_cupy_out_on_a_gpu(rng):
+    cupy = pytest.importorskip("cupy")
+    x_host = random_batch(rng, (8, 3, 33), np.float32)
+    x = cupy.asarray(x_host)
+    y, mean, invstd = nbn.forward_train(x)
+    dx, dweight, _ = nbn.backward(x, x, mean, invstd)
+    for value in (y, mean, invstd, dx, dweight):
+        assert isinstance(value, cupy.ndarray), type(value)
+    np.testing.assert_allclose(cupy.asnumpy(y), naive.forward_train(x_host)[0], atol=3e-5)
+
+
+@on_a_gpu
+def test_torch_cuda_in_torch_out_on_a_gpu(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    x_host = random_batch(rng, (8, 3, 33), np.float32)
+    x = torch.as_tensor(x_host, device="cuda")
+    y, mean, invstd = nbn.forward_train(x)
+    dx, dweight, _ = nbn.backward(x, x, mean, invstd)
+    for value in (y, mean, invstd, dx, dweight):
+        assert isinstance(value, torch.Tensor) and value.device == x.device
+    np.testing.assert_allclose(y.cpu().numpy(), naive.forward_train(x_host)[0], atol=3e-5)
 
 
 def test_device_arrays_are_used_in_place(rng, monkeypatch):

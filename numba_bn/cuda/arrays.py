@@ -6,6 +6,7 @@ device array over the same memory; nothing is copied unless a dtype conversion i
 """
 
 import math
+import sys
 
 import numpy as np
 from numba import cuda, float64
@@ -62,6 +63,20 @@ class DeviceMemory:
         if getattr(value, "__cuda_ndarray__", False):  # Numba's own (and the simulator's)
             return value
         return cuda.as_cuda_array(value)
+
+    def returner(self, value):
+        """What turns a result back into the kind of the caller's CUDA input ``value``: a CuPy
+        array for CuPy, a torch tensor on ``value``'s device for torch, or None (Numba device
+        arrays stay as they are). Both views are zero-copy, through ``__cuda_array_interface__``,
+        and keep the Numba array that owns the memory alive. Neither library is imported here:
+        an input of its kind means it is loaded."""
+        package = type(value).__module__.partition(".")[0]
+        if package == "cupy":
+            return sys.modules["cupy"].asarray
+        if package == "torch":
+            torch, device = sys.modules["torch"], value.device
+            return lambda array: torch.as_tensor(array, device=device)
+        return None
 
     def to_device(self, value):
         """A device copy of a host array (or anything np.asarray takes)."""
