@@ -38,6 +38,7 @@ def _info(args):
     import numba_bn as nbn
     from numba_bn.cpu import PARALLEL_MIN_ELEMENTS
     from numba_bn.cpu.threads import threading_layer
+    from numba_bn.cuda import cuda_target
 
     # one call large enough for the parallel kernels, so that numba picks its threading layer
     nbn.forward_train(np.ones((PARALLEL_MIN_ELEMENTS // 2 + 1, 2)))
@@ -61,6 +62,7 @@ def _info(args):
         ("threads", numba.get_num_threads()),
         ("cpu", llvm.get_host_cpu_name()),
         ("simd", " ".join(simd)),
+        ("cuda target", cuda_target()),
         ("cuda available", cuda_available),
         ("cache dir", numba.config.CACHE_DIR or "(next to the package sources)"),
     ]
@@ -106,6 +108,11 @@ def _warmup_arguments(parser):
         help="also SyncBatchNorm's split steps (batch_stats, normalize, backward_sums, "
         "backward_dx); needs no MPI",
     )  # fmt: skip
+    parser.add_argument(
+        "--norms", action="store_true",
+        help="also group, layer and instance norm's drivers (numba_bn.norms): not by default, "
+        "since they take about as long again as batch norm's (docs/norms.md)",
+    )  # fmt: skip
 
 
 def _warmup(args):
@@ -115,7 +122,7 @@ def _warmup(args):
     from .warmup import Step, label, plan, warmup
 
     dtypes = tuple(dict.fromkeys(args.dtype or ("float32", "float64")))
-    steps = len(plan(dtypes, args.distributed))
+    steps = len(plan(dtypes, args.distributed, args.norms))
     print(f"numba-bn warmup: {steps} steps, {numba.get_num_threads()} Numba threads; "
           f"machine code cached in {cache_location()}")  # fmt: skip
 
@@ -126,7 +133,8 @@ def _warmup(args):
             print(label(*step), end="", flush=True)
 
     with silenced():  # the per-step lines say what compiled
-        timings = warmup(dtypes, distributed=args.distributed, progress=progress)
+        timings = warmup(dtypes, distributed=args.distributed, norms=args.norms,
+                         progress=progress)  # fmt: skip
     sources = [step.source for step in timings.steps]
     counts = ", ".join(f"{sources.count(s)} {s}" for s in ("compiled", "from cache", "in memory"))
     print(f"{timings:.1f} s, {steps} steps: {counts}")

@@ -1,6 +1,8 @@
 """The numba-bn command: demo checks itself against a reference, through the benchmark's
 verify-then-time path; info reports the machine."""
 
+import importlib.metadata
+import importlib.util
 import os
 
 import numba
@@ -118,6 +120,17 @@ def test_info_lists_versions_and_layer(capsys):
         assert key in output
     layer = next(line for line in output.splitlines() if line.startswith("threading layer"))
     assert layer.split()[-1] in ("omp", "tbb", "workqueue")
+
+
+def test_info_names_the_cuda_target(capsys):
+    assert main(["info"]) == 0
+    line = next(
+        row for row in capsys.readouterr().out.splitlines() if row.startswith("cuda target")
+    )
+    if importlib.util.find_spec("numba_cuda") is None:
+        assert "built-in target (deprecated" in line
+    else:
+        assert line.split()[-2:] == ["numba-cuda", importlib.metadata.version("numba-cuda")]
 
 
 def test_unknown_command_exits_with_usage():

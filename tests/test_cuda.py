@@ -60,12 +60,25 @@ def test_cuda_conformance_and_gpu_suite_pass_under_the_simulator():
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                "tests/test_conformance.py", "tests/gpu_suite.py",
                "tests/test_fused.py::test_fused_train_matches_torch_autograd",
-               "tests/test_fused.py::test_fused_eval_matches_torch"]  # fmt: skip
+               "tests/test_fused.py::test_fused_eval_matches_torch",
+               "-k", "not on_a_gpu"]  # fmt: skip  # *_on_a_gpu: real CuPy/torch CUDA only
     environment = {"NUMBA_ENABLE_CUDASIM": "1", "NBN_TEST_BACKENDS": "cuda"}
     code, output = run(command, environment, timeout=900)
     assert code == 0, output[-6000:]
     summary = output.splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, output[-2000:]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the test extra has numba-cuda on Linux")
+def test_numba_cuda_is_the_cuda_target_under_test():
+    """The simulator suite and the PTX compile run on NVIDIA's numba-cuda (the ``cuda`` extra),
+    not on Numba's deprecated built-in target: ``numba.cuda`` is its module."""
+    code, output = run(
+        [sys.executable, "-c", "import numba.cuda, numba_cuda; print(numba.cuda.__file__)"],
+        {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=120,
+    )  # fmt: skip
+    assert code == 0, output[-2000:]
+    assert "numba_cuda" in pathlib.Path(output.strip().splitlines()[-1]).parts, output
 
 
 def test_gpu_benchmark_smoke_mode_runs_under_the_simulator():

@@ -14,14 +14,28 @@ class CudaUnavailableError(RuntimeError):
     """CUDA was asked for (``device="cuda"`` or device arrays) but cannot run here."""
 
 
+def cuda_target():
+    """Which CUDA target ``numba.cuda`` is: NVIDIA's numba-cuda package (the supported one, the
+    ``cuda`` extra) or Numba's deprecated built-in target, with its version."""
+    try:
+        from importlib.metadata import version
+
+        return f"numba-cuda {version('numba-cuda')}"
+    except ImportError:  # importlib.metadata's PackageNotFoundError is an ImportError
+        return 'numba\'s built-in target (deprecated: pip install "numba-bn[cuda]")'
+
+
 def _point_numba_at_pip_toolkit():
     """Let numba find NVVM/libdevice from the ``nvidia-cuda-nvcc-cu12`` wheel when installed.
 
     Numba's built-in CUDA target looks in conda environments, CUDA_HOME and system paths only;
     the wheel lays out a toolkit tree (``nvvm/lib64``, ``nvvm/libdevice``) that CUDA_HOME can
-    name. Nothing changes when CUDA_HOME is set or the wheel is absent.
+    name. Nothing changes when CUDA_HOME is set, the wheel is absent, or numba-cuda is
+    installed (it finds the toolkit wheels itself, through ``cuda.pathfinder``).
     """
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if importlib.util.find_spec("numba_cuda") is not None:
         return
     try:
         spec = importlib.util.find_spec("nvidia.cuda_nvcc")
