@@ -110,8 +110,8 @@ def _warmup_arguments(parser):
     )  # fmt: skip
     parser.add_argument(
         "--norms", action="store_true",
-        help="also group, layer and instance norm's drivers (numba_bn.norms): not by default, "
-        "since they take about as long again as batch norm's (docs/norms.md)",
+        help="also group, layer and instance norm's drivers (numba_bn.norms); not by default: "
+        "about 30 s more from a cold cache (docs/norms.md)",
     )  # fmt: skip
 
 

@@ -5,6 +5,11 @@ on a small batch of that shape: it compiles the drivers that call would compile,
 from Numba's on-disk cache (NUMBA_CACHE_DIR). Serial twins run inputs below the cost model's
 threshold (numba_bn.cpu); parallel twins, warmed when Numba has two threads or more, run
 inputs of PARALLEL_MIN_ELEMENTS. ``numba-bn warmup`` prints a line per step.
+
+Group, layer and instance norm (:mod:`numba_bn.norms`) have drivers of their own
+(:mod:`numba_bn.cpu.norm_kernels`; instance norm runs group norm's): ``norms=True`` adds their
+steps, NORM_OPERATIONS. They are opt-in: a program that uses batch norm only would spend their
+compile (34 s from a cold cache on 2 cores, benchmarks/README.md) for nothing.
 """
 
 import time
@@ -23,6 +28,13 @@ LAYOUTS = ("rows", "planes", "fused")
 OPERATIONS = ("forward_train", "backward", "forward_eval")
 #: The steps of SyncBatchNorm (numba_bn.distributed): the split steps with an exchange between.
 SYNC_OPERATIONS = ("sync forward_train", "sync backward", "sync eval backward")
+#: The norms' steps, with the memory shape of the view their drivers see.
+NORM_OPERATIONS = (
+    ("group_norm forward", "groups"),
+    ("group_norm backward", "groups"),
+    ("layer_norm forward", "rows"),
+    ("layer_norm backward", "rows"),
+)
 
 
 def label(operation, dtype, layout, twin):
@@ -60,6 +72,16 @@ def _cache_loads():
     return sum(sum(dispatcher.stats.cache_hits.values()) for dispatcher in drivers.dispatchers())
 
 
+def _norm_counts():
+    """(signatures, cache loads) of the norms' drivers: they are not numba_bn.cpu.drivers', so
+    numba_bn.compiling does not record them; a signature that did not come from the cache was
+    compiled."""
+    from .cpu.norm_kernels import DRIVERS
+
+    signatures = sum(len(dispatcher.signatures) for dispatcher in DRIVERS)
+    return signatures, sum(sum(d.stats.cache_hits.values()) for d in DRIVERS)
+
+
 class Timings(float):
     """The seconds warm-up took (a float, as before), with its :class:`Step` list in ``steps``."""
 
@@ -83,6 +105,29 @@ def _shape(layout, parallel, threads):
         channels, inner = max(8, 2 * threads), 6
     outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else 4
     return (outer, channels) if inner == 1 else (outer, channels, inner)
+
+
+def _norm(operation, x, parallel):
+    """A norm's forward or backward on ``x`` (N, C, L): group norm in 4 groups (and, in
+    parallel, one sample in one group: fewer groups than threads take batch norm's split
+    steps), layer norm over L."""
+    from .norms import (
+        group_norm_backward,
+        group_norm_forward,
+        layer_norm_backward,
+        layer_norm_forward,
+    )
+
+    if operation.startswith("layer_norm"):
+        y, mean, invstd = layer_norm_forward(x, x.shape[-1])
+        if operation.endswith("backward"):
+            layer_norm_backward(y, x, mean, invstd, x.shape[-1])
+        return
+    inputs = [(x, 4)] + ([(x.reshape(1, 2, -1), 1)] if parallel else [])
+    for values, groups in inputs:
+        y, mean, invstd = group_norm_forward(values, groups)
+        if operation.endswith("backward"):
+            group_norm_backward(y, values, mean, invstd, groups)
 
 
 def _plain(operation, x):
@@ -115,7 +160,9 @@ def _sync(operation, x):
 
 
 def plan(
-    dtypes: Iterable[DTypeLike] = (np.float32, np.float64), distributed: bool = False
+    dtypes: Iterable[DTypeLike] = (np.float32, np.float64),
+    distributed: bool = False,
+    norms: bool = False,
 ) -> list[tuple[str, str, str, str]]:
     """The steps :func:`warmup` runs, as (operation, dtype, layout, twin) tuples."""
     twins = ("serial", "parallel") if numba.get_num_threads() > 1 else ("serial",)
@@ -128,6 +175,8 @@ def plan(
             if distributed:  # the split steps have no fused variant
                 for layout in ("rows", "planes"):
                     steps += [(operation, name, layout, twin) for operation in SYNC_OPERATIONS]
+            if norms:
+                steps += [(operation, name, layout, twin) for operation, layout in NORM_OPERATIONS]
     return steps
 
 
@@ -135,32 +184,64 @@ def warmup(
     dtypes: Iterable[DTypeLike] = (np.float32, np.float64),
     *,
     distributed: bool = False,
+    norms: bool = False,
     progress: Callable[[tuple[str, str, str, str] | Step], object] | None = None,
 ) -> Timings:
     """Run every step of :func:`plan`; returns the seconds taken, with the steps.
 
     The result is a float (the total) whose ``steps`` hold a :class:`Step` each: what ran, its
     seconds, and whether its drivers compiled, came from Numba's cache or were in memory.
-    ``distributed`` adds SyncBatchNorm's split steps (no MPI needed). ``progress``, when given,
-    is called with each step's (operation, dtype, layout, twin) before it runs and with its
-    :class:`Step` after.
+    ``distributed`` adds SyncBatchNorm's split steps (no MPI needed), ``norms`` group, layer and
+    instance norm's (NORM_OPERATIONS). ``progress``, when given, is called with each step's
+    (operation, dtype, layout, twin) before it runs and with its :class:`Step` after.
     """
+    return run_steps(plan(dtypes, distributed, norms), progress=progress)
+
+
+def run_steps(
+    steps: Iterable[tuple[str, str, str, str]],
+    *,
+    progress: Callable[[tuple[str, str, str, str] | Step], object] | None = None,
+) -> Timings:
+    """Run the given steps of :func:`plan` (a part of one, say), as :func:`warmup` does."""
     threads = numba.get_num_threads()
     rng = np.random.default_rng(0)
-    steps = []
-    for operation, dtype, layout, twin in plan(dtypes, distributed):
+    done = []
+    for operation, dtype, layout, twin in steps:
         if progress is not None:
             progress((operation, dtype, layout, twin))
-        x = rng.standard_normal(_shape(layout, twin == "parallel", threads)).astype(dtype)
-        run = _sync if operation.startswith("sync") else _plain
-        loads = _cache_loads()
+        parallel = twin == "parallel"
+        norm = layout == "groups" or operation.startswith("layer_norm")
+        shape = _norm_shape(parallel) if norm else _shape(layout, parallel, threads)
+        x = (rng.standard_normal(shape) + 2.0).astype(dtype)
+        loads, (signatures, norm_loads) = _cache_loads(), _norm_counts()
         with compiling.recording() as compiled:
             start = time.perf_counter()
-            run(operation, x)
+            if norm:
+                _norm(operation, x, parallel)
+            elif operation.startswith("sync"):
+                _sync(operation, x)
+            else:
+                _plain(operation, x)
             seconds = time.perf_counter() - start
-        source = "compiled" if compiled else "from cache" if _cache_loads() > loads else "in memory"
+        now_signatures, now_norm_loads = _norm_counts()
+        new_norm_loads = now_norm_loads - norm_loads
+        if compiled or now_signatures - signatures > new_norm_loads:
+            source = "compiled"
+        elif _cache_loads() > loads or new_norm_loads:
+            source = "from cache"
+        else:
+            source = "in memory"
         step = Step(operation, dtype, layout, twin, seconds, source)
-        steps.append(step)
+        done.append(step)
         if progress is not None:
             progress(step)
-    return Timings(steps)
+    return Timings(done)
+
+
+def _norm_shape(parallel):
+    """(N, 8, L) for the norms' steps: 4 groups of 2 channels, layer norm's rows of L; in
+    parallel at least PARALLEL_MIN_ELEMENTS (every step parallel with 2 threads or more)."""
+    from .cpu import PARALLEL_MIN_ELEMENTS
+
+    return (-(-PARALLEL_MIN_ELEMENTS // 48), 8, 6) if parallel else (4, 8, 6)

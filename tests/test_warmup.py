@@ -16,7 +16,7 @@ from numba_bn.cpu import drivers
 from numba_bn.cpu.items import MEMORY_ANY as ANY
 from numba_bn.cpu.items import MEMORY_PLANES as PLANES
 from numba_bn.cpu.items import MEMORY_ROWS as ROWS
-from numba_bn.warmup import label, plan
+from numba_bn.warmup import NORM_OPERATIONS, label, plan
 
 from conftest import run_child
 
@@ -108,13 +108,15 @@ def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
 
 
 def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path):
-    command = [sys.executable, "-m", "numba_bn", "warmup", "--dtype", "float32", "--distributed"]
+    command = [sys.executable, "-m", "numba_bn", "warmup", "--dtype", "float32", "--distributed",
+               "--norms"]  # fmt: skip
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}  # serial twins only
     expected = [
         label(*step).split()
-        for step in plan((np.float32,), distributed=True)
+        for step in plan((np.float32,), distributed=True, norms=True)
         if step[3] == "serial"
     ]
+    assert [op for op, _ in NORM_OPERATIONS] == [" ".join(s[:2]) for s in expected[-4:]]
     outcomes = []
     for _ in range(2):
         status, output = run_child(command, env)
@@ -144,3 +146,37 @@ def test_warmup_returns_the_total_and_a_step_each():
         for twin in twins:
             dispatcher = drivers.driver(name, memory)[twin]
             assert numba.float32 in {sig[0].dtype for sig in dispatcher.signatures}, name
+
+
+NORM_CALLS = """
+from numba_bn.warmup import NORM_OPERATIONS, plan, run_steps
+operations = [operation for operation, _ in NORM_OPERATIONS]
+timings = run_steps([s for s in plan((np.float32,), norms=True) if s[0] in operations])
+print("sources:", [step.source for step in timings.steps])
+compiled("warmup:")
+rng = np.random.default_rng(1)
+x = (rng.standard_normal((3, 6, 7, 5)) + 2).astype(np.float32)
+w, b = np.ones(6, np.float32), np.zeros(6, np.float32)
+y, m, s = nbn.group_norm_forward(x, 3, w, b); nbn.group_norm_backward(y, x, m, s, 3, w)
+y, m, s = nbn.layer_norm_forward(x, (7, 5)); nbn.layer_norm_backward(y, x, m, s, (7, 5))
+rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+y, m, s = nbn.instance_norm_forward(x, rm, rv, w, b); nbn.instance_norm_backward(y, x, m, s, w)
+layer = nbn.GroupNorm(2, 6); layer(x); layer.backward(x)
+nbn.instance_norm(x[0], spatial_dims=2)
+compiled("calls:")
+print("done")
+"""
+
+
+def test_warmed_up_norms_compile_nothing_on_their_first_calls(tmp_path):
+    """run_steps of the norms' steps (``numba-bn warmup --norms`` runs them after batch norm's)
+    compiles their drivers; the calls of every norm, function and layer, then compile nothing."""
+    output, seconds = _run(COMPILED + NORM_CALLS, tmp_path, NUMBA_NUM_THREADS="1")
+    print(f"cold norms warm-up and calls: {seconds:.1f} s\n{output}")
+    sources = eval(re.search(r"^sources: (.*)$", output, re.MULTILINE).group(1))
+    assert sources[0] == "compiled" and "from cache" not in sources, output
+    warmed = set(eval(re.search(r"^warmup: (.*)$", output, re.MULTILINE).group(1)))
+    drivers = {"_group_forward_serial", "_group_backward_serial", "_layer_forward_serial",
+               "_layer_backward_serial"}  # fmt: skip
+    assert drivers <= warmed, warmed
+    assert re.search(r"^calls: \[\]$", output, re.MULTILINE), output
