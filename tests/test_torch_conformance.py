@@ -5,6 +5,7 @@ import pytest
 
 import numba_bn as nbn
 
+import naive
 from conftest import random_batch
 
 torch = pytest.importorskip("torch")
@@ -124,3 +125,70 @@ def test_functional_batch_norm_matches_torch_functional(rng):
     np.testing.assert_allclose(y, y_t.numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(rm, rm_t.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(rv, rv_t.numpy(), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- mixed precision
+MIXED = ("float16", "bfloat16", "float32", "float64")
+MIXED_TOL = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-12}
+
+
+def _numpy_dtype(name):
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(name)
+
+
+def _torch_like(array):
+    """The same values as a torch tensor of the same dtype (exact: float64 holds every value)."""
+    return torch.from_numpy(array.astype(np.float64)).to(getattr(torch, array.dtype.name))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("x_dtype", MIXED)
+def test_mixed_precision_is_what_torch_allows(rng, x_dtype, training):
+    """PyTorch's CPU batch norm takes parameters and running buffers in x's dtype, or in float32
+    for float16/bfloat16 x, one dtype for all of them, and refuses the rest (float32 x with
+    float64 parameters, say). Every combination of x, parameter and buffer dtype: what torch
+    takes gives torch's y and running buffers (updated in their own dtype), what torch refuses is
+    a TypeError naming an argument, with nothing modified. torch decides what is allowed; the
+    values are checked against the float64 formula."""
+    x = random_batch(rng, (6, 3, 5), np.float64).astype(_numpy_dtype(x_dtype))
+    for param_dtype in MIXED:
+        for buffer_dtype in MIXED:
+            case = (x_dtype, param_dtype, buffer_dtype, training)
+            buffers = [v.astype(_numpy_dtype(buffer_dtype))
+                       for v in (rng.normal(0, 1, 3), rng.uniform(0.5, 2, 3))]  # fmt: skip
+            params = [v.astype(_numpy_dtype(param_dtype))
+                      for v in (rng.uniform(0.5, 1.5, 3), rng.normal(0, 1, 3))]  # fmt: skip
+            ours = [*buffers, *params]  # running_mean, running_var, weight, bias
+            theirs = [_torch_like(v) for v in ours]
+            before = [v.copy() for v in ours]
+            try:
+                torch.nn.functional.batch_norm(_torch_like(x), *theirs, training=training)
+            except RuntimeError:  # "mixed dtype (CPU): ..."
+                with pytest.raises(TypeError, match=r"^(weight|bias|running_mean|running_var) "
+                                   r"has dtype|must share one dtype"):  # fmt: skip
+                    nbn.batch_norm(x, *ours, training=training)
+                for value, old in zip(ours, before, strict=True):
+                    np.testing.assert_array_equal(value, old, err_msg=str(case))
+                continue
+            # values: the float64 formula on the same (upcast) values, to the output dtype's
+            # precision (torch's own float16 statistics are less exact than ours)
+            x64, (mean64, var64, weight64, bias64) = x.astype(np.float64), before
+            mean64, var64 = mean64.astype(np.float64), var64.astype(np.float64)
+            y = nbn.batch_norm(x, *ours, training=training)
+            assert y.dtype == x.dtype, case
+            if training:
+                expected = naive.forward_train(x64, weight64, bias64)[0]
+                expected_buffers = naive.running_update(mean64, var64, x64, 0.1)
+            else:
+                expected = naive.forward(x64, mean64, var64, weight64, bias64)
+                expected_buffers = (mean64, var64)
+            tol = MIXED_TOL[x_dtype]
+            np.testing.assert_allclose(y.astype(np.float64), expected, rtol=tol, atol=tol,
+                                       err_msg=str(case))  # fmt: skip
+            tol = MIXED_TOL[buffer_dtype]
+            for value, reference in zip(ours[:2], expected_buffers, strict=True):
+                assert value.dtype.name == buffer_dtype, case
+                np.testing.assert_allclose(value.astype(np.float64), reference, rtol=tol,
+                                           atol=tol, err_msg=str(case))  # fmt: skip
