@@ -68,8 +68,9 @@ def forward_train(
     y, mean, invstd
         NumPy arrays for host inputs (whatever kind of host array came in); for CUDA inputs the
         kind of ``x`` (CuPy in, CuPy out; a torch CUDA tensor in, torch tensors out; Numba
-        device arrays otherwise), zero-copy views of the results. ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) have
-        shape (C,) and the dtype of ``x`` (float32 for float16 and bfloat16).
+        device arrays otherwise), zero-copy views of the results. ``mean`` and
+        ``invstd = 1/sqrt(var + eps)`` (biased variance) have shape (C,) and the dtype of ``x``
+        (float32 for float16 and bfloat16).
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """

@@ -3,8 +3,8 @@ checks every backend against tests/naive.py) does not cover: launch shapes, outp
 the device and coming back as the caller's kind (CuPy, torch: stand-ins under the simulator, the
 real libraries in the ``*_on_a_gpu`` tests, which need a GPU, ``pip install cupy-cuda12x`` and a
 CUDA build of torch), arguments on two devices, races in cross-block merges, kernel counts,
-BatchNorm on the GPU. Run under NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda.py runs both files in a subprocess), or on
-a real GPU:
+BatchNorm on the GPU. Run under NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda.py runs both files in a
+subprocess), or on a real GPU:
 
     NUMBA_ENABLE_CUDASIM=1 NBN_TEST_BACKENDS=cuda python -m pytest tests/test_conformance.py \
         tests/gpu_suite.py                                                  # simulator
