@@ -20,7 +20,9 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, uint64
+from numba import njit, types, uint64
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 #: ``numba.njit`` for every kernel of the package: IEEE division (``error_model="numpy"``: x / 0
 #: is inf or NaN) instead of a raised ZeroDivisionError. A compiled function must never raise:
@@ -35,6 +37,44 @@ kernel = functools.partial(njit, error_model="numpy")
 # each compilation of the same kernel; the passes are memory-bound, so exact IEEE costs nothing.
 REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
 CONTRACT_FASTMATH = set()
+
+
+@intrinsic
+def apart(typingctx, function, arguments):
+    """``function(*arguments)`` through a call LLVM may not inline (a ``noinline`` call site).
+
+    Every call of a REDUCE_FASTMATH kernel goes through it. Reassociation lets LLVM choose a
+    reduction's order, and it chooses it where the loop ends up: inlined into two callers
+    (a channel's fused item and a segment's split item, a serial and a parallel twin, the C
+    library's range drivers), the same kernel was vectorised two ways and summed the same
+    values in two orders (the C library's x86-64-v2 build: other backward bits for 1 and 2
+    threads). Called apart, a kernel is one function, optimised on its own, whatever calls it:
+    one order, so the bits cannot depend on the partition. A call costs ~10 ns; each sums a
+    segment or a chunk of rows.
+    """
+    if not isinstance(function, types.Dispatcher) or not isinstance(arguments, types.BaseTuple):
+        return None
+    signature = typingctx.resolve_function_type(function, tuple(arguments.types), {})
+    if signature is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        compiled = function.dispatcher.overloads[signature.args]
+        given = cgutils.unpack_tuple(builder, args[1])
+        values = [context.cast(builder, value, given_type, param_type)
+                  for value, given_type, param_type
+                  in zip(given, arguments.types, signature.args, strict=True)]  # fmt: skip
+        callee = context.declare_function(builder.module, compiled.fndesc)
+        status, result = context.call_conv.call_function(
+            builder, callee, compiled.fndesc.restype, compiled.fndesc.argtypes, values,
+            attrs=("noinline",),
+        )  # fmt: skip
+        with cgutils.if_unlikely(builder, status.is_error):  # kernels never raise; as Numba does
+            context.call_conv.return_status_propagate(builder, status)
+        context.add_linking_libs([compiled.library])
+        return context.cast(builder, result, compiled.fndesc.restype, signature.return_type)
+
+    return signature.return_type(function, arguments), codegen
 
 
 @kernel(inline="always")

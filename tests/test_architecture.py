@@ -80,3 +80,35 @@ def test_no_module_imports_a_private_name_of_another(module):
         if name.startswith("_") and not name.startswith("__")
     ]
     assert private == []
+
+
+def _reduction_kernels():
+    """Names of the kernels compiled with REDUCE_FASTMATH (reassociation allowed)."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Call)
+                and any(
+                    k.arg == "fastmath" and ast.unparse(k.value) == "REDUCE_FASTMATH"
+                    for k in d.keywords
+                )  # fmt: skip
+                for d in node.decorator_list
+            ):
+                names.add(node.name)
+    return names
+
+
+def test_reduction_kernels_are_only_called_apart():
+    """A REDUCE_FASTMATH kernel inlined into two callers may be vectorised, hence summed, two
+    ways (stats.apart): every call passes through ``apart``, whose noinline call site keeps one
+    compiled body, one order, whatever calls it."""
+    reductions = _reduction_kernels()
+    assert {"runs_stats", "runs_sums", "rows_chunk_stats", "rows_chunk_sums"} <= reductions
+    direct = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id in reductions:
+                    direct.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.func.id}")
+    assert not direct, f"called without stats.apart: {direct}"

@@ -31,10 +31,13 @@ on the partition's use of threads. Each item is index arithmetic plus a call int
 still reference-counted once per iteration, so items must be long: see the channel items and the
 short planes' elementwise items). Floating point stays in the separately compiled kernels,
 which keeps the parallel and serial twins bitwise identical (float code inline in a prange body
-was seen to round 1 ulp differently between twins).
+was seen to round 1 ulp differently between twins). The reductions that may be reassociated go
+further: they are called through :func:`numba_bn.stats.apart`, never inlined, so a fused item
+and a split item run one compiled body of ``runs_sums`` (inlined, LLVM vectorised it two ways in
+the C library's x86-64-v2 build, and 1 and 2 threads gave other bits).
 """
 
-from ..stats import kernel
+from ..stats import apart, kernel
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
@@ -167,10 +170,10 @@ def stats_item_rows(x, item, part, scratch):
     """
     outer, channels, _ = x.shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
-    part[0, k, c0:c1] = rows_chunk_stats(
+    part[0, k, c0:c1] = apart(rows_chunk_stats, (
         x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
         scratch[0], scratch[1],
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 @kernel(inline="always")
@@ -196,10 +199,10 @@ def sums_item_rows(dy, x, item, mean, part):
     rows."""
     outer, channels, _ = x.shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
-    rows_chunk_sums(
+    apart(rows_chunk_sums, (
         dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean,
         part[0, k, c0:c1], part[1, k, c0:c1],
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 @kernel(inline="always")

@@ -31,7 +31,7 @@ serial drivers, C plugin).
 import numpy as np
 from numba import uint64
 
-from ..stats import CONTRACT_FASTMATH, REDUCE_FASTMATH, chan_merge, kernel, runs_stats
+from ..stats import CONTRACT_FASTMATH, REDUCE_FASTMATH, apart, chan_merge, kernel, runs_stats
 
 # The per-channel coefficients live in .channels; drivers and the C library's ranges still
 # import them from here.
@@ -106,7 +106,7 @@ def plane_segment_stats(x, c, segment):
     """(count, mean, M2) of reduction segment ``segment`` of channel ``c``."""
     outer, channels, inner = x.shape
     start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
-    return runs_stats(x.reshape(x.size), start, length, stride, runs)
+    return apart(runs_stats, (x.reshape(x.size), start, length, stride, runs))
 
 
 @kernel
@@ -117,7 +117,7 @@ def plane_channel_stats(x, c):
     count, mean, m2 = 0.0, 0.0, 0.0
     for segment in range(channel_segments_jit(outer, inner)):
         start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
-        seg_count, seg_mean, seg_m2 = runs_stats(flat, start, length, stride, runs)
+        seg_count, seg_mean, seg_m2 = apart(runs_stats, (flat, start, length, stride, runs))
         count, mean, m2 = chan_merge(count, mean, m2, seg_count, seg_mean, seg_m2)
     return count, mean, m2
 
@@ -266,7 +266,8 @@ def runs_sums(dy, x, start, length, stride, runs, mean):
 def plane_segment_sums(dy, x, c, segment, mean):
     outer, channels, inner = x.shape
     start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
-    return runs_sums(dy.reshape(dy.size), x.reshape(x.size), start, length, stride, runs, mean)
+    flat_dy, flat_x = dy.reshape(dy.size), x.reshape(x.size)
+    return apart(runs_sums, (flat_dy, flat_x, start, length, stride, runs, mean))
 
 
 @kernel
@@ -277,7 +278,7 @@ def plane_channel_sums(dy, x, c, mean):
     sum_dy, sum_dy_xmu = 0.0, 0.0
     for segment in range(channel_segments_jit(outer, inner)):
         start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
-        seg_dy, seg_dy_xmu = runs_sums(dy_flat, x_flat, start, length, stride, runs, mean)
+        seg_dy, seg_dy_xmu = apart(runs_sums, (dy_flat, x_flat, start, length, stride, runs, mean))
         sum_dy += seg_dy
         sum_dy_xmu += seg_dy_xmu
     return sum_dy, sum_dy_xmu

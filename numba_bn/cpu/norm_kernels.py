@@ -46,6 +46,7 @@ from ..stats import (
     AFFINE_ROWS,
     CONTRACT_FASTMATH,
     REDUCE_FASTMATH,
+    apart,
     finalize,
     kernel,
     prescale,
@@ -278,7 +279,7 @@ def layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part):
         col_dy_xhat[f] = 0.0
     for r in range(r0, r1):
         mu, inv = mean[r], invstd[r]
-        sum_g, sum_g_xmu = layer_row_sums(dy_flat, x_flat, r * width, width, mu, weight)
+        sum_g, sum_g_xmu = apart(layer_row_sums, (dy_flat, x_flat, r * width, width, mu, weight))
         mean_hi, mean_lo, _, pre = _row_coefficients(mu, inv, x)
         mean_g = cast(sum_g / width)  # term 2
         proj = cast(inv * inv * sum_g_xmu / width / np.float64(pre))  # term 3
