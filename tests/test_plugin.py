@@ -33,7 +33,12 @@ ABI_SYMBOLS = {
     "nbn_version", "nbn_status_string", "nbn_set_num_threads", "nbn_get_num_threads", "nbn_isa",
     *(f"nbn_{op}{ex}_{t}" for op in ("forward_train", "forward_eval", "backward")
       for ex in ("", "_ex") for t in ("f32", "f64")),
+    *(f"nbn_layer_{name}" for name in ("create", "destroy", "set_training", "state", "forward",
+                                       "forward_ex", "backward", "backward_ex")),  # 1.2
 }  # fmt: skip
+WARNINGS = ["-Wall", "-Wextra", "-Werror"]
+# LeakSanitizer fails the run on a leak; the test host's malloc of 2^58 bytes must return NULL
+ASAN_OPTIONS = "ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1"
 SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libgomp.so.1"}
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 # planes fused and split, a plane of two blocks, rows of two chunks and two tiles, channels-last
@@ -67,11 +72,28 @@ def test_host(plugin_build, tmp_path_factory):
     """csrc/test_host.c linked against the portable build."""
     binary = tmp_path_factory.mktemp("host") / "test_host"
     build.run_compiler(
-        ["-std=c11", "-O2", "-I", CSRC, CSRC / "test_host.c", "-L", plugin_build,
+        ["-std=c11", "-O2", *WARNINGS, "-I", CSRC, CSRC / "test_host.c", "-L", plugin_build,
          "-lnumba_bn", f"-Wl,-rpath,{plugin_build}", "-lm", "-o", binary],
         "building the C test host",
     )  # fmt: skip
     return binary
+
+
+def _has_address_sanitizer(tmp_path):
+    """Whether the C compiler builds a program with -fsanitize=address that runs."""
+    probe = tmp_path / "asan_probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    try:
+        build.run_compiler(["-fsanitize=address", probe, "-o", tmp_path / "asan_probe"], "probe")
+        subprocess.run([str(tmp_path / "asan_probe")], check=True, timeout=60)
+    except (RuntimeError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+def _run_with_asan(binary, *arguments):
+    return subprocess.run(["env", "-i", ASAN_OPTIONS, str(binary), *arguments],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 def _tool(*command):
@@ -109,7 +131,7 @@ def test_library_exports_exactly_the_abi(library):
 @pytest.mark.parametrize("isa", [None, *build.X86_64_LEVELS])
 def test_c_host_passes_with_an_empty_environment(test_host, isa):
     """All twelve functions (the plain ones and the fused _ex ones) against the double
-    reference, status codes, 1 vs 2 threads, from C."""
+    reference, status codes, 1 vs 2 threads, and the layer handle (1.2), from C."""
     environment = [f"NBN_ISA={isa}"] if isa else []
     done = subprocess.run(
         ["env", "-i", *environment, str(test_host)], capture_output=True, text=True, timeout=300
@@ -123,6 +145,27 @@ def test_c_host_passes_with_an_empty_environment(test_host, isa):
         pytest.skip(f"this CPU cannot run the {isa} variant ({summary})")
     assert done.returncode == 0, done.stdout + done.stderr
     assert summary.endswith(", 0 failed")
+
+
+def test_the_layer_handle_leaks_nothing_under_address_sanitizer(plugin_build, tmp_path):
+    """The test host's layer checks (create/destroy of every flag combination, training steps,
+    failed calls, a malloc that fails) built with -fsanitize=address: LeakSanitizer and ASan
+    fail the run on a leak or a bad access, in the library's code too (its malloc and free are
+    intercepted)."""
+    if not _has_address_sanitizer(tmp_path):
+        pytest.skip("the C compiler has no -fsanitize=address (or its programs do not run here)")
+    binary = tmp_path / "test_host_asan"
+    build.run_compiler(
+        ["-std=c11", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", *WARNINGS,
+         "-I", CSRC, CSRC / "test_host.c", "-L", plugin_build, "-lnumba_bn",
+         f"-Wl,-rpath,{plugin_build}", "-lm", "-o", binary],
+        "building the C test host with AddressSanitizer",
+    )  # fmt: skip
+    done = _run_with_asan(binary, "layer")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert summary.startswith("isa ") and summary.endswith(", 0 failed"), summary
+    assert int(summary.split(": ")[1].split()[0]) > 300, summary  # the layer checks ran
 
 
 def _docs_example(tmp_path):
@@ -147,6 +190,27 @@ def test_the_c_example_of_the_docs_runs(plugin_build, tmp_path):
         "building the example of docs/c-abi.md",
     )  # fmt: skip
     _check_example_runs(tmp_path / "example")
+
+
+def test_the_layer_example_of_the_docs_runs_and_frees_everything(plugin_build, tmp_path):
+    """docs/c-abi.md's layer handle example: five training steps, eval, NBN_ERR_STATE for a
+    backward after eval; built with -fsanitize=address where the compiler has it (a leak
+    then fails the run)."""
+    docs = (REPOSITORY / "docs" / "c-abi.md").read_text()
+    blocks = re.findall(r"```c\n(.*?)```", docs, re.DOTALL)
+    source = tmp_path / "layer_example.c"
+    source.write_text(next(block for block in blocks if "nbn_layer_create(&" in block))
+    sanitize = ["-fsanitize=address"] if _has_address_sanitizer(tmp_path) else []
+    build.run_compiler(
+        ["-std=c11", "-O2", *WARNINGS, *sanitize, "-I", plugin_build, source, "-L",
+         plugin_build, "-lnumba_bn", f"-Wl,-rpath,{plugin_build}", "-o", tmp_path / "example"],
+        "building the layer example of docs/c-abi.md",
+    )  # fmt: skip
+    done = _run_with_asan(tmp_path / "example")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "eval after 5 batches: NBN_OK" in done.stdout
+    assert done.stdout.count("channel ") == 3
+    assert "backward after eval: NBN_ERR_STATE" in done.stdout
 
 
 @pytest.mark.skipif(shutil.which("pkg-config") is None, reason="no pkg-config")

@@ -143,10 +143,14 @@ static inline const char *nbn_status_text(int status) {
                "call's scratch addressable";
     case NBN_ERR_VALUE:
         return "NBN_ERR_VALUE: training needs 2+ values per channel, eps > 0, momentum in [0, 1]; "
-               "eval needs eps >= 0; activation must be an nbn_activation code";
+               "eval needs eps >= 0; activation must be an nbn_activation code; a layer's dtype, "
+               "flags and buffer must be known codes";
     case NBN_ERR_INTERNAL: return "NBN_ERR_INTERNAL: out of memory or internal error";
     case NBN_ERR_ALIAS:
         return "NBN_ERR_ALIAS: residual_out overlaps x, dy, y or dx";
+    case NBN_ERR_STATE:
+        return "NBN_ERR_STATE: the layer has no forward with batch statistics to differentiate "
+               "(none yet, its backward ran, or an eval-mode forward came after it)";
     default: return "unknown nbn_status";
     }
 }

@@ -10,7 +10,7 @@
  *               dbias, y, activation, residual_out)
  * It defines nbn_version, nbn_status_string, the six nbn_*_ex_f32/_f64 functions (1.1) and the
  * six plain nbn_*_f32/_f64 ones, which call the _ex operations with no residual, no activation
- * and no residual gradient.
+ * and no residual gradient, and (1.2) the layer handle over them (nbn_layer.h).
  */
 #ifndef NBN_ENTRY_POINTS_H
 #define NBN_ENTRY_POINTS_H
@@ -70,5 +70,7 @@ NBN_ENTRY_POINTS(float, f32, 0)
 NBN_ENTRY_POINTS(double, f64, 1)
 
 #undef NBN_ENTRY_POINTS
+
+#include "nbn_layer.h"
 
 #endif /* NBN_ENTRY_POINTS_H */

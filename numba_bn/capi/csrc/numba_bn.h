@@ -10,7 +10,9 @@
  *
  * Ownership: the caller owns every buffer; the library keeps no pointer after a call returns
  * and allocates only scratch that it frees before returning. Calls are thread-safe: several
- * threads may call at once (each call then runs its own worker threads).
+ * threads may call at once (each call then runs its own worker threads). The one exception is
+ * the layer handle (1.2, at the end of this file): an nbn_layer owns its parameters, running
+ * buffers, saved statistics and gradients until nbn_layer_destroy.
  *
  * Errors: every function returns an nbn_status. On failure nothing is written, except after
  * NBN_ERR_INTERNAL raised by the compute code itself (a bug), when outputs are unspecified.
@@ -24,8 +26,10 @@
 #include <stdint.h>
 
 #define NBN_VERSION_MAJOR 1 /* bumped when a signature or a meaning changes */
-#define NBN_VERSION_MINOR 1 /* bumped when symbols are added; 1: the _ex entry points (fused
-                              residual add and activation, nbn_activation, NBN_ERR_ALIAS) */
+#define NBN_VERSION_MINOR 2 /* bumped when symbols are added; 1: the _ex entry points (fused
+                              residual add and activation, nbn_activation, NBN_ERR_ALIAS);
+                              2: the layer handle (nbn_layer_*, nbn_dtype, nbn_layer_flags,
+                              nbn_layer_buffer, NBN_ERR_STATE) */
 #define NBN_VERSION_PATCH 0 /* 1.0.1: eps <= 0 in training and scratch that overflows refused */
 #define NBN_VERSION_NUMBER (NBN_VERSION_MAJOR * 10000 + NBN_VERSION_MINOR * 100 + NBN_VERSION_PATCH)
 
@@ -50,8 +54,11 @@ typedef enum {
                              eval) or NaN, momentum outside [0, 1] or NaN, an unknown
                              activation code (1.1) */
     NBN_ERR_INTERNAL = 4, /* out of memory for scratch, or a bug */
-    NBN_ERR_ALIAS = 5     /* (1.1) an output overlaps a buffer it must not: residual_out of
+    NBN_ERR_ALIAS = 5,    /* (1.1) an output overlaps a buffer it must not: residual_out of
                              nbn_backward_ex_* with x, dy, y or dx */
+    NBN_ERR_STATE = 6     /* (1.2) nbn_layer_backward* with no forward to differentiate: none
+                             with batch statistics since the layer was created, since the last
+                             backward, or since a forward with running statistics (eval) */
 } nbn_status;
 
 /* (1.1) The activation of the fused entry points (the `activation` argument of the _ex
@@ -176,6 +183,125 @@ NBN_API int nbn_backward_ex_f64(const double *dy, const double *x, int64_t outer
                                 const double *save_mean, const double *save_invstd, double *dx,
                                 double *dweight, double *dbias, const double *y, int activation,
                                 double *residual_out);
+
+/* ------------------------------------------------------------------ the layer handle (1.2)
+ * PyTorch's BatchNorm for C programs that do not want to manage per-channel buffers: an
+ * nbn_layer owns weight, bias, running_mean, running_var, the saved statistics of its last
+ * forward and the gradients, and runs each forward and backward as one call of the entry points
+ * above with them (so it gives their bits, and their status codes).
+ *
+ * Ownership: nbn_layer_create allocates the handle and one block for all its buffers
+ * (NBN_ERR_INTERNAL when malloc fails, never an abort); nbn_layer_destroy frees both. Pointers
+ * from nbn_layer_state point into the layer: valid until nbn_layer_destroy, never to be freed.
+ * Tensors (x, y, dy, dx, residual, residual_out) stay the caller's: the layer keeps no pointer
+ * to them after a call returns, so backward takes x (and y after a ReLU) again.
+ *
+ * Threads: one call at a time per layer (a layer is state); different layers may be used from
+ * different threads at once. Each call runs the library's worker threads as the entry points do.
+ *
+ * Errors: a layer call that fails changes nothing, neither its tensors nor the layer (buffers,
+ * num_batches_tracked, mode, the pending forward), except after NBN_ERR_INTERNAL raised by the
+ * compute code (a bug). Checks: the handle (NBN_ERR_NULL), then the layer's state
+ * (NBN_ERR_STATE, backward only), then the arguments in the order of the entry point called.
+ *
+ * Semantics, as numba_bn.BatchNorm (convention "torch") and torch.nn.BatchNorm*d:
+ *   - a layer starts in training mode with weight 1, bias 0, running_mean 0, running_var 1,
+ *     num_batches_tracked 0, saved statistics and gradients 0;
+ *   - training mode, or any mode without NBN_LAYER_TRACK_RUNNING_STATS: batch statistics
+ *     (nbn_forward_train_*), saved for backward; in training mode with running statistics,
+ *     running = (1 - momentum) * running + momentum * batch (unbiased batch variance) and
+ *     num_batches_tracked += 1;
+ *   - eval mode with running statistics: nbn_forward_eval_* with them. Such a forward has no
+ *     backward here (NBN_ERR_STATE): its dx would be dy * weight / sqrt(running_var + eps).
+ *   - backward differentiates the last forward, once (as PyTorch frees its graph): it writes
+ *     dx and sets grad_weight and grad_bias (=, not +=) with the layer's weight as it is then,
+ *     so step the parameters after backward, as an optimizer does. */
+
+/* The tensor type of a layer: every tensor given to it, and its buffers, have this type. */
+typedef enum {
+    NBN_DTYPE_FLOAT32 = 1, /* float */
+    NBN_DTYPE_FLOAT64 = 2  /* double */
+} nbn_dtype;
+
+/* The flags of nbn_layer_create (an OR of them; unknown bits: NBN_ERR_VALUE). */
+typedef enum {
+    NBN_LAYER_AFFINE = 1, /* weight and bias, learnt: grad_weight and grad_bias. Without:
+                             y = x_hat, and those four buffers do not exist (PyTorch's
+                             affine=False) */
+    NBN_LAYER_TRACK_RUNNING_STATS = 2, /* running_mean and running_var: updated in training,
+                                          used in eval. Without: they do not exist and every
+                                          forward uses batch statistics */
+    NBN_LAYER_CUMULATIVE_AVERAGE = 4   /* PyTorch's momentum=None: the running update weights
+                                          the new batch by 1 / num_batches_tracked (counting
+                                          it), an average of all batches; momentum is not read */
+} nbn_layer_flags;
+
+/* torch.nn.BatchNorm2d(C)'s: affine, with running statistics (with eps 1e-5, momentum 0.1). */
+#define NBN_LAYER_DEFAULT (NBN_LAYER_AFFINE | NBN_LAYER_TRACK_RUNNING_STATS)
+
+/* What nbn_layer_state gives: a vector of `channels` values of the layer's type, except
+ * NBN_LAYER_NUM_BATCHES_TRACKED (one int64_t). */
+typedef enum {
+    NBN_LAYER_WEIGHT = 0,       /* read, write (load, optimizer step); NBN_LAYER_AFFINE only */
+    NBN_LAYER_BIAS = 1,         /* as weight */
+    NBN_LAYER_RUNNING_MEAN = 2, /* read, write; NBN_LAYER_TRACK_RUNNING_STATS only */
+    NBN_LAYER_RUNNING_VAR = 3,  /* as running_mean (unbiased, PyTorch's convention) */
+    NBN_LAYER_SAVE_MEAN = 4,    /* the last batch-statistics forward's mean (backward reads it:
+                                   read only) */
+    NBN_LAYER_SAVE_INVSTD = 5,  /* its 1 / sqrt(biased var + eps) (read only, as save_mean) */
+    NBN_LAYER_GRAD_WEIGHT = 6,  /* sum(dy * x_hat) of the last backward; NBN_LAYER_AFFINE only */
+    NBN_LAYER_GRAD_BIAS = 7,    /* sum(dy) of the last backward; NBN_LAYER_AFFINE only */
+    NBN_LAYER_NUM_BATCHES_TRACKED = 8 /* int64_t: read, write (load a checkpoint); < 0 with
+                                         NBN_LAYER_CUMULATIVE_AVERAGE fails training forwards
+                                         with NBN_ERR_VALUE */
+} nbn_layer_buffer;
+
+typedef struct nbn_layer nbn_layer; /* opaque */
+
+/* A layer of `channels` channels (>= 1, else NBN_ERR_SHAPE; NBN_ERR_SHAPE too when its buffers'
+ * bytes overflow) of type `dtype` (an nbn_dtype, else NBN_ERR_VALUE), in training mode.
+ * eps > 0 (NBN_ERR_VALUE otherwise, NaN included); momentum in [0, 1], the weight of the new
+ * batch (PyTorch's; NBN_ERR_VALUE otherwise), not read with NBN_LAYER_CUMULATIVE_AVERAGE.
+ * On success *layer is the new layer, owned by the caller until nbn_layer_destroy; on failure
+ * *layer is not written. layer NULL: NBN_ERR_NULL. */
+NBN_API int nbn_layer_create(nbn_layer **layer, int64_t channels, int dtype, double eps,
+                             double momentum, uint32_t flags);
+
+/* Frees the layer and every buffer it owns; NULL is a no-op. */
+NBN_API void nbn_layer_destroy(nbn_layer *layer);
+
+/* Training mode (training != 0, the default) or eval mode (0). The pending forward, if any,
+ * stays pending: backward differentiates the forward as it ran. */
+NBN_API int nbn_layer_set_training(nbn_layer *layer, int training);
+
+/* *data = the layer's buffer `which` (an nbn_layer_buffer; NBN_ERR_VALUE otherwise), or NULL
+ * when the layer's flags leave it out (weight without NBN_LAYER_AFFINE, say). The pointer stays
+ * valid and the same until nbn_layer_destroy. layer or data NULL: NBN_ERR_NULL. */
+NBN_API int nbn_layer_state(nbn_layer *layer, int which, void **data);
+
+/* y = BN(x) for x of shape (outer, channels, inner) and the layer's type; y may be x, but a
+ * backward needs x as it was. With batch statistics it needs outer * inner >= 2. */
+NBN_API int nbn_layer_forward(nbn_layer *layer, const void *x, int64_t outer, int64_t inner,
+                              void *y);
+
+/* y = activation(BN(x) + residual), as nbn_forward_train_ex_* / nbn_forward_eval_ex_*:
+ * residual NULL or shaped like x, activation an nbn_activation. The layer remembers the
+ * activation for the backward. With NULL and NBN_ACTIVATION_NONE it is nbn_layer_forward. */
+NBN_API int nbn_layer_forward_ex(nbn_layer *layer, const void *x, int64_t outer, int64_t inner,
+                                 void *y, const void *residual, int activation);
+
+/* Backward of the pending forward (NBN_ERR_STATE when there is none), given dy and that
+ * forward's x and shape (another outer or inner: NBN_ERR_SHAPE): dx (may be dy), and with
+ * NBN_LAYER_AFFINE grad_weight and grad_bias. After a forward with NBN_ACTIVATION_RELU it
+ * needs y: use nbn_layer_backward_ex (this one then returns NBN_ERR_NULL). */
+NBN_API int nbn_layer_backward(nbn_layer *layer, const void *dy, const void *x, int64_t outer,
+                               int64_t inner, void *dx);
+
+/* nbn_layer_backward with the arguments of nbn_backward_ex_*: y, the forward's output
+ * (required after NBN_ACTIVATION_RELU, else not read), and residual_out (NULL, or written with
+ * the residual's gradient; it must not overlap x, dy, y or dx: NBN_ERR_ALIAS). */
+NBN_API int nbn_layer_backward_ex(nbn_layer *layer, const void *dy, const void *x, int64_t outer,
+                                  int64_t inner, void *dx, const void *y, void *residual_out);
 
 #ifdef __cplusplus
 }
