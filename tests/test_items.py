@@ -62,12 +62,17 @@ def test_item_sizes_bound_the_work(shape):
     assert plan["elementwise_items"] * plan["elementwise_item_elements"] >= size
 
 
-@pytest.mark.parametrize("channels, inner, threads, fused", [
-    (4, 100, 2, True), (3, 100, 2, False), (8, 1, 2, False), (1, 100, 1, False), (2, 5, 1, True),
+BIG = items.FUSED_SERIAL_MIN_ELEMENTS
+
+
+@pytest.mark.parametrize("outer, channels, inner, threads, fused", [
+    (3, 4, 100, 2, True), (3, 3, 100, 2, False), (3, 8, 1, 2, False), (3, 1, 100, 1, False),
+    (3, 2, 5, 1, False), (-(-BIG // 10), 2, 5, 1, True), (BIG // 10, 2, 5, 1, False),
 ])  # fmt: skip
-def test_plan_and_the_jit_backend_share_the_fused_rule(channels, inner, threads, fused):
-    assert items.is_fused(channels, inner, threads) is fused
-    assert _plan((3, channels, inner), threads)["fused"] == int(fused)
+def test_plan_and_the_jit_backend_share_the_fused_rule(outer, channels, inner, threads, fused):
+    """Fused with a channel or more per thread, twice over; one thread only for big inputs."""
+    assert items.is_fused(channels, inner, threads, outer * channels * inner) is fused
+    assert _plan((outer, channels, inner), threads)["fused"] == int(fused)
 
 
 def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(monkeypatch):
@@ -108,8 +113,9 @@ def test_the_backend_remembers_only_plans_no_thread_count_changes(monkeypatch):
     assert cpu._plan("forward_eval", small)[0] is serial_twin  # from the dict
     monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
     assert cpu._plan("forward_eval", large)[0] is serial_twin
-    for shape, fused in [((2, 8, 5), True), ((2, 1, 5), False)]:  # the partition is kept too
-        x = np.empty(shape, np.float32)
-        assert cpu._plan("backward", x, may_fuse=True)[2] is fused
-        assert cpu._plan("backward", x, may_fuse=True)[2] is fused
+    for shape in [(2, 8, 5), (2, 1, 5)]:  # the partition is kept too: split, as one thread
+        x = np.empty(shape, np.float32)  # runs inputs this small (items.is_fused)
+        assert cpu._plan("backward", x, may_fuse=True)[2] is False
+        assert cpu._plan("backward", x, may_fuse=True) is cpu._SERIAL_PLANS["backward", shape,
+                                                                           True, 0]  # fmt: skip
         assert cpu._plan("backward", x, may_fuse=False)[2] is False

@@ -74,7 +74,7 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     threads = threads_for(step, x.size)
     fused = False
     if step in ("forward_train", "backward"):
-        fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads)
+        fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads, x.size)
         step += "_fused" if fused else "_split"
     # x.shape[-1]: the canonical view's inner (relu_grad takes any rank; driver() gives the steps
     # without a copy per memory shape their one copy whatever memory says)

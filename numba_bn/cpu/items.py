@@ -87,8 +87,17 @@ PLAN_FIELDS = (
 
 
 # ------------------------------------------------------------------------------ counting
-def is_fused(channels, inner, threads):
-    """Whole channels per item: planes with a channel or more for each thread, twice over."""
+#: One thread runs the fused partition only on inputs of this many elements or more: below, the
+#: split one was faster (benchmarks/README.md, "Lead: the fused partition": forward 0.5-1.0x,
+#: backward 0.7-0.95x the fused time from 8K to 3.2M elements; at 6.4M the backward 1.1-1.25x).
+FUSED_SERIAL_MIN_ELEMENTS = 1 << 22
+
+
+def is_fused(channels, inner, threads, size):
+    """Whole channels per item: planes with a channel or more for each thread, twice over; with
+    one thread only from FUSED_SERIAL_MIN_ELEMENTS elements (``size``) on."""
+    if threads == 1 and size < FUSED_SERIAL_MIN_ELEMENTS:
+        return False
     return inner > 1 and channels >= 2 * threads
 
 
@@ -144,7 +153,7 @@ def elementwise_item_elements(outer, channels, inner):
 @kernel
 def plan(outer, channels, inner, threads, out):
     """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 6)."""
-    out[0] = 1 if is_fused_jit(channels, inner, threads) else 0
+    out[0] = 1 if is_fused_jit(channels, inner, threads, outer * channels * inner) else 0
     out[1] = parts(outer, inner)
     out[2] = reduce_items(outer, channels, inner)
     out[3] = reduce_item_elements(outer, channels, inner)
