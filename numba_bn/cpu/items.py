@@ -7,8 +7,9 @@ partials from :func:`plan` (exported as ``plan``), never from arithmetic of its 
 
 Work items of the canonical ``(outer, C, inner)`` view:
 
-* fused, planes (``inner > 1``) with ``C >= 2 * threads``: one channel per item, statistics and
-  normalisation (or reduction and dx) back to back while the channel is in L2;
+* fused, planes (``inner > 1``) with ``C >= 2 * threads`` (one thread: from
+  FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per item, statistics and normalisation
+  (or reduction and dx) back to back while the channel is in L2;
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
   (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows;
 * channel items (:func:`channel_items`) merge the partials of CHANNEL_GROUP channels, each in
