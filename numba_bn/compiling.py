@@ -1,6 +1,7 @@
 """What happens while Numba compiles numba_bn's drivers: one line on stderr, and a record of it.
 
-Numba compiles a driver (:mod:`numba_bn.cpu.drivers`) on its first call with new argument types
+Numba compiles a driver (:func:`numba_bn.cpu.drivers.twins`: batch norm's drivers and the
+group and layer norms') on its first call with new argument types
 and keeps the machine code in its on-disk cache; a later process loads it instead. Loading is
 silent; a real compile takes seconds, so it says so, in one line per driver on stderr::
 
@@ -24,9 +25,6 @@ import time
 
 from numba.core import event
 
-#: The module whose dispatchers announce their compiles.
-DRIVERS_MODULE = "numba_bn.cpu.drivers"
-
 #: Seconds a cold compile of each serial driver took on the 2-core machine of the README's
 #: "First call" section (load 1), the kernels it inlines included, in a process that had
 #: compiled nothing yet (2026-12-01; rows and planes within 20%). A parallel twin takes about
@@ -43,6 +41,10 @@ ESTIMATED_SECONDS = {
     "normalize": 1.0,
     "backward_sums": 1.1,
     "backward_dx": 0.8,
+    "group_forward": 2.8,  # the norms' drivers (benchmarks/README.md, "Warm-up of the norms")
+    "group_backward": 2.3,
+    "layer_forward": 1.3,
+    "layer_backward": 1.7,
 }
 PARALLEL_FACTOR = 1.8
 _DEFAULT_SECONDS = 2.0
@@ -73,9 +75,11 @@ def silenced():
 
 
 def driver_name(dispatcher):
-    """``forward_train_split_serial`` for a driver's dispatcher, None for anything else."""
+    """``forward_train_split_serial`` for a driver's dispatcher (a copy that
+    :func:`numba_bn.cpu.drivers.twins` made: batch norm's and the norms'), None for anything
+    else."""
     py_func = getattr(dispatcher, "py_func", None)
-    if getattr(py_func, "__module__", None) != DRIVERS_MODULE:
+    if getattr(py_func, "twin_of", None) is None:
         return None
     return py_func.__name__.lstrip("_")
 

@@ -66,20 +66,11 @@ class Step(NamedTuple):
 
 
 def _cache_loads():
-    """How many times the drivers' machine code has come from Numba's cache in this process."""
-    from .cpu import drivers
+    """How many times the drivers' machine code (batch norm's and the norms') has come from
+    Numba's cache in this process."""
+    from .cpu import drivers, norm_kernels  # noqa: F401 (the norms' drivers made)
 
     return sum(sum(dispatcher.stats.cache_hits.values()) for dispatcher in drivers.dispatchers())
-
-
-def _norm_counts():
-    """(signatures, cache loads) of the norms' drivers: they are not numba_bn.cpu.drivers', so
-    numba_bn.compiling does not record them; a signature that did not come from the cache was
-    compiled."""
-    from .cpu.norm_kernels import DRIVERS
-
-    signatures = sum(len(dispatcher.signatures) for dispatcher in DRIVERS)
-    return signatures, sum(sum(d.stats.cache_hits.values()) for d in DRIVERS)
 
 
 class Timings(float):
@@ -96,14 +87,18 @@ class Timings(float):
 def _shape(layout, parallel, threads):
     """A (N, C) or (N, C, L) batch of ``layout`` whose steps run on the twin asked for."""
     from .cpu import PARALLEL_MIN_ELEMENTS
+    from .cpu.items import FUSED_SERIAL_MIN_ELEMENTS
 
     if layout == "rows":
         channels, inner = 8, 1
     elif layout == "planes":  # fewer channels than 2 * threads: split into segments
         channels, inner = 1, 6
-    else:  # at least 2 * threads channels: one channel per item
+    else:  # at least 2 * threads channels: one channel per item (one thread: big inputs only)
         channels, inner = max(8, 2 * threads), 6
-    outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else 4
+    if layout == "fused" and not parallel:
+        outer = -(-FUSED_SERIAL_MIN_ELEMENTS // (channels * inner))
+    else:
+        outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else 4
     return (outer, channels) if inner == 1 else (outer, channels, inner)
 
 
@@ -171,6 +166,8 @@ def plan(
         name = np.dtype(dtype).name
         for twin in twins:
             for layout in LAYOUTS:
+                if layout == "fused" and twin == "serial" and len(twins) > 1:
+                    continue  # one thread fuses only inputs too big for the serial twin
                 steps += [(operation, name, layout, twin) for operation in OPERATIONS]
             if distributed:  # the split steps have no fused variant
                 for layout in ("rows", "planes"):
@@ -214,7 +211,7 @@ def run_steps(
         norm = layout == "groups" or operation.startswith("layer_norm")
         shape = _norm_shape(parallel) if norm else _shape(layout, parallel, threads)
         x = (rng.standard_normal(shape) + 2.0).astype(dtype)
-        loads, (signatures, norm_loads) = _cache_loads(), _norm_counts()
+        loads = _cache_loads()
         with compiling.recording() as compiled:
             start = time.perf_counter()
             if norm:
@@ -224,11 +221,9 @@ def run_steps(
             else:
                 _plain(operation, x)
             seconds = time.perf_counter() - start
-        now_signatures, now_norm_loads = _norm_counts()
-        new_norm_loads = now_norm_loads - norm_loads
-        if compiled or now_signatures - signatures > new_norm_loads:
+        if compiled:
             source = "compiled"
-        elif _cache_loads() > loads or new_norm_loads:
+        elif _cache_loads() > loads:
             source = "from cache"
         else:
             source = "in memory"

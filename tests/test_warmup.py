@@ -65,6 +65,15 @@ def test_numba_bn_quiet_silences_the_line(tmp_path):
     assert not LINE.findall(output), output
 
 
+def test_a_norms_cold_call_announces_its_driver_too(tmp_path):
+    code = ("import numpy as np, numba_bn as nbn; x = np.ones((4, 8, 6), np.float32); "
+            "nbn.group_norm(x, 4); print('done')")  # fmt: skip
+    output, _ = _run(code, tmp_path, NUMBA_NUM_THREADS="1")
+    lines = LINE.findall(output)
+    assert len(lines) == 1, output
+    assert "group_forward (float32, serial twin)" in lines[0] and "about 3 s" in lines[0]
+
+
 # The kernels of one memory shape only (cpu/kernels.py): a call compiles its own shape's alone.
 ROWS_KERNELS = {"rows_chunk_stats", "rows_chunk_sums", "rows_affine", "rows_dx"}
 PLANES_KERNELS = {"plane_segment_stats", "plane_segment_sums", "affine_planes", "affine_range",
@@ -107,15 +116,13 @@ def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
     assert {"affine_planes", "affine_range"} & planes and not planes & ROWS_KERNELS, planes
 
 
-def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path):
+def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path, monkeypatch):
     command = [sys.executable, "-m", "numba_bn", "warmup", "--dtype", "float32", "--distributed",
                "--norms"]  # fmt: skip
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}  # serial twins only
-    expected = [
-        label(*step).split()
-        for step in plan((np.float32,), distributed=True, norms=True)
-        if step[3] == "serial"
-    ]
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)  # the child's plan
+    expected = [label(*step).split() for step in plan((np.float32,), distributed=True, norms=True)]
+    assert all(step[-1] == "serial" for step in expected)
     assert [op for op, _ in NORM_OPERATIONS] == [" ".join(s[:2]) for s in expected[-4:]]
     outcomes = []
     for _ in range(2):
@@ -143,7 +150,8 @@ def test_warmup_returns_the_total_and_a_step_each():
         ("forward_train_fused", ANY), ("backward_split", ROWS), ("backward_split", PLANES),
         ("backward_fused", ANY), ("forward_eval", ROWS), ("forward_eval", PLANES),
     ]:  # fmt: skip
-        for twin in twins:
+        # a serial fused driver runs only with one thread (items.FUSED_SERIAL_MIN_ELEMENTS)
+        for twin in twins[-1:] if name.endswith("fused") else twins:
             dispatcher = drivers.driver(name, memory)[twin]
             assert numba.float32 in {sig[0].dtype for sig in dispatcher.signatures}, name
 

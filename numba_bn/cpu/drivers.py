@@ -77,6 +77,7 @@ def _copy(template, suffix, scope):
     )  # fmt: skip
     copy.__qualname__ = template.__qualname__ + suffix
     copy.__doc__ = template.__doc__
+    copy.twin_of = template.__name__  # what numba_bn.compiling announces
     return copy
 
 
@@ -100,7 +101,12 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     parallel = _copy(template, suffix, scope)
     serial = _copy(template, suffix + "_serial", scope)
     options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
-    return kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
+    pair = kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
+    _twins.extend(pair)
+    return pair
+
+
+_twins = []  # every dispatcher twins() has made: batch norm's drivers and the norms' ones
 
 
 # ------------------------------------------------------------------------------- loop nests
@@ -336,6 +342,6 @@ def driver(step, memory=MEMORY_ANY, epilogue=EPILOGUE_NONE):
 
 
 def dispatchers():
-    """The drivers' dispatchers made so far, each once (warm-up and the compile line read
-    their caches)."""
-    return list({id(d): d for pair in _copies.values() for d in pair}.values())
+    """The drivers' dispatchers made so far (by :func:`twins`: batch norm's and the norms'),
+    each once (warm-up and the compile line read their caches)."""
+    return list(_twins)

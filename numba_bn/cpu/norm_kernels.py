@@ -328,7 +328,3 @@ group_forward, group_forward_serial = twins(_group_forward)
 group_backward, group_backward_serial = twins(_group_backward)
 layer_forward, layer_forward_serial = twins(_layer_forward)
 layer_backward, layer_backward_serial = twins(_layer_backward)
-
-#: Every driver of this module (warm-up reads their compile and cache counts).
-DRIVERS = (group_forward, group_forward_serial, group_backward, group_backward_serial,
-           layer_forward, layer_forward_serial, layer_backward, layer_backward_serial)  # fmt: skip
