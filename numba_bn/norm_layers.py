@@ -14,20 +14,22 @@ from numpy.typing import ArrayLike, DTypeLike
 from .annotations import HostArray
 from .checks import check_scalar, compute_dtype
 from .layout import check_axis, normalize_axis
-from .norms import (
+from .norm_checks import (
     check_count,
     check_dy,
     check_groups,
     check_normalized_shape,
     check_spatial_dims,
+    instance_batch,
+    sample_out,
+)
+from .norm_ops import (
     group_stats_backward,
     group_stats_forward,
-    instance_batch,
     instance_stats_backward,
     instance_stats_forward,
     layer_stats_backward,
     layer_stats_forward,
-    sample_out,
 )
 from .ops import frozen_backward
 from .state import StateDict

@@ -1,7 +1,8 @@
-"""Group, layer and instance norm (numba_bn.norms, numba_bn.norm_layers): against float64 loops
-written here, against PyTorch's functions and modules (autograd for the gradients), and the
-library's own guarantees: same statistics as batch norm's kernels on the view, bitwise the same
-for 1 and 2 threads, out= written whole, bad input rejected with nothing modified."""
+"""Group, layer and instance norm (numba_bn.norms, norm_ops, norm_checks, norm_layers): against
+float64 loops written here, against PyTorch's functions and modules (autograd for the
+gradients), and the library's own guarantees: same statistics as batch norm's kernels on the
+view, bitwise the same for 1 and 2 threads, out= written whole, bad input rejected with nothing
+modified."""
 
 import math
 import re
@@ -580,7 +581,7 @@ def _plain_and_checked(monkeypatch, rng, dtype):
     """(name, results of a plain call, results of the same call through the checks): eps as
     np.float64 is not a Python float, so the second call takes the checked path. The plain
     calls run with the checked functions made to fail, so they must not reach them."""
-    from numba_bn import norms
+    from numba_bn import norm_ops
 
     x, dy = make(rng, (3, 8, 5, 4), dtype), make(rng, (3, 8, 5, 4), dtype, 0.0, 1.0)
     w, b = make(rng, 8, dtype, 1.0, 0.5), make(rng, 8, dtype, 0.0, 0.5)
@@ -598,8 +599,8 @@ def _plain_and_checked(monkeypatch, rng, dtype):
 
     checked = dict(calls(np.float64(EPS)))
     for name in ("group_forward", "group_backward", "layer_forward", "layer_backward"):
-        monkeypatch.setattr(norms, f"_checked_{name}", None)  # calling it raises TypeError
-    monkeypatch.setattr(norms, "_ChannelsFirst", None)
+        monkeypatch.setattr(norm_ops, f"_checked_{name}", None)  # calling it raises TypeError
+    monkeypatch.setattr(norm_ops, "ChannelsFirst", None)
     plain = dict(calls(EPS))
     return [(name, plain[name], checked[name]) for name in checked]
 

@@ -1,0 +1,427 @@
+"""The operations of group, layer and instance norm (:mod:`numba_bn.norms`): statistics, y,
+and the backward, on the kernels of :mod:`numba_bn.cpu.norm_kernels`.
+
+Each operation tries the plain call first (:mod:`numba_bn.norm_checks`), then the checked path,
+which accepts all a plain call does, with the same bits. The statistics and gradients come back
+in float64; the public functions give them the compute dtype of x.
+"""
+
+import contextlib
+import math
+
+import numpy as np
+
+from . import hostcall
+from .checks import Vectors, check_eps, check_momentum, compute_dtype
+from .cpu import CpuBackend, threads_for
+from .cpu import norm_kernels as kernels
+from .cpu.threads import launch_guard
+from .memory import HOST
+from .norm_checks import (
+    ChannelsFirst,
+    check_dy,
+    check_groups,
+    check_input,
+    check_norm_out,
+    check_normalized_shape,
+    check_spatial_dims,
+    check_stat,
+    element_vectors,
+    instance_batch,
+    plain_elements,
+    plain_grid,
+    plain_groups,
+    plain_layer_shape,
+    plain_stat,
+    sample_out,
+)
+from .ops import frozen_forward
+from .stats import invstd_of
+
+_BACKEND = CpuBackend()  # the split steps, for group norm with fewer groups than threads
+
+
+def _plan(step, size):
+    """(threads, guard): the CPU backend's cost model for a step of ``size`` elements."""
+    threads = threads_for(step, size)
+    return threads, launch_guard() if threads > 1 else _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _tiled(vector, n):
+    """``vector`` (C,) repeated n times, (N*C,), as the group kernels index it (n*C + c);
+    zero-length stays zero-length. (np.tile costs 3 us on a small vector, this 0.8.)"""
+    if not vector.size:
+        return vector
+    tiled = np.empty((n, vector.size), vector.dtype)
+    tiled[:] = vector
+    return tiled.reshape(-1)
+
+
+# --------------------------------------------------------------------------- operations
+def group_stats_forward(x, num_groups, weight, bias, eps, axis, *, out=None):
+    """Group norm forward: (y, mean, invstd, m2), the statistics float64 (N, G);
+    ``num_groups=None``: one group per channel (instance norm)."""
+    if out is None:
+        result = _plain_group_forward(x, num_groups, weight, bias, eps, axis)
+        if result is not None:
+            return result
+    return _checked_group_forward(x, num_groups, weight, bias, eps, axis, out)
+
+
+def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
+    """group_stats_forward of a plain call; None for any other."""
+    xc = plain_grid(x, axis)
+    if xc is None or not hostcall.training_eps(eps):
+        return None
+    n, channels, _ = xc.shape
+    groups = plain_groups(num_groups, channels)
+    weight = hostcall.vector(weight, channels, x.dtype)
+    bias = hostcall.vector(bias, channels, x.dtype)
+    if groups is None or weight is None or bias is None:
+        return None
+    y = np.empty(x.shape, x.dtype)
+    stats = np.empty((3, n * groups))
+    _group_forward(xc, groups, eps, _tiled(weight, n), _tiled(bias, n), y.reshape(xc.shape),
+                   stats[0], stats[1], stats[2])  # fmt: skip
+    mean, invstd, m2 = stats.reshape(3, n, groups)
+    return y, mean, invstd, m2
+
+
+def _checked_group_forward(x, num_groups, weight, bias, eps, axis, out):
+    """group_stats_forward with every check."""
+    grid = ChannelsFirst(x, axis)
+    n, channels, inner = grid.shape
+    groups = channels if num_groups is None else check_groups(num_groups, channels)
+    eps = check_eps(eps, training=True)
+    vectors = Vectors(grid.x, channels, weight=weight, bias=bias)
+    out = check_norm_out(out, grid.x)
+    y, work = grid.output(out)
+    stats = np.full((3, n * groups), np.nan)
+    if grid.x.size:
+        tiled = [_tiled(vectors.kernel(name), n) for name in ("weight", "bias")]
+        _group_forward(grid.view(grid.x), groups, eps, *tiled, work, *stats)
+    mean, invstd, m2 = (s.reshape(n, groups) for s in stats)
+    return grid.finish(y, work), mean, invstd, m2
+
+
+def _group_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
+    """Kernels of the group norm forward on channels-first (N, C, S) arrays."""
+    n, channels, inner = xc.shape
+    group_channels = channels // groups  # groups >= 1: x is not empty
+    grouped = (1, n * groups, group_channels * inner)
+    threads, guard = _plan("forward_train", xc.size)
+    if threads > 1 and n * groups < 2 * threads:  # a group per item would idle some threads
+        count = _BACKEND.batch_stats(xc.reshape(grouped), mean=mean, m2=m2)
+        invstd_of(count, m2, eps, invstd)
+        planes = (1, n * channels, inner)
+        _BACKEND.normalize(xc.reshape(planes), mean=np.repeat(mean, group_channels),
+                           invstd=np.repeat(invstd, group_channels), weight=weight, bias=bias,
+                           y=y.reshape(planes))  # fmt: skip
+        return
+    run = kernels.group_forward if threads > 1 else kernels.group_forward_serial
+    with guard:
+        run(xc.reshape(grouped), group_channels, eps, weight, bias, y.reshape(grouped), mean,
+            invstd, m2)  # fmt: skip
+
+
+def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=None):
+    """Group norm backward: (dx, dweight, dbias), the gradients float64 (C,);
+    ``num_groups=None``: one group per channel (instance norm)."""
+    if out is None:
+        result = _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis)
+        if result is not None:
+            return result
+    return _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out)
+
+
+def _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis):
+    """group_stats_backward of a plain call; None for any other."""
+    xc = plain_grid(x, axis)
+    if xc is None:
+        return None
+    dyc = hostcall.like(dy, x, xc)
+    n, channels, _ = xc.shape
+    groups = plain_groups(num_groups, channels)
+    if dyc is None or groups is None:
+        return None
+    mean, invstd = plain_stat(mean, (n, groups)), plain_stat(invstd, (n, groups))
+    weight = hostcall.vector(weight, channels, x.dtype)
+    if mean is None or invstd is None or weight is None:
+        return None
+    dx = np.empty(x.shape, x.dtype)
+    dweight, dbias = _group_backward(dyc, xc, groups, mean, invstd, weight, dx.reshape(xc.shape))
+    return dx, dweight, dbias
+
+
+def _group_backward(dyc, xc, groups, mean, invstd, weight, dx):
+    """Kernels of the group norm backward on channels-first (N, C, S) arrays, S > 0: dx (=),
+    and (dweight, dbias) float64 (C,); mean, invstd flat float64 (N*G,), weight (C,) or
+    zero-length."""
+    n, channels, inner = xc.shape
+    group_channels = channels // groups
+    planes = (1, n * channels, inner)
+    sums = np.empty((2, n * channels))
+    threads, guard = _plan("backward", xc.size)
+    run = kernels.group_backward if threads > 1 else kernels.group_backward_serial
+    with guard:
+        run(dyc.reshape(planes), xc.reshape(planes), group_channels, mean, invstd,
+            _tiled(weight, n), dx.reshape(planes), sums[0], sums[1])  # fmt: skip
+    # sum_dy_xmu * invstd per (n, c), then both rows summed over n in one reduction
+    sums.reshape(2, n, groups, group_channels)[1] *= invstd.reshape(n, groups, 1)
+    dbias, dweight = np.add.reduce(sums.reshape(2, n, channels), axis=1)
+    return dweight, dbias
+
+
+def _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):
+    """group_stats_backward with every check."""
+    grid = ChannelsFirst(x, axis)
+    n, channels, inner = grid.shape
+    groups = channels if num_groups is None else check_groups(num_groups, channels)
+    dy = check_dy(dy, grid.x)
+    mean, invstd = (check_stat(v, name, (n, groups))
+                    for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
+    vectors = Vectors(grid.x, channels, weight=weight)
+    out = check_norm_out(out, grid.x, dy=dy, x=grid.x)
+    dx, work = grid.output(out)
+    if grid.x.size:
+        dweight, dbias = _group_backward(grid.view(dy), grid.view(grid.x), groups,
+                                         mean.reshape(-1), invstd.reshape(-1),
+                                         vectors.kernel("weight"), work)  # fmt: skip
+    else:  # sums over no values
+        dweight, dbias = np.zeros(channels), np.zeros(channels)
+    return grid.finish(dx, work), dweight, dbias
+
+
+def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                           eps, axis, *, spatial_dims=None, out=None):  # fmt: skip
+    """Instance norm forward: (y, mean, invstd), float64 (N, C), (C,) for one sample
+    (:func:`instance_batch`); with input statistics and running buffers, the buffers take
+    PyTorch's update (in place)."""
+    if out is None and spatial_dims is None and use_input_stats is True:
+        result = _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum,
+                                         eps, axis)  # fmt: skip
+        if result is not None:
+            return result
+    if not isinstance(use_input_stats, (bool, np.bool_)):
+        raise TypeError(f"use_input_stats must be a bool, got {type(use_input_stats).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    x, one = instance_batch(x, check_spatial_dims(spatial_dims))
+    if one:  # a batch of one: the batch's statistics are the sample's
+        given, out = sample_out(out, x[0])
+        y, mean, invstd = instance_stats_forward(x, running_mean, running_var, weight, bias,
+                                                 use_input_stats, momentum, eps, axis,
+                                                 out=out)  # fmt: skip
+        return y[0] if given is None else given, mean[0], invstd[0]
+    if not use_input_stats:
+        return _frozen_instance_forward(x, running_mean, running_var, weight, bias, eps, axis,
+                                        out)  # fmt: skip
+    grid = ChannelsFirst(x, axis)
+    n, channels, inner = grid.shape
+    if running_mean is not None:
+        momentum = check_momentum(momentum)
+        Vectors(grid.x, channels, running_mean=running_mean, running_var=running_var)
+        for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+            if not buffer.flags.writeable:
+                raise ValueError(f"{name} must be writable: it is updated in place")
+    if inner <= 1 and grid.x.size:
+        raise ValueError(
+            "Expected more than 1 spatial element when training, got input size "
+            f"{grid.x.shape} (axis={grid.axis})"
+        )
+    y, mean, invstd, m2 = group_stats_forward(grid.x, None, weight, bias, eps, grid.axis,
+                                              out=out)  # fmt: skip
+    if running_mean is not None and n:
+        _running_update(running_mean, running_var, mean, m2, inner, momentum)
+    return y, mean, invstd
+
+
+def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum, eps, axis):
+    """instance_stats_forward of a plain call with input statistics; None for any other."""
+    xc = plain_grid(x, axis)
+    if xc is None or xc.shape[2] < 2:
+        return None
+    if running_mean is not None or running_var is not None:
+        channels = xc.shape[1]
+        running_mean = hostcall.buffer(running_mean, channels, x.dtype)
+        running_var = hostcall.buffer(running_var, channels, x.dtype)
+        if running_mean is None or running_var is None or not hostcall.momentum(momentum):
+            return None
+    result = _plain_group_forward(x, None, weight, bias, eps, axis)
+    if result is None:
+        return None
+    y, mean, invstd, m2 = result
+    if running_mean is not None:
+        _running_update(running_mean, running_var, mean, m2, xc.shape[2], momentum)
+    return y, mean, invstd
+
+
+def _running_update(running_mean, running_var, mean, m2, inner, momentum):
+    """PyTorch's instance norm update of the running buffers (in place, N >= 1, S >= 2): the
+    mean over the batch of the per-instance means and unbiased variances (float64 (N, C)),
+    ``momentum`` weighting it. Both buffers in one (2, C) float64 pass (11 -> 5 us on 8
+    channels; the bits of ``(1 - m) * r + m * batch.mean(axis=0)``, buffer by buffer)."""
+    n, channels = mean.shape
+    per_instance = np.empty((2, n, channels))
+    per_instance[0] = mean
+    np.divide(m2, inner - 1, out=per_instance[1])  # unbiased, as PyTorch
+    batch = np.add.reduce(per_instance, axis=1)
+    batch /= n  # ndarray.mean(axis=0): the sum, then one division
+    batch *= momentum
+    update = np.empty((2, channels))
+    update[0], update[1] = running_mean, running_var
+    update *= 1.0 - momentum
+    update += batch
+    running_mean[...], running_var[...] = update
+
+
+def instance_stats_backward(dy, x, mean, invstd, weight, axis, *, spatial_dims=None, out=None):
+    """Instance norm backward: (dx, dweight, dbias), the gradients float64 (C,); ``mean``,
+    ``invstd`` (N, C), or (C,) for one sample (:func:`instance_batch`)."""
+    x, one = instance_batch(x, check_spatial_dims(spatial_dims))
+    if not one:
+        return group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)
+    channels = ChannelsFirst(x, axis).shape[1]
+    dy = check_dy(dy, x[0])[None]
+    mean, invstd = (check_stat(v, name, (channels,)).reshape(1, channels)
+                    for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
+    given, out = sample_out(out, x[0])
+    dx, dweight, dbias = group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)
+    return dx[0] if given is None else given, dweight, dbias
+
+
+def _frozen_instance_forward(x, running_mean, running_var, weight, bias, eps, axis, out):
+    """Instance norm with the running statistics: batch norm's eval forward."""
+    if running_mean is None:
+        raise ValueError("running_mean and running_var are required when use_input_stats=False")
+    grid = ChannelsFirst(x, axis)
+    y = frozen_forward(grid.x, running_mean, running_var, weight, bias, eps, grid.axis, out=out)
+    n = grid.shape[0]
+    mean = np.broadcast_to(np.asarray(running_mean, np.float64), (n, grid.shape[1])).copy()
+    var = np.asarray(running_var, np.float64)
+    invstd = np.broadcast_to(HOST.invstd(var, eps), mean.shape).copy()
+    return y, mean, invstd
+
+
+def layer_stats_forward(x, normalized_shape, weight, bias, eps, *, out=None):
+    """Layer norm forward: (y, mean, invstd), float64 with x's leading shape."""
+    if out is None:
+        result = _plain_layer_forward(x, normalized_shape, weight, bias, eps)
+        if result is not None:
+            return result
+    return _checked_layer_forward(x, normalized_shape, weight, bias, eps, out)
+
+
+def _plain_layer_forward(x, normalized_shape, weight, bias, eps):
+    """layer_stats_forward of a plain call; None for any other."""
+    plain = plain_layer_shape(x, normalized_shape)
+    if plain is None or not hostcall.training_eps(eps):
+        return None
+    rows, width, shape = plain
+    weight, bias = plain_elements(weight, shape, x.dtype), plain_elements(bias, shape, x.dtype)
+    if weight is None or bias is None:
+        return None
+    y = np.empty(x.shape, x.dtype)
+    stats = np.empty((2, rows))
+    _layer_forward(x.reshape(1, rows, width), eps, weight, bias, y, stats[0], stats[1])
+    lead = x.shape[: x.ndim - len(shape)]
+    return y, stats[0].reshape(lead), stats[1].reshape(lead)
+
+
+def _layer_forward(xc, eps, weight, bias, y, mean, invstd):
+    """Kernels of the layer norm forward on ``xc`` (1, rows, width), y of any shape of its
+    size: mean, invstd (rows,) float64 (=)."""
+    threads, guard = _plan("forward_train", xc.size)
+    run = kernels.layer_forward if threads > 1 else kernels.layer_forward_serial
+    with guard:
+        run(xc, eps, weight, bias, y.reshape(xc.shape), mean, invstd)
+
+
+def _checked_layer_forward(x, normalized_shape, weight, bias, eps, out):
+    """layer_stats_forward with every check."""
+    x = check_input(x, "x", 1)
+    shape = check_normalized_shape(normalized_shape, x.shape)
+    lead = x.shape[: x.ndim - len(shape)]
+    rows, width = math.prod(lead), math.prod(shape)
+    eps = check_eps(eps, training=True)
+    weight, bias = element_vectors(x, shape, weight=weight, bias=bias)
+    out = check_norm_out(out, x)
+    dtype = compute_dtype(x.dtype)
+    mean, invstd = np.full(rows, np.nan), np.full(rows, np.nan)
+    y = out if out is not None and dtype == x.dtype else np.empty(x.shape, dtype)
+    if x.size:
+        xc = np.ascontiguousarray(x, dtype).reshape(1, rows, width)
+        _layer_forward(xc, eps, weight, bias, y, mean, invstd)
+    return _in_dtype(y, x, out), mean.reshape(lead), invstd.reshape(lead)
+
+
+def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=None):
+    """Layer norm backward: (dx, dweight, dbias), the gradients float64 of normalized_shape."""
+    if out is None:
+        result = _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight)
+        if result is not None:
+            return result
+    return _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out)
+
+
+def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight):
+    """layer_stats_backward of a plain call; None for any other."""
+    plain = plain_layer_shape(x, normalized_shape)
+    if plain is None:
+        return None
+    rows, width, shape = plain
+    view = x.reshape(1, rows, width)
+    dyc = hostcall.like(dy, x, view)
+    lead = x.shape[: x.ndim - len(shape)]
+    mean, invstd = plain_stat(mean, lead), plain_stat(invstd, lead)
+    weight = plain_elements(weight, shape, x.dtype)
+    if dyc is None or mean is None or invstd is None or weight is None:
+        return None
+    dx = np.empty(x.shape, x.dtype)
+    grads = np.empty((2, width))
+    _layer_backward(dyc, view, mean, invstd, weight, dx, grads[0], grads[1])
+    return dx, grads[0].reshape(shape), grads[1].reshape(shape)
+
+
+def _layer_backward(dyc, xc, mean, invstd, weight, dx, dweight, dbias):
+    """Kernels of the layer norm backward on (1, rows, width) views, dx of any shape of their
+    size: dweight, dbias (width,) float64 (=)."""
+    threads, guard = _plan("backward", xc.size)
+    run = kernels.layer_backward if threads > 1 else kernels.layer_backward_serial
+    with guard:
+        run(dyc, xc, mean, invstd, weight, dx.reshape(xc.shape), dweight, dbias)
+
+
+def _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out):
+    """layer_stats_backward with every check."""
+    x = check_input(x, "x", 1)
+    shape = check_normalized_shape(normalized_shape, x.shape)
+    lead = x.shape[: x.ndim - len(shape)]
+    rows, width = math.prod(lead), math.prod(shape)
+    dy = check_dy(dy, x)
+    mean, invstd = (check_stat(v, name, lead)
+                    for v, name in ((mean, "mean"), (invstd, "invstd")))  # fmt: skip
+    (weight,) = element_vectors(x, shape, weight=weight)
+    out = check_norm_out(out, x, dy=dy, x=x)
+    dtype = compute_dtype(x.dtype)
+    dx = out if out is not None and dtype == x.dtype else np.empty(x.shape, dtype)
+    dweight, dbias = np.zeros(width), np.zeros(width)
+    if x.size:
+        view = (1, rows, width)
+        _layer_backward(np.ascontiguousarray(dy, dtype).reshape(view),
+                        np.ascontiguousarray(x, dtype).reshape(view), mean.reshape(-1),
+                        invstd.reshape(-1), weight, dx, dweight, dbias)  # fmt: skip
+    return _in_dtype(dx, x, out), dweight.reshape(shape), dbias.reshape(shape)
+
+
+def _in_dtype(result, x, out):
+    """``result`` (compute dtype) in x's dtype, in ``out`` when given."""
+    if result.dtype == x.dtype:
+        return result
+    if out is None:
+        return result.astype(x.dtype)
+    np.copyto(out, result, casting="same_kind")
+    return out
