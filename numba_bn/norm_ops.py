@@ -61,14 +61,22 @@ def _tiled(vector, n):
 
 
 # --------------------------------------------------------------------------- operations
+def _plain_or_checked(plain, checked, out, *args):
+    """``plain(*args)`` when there is no ``out=`` and it recognises the call (not None), else
+    ``checked(*args, out)``: every operation's two paths."""
+    if out is None:
+        result = plain(*args)
+        if result is not None:
+            return result
+    return checked(*args, out)
+
+
 def group_stats_forward(x, num_groups, weight, bias, eps, axis, *, out=None):
     """Group norm forward: (y, mean, invstd, m2), the statistics float64 (N, G);
     ``num_groups=None``: one group per channel (instance norm)."""
-    if out is None:
-        result = _plain_group_forward(x, num_groups, weight, bias, eps, axis)
-        if result is not None:
-            return result
-    return _checked_group_forward(x, num_groups, weight, bias, eps, axis, out)
+    return _plain_or_checked(
+        _plain_group_forward, _checked_group_forward, out, x, num_groups, weight, bias, eps, axis
+    )
 
 
 def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
@@ -130,11 +138,18 @@ def _group_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
 def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=None):
     """Group norm backward: (dx, dweight, dbias), the gradients float64 (C,);
     ``num_groups=None``: one group per channel (instance norm)."""
-    if out is None:
-        result = _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis)
-        if result is not None:
-            return result
-    return _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out)
+    return _plain_or_checked(
+        _plain_group_backward,
+        _checked_group_backward,
+        out,
+        dy,
+        x,
+        mean,
+        invstd,
+        num_groups,
+        weight,
+        axis,
+    )
 
 
 def _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis):
@@ -308,11 +323,9 @@ def _frozen_instance_forward(x, running_mean, running_var, weight, bias, eps, ax
 
 def layer_stats_forward(x, normalized_shape, weight, bias, eps, *, out=None):
     """Layer norm forward: (y, mean, invstd), float64 with x's leading shape."""
-    if out is None:
-        result = _plain_layer_forward(x, normalized_shape, weight, bias, eps)
-        if result is not None:
-            return result
-    return _checked_layer_forward(x, normalized_shape, weight, bias, eps, out)
+    return _plain_or_checked(
+        _plain_layer_forward, _checked_layer_forward, out, x, normalized_shape, weight, bias, eps
+    )
 
 
 def _plain_layer_forward(x, normalized_shape, weight, bias, eps):
@@ -360,11 +373,17 @@ def _checked_layer_forward(x, normalized_shape, weight, bias, eps, out):
 
 def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=None):
     """Layer norm backward: (dx, dweight, dbias), the gradients float64 of normalized_shape."""
-    if out is None:
-        result = _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight)
-        if result is not None:
-            return result
-    return _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out)
+    return _plain_or_checked(
+        _plain_layer_backward,
+        _checked_layer_backward,
+        out,
+        dy,
+        x,
+        mean,
+        invstd,
+        normalized_shape,
+        weight,
+    )
 
 
 def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight):
