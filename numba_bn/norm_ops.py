@@ -224,6 +224,9 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
         raise TypeError(f"use_input_stats must be a bool, got {type(use_input_stats).__name__}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
+    if running_mean is not None:  # NumPy's views of a torch tensor's memory, say: in place
+        running_mean = HOST.view(running_mean, "running_mean")
+        running_var = HOST.view(running_var, "running_var")
     x, one = instance_batch(x, check_spatial_dims(spatial_dims))
     if one:  # a batch of one: the batch's statistics are the sample's
         given, out = sample_out(out, x[0])

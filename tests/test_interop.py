@@ -349,3 +349,34 @@ def test_a_mask_and_masked_arrays_of_other_libraries_give_the_numpy_bits(rng):
     for a, b in zip((y, mean, invstd, dx, dweight, dbias), (y2, mean2, invstd2, dx2, dweight2,
                                                             dbias2), strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_norms_take_torch_tensors_for_every_array_and_update_running_buffers_in_place(rng):
+    """Group, layer and instance norm: torch CPU tensors as x, weights, running buffers and out=
+    give the NumPy call's bits; instance norm's running buffers are the tensors' own memory."""
+    x = rng.standard_normal((4, 6, 5)).astype(np.float32) * 3 + 2
+    w, b = rng.uniform(0.5, 2, 6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    lw, lb = rng.uniform(0.5, 2, 5).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    buffers = [rng.standard_normal(6).astype(np.float32), rng.uniform(1, 2, 6).astype(np.float32)]
+    their_buffers = [_tensor(a.copy()) for a in buffers]
+    pointers = [t.data_ptr() for t in their_buffers]
+    calls = {
+        "group": (lambda *a, **k: nbn.group_norm(a[0], 3, *a[1:3], **k), (x, w, b)),
+        "layer": (lambda *a, **k: nbn.layer_norm(a[0], 5, *a[1:3], **k), (x, lw, lb)),
+        "instance": (
+            lambda *a, **k: nbn.instance_norm(a[0], *a[3:5], *a[1:3], **k),
+            (x, w, b, *buffers),
+        ),  # fmt: skip
+    }
+    for name, (call, arrays) in calls.items():
+        expected = call(*arrays)
+        out = torch.full(x.shape, float("nan"))
+        tensors = [_tensor(a) for a in arrays[:3]]
+        if name == "instance":
+            tensors += their_buffers
+        result = call(*tensors, out=out)
+        _assert_same_bits(result, expected)
+        assert np.shares_memory(result, _numpy(out)), name
+    for theirs, ours, pointer in zip(their_buffers, buffers, pointers, strict=True):
+        assert theirs.data_ptr() == pointer
+        _assert_same_bits(_numpy(theirs), ours)
