@@ -206,6 +206,20 @@ def test_numpy_inputs_with_device_cuda_come_back_as_numpy(rng):
     assert all(isinstance(v, np.ndarray) for v in (y, mean, invstd, dx, dweight, dbias))
 
 
+def test_torch_cpu_buffers_with_device_cuda_are_written_back_into_their_memory(rng):
+    torch = pytest.importorskip("torch")
+    x = random_batch(rng, (4, 3, 5), np.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    out = torch.full(x.shape, float("nan"), dtype=torch.float64)
+    pointers = [t.data_ptr() for t in (rm, rv, out)]
+    y = nbn.batch_norm(x, rm, rv, training=True, out=out, device="cuda")
+    assert y is out and [t.data_ptr() for t in (rm, rv, out)] == pointers
+    np.testing.assert_allclose(out.numpy(), naive.forward_train(x)[0], atol=1e-12)
+    expected_mean, expected_var = naive.running_update(np.zeros(3), np.ones(3), x, 0.1)
+    np.testing.assert_allclose(rm.numpy(), expected_mean, atol=1e-12)
+    np.testing.assert_allclose(rv.numpy(), expected_var, atol=1e-12)
+
+
 def test_host_and_device_arguments_in_one_call_raise():
     x = np.ones((4, 3))
     x_d, w_d = CUDA.on(x, np.ones(3))
