@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -72,8 +73,8 @@ def test_host(plugin_build, tmp_path_factory):
     """csrc/test_host.c linked against the portable build."""
     binary = tmp_path_factory.mktemp("host") / "test_host"
     build.run_compiler(
-        ["-std=c11", "-O2", *WARNINGS, "-I", CSRC, CSRC / "test_host.c", "-L", plugin_build,
-         "-lnumba_bn", f"-Wl,-rpath,{plugin_build}", "-lm", "-o", binary],
+        ["-std=c11", "-O2", *WARNINGS, "-pthread", "-I", CSRC, CSRC / "test_host.c", "-L",
+         plugin_build, "-lnumba_bn", f"-Wl,-rpath,{plugin_build}", "-lm", "-o", binary],
         "building the C test host",
     )  # fmt: skip
     return binary
@@ -131,7 +132,8 @@ def test_library_exports_exactly_the_abi(library):
 @pytest.mark.parametrize("isa", [None, *build.X86_64_LEVELS])
 def test_c_host_passes_with_an_empty_environment(test_host, isa):
     """All twelve functions (the plain ones and the fused _ex ones) against the double
-    reference, status codes, 1 vs 2 threads, and the layer handle (1.2), from C."""
+    reference, status codes, 1 vs 2 threads, the layer handle (1.2), and the worker threads
+    (thread counts changing between calls, calls from four threads at once), from C."""
     environment = [f"NBN_ISA={isa}"] if isa else []
     done = subprocess.run(
         ["env", "-i", *environment, str(test_host)], capture_output=True, text=True, timeout=300
@@ -147,6 +149,75 @@ def test_c_host_passes_with_an_empty_environment(test_host, isa):
     assert summary.endswith(", 0 failed")
 
 
+# A fresh process that loads the library with ctypes (no NumPy, no Numba: their threads would
+# blur the count) and counts its own threads as the pool starts, resizes, forks and unloads.
+POOL_LIFETIME = r"""
+import ctypes, os, sys, _ctypes
+path = sys.argv[1]
+f32p, i64, f64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_double
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def load():
+    lib = ctypes.CDLL(path)
+    lib.nbn_forward_train_f32.argtypes = [f32p, i64, i64, i64, f32p, f32p, f64, f32p, f32p, f32p,
+                                          f32p, f32p, f64]
+    return lib
+
+o, c, i = 16, 8, 6200  # over 3 * 2^18 elements: worth 3 threads
+x = (ctypes.c_float * (o * c * i))(*range(o * c * i))
+y = (ctypes.c_float * (o * c * i))()
+mean, invstd = (ctypes.c_float * c)(), (ctypes.c_float * c)()
+
+def train(lib):
+    assert lib.nbn_forward_train_f32(x, o, c, i, None, None, 1e-5, y, mean, invstd, None, None,
+                                     0.1) == 0
+    assert mean[0] == c * i * (o - 1) / 2 + (i - 1) / 2, mean[0]  # x[n, 0, :] is n*c*i + k
+
+lib = load()
+alone = threads()
+lib.nbn_set_num_threads(3)
+assert threads() == alone, "no worker before a call needs one"
+train(lib)
+assert threads() == alone + 2, threads()
+train(lib)
+assert threads() == alone + 2, "the workers are reused"
+lib.nbn_set_num_threads(2)
+assert threads() == alone + 1, threads()
+lib.nbn_set_num_threads(1)
+assert threads() == alone, threads()
+train(lib)
+assert threads() == alone
+lib.nbn_set_num_threads(2)
+train(lib)
+assert threads() == alone + 1
+child = os.fork()
+if child == 0:  # one thread; the pool starts its own worker again
+    ok = threads() == 1
+    train(lib)
+    os._exit(0 if ok and threads() == 2 else 1)
+assert os.waitpid(child, 0)[1] == 0, "the fork's child"
+_ctypes.dlclose(lib._handle)
+del lib
+assert threads() == alone, "dlclose joins the workers"
+assert path not in open("/proc/self/maps").read(), "the library is unloaded"
+lib = load()
+lib.nbn_set_num_threads(2)
+train(lib)
+assert threads() == alone + 1
+print("ok")  # and exit with the worker parked: the destructor joins it
+"""
+
+
+def test_the_pool_starts_resizes_forks_and_unloads_cleanly(library):
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", POOL_LIFETIME, str(library)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
 def test_the_layer_handle_leaks_nothing_under_address_sanitizer(plugin_build, tmp_path):
     """The test host's layer checks (create/destroy of every flag combination, training steps,
     failed calls, a malloc that fails) built with -fsanitize=address: LeakSanitizer and ASan
@@ -157,7 +228,7 @@ def test_the_layer_handle_leaks_nothing_under_address_sanitizer(plugin_build, tm
     binary = tmp_path / "test_host_asan"
     build.run_compiler(
         ["-std=c11", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", *WARNINGS,
-         "-I", CSRC, CSRC / "test_host.c", "-L", plugin_build, "-lnumba_bn",
+         "-pthread", "-I", CSRC, CSRC / "test_host.c", "-L", plugin_build, "-lnumba_bn",
          f"-Wl,-rpath,{plugin_build}", "-lm", "-o", binary],
         "building the C test host with AddressSanitizer",
     )  # fmt: skip

@@ -9,8 +9,9 @@
  *   - checks arguments (nbn_checks.h) before anything is written,
  *   - allocates the per-call scratch (one malloc, freed before returning; NBN_ERR_SHAPE when
  *     its byte count overflows),
- *   - runs the drivers on pthreads over the work items of numba_bn/cpu/items.py, the items
- *     the JIT drivers run in prange, counted by the library (`plan`), never here:
+ *   - runs the drivers on its persistent worker threads (nbn_pool.h) over the work items of
+ *     numba_bn/cpu/items.py, the items the JIT drivers run in prange, counted by the library
+ *     (`plan`), never here:
  *       fused: one channel per item, start to finish, so x is read from memory once;
  *       otherwise: partials per reduction item, a merge per channel in part order, then the
  *         elementwise items.
@@ -88,8 +89,6 @@ static int available_cpus(void) {
     return n > 0 ? (int)n : 1;
 }
 
-NBN_API void nbn_set_num_threads(int n) { atomic_store(&requested_threads, n > 0 ? n : 0); }
-
 NBN_API int nbn_get_num_threads(void) {
     int n = atomic_load(&requested_threads);
     return n > 0 ? n : available_cpus();
@@ -101,7 +100,9 @@ typedef int32_t (*nbn_range)(const void *job, int64_t first, int64_t last, doubl
 
 #define NBN_THREAD_SCRATCH NBN_ITEM_SCRATCH /* a reduction item's scratch (items.py) */
 #define NBN_CLAIM_ELEMENTS (1 << 16)  /* elements per claim: hides the atomic, still balances */
-#define NBN_THREAD_ELEMENTS (1 << 18) /* per extra thread: starting one costs ~25 us (measured) */
+/* per extra thread: set when each step started its threads (~25 us each); a parked worker
+ * costs less (benchmarks/README.md, issue 15), the bound is not re-tuned for it yet */
+#define NBN_THREAD_ELEMENTS (1 << 18)
 
 typedef struct {
     nbn_range run;
@@ -122,8 +123,16 @@ static void *loop_worker(void *arg) {
     }
 }
 
+#include "nbn_pool.h"
+
+NBN_API void nbn_set_num_threads(int n) {
+    atomic_store(&requested_threads, n > 0 ? n : 0);
+    pool_fit(nbn_get_num_threads());
+}
+
 /* Items [0, items), of about `item_elements` elements each, on up to nbn_get_num_threads()
- * threads (the caller's included); fewer when there is little work or a thread cannot start. */
+ * threads (the caller's included): fewer when there is little work, when a worker cannot start,
+ * or when another call holds the pool (nbn_pool.h). */
 static int parallel_items(nbn_range run, const void *job, int64_t items, int64_t item_elements) {
     nbn_loop loop = {.run = run, .job = job, .items = items};
     loop.grain = item_elements >= NBN_CLAIM_ELEMENTS ? 1 : NBN_CLAIM_ELEMENTS / item_elements;
@@ -136,14 +145,7 @@ static int parallel_items(nbn_range run, const void *job, int64_t items, int64_t
     int64_t threads = nbn_get_num_threads();
     if (threads > claims) threads = claims;
     if (threads > worth) threads = worth > 1 ? worth : 1;
-    pthread_t *ids = threads > 1 ? malloc((size_t)(threads - 1) * sizeof *ids) : NULL;
-    int64_t started = 0;
-    while (ids && started < threads - 1 &&
-           pthread_create(&ids[started], NULL, loop_worker, &loop) == 0)
-        started++;
-    loop_worker(&loop);
-    for (int64_t i = 0; i < started; i++) pthread_join(ids[i], NULL);
-    free(ids);
+    run_loop(&loop, threads);
     return atomic_load(&loop.failed) ? NBN_ERR_INTERNAL : NBN_OK;
 }
 

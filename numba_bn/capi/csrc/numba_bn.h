@@ -10,7 +10,8 @@
  *
  * Ownership: the caller owns every buffer; the library keeps no pointer after a call returns
  * and allocates only scratch that it frees before returning. Calls are thread-safe: several
- * threads may call at once (each call then runs its own worker threads). The one exception is
+ * threads may call at once (numba_bn's library keeps one pool of worker threads; a call that
+ * finds it busy runs on its calling thread alone, with the same results). The one exception is
  * the layer handle (1.2, at the end of this file): an nbn_layer owns its parameters, running
  * buffers, saved statistics and gradients until nbn_layer_destroy.
  *
@@ -74,8 +75,11 @@ NBN_API uint32_t nbn_version(void);
 /* "NBN_OK: success", "NBN_ERR_NULL: ...": a static string, also for unknown codes. */
 NBN_API const char *nbn_status_string(int status);
 
-/* Worker threads per call, for every thread of the process: n <= 0 means all the CPUs this
- * process may run on (the default). Results do not depend on the number of threads. */
+/* Threads per call (the caller's included), for every thread of the process: n <= 0 means all
+ * the CPUs this process may run on (the default). Results do not depend on the number of
+ * threads. numba_bn's library starts its workers on the first call that needs them, keeps them
+ * parked between calls, ends those a lower n leaves idle (waiting for a call in flight), and
+ * ends them all at unload and exit. */
 NBN_API void nbn_set_num_threads(int n);
 NBN_API int nbn_get_num_threads(void);
 

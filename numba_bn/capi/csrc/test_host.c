@@ -16,13 +16,22 @@
  * steps and eval give the bits of those entry points called by hand, its running buffers
  * follow PyTorch's update computed here, its status codes, and that a failed call changes
  * neither the layer nor its outputs; create/destroy of every flag combination (leaks show under
- * -fsanitize=address). Prints one line per failure (line-buffered, so a crash keeps them) and a
+ * -fsanitize=address). The worker threads: calls with thread counts changing between them
+ * (1, 2, 3, 1, ...: the pool grows and shrinks) give the bits of the first, and calls from
+ * several threads at once (while another thread changes the count) give the bits of calls made
+ * one at a time. Prints one line per failure (line-buffered, so a crash keeps them) and a
  * summary; exit status 0 when all pass.
+ *
+ *   env -i ./host threads    (the worker-thread checks only, e.g. under -fsanitize=thread)
  */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "numba_bn.h"
 #include "reference.h"
@@ -1102,6 +1111,136 @@ static void test_layer(void) {
     }
 }
 
+/* ------------------------------------------------------------------------ worker threads */
+/* Shapes big enough for 2 and 3 threads (> 3 * 2^18 elements): fused planes, split planes
+ * (few channels), rows. */
+static const int64_t threaded_shapes[][3] = {{16, 8, 6200}, {40, 3, 7000}, {2100, 400, 1}};
+
+static void test_thread_counts_in_turn(int f64) {
+    static const int counts[] = {1, 2, 3, 1, 3, 2, 1, 2};
+    for (size_t s = 0; s < sizeof threaded_shapes / sizeof threaded_shapes[0]; s++) {
+        int64_t o = threaded_shapes[s][0], c = threaded_shapes[s][1], i = threaded_shapes[s][2];
+        char context[128];
+        snprintf(context, sizeof context, "%s (%lld, %lld, %lld)", f64 ? "f64" : "f32",
+                 (long long)o, (long long)c, (long long)i);
+        int64_t size = o * c * i;
+        tensor x = make(f64, size), dy = make(f64, size), z = make(f64, size);
+        tensor w = make(f64, c), b = make(f64, c);
+        fill_input(x.d, o, c, i), fill(dy.d, size, -1.0, 1.0), fill(z.d, size, -1.0, 1.0);
+        fill(w.d, c, 0.5, 1.5), fill(b.d, c, -1.0, 1.0);
+        sync_from_double(&x), sync_from_double(&dy), sync_from_double(&z);
+        sync_from_double(&w), sync_from_double(&b);
+        nbn_set_num_threads(counts[0]);
+        results first = run_all(&x, &dy, &z, o, c, i, &w, &b, 1e-5, 0.1, context);
+        for (size_t k = 1; k < sizeof counts / sizeof counts[0]; k++) {
+            nbn_set_num_threads(counts[k]);
+            results again = run_all(&x, &dy, &z, o, c, i, &w, &b, 1e-5, 0.1, context);
+            char what[96];
+            snprintf(what, sizeof what, "call %zu (%d threads) gives the bits of call 0 (%d)", k,
+                     counts[k], counts[0]);
+            check_same_bits(&first, &again, what, context);
+            release_results(&again);
+        }
+        release_results(&first);
+        release(&x), release(&dy), release(&z), release(&w), release(&b);
+    }
+    nbn_set_num_threads(2);
+}
+
+/* One caller's inputs, the outputs expected (from a call made alone) and its own outputs. */
+typedef struct {
+    int64_t o, c, i;
+    tensor x, dy, w, b, rm, rv;
+    tensor y, mean, invstd, y_eval, dx, dw, db;     /* expected */
+    tensor y2, mean2, invstd2, y_eval2, dx2, dw2, db2; /* the caller's */
+    int calls, mismatches;
+} caller;
+
+static int caller_step(caller *k, int mine) {
+    tensor *y = mine ? &k->y2 : &k->y, *mean = mine ? &k->mean2 : &k->mean;
+    tensor *invstd = mine ? &k->invstd2 : &k->invstd, *y_eval = mine ? &k->y_eval2 : &k->y_eval;
+    tensor *dx = mine ? &k->dx2 : &k->dx, *dw = mine ? &k->dw2 : &k->dw;
+    tensor *db = mine ? &k->db2 : &k->db;
+    return train(&k->x, k->o, k->c, k->i, &k->w, &k->b, 1e-5, y, mean, invstd, NULL, NULL, 0.1) |
+           eval(&k->x, k->o, k->c, k->i, &k->w, &k->b, &k->rm, &k->rv, 1e-5, y_eval) |
+           back(&k->dy, &k->x, k->o, k->c, k->i, &k->w, mean, invstd, dx, dw, db);
+}
+
+static atomic_int callers_running;
+
+static void *caller_main(void *arg) {
+    caller *k = arg;
+    for (int r = 0; r < k->calls; r++) {
+        tensor *mine[] = {&k->y2, &k->mean2, &k->invstd2, &k->y_eval2, &k->dx2, &k->dw2, &k->db2};
+        for (size_t t = 0; t < sizeof mine / sizeof mine[0]; t++) poison(mine[t]);
+        int status = caller_step(k, 1);
+        k->mismatches += status != NBN_OK || !same_bits(&k->y, &k->y2) ||
+                         !same_bits(&k->mean, &k->mean2) || !same_bits(&k->invstd, &k->invstd2) ||
+                         !same_bits(&k->y_eval, &k->y_eval2) || !same_bits(&k->dx, &k->dx2) ||
+                         !same_bits(&k->dw, &k->dw2) || !same_bits(&k->db, &k->db2);
+    }
+    atomic_fetch_sub(&callers_running, 1);
+    return NULL;
+}
+
+static void test_calls_from_several_threads(int calls) {
+    enum { CALLERS = 4 };
+    caller k[CALLERS];
+    nbn_set_num_threads(2);
+    for (int n = 0; n < CALLERS; n++) {
+        const int64_t *shape = threaded_shapes[n % 3];
+        int f64 = n % 2;
+        int64_t o = shape[0], c = shape[1], i = shape[2], size = o * c * i;
+        k[n] = (caller){.o = o, .c = c, .i = i, .calls = calls,
+                        .x = make(f64, size), .dy = make(f64, size), .w = make(f64, c),
+                        .b = make(f64, c), .rm = make(f64, c), .rv = make(f64, c),
+                        .y = make(f64, size), .mean = make(f64, c), .invstd = make(f64, c),
+                        .y_eval = make(f64, size), .dx = make(f64, size), .dw = make(f64, c),
+                        .db = make(f64, c), .y2 = make(f64, size), .mean2 = make(f64, c),
+                        .invstd2 = make(f64, c), .y_eval2 = make(f64, size),
+                        .dx2 = make(f64, size), .dw2 = make(f64, c), .db2 = make(f64, c)};
+        fill_input(k[n].x.d, o, c, i), fill(k[n].dy.d, size, -1.0, 1.0);
+        fill(k[n].w.d, c, 0.5, 1.5), fill(k[n].b.d, c, -1.0, 1.0);
+        fill(k[n].rm.d, c, -1.0, 1.0), fill(k[n].rv.d, c, 0.5, 2.0);
+        tensor *in[] = {&k[n].x, &k[n].dy, &k[n].w, &k[n].b, &k[n].rm, &k[n].rv};
+        for (size_t t = 0; t < sizeof in / sizeof in[0]; t++) sync_from_double(in[t]);
+        check(caller_step(&k[n], 0) == NBN_OK, "a call made alone returns NBN_OK", "callers");
+    }
+    pthread_t ids[CALLERS];
+    atomic_store(&callers_running, CALLERS);
+    int started = 0;
+    for (int n = 0; n < CALLERS; n++)
+        started += pthread_create(&ids[n], NULL, caller_main, &k[n]) == 0;
+    check(started == CALLERS, "the callers' threads start", "callers");
+    /* meanwhile the count changes under them: the pool grows and shrinks between their steps */
+    static const int counts[] = {3, 1, 2};
+    const struct timespec pause = {0, 2000000};
+    for (int turn = 0; atomic_load(&callers_running) > CALLERS - started; turn++) {
+        nbn_set_num_threads(counts[turn % 3]);
+        nanosleep(&pause, NULL);
+    }
+    for (int n = 0; n < started; n++) pthread_join(ids[n], NULL);
+    nbn_set_num_threads(2);
+    for (int n = 0; n < CALLERS; n++) {
+        char context[96];
+        snprintf(context, sizeof context, "caller %d, %s (%lld, %lld, %lld), %d calls", n,
+                 k[n].x.f64 ? "f64" : "f32", (long long)k[n].o, (long long)k[n].c,
+                 (long long)k[n].i, calls);
+        check(k[n].mismatches == 0, "calls from 4 threads at once give the bits of one alone",
+              context);
+        tensor *all[] = {&k[n].x, &k[n].dy, &k[n].w, &k[n].b, &k[n].rm, &k[n].rv, &k[n].y,
+                         &k[n].mean, &k[n].invstd, &k[n].y_eval, &k[n].dx, &k[n].dw, &k[n].db,
+                         &k[n].y2, &k[n].mean2, &k[n].invstd2, &k[n].y_eval2, &k[n].dx2,
+                         &k[n].dw2, &k[n].db2};
+        for (size_t t = 0; t < sizeof all / sizeof all[0]; t++) release(all[t]);
+    }
+}
+
+static void test_threads(void) {
+    test_thread_counts_in_turn(0), test_thread_counts_in_turn(1);
+    test_calls_from_several_threads(6);
+}
+
 static void test_library_info(void) {
     check(nbn_version() == NBN_VERSION_NUMBER, "nbn_version matches the header", "");
     check(nbn_version() / 10000 == NBN_VERSION_MAJOR, "major version", "");
@@ -1122,6 +1261,11 @@ static void test_library_info(void) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc > 1 && strcmp(argv[1], "threads") == 0) { /* the worker threads only */
+        test_threads();
+        printf("isa %s: %d checks, %d failed\n", nbn_isa(), checks, failures);
+        return failures ? 1 : 0;
+    }
     if (argc > 1 && strcmp(argv[1], "layer") == 0) { /* the layer handle only */
         test_library_info();
         test_layer();
@@ -1148,6 +1292,7 @@ int main(int argc, char **argv) {
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int f64 = 0; f64 < 2; f64++)
             test_shape(f64, shapes[s][0], shapes[s][1], shapes[s][2], (int)((s + f64) % 2));
+    test_threads();
     printf("isa %s: %d checks, %d failed\n", nbn_isa(), checks, failures);
     return failures ? 1 : 0;
 }

@@ -1,0 +1,234 @@
+/* nbn_pool.h: the shim's persistent worker threads (included once, by nbn_shim.c).
+ *
+ * Before ABI 1.2's pool every parallel step started its threads and joined them (~25 us a
+ * thread, three steps in a split call). Now:
+ *   - workers start on the first step that runs on more than one thread, as many as it needs
+ *     (the caller is one of the threads), and stay;
+ *   - between steps a worker waits for up to NBN_POOL_SPIN_NS on the step counter (the next
+ *     step of the same call usually follows within microseconds), then sleeps on its own
+ *     condition variable: a parked pool uses no CPU;
+ *   - one step at a time owns the pool (`owner`, a trylock): a step of a call from another
+ *     application thread that finds it busy runs its items on its calling thread alone. That
+ *     thread is a CPU already busy with work of its own, so nothing is oversubscribed and
+ *     nobody waits for the pool; the items and each channel's merge order come from the plan,
+ *     not from the threads that run them, so the bits are the same either way;
+ *   - nbn_set_num_threads(n) joins the workers above n - 1 (it waits for the step in flight);
+ *   - at unload (dlclose, or exit) a destructor wakes and joins them all, unless a call is in
+ *     flight on another thread (only at exit: the process ends them);
+ *   - a fork waits for the step in flight; the child starts with no workers (they are not
+ *     copied) and starts its own when it needs them.
+ * Workers block every signal, so signals go to the application's threads.
+ */
+#include <limits.h>
+#include <signal.h>
+#include <time.h>
+
+#ifndef NBN_POOL_SPIN_NS
+#define NBN_POOL_SPIN_NS 50000 /* see benchmarks/README.md, "A persistent thread pool" */
+#endif
+
+typedef struct {
+    pthread_t id;
+    pthread_cond_t wake; /* signalled when a step for this worker is published, or it must leave */
+    int index;
+    unsigned seen; /* the last step this worker has looked at */
+} nbn_worker;
+
+static struct {
+    pthread_mutex_t owner; /* held by the step that runs on the pool (and by resizes) */
+    pthread_mutex_t lock;  /* guards what follows (writes to step and pending included) */
+    pthread_cond_t done;   /* signalled when pending reaches 0 */
+    nbn_worker **workers;  /* [0, size): started; touched by the owner only */
+    int size, limit;       /* workers with index >= limit leave */
+    atomic_uint step;      /* bumped for each step published */
+    nbn_loop *loop;        /* the step: workers [0, participants) run it */
+    int participants;
+    atomic_int pending; /* participants still running the step */
+} pool = {.owner = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
+          .done = PTHREAD_COND_INITIALIZER, .limit = INT_MAX};
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spins until *value != unwanted or NBN_POOL_SPIN_NS have passed (reading the clock every 64
+ * tries); whether the value changed. */
+static int spin_while_equal(atomic_uint *value, unsigned unwanted) {
+    if (NBN_POOL_SPIN_NS <= 0) return 0;
+    double until = 0;
+    for (unsigned tries = 1;; tries++) {
+        if (atomic_load_explicit(value, memory_order_acquire) != unwanted) return 1;
+        cpu_relax();
+        if (tries % 64 == 0) {
+            double t = seconds();
+            if (until == 0)
+                until = t + 1e-9 * NBN_POOL_SPIN_NS;
+            else if (t > until)
+                return 0;
+        }
+    }
+}
+
+static void *pool_worker(void *arg) {
+    nbn_worker *self = arg;
+    int spin = 1; /* after a step it ran: one it was left out of sends it straight to sleep */
+    for (;;) {
+        if (spin) spin_while_equal(&pool.step, self->seen);
+        pthread_mutex_lock(&pool.lock);
+        while (self->index < pool.limit && atomic_load(&pool.step) == self->seen)
+            pthread_cond_wait(&self->wake, &pool.lock);
+        if (self->index >= pool.limit) {
+            pthread_mutex_unlock(&pool.lock);
+            return NULL;
+        }
+        /* The owner publishes no step before every participant of the last one is done, so a
+         * participant never misses its step; a worker left out of one just looks at it. */
+        self->seen = atomic_load(&pool.step);
+        nbn_loop *loop = self->index < pool.participants ? pool.loop : NULL;
+        pthread_mutex_unlock(&pool.lock);
+        spin = loop != NULL;
+        if (!loop) continue;
+        loop_worker(loop); /* loop is the owner's: not touched after pending counts this one */
+        if (atomic_fetch_sub(&pool.pending, 1) == 1) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
+}
+
+/* Starts workers up to `wanted` (fewer if a thread cannot start); the owner holds the pool. */
+static void pool_grow(int wanted) {
+    if (wanted <= pool.size) return;
+    nbn_worker **workers = realloc(pool.workers, (size_t)wanted * sizeof *workers);
+    if (!workers) return;
+    pool.workers = workers;
+    sigset_t all, before;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &before); /* the workers inherit it */
+    while (pool.size < wanted) {
+        nbn_worker *w = malloc(sizeof *w);
+        if (!w) break;
+        /* seen is set here, not by the worker: a step published before the worker first runs
+         * is one it must not miss */
+        *w = (nbn_worker){.index = pool.size, .seen = atomic_load(&pool.step)};
+        if (pthread_cond_init(&w->wake, NULL) != 0) {
+            free(w);
+            break;
+        }
+        if (pthread_create(&w->id, NULL, pool_worker, w) != 0) {
+            pthread_cond_destroy(&w->wake);
+            free(w);
+            break;
+        }
+        workers[pool.size++] = w;
+    }
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+}
+
+/* Joins the workers from index `keep` on; the owner holds the pool. */
+static void pool_shrink(int keep) {
+    if (keep < 0) keep = 0;
+    if (keep >= pool.size) return;
+    pthread_mutex_lock(&pool.lock);
+    pool.limit = keep;
+    for (int i = keep; i < pool.size; i++) pthread_cond_signal(&pool.workers[i]->wake);
+    pthread_mutex_unlock(&pool.lock);
+    for (int i = keep; i < pool.size; i++) {
+        pthread_join(pool.workers[i]->id, NULL);
+        pthread_cond_destroy(&pool.workers[i]->wake);
+        free(pool.workers[i]);
+    }
+    pthread_mutex_lock(&pool.lock);
+    pool.size = keep;
+    pool.limit = INT_MAX;
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* Runs `loop` on the calling thread and up to `helpers` workers; the owner holds the pool. */
+static void pool_run(nbn_loop *loop, int helpers) {
+    pool_grow(helpers);
+    int n = helpers < pool.size ? helpers : pool.size;
+    if (n > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pool.loop = loop;
+        pool.participants = n;
+        atomic_store(&pool.pending, n);
+        atomic_fetch_add_explicit(&pool.step, 1, memory_order_release);
+        for (int i = 0; i < n; i++) pthread_cond_signal(&pool.workers[i]->wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    loop_worker(loop);
+    if (n == 0) return;
+    if (NBN_POOL_SPIN_NS > 0) {
+        double until = seconds() + 1e-9 * NBN_POOL_SPIN_NS;
+        for (unsigned tries = 1; atomic_load(&pool.pending) != 0; tries++) {
+            cpu_relax();
+            if (tries % 64 == 0 && seconds() > until) break;
+        }
+    }
+    pthread_mutex_lock(&pool.lock);
+    while (atomic_load(&pool.pending) != 0) pthread_cond_wait(&pool.done, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* Runs `loop` on `threads` threads, the caller's included: on the pool when it is free, else on
+ * the calling thread alone. */
+static void run_loop(nbn_loop *loop, int64_t threads) {
+    if (threads > 1 && pthread_mutex_trylock(&pool.owner) == 0) {
+        pool_run(loop, threads - 1 < INT_MAX ? (int)(threads - 1) : INT_MAX);
+        pthread_mutex_unlock(&pool.owner);
+    } else {
+        loop_worker(loop);
+    }
+}
+
+/* nbn_set_num_threads: the workers a count of `threads` leaves without work go. */
+static void pool_fit(int64_t threads) {
+    pthread_mutex_lock(&pool.owner);
+    pool_shrink(threads - 1 < INT_MAX ? (int)(threads - 1) : INT_MAX);
+    pthread_mutex_unlock(&pool.owner);
+}
+
+static void pool_before_fork(void) {
+    pthread_mutex_lock(&pool.owner);
+    pthread_mutex_lock(&pool.lock);
+}
+
+static void pool_after_fork_in_parent(void) {
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.owner);
+}
+
+/* The child has only the thread that forked: the workers' structures are dropped (their
+ * condition variables are not destroyed: glibc's destroy would wait for waiters that do not
+ * exist here). */
+static void pool_after_fork_in_child(void) {
+    for (int i = 0; i < pool.size; i++) free(pool.workers[i]);
+    pool.size = 0;
+    pool.limit = INT_MAX;
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.owner);
+}
+
+__attribute__((constructor)) static void pool_load(void) {
+    pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child);
+}
+
+__attribute__((destructor)) static void pool_unload(void) {
+    if (pthread_mutex_trylock(&pool.owner) != 0) return; /* a call in flight at exit */
+    pool_shrink(0);
+    free(pool.workers);
+    pool.workers = NULL;
+    pthread_mutex_unlock(&pool.owner);
+}
