@@ -5,9 +5,11 @@
  *   ./bench OUTER CHANNELS INNER [THREADS [REPEAT]]      e.g. ./bench 32 64 3136
  *
  * float32, PyTorch-style training forward (with running buffers), eval forward and backward:
- * the median and the fastest of REPEAT runs (default 20) after one warm-up, and the bandwidth of
- * the median against the bytes each must move at least (train: read x, write y; eval: the same;
- * backward: read dy, x, write dx). On a shared machine the fastest run is the steadier number.
+ * the first call (the process's first call of the library for forward-train: it starts the
+ * worker threads; the first touch of the outputs' pages for each), the median and the fastest
+ * of REPEAT runs (default 20) after it, and the bandwidth of the median against the bytes each
+ * must move at least (train: read x, write y; eval: the same; backward: read dy, x, write dx).
+ * On a shared machine the fastest run is the steadier number.
  * `numba-bn demo --shape N,C,H,W` prints the JIT backend's times for the same operations.
  */
 #define _POSIX_C_SOURCE 199309L
@@ -56,10 +58,12 @@ int main(int argc, char **argv) {
     printf("libnumba_bn %u, isa %s, %d threads, float32 (%lld, %lld, %lld), %.1f MiB per tensor\n",
            nbn_version(), nbn_isa(), nbn_get_num_threads(), (long long)outer,
            (long long)channels, (long long)inner, (double)size * 4 / (1 << 20));
-    printf("  %-14s %10s %10s %10s\n", "operation", "median ms", "min ms", "GB/s");
+    printf("  %-14s %10s %10s %10s %10s\n", "operation", "first ms", "median ms", "min ms",
+           "GB/s");
     const char *names[] = {"forward-train", "forward-eval", "backward"};
     const double bytes[] = {8.0 * (double)size, 8.0 * (double)size, 12.0 * (double)size};
     for (int op = 0; op < 3; op++) {
+        double first = 0;
         for (int r = -1; r < repeat; r++) {
             double start = now();
             int status = op == 0 ? nbn_forward_train_f32(x, outer, channels, inner, weight, bias,
@@ -72,12 +76,15 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "%s: %s\n", names[op], nbn_status_string(status));
                 return 1;
             }
-            if (r >= 0) times[r] = now() - start;
+            if (r >= 0)
+                times[r] = now() - start;
+            else
+                first = now() - start;
         }
         qsort(times, (size_t)repeat, sizeof *times, by_value);
         double median = times[repeat / 2];
-        printf("  %-14s %10.3f %10.3f %10.1f\n", names[op], median * 1e3, times[0] * 1e3,
-               bytes[op] / median / 1e9);
+        printf("  %-14s %10.3f %10.3f %10.3f %10.1f\n", names[op], first * 1e3, median * 1e3,
+               times[0] * 1e3, bytes[op] / median / 1e9);
     }
     free(x), free(y), free(dy), free(dx), free(vectors), free(times);
     return 0;
