@@ -1,8 +1,8 @@
 """The C library: libnumba_bn.so from the library's own Numba kernels, and C backends.
 
 * ``csrc/`` (package data): the C API (numba_bn.h), the shim that runs the compiled range drivers
-  on its persistent worker threads (nbn_pool.h), the argument checks, the layer handle over the entry points (nbn_layer.h), a
-  plain reference backend and the C test and bench hosts.
+  on its persistent worker threads (nbn_pool.h), the argument checks, the layer handle over the
+  entry points (nbn_layer.h), a plain reference backend and the C test and bench hosts.
 * :mod:`.ranges`: the serial range drivers over :mod:`numba_bn.cpu.items`, exported with
   ``@cfunc``.
 * :mod:`.build`: ``numba-bn build-plugin``, which compiles those drivers and links them with
