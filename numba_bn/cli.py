@@ -2,12 +2,57 @@
 
 The training example is not one of them: it is a program to read and copy, and lives with its
 sources in examples/train_digits/ (not in the installed package); see docs/train_demo.md.
+
+Bad input is a :class:`UsageError` from a command (or argparse's own): argparse's usage line of
+that subcommand and one ``numba-bn <command>: error: ...`` line on stderr, exit status 2.
 """
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
+
+from . import __version__
+
+#: What ``numba-bn --help`` says (this module's docstring is for developers).
+DESCRIPTION = (
+    "Batch normalization for NumPy, CUDA arrays and C, from compiled Numba kernels: check and "
+    "time a batch (demo), report versions and the machine (info), build the C library "
+    "(build-plugin), benchmark against memcpy, NumPy and PyTorch (bench), compile ahead of the "
+    "first call (warmup). numba-bn COMMAND --help describes each."
+)
+
+
+class UsageError(ValueError):
+    """Bad command-line input found by a command: main() reports it as argparse does."""
+
+
+def writable_directory(path, option):
+    """``path`` made if missing, or UsageError naming ``option`` when it is not a writable
+    directory."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {str(path)!r} cannot be made: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {str(path)!r} is not a writable directory")
+    return path
+
+
+def writable_file(path, option):
+    """UsageError naming ``option`` unless ``path`` can be written (its directory exists and is
+    writable, and it is not a directory); checked before a long run, not after."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {str(path)!r}: its directory is missing or not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {str(path)!r} is not writable")
+    return path
 
 
 # --------------------------------------------------------------------------------------- demo
@@ -163,13 +208,25 @@ COMMANDS = {
 }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="numba-bn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def parsers():
+    """The ``numba-bn`` parser and a parser per command (``{name: parser}``)."""
+    parser = argparse.ArgumentParser(prog="numba-bn", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"numba-bn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
     for name, (add_arguments, _, help_text) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text))
+        commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(commands[name])
+    return parser, commands
+
+
+def main(argv=None):
+    parser, commands = parsers()
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][1](args)
+    try:
+        return COMMANDS[args.command][1](args)
+    except UsageError as exc:  # usage line, "numba-bn <command>: error: ...", exit status 2
+        commands[args.command].error(str(exc))
 
 
 if __name__ == "__main__":

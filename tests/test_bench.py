@@ -157,9 +157,12 @@ def test_plot_without_matplotlib_is_refused_before_anything_runs(
     tmp_path, capsys, monkeypatch, restore_threads
 ):
     monkeypatch.setattr("numba_bn.bench.has_matplotlib", lambda: False)
-    code, out = sweep(capsys, "--plot", str(tmp_path / "sweep.png"))
-    assert code == 2
-    assert "--plot needs matplotlib" in out and "verified" not in out
+    with pytest.raises(SystemExit) as exit_info:
+        sweep(capsys, "--plot", str(tmp_path / "sweep.png"))
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "numba-bn bench: error: --plot needs matplotlib" in captured.err
+    assert "verified" not in captured.out
 
 
 def test_sweep_shapes_are_the_speed_issues_table():
@@ -253,9 +256,12 @@ def test_bench_without_torch_says_its_columns_are_absent(capsys, monkeypatch, re
     ],
 )
 def test_bench_rejects_bad_arguments_by_name(capsys, args, message):
-    code = cli.main(["bench", *args])
-    assert code == 2
-    assert message in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", *args])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("usage: numba-bn bench")
+    assert f"numba-bn bench: error: {message}" in captured.err
 
 
 def test_fused_and_norms_tables_verify_and_print(capsys, monkeypatch, restore_threads, no_pause):

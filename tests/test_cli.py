@@ -1,6 +1,7 @@
 """The numba-bn command: demo checks itself against a reference, through the benchmark's
 verify-then-time path; info reports the machine."""
 
+import argparse
 import importlib.metadata
 import importlib.util
 import os
@@ -9,8 +10,9 @@ import numba
 import numpy as np
 import pytest
 
+import numba_bn
 from numba_bn.bench import cases, demo, measure, peers
-from numba_bn.cli import main
+from numba_bn.cli import main, parsers
 
 
 @pytest.fixture
@@ -109,8 +111,55 @@ def test_demo_verifies_each_timed_call_as_bench_does(capsys, monkeypatch):
     ],
 )
 def test_demo_rejects_bad_arguments_by_name(capsys, args, message):
-    assert main(["demo", *args]) == 2
-    assert message in capsys.readouterr().out
+    _assert_usage_error(capsys, ["demo", *args], "demo", message)
+
+
+def _assert_usage_error(capsys, argv, command, message):
+    """argparse's usage line of ``command``, then one 'numba-bn <command>: error: ...' line
+    holding ``message``, on stderr; exit status 2; no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines[0].startswith(f"usage: numba-bn {command}"), captured.err
+    assert lines[-1].startswith(f"numba-bn {command}: error: ") and message in lines[-1], lines
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"numba-bn {numba_bn.__version__}"
+
+
+def test_help_describes_the_commands_for_users_and_every_option_has_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":class:" not in text and "COMMANDS" not in text, text
+    assert "Batch normalization for NumPy" in text
+    parser, commands = parsers()
+    assert sorted(commands) == sorted(["demo", "info", "build-plugin", "bench", "warmup"])
+    for name, command in commands.items():
+        assert name in text and command.description, name
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, (name, action.option_strings)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "message"),
+    [
+        (["build-plugin", "--out", "/proc/numba-bn-test"], "build-plugin", "--out '/proc/"),
+        (["build-plugin", "--out", "/etc/passwd"], "build-plugin", "--out '/etc/passwd'"),
+        (["bench", "--json", "/proc/x/y.json"], "bench", "--json '/proc/x/y.json'"),
+        (["bench", "--plot", "/"], "bench", "--plot '/' is a directory"),
+    ],
+)
+def test_unwritable_outputs_are_usage_errors_before_anything_runs(capsys, argv, command, message):
+    _assert_usage_error(capsys, argv, command, message)
 
 
 def test_info_lists_versions_and_layer(capsys):

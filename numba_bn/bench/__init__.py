@@ -62,7 +62,10 @@ def add_arguments(parser):
         "per shape and implementation in us, the BatchNorm layer included; --plot draws time "
         "against size",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64"],
+        help="dtype of the inputs (default float32)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="numba and torch threads (2)")
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds (default 20)")
     parser.add_argument(
@@ -118,7 +121,10 @@ def set_threads(threads, torch=None):
 
 
 def command(args, log=print):
-    """Run the benchmark as the CLI asks; 0 on success, 1 when a check fails, 2 on bad input."""
+    """Run the benchmark as the CLI asks; 0 on success, 1 when a check fails; bad input is a
+    UsageError (numba_bn.cli)."""
+    from ..cli import UsageError, writable_file
+
     if args.fused or args.norms:
         return _other_tables(args, log)
     shapes = args.shapes or ("sweep" if args.sweep else "default")
@@ -133,11 +139,13 @@ def command(args, log=print):
             raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
         if args.plot and not has_matplotlib():
             raise ValueError("--plot needs matplotlib, not installed: pip install matplotlib")
+        for option, path in (("--json", args.json), ("--plot", args.plot)):
+            if path is not None:
+                writable_file(path, option)
         torch = import_torch() if "torch" in wanted else None
         set_threads(args.threads, torch)
-    except ValueError as exc:
-        log(f"numba-bn bench: {exc}")
-        return 2
+    except ValueError as exc:  # UsageError is one
+        raise UsageError(str(exc)) from None
     chosen = implementations(wanted, args.threads, torch)
     names_chosen = [i.name for i in chosen]
     dtype = np.dtype(args.dtype)
@@ -205,6 +213,7 @@ def command(args, log=print):
 
 def _other_tables(args, log):
     """The fused op's and the other normalisations' tables (float32, with torch if installed)."""
+    from ..cli import UsageError
     from . import fused, norms
 
     try:
@@ -213,8 +222,7 @@ def _other_tables(args, log):
         torch = import_torch()
         set_threads(args.threads, torch)
     except ValueError as exc:
-        log(f"numba-bn bench: {exc}")
-        return 2
+        raise UsageError(str(exc)) from None
     if args.fused:
         fused.run(args.threads, args.repeat, torch, log)
     if args.norms:

@@ -33,8 +33,13 @@ MOMENTUM = 0.1  # PyTorch's, weighting the new batch; the reference below assume
 def add_arguments(parser):
     parser.add_argument("--shape", default="32,64,28,28", help="input shape (default %(default)s)")
     parser.add_argument("--axis", type=int, default=1, help="channel axis (default 1)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--repeat", type=int, default=20, help="timed runs per operation")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64"],
+        help="dtype of the batch (default float32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeat", type=int, default=20, help="timed runs per operation (default 20)"
+    )
 
 
 def parse_shape(text, axis):
@@ -92,15 +97,16 @@ def check_layer(case):
 
 
 def command(args, log=print):
-    """Run the demo as the CLI asks; 0 when every check passes, 1 when one fails, 2 on bad
-    input."""
+    """Run the demo as the CLI asks; 0 when every check passes, 1 when one fails; bad input is
+    a UsageError (numba_bn.cli)."""
+    from ..cli import UsageError
+
     try:
         shape = parse_shape(args.shape, args.axis)
         if args.repeat < 1:
             raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     except ValueError as exc:
-        log(f"numba-bn demo: {exc}")
-        return 2
+        raise UsageError(str(exc)) from None
     dtype = np.dtype(args.dtype)
     case = Case(shape, dtype)
     log(

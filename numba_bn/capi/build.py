@@ -109,6 +109,9 @@ def add_arguments(parser):
 
 
 def run_from_args(args):
+    from ..cli import writable_directory
+
+    writable_directory(args.out, "--out")
     if args.header_only:
         print(write_generated_header(args.out, cpu=args.cpu))
         return 0
