@@ -223,6 +223,21 @@ def test_command_prints_results_and_writes_the_plot(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_default_plot_goes_to_the_current_directory_and_says_where(
+    tmp_path, monkeypatch, capsys
+):
+    """Not docs/train_digits.png, which overwrote the docs' figure in a checkout and made a
+    docs/ folder anywhere else."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert train_digits.main(["--epochs", "1", "--high-lr", "0", "--batch-size", "256"]) == 0
+    written = tmp_path / "train_digits.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {written}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_digits.png"]
+
+
 def test_example_runs_as_a_script(monkeypatch, capsys):
     """``python examples/train_digits/train_digits.py ...`` in this process (the kernels are
     compiled already): the script runs as __main__ with only its own folder on sys.path, as

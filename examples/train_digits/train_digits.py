@@ -10,7 +10,7 @@ tests/test_train_demo.py checks the whole network's gradient against finite diff
 Needs scikit-learn (data) and matplotlib (plot): pip install -e ".[demo]". See docs/train_demo.md.
 
     python examples/train_digits/train_digits.py [--epochs 20] [--lr 0.05] [--high-lr 0.5]
-        [--plot docs/train_digits.png]
+        [--plot train_digits.png]
 """
 
 import argparse
@@ -257,8 +257,9 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--plot",
-        default="docs/train_digits.png",
-        help="PNG to write when matplotlib is installed (default %(default)s)",
+        default="train_digits.png",
+        help="PNG to write when matplotlib is installed (default %(default)s, in the current "
+        "directory; the docs' figure is --plot docs/train_digits.png from the repository root)",
     )
     parser.add_argument("--no-plot", action="store_true", help="write no plot")
 
@@ -301,7 +302,7 @@ def run_from_args(args):
     )
     if not args.no_plot:
         if save_plot(result.runs, args.plot):
-            print(f"plot: {args.plot}")
+            print(f"plot: {Path(args.plot).resolve()}")
         else:
             print("plot: skipped, matplotlib is not installed (pip install matplotlib)")
     print(
