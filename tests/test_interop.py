@@ -380,3 +380,31 @@ def test_the_norms_take_torch_tensors_for_every_array_and_update_running_buffers
     for theirs, ours, pointer in zip(their_buffers, buffers, pointers, strict=True):
         assert theirs.data_ptr() == pointer
         _assert_same_bits(_numpy(theirs), ours)
+
+
+def test_jax_cpu_arrays_give_the_numpy_bits_and_refuse_to_be_updated(rng):
+    """JAX CPU arrays (``__dlpack__``, immutable): every input, the NumPy call's bits; as a
+    running buffer of a training call, the "must be writable" error, nothing modified."""
+    jnp = pytest.importorskip("jax.numpy")
+    case = _case(rng, (6, 4, 5), 1, np.float32)
+    x, dy = case["x"], rng.standard_normal(case["x"].shape).astype(np.float32)
+    w, b = case["weight"], case["bias"]
+    y, mean, invstd = nbn.forward_train(x, w, b)
+    grads = nbn.backward(dy, x, mean, invstd, w)
+    j = {name: jnp.asarray(value) for name, value in
+         {"x": x, "dy": dy, "w": w, "b": b, "mean": mean, "invstd": invstd}.items()}  # fmt: skip
+    jy, jmean, jinvstd = nbn.forward_train(j["x"], j["w"], j["b"])
+    for ours, theirs in zip((jy, jmean, jinvstd), (y, mean, invstd), strict=True):
+        assert type(ours) is np.ndarray
+        _assert_same_bits(ours, theirs)
+    for ours, theirs in zip(nbn.backward(j["dy"], j["x"], j["mean"], j["invstd"], j["w"]), grads,
+                            strict=True):  # fmt: skip
+        _assert_same_bits(ours, theirs)
+    running = [case["running_mean"], case["running_var"]]
+    eval_y = nbn.forward_eval(x, *running, w, b)
+    _assert_same_bits(nbn.forward_eval(j["x"], *map(jnp.asarray, running), j["w"], j["b"]), eval_y)
+    frozen = [jnp.asarray(a) for a in running]
+    with pytest.raises(ValueError, match="running_mean must be writable"):
+        nbn.batch_norm(j["x"], *frozen, j["w"], j["b"], training=True)
+    for value, original in zip(frozen, running, strict=True):
+        _assert_same_bits(np.asarray(value), original)
