@@ -45,12 +45,12 @@ from numba import njit
 from numpy.typing import DTypeLike
 
 from .annotations import Array, Backend, Comm, Device, NanPolicy
-from .checks import compute_dtype, in_compute_dtype, returned_like
+from .checks import in_compute_dtype
 from .dispatch import memory_of
 from .layer import BatchNorm
 from .memory import HOST
 from .moments import Moments
-from .ops import batch_backward, batch_forward, weight_gradient
+from .ops import batch_backward, batch_forward, parameter_gradients
 from .stats import chan_merge
 
 INSTALL_HINT = 'pip install "numba-bn[mpi]"'
@@ -355,8 +355,7 @@ def sync_backward(
         exchange=RankExchange(resolve_comm(comm)), device=device,
     )  # fmt: skip
     # the global count: 0 (every rank's batch empty, invstd NaN) gives a zero dweight
-    dweight = weight_gradient(invstd, sum_dy_xmu, count, compute_dtype(dx.dtype))
-    return (dx, *returned_like(dx, dweight), *in_compute_dtype(dx, sum_dy))
+    return (dx, *parameter_gradients(dx, invstd, sum_dy, sum_dy_xmu, count))
 
 
 class SyncBatchNorm(BatchNorm):

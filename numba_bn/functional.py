@@ -6,10 +6,9 @@ Per-channel statistics come back in the input's dtype (float32 for float16 and b
 """
 
 from .annotations import Activation, Array, Backend, Device, NanPolicy
-from .checks import compute_dtype, in_compute_dtype, returned_like
-from .dispatch import memory_of
+from .checks import in_compute_dtype
 from .masking import masked_batch_backward, masked_batch_forward
-from .ops import batch_backward, batch_forward, frozen_forward, weight_gradient
+from .ops import batch_backward, batch_forward, frozen_forward, parameter_gradients
 
 
 def forward_train(
@@ -167,9 +166,7 @@ def backward(
             dy, x, mean, invstd, weight, axis, mask, out=out, backend=backend,
             activation=activation, y=y, residual_out=residual_out,
         )  # fmt: skip
-    memory, dtype = memory_of(dx), compute_dtype(dx.dtype)
-    dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
-    return (dx, *returned_like(dx, dweight, memory.astype(sum_dy, dtype)))
+    return (dx, *parameter_gradients(dx, invstd, sum_dy, sum_dy_xmu, count))
 
 
 def batch_norm(

@@ -24,6 +24,8 @@ from .checks import (
     check_running_var,
     check_train_inputs,
     check_training_count,
+    compute_dtype,
+    returned_like,
     stats_vector,
 )
 from .dispatch import memory_of, placed
@@ -514,6 +516,14 @@ def affine_forward(x, mean, invstd, weight, bias, axis, *, out=None, backend="cp
                           bias=vectors.kernel("bias"), y=y_view, residual=epilogue[0],
                           activation=epilogue[1])  # fmt: skip
     return prepared.finish(y, y_view)
+
+
+def parameter_gradients(dx, invstd, sum_dy, sum_dy_xmu, count):
+    """(dweight, dbias) of a backward whose result is ``dx``: in its compute dtype and, for CUDA
+    arrays, of its kind (:func:`.checks.returned_like`)."""
+    dtype = compute_dtype(dx.dtype)
+    dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
+    return returned_like(dx, dweight, memory_of(sum_dy).astype(sum_dy, dtype))
 
 
 def weight_gradient(invstd, sum_dy_xmu, count, dtype):
