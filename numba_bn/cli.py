@@ -45,7 +45,7 @@ def writable_file(path, option):
     """UsageError naming ``option`` unless ``path`` can be written (its directory exists and is
     writable, and it is not a directory); checked before a long run, not after."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent  # "." for a bare file name
     if path.is_dir():
         raise UsageError(f"{option} {str(path)!r} is a directory, not a file")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
