@@ -35,8 +35,8 @@ from .norm_checks import (
     plain_stat,
     sample_out,
 )
+from .norm_steps import parameter_sums, running_update, split_group_forward, tiled
 from .ops import frozen_forward
-from .stats import invstd_of
 
 _BACKEND = CpuBackend()  # the split steps, for group norm with fewer groups than threads
 
@@ -48,16 +48,6 @@ def _plan(step, size):
 
 
 _NO_GUARD = contextlib.nullcontext()
-
-
-def _tiled(vector, n):
-    """``vector`` (C,) repeated n times, (N*C,), as the group kernels index it (n*C + c);
-    zero-length stays zero-length. (np.tile costs 3 us on a small vector, this 0.8.)"""
-    if not vector.size:
-        return vector
-    tiled = np.empty((n, vector.size), vector.dtype)
-    tiled[:] = vector
-    return tiled.reshape(-1)
 
 
 # --------------------------------------------------------------------------- operations
@@ -92,7 +82,7 @@ def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
         return None
     y = np.empty(x.shape, x.dtype)
     stats = np.empty((3, n * groups))
-    _group_forward(xc, groups, eps, _tiled(weight, n), _tiled(bias, n), y.reshape(xc.shape),
+    _group_forward(xc, groups, eps, tiled(weight, n), tiled(bias, n), y.reshape(xc.shape),
                    stats[0], stats[1], stats[2])  # fmt: skip
     mean, invstd, m2 = stats.reshape(3, n, groups)
     return y, mean, invstd, m2
@@ -109,8 +99,8 @@ def _checked_group_forward(x, num_groups, weight, bias, eps, axis, out):
     y, work = grid.output(out)
     stats = np.full((3, n * groups), np.nan)
     if grid.x.size:
-        tiled = [_tiled(vectors.kernel(name), n) for name in ("weight", "bias")]
-        _group_forward(grid.view(grid.x), groups, eps, *tiled, work, *stats)
+        affine = [tiled(vectors.kernel(name), n) for name in ("weight", "bias")]
+        _group_forward(grid.view(grid.x), groups, eps, *affine, work, *stats)
     mean, invstd, m2 = (s.reshape(n, groups) for s in stats)
     return grid.finish(y, work), mean, invstd, m2
 
@@ -122,12 +112,7 @@ def _group_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
     grouped = (1, n * groups, group_channels * inner)
     threads, guard = _plan("forward_train", xc.size)
     if threads > 1 and n * groups < 2 * threads:  # a group per item would idle some threads
-        count = _BACKEND.batch_stats(xc.reshape(grouped), mean=mean, m2=m2)
-        invstd_of(count, m2, eps, invstd)
-        planes = (1, n * channels, inner)
-        _BACKEND.normalize(xc.reshape(planes), mean=np.repeat(mean, group_channels),
-                           invstd=np.repeat(invstd, group_channels), weight=weight, bias=bias,
-                           y=y.reshape(planes))  # fmt: skip
+        split_group_forward(_BACKEND, HOST, xc, groups, eps, weight, bias, y, mean, invstd, m2)
         return
     run = kernels.group_forward if threads > 1 else kernels.group_forward_serial
     with guard:
@@ -183,11 +168,8 @@ def _group_backward(dyc, xc, groups, mean, invstd, weight, dx):
     run = kernels.group_backward if threads > 1 else kernels.group_backward_serial
     with guard:
         run(dyc.reshape(planes), xc.reshape(planes), group_channels, mean, invstd,
-            _tiled(weight, n), dx.reshape(planes), sums[0], sums[1])  # fmt: skip
-    # sum_dy_xmu * invstd per (n, c), then both rows summed over n in one reduction
-    sums.reshape(2, n, groups, group_channels)[1] *= invstd.reshape(n, groups, 1)
-    dbias, dweight = np.add.reduce(sums.reshape(2, n, channels), axis=1)
-    return dweight, dbias
+            tiled(weight, n), dx.reshape(planes), sums[0], sums[1])  # fmt: skip
+    return parameter_sums(sums, invstd, n, groups)
 
 
 def _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):
@@ -253,7 +235,7 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
     y, mean, invstd, m2 = group_stats_forward(grid.x, None, weight, bias, eps, grid.axis,
                                               out=out)  # fmt: skip
     if running_mean is not None and n:
-        _running_update(running_mean, running_var, mean, m2, inner, momentum)
+        running_update(running_mean, running_var, mean, m2, inner, momentum)
     return y, mean, invstd
 
 
@@ -273,27 +255,8 @@ def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum
         return None
     y, mean, invstd, m2 = result
     if running_mean is not None:
-        _running_update(running_mean, running_var, mean, m2, xc.shape[2], momentum)
+        running_update(running_mean, running_var, mean, m2, xc.shape[2], momentum)
     return y, mean, invstd
-
-
-def _running_update(running_mean, running_var, mean, m2, inner, momentum):
-    """PyTorch's instance norm update of the running buffers (in place, N >= 1, S >= 2): the
-    mean over the batch of the per-instance means and unbiased variances (float64 (N, C)),
-    ``momentum`` weighting it. Both buffers in one (2, C) float64 pass (11 -> 5 us on 8
-    channels; the bits of ``(1 - m) * r + m * batch.mean(axis=0)``, buffer by buffer)."""
-    n, channels = mean.shape
-    per_instance = np.empty((2, n, channels))
-    per_instance[0] = mean
-    np.divide(m2, inner - 1, out=per_instance[1])  # unbiased, as PyTorch
-    batch = np.add.reduce(per_instance, axis=1)
-    batch /= n  # ndarray.mean(axis=0): the sum, then one division
-    batch *= momentum
-    update = np.empty((2, channels))
-    update[0], update[1] = running_mean, running_var
-    update *= 1.0 - momentum
-    update += batch
-    running_mean[...], running_var[...] = update
 
 
 def instance_stats_backward(dy, x, mean, invstd, weight, axis, *, spatial_dims=None, out=None):
