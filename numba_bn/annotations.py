@@ -15,8 +15,7 @@ import numpy.typing as npt
 #: backends accept them by protocol, not by class.
 Array: TypeAlias = Any
 
-#: A host array, the kind of array the CPU-only functions (folding, group/layer/instance norm)
-#: take and return.
+#: A host array, the kind of array the CPU-only functions (folding, layer norm) take and return.
 HostArray: TypeAlias = npt.NDArray[Any]
 
 #: A host array of float64 values: per-channel statistics and folding's ``(scale, shift)``.

@@ -20,11 +20,24 @@ from .memory import HOST, is_device_array
 
 
 # ------------------------------------------------------------------------------ checks
+def refuse_device(**arrays):
+    """TypeError naming the first CUDA array of a layer norm call: layer norm runs on the CPU
+    only (its per-element affine has no CUDA kernel)."""
+    for name, value in arrays.items():
+        if is_device_array(value):
+            raise TypeError(
+                f"{name} is a CUDA array: layer norm runs on the CPU only (its per-element "
+                "affine has no CUDA kernel yet; group and instance norm take CUDA arrays, "
+                "docs/norms.md); pass NumPy arrays"
+            )
+
+
 def check_input(value, name, min_ndim):
-    if is_device_array(value):
+    if is_device_array(value):  # group and instance norm send CUDA arrays to norm_cuda first
         raise TypeError(
-            f"{name} is a CUDA array: group, layer and instance norm run on the CPU only for now "
-            "(docs/norms.md); pass a NumPy array"
+            f"{name} is a CUDA array where a host (NumPy) array is expected: group and instance "
+            "norm take CUDA arrays for all their arrays or none; layer norm runs on the CPU only "
+            "(docs/norms.md)"
         )
     array = HOST.asarray(value, name)
     compute_dtype(array.dtype, name)

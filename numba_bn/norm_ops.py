@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from . import hostcall
+from . import hostcall, norm_cuda
 from .checks import Vectors, check_eps, check_momentum, compute_dtype
 from .cpu import CpuBackend, threads_for
 from .cpu import norm_kernels as kernels
@@ -33,8 +33,10 @@ from .norm_checks import (
     plain_groups,
     plain_layer_shape,
     plain_stat,
+    refuse_device,
     sample_out,
 )
+from .norm_cuda import any_on_device
 from .norm_steps import parameter_sums, running_update, split_group_forward, tiled
 from .ops import frozen_forward
 
@@ -89,7 +91,9 @@ def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
 
 
 def _checked_group_forward(x, num_groups, weight, bias, eps, axis, out):
-    """group_stats_forward with every check."""
+    """group_stats_forward with every check (CUDA arrays: :mod:`numba_bn.norm_cuda`)."""
+    if any_on_device(x, weight, bias, out):
+        return norm_cuda.group_forward(x, num_groups, weight, bias, eps, axis, out)
     grid = ChannelsFirst(x, axis)
     n, channels, inner = grid.shape
     groups = channels if num_groups is None else check_groups(num_groups, channels)
@@ -173,7 +177,9 @@ def _group_backward(dyc, xc, groups, mean, invstd, weight, dx):
 
 
 def _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):
-    """group_stats_backward with every check."""
+    """group_stats_backward with every check (CUDA arrays: :mod:`numba_bn.norm_cuda`)."""
+    if any_on_device(dy, x, mean, invstd, weight, out):
+        return norm_cuda.group_backward(dy, x, mean, invstd, num_groups, weight, axis, out)
     grid = ChannelsFirst(x, axis)
     n, channels, inner = grid.shape
     groups = channels if num_groups is None else check_groups(num_groups, channels)
@@ -202,6 +208,10 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
                                          eps, axis)  # fmt: skip
         if result is not None:
             return result
+    if any_on_device(x, running_mean, running_var, weight, bias, out):
+        return norm_cuda.instance_forward(x, running_mean, running_var, weight, bias,
+                                          use_input_stats, momentum, eps, axis, spatial_dims,
+                                          out)  # fmt: skip
     if not isinstance(use_input_stats, (bool, np.bool_)):
         raise TypeError(f"use_input_stats must be a bool, got {type(use_input_stats).__name__}")
     if (running_mean is None) != (running_var is None):
@@ -262,6 +272,8 @@ def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum
 def instance_stats_backward(dy, x, mean, invstd, weight, axis, *, spatial_dims=None, out=None):
     """Instance norm backward: (dx, dweight, dbias), the gradients float64 (C,); ``mean``,
     ``invstd`` (N, C), or (C,) for one sample (:func:`instance_batch`)."""
+    if any_on_device(dy, x, mean, invstd, weight, out):
+        return norm_cuda.instance_backward(dy, x, mean, invstd, weight, axis, spatial_dims, out)
     x, one = instance_batch(x, check_spatial_dims(spatial_dims))
     if not one:
         return group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)
@@ -289,6 +301,7 @@ def _frozen_instance_forward(x, running_mean, running_var, weight, bias, eps, ax
 
 def layer_stats_forward(x, normalized_shape, weight, bias, eps, *, out=None):
     """Layer norm forward: (y, mean, invstd), float64 with x's leading shape."""
+    refuse_device(x=x, weight=weight, bias=bias, out=out)
     return _plain_or_checked(
         _plain_layer_forward, _checked_layer_forward, out, x, normalized_shape, weight, bias, eps
     )
@@ -339,6 +352,7 @@ def _checked_layer_forward(x, normalized_shape, weight, bias, eps, out):
 
 def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=None):
     """Layer norm backward: (dx, dweight, dbias), the gradients float64 of normalized_shape."""
+    refuse_device(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, out=out)
     return _plain_or_checked(
         _plain_layer_backward,
         _checked_layer_backward,

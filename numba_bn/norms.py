@@ -1,4 +1,4 @@
-"""Group, layer and instance normalisation: batch norm's reduction on another view (CPU).
+"""Group, layer and instance normalisation: batch norm's reduction on another view.
 
 Each normalises groups of values with their own float64 ``(count, mean, M2)`` statistics, by
 the kernels batch norm uses (:mod:`numba_bn.cpu.norm_kernels`), and applies the affine per
@@ -23,6 +23,11 @@ running buffers as they were. As batch norm's functions (:mod:`numba_bn.hostcall
 operation first tries the plain call; anything else takes the checked path, which accepts all a
 plain call does (with the same bits) and explains what it rejects.
 
+Group and instance norm also take CUDA arrays (all of a call's arrays on the device, channels on
+axis 1), computed by batch norm's CUDA steps (:mod:`numba_bn.norm_cuda`); their results come back
+as the kind of the call's first CUDA array, as batch norm's (docs/norms.md, "CUDA"). Layer norm
+runs on the CPU only: a CUDA array raises TypeError.
+
 This module is the public functions; :mod:`numba_bn.norm_ops` the operations behind them (plain
 and checked paths), :mod:`numba_bn.norm_checks` the argument checks and the plain call's
 recognisers, :mod:`numba_bn.norm_layers` the layers.
@@ -32,8 +37,8 @@ from collections.abc import Sequence
 
 from numpy.typing import ArrayLike
 
-from .annotations import HostArray
-from .checks import compute_dtype
+from .annotations import Array, HostArray
+from .checks import in_compute_dtype
 from .norm_ops import (
     group_stats_backward,
     group_stats_forward,
@@ -44,28 +49,30 @@ from .norm_ops import (
 )
 
 
-def _public(dtype, *arrays):
-    """float64 statistics or gradients in the compute dtype of ``dtype``."""
-    dtype = compute_dtype(dtype)
-    return tuple(a.astype(dtype, copy=False) for a in arrays)
+def _public(result, *arrays):
+    """float64 statistics or gradients in the compute dtype of ``result`` (y or dx), on its side
+    and of its kind (CUDA arrays: as batch norm's, :func:`numba_bn.checks.in_compute_dtype`)."""
+    return in_compute_dtype(result, *arrays)
 
 
 # --------------------------------------------------------------------------- public API
 def group_norm_forward(
-    x: ArrayLike,
+    x: Array,
     num_groups: int,
-    weight: HostArray | None = None,
-    bias: HostArray | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
     eps: float = 1e-5,
     axis: int = 1,
     *,
-    out: HostArray | None = None,
-) -> tuple[HostArray, HostArray, HostArray]:
+    out: Array | None = None,
+) -> tuple[Array, Array, Array]:
     """Group normalisation with its statistics: ``(y, mean, invstd)``.
 
     Parameters
     ----------
-    x : ndarray, float16/32/64, shape (N, C, ...) (channels on ``axis``; axis 0 is the batch)
+    x : ndarray or CUDA array, float16/32/64, shape (N, C, ...) (channels on ``axis``; axis 0
+        is the batch). CUDA arrays: every array argument on the device, channels on axis 1;
+        results of the kind of x.
     num_groups : int
         G, dividing C; each sample's channels are split into G consecutive groups.
     weight, bias : ndarray (C,), optional
@@ -86,34 +93,34 @@ def group_norm_forward(
               \\,w_c + b_c
     """
     y, mean, invstd, _ = group_stats_forward(x, num_groups, weight, bias, eps, axis, out=out)
-    return (y, *_public(y.dtype, mean, invstd))
+    return (y, *_public(y, mean, invstd))
 
 
 def group_norm(
-    x: ArrayLike,
+    x: Array,
     num_groups: int,
-    weight: HostArray | None = None,
-    bias: HostArray | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
     eps: float = 1e-5,
     axis: int = 1,
     *,
-    out: HostArray | None = None,
-) -> HostArray:
+    out: Array | None = None,
+) -> Array:
     """``torch.nn.functional.group_norm``: y of :func:`group_norm_forward`."""
     return group_stats_forward(x, num_groups, weight, bias, eps, axis, out=out)[0]
 
 
 def group_norm_backward(
-    dy: ArrayLike,
-    x: ArrayLike,
-    mean: HostArray,
-    invstd: HostArray,
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
     num_groups: int,
-    weight: HostArray | None = None,
+    weight: Array | None = None,
     axis: int = 1,
     *,
-    out: HostArray | None = None,
-) -> tuple[HostArray, HostArray, HostArray]:
+    out: Array | None = None,
+) -> tuple[Array, Array, Array]:
     """Exact group norm backward: ``(dx, dweight, dbias)``.
 
     ``mean``, ``invstd`` (N, G) are those :func:`group_norm_forward` returned for ``x``;
@@ -125,7 +132,7 @@ def group_norm_backward(
     """
     dx, dweight, dbias = group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis,
                                               out=out)  # fmt: skip
-    return (dx, *_public(dx.dtype, dweight, dbias))
+    return (dx, *_public(dx, dweight, dbias))
 
 
 def layer_norm_forward(
@@ -145,7 +152,7 @@ def layer_norm_forward(
     dtype. ``out`` as :func:`group_norm_forward`.
     """
     y, mean, invstd = layer_stats_forward(x, normalized_shape, weight, bias, eps, out=out)
-    return (y, *_public(y.dtype, mean, invstd))
+    return (y, *_public(y, mean, invstd))
 
 
 def layer_norm(
@@ -176,23 +183,23 @@ def layer_norm_backward(
     :func:`group_norm_backward`."""
     dx, dweight, dbias = layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight,
                                               out=out)  # fmt: skip
-    return (dx, *_public(dx.dtype, dweight, dbias))
+    return (dx, *_public(dx, dweight, dbias))
 
 
 def instance_norm_forward(
-    x: ArrayLike,
-    running_mean: HostArray | None = None,
-    running_var: HostArray | None = None,
-    weight: HostArray | None = None,
-    bias: HostArray | None = None,
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
     *,
     spatial_dims: int | None = None,
-    out: HostArray | None = None,
-) -> tuple[HostArray, HostArray, HostArray]:
+    out: Array | None = None,
+) -> tuple[Array, Array, Array]:
     """Instance normalisation (group norm with one channel per group): ``(y, mean, invstd)``,
     the statistics (N, C).
 
@@ -211,23 +218,23 @@ def instance_norm_forward(
     y, mean, invstd = instance_stats_forward(x, running_mean, running_var, weight, bias,
                                              use_input_stats, momentum, eps, axis,
                                              spatial_dims=spatial_dims, out=out)  # fmt: skip
-    return (y, *_public(y.dtype, mean, invstd))
+    return (y, *_public(y, mean, invstd))
 
 
 def instance_norm(
-    x: ArrayLike,
-    running_mean: HostArray | None = None,
-    running_var: HostArray | None = None,
-    weight: HostArray | None = None,
-    bias: HostArray | None = None,
+    x: Array,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    weight: Array | None = None,
+    bias: Array | None = None,
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
     *,
     spatial_dims: int | None = None,
-    out: HostArray | None = None,
-) -> HostArray:
+    out: Array | None = None,
+) -> Array:
     """``torch.nn.functional.instance_norm``: y of :func:`instance_norm_forward` (one sample
     with ``spatial_dims``, as there)."""
     return instance_stats_forward(x, running_mean, running_var, weight, bias, use_input_stats,
@@ -236,19 +243,19 @@ def instance_norm(
 
 
 def instance_norm_backward(
-    dy: ArrayLike,
-    x: ArrayLike,
-    mean: HostArray,
-    invstd: HostArray,
-    weight: HostArray | None = None,
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    weight: Array | None = None,
     axis: int = 1,
     *,
     spatial_dims: int | None = None,
-    out: HostArray | None = None,
-) -> tuple[HostArray, HostArray, HostArray]:
+    out: Array | None = None,
+) -> tuple[Array, Array, Array]:
     """Exact instance norm backward (input statistics): ``(dx, dweight, dbias)``; ``mean``,
     ``invstd`` (N, C) from :func:`instance_norm_forward`, (C,) for one sample (x and dy of
     ``spatial_dims + 1`` dimensions, as there)."""
     dx, dweight, dbias = instance_stats_backward(dy, x, mean, invstd, weight, axis,
                                                  spatial_dims=spatial_dims, out=out)  # fmt: skip
-    return (dx, *_public(dx.dtype, dweight, dbias))
+    return (dx, *_public(dx, dweight, dbias))

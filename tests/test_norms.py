@@ -911,9 +911,26 @@ def test_layers_reject_inputs_that_do_not_fit_and_keep_their_state():
         InstanceNorm(4)(np.ones((2, 3, 5), np.float32))  # as PyTorch: no per-channel arrays
 
 
-def test_cuda_arrays_are_refused_with_the_reason():
+def test_layer_norm_refuses_cuda_arrays_with_the_reason():
     class DeviceArray:  # what numba_bn.memory takes for a CUDA array
         __cuda_array_interface__ = {}
 
-    with pytest.raises(TypeError, match="CPU only"):
-        group_norm(DeviceArray(), 1)
+    refused = r"{} is a CUDA array: layer norm runs on the CPU only"
+    with pytest.raises(TypeError, match=refused.format("x")):
+        layer_norm(DeviceArray(), 1)
+    with pytest.raises(TypeError, match=refused.format("weight")):
+        layer_norm(np.ones((2, 3)), 3, DeviceArray())
+    with pytest.raises(TypeError, match=refused.format("x")):
+        LayerNorm(3)(DeviceArray())
+
+
+def test_group_and_instance_norm_refuse_arrays_on_two_sides_before_touching_cuda():
+    """They take CUDA arrays (tests/gpu_norms_suite.py), all on one side."""
+
+    class DeviceArray:
+        __cuda_array_interface__ = {}
+
+    with pytest.raises(ValueError, match=r"x is on the CUDA device, weight is in host memory"):
+        group_norm(DeviceArray(), 1, np.ones(3))
+    with pytest.raises(ValueError, match=r"x is on the CUDA device, running_mean, running_var"):
+        instance_norm(DeviceArray(), np.zeros(3), np.ones(3))
