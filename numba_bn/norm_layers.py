@@ -1,7 +1,12 @@
 """GroupNorm, LayerNorm, InstanceNorm: the layers of :mod:`numba_bn.norms`, with PyTorch's
 argument names, defaults and state_dict keys, and ``backward(dy)`` as :class:`numba_bn.BatchNorm`:
 it returns dx, sets ``grad_weight`` / ``grad_bias`` and releases what the forward saved (one
-backward per forward). CPU (NumPy arrays) only, like :mod:`numba_bn.norms`.
+backward per forward).
+
+GroupNorm and InstanceNorm run where their input is, as ``BatchNorm``: ``device="auto"`` (the
+default) keeps the parameters, running buffers and gradients in host memory and moves them to the
+GPU (Numba device arrays) when called with a CUDA array, and back for a NumPy one; ``"cpu"`` or
+``"cuda"`` (or ``.to(...)``) pins them there. LayerNorm runs on the CPU only.
 """
 
 import warnings
@@ -11,9 +16,11 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .annotations import HostArray
+from .annotations import Device, HostArray
 from .checks import check_scalar, compute_dtype
+from .dispatch import DEVICES, memory_of, move
 from .layout import check_axis, normalize_axis
+from .memory import is_device_array
 from .norm_checks import (
     check_count,
     check_dy,
@@ -23,6 +30,7 @@ from .norm_checks import (
     instance_batch,
     sample_out,
 )
+from .norm_cuda import any_on_device, instance_frozen_backward
 from .norm_ops import (
     group_stats_backward,
     group_stats_forward,
@@ -35,6 +43,8 @@ from .ops import frozen_backward
 from .state import StateDict
 
 _Layer = TypeVar("_Layer", bound="_Normalization")
+#: The arrays a layer may hold, moved together between host and device.
+_ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias")
 
 
 class _Saved(NamedTuple):
@@ -50,6 +60,8 @@ class _Normalization(StateDict):
     state_dict. A subclass calls ``_init_common`` and implements ``_forward(x, out)`` ->
     (y, float64 mean, invstd or None) and ``_backward(dy, saved, out)`` -> (dx, dweight, dbias)."""
 
+    runs_on_cuda = True  # False: CPU only (LayerNorm)
+
     def _init_common(self, eps, dtype, affine_shape, weight, bias):
         self.eps = check_scalar(eps, "eps", 0.0)
         if self.eps == 0.0:
@@ -62,6 +74,46 @@ class _Normalization(StateDict):
         self.grad_weight = self.grad_bias = None
         self.training = True
         self._saved = None
+        self.device = "auto"
+        self._side = "cpu"  # where the arrays are now
+
+    # ------------------------------------------------------------------------ device
+    def to(self: _Layer, device: Device) -> _Layer:
+        """Move parameters, buffers and gradients to ``device`` ("cpu", "cuda", or "auto", which
+        leaves them where they are and lets them follow the input), as ``BatchNorm.to``;
+        returns self."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if device == "cuda" and not self.runs_on_cuda:
+            raise TypeError(f"{type(self).__name__} runs on the CPU only (docs/norms.md)")
+        if device != "auto":
+            self._move(device)
+        self.device = device
+        return self
+
+    def _move(self, side):
+        if side == self._side:
+            return
+        for name in _ARRAYS:
+            value = getattr(self, name, None)
+            if value is not None:
+                setattr(self, name, move(value, side))
+        self._side = side
+        self._saved = None  # a saved input on the other side cannot feed backward()
+
+    def _follow(self, x):
+        """Bring the arrays to the side of ``x`` (device="auto"), or raise; a CPU-only layer
+        leaves a CUDA x to the functional refusal, which names it."""
+        side = "cuda" if is_device_array(x) else "cpu"
+        if side == self._side or not self.runs_on_cuda:
+            return
+        if self.device != "auto":
+            where = "a CUDA device array" if side == "cuda" else "a host (NumPy) array"
+            raise ValueError(
+                f"this {type(self).__name__} keeps its arrays on {self.device!r} but x is "
+                f"{where}: move x, or the layer with .to({side!r})"
+            )
+        self._move(side)
 
     # ------------------------------------------------------------------------- modes
     def train(self: _Layer, mode: bool = True) -> _Layer:
@@ -98,9 +150,10 @@ class _Normalization(StateDict):
 
     def forward(self, x: ArrayLike, *, out: HostArray | None = None) -> HostArray:
         """Normalise ``x``; saves x and the statistics for :meth:`backward`."""
+        self._follow(x)
         self._check_dtype(x)
         y, mean, invstd = self._forward(x, out)
-        keeps_x = out is None or not np.shares_memory(out, x)
+        keeps_x = out is None or not _shares_memory(out, x)
         self._saved = _Saved(x if keeps_x else None, mean, invstd)
         return y
 
@@ -120,15 +173,18 @@ class _Normalization(StateDict):
                 "overwrote: pass another array as out= to call backward() afterwards"
             )
         dx, dweight, dbias = self._backward(dy, saved, out)
-        self.grad_weight = None if self.weight is None else dweight.astype(self.dtype)
-        self.grad_bias = None if self.bias is None else dbias.astype(self.dtype)
+        memory = memory_of(dweight)
+        self.grad_weight = None if self.weight is None else memory.astype(dweight, self.dtype)
+        self.grad_bias = None if self.bias is None else memory.astype(dbias, self.dtype)
         self._saved = None  # one backward per forward, as PyTorch frees its graph
         return dx
 
     def _kernel_vector(self, name):
         """A parameter in the compute dtype of the layer (float32 for float16)."""
-        value = getattr(self, name)
-        return None if value is None else value.astype(compute_dtype(self.dtype), copy=False)
+        value, dtype = getattr(self, name), compute_dtype(self.dtype)
+        if value is None or value.dtype == dtype:
+            return value
+        return memory_of(value).astype(value, dtype)
 
     # ------------------------------------------------------------------------ state dict
     def _state_arrays(self):
@@ -154,6 +210,9 @@ class GroupNorm(_Normalization):
         dtype of the parameters.
     axis : int
         The channel axis of the inputs: 1 (NCHW, PyTorch) or -1 (channels-last).
+    device : {"auto", "cpu", "cuda"}
+        Where the parameters and gradients live, as ``BatchNorm``'s: "auto" follows the input
+        (CUDA arrays: channels-first only).
     """
 
     def __init__(
@@ -165,15 +224,17 @@ class GroupNorm(_Normalization):
         dtype: DTypeLike = np.float32,
         *,
         axis: int = 1,
+        device: Device = "auto",
     ) -> None:
         self.num_channels = check_count(num_channels, "num_channels")
         self.num_groups = check_groups(check_count(num_groups, "num_groups"), num_channels)
         self.affine = bool(affine)
         self.axis = check_axis(axis)
         self._init_common(eps, dtype, (self.num_channels,), self.affine, self.affine)
+        self.to(device)
 
     def _forward(self, x, out):
-        _check_channels(self, x, self.num_channels)
+        _check_channels(self, getattr(x, "shape", None), self.num_channels)
         y, mean, invstd, _ = group_stats_forward(
             x, self.num_groups, self._kernel_vector("weight"), self._kernel_vector("bias"),
             self.eps, self.axis, out=out,
@@ -194,7 +255,8 @@ class GroupNorm(_Normalization):
 
 class LayerNorm(_Normalization):
     """Layer normalisation (``torch.nn.LayerNorm``) over the trailing dimensions
-    ``normalized_shape``, with an elementwise affine of that shape.
+    ``normalized_shape``, with an elementwise affine of that shape. CPU only: a CUDA x raises
+    TypeError (its per-element affine has no CUDA kernel yet).
 
     Parameters
     ----------
@@ -218,6 +280,8 @@ class LayerNorm(_Normalization):
         self.elementwise_affine = bool(elementwise_affine)
         self._init_common(eps, dtype, self.normalized_shape, self.elementwise_affine,
                           self.elementwise_affine and bool(bias))  # fmt: skip
+
+    runs_on_cuda = False
 
     def _forward(self, x, out):
         return layer_stats_forward(x, self.normalized_shape, self._kernel_vector("weight"),
@@ -267,6 +331,9 @@ class InstanceNorm(_Normalization):
     spatial_dims : int, optional
         Spatial dimensions of the inputs (1, 2, 3 for PyTorch's 1d, 2d, 3d modules), which
         lets the layer take one sample as well as a batch; None: batches only.
+    device : {"auto", "cpu", "cuda"}
+        Where the parameters, running buffers and gradients live, as ``BatchNorm``'s: "auto"
+        follows the input (CUDA arrays: channels-first only).
     """
 
     def __init__(
@@ -280,6 +347,7 @@ class InstanceNorm(_Normalization):
         *,
         axis: int = 1,
         spatial_dims: int | None = None,
+        device: Device = "auto",
     ) -> None:
         self.num_features = check_count(num_features, "num_features")
         self.momentum = None if momentum is None else check_scalar(momentum, "momentum", 0.0, 1.0)
@@ -294,11 +362,12 @@ class InstanceNorm(_Normalization):
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
+        self.to(device)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            self.running_mean[:] = 0.0
-            self.running_var[:] = 1.0
+            self.running_mean = move(np.zeros(self.num_features, self.dtype), self._side)
+            self.running_var = move(np.ones(self.num_features, self.dtype), self._side)
         self.num_batches_tracked = 0
 
     def _uses_input_stats(self):
@@ -306,8 +375,12 @@ class InstanceNorm(_Normalization):
 
     def _forward(self, x, out):
         arrays = self.affine or self.track_running_stats
-        batch, _ = instance_batch(x, self.spatial_dims)
-        _check_channels(self, batch, self.num_features, warn_only=not arrays)
+        if is_device_array(x):  # its rank is checked with the device arrays (norm_cuda)
+            one = self.spatial_dims is not None and len(x.shape) == self.spatial_dims + 1
+            shape = (1, *x.shape) if one else x.shape
+        else:
+            shape = instance_batch(x, self.spatial_dims)[0].shape
+        _check_channels(self, shape, self.num_features, warn_only=not arrays)
         weight, bias = self._kernel_vector("weight"), self._kernel_vector("bias")
         if self._uses_input_stats():
             update = self.track_running_stats
@@ -328,6 +401,10 @@ class InstanceNorm(_Normalization):
                                            self.axis, spatial_dims=self.spatial_dims,
                                            out=out)  # fmt: skip
         # the running statistics normalised: constants, so dx = dy * weight * invstd
+        if any_on_device(dy, saved.x, out):
+            return instance_frozen_backward(dy, saved.x, self.running_mean, self.running_var,
+                                            weight, self.eps, self.axis, self.spatial_dims,
+                                            out)  # fmt: skip
         x, one = instance_batch(saved.x, self.spatial_dims)
         given = None
         if one:  # dy and out as x: one sample, seen as a batch of one
@@ -356,10 +433,9 @@ class InstanceNorm(_Normalization):
         )
 
 
-def _check_channels(layer, x, expected, warn_only=False):
-    """ValueError (or, for a layer without per-channel arrays, a warning as PyTorch) when x's
-    channel axis does not hold ``expected`` channels."""
-    shape = getattr(x, "shape", None)
+def _check_channels(layer, shape, expected, warn_only=False):
+    """ValueError (or, for a layer without per-channel arrays, a warning as PyTorch) when the
+    channel axis of x (of ``shape``, as a batch) does not hold ``expected`` channels."""
     if shape is None or len(shape) < 2:
         return  # the functional checks explain
     axis = normalize_axis(layer.axis, len(shape))
@@ -372,3 +448,11 @@ def _check_channels(layer, x, expected, warn_only=False):
     if not warn_only:
         raise ValueError(message)
     warnings.warn(message, stacklevel=3)
+
+
+def _shares_memory(out, x):
+    """True when ``out`` and ``x`` (both on one side: the functional checked it) share memory."""
+    if is_device_array(x):
+        memory = memory_of(x)
+        return memory.is_array(out) and memory.shares_memory(out, x)
+    return np.shares_memory(out, x)
