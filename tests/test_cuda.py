@@ -1,9 +1,9 @@
 """The CUDA backend from the main test process, which has no GPU and no simulator.
 
 numba.cuda picks the simulator when it is first imported, so the backend's tests (the "cuda" cases
-of tests/test_conformance.py and tests/test_fused.py, and tests/gpu_suite.py) run in a subprocess
-with NUMBA_ENABLE_CUDASIM=1; this process checks the dispatch errors that need no CUDA at all,
-and that the kernels compile for a real GPU.
+of tests/test_conformance.py and tests/test_fused.py, tests/gpu_suite.py and
+tests/gpu_norms_suite.py) run in a subprocess with NUMBA_ENABLE_CUDASIM=1; this process checks
+the dispatch errors that need no CUDA at all, and that the kernels compile for a real GPU.
 """
 
 import importlib.util
@@ -55,10 +55,10 @@ def toolkit_root():
 
 def test_cuda_conformance_and_gpu_suite_pass_under_the_simulator():
     """The conformance suite on the "cuda" backend alone (the main process runs the others),
-    the fused op's backend tests, and the backend's own tests; nothing skipped, so a simulator
-    that did not start shows."""
+    the fused op's backend tests, the backend's own tests and group and instance norm on it;
+    nothing skipped, so a simulator that did not start shows."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "tests/test_conformance.py", "tests/gpu_suite.py",
+               "tests/test_conformance.py", "tests/gpu_suite.py", "tests/gpu_norms_suite.py",
                "tests/test_fused.py::test_fused_train_matches_torch_autograd",
                "tests/test_fused.py::test_fused_eval_matches_torch",
                "-k", "not on_a_gpu"]  # fmt: skip  # *_on_a_gpu: real CuPy/torch CUDA only
