@@ -20,7 +20,7 @@ from .annotations import (
     NanPolicy,
 )
 from .checks import check_activation, check_nan_policy, check_scalar, compute_dtype
-from .dispatch import DEVICES, memory_of, move
+from .dispatch import memory_of, move
 from .layout import check_axis, normalize_axis
 from .masking import masked_batch_backward, masked_batch_forward
 from .memory import host_view, is_device_array
@@ -34,7 +34,7 @@ from .ops import (
     frozen_forward,
     weight_gradient,
 )
-from .state import StateDict
+from .state import LayerState
 
 _ARRAYS = ("weight", "bias", "running_mean", "running_var", "grad_weight", "grad_bias",
            "grad_residual")  # fmt: skip
@@ -66,7 +66,7 @@ def _gone():
     return None
 
 
-class BatchNorm(StateDict):
+class BatchNorm(LayerState):
     """Batch normalisation over the channel ``axis`` of inputs of any rank >= 2.
 
     Parameters
@@ -113,6 +113,7 @@ class BatchNorm(StateDict):
     _admitted = None  # (shape, dtype, axis, side) of the last NumPy input _admit() checked
     _collected = None  # the Moments merged under numba_bn.population_stats, else None
     grad_residual = None  # (a class default: pickles from before it load too)
+    _device_arrays = _ARRAYS  # what .to() and device="auto" move
 
     def __init__(
         self,
@@ -217,40 +218,6 @@ class BatchNorm(StateDict):
 
     def eval(self: _Layer) -> _Layer:
         return self.train(False)
-
-    # -------------------------------------------------------------------------- device
-    def to(self: _Layer, device: Device) -> _Layer:
-        """Move parameters, buffers and gradients to ``device`` ("cpu", "cuda" or "auto", which
-        leaves them where they are and lets them follow the input); returns self."""
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        if device != "auto":
-            self._move(device)
-        self.device = device
-        return self
-
-    def _move(self, side):
-        if side == self._side:
-            return
-        for name in _ARRAYS:
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, move(value, side))
-        self._side = side
-        self._saved = None  # a saved input on the other side cannot feed backward()
-
-    def _follow(self, x):
-        """Bring the arrays to the side of ``x`` (device="auto"), or raise."""
-        side = "cuda" if is_device_array(x) else "cpu"
-        if side == self._side:
-            return
-        if self.device != "auto":
-            where = "a CUDA device array" if side == "cuda" else "a host (NumPy) array"
-            raise ValueError(
-                f"this BatchNorm keeps its arrays on {self.device!r} but x is {where}: move x, "
-                f"or the layer with .to({side!r})"
-            )
-        self._move(side)
 
     # -------------------------------------------------------------------------- forward
     def __call__(

@@ -18,7 +18,7 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from .annotations import Device, HostArray
 from .checks import check_scalar, compute_dtype
-from .dispatch import DEVICES, memory_of, move
+from .dispatch import memory_of, move
 from .layout import check_axis, normalize_axis
 from .memory import is_device_array
 from .norm_checks import (
@@ -40,7 +40,7 @@ from .norm_ops import (
     layer_stats_forward,
 )
 from .ops import frozen_backward
-from .state import StateDict
+from .state import LayerState
 
 _Layer = TypeVar("_Layer", bound="_Normalization")
 #: The arrays a layer may hold, moved together between host and device.
@@ -55,12 +55,12 @@ class _Saved(NamedTuple):
     invstd: object = None
 
 
-class _Normalization(StateDict):
+class _Normalization(LayerState):
     """What the three layers share: parameters in ``dtype``, train/eval, backward's bookkeeping,
     state_dict. A subclass calls ``_init_common`` and implements ``_forward(x, out)`` ->
     (y, float64 mean, invstd or None) and ``_backward(dy, saved, out)`` -> (dx, dweight, dbias)."""
 
-    runs_on_cuda = True  # False: CPU only (LayerNorm)
+    _device_arrays = _ARRAYS
 
     def _init_common(self, eps, dtype, affine_shape, weight, bias):
         self.eps = check_scalar(eps, "eps", 0.0)
@@ -76,44 +76,6 @@ class _Normalization(StateDict):
         self._saved = None
         self.device = "auto"
         self._side = "cpu"  # where the arrays are now
-
-    # ------------------------------------------------------------------------ device
-    def to(self: _Layer, device: Device) -> _Layer:
-        """Move parameters, buffers and gradients to ``device`` ("cpu", "cuda", or "auto", which
-        leaves them where they are and lets them follow the input), as ``BatchNorm.to``;
-        returns self."""
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        if device == "cuda" and not self.runs_on_cuda:
-            raise TypeError(f"{type(self).__name__} runs on the CPU only (docs/norms.md)")
-        if device != "auto":
-            self._move(device)
-        self.device = device
-        return self
-
-    def _move(self, side):
-        if side == self._side:
-            return
-        for name in _ARRAYS:
-            value = getattr(self, name, None)
-            if value is not None:
-                setattr(self, name, move(value, side))
-        self._side = side
-        self._saved = None  # a saved input on the other side cannot feed backward()
-
-    def _follow(self, x):
-        """Bring the arrays to the side of ``x`` (device="auto"), or raise; a CPU-only layer
-        leaves a CUDA x to the functional refusal, which names it."""
-        side = "cuda" if is_device_array(x) else "cpu"
-        if side == self._side or not self.runs_on_cuda:
-            return
-        if self.device != "auto":
-            where = "a CUDA device array" if side == "cuda" else "a host (NumPy) array"
-            raise ValueError(
-                f"this {type(self).__name__} keeps its arrays on {self.device!r} but x is "
-                f"{where}: move x, or the layer with .to({side!r})"
-            )
-        self._move(side)
 
     # ------------------------------------------------------------------------- modes
     def train(self: _Layer, mode: bool = True) -> _Layer:

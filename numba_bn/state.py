@@ -1,12 +1,14 @@
-"""state_dict() and load_state_dict() under PyTorch's keys, for every layer of this library."""
+"""The state of every layer of this library: where its arrays live (host or CUDA device) and how
+they move (:class:`LayerState`), and state_dict() / load_state_dict() under PyTorch's keys."""
 
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import numpy as np
 
-from .annotations import HostArray
-from .dispatch import move
+from .annotations import Device, HostArray
+from .dispatch import DEVICES, move
+from .memory import is_device_array
 
 _Layer = TypeVar("_Layer", bound="StateDict")
 
@@ -65,3 +67,51 @@ class StateDict:
             setattr(self, name, value)
         self._saved = None  # a pending backward would mix the old forward with the new state
         return self
+
+
+class LayerState(StateDict):
+    """A layer whose arrays (named in ``_device_arrays``) live on one side: ``device`` "auto"
+    (they follow the input: host for NumPy, the GPU for CUDA arrays), "cpu" or "cuda" (pinned
+    there); ``_side`` is where they are now. A layer with ``runs_on_cuda = False`` stays on the
+    host and leaves a CUDA input to the functional layer, whose refusal names it. Moving drops
+    what the last forward saved (``_saved``): a saved input on the other side cannot feed
+    backward()."""
+
+    device = "auto"
+    runs_on_cuda = True
+    _device_arrays: tuple[str, ...] = ()
+
+    def to(self: _Layer, device: Device) -> _Layer:
+        """Move parameters, buffers and gradients to ``device`` ("cpu", "cuda" or "auto", which
+        leaves them where they are and lets them follow the input); returns self."""
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if device == "cuda" and not self.runs_on_cuda:
+            raise TypeError(f"{type(self).__name__} runs on the CPU only (docs/norms.md)")
+        if device != "auto":
+            self._move(device)
+        self.device = device
+        return self
+
+    def _move(self, side):
+        if side == self._side:
+            return
+        for name in self._device_arrays:
+            value = getattr(self, name, None)
+            if value is not None:
+                setattr(self, name, move(value, side))
+        self._side = side
+        self._saved = None
+
+    def _follow(self, x):
+        """Bring the arrays to the side of ``x`` (device="auto"), or raise."""
+        side = "cuda" if is_device_array(x) else "cpu"
+        if side == self._side or not self.runs_on_cuda:
+            return
+        if self.device != "auto":
+            where = "a CUDA device array" if side == "cuda" else "a host (NumPy) array"
+            raise ValueError(
+                f"this {type(self).__name__} keeps its arrays on {self.device!r} but x is "
+                f"{where}: move x, or the layer with .to({side!r})"
+            )
+        self._move(side)
