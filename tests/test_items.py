@@ -65,14 +65,18 @@ def test_item_sizes_bound_the_work(shape):
 
 
 BIG = items.FUSED_SERIAL_MIN_ELEMENTS
+LONG = items.FUSED_MIN_INNER
 
 
 @pytest.mark.parametrize("outer, channels, inner, threads, fused", [
-    (3, 4, 100, 2, True), (3, 3, 100, 2, False), (3, 8, 1, 2, False), (3, 1, 100, 1, False),
-    (3, 2, 5, 1, False), (-(-BIG // 10), 2, 5, 1, True), (BIG // 10, 2, 5, 1, False),
+    (3, 4, LONG, 2, True), (3, 3, LONG, 2, False), (3, 4, LONG - 1, 2, False),
+    (3, 8, 1, 2, False), (3, 1, LONG, 1, False), (3, 2, LONG, 1, False),
+    (-(-BIG // (2 * LONG)), 2, LONG, 1, True), (BIG // (2 * LONG) - 1, 2, LONG, 1, False),
+    (-(-BIG // 200), 2, 100, 1, False),
 ])  # fmt: skip
 def test_plan_and_the_jit_backend_share_the_fused_rule(outer, channels, inner, threads, fused):
-    """Fused with a channel or more per thread, twice over; one thread only for big inputs."""
+    """Fused on long planes with a channel or more per thread, twice over; one thread only for
+    big inputs."""
     assert items.is_fused(channels, inner, threads, outer * channels * inner) is fused
     assert _plan((outer, channels, inner), threads)["fused"] == int(fused)
 

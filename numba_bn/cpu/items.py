@@ -7,7 +7,7 @@ partials from :func:`plan` (exported as ``plan``), never from arithmetic of its 
 
 Work items of the canonical ``(outer, C, inner)`` view:
 
-* fused, planes (``inner > 1``) with ``C >= 2 * threads`` (one thread: from
+* fused, planes of FUSED_MIN_INNER values or more with ``C >= 2 * threads`` (one thread: from
   FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per item, statistics and normalisation
   (or reduction and dx) back to back while the channel is in L2;
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
@@ -92,14 +92,23 @@ PLAN_FIELDS = (
 #: split one was faster (benchmarks/README.md, "Lead: the fused partition": forward 0.5-1.0x,
 #: backward 0.7-0.95x the fused time from 8K to 3.2M elements; at 6.4M the backward 1.1-1.25x).
 FUSED_SERIAL_MIN_ELEMENTS = 1 << 22
+#: The fused partition only for planes of this many values or more (runs of 8 KiB of float32):
+#: a fused item reads and writes its channel in runs of ``inner`` values C * inner apart, and
+#: on shorter planes the split partition was faster with two threads, 2026-12-02
+#: (benchmarks/README.md, "The fused partition: planes of 2048 values or more": split / fused
+#: time on (64, 256, 196) forward 0.64-0.74, backward 0.87-0.91; (32, 64, 784) 0.74-0.83 and
+#: 0.58-0.60; (32, 64, 1568) 0.75 and 0.96; from 2048 values mixed, within +-10%, except the
+#: backward of (32, 64, 56, 56), where fused wins by 10-15%).
+FUSED_MIN_INNER = 2048
 
 
 def is_fused(channels, inner, threads, size):
-    """Whole channels per item: planes with a channel or more for each thread, twice over; with
-    one thread only from FUSED_SERIAL_MIN_ELEMENTS elements (``size``) on."""
+    """Whole channels per item: planes of FUSED_MIN_INNER values or more, with a channel or more
+    for each thread, twice over; with one thread only from FUSED_SERIAL_MIN_ELEMENTS elements
+    (``size``) on."""
     if threads == 1 and size < FUSED_SERIAL_MIN_ELEMENTS:
         return False
-    return inner > 1 and channels >= 2 * threads
+    return inner >= FUSED_MIN_INNER and channels >= 2 * threads
 
 
 is_fused_jit = kernel(inline="always")(is_fused)  # the same rule, for plan()
