@@ -36,6 +36,8 @@ ABI_SYMBOLS = {
       for ex in ("", "_ex") for t in ("f32", "f64")),
     *(f"nbn_layer_{name}" for name in ("create", "destroy", "set_training", "state", "forward",
                                        "forward_ex", "backward", "backward_ex")),  # 1.2
+    *(f"nbn_{norm}_norm_{step}_{t}" for norm in ("group", "layer")
+      for step in ("forward", "backward") for t in ("f32", "f64")),  # 1.3
 }  # fmt: skip
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 # LeakSanitizer fails the run on a leak; the test host's malloc of 2^58 bytes must return NULL
