@@ -192,8 +192,8 @@ NBN_API int nbn_backward_ex_f64(const double *dy, const double *x, int64_t outer
 
 /* ---------------------------------------------------------- group and layer norm (1.3)
  * Normalisation of each sample on its own (PyTorch's group_norm, instance_norm, layer_norm),
- * computed by the same kernels as numba_bn.group_norm_forward and friends (the same bits as
- * those functions' float64 statistics and gradients on the CPU the library was built for).
+ * computed by the same kernels as numba_bn.group_norm_forward and friends over the same work
+ * items (a build for this CPU gives their float32 bits; docs/c-abi.md).
  * Unlike the batch norm entry points, the statistics (mean, invstd) and the parameter gradients
  * (dweight, dbias) are double whatever the tensor type: the kernels keep them in double, and a
  * backward given the forward's double statistics computes what numba_bn's layers compute.
