@@ -4,7 +4,8 @@
   on its persistent worker threads (nbn_pool.h), the argument checks, the layer handle over the
   entry points (nbn_layer.h), a plain reference backend and the C test and bench hosts.
 * :mod:`.ranges`: the serial range drivers over :mod:`numba_bn.cpu.items`, exported with
-  ``@cfunc``.
+  ``@cfunc``; :mod:`.norm_ranges`, those of group and layer norm (ABI 1.3) over the items of
+  :mod:`numba_bn.cpu.norm_kernels`; :mod:`.c_types`, the C types of their arguments.
 * :mod:`.build`: ``numba-bn build-plugin``, which compiles those drivers and links them with
   csrc/ into ``libnumba_bn.so``.
 * :mod:`.backend`: ``register_backend``, any library with the ABI of numba_bn.h as a backend.

@@ -37,6 +37,9 @@ sums_items                 reduction items                             part
 dx_from_parts              channels: add in part order, coefficients   coef, sums
 dx_items                   elementwise items                           dx
 =========================  ==========================================  ========================
+
+Group and layer norm (ABI 1.3) have their drivers in :mod:`.norm_ranges`; :data:`EXPORTED` and
+:data:`CONSTANTS` hold theirs too.
 """
 
 from numba import carray
@@ -53,15 +56,8 @@ from ..cpu.kernels import (
 )
 from ..cpu.kernels import eval_coefficients as _eval_coefficients
 from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
-
-# C types of the arguments; T becomes float or double.
-IN = "const T *"
-OUT = "T *"
-IN64 = "const double *"
-OUT64 = "double *"
-OUTI64 = "int64_t *"
-I64 = "int64_t"
-F64 = "double"
+from .c_types import F64, I64, IN, IN64, OUT, OUT64, OUTI64
+from .norm_ranges import NORM_CONSTANTS, NORM_EXPORTED
 
 #: The fields plan() writes: the partition of :func:`numba_bn.cpu.items.plan`, then the flat
 #: items of a pass that needs no channel (relu_grad_items) over the whole tensor.
@@ -69,7 +65,8 @@ PLAN_FIELDS = (*items.PLAN_FIELDS, "flat_items", "flat_item_elements")
 _FLAT_FIELD = len(items.PLAN_FIELDS)
 
 #: Constants the shim needs: coefficient rows, the per-thread scratch of a reduction item, the
-#: epilogue bits, and the order of the fields plan() writes (NBN_PLAN_<FIELD>).
+#: epilogue bits, the order of the fields plan() writes (NBN_PLAN_<FIELD>), and group and layer
+#: norm's (norm_ranges.NORM_CONSTANTS).
 CONSTANTS = {
     "AFFINE_ROWS": AFFINE_ROWS,
     "DX_ROWS": DX_ROWS,
@@ -79,6 +76,7 @@ CONSTANTS = {
     "EPILOGUE_RELU": EPILOGUE_RELU,
     "PLAN_SIZE": len(PLAN_FIELDS),
     **{f"PLAN_{field.upper()}": index for index, field in enumerate(PLAN_FIELDS)},
+    **NORM_CONSTANTS,
 }
 
 
@@ -382,4 +380,5 @@ EXPORTED = (
     dx_from_parts,
     dx_items,
     relu_grad_items,
+    *NORM_EXPORTED,
 )

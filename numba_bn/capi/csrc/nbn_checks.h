@@ -134,17 +134,60 @@ static inline int nbn_check_backward_ex(const void *dy, const void *x, int64_t o
     return NBN_OK;
 }
 
+/* (1.3) Group and layer norm. Group norm: x (outer, channels, inner) as batch norm's, and
+ * num_groups >= 1 (NBN_ERR_SHAPE) dividing channels (NBN_ERR_VALUE). Layer norm: x (rows, width),
+ * both >= 1. One value per group or row is allowed: y is then bias (x_hat = 0), as PyTorch. */
+static inline int nbn_check_groups(int64_t outer, int64_t channels, int64_t inner,
+                                   int64_t num_groups) {
+    int status = nbn_check_shape(outer, channels, inner);
+    if (status != NBN_OK) return status;
+    if (num_groups < 1) return NBN_ERR_SHAPE;
+    return channels % num_groups ? NBN_ERR_VALUE : NBN_OK;
+}
+
+static inline int nbn_check_group_norm_forward(const void *x, int64_t outer, int64_t channels,
+                                               int64_t inner, int64_t num_groups, double eps,
+                                               const void *y, const void *mean,
+                                               const void *invstd) {
+    if (!x || !y || !mean || !invstd) return NBN_ERR_NULL;
+    int status = nbn_check_groups(outer, channels, inner, num_groups);
+    return status != NBN_OK ? status : nbn_check_train_eps(eps);
+}
+
+static inline int nbn_check_group_norm_backward(const void *dy, const void *x, int64_t outer,
+                                                int64_t channels, int64_t inner,
+                                                int64_t num_groups, const void *mean,
+                                                const void *invstd, const void *dx) {
+    if (!dy || !x || !mean || !invstd || !dx) return NBN_ERR_NULL;
+    return nbn_check_groups(outer, channels, inner, num_groups);
+}
+
+static inline int nbn_check_layer_norm_forward(const void *x, int64_t rows, int64_t width,
+                                               double eps, const void *y, const void *mean,
+                                               const void *invstd) {
+    if (!x || !y || !mean || !invstd) return NBN_ERR_NULL;
+    int status = nbn_check_shape(rows, width, 1);
+    return status != NBN_OK ? status : nbn_check_train_eps(eps);
+}
+
+static inline int nbn_check_layer_norm_backward(const void *dy, const void *x, int64_t rows,
+                                                int64_t width, const void *mean,
+                                                const void *invstd, const void *dx) {
+    if (!dy || !x || !mean || !invstd || !dx) return NBN_ERR_NULL;
+    return nbn_check_shape(rows, width, 1);
+}
+
 static inline const char *nbn_status_text(int status) {
     switch (status) {
     case NBN_OK: return "NBN_OK: success";
     case NBN_ERR_NULL: return "NBN_ERR_NULL: a required pointer is NULL";
     case NBN_ERR_SHAPE:
-        return "NBN_ERR_SHAPE: outer, channels and inner must be >= 1, their product and the "
-               "call's scratch addressable";
+        return "NBN_ERR_SHAPE: outer, channels and inner (num_groups, rows, width) must be >= 1, "
+               "their product and the call's scratch addressable";
     case NBN_ERR_VALUE:
         return "NBN_ERR_VALUE: training needs 2+ values per channel, eps > 0, momentum in [0, 1]; "
                "eval needs eps >= 0; activation must be an nbn_activation code; a layer's dtype, "
-               "flags and buffer must be known codes";
+               "flags and buffer must be known codes; num_groups must divide channels";
     case NBN_ERR_INTERNAL: return "NBN_ERR_INTERNAL: out of memory or internal error";
     case NBN_ERR_ALIAS:
         return "NBN_ERR_ALIAS: residual_out overlaps x, dy, y or dx";

@@ -15,6 +15,9 @@
  *       fused: one channel per item, start to finish, so x is read from memory once;
  *       otherwise: partials per reduction item, a merge per channel in part order, then the
  *         elementwise items.
+ *   - for group and layer norm (1.3), runs the drivers of numba_bn/cpu/norm_kernels.py over
+ *     their items (whole groups or rows; layer norm's backward: fixed row chunks whose column
+ *     partials are added in chunk order), with weight and bias tiled per sample for group norm;
  *   - for the fused entry points (1.1), passes the residual and the epilogue code to the
  *     forward's elementwise pass, and runs the backward on g, the gradient through the
  *     activation (flat items into residual_out or into scratch), before the plain backward.
@@ -436,6 +439,193 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
         if (dbias) store_vector(dbias, f64, a.sum_dy, channels);
     }
     free(scratch), free(g_scratch);
+    return status;
+}
+
+/* ---------------------------------------------------------------- group and layer norm (1.3)
+ * The drivers of numba_bn/cpu/norm_kernels.py with their prange loop moved here: work items of
+ * whole groups or rows (norm_plan counts them, in the library), each item's outputs its own,
+ * and layer norm's column sums through partials of fixed row chunks added in chunk order; so
+ * the results are those of the JIT drivers for any number of threads. */
+typedef struct {
+    const nbn_dtype_kernels *k;
+    int64_t units;          /* groups (N * num_groups), or rows */
+    int64_t group_channels; /* channels per group (group norm) */
+    int64_t inner;          /* values per channel (group norm), or the row width */
+    const void *dy, *x;
+    void *out;                 /* y or dx */
+    const void *weight, *bias; /* group norm: tiled to N * C (n * C + c), in scratch */
+    int64_t n_weight, n_bias;
+    double eps;
+    void *coef;                       /* group norm's coefficient rows, per (sample, channel) */
+    const double *mean, *invstd;      /* the backward's */
+    double *mean_out, *invstd_out, *m2; /* the forward's */
+    double *sum_dy, *sum_dy_xmu;      /* group norm backward, per (sample, channel) */
+    double *part;                     /* layer norm backward, (chunks, 2, width) */
+} nbn_norm_call;
+
+static int read_norm_plan(const nbn_dtype_kernels *k, int64_t units, int64_t unit_size,
+                          int chunked, int64_t plan[NBN_NORM_PLAN_SIZE]) {
+    return k->norm_plan(units, unit_size, chunked, plan) == 0 ? NBN_OK : NBN_ERR_INTERNAL;
+}
+
+static int32_t group_train(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_norm_call *a = job;
+    (void)scratch;
+    return a->k->group_train_items(a->x, a->units, a->group_channels, a->inner, first, last,
+                                   a->eps, a->weight, a->n_weight, a->bias, a->n_bias, a->coef,
+                                   a->out, a->mean_out, a->invstd_out, a->m2);
+}
+
+static int32_t group_backward(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_norm_call *a = job;
+    (void)scratch;
+    return a->k->group_backward_items(a->dy, a->x, a->units, a->group_channels, a->inner, first,
+                                      last, a->mean, a->invstd, a->weight, a->n_weight, a->coef,
+                                      a->out, a->sum_dy, a->sum_dy_xmu);
+}
+
+static int32_t layer_train(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_norm_call *a = job;
+    (void)scratch;
+    return a->k->layer_train_items(a->x, a->units, a->inner, first, last, a->eps, a->weight,
+                                   a->n_weight, a->bias, a->n_bias, a->out, a->mean_out,
+                                   a->invstd_out);
+}
+
+static int32_t layer_backward(const void *job, int64_t first, int64_t last, double *scratch) {
+    const nbn_norm_call *a = job;
+    (void)scratch;
+    return a->k->layer_backward_chunks(a->dy, a->x, a->units, a->inner, first, last, a->mean,
+                                       a->invstd, a->weight, a->n_weight, a->out, a->part);
+}
+
+/* `copies` copies of a vector of n values of the tensor type, one after another: group norm's
+ * kernels index weight and bias per (sample, channel), as numba_bn's driver tiles them. */
+static void *tile_vector(void *dst, const void *src, size_t element, int64_t n, int64_t copies) {
+    if (!src) return NULL;
+    size_t bytes = (size_t)n * element;
+    for (int64_t k = 0; k < copies; k++) memcpy((char *)dst + (size_t)k * bytes, src, bytes);
+    return dst;
+}
+
+static int group_norm_forward(int f64, const void *x, int64_t outer, int64_t channels,
+                              int64_t inner, int64_t num_groups, const void *weight,
+                              const void *bias, double eps, void *y, double *mean,
+                              double *invstd) {
+    int status = nbn_check_group_norm_forward(x, outer, channels, inner, num_groups, eps, y,
+                                              mean, invstd);
+    if (status != NBN_OK) return status;
+    /* below INT64_MAX / 8 after nbn_check_groups */
+    const int64_t groups = outer * num_groups, planes = outer * channels;
+    const size_t element = f64 ? sizeof(double) : sizeof(float);
+    nbn_norm_call a = {.k = kernels(f64), .units = groups, .group_channels = channels / num_groups,
+                       .inner = inner, .x = x, .out = y, .n_weight = weight ? planes : 0,
+                       .n_bias = bias ? planes : 0, .eps = eps, .mean_out = mean,
+                       .invstd_out = invstd};
+    int64_t plan[NBN_NORM_PLAN_SIZE];
+    status = read_norm_plan(a.k, groups, a.group_channels * inner, 0, plan);
+    if (status != NBN_OK) return status;
+    /* m2 per group; the coefficient rows, then the tiled weight and bias, per (sample, channel) */
+    double *scratch = alloc_scratch(groups, nbn_mul(NBN_AFFINE_ROWS + 2, planes), &a.coef,
+                                    &status);
+    if (!scratch) return status;
+    a.m2 = scratch;
+    char *tiles = (char *)a.coef + (size_t)(NBN_AFFINE_ROWS * planes) * element;
+    a.weight = tile_vector(tiles, weight, element, channels, outer);
+    a.bias = tile_vector(tiles + (size_t)planes * element, bias, element, channels, outer);
+    status = parallel_items(group_train, &a, plan[NBN_NORM_PLAN_ITEMS],
+                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner);
+    free(scratch);
+    return status;
+}
+
+static int group_norm_backward(int f64, const void *dy, const void *x, int64_t outer,
+                               int64_t channels, int64_t inner, int64_t num_groups,
+                               const void *weight, const double *mean, const double *invstd,
+                               void *dx, double *dweight, double *dbias) {
+    int status = nbn_check_group_norm_backward(dy, x, outer, channels, inner, num_groups, mean,
+                                               invstd, dx);
+    if (status != NBN_OK) return status;
+    const int64_t groups = outer * num_groups, planes = outer * channels;
+    const size_t element = f64 ? sizeof(double) : sizeof(float);
+    nbn_norm_call a = {.k = kernels(f64), .units = groups, .group_channels = channels / num_groups,
+                       .inner = inner, .dy = dy, .x = x, .out = dx,
+                       .n_weight = weight ? planes : 0, .mean = mean, .invstd = invstd};
+    int64_t plan[NBN_NORM_PLAN_SIZE];
+    status = read_norm_plan(a.k, groups, a.group_channels * inner, 0, plan);
+    if (status != NBN_OK) return status;
+    /* sum_dy, sum_dy_xmu per (sample, channel); the dx rows, then the tiled weight */
+    double *scratch = alloc_scratch(nbn_mul(2, planes), nbn_mul(NBN_GROUP_DX_ROWS + 1, planes),
+                                    &a.coef, &status);
+    if (!scratch) return status;
+    a.sum_dy = scratch, a.sum_dy_xmu = scratch + planes;
+    char *tiles = (char *)a.coef + (size_t)(NBN_GROUP_DX_ROWS * planes) * element;
+    a.weight = tile_vector(tiles, weight, element, channels, outer);
+    status = parallel_items(group_backward, &a, plan[NBN_NORM_PLAN_ITEMS],
+                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner);
+    if (status == NBN_OK) {
+        /* as numba_bn's group norm backward (its parameter sums, np.add.reduce over n):
+         * sum_dy_xmu * invstd per (sample, channel), then each channel's sums over the samples
+         * in sample order, from 0 */
+        for (int64_t p = 0; p < planes; p++) a.sum_dy_xmu[p] *= invstd[p / a.group_channels];
+        for (int64_t c = 0; c < channels; c++) {
+            double sum_dy = 0.0, sum_dy_xhat = 0.0;
+            for (int64_t n = 0; n < outer; n++) {
+                sum_dy += a.sum_dy[n * channels + c];
+                sum_dy_xhat += a.sum_dy_xmu[n * channels + c];
+            }
+            if (dweight) dweight[c] = sum_dy_xhat;
+            if (dbias) dbias[c] = sum_dy;
+        }
+    }
+    free(scratch);
+    return status;
+}
+
+static int layer_norm_forward(int f64, const void *x, int64_t rows, int64_t width,
+                              const void *weight, const void *bias, double eps, void *y,
+                              double *mean, double *invstd) {
+    int status = nbn_check_layer_norm_forward(x, rows, width, eps, y, mean, invstd);
+    if (status != NBN_OK) return status;
+    nbn_norm_call a = {.k = kernels(f64), .units = rows, .inner = width, .x = x, .out = y,
+                       .weight = weight, .bias = bias, .n_weight = weight ? width : 0,
+                       .n_bias = bias ? width : 0, .eps = eps, .mean_out = mean,
+                       .invstd_out = invstd};
+    int64_t plan[NBN_NORM_PLAN_SIZE];
+    status = read_norm_plan(a.k, rows, width, 0, plan);
+    if (status != NBN_OK) return status;
+    return parallel_items(layer_train, &a, plan[NBN_NORM_PLAN_ITEMS],
+                          plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * width);
+}
+
+static int layer_norm_backward(int f64, const void *dy, const void *x, int64_t rows,
+                               int64_t width, const void *weight, const double *mean,
+                               const double *invstd, void *dx, double *dweight, double *dbias) {
+    int status = nbn_check_layer_norm_backward(dy, x, rows, width, mean, invstd, dx);
+    if (status != NBN_OK) return status;
+    nbn_norm_call a = {.k = kernels(f64), .units = rows, .inner = width, .dy = dy, .x = x,
+                       .out = dx, .weight = weight, .n_weight = weight ? width : 0,
+                       .mean = mean, .invstd = invstd};
+    int64_t plan[NBN_NORM_PLAN_SIZE];
+    status = read_norm_plan(a.k, rows, width, 1, plan);
+    if (status != NBN_OK) return status;
+    const int64_t chunks = plan[NBN_NORM_PLAN_ITEMS];
+    /* the chunks' column partials (chunks, 2, width), then dweight and dbias */
+    void *unused;
+    double *scratch = alloc_scratch(nbn_mul(2 * chunks + 2, width), 0, &unused, &status);
+    if (!scratch) return status;
+    a.part = scratch;
+    double *sums = scratch + 2 * chunks * width;
+    status = parallel_items(layer_backward, &a, chunks,
+                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * width);
+    if (status == NBN_OK && a.k->layer_add_parts(rows, width, a.part, sums, sums + width) != 0)
+        status = NBN_ERR_INTERNAL;
+    if (status == NBN_OK) {
+        if (dweight) memcpy(dweight, sums, (size_t)width * sizeof(double));
+        if (dbias) memcpy(dbias, sums + width, (size_t)width * sizeof(double));
+    }
+    free(scratch);
     return status;
 }
 

@@ -27,10 +27,11 @@
 #include <stdint.h>
 
 #define NBN_VERSION_MAJOR 1 /* bumped when a signature or a meaning changes */
-#define NBN_VERSION_MINOR 2 /* bumped when symbols are added; 1: the _ex entry points (fused
+#define NBN_VERSION_MINOR 3 /* bumped when symbols are added; 1: the _ex entry points (fused
                               residual add and activation, nbn_activation, NBN_ERR_ALIAS);
                               2: the layer handle (nbn_layer_*, nbn_dtype, nbn_layer_flags,
-                              nbn_layer_buffer, NBN_ERR_STATE) */
+                              nbn_layer_buffer, NBN_ERR_STATE); 3: group (and instance) norm
+                              and layer norm (nbn_group_norm_*, nbn_layer_norm_*) */
 #define NBN_VERSION_PATCH 0 /* 1.0.1: eps <= 0 in training and scratch that overflows refused */
 #define NBN_VERSION_NUMBER (NBN_VERSION_MAJOR * 10000 + NBN_VERSION_MINOR * 100 + NBN_VERSION_PATCH)
 
@@ -50,10 +51,11 @@ typedef enum {
     NBN_OK = 0,
     NBN_ERR_NULL = 1,     /* a required pointer is NULL (or only one running buffer is given) */
     NBN_ERR_SHAPE = 2,    /* outer, channels or inner < 1, or their product (or the bytes of
-                             the call's scratch) overflows */
+                             the call's scratch) overflows; (1.3) num_groups, rows or
+                             width < 1 */
     NBN_ERR_VALUE = 3,    /* one value per channel in training, eps <= 0 in training (< 0 in
                              eval) or NaN, momentum outside [0, 1] or NaN, an unknown
-                             activation code (1.1) */
+                             activation code (1.1); (1.3) num_groups not dividing channels */
     NBN_ERR_INTERNAL = 4, /* out of memory for scratch, or a bug */
     NBN_ERR_ALIAS = 5,    /* (1.1) an output overlaps a buffer it must not: residual_out of
                              nbn_backward_ex_* with x, dy, y or dx */
@@ -187,6 +189,80 @@ NBN_API int nbn_backward_ex_f64(const double *dy, const double *x, int64_t outer
                                 const double *save_mean, const double *save_invstd, double *dx,
                                 double *dweight, double *dbias, const double *y, int activation,
                                 double *residual_out);
+
+/* ---------------------------------------------------------- group and layer norm (1.3)
+ * Normalisation of each sample on its own (PyTorch's group_norm, instance_norm, layer_norm),
+ * computed by the same kernels as numba_bn.group_norm_forward and friends over the same work
+ * items (a build for this CPU gives their float32 bits; docs/c-abi.md).
+ * Unlike the batch norm entry points, the statistics (mean, invstd) and the parameter gradients
+ * (dweight, dbias) are double whatever the tensor type: the kernels keep them in double, and a
+ * backward given the forward's double statistics computes what numba_bn's layers compute.
+ * weight and bias may be NULL (1 and 0), dweight and dbias may be NULL (not written); y may be x
+ * and dx may be dy (in place). Checks and failures as above: a call that fails writes nothing. */
+
+/* Group norm forward on x of shape (outer, channels, inner), channels first (NCHW is
+ * (N, C, H*W); outer counts the samples), C-contiguous. The channels of each sample form
+ * num_groups groups of channels / num_groups consecutive channels; for sample n and group g:
+ *   mean[n * num_groups + g], var = mean and biased variance of its channels' values
+ *   invstd[n * num_groups + g] = 1 / sqrt(var + eps)
+ *   y = (x - mean) * invstd * weight[c] + bias[c]          (per channel c: weight, bias (C))
+ * mean and invstd have outer * num_groups values. num_groups >= 1 (NBN_ERR_SHAPE) divides
+ * channels (NBN_ERR_VALUE); eps > 0. Instance norm is num_groups = channels; its running
+ * statistics (PyTorch's InstanceNorm with track_running_stats) are the caller's to update from
+ * mean and invstd. */
+NBN_API int nbn_group_norm_forward_f32(const float *x, int64_t outer, int64_t channels,
+                                       int64_t inner, int64_t num_groups, const float *weight,
+                                       const float *bias, double eps, float *y, double *mean,
+                                       double *invstd);
+
+/* Group norm backward, given dy and the forward's x, mean and invstd (m = values per group,
+ * channels / num_groups * inner; x_hat = (x - mean) * invstd; g = dy * weight[c]; per group):
+ *   dx      = invstd * (g - sum(g) / m - x_hat * sum(g * x_hat) / m)
+ *   dweight[c] = sum over samples and inner of dy * x_hat       (may be NULL: not written)
+ *   dbias[c]   = sum over samples and inner of dy               (may be NULL: not written)
+ * weight may be NULL (1). dx may be dy. */
+NBN_API int nbn_group_norm_backward_f32(const float *dy, const float *x, int64_t outer,
+                                        int64_t channels, int64_t inner, int64_t num_groups,
+                                        const float *weight, const double *mean,
+                                        const double *invstd, float *dx, double *dweight,
+                                        double *dbias);
+
+/* Layer norm forward on x of shape (rows, width), C-contiguous (normalized_shape flattened to
+ * width, the leading dimensions to rows). Per row r:
+ *   mean[r], var = mean and biased variance of the row; invstd[r] = 1 / sqrt(var + eps)
+ *   y = (x - mean[r]) * invstd[r] * weight[f] + bias[f]     (per element f of a row: (width))
+ * rows, width >= 1 (NBN_ERR_SHAPE); eps > 0. */
+NBN_API int nbn_layer_norm_forward_f32(const float *x, int64_t rows, int64_t width,
+                                       const float *weight, const float *bias, double eps,
+                                       float *y, double *mean, double *invstd);
+
+/* Layer norm backward, given dy and the forward's x, mean and invstd (per row, g = dy * weight[f],
+ * x_hat = (x - mean) * invstd):
+ *   dx = invstd * (g - sum(g) / width - x_hat * sum(g * x_hat) / width)
+ *   dweight[f] = sum over rows of dy * x_hat, dbias[f] = sum over rows of dy   (may be NULL)
+ * weight may be NULL (1). dx may be dy. */
+NBN_API int nbn_layer_norm_backward_f32(const float *dy, const float *x, int64_t rows,
+                                        int64_t width, const float *weight, const double *mean,
+                                        const double *invstd, float *dx, double *dweight,
+                                        double *dbias);
+
+/* The same four for double. */
+NBN_API int nbn_group_norm_forward_f64(const double *x, int64_t outer, int64_t channels,
+                                       int64_t inner, int64_t num_groups, const double *weight,
+                                       const double *bias, double eps, double *y, double *mean,
+                                       double *invstd);
+NBN_API int nbn_group_norm_backward_f64(const double *dy, const double *x, int64_t outer,
+                                        int64_t channels, int64_t inner, int64_t num_groups,
+                                        const double *weight, const double *mean,
+                                        const double *invstd, double *dx, double *dweight,
+                                        double *dbias);
+NBN_API int nbn_layer_norm_forward_f64(const double *x, int64_t rows, int64_t width,
+                                       const double *weight, const double *bias, double eps,
+                                       double *y, double *mean, double *invstd);
+NBN_API int nbn_layer_norm_backward_f64(const double *dy, const double *x, int64_t rows,
+                                        int64_t width, const double *weight, const double *mean,
+                                        const double *invstd, double *dx, double *dweight,
+                                        double *dbias);
 
 /* ------------------------------------------------------------------ the layer handle (1.2)
  * PyTorch's BatchNorm for C programs that do not want to manage per-channel buffers: an

@@ -1,4 +1,5 @@
-/* reference.h: batch norm in double precision, written as plainly as possible.
+/* reference.h: batch norm (and group and layer norm, 1.3) in double precision, written as
+ * plainly as possible.
  *
  * One thread, textbook two-pass statistics, the formulas of numba_bn.h and docs/backward.md
  * and nothing else. The reference C backend (reference_backend.c) exports it through the ABI;
@@ -120,6 +121,116 @@ static void reference_epilogue(double *y, int64_t size, const double *residual, 
  * (NaN y included). It is the residual's gradient, and the batch norm backward runs on it. */
 static void reference_relu_grad(const double *dy, const double *y, int64_t size, double *g) {
     for (int64_t k = 0; k < size; k++) g[k] = y[k] > 0.0 ? dy[k] : 0.0;
+}
+
+/* ---------------------------------------------------------- group and layer norm (1.3) */
+/* Group norm forward: per sample n and group g (channels g * cg to (g + 1) * cg - 1, cg =
+ * channels / num_groups), mean and biased variance over those channels and inner; mean and
+ * invstd have outer * num_groups values; weight and bias per channel, may be NULL. */
+static void reference_group_norm_forward(const double *x, int64_t outer, int64_t channels,
+                                         int64_t inner, int64_t num_groups, const double *weight,
+                                         const double *bias, double eps, double *y, double *mean,
+                                         double *invstd) {
+    int64_t cg = channels / num_groups;
+    double m = (double)(cg * inner);
+    for (int64_t n = 0; n < outer; n++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            double sum = 0.0, squares = 0.0;
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++)
+                for (int64_t i = 0; i < inner; i++) sum += x[NBN_AT(n, c, i)];
+            double mu = sum / m;
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++)
+                for (int64_t i = 0; i < inner; i++) {
+                    double d = x[NBN_AT(n, c, i)] - mu;
+                    squares += d * d;
+                }
+            double inv = 1.0 / sqrt(squares / m + eps);
+            mean[n * num_groups + g] = mu, invstd[n * num_groups + g] = inv;
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++)
+                for (int64_t i = 0; i < inner; i++) {
+                    double x_hat = (x[NBN_AT(n, c, i)] - mu) * inv;
+                    y[NBN_AT(n, c, i)] =
+                        x_hat * (weight ? weight[c] : 1.0) + (bias ? bias[c] : 0.0);
+                }
+        }
+}
+
+/* Group norm backward (docs/backward.md, with the weight inside the group's sums): per group,
+ * g = dy * weight[c], dx = invstd * (g - sum(g) / m - x_hat * sum(g * x_hat) / m); per channel
+ * dweight = sum dy * x_hat, dbias = sum dy over samples and inner. */
+static void reference_group_norm_backward(const double *dy, const double *x, int64_t outer,
+                                          int64_t channels, int64_t inner, int64_t num_groups,
+                                          const double *weight, const double *mean,
+                                          const double *invstd, double *dx, double *dweight,
+                                          double *dbias) {
+    int64_t cg = channels / num_groups;
+    double m = (double)(cg * inner);
+    for (int64_t c = 0; c < channels; c++) dweight[c] = 0.0, dbias[c] = 0.0;
+    for (int64_t n = 0; n < outer; n++)
+        for (int64_t g = 0; g < num_groups; g++) {
+            double mu = mean[n * num_groups + g], inv = invstd[n * num_groups + g];
+            double sum_g = 0.0, sum_g_xhat = 0.0;
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++)
+                for (int64_t i = 0; i < inner; i++) {
+                    double x_hat = (x[NBN_AT(n, c, i)] - mu) * inv;
+                    double grad = dy[NBN_AT(n, c, i)] * (weight ? weight[c] : 1.0);
+                    sum_g += grad, sum_g_xhat += grad * x_hat;
+                    dweight[c] += dy[NBN_AT(n, c, i)] * x_hat;
+                    dbias[c] += dy[NBN_AT(n, c, i)];
+                }
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++)
+                for (int64_t i = 0; i < inner; i++) {
+                    double x_hat = (x[NBN_AT(n, c, i)] - mu) * inv;
+                    double grad = dy[NBN_AT(n, c, i)] * (weight ? weight[c] : 1.0);
+                    dx[NBN_AT(n, c, i)] = inv * (grad - sum_g / m - x_hat * sum_g_xhat / m);
+                }
+        }
+}
+
+/* Layer norm forward on (rows, width): per row, mean, invstd, and y with the per-element weight
+ * and bias (width; may be NULL). */
+static void reference_layer_norm_forward(const double *x, int64_t rows, int64_t width,
+                                         const double *weight, const double *bias, double eps,
+                                         double *y, double *mean, double *invstd) {
+    for (int64_t r = 0; r < rows; r++) {
+        const double *row = x + r * width;
+        double sum = 0.0, squares = 0.0;
+        for (int64_t f = 0; f < width; f++) sum += row[f];
+        double mu = sum / (double)width;
+        for (int64_t f = 0; f < width; f++) squares += (row[f] - mu) * (row[f] - mu);
+        double inv = 1.0 / sqrt(squares / (double)width + eps);
+        mean[r] = mu, invstd[r] = inv;
+        for (int64_t f = 0; f < width; f++)
+            y[r * width + f] =
+                (row[f] - mu) * inv * (weight ? weight[f] : 1.0) + (bias ? bias[f] : 0.0);
+    }
+}
+
+/* Layer norm backward: per row, g = dy * weight[f],
+ * dx = invstd * (g - sum(g) / width - x_hat * sum(g * x_hat) / width); per element of a row
+ * dweight = sum dy * x_hat, dbias = sum dy over the rows. */
+static void reference_layer_norm_backward(const double *dy, const double *x, int64_t rows,
+                                          int64_t width, const double *weight,
+                                          const double *mean, const double *invstd, double *dx,
+                                          double *dweight, double *dbias) {
+    double m = (double)width;
+    for (int64_t f = 0; f < width; f++) dweight[f] = 0.0, dbias[f] = 0.0;
+    for (int64_t r = 0; r < rows; r++) {
+        const double *row = x + r * width, *grow = dy + r * width;
+        double sum_g = 0.0, sum_g_xhat = 0.0;
+        for (int64_t f = 0; f < width; f++) {
+            double x_hat = (row[f] - mean[r]) * invstd[r];
+            double grad = grow[f] * (weight ? weight[f] : 1.0);
+            sum_g += grad, sum_g_xhat += grad * x_hat;
+            dweight[f] += grow[f] * x_hat;
+            dbias[f] += grow[f];
+        }
+        for (int64_t f = 0; f < width; f++) {
+            double x_hat = (row[f] - mean[r]) * invstd[r];
+            double grad = grow[f] * (weight ? weight[f] : 1.0);
+            dx[r * width + f] = invstd[r] * (grad - sum_g / m - x_hat * sum_g_xhat / m);
+        }
+    }
 }
 
 #undef NBN_AT

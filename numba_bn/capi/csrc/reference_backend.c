@@ -4,8 +4,8 @@
  * rounded back to the tensor type. Slow and simple on purpose: it is what numba_bn's tests
  * compare against, and the template for anyone who plugs their own C kernels into numba_bn
  * (`numba_bn.register_backend("mine", "libmine.so")`). The typed nbn_*_f32/_f64 entry points
- * and their _ex variants (1.1: residual and activation) come from nbn_entry_points.h, over the
- * three generic operations below.
+ * and their _ex variants (1.1: residual and activation), and group and layer norm (1.3), come
+ * from nbn_entry_points.h, over the seven generic operations below.
  *
  *   cc -std=c11 -O2 -fPIC -shared -I $CSRC $CSRC/reference_backend.c -o libnbn_reference.so -lm
  *   (CSRC: this folder, numba_bn/capi/csrc; installed, numba_bn.capi.csrc_dir())
@@ -156,6 +156,109 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
         status = NBN_ERR_INTERNAL;
     }
     free(dyd), free(xd), free(wd), free(mean), free(invstd), free(yd), free(dxd), free(sums);
+    return status;
+}
+
+/* ---------------------------------------------------------- group and layer norm (1.3) */
+/* The statistics and the parameter gradients are double already: only tensors are copied. */
+static int group_norm_forward(int f64, const void *x, int64_t outer, int64_t channels,
+                              int64_t inner, int64_t num_groups, const void *weight,
+                              const void *bias, double eps, void *y, double *mean,
+                              double *invstd) {
+    int status = nbn_check_group_norm_forward(x, outer, channels, inner, num_groups, eps, y,
+                                              mean, invstd);
+    if (status == NBN_OK) status = check_copies(outer, channels, inner);
+    if (status != NBN_OK) return status;
+    int64_t size = outer * channels * inner;
+    int failed = 0;
+    double *xd = optional_to_double(x, f64, size, &failed);
+    double *wd = optional_to_double(weight, f64, channels, &failed);
+    double *bd = optional_to_double(bias, f64, channels, &failed);
+    double *yd = malloc((size_t)size * sizeof(double));
+    if (!failed && yd) {
+        reference_group_norm_forward(xd, outer, channels, inner, num_groups, wd, bd, eps, yd,
+                                     mean, invstd);
+        from_double(y, f64, yd, size);
+    } else {
+        status = NBN_ERR_INTERNAL;
+    }
+    free(xd), free(wd), free(bd), free(yd);
+    return status;
+}
+
+static int group_norm_backward(int f64, const void *dy, const void *x, int64_t outer,
+                               int64_t channels, int64_t inner, int64_t num_groups,
+                               const void *weight, const double *mean, const double *invstd,
+                               void *dx, double *dweight, double *dbias) {
+    int status = nbn_check_group_norm_backward(dy, x, outer, channels, inner, num_groups, mean,
+                                               invstd, dx);
+    if (status == NBN_OK) status = check_copies(outer, channels, inner);
+    if (status != NBN_OK) return status;
+    int64_t size = outer * channels * inner;
+    int failed = 0;
+    double *dyd = optional_to_double(dy, f64, size, &failed);
+    double *xd = optional_to_double(x, f64, size, &failed);
+    double *wd = optional_to_double(weight, f64, channels, &failed);
+    double *dxd = malloc((size_t)size * sizeof(double));
+    double *sums = malloc(2 * (size_t)channels * sizeof(double));
+    if (!failed && dxd && sums) {
+        reference_group_norm_backward(dyd, xd, outer, channels, inner, num_groups, wd, mean,
+                                      invstd, dxd, sums, sums + channels);
+        from_double(dx, f64, dxd, size);
+        if (dweight) memcpy(dweight, sums, (size_t)channels * sizeof(double));
+        if (dbias) memcpy(dbias, sums + channels, (size_t)channels * sizeof(double));
+    } else {
+        status = NBN_ERR_INTERNAL;
+    }
+    free(dyd), free(xd), free(wd), free(dxd), free(sums);
+    return status;
+}
+
+static int layer_norm_forward(int f64, const void *x, int64_t rows, int64_t width,
+                              const void *weight, const void *bias, double eps, void *y,
+                              double *mean, double *invstd) {
+    int status = nbn_check_layer_norm_forward(x, rows, width, eps, y, mean, invstd);
+    if (status == NBN_OK) status = check_copies(rows, width, 1);
+    if (status != NBN_OK) return status;
+    int64_t size = rows * width;
+    int failed = 0;
+    double *xd = optional_to_double(x, f64, size, &failed);
+    double *wd = optional_to_double(weight, f64, width, &failed);
+    double *bd = optional_to_double(bias, f64, width, &failed);
+    double *yd = malloc((size_t)size * sizeof(double));
+    if (!failed && yd) {
+        reference_layer_norm_forward(xd, rows, width, wd, bd, eps, yd, mean, invstd);
+        from_double(y, f64, yd, size);
+    } else {
+        status = NBN_ERR_INTERNAL;
+    }
+    free(xd), free(wd), free(bd), free(yd);
+    return status;
+}
+
+static int layer_norm_backward(int f64, const void *dy, const void *x, int64_t rows,
+                               int64_t width, const void *weight, const double *mean,
+                               const double *invstd, void *dx, double *dweight, double *dbias) {
+    int status = nbn_check_layer_norm_backward(dy, x, rows, width, mean, invstd, dx);
+    if (status == NBN_OK) status = check_copies(rows, width, 1);
+    if (status != NBN_OK) return status;
+    int64_t size = rows * width;
+    int failed = 0;
+    double *dyd = optional_to_double(dy, f64, size, &failed);
+    double *xd = optional_to_double(x, f64, size, &failed);
+    double *wd = optional_to_double(weight, f64, width, &failed);
+    double *dxd = malloc((size_t)size * sizeof(double));
+    double *sums = malloc(2 * (size_t)width * sizeof(double));
+    if (!failed && dxd && sums) {
+        reference_layer_norm_backward(dyd, xd, rows, width, wd, mean, invstd, dxd, sums,
+                                      sums + width);
+        from_double(dx, f64, dxd, size);
+        if (dweight) memcpy(dweight, sums, (size_t)width * sizeof(double));
+        if (dbias) memcpy(dbias, sums + width, (size_t)width * sizeof(double));
+    } else {
+        status = NBN_ERR_INTERNAL;
+    }
+    free(dyd), free(xd), free(wd), free(dxd), free(sums);
     return status;
 }
 

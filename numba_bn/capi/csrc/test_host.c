@@ -3,6 +3,7 @@
  *   cc -std=c11 -O2 -I $CSRC $CSRC/test_host.c -L DIR -lnumba_bn -Wl,-rpath,DIR -lm -o host
  *   env -i ./host            (tests/test_plugin.py does this, once per instruction set)
  *   env -i ./host layer      (the layer handle's checks only; the tests run it under ASan)
+ *   env -i ./host norms      (group and layer norm's checks only (1.3); under ASan too)
  * CSRC is this folder, numba_bn/capi/csrc (installed: numba_bn.capi.csrc_dir()); .ci/run
  * builds and runs it against a library built from the installed wheel.
  *
@@ -16,7 +17,9 @@
  * steps and eval give the bits of those entry points called by hand, its running buffers
  * follow PyTorch's update computed here, its status codes, and that a failed call changes
  * neither the layer nor its outputs; create/destroy of every flag combination (leaks show under
- * -fsanitize=address). The worker threads: calls with thread counts changing between them
+ * -fsanitize=address). Group and layer norm (1.3): forward and backward against the reference
+ * (groups 1, 2 and one per channel, odd sizes), 1 and 2 threads bitwise, in place, and the status
+ * code of each bad argument with nothing written. The worker threads: calls with thread counts changing between them
  * (1, 2, 3, 1, ...: the pool grows and shrinks) give the bits of the first, and calls from
  * several threads at once (while another thread changes the count) give the bits of calls made
  * one at a time. Prints one line per failure (line-buffered, so a crash keeps them) and a
@@ -1111,6 +1114,271 @@ static void test_layer(void) {
     }
 }
 
+/* ---------------------------------------------------------- group and layer norm (1.3) */
+/* A group norm call on (o, c, i) with g groups, or (layer) a layer norm call on (rows o,
+ * width c) (i = 1, g unused). Statistics and parameter gradients are double in the ABI. */
+typedef struct {
+    int layer;
+    int64_t o, c, i, g;
+} norm_shape;
+
+static int64_t norm_stats(const norm_shape *s) { return s->layer ? s->o : s->o * s->g; }
+
+static int norm_forward(const norm_shape *s, const tensor *x, const tensor *w, const tensor *b,
+                        double eps, tensor *y, double *mean, double *invstd) {
+    const void *wt = w ? w->t : NULL, *bt = b ? b->t : NULL;
+    if (s->layer)
+        return x->f64 ? nbn_layer_norm_forward_f64(x->t, s->o, s->c, wt, bt, eps, y->t, mean,
+                                                   invstd)
+                      : nbn_layer_norm_forward_f32(x->t, s->o, s->c, wt, bt, eps, y->t, mean,
+                                                   invstd);
+    return x->f64 ? nbn_group_norm_forward_f64(x->t, s->o, s->c, s->i, s->g, wt, bt, eps, y->t,
+                                               mean, invstd)
+                  : nbn_group_norm_forward_f32(x->t, s->o, s->c, s->i, s->g, wt, bt, eps, y->t,
+                                               mean, invstd);
+}
+
+static int norm_backward(const norm_shape *s, const tensor *dy, const tensor *x, const tensor *w,
+                         const double *mean, const double *invstd, tensor *dx, double *dw,
+                         double *db) {
+    const void *wt = w ? w->t : NULL;
+    if (s->layer)
+        return x->f64 ? nbn_layer_norm_backward_f64(dy->t, x->t, s->o, s->c, wt, mean, invstd,
+                                                    dx->t, dw, db)
+                      : nbn_layer_norm_backward_f32(dy->t, x->t, s->o, s->c, wt, mean, invstd,
+                                                    dx->t, dw, db);
+    return x->f64 ? nbn_group_norm_backward_f64(dy->t, x->t, s->o, s->c, s->i, s->g, wt, mean,
+                                                invstd, dx->t, dw, db)
+                  : nbn_group_norm_backward_f32(dy->t, x->t, s->o, s->c, s->i, s->g, wt, mean,
+                                                invstd, dx->t, dw, db);
+}
+
+typedef struct {
+    tensor y, dx;
+    double *mean, *invstd, *dw, *db; /* 2 * stats, then 2 * c doubles: one allocation */
+    int status;
+} norm_results;
+
+static void release_norm(norm_results *r) { release(&r->y), release(&r->dx), free(r->mean); }
+
+static norm_results run_norm(const norm_shape *s, const tensor *x, const tensor *dy,
+                             const tensor *w, const tensor *b, double eps) {
+    int64_t size = s->o * s->c * s->i, n = norm_stats(s);
+    norm_results r = {.y = make(x->f64, size), .dx = make(x->f64, size)};
+    poison(&r.y), poison(&r.dx);
+    r.mean = malloc((size_t)(2 * n + 2 * s->c) * sizeof(double));
+    for (int64_t k = 0; k < 2 * n + 2 * s->c; k++) r.mean[k] = NAN;
+    r.invstd = r.mean + n, r.dw = r.invstd + n, r.db = r.dw + s->c;
+    r.status = norm_forward(s, x, w, b, eps, &r.y, r.mean, r.invstd);
+    if (r.status == NBN_OK)
+        r.status = norm_backward(s, dy, x, w, r.mean, r.invstd, &r.dx, r.dw, r.db);
+    return r;
+}
+
+/* max |tested - reference| <= tol * max(1, max |reference|) for double vectors, NaN fails. */
+static void check_close_doubles(const double *tested, const double *reference, int64_t n,
+                                double tol, const char *what, const char *context) {
+    tensor view = {1, n, NULL, (void *)tested};
+    check_close(&view, reference, tol, what, context);
+}
+
+static int same_doubles(const double *a, const double *b, int64_t n) {
+    return memcmp(a, b, (size_t)n * sizeof(double)) == 0;
+}
+
+static void test_norm_shape(int f64, norm_shape s, int affine) {
+    char context[128];
+    snprintf(context, sizeof context, "%s %s (%lld, %lld, %lld) groups %lld%s",
+             s.layer ? "layer_norm" : "group_norm", f64 ? "f64" : "f32", (long long)s.o,
+             (long long)s.c, (long long)s.i, (long long)(s.layer ? 0 : s.g),
+             affine ? " affine" : "");
+    int64_t size = s.o * s.c * s.i, n = norm_stats(&s);
+    const double eps = 1e-5;
+    tensor x = make(f64, size), dy = make(f64, size), w = make(f64, s.c), b = make(f64, s.c);
+    /* layer norm: rows of width c are "channels" of fill_input's (o, 1, c) view */
+    if (s.layer)
+        fill_input(x.d, s.o, 1, s.c);
+    else
+        fill_input(x.d, s.o, s.c, s.i);
+    fill(dy.d, size, -1.0, 1.0), fill(w.d, s.c, 0.5, 1.5), fill(b.d, s.c, -1.0, 1.0);
+    sync_from_double(&x), sync_from_double(&dy), sync_from_double(&w), sync_from_double(&b);
+    const tensor *wp = affine ? &w : NULL, *bp = affine ? &b : NULL;
+
+    nbn_set_num_threads(1);
+    norm_results one = run_norm(&s, &x, &dy, wp, bp, eps);
+    nbn_set_num_threads(2);
+    norm_results two = run_norm(&s, &x, &dy, wp, bp, eps);
+    check(one.status == NBN_OK && two.status == NBN_OK, "forward and backward return NBN_OK",
+          context);
+    check(same_bits(&one.y, &two.y) && same_bits(&one.dx, &two.dx) &&
+              same_doubles(one.mean, two.mean, 2 * n + 2 * s.c),
+          "1 and 2 threads give the same bits", context);
+
+    /* the reference, on the values the library was given */
+    double *y = malloc((size_t)(2 * size + 2 * n + 2 * s.c) * sizeof(double));
+    double *dx = y + size, *mean = dx + size, *invstd = mean + n, *dw = invstd + n;
+    double *db = dw + s.c;
+    const double *wd = affine ? w.d : NULL, *bd = affine ? b.d : NULL;
+    if (s.layer) {
+        reference_layer_norm_forward(x.d, s.o, s.c, wd, bd, eps, y, mean, invstd);
+        reference_layer_norm_backward(dy.d, x.d, s.o, s.c, wd, two.mean, two.invstd, dx, dw, db);
+    } else {
+        reference_group_norm_forward(x.d, s.o, s.c, s.i, s.g, wd, bd, eps, y, mean, invstd);
+        reference_group_norm_backward(dy.d, x.d, s.o, s.c, s.i, s.g, wd, two.mean, two.invstd,
+                                      dx, dw, db);
+    }
+    double tol = f64 ? 1e-12 : 2e-6;
+    check_close(&two.y, y, tol, "forward y", context);
+    check_close_doubles(two.mean, mean, n, 1e-12, "forward mean", context);
+    check_close_doubles(two.invstd, invstd, n, 1e-12, "forward invstd", context);
+    check_close(&two.dx, dx, f64 ? 1e-12 : 1e-5, "backward dx", context);
+    check_close_doubles(two.dw, dw, s.c, 1e-12, "backward dweight", context);
+    check_close_doubles(two.db, db, s.c, 1e-12, "backward dbias", context);
+
+    /* in place (y = x, dx = dy), and NULL dweight, dbias: the same bits */
+    tensor in = make(f64, size);
+    memcpy(in.t, x.t, (size_t)size * (f64 ? 8 : 4));
+    double *stats = malloc((size_t)(2 * n) * sizeof(double));
+    int status = norm_forward(&s, &in, wp, bp, eps, &in, stats, stats + n);
+    check(status == NBN_OK && same_bits(&in, &two.y) && same_doubles(stats, two.mean, 2 * n),
+          "forward in place (y = x): the bits of out of place", context);
+    memcpy(in.t, dy.t, (size_t)size * (f64 ? 8 : 4));
+    status = norm_backward(&s, &in, &x, wp, two.mean, two.invstd, &in, NULL, NULL);
+    check(status == NBN_OK && same_bits(&in, &two.dx),
+          "backward in place (dx = dy), no dweight or dbias: the bits of dx", context);
+    free(stats), release(&in), free(y);
+    release_norm(&one), release_norm(&two);
+    release(&x), release(&dy), release(&w), release(&b);
+}
+
+/* Each kind of bad argument: its status code, and nothing written. */
+static void test_norm_status_codes(void) {
+    enum { O = 2, C = 4, I = 3, N = O * C * I, G = 2 };
+    float x[N], y[N], dx[N];
+    double mean[O * C], invstd[O * C], dw[C], db[C];
+    for (int k = 0; k < N; k++) x[k] = (float)(k % 5) * 0.5f;
+    memset(y, 0x7f, sizeof y), memset(dx, 0x7f, sizeof dx), memset(mean, 0x7f, sizeof mean);
+    memset(invstd, 0x7f, sizeof invstd), memset(dw, 0x7f, sizeof dw), memset(db, 0x7f, sizeof db);
+    unsigned char before[sizeof y + sizeof dx + sizeof mean + sizeof invstd + sizeof dw +
+                         sizeof db];
+#define NORM_OUTPUTS {y, sizeof y}, {dx, sizeof dx}, {mean, sizeof mean}, \
+                     {invstd, sizeof invstd}, {dw, sizeof dw}, {db, sizeof db}
+    struct {
+        void *p;
+        size_t n;
+    } outputs[] = {NORM_OUTPUTS};
+#undef NORM_OUTPUTS
+    size_t at = 0;
+    for (size_t k = 0; k < sizeof outputs / sizeof outputs[0]; k++)
+        memcpy(before + at, outputs[k].p, outputs[k].n), at += outputs[k].n;
+    double stats[O * C] = {0}; /* inputs of the backward: mean 0, invstd 1 */
+    double ones[O * C];
+    for (int k = 0; k < O * C; k++) ones[k] = 1.0;
+    const double nan = NAN;
+    struct {
+        int got, expected;
+        const char *what;
+    } cases[] = {
+        {nbn_group_norm_forward_f32(NULL, O, C, I, G, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_NULL, "group forward: x NULL"},
+        {nbn_group_norm_forward_f32(x, O, C, I, G, NULL, NULL, 1e-5, NULL, mean, invstd),
+         NBN_ERR_NULL, "group forward: y NULL"},
+        {nbn_group_norm_forward_f32(x, O, C, I, G, NULL, NULL, 1e-5, y, NULL, invstd),
+         NBN_ERR_NULL, "group forward: mean NULL"},
+        {nbn_group_norm_forward_f32(x, O, C, I, G, NULL, NULL, 1e-5, y, mean, NULL),
+         NBN_ERR_NULL, "group forward: invstd NULL"},
+        {nbn_group_norm_forward_f32(NULL, 0, C, I, 3, NULL, NULL, -1.0, y, mean, invstd),
+         NBN_ERR_NULL, "group forward: NULL first, then shape and value"},
+        {nbn_group_norm_forward_f32(x, 0, C, I, G, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_SHAPE, "group forward: outer 0"},
+        {nbn_group_norm_forward_f32(x, O, -1, I, G, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_SHAPE, "group forward: channels -1"},
+        {nbn_group_norm_forward_f32(x, O, C, 0, G, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_SHAPE, "group forward: inner 0"},
+        {nbn_group_norm_forward_f32(x, O, C, I, 0, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_SHAPE, "group forward: num_groups 0"},
+        {nbn_group_norm_forward_f32(x, O, C, I, -2, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_SHAPE, "group forward: num_groups -2"},
+        {nbn_group_norm_forward_f32(x, O, C, I, 3, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_VALUE, "group forward: num_groups 3 does not divide 4 channels"},
+        {nbn_group_norm_forward_f32(x, O, C, I, 8, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_VALUE, "group forward: num_groups 8 > 4 channels"},
+        {nbn_group_norm_forward_f32(x, O, C, I, G, NULL, NULL, 0.0, y, mean, invstd),
+         NBN_ERR_VALUE, "group forward: eps 0"},
+        {nbn_group_norm_forward_f32(x, O, C, I, G, NULL, NULL, nan, y, mean, invstd),
+         NBN_ERR_VALUE, "group forward: eps NaN"},
+        {nbn_group_norm_forward_f64((const double *)x, O, C, I, 3, NULL, NULL, 1e-5,
+                                    (double *)y, mean, invstd),
+         NBN_ERR_VALUE, "group forward f64: num_groups 3 does not divide 4 channels"},
+        {nbn_group_norm_backward_f32(NULL, x, O, C, I, G, NULL, stats, ones, dx, dw, db),
+         NBN_ERR_NULL, "group backward: dy NULL"},
+        {nbn_group_norm_backward_f32(x, NULL, O, C, I, G, NULL, stats, ones, dx, dw, db),
+         NBN_ERR_NULL, "group backward: x NULL"},
+        {nbn_group_norm_backward_f32(x, x, O, C, I, G, NULL, NULL, ones, dx, dw, db),
+         NBN_ERR_NULL, "group backward: mean NULL"},
+        {nbn_group_norm_backward_f32(x, x, O, C, I, G, NULL, stats, NULL, dx, dw, db),
+         NBN_ERR_NULL, "group backward: invstd NULL"},
+        {nbn_group_norm_backward_f32(x, x, O, C, I, G, NULL, stats, ones, NULL, dw, db),
+         NBN_ERR_NULL, "group backward: dx NULL"},
+        {nbn_group_norm_backward_f32(x, x, O, 0, I, G, NULL, stats, ones, dx, dw, db),
+         NBN_ERR_SHAPE, "group backward: channels 0"},
+        {nbn_group_norm_backward_f32(x, x, O, C, I, 0, NULL, stats, ones, dx, dw, db),
+         NBN_ERR_SHAPE, "group backward: num_groups 0"},
+        {nbn_group_norm_backward_f32(x, x, O, C, I, 3, NULL, stats, ones, dx, dw, db),
+         NBN_ERR_VALUE, "group backward: num_groups 3 does not divide 4 channels"},
+        {nbn_layer_norm_forward_f32(NULL, O, C * I, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_NULL, "layer forward: x NULL"},
+        {nbn_layer_norm_forward_f32(x, O, C * I, NULL, NULL, 1e-5, y, NULL, invstd),
+         NBN_ERR_NULL, "layer forward: mean NULL"},
+        {nbn_layer_norm_forward_f32(x, 0, C * I, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_SHAPE, "layer forward: rows 0"},
+        {nbn_layer_norm_forward_f32(x, O, -3, NULL, NULL, 1e-5, y, mean, invstd),
+         NBN_ERR_SHAPE, "layer forward: width -3"},
+        {nbn_layer_norm_forward_f32(x, O, C * I, NULL, NULL, -1e-5, y, mean, invstd),
+         NBN_ERR_VALUE, "layer forward: eps < 0"},
+        {nbn_layer_norm_forward_f64((const double *)x, O, C * I / 2, NULL, NULL, 0.0,
+                                    (double *)y, mean, invstd),
+         NBN_ERR_VALUE, "layer forward f64: eps 0"},
+        {nbn_layer_norm_backward_f32(x, x, O, C * I, NULL, stats, ones, NULL, dw, db),
+         NBN_ERR_NULL, "layer backward: dx NULL"},
+        {nbn_layer_norm_backward_f32(NULL, x, O, C * I, NULL, stats, ones, dx, dw, db),
+         NBN_ERR_NULL, "layer backward: dy NULL"},
+        {nbn_layer_norm_backward_f32(x, x, O, 0, NULL, stats, ones, dx, dw, db), NBN_ERR_SHAPE,
+         "layer backward: width 0"},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++)
+        check(cases[k].got == cases[k].expected, cases[k].what, nbn_status_string(cases[k].got));
+    /* scratch of more bytes than an address space holds (2^59 + 2 channels or columns) */
+    const int64_t wide = ((int64_t)1 << 59) + 2;
+    check(nbn_group_norm_forward_f32(x, 1, wide, 1, 1, NULL, NULL, 1e-5, y, mean, invstd) ==
+              NBN_ERR_SHAPE, "group forward: scratch bytes overflow", "channels 2^59 + 2");
+    check(nbn_group_norm_backward_f32(x, x, 1, wide, 1, 2, NULL, stats, ones, dx, dw, db) ==
+              NBN_ERR_SHAPE, "group backward: scratch bytes overflow", "channels 2^59 + 2");
+    check(nbn_layer_norm_backward_f64((const double *)x, (const double *)x, 1, wide, NULL, stats,
+                                      ones, (double *)dx, dw, db) == NBN_ERR_SHAPE,
+          "layer backward: scratch bytes overflow", "width 2^59 + 2");
+    at = 0;
+    int unchanged = 1;
+    for (size_t k = 0; k < sizeof outputs / sizeof outputs[0]; k++)
+        unchanged &= memcmp(before + at, outputs[k].p, outputs[k].n) == 0, at += outputs[k].n;
+    check(unchanged, "group and layer norm calls that fail write nothing", "");
+}
+
+static void test_norms(void) {
+    /* group norm: one group, two, one per channel (instance norm), odd sizes, one value per
+     * group; groups big enough for a work item each and several threads (> 2 * 2^18 elements);
+     * layer norm: one and many rows per work item, several row chunks, a width of one */
+    static const norm_shape shapes[] = {
+        {0, 2, 6, 35, 1}, {0, 3, 6, 11, 2},  {0, 4, 6, 9, 6},       {0, 5, 3, 21, 3},
+        {0, 1, 4, 1, 4},  {0, 7, 9, 5, 3},   {0, 16, 8, 6200, 2},   {0, 2, 12, 4100, 12},
+        {1, 7, 13, 1, 0}, {1, 1, 33, 1, 0},  {1, 300, 1, 1, 0},     {1, 2100, 300, 1, 0},
+        {1, 64, 9000, 1, 0},
+    };
+    test_norm_status_codes();
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int f64 = 0; f64 < 2; f64++) test_norm_shape(f64, shapes[s], (int)((s + f64) % 2));
+}
+
 /* ------------------------------------------------------------------------ worker threads */
 /* Shapes big enough for 2 and 3 threads (> 3 * 2^18 elements): fused planes, split planes
  * (few channels), rows. */
@@ -1249,7 +1517,7 @@ static void test_library_info(void) {
           "status string of NBN_ERR_VALUE", "");
     check(strncmp(nbn_status_string(NBN_ERR_ALIAS), "NBN_ERR_ALIAS", 13) == 0,
           "status string of NBN_ERR_ALIAS", "");
-    check(nbn_version() % 10000 / 100 >= 2, "minor version >= 2: the layer handle", "");
+    check(nbn_version() % 10000 / 100 >= 3, "minor version >= 3: group and layer norm", "");
     check(strncmp(nbn_status_string(NBN_ERR_STATE), "NBN_ERR_STATE", 13) == 0,
           "status string of NBN_ERR_STATE", "");
     check(nbn_status_string(12345) != NULL, "status string of an unknown code", "");
@@ -1263,6 +1531,12 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc > 1 && strcmp(argv[1], "threads") == 0) { /* the worker threads only */
         test_threads();
+        printf("isa %s: %d checks, %d failed\n", nbn_isa(), checks, failures);
+        return failures ? 1 : 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "norms") == 0) { /* group and layer norm only (1.3) */
+        test_library_info();
+        test_norms();
         printf("isa %s: %d checks, %d failed\n", nbn_isa(), checks, failures);
         return failures ? 1 : 0;
     }
@@ -1289,6 +1563,7 @@ int main(int argc, char **argv) {
     test_scratch_that_cannot_exist();
     test_eval_eps_zero(0), test_eval_eps_zero(1);
     test_layer();
+    test_norms();
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int f64 = 0; f64 < 2; f64++)
             test_shape(f64, shapes[s][0], shapes[s][1], shapes[s][2], (int)((s + f64) % 2));
