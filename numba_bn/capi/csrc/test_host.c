@@ -1547,7 +1547,7 @@ int main(int argc, char **argv) {
         return failures ? 1 : 0;
     }
     /* (outer, channels, inner): planes with one and several blocks per run, many channels
-     * (fused with 2 threads) and few (split), rows with one and several chunks and tiles,
+     * of long planes (fused with 2 threads: items.is_fused) and few (split), rows with one and several chunks and tiles,
      * outer = 1, the smallest training batch (two values per channel); 2 and 3 channels of
      * short runs, whose backward sums differed between the partitions of 1 and 2 threads in the
      * x86-64-v2 variant until the reductions were called apart (stats.apart); the last three
