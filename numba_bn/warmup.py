@@ -87,14 +87,14 @@ class Timings(float):
 def _shape(layout, parallel, threads):
     """A (N, C) or (N, C, L) batch of ``layout`` whose steps run on the twin asked for."""
     from .cpu import PARALLEL_MIN_ELEMENTS
-    from .cpu.items import FUSED_MIN_INNER, FUSED_SERIAL_MIN_ELEMENTS
+    from .cpu.items import FUSED_FORWARD_MIN_INNER, FUSED_SERIAL_MIN_ELEMENTS
 
     if layout == "rows":
         channels, inner = 8, 1
     elif layout == "planes":  # fewer channels than 2 * threads: split into segments
         channels, inner = 1, 6
     else:  # 2 * threads channels or more, long planes: one channel per item (items.is_fused)
-        channels, inner = max(8, 2 * threads), FUSED_MIN_INNER
+        channels, inner = max(8, 2 * threads), FUSED_FORWARD_MIN_INNER
     if layout == "fused" and not parallel:
         outer = -(-FUSED_SERIAL_MIN_ELEMENTS // (channels * inner))
     else:

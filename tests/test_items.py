@@ -65,20 +65,25 @@ def test_item_sizes_bound_the_work(shape):
 
 
 BIG = items.FUSED_SERIAL_MIN_ELEMENTS
-LONG = items.FUSED_MIN_INNER
+LONG = items.FUSED_FORWARD_MIN_INNER
 
 
-@pytest.mark.parametrize("outer, channels, inner, threads, fused", [
-    (3, 4, LONG, 2, True), (3, 3, LONG, 2, False), (3, 4, LONG - 1, 2, False),
-    (3, 8, 1, 2, False), (3, 1, LONG, 1, False), (3, 2, LONG, 1, False),
-    (-(-BIG // (2 * LONG)), 2, LONG, 1, True), (BIG // (2 * LONG) - 1, 2, LONG, 1, False),
-    (-(-BIG // 200), 2, 100, 1, False),
+@pytest.mark.parametrize("outer, channels, inner, threads, forward, backward", [
+    (3, 4, LONG, 2, True, True), (3, 4, LONG - 1, 2, False, True), (3, 4, 100, 2, False, True),
+    (3, 3, LONG, 2, False, False), (3, 8, 1, 2, False, False), (3, 1, LONG, 1, False, False),
+    (3, 2, LONG, 1, False, False), (-(-BIG // (2 * LONG)), 2, LONG, 1, True, True),
+    (BIG // (2 * LONG) - 1, 2, LONG, 1, False, False), (-(-BIG // 10), 2, 5, 1, False, True),
+    (BIG // 10, 2, 5, 1, False, False),
 ])  # fmt: skip
-def test_plan_and_the_jit_backend_share_the_fused_rule(outer, channels, inner, threads, fused):
-    """Fused on long planes with a channel or more per thread, twice over; one thread only for
-    big inputs."""
-    assert items.is_fused(channels, inner, threads, outer * channels * inner) is fused
-    assert _plan((outer, channels, inner), threads)["fused"] == int(fused)
+def test_plan_and_the_jit_backend_share_the_fused_rules(outer, channels, inner, threads,
+                                                          forward, backward):  # fmt: skip
+    """Fused with a channel or more per thread, twice over, the forward on long planes only;
+    one thread only for big inputs (the JIT backend asks is_fused, the C shim plan())."""
+    size = outer * channels * inner
+    assert items.is_fused(channels, inner, threads, size, LONG) is forward
+    assert items.is_fused(channels, inner, threads, size) is backward
+    plan = _plan((outer, channels, inner), threads)
+    assert (plan["fused_forward"], plan["fused_backward"]) == (int(forward), int(backward))
 
 
 def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(monkeypatch):

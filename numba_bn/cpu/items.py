@@ -7,9 +7,10 @@ partials from :func:`plan` (exported as ``plan``), never from arithmetic of its 
 
 Work items of the canonical ``(outer, C, inner)`` view:
 
-* fused, planes of FUSED_MIN_INNER values or more with ``C >= 2 * threads`` (one thread: from
-  FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per item, statistics and normalisation
-  (or reduction and dx) back to back while the channel is in L2;
+* fused, planes (the forward: of FUSED_FORWARD_MIN_INNER values or more) with
+  ``C >= 2 * threads`` (one thread: from FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per
+  item, statistics and normalisation (or reduction and dx) back to back while the channel is in
+  L2;
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
   (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows;
 * channel items (:func:`channel_items`) merge the partials of CHANNEL_GROUP channels, each in
@@ -78,7 +79,8 @@ def memory_of(inner):
 
 #: The fields :func:`plan` writes, in order (the shim reads them by these names).
 PLAN_FIELDS = (
-    "fused",
+    "fused_forward",
+    "fused_backward",
     "parts",
     "reduce_items",
     "reduce_item_elements",
@@ -92,23 +94,23 @@ PLAN_FIELDS = (
 #: split one was faster (benchmarks/README.md, "Lead: the fused partition": forward 0.5-1.0x,
 #: backward 0.7-0.95x the fused time from 8K to 3.2M elements; at 6.4M the backward 1.1-1.25x).
 FUSED_SERIAL_MIN_ELEMENTS = 1 << 22
-#: The fused partition only for planes of this many values or more (runs of 8 KiB of float32):
-#: a fused item reads and writes its channel in runs of ``inner`` values C * inner apart, and
-#: on shorter planes the split partition was faster with two threads, 2026-12-02
-#: (benchmarks/README.md, "The fused partition: planes of 2048 values or more": split / fused
-#: time on (64, 256, 196) forward 0.64-0.74, backward 0.87-0.91; (32, 64, 784) 0.74-0.83 and
-#: 0.58-0.60; (32, 64, 1568) 0.75 and 0.96; from 2048 values mixed, within +-10%, except the
-#: backward of (32, 64, 56, 56), where fused wins by 10-15%).
-FUSED_MIN_INNER = 2048
+#: The forward's fused partition only on planes of this many values or more (runs of 8 KiB of
+#: float32): a fused item writes y in runs of ``inner`` values C * inner apart, and on shorter
+#: planes the split forward was faster with two threads, 2026-12-02 (benchmarks/README.md, "The
+#: fused partition: the forward on long planes only": public forward_train, fused / split time
+#: 1.27-1.49 on (64, 256, 14, 14), 1.03-1.32 on (32, 64, 28, 28), 1.10-1.22 on (128, 64, 28, 28)
+#: and (32, 64, 40, 40)). The backward keeps the fused partition on any planes: there the split
+#: one reads dy and x twice, and lost by 13-16% on the last two shapes (won on the smaller ones).
+FUSED_FORWARD_MIN_INNER = 2048
 
 
-def is_fused(channels, inner, threads, size):
-    """Whole channels per item: planes of FUSED_MIN_INNER values or more, with a channel or more
-    for each thread, twice over; with one thread only from FUSED_SERIAL_MIN_ELEMENTS elements
-    (``size``) on."""
+def is_fused(channels, inner, threads, size, min_inner=2):
+    """Whole channels per item: planes of ``min_inner`` values or more (the backward: any;
+    the forward: FUSED_FORWARD_MIN_INNER), with a channel or more for each thread, twice over;
+    with one thread only from FUSED_SERIAL_MIN_ELEMENTS elements (``size``) on."""
     if threads == 1 and size < FUSED_SERIAL_MIN_ELEMENTS:
         return False
-    return inner >= FUSED_MIN_INNER and channels >= 2 * threads
+    return inner >= min_inner and channels >= 2 * threads
 
 
 is_fused_jit = kernel(inline="always")(is_fused)  # the same rule, for plan()
@@ -162,13 +164,15 @@ def elementwise_item_elements(outer, channels, inner):
 
 @kernel
 def plan(outer, channels, inner, threads, out):
-    """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 6)."""
-    out[0] = 1 if is_fused_jit(channels, inner, threads, outer * channels * inner) else 0
-    out[1] = parts(outer, inner)
-    out[2] = reduce_items(outer, channels, inner)
-    out[3] = reduce_item_elements(outer, channels, inner)
-    out[4] = elementwise_items(outer, channels, inner)
-    out[5] = elementwise_item_elements(outer, channels, inner)
+    """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 7)."""
+    size = outer * channels * inner
+    out[0] = 1 if is_fused_jit(channels, inner, threads, size, FUSED_FORWARD_MIN_INNER) else 0
+    out[1] = 1 if is_fused_jit(channels, inner, threads, size) else 0
+    out[2] = parts(outer, inner)
+    out[3] = reduce_items(outer, channels, inner)
+    out[4] = reduce_item_elements(outer, channels, inner)
+    out[5] = elementwise_items(outer, channels, inner)
+    out[6] = elementwise_item_elements(outer, channels, inner)
 
 
 # ---------------------------------------------------------------------------- reduction items

@@ -313,7 +313,7 @@ static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t chann
                   .z = residual ? residual : x, .epilogue = epilogue_code(residual, activation)};
     int64_t plan[NBN_PLAN_SIZE];
     if ((status = read_plan(&a, plan)) != NBN_OK) return status;
-    int whole_channels = plan[NBN_PLAN_FUSED] != 0;
+    int whole_channels = plan[NBN_PLAN_FUSED_FORWARD] != 0;
     int64_t n_part = whole_channels ? 0 : nbn_mul(3 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(3 * channels, n_part),
                                     nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
@@ -381,7 +381,7 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
                   .n_weight = weight ? channels : 0};
     int64_t plan[NBN_PLAN_SIZE];
     if ((status = read_plan(&a, plan)) != NBN_OK) return status;
-    int whole_channels = plan[NBN_PLAN_FUSED] != 0;
+    int whole_channels = plan[NBN_PLAN_FUSED_BACKWARD] != 0;
     int64_t n_part = whole_channels ? 0 : nbn_mul(2 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(4 * channels, n_part),
                                     nbn_mul(NBN_DX_ROWS, channels), &a.coef, &status);
