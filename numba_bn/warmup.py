@@ -87,7 +87,11 @@ class Timings(float):
 def _shape(layout, parallel, threads):
     """A (N, C) or (N, C, L) batch of ``layout`` whose steps run on the twin asked for."""
     from .cpu import PARALLEL_MIN_ELEMENTS
-    from .cpu.items import FUSED_FORWARD_MIN_INNER, FUSED_SERIAL_MIN_ELEMENTS
+    from .cpu.items import (
+        FUSED_BACKWARD_MIN_ELEMENTS,
+        FUSED_FORWARD_MIN_INNER,
+        FUSED_SERIAL_MIN_ELEMENTS,
+    )
 
     if layout == "rows":
         channels, inner = 8, 1
@@ -95,8 +99,9 @@ def _shape(layout, parallel, threads):
         channels, inner = 1, 6
     else:  # 2 * threads channels or more, long planes: one channel per item (items.is_fused)
         channels, inner = max(8, 2 * threads), FUSED_FORWARD_MIN_INNER
-    if layout == "fused" and not parallel:
-        outer = -(-FUSED_SERIAL_MIN_ELEMENTS // (channels * inner))
+    if layout == "fused":  # the backward fuses from FUSED_BACKWARD_MIN_ELEMENTS on
+        least = FUSED_BACKWARD_MIN_ELEMENTS if parallel else FUSED_SERIAL_MIN_ELEMENTS
+        outer = -(-least // (channels * inner))
     else:
         outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else 4
     return (outer, channels) if inner == 1 else (outer, channels, inner)

@@ -66,22 +66,27 @@ def test_item_sizes_bound_the_work(shape):
 
 BIG = items.FUSED_SERIAL_MIN_ELEMENTS
 LONG = items.FUSED_FORWARD_MIN_INNER
+BACKWARD = items.FUSED_BACKWARD_MIN_ELEMENTS
 
 
 @pytest.mark.parametrize("outer, channels, inner, threads, forward, backward", [
-    (3, 4, LONG, 2, True, True), (3, 4, LONG - 1, 2, False, True), (3, 4, 100, 2, False, True),
-    (3, 3, LONG, 2, False, False), (3, 8, 1, 2, False, False), (3, 1, LONG, 1, False, False),
-    (3, 2, LONG, 1, False, False), (-(-BIG // (2 * LONG)), 2, LONG, 1, True, True),
+    (3, 4, LONG, 2, True, False), (3, 4, LONG - 1, 2, False, False),
+    (BACKWARD // (4 * LONG), 4, LONG, 2, True, True),
+    (BACKWARD // (4 * LONG), 4, LONG - 1, 2, False, False),  # one value short of BACKWARD
+    (BACKWARD // 400 + 1, 4, 100, 2, False, True), (BACKWARD // 300, 3, 100, 2, False, False),
+    (3, 8, 1, 2, False, False), (3, 1, LONG, 1, False, False), (3, 2, LONG, 1, False, False),
+    (-(-BIG // (2 * LONG)), 2, LONG, 1, True, True),
     (BIG // (2 * LONG) - 1, 2, LONG, 1, False, False), (-(-BIG // 10), 2, 5, 1, False, True),
     (BIG // 10, 2, 5, 1, False, False),
 ])  # fmt: skip
 def test_plan_and_the_jit_backend_share_the_fused_rules(outer, channels, inner, threads,
                                                           forward, backward):  # fmt: skip
-    """Fused with a channel or more per thread, twice over, the forward on long planes only;
-    one thread only for big inputs (the JIT backend asks is_fused, the C shim plan())."""
+    """Fused with a channel or more per thread, twice over: the forward on long planes, the
+    backward on big inputs; one thread only for bigger ones (the JIT backend asks is_fused,
+    the C shim plan())."""
     size = outer * channels * inner
-    assert items.is_fused(channels, inner, threads, size, LONG) is forward
-    assert items.is_fused(channels, inner, threads, size) is backward
+    assert items.is_fused(channels, inner, threads, size, True) is forward
+    assert items.is_fused(channels, inner, threads, size, False) is backward
     plan = _plan((outer, channels, inner), threads)
     assert (plan["fused_forward"], plan["fused_backward"]) == (int(forward), int(backward))
 

@@ -72,8 +72,8 @@ def test_backward_matches_finite_differences(rng, shape, axis):
 # Shapes that take every path of the drivers: fused channels, split planes (few channels),
 # multi-segment planes, rows with several chunks and channel tiles.
 PARTITION_SHAPES = [
-    ((3, 16, items.FUSED_FORWARD_MIN_INNER), 1),  # two threads: fused; one: split
-    ((6, 16, 400), 1),  # two threads: the backward fused, the forward split
+    ((3, 16, items.FUSED_FORWARD_MIN_INNER), 1),  # two threads: the forward fused
+    ((items.FUSED_BACKWARD_MIN_ELEMENTS // (4 * 2048), 4, 2048), 1),  # and the backward
     ((2, 1, 3 * kernels.PLANE_BLOCK + 17), 1),
     ((3, 3, kernels.PLANE_BLOCK + 5), 1),
     ((2 * kernels.ROW_CHUNK + 3, kernels.CHANNEL_TILE + 9), 1),

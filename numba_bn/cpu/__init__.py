@@ -6,7 +6,7 @@ import numba
 
 from ..stats import no_running_update
 from . import drivers
-from .items import FUSED_FORWARD_MIN_INNER, is_fused, memory_of
+from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .threads import launch_guard
 
@@ -74,8 +74,8 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     threads = threads_for(step, x.size)
     fused = False
     if step in ("forward_train", "backward"):
-        min_inner = FUSED_FORWARD_MIN_INNER if step == "forward_train" else 2
-        fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads, x.size, min_inner)
+        forward = step == "forward_train"
+        fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads, x.size, forward)
         step += "_fused" if fused else "_split"
     # x.shape[-1]: the canonical view's inner (relu_grad takes any rank; driver() gives the steps
     # without a copy per memory shape their one copy whatever memory says)

@@ -7,10 +7,10 @@ partials from :func:`plan` (exported as ``plan``), never from arithmetic of its 
 
 Work items of the canonical ``(outer, C, inner)`` view:
 
-* fused, planes (the forward: of FUSED_FORWARD_MIN_INNER values or more) with
-  ``C >= 2 * threads`` (one thread: from FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per
-  item, statistics and normalisation (or reduction and dx) back to back while the channel is in
-  L2;
+* fused, planes (the forward: of FUSED_FORWARD_MIN_INNER values or more; the backward: from
+  FUSED_BACKWARD_MIN_ELEMENTS elements on) with ``C >= 2 * threads`` (one thread: from
+  FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per item, statistics and normalisation (or
+  reduction and dx) back to back while the channel is in L2;
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
   (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows;
 * channel items (:func:`channel_items`) merge the partials of CHANNEL_GROUP channels, each in
@@ -97,20 +97,25 @@ FUSED_SERIAL_MIN_ELEMENTS = 1 << 22
 #: The forward's fused partition only on planes of this many values or more (runs of 8 KiB of
 #: float32): a fused item writes y in runs of ``inner`` values C * inner apart, and on shorter
 #: planes the split forward was faster with two threads, 2026-12-02 (benchmarks/README.md, "The
-#: fused partition: the forward on long planes only": public forward_train, fused / split time
+#: fused partition: split where it was faster": public forward_train, fused / split time
 #: 1.27-1.49 on (64, 256, 14, 14), 1.03-1.32 on (32, 64, 28, 28), 1.10-1.22 on (128, 64, 28, 28)
-#: and (32, 64, 40, 40)). The backward keeps the fused partition on any planes: there the split
-#: one reads dy and x twice, and lost by 13-16% on the last two shapes (won on the smaller ones).
+#: and (32, 64, 40, 40); from 2048 values on within +-10%).
 FUSED_FORWARD_MIN_INNER = 2048
+#: The backward's fused partition only from this many elements on: below, the split backward's
+#: second read of dy and x comes from L3, and it was faster (split / fused 0.6-0.9 on 1.6M
+#: elements, 0.9-1.0 on 3.2M of short planes); on larger tensors fused won by 12-20%.
+FUSED_BACKWARD_MIN_ELEMENTS = 1 << 21
 
 
-def is_fused(channels, inner, threads, size, min_inner=2):
-    """Whole channels per item: planes of ``min_inner`` values or more (the backward: any;
-    the forward: FUSED_FORWARD_MIN_INNER), with a channel or more for each thread, twice over;
-    with one thread only from FUSED_SERIAL_MIN_ELEMENTS elements (``size``) on."""
+def is_fused(channels, inner, threads, size, forward):
+    """Whole channels per item: planes (the forward's of FUSED_FORWARD_MIN_INNER values or more)
+    with a channel or more for each thread, twice over; only from FUSED_SERIAL_MIN_ELEMENTS
+    elements (``size``) on with one thread, from FUSED_BACKWARD_MIN_ELEMENTS for a backward."""
     if threads == 1 and size < FUSED_SERIAL_MIN_ELEMENTS:
         return False
-    return inner >= min_inner and channels >= 2 * threads
+    if not forward and size < FUSED_BACKWARD_MIN_ELEMENTS:
+        return False
+    return inner >= (FUSED_FORWARD_MIN_INNER if forward else 2) and channels >= 2 * threads
 
 
 is_fused_jit = kernel(inline="always")(is_fused)  # the same rule, for plan()
@@ -166,8 +171,8 @@ def elementwise_item_elements(outer, channels, inner):
 def plan(outer, channels, inner, threads, out):
     """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 7)."""
     size = outer * channels * inner
-    out[0] = 1 if is_fused_jit(channels, inner, threads, size, FUSED_FORWARD_MIN_INNER) else 0
-    out[1] = 1 if is_fused_jit(channels, inner, threads, size) else 0
+    out[0] = 1 if is_fused_jit(channels, inner, threads, size, True) else 0
+    out[1] = 1 if is_fused_jit(channels, inner, threads, size, False) else 0
     out[2] = parts(outer, inner)
     out[3] = reduce_items(outer, channels, inner)
     out[4] = reduce_item_elements(outer, channels, inner)

@@ -1380,9 +1380,10 @@ static void test_norms(void) {
 }
 
 /* ------------------------------------------------------------------------ worker threads */
-/* Shapes big enough for 2 and 3 threads (> 3 * 2^18 elements): fused planes, split planes
- * (few channels), rows. */
-static const int64_t threaded_shapes[][3] = {{16, 8, 6200}, {40, 3, 7000}, {2100, 400, 1}};
+/* Shapes big enough for 2 and 3 threads (> 3 * 2^18 elements): fused planes (long ones, and
+ * 2^21 elements or more: the backward fuses too, items.is_fused), split planes (few channels),
+ * rows. */
+static const int64_t threaded_shapes[][3] = {{64, 8, 4100}, {40, 3, 7000}, {2100, 400, 1}};
 
 static void test_thread_counts_in_turn(int f64) {
     static const int counts[] = {1, 2, 3, 1, 3, 2, 1, 2};
@@ -1547,7 +1548,7 @@ int main(int argc, char **argv) {
         return failures ? 1 : 0;
     }
     /* (outer, channels, inner): planes with one and several blocks per run, many channels
-     * of long planes (fused with 2 threads: items.is_fused) and few (split), rows with one and several chunks and tiles,
+     * of long planes (the forward fused with 2 threads: items.is_fused) and few (split), rows with one and several chunks and tiles,
      * outer = 1, the smallest training batch (two values per channel); 2 and 3 channels of
      * short runs, whose backward sums differed between the partitions of 1 and 2 threads in the
      * x86-64-v2 variant until the reductions were called apart (stats.apart); the last three
