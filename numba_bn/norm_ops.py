@@ -272,6 +272,8 @@ def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum
 def instance_stats_backward(dy, x, mean, invstd, weight, axis, *, spatial_dims=None, out=None):
     """Instance norm backward: (dx, dweight, dbias), the gradients float64 (C,); ``mean``,
     ``invstd`` (N, C), or (C,) for one sample (:func:`instance_batch`)."""
+    if spatial_dims is None:  # a batch: group norm's backward (its checked path takes CUDA)
+        return group_stats_backward(dy, x, mean, invstd, None, weight, axis, out=out)
     if any_on_device(dy, x, mean, invstd, weight, out):
         return norm_cuda.instance_backward(dy, x, mean, invstd, weight, axis, spatial_dims, out)
     x, one = instance_batch(x, check_spatial_dims(spatial_dims))
