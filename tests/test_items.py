@@ -108,6 +108,30 @@ def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(
     assert cpu.threads_for("forward_train", 10**8) == 1
 
 
+def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypatch):
+    """Below WAKE_NS / (ns * (1 - 1 / NUMBA_NUM_THREADS)) no thread count numba.set_num_threads
+    allows repays a wake-up: the answer is 1 without numba.get_num_threads (two locks, ~1 us),
+    and _plan keeps it (a (64, 256) backward asked at every call before)."""
+    import numba
+
+    from numba_bn import cpu
+
+    most = numba.config.NUMBA_NUM_THREADS
+
+    def asked():
+        raise AssertionError("numba.get_num_threads was asked")
+
+    monkeypatch.setattr(numba, "get_num_threads", asked)
+    monkeypatch.setattr(cpu, "_SERIAL_PLANS", {})
+    for step, ns in cpu.NS_PER_ELEMENT.items():
+        below = 10**12 if most == 1 else int(cpu.WAKE_NS / (ns * (1 - 1 / most)))
+        assert cpu.threads_for(step, below - 1) == 1, step
+    if most == 2:  # this project's machines: (64, 256) is below the backward's bound
+        x = np.empty((64, 256, 1), np.float32)
+        plan = cpu._plan("backward", x, may_fuse=True)
+        assert cpu._SERIAL_PLANS["backward", x.shape, True, 0] is plan
+
+
 def test_the_backend_remembers_only_plans_no_thread_count_changes(monkeypatch):
     """A small input's plan is kept (its twin is serial at any thread count); a large one's is
     made again at each call, so that numba.set_num_threads takes effect."""

@@ -1,6 +1,7 @@
 """CPU backend: Numba drivers over serial range kernels, parallel or serial by a cost model."""
 
 import contextlib
+import math
 
 import numba
 
@@ -33,7 +34,14 @@ NS_PER_ELEMENT = {
     "relu_grad": 0.12,  # not measured: an elementwise pass like normalize's
     "backward_fused_relu": 0.49,  # not measured: the backward's
 }
-_SERIAL_BELOW = {step: WAKE_NS / ns for step, ns in NS_PER_ELEMENT.items()}  # whatever threads
+#: Below these sizes every thread count runs serial: numba.set_num_threads cannot exceed
+#: NUMBA_NUM_THREADS, and the model's saving grows with the threads (with 2 at most, below twice
+#: WAKE_NS / ns). A size this small skips asking numba.get_num_threads (~1 us: two locks).
+_MOST_THREADS = numba.config.NUMBA_NUM_THREADS
+_SERIAL_BELOW = {
+    step: math.inf if _MOST_THREADS == 1 else WAKE_NS / (ns * (1.0 - 1.0 / _MOST_THREADS))
+    for step, ns in NS_PER_ELEMENT.items()
+}
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
 PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
 _NO_GUARD = contextlib.nullcontext()
