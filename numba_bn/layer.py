@@ -315,22 +315,26 @@ class BatchNorm(LayerState):
                 return self._ghost_forward(x, update, batches, out, epilogue)
             if self.renorm and training and self._collected is None:
                 return self._renorm_forward(x, update, batches, out, epilogue)
-            options = {  # of ops.batch_forward, with or without a mask
-                "running_mean": self.running_mean if update else None,
-                "running_var": self.running_var if update else None,
-                "momentum": self.convention.new_batch_weight(self.momentum, batches),
-                "unbiased": self.convention.unbiased_running_var,
-                "nan_policy": self.nan_policy,
-                "out": out,
-                "backend": self.backend,
-                **epilogue,
-            }
+            convention = self.convention
+            running_mean, running_var = (
+                (self.running_mean, self.running_var) if update else (None, None)
+            )
+            momentum = convention.new_batch_weight(self.momentum, batches)
             if mask is not None:
-                result = masked_batch_forward(x, self.weight, self.bias, self.eps, self.axis, mask,
-                                              **options)  # fmt: skip
-            else:
-                result = batch_forward(x, self.weight, self.bias, self.eps, self.axis, **options,
-                                       exchange=self._exchange, device=self._side)  # fmt: skip
+                result = masked_batch_forward(
+                    x, self.weight, self.bias, self.eps, self.axis, mask,
+                    running_mean=running_mean, running_var=running_var, momentum=momentum,
+                    unbiased=convention.unbiased_running_var, nan_policy=self.nan_policy, out=out,
+                    backend=self.backend, residual=residual, activation=self.activation,
+                )  # fmt: skip
+            else:  # keywords spelt out, no dict to build: a training loop's every call
+                result = batch_forward(
+                    x, self.weight, self.bias, self.eps, self.axis, running_mean=running_mean,
+                    running_var=running_var, momentum=momentum,
+                    unbiased=convention.unbiased_running_var, nan_policy=self.nan_policy, out=out,
+                    backend=self.backend, exchange=self._exchange, residual=residual,
+                    activation=self.activation, device=self._side,
+                )  # fmt: skip
             if update:  # an empty batch counts, as in PyTorch (its statistics change nothing)
                 self.num_batches_tracked = batches
             if self._collected is not None and result.count:
