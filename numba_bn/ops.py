@@ -522,6 +522,9 @@ def parameter_gradients(dx, invstd, sum_dy, sum_dy_xmu, count):
     """(dweight, dbias) of a backward whose result is ``dx``: in its compute dtype and, for CUDA
     arrays, of its kind (:func:`.checks.returned_like`)."""
     dtype = compute_dtype(dx.dtype)
+    if type(dx) is np.ndarray and type(invstd) is np.ndarray and count:  # a host call: NumPy's
+        dweight = np.multiply(invstd, sum_dy_xmu, dtype=np.float64).astype(dtype)  # own calls
+        return dweight, sum_dy.astype(dtype)  # (~1 us less than the memory interface's)
     dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
     return returned_like(dx, dweight, memory_of(sum_dy).astype(sum_dy, dtype))
 
