@@ -91,12 +91,25 @@ def test_plan_and_the_jit_backend_share_the_fused_rules(outer, channels, inner, 
     assert (plan["fused_forward"], plan["fused_backward"]) == (int(forward), int(backward))
 
 
-def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(monkeypatch):
+def _two_threads(monkeypatch):
+    """numba.get_num_threads() says 2, and the serial bounds are those of NUMBA_NUM_THREADS=2
+    also where it is 1 (where only 1 thread is ever allowed and everything runs serial)."""
     import numba
 
     from numba_bn import cpu
 
     monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        bounds = {step: cpu.WAKE_NS / (ns * 0.5) for step, ns in cpu.NS_PER_ELEMENT.items()}
+        monkeypatch.setattr(cpu, "_SERIAL_BELOW", bounds)
+
+
+def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(monkeypatch):
+    import numba
+
+    from numba_bn import cpu
+
+    _two_threads(monkeypatch)
     for step, ns in cpu.NS_PER_ELEMENT.items():
         assert cpu.threads_for(step, 64 * 32) == 1, step  # an MLP batch: never worth a wake-up
         assert cpu.threads_for(step, cpu.PARALLEL_MIN_ELEMENTS) == 2, step
@@ -143,7 +156,7 @@ def test_the_backend_remembers_only_plans_no_thread_count_changes(monkeypatch):
     monkeypatch.setattr(cpu, "_SERIAL_PLANS", {})
     small = np.empty((64, 32, 1), np.float32)
     large = np.empty((cpu.PARALLEL_MIN_ELEMENTS, 1, 1), np.float32)
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    _two_threads(monkeypatch)
     serial_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[1]
     assert cpu._plan("forward_eval", small)[0] is serial_twin
     assert (
