@@ -16,5 +16,6 @@ def test_four_threads_fifty_calls_each(layer):
     code, output = run_child([sys.executable, HERE / "thread_worker.py"], env, timeout=300)
     assert code == 0, output
     assert "failures=0" in output
+    assert "parallel=4" in output  # the parallel twins ran (a layer starts on the first launch)
     if layer != "default":
         assert f"layer={layer}" in output

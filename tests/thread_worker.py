@@ -1,4 +1,5 @@
-"""4 Python threads x 50 calls of the parallel kernels; exits non-zero on a wrong result.
+"""4 Python threads x 50 calls of the kernels, the parallel twins among them; exits non-zero
+on a wrong result.
 
 Run as a script so that the threading layer can be chosen (NUMBA_THREADING_LAYER) per process.
 """
@@ -12,10 +13,17 @@ import numba_bn as nbn
 
 
 def main(threads=4, calls=50):
+    from numba_bn.cpu import PARALLEL_MIN_ELEMENTS, threads_for
+
     rng = np.random.default_rng(0)
+    # planes (many and few channels), rows, channels-last: the large ones run the parallel
+    # twins (from PARALLEL_MIN_ELEMENTS on), the first the serial one
     inputs = [rng.standard_normal(shape).astype(np.float32) * 3 + 1
-              for shape in ((16, 8, 9, 9), (512, 64), (4, 2, 300), (8, 9, 7, 8))]  # fmt: skip
-    axes = [1, 1, 1, -1]
+              for shape in ((16, 8, 9, 9), (16, 8, 33, 33), (2048, 72), (4, 2, 20000),
+                            (64, 9, 30, 8))]  # fmt: skip
+    axes = [1, 1, 1, 1, -1]
+    assert all(x.size >= PARALLEL_MIN_ELEMENTS for x in inputs[1:])
+    parallel = sum(threads_for("forward_train", x.size) > 1 for x in inputs)
     expected = [nbn.forward_train(x, axis=a)[0] for x, a in zip(inputs, axes, strict=True)]
     failures = []
 
@@ -33,7 +41,7 @@ def main(threads=4, calls=50):
         t.join()
     from numba_bn.cpu.threads import threading_layer
 
-    print(f"layer={threading_layer()} failures={len(failures)}")
+    print(f"layer={threading_layer()} parallel={parallel} failures={len(failures)}")
     return 1 if failures else 0
 
 
