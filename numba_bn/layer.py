@@ -297,7 +297,6 @@ class BatchNorm(LayerState):
         return y
 
     def _forward(self, x, training, mask, out, residual):
-        epilogue = {"residual": residual, "activation": self.activation}
         overwrites_x = out is not None and _shares_memory(out, x)
         if training or not self.track_running_stats or self._collected is not None:
             if overwrites_x:
@@ -312,9 +311,9 @@ class BatchNorm(LayerState):
                     "mask= is not supported with SyncBatchNorm, ghost batches or renorm"
                 )
             if self.virtual_batch_size is not None:
-                return self._ghost_forward(x, update, batches, out, epilogue)
+                return self._ghost_forward(x, update, batches, out, self._epilogue(residual))
             if self.renorm and training and self._collected is None:
-                return self._renorm_forward(x, update, batches, out, epilogue)
+                return self._renorm_forward(x, update, batches, out, self._epilogue(residual))
             convention = self.convention
             running_mean, running_var = (
                 (self.running_mean, self.running_var) if update else (None, None)
@@ -354,10 +353,15 @@ class BatchNorm(LayerState):
             out=out,
             backend=self.backend,
             device=self._side,
-            **epilogue,
+            residual=residual,
+            activation=self.activation,
         )
         self._saved = _Saved(False, _gone if overwrites_x else _kept(x))
         return y
+
+    def _epilogue(self, residual):
+        """The epilogue keywords of a forward (the common paths spell them out instead)."""
+        return {"residual": residual, "activation": self.activation}
 
     def _ghost_forward(self, x, update, batches, out, epilogue):
         """forward() in batch mode with ghost batches (:mod:`numba_bn.ghost`); the epilogue in
