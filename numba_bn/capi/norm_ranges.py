@@ -32,6 +32,8 @@ from ..cpu.norm_kernels import (
     layer_backward_rows,
     layer_train_rows,
     part_rows_jit,
+    unit_items,
+    unit_range,
     units_per_item,
 )
 from ..stats import AFFINE_ROWS
@@ -54,7 +56,7 @@ def norm_plan(units: I64, unit_size: I64, chunked: I64, plan_ptr: OUTI64):
     backward, ``units`` rows of width ``unit_size``) the fixed chunks of ``part_rows``."""
     out = carray(plan_ptr, len(NORM_PLAN_FIELDS))
     per = part_rows_jit(units, unit_size) if chunked else units_per_item(unit_size)
-    out[0] = -(-units // per)
+    out[0] = unit_items(units, per)
     out[1] = per
 
 
@@ -86,9 +88,8 @@ def group_train_items(
     m2 = carray(m2_ptr, groups)
     per = units_per_item(group_channels * inner)
     for item in range(first, last):
-        g0 = item * per
-        group_train_range(x, g0, min(g0 + per, groups), group_channels, eps, weight, bias, coef,
-                          y, mean, invstd, m2)  # fmt: skip
+        g0, g1 = unit_range(item, per, groups)
+        group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2)
 
 
 def group_backward_items(
@@ -118,9 +119,9 @@ def group_backward_items(
     sum_dy, sum_dy_xmu = carray(sum_dy_ptr, planes), carray(sum_dy_xmu_ptr, planes)
     per = units_per_item(group_channels * inner)
     for item in range(first, last):
-        g0 = item * per
-        group_backward_range(dy, x, g0, min(g0 + per, groups), group_channels, mean, invstd,
-                             weight, coef, dx, sum_dy, sum_dy_xmu)  # fmt: skip
+        g0, g1 = unit_range(item, per, groups)
+        group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx,
+                             sum_dy, sum_dy_xmu)  # fmt: skip
 
 
 def layer_train_items(
@@ -145,8 +146,8 @@ def layer_train_items(
     mean, invstd = carray(mean_ptr, rows), carray(invstd_ptr, rows)
     per = units_per_item(width)
     for item in range(first, last):
-        r0 = item * per
-        layer_train_rows(x, r0, min(r0 + per, rows), eps, weight, bias, y, mean, invstd)
+        r0, r1 = unit_range(item, per, rows)
+        layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd)
 
 
 def layer_backward_chunks(
@@ -170,16 +171,15 @@ def layer_backward_chunks(
     mean, invstd = carray(mean_ptr, rows), carray(invstd_ptr, rows)
     weight = carray(weight_ptr, n_weight)
     per = part_rows_jit(rows, width)
-    part = carray(part_ptr, (-(-rows // per), 2, width))
+    part = carray(part_ptr, (unit_items(rows, per), 2, width))
     for item in range(first, last):
-        r0 = item * per
-        layer_backward_rows(dy, x, r0, min(r0 + per, rows), mean, invstd, weight, dx,
-                            part[item])  # fmt: skip
+        r0, r1 = unit_range(item, per, rows)
+        layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part[item])
 
 
 def layer_add_parts(rows: I64, width: I64, part_ptr: IN64, dweight_ptr: OUT64, dbias_ptr: OUT64):
     """dweight, dbias (width,) from the chunks' partials, added in chunk order."""
-    part = carray(part_ptr, (-(-rows // part_rows_jit(rows, width)), 2, width))
+    part = carray(part_ptr, (unit_items(rows, part_rows_jit(rows, width)), 2, width))
     add_parts(part, carray(dweight_ptr, width), carray(dbias_ptr, width))
 
 

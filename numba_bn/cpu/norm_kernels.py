@@ -87,6 +87,20 @@ def part_rows(rows, width):
 part_rows_jit = kernel(inline="always")(part_rows)
 
 
+@kernel(inline="always")
+def unit_items(units, per):
+    """Work items of ``per`` units (groups or rows) each over ``units``: the JIT drivers' prange
+    and the C library's norm_plan count them here."""
+    return -(-units // per)
+
+
+@kernel(inline="always")
+def unit_range(item, per, units):
+    """Units [u0, u1) of work item ``item`` (the JIT drivers and the C range drivers)."""
+    u0 = item * per
+    return u0, min(u0 + per, units)
+
+
 # ------------------------------------------------------------------------------- group norm
 @kernel
 def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2):
@@ -165,10 +179,9 @@ def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
     groups = x.shape[1]
     per = units_per_item(x.shape[2])
     coef = np.empty((AFFINE_ROWS, groups * group_channels), x.dtype)
-    for item in prange(-(-groups // per)):
-        g0 = item * per
-        group_train_range(x, g0, min(g0 + per, groups), group_channels, eps, weight, bias, coef,
-                          y, mean, invstd, m2)  # fmt: skip
+    for item in prange(unit_items(groups, per)):
+        g0, g1 = unit_range(item, per, groups)
+        group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2)
 
 
 def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
@@ -177,10 +190,10 @@ def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum
     groups = mean.size
     per = units_per_item(group_channels * x.shape[2])
     coef = np.empty((GROUP_DX_ROWS, x.shape[1]), x.dtype)
-    for item in prange(-(-groups // per)):
-        g0 = item * per
-        group_backward_range(dy, x, g0, min(g0 + per, groups), group_channels, mean, invstd,
-                             weight, coef, dx, sum_dy, sum_dy_xmu)  # fmt: skip
+    for item in prange(unit_items(groups, per)):
+        g0, g1 = unit_range(item, per, groups)
+        group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx,
+                             sum_dy, sum_dy_xmu)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- layer norm
@@ -306,21 +319,20 @@ def _layer_forward(x, eps, weight, bias, y, mean, invstd):
     bias (F,) in x's dtype, or zero-length."""
     rows = x.shape[1]
     per = units_per_item(x.shape[2])
-    for item in prange(-(-rows // per)):
-        r0 = item * per
-        layer_train_rows(x, r0, min(r0 + per, rows), eps, weight, bias, y, mean, invstd)
+    for item in prange(unit_items(rows, per)):
+        r0, r1 = unit_range(item, per, rows)
+        layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd)
 
 
 def _layer_backward(dy, x, mean, invstd, weight, dx, dweight, dbias):
     """Layer norm backward on (1, N, F) views: dx, and dweight, dbias (F,) float64 (=)."""
     rows, width = x.shape[1], x.shape[2]
     per = part_rows_jit(rows, width)
-    chunks = -(-rows // per)
+    chunks = unit_items(rows, per)
     part = np.empty((chunks, 2, width))
     for item in prange(chunks):
-        r0 = item * per
-        layer_backward_rows(dy, x, r0, min(r0 + per, rows), mean, invstd, weight, dx,
-                            part[item])  # fmt: skip
+        r0, r1 = unit_range(item, per, rows)
+        layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part[item])
     add_parts(part, dweight, dbias)
 
 
