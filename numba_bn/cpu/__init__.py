@@ -1,6 +1,5 @@
 """CPU backend: Numba drivers over serial range kernels, parallel or serial by a cost model."""
 
-import contextlib
 import math
 
 import numba
@@ -44,7 +43,6 @@ _SERIAL_BELOW = {
 }
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
 PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
-_NO_GUARD = contextlib.nullcontext()
 
 
 def threads_for(step, size):
@@ -70,11 +68,23 @@ _SERIAL_PLANS = {}
 _SERIAL_PLANS_MAX = 4096
 
 
+def _guarded(parallel):
+    """The parallel twin ``parallel`` called inside the launch guard it may need (.threads)."""
+
+    def run(*args):
+        with launch_guard():
+            return parallel(*args)
+
+    run.__wrapped__ = parallel
+    return run
+
+
 def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
-    """(driver, guard, fused) of ``step`` on ``x``: the twin the cost model picks for x's memory
-    shape and ``epilogue`` (:func:`.drivers.driver`), the lock a parallel launch may need
-    (.threads), and for a step with two partitions whether it takes fused planes
-    (:func:`.items.is_fused`, the rule the C plugin's shim follows too)."""
+    """(run, fused) of ``step`` on ``x``: the twin the cost model picks for x's memory shape and
+    ``epilogue`` (:func:`.drivers.driver`), the parallel one inside its launch guard
+    (:func:`_guarded`), and for a step with two partitions whether it takes fused planes
+    (:func:`.items.is_fused`, the rule the C plugin's shim follows too). A serial twin is called
+    as it is: no guard to enter (~0.15 us of a small call)."""
     key = (step, x.shape, may_fuse, epilogue)
     plan = _SERIAL_PLANS.get(key)
     if plan is not None:
@@ -89,8 +99,8 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     # without a copy per memory shape their one copy whatever memory says)
     parallel, serial = drivers.driver(step, memory_of(x.shape[-1]), epilogue)
     if threads > 1:
-        return parallel, launch_guard(), fused
-    plan = serial, _NO_GUARD, fused
+        return _guarded(parallel), fused
+    plan = serial, fused
     if x.size < _SERIAL_BELOW[key[0]] and len(_SERIAL_PLANS) < _SERIAL_PLANS_MAX:
         _SERIAL_PLANS[key] = plan
     return plan
@@ -114,63 +124,50 @@ class CpuBackend:
         with nothing written but the statistics, when nan_check finds them not finite."""
         # The fused pass writes y channel by channel as it goes; a NaN check must come before
         # any y is written (a call that raises leaves out= as it was), so it takes the split one.
-        run, guard, _ = _plan("forward_train", x, may_fuse=not nan_check,
-                              epilogue=epilogue_code(residual, activation))  # fmt: skip
+        run, _ = _plan("forward_train", x, may_fuse=not nan_check,
+                       epilogue=epilogue_code(residual, activation))  # fmt: skip
         running = running or no_running_update(x.dtype)  # cached zero-length buffers
-        with guard:
-            return run(x, weight, bias, eps, running.mean, running.var, running.momentum,
-                       running.unbiased, nan_check, y, mean, invstd, m2,
-                       x if residual is None else residual)  # fmt: skip
+        return run(x, weight, bias, eps, running.mean, running.var, running.momentum,
+                   running.unbiased, nan_check, y, mean, invstd, m2,
+                   x if residual is None else residual)  # fmt: skip
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
                      activation=None):  # fmt: skip
-        run, guard, _ = _plan("forward_eval", x, epilogue=epilogue_code(residual, activation))
-        with guard:
-            run(x, weight, bias, running_mean, running_var, eps, y,
-                x if residual is None else residual)  # fmt: skip
+        run, _ = _plan("forward_eval", x, epilogue=epilogue_code(residual, activation))
+        run(x, weight, bias, running_mean, running_var, eps, y, x if residual is None else residual)
 
     def activation_grad(self, dy, y, *, activation, grad):
         """grad (=, like dy) = the gradient through ``activation`` of the forward that gave
         ``y``: dy where y > 0, else 0, for "relu"."""
-        run, guard, _ = _plan("relu_grad", dy)
-        with guard:
-            run(dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size))
+        run, _ = _plan("relu_grad", dy)
+        run(dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size))
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, activation=None,
                  y=None, grad=None):  # fmt: skip
         """The backward; with an ``activation``, first through it (``grad`` (=) as in
         activation_grad, from the forward's ``y``): channel by channel in the fused partition,
         so that grad is read back from L2."""
-        run, guard, fused = _plan("backward", x, may_fuse=True)
+        run, fused = _plan("backward", x, may_fuse=True)
         if activation is not None:
             if fused:
-                run, guard, _ = _plan("backward_fused_relu", x)  # the same threads
-                with guard:
-                    run(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grad)
+                run, _ = _plan("backward_fused_relu", x)  # the same threads
+                run(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grad)
                 return
             self.activation_grad(dy, y, activation=activation, grad=grad)
             dy = grad
-        with guard:
-            run(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
+        run(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
 
     # ----------------------------------------------- the split steps (and their exchange)
     def batch_stats(self, x, *, mean, m2):
         """mean, M2 (=) per channel; returns the count of values per channel."""
-        run, guard, _ = _plan("batch_stats", x)
-        with guard:
-            return run(x, mean, m2)
+        return _plan("batch_stats", x)[0](x, mean, m2)
 
     def normalize(self, x, *, mean, invstd, weight, bias, y, residual=None, activation=None):
-        run, guard, _ = _plan("normalize", x, epilogue=epilogue_code(residual, activation))
-        with guard:
-            run(x, mean, invstd, weight, bias, y, x if residual is None else residual)
+        run, _ = _plan("normalize", x, epilogue=epilogue_code(residual, activation))
+        run(x, mean, invstd, weight, bias, y, x if residual is None else residual)
 
     def backward_sums(self, dy, x, *, mean, sum_dy, sum_dy_xmu):
-        run, guard, _ = _plan("backward_sums", x)
-        with guard:
-            run(dy, x, mean, sum_dy, sum_dy_xmu)
+        _plan("backward_sums", x)[0](dy, x, mean, sum_dy, sum_dy_xmu)
 
     def backward_dx(self, dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
-        run, guard, _ = _plan("backward_dx", x)
-        with guard:
-            run(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)
+        _plan("backward_dx", x)[0](dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)
