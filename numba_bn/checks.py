@@ -25,6 +25,7 @@ _COMPUTE_DTYPE = {
     np.dtype(np.float32): np.dtype(np.float32),
     np.dtype(np.float64): np.dtype(np.float64),
 }
+_FLOAT64 = _COMPUTE_DTYPE[np.dtype(np.float64)]
 #: Dtypes NumPy learns from an optional package, entered in _COMPUTE_DTYPE when first met:
 #: ml_dtypes' bfloat16 exists only once the caller has imported ml_dtypes, so none is imported
 #: here (numba_bn.memory imports it for torch bfloat16 tensors only).
@@ -322,6 +323,19 @@ def stats_vector(value, name, channels, memory=HOST):
         raise ValueError(f"{name} must have shape ({channels},), got {value.shape}")
     compute_dtype(value.dtype, name)
     return memory.contiguous(value, np.float64, name)
+
+
+def trained(result):
+    """(y, mean, invstd) of a training forward's ``result`` (an ops.TrainResult), the float64
+    statistics in the compute dtype of y and on its side: what forward_train returns. A host
+    call's in two ``astype`` and nothing else (~0.4 us less than through in_compute_dtype)."""
+    y = result.y
+    if type(y) is np.ndarray:
+        dtype = _COMPUTE_DTYPE.get(y.dtype) or compute_dtype(y.dtype)
+        if dtype is _FLOAT64:  # the float64 statistics as they are
+            return y, result.mean, result.invstd
+        return y, result.mean.astype(dtype), result.invstd.astype(dtype)
+    return (y, *in_compute_dtype(y, result.mean, result.invstd))
 
 
 def in_compute_dtype(array, *vectors):

@@ -45,7 +45,7 @@ from numba import njit
 from numpy.typing import DTypeLike
 
 from .annotations import Array, Backend, Comm, Device, NanPolicy
-from .checks import in_compute_dtype
+from .checks import trained
 from .dispatch import memory_of
 from .layer import BatchNorm
 from .memory import HOST
@@ -325,7 +325,7 @@ def sync_forward_train(
         exchange=RankExchange(resolve_comm(comm)),
         device=device,
     )
-    return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
+    return trained(result)
 
 
 def sync_backward(

@@ -6,7 +6,7 @@ Per-channel statistics come back in the input's dtype (float32 for float16 and b
 """
 
 from .annotations import Activation, Array, Backend, Device, NanPolicy
-from .checks import in_compute_dtype
+from .checks import trained
 from .masking import masked_batch_backward, masked_batch_forward
 from .ops import batch_backward, batch_forward, frozen_forward, parameter_gradients
 
@@ -81,7 +81,7 @@ def forward_train(
         result = masked_batch_forward(x, weight, bias, eps, axis, mask, nan_policy=nan_policy,
                                       out=out, backend=backend, residual=residual,
                                       activation=activation)  # fmt: skip
-    return (result.y, *in_compute_dtype(result.y, result.mean, result.invstd))
+    return trained(result)
 
 
 def forward_eval(
