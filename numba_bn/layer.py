@@ -452,11 +452,14 @@ class BatchNorm(LayerState):
                 "BatchNorm.backward() needs x of the last forward, which forward(x, out=x) "
                 "overwrote: pass another array as out= to call backward() afterwards"
             )
+        # the epilogue's keywords (spelt out below: no dict to build on every call)
+        activation, y = self.activation, saved.y
         grad_residual = memory_of(x).empty(x.shape, x.dtype) if saved.residual else None
-        epilogue = {"activation": self.activation, "y": saved.y, "residual_out": grad_residual}
         if saved.ghost is not None:
-            if self.activation is not None or saved.residual:  # the epilogue had its own pass
-                dy = epilogue_gradient(dy, x, self.axis, **epilogue, backend=self.backend)
+            if activation is not None or saved.residual:  # the epilogue had its own pass
+                dy = epilogue_gradient(dy, x, self.axis, activation=activation, y=y,
+                                       residual_out=grad_residual,
+                                       backend=self.backend)  # fmt: skip
             dx, sum_dy, dweight = ghost.ghost_backward(dy, x, saved.ghost, self.virtual_batch_size,
                                                        self.weight, self.axis,
                                                        backend=self.backend)  # fmt: skip
@@ -475,37 +478,20 @@ class BatchNorm(LayerState):
         if saved.mask is not None:
             dx, sum_dy, sum_dy_xmu, _ = masked_batch_backward(
                 dy, x, saved.mean, saved.invstd, weight, self.axis, saved.mask, out=out,
-                backend=self.backend, **epilogue,
+                backend=self.backend, activation=activation, y=y, residual_out=grad_residual,
             )  # fmt: skip
         elif saved.batch:
             dx, sum_dy, sum_dy_xmu, _ = batch_backward(
-                dy,
-                x,
-                saved.mean,
-                saved.invstd,
-                weight,
-                self.axis,
-                out=out,
-                backend=self.backend,
-                exchange=self._exchange,
-                device=self._side,
-                **epilogue,
-            )
+                dy, x, saved.mean, saved.invstd, weight, self.axis, out=out, backend=self.backend,
+                exchange=self._exchange, device=self._side, activation=activation, y=y,
+                residual_out=grad_residual,
+            )  # fmt: skip
         else:
             dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
-                dy,
-                x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.eps,
-                self.axis,
-                out=out,
-                backend=self.backend,
-                exchange=self._exchange,
-                device=self._side,
-                **epilogue,
-            )
+                dy, x, self.running_mean, self.running_var, self.weight, self.eps, self.axis,
+                out=out, backend=self.backend, exchange=self._exchange, device=self._side,
+                activation=activation, y=y, residual_out=grad_residual,
+            )  # fmt: skip
         memory = memory_of(sum_dy)
         if self.weight is None:
             self.grad_weight = None
