@@ -135,39 +135,44 @@ def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypa
         raise AssertionError("numba.get_num_threads was asked")
 
     monkeypatch.setattr(numba, "get_num_threads", asked)
-    monkeypatch.setattr(cpu, "_SERIAL_PLANS", {})
+    monkeypatch.setattr(cpu, "_PLANS", {})
     for step, ns in cpu.NS_PER_ELEMENT.items():
         below = 10**12 if most == 1 else int(cpu.WAKE_NS / (ns * (1 - 1 / most)))
         assert cpu.threads_for(step, below - 1) == 1, step
     if most == 2:  # this project's machines: (64, 256) is below the backward's bound
         x = np.empty((64, 256, 1), np.float32)
         plan = cpu._plan("backward", x, may_fuse=True)
-        assert cpu._SERIAL_PLANS["backward", x.shape, True, 0] is plan
+        assert cpu._PLANS["backward", x.shape, True, 0] is plan
 
 
-def test_the_backend_remembers_only_plans_no_thread_count_changes(monkeypatch):
-    """A small input's plan is kept (its twin is serial at any thread count); a large one's is
-    made again at each call, so that numba.set_num_threads takes effect."""
+def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(monkeypatch):
+    """A small input's plan is kept under its shape (its twin is serial at any thread count); a
+    large one's under its shape and the thread count, asked at each call, so that
+    numba.set_num_threads takes effect."""
     import numba
 
     from numba_bn import cpu
     from numba_bn.cpu import drivers
 
-    monkeypatch.setattr(cpu, "_SERIAL_PLANS", {})
+    monkeypatch.setattr(cpu, "_PLANS", {})
     small = np.empty((64, 32, 1), np.float32)
     large = np.empty((cpu.PARALLEL_MIN_ELEMENTS, 1, 1), np.float32)
     _two_threads(monkeypatch)
     serial_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[1]
     assert cpu._plan("forward_eval", small)[0] is serial_twin
     parallel_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[0]
-    assert cpu._plan("forward_eval", large)[0].__wrapped__ is parallel_twin  # in its guard
-    assert list(cpu._SERIAL_PLANS) == [("forward_eval", small.shape, False, 0)]
+    parallel_plan = cpu._plan("forward_eval", large)
+    assert parallel_plan[0].__wrapped__ is parallel_twin  # in its guard
+    assert list(cpu._PLANS) == [("forward_eval", small.shape, False, 0),
+                                ("forward_eval", large.shape, False, 0, 2)]  # fmt: skip
     assert cpu._plan("forward_eval", small)[0] is serial_twin  # from the dict
+    assert cpu._plan("forward_eval", large) is parallel_plan  # from the dict
     monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
     assert cpu._plan("forward_eval", large)[0] is serial_twin
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    assert cpu._plan("forward_eval", large) is parallel_plan
     for shape in [(2, 8, 5), (2, 1, 5)]:  # the partition is kept too: split, as one thread
         x = np.empty(shape, np.float32)  # runs inputs this small (items.is_fused)
         assert cpu._plan("backward", x, may_fuse=True)[1] is False
-        assert cpu._plan("backward", x, may_fuse=True) is cpu._SERIAL_PLANS["backward", shape,
-                                                                           True, 0]  # fmt: skip
+        assert cpu._plan("backward", x, may_fuse=True) is cpu._PLANS["backward", shape, True, 0]
         assert cpu._plan("backward", x, may_fuse=False)[1] is False

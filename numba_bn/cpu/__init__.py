@@ -62,10 +62,11 @@ def epilogue_code(residual, activation):
     return code | EPILOGUE_RELU if activation == "relu" else code
 
 
-#: _plan's answers for inputs below the serial threshold, which no thread count changes: the
-#: plan of a small batch costs a dict lookup (~0.2 us) instead of ~1 us.
-_SERIAL_PLANS = {}
-_SERIAL_PLANS_MAX = 4096
+#: _plan's answers: a small batch's plan costs a dict lookup (~0.2 us) instead of ~1 us, a
+#: larger one's the thread count and a lookup (~1 us instead of ~2). The key of a size below the
+#: serial bound has no thread count (none changes its answer, and none is asked for).
+_PLANS = {}
+_PLANS_MAX = 4096
 
 
 def _guarded(parallel):
@@ -86,10 +87,16 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     (:func:`.items.is_fused`, the rule the C plugin's shim follows too). A serial twin is called
     as it is: no guard to enter (~0.15 us of a small call)."""
     key = (step, x.shape, may_fuse, epilogue)
-    plan = _SERIAL_PLANS.get(key)
+    plan = _PLANS.get(key)
     if plan is not None:
         return plan
-    threads = threads_for(step, x.size)
+    threads = 1
+    if x.size >= _SERIAL_BELOW[step]:
+        threads = threads_for(step, x.size)
+        key += (threads,)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan
     fused = False
     if step in ("forward_train", "backward"):
         forward = step == "forward_train"
@@ -98,11 +105,9 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     # x.shape[-1]: the canonical view's inner (relu_grad takes any rank; driver() gives the steps
     # without a copy per memory shape their one copy whatever memory says)
     parallel, serial = drivers.driver(step, memory_of(x.shape[-1]), epilogue)
-    if threads > 1:
-        return _guarded(parallel), fused
-    plan = serial, fused
-    if x.size < _SERIAL_BELOW[key[0]] and len(_SERIAL_PLANS) < _SERIAL_PLANS_MAX:
-        _SERIAL_PLANS[key] = plan
+    plan = (_guarded(parallel) if threads > 1 else serial), fused
+    if len(_PLANS) < _PLANS_MAX:
+        _PLANS[key] = plan
     return plan
 
 
