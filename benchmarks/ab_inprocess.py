@@ -7,9 +7,10 @@ its whole life (stop 23: the same code's (64, 32) forward 8.8 and 14.5 us twenty
 so two versions timed in separate processes differ by more than a per-call change of 0.2-1 us.
 Here both run in one process: each checkout's ``numba_bn`` is copied under its own name
 (``nbn_old``, ``nbn_new``; the package imports itself relatively) and every call is timed for
-both, alternating which goes first, five rounds; each cell is the minimum over the rounds of
-``min(timeit.repeat(call, number=1000, repeat=7))``. The copies keep their Numba cache between
-runs (``NUMBA_CACHE_DIR``, else next to the copies in the temporary directory).
+both, alternating which goes first, in rounds that each time every call once (a busy spell then
+spoils one sample of many calls, not every sample of one); each cell is the minimum over the
+rounds of ``min(timeit.repeat(call, number=1000, repeat=5))``. The copies keep their Numba
+cache between runs (``NUMBA_CACHE_DIR``, else next to the copies in the temporary directory).
 """
 
 import argparse
@@ -22,7 +23,7 @@ import timeit
 
 import numpy as np
 
-ROUNDS = 5
+ROUNDS = 7
 
 
 def load(tag, checkout, root):
@@ -59,7 +60,7 @@ def calls(nbn, shape):
 
 def best_us(call):
     call()
-    return min(timeit.repeat(call, number=1000, repeat=7)) / 1000 * 1e6
+    return min(timeit.repeat(call, number=1000, repeat=5)) / 1000 * 1e6
 
 
 def main(argv=None):
@@ -72,19 +73,21 @@ def main(argv=None):
     os.makedirs(root, exist_ok=True)
     sys.path.insert(0, root)
     packages = {"old": load("old", args.old, root), "new": load("new", args.new, root)}
+    shapes = [tuple(int(n) for n in text.split("x")) for text in args.shapes.split(",")]
+    timed = {(shape, tag): calls(nbn, shape) for shape in shapes for tag, nbn in packages.items()}
     print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds")
-    print("| shape | call | old | new | new / old |\n|---|---|---|---|---|")
-    for text in args.shapes.split(","):
-        shape = tuple(int(n) for n in text.split("x"))
-        timed = {tag: calls(nbn, shape) for tag, nbn in packages.items()}
-        for name in timed["old"]:
-            best = {}
-            for round_ in range(ROUNDS):
+    best = {}
+    for round_ in range(ROUNDS):  # every call once per round: a busy spell hits one sample
+        for shape in shapes:
+            for name in timed[shape, "old"]:
                 for tag in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
-                    best[tag] = min(best.get(tag, float("inf")), best_us(timed[tag][name]))
-            ratio = best["new"] / best["old"]
-            print(f"| {shape} | {name} | {best['old']:.2f} | {best['new']:.2f} | {ratio:.3f} |",
-                  flush=True)  # fmt: skip
+                    key = shape, name, tag
+                    best[key] = min(best.get(key, float("inf")), best_us(timed[shape, tag][name]))
+    print("| shape | call | old | new | new / old |\n|---|---|---|---|---|")
+    for shape in shapes:
+        for name in timed[shape, "old"]:
+            old, new = best[shape, name, "old"], best[shape, name, "new"]
+            print(f"| {shape} | {name} | {old:.2f} | {new:.2f} | {new / old:.3f} |")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
