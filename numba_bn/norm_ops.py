@@ -6,7 +6,6 @@ which accepts all a plain call does, with the same bits. The statistics and grad
 in float64; the public functions give them the compute dtype of x.
 """
 
-import contextlib
 import math
 
 import numpy as np
@@ -15,7 +14,7 @@ from . import hostcall, norm_cuda
 from .checks import Vectors, check_eps, check_momentum, compute_dtype
 from .cpu import CpuBackend, threads_for
 from .cpu import norm_kernels as kernels
-from .cpu.threads import launch_guard
+from .cpu.threads import guarded
 from .memory import HOST
 from .norm_checks import (
     ChannelsFirst,
@@ -43,13 +42,11 @@ from .ops import frozen_forward
 _BACKEND = CpuBackend()  # the split steps, for group norm with fewer groups than threads
 
 
-def _plan(step, size):
-    """(threads, guard): the CPU backend's cost model for a step of ``size`` elements."""
+def _plan(step, size, parallel, serial):
+    """(threads, run): the CPU backend's cost model for a step of ``size`` elements, and the
+    twin it picks (the parallel one inside its launch guard)."""
     threads = threads_for(step, size)
-    return threads, launch_guard() if threads > 1 else _NO_GUARD
-
-
-_NO_GUARD = contextlib.nullcontext()
+    return threads, guarded(parallel) if threads > 1 else serial
 
 
 # --------------------------------------------------------------------------- operations
@@ -114,14 +111,13 @@ def _group_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
     n, channels, inner = xc.shape
     group_channels = channels // groups  # groups >= 1: x is not empty
     grouped = (1, n * groups, group_channels * inner)
-    threads, guard = _plan("forward_train", xc.size)
+    threads, run = _plan("forward_train", xc.size, kernels.group_forward,
+                         kernels.group_forward_serial)  # fmt: skip
     if threads > 1 and n * groups < 2 * threads:  # a group per item would idle some threads
         split_group_forward(_BACKEND, HOST, xc, groups, eps, weight, bias, y, mean, invstd, m2)
         return
-    run = kernels.group_forward if threads > 1 else kernels.group_forward_serial
-    with guard:
-        run(xc.reshape(grouped), group_channels, eps, weight, bias, y.reshape(grouped), mean,
-            invstd, m2)  # fmt: skip
+    run(xc.reshape(grouped), group_channels, eps, weight, bias, y.reshape(grouped), mean, invstd,
+        m2)  # fmt: skip
 
 
 def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=None):
@@ -168,11 +164,9 @@ def _group_backward(dyc, xc, groups, mean, invstd, weight, dx):
     group_channels = channels // groups
     planes = (1, n * channels, inner)
     sums = np.empty((2, n * channels))
-    threads, guard = _plan("backward", xc.size)
-    run = kernels.group_backward if threads > 1 else kernels.group_backward_serial
-    with guard:
-        run(dyc.reshape(planes), xc.reshape(planes), group_channels, mean, invstd,
-            tiled(weight, n), dx.reshape(planes), sums[0], sums[1])  # fmt: skip
+    _, run = _plan("backward", xc.size, kernels.group_backward, kernels.group_backward_serial)
+    run(dyc.reshape(planes), xc.reshape(planes), group_channels, mean, invstd, tiled(weight, n),
+        dx.reshape(planes), sums[0], sums[1])  # fmt: skip
     return parameter_sums(sums, invstd, n, groups)
 
 
@@ -327,10 +321,8 @@ def _plain_layer_forward(x, normalized_shape, weight, bias, eps):
 def _layer_forward(xc, eps, weight, bias, y, mean, invstd):
     """Kernels of the layer norm forward on ``xc`` (1, rows, width), y of any shape of its
     size: mean, invstd (rows,) float64 (=)."""
-    threads, guard = _plan("forward_train", xc.size)
-    run = kernels.layer_forward if threads > 1 else kernels.layer_forward_serial
-    with guard:
-        run(xc, eps, weight, bias, y.reshape(xc.shape), mean, invstd)
+    _, run = _plan("forward_train", xc.size, kernels.layer_forward, kernels.layer_forward_serial)
+    run(xc, eps, weight, bias, y.reshape(xc.shape), mean, invstd)
 
 
 def _checked_layer_forward(x, normalized_shape, weight, bias, eps, out):
@@ -389,10 +381,8 @@ def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight):
 def _layer_backward(dyc, xc, mean, invstd, weight, dx, dweight, dbias):
     """Kernels of the layer norm backward on (1, rows, width) views, dx of any shape of their
     size: dweight, dbias (width,) float64 (=)."""
-    threads, guard = _plan("backward", xc.size)
-    run = kernels.layer_backward if threads > 1 else kernels.layer_backward_serial
-    with guard:
-        run(dyc, xc, mean, invstd, weight, dx.reshape(xc.shape), dweight, dbias)
+    _, run = _plan("backward", xc.size, kernels.layer_backward, kernels.layer_backward_serial)
+    run(dyc, xc, mean, invstd, weight, dx.reshape(xc.shape), dweight, dbias)
 
 
 def _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out):

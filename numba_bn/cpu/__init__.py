@@ -8,7 +8,7 @@ from ..stats import no_running_update
 from . import drivers
 from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
-from .threads import launch_guard
+from .threads import guarded
 
 # Serial or parallel, by a measured cost model (benchmarks/serial_parallel.py measures it and
 # prints these numbers; benchmarks/README.md records them). A parallel launch costs WAKE_NS more
@@ -69,23 +69,11 @@ _PLANS = {}
 _PLANS_MAX = 4096
 
 
-def _guarded(parallel):
-    """The parallel twin ``parallel`` called inside the launch guard it may need (.threads)."""
-
-    def run(*args):
-        with launch_guard():
-            return parallel(*args)
-
-    run.__wrapped__ = parallel
-    return run
-
-
 def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     """(run, fused) of ``step`` on ``x``: the twin the cost model picks for x's memory shape and
     ``epilogue`` (:func:`.drivers.driver`), the parallel one inside its launch guard
-    (:func:`_guarded`), and for a step with two partitions whether it takes fused planes
-    (:func:`.items.is_fused`, the rule the C plugin's shim follows too). A serial twin is called
-    as it is: no guard to enter (~0.15 us of a small call)."""
+    (:func:`.threads.guarded`), and for a step with two partitions whether it takes fused planes
+    (:func:`.items.is_fused`, the rule the C plugin's shim follows too)."""
     key = (step, x.shape, may_fuse, epilogue)
     plan = _PLANS.get(key)
     if plan is not None:
@@ -105,7 +93,7 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     # x.shape[-1]: the canonical view's inner (relu_grad takes any rank; driver() gives the steps
     # without a copy per memory shape their one copy whatever memory says)
     parallel, serial = drivers.driver(step, memory_of(x.shape[-1]), epilogue)
-    plan = (_guarded(parallel) if threads > 1 else serial), fused
+    plan = (guarded(parallel) if threads > 1 else serial), fused
     if len(_PLANS) < _PLANS_MAX:
         _PLANS[key] = plan
     return plan

@@ -34,3 +34,15 @@ def launch_guard():
         if _safe_layer:
             return contextlib.nullcontext()
     return _launch_lock
+
+
+def guarded(parallel):
+    """The parallel kernel ``parallel`` called inside the launch guard it may need. Serial twins
+    are called as they are: a null guard's ``with`` costs ~0.15 us of a small call."""
+
+    def run(*args):
+        with launch_guard():
+            return parallel(*args)
+
+    run.__wrapped__ = parallel
+    return run
