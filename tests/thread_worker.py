@@ -1,5 +1,5 @@
-"""4 Python threads x 50 calls of the kernels, the parallel twins among them; exits non-zero
-on a wrong result.
+"""4 Python threads x 50 calls of the kernels (batch norm's, group and layer norm's), the parallel
+twins among them; exits non-zero on a wrong result.
 
 Run as a script so that the threading layer can be chosen (NUMBA_THREADING_LAYER) per process.
 """
@@ -24,14 +24,17 @@ def main(threads=4, calls=50):
     axes = [1, 1, 1, 1, -1]
     assert all(x.size >= PARALLEL_MIN_ELEMENTS for x in inputs[1:])
     parallel = sum(threads_for("forward_train", x.size) > 1 for x in inputs)
-    expected = [nbn.forward_train(x, axis=a)[0] for x, a in zip(inputs, axes, strict=True)]
+    cases = [lambda x=x, a=a: nbn.forward_train(x, axis=a)[0]
+             for x, a in zip(inputs, axes, strict=True)]  # fmt: skip
+    # group and layer norm's parallel kernels, through the same launch guard
+    cases += [lambda: nbn.group_norm(inputs[1], 4), lambda: nbn.layer_norm(inputs[2], 72)]
+    expected = [case() for case in cases]
     failures = []
 
     def work(worker):
         for call in range(calls):
-            k = (worker + call) % len(inputs)
-            y = nbn.forward_train(inputs[k], axis=axes[k])[0]
-            if not np.array_equal(y, expected[k]):
+            k = (worker + call) % len(cases)
+            if not np.array_equal(cases[k](), expected[k]):
                 failures.append((worker, call, k))
 
     pool = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
