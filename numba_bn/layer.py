@@ -47,7 +47,7 @@ class _Saved(NamedTuple):
     """What backward() needs from the last forward: how it normalised, and its input."""
 
     batch: bool  # batch statistics (mean, invstd of the batch) or the running ones
-    x: object  # a callable returning the input, or None once it is gone
+    x: object  # the input, or None once forward(x, out=x) overwrote it
     mean: object = None
     invstd: object = None
     count: int = 0  # values per channel of the (global) batch
@@ -56,14 +56,6 @@ class _Saved(NamedTuple):
     mask: object = None  # the mask= of a masked forward
     y: object = None  # the output, when the activation's backward needs it
     residual: bool = False  # whether the forward added a residual (backward gives its gradient)
-
-
-def _kept(x):
-    return lambda: x
-
-
-def _gone():
-    return None
 
 
 class BatchNorm(LayerState):
@@ -339,8 +331,7 @@ class BatchNorm(LayerState):
             if self._collected is not None and result.count:
                 mean, m2 = (memory_of(v).to_host(v) for v in (result.mean, result.m2))
                 self._collected = self._collected.merge(Moments(result.count, mean, m2))
-            self._saved = _Saved(True, _kept(x), result.mean, result.invstd, result.count,
-                                 mask=mask)  # fmt: skip
+            self._saved = _Saved(True, x, result.mean, result.invstd, result.count, mask=mask)
             return result.y
         y = frozen_forward(
             x,
@@ -356,7 +347,7 @@ class BatchNorm(LayerState):
             residual=residual,
             activation=self.activation,
         )
-        self._saved = _Saved(False, _gone if overwrites_x else _kept(x))
+        self._saved = _Saved(False, None if overwrites_x else x)
         return y
 
     def _epilogue(self, residual):
@@ -383,7 +374,7 @@ class BatchNorm(LayerState):
         if self._collected is not None and result.count:
             for mean, m2 in zip(result.mean, result.m2, strict=True):
                 self._collected = self._collected.merge(Moments(result.count, mean, m2))
-        self._saved = _Saved(True, _kept(x), ghost=result)
+        self._saved = _Saved(True, x, ghost=result)
         y = result.y
         if epilogue["residual"] is not None or epilogue["activation"] is not None:
             channels = self.num_features
@@ -433,7 +424,7 @@ class BatchNorm(LayerState):
                       casting="same_kind")  # fmt: skip
         if update:
             self.num_batches_tracked = batches
-        self._saved = _Saved(True, _kept(x), mean, invstd, batch.count, renorm=(r, d))
+        self._saved = _Saved(True, x, mean, invstd, batch.count, renorm=(r, d))
         return y
 
     # ------------------------------------------------------------------------- backward
@@ -446,7 +437,7 @@ class BatchNorm(LayerState):
                 "BatchNorm.backward() needs a forward call first: nothing is saved (a backward "
                 "releases what its forward saved; the state may also have been reloaded)"
             )
-        x, dy, out = saved.x(), host_view(dy), host_view(out)
+        x, dy, out = saved.x, host_view(dy), host_view(out)
         if x is None:
             raise RuntimeError(
                 "BatchNorm.backward() needs x of the last forward, which forward(x, out=x) "
