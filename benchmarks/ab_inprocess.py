@@ -1,6 +1,7 @@
 """Two checkouts of numba_bn against each other in one process: the public calls on small shapes.
 
     python benchmarks/ab_inprocess.py OLD_CHECKOUT NEW_CHECKOUT [--shapes 64x32,8x16x8x8]
+    python benchmarks/ab_inprocess.py OLD NEW --shapes sweep    # every size of bench --sweep
 
 On this project's shared 2-core machines a process can run 10-50% slower than the next one for
 its whole life (stop 23: the same code's (64, 32) forward 8.8 and 14.5 us twenty minutes apart),
@@ -9,8 +10,9 @@ Here both run in one process: each checkout's ``numba_bn`` is copied under its o
 (``nbn_old``, ``nbn_new``; the package imports itself relatively) and every call is timed for
 both, alternating which goes first, in rounds that each time every call once (a busy spell then
 spoils one sample of many calls, not every sample of one); each cell is the minimum over the
-rounds of ``min(timeit.repeat(call, number=1000, repeat=5))``. The copies keep their Numba
-cache between runs (``NUMBA_CACHE_DIR``, else next to the copies in the temporary directory).
+rounds of ``min(timeit.repeat(call, number=n, repeat=5))``, n calls taking ~5 ms (1000 at most).
+A shape ``AxBxC:-1`` puts the channels on that axis. The copies keep their Numba cache between
+runs (``NUMBA_CACHE_DIR``, else next to the copies in the temporary directory).
 """
 
 import argparse
@@ -19,11 +21,15 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import timeit
 
 import numpy as np
 
 ROUNDS = 7
+#: numba-bn bench --sweep's sizes, from an MLP batch to a 25 MB channels-last feature map
+SWEEP = ("64x32,64x256,256x512,1024x1024,4096x1024,8x16x8x8,16x32x16x16,32x64x28x28,"
+         "64x256x14x14,32x56x56x64:-1")  # fmt: skip
 
 
 def load(tag, checkout, root):
@@ -36,22 +42,26 @@ def load(tag, checkout, root):
     return importlib.import_module(name)
 
 
-def calls(nbn, shape):
-    """The public calls of a training step and of inference on ``shape`` (float32, axis 1)."""
+def calls(nbn, shape, axis):
+    """The public calls of a training step and of inference on ``shape`` (float32, channels on
+    ``axis``)."""
     rng = np.random.default_rng(0)
-    channels = shape[1]
+    channels = shape[axis]
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     w = np.full(channels, 1.5, np.float32)
     b = np.full(channels, 0.2, np.float32)
     rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
-    _, mean, invstd = nbn.forward_train(x, w, b)
-    layer, frozen = nbn.BatchNorm(channels), nbn.BatchNorm(channels).eval()
+    _, mean, invstd = nbn.forward_train(x, w, b, axis=axis)
+    layer = nbn.BatchNorm(channels, axis=axis)
+    frozen = nbn.BatchNorm(channels, axis=axis).eval()
     return {
-        "forward_train": lambda: nbn.forward_train(x, w, b),
-        "batch_norm (running update)": lambda: nbn.batch_norm(x, rm, rv, w, b, training=True),
-        "forward_eval": lambda: nbn.forward_eval(x, rm, rv, w, b),
-        "backward": lambda: nbn.backward(dy, x, mean, invstd, w),
+        "forward_train": lambda: nbn.forward_train(x, w, b, axis=axis),
+        "batch_norm (running update)": lambda: nbn.batch_norm(
+            x, rm, rv, w, b, training=True, axis=axis
+        ),  # fmt: skip
+        "forward_eval": lambda: nbn.forward_eval(x, rm, rv, w, b, axis=axis),
+        "backward": lambda: nbn.backward(dy, x, mean, invstd, w, axis=axis),
         "BatchNorm forward": lambda: layer(x),
         "BatchNorm forward + backward": lambda: (layer(x), layer.backward(dy)),
         "BatchNorm eval": lambda: frozen(x),
@@ -60,21 +70,31 @@ def calls(nbn, shape):
 
 def best_us(call):
     call()
-    return min(timeit.repeat(call, number=1000, repeat=5)) / 1000 * 1e6
+    start = time.perf_counter()
+    call()
+    number = max(1, min(1000, int(0.005 / (time.perf_counter() - start))))
+    return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6
+
+
+def parse_shape(text):
+    """(shape, axis) of ``AxBxC`` (axis 1) or ``AxBxC:axis``."""
+    dims, _, axis = text.partition(":")
+    return tuple(int(n) for n in dims.split("x")), int(axis or 1)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old")
     parser.add_argument("new")
-    parser.add_argument("--shapes", default="64x32,64x256,8x16x8x8")
+    parser.add_argument("--shapes", default="64x32,64x256,8x16x8x8", help="or: sweep")
     args = parser.parse_args(argv)
     root = os.path.join(tempfile.gettempdir(), "numba_bn_ab_inprocess")
     os.makedirs(root, exist_ok=True)
     sys.path.insert(0, root)
     packages = {"old": load("old", args.old, root), "new": load("new", args.new, root)}
-    shapes = [tuple(int(n) for n in text.split("x")) for text in args.shapes.split(",")]
-    timed = {(shape, tag): calls(nbn, shape) for shape in shapes for tag, nbn in packages.items()}
+    texts = (SWEEP if args.shapes == "sweep" else args.shapes).split(",")
+    shapes = [parse_shape(text) for text in texts]
+    timed = {(shape, tag): calls(nbn, *shape) for shape in shapes for tag, nbn in packages.items()}
     print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds")
     best = {}
     for round_ in range(ROUNDS):  # every call once per round: a busy spell hits one sample
@@ -87,7 +107,8 @@ def main(argv=None):
     for shape in shapes:
         for name in timed[shape, "old"]:
             old, new = best[shape, name, "old"], best[shape, name, "new"]
-            print(f"| {shape} | {name} | {old:.2f} | {new:.2f} | {new / old:.3f} |")
+            where = f"{shape[0]}" + (f" axis {shape[1]}" if shape[1] != 1 else "")
+            print(f"| {where} | {name} | {old:.4g} | {new:.4g} | {new / old:.3f} |")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
