@@ -42,13 +42,17 @@ def load(tag, checkout, root):
     return importlib.import_module(name)
 
 
-def calls(nbn, shape, axis):
-    """The public calls of a training step and of inference on ``shape`` (float32, channels on
-    ``axis``)."""
+def inputs(shape):
+    """x and dy of ``shape`` (float32), which both versions read: the same memory, so that where
+    a large array landed (huge pages or not) cannot favour one of them."""
     rng = np.random.default_rng(0)
-    channels = shape[axis]
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    return x, rng.standard_normal(shape).astype(np.float32)
+
+
+def calls(nbn, x, dy, axis):
+    """The public calls of a training step and of inference on ``x`` (channels on ``axis``)."""
+    channels = x.shape[axis]
     w = np.full(channels, 1.5, np.float32)
     b = np.full(channels, 0.2, np.float32)
     rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
@@ -94,7 +98,11 @@ def main(argv=None):
     packages = {"old": load("old", args.old, root), "new": load("new", args.new, root)}
     texts = (SWEEP if args.shapes == "sweep" else args.shapes).split(",")
     shapes = [parse_shape(text) for text in texts]
-    timed = {(shape, tag): calls(nbn, *shape) for shape in shapes for tag, nbn in packages.items()}
+    timed = {}
+    for shape, axis in shapes:
+        x, dy = inputs(shape)
+        for tag, nbn in packages.items():
+            timed[(shape, axis), tag] = calls(nbn, x, dy, axis)
     print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds")
     best = {}
     for round_ in range(ROUNDS):  # every call once per round: a busy spell hits one sample
