@@ -177,7 +177,7 @@ def load():
                                           f32p, f32p, f64]
     return lib
 
-o, c, i = 16, 8, 6200  # over 3 * 2^18 elements: worth 3 threads
+o, c, i = 16, 8, 6200  # 794K elements: worth 3 threads to the cost model
 x = (ctypes.c_float * (o * c * i))(*range(o * c * i))
 y = (ctypes.c_float * (o * c * i))()
 mean, invstd = (ctypes.c_float * c)(), (ctypes.c_float * c)()
@@ -228,6 +228,46 @@ def test_the_pool_starts_resizes_forks_and_unloads_cleanly(library):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+# A fresh process (ctypes only, as above) with 2 threads asked for: after each forward_train,
+# how many workers the pool has started.
+THREADS_BY_SIZE = r"""
+import ctypes, os, sys
+lib = ctypes.CDLL(sys.argv[1])
+f32p, i64, f64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_double
+lib.nbn_forward_train_f32.argtypes = [f32p, i64, i64, i64, f32p, f32p, f64, f32p, f32p, f32p,
+                                      f32p, f32p, f64]
+lib.nbn_set_num_threads(2)
+alone = len(os.listdir("/proc/self/task"))
+for shape in sys.argv[2:]:
+    o, c, i = map(int, shape.split(","))
+    x = (ctypes.c_float * (o * c * i))(*(k % 7 for k in range(o * c * i)))
+    y = (ctypes.c_float * (o * c * i))()
+    mean, invstd = (ctypes.c_float * c)(), (ctypes.c_float * c)()
+    assert lib.nbn_forward_train_f32(x, o, c, i, None, None, 1e-5, y, mean, invstd, None, None,
+                                     0.1) == 0
+    print(len(os.listdir("/proc/self/task")) - alone)
+"""
+
+
+def test_the_library_takes_threads_as_the_cost_model_does(library):
+    """The shim runs a call on the threads the CPU backend's cost model gives it (its constants
+    come from numba_bn.cpu through the generated header): with 2 threads, 16K elements stay on the
+    calling thread and 128K (two claims of 64K elements) start a worker. Before, the shim had a
+    bound of its own, 2^18 elements per extra thread, and ran the 128K serially."""
+    from numba_bn.cpu import NS_PER_ELEMENT, WAKE_NS
+
+    shapes = [(2, 8, 1024), (2, 8, 8192)]
+    saved = [NS_PER_ELEMENT["forward_train"] * o * c * i * (1 - 1 / 2) for o, c, i in shapes]
+    assert saved[0] <= WAKE_NS < saved[1], "the shapes no longer straddle the model's bound"
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS_BY_SIZE, str(library),
+         *(",".join(map(str, shape)) for shape in shapes)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["0", "1"], done.stdout
 
 
 def _test_host_with_asan(plugin_build, tmp_path):
@@ -743,7 +783,7 @@ def test_a_library_without_the_ex_entry_points_serves_plain_calls_only(backends,
 
 # ------------------------------------------------------------- group and layer norm (1.3)
 # group norm (shape, num_groups): one group, two, one per channel (instance norm), odd sizes, one
-# value per group, and groups of a work item each, over 2 * 2^18 elements (two threads)
+# value per group, and groups of a work item each, large enough for two threads
 GROUP_CASES = [
     ((2, 6, 5, 7), 1),
     ((3, 6, 11), 2),

@@ -44,7 +44,7 @@ Group and layer norm (ABI 1.3) have their drivers in :mod:`.norm_ranges`; :data:
 
 from numba import carray
 
-from ..cpu import items
+from ..cpu import NS_PER_ELEMENT, WAKE_NS, items
 from ..cpu.kernels import (
     EPILOGUE_ADD,
     EPILOGUE_ADD_RELU,
@@ -65,8 +65,9 @@ PLAN_FIELDS = (*items.PLAN_FIELDS, "flat_items", "flat_item_elements")
 _FLAT_FIELD = len(items.PLAN_FIELDS)
 
 #: Constants the shim needs: coefficient rows, the per-thread scratch of a reduction item, the
-#: epilogue bits, the order of the fields plan() writes (NBN_PLAN_<FIELD>), and group and layer
-#: norm's (norm_ranges.NORM_CONSTANTS).
+#: epilogue bits, the order of the fields plan() writes (NBN_PLAN_<FIELD>), the CPU backend's
+#: cost model (serial or parallel: NBN_WAKE_NS, and NBN_NS_<STEP> for the steps the shim runs),
+#: and group and layer norm's (norm_ranges.NORM_CONSTANTS).
 CONSTANTS = {
     "AFFINE_ROWS": AFFINE_ROWS,
     "DX_ROWS": DX_ROWS,
@@ -76,6 +77,11 @@ CONSTANTS = {
     "EPILOGUE_RELU": EPILOGUE_RELU,
     "PLAN_SIZE": len(PLAN_FIELDS),
     **{f"PLAN_{field.upper()}": index for index, field in enumerate(PLAN_FIELDS)},
+    "WAKE_NS": WAKE_NS,
+    **{
+        f"NS_{step.upper()}": NS_PER_ELEMENT[step]
+        for step in ("forward_train", "forward_eval", "backward")
+    },
     **NORM_CONSTANTS,
 }
 

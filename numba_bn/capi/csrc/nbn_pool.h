@@ -4,15 +4,22 @@
  * thread, three steps in a split call). Now:
  *   - workers start on the first step that runs on more than one thread, as many as it needs
  *     (the caller is one of the threads), and stay;
- *   - between steps a worker waits for up to NBN_POOL_SPIN_NS on the step counter (the next
- *     step of the same call usually follows within microseconds), then sleeps on its own
- *     condition variable: a parked pool uses no CPU;
+ *   - between steps a worker spins for NBN_POOL_SPIN_NS on the step counter (the next step of
+ *     the same call follows within microseconds), then looks at it once per sched_yield() (a
+ *     thread with work of its own gets the CPU meanwhile) until it has been awake for
+ *     NBN_POOL_AWAKE_NS (the next call of a program that does other work in between), then
+ *     sleeps on its own condition variable: a parked pool uses no CPU. Waking a sleeping worker
+ *     costs ~100-200 us on a VM (its CPU must be scheduled again), more than a step of a
+ *     (256, 512) tensor takes, so the workers stay awake about as long as OpenMP's do (Numba's
+ *     parallel drivers paid the same from gaps of 5-20 ms on; benchmarks/README.md, "Calls
+ *     with pauses between them");
  *   - one step at a time owns the pool (`owner`, a trylock): a step of a call from another
  *     application thread that finds it busy runs its items on its calling thread alone. That
  *     thread is a CPU already busy with work of its own, so nothing is oversubscribed and
  *     nobody waits for the pool; the items and each channel's merge order come from the plan,
  *     not from the threads that run them, so the bits are the same either way;
- *   - nbn_set_num_threads(n) joins the workers above n - 1 (it waits for the step in flight);
+ *   - nbn_set_num_threads(n) joins the workers above n - 1 (it waits for the step in flight;
+ *     `leaving` ends the waits of awake workers);
  *   - at unload (dlclose, or exit) a destructor wakes and joins them all, unless a call is in
  *     flight on another thread (only at exit: the process ends them);
  *   - a fork waits for the step in flight; the child starts with no workers (they are not
@@ -23,8 +30,11 @@
 #include <signal.h>
 #include <time.h>
 
-#ifndef NBN_POOL_SPIN_NS
+#ifndef NBN_POOL_SPIN_NS /* a wait's spin (the caller's for its workers, a worker's first) */
 #define NBN_POOL_SPIN_NS 50000 /* see benchmarks/README.md, "A persistent thread pool" */
+#endif
+#ifndef NBN_POOL_AWAKE_NS /* a worker's wait for the next step, awake, before it sleeps */
+#define NBN_POOL_AWAKE_NS 10000000 /* benchmarks/README.md, "Calls with pauses between them" */
 #endif
 
 typedef struct {
@@ -44,6 +54,7 @@ static struct {
     nbn_loop *loop;        /* the step: workers [0, participants) run it */
     int participants;
     atomic_int pending; /* participants still running the step */
+    atomic_int leaving; /* set while pool_shrink joins workers: awake ones stop waiting */
 } pool = {.owner = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
           .done = PTHREAD_COND_INITIALIZER, .limit = INT_MAX};
 
@@ -61,21 +72,35 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Spins until *value != unwanted or NBN_POOL_SPIN_NS have passed (reading the clock every 64
- * tries); whether the value changed. */
-static int spin_while_equal(atomic_uint *value, unsigned unwanted) {
-    if (NBN_POOL_SPIN_NS <= 0) return 0;
-    double until = 0;
-    for (unsigned tries = 1;; tries++) {
-        if (atomic_load_explicit(value, memory_order_acquire) != unwanted) return 1;
+/* Whether pool.step moved on from `seen` (or the pool is shrinking: pool_shrink). */
+static int step_after(unsigned seen) {
+    return atomic_load_explicit(&pool.step, memory_order_acquire) != seen ||
+           atomic_load_explicit(&pool.leaving, memory_order_relaxed);
+}
+
+/* Whether `ns` have passed since *start, the time of the first call (the clock is read by one
+ * look in 64). */
+static int passed(double *start, double ns) {
+    double t = seconds();
+    if (*start == 0) *start = t;
+    return t > *start + 1e-9 * ns;
+}
+
+/* A worker's wait for the step after `seen`: it spins for NBN_POOL_SPIN_NS, then looks once per
+ * sched_yield() until NBN_POOL_AWAKE_NS have passed. Whether the step came (or pool_shrink
+ * began); the worker then takes the lock and looks again, or sleeps. */
+static int wait_awake(unsigned seen) {
+    double start = 0;
+    unsigned looks = 1;
+    for (;; looks++) {
+        if (step_after(seen)) return 1;
         cpu_relax();
-        if (tries % 64 == 0) {
-            double t = seconds();
-            if (until == 0)
-                until = t + 1e-9 * NBN_POOL_SPIN_NS;
-            else if (t > until)
-                return 0;
-        }
+        if (looks % 64 == 0 && passed(&start, NBN_POOL_SPIN_NS)) break;
+    }
+    for (;; looks++) {
+        if (step_after(seen)) return 1;
+        sched_yield();
+        if (looks % 64 == 0 && passed(&start, NBN_POOL_AWAKE_NS)) return 0;
     }
 }
 
@@ -83,7 +108,7 @@ static void *pool_worker(void *arg) {
     nbn_worker *self = arg;
     int spin = 1; /* after a step it ran: one it was left out of sends it straight to sleep */
     for (;;) {
-        if (spin) spin_while_equal(&pool.step, self->seen);
+        if (spin) wait_awake(self->seen);
         pthread_mutex_lock(&pool.lock);
         while (self->index < pool.limit && atomic_load(&pool.step) == self->seen)
             pthread_cond_wait(&self->wake, &pool.lock);
@@ -142,6 +167,7 @@ static void pool_shrink(int keep) {
     if (keep >= pool.size) return;
     pthread_mutex_lock(&pool.lock);
     pool.limit = keep;
+    atomic_store(&pool.leaving, 1);
     for (int i = keep; i < pool.size; i++) pthread_cond_signal(&pool.workers[i]->wake);
     pthread_mutex_unlock(&pool.lock);
     for (int i = keep; i < pool.size; i++) {
@@ -152,6 +178,7 @@ static void pool_shrink(int keep) {
     pthread_mutex_lock(&pool.lock);
     pool.size = keep;
     pool.limit = INT_MAX;
+    atomic_store(&pool.leaving, 0);
     pthread_mutex_unlock(&pool.lock);
 }
 
@@ -170,12 +197,10 @@ static void pool_run(nbn_loop *loop, int helpers) {
     }
     loop_worker(loop);
     if (n == 0) return;
-    if (NBN_POOL_SPIN_NS > 0) {
-        double until = seconds() + 1e-9 * NBN_POOL_SPIN_NS;
-        for (unsigned tries = 1; atomic_load(&pool.pending) != 0; tries++) {
-            cpu_relax();
-            if (tries % 64 == 0 && seconds() > until) break;
-        }
+    double start = 0;
+    for (unsigned looks = 1; atomic_load(&pool.pending) != 0; looks++) {
+        cpu_relax();
+        if (looks % 64 == 0 && passed(&start, NBN_POOL_SPIN_NS)) break;
     }
     pthread_mutex_lock(&pool.lock);
     while (atomic_load(&pool.pending) != 0) pthread_cond_wait(&pool.done, &pool.lock);

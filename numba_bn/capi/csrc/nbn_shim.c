@@ -103,9 +103,6 @@ typedef int32_t (*nbn_range)(const void *job, int64_t first, int64_t last, doubl
 
 #define NBN_THREAD_SCRATCH NBN_ITEM_SCRATCH /* a reduction item's scratch (items.py) */
 #define NBN_CLAIM_ELEMENTS (1 << 16)  /* elements per claim: hides the atomic, still balances */
-/* per extra thread: set when each step started its threads (~25 us each); a parked worker
- * costs less (benchmarks/README.md, issue 15), the bound is not re-tuned for it yet */
-#define NBN_THREAD_ELEMENTS (1 << 18)
 
 typedef struct {
     nbn_range run;
@@ -133,21 +130,29 @@ NBN_API void nbn_set_num_threads(int n) {
     pool_fit(nbn_get_num_threads());
 }
 
-/* Items [0, items), of about `item_elements` elements each, on up to nbn_get_num_threads()
- * threads (the caller's included): fewer when there is little work, when a worker cannot start,
- * or when another call holds the pool (nbn_pool.h). */
-static int parallel_items(nbn_range run, const void *job, int64_t items, int64_t item_elements) {
+/* The threads a call of `size` elements runs on: the CPU backend's cost model
+ * (numba_bn/cpu/__init__.py, threads_for; its constants come in nbn_kernels.h). A parallel call
+ * costs NBN_WAKE_NS more than a serial one, then divides the serial time, `ns_per_element` (one
+ * of NBN_NS_<STEP>) an element, among the threads. The JIT drivers and the shim take the same
+ * answer, and give it to plan() (whether channels run whole depends on it). */
+static int64_t call_threads(double ns_per_element, int64_t size) {
+    int64_t threads = nbn_get_num_threads();
+    double saved = ns_per_element * (double)size * (1.0 - 1.0 / (double)threads);
+    return threads > 1 && saved > NBN_WAKE_NS ? threads : 1;
+}
+
+/* Items [0, items), of about `item_elements` elements each, on up to `threads` threads (the
+ * caller's included; call_threads): fewer when there are fewer claims of NBN_CLAIM_ELEMENTS
+ * elements (a channel merge over a few partials runs on the calling thread), when a worker
+ * cannot start, or when another call holds the pool (nbn_pool.h). */
+static int parallel_items(nbn_range run, const void *job, int64_t items, int64_t item_elements,
+                          int64_t threads) {
     nbn_loop loop = {.run = run, .job = job, .items = items};
     loop.grain = item_elements >= NBN_CLAIM_ELEMENTS ? 1 : NBN_CLAIM_ELEMENTS / item_elements;
     atomic_init(&loop.next, 0);
     atomic_init(&loop.failed, 0);
     int64_t claims = (items + loop.grain - 1) / loop.grain;
-    /* items * item_elements is below 4 times the tensor's size (an item count is rounded up
-     * once per axis at most), so it stays in int64 after nbn_check_shape */
-    int64_t worth = items * item_elements / NBN_THREAD_ELEMENTS; /* threads the work repays */
-    int64_t threads = nbn_get_num_threads();
     if (threads > claims) threads = claims;
-    if (threads > worth) threads = worth > 1 ? worth : 1;
     run_loop(&loop, threads);
     return atomic_load(&loop.failed) ? NBN_ERR_INTERNAL : NBN_OK;
 }
@@ -181,8 +186,8 @@ typedef struct {
  * whether channels run whole, the partials per channel, and the count and size of the reduction
  * and elementwise items. The shim counts nothing itself, so the partials it allocates are the
  * ones the Numba code indexes, and its items are the JIT drivers' prange items. */
-static int read_plan(const nbn_call *a, int64_t plan[NBN_PLAN_SIZE]) {
-    return a->k->plan(a->outer, a->channels, a->inner, nbn_get_num_threads(), plan) == 0
+static int read_plan(const nbn_call *a, int64_t threads, int64_t plan[NBN_PLAN_SIZE]) {
+    return a->k->plan(a->outer, a->channels, a->inner, threads, plan) == 0
                ? NBN_OK
                : NBN_ERR_INTERNAL;
 }
@@ -311,8 +316,9 @@ static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t chann
                   .x = x, .out = y, .weight = weight, .bias = bias,
                   .n_weight = weight ? channels : 0, .n_bias = bias ? channels : 0, .eps = eps,
                   .z = residual ? residual : x, .epilogue = epilogue_code(residual, activation)};
+    const int64_t threads = call_threads(NBN_NS_FORWARD_TRAIN, outer * channels * inner);
     int64_t plan[NBN_PLAN_SIZE];
-    if ((status = read_plan(&a, plan)) != NBN_OK) return status;
+    if ((status = read_plan(&a, threads, plan)) != NBN_OK) return status;
     int whole_channels = plan[NBN_PLAN_FUSED_FORWARD] != 0;
     int64_t n_part = whole_channels ? 0 : nbn_mul(3 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(3 * channels, n_part),
@@ -322,15 +328,15 @@ static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t chann
     a.part = scratch + 3 * channels;
 
     if (whole_channels) {
-        status = parallel_items(train_channels, &a, channels, outer * inner);
+        status = parallel_items(train_channels, &a, channels, outer * inner, threads);
     } else {
         status = parallel_items(stats, &a, plan[NBN_PLAN_REDUCE_ITEMS],
-                                plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS]);
+                                plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS], threads);
         if (status == NBN_OK)
-            status = parallel_items(train_merge, &a, channels, plan[NBN_PLAN_PARTS]);
+            status = parallel_items(train_merge, &a, channels, plan[NBN_PLAN_PARTS], threads);
         if (status == NBN_OK)
             status = parallel_items(normalize, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
-                                    plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS]);
+                                    plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS], threads);
     }
     if (status == NBN_OK && running_mean &&
         a.k->update_running(channels, running_mean, running_var, (double)(outer * inner), a.mean,
@@ -354,8 +360,9 @@ static int forward_eval_ex(int f64, const void *x, int64_t outer, int64_t channe
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y, .z = residual ? residual : x,
                   .epilogue = epilogue_code(residual, activation)};
+    const int64_t threads = call_threads(NBN_NS_FORWARD_EVAL, outer * channels * inner);
     int64_t plan[NBN_PLAN_SIZE];
-    if ((status = read_plan(&a, plan)) != NBN_OK) return status;
+    if ((status = read_plan(&a, threads, plan)) != NBN_OK) return status;
     double *scratch = alloc_scratch(0, nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
     if (!scratch) return status;
     if (a.k->eval_coefficients(channels, weight, weight ? channels : 0, bias, bias ? channels : 0,
@@ -363,7 +370,7 @@ static int forward_eval_ex(int f64, const void *x, int64_t outer, int64_t channe
         status = NBN_ERR_INTERNAL;
     else
         status = parallel_items(normalize, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
-                                plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS]);
+                                plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS], threads);
     free(scratch);
     return status;
 }
@@ -379,8 +386,10 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .dy = dy, .x = x, .out = dx, .weight = weight,
                   .n_weight = weight ? channels : 0};
+    const int64_t size = outer * channels * inner;
+    const int64_t threads = call_threads(NBN_NS_BACKWARD, size);
     int64_t plan[NBN_PLAN_SIZE];
-    if ((status = read_plan(&a, plan)) != NBN_OK) return status;
+    if ((status = read_plan(&a, threads, plan)) != NBN_OK) return status;
     int whole_channels = plan[NBN_PLAN_FUSED_BACKWARD] != 0;
     int64_t n_part = whole_channels ? 0 : nbn_mul(2 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(4 * channels, n_part),
@@ -389,7 +398,6 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
     /* g, the gradient through the activation, is what the batch-norm backward runs on: dy
      * itself without one; with ReLU, computed into residual_out, or into a tensor of scratch
      * (allocated before anything is written, so a call that fails writes nothing) */
-    const int64_t size = outer * channels * inner;
     const int relu = activation == NBN_ACTIVATION_RELU;
     void *g_scratch = NULL;
     if (relu && !residual_out) {
@@ -411,7 +419,7 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
         nbn_flat_call g = {.k = a.k, .size = size, .dy = dy, .y = y,
                            .g = residual_out ? residual_out : g_scratch};
         status = parallel_items(relu_grad, &g, plan[NBN_PLAN_FLAT_ITEMS],
-                                plan[NBN_PLAN_FLAT_ITEM_ELEMENTS]);
+                                plan[NBN_PLAN_FLAT_ITEM_ELEMENTS], threads);
         a.dy = g.g;
     } else if (residual_out) {
         memcpy(residual_out, dy, (size_t)size * element); /* before dx, which may be dy */
@@ -422,15 +430,15 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
     }
 
     if (whole_channels) {
-        status = parallel_items(backward_channels, &a, channels, outer * inner);
+        status = parallel_items(backward_channels, &a, channels, outer * inner, threads);
     } else {
         status = parallel_items(sums, &a, plan[NBN_PLAN_REDUCE_ITEMS],
-                                plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS]);
+                                plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS], threads);
         if (status == NBN_OK)
-            status = parallel_items(dx_merge, &a, channels, plan[NBN_PLAN_PARTS]);
+            status = parallel_items(dx_merge, &a, channels, plan[NBN_PLAN_PARTS], threads);
         if (status == NBN_OK)
             status = parallel_items(dx_blocks, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
-                                    plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS]);
+                                    plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS], threads);
     }
     if (status == NBN_OK) {
         /* dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)), as numba_bn.backward */
@@ -535,7 +543,8 @@ static int group_norm_forward(int f64, const void *x, int64_t outer, int64_t cha
     a.weight = tile_vector(tiles, weight, element, channels, outer);
     a.bias = tile_vector(tiles + (size_t)planes * element, bias, element, channels, outer);
     status = parallel_items(group_train, &a, plan[NBN_NORM_PLAN_ITEMS],
-                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner);
+                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner,
+                            call_threads(NBN_NS_FORWARD_TRAIN, planes * inner));
     free(scratch);
     return status;
 }
@@ -563,7 +572,8 @@ static int group_norm_backward(int f64, const void *dy, const void *x, int64_t o
     char *tiles = (char *)a.coef + (size_t)(NBN_GROUP_DX_ROWS * planes) * element;
     a.weight = tile_vector(tiles, weight, element, channels, outer);
     status = parallel_items(group_backward, &a, plan[NBN_NORM_PLAN_ITEMS],
-                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner);
+                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner,
+                            call_threads(NBN_NS_BACKWARD, planes * inner));
     if (status == NBN_OK) {
         /* as numba_bn's group norm backward (its parameter sums, np.add.reduce over n):
          * sum_dy_xmu * invstd per (sample, channel), then each channel's sums over the samples
@@ -596,7 +606,8 @@ static int layer_norm_forward(int f64, const void *x, int64_t rows, int64_t widt
     status = read_norm_plan(a.k, rows, width, 0, plan);
     if (status != NBN_OK) return status;
     return parallel_items(layer_train, &a, plan[NBN_NORM_PLAN_ITEMS],
-                          plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * width);
+                          plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * width,
+                          call_threads(NBN_NS_FORWARD_TRAIN, rows * width));
 }
 
 static int layer_norm_backward(int f64, const void *dy, const void *x, int64_t rows,
@@ -617,8 +628,8 @@ static int layer_norm_backward(int f64, const void *dy, const void *x, int64_t r
     if (!scratch) return status;
     a.part = scratch;
     double *sums = scratch + 2 * chunks * width;
-    status = parallel_items(layer_backward, &a, chunks,
-                            plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * width);
+    status = parallel_items(layer_backward, &a, chunks, plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * width,
+                            call_threads(NBN_NS_BACKWARD, rows * width));
     if (status == NBN_OK && a.k->layer_add_parts(rows, width, a.part, sums, sums + width) != 0)
         status = NBN_ERR_INTERNAL;
     if (status == NBN_OK) {

@@ -1366,7 +1366,7 @@ static void test_norm_status_codes(void) {
 
 static void test_norms(void) {
     /* group norm: one group, two, one per channel (instance norm), odd sizes, one value per
-     * group; groups big enough for a work item each and several threads (> 2 * 2^18 elements);
+     * group; groups big enough for a work item each and several threads (the cost model);
      * layer norm: one and many rows per work item, several row chunks, a width of one */
     static const norm_shape shapes[] = {
         {0, 2, 6, 35, 1}, {0, 3, 6, 11, 2},  {0, 4, 6, 9, 6},       {0, 5, 3, 21, 3},
@@ -1380,9 +1380,9 @@ static void test_norms(void) {
 }
 
 /* ------------------------------------------------------------------------ worker threads */
-/* Shapes big enough for 2 and 3 threads (> 3 * 2^18 elements): fused planes (long ones, and
- * 2^21 elements or more: the backward fuses too, items.is_fused), split planes (few channels),
- * rows. */
+/* Shapes big enough for 2 and 3 threads (the cost model, claims of 64K elements): fused planes
+ * (long ones, and 2^21 elements or more: the backward fuses too, items.is_fused), split planes
+ * (few channels), rows. */
 static const int64_t threaded_shapes[][3] = {{64, 8, 4100}, {40, 3, 7000}, {2100, 400, 1}};
 
 static void test_thread_counts_in_turn(int f64) {
@@ -1552,7 +1552,7 @@ int main(int argc, char **argv) {
      * outer = 1, the smallest training batch (two values per channel); 2 and 3 channels of
      * short runs, whose backward sums differed between the partitions of 1 and 2 threads in the
      * x86-64-v2 variant until the reductions were called apart (stats.apart); the last three
-     * are big enough (> 2 * 2^18 elements) for the library to start a second thread. */
+     * are big enough (the cost model: 2 threads) for the library to start a second thread. */
     static const int64_t shapes[][3] = {
         {4, 3, 5},     {2, 5, 4100}, {6, 1, 4097}, {16, 9, 7},    {1, 2, 9},     {3, 7, 1},
         {2, 1, 1},     {1, 4, 2},    {16, 3, 7},   {16, 2, 7},    {16, 8, 4100}, {40, 3, 4500},
