@@ -12,7 +12,9 @@
  *     costs ~100-200 us on a VM (its CPU must be scheduled again), more than a step of a
  *     (256, 512) tensor takes, so the workers stay awake about as long as OpenMP's do (Numba's
  *     parallel drivers paid the same from gaps of 5-20 ms on; benchmarks/README.md, "Calls
- *     with pauses between them");
+ *     with pauses between them"). A call that finds workers parked (`parked`) runs serially
+ *     unless its work repays NBN_PARKED_WAKE_NS (nbn_shim.c, call_threads), and wakes them
+ *     ahead (pool_wake_ahead) for the calls after it;
  *   - one step at a time owns the pool (`owner`, a trylock): a step of a call from another
  *     application thread that finds it busy runs its items on its calling thread alone. That
  *     thread is a CPU already busy with work of its own, so nothing is oversubscribed and
@@ -36,12 +38,16 @@
 #ifndef NBN_POOL_AWAKE_NS /* a worker's wait for the next step, awake, before it sleeps */
 #define NBN_POOL_AWAKE_NS 10000000 /* benchmarks/README.md, "Calls with pauses between them" */
 #endif
+#ifndef NBN_PARKED_WAKE_NS /* what waking a parked worker costs a call (VMs: 100-200 us) */
+#define NBN_PARKED_WAKE_NS 200000
+#endif
 
 typedef struct {
     pthread_t id;
     pthread_cond_t wake; /* signalled when a step for this worker is published, or it must leave */
     int index;
-    unsigned seen; /* the last step this worker has looked at */
+    unsigned seen;    /* the last step this worker has looked at */
+    unsigned wakeups; /* the last pool.wakeups it has looked at */
 } nbn_worker;
 
 static struct {
@@ -55,6 +61,8 @@ static struct {
     int participants;
     atomic_int pending; /* participants still running the step */
     atomic_int leaving; /* set while pool_shrink joins workers: awake ones stop waiting */
+    atomic_int parked;  /* workers asleep on their condition variable */
+    unsigned wakeups;   /* bumped by pool_wake_ahead (owner and lock held) */
 } pool = {.owner = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
           .done = PTHREAD_COND_INITIALIZER, .limit = INT_MAX};
 
@@ -106,22 +114,30 @@ static int wait_awake(unsigned seen) {
 
 static void *pool_worker(void *arg) {
     nbn_worker *self = arg;
-    int spin = 1; /* after a step it ran: one it was left out of sends it straight to sleep */
     for (;;) {
-        if (spin) wait_awake(self->seen);
+        /* after every step, the ones it is left out of too: `parked` then means an idle pool */
+        wait_awake(self->seen);
         pthread_mutex_lock(&pool.lock);
-        while (self->index < pool.limit && atomic_load(&pool.step) == self->seen)
+        self->wakeups = pool.wakeups;
+        while (self->index < pool.limit && atomic_load(&pool.step) == self->seen &&
+               pool.wakeups == self->wakeups) {
+            atomic_fetch_add(&pool.parked, 1);
             pthread_cond_wait(&self->wake, &pool.lock);
+            atomic_fetch_sub(&pool.parked, 1);
+        }
         if (self->index >= pool.limit) {
             pthread_mutex_unlock(&pool.lock);
             return NULL;
+        }
+        if (atomic_load(&pool.step) == self->seen) { /* woken ahead of a step: wait awake */
+            pthread_mutex_unlock(&pool.lock);
+            continue;
         }
         /* The owner publishes no step before every participant of the last one is done, so a
          * participant never misses its step; a worker left out of one just looks at it. */
         self->seen = atomic_load(&pool.step);
         nbn_loop *loop = self->index < pool.participants ? pool.loop : NULL;
         pthread_mutex_unlock(&pool.lock);
-        spin = loop != NULL;
         if (!loop) continue;
         loop_worker(loop); /* loop is the owner's: not touched after pending counts this one */
         if (atomic_fetch_sub(&pool.pending, 1) == 1) {
@@ -159,6 +175,18 @@ static void pool_grow(int wanted) {
         workers[pool.size++] = w;
     }
     pthread_sigmask(SIG_SETMASK, &before, NULL);
+}
+
+/* Wakes the parked workers without a step, so that they wait awake for the next one: a call
+ * that ran serially rather than pay their wake-up (call_threads) leaves them ready for the
+ * calls after it. Nothing when a step owns the pool (its workers are awake). */
+static void pool_wake_ahead(void) {
+    if (pthread_mutex_trylock(&pool.owner) != 0) return;
+    pthread_mutex_lock(&pool.lock);
+    pool.wakeups++;
+    for (int i = 0; i < pool.size; i++) pthread_cond_signal(&pool.workers[i]->wake);
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.owner);
 }
 
 /* Joins the workers from index `keep` on; the owner holds the pool. */
@@ -241,6 +269,7 @@ static void pool_after_fork_in_parent(void) {
 static void pool_after_fork_in_child(void) {
     for (int i = 0; i < pool.size; i++) free(pool.workers[i]);
     pool.size = 0;
+    atomic_store(&pool.parked, 0);
     pool.limit = INT_MAX;
     pthread_mutex_unlock(&pool.lock);
     pthread_mutex_unlock(&pool.owner);

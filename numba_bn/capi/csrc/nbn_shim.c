@@ -133,12 +133,20 @@ NBN_API void nbn_set_num_threads(int n) {
 /* The threads a call of `size` elements runs on: the CPU backend's cost model
  * (numba_bn/cpu/__init__.py, threads_for; its constants come in nbn_kernels.h). A parallel call
  * costs NBN_WAKE_NS more than a serial one, then divides the serial time, `ns_per_element` (one
- * of NBN_NS_<STEP>) an element, among the threads. The JIT drivers and the shim take the same
- * answer, and give it to plan() (whether channels run whole depends on it). */
+ * of NBN_NS_<STEP>) an element, among the threads; the answer goes to plan() too (whether
+ * channels run whole depends on it), as the JIT drivers' does. One thing the shim knows that
+ * the JIT backend cannot: whether its workers are asleep (nbn_pool.h). Then waking them costs
+ * NBN_PARKED_WAKE_NS, and a call that would not repay it runs serially and wakes them ahead
+ * for the next call. */
 static int64_t call_threads(double ns_per_element, int64_t size) {
     int64_t threads = nbn_get_num_threads();
     double saved = ns_per_element * (double)size * (1.0 - 1.0 / (double)threads);
-    return threads > 1 && saved > NBN_WAKE_NS ? threads : 1;
+    if (threads == 1 || saved <= NBN_WAKE_NS) return 1;
+    if (saved <= NBN_PARKED_WAKE_NS && atomic_load(&pool.parked) > 0) {
+        pool_wake_ahead();
+        return 1;
+    }
+    return threads;
 }
 
 /* Items [0, items), of about `item_elements` elements each, on up to `threads` threads (the
