@@ -11,7 +11,7 @@
  * must move at least (train: read x, write y; eval: the same; backward: read dy, x, write dx).
  * On a shared machine the fastest run is the steadier number. GAP_US (default 0) sleeps that many
  * microseconds before each call, as a program that does other things between its calls: the
- * library's workers go to sleep 50 us after a step (nbn_pool.h), and waking them, like the
+ * library's workers go to sleep 10 ms after a step (nbn_pool.h), and waking them, like the
  * calling thread's own return from sleep, costs what back-to-back calls never show.
  * `numba-bn demo --shape N,C,H,W` prints the JIT backend's times for the same operations.
  */

@@ -95,20 +95,20 @@ static int passed(double *start, double ns) {
 }
 
 /* A worker's wait for the step after `seen`: it spins for NBN_POOL_SPIN_NS, then looks once per
- * sched_yield() until NBN_POOL_AWAKE_NS have passed. Whether the step came (or pool_shrink
- * began); the worker then takes the lock and looks again, or sleeps. */
-static int wait_awake(unsigned seen) {
+ * sched_yield() until NBN_POOL_AWAKE_NS have passed, or until the step comes (or pool_shrink
+ * begins). The worker then takes the lock and looks again, or sleeps. */
+static void wait_awake(unsigned seen) {
     double start = 0;
     unsigned looks = 1;
     for (;; looks++) {
-        if (step_after(seen)) return 1;
+        if (step_after(seen)) return;
         cpu_relax();
         if (looks % 64 == 0 && passed(&start, NBN_POOL_SPIN_NS)) break;
     }
     for (;; looks++) {
-        if (step_after(seen)) return 1;
+        if (step_after(seen)) return;
         sched_yield();
-        if (looks % 64 == 0 && passed(&start, NBN_POOL_AWAKE_NS)) return 0;
+        if (looks % 64 == 0 && passed(&start, NBN_POOL_AWAKE_NS)) return;
     }
 }
 
