@@ -216,9 +216,17 @@ def test_eval_with_zero_eps_and_zero_running_var_follows_ieee(rng, shape, axis):
 # --------------------------------------------------------------------- near the float32 maximum
 def _near_max_batch(rng, shape, axis):
     """float32 values within 2x of the maximum, so that x - mean exceeds it: a quarter of each
-    channel at +0.9 max, the rest at -0.9 max (mean -0.45 max), with a little noise."""
+    channel at +0.9 max, the rest at -0.9 max (mean -0.45 max), with a little noise.
+
+    Exactly a quarter (at least one value) at random places, not each value with probability
+    1/4: a channel of 16 values then came out all one sign in ~1% of draws, its spread only the
+    noise (std ~1e-4 |mean|), and the float32 mean handed to the backward is off by ~1e-4 std
+    there, beyond the tolerance (seed 4190813771 of CI)."""
     x = random_batch(rng, shape, np.float64, axis=axis)
-    sign = np.where(rng.random(shape) < 0.25, 1.0, -1.0)
+    draws = np.moveaxis(rng.random(shape), axis, -1)
+    ranks = draws.reshape(-1, shape[axis]).argsort(axis=0).argsort(axis=0).reshape(draws.shape)
+    positive = np.moveaxis(ranks < max(1, ranks.size // shape[axis] // 4), -1, axis)
+    sign = np.where(positive, 1.0, -1.0)
     return (sign * 0.9 * F32_MAX * (1.0 + 0.01 * np.tanh(x))).astype(np.float32)
 
 
