@@ -31,9 +31,12 @@ EVAL_ONCE = (
 
 
 def _run(code, cache_dir, **env):
+    """Run ``code`` in a new process on ``cache_dir``, its compile lines on (unless ``env`` sets
+    NUMBA_BN_QUIET): a NUMBA_BN_QUIET=1 of the shell that runs the tests does not reach it."""
     start = time.perf_counter()
     status, output = run_child(
-        [sys.executable, "-c", code], {"NUMBA_CACHE_DIR": str(cache_dir), **env}
+        [sys.executable, "-c", code],
+        {"NUMBA_CACHE_DIR": str(cache_dir), "NUMBA_BN_QUIET": "", **env},
     )
     seconds = time.perf_counter() - start
     assert status == 0 and "done" in output, output
