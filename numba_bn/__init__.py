@@ -1,7 +1,7 @@
 """numba_bn: batch normalisation for NumPy arrays with compiled Numba kernels."""
 
 from . import compiling
-from .capi import register_backend
+from .capi import register_backend, use_compiled_calls
 from .conventions import CONVENTIONS, torch_momentum
 from .folding import fold_into, fold_into_next
 from .functional import backward, batch_norm, forward_eval, forward_train
@@ -56,5 +56,6 @@ __all__ = [
     "population_stats",
     "register_backend",
     "torch_momentum",
+    "use_compiled_calls",
     "warmup",
 ]

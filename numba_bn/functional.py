@@ -6,6 +6,7 @@ Per-channel statistics come back in the input's dtype (float32 for float16 and b
 """
 
 from .annotations import Activation, Array, Backend, Device, NanPolicy
+from .capi import calls
 from .checks import trained
 from .masking import masked_batch_backward, masked_batch_forward
 from .ops import batch_backward, batch_forward, frozen_forward, parameter_gradients
@@ -73,6 +74,11 @@ def forward_train(
 
     .. math:: y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}}\\,w + b
     """
+    if calls.entry is not None:  # compiled calls (capi.calls) serve a plain call, or decline
+        served = calls.entry.forward_train(x, weight, bias, eps, axis, out, nan_policy, mask,
+                                           residual, activation, backend, device)  # fmt: skip
+        if served is not NotImplemented:
+            return served
     if mask is None:  # the common call first: keywords spelt out, no dict to build (~0.5 us)
         result = batch_forward(x, weight, bias, eps, axis, nan_policy=nan_policy, out=out,
                                backend=backend, device=device, residual=residual,
@@ -104,6 +110,11 @@ def forward_eval(
     arguments (any host array NumPy views without a copy, as well as NumPy and CUDA arrays) as
     :func:`forward_train`. Returns y: a NumPy array for host inputs (a view of ``out`` when
     given); for CUDA inputs the kind of ``x`` (CuPy, torch, else a Numba device array)."""
+    if calls.entry is not None:  # as in forward_train
+        served = calls.entry.forward_eval(x, running_mean, running_var, weight, bias, eps, axis,
+                                          out, residual, activation, backend, device)  # fmt: skip
+        if served is not NotImplemented:
+            return served
     return frozen_forward(
         x,
         running_mean,
@@ -156,6 +167,11 @@ def backward(
         dx = w\\,\\sigma^{-1}\\left(dy - \\tfrac{1}{m}\\textstyle\\sum dy
              - \\hat x\\,\\tfrac{1}{m}\\sum dy\\,\\hat x\\right)
     """
+    if calls.entry is not None:  # as in forward_train
+        served = calls.entry.backward(dy, x, mean, invstd, weight, axis, out, mask, activation, y,
+                                      residual_out, backend, device)  # fmt: skip
+        if served is not NotImplemented:
+            return served
     if mask is None:  # as in forward_train
         dx, sum_dy, sum_dy_xmu, count = batch_backward(
             dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device,
@@ -230,6 +246,11 @@ def batch_norm(
             device=device,
             **epilogue,
         ).y
+    if calls.entry is not None:  # forward_eval's call, as there
+        served = calls.entry.forward_eval(x, running_mean, running_var, weight, bias, eps, axis,
+                                          out, residual, activation, backend, device)  # fmt: skip
+        if served is not NotImplemented:
+            return served
     return frozen_forward(
         x,
         running_mean,

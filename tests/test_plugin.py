@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn import norm_ops
-from numba_bn.capi import build
+from numba_bn import functional, norm_ops
+from numba_bn.capi import build, calls
 from numba_bn.capi.ranges import EXPORTED
 from numba_bn.cli import main
 
@@ -110,6 +111,9 @@ def _tool(*command):
 def test_build_writes_the_library_and_the_header(plugin_build, host_build):
     for directory in (plugin_build, host_build):
         assert (directory / build.LIBRARY_NAME).stat().st_size > 0
+        # the compiled calls take the library's entry points by path, at run time (calls.py)
+        extension = _tool("readelf", "-d", directory / calls.extension_name())
+        assert build.LIBRARY_NAME not in extension
         header = (directory / build.HEADER_NAME).read_text()
         assert header == (CSRC / "numba_bn.h").read_text()
 
@@ -1076,6 +1080,188 @@ def test_build_without_the_c_sources_says_what_is_missing(monkeypatch, tmp_path)
     monkeypatch.setattr(build, "CSRC_DIR", tmp_path)
     with pytest.raises(RuntimeError, match="package data"):
         build.build_plugin(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------ compiled calls
+class _ReachedPython(Exception):
+    """Raised by the functional API's Python path under _no_python_path."""
+
+
+def _no_python_path(monkeypatch):
+    """Make the Python path of forward_train, forward_eval and backward (the operations they
+    call after the compiled calls declined) raise _ReachedPython."""
+
+    def reached(*args, **kwargs):
+        raise _ReachedPython
+
+    for name in ("batch_forward", "masked_batch_forward", "frozen_forward", "batch_backward",
+                 "masked_batch_backward"):  # fmt: skip
+        monkeypatch.setattr(functional, name, reached)
+
+
+@pytest.fixture
+def compiled_calls(host_build):
+    """The host build's compiled calls, on for one test."""
+    path = nbn.use_compiled_calls(host_build)
+    yield path
+    nbn.use_compiled_calls(None)
+
+
+def _plain_calls(rng, shape, affine):
+    """The public calls the compiled calls serve, on a float32 batch drawn here (as closures)."""
+    x = random_batch(rng, shape, np.float32)
+    dy = random_batch(rng, shape, np.float32, mean_scale=1.0)
+    channels = shape[1]
+    weight = rng.uniform(0.5, 2.0, channels).astype(np.float32) if affine else None
+    bias = rng.standard_normal(channels).astype(np.float32) if affine else None
+    _, mean, invstd = nbn.forward_train(x, weight, bias)
+    running_var = rng.uniform(0.1, 3.0, channels).astype(np.float32)
+    return {
+        "forward_train": lambda: nbn.forward_train(x, weight, bias),
+        "forward_train, eps and axis": lambda: nbn.forward_train(x, weight, bias, 1e-3, 1),
+        "forward_train, device": lambda: nbn.forward_train(x, weight, bias, device="cpu"),
+        "forward_eval": lambda: nbn.forward_eval(x, mean, running_var, weight, bias),
+        "batch_norm, eval": lambda: nbn.batch_norm(x, mean, running_var, weight, bias),
+        "backward": lambda: nbn.backward(dy, x, mean, invstd, weight),
+    }
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+SERVED_SHAPES = [(64, 32), (16, 5), (2, 3), (7, 3, 11), (8, 16, 8, 8), (3, 4, 5, 6), (64, 256)]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", SERVED_SHAPES)
+def test_compiled_calls_give_the_bits_of_the_python_path(rng, plugin_backend, host_build,
+                                                         monkeypatch, shape, affine):  # fmt: skip
+    """The plain float32 calls, served without the Python path, give its bits (the JIT's): y,
+    the statistics, eval's y, dx and the parameter gradients, new arrays of its dtypes and
+    shapes. With the portable build loaded first (plugin_backend), as in a session that uses
+    both: the host build's calls must run the host build."""
+    calls = _plain_calls(rng, shape, affine)
+    expected = {name: _as_tuple(call()) for name, call in calls.items()}
+    _no_python_path(monkeypatch)
+    with pytest.raises(_ReachedPython):  # the patch holds
+        calls["forward_train"]()
+    nbn.use_compiled_calls(host_build)
+    try:
+        served = {name: _as_tuple(call()) for name, call in calls.items()}
+    finally:
+        nbn.use_compiled_calls(None)
+    for name, arrays in expected.items():
+        assert len(served[name]) == len(arrays), name
+        for got, want in zip(served[name], arrays, strict=True):
+            assert type(got) is np.ndarray and got.flags.c_contiguous and got.flags.writeable
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            np.testing.assert_array_equal(got, want, err_msg=name)
+            assert not np.shares_memory(got, want)
+
+
+def _declined_calls(rng):
+    """Calls the compiled calls leave to the Python path, by what makes each one different."""
+    x = random_batch(rng, (16, 6), np.float32)
+    w, b = np.ones(6, np.float32), np.zeros(6, np.float32)
+    _, mean, invstd = nbn.forward_train(x, w, b)
+    x4 = random_batch(rng, (2, 3, 4, 6), np.float32, axis=-1)
+    big = random_batch(rng, (512, 512), np.float32)
+    swapped = x.astype(">f4")
+    sub = x.view(type("Subclass", (np.ndarray,), {}))
+    return {
+        "float64": lambda: nbn.forward_train(x.astype(np.float64)),
+        "float16": lambda: nbn.forward_train(x.astype(np.float16)),
+        "channels last": lambda: nbn.forward_train(x4, axis=-1),
+        "axis -1 of a matrix": lambda: nbn.forward_train(x, axis=-1),
+        "out": lambda: nbn.forward_train(x, out=np.empty_like(x)),
+        "nan_policy": lambda: nbn.forward_train(x, nan_policy="raise"),
+        "mask": lambda: nbn.forward_train(x, mask=np.ones(16, bool)),
+        "residual": lambda: nbn.forward_train(x, residual=x),
+        "activation": lambda: nbn.forward_train(x, activation="relu"),
+        "strided": lambda: nbn.forward_train(x[:, ::2]),
+        "Fortran order": lambda: nbn.forward_train(np.asfortranarray(x)),
+        "byte-swapped": lambda: nbn.forward_train(swapped),
+        "a subclass": lambda: nbn.forward_train(sub),
+        "a list": lambda: nbn.forward_train(x.tolist()),
+        "float64 weight": lambda: nbn.forward_train(x, w.astype(np.float64)),
+        "a NumPy float eps": lambda: nbn.forward_train(x, w, b, np.float64(1e-5)),
+        "an int eps": lambda: nbn.forward_train(x, w, b, 1),
+        "parallel-sized": lambda: nbn.forward_train(big),
+        "eval, float64 running_var": lambda: nbn.forward_eval(x, mean, invstd.astype(np.float64)),
+        "eval, out": lambda: nbn.forward_eval(x, mean, invstd, out=x.copy()),
+        "batch_norm, training": lambda: nbn.batch_norm(x, None, None, training=True),
+        "batch_norm, eval, relu": lambda: nbn.batch_norm(x, mean, invstd, activation="relu"),
+        "eval, parallel-sized": lambda: nbn.forward_eval(
+            random_batch(rng, (1024, 512), np.float32),
+            np.zeros(512, np.float32),
+            np.ones(512, np.float32),
+        ),
+        "backward, float64 mean": lambda: nbn.backward(x, x, mean.astype(np.float64), invstd),
+        "backward, float64 dy": lambda: nbn.backward(x.astype(np.float64), x, mean, invstd),
+        "backward, mask": lambda: nbn.backward(x, x, mean, invstd, mask=np.ones(16, bool)),
+        "backward, activation": lambda: nbn.backward(x, x, mean, invstd, activation="relu", y=x),
+        "backward, out": lambda: nbn.backward(x, x, mean, invstd, out=x.copy()),
+    }
+
+
+def test_compiled_calls_leave_every_other_call_to_the_python_path(rng, compiled_calls, monkeypatch):
+    """A call of another dtype, layout, kind of array or argument, option or size goes to the
+    Python path, whose checks and conversions it needs."""
+    assert compiled_calls.is_file()
+    calls = _declined_calls(rng)
+    _no_python_path(monkeypatch)
+    for name, call in calls.items():
+        with pytest.raises(_ReachedPython):
+            call()
+            pytest.fail(f"{name}: served")
+
+
+def test_compiled_calls_leave_bad_arguments_to_the_python_checks(rng, host_build):
+    """The same error, type and message, with and without the compiled calls."""
+    x = random_batch(rng, (16, 6), np.float32)
+    w = np.ones(6, np.float32)
+    _, mean, invstd = nbn.forward_train(x)
+    bad = {
+        "weight of 5": lambda: nbn.forward_train(x, w[:5]),
+        "one value per channel": lambda: nbn.forward_train(x[:1]),
+        "rank 1": lambda: nbn.forward_train(x[0]),
+        "eps 0": lambda: nbn.forward_train(x, eps=0.0),
+        "eps NaN": lambda: nbn.forward_train(x, eps=float("nan")),
+        "axis 2": lambda: nbn.forward_train(x, axis=2),
+        "eval, no running_var": lambda: nbn.forward_eval(x, mean, None),
+        "eval, running_mean of 5": lambda: nbn.forward_eval(x, mean[:5], invstd),
+        "backward, dy of another shape": lambda: nbn.backward(x[:8], x, mean, invstd),
+        "backward, no invstd": lambda: nbn.backward(x, x, mean, None),
+    }
+    for name, call in bad.items():
+        errors = []
+        for directory in (None, host_build):
+            nbn.use_compiled_calls(directory)
+            try:
+                with pytest.raises((ValueError, TypeError)) as error:
+                    call()
+            finally:
+                nbn.use_compiled_calls(None)
+            errors.append((error.type, str(error.value)))
+        assert errors[0] == errors[1], name
+
+
+def test_use_compiled_calls_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="numba-bn build-plugin"):
+        nbn.use_compiled_calls(tmp_path)
+    assert calls.entry is None
+
+
+def test_the_compiled_calls_compile_without_a_warning(tmp_path):
+    include = sysconfig.get_paths()["include"]
+    if not Path(include, "Python.h").is_file():
+        pytest.skip("no Python.h")
+    build.run_compiler(
+        ["-std=c11", *WARNINGS, "-fsyntax-only", "-I", include, "-I", np.get_include(), "-I",
+         CSRC, CSRC / "nbn_python.c"],
+        "compiling nbn_python.c",
+    )  # fmt: skip
 
 
 def test_the_c_sources_are_package_data():

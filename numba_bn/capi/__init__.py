@@ -9,6 +9,8 @@
 * :mod:`.build`: ``numba-bn build-plugin``, which compiles those drivers and links them with
   csrc/ into ``libnumba_bn.so``.
 * :mod:`.backend`: ``register_backend``, any library with the ABI of numba_bn.h as a backend.
+* :mod:`.calls`: ``use_compiled_calls``, the functional API's plain host calls through a CPython
+  extension over the library (csrc/nbn_python.c), which ``build-plugin`` builds next to it.
 
 :mod:`numba_bn.cpu` never imports this package: the C library is built on the CPU work items,
 not the other way round.
@@ -16,5 +18,13 @@ not the other way round.
 
 from .backend import CBackend, register_backend
 from .build import build_plugin, build_reference_backend, csrc_dir
+from .calls import use_compiled_calls
 
-__all__ = ["CBackend", "build_plugin", "build_reference_backend", "csrc_dir", "register_backend"]
+__all__ = [
+    "CBackend",
+    "build_plugin",
+    "build_reference_backend",
+    "csrc_dir",
+    "register_backend",
+    "use_compiled_calls",
+]

@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class BuildResult:
     header: Path
     targets: tuple
     seconds: float
+    #: the extension of numba_bn.capi.calls, or why it was not built
+    calls: Path | str
 
     @property
     def size_bytes(self):
@@ -118,6 +121,7 @@ def run_from_args(args):
     result = build_plugin(args.out, cpu=args.cpu)
     print(f"{result.library} ({result.size_bytes / 1024:.0f} KiB; {', '.join(result.targets)})")
     print(f"{result.header}")
+    print(f"{result.calls}")
     print(f"built in {result.seconds:.1f} s")
     return 0
 
@@ -194,7 +198,32 @@ def build_plugin(out_dir, cpu=None):
     header = out_dir / HEADER_NAME
     shutil.copyfile(csrc / HEADER_NAME, header)
     write_package_files(out_dir)
-    return BuildResult(library, header, tuple(t[0] for t in targets), time.perf_counter() - start)
+    calls = build_compiled_calls(out_dir)
+    seconds = time.perf_counter() - start
+    return BuildResult(library, header, tuple(t[0] for t in targets), seconds, calls)
+
+
+def build_compiled_calls(out_dir):
+    """Build the CPython extension of :mod:`.calls` (csrc/nbn_python.c) next to the library in
+    ``out_dir``; returns its path, or a str saying why it was not built (no Python.h: a Python
+    without its development headers)."""
+    import numpy as np
+
+    from .calls import extension_name
+
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").is_file():
+        return f"no compiled calls: {include / 'Python.h'} is missing (Python's headers)"
+    extension = Path(out_dir) / extension_name()
+    run_compiler(
+        [
+            "-std=c11", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
+            "-I", include, "-I", np.get_include(), "-I", csrc_dir(),
+            csrc_dir() / "nbn_python.c", "-o", extension, "-Wl,-z,noexecstack",
+        ],
+        "compiling the compiled calls (Python extension)",
+    )  # fmt: skip
+    return extension
 
 
 PKG_CONFIG_NAME = "numba_bn.pc"

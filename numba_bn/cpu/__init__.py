@@ -37,10 +37,17 @@ NS_PER_ELEMENT = {
 #: NUMBA_NUM_THREADS, and the model's saving grows with the threads (with 2 at most, below twice
 #: WAKE_NS / ns). A size this small skips asking numba.get_num_threads (~1 us: two locks).
 _MOST_THREADS = numba.config.NUMBA_NUM_THREADS
-_SERIAL_BELOW = {
-    step: math.inf if _MOST_THREADS == 1 else WAKE_NS / (ns * (1.0 - 1.0 / _MOST_THREADS))
-    for step, ns in NS_PER_ELEMENT.items()
-}
+
+
+def serial_below(step, threads=_MOST_THREADS):
+    """The size (elements) below which the cost model runs ``step`` serially on up to
+    ``threads`` threads (inf for one)."""
+    if threads == 1:
+        return math.inf
+    return WAKE_NS / (NS_PER_ELEMENT[step] * (1.0 - 1.0 / threads))
+
+
+_SERIAL_BELOW = {step: serial_below(step) for step in NS_PER_ELEMENT}
 #: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
 PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
 

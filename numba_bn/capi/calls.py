@@ -1,0 +1,81 @@
+"""Compiled calls: the plain host calls of the functional API through a CPython extension over
+the C library, ~0.3 us of call instead of ~5 us of Python (benchmarks/README.md, "Compiled
+calls").
+
+``numba-bn build-plugin --out DIR`` builds, next to ``libnumba_bn.so``, the extension
+``_numba_bn_calls`` (csrc/nbn_python.c) when Python's and NumPy's headers are there.
+:func:`use_compiled_calls` loads it; from then on :func:`numba_bn.forward_train`,
+:func:`numba_bn.forward_eval`, :func:`numba_bn.batch_norm` in eval and :func:`numba_bn.backward`
+hand it their arguments first. It serves float32 NumPy arrays with the channels on axis 1,
+without ``out``, ``mask``, ``residual`` or ``activation``, on the host, at the sizes the JIT
+backend runs serially (its cost model, :func:`numba_bn.cpu.serial_below`); it declines anything
+else (NotImplemented) and the Python path runs as before, its checks and errors included. A
+served call compiles nothing. Its results are the JIT backend's bits with the host build
+(``--cpu host`` compiles the same kernels for this CPU); the portable build's AVX-512 or AVX2
+variant may differ in the last bit.
+
+Not served: the ``BatchNorm`` layer and :func:`numba_bn.batch_norm` in training (their running
+statistics come from the float64 batch variance, and the layer's backward takes the float64 batch
+mean: the C ABI returns neither), and float64 (the library's float64 sums of dy differ from the
+JIT's by a few ulp on some shapes).
+"""
+
+import ctypes
+import importlib.machinery
+import importlib.util
+import os
+import sysconfig
+from pathlib import Path
+
+import numba
+
+from ..cpu import serial_below
+from .build import LIBRARY_NAME
+
+MODULE_NAME = "_numba_bn_calls"
+#: The entry points and the steps of the extension's ``configure``, in its order.
+ENTRY_POINTS = ("nbn_forward_train_f32", "nbn_forward_eval_f32", "nbn_backward_f32",
+                "nbn_status_string")  # fmt: skip
+STEPS = ("forward_train", "forward_eval", "backward")
+
+#: The loaded extension, or None: what the functional API asks first.
+entry = None
+_library = None  # the ctypes handle of the library whose entry points it calls
+
+
+def extension_name():
+    """The file name of the extension for this Python (``_numba_bn_calls.cpython-...so``)."""
+    return MODULE_NAME + sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def use_compiled_calls(directory: str | os.PathLike[str] | None):
+    """Serve the plain host calls of the functional API from the C library in ``directory`` (the
+    ``--out`` of ``numba-bn build-plugin``); None goes back to the Python path for every call.
+    Returns the path of the extension loaded (None for None)."""
+    global entry, _library
+    if directory is None:
+        entry = _library = None
+        return None
+    path = Path(directory) / extension_name()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"directory {str(directory)!r} holds no {path.name}: build it with `numba-bn "
+            f"build-plugin --out {directory}` (it needs Python's headers, Python.h, and NumPy's)"
+        )
+    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+    module = importlib.util.module_from_spec(
+        importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
+    )
+    loader.exec_module(module)
+    # the library by its path, its entry points to the extension as addresses: another build of
+    # it in the process (the portable one beside a host one) has the same soname
+    library = ctypes.CDLL(str((Path(directory) / LIBRARY_NAME).resolve()))
+    addresses = [
+        ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in ENTRY_POINTS
+    ]
+    # the sizes that both Numba's threads and the library's run serially: the bound of the more
+    # threads of the two (the library's count as it is now; it starts at all CPUs)
+    threads = max(numba.config.NUMBA_NUM_THREADS, library.nbn_get_num_threads())
+    module.configure(*addresses, *(serial_below(step, threads) for step in STEPS))
+    entry, _library = module, library
+    return path

@@ -1,0 +1,266 @@
+/* nbn_python.c: compiled calls, a CPython extension over libnumba_bn.so for the plain host calls
+ * of the functional API (numba_bn.capi.calls; built by `numba-bn build-plugin` next to the
+ * library when Python's and NumPy's headers are there).
+ *
+ * forward_train, forward_eval and backward take every argument of the public function of that
+ * name, positionally, in its order. A call they serve: float32 NumPy arrays (exactly ndarray,
+ * C-contiguous, aligned, native byte order), channels on axis 1 of a rank >= 2 x, per-channel
+ * vectors of x's dtype and length (weight and bias may be None), a float eps > 0, no out, mask,
+ * residual or activation, nan_policy "propagate", backend "cpu", device "auto" or "cpu", and a
+ * size the JIT backend runs serially (below the bounds `configure` sets from its cost model, so
+ * that the library's worker threads never run beside Numba's). Everything else returns
+ * NotImplemented, and the Python path takes the call, its checks and errors included: a call
+ * served here has passed every one of them.
+ *
+ * float32 only: the library's float64 sums of dy differ from the JIT's by a few ulp on some
+ * shapes (tests/test_plugin.py, test_host_build_gives_the_bits_of_the_jit); in float32 the host
+ * build gives the JIT's bits, which is what makes these calls interchangeable with the Python
+ * path. The statistics come back in float32 as forward_train's do (the library rounds the same
+ * float64 values), and the GIL is held as the JIT's serial drivers hold it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+
+#include "numba_bn.h"
+
+enum { FORWARD_TRAIN, FORWARD_EVAL, BACKWARD, STEPS };
+
+/* The library's entry points, which `configure` takes as addresses from ctypes: the extension
+ * does not link the library, whose soname the dynamic loader would match to whichever build of
+ * it the process loaded first (the portable one beside a host one, say). The types are checked
+ * against numba_bn.h's prototypes; _Generic does not evaluate them, so nothing is linked. */
+typedef int (*forward_train_fn)(const float *, int64_t, int64_t, int64_t, const float *,
+                                const float *, double, float *, float *, float *, float *, float *,
+                                double);
+typedef int (*forward_eval_fn)(const float *, int64_t, int64_t, int64_t, const float *,
+                               const float *, const float *, const float *, double, float *);
+typedef int (*backward_fn)(const float *, const float *, int64_t, int64_t, int64_t, const float *,
+                           const float *, const float *, float *, float *, float *);
+typedef const char *(*status_string_fn)(int);
+_Static_assert(_Generic(&nbn_forward_train_f32, forward_train_fn: 1, default: 0), "ABI");
+_Static_assert(_Generic(&nbn_forward_eval_f32, forward_eval_fn: 1, default: 0), "ABI");
+_Static_assert(_Generic(&nbn_backward_f32, backward_fn: 1, default: 0), "ABI");
+_Static_assert(_Generic(&nbn_status_string, status_string_fn: 1, default: 0), "ABI");
+
+static struct {
+    forward_train_fn forward_train;
+    forward_eval_fn forward_eval;
+    backward_fn backward;
+    status_string_fn status_string;
+} library;
+
+/* Sizes (elements) from which the JIT backend may run a step in parallel: calls this large go to
+ * the Python path. 0, and so nothing served, until `configure` sets them. */
+static double serial_below[STEPS];
+
+/* A float32 ndarray the library can read as it is. */
+static int plain_array(PyObject *a) {
+    if (!PyArray_CheckExact(a)) return 0;
+    PyArrayObject *array = (PyArrayObject *)a;
+    return PyArray_TYPE(array) == NPY_FLOAT32 && PyArray_ISNOTSWAPPED(array) &&
+           PyArray_CHKFLAGS(array, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+}
+
+/* None, or a plain float32 vector of `channels` values (a NULL pointer or its data in *data). */
+static int vector_or_none(PyObject *a, int64_t channels, float **data) {
+    if (a == Py_None) {
+        *data = NULL;
+        return 1;
+    }
+    if (!plain_array(a) || PyArray_NDIM((PyArrayObject *)a) != 1 ||
+        PyArray_DIM((PyArrayObject *)a, 0) != channels)
+        return 0;
+    *data = PyArray_DATA((PyArrayObject *)a);
+    return 1;
+}
+
+static int vector(PyObject *a, int64_t channels, float **data) {
+    return a != Py_None && vector_or_none(a, channels, data);
+}
+
+/* x as (outer, channels, inner) with the channels on axis 1, at least two values per channel
+ * and fewer than serial_below[step] elements in all. */
+static int plain_view(PyObject *x, int step, int64_t *outer, int64_t *channels, int64_t *inner) {
+    if (!plain_array(x)) return 0;
+    PyArrayObject *array = (PyArrayObject *)x;
+    int rank = PyArray_NDIM(array);
+    if (rank < 2) return 0;
+    const npy_intp *dims = PyArray_DIMS(array);
+    *outer = dims[0];
+    *channels = dims[1];
+    *inner = 1;
+    for (int k = 2; k < rank; k++) *inner *= dims[k];
+    return *channels >= 1 && *outer * *inner >= 2 &&
+           (double)PyArray_SIZE(array) < serial_below[step];
+}
+
+static int is_none(PyObject *a) { return a == Py_None; }
+
+static int is_str(PyObject *a, const char *text) {
+    return PyUnicode_CheckExact(a) && PyUnicode_CompareWithASCIIString(a, text) == 0;
+}
+
+static int host_device(PyObject *device) { return is_str(device, "auto") || is_str(device, "cpu"); }
+
+static int axis_one(PyObject *axis) {
+    if (!PyLong_CheckExact(axis)) return 0;
+    int overflow;
+    return PyLong_AsLongAndOverflow(axis, &overflow) == 1;
+}
+
+static int positive_eps(PyObject *eps, double *value) {
+    if (!PyFloat_CheckExact(eps)) return 0;
+    *value = PyFloat_AS_DOUBLE(eps);
+    return *value > 0.0 && isfinite(*value);
+}
+
+static PyObject *new_like(PyObject *x) {
+    PyArrayObject *array = (PyArrayObject *)x;
+    return PyArray_SimpleNew(PyArray_NDIM(array), PyArray_DIMS(array), NPY_FLOAT32);
+}
+
+static PyObject *new_vector(int64_t channels) {
+    npy_intp length = (npy_intp)channels;
+    return PyArray_SimpleNew(1, &length, NPY_FLOAT32);
+}
+
+static float *data(PyObject *array) { return PyArray_DATA((PyArrayObject *)array); }
+
+/* The tuple of three new arrays (its references taken over), or NULL with the error of the
+ * library's status or of an allocation that failed. */
+static PyObject *three(int status, PyObject *a, PyObject *b, PyObject *c) {
+    PyObject *result = NULL;
+    if (a && b && c) {
+        if (status == NBN_OK)
+            result = PyTuple_Pack(3, a, b, c);
+        else
+            PyErr_Format(PyExc_RuntimeError, "libnumba_bn: %s", library.status_string(status));
+    }
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    return result;
+}
+
+/* forward_train(x, weight, bias, eps, axis, out, nan_policy, mask, residual, activation, backend,
+ * device) -> (y, mean, invstd), or NotImplemented */
+static PyObject *forward_train(PyObject *Py_UNUSED(module), PyObject *const *args,
+                               Py_ssize_t nargs) {
+    int64_t outer, channels, inner;
+    float *weight, *bias;
+    double eps;
+    if (nargs != 12 || !plain_view(args[0], FORWARD_TRAIN, &outer, &channels, &inner) ||
+        !vector_or_none(args[1], channels, &weight) || !vector_or_none(args[2], channels, &bias) ||
+        !positive_eps(args[3], &eps) || !axis_one(args[4]) || !is_none(args[5]) ||
+        !is_str(args[6], "propagate") || !is_none(args[7]) || !is_none(args[8]) ||
+        !is_none(args[9]) || !is_str(args[10], "cpu") || !host_device(args[11]))
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *y = new_like(args[0]), *mean = new_vector(channels), *invstd = new_vector(channels);
+    int status = NBN_OK;
+    if (y && mean && invstd)
+        status = library.forward_train(data(args[0]), outer, channels, inner, weight, bias, eps,
+                                       data(y), data(mean), data(invstd), NULL, NULL, 0.0);
+    return three(status, y, mean, invstd);
+}
+
+/* forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out, residual, activation,
+ * backend, device) -> y, or NotImplemented */
+static PyObject *forward_eval(PyObject *Py_UNUSED(module), PyObject *const *args,
+                              Py_ssize_t nargs) {
+    int64_t outer, channels, inner;
+    float *running_mean, *running_var, *weight, *bias;
+    double eps;
+    if (nargs != 12 || !plain_view(args[0], FORWARD_EVAL, &outer, &channels, &inner) ||
+        !vector(args[1], channels, &running_mean) || !vector(args[2], channels, &running_var) ||
+        !vector_or_none(args[3], channels, &weight) || !vector_or_none(args[4], channels, &bias) ||
+        !positive_eps(args[5], &eps) || !axis_one(args[6]) || !is_none(args[7]) ||
+        !is_none(args[8]) || !is_none(args[9]) || !is_str(args[10], "cpu") ||
+        !host_device(args[11]))
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *y = new_like(args[0]);
+    if (!y) return NULL;
+    int status = library.forward_eval(data(args[0]), outer, channels, inner, weight, bias,
+                                      running_mean, running_var, eps, data(y));
+    if (status == NBN_OK) return y;
+    Py_DECREF(y);
+    return PyErr_Format(PyExc_RuntimeError, "libnumba_bn: %s", library.status_string(status));
+}
+
+/* backward(dy, x, mean, invstd, weight, axis, out, mask, activation, y, residual_out, backend,
+ * device) -> (dx, dweight, dbias), or NotImplemented */
+static PyObject *backward(PyObject *Py_UNUSED(module), PyObject *const *args,
+                          Py_ssize_t nargs) {
+    int64_t outer, channels, inner;
+    float *mean, *invstd, *weight;
+    if (nargs != 13 || !plain_view(args[1], BACKWARD, &outer, &channels, &inner) ||
+        !plain_array(args[0]) ||
+        !PyArray_SAMESHAPE((PyArrayObject *)args[0], (PyArrayObject *)args[1]) ||
+        !vector(args[2], channels, &mean) || !vector(args[3], channels, &invstd) ||
+        !vector_or_none(args[4], channels, &weight) || !axis_one(args[5]) || !is_none(args[6]) ||
+        !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) || !is_none(args[10]) ||
+        !is_str(args[11], "cpu") || !host_device(args[12]))
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *dx = new_like(args[1]), *dweight = new_vector(channels),
+             *dbias = new_vector(channels);
+    int status = NBN_OK;
+    if (dx && dweight && dbias)
+        status = library.backward(data(args[0]), data(args[1]), outer, channels, inner, weight,
+                                  mean, invstd, data(dx), data(dweight), data(dbias));
+    return three(status, dx, dweight, dbias);
+}
+
+/* configure(forward_train, forward_eval, backward, status_string, *bounds): the addresses of
+ * nbn_forward_train_f32, nbn_forward_eval_f32, nbn_backward_f32 and nbn_status_string, then the
+ * serial bounds of the three steps, in elements. */
+static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
+                           Py_ssize_t nargs) {
+    if (nargs != 4 + STEPS) {
+        PyErr_SetString(PyExc_TypeError, "configure takes four addresses and three bounds");
+        return NULL;
+    }
+    void *address[4];
+    double bounds[STEPS];
+    for (int k = 0; k < 4; k++) {
+        address[k] = PyLong_AsVoidPtr(args[k]);
+        if (!address[k]) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a NULL entry point");
+            return NULL;
+        }
+    }
+    for (int step = 0; step < STEPS; step++) {
+        bounds[step] = PyFloat_AsDouble(args[4 + step]);
+        if (bounds[step] == -1.0 && PyErr_Occurred()) return NULL;
+    }
+    for (int step = 0; step < STEPS; step++) serial_below[step] = 0.0; /* serve nothing meanwhile */
+    library.forward_train = (forward_train_fn)address[0];
+    library.forward_eval = (forward_eval_fn)address[1];
+    library.backward = (backward_fn)address[2];
+    library.status_string = (status_string_fn)address[3];
+    for (int step = 0; step < STEPS; step++) serial_below[step] = bounds[step];
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"forward_train", (PyCFunction)(void (*)(void))forward_train, METH_FASTCALL, NULL},
+    {"forward_eval", (PyCFunction)(void (*)(void))forward_eval, METH_FASTCALL, NULL},
+    {"backward", (PyCFunction)(void (*)(void))backward, METH_FASTCALL, NULL},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef definition = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_numba_bn_calls",
+    .m_doc = "Compiled calls over libnumba_bn.so (numba_bn.capi.calls)",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__numba_bn_calls(void) {
+    import_array();
+    return PyModule_Create(&definition);
+}
