@@ -114,6 +114,11 @@ def test_demo_rejects_bad_arguments_by_name(capsys, args, message):
     _assert_usage_error(capsys, ["demo", *args], "demo", message)
 
 
+def test_bench_names_a_compiled_calls_directory_without_the_extension(capsys, tmp_path):
+    argv = ["bench", "--shapes", "small-nc", "--compiled-calls", str(tmp_path)]
+    _assert_usage_error(capsys, argv, "bench", f"--compiled-calls: directory '{tmp_path}' holds no")
+
+
 def _assert_usage_error(capsys, argv, command, message):
     """argparse's usage line of ``command``, then one 'numba-bn <command>: error: ...' line
     holding ``message``, on stderr; exit status 2; no traceback."""

@@ -1247,6 +1247,17 @@ def test_compiled_calls_leave_bad_arguments_to_the_python_checks(rng, host_build
         assert errors[0] == errors[1], name
 
 
+def test_bench_times_the_compiled_calls_after_checking_them(capsys, host_build):
+    """bench's strict check against the float64 reference passes through the compiled calls,
+    and the run says they were on, then turns them off."""
+    argv = ["bench", "--shapes", "small-nc", "--impls", "numba_bn", "--repeat", "1",
+            "--no-first-call", "--compiled-calls", str(host_build)]  # fmt: skip
+    assert main(argv) == 0
+    output = capsys.readouterr().out
+    assert f"compiled calls from {host_build}" in output and "verified" in output
+    assert calls.entry is None
+
+
 def test_use_compiled_calls_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="numba-bn build-plugin"):
         nbn.use_compiled_calls(tmp_path)

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from ..capi.calls import use_compiled_calls
 from .cases import SHAPES, Case, parse_shapes
 from .measure import VerificationError, cold_and_warm_first_call, run_case
 from .peers import DEFAULT_PEERS, PEERS, implementations, import_torch
@@ -95,6 +96,12 @@ def add_arguments(parser):
         "PyTorch, NumPy and a memcpy (numba_bn.bench.norms)",
     )
     parser.add_argument(
+        "--compiled-calls",
+        metavar="DIR",
+        help="time numba_bn's functions with the compiled calls of the plugin built in DIR "
+        "(numba-bn build-plugin --out DIR; numba_bn.use_compiled_calls)",
+    )
+    parser.add_argument(
         "--no-first-call",
         action="store_true",
         help="skip timing the first call with a cold and a warm Numba cache (new processes)",
@@ -144,8 +151,19 @@ def command(args, log=print):
                 writable_file(path, option)
         torch = import_torch() if "torch" in wanted else None
         set_threads(args.threads, torch)
-    except ValueError as exc:  # UsageError is one
-        raise UsageError(str(exc)) from None
+        if args.compiled_calls is not None:
+            use_compiled_calls(args.compiled_calls)
+    except (ValueError, FileNotFoundError) as exc:  # UsageError is a ValueError
+        message = f"--compiled-calls: {exc}" if isinstance(exc, OSError) else str(exc)
+        raise UsageError(message) from None
+    try:
+        return _timed_tables(args, shapes, impls, names, wanted, torch, log)
+    finally:
+        use_compiled_calls(None)
+
+
+def _timed_tables(args, shapes, impls, names, wanted, torch, log):
+    """Verify and time every shape, print the tables, save what --json and --plot ask for."""
     chosen = implementations(wanted, args.threads, torch)
     names_chosen = [i.name for i in chosen]
     dtype = np.dtype(args.dtype)
@@ -154,6 +172,11 @@ def command(args, log=print):
         "hot runs per call, one process"
     )
     log("implementations: " + "; ".join(_describe(wanted, torch, dtype, args.threads)))
+    if args.compiled_calls is not None:
+        log(
+            f"compiled calls from {args.compiled_calls}: numba_bn's plain float32 calls of serial "
+            "size run through the C library's extension (use_compiled_calls)"
+        )
     log(BYTE_MODEL)
 
     load_before = os.getloadavg()[0]
@@ -186,7 +209,10 @@ def command(args, log=print):
     if overhead:
         log("\nper-call overhead on the small shapes: fastest of the timed samples, us per call;")
         log("kernels = numba_bn's CPU backend on prepared buffers, so 'API adds' = validation +")
-        log("allocation + dispatch\n")
+        log("allocation + dispatch")
+        if args.compiled_calls is not None:
+            log("(the compiled calls skip the backend's Numba dispatch: 'API adds' may be < 0)")
+        log("")
         log(overhead)
     first_call = None
     if not args.no_first_call:
@@ -197,7 +223,9 @@ def command(args, log=print):
         "command": (
             f"numba-bn bench{' --sweep' if args.sweep else ''} --shapes {shapes} --dtype {dtype} "
             f"--threads {args.threads} --repeat {args.repeat} --impls {impls}"
+            + (f" --compiled-calls {args.compiled_calls}" if args.compiled_calls else "")
         ),
+        "compiled_calls": args.compiled_calls,
         "dtype": str(dtype),
         "threads": args.threads,
         "repeat": args.repeat,
