@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn import functional, norm_ops
+from numba_bn import functional, layer, norm_ops
 from numba_bn.capi import build, calls
 from numba_bn.capi.ranges import EXPORTED
 from numba_bn.cli import main
@@ -1088,15 +1088,16 @@ class _ReachedPython(Exception):
 
 
 def _no_python_path(monkeypatch):
-    """Make the Python path of forward_train, forward_eval and backward (the operations they
-    call after the compiled calls declined) raise _ReachedPython."""
+    """Make the Python path of forward_train, forward_eval, backward and BatchNorm (the
+    operations they call after the compiled calls declined) raise _ReachedPython."""
 
     def reached(*args, **kwargs):
         raise _ReachedPython
 
-    for name in ("batch_forward", "masked_batch_forward", "frozen_forward", "batch_backward",
-                 "masked_batch_backward"):  # fmt: skip
-        monkeypatch.setattr(functional, name, reached)
+    for module in (functional, layer):
+        for name in ("batch_forward", "masked_batch_forward", "frozen_forward", "batch_backward",
+                     "masked_batch_backward"):  # fmt: skip
+            monkeypatch.setattr(module, name, reached)
 
 
 @pytest.fixture
@@ -1116,12 +1117,17 @@ def _plain_calls(rng, shape, affine):
     bias = rng.standard_normal(channels).astype(np.float32) if affine else None
     _, mean, invstd = nbn.forward_train(x, weight, bias)
     running_var = rng.uniform(0.1, 3.0, channels).astype(np.float32)
+    bn = nbn.BatchNorm(channels, affine=affine, dtype=np.float32).eval()
+    bn.running_mean[:], bn.running_var[:] = mean, running_var
+    if affine:
+        bn.weight[:], bn.bias[:] = weight, bias
     return {
         "forward_train": lambda: nbn.forward_train(x, weight, bias),
         "forward_train, eps and axis": lambda: nbn.forward_train(x, weight, bias, 1e-3, 1),
         "forward_train, device": lambda: nbn.forward_train(x, weight, bias, device="cpu"),
         "forward_eval": lambda: nbn.forward_eval(x, mean, running_var, weight, bias),
         "batch_norm, eval": lambda: nbn.batch_norm(x, mean, running_var, weight, bias),
+        "BatchNorm, eval": lambda: bn(x),
         "backward": lambda: nbn.backward(dy, x, mean, invstd, weight),
     }
 
@@ -1167,7 +1173,7 @@ def _declined_calls(rng):
     _, mean, invstd = nbn.forward_train(x, w, b)
     x4 = random_batch(rng, (2, 3, 4, 6), np.float32, axis=-1)
     big = random_batch(rng, (512, 512), np.float32)
-    swapped = x.astype(">f4")
+    swapped, x64 = x.astype(">f4"), x.astype(np.float64)
     sub = x.view(type("Subclass", (np.ndarray,), {}))
     return {
         "float64": lambda: nbn.forward_train(x.astype(np.float64)),
@@ -1191,6 +1197,9 @@ def _declined_calls(rng):
         "eval, float64 running_var": lambda: nbn.forward_eval(x, mean, invstd.astype(np.float64)),
         "eval, out": lambda: nbn.forward_eval(x, mean, invstd, out=x.copy()),
         "batch_norm, training": lambda: nbn.batch_norm(x, None, None, training=True),
+        "BatchNorm, training": lambda: nbn.BatchNorm(6, dtype=np.float32)(x),
+        "BatchNorm, eval, relu": lambda: nbn.BatchNorm(6, activation="relu").eval()(x),
+        "BatchNorm, eval, float64": lambda: nbn.BatchNorm(6, dtype=np.float64).eval()(x64),
         "batch_norm, eval, relu": lambda: nbn.batch_norm(x, mean, invstd, activation="relu"),
         "eval, parallel-sized": lambda: nbn.forward_eval(
             random_batch(rng, (1024, 512), np.float32),
