@@ -475,8 +475,10 @@ def test_host_build_gives_the_bits_of_the_jit(backends, rng, shape, axis, dtype)
 
     float64 gets 1e-12 relative: in a full CI run (fresh Numba cache, the whole suite in one
     process) the JIT's float64 dx came out a few ulp away from the host build on plane shapes,
-    while the same test alone, or after a warm cache, gave the same bits. Not explained yet; the
-    JIT's own determinism (threads, serial/parallel twins) is pinned bitwise in test_numerics.
+    while the same test alone, or after a warm cache, gave the same bits. Found at stop 26: the
+    JIT's own float64 plane drivers give other last bits when compiled in the process than when
+    loaded from Numba's cache (benchmarks/README.md, "Compiled calls"); the host build matches
+    the cached ones. The JIT's determinism across threads and twins is pinned in test_numerics.
     """
     fresh = _same_seed(rng)
     ours = _train_eval_backward(fresh(), shape, axis, dtype, "c-host")
@@ -927,7 +929,9 @@ def test_norms_of_the_host_build_give_the_bits_of_the_jit(backends, rng, norm, s
     (test_host_build_gives_the_bits_of_the_jit): y, mean, invstd and dweight come out bitwise,
     but the plain float64 sums of dy (runs_sums' sum_dy, layer_row_sums' sum_g, both
     REDUCE_FASTMATH) differ from the JIT's by a few ulp in the library build, and with them
-    group norm's dbias and both norms' dx. Not explained yet.
+    group norm's dbias and both norms' dx. Perhaps the JIT's float64 plane drivers' difference
+    between a compile in the process and a load from Numba's cache (found at stop 26,
+    benchmarks/README.md, "Compiled calls"); not checked for the norms.
     """
     (x, dy, w, b), run_c, run_jit = _norm_case_runs(rng, norm, shape, extra, dtype)
     library = backends["c-host"].library
