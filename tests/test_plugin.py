@@ -1170,6 +1170,31 @@ def test_compiled_calls_give_the_bits_of_the_python_path(rng, plugin_backend, ho
             assert not np.shares_memory(got, want)
 
 
+def test_compiled_calls_give_the_python_paths_nan_and_inf(rng, host_build, monkeypatch):
+    """IEEE through the compiled calls as through the Python path (nan_policy="propagate"): a
+    NaN in one channel, an inf in another, a channel of equal values."""
+    x = random_batch(rng, (16, 5), np.float32)
+    x[3, 0], x[7, 1], x[:, 2] = np.nan, np.inf, 4.0
+    dy = random_batch(rng, (16, 5), np.float32, mean_scale=1.0)
+    steps = {
+        "forward_train": lambda: nbn.forward_train(x),
+        "backward": lambda: nbn.backward(dy, x, *nbn.forward_train(x)[1:]),
+        "forward_eval": lambda: nbn.forward_eval(
+            x, np.zeros(5, np.float32), np.ones(5, np.float32)
+        ),
+    }
+    expected = {name: _as_tuple(step()) for name, step in steps.items()}
+    _no_python_path(monkeypatch)
+    nbn.use_compiled_calls(host_build)
+    try:
+        served = {name: _as_tuple(step()) for name, step in steps.items()}
+    finally:
+        nbn.use_compiled_calls(None)
+    for name, arrays in expected.items():
+        for got, want in zip(served[name], arrays, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=name)  # NaN where NaN
+
+
 def _declined_calls(rng):
     """Calls the compiled calls leave to the Python path, by what makes each one different."""
     x = random_batch(rng, (16, 6), np.float32)
