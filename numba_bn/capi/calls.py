@@ -16,8 +16,8 @@ variant may differ in the last bit.
 
 Not served: ``BatchNorm`` and :func:`numba_bn.batch_norm` in training (their running
 statistics come from the float64 batch variance, and the layer's backward takes the float64 batch
-mean: the C ABI returns neither), and float64 (the library's float64 sums of dy differ from the
-JIT's by a few ulp on some shapes).
+mean: the C ABI returns neither), and float64 (the JIT's own float64 bits on plane shapes
+depend on whether its driver was compiled in the process or loaded from Numba's cache).
 """
 
 import ctypes

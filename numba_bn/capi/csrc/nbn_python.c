@@ -12,10 +12,10 @@
  * NotImplemented, and the Python path takes the call, its checks and errors included: a call
  * served here has passed every one of them.
  *
- * float32 only: the library's float64 sums of dy differ from the JIT's by a few ulp on some
- * shapes (tests/test_plugin.py, test_host_build_gives_the_bits_of_the_jit); in float32 the host
- * build gives the JIT's bits, which is what makes these calls interchangeable with the Python
- * path. The statistics come back in float32 as forward_train's do (the library rounds the same
+ * float32 only: in float32 the host build gives the JIT's bits, which is what makes these calls
+ * interchangeable with the Python path; in float64 the JIT's own last bits on plane shapes
+ * depend on whether its driver was compiled in the process or loaded from Numba's cache
+ * (benchmarks/README.md, "Compiled calls"). The statistics come back in float32 as forward_train's do (the library rounds the same
  * float64 values), and the GIL is held as the JIT's serial drivers hold it.
  */
 #define PY_SSIZE_T_CLEAN
@@ -235,7 +235,7 @@ static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
         bounds[step] = PyFloat_AsDouble(args[4 + step]);
         if (bounds[step] == -1.0 && PyErr_Occurred()) return NULL;
     }
-    for (int step = 0; step < STEPS; step++) serial_below[step] = 0.0; /* serve nothing meanwhile */
+    /* the calls hold the GIL, as this does: none runs half configured */
     library.forward_train = (forward_train_fn)address[0];
     library.forward_eval = (forward_eval_fn)address[1];
     library.backward = (backward_fn)address[2];
