@@ -1136,6 +1136,22 @@ def _plain_calls(rng, shape, affine):
     }
 
 
+def _python_then_compiled(calls, host_build, monkeypatch):
+    """({name: results}, {name: results}) of ``calls`` through the Python path, then through the
+    host build's compiled calls with the Python path made to raise (each result a tuple)."""
+    expected = {name: _as_tuple(call()) for name, call in calls.items()}
+    _no_python_path(monkeypatch)
+    with pytest.raises(_ReachedPython):  # the patch holds
+        next(iter(calls.values()))()
+    nbn.use_compiled_calls(host_build)
+    try:
+        served = {name: _as_tuple(call()) for name, call in calls.items()}
+    finally:
+        nbn.use_compiled_calls(None)
+    assert all(len(served[name]) == len(results) for name, results in expected.items())
+    return expected, served
+
+
 def _as_tuple(result):
     return result if isinstance(result, tuple) else (result,)
 
@@ -1151,18 +1167,9 @@ def test_compiled_calls_give_the_bits_of_the_python_path(rng, plugin_backend, ho
     the statistics, eval's y, dx and the parameter gradients, new arrays of its dtypes and
     shapes. With the portable build loaded first (plugin_backend), as in a session that uses
     both: the host build's calls must run the host build."""
-    calls = _plain_calls(rng, shape, affine)
-    expected = {name: _as_tuple(call()) for name, call in calls.items()}
-    _no_python_path(monkeypatch)
-    with pytest.raises(_ReachedPython):  # the patch holds
-        calls["forward_train"]()
-    nbn.use_compiled_calls(host_build)
-    try:
-        served = {name: _as_tuple(call()) for name, call in calls.items()}
-    finally:
-        nbn.use_compiled_calls(None)
+    expected, served = _python_then_compiled(_plain_calls(rng, shape, affine), host_build,
+                                             monkeypatch)  # fmt: skip
     for name, arrays in expected.items():
-        assert len(served[name]) == len(arrays), name
         for got, want in zip(served[name], arrays, strict=True):
             assert type(got) is np.ndarray and got.flags.c_contiguous and got.flags.writeable
             assert got.dtype == want.dtype and got.shape == want.shape, name
@@ -1183,13 +1190,7 @@ def test_compiled_calls_give_the_python_paths_nan_and_inf(rng, host_build, monke
             x, np.zeros(5, np.float32), np.ones(5, np.float32)
         ),
     }
-    expected = {name: _as_tuple(step()) for name, step in steps.items()}
-    _no_python_path(monkeypatch)
-    nbn.use_compiled_calls(host_build)
-    try:
-        served = {name: _as_tuple(step()) for name, step in steps.items()}
-    finally:
-        nbn.use_compiled_calls(None)
+    expected, served = _python_then_compiled(steps, host_build, monkeypatch)
     for name, arrays in expected.items():
         for got, want in zip(served[name], arrays, strict=True):
             np.testing.assert_array_equal(got, want, err_msg=name)  # NaN where NaN
