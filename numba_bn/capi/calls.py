@@ -1,22 +1,22 @@
 """Compiled calls: the plain host calls of the functional API through a CPython extension over
-the C library, ~0.3 us of call instead of ~5 us of Python (benchmarks/README.md, "Compiled
+the C library, ~0.3-0.5 us of call instead of ~5 us of Python (benchmarks/README.md, "Compiled
 calls").
 
 ``numba-bn build-plugin --out DIR`` builds, next to ``libnumba_bn.so``, the extension
 ``_numba_bn_calls`` (csrc/nbn_python.c) when Python's and NumPy's headers are there.
 :func:`use_compiled_calls` loads it; from then on :func:`numba_bn.forward_train`,
 :func:`numba_bn.forward_eval`, :func:`numba_bn.batch_norm` and ``BatchNorm`` in eval, and
-:func:`numba_bn.backward` hand it their arguments first. It serves float32 NumPy arrays with the channels on axis 1,
-without ``out``, ``mask``, ``residual`` or ``activation``, on the host, at the sizes the JIT
-backend runs serially (its cost model, :func:`numba_bn.cpu.serial_below`); it declines anything
-else (NotImplemented) and the Python path runs as before, its checks and errors included. A
-served call compiles nothing. Its results are the JIT backend's bits with the host build
-(``--cpu host`` compiles the same kernels for this CPU); the portable build's AVX-512 or AVX2
-variant may differ in the last bit.
+:func:`numba_bn.backward` hand it their arguments first. It serves float32 NumPy arrays with
+the channels on axis 1, without ``out``, ``mask``, ``residual`` or ``activation``, on the host,
+at the sizes the JIT backend runs serially (its cost model, :func:`numba_bn.cpu.serial_below`);
+it declines anything else (NotImplemented) and the Python path runs as before, its checks and
+errors included. A served call compiles nothing. Its results are the JIT backend's bits with
+the host build (``--cpu host`` compiles the same kernels for this CPU); the portable build's
+AVX-512 or AVX2 variant may differ in the last bit.
 
 Not served: ``BatchNorm`` and :func:`numba_bn.batch_norm` in training (their running
-statistics come from the float64 batch variance, and the layer's backward takes the float64 batch
-mean: the C ABI returns neither), and float64 (the JIT's own float64 bits on plane shapes
+statistics come from the float64 batch variance, and the layer's backward takes the float64
+batch mean: the C ABI returns neither), and float64 (the JIT's own float64 bits on plane shapes
 depend on whether its driver was compiled in the process or loaded from Numba's cache).
 """
 
