@@ -18,6 +18,9 @@ Steps, run by :func:`build_plugin` (``numba-bn build-plugin --out DIR``):
    The shim declares the tables through ``nbn_kernels.h``, generated from the annotations of
    :mod:`.ranges` into the build's temporary directory; ``numba-bn build-plugin --out DIR
    --header-only`` writes the same header to DIR, to read (nothing is compiled).
+4. When Python's headers are there, the compiled calls (csrc/nbn_python.c, :mod:`.calls`): a
+   CPython extension next to the library, which takes its entry points from ctypes at run time
+   (it does not link the library).
 
 Targets: x86-64-v2, x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512) by default, or one CPU
 (``--cpu NAME``, ``--cpu host``). The library needs libc, libm and libpthread only.
