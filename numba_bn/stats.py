@@ -51,6 +51,12 @@ def apart(typingctx, function, arguments):
     threads). Called apart, a kernel is one function, optimised on its own, whatever calls it:
     one order, so the bits cannot depend on the partition. A call costs ~10 ns; each sums a
     segment or a chunk of rows.
+
+    Within a process, not across processes: the kernel's module is also linked into the caller's
+    as a copy, which the caller's passes optimise again. The process that compiles a driver runs
+    the kernel's own function; a process that loads the driver from Numba's cache (or the C
+    library) runs the copy, and float64 sums over planes came out a few ulp apart
+    (benchmarks/README.md, "Compiled calls"; not fixed).
     """
     if not isinstance(function, types.Dispatcher) or not isinstance(arguments, types.BaseTuple):
         return None
