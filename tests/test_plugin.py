@@ -1270,6 +1270,7 @@ def test_compiled_calls_leave_bad_arguments_to_the_python_checks(rng, host_build
         "axis 2": lambda: nbn.forward_train(x, axis=2),
         "eval, no running_var": lambda: nbn.forward_eval(x, mean, None),
         "eval, running_mean of 5": lambda: nbn.forward_eval(x, mean[:5], invstd),
+        "eval, a negative running_var": lambda: nbn.forward_eval(x, mean, -invstd),
         "backward, dy of another shape": lambda: nbn.backward(x[:8], x, mean, invstd),
         "backward, no invstd": lambda: nbn.backward(x, x, mean, None),
     }

@@ -5,18 +5,19 @@
  * forward_train, forward_eval and backward take every argument of the public function of that
  * name, positionally, in its order. A call they serve: float32 NumPy arrays (exactly ndarray,
  * C-contiguous, aligned, native byte order), channels on axis 1 of a rank >= 2 x, per-channel
- * vectors of x's dtype and length (weight and bias may be None), a float eps > 0, no out, mask,
- * residual or activation, nan_policy "propagate", backend "cpu", device "auto" or "cpu", and a
- * size the JIT backend runs serially (below the bounds `configure` sets from its cost model, so
- * that the library's worker threads never run beside Numba's). Everything else returns
- * NotImplemented, and the Python path takes the call, its checks and errors included: a call
- * served here has passed every one of them.
+ * vectors of x's dtype and length (weight and bias may be None; a running variance without a
+ * negative value), a float eps > 0, no out, mask, residual or activation, nan_policy
+ * "propagate", backend "cpu", device "auto" or "cpu", and a size the JIT backend runs serially
+ * (below the bounds `configure` sets from its cost model, so that the library's worker threads
+ * never run beside Numba's). Everything else returns NotImplemented, and the Python path takes
+ * the call, its checks and errors included: a call served here has passed every one of them.
  *
  * float32 only: in float32 the host build gives the JIT's bits, which is what makes these calls
  * interchangeable with the Python path; in float64 the JIT's own last bits on plane shapes
  * depend on whether its driver was compiled in the process or loaded from Numba's cache
- * (benchmarks/README.md, "Compiled calls"). The statistics come back in float32 as forward_train's do (the library rounds the same
- * float64 values), and the GIL is held as the JIT's serial drivers hold it.
+ * (benchmarks/README.md, "Compiled calls"). The statistics come back in float32 as
+ * forward_train's do (the library rounds the same float64 values), and the GIL is held as the
+ * JIT's serial drivers hold it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -80,6 +81,15 @@ static int vector_or_none(PyObject *a, int64_t channels, float **data) {
 
 static int vector(PyObject *a, int64_t channels, float **data) {
     return a != Py_None && vector_or_none(a, channels, data);
+}
+
+/* A running variance with no value below zero (NaN passes): the Python path raises for one, as
+ * numba_bn.stats.first_negative finds it. */
+static int variance(PyObject *a, int64_t channels, float **data) {
+    if (!vector(a, channels, data)) return 0;
+    for (int64_t c = 0; c < channels; c++)
+        if ((*data)[c] < 0) return 0;
+    return 1;
 }
 
 /* x as (outer, channels, inner) with the channels on axis 1, at least two values per channel
@@ -175,7 +185,7 @@ static PyObject *forward_eval(PyObject *Py_UNUSED(module), PyObject *const *args
     float *running_mean, *running_var, *weight, *bias;
     double eps;
     if (nargs != 12 || !plain_view(args[0], FORWARD_EVAL, &outer, &channels, &inner) ||
-        !vector(args[1], channels, &running_mean) || !vector(args[2], channels, &running_var) ||
+        !vector(args[1], channels, &running_mean) || !variance(args[2], channels, &running_var) ||
         !vector_or_none(args[3], channels, &weight) || !vector_or_none(args[4], channels, &bias) ||
         !positive_eps(args[5], &eps) || !axis_one(args[6]) || !is_none(args[7]) ||
         !is_none(args[8]) || !is_none(args[9]) || !is_str(args[10], "cpu") ||
