@@ -140,16 +140,16 @@ static PyObject *new_vector(int64_t channels) {
 
 static float *data(PyObject *array) { return PyArray_DATA((PyArrayObject *)array); }
 
+/* NULL, with the library's status as a RuntimeError (arguments it refuses never reach it). */
+static PyObject *library_error(int status) {
+    return PyErr_Format(PyExc_RuntimeError, "libnumba_bn: %s", library.status_string(status));
+}
+
 /* The tuple of three new arrays (its references taken over), or NULL with the error of the
  * library's status or of an allocation that failed. */
 static PyObject *three(int status, PyObject *a, PyObject *b, PyObject *c) {
     PyObject *result = NULL;
-    if (a && b && c) {
-        if (status == NBN_OK)
-            result = PyTuple_Pack(3, a, b, c);
-        else
-            PyErr_Format(PyExc_RuntimeError, "libnumba_bn: %s", library.status_string(status));
-    }
+    if (a && b && c) result = status == NBN_OK ? PyTuple_Pack(3, a, b, c) : library_error(status);
     Py_XDECREF(a);
     Py_XDECREF(b);
     Py_XDECREF(c);
@@ -197,7 +197,7 @@ static PyObject *forward_eval(PyObject *Py_UNUSED(module), PyObject *const *args
                                       running_mean, running_var, eps, data(y));
     if (status == NBN_OK) return y;
     Py_DECREF(y);
-    return PyErr_Format(PyExc_RuntimeError, "libnumba_bn: %s", library.status_string(status));
+    return library_error(status);
 }
 
 /* backward(dy, x, mean, invstd, weight, axis, out, mask, activation, y, residual_out, backend,
