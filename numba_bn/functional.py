@@ -246,21 +246,5 @@ def batch_norm(
             device=device,
             **epilogue,
         ).y
-    if calls.entry is not None:  # forward_eval's call, as there
-        served = calls.entry.forward_eval(x, running_mean, running_var, weight, bias, eps, axis,
-                                          out, residual, activation, backend, device)  # fmt: skip
-        if served is not NotImplemented:
-            return served
-    return frozen_forward(
-        x,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        eps,
-        axis,
-        out=out,
-        backend=backend,
-        device=device,
-        **epilogue,
-    )
+    return forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out=out,
+                        backend=backend, device=device, **epilogue)  # fmt: skip

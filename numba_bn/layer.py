@@ -19,9 +19,9 @@ from .annotations import (
     HostArray,
     NanPolicy,
 )
-from .capi import calls
 from .checks import check_activation, check_nan_policy, check_scalar, compute_dtype
 from .dispatch import memory_of, move
+from .functional import forward_eval
 from .layout import check_axis, normalize_axis
 from .masking import masked_batch_backward, masked_batch_forward
 from .memory import host_view, is_device_array
@@ -32,7 +32,6 @@ from .ops import (
     batch_forward,
     epilogue_gradient,
     frozen_backward,
-    frozen_forward,
     weight_gradient,
 )
 from .state import LayerState
@@ -334,26 +333,20 @@ class BatchNorm(LayerState):
                 self._collected = self._collected.merge(Moments(result.count, mean, m2))
             self._saved = _Saved(True, x, result.mean, result.invstd, result.count, mask=mask)
             return result.y
-        y = NotImplemented
-        if calls.entry is not None:  # compiled calls (capi.calls): forward_eval's call
-            y = calls.entry.forward_eval(x, self.running_mean, self.running_var, self.weight,
-                                         self.bias, self.eps, self.axis, out, residual,
-                                         self.activation, self.backend, self._side)  # fmt: skip
-        if y is NotImplemented:
-            y = frozen_forward(
-                x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                self.eps,
-                self.axis,
-                out=out,
-                backend=self.backend,
-                device=self._side,
-                residual=residual,
-                activation=self.activation,
-            )
+        y = forward_eval(  # the public call: compiled calls (capi.calls) serve it when they can
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.axis,
+            out=out,
+            backend=self.backend,
+            device=self._side,
+            residual=residual,
+            activation=self.activation,
+        )
         self._saved = _Saved(False, None if overwrites_x else x)
         return y
 
