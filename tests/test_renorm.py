@@ -1,6 +1,13 @@
 """Batch Renormalization (BatchNorm(renorm=True)) against Keras 3 (forward and every moving
 statistic, to float32 precision: Keras computes in float32) and against float64 autograd of the
-same formulas with r and d held constant (gradients)."""
+same formulas with r and d held constant (gradients).
+
+Keras' BatchNormalization computes in float32 whatever its input (its compute dtype is
+result_type(x.dtype, "float32"), float32 for float64 too) and takes a batch's variance as
+E[x^2] - E[x]^2, which loses about (mean / std)^2 ulps. Where r is clipped, that error reaches the
+output (unclipped, r * x_hat = (x - mean) / renorm_stddev, and it cancels). The batches compared
+with Keras keep a channel's mean within a few of its spreads: with this file's usual batches
+(means up to 50 spreads) 2% of seeds failed at 2e-4 on channels Keras got wrong by 3e-4."""
 
 import os
 
@@ -24,6 +31,11 @@ def _numpy(variable):
     return keras.ops.convert_to_numpy(variable)
 
 
+def _keras_batch(rng, shape):
+    """Channels last, each channel's mean within 2 of its spreads (see the docstring above)."""
+    return random_batch(rng, shape, np.float32, mean_scale=1.0, std_range=(0.5, 10.0), axis=-1)
+
+
 @pytest.mark.parametrize("clipping", [None, CLIPPING, {"rmax": 1.2}], ids=["none", "all", "rmax"])
 def test_forward_and_moving_statistics_follow_keras(rng, clipping):
     channels = 4
@@ -36,7 +48,7 @@ def test_forward_and_moving_statistics_follow_keras(rng, clipping):
     reference.beta.assign(beta.astype(np.float32))
     bn.weight[:], bn.bias[:] = gamma, beta
     for step in range(5):  # batches that drift: the corrections move away from 1 and 0
-        x = random_batch(rng, (16, 3, channels), np.float32, axis=-1) * (1 + step) + step
+        x = _keras_batch(rng, (16, 3, channels)) * (1 + step) + step
         expected = _numpy(reference(x, training=True))
         y = bn(x)
         np.testing.assert_allclose(y, expected, rtol=2e-4, atol=2e-4 * (1 + step))
@@ -49,7 +61,7 @@ def test_forward_and_moving_statistics_follow_keras(rng, clipping):
         ):
             np.testing.assert_allclose(ours, _numpy(theirs), rtol=2e-5, atol=2e-5 * (1 + step))
     bn.eval()
-    x = random_batch(rng, (8, 3, channels), np.float32, axis=-1)
+    x = _keras_batch(rng, (8, 3, channels))
     np.testing.assert_allclose(bn(x), _numpy(reference(x, training=False)), rtol=2e-4, atol=2e-4)
 
 
