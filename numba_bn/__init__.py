@@ -1,6 +1,7 @@
 """numba_bn: batch normalisation for NumPy arrays with compiled Numba kernels."""
 
 from . import compiling
+from .capi import calls as _calls
 from .capi import register_backend, use_compiled_calls
 from .conventions import CONVENTIONS, torch_momentum
 from .folding import fold_into, fold_into_next
@@ -22,6 +23,7 @@ from .norms import (
 from .warmup import warmup
 
 compiling.install()  # one line on stderr while a driver compiles (NUMBA_BN_QUIET=1: none)
+_calls.use_from_environment()  # NUMBA_BN_COMPILED_CALLS=DIR: the plugin's compiled calls
 
 try:  # one source for the version: the installed distribution's metadata (pyproject.toml's)
     from importlib.metadata import version as _distribution_version

@@ -81,6 +81,7 @@ def _info(args):
     import numba
 
     import numba_bn as nbn
+    from numba_bn.capi import calls
     from numba_bn.cpu import PARALLEL_MIN_ELEMENTS
     from numba_bn.cpu.threads import threading_layer
     from numba_bn.cuda import cuda_target
@@ -110,6 +111,7 @@ def _info(args):
         ("cuda target", cuda_target()),
         ("cuda available", cuda_available),
         ("cache dir", numba.config.CACHE_DIR or "(next to the package sources)"),
+        ("compiled calls", calls.in_use or f"off (use_compiled_calls, {calls.ENVIRONMENT})"),
     ]
     for name, value in rows:
         print(f"{name:<16} {value}")

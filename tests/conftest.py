@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# the suite chooses when compiled calls are on (tests/test_plugin.py): a shell's setting, which
+# `import numba_bn` reads, would serve calls the tests mean for the Python path (and children)
+os.environ.pop("NUMBA_BN_COMPILED_CALLS", None)
+
 import numba_bn as nbn
 from numba_bn.capi import build
 from numba_bn.cli import main

@@ -174,6 +174,8 @@ def test_info_lists_versions_and_layer(capsys):
         assert key in output
     layer = next(line for line in output.splitlines() if line.startswith("threading layer"))
     assert layer.split()[-1] in ("omp", "tbb", "workqueue")
+    calls = next(line for line in output.splitlines() if line.startswith("compiled calls"))
+    assert "off (use_compiled_calls, NUMBA_BN_COMPILED_CALLS)" in calls
 
 
 def test_info_names_the_cuda_target(capsys):

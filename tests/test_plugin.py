@@ -28,7 +28,7 @@ from numba_bn.capi import build, calls
 from numba_bn.capi.ranges import EXPORTED
 from numba_bn.cli import main
 
-from conftest import LAYOUTS, poison, random_batch
+from conftest import LAYOUTS, poison, random_batch, run_child
 
 CSRC = build.csrc_dir()
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -1303,6 +1303,71 @@ def test_use_compiled_calls_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="numba-bn build-plugin"):
         nbn.use_compiled_calls(tmp_path)
     assert calls.entry is None
+
+
+# a child process: forward_train of a float32 batch with the Python path made to fail; prints
+# what it served and how far it is from the float64 formula
+_SERVED_AT_IMPORT = """
+import sys
+import numpy as np
+import numba_bn as nbn
+from numba_bn import functional
+from numba_bn.capi import calls
+
+print("in use:", calls.in_use)
+def reached(*args, **kwargs):
+    raise AssertionError("reached the Python path")
+functional.batch_forward = reached
+x = np.random.default_rng(int(sys.argv[1])).standard_normal((64, 32)) * 3 + 2
+y, mean, invstd = nbn.forward_train(x.astype(np.float32))
+expected = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+print("served, largest error:", np.abs(y - expected).max())
+"""
+
+
+def test_numba_bn_compiled_calls_turns_them_on_at_import(rng, host_build):
+    seed = int(rng.integers(2**31))
+    env = {calls.ENVIRONMENT: str(host_build), "NUMBA_BN_QUIET": "1"}
+    code, output = run_child([sys.executable, "-c", _SERVED_AT_IMPORT, seed], env, timeout=120)
+    assert code == 0, output
+    assert f"in use: {host_build}" in output
+    assert float(output.split("largest error:")[1]) < 1e-5, output
+
+
+@pytest.mark.parametrize("value", ["", "missing"])
+def test_numba_bn_compiled_calls_that_cannot_serve_is_a_warning(tmp_path, value):
+    """Unset or empty: off, silently. A directory without the plugin: a warning that names the
+    variable and the remedy, and the import goes on with the Python path."""
+    where = str(tmp_path / value) if value else ""
+    child = "from numba_bn.capi import calls; print('in use:', calls.in_use)"
+    code, output = run_child([sys.executable, "-c", child], {calls.ENVIRONMENT: where}, 120)
+    assert code == 0, output
+    assert "in use: None" in output
+    warned = f"RuntimeWarning: {calls.ENVIRONMENT}={where!r} gives no compiled calls"
+    assert (warned in output) == bool(value), output
+    if value:
+        assert f"numba-bn build-plugin --out {where}" in output
+
+
+def test_use_compiled_calls_refuses_a_library_of_another_abi(host_build, monkeypatch):
+    monkeypatch.setattr(calls, "ABI_MAJOR", calls.ABI_MAJOR + 1)
+    with pytest.raises(RuntimeError, match=r"has ABI version 1\d{4}; this numba_bn needs major"):
+        nbn.use_compiled_calls(host_build)
+    assert calls.entry is None and calls.in_use is None
+
+
+def test_bench_reports_compiled_calls_turned_on_before_it(capsys, host_build):
+    """Without --compiled-calls, bench times what the process has (NUMBA_BN_COMPILED_CALLS's at
+    import), says so, and leaves them on."""
+    argv = ["bench", "--shapes", "small-nc", "--impls", "numba_bn", "--repeat", "1",
+            "--no-first-call"]  # fmt: skip
+    nbn.use_compiled_calls(host_build)
+    try:
+        assert main(argv) == 0
+        assert calls.in_use == host_build
+    finally:
+        nbn.use_compiled_calls(None)
+    assert f"compiled calls from {host_build}" in capsys.readouterr().out
 
 
 def test_the_compiled_calls_compile_without_a_warning(tmp_path):

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from ..capi import calls
 from ..capi.calls import use_compiled_calls
 from .cases import SHAPES, Case, parse_shapes
 from .measure import VerificationError, cold_and_warm_first_call, run_case
@@ -99,7 +100,8 @@ def add_arguments(parser):
         "--compiled-calls",
         metavar="DIR",
         help="time numba_bn's functions with the compiled calls of the plugin built in DIR "
-        "(numba-bn build-plugin --out DIR; numba_bn.use_compiled_calls)",
+        "(numba-bn build-plugin --out DIR; numba_bn.use_compiled_calls); without it, those of "
+        "NUMBA_BN_COMPILED_CALLS when it is set",
     )
     parser.add_argument(
         "--no-first-call",
@@ -153,13 +155,15 @@ def command(args, log=print):
         set_threads(args.threads, torch)
         if args.compiled_calls is not None:
             use_compiled_calls(args.compiled_calls)
-    except (ValueError, FileNotFoundError) as exc:  # UsageError is a ValueError
-        message = f"--compiled-calls: {exc}" if isinstance(exc, OSError) else str(exc)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # UsageError is a ValueError
+        message = f"--compiled-calls: {exc}" if not isinstance(exc, ValueError) else str(exc)
         raise UsageError(message) from None
+    given, args.compiled_calls = args.compiled_calls, calls.in_use  # or NUMBA_BN_COMPILED_CALLS's
     try:
         return _timed_tables(args, shapes, impls, names, wanted, torch, log)
     finally:
-        use_compiled_calls(None)
+        if given is not None:
+            use_compiled_calls(None)
 
 
 def _timed_tables(args, shapes, impls, names, wanted, torch, log):

@@ -4,7 +4,8 @@ calls").
 
 ``numba-bn build-plugin --out DIR`` builds, next to ``libnumba_bn.so``, the extension
 ``_numba_bn_calls`` (csrc/nbn_python.c) when Python's and NumPy's headers are there.
-:func:`use_compiled_calls` loads it; from then on :func:`numba_bn.forward_train`,
+:func:`use_compiled_calls` loads it, as ``import numba_bn`` does when the environment variable
+``NUMBA_BN_COMPILED_CALLS`` names such a directory; from then on :func:`numba_bn.forward_train`,
 :func:`numba_bn.forward_eval`, :func:`numba_bn.batch_norm` and ``BatchNorm`` in eval, and
 :func:`numba_bn.backward` hand it their arguments first. It serves float32 NumPy arrays with
 the channels on axis 1, without ``out``, ``mask``, ``residual`` or ``activation``, on the host,
@@ -25,11 +26,13 @@ import importlib.machinery
 import importlib.util
 import os
 import sysconfig
+import warnings
 from pathlib import Path
 
 import numba
 
 from ..cpu import serial_below
+from .backend import ABI_MAJOR
 from .build import LIBRARY_NAME
 
 MODULE_NAME = "_numba_bn_calls"
@@ -37,9 +40,13 @@ MODULE_NAME = "_numba_bn_calls"
 ENTRY_POINTS = ("nbn_forward_train_f32", "nbn_forward_eval_f32", "nbn_backward_f32",
                 "nbn_status_string")  # fmt: skip
 STEPS = ("forward_train", "forward_eval", "backward")
+#: The environment variable ``import numba_bn`` reads: a directory to use compiled calls from.
+ENVIRONMENT = "NUMBA_BN_COMPILED_CALLS"
 
 #: The loaded extension, or None: what the functional API asks first.
 entry = None
+#: The directory it came from (what :func:`use_compiled_calls` was given), or None.
+in_use = None
 _library = None  # the ctypes handle of the library whose entry points it calls
 
 
@@ -51,10 +58,11 @@ def extension_name():
 def use_compiled_calls(directory: str | os.PathLike[str] | None):
     """Serve the plain host calls of the functional API from the C library in ``directory`` (the
     ``--out`` of ``numba-bn build-plugin``); None goes back to the Python path for every call.
-    Returns the path of the extension loaded (None for None)."""
-    global entry, _library
+    Returns the path of the extension loaded (None for None). A directory that cannot serve
+    (FileNotFoundError, or RuntimeError for a library of another ABI) changes nothing."""
+    global entry, in_use, _library
     if directory is None:
-        entry = _library = None
+        entry = in_use = _library = None
         return None
     path = Path(directory) / extension_name()
     if not path.is_file():
@@ -62,14 +70,21 @@ def use_compiled_calls(directory: str | os.PathLike[str] | None):
             f"directory {str(directory)!r} holds no {path.name}: build it with `numba-bn "
             f"build-plugin --out {directory}` (it needs Python's headers, Python.h, and NumPy's)"
         )
+    # the library by its path, its entry points to the extension as addresses: another build of
+    # it in the process (the portable one beside a host one) has the same soname
+    library = ctypes.CDLL(str((Path(directory) / LIBRARY_NAME).resolve()))
+    library.nbn_version.restype = ctypes.c_uint32
+    version = library.nbn_version()
+    if version // 10000 != ABI_MAJOR:
+        raise RuntimeError(
+            f"{Path(directory) / LIBRARY_NAME} has ABI version {version}; this numba_bn needs "
+            f"major version {ABI_MAJOR}: build it again (numba-bn build-plugin --out {directory})"
+        )
     loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
     module = importlib.util.module_from_spec(
         importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
     )
     loader.exec_module(module)
-    # the library by its path, its entry points to the extension as addresses: another build of
-    # it in the process (the portable one beside a host one) has the same soname
-    library = ctypes.CDLL(str((Path(directory) / LIBRARY_NAME).resolve()))
     addresses = [
         ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in ENTRY_POINTS
     ]
@@ -77,5 +92,24 @@ def use_compiled_calls(directory: str | os.PathLike[str] | None):
     # threads of the two (the library's count as it is now; it starts at all CPUs)
     threads = max(numba.config.NUMBA_NUM_THREADS, library.nbn_get_num_threads())
     module.configure(*addresses, *(serial_below(step, threads) for step in STEPS))
-    entry, _library = module, library
+    entry, in_use, _library = module, directory, library
     return path
+
+
+def use_from_environment():
+    """:func:`use_compiled_calls` of the directory ``NUMBA_BN_COMPILED_CALLS`` names (unset or
+    empty: nothing). One that cannot serve is a RuntimeWarning, not an error: the Python path
+    serves every call, as it does without the variable. Returns the extension's path or None."""
+    where = os.environ.get(ENVIRONMENT)
+    if not where:
+        return None
+    try:
+        return use_compiled_calls(where)
+    except (OSError, ImportError, RuntimeError) as error:
+        warnings.warn(
+            f"{ENVIRONMENT}={where!r} gives no compiled calls, the Python path serves every "
+            f"call: {error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
