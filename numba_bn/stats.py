@@ -17,8 +17,11 @@ on the number of threads.
 
 import functools
 import math
+import re
+import threading
 from typing import NamedTuple
 
+import llvmlite.binding as ll
 import numpy as np
 from numba import njit, types, uint64
 from numba.core import cgutils
@@ -39,9 +42,54 @@ REDUCE_FASTMATH = {"reassoc", "contract", "nsz"}
 CONTRACT_FASTMATH = set()
 
 
+# The fast-math flags of an instruction in LLVM IR text, after its opcode (strict_copy).
+_FAST_MATH_FLAGS = re.compile(
+    r"\b(fadd|fsub|fmul|fdiv|frem|fneg|fcmp|call|phi|select)"
+    r"((?: (?:fast|reassoc|nnan|ninf|nsz|arcp|contract|afn))+)(?= )"
+)
+_strict_copies = {}  # id(kernel's library) -> (its strict copy, the name it defines, the library)
+_strict_lock = threading.Lock()
+
+
+def strict_copy(context, compiled):
+    """(library, symbol): ``compiled``'s function (a REDUCE_FASTMATH kernel), as Numba optimised
+    it, under a name of its own and without fast-math flags.
+
+    The flags let LLVM choose a reduction's order once, when the kernel is optimised on its own
+    (vectorised, with its lanes added in the order it chose). Without them no later pass may
+    reorder a floating-point operation: the copy linked into each caller, optimised again there,
+    and the C library's build of it compute the same values in the same order. With them, the
+    caller's passes reassociated the linked copy another way, and which code ran depended on
+    where the driver came from: the process that compiled it bound the call to the kernel's own
+    function (a symbol it had already), one that loaded it from Numba's cache (or the C library)
+    ran the copy, and float64 sums over planes came out a few ulp apart (benchmarks/README.md,
+    "Compiled calls"). Its own name keeps every call on the strict copy.
+    """
+    key = id(compiled.library)
+    with _strict_lock:
+        hit = _strict_copies.get(key)
+        if hit is not None:
+            return hit[:2]
+        name = compiled.fndesc.mangled_name
+        text = str(compiled.library._get_module_for_linking())
+        text = _FAST_MATH_FLAGS.sub(r"\1", text)
+        symbol = "strict." + name
+        text = re.sub(rf'@(")?{re.escape(name)}(?(1)")(?=[\s(,)])', f'@"{symbol}"', text)
+        # defined (external) here, linked into callers as linkonce_odr; the module's other
+        # functions (Numba's wrappers of the kernel) stay linkonce_odr, unused, and are dropped
+        text = re.sub(rf'^define linkonce_odr (.*@"{re.escape(symbol)}"\()', r"define \1", text,
+                      flags=re.MULTILINE)  # fmt: skip
+        library = context.codegen().create_library(f"strict.{compiled.library.name}")
+        library.add_llvm_module(ll.parse_assembly(text))
+        library.finalize()
+        _strict_copies[key] = library, symbol, compiled.library  # keeps the key's object alive
+        return library, symbol
+
+
 @intrinsic
 def apart(typingctx, function, arguments):
-    """``function(*arguments)`` through a call LLVM may not inline (a ``noinline`` call site).
+    """``function(*arguments)`` through a call LLVM may not inline (a ``noinline`` call site),
+    to the kernel's :func:`strict_copy`.
 
     Every call of a REDUCE_FASTMATH kernel goes through it. Reassociation lets LLVM choose a
     reduction's order, and it chooses it where the loop ends up: inlined into two callers
@@ -49,14 +97,8 @@ def apart(typingctx, function, arguments):
     library's range drivers), the same kernel was vectorised two ways and summed the same
     values in two orders (the C library's x86-64-v2 build: other backward bits for 1 and 2
     threads). Called apart, a kernel is one function, optimised on its own, whatever calls it:
-    one order, so the bits cannot depend on the partition. A call costs ~10 ns; each sums a
-    segment or a chunk of rows.
-
-    Within a process, not across processes: the kernel's module is also linked into the caller's
-    as a copy, which the caller's passes optimise again. The process that compiles a driver runs
-    the kernel's own function; a process that loads the driver from Numba's cache (or the C
-    library) runs the copy, and float64 sums over planes came out a few ulp apart
-    (benchmarks/README.md, "Compiled calls"; not fixed).
+    one order, so the bits cannot depend on the partition, the process or the build. A call
+    costs ~10 ns; each sums a segment or a chunk of rows.
     """
     if not isinstance(function, types.Dispatcher) or not isinstance(arguments, types.BaseTuple):
         return None
@@ -66,18 +108,25 @@ def apart(typingctx, function, arguments):
 
     def codegen(context, builder, sig, args):
         compiled = function.dispatcher.overloads[signature.args]
+        library, symbol = strict_copy(context, compiled)
         given = cgutils.unpack_tuple(builder, args[1])
         values = [context.cast(builder, value, given_type, param_type)
                   for value, given_type, param_type
                   in zip(given, arguments.types, signature.args, strict=True)]  # fmt: skip
-        callee = context.declare_function(builder.module, compiled.fndesc)
+        fndesc = compiled.fndesc  # declared as context.declare_function does, by its new name
+        callee = cgutils.get_or_insert_function(
+            builder.module, context.call_conv.get_function_type(fndesc.restype, fndesc.argtypes),
+            symbol,
+        )  # fmt: skip
+        context.apply_target_attributes(callee, fndesc.argtypes, fndesc.restype)
+        context.call_conv.decorate_function(callee, fndesc.args, fndesc.argtypes,
+                                            noalias=fndesc.noalias)  # fmt: skip
         status, result = context.call_conv.call_function(
-            builder, callee, compiled.fndesc.restype, compiled.fndesc.argtypes, values,
-            attrs=("noinline",),
+            builder, callee, fndesc.restype, fndesc.argtypes, values, attrs=("noinline",)
         )  # fmt: skip
         with cgutils.if_unlikely(builder, status.is_error):  # kernels never raise; as Numba does
             context.call_conv.return_status_propagate(builder, status)
-        context.add_linking_libs([compiled.library])
+        context.add_linking_libs([library])
         return context.cast(builder, result, compiled.fndesc.restype, signature.return_type)
 
     return signature.return_type(function, arguments), codegen

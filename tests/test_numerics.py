@@ -1,5 +1,7 @@
 """Numerical properties: large means, finite differences, thread-count independence, partitions."""
 
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import numba_bn as nbn
 from numba_bn.cpu import drivers, items, kernels
 
 import naive
-from conftest import random_batch
+from conftest import random_batch, run_child
 
 
 @pytest.mark.parametrize("shape, axis", [((64, 8, 32, 32), 1), ((4096, 16), 1), ((8, 9, 9, 8), -1)])
@@ -81,6 +83,39 @@ PARTITION_SHAPES = [
     ((45, 3, 196), 1),  # short planes in groups of 20, 20 and 5
     ((45, 8, 196), 1),
 ]
+
+
+# a child process: float64 forward_train and backward of a plane batch, a digest of each result
+_BITS = """
+import hashlib
+import sys
+import numpy as np
+import numba_bn as nbn
+
+rng = np.random.default_rng(int(sys.argv[1]))
+x = rng.standard_normal((8, 16, 8, 8)) * rng.uniform(0.1, 10, (1, 16, 1, 1)) + 3
+dy = rng.standard_normal(x.shape)
+y, mean, invstd = nbn.forward_train(x)
+for array in (y, mean, invstd, *nbn.backward(dy, x, mean, invstd, np.ones(16))):
+    print(hashlib.sha256(array.tobytes()).hexdigest())
+"""
+
+
+def test_a_process_that_loads_a_driver_gives_the_bits_of_the_one_that_compiled_it(rng, tmp_path):
+    """A driver compiled in the process runs the code Numba caches for later ones. Before
+    stats.strict_copy, float64 sums over planes came out a few ulp apart: the compiling
+    process's call bound to the kernel's own function, a loading one ran the driver's copy of it
+    (benchmarks/README.md, "Compiled calls")."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_BN_QUIET": ""}
+    seed = int(rng.integers(2**31))
+    (compiled_status, compiled), (loaded_status, loaded) = (
+        run_child([sys.executable, "-c", _BITS, seed], env, timeout=600) for _ in range(2)
+    )
+    assert compiled_status == 0 and loaded_status == 0, compiled + loaded
+    assert "numba_bn: compiling" in compiled and "numba_bn: compiling" not in loaded, loaded
+    bits = [[line for line in out.splitlines() if not line.startswith("numba_bn")]
+            for out in (compiled, loaded)]  # fmt: skip
+    assert len(bits[0]) == 6 and bits[0] == bits[1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
