@@ -40,6 +40,7 @@ ABI_SYMBOLS = {
                                        "forward_ex", "backward", "backward_ex")),  # 1.2
     *(f"nbn_{norm}_norm_{step}_{t}" for norm in ("group", "layer")
       for step in ("forward", "backward") for t in ("f32", "f64")),  # 1.3
+    *(f"nbn_{op}_stats_{t}" for op in ("forward_train", "backward") for t in ("f32", "f64")),  # 1.4
 }  # fmt: skip
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 # LeakSanitizer fails the run on a leak; the test host's malloc of 2^58 bytes must return NULL

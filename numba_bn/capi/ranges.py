@@ -234,14 +234,16 @@ def update_running(
     mean_ptr: IN64,
     m2_ptr: IN64,
     momentum: F64,
+    unbiased: I64,
 ):
-    """PyTorch's running update: momentum weights the batch, unbiased variance."""
+    """The running update: momentum weights the batch; the unbiased batch variance (PyTorch's)
+    or, with ``unbiased`` 0, the biased one."""
     running_mean, running_var = (
         carray(running_mean_ptr, channels),
         carray(running_var_ptr, channels),
     )
     mean, m2 = carray(mean_ptr, channels), carray(m2_ptr, channels)
-    running_update(running_mean, running_var, count, mean, m2, momentum, True)
+    running_update(running_mean, running_var, count, mean, m2, momentum, unbiased != 0)
 
 
 def eval_coefficients(

@@ -311,14 +311,21 @@ static int64_t epilogue_code(const void *residual, int activation) {
            (activation == NBN_ACTIVATION_RELU ? NBN_EPILOGUE_RELU : NBN_EPILOGUE_NONE);
 }
 
-static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t channels,
-                            int64_t inner, const void *weight, const void *bias, double eps,
-                            void *y, void *save_mean, void *save_invstd, void *running_mean,
-                            void *running_var, double momentum, const void *residual,
-                            int activation) {
-    int status = nbn_check_forward_train_ex(x, outer, channels, inner, eps, y, save_mean,
-                                            save_invstd, running_mean, running_var, momentum,
-                                            activation);
+/* The training forward. Its statistics go to save_mean and save_invstd (the tensor dtype), or,
+ * with `statistics` (1.4), to statistics[0..2] (double: mean, invstd, m2) as the kernels keep
+ * them; `unbiased` picks the running update's batch variance (PyTorch's m2 / (m - 1), or the
+ * biased m2 / m). */
+static int forward_train_stats(int f64, const void *x, int64_t outer, int64_t channels,
+                               int64_t inner, const void *weight, const void *bias, double eps,
+                               void *y, void *save_mean, void *save_invstd,
+                               double *const statistics[3], void *running_mean,
+                               void *running_var, double momentum, int unbiased,
+                               const void *residual, int activation) {
+    int status = nbn_check_forward_train_ex(x, outer, channels, inner, eps, y,
+                                            statistics ? statistics[0] : save_mean,
+                                            statistics ? statistics[1] : save_invstd,
+                                            running_mean, running_var, momentum, activation);
+    if (status == NBN_OK && statistics && !statistics[2]) status = NBN_ERR_NULL;
     if (status != NBN_OK) return status;
     nbn_call a = {.k = kernels(f64), .outer = outer, .channels = channels, .inner = inner,
                   .x = x, .out = y, .weight = weight, .bias = bias,
@@ -348,14 +355,28 @@ static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t chann
     }
     if (status == NBN_OK && running_mean &&
         a.k->update_running(channels, running_mean, running_var, (double)(outer * inner), a.mean,
-                            a.m2, momentum) != 0)
+                            a.m2, momentum, unbiased != 0) != 0)
         status = NBN_ERR_INTERNAL;
-    if (status == NBN_OK) {
+    if (status == NBN_OK && statistics) {
+        const double *kept[3] = {a.mean, a.invstd, a.m2};
+        for (int k = 0; k < 3; k++)
+            memcpy(statistics[k], kept[k], (size_t)channels * sizeof(double));
+    } else if (status == NBN_OK) {
         store_vector(save_mean, f64, a.mean, channels);
         store_vector(save_invstd, f64, a.invstd, channels);
     }
     free(scratch);
     return status;
+}
+
+static int forward_train_ex(int f64, const void *x, int64_t outer, int64_t channels,
+                            int64_t inner, const void *weight, const void *bias, double eps,
+                            void *y, void *save_mean, void *save_invstd, void *running_mean,
+                            void *running_var, double momentum, const void *residual,
+                            int activation) {
+    return forward_train_stats(f64, x, outer, channels, inner, weight, bias, eps, y, save_mean,
+                               save_invstd, NULL, running_mean, running_var, momentum, 1,
+                               residual, activation);
 }
 
 static int forward_eval_ex(int f64, const void *x, int64_t outer, int64_t channels,
@@ -383,10 +404,14 @@ static int forward_eval_ex(int f64, const void *x, int64_t outer, int64_t channe
     return status;
 }
 
-static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
-                       int64_t inner, const void *weight, const void *save_mean,
-                       const void *save_invstd, void *dx, void *dweight, void *dbias,
-                       const void *y, int activation, void *residual_out) {
+/* The backward. With `doubles` (1.4) save_mean and save_invstd are double (as
+ * forward_train_stats gives them) and dweight and dbias are double and get the sums themselves:
+ * sum(dy * (x - mean)) and sum(dy); else all four are of the tensor dtype, and dweight is
+ * invstd * sum(dy * (x - mean)). */
+static int backward_stats(int f64, int doubles, const void *dy, const void *x, int64_t outer,
+                          int64_t channels, int64_t inner, const void *weight,
+                          const void *save_mean, const void *save_invstd, void *dx, void *dweight,
+                          void *dbias, const void *y, int activation, void *residual_out) {
     const size_t element = f64 ? sizeof(double) : sizeof(float);
     int status = nbn_check_backward_ex(dy, x, outer, channels, inner, save_mean, save_invstd, dx,
                                        y, activation, residual_out, element);
@@ -420,8 +445,8 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
     a.mean = scratch, a.invstd = scratch + channels;
     a.sum_dy = scratch + 2 * channels, a.sum_dy_xmu = scratch + 3 * channels;
     a.part = scratch + 4 * channels;
-    load_vector(a.mean, save_mean, f64, channels);
-    load_vector(a.invstd, save_invstd, f64, channels);
+    load_vector(a.mean, save_mean, f64 || doubles, channels);
+    load_vector(a.invstd, save_invstd, f64 || doubles, channels);
 
     if (relu) {
         nbn_flat_call g = {.k = a.k, .size = size, .dy = dy, .y = y,
@@ -450,12 +475,21 @@ static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, in
     }
     if (status == NBN_OK) {
         /* dweight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)), as numba_bn.backward */
-        for (int64_t c = 0; c < channels; c++) a.sum_dy_xmu[c] *= a.invstd[c];
-        if (dweight) store_vector(dweight, f64, a.sum_dy_xmu, channels);
-        if (dbias) store_vector(dbias, f64, a.sum_dy, channels);
+        if (!doubles)
+            for (int64_t c = 0; c < channels; c++) a.sum_dy_xmu[c] *= a.invstd[c];
+        if (dweight) store_vector(dweight, f64 || doubles, a.sum_dy_xmu, channels);
+        if (dbias) store_vector(dbias, f64 || doubles, a.sum_dy, channels);
     }
     free(scratch), free(g_scratch);
     return status;
+}
+
+static int backward_ex(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
+                       int64_t inner, const void *weight, const void *save_mean,
+                       const void *save_invstd, void *dx, void *dweight, void *dbias,
+                       const void *y, int activation, void *residual_out) {
+    return backward_stats(f64, 0, dy, x, outer, channels, inner, weight, save_mean, save_invstd,
+                          dx, dweight, dbias, y, activation, residual_out);
 }
 
 /* ---------------------------------------------------------------- group and layer norm (1.3)
@@ -650,3 +684,28 @@ static int layer_norm_backward(int f64, const void *dy, const void *x, int64_t r
 
 /* ------------------------------------------------------------------------------ the C ABI */
 #include "nbn_entry_points.h"
+
+/* (1.4) numba_bn's library only: the training forward and backward with the statistics and
+ * the backward's sums in double, as the kernels keep them (numba_bn.h). */
+#define NBN_STATS_ENTRY_POINTS(T, SUFFIX, F64)                                                    \
+    NBN_API int nbn_forward_train_stats_##SUFFIX(                                                 \
+        const T *x, int64_t outer, int64_t channels, int64_t inner, const T *weight,              \
+        const T *bias, double eps, T *y, double *mean, double *invstd, double *m2,                \
+        T *running_mean, T *running_var, double momentum, int unbiased) {                         \
+        double *const statistics[3] = {mean, invstd, m2};                                        \
+        return forward_train_stats(F64, x, outer, channels, inner, weight, bias, eps, y, NULL,    \
+                                   NULL, statistics, running_mean, running_var, momentum,         \
+                                   unbiased, NULL, NBN_ACTIVATION_NONE);                          \
+    }                                                                                             \
+    NBN_API int nbn_backward_stats_##SUFFIX(                                                      \
+        const T *dy, const T *x, int64_t outer, int64_t channels, int64_t inner,                  \
+        const T *weight, const double *mean, const double *invstd, T *dx, double *sum_dy,         \
+        double *sum_dy_xmu) {                                                                     \
+        return backward_stats(F64, 1, dy, x, outer, channels, inner, weight, mean, invstd, dx,    \
+                              sum_dy_xmu, sum_dy, NULL, NBN_ACTIVATION_NONE, NULL);               \
+    }
+
+NBN_STATS_ENTRY_POINTS(float, f32, 0)
+NBN_STATS_ENTRY_POINTS(double, f64, 1)
+
+#undef NBN_STATS_ENTRY_POINTS

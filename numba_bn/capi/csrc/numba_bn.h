@@ -27,11 +27,13 @@
 #include <stdint.h>
 
 #define NBN_VERSION_MAJOR 1 /* bumped when a signature or a meaning changes */
-#define NBN_VERSION_MINOR 3 /* bumped when symbols are added; 1: the _ex entry points (fused
+#define NBN_VERSION_MINOR 4 /* bumped when symbols are added; 1: the _ex entry points (fused
                               residual add and activation, nbn_activation, NBN_ERR_ALIAS);
                               2: the layer handle (nbn_layer_*, nbn_dtype, nbn_layer_flags,
                               nbn_layer_buffer, NBN_ERR_STATE); 3: group (and instance) norm
-                              and layer norm (nbn_group_norm_*, nbn_layer_norm_*) */
+                              and layer norm (nbn_group_norm_*, nbn_layer_norm_*); 4: batch
+                              norm with double statistics (nbn_forward_train_stats_*,
+                              nbn_backward_stats_*; numba_bn's library only) */
 #define NBN_VERSION_PATCH 0 /* 1.0.1: eps <= 0 in training and scratch that overflows refused */
 #define NBN_VERSION_NUMBER (NBN_VERSION_MAJOR * 10000 + NBN_VERSION_MINOR * 100 + NBN_VERSION_PATCH)
 
@@ -189,6 +191,37 @@ NBN_API int nbn_backward_ex_f64(const double *dy, const double *x, int64_t outer
                                 const double *save_mean, const double *save_invstd, double *dx,
                                 double *dweight, double *dbias, const double *y, int activation,
                                 double *residual_out);
+
+/* ------------------------------------------------------- double statistics (1.4)
+ * An addition of numba_bn's library (other backends need not export it): the training forward
+ * and backward with the batch statistics and the backward's sums in double, as the kernels keep
+ * them, so that a caller can save them for its backward unrounded, make the running update of
+ * another convention, or give the parameter gradients of numba_bn.BatchNorm bit for bit.
+ *
+ * nbn_forward_train_stats_*: nbn_forward_train_* with mean, invstd = 1 / sqrt(var + eps) and
+ * m2 = sum((x - mean)^2) per channel in double (var = m2 / (outer * inner); none may be NULL),
+ * and the running update's batch variance chosen: m2 / (m - 1) (PyTorch's) when unbiased != 0,
+ * m2 / m (Keras', Flax's, ONNX's) when 0. nbn_backward_stats_*: nbn_backward_* given those
+ * mean and invstd, with sum_dy = sum(dy) (= dbias) and sum_dy_xmu = sum(dy * (x - mean))
+ * (dweight = invstd * sum_dy_xmu) in double, either NULL: not written. */
+NBN_API int nbn_forward_train_stats_f32(const float *x, int64_t outer, int64_t channels,
+                                        int64_t inner, const float *weight, const float *bias,
+                                        double eps, float *y, double *mean, double *invstd,
+                                        double *m2, float *running_mean, float *running_var,
+                                        double momentum, int unbiased);
+NBN_API int nbn_backward_stats_f32(const float *dy, const float *x, int64_t outer,
+                                   int64_t channels, int64_t inner, const float *weight,
+                                   const double *mean, const double *invstd, float *dx,
+                                   double *sum_dy, double *sum_dy_xmu);
+NBN_API int nbn_forward_train_stats_f64(const double *x, int64_t outer, int64_t channels,
+                                        int64_t inner, const double *weight, const double *bias,
+                                        double eps, double *y, double *mean, double *invstd,
+                                        double *m2, double *running_mean, double *running_var,
+                                        double momentum, int unbiased);
+NBN_API int nbn_backward_stats_f64(const double *dy, const double *x, int64_t outer,
+                                   int64_t channels, int64_t inner, const double *weight,
+                                   const double *mean, const double *invstd, double *dx,
+                                   double *sum_dy, double *sum_dy_xmu);
 
 /* ---------------------------------------------------------- group and layer norm (1.3)
  * Normalisation of each sample on its own (PyTorch's group_norm, instance_norm, layer_norm),

@@ -122,6 +122,13 @@ static void check_close(const tensor *tested, const double *reference, double to
     check(worst <= tol * size, what, line);
 }
 
+/* max |tested - reference| <= tol * max(1, max |reference|) for double vectors, NaN fails. */
+static void check_close_doubles(const double *tested, const double *reference, int64_t n,
+                                double tol, const char *what, const char *context) {
+    tensor view = {1, n, NULL, (void *)tested};
+    check_close(&view, reference, tol, what, context);
+}
+
 /* ------------------------------------------------------------------------- calls by type */
 static int train(const tensor *x, int64_t o, int64_t c, int64_t i, const tensor *w,
                  const tensor *b, double eps, tensor *y, tensor *mean, tensor *invstd,
@@ -186,6 +193,28 @@ static int back_ex(const tensor *dy, const tensor *x, int64_t o, int64_t c, int6
     return nbn_backward_ex_f32(dy->t, x->t, o, c, i, w ? w->t : NULL, mean->t, invstd->t, dx->t,
                                dw ? dw->t : NULL, db ? db->t : NULL, y ? y->t : NULL, activation,
                                dz ? dz->t : NULL);
+}
+
+static int train_stats(const tensor *x, int64_t o, int64_t c, int64_t i, const tensor *w,
+                       const tensor *b, double eps, tensor *y, double *mean, double *invstd,
+                       double *m2, tensor *rm, tensor *rv, double momentum, int unbiased) {
+    if (x->f64)
+        return nbn_forward_train_stats_f64(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, eps,
+                                           y->t, mean, invstd, m2, rm ? rm->t : NULL,
+                                           rv ? rv->t : NULL, momentum, unbiased);
+    return nbn_forward_train_stats_f32(x->t, o, c, i, w ? w->t : NULL, b ? b->t : NULL, eps,
+                                       y->t, mean, invstd, m2, rm ? rm->t : NULL,
+                                       rv ? rv->t : NULL, momentum, unbiased);
+}
+
+static int back_stats(const tensor *dy, const tensor *x, int64_t o, int64_t c, int64_t i,
+                      const tensor *w, const double *mean, const double *invstd, tensor *dx,
+                      double *sum_dy, double *sum_dy_xmu) {
+    if (x->f64)
+        return nbn_backward_stats_f64(dy->t, x->t, o, c, i, w ? w->t : NULL, mean, invstd,
+                                      dx->t, sum_dy, sum_dy_xmu);
+    return nbn_backward_stats_f32(dy->t, x->t, o, c, i, w ? w->t : NULL, mean, invstd, dx->t,
+                                  sum_dy, sum_dy_xmu);
 }
 
 /* The library's values of a tensor, as doubles (n of them): what the reference is given. */
@@ -407,6 +436,106 @@ static void check_fused_variants(const results *r, const tensor *x, const tensor
     free(y), free(v), free(rv);
 }
 
+/* Whether doubles rounded to a tensor's type (as the library stores a statistic) are its bits. */
+static int same_rounded(const double *v, const tensor *t) {
+    for (int64_t k = 0; k < t->n; k++) {
+        float f = (float)v[k];
+        if (t->f64 ? memcmp(&v[k], (double *)t->t + k, 8) : memcmp(&f, (float *)t->t + k, 4))
+            return 0;
+    }
+    return 1;
+}
+
+/* (1.4) The double-statistics entry points. nbn_forward_train_stats_*: forward_train's y and
+ * (unbiased) running buffers bit for bit, statistics that round to its save_mean and
+ * save_invstd, m2 / m the reference's biased variance, and with unbiased = 0 the running update
+ * of the biased variance; a NULL m2 is NBN_ERR_NULL with nothing written.
+ * nbn_backward_stats_*: given save_mean and save_invstd, backward's dx, and sums that give its
+ * dbias and dweight as backward rounds them; given the double statistics, the reference. */
+static void check_double_statistics(const results *r, const tensor *x, const tensor *dy,
+                                    int64_t o, int64_t c, int64_t i, const tensor *w,
+                                    const tensor *b, double eps, double momentum,
+                                    const char *context) {
+    int f64 = x->f64;
+    int64_t size = o * c * i, m = o * i;
+    double tol = f64 ? 1e-12 : 2e-6;
+    tensor y = make(f64, size), dx = make(f64, size), rm = make(f64, c), rv = make(f64, c);
+    double *v = calloc(14 * (size_t)c, sizeof(double));
+    double *mean = v, *invstd = v + c, *m2 = v + 2 * c, *sum_dy = v + 3 * c;
+    double *sum_dy_xmu = v + 4 * c, *ref_mean = v + 5 * c, *ref_invstd = v + 6 * c;
+    double *var = v + 7 * c, *ref_rm = v + 8 * c, *ref_rv = v + 9 * c, *ref_dw = v + 10 * c;
+    double *ref_db = v + 11 * c, *saved_mean = v + 12 * c, *saved_invstd = v + 13 * c;
+    double *ref = calloc((size_t)size, sizeof(double));
+    const double *wd = w ? w->d : NULL, *bd = b ? b->d : NULL;
+    reference_forward_train(x->d, o, c, i, wd, bd, eps, ref, ref_mean, ref_invstd, var);
+    for (int64_t k = 0; k < c; k++) var[k] *= (double)(m - 1) / (double)m; /* biased */
+
+    for (int unbiased = 1; unbiased >= 0; unbiased--) {
+        for (int64_t k = 0; k < c; k++) rm.d[k] = 0.5 * k, rv.d[k] = 1.0 + 0.25 * k; /* run_all's */
+        sync_from_double(&rm), sync_from_double(&rv);
+        poison(&y);
+        for (int64_t k = 0; k < 3 * c; k++) v[k] = NAN;
+        check(train_stats(x, o, c, i, w, b, eps, &y, mean, invstd, m2, &rm, &rv, momentum,
+                          unbiased) == NBN_OK,
+              "forward_train_stats returns NBN_OK", context);
+        check(same_bits(&y, &r->y), "forward_train_stats y: forward_train's", context);
+        if (unbiased) {
+            check(same_bits(&rm, &r->rm) && same_bits(&rv, &r->rv),
+                  "forward_train_stats running buffers (unbiased): forward_train's", context);
+        } else {
+            for (int64_t k = 0; k < c; k++) ref_rm[k] = 0.5 * k, ref_rv[k] = 1.0 + 0.25 * k;
+            for (int64_t k = 0; k < c; k++)
+                ref_rm[k] = (1.0 - momentum) * ref_rm[k] + momentum * ref_mean[k],
+                ref_rv[k] = (1.0 - momentum) * ref_rv[k] + momentum * var[k];
+            check_close(&rm, ref_rm, tol, "forward_train_stats running_mean (biased)", context);
+            check_close(&rv, ref_rv, tol, "forward_train_stats running_var (biased)", context);
+        }
+    }
+    check(same_rounded(mean, &r->mean) && same_rounded(invstd, &r->invstd),
+          "forward_train_stats mean, invstd: rounded, forward_train's save_mean, save_invstd",
+          context);
+    check_close_doubles(mean, ref_mean, c, 1e-12, "forward_train_stats mean", context);
+    check_close_doubles(invstd, ref_invstd, c, 1e-12, "forward_train_stats invstd", context);
+    for (int64_t k = 0; k < c; k++) m2[k] /= (double)m;
+    check_close_doubles(m2, var, c, 1e-12, "forward_train_stats m2 / m: the variance", context);
+
+    tensor poisoned = make(f64, size);
+    poison(&y), poison(&poisoned);
+    memcpy(rm.t, r->rm.t, (size_t)c * (f64 ? 8 : 4));
+    check(train_stats(x, o, c, i, w, b, eps, &y, mean, invstd, NULL, &rm, &rv, momentum, 1) ==
+                  NBN_ERR_NULL &&
+              same_bits(&y, &poisoned) && same_bits(&rm, &r->rm),
+          "forward_train_stats without m2: NBN_ERR_NULL, nothing written", context);
+    release(&poisoned);
+
+    for (int64_t k = 0; k < c; k++)
+        saved_mean[k] = get(&r->mean, k), saved_invstd[k] = get(&r->invstd, k);
+    poison(&dx);
+    for (int64_t k = 0; k < c; k++) sum_dy[k] = sum_dy_xmu[k] = NAN;
+    check(back_stats(dy, x, o, c, i, w, saved_mean, saved_invstd, &dx, sum_dy, sum_dy_xmu) ==
+              NBN_OK && same_bits(&dx, &r->dx),
+          "backward_stats given save_mean and save_invstd: backward's dx", context);
+    for (int64_t k = 0; k < c; k++) sum_dy_xmu[k] *= saved_invstd[k];
+    check(same_rounded(sum_dy, &r->db) && same_rounded(sum_dy_xmu, &r->dw),
+          "backward_stats sums: backward's dbias and dweight, rounded as it rounds them", context);
+    poison(&dx);
+    check(back_stats(dy, x, o, c, i, w, saved_mean, saved_invstd, &dx, NULL, NULL) == NBN_OK &&
+              same_bits(&dx, &r->dx),
+          "backward_stats without sums: the same dx", context);
+    /* from the unrounded statistics of this forward */
+    (void)train_stats(x, o, c, i, w, b, eps, &y, mean, invstd, m2, NULL, NULL, momentum, 1);
+    check(back_stats(dy, x, o, c, i, w, mean, invstd, &dx, sum_dy, sum_dy_xmu) == NBN_OK,
+          "backward_stats returns NBN_OK", context);
+    reference_backward(dy->d, x->d, o, c, i, wd, mean, invstd, ref, ref_dw, ref_db);
+    check_close(&dx, ref, f64 ? 1e-10 : 2e-5, "backward_stats dx", context);
+    for (int64_t k = 0; k < c; k++) sum_dy_xmu[k] *= invstd[k];
+    check_close_doubles(sum_dy, ref_db, c, 1e-12, "backward_stats sum_dy", context);
+    check_close_doubles(sum_dy_xmu, ref_dw, c, 1e-12, "backward_stats sum_dy_xmu * invstd",
+                        context);
+    release(&y), release(&dx), release(&rm), release(&rv);
+    free(v), free(ref);
+}
+
 static void test_shape(int f64, int64_t o, int64_t c, int64_t i, int affine) {
     char context[128];
     snprintf(context, sizeof context, "%s (%lld, %lld, %lld)%s", f64 ? "f64" : "f32",
@@ -430,6 +559,7 @@ static void test_shape(int f64, int64_t o, int64_t c, int64_t i, int affine) {
     check_in_place(&two, &x, &dy, o, c, i, wp, bp, eps, context);
     check_fused_in_place(&two, &x, &dy, &z, o, c, i, wp, bp, eps, context);
     check_fused_variants(&two, &x, &dy, &z, o, c, i, wp, bp, eps, context);
+    check_double_statistics(&two, &x, &dy, o, c, i, wp, bp, eps, momentum, context);
     release_results(&one), release_results(&two);
     release(&x), release(&dy), release(&w), release(&b), release(&z);
 }
@@ -1175,13 +1305,6 @@ static norm_results run_norm(const norm_shape *s, const tensor *x, const tensor 
     return r;
 }
 
-/* max |tested - reference| <= tol * max(1, max |reference|) for double vectors, NaN fails. */
-static void check_close_doubles(const double *tested, const double *reference, int64_t n,
-                                double tol, const char *what, const char *context) {
-    tensor view = {1, n, NULL, (void *)tested};
-    check_close(&view, reference, tol, what, context);
-}
-
 static int same_doubles(const double *a, const double *b, int64_t n) {
     return memcmp(a, b, (size_t)n * sizeof(double)) == 0;
 }
@@ -1519,6 +1642,7 @@ static void test_library_info(void) {
     check(strncmp(nbn_status_string(NBN_ERR_ALIAS), "NBN_ERR_ALIAS", 13) == 0,
           "status string of NBN_ERR_ALIAS", "");
     check(nbn_version() % 10000 / 100 >= 3, "minor version >= 3: group and layer norm", "");
+    check(nbn_version() % 10000 / 100 >= 4, "minor version >= 4: double statistics", "");
     check(strncmp(nbn_status_string(NBN_ERR_STATE), "NBN_ERR_STATE", 13) == 0,
           "status string of NBN_ERR_STATE", "");
     check(nbn_status_string(12345) != NULL, "status string of an unknown code", "");
