@@ -12,6 +12,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from . import dispatch, hostcall
+from .capi import calls
 from .checks import (
     Prepared,
     Vectors,
@@ -86,6 +87,13 @@ def batch_forward(
     epilogue: y = activation(BN(x) + residual)). Without an exchange the backend runs it as one
     fused call.
     """
+    if calls.entry is not None:  # compiled calls (capi.calls) serve a plain call, or decline
+        served = calls.entry.batch_forward(
+            x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, nan_policy,
+            out, backend, exchange, residual, activation, device,
+        )  # fmt: skip
+        if served is not NotImplemented:
+            return TrainResult(*served)
     if out is None and exchange is None and nan_policy == "propagate" and _host_device(device):
         result = _plain_batch_forward(
             x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend,
@@ -319,6 +327,13 @@ def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
     """dx, and the float64 reductions (sum_dy, sum_dy_xmu) of the training-mode backward:
     (through the epilogue's ``activation``, :func:`_through_epilogue`) -> reduce ->
     (``exchange``: summed over the processes) -> dx."""
+    if calls.entry is not None:  # as in batch_forward
+        served = calls.entry.batch_backward(
+            dy, x, mean, invstd, weight, axis, out, backend, exchange, activation, y,
+            residual_out, device,
+        )  # fmt: skip
+        if served is not NotImplemented:
+            return BackwardResult(*served)
     plain = activation is None and y is None and residual_out is None
     if plain and out is None and exchange is None and _host_device(device):
         result = _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn import functional, layer, norm_ops
+from numba_bn import functional, layer, norm_ops, ops
 from numba_bn.capi import build, calls
 from numba_bn.capi.ranges import EXPORTED
 from numba_bn.cli import main
@@ -1076,15 +1076,18 @@ class _ReachedPython(Exception):
 
 
 def _no_python_path(monkeypatch):
-    """Make the Python path of forward_train, forward_eval, backward and BatchNorm (the
-    operations they call after the compiled calls declined) raise _ReachedPython."""
+    """Make the Python path of forward_train, forward_eval, backward, batch_norm and BatchNorm
+    (what runs after the compiled calls declined: ops.batch_forward and ops.batch_backward ask
+    them first, then take their plain or checked path) raise _ReachedPython."""
 
     def reached(*args, **kwargs):
         raise _ReachedPython
 
+    for name in ("_plain_batch_forward", "_checked_batch_forward", "_plain_batch_backward",
+                 "_checked_batch_backward"):  # fmt: skip
+        monkeypatch.setattr(ops, name, reached)
     for module in (functional, layer):  # the layer's eval goes through functional.forward_eval
-        for name in ("batch_forward", "masked_batch_forward", "batch_backward",
-                     "masked_batch_backward"):  # fmt: skip
+        for name in ("masked_batch_forward", "masked_batch_backward"):
             monkeypatch.setattr(module, name, reached)
     monkeypatch.setattr(functional, "frozen_forward", reached)
 
@@ -1110,7 +1113,27 @@ def _plain_calls(rng, shape, affine):
     bn.running_mean[:], bn.running_var[:] = mean, running_var
     if affine:
         bn.weight[:], bn.bias[:] = weight, bias
+    running = rng.standard_normal(channels).astype(np.float32), running_var
+
+    def batch_norm_training():
+        buffers = [b.copy() for b in running]
+        y = nbn.batch_norm(x, *buffers, weight, bias, training=True, momentum=0.3)
+        return y, *buffers
+
+    def layer_steps():  # two training steps (torch's convention) and their backward
+        layer = nbn.BatchNorm(channels, affine=affine, dtype=np.float32)
+        if affine:
+            layer.weight[:], layer.bias[:] = weight, bias
+        results = []
+        for step in range(2):
+            results += [layer(x + step), layer.backward(dy), layer.running_mean.copy(),
+                        layer.running_var.copy()]  # fmt: skip
+            results += [layer.grad_weight, layer.grad_bias] if affine else []
+        return tuple(results)
+
     return {
+        "batch_norm, training": batch_norm_training,
+        "BatchNorm, training": layer_steps,
         "forward_train": lambda: nbn.forward_train(x, weight, bias),
         "forward_train, eps and axis": lambda: nbn.forward_train(x, weight, bias, 1e-3, 1),
         "forward_train, device": lambda: nbn.forward_train(x, weight, bias, device="cpu"),
@@ -1162,6 +1185,37 @@ def test_compiled_calls_give_the_bits_of_the_python_path(rng, plugin_backend, ho
             assert not np.shares_memory(got, want)
 
 
+LAYER_OPTIONS = [{"convention": "keras"}, {"convention": "flax"}, {"convention": "onnx"},
+                 {"momentum": None}, {"track_running_stats": False}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options", LAYER_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+)
+def test_compiled_calls_train_the_layer_as_the_python_path(rng, host_build, monkeypatch, options):
+    """BatchNorm's training steps served without the Python path give its bits in every running
+    convention (the biased batch variance of Keras, Flax and ONNX; PyTorch's cumulative average;
+    no running statistics): y, dx, the running buffers, the gradients, num_batches_tracked."""
+    x = random_batch(rng, (32, 6, 5), np.float32)
+    dy = random_batch(rng, (32, 6, 5), np.float32, mean_scale=1.0)
+    weight, bias = rng.uniform(0.5, 2.0, 6), rng.standard_normal(6)
+
+    def steps():
+        bn = nbn.BatchNorm(6, axis=1, dtype=np.float32, **options)
+        bn.weight[:], bn.bias[:] = weight, bias
+        results = []
+        for step in range(3):  # batches that drift, so that the running statistics move
+            results += [bn(x * (1 + step) + step), bn.backward(dy), bn.grad_weight, bn.grad_bias]
+            if bn.running_mean is not None:
+                results += [bn.running_mean.copy(), bn.running_var.copy()]
+        return (*results, np.array(bn.num_batches_tracked))
+
+    expected, served = _python_then_compiled({"steps": steps}, host_build, monkeypatch)
+    assert len(expected["steps"]) in (13, 19)  # 3 steps of 4 or 6 arrays, the count
+    for got, want in zip(served["steps"], expected["steps"], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_compiled_calls_give_the_python_paths_nan_and_inf(rng, host_build, monkeypatch):
     """IEEE through the compiled calls as through the Python path (nan_policy="propagate"): a
     NaN in one channel, an inf in another, a channel of equal values."""
@@ -1190,6 +1244,8 @@ def _declined_calls(rng):
     big = random_batch(rng, (512, 512), np.float32)
     swapped, x64 = x.astype(">f4"), x.astype(np.float64)
     sub = x.view(type("Subclass", (np.ndarray,), {}))
+    read_only = invstd.copy()
+    read_only.flags.writeable = False
     return {
         "float64": lambda: nbn.forward_train(x.astype(np.float64)),
         "float16": lambda: nbn.forward_train(x.astype(np.float16)),
@@ -1211,8 +1267,22 @@ def _declined_calls(rng):
         "parallel-sized": lambda: nbn.forward_train(big),
         "eval, float64 running_var": lambda: nbn.forward_eval(x, mean, invstd.astype(np.float64)),
         "eval, out": lambda: nbn.forward_eval(x, mean, invstd, out=x.copy()),
-        "batch_norm, training": lambda: nbn.batch_norm(x, None, None, training=True),
-        "BatchNorm, training": lambda: nbn.BatchNorm(6, dtype=np.float32)(x),
+        "batch_norm, training, float64": lambda: nbn.batch_norm(x64, None, None, training=True),
+        "batch_norm, training, momentum 1.5": lambda: nbn.batch_norm(
+            x, mean.copy(), invstd.copy(), training=True, momentum=1.5
+        ),
+        "batch_norm, training, a NumPy float momentum": lambda: nbn.batch_norm(
+            x, mean.copy(), invstd.copy(), training=True, momentum=np.float64(0.1)
+        ),
+        "batch_norm, training, read-only running_var": lambda: nbn.batch_norm(
+            x, mean.copy(), read_only, training=True
+        ),
+        "batch_norm, training, parallel-sized": lambda: nbn.batch_norm(big, None, None, True),
+        "BatchNorm, training, relu": lambda: nbn.BatchNorm(6, activation="relu")(x),
+        "BatchNorm, training, nan_policy": lambda: nbn.BatchNorm(6, nan_policy="raise")(x),
+        "BatchNorm, training, residual": lambda: nbn.BatchNorm(6)(x, residual=x),
+        "BatchNorm, training, out": lambda: nbn.BatchNorm(6)(x, out=np.empty_like(x)),
+        "BatchNorm, training, float64": lambda: nbn.BatchNorm(6, dtype=np.float64)(x64),
         "BatchNorm, eval, relu": lambda: nbn.BatchNorm(6, activation="relu").eval()(x),
         "BatchNorm, eval, float64": lambda: nbn.BatchNorm(6, dtype=np.float64).eval()(x64),
         "batch_norm, eval, relu": lambda: nbn.batch_norm(x, mean, invstd, activation="relu"),
@@ -1246,6 +1316,8 @@ def test_compiled_calls_leave_bad_arguments_to_the_python_checks(rng, host_build
     x = random_batch(rng, (16, 6), np.float32)
     w = np.ones(6, np.float32)
     _, mean, invstd = nbn.forward_train(x)
+    read_only = mean.copy()
+    read_only.flags.writeable = False
     bad = {
         "weight of 5": lambda: nbn.forward_train(x, w[:5]),
         "one value per channel": lambda: nbn.forward_train(x[:1]),
@@ -1258,6 +1330,20 @@ def test_compiled_calls_leave_bad_arguments_to_the_python_checks(rng, host_build
         "eval, a negative running_var": lambda: nbn.forward_eval(x, mean, -invstd),
         "backward, dy of another shape": lambda: nbn.backward(x[:8], x, mean, invstd),
         "backward, no invstd": lambda: nbn.backward(x, x, mean, None),
+        "training, momentum 1.5": lambda: nbn.batch_norm(
+            x, mean.copy(), invstd.copy(), None, None, True, 1.5
+        ),
+        "training, momentum NaN": lambda: nbn.batch_norm(
+            x, mean.copy(), invstd.copy(), None, None, True, float("nan")
+        ),
+        "training, read-only running_mean": lambda: nbn.batch_norm(
+            x, read_only, invstd.copy(), training=True
+        ),
+        "training, only running_mean": lambda: nbn.batch_norm(x, mean.copy(), None, training=True),
+        "training, running_var of 5": lambda: nbn.batch_norm(
+            x, mean.copy(), invstd[:5].copy(), training=True
+        ),
+        "layer, 5 channels": lambda: nbn.BatchNorm(5)(x),
     }
     for name, call in bad.items():
         errors = []
@@ -1335,7 +1421,7 @@ def test_numba_bn_compiled_calls_that_cannot_serve_is_a_warning(tmp_path, value)
 
 def test_use_compiled_calls_refuses_a_library_of_another_abi(host_build, monkeypatch):
     monkeypatch.setattr(calls, "ABI_MAJOR", calls.ABI_MAJOR + 1)
-    with pytest.raises(RuntimeError, match=r"has ABI version 1\d{4}; this numba_bn needs major"):
+    with pytest.raises(RuntimeError, match=r"has ABI version 1\d{4}; compiled calls need 2\.4"):
         nbn.use_compiled_calls(host_build)
     assert calls.entry is None and calls.in_use is None
 

@@ -6,8 +6,9 @@ calls").
 ``_numba_bn_calls`` (csrc/nbn_python.c) when Python's and NumPy's headers are there.
 :func:`use_compiled_calls` loads it, as ``import numba_bn`` does when the environment variable
 ``NUMBA_BN_COMPILED_CALLS`` names such a directory; from then on :func:`numba_bn.forward_train`,
-:func:`numba_bn.forward_eval`, :func:`numba_bn.batch_norm` and ``BatchNorm`` in eval, and
-:func:`numba_bn.backward` hand it their arguments first. It serves float32 NumPy arrays with
+:func:`numba_bn.forward_eval`, :func:`numba_bn.backward`, :func:`numba_bn.batch_norm` and
+``BatchNorm`` (through ``ops.batch_forward`` and ``ops.batch_backward`` in training, with the
+float64 statistics of ABI 1.4) hand it their arguments first. It serves float32 NumPy arrays with
 the channels on axis 1, without ``out``, ``mask``, ``residual`` or ``activation``, on the host,
 at the sizes the JIT backend runs serially (its cost model, :func:`numba_bn.cpu.serial_below`);
 it declines anything else (NotImplemented) and the Python path runs as before, its checks and
@@ -15,10 +16,8 @@ errors included. A served call compiles nothing. Its results are the JIT backend
 the host build (``--cpu host`` compiles the same kernels for this CPU); the portable build's
 AVX-512 or AVX2 variant may differ in the last bit.
 
-Not served: ``BatchNorm`` and :func:`numba_bn.batch_norm` in training (their running
-statistics come from the float64 batch variance, and the layer's backward takes the float64
-batch mean: the C ABI returns neither), and float64 (the JIT's own float64 bits on plane shapes
-depend on whether its driver was compiled in the process or loaded from Numba's cache).
+Not served yet: float64 (the extension has no float64 functions; since the strict kernel copies
+of :func:`numba_bn.stats.strict_copy` the host build gives the JIT's float64 bits too).
 """
 
 import ctypes
@@ -38,7 +37,9 @@ from .build import LIBRARY_NAME
 MODULE_NAME = "_numba_bn_calls"
 #: The entry points and the steps of the extension's ``configure``, in its order.
 ENTRY_POINTS = ("nbn_forward_train_f32", "nbn_forward_eval_f32", "nbn_backward_f32",
+                "nbn_forward_train_stats_f32", "nbn_backward_stats_f32",
                 "nbn_status_string")  # fmt: skip
+ABI_MINOR = 4  # the first with the _stats entry points
 STEPS = ("forward_train", "forward_eval", "backward")
 #: The environment variable ``import numba_bn`` reads: a directory to use compiled calls from.
 ENVIRONMENT = "NUMBA_BN_COMPILED_CALLS"
@@ -75,10 +76,11 @@ def use_compiled_calls(directory: str | os.PathLike[str] | None):
     library = ctypes.CDLL(str((Path(directory) / LIBRARY_NAME).resolve()))
     library.nbn_version.restype = ctypes.c_uint32
     version = library.nbn_version()
-    if version // 10000 != ABI_MAJOR:
+    if version // 10000 != ABI_MAJOR or version % 10000 // 100 < ABI_MINOR:
         raise RuntimeError(
-            f"{Path(directory) / LIBRARY_NAME} has ABI version {version}; this numba_bn needs "
-            f"major version {ABI_MAJOR}: build it again (numba-bn build-plugin --out {directory})"
+            f"{Path(directory) / LIBRARY_NAME} has ABI version {version}; compiled calls need "
+            f"{ABI_MAJOR}.{ABI_MINOR} or a later {ABI_MAJOR}.x: build it again (numba-bn "
+            f"build-plugin --out {directory})"
         )
     loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
     module = importlib.util.module_from_spec(

@@ -12,12 +12,16 @@
  * never run beside Numba's). Everything else returns NotImplemented, and the Python path takes
  * the call, its checks and errors included: a call served here has passed every one of them.
  *
- * float32 only: in float32 the host build gives the JIT's bits, which is what makes these calls
- * interchangeable with the Python path; in float64 the JIT's own last bits on plane shapes
- * depend on whether its driver was compiled in the process or loaded from Numba's cache
- * (benchmarks/README.md, "Compiled calls"). The statistics come back in float32 as
- * forward_train's do (the library rounds the same float64 values), and the GIL is held as the
- * JIT's serial drivers hold it.
+ * batch_forward and batch_backward (1.4 entry points) take the arguments of numba_bn.ops'
+ * functions of those names, which BatchNorm and batch_norm call in training, and return what
+ * they return (the float64 statistics and sums as the kernels keep them, and the count of values
+ * per channel): with running buffers (writable float32 vectors, a float momentum in [0, 1] and
+ * a bool `unbiased`) or without, and the backward given float64 statistics.
+ *
+ * The host build gives the JIT's bits, which is what makes these calls interchangeable with the
+ * Python path. float32 only, for now: nothing here calls the _f64 entry points. forward_train's
+ * statistics come back in float32 as the Python path's do (the library rounds the same float64
+ * values), and the GIL is held as the JIT's serial drivers hold it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,6 +33,7 @@
 #include "numba_bn.h"
 
 enum { FORWARD_TRAIN, FORWARD_EVAL, BACKWARD, STEPS };
+enum { ENTRY_POINTS = 6 }; /* the addresses `configure` takes, in the order of `library` */
 
 /* The library's entry points, which `configure` takes as addresses from ctypes: the extension
  * does not link the library, whose soname the dynamic loader would match to whichever build of
@@ -41,16 +46,27 @@ typedef int (*forward_eval_fn)(const float *, int64_t, int64_t, int64_t, const f
                                const float *, const float *, const float *, double, float *);
 typedef int (*backward_fn)(const float *, const float *, int64_t, int64_t, int64_t, const float *,
                            const float *, const float *, float *, float *, float *);
+typedef int (*forward_train_stats_fn)(const float *, int64_t, int64_t, int64_t, const float *,
+                                      const float *, double, float *, double *, double *,
+                                      double *, float *, float *, double, int);
+typedef int (*backward_stats_fn)(const float *, const float *, int64_t, int64_t, int64_t,
+                                 const float *, const double *, const double *, float *,
+                                 double *, double *);
 typedef const char *(*status_string_fn)(int);
 _Static_assert(_Generic(&nbn_forward_train_f32, forward_train_fn: 1, default: 0), "ABI");
 _Static_assert(_Generic(&nbn_forward_eval_f32, forward_eval_fn: 1, default: 0), "ABI");
 _Static_assert(_Generic(&nbn_backward_f32, backward_fn: 1, default: 0), "ABI");
+_Static_assert(_Generic(&nbn_forward_train_stats_f32, forward_train_stats_fn: 1, default: 0),
+               "ABI");
+_Static_assert(_Generic(&nbn_backward_stats_f32, backward_stats_fn: 1, default: 0), "ABI");
 _Static_assert(_Generic(&nbn_status_string, status_string_fn: 1, default: 0), "ABI");
 
 static struct {
     forward_train_fn forward_train;
     forward_eval_fn forward_eval;
     backward_fn backward;
+    forward_train_stats_fn forward_train_stats;
+    backward_stats_fn backward_stats;
     status_string_fn status_string;
 } library;
 
@@ -58,13 +74,15 @@ static struct {
  * the Python path. 0, and so nothing served, until `configure` sets them. */
 static double serial_below[STEPS];
 
-/* A float32 ndarray the library can read as it is. */
-static int plain_array(PyObject *a) {
+/* An ndarray of `type` the library can read as it is. */
+static int plain_array_of(PyObject *a, int type) {
     if (!PyArray_CheckExact(a)) return 0;
     PyArrayObject *array = (PyArrayObject *)a;
-    return PyArray_TYPE(array) == NPY_FLOAT32 && PyArray_ISNOTSWAPPED(array) &&
+    return PyArray_TYPE(array) == type && PyArray_ISNOTSWAPPED(array) &&
            PyArray_CHKFLAGS(array, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
 }
+
+static int plain_array(PyObject *a) { return plain_array_of(a, NPY_FLOAT32); }
 
 /* None, or a plain float32 vector of `channels` values (a NULL pointer or its data in *data). */
 static int vector_or_none(PyObject *a, int64_t channels, float **data) {
@@ -81,6 +99,27 @@ static int vector_or_none(PyObject *a, int64_t channels, float **data) {
 
 static int vector(PyObject *a, int64_t channels, float **data) {
     return a != Py_None && vector_or_none(a, channels, data);
+}
+
+/* Running buffers the forward updates in place: both None (*mean and *var NULL), or both
+ * writable float32 vectors of `channels` values. */
+static int running_buffers(PyObject *mean, PyObject *var, int64_t channels, float **mean_data,
+                           float **var_data) {
+    if (mean == Py_None && var == Py_None) {
+        *mean_data = *var_data = NULL;
+        return 1;
+    }
+    return vector(mean, channels, mean_data) && vector(var, channels, var_data) &&
+           PyArray_ISWRITEABLE((PyArrayObject *)mean) && PyArray_ISWRITEABLE((PyArrayObject *)var);
+}
+
+/* A saved statistic: a float64 vector of `channels` values. */
+static int statistic(PyObject *a, int64_t channels, double **data) {
+    if (!plain_array_of(a, NPY_FLOAT64) || PyArray_NDIM((PyArrayObject *)a) != 1 ||
+        PyArray_DIM((PyArrayObject *)a, 0) != channels)
+        return 0;
+    *data = PyArray_DATA((PyArrayObject *)a);
+    return 1;
 }
 
 /* A running variance with no value below zero (NaN passes): the Python path raises for one, as
@@ -133,12 +172,23 @@ static PyObject *new_like(PyObject *x) {
     return PyArray_SimpleNew(PyArray_NDIM(array), PyArray_DIMS(array), NPY_FLOAT32);
 }
 
-static PyObject *new_vector(int64_t channels) {
+static PyObject *new_vector_of(int64_t channels, int type) {
     npy_intp length = (npy_intp)channels;
-    return PyArray_SimpleNew(1, &length, NPY_FLOAT32);
+    return PyArray_SimpleNew(1, &length, type);
 }
 
+static PyObject *new_vector(int64_t channels) { return new_vector_of(channels, NPY_FLOAT32); }
+
 static float *data(PyObject *array) { return PyArray_DATA((PyArrayObject *)array); }
+
+static double *data64(PyObject *array) { return PyArray_DATA((PyArrayObject *)array); }
+
+/* A float momentum in [0, 1] (NaN is not). */
+static int momentum_value(PyObject *momentum, double *value) {
+    if (!PyFloat_CheckExact(momentum)) return 0;
+    *value = PyFloat_AS_DOUBLE(momentum);
+    return *value >= 0.0 && *value <= 1.0;
+}
 
 /* NULL, with the library's status as a RuntimeError (arguments it refuses never reach it). */
 static PyObject *library_error(int status) {
@@ -223,18 +273,96 @@ static PyObject *backward(PyObject *Py_UNUSED(module), PyObject *const *args,
     return three(status, dx, dweight, dbias);
 }
 
-/* configure(forward_train, forward_eval, backward, status_string, *bounds): the addresses of
- * nbn_forward_train_f32, nbn_forward_eval_f32, nbn_backward_f32 and nbn_status_string, then the
- * serial bounds of the three steps, in elements. */
+/* The tuple (a, b, c, d, count) of four new arrays (their references taken over) and an int,
+ * or NULL with the error of the library's status or of an allocation that failed. */
+static PyObject *four_and_count(int status, PyObject *a, PyObject *b, PyObject *c, PyObject *d,
+                                int64_t count) {
+    PyObject *result = NULL;
+    if (a && b && c && d)
+        result = status == NBN_OK ? Py_BuildValue("OOOOL", a, b, c, d, (long long)count)
+                                  : library_error(status);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    Py_XDECREF(d);
+    return result;
+}
+
+/* batch_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased,
+ * nan_policy, out, backend, exchange, residual, activation, device) -> (y, mean, invstd, m2,
+ * count) as numba_bn.ops.TrainResult (statistics float64), or NotImplemented */
+static PyObject *batch_forward(PyObject *Py_UNUSED(module), PyObject *const *args,
+                               Py_ssize_t nargs) {
+    int64_t outer, channels, inner;
+    float *weight, *bias, *running_mean, *running_var;
+    double eps, momentum = 0.0;
+    if (nargs != 16 || !plain_view(args[0], FORWARD_TRAIN, &outer, &channels, &inner) ||
+        !vector_or_none(args[1], channels, &weight) || !vector_or_none(args[2], channels, &bias) ||
+        !positive_eps(args[3], &eps) || !axis_one(args[4]) ||
+        !running_buffers(args[5], args[6], channels, &running_mean, &running_var) ||
+        (running_mean && (!momentum_value(args[7], &momentum) || !PyBool_Check(args[8]))) ||
+        !is_str(args[9], "propagate") || !is_none(args[10]) || !is_str(args[11], "cpu") ||
+        !is_none(args[12]) || !is_none(args[13]) || !is_none(args[14]) ||
+        !host_device(args[15]))
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *y = new_like(args[0]), *mean = new_vector_of(channels, NPY_FLOAT64),
+             *invstd = new_vector_of(channels, NPY_FLOAT64),
+             *m2 = new_vector_of(channels, NPY_FLOAT64);
+    int status = NBN_OK;
+    if (y && mean && invstd && m2)
+        status = library.forward_train_stats(
+            data(args[0]), outer, channels, inner, weight, bias, eps, data(y), data64(mean),
+            data64(invstd), data64(m2), running_mean, running_var, momentum, args[8] == Py_True);
+    return four_and_count(status, y, mean, invstd, m2, outer * inner);
+}
+
+/* batch_backward(dy, x, mean, invstd, weight, axis, out, backend, exchange, activation, y,
+ * residual_out, device) -> (dx, sum_dy, sum_dy_xmu, count) as numba_bn.ops.BackwardResult
+ * (mean, invstd and the sums float64), or NotImplemented */
+static PyObject *batch_backward(PyObject *Py_UNUSED(module), PyObject *const *args,
+                                Py_ssize_t nargs) {
+    int64_t outer, channels, inner;
+    double *mean, *invstd;
+    float *weight;
+    if (nargs != 13 || !plain_view(args[1], BACKWARD, &outer, &channels, &inner) ||
+        !plain_array(args[0]) ||
+        !PyArray_SAMESHAPE((PyArrayObject *)args[0], (PyArrayObject *)args[1]) ||
+        !statistic(args[2], channels, &mean) || !statistic(args[3], channels, &invstd) ||
+        !vector_or_none(args[4], channels, &weight) || !axis_one(args[5]) || !is_none(args[6]) ||
+        !is_str(args[7], "cpu") || !is_none(args[8]) || !is_none(args[9]) ||
+        !is_none(args[10]) || !is_none(args[11]) || !host_device(args[12]))
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *dx = new_like(args[1]), *sum_dy = new_vector_of(channels, NPY_FLOAT64),
+             *sum_dy_xmu = new_vector_of(channels, NPY_FLOAT64);
+    int status = NBN_OK;
+    if (dx && sum_dy && sum_dy_xmu)
+        status = library.backward_stats(data(args[0]), data(args[1]), outer, channels, inner,
+                                        weight, mean, invstd, data(dx), data64(sum_dy),
+                                        data64(sum_dy_xmu));
+    PyObject *result = NULL;
+    if (dx && sum_dy && sum_dy_xmu)
+        result = status == NBN_OK
+                     ? Py_BuildValue("OOOL", dx, sum_dy, sum_dy_xmu, (long long)(outer * inner))
+                     : library_error(status);
+    Py_XDECREF(dx);
+    Py_XDECREF(sum_dy);
+    Py_XDECREF(sum_dy_xmu);
+    return result;
+}
+
+/* configure(forward_train, forward_eval, backward, forward_train_stats, backward_stats,
+ * status_string, *bounds): the addresses of nbn_forward_train_f32, nbn_forward_eval_f32,
+ * nbn_backward_f32, nbn_forward_train_stats_f32, nbn_backward_stats_f32 and nbn_status_string,
+ * then the serial bounds of the three steps, in elements. */
 static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
                            Py_ssize_t nargs) {
-    if (nargs != 4 + STEPS) {
-        PyErr_SetString(PyExc_TypeError, "configure takes four addresses and three bounds");
+    if (nargs != ENTRY_POINTS + STEPS) {
+        PyErr_SetString(PyExc_TypeError, "configure takes six addresses and three bounds");
         return NULL;
     }
-    void *address[4];
+    void *address[ENTRY_POINTS];
     double bounds[STEPS];
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < ENTRY_POINTS; k++) {
         address[k] = PyLong_AsVoidPtr(args[k]);
         if (!address[k]) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a NULL entry point");
@@ -242,14 +370,16 @@ static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
         }
     }
     for (int step = 0; step < STEPS; step++) {
-        bounds[step] = PyFloat_AsDouble(args[4 + step]);
+        bounds[step] = PyFloat_AsDouble(args[ENTRY_POINTS + step]);
         if (bounds[step] == -1.0 && PyErr_Occurred()) return NULL;
     }
     /* the calls hold the GIL, as this does: none runs half configured */
     library.forward_train = (forward_train_fn)address[0];
     library.forward_eval = (forward_eval_fn)address[1];
     library.backward = (backward_fn)address[2];
-    library.status_string = (status_string_fn)address[3];
+    library.forward_train_stats = (forward_train_stats_fn)address[3];
+    library.backward_stats = (backward_stats_fn)address[4];
+    library.status_string = (status_string_fn)address[5];
     for (int step = 0; step < STEPS; step++) serial_below[step] = bounds[step];
     Py_RETURN_NONE;
 }
@@ -258,6 +388,8 @@ static PyMethodDef methods[] = {
     {"forward_train", (PyCFunction)(void (*)(void))forward_train, METH_FASTCALL, NULL},
     {"forward_eval", (PyCFunction)(void (*)(void))forward_eval, METH_FASTCALL, NULL},
     {"backward", (PyCFunction)(void (*)(void))backward, METH_FASTCALL, NULL},
+    {"batch_forward", (PyCFunction)(void (*)(void))batch_forward, METH_FASTCALL, NULL},
+    {"batch_backward", (PyCFunction)(void (*)(void))batch_backward, METH_FASTCALL, NULL},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
