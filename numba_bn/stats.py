@@ -47,13 +47,26 @@ _FAST_MATH_FLAGS = re.compile(
     r"\b(fadd|fsub|fmul|fdiv|frem|fneg|fcmp|call|phi|select)"
     r"((?: (?:fast|reassoc|nnan|ninf|nsz|arcp|contract|afn))+)(?= )"
 )
+
+
+def _contract_only(match):
+    """An instruction's opcode with, of its fast-math flags, only ``contract`` (``fast``
+    includes it)."""
+    flags = match.group(2).split()
+    return match.group(1) + (" contract" if "contract" in flags or "fast" in flags else "")
+
+
 _strict_copies = {}  # id(kernel's library) -> (its strict copy, the name it defines, the library)
 _strict_lock = threading.Lock()
 
 
 def strict_copy(context, compiled):
     """(library, symbol): ``compiled``'s function (a REDUCE_FASTMATH kernel), as Numba optimised
-    it, under a name of its own and without fast-math flags.
+    it, under a name of its own and without the fast-math flags that reorder (``contract``
+    stays: the backend fuses a multiply and the add it feeds into one FMA where they stand, and
+    without reordering they stand alike in every copy; without it a statistics pass ran up to
+    20% slower). The reductions run 2-6% slower than the reassociating copies did
+    (benchmarks/README.md, "Strict kernel copies").
 
     The flags let LLVM choose a reduction's order once, when the kernel is optimised on its own
     (vectorised, with its lanes added in the order it chose). Without them no later pass may
@@ -70,16 +83,16 @@ def strict_copy(context, compiled):
         hit = _strict_copies.get(key)
         if hit is not None:
             return hit[:2]
-        name = compiled.fndesc.mangled_name
+        name, codegen = compiled.fndesc.mangled_name, context.codegen()
         text = str(compiled.library._get_module_for_linking())
-        text = _FAST_MATH_FLAGS.sub(r"\1", text)
         symbol = "strict." + name
         text = re.sub(rf'@(")?{re.escape(name)}(?(1)")(?=[\s(,)])', f'@"{symbol}"', text)
         # defined (external) here, linked into callers as linkonce_odr; the module's other
         # functions (Numba's wrappers of the kernel) stay linkonce_odr, unused, and are dropped
         text = re.sub(rf'^define linkonce_odr (.*@"{re.escape(symbol)}"\()', r"define \1", text,
                       flags=re.MULTILINE)  # fmt: skip
-        library = context.codegen().create_library(f"strict.{compiled.library.name}")
+        text = _FAST_MATH_FLAGS.sub(_contract_only, text)
+        library = codegen.create_library(f"strict.{compiled.library.name}")
         library.add_llvm_module(ll.parse_assembly(text))
         library.finalize()
         _strict_copies[key] = library, symbol, compiled.library  # keeps the key's object alive
