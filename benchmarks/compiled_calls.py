@@ -6,7 +6,9 @@ process (benchmarks/README.md, "Compiled calls").
 PLUGIN_DIR: the ``--out`` of ``numba-bn build-plugin`` (with ``--cpu host`` for the JIT's bits).
 Each round times every call both ways (``timeit``, 2000 calls, min of 3) and PyTorch's aten ops
 (``native_batch_norm`` in training and eval, ``native_batch_norm_backward``, 2 threads); the
-table is the min over rounds, in us, float32.
+table is the min over rounds, in us, float32. "batch_norm train" updates running buffers;
+"BatchNorm step" is a layer's training forward and backward (PyTorch: the two aten ops a
+``torch.nn.BatchNorm1d`` step runs, without autograd's bookkeeping).
 """
 
 import argparse
@@ -29,10 +31,20 @@ def _cases(shape, rng):
     running_var = rng.uniform(0.5, 2, channels).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     _, mean, invstd = nbn.forward_train(x, w, b)
+    layer = nbn.BatchNorm(channels, dtype=np.float32)
+    layer.weight[:], layer.bias[:] = w, b
+    buffers = running_mean.copy(), running_var.copy()  # updated by every call, as a loop's
+
+    def layer_step():
+        layer(x)
+        layer.backward(dy)
+
     ours = {
         "fwd": lambda: nbn.forward_train(x, w, b),
         "eval": lambda: nbn.forward_eval(x, running_mean, running_var, w, b),
         "bwd": lambda: nbn.backward(dy, x, mean, invstd, w),
+        "batch_norm train": lambda: nbn.batch_norm(x, *buffers, w, b, training=True),
+        "BatchNorm step": layer_step,
     }
     try:
         import torch
@@ -42,7 +54,16 @@ def _cases(shape, rng):
     tx, tw, tb, tdy, trm, trv = map(torch.from_numpy, (x, w, b, dy, running_mean, running_var))
     aten = torch.ops.aten
     _, tmean, tinvstd = aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, 1e-5)
+    tbuffers = trm.clone(), trv.clone()
+
+    def torch_step():  # what torch.nn.BatchNorm's forward and backward run, without autograd
+        _, save_mean, save_invstd = aten.native_batch_norm(tx, tw, tb, *tbuffers, True, 0.1, 1e-5)
+        aten.native_batch_norm_backward(tdy, tx, tw, *tbuffers, save_mean, save_invstd, True,
+                                        1e-5, [True, True, True])  # fmt: skip
+
     theirs = {
+        "batch_norm train": lambda: aten.native_batch_norm(tx, tw, tb, *tbuffers, True, 0.1, 1e-5),
+        "BatchNorm step": torch_step,
         "fwd": lambda: aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, 1e-5),
         "eval": lambda: aten.native_batch_norm(tx, tw, tb, trm, trv, False, 0.1, 1e-5),
         "bwd": lambda: aten.native_batch_norm_backward(

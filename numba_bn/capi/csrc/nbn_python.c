@@ -195,14 +195,25 @@ static PyObject *library_error(int status) {
     return PyErr_Format(PyExc_RuntimeError, "libnumba_bn: %s", library.status_string(status));
 }
 
-/* The tuple of three new arrays (its references taken over), or NULL with the error of the
- * library's status or of an allocation that failed. */
-static PyObject *three(int status, PyObject *a, PyObject *b, PyObject *c) {
+/* The tuple of `n` new arrays (their references taken over; NULL where an allocation failed),
+ * then `count` when it is >= 0 (the values per channel that numba_bn.ops' results end with), or
+ * NULL with the error of the library's status or of the allocation. */
+static PyObject *results(int status, int n, PyObject *arrays[], int64_t count) {
     PyObject *result = NULL;
-    if (a && b && c) result = status == NBN_OK ? PyTuple_Pack(3, a, b, c) : library_error(status);
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    Py_XDECREF(c);
+    int made = 1;
+    for (int k = 0; k < n; k++) made = made && arrays[k];
+    if (made && status != NBN_OK) {
+        library_error(status);
+    } else if (made && (result = PyTuple_New(n + (count >= 0)))) {
+        for (int k = 0; k < n; k++) {
+            PyTuple_SET_ITEM(result, k, arrays[k]); /* steals the reference */
+            arrays[k] = NULL;
+        }
+        PyObject *values = count >= 0 ? PyLong_FromLongLong((long long)count) : NULL;
+        if (count >= 0 && !values) Py_CLEAR(result);
+        if (values) PyTuple_SET_ITEM(result, n, values);
+    }
+    for (int k = 0; k < n; k++) Py_XDECREF(arrays[k]);
     return result;
 }
 
@@ -224,7 +235,8 @@ static PyObject *forward_train(PyObject *Py_UNUSED(module), PyObject *const *arg
     if (y && mean && invstd)
         status = library.forward_train(data(args[0]), outer, channels, inner, weight, bias, eps,
                                        data(y), data(mean), data(invstd), NULL, NULL, 0.0);
-    return three(status, y, mean, invstd);
+    PyObject *arrays[] = {y, mean, invstd};
+    return results(status, 3, arrays, -1);
 }
 
 /* forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out, residual, activation,
@@ -270,22 +282,8 @@ static PyObject *backward(PyObject *Py_UNUSED(module), PyObject *const *args,
     if (dx && dweight && dbias)
         status = library.backward(data(args[0]), data(args[1]), outer, channels, inner, weight,
                                   mean, invstd, data(dx), data(dweight), data(dbias));
-    return three(status, dx, dweight, dbias);
-}
-
-/* The tuple (a, b, c, d, count) of four new arrays (their references taken over) and an int,
- * or NULL with the error of the library's status or of an allocation that failed. */
-static PyObject *four_and_count(int status, PyObject *a, PyObject *b, PyObject *c, PyObject *d,
-                                int64_t count) {
-    PyObject *result = NULL;
-    if (a && b && c && d)
-        result = status == NBN_OK ? Py_BuildValue("OOOOL", a, b, c, d, (long long)count)
-                                  : library_error(status);
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    Py_XDECREF(c);
-    Py_XDECREF(d);
-    return result;
+    PyObject *arrays[] = {dx, dweight, dbias};
+    return results(status, 3, arrays, -1);
 }
 
 /* batch_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased,
@@ -313,7 +311,8 @@ static PyObject *batch_forward(PyObject *Py_UNUSED(module), PyObject *const *arg
         status = library.forward_train_stats(
             data(args[0]), outer, channels, inner, weight, bias, eps, data(y), data64(mean),
             data64(invstd), data64(m2), running_mean, running_var, momentum, args[8] == Py_True);
-    return four_and_count(status, y, mean, invstd, m2, outer * inner);
+    PyObject *arrays[] = {y, mean, invstd, m2};
+    return results(status, 4, arrays, outer * inner);
 }
 
 /* batch_backward(dy, x, mean, invstd, weight, axis, out, backend, exchange, activation, y,
@@ -339,15 +338,8 @@ static PyObject *batch_backward(PyObject *Py_UNUSED(module), PyObject *const *ar
         status = library.backward_stats(data(args[0]), data(args[1]), outer, channels, inner,
                                         weight, mean, invstd, data(dx), data64(sum_dy),
                                         data64(sum_dy_xmu));
-    PyObject *result = NULL;
-    if (dx && sum_dy && sum_dy_xmu)
-        result = status == NBN_OK
-                     ? Py_BuildValue("OOOL", dx, sum_dy, sum_dy_xmu, (long long)(outer * inner))
-                     : library_error(status);
-    Py_XDECREF(dx);
-    Py_XDECREF(sum_dy);
-    Py_XDECREF(sum_dy_xmu);
-    return result;
+    PyObject *arrays[] = {dx, sum_dy, sum_dy_xmu};
+    return results(status, 3, arrays, outer * inner);
 }
 
 /* configure(forward_train, forward_eval, backward, forward_train_stats, backward_stats,
