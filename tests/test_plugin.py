@@ -1100,20 +1100,20 @@ def compiled_calls(host_build):
     nbn.use_compiled_calls(None)
 
 
-def _plain_calls(rng, shape, affine):
-    """The public calls the compiled calls serve, on a float32 batch drawn here (as closures)."""
-    x = random_batch(rng, shape, np.float32)
-    dy = random_batch(rng, shape, np.float32, mean_scale=1.0)
+def _plain_calls(rng, shape, affine, dtype=np.float32):
+    """The public calls the compiled calls serve, on a ``dtype`` batch drawn here (closures)."""
+    x = random_batch(rng, shape, dtype)
+    dy = random_batch(rng, shape, dtype, mean_scale=1.0)
     channels = shape[1]
-    weight = rng.uniform(0.5, 2.0, channels).astype(np.float32) if affine else None
-    bias = rng.standard_normal(channels).astype(np.float32) if affine else None
+    weight = rng.uniform(0.5, 2.0, channels).astype(dtype) if affine else None
+    bias = rng.standard_normal(channels).astype(dtype) if affine else None
     _, mean, invstd = nbn.forward_train(x, weight, bias)
-    running_var = rng.uniform(0.1, 3.0, channels).astype(np.float32)
-    bn = nbn.BatchNorm(channels, affine=affine, dtype=np.float32).eval()
+    running_var = rng.uniform(0.1, 3.0, channels).astype(dtype)
+    bn = nbn.BatchNorm(channels, affine=affine, dtype=dtype).eval()
     bn.running_mean[:], bn.running_var[:] = mean, running_var
     if affine:
         bn.weight[:], bn.bias[:] = weight, bias
-    running = rng.standard_normal(channels).astype(np.float32), running_var
+    running = rng.standard_normal(channels).astype(dtype), running_var
 
     def batch_norm_training():
         buffers = [b.copy() for b in running]
@@ -1121,7 +1121,7 @@ def _plain_calls(rng, shape, affine):
         return y, *buffers
 
     def layer_steps():  # two training steps (torch's convention) and their backward
-        layer = nbn.BatchNorm(channels, affine=affine, dtype=np.float32)
+        layer = nbn.BatchNorm(channels, affine=affine, dtype=dtype)
         if affine:
             layer.weight[:], layer.bias[:] = weight, bias
         results = []
@@ -1167,16 +1167,19 @@ def _as_tuple(result):
 SERVED_SHAPES = [(64, 32), (16, 5), (2, 3), (7, 3, 11), (8, 16, 8, 8), (3, 4, 5, 6), (64, 256)]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", SERVED_SHAPES)
-def test_compiled_calls_give_the_bits_of_the_python_path(rng, plugin_backend, host_build,
-                                                         monkeypatch, shape, affine):  # fmt: skip
-    """The plain float32 calls, served without the Python path, give its bits (the JIT's): y,
-    the statistics, eval's y, dx and the parameter gradients, new arrays of its dtypes and
-    shapes. With the portable build loaded first (plugin_backend), as in a session that uses
-    both: the host build's calls must run the host build."""
-    expected, served = _python_then_compiled(_plain_calls(rng, shape, affine), host_build,
-                                             monkeypatch)  # fmt: skip
+def test_compiled_calls_give_the_bits_of_the_python_path(
+    rng, plugin_backend, host_build, monkeypatch, shape, affine, dtype
+):
+    """The plain calls, served without the Python path, give its bits (the JIT's), float64
+    included: y, the statistics, eval's y, dx, the parameter gradients and running buffers, the
+    layer's training steps, new arrays of its dtypes and shapes. With the portable build loaded
+    first (plugin_backend), as in a session that uses both: the host build's calls must run the
+    host build."""
+    expected, served = _python_then_compiled(_plain_calls(rng, shape, affine, dtype),
+                                             host_build, monkeypatch)  # fmt: skip
     for name, arrays in expected.items():
         for got, want in zip(served[name], arrays, strict=True):
             assert type(got) is np.ndarray and got.flags.c_contiguous and got.flags.writeable
@@ -1186,22 +1189,26 @@ def test_compiled_calls_give_the_bits_of_the_python_path(rng, plugin_backend, ho
 
 
 LAYER_OPTIONS = [{"convention": "keras"}, {"convention": "flax"}, {"convention": "onnx"},
-                 {"momentum": None}, {"track_running_stats": False}]  # fmt: skip
+                 {"momentum": None}, {"track_running_stats": False},
+                 {"convention": "keras", "dtype": np.float64}]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "options", LAYER_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+    "options",
+    LAYER_OPTIONS,
+    ids=lambda o: ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in o.items()),
 )
 def test_compiled_calls_train_the_layer_as_the_python_path(rng, host_build, monkeypatch, options):
     """BatchNorm's training steps served without the Python path give its bits in every running
     convention (the biased batch variance of Keras, Flax and ONNX; PyTorch's cumulative average;
     no running statistics): y, dx, the running buffers, the gradients, num_batches_tracked."""
-    x = random_batch(rng, (32, 6, 5), np.float32)
-    dy = random_batch(rng, (32, 6, 5), np.float32, mean_scale=1.0)
+    options = {"dtype": np.float32, **options}
+    x = random_batch(rng, (32, 6, 5), options["dtype"])
+    dy = random_batch(rng, (32, 6, 5), options["dtype"], mean_scale=1.0)
     weight, bias = rng.uniform(0.5, 2.0, 6), rng.standard_normal(6)
 
     def steps():
-        bn = nbn.BatchNorm(6, axis=1, dtype=np.float32, **options)
+        bn = nbn.BatchNorm(6, axis=1, **options)
         bn.weight[:], bn.bias[:] = weight, bias
         results = []
         for step in range(3):  # batches that drift, so that the running statistics move
@@ -1247,8 +1254,11 @@ def _declined_calls(rng):
     read_only = invstd.copy()
     read_only.flags.writeable = False
     return {
-        "float64": lambda: nbn.forward_train(x.astype(np.float64)),
         "float16": lambda: nbn.forward_train(x.astype(np.float16)),
+        "float64 x, float32 weight": lambda: nbn.forward_train(x64, w),
+        "batch_norm, training, float64 x, float32 buffers": lambda: nbn.batch_norm(
+            x64, mean.copy(), invstd.copy(), training=True
+        ),
         "channels last": lambda: nbn.forward_train(x4, axis=-1),
         "axis -1 of a matrix": lambda: nbn.forward_train(x, axis=-1),
         "out": lambda: nbn.forward_train(x, out=np.empty_like(x)),
@@ -1267,7 +1277,6 @@ def _declined_calls(rng):
         "parallel-sized": lambda: nbn.forward_train(big),
         "eval, float64 running_var": lambda: nbn.forward_eval(x, mean, invstd.astype(np.float64)),
         "eval, out": lambda: nbn.forward_eval(x, mean, invstd, out=x.copy()),
-        "batch_norm, training, float64": lambda: nbn.batch_norm(x64, None, None, training=True),
         "batch_norm, training, momentum 1.5": lambda: nbn.batch_norm(
             x, mean.copy(), invstd.copy(), training=True, momentum=1.5
         ),
@@ -1282,9 +1291,7 @@ def _declined_calls(rng):
         "BatchNorm, training, nan_policy": lambda: nbn.BatchNorm(6, nan_policy="raise")(x),
         "BatchNorm, training, residual": lambda: nbn.BatchNorm(6)(x, residual=x),
         "BatchNorm, training, out": lambda: nbn.BatchNorm(6)(x, out=np.empty_like(x)),
-        "BatchNorm, training, float64": lambda: nbn.BatchNorm(6, dtype=np.float64)(x64),
         "BatchNorm, eval, relu": lambda: nbn.BatchNorm(6, activation="relu").eval()(x),
-        "BatchNorm, eval, float64": lambda: nbn.BatchNorm(6, dtype=np.float64).eval()(x64),
         "batch_norm, eval, relu": lambda: nbn.batch_norm(x, mean, invstd, activation="relu"),
         "eval, parallel-sized": lambda: nbn.forward_eval(
             random_batch(rng, (1024, 512), np.float32),

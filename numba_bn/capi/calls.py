@@ -8,16 +8,16 @@ calls").
 ``NUMBA_BN_COMPILED_CALLS`` names such a directory; from then on :func:`numba_bn.forward_train`,
 :func:`numba_bn.forward_eval`, :func:`numba_bn.backward`, :func:`numba_bn.batch_norm` and
 ``BatchNorm`` (through ``ops.batch_forward`` and ``ops.batch_backward`` in training, with the
-float64 statistics of ABI 1.4) hand it their arguments first. It serves float32 NumPy arrays with
-the channels on axis 1, without ``out``, ``mask``, ``residual`` or ``activation``, on the host,
-at the sizes the JIT backend runs serially (its cost model, :func:`numba_bn.cpu.serial_below`);
-it declines anything else (NotImplemented) and the Python path runs as before, its checks and
-errors included. A served call compiles nothing. Its results are the JIT backend's bits with
-the host build (``--cpu host`` compiles the same kernels for this CPU); the portable build's
-AVX-512 or AVX2 variant may differ in the last bit.
+float64 statistics of ABI 1.4) hand it their arguments first. It serves float32 and float64
+NumPy arrays with the channels on axis 1, without ``out``, ``mask``, ``residual`` or
+``activation``, on the host, at the sizes the JIT backend runs serially (its cost model,
+:func:`numba_bn.cpu.serial_below`); it declines anything else (NotImplemented) and the Python
+path runs as before, its checks and errors included. A served call compiles nothing. Its
+results are the JIT backend's bits with the host build (``--cpu host`` compiles the same kernels
+for this CPU); the portable build's AVX-512 or AVX2 variant may differ in the last bit.
 
-Not served yet: float64 (the extension has no float64 functions; since the strict kernel copies
-of :func:`numba_bn.stats.strict_copy` the host build gives the JIT's float64 bits too).
+float64 is served since the strict kernel copies (:func:`numba_bn.stats.strict_copy`) made the
+JIT's float64 bits the same in every process and in the host build.
 """
 
 import ctypes
@@ -36,9 +36,12 @@ from .build import LIBRARY_NAME
 
 MODULE_NAME = "_numba_bn_calls"
 #: The entry points and the steps of the extension's ``configure``, in its order.
-ENTRY_POINTS = ("nbn_forward_train_f32", "nbn_forward_eval_f32", "nbn_backward_f32",
-                "nbn_forward_train_stats_f32", "nbn_backward_stats_f32",
-                "nbn_status_string")  # fmt: skip
+ENTRY_POINTS = (
+    *(f"nbn_{op}_{t}" for t in ("f32", "f64")
+      for op in ("forward_train", "forward_eval", "backward", "forward_train_stats",
+                 "backward_stats")),
+    "nbn_status_string",
+)  # fmt: skip
 ABI_MINOR = 4  # the first with the _stats entry points
 STEPS = ("forward_train", "forward_eval", "backward")
 #: The environment variable ``import numba_bn`` reads: a directory to use compiled calls from.

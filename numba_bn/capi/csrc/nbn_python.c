@@ -3,10 +3,10 @@
  * library when Python's and NumPy's headers are there).
  *
  * forward_train, forward_eval and backward take every argument of the public function of that
- * name, positionally, in its order. A call they serve: float32 NumPy arrays (exactly ndarray,
- * C-contiguous, aligned, native byte order), channels on axis 1 of a rank >= 2 x, per-channel
- * vectors of x's dtype and length (weight and bias may be None; a running variance without a
- * negative value), a float eps > 0, no out, mask, residual or activation, nan_policy
+ * name, positionally, in its order. A call they serve: float32 or float64 NumPy arrays (exactly
+ * ndarray, C-contiguous, aligned, native byte order), channels on axis 1 of a rank >= 2 x,
+ * per-channel vectors of x's dtype and length (weight and bias may be None; a running variance
+ * without a negative value), a float eps > 0, no out, mask, residual or activation, nan_policy
  * "propagate", backend "cpu", device "auto" or "cpu", and a size the JIT backend runs serially
  * (below the bounds `configure` sets from its cost model, so that the library's worker threads
  * never run beside Numba's). Everything else returns NotImplemented, and the Python path takes
@@ -15,13 +15,13 @@
  * batch_forward and batch_backward (1.4 entry points) take the arguments of numba_bn.ops'
  * functions of those names, which BatchNorm and batch_norm call in training, and return what
  * they return (the float64 statistics and sums as the kernels keep them, and the count of values
- * per channel): with running buffers (writable float32 vectors, a float momentum in [0, 1] and
- * a bool `unbiased`) or without, and the backward given float64 statistics.
+ * per channel): with running buffers (writable vectors of x's dtype, a float momentum in
+ * [0, 1] and a bool `unbiased`) or without, and the backward given float64 statistics.
  *
- * The host build gives the JIT's bits, which is what makes these calls interchangeable with the
- * Python path. float32 only, for now: nothing here calls the _f64 entry points. forward_train's
- * statistics come back in float32 as the Python path's do (the library rounds the same float64
- * values), and the GIL is held as the JIT's serial drivers hold it.
+ * The host build gives the JIT's bits in both dtypes (since the strict kernel copies of stop 27,
+ * float64 too), which is what makes these calls interchangeable with the Python path.
+ * forward_train's statistics come back in x's dtype as the Python path's do (the library rounds
+ * the same float64 values), and the GIL is held as the JIT's serial drivers hold it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -33,42 +33,107 @@
 #include "numba_bn.h"
 
 enum { FORWARD_TRAIN, FORWARD_EVAL, BACKWARD, STEPS };
-enum { ENTRY_POINTS = 6 }; /* the addresses `configure` takes, in the order of `library` */
 
 /* The library's entry points, which `configure` takes as addresses from ctypes: the extension
  * does not link the library, whose soname the dynamic loader would match to whichever build of
  * it the process loaded first (the portable one beside a host one, say). The types are checked
  * against numba_bn.h's prototypes; _Generic does not evaluate them, so nothing is linked. */
-typedef int (*forward_train_fn)(const float *, int64_t, int64_t, int64_t, const float *,
-                                const float *, double, float *, float *, float *, float *, float *,
-                                double);
-typedef int (*forward_eval_fn)(const float *, int64_t, int64_t, int64_t, const float *,
-                               const float *, const float *, const float *, double, float *);
-typedef int (*backward_fn)(const float *, const float *, int64_t, int64_t, int64_t, const float *,
-                           const float *, const float *, float *, float *, float *);
-typedef int (*forward_train_stats_fn)(const float *, int64_t, int64_t, int64_t, const float *,
-                                      const float *, double, float *, double *, double *,
-                                      double *, float *, float *, double, int);
-typedef int (*backward_stats_fn)(const float *, const float *, int64_t, int64_t, int64_t,
-                                 const float *, const double *, const double *, float *,
-                                 double *, double *);
+#define ENTRY_POINT_TYPES(T, SUFFIX)                                                              \
+    typedef int (*forward_train_##SUFFIX)(const T *, int64_t, int64_t, int64_t, const T *,       \
+                                          const T *, double, T *, T *, T *, T *, T *, double);    \
+    typedef int (*forward_eval_##SUFFIX)(const T *, int64_t, int64_t, int64_t, const T *,        \
+                                         const T *, const T *, const T *, double, T *);           \
+    typedef int (*backward_##SUFFIX)(const T *, const T *, int64_t, int64_t, int64_t, const T *, \
+                                     const T *, const T *, T *, T *, T *);                        \
+    typedef int (*forward_train_stats_##SUFFIX)(const T *, int64_t, int64_t, int64_t, const T *, \
+                                                const T *, double, T *, double *, double *,       \
+                                                double *, T *, T *, double, int);                 \
+    typedef int (*backward_stats_##SUFFIX)(const T *, const T *, int64_t, int64_t, int64_t,      \
+                                           const T *, const double *, const double *, T *,        \
+                                           double *, double *);                                   \
+    _Static_assert(_Generic(&nbn_forward_train_##SUFFIX, forward_train_##SUFFIX: 1, default: 0), \
+                   "ABI");                                                                        \
+    _Static_assert(_Generic(&nbn_forward_eval_##SUFFIX, forward_eval_##SUFFIX: 1, default: 0),   \
+                   "ABI");                                                                        \
+    _Static_assert(_Generic(&nbn_backward_##SUFFIX, backward_##SUFFIX: 1, default: 0), "ABI");   \
+    _Static_assert(_Generic(&nbn_forward_train_stats_##SUFFIX,                                   \
+                            forward_train_stats_##SUFFIX: 1, default: 0),                         \
+                   "ABI");                                                                        \
+    _Static_assert(_Generic(&nbn_backward_stats_##SUFFIX, backward_stats_##SUFFIX: 1, default: 0), \
+                   "ABI");                                                                        \
+    typedef struct {                                                                             \
+        forward_train_##SUFFIX forward_train;                                                    \
+        forward_eval_##SUFFIX forward_eval;                                                      \
+        backward_##SUFFIX backward;                                                              \
+        forward_train_stats_##SUFFIX forward_train_stats;                                        \
+        backward_stats_##SUFFIX backward_stats;                                                  \
+    } entry_points_##SUFFIX;
+
+ENTRY_POINT_TYPES(float, f32)
+ENTRY_POINT_TYPES(double, f64)
+#undef ENTRY_POINT_TYPES
+
 typedef const char *(*status_string_fn)(int);
-_Static_assert(_Generic(&nbn_forward_train_f32, forward_train_fn: 1, default: 0), "ABI");
-_Static_assert(_Generic(&nbn_forward_eval_f32, forward_eval_fn: 1, default: 0), "ABI");
-_Static_assert(_Generic(&nbn_backward_f32, backward_fn: 1, default: 0), "ABI");
-_Static_assert(_Generic(&nbn_forward_train_stats_f32, forward_train_stats_fn: 1, default: 0),
-               "ABI");
-_Static_assert(_Generic(&nbn_backward_stats_f32, backward_stats_fn: 1, default: 0), "ABI");
 _Static_assert(_Generic(&nbn_status_string, status_string_fn: 1, default: 0), "ABI");
 
+enum { DTYPE_ENTRY_POINTS = 5, ENTRY_POINTS = 2 * DTYPE_ENTRY_POINTS + 1 };
 static struct {
-    forward_train_fn forward_train;
-    forward_eval_fn forward_eval;
-    backward_fn backward;
-    forward_train_stats_fn forward_train_stats;
-    backward_stats_fn backward_stats;
+    entry_points_f32 f32;
+    entry_points_f64 f64;
     status_string_fn status_string;
 } library;
+
+/* The library's calls for a tensor type (f64: double, else float), the tensors as void *. */
+static int lib_forward_train(int f64, const void *x, int64_t outer, int64_t channels,
+                             int64_t inner, const void *weight, const void *bias, double eps,
+                             void *y, void *mean, void *invstd) {
+    return f64 ? library.f64.forward_train(x, outer, channels, inner, weight, bias, eps, y, mean,
+                                           invstd, NULL, NULL, 0.0)
+               : library.f32.forward_train(x, outer, channels, inner, weight, bias, eps, y, mean,
+                                           invstd, NULL, NULL, 0.0);
+}
+
+static int lib_forward_eval(int f64, const void *x, int64_t outer, int64_t channels,
+                            int64_t inner, const void *weight, const void *bias,
+                            const void *running_mean, const void *running_var, double eps,
+                            void *y) {
+    return f64 ? library.f64.forward_eval(x, outer, channels, inner, weight, bias, running_mean,
+                                          running_var, eps, y)
+               : library.f32.forward_eval(x, outer, channels, inner, weight, bias, running_mean,
+                                          running_var, eps, y);
+}
+
+static int lib_backward(int f64, const void *dy, const void *x, int64_t outer, int64_t channels,
+                        int64_t inner, const void *weight, const void *mean, const void *invstd,
+                        void *dx, void *dweight, void *dbias) {
+    return f64 ? library.f64.backward(dy, x, outer, channels, inner, weight, mean, invstd, dx,
+                                      dweight, dbias)
+               : library.f32.backward(dy, x, outer, channels, inner, weight, mean, invstd, dx,
+                                      dweight, dbias);
+}
+
+static int lib_forward_train_stats(int f64, const void *x, int64_t outer, int64_t channels,
+                                   int64_t inner, const void *weight, const void *bias,
+                                   double eps, void *y, double *mean, double *invstd, double *m2,
+                                   void *running_mean, void *running_var, double momentum,
+                                   int unbiased) {
+    return f64 ? library.f64.forward_train_stats(x, outer, channels, inner, weight, bias, eps, y,
+                                                 mean, invstd, m2, running_mean, running_var,
+                                                 momentum, unbiased)
+               : library.f32.forward_train_stats(x, outer, channels, inner, weight, bias, eps, y,
+                                                 mean, invstd, m2, running_mean, running_var,
+                                                 momentum, unbiased);
+}
+
+static int lib_backward_stats(int f64, const void *dy, const void *x, int64_t outer,
+                              int64_t channels, int64_t inner, const void *weight,
+                              const double *mean, const double *invstd, void *dx, double *sum_dy,
+                              double *sum_dy_xmu) {
+    return f64 ? library.f64.backward_stats(dy, x, outer, channels, inner, weight, mean, invstd,
+                                            dx, sum_dy, sum_dy_xmu)
+               : library.f32.backward_stats(dy, x, outer, channels, inner, weight, mean, invstd,
+                                            dx, sum_dy, sum_dy_xmu);
+}
 
 /* Sizes (elements) from which the JIT backend may run a step in parallel: calls this large go to
  * the Python path. 0, and so nothing served, until `configure` sets them. */
@@ -82,60 +147,53 @@ static int plain_array_of(PyObject *a, int type) {
            PyArray_CHKFLAGS(array, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
 }
 
-static int plain_array(PyObject *a) { return plain_array_of(a, NPY_FLOAT32); }
-
-/* None, or a plain float32 vector of `channels` values (a NULL pointer or its data in *data). */
-static int vector_or_none(PyObject *a, int64_t channels, float **data) {
+/* None, or a plain vector of `type` and `channels` values (a NULL pointer or its data in *data). */
+static int vector_or_none(PyObject *a, int type, int64_t channels, void **data) {
     if (a == Py_None) {
         *data = NULL;
         return 1;
     }
-    if (!plain_array(a) || PyArray_NDIM((PyArrayObject *)a) != 1 ||
+    if (!plain_array_of(a, type) || PyArray_NDIM((PyArrayObject *)a) != 1 ||
         PyArray_DIM((PyArrayObject *)a, 0) != channels)
         return 0;
     *data = PyArray_DATA((PyArrayObject *)a);
     return 1;
 }
 
-static int vector(PyObject *a, int64_t channels, float **data) {
-    return a != Py_None && vector_or_none(a, channels, data);
+static int vector(PyObject *a, int type, int64_t channels, void **data) {
+    return a != Py_None && vector_or_none(a, type, channels, data);
 }
 
 /* Running buffers the forward updates in place: both None (*mean and *var NULL), or both
- * writable float32 vectors of `channels` values. */
-static int running_buffers(PyObject *mean, PyObject *var, int64_t channels, float **mean_data,
-                           float **var_data) {
+ * writable vectors of `type` and `channels` values. */
+static int running_buffers(PyObject *mean, PyObject *var, int type, int64_t channels,
+                           void **mean_data, void **var_data) {
     if (mean == Py_None && var == Py_None) {
         *mean_data = *var_data = NULL;
         return 1;
     }
-    return vector(mean, channels, mean_data) && vector(var, channels, var_data) &&
+    return vector(mean, type, channels, mean_data) && vector(var, type, channels, var_data) &&
            PyArray_ISWRITEABLE((PyArrayObject *)mean) && PyArray_ISWRITEABLE((PyArrayObject *)var);
-}
-
-/* A saved statistic: a float64 vector of `channels` values. */
-static int statistic(PyObject *a, int64_t channels, double **data) {
-    if (!plain_array_of(a, NPY_FLOAT64) || PyArray_NDIM((PyArrayObject *)a) != 1 ||
-        PyArray_DIM((PyArrayObject *)a, 0) != channels)
-        return 0;
-    *data = PyArray_DATA((PyArrayObject *)a);
-    return 1;
 }
 
 /* A running variance with no value below zero (NaN passes): the Python path raises for one, as
  * numba_bn.stats.first_negative finds it. */
-static int variance(PyObject *a, int64_t channels, float **data) {
-    if (!vector(a, channels, data)) return 0;
+static int variance(PyObject *a, int type, int64_t channels, void **data) {
+    if (!vector(a, type, channels, data)) return 0;
     for (int64_t c = 0; c < channels; c++)
-        if ((*data)[c] < 0) return 0;
+        if (type == NPY_FLOAT64 ? ((double *)*data)[c] < 0 : ((float *)*data)[c] < 0) return 0;
     return 1;
 }
 
-/* x as (outer, channels, inner) with the channels on axis 1, at least two values per channel
- * and fewer than serial_below[step] elements in all. */
-static int plain_view(PyObject *x, int step, int64_t *outer, int64_t *channels, int64_t *inner) {
-    if (!plain_array(x)) return 0;
+/* x as (outer, channels, inner): a plain float32 or float64 array (its type in *type) with the
+ * channels on axis 1, at least two values per channel and fewer than serial_below[step]
+ * elements in all. */
+static int plain_view(PyObject *x, int step, int *type, int64_t *outer, int64_t *channels,
+                      int64_t *inner) {
+    if (!PyArray_CheckExact(x)) return 0;
     PyArrayObject *array = (PyArrayObject *)x;
+    *type = PyArray_TYPE(array);
+    if ((*type != NPY_FLOAT32 && *type != NPY_FLOAT64) || !plain_array_of(x, *type)) return 0;
     int rank = PyArray_NDIM(array);
     if (rank < 2) return 0;
     const npy_intp *dims = PyArray_DIMS(array);
@@ -145,6 +203,12 @@ static int plain_view(PyObject *x, int step, int64_t *outer, int64_t *channels, 
     for (int k = 2; k < rank; k++) *inner *= dims[k];
     return *channels >= 1 && *outer * *inner >= 2 &&
            (double)PyArray_SIZE(array) < serial_below[step];
+}
+
+/* dy: a plain array of x's type and shape. */
+static int like(PyObject *dy, PyObject *x, int type) {
+    return plain_array_of(dy, type) &&
+           PyArray_SAMESHAPE((PyArrayObject *)dy, (PyArrayObject *)x);
 }
 
 static int is_none(PyObject *a) { return a == Py_None; }
@@ -167,28 +231,24 @@ static int positive_eps(PyObject *eps, double *value) {
     return *value > 0.0 && isfinite(*value);
 }
 
-static PyObject *new_like(PyObject *x) {
-    PyArrayObject *array = (PyArrayObject *)x;
-    return PyArray_SimpleNew(PyArray_NDIM(array), PyArray_DIMS(array), NPY_FLOAT32);
-}
-
-static PyObject *new_vector_of(int64_t channels, int type) {
-    npy_intp length = (npy_intp)channels;
-    return PyArray_SimpleNew(1, &length, type);
-}
-
-static PyObject *new_vector(int64_t channels) { return new_vector_of(channels, NPY_FLOAT32); }
-
-static float *data(PyObject *array) { return PyArray_DATA((PyArrayObject *)array); }
-
-static double *data64(PyObject *array) { return PyArray_DATA((PyArrayObject *)array); }
-
 /* A float momentum in [0, 1] (NaN is not). */
 static int momentum_value(PyObject *momentum, double *value) {
     if (!PyFloat_CheckExact(momentum)) return 0;
     *value = PyFloat_AS_DOUBLE(momentum);
     return *value >= 0.0 && *value <= 1.0;
 }
+
+static PyObject *new_like(PyObject *x) {
+    PyArrayObject *array = (PyArrayObject *)x;
+    return PyArray_SimpleNew(PyArray_NDIM(array), PyArray_DIMS(array), PyArray_TYPE(array));
+}
+
+static PyObject *new_vector(int64_t channels, int type) {
+    npy_intp length = (npy_intp)channels;
+    return PyArray_SimpleNew(1, &length, type);
+}
+
+static void *data(PyObject *array) { return PyArray_DATA((PyArrayObject *)array); }
 
 /* NULL, with the library's status as a RuntimeError (arguments it refuses never reach it). */
 static PyObject *library_error(int status) {
@@ -221,20 +281,23 @@ static PyObject *results(int status, int n, PyObject *arrays[], int64_t count) {
  * device) -> (y, mean, invstd), or NotImplemented */
 static PyObject *forward_train(PyObject *Py_UNUSED(module), PyObject *const *args,
                                Py_ssize_t nargs) {
+    int type;
     int64_t outer, channels, inner;
-    float *weight, *bias;
+    void *weight, *bias;
     double eps;
-    if (nargs != 12 || !plain_view(args[0], FORWARD_TRAIN, &outer, &channels, &inner) ||
-        !vector_or_none(args[1], channels, &weight) || !vector_or_none(args[2], channels, &bias) ||
-        !positive_eps(args[3], &eps) || !axis_one(args[4]) || !is_none(args[5]) ||
-        !is_str(args[6], "propagate") || !is_none(args[7]) || !is_none(args[8]) ||
-        !is_none(args[9]) || !is_str(args[10], "cpu") || !host_device(args[11]))
+    if (nargs != 12 || !plain_view(args[0], FORWARD_TRAIN, &type, &outer, &channels, &inner) ||
+        !vector_or_none(args[1], type, channels, &weight) ||
+        !vector_or_none(args[2], type, channels, &bias) || !positive_eps(args[3], &eps) ||
+        !axis_one(args[4]) || !is_none(args[5]) || !is_str(args[6], "propagate") ||
+        !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) ||
+        !is_str(args[10], "cpu") || !host_device(args[11]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *y = new_like(args[0]), *mean = new_vector(channels), *invstd = new_vector(channels);
+    PyObject *y = new_like(args[0]), *mean = new_vector(channels, type),
+             *invstd = new_vector(channels, type);
     int status = NBN_OK;
     if (y && mean && invstd)
-        status = library.forward_train(data(args[0]), outer, channels, inner, weight, bias, eps,
-                                       data(y), data(mean), data(invstd), NULL, NULL, 0.0);
+        status = lib_forward_train(type == NPY_FLOAT64, data(args[0]), outer, channels, inner,
+                                   weight, bias, eps, data(y), data(mean), data(invstd));
     PyObject *arrays[] = {y, mean, invstd};
     return results(status, 3, arrays, -1);
 }
@@ -243,20 +306,22 @@ static PyObject *forward_train(PyObject *Py_UNUSED(module), PyObject *const *arg
  * backend, device) -> y, or NotImplemented */
 static PyObject *forward_eval(PyObject *Py_UNUSED(module), PyObject *const *args,
                               Py_ssize_t nargs) {
+    int type;
     int64_t outer, channels, inner;
-    float *running_mean, *running_var, *weight, *bias;
+    void *running_mean, *running_var, *weight, *bias;
     double eps;
-    if (nargs != 12 || !plain_view(args[0], FORWARD_EVAL, &outer, &channels, &inner) ||
-        !vector(args[1], channels, &running_mean) || !variance(args[2], channels, &running_var) ||
-        !vector_or_none(args[3], channels, &weight) || !vector_or_none(args[4], channels, &bias) ||
-        !positive_eps(args[5], &eps) || !axis_one(args[6]) || !is_none(args[7]) ||
-        !is_none(args[8]) || !is_none(args[9]) || !is_str(args[10], "cpu") ||
-        !host_device(args[11]))
+    if (nargs != 12 || !plain_view(args[0], FORWARD_EVAL, &type, &outer, &channels, &inner) ||
+        !vector(args[1], type, channels, &running_mean) ||
+        !variance(args[2], type, channels, &running_var) ||
+        !vector_or_none(args[3], type, channels, &weight) ||
+        !vector_or_none(args[4], type, channels, &bias) || !positive_eps(args[5], &eps) ||
+        !axis_one(args[6]) || !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) ||
+        !is_str(args[10], "cpu") || !host_device(args[11]))
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *y = new_like(args[0]);
     if (!y) return NULL;
-    int status = library.forward_eval(data(args[0]), outer, channels, inner, weight, bias,
-                                      running_mean, running_var, eps, data(y));
+    int status = lib_forward_eval(type == NPY_FLOAT64, data(args[0]), outer, channels, inner,
+                                  weight, bias, running_mean, running_var, eps, data(y));
     if (status == NBN_OK) return y;
     Py_DECREF(y);
     return library_error(status);
@@ -266,22 +331,22 @@ static PyObject *forward_eval(PyObject *Py_UNUSED(module), PyObject *const *args
  * device) -> (dx, dweight, dbias), or NotImplemented */
 static PyObject *backward(PyObject *Py_UNUSED(module), PyObject *const *args,
                           Py_ssize_t nargs) {
+    int type;
     int64_t outer, channels, inner;
-    float *mean, *invstd, *weight;
-    if (nargs != 13 || !plain_view(args[1], BACKWARD, &outer, &channels, &inner) ||
-        !plain_array(args[0]) ||
-        !PyArray_SAMESHAPE((PyArrayObject *)args[0], (PyArrayObject *)args[1]) ||
-        !vector(args[2], channels, &mean) || !vector(args[3], channels, &invstd) ||
-        !vector_or_none(args[4], channels, &weight) || !axis_one(args[5]) || !is_none(args[6]) ||
-        !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) || !is_none(args[10]) ||
-        !is_str(args[11], "cpu") || !host_device(args[12]))
+    void *mean, *invstd, *weight;
+    if (nargs != 13 || !plain_view(args[1], BACKWARD, &type, &outer, &channels, &inner) ||
+        !like(args[0], args[1], type) || !vector(args[2], type, channels, &mean) ||
+        !vector(args[3], type, channels, &invstd) ||
+        !vector_or_none(args[4], type, channels, &weight) || !axis_one(args[5]) ||
+        !is_none(args[6]) || !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) ||
+        !is_none(args[10]) || !is_str(args[11], "cpu") || !host_device(args[12]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *dx = new_like(args[1]), *dweight = new_vector(channels),
-             *dbias = new_vector(channels);
+    PyObject *dx = new_like(args[1]), *dweight = new_vector(channels, type),
+             *dbias = new_vector(channels, type);
     int status = NBN_OK;
     if (dx && dweight && dbias)
-        status = library.backward(data(args[0]), data(args[1]), outer, channels, inner, weight,
-                                  mean, invstd, data(dx), data(dweight), data(dbias));
+        status = lib_backward(type == NPY_FLOAT64, data(args[0]), data(args[1]), outer, channels,
+                              inner, weight, mean, invstd, data(dx), data(dweight), data(dbias));
     PyObject *arrays[] = {dx, dweight, dbias};
     return results(status, 3, arrays, -1);
 }
@@ -291,26 +356,28 @@ static PyObject *backward(PyObject *Py_UNUSED(module), PyObject *const *args,
  * count) as numba_bn.ops.TrainResult (statistics float64), or NotImplemented */
 static PyObject *batch_forward(PyObject *Py_UNUSED(module), PyObject *const *args,
                                Py_ssize_t nargs) {
+    int type;
     int64_t outer, channels, inner;
-    float *weight, *bias, *running_mean, *running_var;
+    void *weight, *bias, *running_mean, *running_var;
     double eps, momentum = 0.0;
-    if (nargs != 16 || !plain_view(args[0], FORWARD_TRAIN, &outer, &channels, &inner) ||
-        !vector_or_none(args[1], channels, &weight) || !vector_or_none(args[2], channels, &bias) ||
-        !positive_eps(args[3], &eps) || !axis_one(args[4]) ||
-        !running_buffers(args[5], args[6], channels, &running_mean, &running_var) ||
+    if (nargs != 16 || !plain_view(args[0], FORWARD_TRAIN, &type, &outer, &channels, &inner) ||
+        !vector_or_none(args[1], type, channels, &weight) ||
+        !vector_or_none(args[2], type, channels, &bias) || !positive_eps(args[3], &eps) ||
+        !axis_one(args[4]) ||
+        !running_buffers(args[5], args[6], type, channels, &running_mean, &running_var) ||
         (running_mean && (!momentum_value(args[7], &momentum) || !PyBool_Check(args[8]))) ||
         !is_str(args[9], "propagate") || !is_none(args[10]) || !is_str(args[11], "cpu") ||
         !is_none(args[12]) || !is_none(args[13]) || !is_none(args[14]) ||
         !host_device(args[15]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *y = new_like(args[0]), *mean = new_vector_of(channels, NPY_FLOAT64),
-             *invstd = new_vector_of(channels, NPY_FLOAT64),
-             *m2 = new_vector_of(channels, NPY_FLOAT64);
+    PyObject *y = new_like(args[0]), *mean = new_vector(channels, NPY_FLOAT64),
+             *invstd = new_vector(channels, NPY_FLOAT64), *m2 = new_vector(channels, NPY_FLOAT64);
     int status = NBN_OK;
     if (y && mean && invstd && m2)
-        status = library.forward_train_stats(
-            data(args[0]), outer, channels, inner, weight, bias, eps, data(y), data64(mean),
-            data64(invstd), data64(m2), running_mean, running_var, momentum, args[8] == Py_True);
+        status = lib_forward_train_stats(type == NPY_FLOAT64, data(args[0]), outer, channels,
+                                         inner, weight, bias, eps, data(y), data(mean),
+                                         data(invstd), data(m2), running_mean, running_var,
+                                         momentum, args[8] == Py_True);
     PyObject *arrays[] = {y, mean, invstd, m2};
     return results(status, 4, arrays, outer * inner);
 }
@@ -320,36 +387,35 @@ static PyObject *batch_forward(PyObject *Py_UNUSED(module), PyObject *const *arg
  * (mean, invstd and the sums float64), or NotImplemented */
 static PyObject *batch_backward(PyObject *Py_UNUSED(module), PyObject *const *args,
                                 Py_ssize_t nargs) {
+    int type;
     int64_t outer, channels, inner;
-    double *mean, *invstd;
-    float *weight;
-    if (nargs != 13 || !plain_view(args[1], BACKWARD, &outer, &channels, &inner) ||
-        !plain_array(args[0]) ||
-        !PyArray_SAMESHAPE((PyArrayObject *)args[0], (PyArrayObject *)args[1]) ||
-        !statistic(args[2], channels, &mean) || !statistic(args[3], channels, &invstd) ||
-        !vector_or_none(args[4], channels, &weight) || !axis_one(args[5]) || !is_none(args[6]) ||
-        !is_str(args[7], "cpu") || !is_none(args[8]) || !is_none(args[9]) ||
-        !is_none(args[10]) || !is_none(args[11]) || !host_device(args[12]))
+    void *mean, *invstd, *weight;
+    if (nargs != 13 || !plain_view(args[1], BACKWARD, &type, &outer, &channels, &inner) ||
+        !like(args[0], args[1], type) || !vector(args[2], NPY_FLOAT64, channels, &mean) ||
+        !vector(args[3], NPY_FLOAT64, channels, &invstd) ||
+        !vector_or_none(args[4], type, channels, &weight) || !axis_one(args[5]) ||
+        !is_none(args[6]) || !is_str(args[7], "cpu") || !is_none(args[8]) ||
+        !is_none(args[9]) || !is_none(args[10]) || !is_none(args[11]) ||
+        !host_device(args[12]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *dx = new_like(args[1]), *sum_dy = new_vector_of(channels, NPY_FLOAT64),
-             *sum_dy_xmu = new_vector_of(channels, NPY_FLOAT64);
+    PyObject *dx = new_like(args[1]), *sum_dy = new_vector(channels, NPY_FLOAT64),
+             *sum_dy_xmu = new_vector(channels, NPY_FLOAT64);
     int status = NBN_OK;
     if (dx && sum_dy && sum_dy_xmu)
-        status = library.backward_stats(data(args[0]), data(args[1]), outer, channels, inner,
-                                        weight, mean, invstd, data(dx), data64(sum_dy),
-                                        data64(sum_dy_xmu));
+        status = lib_backward_stats(type == NPY_FLOAT64, data(args[0]), data(args[1]), outer,
+                                    channels, inner, weight, mean, invstd, data(dx),
+                                    data(sum_dy), data(sum_dy_xmu));
     PyObject *arrays[] = {dx, sum_dy, sum_dy_xmu};
     return results(status, 3, arrays, outer * inner);
 }
 
-/* configure(forward_train, forward_eval, backward, forward_train_stats, backward_stats,
- * status_string, *bounds): the addresses of nbn_forward_train_f32, nbn_forward_eval_f32,
- * nbn_backward_f32, nbn_forward_train_stats_f32, nbn_backward_stats_f32 and nbn_status_string,
- * then the serial bounds of the three steps, in elements. */
+/* configure(*addresses, *bounds): the addresses of nbn_forward_train, nbn_forward_eval,
+ * nbn_backward, nbn_forward_train_stats and nbn_backward_stats, _f32 then _f64, and of
+ * nbn_status_string, then the serial bounds of the three steps, in elements. */
 static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
                            Py_ssize_t nargs) {
     if (nargs != ENTRY_POINTS + STEPS) {
-        PyErr_SetString(PyExc_TypeError, "configure takes six addresses and three bounds");
+        PyErr_SetString(PyExc_TypeError, "configure takes eleven addresses and three bounds");
         return NULL;
     }
     void *address[ENTRY_POINTS];
@@ -366,12 +432,13 @@ static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
         if (bounds[step] == -1.0 && PyErr_Occurred()) return NULL;
     }
     /* the calls hold the GIL, as this does: none runs half configured */
-    library.forward_train = (forward_train_fn)address[0];
-    library.forward_eval = (forward_eval_fn)address[1];
-    library.backward = (backward_fn)address[2];
-    library.forward_train_stats = (forward_train_stats_fn)address[3];
-    library.backward_stats = (backward_stats_fn)address[4];
-    library.status_string = (status_string_fn)address[5];
+    library.f32 = (entry_points_f32){
+        (forward_train_f32)address[0], (forward_eval_f32)address[1], (backward_f32)address[2],
+        (forward_train_stats_f32)address[3], (backward_stats_f32)address[4]};
+    library.f64 = (entry_points_f64){
+        (forward_train_f64)address[5], (forward_eval_f64)address[6], (backward_f64)address[7],
+        (forward_train_stats_f64)address[8], (backward_stats_f64)address[9]};
+    library.status_string = (status_string_fn)address[10];
     for (int step = 0; step < STEPS; step++) serial_below[step] = bounds[step];
     Py_RETURN_NONE;
 }
