@@ -2,13 +2,14 @@
 process (benchmarks/README.md, "Compiled calls").
 
     python benchmarks/compiled_calls.py PLUGIN_DIR [--shapes 64x32,8x16x8x8,...] [--rounds 5]
+        [--dtype float64]
 
 PLUGIN_DIR: the ``--out`` of ``numba-bn build-plugin`` (with ``--cpu host`` for the JIT's bits).
 Each round times every call both ways (``timeit``, 2000 calls, min of 3) and PyTorch's aten ops
 (``native_batch_norm`` in training and eval, ``native_batch_norm_backward``, 2 threads); the
-table is the min over rounds, in us, float32. "batch_norm train" updates running buffers;
-"BatchNorm step" is a layer's training forward and backward (PyTorch: the two aten ops a
-``torch.nn.BatchNorm1d`` step runs, without autograd's bookkeeping).
+table is the min over rounds, in us (float32 unless --dtype float64). "batch_norm train"
+updates running buffers; "BatchNorm step" is a layer's training forward and backward (PyTorch:
+the two aten ops a ``torch.nn.BatchNorm1d`` step runs, without autograd's bookkeeping).
 """
 
 import argparse
@@ -22,16 +23,16 @@ import numba_bn as nbn
 SHAPES = "64x32,8x16x8x8,64x256,16x32x16x16,256x512"
 
 
-def _cases(shape, rng):
-    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+def _cases(shape, rng, dtype):
+    x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
     channels = shape[1]
-    w = rng.uniform(0.5, 2, channels).astype(np.float32)
-    b = rng.uniform(-1, 1, channels).astype(np.float32)
-    running_mean = rng.standard_normal(channels).astype(np.float32)
-    running_var = rng.uniform(0.5, 2, channels).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 2, channels).astype(dtype)
+    b = rng.uniform(-1, 1, channels).astype(dtype)
+    running_mean = rng.standard_normal(channels).astype(dtype)
+    running_var = rng.uniform(0.5, 2, channels).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
     _, mean, invstd = nbn.forward_train(x, w, b)
-    layer = nbn.BatchNorm(channels, dtype=np.float32)
+    layer = nbn.BatchNorm(channels, dtype=dtype)
     layer.weight[:], layer.bias[:] = w, b
     buffers = running_mean.copy(), running_var.copy()  # updated by every call, as a loop's
 
@@ -82,14 +83,18 @@ def main():
     parser.add_argument("plugin", help="directory of libnumba_bn.so and the extension")
     parser.add_argument("--shapes", default=SHAPES)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"load average {os.getloadavg()[0]:.2f}; us per call, min over {args.rounds} rounds")
+    print(
+        f"load average {os.getloadavg()[0]:.2f}; {args.dtype}, us per call, min over "
+        f"{args.rounds} rounds"
+    )
     print("| shape | op | Python path | compiled calls | ratio | torch | x torch, compiled |")
     print("|---|---|---|---|---|---|---|")
     for text in args.shapes.split(","):
         shape = tuple(int(n) for n in text.split("x"))
-        ours, theirs = _cases(shape, rng)
+        ours, theirs = _cases(shape, rng, np.dtype(args.dtype))
         best = {}
         for _ in range(args.rounds):
             for way in ("python", "compiled"):
