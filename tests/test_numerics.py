@@ -118,6 +118,30 @@ def test_a_process_that_loads_a_driver_gives_the_bits_of_the_one_that_compiled_i
     assert len(bits[0]) == 6 and bits[0] == bits[1]
 
 
+_FORWARD = """
+import sys
+import numpy as np
+from numba_bn.cpu import drivers
+import numba_bn as nbn
+
+if sys.argv[1] == "edited":  # as if stats.py or a module of cpu/ had changed since the compile
+    drivers.sources_digest = lambda: "another source"
+nbn.forward_train(np.arange(24.0).reshape(4, 6))
+"""
+
+
+def test_a_cached_driver_of_other_kernel_sources_compiles_again(tmp_path):
+    """A driver's cache entry is keyed on the sources of its kernels, not only on its own file
+    (drivers.sources_digest): an edit of stats.py once left a tree's cache serving the old
+    kernels."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_BN_QUIET": ""}
+    outputs = [run_child([sys.executable, "-c", _FORWARD, sources], env, timeout=600)
+               for sources in ("same", "same", "edited", "same")]  # fmt: skip
+    assert all(status == 0 for status, _ in outputs), outputs
+    compiled = ["numba_bn: compiling forward_train" in output for _, output in outputs]
+    assert compiled == [True, False, True, False]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", PARTITION_SHAPES)
 def test_results_are_bitwise_identical_with_one_and_two_threads(rng, shape, axis, dtype):

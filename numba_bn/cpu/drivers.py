@@ -28,9 +28,12 @@ is the plain one on the gradient through the ReLU: ``backward_fused_relu`` takes
 channel in the fused partition, ``relu_grad`` in a pass of its own otherwise.
 """
 
+import functools
+import hashlib
 import math
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 from numba import prange
@@ -102,11 +105,40 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     serial = _copy(template, suffix + "_serial", scope)
     options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
     pair = kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
+    for dispatcher in pair:
+        _key_cache_on_sources(dispatcher)
     _twins.extend(pair)
     return pair
 
 
 _twins = []  # every dispatcher twins() has made: batch norm's drivers and the norms' ones
+
+
+@functools.cache
+def sources_digest():
+    """SHA-256 of the sources the drivers are compiled from: numba_bn/stats.py and every module
+    of numba_bn/cpu/."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in [package.parent / "stats.py", *sorted(package.glob("*.py"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _key_cache_on_sources(dispatcher):
+    """Key ``dispatcher``'s entries in Numba's cache on :func:`sources_digest` too.
+
+    Numba keys a cached function on its own file and bytecode; a driver's machine code also
+    holds its kernels (inlined, or linked as copies) from the other files, so after an edit of
+    stats.py or kernels.py (a `git pull` in an editable install) a cache next to the sources
+    served the old kernels: at stop 27 the suite failed 42 float64 bitwise tests on a tree whose
+    cache held drivers compiled before the strict kernel copies. An entry of other sources is
+    now a miss, and the driver compiles (with its one line on stderr)."""
+    cache = getattr(dispatcher, "_cache", None)
+    index_key = getattr(cache, "_index_key", None)
+    if index_key is None:  # caching off
+        return
+    cache._index_key = lambda sig, codegen: (*index_key(sig, codegen), sources_digest())
 
 
 # ------------------------------------------------------------------------------- loop nests
