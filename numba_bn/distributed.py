@@ -350,12 +350,12 @@ def sync_backward(
     of the kind of ``dy`` (CuPy, torch, else Numba device arrays; ``device`` as in
     :func:`sync_forward_train`).
     """
-    dx, sum_dy, sum_dy_xmu, count = batch_backward(
+    result = batch_backward(
         dy, x, mean, invstd, weight, axis, out=out, backend=backend,
         exchange=RankExchange(resolve_comm(comm)), device=device,
     )  # fmt: skip
     # the global count: 0 (every rank's batch empty, invstd NaN) gives a zero dweight
-    return (dx, *parameter_gradients(dx, invstd, sum_dy, sum_dy_xmu, count))
+    return (result.dx, *parameter_gradients(result, invstd))
 
 
 class SyncBatchNorm(BatchNorm):

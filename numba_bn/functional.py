@@ -173,16 +173,16 @@ def backward(
         if served is not NotImplemented:
             return served
     if mask is None:  # as in forward_train
-        dx, sum_dy, sum_dy_xmu, count = batch_backward(
+        result = batch_backward(
             dy, x, mean, invstd, weight, axis, out=out, backend=backend, device=device,
             activation=activation, y=y, residual_out=residual_out,
         )  # fmt: skip
     else:
-        dx, sum_dy, sum_dy_xmu, count = masked_batch_backward(
+        result = masked_batch_backward(
             dy, x, mean, invstd, weight, axis, mask, out=out, backend=backend,
             activation=activation, y=y, residual_out=residual_out,
         )  # fmt: skip
-    return (dx, *parameter_gradients(dx, invstd, sum_dy, sum_dy_xmu, count))
+    return (result.dx, *parameter_gradients(result, invstd))
 
 
 def batch_norm(

@@ -89,10 +89,10 @@ def ghost_backward(dy, x, result, size, weight, axis, *, backend):
     channels = x.shape[axis]
     sum_dy, dweight = np.zeros(channels), np.zeros(channels)
     for g, piece in enumerate(pieces):
-        _, part_dy, part_dy_xmu, _ = batch_backward(
+        part = batch_backward(
             dy[piece], x[piece], result.mean[g], result.invstd[g], weight, axis, out=dx[piece],
             backend=backend,
         )  # fmt: skip
-        sum_dy += part_dy
-        dweight += result.invstd[g] * part_dy_xmu
+        sum_dy += part.sum_dy
+        dweight += result.invstd[g] * part.sum_dy_xmu
     return dx, sum_dy, dweight

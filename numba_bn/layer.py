@@ -51,9 +51,9 @@ class _Saved(NamedTuple):
     mean: object = None
     invstd: object = None
     count: int = 0  # values per channel of the (global) batch
+    mask: object = None  # the mask= of a masked forward (positional: a training step's every call)
     ghost: object = None  # the GhostResult of a forward with virtual_batch_size
     renorm: object = None  # (r, d), float64, of a Batch Renormalization forward
-    mask: object = None  # the mask= of a masked forward
     y: object = None  # the output, when the activation's backward needs it
     residual: bool = False  # whether the forward added a residual (backward gives its gradient)
 
@@ -331,7 +331,7 @@ class BatchNorm(LayerState):
             if self._collected is not None and result.count:
                 mean, m2 = (memory_of(v).to_host(v) for v in (result.mean, result.m2))
                 self._collected = self._collected.merge(Moments(result.count, mean, m2))
-            self._saved = _Saved(True, x, result.mean, result.invstd, result.count, mask=mask)
+            self._saved = _Saved(True, x, result.mean, result.invstd, result.count, mask)
             return result.y
         y = forward_eval(  # the public call: compiled calls (capi.calls) serve it when they can
             x,
@@ -466,13 +466,16 @@ class BatchNorm(LayerState):
         if saved.renorm is not None:  # r and d are constants: the scale is weight * r
             r = saved.renorm[0]
             weight = (r if weight is None else r * weight).astype(compute_dtype(self.dtype))
+        # the parameter gradients as a compiled call rounded them, to x's dtype: the layer's, as
+        # _check_input made sure (x is float32 or float64, and the layer has the parameter)
+        grad_weight = grad_bias = None
         if saved.mask is not None:
-            dx, sum_dy, sum_dy_xmu, _ = masked_batch_backward(
+            dx, sum_dy, sum_dy_xmu, *_ = masked_batch_backward(
                 dy, x, saved.mean, saved.invstd, weight, self.axis, saved.mask, out=out,
                 backend=self.backend, activation=activation, y=y, residual_out=grad_residual,
             )  # fmt: skip
         elif saved.batch:
-            dx, sum_dy, sum_dy_xmu, _ = batch_backward(
+            dx, sum_dy, sum_dy_xmu, _, grad_weight, grad_bias = batch_backward(
                 dy, x, saved.mean, saved.invstd, weight, self.axis, out=out, backend=self.backend,
                 exchange=self._exchange, device=self._side, activation=activation, y=y,
                 residual_out=grad_residual,
@@ -490,11 +493,18 @@ class BatchNorm(LayerState):
             r, d = saved.renorm
             dx_hat = saved.invstd * sum_dy_xmu if saved.count else 0.0 * sum_dy_xmu
             self.grad_weight = (r * dx_hat + d * sum_dy).astype(self.dtype)
+        elif grad_weight is not None:
+            self.grad_weight = grad_weight
         elif saved.batch:
             self.grad_weight = weight_gradient(saved.invstd, sum_dy_xmu, saved.count, self.dtype)
         else:
             self.grad_weight = memory.product(invstd, sum_dy_xmu, self.dtype)
-        self.grad_bias = memory.astype(sum_dy, self.dtype) if self.bias is not None else None
+        if self.bias is None:
+            self.grad_bias = None
+        elif grad_bias is not None:
+            self.grad_bias = grad_bias
+        else:
+            self.grad_bias = memory.astype(sum_dy, self.dtype)
         self.grad_residual = grad_residual
         self._saved = None  # one backward per forward, as PyTorch frees its graph
         return dx

@@ -92,8 +92,8 @@ def batch_forward(
             x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, nan_policy,
             out, backend, exchange, residual, activation, device,
         )  # fmt: skip
-        if served is not NotImplemented:
-            return TrainResult(*served)
+        if served is not NotImplemented:  # a TrainResult
+            return served
     if out is None and exchange is None and nan_policy == "propagate" and _host_device(device):
         result = _plain_batch_forward(
             x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend,
@@ -314,12 +314,16 @@ def _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axi
 
 class BackwardResult(NamedTuple):
     """dx and the float64 reductions of a backward, with the count of values per channel they
-    cover (the global batch's under an exchange)."""
+    cover (the global batch's under an exchange). A compiled call (capi.calls) also gives the
+    parameter gradients ``invstd * sum_dy_xmu`` and ``sum_dy`` rounded to x's dtype, as
+    :func:`weight_gradient` and ``astype`` round them; the other paths leave them None."""
 
     dx: object
     sum_dy: object
     sum_dy_xmu: object
     count: int
+    grad_weight: object = None
+    grad_bias: object = None
 
 
 def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu", exchange=None,
@@ -332,8 +336,8 @@ def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
             dy, x, mean, invstd, weight, axis, out, backend, exchange, activation, y,
             residual_out, device,
         )  # fmt: skip
-        if served is not NotImplemented:
-            return BackwardResult(*served)
+        if served is not NotImplemented:  # a BackwardResult
+            return served
     plain = activation is None and y is None and residual_out is None
     if plain and out is None and exchange is None and _host_device(device):
         result = _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend)
@@ -533,11 +537,14 @@ def affine_forward(x, mean, invstd, weight, bias, axis, *, out=None, backend="cp
     return prepared.finish(y, y_view)
 
 
-def parameter_gradients(dx, invstd, sum_dy, sum_dy_xmu, count):
-    """(dweight, dbias) of a backward whose result is ``dx``: in its compute dtype and, for CUDA
-    arrays, of its kind (:func:`.checks.returned_like`)."""
+def parameter_gradients(result, invstd):
+    """(dweight, dbias) of a backward's ``result`` (a :class:`BackwardResult`) in the compute
+    dtype of its dx and, for CUDA arrays, of dx's kind (:func:`.checks.returned_like`)."""
+    if result.grad_weight is not None:  # a compiled call rounded them, to x's dtype
+        return result.grad_weight, result.grad_bias
+    dx, sum_dy = result.dx, result.sum_dy
     dtype = compute_dtype(dx.dtype)
-    dweight = weight_gradient(invstd, sum_dy_xmu, count, dtype)
+    dweight = weight_gradient(invstd, result.sum_dy_xmu, result.count, dtype)
     if type(dx) is np.ndarray:  # a host call: NumPy's own astype
         return dweight, sum_dy.astype(dtype, copy=False)
     return returned_like(dx, dweight, memory_of(sum_dy).astype(sum_dy, dtype))

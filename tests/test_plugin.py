@@ -1223,6 +1223,35 @@ def test_compiled_calls_train_the_layer_as_the_python_path(rng, host_build, monk
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_training_steps_return_ops_results_with_the_gradients_rounded_as_numpy(
+    rng, compiled_calls, dtype
+):
+    """ops.batch_forward and ops.batch_backward, served, return ops' own NamedTuples, and the
+    backward's parameter gradients are invstd * sum_dy_xmu (float64) and sum_dy rounded once to
+    x's dtype, as ops.weight_gradient and astype round them (the layer takes them as they are)."""
+    x = random_batch(rng, (64, 32), dtype)
+    dy = random_batch(rng, (64, 32), dtype, mean_scale=1.0)
+    weight = rng.uniform(0.5, 2.0, 32).astype(dtype)
+    forward = ops.batch_forward(x, weight, None, 1e-5, 1)
+    assert type(forward) is ops.TrainResult and forward.count == 64
+    result = ops.batch_backward(dy, x, forward.mean, forward.invstd, weight, 1)
+    assert type(result) is ops.BackwardResult and result.count == 64
+    want_weight = ops.weight_gradient(forward.invstd, result.sum_dy_xmu, 64, dtype)
+    want_bias = result.sum_dy.astype(dtype)
+    # the check can tell: a float32 product of the rounded factors differs in some channel
+    assert dtype is np.float64 or not np.array_equal(
+        want_weight, (forward.invstd.astype(dtype) * result.sum_dy_xmu.astype(dtype))
+    )
+    for got, want in ((result.grad_weight, want_weight), (result.grad_bias, want_bias)):
+        assert got.dtype == dtype and got.shape == (32,)
+        np.testing.assert_array_equal(got, want)
+    declined = ops.batch_backward(
+        dy, x, forward.mean, forward.invstd, weight, 1, out=np.empty_like(x)
+    )
+    assert declined.grad_weight is None and declined.grad_bias is None  # the Python path's
+
+
 def test_compiled_calls_give_the_python_paths_nan_and_inf(rng, host_build, monkeypatch):
     """IEEE through the compiled calls as through the Python path (nan_policy="propagate"): a
     NaN in one channel, an inf in another, a channel of equal values."""

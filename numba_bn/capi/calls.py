@@ -96,7 +96,11 @@ def use_compiled_calls(directory: str | os.PathLike[str] | None):
     # the sizes that both Numba's threads and the library's run serially: the bound of the more
     # threads of the two (the library's count as it is now; it starts at all CPUs)
     threads = max(numba.config.NUMBA_NUM_THREADS, library.nbn_get_num_threads())
-    module.configure(*addresses, *(serial_below(step, threads) for step in STEPS))
+    from ..ops import BackwardResult, TrainResult  # ops asks this module: imported on use
+
+    module.configure(
+        *addresses, *(serial_below(step, threads) for step in STEPS), TrainResult, BackwardResult
+    )
     entry, in_use, _library = module, directory, library
     return path
 

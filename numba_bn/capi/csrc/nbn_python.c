@@ -14,9 +14,10 @@
  *
  * batch_forward and batch_backward (1.4 entry points) take the arguments of numba_bn.ops'
  * functions of those names, which BatchNorm and batch_norm call in training, and return what
- * they return (the float64 statistics and sums as the kernels keep them, and the count of values
- * per channel): with running buffers (writable vectors of x's dtype, a float momentum in
- * [0, 1] and a bool `unbiased`) or without, and the backward given float64 statistics.
+ * they return (the float64 statistics and sums as the kernels keep them, the count of values per
+ * channel, and the backward's parameter gradients in x's type): with running buffers (writable
+ * vectors of x's dtype, a float momentum in [0, 1] and a bool `unbiased`) or without, and the
+ * backward given float64 statistics.
  *
  * The host build gives the JIT's bits in both dtypes (since the strict kernel copies of stop 27,
  * float64 too), which is what makes these calls interchangeable with the Python path.
@@ -255,23 +256,32 @@ static PyObject *library_error(int status) {
     return PyErr_Format(PyExc_RuntimeError, "libnumba_bn: %s", library.status_string(status));
 }
 
-/* The tuple of `n` new arrays (their references taken over; NULL where an allocation failed),
- * then `count` when it is >= 0 (the values per channel that numba_bn.ops' results end with), or
- * NULL with the error of the library's status or of the allocation. */
-static PyObject *results(int status, int n, PyObject *arrays[], int64_t count) {
+/* numba_bn.ops.TrainResult and BackwardResult (NamedTuples: tuple subclasses), which `configure`
+ * takes: batch_forward and batch_backward return them, as the functions of ops do. */
+static PyTypeObject *train_result, *backward_result;
+
+/* A tuple of `kind` (NULL: a tuple) holding `n` new arrays (their references taken over; NULL
+ * where an allocation failed), with `count` (the values per channel of numba_bn.ops' results)
+ * inserted at index `count_at` when that is >= 0; or NULL with the error of the library's
+ * status or of the allocation. A tuple subclass is made as tuple.__new__ makes one: its
+ * tp_alloc, then the items. */
+static PyObject *results(int status, int n, PyObject *arrays[], int64_t count, int count_at,
+                         PyTypeObject *kind) {
     PyObject *result = NULL;
     int made = 1;
     for (int k = 0; k < n; k++) made = made && arrays[k];
+    Py_ssize_t size = n + (count_at >= 0);
     if (made && status != NBN_OK) {
         library_error(status);
-    } else if (made && (result = PyTuple_New(n + (count >= 0)))) {
+    } else if (made && (result = kind ? kind->tp_alloc(kind, size) : PyTuple_New(size))) {
         for (int k = 0; k < n; k++) {
-            PyTuple_SET_ITEM(result, k, arrays[k]); /* steals the reference */
+            /* steals the reference */
+            PyTuple_SET_ITEM(result, k + (count_at >= 0 && k >= count_at), arrays[k]);
             arrays[k] = NULL;
         }
-        PyObject *values = count >= 0 ? PyLong_FromLongLong((long long)count) : NULL;
-        if (count >= 0 && !values) Py_CLEAR(result);
-        if (values) PyTuple_SET_ITEM(result, n, values);
+        PyObject *values = count_at >= 0 ? PyLong_FromLongLong((long long)count) : NULL;
+        if (count_at >= 0 && !values) Py_CLEAR(result);
+        if (values) PyTuple_SET_ITEM(result, count_at, values);
     }
     for (int k = 0; k < n; k++) Py_XDECREF(arrays[k]);
     return result;
@@ -299,7 +309,7 @@ static PyObject *forward_train(PyObject *Py_UNUSED(module), PyObject *const *arg
         status = lib_forward_train(type == NPY_FLOAT64, data(args[0]), outer, channels, inner,
                                    weight, bias, eps, data(y), data(mean), data(invstd));
     PyObject *arrays[] = {y, mean, invstd};
-    return results(status, 3, arrays, -1);
+    return results(status, 3, arrays, 0, -1, NULL);
 }
 
 /* forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out, residual, activation,
@@ -348,7 +358,7 @@ static PyObject *backward(PyObject *Py_UNUSED(module), PyObject *const *args,
         status = lib_backward(type == NPY_FLOAT64, data(args[0]), data(args[1]), outer, channels,
                               inner, weight, mean, invstd, data(dx), data(dweight), data(dbias));
     PyObject *arrays[] = {dx, dweight, dbias};
-    return results(status, 3, arrays, -1);
+    return results(status, 3, arrays, 0, -1, NULL);
 }
 
 /* batch_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased,
@@ -379,12 +389,14 @@ static PyObject *batch_forward(PyObject *Py_UNUSED(module), PyObject *const *arg
                                          data(invstd), data(m2), running_mean, running_var,
                                          momentum, args[8] == Py_True);
     PyObject *arrays[] = {y, mean, invstd, m2};
-    return results(status, 4, arrays, outer * inner);
+    return results(status, 4, arrays, outer * inner, 4, train_result);
 }
 
 /* batch_backward(dy, x, mean, invstd, weight, axis, out, backend, exchange, activation, y,
- * residual_out, device) -> (dx, sum_dy, sum_dy_xmu, count) as numba_bn.ops.BackwardResult
- * (mean, invstd and the sums float64), or NotImplemented */
+ * residual_out, device) -> (dx, sum_dy, sum_dy_xmu, count, grad_weight, grad_bias) as
+ * numba_bn.ops.BackwardResult (mean, invstd and the sums float64; the parameter gradients
+ * invstd * sum_dy_xmu and sum_dy rounded to x's type, as ops.weight_gradient rounds them), or
+ * NotImplemented */
 static PyObject *batch_backward(PyObject *Py_UNUSED(module), PyObject *const *args,
                                 Py_ssize_t nargs) {
     int type;
@@ -399,25 +411,47 @@ static PyObject *batch_backward(PyObject *Py_UNUSED(module), PyObject *const *ar
         !host_device(args[12]))
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *dx = new_like(args[1]), *sum_dy = new_vector(channels, NPY_FLOAT64),
-             *sum_dy_xmu = new_vector(channels, NPY_FLOAT64);
+             *sum_dy_xmu = new_vector(channels, NPY_FLOAT64),
+             *grad_weight = new_vector(channels, type), *grad_bias = new_vector(channels, type);
+    PyObject *arrays[] = {dx, sum_dy, sum_dy_xmu, grad_weight, grad_bias};
     int status = NBN_OK;
-    if (dx && sum_dy && sum_dy_xmu)
+    if (dx && sum_dy && sum_dy_xmu && grad_weight && grad_bias) {
+        double *dy_sum = data(sum_dy), *dy_xmu_sum = data(sum_dy_xmu);
         status = lib_backward_stats(type == NPY_FLOAT64, data(args[0]), data(args[1]), outer,
-                                    channels, inner, weight, mean, invstd, data(dx),
-                                    data(sum_dy), data(sum_dy_xmu));
-    PyObject *arrays[] = {dx, sum_dy, sum_dy_xmu};
-    return results(status, 3, arrays, outer * inner);
+                                    channels, inner, weight, mean, invstd, data(dx), dy_sum,
+                                    dy_xmu_sum);
+        const double *inverse = invstd;
+        for (int64_t c = 0; c < channels && status == NBN_OK; c++) {
+            double dweight = inverse[c] * dy_xmu_sum[c]; /* one rounding to x's type below */
+            if (type == NPY_FLOAT64) {
+                ((double *)data(grad_weight))[c] = dweight;
+                ((double *)data(grad_bias))[c] = dy_sum[c];
+            } else {
+                ((float *)data(grad_weight))[c] = (float)dweight;
+                ((float *)data(grad_bias))[c] = (float)dy_sum[c];
+            }
+        }
+    }
+    return results(status, 5, arrays, outer * inner, 3, backward_result);
 }
 
-/* configure(*addresses, *bounds): the addresses of nbn_forward_train, nbn_forward_eval,
- * nbn_backward, nbn_forward_train_stats and nbn_backward_stats, _f32 then _f64, and of
- * nbn_status_string, then the serial bounds of the three steps, in elements. */
+/* configure(*addresses, *bounds, TrainResult, BackwardResult): the addresses of
+ * nbn_forward_train, nbn_forward_eval, nbn_backward, nbn_forward_train_stats and
+ * nbn_backward_stats, _f32 then _f64, and of nbn_status_string, then the serial bounds of the
+ * three steps, in elements, then the result types of numba_bn.ops (tuple subclasses). */
 static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
                            Py_ssize_t nargs) {
-    if (nargs != ENTRY_POINTS + STEPS) {
-        PyErr_SetString(PyExc_TypeError, "configure takes eleven addresses and three bounds");
+    if (nargs != ENTRY_POINTS + STEPS + 2) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure takes eleven addresses, three bounds and two result types");
         return NULL;
     }
+    PyObject *const *kinds = args + ENTRY_POINTS + STEPS;
+    for (int k = 0; k < 2; k++)
+        if (!PyType_Check(kinds[k]) || !PyType_IsSubtype((PyTypeObject *)kinds[k], &PyTuple_Type)) {
+            PyErr_SetString(PyExc_TypeError, "configure's result types must be tuple subclasses");
+            return NULL;
+        }
     void *address[ENTRY_POINTS];
     double bounds[STEPS];
     for (int k = 0; k < ENTRY_POINTS; k++) {
@@ -440,6 +474,8 @@ static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
         (forward_train_stats_f64)address[8], (backward_stats_f64)address[9]};
     library.status_string = (status_string_fn)address[10];
     for (int step = 0; step < STEPS; step++) serial_below[step] = bounds[step];
+    Py_XSETREF(train_result, (PyTypeObject *)Py_NewRef(kinds[0]));
+    Py_XSETREF(backward_result, (PyTypeObject *)Py_NewRef(kinds[1]));
     Py_RETURN_NONE;
 }
 
