@@ -1462,6 +1462,17 @@ def test_use_compiled_calls_refuses_a_library_of_another_abi(host_build, monkeyp
     assert calls.entry is None and calls.in_use is None
 
 
+def test_the_extension_refuses_result_types_that_are_not_tuples(rng, compiled_calls):
+    """configure's result types become the objects batch_forward and batch_backward allocate:
+    anything but a tuple subclass is a TypeError, and the configuration stays as it was."""
+    addresses = [1] * (len(calls.ENTRY_POINTS))
+    for kinds in ((int, ops.BackwardResult), (ops.TrainResult, "BackwardResult")):
+        with pytest.raises(TypeError, match="result types must be tuple subclasses"):
+            calls.entry.configure(*addresses, 1e9, 1e9, 1e9, *kinds)
+    x = random_batch(rng, (16, 5), np.float32)
+    assert type(ops.batch_forward(x, None, None, 1e-5, 1)) is ops.TrainResult  # still served
+
+
 def test_bench_reports_compiled_calls_turned_on_before_it(capsys, host_build):
     """Without --compiled-calls, bench times what the process has (NUMBA_BN_COMPILED_CALLS's at
     import), says so, and leaves them on."""

@@ -447,11 +447,13 @@ static PyObject *configure(PyObject *Py_UNUSED(module), PyObject *const *args,
         return NULL;
     }
     PyObject *const *kinds = args + ENTRY_POINTS + STEPS;
-    for (int k = 0; k < 2; k++)
-        if (!PyType_Check(kinds[k]) || !PyType_IsSubtype((PyTypeObject *)kinds[k], &PyTuple_Type)) {
+    for (int k = 0; k < 2; k++) {
+        PyObject *kind = kinds[k];
+        if (!PyType_Check(kind) || !PyType_IsSubtype((PyTypeObject *)kind, &PyTuple_Type)) {
             PyErr_SetString(PyExc_TypeError, "configure's result types must be tuple subclasses");
             return NULL;
         }
+    }
     void *address[ENTRY_POINTS];
     double bounds[STEPS];
     for (int k = 0; k < ENTRY_POINTS; k++) {
