@@ -160,29 +160,51 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean, m2
 
 
+@kernel(inline="always")
+def four_runs(start, stride, quad):
+    """The first indices (unsigned) of runs 4 * quad ... 4 * quad + 3 of a block."""
+    a = uint64(start + 4 * quad * stride)
+    return a, a + uint64(stride), a + uint64(2 * stride), a + uint64(3 * stride)
+
+
 @kernel(fastmath=REDUCE_FASTMATH)
 def runs_stats(values, start, length, stride, runs):
     """Exact ``(count, mean, M2)`` of a block of 1-D ``values``, accumulated in float64.
 
     The block is ``runs`` runs of ``length`` values, run k starting at ``start + k * stride``
     (one piece of a long plane, or several short planes of one channel). Two passes over a
-    block that stays in L1: the sum, then squared deviations from its mean. Indices are
-    unsigned: with a signed index of unknown sign Numba wraps negative indices around, which
-    stops LLVM from vectorising the loop (measured 4x slower).
+    block that stays in L1: the sum, then squared deviations from its mean. Each pass takes four
+    runs at a time, position by position (then the runs left one by one): the vectorised loop
+    ends in one horizontal sum per four runs, not per run, which on planes of 64 values cost as
+    much as the run itself. Indices are unsigned: with a signed index of unknown sign Numba wraps
+    negative indices around, which stops LLVM from vectorising the loop (measured 4x slower).
     """
     if runs * length <= 0:
         return 0.0, 0.0, 0.0
+    n, quads = uint64(length), runs // 4
     total = 0.0
-    for k in range(runs):
+    for q in range(quads):
+        a, b, c, d = four_runs(start, stride, q)
+        for i in range(n):
+            total += (np.float64(values[a + i]) + values[b + i]) + (
+                np.float64(values[c + i]) + values[d + i]
+            )
+    for k in range(4 * quads, runs):
         first = uint64(start + k * stride)
-        for i in range(first, first + uint64(length)):
+        for i in range(first, first + n):
             total += values[i]
     count = float(runs * length)
     mean = total / count
     m2 = 0.0
-    for k in range(runs):
+    for q in range(quads):
+        a, b, c, d = four_runs(start, stride, q)
+        for i in range(n):
+            d0, d1 = values[a + i] - mean, values[b + i] - mean
+            d2, d3 = values[c + i] - mean, values[d + i] - mean
+            m2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for k in range(4 * quads, runs):
         first = uint64(start + k * stride)
-        for i in range(first, first + uint64(length)):
+        for i in range(first, first + n):
             dev = values[i] - mean
             m2 += dev * dev
     return count, mean, m2

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from numba_bn.cpu.kernels import runs_sums
 from numba_bn.stats import (
     AFFINE_ROWS,
     DX_ROWS,
@@ -59,18 +60,39 @@ def test_chan_merge_in_any_grouping_agrees(rng):
     np.testing.assert_allclose(left, _exact(np.concatenate(parts)), rtol=1e-12)
 
 
+def _runs(flat, start, length, stride, runs):
+    """The values of ``runs`` runs of ``length``, ``stride`` apart from ``start``, in order."""
+    return np.concatenate([flat[start + k * stride : start + k * stride + length]
+                           for k in range(runs)])  # fmt: skip
+
+
+# runs are taken four at a time, then one by one: fewer than four, four, four and the rest
+@pytest.mark.parametrize("runs", [1, 3, 4, 7, 9, 64])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_runs_stats_reads_runs_at_a_stride(rng, dtype):
-    """Three runs of 5 values, 11 apart: the layout of one channel's short planes."""
-    flat = random_batch(rng, (40, 1), dtype).ravel()
-    start, length, stride, runs = 3, 5, 11, 3
-    picked = np.concatenate([flat[start + k * stride : start + k * stride + length]
-                             for k in range(runs)])  # fmt: skip
+def test_runs_stats_reads_runs_at_a_stride(rng, dtype, runs):
+    """Runs of 5 values, 11 apart: the layout of one channel's short planes."""
+    start, length, stride = 3, 5, 11
+    flat = random_batch(rng, (start + runs * stride, 1), dtype).ravel()
     count, mean, m2 = runs_stats(flat, start, length, stride, runs)
-    ref = _exact(picked)
+    ref = _exact(_runs(flat, start, length, stride, runs))
     assert count == ref[0]
     assert mean == pytest.approx(ref[1], rel=1e-14)
     assert m2 == pytest.approx(ref[2], rel=1e-12)
+
+
+@pytest.mark.parametrize("runs", [1, 3, 4, 7, 9, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_runs_sums_reads_runs_at_a_stride(rng, dtype, runs):
+    """The backward's sums over the same layout: sum dy and sum dy * (x - mean), in float64."""
+    start, length, stride, mean = 2, 7, 13, 1.75
+    dy = random_batch(rng, (start + runs * stride, 1), dtype, mean_scale=1.0).ravel()
+    x = random_batch(rng, (start + runs * stride, 1), dtype).ravel()
+    sum_dy, sum_dy_xmu = runs_sums(dy, x, start, length, stride, runs, mean)
+    picked_dy = _runs(dy, start, length, stride, runs).astype(np.float64)
+    products = picked_dy * (_runs(x, start, length, stride, runs).astype(np.float64) - mean)
+    for got, terms in ((sum_dy, picked_dy), (sum_dy_xmu, products)):
+        # float64 sums of at most 448 terms in any order: within 448 * 2^-53 of the sum of |terms|
+        assert abs(got - math.fsum(terms)) <= 1e-13 * math.fsum(np.abs(terms))
 
 
 def test_runs_stats_of_nothing_is_zero():
