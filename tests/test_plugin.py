@@ -1465,7 +1465,7 @@ def test_use_compiled_calls_refuses_a_library_of_another_abi(host_build, monkeyp
 def test_the_extension_refuses_result_types_that_are_not_tuples(rng, compiled_calls):
     """configure's result types become the objects batch_forward and batch_backward allocate:
     anything but a tuple subclass is a TypeError, and the configuration stays as it was."""
-    addresses = [1] * (len(calls.ENTRY_POINTS))
+    addresses = [1] * len(calls.ENTRY_POINTS)
     for kinds in ((int, ops.BackwardResult), (ops.TrainResult, "BackwardResult")):
         with pytest.raises(TypeError, match="result types must be tuple subclasses"):
             calls.entry.configure(*addresses, 1e9, 1e9, 1e9, *kinds)
