@@ -14,7 +14,7 @@ from . import hostcall, norm_cuda
 from .checks import Vectors, check_eps, check_momentum, compute_dtype
 from .cpu import CpuBackend, threads_for
 from .cpu import norm_kernels as kernels
-from .cpu.threads import guarded
+from .cpu.threads import launcher
 from .memory import HOST
 from .norm_checks import (
     ChannelsFirst,
@@ -44,9 +44,9 @@ _BACKEND = CpuBackend()  # the split steps, for group norm with fewer groups tha
 
 def _plan(step, size, parallel, serial):
     """(threads, run): the CPU backend's cost model for a step of ``size`` elements, and the
-    twin it picks (the parallel one inside its launch guard)."""
+    twin it picks (the parallel one as :func:`.cpu.threads.launcher` calls it)."""
     threads = threads_for(step, size)
-    return threads, guarded(parallel) if threads > 1 else serial
+    return threads, launcher(parallel) if threads > 1 else serial
 
 
 # --------------------------------------------------------------------------- operations

@@ -92,21 +92,20 @@ def test_plan_and_the_jit_backend_share_the_fused_rules(outer, channels, inner, 
 
 
 def _two_threads(monkeypatch):
-    """numba.get_num_threads() says 2, and the serial bounds are those of NUMBA_NUM_THREADS=2
-    also where it is 1 (where only 1 thread is ever allowed and everything runs serial)."""
+    """The thread count the backend asks (cpu.num_threads) says 2, and the serial bounds are
+    those of NUMBA_NUM_THREADS=2 also where it is 1 (where only 1 thread is ever allowed and
+    everything runs serial)."""
     import numba
 
     from numba_bn import cpu
 
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "num_threads", lambda: 2)
     if numba.config.NUMBA_NUM_THREADS < 2:
         bounds = {step: cpu.WAKE_NS / (ns * 0.5) for step, ns in cpu.NS_PER_ELEMENT.items()}
         monkeypatch.setattr(cpu, "_SERIAL_BELOW", bounds)
 
 
 def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(monkeypatch):
-    import numba
-
     from numba_bn import cpu
 
     _two_threads(monkeypatch)
@@ -117,14 +116,14 @@ def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(
         assert (
             cpu.threads_for(step, int(pays) - 1) == 1 and cpu.threads_for(step, int(pays) + 1) == 2
         )
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(cpu, "num_threads", lambda: 1)
     assert cpu.threads_for("forward_train", 10**8) == 1
 
 
 def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypatch):
     """Below WAKE_NS / (ns * (1 - 1 / NUMBA_NUM_THREADS)) no thread count numba.set_num_threads
-    allows repays a wake-up: the answer is 1 without numba.get_num_threads (two locks, ~1 us),
-    and _plan keeps it (a (64, 256) backward asked at every call before)."""
+    allows repays a wake-up: the answer is 1 without asking the thread count, and _plan keeps
+    it (a (64, 256) backward asked at every call before)."""
     import numba
 
     from numba_bn import cpu
@@ -132,9 +131,9 @@ def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypa
     most = numba.config.NUMBA_NUM_THREADS
 
     def asked():
-        raise AssertionError("numba.get_num_threads was asked")
+        raise AssertionError("the thread count was asked")
 
-    monkeypatch.setattr(numba, "get_num_threads", asked)
+    monkeypatch.setattr(cpu, "num_threads", asked)
     monkeypatch.setattr(cpu, "_PLANS", {})
     for step, ns in cpu.NS_PER_ELEMENT.items():
         below = 10**12 if most == 1 else int(cpu.WAKE_NS / (ns * (1 - 1 / most)))
@@ -148,28 +147,38 @@ def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypa
 def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(monkeypatch):
     """A small input's plan is kept under its shape (its twin is serial at any thread count); a
     large one's under its shape and the thread count, asked at each call, so that
-    numba.set_num_threads takes effect."""
-    import numba
-
+    numba.set_num_threads takes effect. A parallel plan calls the parallel twin as it is on a
+    threading layer safe from several threads, in its launch guard on workqueue; one made before
+    numba chose the layer is guarded and not kept."""
     from numba_bn import cpu
-    from numba_bn.cpu import drivers
+    from numba_bn.cpu import drivers, threads
 
     monkeypatch.setattr(cpu, "_PLANS", {})
     small = np.empty((64, 32, 1), np.float32)
     large = np.empty((cpu.PARALLEL_MIN_ELEMENTS, 1, 1), np.float32)
     _two_threads(monkeypatch)
     serial_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[1]
-    assert cpu._plan("forward_eval", small)[0] is serial_twin
     parallel_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[0]
+    monkeypatch.setattr(threads, "_safe_layer", None)
+    monkeypatch.setattr(threads, "threading_layer", lambda: None)  # not chosen yet
+    assert cpu._plan("forward_eval", small)[0] is serial_twin
+    assert cpu._plan("forward_eval", large)[0].__wrapped__ is parallel_twin  # in its guard
+    assert list(cpu._PLANS) == [("forward_eval", small.shape, False, 0)]
+    monkeypatch.setattr(threads, "threading_layer", lambda: "workqueue")
+    assert cpu._plan("forward_eval", large)[0].__wrapped__ is parallel_twin
+    monkeypatch.setattr(cpu, "_PLANS", {})
+    monkeypatch.setattr(threads, "_safe_layer", None)
+    monkeypatch.setattr(threads, "threading_layer", lambda: "omp")
+    assert cpu._plan("forward_eval", small)[0] is serial_twin
     parallel_plan = cpu._plan("forward_eval", large)
-    assert parallel_plan[0].__wrapped__ is parallel_twin  # in its guard
+    assert parallel_plan[0] is parallel_twin  # as it is
     assert list(cpu._PLANS) == [("forward_eval", small.shape, False, 0),
                                 ("forward_eval", large.shape, False, 0, 2)]  # fmt: skip
     assert cpu._plan("forward_eval", small)[0] is serial_twin  # from the dict
     assert cpu._plan("forward_eval", large) is parallel_plan  # from the dict
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(cpu, "num_threads", lambda: 1)
     assert cpu._plan("forward_eval", large)[0] is serial_twin
-    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "num_threads", lambda: 2)
     assert cpu._plan("forward_eval", large) is parallel_plan
     for shape in [(2, 8, 5), (2, 1, 5)]:  # the partition is kept too: split, as one thread
         x = np.empty(shape, np.float32)  # runs inputs this small (items.is_fused)

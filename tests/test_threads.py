@@ -19,3 +19,31 @@ def test_four_threads_fifty_calls_each(layer):
     assert "parallel=4" in output  # the parallel twins ran (a layer starts on the first launch)
     if layer != "default":
         assert f"layer={layer}" in output
+
+
+def test_the_thread_count_a_call_asks_is_numbas_in_every_thread():
+    """cpu.threads.num_threads (Numba's pool accessor without its locks) answers as
+    numba.get_num_threads: after numba.set_num_threads in this thread, and in a new thread, which
+    starts from NUMBA_NUM_THREADS whatever this one set."""
+    import threading
+
+    import numba
+
+    from numba_bn.cpu.threads import num_threads
+
+    before = numba.get_num_threads()  # starts the pool
+    most = numba.config.NUMBA_NUM_THREADS
+    try:
+        for count in sorted({1, most}):
+            numba.set_num_threads(count)
+            assert num_threads() == numba.get_num_threads() == count
+        numba.set_num_threads(1)
+        answers = []
+        worker = threading.Thread(
+            target=lambda: answers.append((num_threads(), numba.get_num_threads()))
+        )
+        worker.start()
+        worker.join()
+        assert answers == [(most, most)]
+    finally:
+        numba.set_num_threads(before)

@@ -8,7 +8,7 @@ from ..stats import no_running_update
 from . import drivers
 from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
-from .threads import guarded
+from .threads import launcher, layer_known, num_threads
 
 # Serial or parallel, by a measured cost model (benchmarks/serial_parallel.py measures it and
 # prints these numbers; benchmarks/README.md records them). A parallel launch costs WAKE_NS more
@@ -35,7 +35,7 @@ NS_PER_ELEMENT = {
 }
 #: Below these sizes every thread count runs serial: numba.set_num_threads cannot exceed
 #: NUMBA_NUM_THREADS, and the model's saving grows with the threads (with 2 at most, below twice
-#: WAKE_NS / ns). A size this small skips asking numba.get_num_threads (~1 us: two locks).
+#: WAKE_NS / ns). A size this small skips asking the thread count (:func:`.threads.num_threads`).
 _MOST_THREADS = numba.config.NUMBA_NUM_THREADS
 
 
@@ -56,7 +56,7 @@ def threads_for(step, size):
     """How many threads the cost model gives ``step`` on ``size`` elements (1: serial)."""
     if size < _SERIAL_BELOW[step]:
         return 1
-    threads = numba.get_num_threads()
+    threads = num_threads()
     if threads == 1 or NS_PER_ELEMENT[step] * size * (1.0 - 1.0 / threads) <= WAKE_NS:
         return 1
     return threads
@@ -78,8 +78,8 @@ _PLANS_MAX = 4096
 
 def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     """(run, fused) of ``step`` on ``x``: the twin the cost model picks for x's memory shape and
-    ``epilogue`` (:func:`.drivers.driver`), the parallel one inside its launch guard
-    (:func:`.threads.guarded`), and for a step with two partitions whether it takes fused planes
+    ``epilogue`` (:func:`.drivers.driver`), the parallel one as :func:`.threads.launcher`
+    calls it, and for a step with two partitions whether it takes fused planes
     (:func:`.items.is_fused`, the rule the C plugin's shim follows too)."""
     key = (step, x.shape, may_fuse, epilogue)
     plan = _PLANS.get(key)
@@ -100,8 +100,9 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     # x.shape[-1]: the canonical view's inner (relu_grad takes any rank; driver() gives the steps
     # without a copy per memory shape their one copy whatever memory says)
     parallel, serial = drivers.driver(step, memory_of(x.shape[-1]), epilogue)
-    plan = (guarded(parallel) if threads > 1 else serial), fused
-    if len(_PLANS) < _PLANS_MAX:
+    plan = (launcher(parallel) if threads > 1 else serial), fused
+    # a parallel plan made before numba chose its threading layer is guarded: not kept
+    if len(_PLANS) < _PLANS_MAX and (threads == 1 or layer_known()):
         _PLANS[key] = plan
     return plan
 

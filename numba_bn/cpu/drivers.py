@@ -193,8 +193,11 @@ def _batch_stats(x, mean, m2):
     outer, channels, inner = x.shape
     part = np.empty((3, parts(outer, inner), channels))
     _stats_loop(x, part)
-    for item in prange(channel_items(channels)):
-        merge_channel(item, part, mean, m2)
+    if channel_items(channels) == 1:  # see _forward_train_split
+        merge_channel(0, part, mean, m2)
+    else:
+        for item in prange(channel_items(channels)):
+            merge_channel(item, part, mean, m2)
     return float(outer * inner)
 
 
@@ -212,8 +215,11 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     outer, channels, inner = x.shape
     part = np.empty((2, parts(outer, inner), channels))
     _sums_loop(dy, x, mean, part)
-    for item in prange(channel_items(channels)):
-        add_channel(item, part, sum_dy, sum_dy_xmu)
+    if channel_items(channels) == 1:  # see _forward_train_split
+        add_channel(0, part, sum_dy, sum_dy_xmu)
+    else:
+        for item in prange(channel_items(channels)):
+            add_channel(item, part, sum_dy, sum_dy_xmu)
 
 
 def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
@@ -255,8 +261,14 @@ def _forward_train_split(
     coef = np.empty((AFFINE_ROWS, channels), x.dtype)
     part = np.empty((3, parts(outer, inner), channels))
     _stats_loop(x, part)
-    for item in prange(channel_items(channels)):
-        train_channel(item, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
+    # One channel item (up to CHANNEL_GROUP channels) runs on this thread: a parallel region
+    # costs ~1.2 us to start and finish even for one item (a serial call with two threads waiting)
+    if channel_items(channels) == 1:
+        train_channel(0, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
+    else:
+        for item in prange(channel_items(channels)):
+            train_channel(item, part, count, eps, weight, bias, coef, save_mean, save_invstd,
+                          save_m2)  # fmt: skip
     if not _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
                                      save_m2, momentum, unbiased):  # fmt: skip
         return False
@@ -299,8 +311,11 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
     coef = np.empty((DX_ROWS, channels), x.dtype)
     part = np.empty((2, parts(outer, inner), channels))
     _sums_loop(dy, x, mean, part)
-    for item in prange(channel_items(channels)):
-        dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+    if channel_items(channels) == 1:  # see _forward_train_split
+        dx_channel(0, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+    else:
+        for item in prange(channel_items(channels)):
+            dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
     _dx_loop(dy, x, coef, dx)
 
 

@@ -3,13 +3,16 @@
 Numba's ``workqueue`` threading layer aborts the process when two threads enter parallel code
 together; ``omp`` and ``tbb`` are safe. Numba picks the layer on the first parallel call
 (tbb, then omp, then workqueue, unless NUMBA_THREADING_LAYER says otherwise), so until that call
-has happened, and for good if it chose workqueue, launches are serialised by a lock.
+has happened, and for good if it chose workqueue, launches are serialised by a lock; on a safe
+layer a plan calls the parallel twin as it is (:func:`launcher`). The thread count a call asks
+for is :func:`num_threads`.
 """
 
 import contextlib
 import threading
 
 import numba
+from numba.np.ufunc import parallel as _pool
 
 _launch_lock = threading.Lock()
 _safe_layer = None  # None: not known yet; True/False once numba has chosen
@@ -23,17 +26,43 @@ def threading_layer():
         return None
 
 
+def _layer_is_safe():
+    """True or False once numba has chosen its threading layer, None before."""
+    global _safe_layer
+    if _safe_layer is None:
+        layer = threading_layer()
+        if layer is not None:
+            _safe_layer = layer != "workqueue"
+    return _safe_layer
+
+
 def launch_guard():
     """A context manager to hold around a parallel kernel call."""
-    global _safe_layer
-    if _safe_layer:
-        return contextlib.nullcontext()
-    layer = threading_layer()
-    if layer is not None:
-        _safe_layer = layer != "workqueue"
-        if _safe_layer:
-            return contextlib.nullcontext()
-    return _launch_lock
+    return contextlib.nullcontext() if _layer_is_safe() else _launch_lock
+
+
+def num_threads():
+    """``numba.get_num_threads()``, the calling thread's count, without the two locks around
+    starting Numba's pool once it runs (~0.09 us instead of ~0.7 of every parallel-sized call):
+    the pool's own accessor (``_get_num_threads``, Numba's since 0.49, which the public call
+    wraps), else the public call (before the pool starts, and for its errors)."""
+    if _pool._is_initialized:
+        count = _pool._get_num_threads()
+        if count > 0:
+            return count
+    return numba.get_num_threads()
+
+
+def launcher(parallel):
+    """How to call the parallel kernel ``parallel``: as it is once Numba runs a layer that is
+    safe from several threads at once (``omp``, ``tbb``: ~0.4 us less a call), else inside the
+    launch guard (:func:`guarded`), also while the layer is not known yet (:func:`layer_known`)."""
+    return parallel if _layer_is_safe() else guarded(parallel)
+
+
+def layer_known():
+    """Whether numba has chosen its threading layer (on the first parallel call)."""
+    return _layer_is_safe() is not None
 
 
 def guarded(parallel):
