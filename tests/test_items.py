@@ -41,7 +41,8 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
     part = np.full((3, plan["parts"], shape[1]), np.nan)
     scratch = np.empty(items.ITEM_SCRATCH_SHAPE)
     for item in range(plan["reduce_items"]):
-        items.ITEMS[items.memory_of(shape[2])]["stats_item"](x, item, part, scratch)
+        items.ITEMS[items.memory_of(shape[2])]["stats_item"](x.reshape(-1), shape, item, part,
+                                                             scratch)  # fmt: skip
     assert not np.isnan(part).any(), "a partial no item wrote"
     mean, m2 = np.empty(shape[1]), np.empty(shape[1])
     for c in range(shape[1]):

@@ -158,11 +158,12 @@ def stats_items(
     scratch_ptr: OUT64,
 ):
     """Partials (count, mean, M2) of items first:last; ``scratch``: NBN_ITEM_SCRATCH doubles."""
-    x = carray(x_ptr, (outer, channels, inner))
+    shape = (outer, channels, inner)
+    x = carray(x_ptr, outer * channels * inner)
     part = carray(part_ptr, (3, items.parts(outer, inner), channels))
     scratch = carray(scratch_ptr, items.ITEM_SCRATCH_SHAPE)
     for item in range(first, last):
-        items.stats_item(x, item, part, scratch)
+        items.stats_item(x, shape, item, part, scratch)
 
 
 def train_from_parts(
@@ -307,11 +308,12 @@ def sums_items(
     part_ptr: OUT64,
 ):
     """Partials (sum_dy, sum_dy_xmu) of reduction items first:last."""
-    dy, x = carray(dy_ptr, (outer, channels, inner)), carray(x_ptr, (outer, channels, inner))
+    shape, size = (outer, channels, inner), outer * channels * inner
+    dy, x = carray(dy_ptr, size), carray(x_ptr, size)
     mean = carray(mean_ptr, channels)
     part = carray(part_ptr, (2, items.parts(outer, inner), channels))
     for item in range(first, last):
-        items.sums_item(dy, x, item, mean, part)
+        items.sums_item(dy, x, shape, item, mean, part)
 
 
 def dx_from_parts(

@@ -149,14 +149,18 @@ def _key_cache_on_sources(dispatcher):
 def _stats_loop(x, part):
     """Partials (=) of every reduction item."""
     outer, channels, inner = x.shape
-    for item in prange(reduce_items(outer, channels, inner)):  # scratch: ITEM_SCRATCH_SHAPE, rows
-        stats_item(x, item, part, np.empty((2, CHANNEL_TILE if inner == 1 else 0)))  # noqa: F821
+    x_flat, unused = x.reshape(x.size), np.empty((2, 0))
+    for item in prange(reduce_items(outer, channels, inner)):
+        # rows items take ITEM_SCRATCH_SHAPE, one per item (a thread's); planes items none
+        scratch = np.empty((2, CHANNEL_TILE)) if inner == 1 else unused
+        stats_item(x_flat, x.shape, item, part, scratch)  # noqa: F821
 
 
 def _sums_loop(dy, x, mean, part):
     outer, channels, inner = x.shape
+    dy_flat, x_flat = dy.reshape(dy.size), x.reshape(x.size)
     for item in prange(reduce_items(outer, channels, inner)):
-        sums_item(dy, x, item, mean, part)  # noqa: F821
+        sums_item(dy_flat, x_flat, x.shape, item, mean, part)  # noqa: F821
 
 
 def _normalize_loop(x, coef, y, z, epilogue):

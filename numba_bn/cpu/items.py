@@ -31,7 +31,9 @@ Which item computes what never changes the merge order inside a channel, so resu
 on the partition's use of threads. Each item is index arithmetic plus a call into
 :mod:`.kernels` or :mod:`.channels`, inlined into the loop that runs it (an item's arguments are
 still reference-counted once per iteration, so items must be long: see the channel items and the
-short planes' elementwise items). Floating point stays in the separately compiled kernels,
+short planes' elementwise items; and they take the view's values flat with its shape, reshaped
+once by the loop: a reshape per item cost ~25 ns, a third of a short planes reduction item's
+overhead). Floating point stays in the separately compiled kernels,
 which keeps the parallel and serial twins bitwise identical (float code inline in a prange body
 was seen to round 1 ulp differently between twins). The reductions that may be reassociated go
 further: they are called through :func:`numba_bn.stats.apart`, never inlined, so a fused item
@@ -191,12 +193,14 @@ def _row_item_range(item, outer, channels):
 
 
 @kernel(inline="always")
-def stats_item_rows(x, item, part, scratch):
+def stats_item_rows(x, shape, item, part, scratch):
     """Partials (=) count, mean, M2 of reduction item ``item`` in ``part`` (3, parts, C), rows.
 
-    ``scratch`` (2, >= CHANNEL_TILE) float64: rows_chunk_stats' block sums.
+    ``x``: the values of the canonical view of ``shape`` (outer, C, inner), flat, as every
+    reduction and elementwise item takes them. ``scratch`` (2, >= CHANNEL_TILE) float64:
+    rows_chunk_stats' block sums.
     """
-    outer, channels, _ = x.shape
+    outer, channels, _ = shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
     part[0, k, c0:c1] = apart(rows_chunk_stats, (
         x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
@@ -205,27 +209,27 @@ def stats_item_rows(x, item, part, scratch):
 
 
 @kernel(inline="always")
-def stats_item_planes(x, item, part, scratch):
+def stats_item_planes(x, shape, item, part, scratch):
     """stats_item_rows for planes (``scratch`` unused)."""
     nparts = part.shape[1]
     c, g = item // nparts, item % nparts
-    part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, c, g)
+    part[0, g, c], part[1, g, c], part[2, g, c] = plane_segment_stats(x, shape, c, g)
 
 
 @kernel(inline="always")
-def stats_item(x, item, part, scratch):
-    """Either memory shape, decided from x."""
-    if x.shape[2] == 1:
-        stats_item_rows(x, item, part, scratch)
+def stats_item(x, shape, item, part, scratch):
+    """Either memory shape, decided from ``shape``."""
+    if shape[2] == 1:
+        stats_item_rows(x, shape, item, part, scratch)
     else:
-        stats_item_planes(x, item, part, scratch)
+        stats_item_planes(x, shape, item, part, scratch)
 
 
 @kernel(inline="always")
-def sums_item_rows(dy, x, item, mean, part):
+def sums_item_rows(dy, x, shape, item, mean, part):
     """Partials (=) sum_dy, sum_dy_xmu of reduction item ``item`` in ``part`` (2, parts, C),
-    rows."""
-    outer, channels, _ = x.shape
+    rows; ``dy`` and ``x`` flat as in stats_item_rows."""
+    outer, channels, _ = shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
     apart(rows_chunk_sums, (
         dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean,
@@ -234,19 +238,19 @@ def sums_item_rows(dy, x, item, mean, part):
 
 
 @kernel(inline="always")
-def sums_item_planes(dy, x, item, mean, part):
+def sums_item_planes(dy, x, shape, item, mean, part):
     nparts = part.shape[1]
     c, g = item // nparts, item % nparts
-    part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, c, g, mean[c])
+    part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, shape, c, g, mean[c])
 
 
 @kernel(inline="always")
-def sums_item(dy, x, item, mean, part):
-    """Either memory shape, decided from x."""
-    if x.shape[2] == 1:
-        sums_item_rows(dy, x, item, mean, part)
+def sums_item(dy, x, shape, item, mean, part):
+    """Either memory shape, decided from ``shape``."""
+    if shape[2] == 1:
+        sums_item_rows(dy, x, shape, item, mean, part)
     else:
-        sums_item_planes(dy, x, item, mean, part)
+        sums_item_planes(dy, x, shape, item, mean, part)
 
 
 # ----------------------------------------------------------------------------- channel items

@@ -109,12 +109,13 @@ def segment_runs(outer, channels, inner, c, segment):
 
 
 # ---------------------------------------------------------------------------- forward statistics
-@kernel
-def plane_segment_stats(x, c, segment):
-    """(count, mean, M2) of reduction segment ``segment`` of channel ``c``."""
-    outer, channels, inner = x.shape
+@kernel(inline="always")
+def plane_segment_stats(x, shape, c, segment):
+    """(count, mean, M2) of reduction segment ``segment`` of channel ``c``; ``x`` flat, the
+    values of a canonical view of ``shape``."""
+    outer, channels, inner = shape
     start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
-    return apart(runs_stats, (x.reshape(x.size), start, length, stride, runs))
+    return apart(runs_stats, (x, start, length, stride, runs))
 
 
 @kernel
@@ -280,12 +281,13 @@ def runs_sums(dy, x, start, length, stride, runs, mean):
     return sum_dy, sum_dy_xmu
 
 
-@kernel
-def plane_segment_sums(dy, x, c, segment, mean):
-    outer, channels, inner = x.shape
+@kernel(inline="always")
+def plane_segment_sums(dy, x, shape, c, segment, mean):
+    """(sum_dy, sum_dy_xmu) of reduction segment ``segment`` of channel ``c``; ``dy``, ``x`` as
+    in plane_segment_stats."""
+    outer, channels, inner = shape
     start, length, stride, runs = segment_runs(outer, channels, inner, c, segment)
-    flat_dy, flat_x = dy.reshape(dy.size), x.reshape(x.size)
-    return apart(runs_sums, (flat_dy, flat_x, start, length, stride, runs, mean))
+    return apart(runs_sums, (dy, x, start, length, stride, runs, mean))
 
 
 @kernel
