@@ -47,3 +47,21 @@ def test_the_thread_count_a_call_asks_is_numbas_in_every_thread():
         assert answers == [(most, most)]
     finally:
         numba.set_num_threads(before)
+
+
+def test_the_thread_count_falls_back_to_numbas_public_call(monkeypatch):
+    """Without the pool's private accessor (another Numba), or before the pool starts, the count
+    is numba.get_num_threads'."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    from numba_bn.cpu import threads
+
+    numba.get_num_threads()  # starts the pool
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 7)
+    monkeypatch.delattr(parallel, "_get_num_threads")
+    assert threads.num_threads() == 7
+    monkeypatch.setattr(parallel, "_is_initialized", False)
+    assert threads.num_threads() == 7
+    monkeypatch.delattr(parallel, "_is_initialized")
+    assert threads.num_threads() == 7
