@@ -266,7 +266,7 @@ def _forward_train_split(
     part = np.empty((3, parts(outer, inner), channels))
     _stats_loop(x, part)
     # One channel item (up to CHANNEL_GROUP channels) runs on this thread: a parallel region
-    # costs ~1.2 us to start and finish even for one item (a serial call with two threads waiting)
+    # costs ~1.2 us to start and finish, also when one thread has all its work
     if channel_items(channels) == 1:
         train_channel(0, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
     else:
