@@ -162,7 +162,9 @@ def test_results_are_bitwise_identical_with_one_and_two_threads(rng, shape, axis
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("shape", [(6, 16, 40), (5, 2, 300), (700, 9, 1)])
+# one channel item (C <= 64: merged on the calling thread) and several (a prange of them)
+@pytest.mark.parametrize("shape", [(6, 16, 40), (5, 2, 300), (700, 9, 1), (4, 70, 9),
+                                   (40, 130, 1)])  # fmt: skip
 def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
     fused = fused and shape[2] > 1
     x = random_batch(rng, shape, np.float32)
