@@ -32,8 +32,8 @@ on the partition's use of threads. Each item is index arithmetic plus a call int
 :mod:`.kernels` or :mod:`.channels`, inlined into the loop that runs it (an item's arguments are
 still reference-counted once per iteration, so items must be long: see the channel items and the
 short planes' elementwise items; and they take the view's values flat with its shape, reshaped
-once by the loop: a reshape per item cost ~25 ns, a third of a short planes reduction item's
-overhead). Floating point stays in the separately compiled kernels,
+once by the loop: the reshapes of a short planes reduction item cost ~27 ns, two fifths of its
+66 ns overhead). Floating point stays in the separately compiled kernels,
 which keeps the parallel and serial twins bitwise identical (float code inline in a prange body
 was seen to round 1 ulp differently between twins). The reductions that may be reassociated go
 further: they are called through :func:`numba_bn.stats.apart`, never inlined, so a fused item
