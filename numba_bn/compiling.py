@@ -84,7 +84,7 @@ def driver_name(dispatcher):
     return py_func.__name__.lstrip("_")
 
 
-_MEMORY = {"rows": "rows", "planes": "planes"}
+_MEMORY = {"rows": "rows", "planes": "planes", "short": "short planes"}
 _PARTITIONS = {"split": "split", "fused": "fused planes"}
 _EPILOGUES = {"1": "+ residual", "2": "+ ReLU", "3": "+ residual + ReLU"}  # cpu.kernels' codes
 

@@ -23,8 +23,9 @@ from numpy.typing import DTypeLike
 from . import compiling
 
 #: Memory shapes of the canonical (outer, C, inner) view, and what partitions them: rows
-#: (inner == 1), planes split into segments (few channels), planes one channel per item.
-LAYOUTS = ("rows", "planes", "fused")
+#: (inner == 1), planes split into segments (few channels), short planes (numba_bn.cpu.kernels:
+#: planes to the reductions, rows to the elementwise passes), planes one channel per item.
+LAYOUTS = ("rows", "planes", "short", "fused")
 OPERATIONS = ("forward_train", "backward", "forward_eval")
 #: The steps of SyncBatchNorm (numba_bn.distributed): the split steps with an exchange between.
 SYNC_OPERATIONS = ("sync forward_train", "sync backward", "sync eval backward")
@@ -92,18 +93,21 @@ def _shape(layout, parallel, threads):
         FUSED_FORWARD_MIN_INNER,
         FUSED_SERIAL_MIN_ELEMENTS,
     )
+    from .cpu.kernels import SHORT_MIN_OUTER, SHORT_PLANE
 
     if layout == "rows":
         channels, inner = 8, 1
     elif layout == "planes":  # fewer channels than 2 * threads: split into segments
-        channels, inner = 1, 6
+        channels, inner = 1, SHORT_PLANE
+    elif layout == "short":
+        channels, inner = 2, 4
     else:  # 2 * threads channels or more, long planes: one channel per item (items.is_fused)
         channels, inner = max(8, 2 * threads), FUSED_FORWARD_MIN_INNER
     if layout == "fused":  # the backward fuses from FUSED_BACKWARD_MIN_ELEMENTS on
         least = FUSED_BACKWARD_MIN_ELEMENTS if parallel else FUSED_SERIAL_MIN_ELEMENTS
         outer = -(-least // (channels * inner))
     else:
-        outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else 4
+        outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else SHORT_MIN_OUTER
     return (outer, channels) if inner == 1 else (outer, channels, inner)
 
 
@@ -175,7 +179,7 @@ def plan(
                     continue  # one thread fuses only inputs too big for the serial twin
                 steps += [(operation, name, layout, twin) for operation in OPERATIONS]
             if distributed:  # the split steps have no fused variant
-                for layout in ("rows", "planes"):
+                for layout in ("rows", "planes", "short"):
                     steps += [(operation, name, layout, twin) for operation in SYNC_OPERATIONS]
             if norms:
                 steps += [(operation, name, layout, twin) for operation, layout in NORM_OPERATIONS]

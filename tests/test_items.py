@@ -10,8 +10,10 @@ from numba_bn.stats import AFFINE_ROWS
 from conftest import random_batch
 
 # rows with several chunks and channel tiles, long planes (several blocks), short planes
-# (grouped segments), one channel, and a plane just over one block
-SHAPES = [(2500, 300, 1), (3, 2, 9000), (700, 3, 5), (5, 1, 4100), (9, 7, 1), (4, 6, 35)]
+# (grouped segments; elementwise as rows: several items, one), one channel, a plane just over
+# one block, planes of fewer values than SHORT_PLANE but too few per channel to be short
+SHAPES = [(2500, 300, 1), (3, 2, 9000), (700, 3, 5), (5000, 4, 15), (8, 7, 4), (5, 1, 4100),
+          (9, 7, 1), (4, 6, 35), (7, 5, 4)]  # fmt: skip
 
 
 def _plan(shape, threads=2):
@@ -25,11 +27,15 @@ def test_elementwise_items_write_every_element(rng, shape):
     x = random_batch(rng, shape, np.float32)
     z = random_batch(rng, shape, np.float32)
     coef = np.zeros((AFFINE_ROWS, shape[1]), np.float32)
-    coef[2], coef[4] = 2.0, 1.0  # y = 2 x
-    for epilogue, expected in [(0, 2 * x), (3, np.maximum(2 * x + z, 0))]:  # plain; add, ReLU
+    scale = np.arange(1, shape[1] + 1, dtype=np.float32)[:, None]
+    coef[2], coef[4] = scale[:, 0], 1.0  # y = (c + 1) x in channel c
+    # as a driver's loop nest passes them: a column per value for short planes
+    wide = items.wide_coefficients(coef, shape[0], shape[2])
+    assert wide.shape[1] == _plan(shape)["coef_columns"]
+    for epilogue, expected in [(0, scale * x), (3, np.maximum(scale * x + z, 0))]:  # add, ReLU
         y = np.full(shape, np.nan, np.float32)
         for item in range(_plan(shape)["elementwise_items"]):
-            items.normalize_item(x.reshape(-1), y.reshape(-1), shape, item, coef, z.reshape(-1),
+            items.normalize_item(x.reshape(-1), y.reshape(-1), shape, item, wide, z.reshape(-1),
                                  epilogue)  # fmt: skip
         np.testing.assert_array_equal(y, expected)
 
@@ -40,15 +46,15 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
     plan = _plan(shape)
     part = np.full((3, plan["parts"], shape[1]), np.nan)
     scratch = np.empty(items.ITEM_SCRATCH_SHAPE)
+    memory = items.memory_of(shape[0], shape[2])
     for item in range(plan["reduce_items"]):
-        items.ITEMS[items.memory_of(shape[2])]["stats_item"](x.reshape(-1), shape, item, part,
-                                                             scratch)  # fmt: skip
+        items.ITEMS[memory]["stats_item"](x.reshape(-1), shape, item, part, scratch)
     assert not np.isnan(part).any(), "a partial no item wrote"
     mean, m2 = np.empty(shape[1]), np.empty(shape[1])
     for c in range(shape[1]):
         items.merge_channel(c, part, mean, m2)
     expected_mean, expected_m2 = np.empty(shape[1]), np.empty(shape[1])
-    drivers.driver("batch_stats", items.memory_of(shape[2]))[1](x, expected_mean, expected_m2)
+    drivers.driver("batch_stats", memory)[1](x, expected_mean, expected_m2)
     np.testing.assert_array_equal(mean, expected_mean)
     np.testing.assert_array_equal(m2, expected_m2)
     values = np.moveaxis(x, 1, 0).reshape(shape[1], -1)
@@ -77,14 +83,15 @@ BACKWARD = items.FUSED_BACKWARD_MIN_ELEMENTS
     (BACKWARD // 400 + 1, 4, 100, 2, False, True), (BACKWARD // 300, 3, 100, 2, False, False),
     (3, 8, 1, 2, False, False), (3, 1, LONG, 1, False, False), (3, 2, LONG, 1, False, False),
     (-(-BIG // (2 * LONG)), 2, LONG, 1, True, True),
-    (BIG // (2 * LONG) - 1, 2, LONG, 1, False, False), (-(-BIG // 10), 2, 5, 1, False, True),
-    (BIG // 10, 2, 5, 1, False, False),
+    (BIG // (2 * LONG) - 1, 2, LONG, 1, False, False), (-(-BIG // 10), 2, 5, 1, False, False),
+    (BIG // 10, 2, 5, 1, False, False), (-(-BIG // 32), 2, 16, 1, False, True),
+    (-(-BACKWARD // 16), 4, 4, 2, False, False), (-(-BIG // 8), 2, 4, 1, False, False),  # short
 ])  # fmt: skip
 def test_plan_and_the_jit_backend_share_the_fused_rules(outer, channels, inner, threads,
                                                           forward, backward):  # fmt: skip
     """Fused with a channel or more per thread, twice over: the forward on long planes, the
-    backward on big inputs; one thread only for bigger ones (the JIT backend asks is_fused,
-    the C shim plan())."""
+    backward on big inputs of planes that are not short; one thread only for bigger ones (the
+    JIT backend asks is_fused, the C shim plan())."""
     size = outer * channels * inner
     assert items.is_fused(channels, inner, threads, size, True) is forward
     assert items.is_fused(channels, inner, threads, size, False) is backward

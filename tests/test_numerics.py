@@ -173,7 +173,7 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
     bias = rng.standard_normal(shape[1]).astype(np.float32)
     partition = "fused" if fused else "split"
     results = []
-    memory = items.memory_of(shape[2])
+    memory = items.memory_of(shape[0], shape[2])
     trains = drivers.driver(f"forward_train_{partition}", memory)  # (parallel, serial)
     backs = drivers.driver(f"backward_{partition}", memory)
     add_relu = drivers.driver(f"forward_train_{partition}", memory, kernels.EPILOGUE_ADD_RELU)

@@ -16,6 +16,7 @@ from numba_bn.cpu import drivers
 from numba_bn.cpu.items import MEMORY_ANY as ANY
 from numba_bn.cpu.items import MEMORY_PLANES as PLANES
 from numba_bn.cpu.items import MEMORY_ROWS as ROWS
+from numba_bn.cpu.items import MEMORY_SHORT as SHORT
 from numba_bn.warmup import NORM_OPERATIONS, label, plan
 
 from conftest import run_child
@@ -150,8 +151,9 @@ def test_warmup_returns_the_total_and_a_step_each():
     twins = (1, 0) if numba.get_num_threads() > 1 else (1,)  # serial, parallel
     for name, memory in [
         ("forward_train_split", ROWS), ("forward_train_split", PLANES),
-        ("forward_train_fused", ANY), ("backward_split", ROWS), ("backward_split", PLANES),
-        ("backward_fused", ANY), ("forward_eval", ROWS), ("forward_eval", PLANES),
+        ("forward_train_split", SHORT), ("forward_train_fused", ANY), ("backward_split", ROWS),
+        ("backward_split", PLANES), ("backward_split", SHORT), ("backward_fused", ANY),
+        ("forward_eval", ROWS), ("forward_eval", PLANES), ("forward_eval", SHORT),
     ]:  # fmt: skip
         # a serial fused driver runs only with one thread (items.FUSED_SERIAL_MIN_ELEMENTS)
         for twin in twins[-1:] if name.endswith("fused") else twins:

@@ -28,6 +28,7 @@ plan                       -                                           the parti
 train_plane_channels       channels (fused)                            y, coef, statistics
 stats_items                reduction items                             part
 train_from_parts           channels: merge in part order, coefficients coef, statistics
+spread_coefficients        -                                           the wide rows
 normalize_items            elementwise items                           y
 relu_grad_items            flat items                                  g
 update_running             -                                           running_mean, _var
@@ -37,6 +38,10 @@ sums_items                 reduction items                             part
 dx_from_parts              channels: add in part order, coefficients   coef, sums
 dx_items                   elementwise items                           dx
 =========================  ==========================================  ========================
+
+The elementwise items read coefficient rows of ``coef_columns`` columns (:func:`plan`): the
+channels', or for short planes (:func:`numba_bn.cpu.kernels.short_planes`) a column per value of
+a plane, which the shim makes from the channels' rows with ``spread_coefficients``.
 
 Group and layer norm (ABI 1.3) have their drivers in :mod:`.norm_ranges`; :data:`EXPORTED` and
 :data:`CONSTANTS` hold theirs too.
@@ -53,6 +58,7 @@ from ..cpu.kernels import (
     plane_channel_backward,
     plane_channel_train,
     relu_grad_range,
+    spread_columns,
 )
 from ..cpu.kernels import eval_coefficients as _eval_coefficients
 from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
@@ -215,7 +221,7 @@ def normalize_items(
     """y of elementwise items first:last, with the epilogue."""
     size = outer * channels * inner
     x, y, z = carray(x_ptr, size), carray(y_ptr, size), carray(z_ptr, size)
-    coef = carray(coef_ptr, (AFFINE_ROWS, channels))
+    coef = carray(coef_ptr, (AFFINE_ROWS, items.coef_columns(outer, channels, inner)))
     shape = (outer, channels, inner)
     if epilogue == EPILOGUE_NONE:  # spelt out as in train_plane_channels
         _normalize_items(x, y, shape, first, last, coef, z, EPILOGUE_NONE)
@@ -225,6 +231,12 @@ def normalize_items(
         _normalize_items(x, y, shape, first, last, coef, z, EPILOGUE_RELU)
     elif epilogue == EPILOGUE_ADD_RELU:
         _normalize_items(x, y, shape, first, last, coef, z, EPILOGUE_ADD_RELU)
+
+
+def spread_coefficients(rows: I64, channels: I64, inner: I64, coef_ptr: IN, wide_ptr: OUT):
+    """The coefficient rows of short planes: (rows, channels) spread to a column per value."""
+    coef = carray(coef_ptr, (rows, channels))
+    spread_columns(coef, inner, carray(wide_ptr, (rows, channels * inner)))
 
 
 def update_running(
@@ -355,7 +367,7 @@ def dx_items(
     """dx of elementwise items first:last."""
     size = outer * channels * inner
     dy, x, dx = carray(dy_ptr, size), carray(x_ptr, size), carray(dx_ptr, size)
-    coef = carray(coef_ptr, (DX_ROWS, channels))
+    coef = carray(coef_ptr, (DX_ROWS, items.coef_columns(outer, channels, inner)))
     for item in range(first, last):
         items.dx_item(dy, x, dx, (outer, channels, inner), item, coef)
 
@@ -390,5 +402,6 @@ EXPORTED = (
     dx_from_parts,
     dx_items,
     relu_grad_items,
+    spread_coefficients,
     *NORM_EXPORTED,
 )

@@ -97,9 +97,10 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
         forward = step == "forward_train"
         fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads, x.size, forward)
         step += "_fused" if fused else "_split"
-    # x.shape[-1]: the canonical view's inner (relu_grad takes any rank; driver() gives the steps
-    # without a copy per memory shape their one copy whatever memory says)
-    parallel, serial = drivers.driver(step, memory_of(x.shape[-1]), epilogue)
+    # x.shape[0], x.shape[-1]: the canonical view's outer and inner (relu_grad takes any rank;
+    # driver() gives the steps without a copy per memory shape their one copy whatever memory
+    # says)
+    parallel, serial = drivers.driver(step, memory_of(x.shape[0], x.shape[-1]), epilogue)
     plan = (launcher(parallel) if threads > 1 else serial), fused
     # a parallel plan made before numba chose its threading layer is guarded: not kept
     if len(_PLANS) < _PLANS_MAX and (threads == 1 or layer_known()):

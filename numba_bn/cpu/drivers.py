@@ -18,9 +18,10 @@ keeps a call from compiling loop nests it never runs: with both in one driver, a
 forward_train compiled the fused kernels too, a quarter of its compile time (40% for the
 parallel twin). The backend (:mod:`numba_bn.cpu`) picks the driver.
 
-For the same reason a driver is compiled for one memory shape (:mod:`.items`: rows or planes)
-and one epilogue: :func:`driver` gives the copy of a step's template whose loop nests call that
-shape's items (:data:`.items.ITEMS`) and whose global EPILOGUE is that code, made on first use.
+For the same reason a driver is compiled for one memory shape (:mod:`.items`: rows, planes or
+short planes) and one epilogue: :func:`driver` gives the copy of a step's template whose loop
+nests call that shape's items (:data:`.items.ITEMS`) and whose global EPILOGUE is that code,
+made on first use.
 A rows call then never sees the planes items and kernels (a third of its compile time), and a
 plain call never compiles the loops of the fused BN+Add+ReLU (issue 13), which is the same
 forward drivers with another epilogue (:mod:`.kernels`), a compile-time constant. Its backward
@@ -44,6 +45,7 @@ from .items import (
     MEMORY_ANY,
     MEMORY_PLANES,
     MEMORY_ROWS,
+    MEMORY_SHORT,
     add_channel,
     channel_items,
     dx_channel,
@@ -84,7 +86,8 @@ def _copy(template, suffix, scope):
     return copy
 
 
-_MEMORY_SUFFIX = {MEMORY_ANY: "", MEMORY_ROWS: "_rows", MEMORY_PLANES: "_planes"}
+_MEMORY_SUFFIX = {MEMORY_ANY: "", MEMORY_ROWS: "_rows", MEMORY_PLANES: "_planes",
+                  MEMORY_SHORT: "_short"}  # fmt: skip
 
 
 def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
@@ -165,9 +168,11 @@ def _sums_loop(dy, x, mean, part):
 
 def _normalize_loop(x, coef, y, z, epilogue):
     """y (=) of every elementwise item, with ``epilogue`` (the calling driver's EPILOGUE: a
-    global here would be this module's) and ``z`` (as x)."""
+    global here would be this module's) and ``z`` (as x); ``coef`` (rows, C), spread here to a
+    column per value for short planes (wide_coefficients)."""
     outer, channels, inner = x.shape
     x_flat, y_flat, z_flat = x.reshape(x.size), y.reshape(y.size), z.reshape(z.size)
+    coef = wide_coefficients(coef, outer, inner)  # noqa: F821
     for item in prange(elementwise_items(outer, channels, inner)):
         normalize_item(x_flat, y_flat, x.shape, item, coef, z_flat, epilogue)  # noqa: F821
 
@@ -175,6 +180,7 @@ def _normalize_loop(x, coef, y, z, epilogue):
 def _dx_loop(dy, x, coef, dx):
     outer, channels, inner = x.shape
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
+    coef = wide_coefficients(coef, outer, inner)  # noqa: F821
     for item in prange(elementwise_items(outer, channels, inner)):
         dx_item(dy_flat, x_flat, dx_flat, x.shape, item, coef)  # noqa: F821
 

@@ -19,13 +19,18 @@ Work items of the canonical ``(outer, C, inner)`` view:
   past the last group does nothing, so a loop over ``range(channels)`` also covers every channel
   once;
 * elementwise items: runs of whole rows for rows, runs of whole consecutive planes for planes
-  shorter than PLANE_BLOCK, ``(n, channel, block)`` for longer ones (:mod:`.kernels`).
+  shorter than PLANE_BLOCK, ``(n, channel, block)`` for longer ones (:mod:`.kernels`); short
+  planes (:func:`.kernels.short_planes`) as runs of whole rows of the (outer, C * inner) view,
+  whose coefficient rows have a column per value (:func:`coef_columns`; the loop nest or the C
+  shim spreads them with :func:`.kernels.spread_columns` once per call).
 
 The items that differ between memory shapes come as one per shape (``stats_item_rows``,
 ``stats_item_planes``) and one that decides per call from ``inner`` (``stats_item``: the C shim's
-range drivers); :data:`ITEMS` names them by shape. A JIT driver is compiled for one shape
+range drivers); :data:`ITEMS` names them by shape. Short planes are a shape of their own: planes
+to the reductions, rows to the elementwise passes (the same bits as runs of planes gave them, in
+a loop that vectorises). A JIT driver is compiled for one shape
 (:func:`numba_bn.cpu.drivers.driver`) and calls that shape's items only, so that Numba never
-types, inlines or compiles the other's (the README's "First call").
+types, inlines or compiles the others' (the README's "First call").
 
 Which item computes what never changes the merge order inside a channel, so results do not depend
 on the partition's use of threads. Each item is index arithmetic plus a call into
@@ -40,6 +45,10 @@ further: they are called through :func:`numba_bn.stats.apart`, never inlined, so
 and a split item run one compiled body of ``runs_sums`` (inlined, LLVM vectorised it two ways in
 the C library's x86-64-v2 build, and 1 and 2 threads gave other bits).
 """
+
+import types
+
+import numpy as np
 
 from ..stats import apart, kernel
 from .channels import add_channels, dx_channels, merge_channels, train_channels
@@ -62,6 +71,9 @@ from .kernels import (
     rows_chunk_stats,
     rows_chunk_sums,
     rows_dx,
+    short_planes,
+    short_planes_jit,
+    spread_columns,
 )
 
 #: Channels per channel-item kernel call (see the module's docstring).
@@ -71,12 +83,14 @@ CHANNEL_GROUP = 64
 ITEM_SCRATCH_SHAPE = (2, CHANNEL_TILE)
 
 #: Memory shapes: the keys of :data:`ITEMS` (see the module's docstring).
-MEMORY_ANY, MEMORY_ROWS, MEMORY_PLANES = 0, 1, 2
+MEMORY_ANY, MEMORY_ROWS, MEMORY_PLANES, MEMORY_SHORT = 0, 1, 2, 3
 
 
-def memory_of(inner):
-    """The memory shape of a canonical view whose planes have ``inner`` values."""
-    return MEMORY_ROWS if inner == 1 else MEMORY_PLANES
+def memory_of(outer, inner):
+    """The memory shape of a canonical view (``outer``, C, ``inner``)."""
+    if inner == 1:
+        return MEMORY_ROWS
+    return MEMORY_SHORT if short_planes(outer, inner) else MEMORY_PLANES
 
 
 #: The fields :func:`plan` writes, in order (the shim reads them by these names).
@@ -88,6 +102,7 @@ PLAN_FIELDS = (
     "reduce_item_elements",
     "elementwise_items",
     "elementwise_item_elements",
+    "coef_columns",
 )
 
 
@@ -110,17 +125,23 @@ FUSED_BACKWARD_MIN_ELEMENTS = 1 << 21
 
 
 def is_fused(channels, inner, threads, size, forward):
-    """Whole channels per item: planes (the forward's of FUSED_FORWARD_MIN_INNER values or more)
-    with a channel or more for each thread, twice over; only from FUSED_SERIAL_MIN_ELEMENTS
-    elements (``size``) on with one thread, from FUSED_BACKWARD_MIN_ELEMENTS for a backward."""
+    """Whole channels per item: planes (the forward's of FUSED_FORWARD_MIN_INNER values or more,
+    the backward's not short) with a channel or more for each thread, twice over; only from
+    FUSED_SERIAL_MIN_ELEMENTS elements (``size``) on with one thread, from
+    FUSED_BACKWARD_MIN_ELEMENTS for a backward."""
     if threads == 1 and size < FUSED_SERIAL_MIN_ELEMENTS:
         return False
     if not forward and size < FUSED_BACKWARD_MIN_ELEMENTS:
         return False
+    if not forward and short_planes(size // (channels * inner), inner):
+        return False  # split, dx as rows: 1.5-3x faster (benchmarks/README.md, "Short planes")
     return inner >= (FUSED_FORWARD_MIN_INNER if forward else 2) and channels >= 2 * threads
 
 
-is_fused_jit = kernel(inline="always")(is_fused)  # the same rule, for plan()
+# the same rule for plan(), calling the compiled short_planes (Numba calls no Python function)
+is_fused_jit = kernel(inline="always")(
+    types.FunctionType(is_fused.__code__, {**globals(), "short_planes": short_planes_jit})
+)
 
 
 @kernel(inline="always")
@@ -153,25 +174,49 @@ def reduce_item_elements(outer, channels, inner):
 
 @kernel(inline="always")
 def elementwise_items(outer, channels, inner):
+    if inner == 1 or short_planes_jit(outer, inner):  # short planes: rows of (outer, C * inner)
+        return -(-outer // row_span_rows(channels * inner))
     if inner >= PLANE_BLOCK:
         return outer * channels * plane_segments_jit(inner)
-    if inner > 1:
-        return -(-(outer * channels) // plane_run_planes(inner))
-    return -(-outer // row_span_rows(channels))
+    return -(-(outer * channels) // plane_run_planes(inner))
 
 
 @kernel(inline="always")
 def elementwise_item_elements(outer, channels, inner):
+    if inner == 1 or short_planes_jit(outer, inner):
+        return min(outer, row_span_rows(channels * inner)) * channels * inner
     if inner >= PLANE_BLOCK:
         return PLANE_BLOCK
-    if inner > 1:
-        return min(outer * channels, plane_run_planes(inner)) * inner
-    return min(outer, row_span_rows(channels)) * channels
+    return min(outer * channels, plane_run_planes(inner)) * inner
+
+
+@kernel(inline="always")
+def coef_columns(outer, channels, inner):
+    """Columns of the coefficient rows the elementwise items read: one per channel, and for
+    short planes one per value of a channel's plane (spread_columns)."""
+    return channels * inner if short_planes_jit(outer, inner) else channels
+
+
+@kernel(inline="always")
+def wide_coefficients(coef, outer, inner):
+    """The coefficient rows (rows, C) as the elementwise items of a view (``outer``, C,
+    ``inner``) read them: ``coef`` itself, or for short planes a copy with a column per value."""
+    if short_planes_jit(outer, inner):
+        wide = np.empty((coef.shape[0], coef.shape[1] * inner), coef.dtype)
+        spread_columns(coef, inner, wide)
+        return wide
+    return coef
+
+
+@kernel(inline="always")
+def same_coefficients(coef, outer, inner):
+    """wide_coefficients of a memory shape without short planes."""
+    return coef
 
 
 @kernel
 def plan(outer, channels, inner, threads, out):
-    """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 7)."""
+    """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 8)."""
     size = outer * channels * inner
     out[0] = 1 if is_fused_jit(channels, inner, threads, size, True) else 0
     out[1] = 1 if is_fused_jit(channels, inner, threads, size, False) else 0
@@ -180,6 +225,7 @@ def plan(outer, channels, inner, threads, out):
     out[4] = reduce_item_elements(outer, channels, inner)
     out[5] = elementwise_items(outer, channels, inner)
     out[6] = elementwise_item_elements(outer, channels, inner)
+    out[7] = coef_columns(outer, channels, inner)
 
 
 # ---------------------------------------------------------------------------- reduction items
@@ -355,10 +401,19 @@ def normalize_item_planes(x, y, shape, item, coef, z, epilogue):
 
 
 @kernel(inline="always")
+def normalize_item_short(x, y, shape, item, coef, z, epilogue):
+    """normalize_item_rows of the (outer, C * inner) view; ``coef`` has a column per value."""
+    outer, channels, inner = shape
+    normalize_item_rows(x, y, (outer, channels * inner, 1), item, coef, z, epilogue)
+
+
+@kernel(inline="always")
 def normalize_item(x, y, shape, item, coef, z, epilogue):
-    """Either memory shape, decided from ``shape``."""
+    """Any memory shape, decided from ``shape``."""
     if shape[2] == 1:
         normalize_item_rows(x, y, shape, item, coef, z, epilogue)
+    elif short_planes_jit(shape[0], shape[2]):
+        normalize_item_short(x, y, shape, item, coef, z, epilogue)
     else:
         normalize_item_planes(x, y, shape, item, coef, z, epilogue)
 
@@ -385,10 +440,19 @@ def dx_item_planes(dy, x, dx, shape, item, coef):
 
 
 @kernel(inline="always")
+def dx_item_short(dy, x, dx, shape, item, coef):
+    """dx_item_rows of the (outer, C * inner) view; ``coef`` has a column per value."""
+    outer, channels, inner = shape
+    dx_item_rows(dy, x, dx, (outer, channels * inner, 1), item, coef)
+
+
+@kernel(inline="always")
 def dx_item(dy, x, dx, shape, item, coef):
-    """Either memory shape, decided from ``shape``."""
+    """Any memory shape, decided from ``shape``."""
     if shape[2] == 1:
         dx_item_rows(dy, x, dx, shape, item, coef)
+    elif short_planes_jit(shape[0], shape[2]):
+        dx_item_short(dy, x, dx, shape, item, coef)
     else:
         dx_item_planes(dy, x, dx, shape, item, coef)
 
@@ -397,9 +461,15 @@ def dx_item(dy, x, dx, shape, item, coef):
 #: (:func:`numba_bn.cpu.drivers.twins`): MEMORY_ANY's decide per call.
 ITEMS = {
     MEMORY_ANY: {"stats_item": stats_item, "sums_item": sums_item,
-                 "normalize_item": normalize_item, "dx_item": dx_item},
+                 "normalize_item": normalize_item, "dx_item": dx_item,
+                 "wide_coefficients": wide_coefficients},
     MEMORY_ROWS: {"stats_item": stats_item_rows, "sums_item": sums_item_rows,
-                  "normalize_item": normalize_item_rows, "dx_item": dx_item_rows},
+                  "normalize_item": normalize_item_rows, "dx_item": dx_item_rows,
+                  "wide_coefficients": same_coefficients},
     MEMORY_PLANES: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
-                    "normalize_item": normalize_item_planes, "dx_item": dx_item_planes},
+                    "normalize_item": normalize_item_planes, "dx_item": dx_item_planes,
+                    "wide_coefficients": same_coefficients},
+    MEMORY_SHORT: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
+                   "normalize_item": normalize_item_short, "dx_item": dx_item_short,
+                   "wide_coefficients": wide_coefficients},
 }  # fmt: skip

@@ -68,6 +68,38 @@ def row_span_rows(channels):
     return max(1, ELEMENTWISE_SPAN // channels)
 
 
+#: Planes of fewer values than SHORT_PLANE, in a view of SHORT_MIN_OUTER planes per channel or more,
+#: are short (:data:`.items.MEMORY_SHORT`): their elementwise passes run as the rows of the
+#: (outer, C * inner) view, over coefficient rows with a column per value (spread_columns, once
+#: per call). A loop over one plane of 4 or 9 values does not vectorise: normalising (64, 64, 4)
+#: float32 took 16.3 us by planes, 3.5 as rows of 256; from 16 values on, and below 8 planes a
+#: channel (where spreading the rows costs more than it saves), planes were as fast or faster
+#: (benchmarks/README.md, "Short planes").
+SHORT_PLANE = 16
+SHORT_MIN_OUTER = 8
+
+
+def short_planes(outer, inner):
+    """Whether a canonical view's planes are short (SHORT_PLANE)."""
+    return 1 < inner < SHORT_PLANE and outer >= SHORT_MIN_OUTER
+
+
+short_planes_jit = kernel(inline="always")(short_planes)
+
+
+@kernel
+def spread_columns(coef, inner, wide):
+    """wide (=) (rows, C * inner): column c * inner + i of each row is coef's column c. A value
+    of the plane at a time, over every channel: strided stores, 0.3 ns a value, where a loop
+    over each channel's few columns took 0.6-0.9."""
+    rows, channels = coef.shape
+    step = uint64(inner)
+    for k in range(rows):
+        for i in range(step):
+            for c in range(uint64(channels)):
+                wide[k, c * step + i] = coef[k, c]
+
+
 @kernel(inline="always")
 def plane_run_planes(inner):
     """Planes per elementwise work item of planes shorter than PLANE_BLOCK."""

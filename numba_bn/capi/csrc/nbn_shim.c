@@ -177,6 +177,8 @@ typedef struct {
     int64_t n_weight, n_bias;
     double eps;
     void *coef;                  /* (NBN_AFFINE_ROWS or NBN_DX_ROWS, channels), tensor dtype */
+    void *wide; /* the rows the elementwise items read: coef, or for short planes a column per
+                   value of a plane (NBN_PLAN_COEF_COLUMNS; set_wide) */
     double *mean, *invstd, *m2;  /* per channel */
     double *sum_dy, *sum_dy_xmu; /* per channel */
     double *part;                /* (3 or 2, parts, channels) partials of the split layouts */
@@ -237,6 +239,25 @@ static void load_vector(double *dst, const void *src, int f64, int64_t n) {
     }
 }
 
+/* Coefficient values a call's scratch holds: `rows` rows of its channels, and for short planes
+ * (plan[NBN_PLAN_COEF_COLUMNS] > channels) the same rows with a column per value after them. */
+static int64_t coef_room(int64_t rows, int64_t channels, const int64_t plan[NBN_PLAN_SIZE]) {
+    int64_t columns = plan[NBN_PLAN_COEF_COLUMNS];
+    return nbn_mul(rows, columns > channels ? nbn_add(channels, columns) : channels);
+}
+
+/* a->wide after a->coef is written: a->coef itself, or its rows spread to a column per value
+ * (in the scratch after them, as coef_room counted); nonzero when the library fails. */
+static int set_wide(nbn_call *a, int64_t rows, const int64_t plan[NBN_PLAN_SIZE], int f64) {
+    if (plan[NBN_PLAN_COEF_COLUMNS] == a->channels) {
+        a->wide = a->coef;
+        return 0;
+    }
+    const size_t element = f64 ? sizeof(double) : sizeof(float);
+    a->wide = (char *)a->coef + (size_t)(rows * a->channels) * element;
+    return a->k->spread_coefficients(rows, a->channels, a->inner, a->coef, a->wide);
+}
+
 /* ------------------------------------------------------------------------- work item ranges */
 static int32_t train_channels(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
@@ -263,7 +284,7 @@ static int32_t train_merge(const void *job, int64_t first, int64_t last, double 
 static int32_t normalize(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
     (void)scratch;
-    return a->k->normalize_items(a->x, a->outer, a->channels, a->inner, first, last, a->coef,
+    return a->k->normalize_items(a->x, a->outer, a->channels, a->inner, first, last, a->wide,
                                  a->out, a->z, a->epilogue);
 }
 
@@ -293,7 +314,7 @@ static int32_t dx_merge(const void *job, int64_t first, int64_t last, double *sc
 static int32_t dx_blocks(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
     (void)scratch;
-    return a->k->dx_items(a->dy, a->x, a->outer, a->channels, a->inner, first, last, a->coef,
+    return a->k->dx_items(a->dy, a->x, a->outer, a->channels, a->inner, first, last, a->wide,
                           a->out);
 }
 
@@ -337,7 +358,8 @@ static int forward_train_stats(int f64, const void *x, int64_t outer, int64_t ch
     int whole_channels = plan[NBN_PLAN_FUSED_FORWARD] != 0;
     int64_t n_part = whole_channels ? 0 : nbn_mul(3 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(3 * channels, n_part),
-                                    nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
+                                    coef_room(NBN_AFFINE_ROWS, channels, plan), &a.coef,
+                                    &status);
     if (!scratch) return status;
     a.mean = scratch, a.invstd = scratch + channels, a.m2 = scratch + 2 * channels;
     a.part = scratch + 3 * channels;
@@ -349,6 +371,8 @@ static int forward_train_stats(int f64, const void *x, int64_t outer, int64_t ch
                                 plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS], threads);
         if (status == NBN_OK)
             status = parallel_items(train_merge, &a, channels, plan[NBN_PLAN_PARTS], threads);
+        if (status == NBN_OK && set_wide(&a, NBN_AFFINE_ROWS, plan, f64) != 0)
+            status = NBN_ERR_INTERNAL;
         if (status == NBN_OK)
             status = parallel_items(normalize, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
                                     plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS], threads);
@@ -392,10 +416,12 @@ static int forward_eval_ex(int f64, const void *x, int64_t outer, int64_t channe
     const int64_t threads = call_threads(NBN_NS_FORWARD_EVAL, outer * channels * inner);
     int64_t plan[NBN_PLAN_SIZE];
     if ((status = read_plan(&a, threads, plan)) != NBN_OK) return status;
-    double *scratch = alloc_scratch(0, nbn_mul(NBN_AFFINE_ROWS, channels), &a.coef, &status);
+    double *scratch = alloc_scratch(0, coef_room(NBN_AFFINE_ROWS, channels, plan), &a.coef,
+                                    &status);
     if (!scratch) return status;
     if (a.k->eval_coefficients(channels, weight, weight ? channels : 0, bias, bias ? channels : 0,
-                               running_mean, running_var, eps, a.coef) != 0)
+                               running_mean, running_var, eps, a.coef) != 0 ||
+        set_wide(&a, NBN_AFFINE_ROWS, plan, f64) != 0)
         status = NBN_ERR_INTERNAL;
     else
         status = parallel_items(normalize, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
@@ -426,7 +452,7 @@ static int backward_stats(int f64, int doubles, const void *dy, const void *x, i
     int whole_channels = plan[NBN_PLAN_FUSED_BACKWARD] != 0;
     int64_t n_part = whole_channels ? 0 : nbn_mul(2 * plan[NBN_PLAN_PARTS], channels);
     double *scratch = alloc_scratch(nbn_add(4 * channels, n_part),
-                                    nbn_mul(NBN_DX_ROWS, channels), &a.coef, &status);
+                                    coef_room(NBN_DX_ROWS, channels, plan), &a.coef, &status);
     if (!scratch) return status;
     /* g, the gradient through the activation, is what the batch-norm backward runs on: dy
      * itself without one; with ReLU, computed into residual_out, or into a tensor of scratch
@@ -469,6 +495,8 @@ static int backward_stats(int f64, int doubles, const void *dy, const void *x, i
                                 plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS], threads);
         if (status == NBN_OK)
             status = parallel_items(dx_merge, &a, channels, plan[NBN_PLAN_PARTS], threads);
+        if (status == NBN_OK && set_wide(&a, NBN_DX_ROWS, plan, f64) != 0)
+            status = NBN_ERR_INTERNAL;
         if (status == NBN_OK)
             status = parallel_items(dx_blocks, &a, plan[NBN_PLAN_ELEMENTWISE_ITEMS],
                                     plan[NBN_PLAN_ELEMENTWISE_ITEM_ELEMENTS], threads);
