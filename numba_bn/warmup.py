@@ -24,7 +24,7 @@ from . import compiling
 
 #: Memory shapes of the canonical (outer, C, inner) view, and what partitions them: rows
 #: (inner == 1), planes split into segments (few channels), short planes (numba_bn.cpu.kernels:
-#: planes to the reductions, rows to the elementwise passes), planes one channel per item.
+#: rows of (outer, C * inner)), planes one channel per item.
 LAYOUTS = ("rows", "planes", "short", "fused")
 OPERATIONS = ("forward_train", "backward", "forward_eval")
 #: The steps of SyncBatchNorm (numba_bn.distributed): the split steps with an exchange between.

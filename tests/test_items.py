@@ -9,11 +9,12 @@ from numba_bn.stats import AFFINE_ROWS
 
 from conftest import random_batch
 
-# rows with several chunks and channel tiles, long planes (several blocks), short planes
-# (grouped segments; elementwise as rows: several items, one), one channel, a plane just over
-# one block, planes of fewer values than SHORT_PLANE but too few per channel to be short
-SHAPES = [(2500, 300, 1), (3, 2, 9000), (700, 3, 5), (5000, 4, 15), (8, 7, 4), (5, 1, 4100),
-          (9, 7, 1), (4, 6, 35), (7, 5, 4)]  # fmt: skip
+# rows with several chunks and channel tiles, long planes (several blocks), short planes (as
+# rows of (outer, C * inner): one chunk, several, several chunks and tiles of columns), one
+# channel, a plane just over one block, runs of planes, planes of fewer values than SHORT_PLANE
+# but too few per channel to be short
+SHAPES = [(2500, 300, 1), (3, 2, 9000), (700, 3, 5), (5000, 4, 15), (1100, 70, 4), (8, 7, 4),
+          (5, 1, 4100), (9, 7, 1), (4, 6, 35), (7, 5, 4)]  # fmt: skip
 
 
 def _plan(shape, threads=2):
@@ -61,6 +62,31 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
     # a mean near 0 of values near 5 carries their rounding, not its own (8.7e-5 was 4e-12 off)
     atol = 1e-12 * np.abs(values).max()
     np.testing.assert_allclose(mean, values.mean(axis=1), rtol=1e-12, atol=atol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reduction_items_and_channel_sums_give_the_drivers_sums(rng, shape):
+    x, dy = random_batch(rng, shape, np.float64), random_batch(rng, shape, np.float64)
+    mean = np.moveaxis(x, 1, 0).reshape(shape[1], -1).mean(axis=1)
+    plan = _plan(shape)
+    part = np.full((2, plan["parts"], shape[1]), np.nan)
+    scratch = np.empty(items.ITEM_SCRATCH_SHAPE)
+    memory = items.memory_of(shape[0], shape[2])
+    for item in range(plan["reduce_items"]):
+        items.ITEMS[memory]["sums_item"](dy.reshape(-1), x.reshape(-1), shape, item, mean, part,
+                                         scratch)  # fmt: skip
+    assert not np.isnan(part).any(), "a partial no item wrote"
+    sum_dy, sum_dy_xmu = np.empty(shape[1]), np.empty(shape[1])
+    for c in range(shape[1]):
+        items.add_channel(c, part, sum_dy, sum_dy_xmu)
+    expected = np.empty(shape[1]), np.empty(shape[1])
+    drivers.driver("backward_sums", memory)[1](dy, x, mean, *expected)
+    np.testing.assert_array_equal(sum_dy, expected[0])
+    np.testing.assert_array_equal(sum_dy_xmu, expected[1])
+    g, xmu = (np.moveaxis(v, 1, 0).reshape(shape[1], -1) for v in (dy, x - mean[:, None]))
+    np.testing.assert_allclose(sum_dy, g.sum(axis=1), rtol=1e-10, atol=1e-10 * g.size)
+    np.testing.assert_allclose(sum_dy_xmu, (g * xmu).sum(axis=1), rtol=1e-10,
+                               atol=1e-10 * g.size)  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES)

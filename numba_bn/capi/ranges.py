@@ -318,14 +318,17 @@ def sums_items(
     last: I64,
     mean_ptr: IN64,
     part_ptr: OUT64,
+    scratch_ptr: OUT64,
 ):
-    """Partials (sum_dy, sum_dy_xmu) of reduction items first:last."""
+    """Partials (sum_dy, sum_dy_xmu) of reduction items first:last; ``scratch``:
+    NBN_ITEM_SCRATCH doubles."""
     shape, size = (outer, channels, inner), outer * channels * inner
     dy, x = carray(dy_ptr, size), carray(x_ptr, size)
     mean = carray(mean_ptr, channels)
     part = carray(part_ptr, (2, items.parts(outer, inner), channels))
+    scratch = carray(scratch_ptr, items.ITEM_SCRATCH_SHAPE)
     for item in range(first, last):
-        items.sums_item(dy, x, shape, item, mean, part)
+        items.sums_item(dy, x, shape, item, mean, part, scratch)
 
 
 def dx_from_parts(

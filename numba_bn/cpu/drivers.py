@@ -41,6 +41,7 @@ from numba import prange
 
 from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
 from .items import (
+    ITEM_SCRATCH_SHAPE,
     ITEMS,
     MEMORY_ANY,
     MEMORY_PLANES,
@@ -58,7 +59,6 @@ from .items import (
     train_channel,
 )
 from .kernels import (
-    CHANNEL_TILE,
     EPILOGUE_NONE,
     affine_coefficients,
     dx_coefficients,
@@ -67,6 +67,7 @@ from .kernels import (
     plane_channel_train,
     relu_grad_planes,
     relu_grad_range,
+    short_planes_jit,
 )
 
 EPILOGUE = EPILOGUE_NONE  # the templates'; each driver copy (twins, driver) has its own
@@ -152,18 +153,21 @@ def _key_cache_on_sources(dispatcher):
 def _stats_loop(x, part):
     """Partials (=) of every reduction item."""
     outer, channels, inner = x.shape
-    x_flat, unused = x.reshape(x.size), np.empty((2, 0))
+    x_flat, unused = x.reshape(x.size), np.empty((ITEM_SCRATCH_SHAPE[0], 0))
+    rows = inner == 1 or short_planes_jit(outer, inner)
     for item in prange(reduce_items(outer, channels, inner)):
-        # rows items take ITEM_SCRATCH_SHAPE, one per item (a thread's); planes items none
-        scratch = np.empty((2, CHANNEL_TILE)) if inner == 1 else unused
+        # rows and short planes items take ITEM_SCRATCH_SHAPE, one per item (a thread's)
+        scratch = np.empty(ITEM_SCRATCH_SHAPE) if rows else unused
         stats_item(x_flat, x.shape, item, part, scratch)  # noqa: F821
 
 
 def _sums_loop(dy, x, mean, part):
     outer, channels, inner = x.shape
     dy_flat, x_flat = dy.reshape(dy.size), x.reshape(x.size)
+    unused, short = np.empty((ITEM_SCRATCH_SHAPE[0], 0)), short_planes_jit(outer, inner)
     for item in prange(reduce_items(outer, channels, inner)):
-        sums_item(dy_flat, x_flat, x.shape, item, mean, part)  # noqa: F821
+        scratch = np.empty(ITEM_SCRATCH_SHAPE) if short else unused  # short planes items' only
+        sums_item(dy_flat, x_flat, x.shape, item, mean, part, scratch)  # noqa: F821
 
 
 def _normalize_loop(x, coef, y, z, epilogue):

@@ -8,11 +8,13 @@ partials from :func:`plan` (exported as ``plan``), never from arithmetic of its 
 Work items of the canonical ``(outer, C, inner)`` view:
 
 * fused, planes (the forward: of FUSED_FORWARD_MIN_INNER values or more; the backward: from
-  FUSED_BACKWARD_MIN_ELEMENTS elements on) with ``C >= 2 * threads`` (one thread: from
+  FUSED_BACKWARD_MIN_ELEMENTS elements on, not short) with ``C >= 2 * threads`` (one thread: from
   FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per item, statistics and normalisation (or
   reduction and dx) back to back while the channel is in L2;
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
-  (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows;
+  (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows, ``(row chunk,
+  column tile)`` of the (outer, C * inner) view for short planes (partial ``chunk * inner + i``
+  of channel c from column ``c * inner + i``);
 * channel items (:func:`channel_items`) merge the partials of CHANNEL_GROUP channels, each in
   part order, then their coefficients, in one kernel call (:mod:`.channels`): an item per
   channel cost 30-40 ns a channel in reference counting and calls, more than the merge. An item
@@ -26,9 +28,10 @@ Work items of the canonical ``(outer, C, inner)`` view:
 
 The items that differ between memory shapes come as one per shape (``stats_item_rows``,
 ``stats_item_planes``) and one that decides per call from ``inner`` (``stats_item``: the C shim's
-range drivers); :data:`ITEMS` names them by shape. Short planes are a shape of their own: planes
-to the reductions, rows to the elementwise passes (the same bits as runs of planes gave them, in
-a loop that vectorises). A JIT driver is compiled for one shape
+range drivers); :data:`ITEMS` names them by shape. Short planes are a shape of their own: the
+rows of the (outer, C * inner) view, whose reduction items file a column's partial as its
+channel's (``chunk * inner + i``: part order, the merge order) and whose elementwise items read
+coefficient rows spread to a column per value. A JIT driver is compiled for one shape
 (:func:`numba_bn.cpu.drivers.driver`) and calls that shape's items only, so that Numba never
 types, inlines or compiles the others' (the README's "First call").
 
@@ -79,8 +82,9 @@ from .kernels import (
 #: Channels per channel-item kernel call (see the module's docstring).
 CHANNEL_GROUP = 64
 
-#: The float64 scratch a reduction item of the rows layout needs (rows_chunk_stats' block sums).
-ITEM_SCRATCH_SHAPE = (2, CHANNEL_TILE)
+#: The float64 scratch a reduction item of rows or short planes needs: rows_chunk_stats' block
+#: sums, and a short planes item's column partials (or column means) before it files them.
+ITEM_SCRATCH_SHAPE = (4, CHANNEL_TILE)
 
 #: Memory shapes: the keys of :data:`ITEMS` (see the module's docstring).
 MEMORY_ANY, MEMORY_ROWS, MEMORY_PLANES, MEMORY_SHORT = 0, 1, 2, 3
@@ -151,25 +155,33 @@ def row_tiles(channels):
 
 @kernel(inline="always")
 def parts(outer, inner):
-    """Partials per channel: segments for planes, row chunks for rows."""
-    return channel_segments_jit(outer, inner) if inner > 1 else -(-outer // ROW_CHUNK)
+    """Partials per channel: segments for planes, row chunks for rows, and for short planes row
+    chunks of the (outer, C * inner) view times the values of a plane (a partial per column:
+    chunk * inner + i)."""
+    if inner == 1:
+        return -(-outer // ROW_CHUNK)
+    if short_planes_jit(outer, inner):
+        return -(-outer // ROW_CHUNK) * inner
+    return channel_segments_jit(outer, inner)
 
 
 @kernel(inline="always")
 def reduce_items(outer, channels, inner):
-    if inner > 1:
-        return channels * parts(outer, inner)
-    return parts(outer, inner) * row_tiles(channels)
+    if inner == 1:
+        return parts(outer, inner) * row_tiles(channels)
+    if short_planes_jit(outer, inner):
+        return -(-outer // ROW_CHUNK) * row_tiles(channels * inner)
+    return channels * parts(outer, inner)
 
 
 @kernel(inline="always")
 def reduce_item_elements(outer, channels, inner):
     """Elements one reduction item reads (the largest item)."""
-    if inner > 1:
-        if inner >= PLANE_BLOCK:
-            return PLANE_BLOCK
-        return min(outer, PLANE_BLOCK // inner) * inner
-    return min(outer, ROW_CHUNK) * min(channels, CHANNEL_TILE)
+    if inner == 1 or short_planes_jit(outer, inner):
+        return min(outer, ROW_CHUNK) * min(channels * inner, CHANNEL_TILE)
+    if inner >= PLANE_BLOCK:
+        return PLANE_BLOCK
+    return min(outer, PLANE_BLOCK // inner) * inner
 
 
 @kernel(inline="always")
@@ -263,40 +275,80 @@ def stats_item_planes(x, shape, item, part, scratch):
 
 
 @kernel(inline="always")
+def stats_item_short(x, shape, item, part, scratch):
+    """stats_item_rows of the (outer, C * inner) view: the partials of columns c * inner + i go
+    to channel c's partial chunk * inner + i (merged in that order), through ``scratch``."""
+    outer, channels, inner = shape
+    width = channels * inner
+    k, r0, r1, c0, c1 = _row_item_range(item, outer, width)
+    count = apart(rows_chunk_stats, (
+        x.reshape(outer, width), r0, r1, c0, c1, scratch[2], scratch[3], scratch[0], scratch[1],
+    ))  # fmt: skip
+    for j in range(c1 - c0):
+        c, i = (c0 + j) // inner, (c0 + j) % inner
+        part[0, k * inner + i, c] = count
+        part[1, k * inner + i, c] = scratch[2, j]
+        part[2, k * inner + i, c] = scratch[3, j]
+
+
+@kernel(inline="always")
 def stats_item(x, shape, item, part, scratch):
-    """Either memory shape, decided from ``shape``."""
+    """Any memory shape, decided from ``shape``."""
     if shape[2] == 1:
         stats_item_rows(x, shape, item, part, scratch)
+    elif short_planes_jit(shape[0], shape[2]):
+        stats_item_short(x, shape, item, part, scratch)
     else:
         stats_item_planes(x, shape, item, part, scratch)
 
 
 @kernel(inline="always")
-def sums_item_rows(dy, x, shape, item, mean, part):
+def sums_item_rows(dy, x, shape, item, mean, part, scratch):
     """Partials (=) sum_dy, sum_dy_xmu of reduction item ``item`` in ``part`` (2, parts, C),
-    rows; ``dy`` and ``x`` flat as in stats_item_rows."""
+    rows; ``dy`` and ``x`` flat as in stats_item_rows (``scratch`` unused)."""
     outer, channels, _ = shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
     apart(rows_chunk_sums, (
-        dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean,
+        dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean[c0:c1],
         part[0, k, c0:c1], part[1, k, c0:c1],
     ))  # fmt: skip
 
 
 @kernel(inline="always")
-def sums_item_planes(dy, x, shape, item, mean, part):
+def sums_item_planes(dy, x, shape, item, mean, part, scratch):
     nparts = part.shape[1]
     c, g = item // nparts, item % nparts
     part[0, g, c], part[1, g, c] = plane_segment_sums(dy, x, shape, c, g, mean[c])
 
 
 @kernel(inline="always")
-def sums_item(dy, x, shape, item, mean, part):
-    """Either memory shape, decided from ``shape``."""
+def sums_item_short(dy, x, shape, item, mean, part, scratch):
+    """sums_item_rows of the (outer, C * inner) view, its columns' means and partials through
+    ``scratch`` (ITEM_SCRATCH_SHAPE), filed as stats_item_short files them."""
+    outer, channels, inner = shape
+    width = channels * inner
+    k, r0, r1, c0, c1 = _row_item_range(item, outer, width)
+    for j in range(c1 - c0):
+        scratch[0, j] = mean[(c0 + j) // inner]
+    apart(rows_chunk_sums, (
+        dy.reshape(outer, width), x.reshape(outer, width), r0, r1, c0, c1, scratch[0],
+        scratch[1], scratch[2],
+    ))  # fmt: skip
+    for j in range(c1 - c0):
+        c, i = (c0 + j) // inner, (c0 + j) % inner
+        part[0, k * inner + i, c] = scratch[1, j]
+        part[1, k * inner + i, c] = scratch[2, j]
+
+
+@kernel(inline="always")
+def sums_item(dy, x, shape, item, mean, part, scratch):
+    """Any memory shape, decided from ``shape``."""
     if shape[2] == 1:
-        sums_item_rows(dy, x, shape, item, mean, part)
+        sums_item_rows(dy, x, shape, item, mean, part, scratch)
+    elif short_planes_jit(shape[0], shape[2]):
+        sums_item_short(dy, x, shape, item, mean, part, scratch)
     else:
-        sums_item_planes(dy, x, shape, item, mean, part)
+        sums_item_planes(dy, x, shape, item, mean, part, scratch)
 
 
 # ----------------------------------------------------------------------------- channel items
@@ -469,7 +521,7 @@ ITEMS = {
     MEMORY_PLANES: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
                     "normalize_item": normalize_item_planes, "dx_item": dx_item_planes,
                     "wide_coefficients": same_coefficients},
-    MEMORY_SHORT: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
+    MEMORY_SHORT: {"stats_item": stats_item_short, "sums_item": sums_item_short,
                    "normalize_item": normalize_item_short, "dx_item": dx_item_short,
                    "wide_coefficients": wide_coefficients},
 }  # fmt: skip

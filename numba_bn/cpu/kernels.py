@@ -69,11 +69,13 @@ def row_span_rows(channels):
 
 
 #: Planes of fewer values than SHORT_PLANE, in a view of SHORT_MIN_OUTER planes per channel or more,
-#: are short (:data:`.items.MEMORY_SHORT`): their elementwise passes run as the rows of the
-#: (outer, C * inner) view, over coefficient rows with a column per value (spread_columns, once
-#: per call). A loop over one plane of 4 or 9 values does not vectorise: normalising (64, 64, 4)
-#: float32 took 16.3 us by planes, 3.5 as rows of 256; from 16 values on, and below 8 planes a
-#: channel (where spreading the rows costs more than it saves), planes were as fast or faster
+#: are short (:data:`.items.MEMORY_SHORT`): they run as the rows of the (outer, C * inner) view,
+#: the reductions a partial per column (filed as the channel's, merged in order), the
+#: elementwise passes over coefficient rows with a column per value (spread_columns, once per
+#: call). A loop over one plane of 4 or 9 values does not vectorise: normalising (64, 64, 4)
+#: float32 took 16.3 us by planes, 3.5 as rows of 256, its statistics 15.1 against 3.9; from 16
+#: values on (coefficient rows of 2048 values and more no longer stay in L1) and below 8 planes
+#: a channel (spreading costs more than it saves), planes were as fast or faster
 #: (benchmarks/README.md, "Short planes").
 SHORT_PLANE = 16
 SHORT_MIN_OUTER = 8
@@ -338,7 +340,8 @@ def plane_channel_sums(dy, x, c, mean):
 
 @kernel(fastmath=REDUCE_FASTMATH)
 def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
-    """sum_dy, sum_dy_xmu (=, length >= c1-c0) of channels ``c0:c1`` over rows ``r0:r1``.
+    """sum_dy, sum_dy_xmu (=, length >= c1-c0) of channels ``c0:c1`` over rows ``r0:r1``;
+    ``mean`` (length >= c1-c0): those channels' means, from c0's on.
 
     Four rows per update of the L1 accumulators, then the remaining rows one by one.
     """
@@ -353,7 +356,7 @@ def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
         r = first + four * q
         for j in range(width):
             cj = c0 + j
-            mu = mean[cj]
+            mu = mean[j]
             g0, g1, g2, g3 = dy[r, cj], dy[r + 1, cj], dy[r + 2, cj], dy[r + 3, cj]
             sum_dy_out[j] += (np.float64(g0) + g1) + (np.float64(g2) + g3)
             sum_dy_xmu_out[j] += (g0 * (x[r, cj] - mu) + g1 * (x[r + 1, cj] - mu)) + (
@@ -363,7 +366,7 @@ def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
         for j in range(width):
             g = dy[r, c0 + j]
             sum_dy_out[j] += g
-            sum_dy_xmu_out[j] += g * (x[r, c0 + j] - mean[c0 + j])
+            sum_dy_xmu_out[j] += g * (x[r, c0 + j] - mean[j])
 
 
 # ------------------------------------------------------------------------ backward: elementwise

@@ -298,9 +298,8 @@ static int32_t backward_channels(const void *job, int64_t first, int64_t last, d
 
 static int32_t sums(const void *job, int64_t first, int64_t last, double *scratch) {
     const nbn_call *a = job;
-    (void)scratch;
     return a->k->sums_items(a->dy, a->x, a->outer, a->channels, a->inner, first, last, a->mean,
-                            a->part);
+                            a->part, scratch);
 }
 
 static int32_t dx_merge(const void *job, int64_t first, int64_t last, double *scratch) {
