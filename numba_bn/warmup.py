@@ -106,7 +106,7 @@ def _shape(layout, parallel, threads):
     if layout == "fused":  # the backward fuses from FUSED_BACKWARD_MIN_ELEMENTS on
         least = FUSED_BACKWARD_MIN_ELEMENTS if parallel else FUSED_SERIAL_MIN_ELEMENTS
         outer = -(-least // (channels * inner))
-    else:
+    else:  # serial: SHORT_MIN_OUTER planes a channel, so that a short layout is short
         outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else SHORT_MIN_OUTER
     return (outer, channels) if inner == 1 else (outer, channels, inner)
 
