@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from numba_bn.cpu.kernels import runs_sums
+from numba_bn.cpu.kernels import ROW_BLOCK, rows_chunk_stats, runs_sums
 from numba_bn.stats import (
     AFFINE_ROWS,
     DX_ROWS,
@@ -93,6 +93,64 @@ def test_runs_sums_reads_runs_at_a_stride(rng, dtype, runs):
     for got, terms in ((sum_dy, picked_dy), (sum_dy_xmu, products)):
         # float64 sums of at most 448 terms in any order: within 448 * 2^-53 of the sum of |terms|
         assert abs(got - math.fsum(terms)) <= 1e-13 * math.fsum(np.abs(terms))
+
+
+def _rows_chunk(x, r0, r1, c0, c1):
+    """rows_chunk_stats of x[r0:r1, c0:c1], its scratch poisoned: (count, mean, M2)."""
+    width = c1 - c0
+    mean, m2, block = np.full(width, np.nan), np.full(width, np.nan), np.full((2, width), np.nan)
+    count = rows_chunk_stats(x, r0, r1, c0, c1, mean, m2, block[0], block[1])
+    return count, mean, m2
+
+
+# rows in whole blocks of four and of ROW_BLOCK, with a tail of each, and fewer than four
+@pytest.mark.parametrize("rows", [3, 4 * ROW_BLOCK, 2 * ROW_BLOCK + 7, 97])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_chunk_stats_is_the_exact_statistic_of_each_column(rng, dtype, rows):
+    """float32 blocks take one pass shifted by their first row, float64 ones two passes: both
+    within float64 rounding of the fsum statistics, on a tile inside a wider array."""
+    x = random_batch(rng, (rows + 5, 40), dtype)
+    r0, r1, c0, c1 = 2, rows + 2, 3, 37
+    count, mean, m2 = _rows_chunk(x, r0, r1, c0, c1)
+    assert count == rows
+    for j in range(c1 - c0):
+        ref = _exact(x[r0:r1, c0 + j])
+        assert mean[j] == pytest.approx(ref[1], rel=1e-14, abs=1e-14 * math.sqrt(ref[2] / rows))
+        assert m2[j] == pytest.approx(ref[2], rel=1e-12)
+
+
+def test_rows_chunk_stats_one_pass_keeps_float64_accuracy_when_the_shift_is_an_outlier(rng):
+    """The shift of a float32 block is its first row: an outlier there (the worst case, S2 up to
+    (n + 1) M2), a mean of 1e4 against a spread of 1e-2, and a constant column still give M2
+    to float64 accuracy, not float32's."""
+    x = (1e4 + 1e-2 * rng.standard_normal((4 * ROW_BLOCK, 3))).astype(np.float32)
+    x[::ROW_BLOCK, 1] = 3e4  # every block's first row
+    x[:, 2] = 7.0
+    count, mean, m2 = _rows_chunk(x, 0, x.shape[0], 0, 3)
+    for j in range(2):
+        ref = _exact(x[:, j])
+        assert mean[j] == pytest.approx(ref[1], rel=1e-15)
+        assert m2[j] == pytest.approx(ref[2], rel=1e-12)
+    assert (mean[2], m2[2]) == (7.0, 0.0)
+
+
+@pytest.mark.parametrize("length, runs", [(4096, 1), (64, 9)])
+def test_runs_stats_one_pass_keeps_float64_accuracy_on_float32(rng, length, runs):
+    """A float32 block is summed in one pass, shifted by its first value. On a mean of 1e4
+    against a spread of 1e-2 (E[x^2] - E[x]^2 loses 12 digits there) M2 keeps float64 accuracy;
+    with an outlier as the shift, the worst case (S2 up to (n + 1) M2), it loses at most
+    log2(n + 1) bits of float64's 53, still far below float32's resolution."""
+    flat = (1e4 + 1e-2 * rng.standard_normal(length * runs)).astype(np.float32)
+    count = length * runs
+    for outlier, rel in ((False, 1e-12), (True, (count + 1) * 1e-14)):
+        if outlier:
+            flat[0] = 3e4
+        got = runs_stats(flat, 0, length, length, runs)
+        ref = _exact(flat)
+        assert got[1] == pytest.approx(ref[1], rel=1e-15)
+        assert got[2] == pytest.approx(ref[2], rel=rel)
+    constant = np.full(count, 7.0, np.float32)
+    assert runs_stats(constant, 0, length, length, runs) == (count, 7.0, 0.0)
 
 
 def test_runs_stats_of_nothing_is_zero():

@@ -30,6 +30,7 @@ serial drivers, C plugin).
 
 import numpy as np
 from numba import uint64
+from numba.extending import overload
 
 from ..stats import (
     CONTRACT_FASTMATH,
@@ -38,6 +39,7 @@ from ..stats import (
     chan_merge,
     four_runs,
     kernel,
+    one_pass_exact,
     runs_stats,
 )
 
@@ -165,51 +167,97 @@ def plane_channel_stats(x, c):
     return count, mean, m2
 
 
+def block_moments(x, first, last, c0, width, mean, m2):
+    """(mean, M2) (=) of columns ``c0 : c0 + width`` over rows ``first:last`` of (rows, C) ``x``
+    in ``mean``, ``m2`` (float64, length >= width): rows_chunk_stats' ROW_BLOCK rows, in one pass
+    or two (:func:`..stats.one_pass_exact`), vectorised across columns, four rows per update of
+    the L1 accumulators. Compiled per dtype."""
+    raise NotImplementedError("compiled code only")
+
+
+# inlined, as stats.run_moments is
+@overload(block_moments, inline="always",
+          jit_options={"fastmath": REDUCE_FASTMATH, "error_model": "numpy"})  # fmt: skip
+def _block_moments(x, first, last, c0, width, mean, m2):
+    return _one_pass_moments if one_pass_exact(x.dtype) else _two_pass_moments
+
+
+def _one_pass_moments(x, first, last, c0, width, mean, m2):
+    first, c0, width, four = uint64(first), uint64(c0), uint64(width), uint64(4)
+    count, quads = float(last - first), uint64((last - first) // 4)
+    tail = first + four * quads
+    for j in range(width):
+        mean[j] = 0.0  # S1, then the mean
+        m2[j] = 0.0  # S2, then M2
+    for q in range(quads):
+        r = first + four * q
+        for j in range(width):
+            cj = c0 + j
+            k = np.float64(x[first, cj])
+            d0, d1 = x[r, cj] - k, x[r + 1, cj] - k
+            d2, d3 = x[r + 2, cj] - k, x[r + 3, cj] - k
+            mean[j] += (d0 + d1) + (d2 + d3)
+            m2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r in range(tail, uint64(last)):
+        for j in range(width):
+            d = x[r, c0 + j] - np.float64(x[first, c0 + j])
+            mean[j] += d
+            m2[j] += d * d
+    for j in range(width):
+        shift = mean[j] / count
+        m2[j] -= mean[j] * shift
+        mean[j] = x[first, c0 + j] + shift
+
+
+def _two_pass_moments(x, first, last, c0, width, mean, m2):
+    first, c0, width, four = uint64(first), uint64(c0), uint64(width), uint64(4)
+    count, quads = float(last - first), uint64((last - first) // 4)
+    tail = first + four * quads
+    for j in range(width):
+        mean[j] = 0.0
+        m2[j] = 0.0
+    for q in range(quads):
+        r = first + four * q
+        for j in range(width):
+            cj = c0 + j
+            mean[j] += (np.float64(x[r, cj]) + x[r + 1, cj]) + (
+                np.float64(x[r + 2, cj]) + x[r + 3, cj]
+            )
+    for r in range(tail, uint64(last)):
+        for j in range(width):
+            mean[j] += x[r, c0 + j]
+    for j in range(width):
+        mean[j] /= count
+    for q in range(quads):
+        r = first + four * q
+        for j in range(width):
+            cj, mu = c0 + j, mean[j]
+            d0, d1 = x[r, cj] - mu, x[r + 1, cj] - mu
+            d2, d3 = x[r + 2, cj] - mu, x[r + 3, cj] - mu
+            m2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r in range(tail, uint64(last)):
+        for j in range(width):
+            dev = x[r, c0 + j] - mean[j]
+            m2[j] += dev * dev
+
+
 @kernel(fastmath=REDUCE_FASTMATH)
 def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     """(mean, M2) of channels ``c0:c1`` over rows ``r0:r1`` of ``x`` (rows, C); returns the count.
 
     ``mean_out``, ``m2_out`` (=) and the scratch ``block_mean``, ``block_m2`` have length >= c1-c0.
-    Rows are reduced ROW_BLOCK at a time (two passes, vectorised across channels, four rows per
-    update of the L1 accumulators) and each block is Chan-merged into the chunk in row order.
+    Rows are reduced ROW_BLOCK at a time (:func:`block_moments`) and each block is Chan-merged
+    into the chunk in row order.
     """
-    width, c0 = uint64(c1 - c0), uint64(c0)
-    four = uint64(4)
+    width = c1 - c0
     for j in range(width):
         mean_out[j] = 0.0
         m2_out[j] = 0.0
     count = 0.0
     for b0 in range(r0, r1, ROW_BLOCK):
         b1 = min(b0 + ROW_BLOCK, r1)
+        block_moments(x, b0, b1, c0, width, block_mean, block_m2)
         block_count = float(b1 - b0)
-        first, quads = uint64(b0), uint64((b1 - b0) // 4)
-        tail = first + four * quads
-        for j in range(width):
-            block_mean[j] = 0.0
-            block_m2[j] = 0.0
-        for q in range(quads):
-            r = first + four * q
-            for j in range(width):
-                cj = c0 + j
-                block_mean[j] += (np.float64(x[r, cj]) + x[r + 1, cj]) + (
-                    np.float64(x[r + 2, cj]) + x[r + 3, cj]
-                )
-        for r in range(tail, uint64(b1)):
-            for j in range(width):
-                block_mean[j] += x[r, c0 + j]
-        for j in range(width):
-            block_mean[j] /= block_count
-        for q in range(quads):
-            r = first + four * q
-            for j in range(width):
-                cj, mu = c0 + j, block_mean[j]
-                d0, d1 = x[r, cj] - mu, x[r + 1, cj] - mu
-                d2, d3 = x[r + 2, cj] - mu, x[r + 3, cj] - mu
-                block_m2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        for r in range(tail, uint64(b1)):
-            for j in range(width):
-                dev = x[r, c0 + j] - block_mean[j]
-                block_m2[j] += dev * dev
         for j in range(width):
             _, mean_out[j], m2_out[j] = chan_merge(
                 count, mean_out[j], m2_out[j], block_count, block_mean[j], block_m2[j]
