@@ -26,7 +26,7 @@ import llvmlite.binding as ll
 import numpy as np
 from numba import njit, types, uint64
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 #: ``numba.njit`` for every kernel of the package: IEEE division (``error_model="numpy"``: x / 0
 #: is inf or NaN) instead of a raised ZeroDivisionError. A compiled function must never raise:
@@ -168,8 +168,11 @@ def four_runs(start, stride, quad):
     return a, a + uint64(stride), a + uint64(2 * stride), a + uint64(3 * stride)
 
 
-def one_pass_exact(dtype):
-    """Whether blocks of ``dtype`` (a Numba type) take their ``(mean, M2)`` in one pass.
+@intrinsic
+def one_pass_exact(typingctx, values):
+    """Whether a block of ``values`` takes its ``(mean, M2)`` in one pass: a constant of their
+    dtype, so that LLVM keeps one of a kernel's two bodies (an ``overload`` choosing the body
+    compiled the chosen one apart too, +0.25 s of a cold first call).
 
     For float32 (and narrower) values, x - K and its square are exact in float64 for K one of
     the block's values (its first), and one pass sums them: mean = K + S1 / n and
@@ -177,11 +180,15 @@ def one_pass_exact(dtype):
     the subtraction costs at most log2(n + 1) of float64's 53 bits (5 for a rows block of 32,
     12 for a planes block of 4096; one on typical data), which float32 statistics never see. It
     reads the block once and does four vector operations per eight values instead of five
-    (20-25% less time: benchmarks/README.md, "One pass over a float32 block"). In float64 the
-    deviations are rounded and that bound would count: float64 keeps the two passes (the sum,
-    then squared deviations from the block mean).
+    (benchmarks/README.md, "One pass over a float32 block"). In float64 the deviations are
+    rounded and that bound would count: float64 keeps the two passes (the sum, then squared
+    deviations from the block mean).
     """
-    return dtype.bitwidth <= 32
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.boolean, values.dtype.bitwidth <= 32)
+
+    return types.boolean(values), codegen
 
 
 @kernel(fastmath=REDUCE_FASTMATH)
@@ -198,23 +205,12 @@ def runs_stats(values, start, length, stride, runs):
     """
     if runs * length <= 0:
         return 0.0, 0.0, 0.0
-    return run_moments(values, start, length, stride, runs)
+    if one_pass_exact(values):
+        return _runs_one_pass(values, start, length, stride, runs)
+    return _runs_two_pass(values, start, length, stride, runs)
 
 
-def run_moments(values, start, length, stride, runs):
-    """runs_stats of a block of at least one value, compiled per dtype (:func:`one_pass_exact`)."""
-    raise NotImplementedError("compiled code only")
-
-
-# inlined into the kernel that calls it (Numba's IR), so that the kernel's strict copy (apart)
-# holds its loops: linked as a function of its own, with its reordering flags, a float64 rows
-# block gave the C library other last bits than the JIT
-@overload(run_moments, inline="always",
-          jit_options={"fastmath": REDUCE_FASTMATH, "error_model": "numpy"})  # fmt: skip
-def _run_moments(values, start, length, stride, runs):
-    return _runs_one_pass if one_pass_exact(values.dtype) else _runs_two_pass
-
-
+@kernel(inline="always")
 def _runs_one_pass(values, start, length, stride, runs):
     n, quads = uint64(length), runs // 4
     shift = np.float64(values[uint64(start)])
@@ -238,6 +234,7 @@ def _runs_one_pass(values, start, length, stride, runs):
     return count, shift + offset, s2 - s1 * offset
 
 
+@kernel(inline="always")
 def _runs_two_pass(values, start, length, stride, runs):
     n, quads = uint64(length), runs // 4
     total = 0.0

@@ -30,7 +30,6 @@ serial drivers, C plugin).
 
 import numpy as np
 from numba import uint64
-from numba.extending import overload
 
 from ..stats import (
     CONTRACT_FASTMATH,
@@ -167,22 +166,10 @@ def plane_channel_stats(x, c):
     return count, mean, m2
 
 
-def block_moments(x, first, last, c0, width, mean, m2):
-    """(mean, M2) (=) of columns ``c0 : c0 + width`` over rows ``first:last`` of (rows, C) ``x``
-    in ``mean``, ``m2`` (float64, length >= width): rows_chunk_stats' ROW_BLOCK rows, in one pass
-    or two (:func:`..stats.one_pass_exact`), vectorised across columns, four rows per update of
-    the L1 accumulators. Compiled per dtype."""
-    raise NotImplementedError("compiled code only")
-
-
-# inlined, as stats.run_moments is
-@overload(block_moments, inline="always",
-          jit_options={"fastmath": REDUCE_FASTMATH, "error_model": "numpy"})  # fmt: skip
-def _block_moments(x, first, last, c0, width, mean, m2):
-    return _one_pass_moments if one_pass_exact(x.dtype) else _two_pass_moments
-
-
+@kernel(inline="always")
 def _one_pass_moments(x, first, last, c0, width, mean, m2):
+    """(mean, M2) (=) of columns ``c0 : c0 + width`` over rows ``first:last`` of (rows, C) ``x``
+    in ``mean``, ``m2`` (float64, length >= width): one ROW_BLOCK of rows_chunk_stats."""
     first, c0, width, four = uint64(first), uint64(c0), uint64(width), uint64(4)
     count, quads = float(last - first), uint64((last - first) // 4)
     tail = first + four * quads
@@ -209,7 +196,9 @@ def _one_pass_moments(x, first, last, c0, width, mean, m2):
         mean[j] = x[first, c0 + j] + shift
 
 
+@kernel(inline="always")
 def _two_pass_moments(x, first, last, c0, width, mean, m2):
+    """_one_pass_moments in two passes (float64)."""
     first, c0, width, four = uint64(first), uint64(c0), uint64(width), uint64(4)
     count, quads = float(last - first), uint64((last - first) // 4)
     tail = first + four * quads
@@ -246,8 +235,9 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     """(mean, M2) of channels ``c0:c1`` over rows ``r0:r1`` of ``x`` (rows, C); returns the count.
 
     ``mean_out``, ``m2_out`` (=) and the scratch ``block_mean``, ``block_m2`` have length >= c1-c0.
-    Rows are reduced ROW_BLOCK at a time (:func:`block_moments`) and each block is Chan-merged
-    into the chunk in row order.
+    Rows are reduced ROW_BLOCK at a time, in one pass or two (:func:`..stats.one_pass_exact`),
+    vectorised across columns, four rows per update of the L1 accumulators, and each block is
+    Chan-merged into the chunk in row order.
     """
     width = c1 - c0
     for j in range(width):
@@ -256,7 +246,10 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     count = 0.0
     for b0 in range(r0, r1, ROW_BLOCK):
         b1 = min(b0 + ROW_BLOCK, r1)
-        block_moments(x, b0, b1, c0, width, block_mean, block_m2)
+        if one_pass_exact(x):
+            _one_pass_moments(x, b0, b1, c0, width, block_mean, block_m2)
+        else:
+            _two_pass_moments(x, b0, b1, c0, width, block_mean, block_m2)
         block_count = float(b1 - b0)
         for j in range(width):
             _, mean_out[j], m2_out[j] = chan_merge(
