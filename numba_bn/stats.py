@@ -12,8 +12,8 @@ Every kernel, thread, GPU block, stream chunk and MPI rank combines statistics t
 (Chan, Golub & LeVeque, 1979). A block small enough to stay in L1 gets its exact
 ``(count, mean, M2)`` from two vectorisable passes (sum, then squared deviations from the block
 mean), or, for float32, from one pass over its deviations from its first value, which float64
-holds exactly (:func:`one_pass_exact`); blocks are then merged
-with the formula above in a fixed order, so results do not depend on the number of threads.
+holds exactly (:func:`one_pass_exact`); blocks are then merged with the formula above in a fixed
+order, so results do not depend on the number of threads.
 """
 
 import functools

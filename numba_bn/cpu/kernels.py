@@ -239,7 +239,7 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     vectorised across columns, four rows per update of the L1 accumulators, and each block is
     Chan-merged into the chunk in row order.
     """
-    width = c1 - c0
+    width = uint64(c1 - c0)
     for j in range(width):
         mean_out[j] = 0.0
         m2_out[j] = 0.0
