@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import llvmlite.binding as ll
 import numpy as np
-from numba import njit, types, uint64
+from numba import float64, njit, types, uint64
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -335,7 +335,8 @@ def split_hi_lo(value, out, row, index):
 
 # The elementwise passes read per-channel coefficients in the tensor dtype, one row each:
 #   affine (AFFINE_ROWS): mean_hi, mean_lo, scale, shift, pre
-#       y = ((x * pre - mean_hi) - mean_lo) * scale + shift
+#       y = (x * pre - mean_hi) * scale + shift, shift with mean_lo folded in (folded_shift):
+#       the pass does not read row 1
 #   dx (DX_ROWS): mean_hi, mean_lo, proj, mean_dy, k, pre  (terms: see cpu/kernels.py dx_range)
 # mean_hi + mean_lo is mean * pre to float64 accuracy (split_hi_lo). ``pre`` is 1 except in a
 # channel whose ``x - mean`` can overflow the dtype: there it is 1/4, so that
@@ -343,6 +344,25 @@ def split_hi_lo(value, out, row, index):
 # carries 1 / pre, so the result is the same.
 AFFINE_ROWS = 5
 DX_ROWS = 6
+
+
+@kernel(inline="always")
+def folded_shift(shift, mean_lo, scale):
+    """The affine's shift with ``mean_lo`` folded in, ``shift - mean_lo * scale`` (float64, of
+    the coefficients as the tensor dtype holds them): y = ((x * pre - mean_hi) - mean_lo) *
+    scale + shift becomes (x * pre - mean_hi) * scale + folded shift, one coefficient row fewer
+    for the elementwise pass to load (12-23% of a large pass's time, benchmarks/README.md).
+
+    As accurate: ``x * pre - mean_hi`` is computed as before (exact for x near the mean), and
+    the rounding of ``(x - mean_hi) - mean_lo`` is traded for the rounding of this one value,
+    half an ulp of the shift; without a bias that is half an ulp of ``mean_lo * scale``, which
+    is far below an ulp of y. A zero ``mean_lo`` (float32 running statistics in eval, and
+    float64 means a float64 tensor holds exactly) leaves the shift as it is, so an infinite
+    scale (eval with eps = 0 and a zero variance) still gives the IEEE +-inf/NaN of
+    (x - mean) * inf rather than NaN everywhere. The CUDA coefficients call this too."""
+    if mean_lo == 0:
+        return float64(shift)
+    return float64(shift) - float64(mean_lo) * float64(scale)
 
 
 @kernel(inline="always")

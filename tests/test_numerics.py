@@ -26,6 +26,23 @@ def test_large_mean_small_spread_keeps_variance_and_output(rng, shape, axis):
     np.testing.assert_allclose(y, y_ref, atol=2e-5)  # compensated mean: no loss in y
 
 
+@pytest.mark.parametrize("shape, axis", [((64, 8, 32, 32), 1), ((4096, 16), 1), ((8, 9, 9, 8), -1)])
+def test_large_mean_with_an_affine_keeps_output_to_float32_rounding(rng, shape, axis):
+    """float32, mean 1e4, std 1e-2, a weight and a bias: the low part of the mean, folded into
+    the shift (stats.folded_shift), costs no more than the float32 roundings of y itself (both
+    forms measured within 1.04 ulp of the largest |y|). The low part times the scale reaches
+    ~0.1 here: leaving it out, or folding it with the wrong sign, is ~1e4 times the bound."""
+    x = (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    channels = shape[axis]
+    weight = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    bias = (3.0 * rng.standard_normal(channels)).astype(np.float32)
+    y = nbn.forward_train(x, weight, bias, eps=1e-12, axis=axis)[0]
+    mean_ref, var_ref, _ = naive.batch_stats(x, axis)
+    y_ref = naive.forward(x, mean_ref, var_ref, weight, bias, eps=1e-12, axis=axis)
+    bound = 4 * np.spacing(np.float32(np.abs(y_ref).max()))  # a few roundings of the largest y
+    assert np.abs(y - y_ref).max() <= bound
+
+
 def test_large_mean_backward_stays_accurate(rng):
     x = (1e4 + 1e-2 * rng.standard_normal((32, 4, 16, 16))).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)

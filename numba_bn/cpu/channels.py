@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import uint64
 
-from ..stats import chan_merge, finalize, kernel, prescale, split_hi_lo
+from ..stats import chan_merge, finalize, folded_shift, kernel, prescale, split_hi_lo
 
 
 # --------------------------------------------------------------------------------- one channel
@@ -38,7 +38,7 @@ def affine_coefficients(c, mean, invstd, weight, bias, coef):
     pre = prescale(mean, coef)
     split_hi_lo(mean * pre, coef, 0, c)
     coef[2, c] = (invstd * weight[c] if weight.size else invstd) / pre
-    coef[3, c] = bias[c] if bias.size else 0.0
+    coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
     coef[4, c] = pre
 
 
@@ -134,6 +134,14 @@ def _affine_rows(c0, c1, mean, invstd, weight, bias, coef):
         coef[2, c] = _final_scale(invstd[c], weight, c) / _pre(mean[c], limit)
     for c in range(uint64(c0), uint64(c1)):
         coef[3, c] = bias[c] if bias.size else 0.0
+    _fold_shift_row(c0, c1, coef)
+
+
+@kernel(inline="always")
+def _fold_shift_row(c0, c1, coef):
+    """Row 3 (shift) of channels c0:c1 with mean_lo (row 1) folded in: stats.folded_shift."""
+    for c in range(uint64(c0), uint64(c1)):
+        coef[3, c] = folded_shift(coef[3, c], coef[1, c], coef[2, c])
 
 
 @kernel
@@ -168,6 +176,7 @@ def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
         coef[2, c] = _final_scale(invstd, weight, c) / _pre(running_mean[c], limit)
     for c in range(uint64(channels)):
         coef[3, c] = bias[c] if bias.size else 0.0
+    _fold_shift_row(0, channels, coef)
 
 
 @kernel(inline="always")

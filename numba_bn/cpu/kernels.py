@@ -280,15 +280,16 @@ def _epilogue(v, z, i, epilogue):
 
 @kernel(inline="always")
 def _affine_run(x, y, start, stop, coef, c, z, epilogue):
-    mean_hi, mean_lo, scale, shift, pre = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
+    mean_hi, scale, shift, pre = coef[0, c], coef[2, c], coef[3, c], coef[4, c]
     for i in range(uint64(start), uint64(stop)):
-        y[i] = _epilogue(((x[i] * pre - mean_hi) - mean_lo) * scale + shift, z, i, epilogue)
+        y[i] = _epilogue((x[i] * pre - mean_hi) * scale + shift, z, i, epilogue)
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
 def affine_range(x, y, start, stop, coef, c, z, epilogue):
-    """y = ((x * pre - mean_hi) - mean_lo) * scale + shift over [start, stop) of 1-D arrays,
-    with the affine rows of channel ``c``, then the ``epilogue`` with flat ``z``."""
+    """y = (x * pre - mean_hi) * scale + shift over [start, stop) of 1-D arrays, with the
+    affine rows of channel ``c`` (mean_lo folded into shift: stats.folded_shift), then the
+    ``epilogue`` with flat ``z``."""
     _affine_run(x, y, start, stop, coef, c, z, epilogue)
 
 
@@ -307,7 +308,7 @@ def _all_one(pre, c0, c1):
     """Whether ``pre`` is 1 in every channel of c0:c1: it is unless a channel's |mean| reaches
     max * eps / 8 (stats.prescale; 5e30 in float32). The rows passes then skip ``x * pre`` (x * 1
     is x, bit for bit): in a (rows, C) array pre is a row of its own, and its load is one of
-    seven memory operations per vector (measured 12-20% of the pass); in planes it is one
+    six memory operations per vector (measured 12-20% of the pass); in planes it is one
     scalar per run and costs nothing."""
     off = 0
     for c in range(uint64(c0), uint64(c1)):
@@ -319,16 +320,16 @@ def _all_one(pre, c0, c1):
 def rows_affine(x, y, r0, r1, c0, c1, coef, z, epilogue):
     """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range,
     ``z`` (rows, C)."""
-    mean_hi, mean_lo, scale, shift, pre = coef[0], coef[1], coef[2], coef[3], coef[4]
+    mean_hi, scale, shift, pre = coef[0], coef[2], coef[3], coef[4]
     if _all_one(pre, c0, c1):
         for r in range(uint64(r0), uint64(r1)):
             for c in range(uint64(c0), uint64(c1)):
-                v = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+                v = (x[r, c] - mean_hi[c]) * scale[c] + shift[c]
                 y[r, c] = _epilogue(v, z, (r, c), epilogue)
         return
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
-            v = ((x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+            v = (x[r, c] * pre[c] - mean_hi[c]) * scale[c] + shift[c]
             y[r, c] = _epilogue(v, z, (r, c), epilogue)
 
 

@@ -47,7 +47,7 @@ import math
 from numba import cuda, float64, int32
 
 from ..cpu.kernels import EPILOGUE_ADD, EPILOGUE_RELU
-from ..stats import batch_variance, chan_merge, finalize, running_step
+from ..stats import batch_variance, chan_merge, finalize, folded_shift, running_step
 from .config import MAX_THREADS
 
 
@@ -117,13 +117,20 @@ def _store_mean(mean, coef, c):
 
 
 @cuda.jit(device=True)
+def _affine_scale_shift(c, invstd, weight, bias, coef):
+    """Rows 2, 3 of channel c after _store_mean: scale, and the shift with mean_lo folded in
+    (stats.folded_shift), for y = (x - mean_hi) * scale + shift."""
+    coef[2, c] = invstd * weight[c] if weight.size else invstd
+    coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
+
+
+@cuda.jit(device=True)
 def _train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_invstd):
-    """Channel c: save invstd; coef rows of y = ((x - mean_hi) - mean_lo) * scale + shift."""
+    """Channel c: save invstd; coef rows of y = (x - mean_hi) * scale + shift."""
     invstd = finalize(count, m2, eps)
     save_invstd[c] = invstd
     _store_mean(mean, coef, c)
-    coef[2, c] = invstd * weight[c] if weight.size else invstd
-    coef[3, c] = bias[c] if bias.size else 0.0
+    _affine_scale_shift(c, invstd, weight, bias, coef)
 
 
 @cuda.jit(device=True)
@@ -142,8 +149,7 @@ def affine_coefficients(mean, invstd, weight, bias, coef):
     if c >= coef.shape[1]:
         return
     _store_mean(mean[c], coef, c)
-    coef[2, c] = invstd[c] * weight[c] if weight.size else invstd[c]
-    coef[3, c] = bias[c] if bias.size else 0.0
+    _affine_scale_shift(c, invstd[c], weight, bias, coef)
 
 
 @cuda.jit
@@ -318,7 +324,8 @@ def affine(
     running_var,
     y,
 ):
-    """y = ((x - mean_hi) - mean_lo) * scale + shift with the rows of ``coef`` (4 x C), then
+    """y = (x - mean_hi) * scale + shift with the rows of ``coef`` (4 x C; row 1, mean_lo, is
+    folded into shift: stats.folded_shift), then
     the ``epilogue`` (the codes of :mod:`numba_bn.cpu.kernels`): bit 0 adds ``residual`` (like
     x; x itself when there is none, never read then), bit 1 applies ReLU, keeping NaN as
     torch.relu does. The stored value of a negative one is a literal 0, so float32 stays float32.
@@ -333,13 +340,13 @@ def affine(
     """
     outer, channels, inner = x.shape
     c, first, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
-    mean_hi, mean_lo, scale, shift = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
+    mean_hi, scale, shift = coef[0, c], coef[2, c], coef[3, c]
     add, relu = (epilogue & EPILOGUE_ADD) != 0, (epilogue & EPILOGUE_RELU) != 0
     x1 = x.reshape((x.size,))
     z1 = residual.reshape((residual.size,))
     y1 = y.reshape((y.size,))
     for i in range(first, stop, step):
-        v = ((x1[i] - mean_hi) - mean_lo) * scale + shift
+        v = (x1[i] - mean_hi) * scale + shift
         if add:
             v += z1[i]
         if relu and v < 0:  # False for NaN, which passes through
