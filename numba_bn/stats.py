@@ -338,6 +338,7 @@ def split_hi_lo(value, out, row, index):
 #       y = (x * pre - mean_hi) * scale + shift, shift with mean_lo folded in (folded_shift):
 #       the pass does not read row 1
 #   dx (DX_ROWS): mean_hi, mean_lo, proj, mean_dy, k, pre  (terms: see cpu/kernels.py dx_range)
+#       mean_lo folded into mean_dy the same way (by proj); the pass does not read row 1
 # mean_hi + mean_lo is mean * pre to float64 accuracy (split_hi_lo). ``pre`` is 1 except in a
 # channel whose ``x - mean`` can overflow the dtype: there it is 1/4, so that
 # ``x * pre - mean * pre`` stays finite; scaling by a power of two is exact, and scale (or proj)
@@ -352,6 +353,7 @@ def folded_shift(shift, mean_lo, scale):
     the coefficients as the tensor dtype holds them): y = ((x * pre - mean_hi) - mean_lo) *
     scale + shift becomes (x * pre - mean_hi) * scale + folded shift, one coefficient row fewer
     for the elementwise pass to load (12-23% of a large pass's time, benchmarks/README.md).
+    dx's rows fold it into term 2 the same way: ``mean_dy - mean_lo * proj``.
 
     As accurate: ``x * pre - mean_hi`` is computed as before (exact for x near the mean), and
     the rounding of ``(x - mean_hi) - mean_lo`` is traded for the rounding of this one value,

@@ -57,7 +57,7 @@ def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     pre = prescale(mean, coef)
     split_hi_lo(mean * pre, coef, 0, c)
     coef[2, c] = invstd * invstd * sum_dy_xmu / count / pre  # term 3: projection onto x_hat
-    coef[3, c] = sum_dy / count  # term 2: mean of dy
+    coef[3, c] = folded_shift(sum_dy / count, coef[1, c], coef[2, c])  # term 2, mean_lo folded
     coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
     coef[5, c] = pre
 
@@ -207,8 +207,8 @@ def _dx_rows(c0, c1, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     for c in range(uint64(c0), uint64(c1)):  # term 3: projection onto x_hat
         pre = _pre(mean[c], limit)
         coef[2, c] = invstd[c] * invstd[c] * sum_dy_xmu[c] / count / pre
-    for c in range(uint64(c0), uint64(c1)):  # term 2: mean of dy
-        coef[3, c] = sum_dy[c] / count
+    for c in range(uint64(c0), uint64(c1)):  # term 2: mean of dy, mean_lo * proj folded in
+        coef[3, c] = folded_shift(sum_dy[c] / count, coef[1, c], coef[2, c])
     for c in range(uint64(c0), uint64(c1)):  # final scale
         coef[4, c] = _final_scale(invstd[c], weight, c)
 

@@ -415,14 +415,14 @@ def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
 # dx = k * (dy - mean_dy - xmu * proj), see docs/backward.md:
 #   term 1: dy                 term 2: mean_dy = sum_dy / m
 #   term 3: xmu * proj, proj = invstd**2 * sum_dy_xmu / m      final scale: k = weight * invstd
-# xmu is (x - mean) * pre, and proj carries 1 / pre.
+# xmu is (x - mean) * pre, and proj carries 1 / pre. As in the affine, mean_lo is folded into a
+# per-channel term (stats.folded_shift): xmu * proj = (x * pre - mean_hi) * proj - mean_lo * proj,
+# so row 3 holds mean_dy - mean_lo * proj and the pass does not read row 1.
 @kernel(inline="always")
 def _dx_run(dy, x, dx, start, stop, coef, c):
-    mean_hi, mean_lo, proj, mean_dy = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
-    k, pre = coef[4, c], coef[5, c]
+    mean_hi, proj, mean_dy, k, pre = coef[0, c], coef[2, c], coef[3, c], coef[4, c], coef[5, c]
     for i in range(uint64(start), uint64(stop)):
-        xmu = (x[i] * pre - mean_hi) - mean_lo
-        dx[i] = (dy[i] - mean_dy - xmu * proj) * k
+        dx[i] = (dy[i] - mean_dy - (x[i] * pre - mean_hi) * proj) * k
 
 
 @kernel(fastmath=CONTRACT_FASTMATH)
@@ -441,17 +441,16 @@ def dx_planes(dy, x, dx, first, stop, step, inner, coef):
 
 @kernel(fastmath=CONTRACT_FASTMATH)
 def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
-    mean_hi, mean_lo, proj, mean_dy, k = coef[0], coef[1], coef[2], coef[3], coef[4]
-    pre = coef[5]
+    mean_hi, proj, mean_dy, k, pre = coef[0], coef[2], coef[3], coef[4], coef[5]
     if _all_one(pre, c0, c1):
         for r in range(uint64(r0), uint64(r1)):
             for c in range(uint64(c0), uint64(c1)):
-                xmu = (x[r, c] - mean_hi[c]) - mean_lo[c]
+                xmu = x[r, c] - mean_hi[c]
                 dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
         return
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
-            xmu = (x[r, c] * pre[c] - mean_hi[c]) - mean_lo[c]
+            xmu = x[r, c] * pre[c] - mean_hi[c]
             dx[r, c] = (dy[r, c] - mean_dy[c] - xmu * proj[c]) * k[c]
 
 

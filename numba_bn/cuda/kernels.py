@@ -138,7 +138,7 @@ def _dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     """Channel c: the terms of dx = k * (dy - mean_dy - (x - mean) * proj), docs/backward.md."""
     _store_mean(mean, coef, c)
     coef[2, c] = invstd * invstd * sum_dy_xmu / count  # term 3: projection onto x_hat
-    coef[3, c] = sum_dy / count  # term 2: mean of dy
+    coef[3, c] = folded_shift(sum_dy / count, coef[1, c], coef[2, c])  # term 2, mean_lo folded
     coef[4, c] = invstd * weight[c] if weight.size else invstd  # final scale
 
 
@@ -416,19 +416,19 @@ def backward_sums(
 
 @cuda.jit
 def backward_dx(dy, x, coef, values_per_thread, dx):
-    """dx = k * (dy - mean_dy - ((x - mean_hi) - mean_lo) * proj), docs/backward.md.
+    """dx = k * (dy - mean_dy - (x - mean_hi) * proj), docs/backward.md.
 
-    ``coef`` rows: mean_hi, mean_lo, proj (term 3), mean_dy (term 2), k (final scale).
+    ``coef`` rows: mean_hi, mean_lo, proj (term 3), mean_dy (term 2, with mean_lo * proj
+    folded in: stats.folded_shift; row 1 is not read), k (final scale).
     """
     outer, channels, inner = x.shape
     c, first, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
-    mean_hi, mean_lo, proj, mean_dy, k = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
+    mean_hi, proj, mean_dy, k = coef[0, c], coef[2, c], coef[3, c], coef[4, c]
     dy1 = dy.reshape((dy.size,))
     x1 = x.reshape((x.size,))
     dx1 = dx.reshape((dx.size,))
     for i in range(first, stop, step):
-        xmu = (x1[i] - mean_hi) - mean_lo
-        dx1[i] = (dy1[i] - mean_dy - xmu * proj) * k
+        dx1[i] = (dy1[i] - mean_dy - (x1[i] - mean_hi) * proj) * k
 
 
 # ------------------------------------------------------------------ backward of an epilogue
