@@ -132,16 +132,8 @@ def _affine_rows(c0, c1, mean, invstd, weight, bias, coef):
     limit = _prescale_limit(coef)
     for c in range(uint64(c0), uint64(c1)):
         coef[2, c] = _final_scale(invstd[c], weight, c) / _pre(mean[c], limit)
-    for c in range(uint64(c0), uint64(c1)):
-        coef[3, c] = bias[c] if bias.size else 0.0
-    _fold_shift_row(c0, c1, coef)
-
-
-@kernel(inline="always")
-def _fold_shift_row(c0, c1, coef):
-    """Row 3 (shift) of channels c0:c1 with mean_lo (row 1) folded in: stats.folded_shift."""
-    for c in range(uint64(c0), uint64(c1)):
-        coef[3, c] = folded_shift(coef[3, c], coef[1, c], coef[2, c])
+    for c in range(uint64(c0), uint64(c1)):  # the shift, mean_lo folded in
+        coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
 
 
 @kernel
@@ -174,9 +166,8 @@ def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
     for c in range(uint64(channels)):
         invstd = 1.0 / math.sqrt(running_var[c] + eps)
         coef[2, c] = _final_scale(invstd, weight, c) / _pre(running_mean[c], limit)
-    for c in range(uint64(channels)):
-        coef[3, c] = bias[c] if bias.size else 0.0
-    _fold_shift_row(0, channels, coef)
+    for c in range(uint64(channels)):  # the shift, mean_lo folded in
+        coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
 
 
 @kernel(inline="always")
