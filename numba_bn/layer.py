@@ -466,8 +466,9 @@ class BatchNorm(LayerState):
         if saved.renorm is not None:  # r and d are constants: the scale is weight * r
             r = saved.renorm[0]
             weight = (r if weight is None else r * weight).astype(compute_dtype(self.dtype))
-        # the parameter gradients as a compiled call rounded them, to x's dtype: the layer's, as
-        # _check_input made sure (x is float32 or float64, and the layer has the parameter)
+        # the parameter gradients as a plain or compiled call rounded them, to x's dtype: the
+        # layer's, as _check_input made sure (x is float32 or float64, and the layer has the
+        # parameter)
         grad_weight = grad_bias = None
         if saved.mask is not None:
             dx, sum_dy, sum_dy_xmu, *_ = masked_batch_backward(
