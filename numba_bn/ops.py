@@ -94,23 +94,28 @@ def batch_forward(
         )  # fmt: skip
         if served is not NotImplemented:  # a TrainResult
             return served
-    if out is None and exchange is None and nan_policy == "propagate" and _host_device(device):
-        result = _plain_batch_forward(
-            x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, backend,
-            residual, activation,
+    if exchange is None:
+        result = plain_batch_forward(
+            x, weight, bias, eps, axis, running_mean, running_var, momentum, unbiased, nan_policy,
+            out, backend, residual, activation, device,
         )  # fmt: skip
         if result is not None:
-            return result
-    return _checked_batch_forward(
+            return TrainResult._make(result)
+    return checked_batch_forward(
         x, weight, bias, eps, axis, running_mean=running_mean, running_var=running_var,
         momentum=momentum, unbiased=unbiased, nan_policy=nan_policy, out=out, backend=backend,
         exchange=exchange, residual=residual, activation=activation, device=device,
     )  # fmt: skip
 
 
-def _plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum,
-                         unbiased, backend, residual, activation):  # fmt: skip
-    """batch_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
+def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum,
+                        unbiased, nan_policy, out, backend, residual, activation,
+                        device):  # fmt: skip
+    """batch_forward of a plain host call (:mod:`numba_bn.hostcall`) without an exchange: the
+    fields of its TrainResult as a tuple (the functional API returns its own from them); None
+    for any other call, which :func:`checked_batch_forward` takes."""
+    if out is not None or nan_policy != "propagate" or not _host_device(device):
+        return None
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
     if kernels is None or view is None or not hostcall.training_eps(eps):
         return None
@@ -136,7 +141,7 @@ def _plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, 
     kernels.forward_train(view, weight=weight, bias=bias, eps=eps, y=y.reshape(view.shape),
                           mean=mean, invstd=invstd, m2=m2, running=running, residual=residual,
                           activation=activation)  # fmt: skip
-    return TrainResult(y, mean, invstd, m2, outer * inner)
+    return y, mean, invstd, m2, outer * inner
 
 
 def _epilogue_inputs(residual, activation, prepared, memory):
@@ -154,7 +159,7 @@ def _epilogue_inputs(residual, activation, prepared, memory):
     ("x", "weight", "bias", "running_mean", "running_var", "out", "residual"),
     inplace=("running_mean", "running_var", "out"),
 )
-def _checked_batch_forward(
+def checked_batch_forward(
     x,
     weight,
     bias,
@@ -249,19 +254,21 @@ def frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out
                    backend="cpu", residual=None, activation=None, device="auto"):  # fmt: skip
     """Eval forward: normalise with the running statistics (then the epilogue, as
     batch_forward)."""
-    if out is None and _host_device(device):
-        y = _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend,
-                                  residual, activation)  # fmt: skip
-        if y is not None:
-            return y
-    return _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis,
+    y = plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, out, backend,
+                             residual, activation, device)  # fmt: skip
+    if y is not None:
+        return y
+    return checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis,
                                    out=out, backend=backend, residual=residual,
                                    activation=activation, device=device)  # fmt: skip
 
 
-def _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, backend,
-                          residual, activation):  # fmt: skip
-    """frozen_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
+def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, out, backend,
+                         residual, activation, device):  # fmt: skip
+    """frozen_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other,
+    which :func:`checked_frozen_forward` takes."""
+    if out is not None or not _host_device(device):
+        return None
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
     if kernels is None or view is None or not view.size or not hostcall.eval_eps(eps):
         return None
@@ -287,7 +294,7 @@ def _plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis,
 
 @placed(("x", "running_mean", "running_var", "weight", "bias", "out", "residual"),
         inplace=("out",))  # fmt: skip
-def _checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out,
+def checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, *, out,
                             backend, residual, activation):  # fmt: skip
     """frozen_forward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)
@@ -339,18 +346,25 @@ def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
         )  # fmt: skip
         if served is not NotImplemented:  # a BackwardResult
             return served
-    plain = activation is None and y is None and residual_out is None
-    if plain and out is None and exchange is None and _host_device(device):
-        result = _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend)
+    if exchange is None:
+        result = plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activation,
+                                      y, residual_out, device)  # fmt: skip
         if result is not None:
-            return result
-    return _checked_batch_backward(dy, x, mean, invstd, weight, axis, out=out, backend=backend,
+            return BackwardResult._make(result)
+    return checked_batch_backward(dy, x, mean, invstd, weight, axis, out=out, backend=backend,
                                    exchange=exchange, activation=activation, y=y,
                                    residual_out=residual_out, device=device)  # fmt: skip
 
 
-def _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend):
-    """batch_backward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other."""
+def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activation, y,
+                         residual_out, device):  # fmt: skip
+    """batch_backward of a plain host call (:mod:`numba_bn.hostcall`) without an exchange: the
+    fields of its BackwardResult, the parameter gradients with them, as a tuple; None for any
+    other call, which :func:`checked_batch_backward` takes."""
+    if out is not None or activation is not None or y is not None or residual_out is not None:
+        return None
+    if not _host_device(device):
+        return None
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
     if kernels is None or view is None or not view.size:
         return None
@@ -369,7 +383,7 @@ def _plain_batch_backward(dy, x, mean, invstd, weight, axis, backend):
     # float64 (a product of one dtype: ~0.3 us less than float32 * float64) and none of
     # parameter_gradients' tests (~1 us of a small backward)
     grad_weight = (invstd * sum_dy_xmu).astype(dtype)
-    return BackwardResult(dx, sum_dy, sum_dy_xmu, outer * inner, grad_weight, sum_dy.astype(dtype))
+    return dx, sum_dy, sum_dy_xmu, outer * inner, grad_weight, sum_dy.astype(dtype)
 
 
 class _Through(NamedTuple):
@@ -428,7 +442,7 @@ def _gradient_through(through, kernels, dy_view):
 
 @placed(("dy", "x", "mean", "invstd", "weight", "out", "y", "residual_out"),
         inplace=("out", "residual_out"))  # fmt: skip
-def _checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange,
+def checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange,
                             activation, y, residual_out):  # fmt: skip
     """batch_backward with every check (and the device): what a plain call skips."""
     kernels = dispatch.get(backend)

@@ -17,7 +17,7 @@ from conftest import LAYOUTS, poison, random_batch
 def checked_calls(monkeypatch):
     """The names of the checked operations called, in order."""
     calls = []
-    for name in ("_checked_batch_forward", "_checked_frozen_forward", "_checked_batch_backward"):
+    for name in ("checked_batch_forward", "checked_frozen_forward", "checked_batch_backward"):
         original = getattr(ops, name)
 
         def counted(*args, _name=name, _original=original, **kwargs):
@@ -109,16 +109,21 @@ def _variants(rng):
         ("non-contiguous residual", dict(x=x, residual=np.repeat(x, 2, axis=2)[:, :, ::2])),
         ("unknown activation", dict(x=x, activation="gelu")),
         ("activation not a str", dict(x=x, activation=np.str_("relu"))),
+        ("out", dict(x=x, out=np.empty_like(x))),
+        ("nan_policy raise", dict(x=x, nan_policy="raise")),
+        ("device cuda", dict(x=x, device="cuda")),
+        ("device not a str", dict(x=x, device=["cpu"])),
     ]
 
 
 def test_anything_but_a_plain_call_goes_to_the_checks(rng):
     defaults = dict(weight=None, bias=None, eps=1e-5, axis=1, running_mean=None,
-                    running_var=None, momentum=0.1, unbiased=True, backend="cpu", residual=None,
-                    activation=None)  # fmt: skip
+                    running_var=None, momentum=0.1, unbiased=True, nan_policy="propagate",
+                    out=None, backend="cpu", residual=None, activation=None,
+                    device="auto")  # fmt: skip
     for name, arguments in _variants(rng):
         call = {**defaults, **arguments}
-        assert ops._plain_batch_forward(**call) is None, name
+        assert ops.plain_batch_forward(**call) is None, name
 
 
 def test_not_plain_eval_and_backward_go_to_the_checks(rng):
@@ -126,22 +131,35 @@ def test_not_plain_eval_and_backward_go_to_the_checks(rng):
     mean, var = np.zeros(3, np.float32), np.ones(3, np.float32)
     negative = var.copy()
     negative[1] = -1.0
-    for name, args in [
-        ("no running_mean", (x, None, var, None, None, 1e-5, 1, "cpu", None, None)),
-        ("negative running_var", (x, mean, negative, None, None, 1e-5, 1, "cpu", None, None)),
-        ("negative eps", (x, mean, var, None, None, -1e-5, 1, "cpu", None, None)),
-        ("float16 x", (x.astype(np.float16), mean, var, None, None, 1e-5, 1, "cpu", None, None)),
-        ("float64 residual", (x, mean, var, None, None, 1e-5, 1, "cpu", x.astype(float), None)),
-        ("unknown activation", (x, mean, var, None, None, 1e-5, 1, "cpu", None, "tanh")),
+    plain = dict(x=x, running_mean=mean, running_var=var, weight=None, bias=None, eps=1e-5,
+                 axis=1, out=None, backend="cpu", residual=None, activation=None,
+                 device="auto")  # fmt: skip
+    assert ops.plain_frozen_forward(**plain) is not None
+    for name, arguments in [
+        ("no running_mean", dict(running_mean=None)),
+        ("negative running_var", dict(running_var=negative)),
+        ("negative eps", dict(eps=-1e-5)),
+        ("float16 x", dict(x=x.astype(np.float16))),
+        ("float64 residual", dict(residual=x.astype(float))),
+        ("unknown activation", dict(activation="tanh")),
+        ("out", dict(out=np.empty_like(x))),
+        ("device cuda", dict(device="cuda")),
     ]:
-        assert ops._plain_frozen_forward(*args) is None, name
-    for name, args in [
-        ("dy of another shape", (x[:3], x, mean, var, None, 1, "cpu")),
-        ("dy of another dtype", (x.astype(np.float64), x, mean, var, None, 1, "cpu")),
-        ("mean too long", (x, x, np.zeros(4), var, None, 1, "cpu")),
-        ("invstd as list", (x, x, mean, [1.0, 1.0, 1.0], None, 1, "cpu")),
+        assert ops.plain_frozen_forward(**{**plain, **arguments}) is None, name
+    plain = dict(dy=x, x=x, mean=mean, invstd=var, weight=None, axis=1, out=None, backend="cpu",
+                 activation=None, y=None, residual_out=None, device="auto")  # fmt: skip
+    assert ops.plain_batch_backward(**plain) is not None
+    for name, arguments in [
+        ("dy of another shape", dict(dy=x[:3])),
+        ("dy of another dtype", dict(dy=x.astype(np.float64))),
+        ("mean too long", dict(mean=np.zeros(4))),
+        ("invstd as list", dict(invstd=[1.0, 1.0, 1.0])),
+        ("out", dict(out=np.empty_like(x))),
+        ("an activation", dict(activation="relu", y=x)),
+        ("residual_out", dict(residual_out=np.empty_like(x))),
+        ("device cuda", dict(device="cuda")),
     ]:
-        assert ops._plain_batch_backward(*args) is None, name
+        assert ops.plain_batch_backward(**{**plain, **arguments}) is None, name
 
 
 def test_a_layer_checks_an_input_of_a_new_kind_again(rng):

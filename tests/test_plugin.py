@@ -1080,19 +1080,19 @@ class _ReachedPython(Exception):
 
 def _no_python_path(monkeypatch):
     """Make the Python path of forward_train, forward_eval, backward, batch_norm and BatchNorm
-    (what runs after the compiled calls declined: ops.batch_forward and ops.batch_backward ask
-    them first, then take their plain or checked path) raise _ReachedPython."""
+    (what runs after the compiled calls declined: the plain or checked path of ops, which the
+    functional API and ops.batch_forward / batch_backward take) raise _ReachedPython."""
 
     def reached(*args, **kwargs):
         raise _ReachedPython
 
-    for name in ("_plain_batch_forward", "_checked_batch_forward", "_plain_batch_backward",
-                 "_checked_batch_backward"):  # fmt: skip
+    for name in ("plain_batch_forward", "checked_batch_forward", "plain_frozen_forward",
+                 "checked_frozen_forward", "plain_batch_backward",
+                 "checked_batch_backward"):  # fmt: skip
         monkeypatch.setattr(ops, name, reached)
     for module in (functional, layer):  # the layer's eval goes through functional.forward_eval
         for name in ("masked_batch_forward", "masked_batch_backward"):
             monkeypatch.setattr(module, name, reached)
-    monkeypatch.setattr(functional, "frozen_forward", reached)
 
 
 @pytest.fixture
