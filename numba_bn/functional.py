@@ -229,29 +229,19 @@ def batch_norm(
     inputs (a view of ``out`` when given); for CUDA inputs the kind of ``x`` (CuPy, torch, else
     a Numba device array).
     """
-    epilogue = {"residual": residual, "activation": activation}
+    # keywords spelt out, no dict to build: a training loop's every call (as forward_train)
     if training and mask is not None:
         return masked_batch_forward(
             x, weight, bias, eps, axis, mask, running_mean=running_mean, running_var=running_var,
             momentum=momentum, unbiased=unbiased_running_var, nan_policy=nan_policy, out=out,
-            backend=backend, **epilogue,
+            backend=backend, residual=residual, activation=activation,
         ).y  # fmt: skip
     if training:
         return batch_forward(
-            x,
-            weight,
-            bias,
-            eps,
-            axis,
-            running_mean=running_mean,
-            running_var=running_var,
-            momentum=momentum,
-            unbiased=unbiased_running_var,
-            nan_policy=nan_policy,
-            out=out,
-            backend=backend,
-            device=device,
-            **epilogue,
-        ).y
+            x, weight, bias, eps, axis, running_mean=running_mean, running_var=running_var,
+            momentum=momentum, unbiased=unbiased_running_var, nan_policy=nan_policy, out=out,
+            backend=backend, device=device, residual=residual, activation=activation,
+        ).y  # fmt: skip
     return forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out=out,
-                        backend=backend, device=device, **epilogue)  # fmt: skip
+                        residual=residual, activation=activation, backend=backend,
+                        device=device)  # fmt: skip
