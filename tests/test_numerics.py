@@ -178,6 +178,27 @@ def test_results_are_bitwise_identical_with_one_and_two_threads(rng, shape, axis
         np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, narrow", [(1024, 256), (600, 160)])
+def test_a_channels_results_do_not_depend_on_the_tile_that_reduces_it(rng, dtype, rows, narrow):
+    # the narrow batch's reduction items are tiles of fewer than CHANNEL_TILE columns (more
+    # items for the threads); with more channels beside them the same columns sit in wide tiles
+    # (items.row_tile), and elementwise items of other rows
+    x = random_batch(rng, (rows, 1024), dtype)
+    dy = random_batch(rng, (rows, 1024), dtype, mean_scale=1.0)
+    weight = rng.uniform(0.5, 2.0, 1024).astype(dtype)
+    bias = rng.standard_normal(1024).astype(dtype)
+    assert items.row_tile(rows, narrow) < items.row_tile(rows, 1024) == kernels.CHANNEL_TILE
+    some = np.ascontiguousarray(x[:, :narrow])
+    y, mean, invstd = nbn.forward_train(some, weight[:narrow], bias[:narrow])
+    y_all, mean_all, invstd_all = nbn.forward_train(x, weight, bias)
+    grads = nbn.backward(np.ascontiguousarray(dy[:, :narrow]), some, mean, invstd, weight[:narrow])
+    grads_all = nbn.backward(dy, x, mean_all, invstd_all, weight)
+    for part, whole in zip((y, mean, invstd, *grads), (y_all, mean_all, invstd_all, *grads_all),
+                           strict=True):  # fmt: skip
+        np.testing.assert_array_equal(part, whole[..., :narrow])
+
+
 @pytest.mark.parametrize("fused", [False, True])
 # one channel item (C <= 64: merged on the calling thread) and several (a prange of them)
 @pytest.mark.parametrize("shape", [(6, 16, 40), (5, 2, 300), (700, 9, 1), (4, 70, 9),

@@ -58,6 +58,8 @@ from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
     ELEMENTWISE_SPAN,
+    ITEM_MIN_ELEMENTS,
+    ITEMS_WANTED,
     PLANE_BLOCK,
     ROW_CHUNK,
     affine_planes,
@@ -148,9 +150,26 @@ is_fused_jit = kernel(inline="always")(
 )
 
 
+#: The narrowest reduction tile of the rows layouts (row_tile): rows of 256 bytes of float32.
+MIN_CHANNEL_TILE = 64
+
+
 @kernel(inline="always")
-def row_tiles(channels):
-    return -(-channels // CHANNEL_TILE)
+def row_tile(outer, width):
+    """Columns per reduction item of an (``outer``, ``width``) rows view (rows; short planes'
+    (outer, C * inner)): CHANNEL_TILE, or fewer (a multiple of 16, at least MIN_CHANNEL_TILE)
+    for ITEMS_WANTED items of ITEM_MIN_ELEMENTS or more (:mod:`.kernels`: a (1024, 256) batch
+    was one item, and its statistics ran no faster on two threads than on one). A tile is a set
+    of whole columns, each reduced as in any tile (row blocks merged in row order): the tile
+    decides which item computes a column, never its bits."""
+    chunks, rows = -(-outer // ROW_CHUNK), min(outer, ROW_CHUNK)
+    tile = max(-(-width * chunks // ITEMS_WANTED), -(-ITEM_MIN_ELEMENTS // rows))
+    return min(CHANNEL_TILE, max(MIN_CHANNEL_TILE, -(-tile // 16) * 16))
+
+
+@kernel(inline="always")
+def row_tiles(outer, width):
+    return -(-width // row_tile(outer, width))
 
 
 @kernel(inline="always")
@@ -168,9 +187,9 @@ def parts(outer, inner):
 @kernel(inline="always")
 def reduce_items(outer, channels, inner):
     if inner == 1:
-        return parts(outer, inner) * row_tiles(channels)
+        return parts(outer, inner) * row_tiles(outer, channels)
     if short_planes_jit(outer, inner):
-        return -(-outer // ROW_CHUNK) * row_tiles(channels * inner)
+        return -(-outer // ROW_CHUNK) * row_tiles(outer, channels * inner)
     return channels * parts(outer, inner)
 
 
@@ -178,7 +197,7 @@ def reduce_items(outer, channels, inner):
 def reduce_item_elements(outer, channels, inner):
     """Elements one reduction item reads (the largest item)."""
     if inner == 1 or short_planes_jit(outer, inner):
-        return min(outer, ROW_CHUNK) * min(channels * inner, CHANNEL_TILE)
+        return min(outer, ROW_CHUNK) * row_tile(outer, channels * inner)
     if inner >= PLANE_BLOCK:
         return PLANE_BLOCK
     return min(outer, PLANE_BLOCK // inner) * inner
@@ -187,19 +206,19 @@ def reduce_item_elements(outer, channels, inner):
 @kernel(inline="always")
 def elementwise_items(outer, channels, inner):
     if inner == 1 or short_planes_jit(outer, inner):  # short planes: rows of (outer, C * inner)
-        return -(-outer // row_span_rows(channels * inner))
+        return -(-outer // row_span_rows(outer, channels * inner))
     if inner >= PLANE_BLOCK:
         return outer * channels * plane_segments_jit(inner)
-    return -(-(outer * channels) // plane_run_planes(inner))
+    return -(-(outer * channels) // plane_run_planes(outer, channels, inner))
 
 
 @kernel(inline="always")
 def elementwise_item_elements(outer, channels, inner):
     if inner == 1 or short_planes_jit(outer, inner):
-        return min(outer, row_span_rows(channels * inner)) * channels * inner
+        return min(outer, row_span_rows(outer, channels * inner)) * channels * inner
     if inner >= PLANE_BLOCK:
         return PLANE_BLOCK
-    return min(outer * channels, plane_run_planes(inner)) * inner
+    return min(outer * channels, plane_run_planes(outer, channels, inner)) * inner
 
 
 @kernel(inline="always")
@@ -244,10 +263,11 @@ def plan(outer, channels, inner, threads, out):
 @kernel(inline="always")
 def _row_item_range(item, outer, channels):
     """(chunk, r0, r1, c0, c1) of reduction item ``item`` of the rows layout."""
-    ntiles = row_tiles(channels)
+    tile = row_tile(outer, channels)
+    ntiles = -(-channels // tile)
     k, t = item // ntiles, item % ntiles
-    r0, c0 = k * ROW_CHUNK, t * CHANNEL_TILE
-    return k, r0, min(r0 + ROW_CHUNK, outer), c0, min(c0 + CHANNEL_TILE, channels)
+    r0, c0 = k * ROW_CHUNK, t * tile
+    return k, r0, min(r0 + ROW_CHUNK, outer), c0, min(c0 + tile, channels)
 
 
 @kernel(inline="always")
@@ -411,8 +431,9 @@ def _plane_block(item, channels, inner):
 @kernel(inline="always")
 def _plane_run(item, outer, channels, inner):
     """Planes p0:p1 (flat plane index n * C + c) of elementwise item ``item`` of short planes."""
-    p0 = item * plane_run_planes(inner)
-    return p0, min(p0 + plane_run_planes(inner), outer * channels)
+    planes = plane_run_planes(outer, channels, inner)
+    p0 = item * planes
+    return p0, min(p0 + planes, outer * channels)
 
 
 @kernel(inline="always")
@@ -435,7 +456,7 @@ def normalize_item_rows(x, y, shape, item, coef, z, epilogue):
     """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``,
     then the ``epilogue`` (:mod:`.kernels`) with flat ``z``; rows."""
     outer, channels, _ = shape
-    rows = row_span_rows(channels)
+    rows = row_span_rows(outer, channels)
     r0 = item * rows
     rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0, min(r0 + rows, outer),
                 0, channels, coef, z.reshape(outer, channels), epilogue)  # fmt: skip
@@ -474,7 +495,7 @@ def normalize_item(x, y, shape, item, coef, z, epilogue):
 def dx_item_rows(dy, x, dx, shape, item, coef):
     """dx (=) of elementwise item ``item`` of flat ``dy``, ``x``, ``dx`` with the dx rows; rows."""
     outer, channels, _ = shape
-    rows = row_span_rows(channels)
+    rows = row_span_rows(outer, channels)
     r0 = item * rows
     rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels), dx.reshape(outer, channels),
             r0, min(r0 + rows, outer), 0, channels, coef)  # fmt: skip

@@ -61,12 +61,27 @@ CHANNEL_TILE = 256  # channels of the rows layout handled by one work item
 # PLANE_BLOCK (an item per plane costs a call and reference counting per 196 values of a 14x14
 # feature map: eval of (64, 256, 14, 14) 605 -> 553 us serial), PLANE_BLOCK pieces of longer ones.
 ELEMENTWISE_SPAN = 1 << 16
+# A call whose items would be fewer than ITEMS_WANTED takes smaller ones, down to
+# ITEM_MIN_ELEMENTS (an item's own cost, a call and its arguments, stays far below its values'):
+# a tensor of 64K-128K elements was one or two items, and its passes ran no faster on two
+# threads than on one. Elementwise items never change a bit; a reduction item is a set of whole
+# columns (items.row_tile), whose bits do not depend on the set either.
+ITEMS_WANTED = 4
+ITEM_MIN_ELEMENTS = 1 << 15
 
 
 @kernel(inline="always")
-def row_span_rows(channels):
-    """Rows per elementwise work item of the rows layout."""
-    return max(1, ELEMENTWISE_SPAN // channels)
+def _span_units(units, unit):
+    """Units (rows or planes) of ``unit`` elements per elementwise item of ``units`` of them:
+    ELEMENTWISE_SPAN elements at most, ITEMS_WANTED items where ITEM_MIN_ELEMENTS allow."""
+    wanted = max(-(-units // ITEMS_WANTED), -(-ITEM_MIN_ELEMENTS // unit))
+    return max(1, min(ELEMENTWISE_SPAN // unit, wanted))
+
+
+@kernel(inline="always")
+def row_span_rows(outer, width):
+    """Rows per elementwise work item of an (``outer``, ``width``) rows view."""
+    return _span_units(outer, width)
 
 
 #: Planes of fewer values than SHORT_PLANE, in a view of SHORT_MIN_OUTER planes per channel or more,
@@ -104,9 +119,9 @@ def spread_columns(coef, inner, wide):
 
 
 @kernel(inline="always")
-def plane_run_planes(inner):
+def plane_run_planes(outer, channels, inner):
     """Planes per elementwise work item of planes shorter than PLANE_BLOCK."""
-    return max(1, ELEMENTWISE_SPAN // inner)
+    return _span_units(outer * channels, inner)
 
 
 def plane_segments(inner):
