@@ -63,10 +63,12 @@ CHANNEL_TILE = 256  # channels of the rows layout handled by one work item
 ELEMENTWISE_SPAN = 1 << 16
 # A call whose items would be fewer than ITEMS_WANTED takes smaller ones, down to
 # ITEM_MIN_ELEMENTS (an item's own cost, a call and its arguments, stays far below its values'):
-# a tensor of 64K-128K elements was one or two items, and its passes ran no faster on two
-# threads than on one. Elementwise items never change a bit; a reduction item is a set of whole
-# columns (items.row_tile), whose bits do not depend on the set either.
-ITEMS_WANTED = 4
+# a (256, 256) batch was one item of each pass, a (1024, 256) one reduction item, and they ran
+# no faster on two threads than on one. Elementwise items never change a bit; a reduction item
+# is a set of whole columns (items.row_tile), whose bits do not depend on the set either. Four
+# items wanted measured the same on two threads, within noise, but (256, 512) forward-train
+# ~4% slower (benchmarks/README.md, stop 33).
+ITEMS_WANTED = 2
 ITEM_MIN_ELEMENTS = 1 << 15
 
 
