@@ -14,14 +14,16 @@ Work items of the canonical ``(outer, C, inner)`` view:
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
   (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows, ``(row chunk,
   column tile)`` of the (outer, C * inner) view for short planes (partial ``chunk * inner + i``
-  of channel c from column ``c * inner + i``);
+  of channel c from column ``c * inner + i``); a tile is CHANNEL_TILE columns, fewer on a batch
+  that would otherwise be too few items for the threads (:func:`row_tile`);
 * channel items (:func:`channel_items`) merge the partials of CHANNEL_GROUP channels, each in
   part order, then their coefficients, in one kernel call (:mod:`.channels`): an item per
   channel cost 30-40 ns a channel in reference counting and calls, more than the merge. An item
   past the last group does nothing, so a loop over ``range(channels)`` also covers every channel
   once;
 * elementwise items: runs of whole rows for rows, runs of whole consecutive planes for planes
-  shorter than PLANE_BLOCK, ``(n, channel, block)`` for longer ones (:mod:`.kernels`); short
+  shorter than PLANE_BLOCK (ELEMENTWISE_SPAN elements at most, ITEMS_WANTED items where they
+  can), ``(n, channel, block)`` for longer ones (:mod:`.kernels`); short
   planes (:func:`.kernels.short_planes`) as runs of whole rows of the (outer, C * inner) view,
   whose coefficient rows have a column per value (:func:`coef_columns`; the loop nest or the C
   shim spreads them with :func:`.kernels.spread_columns` once per call).
