@@ -125,13 +125,9 @@ def forward_eval(
                                           out, residual, activation, backend, device)  # fmt: skip
         if served is not NotImplemented:
             return served
-    y = ops.plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, out,
-                                 backend, residual, activation, device)  # fmt: skip
-    if y is not None:  # ops.frozen_forward's two paths, without its call
-        return y
-    return ops.checked_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis,
-                                      out=out, backend=backend, residual=residual,
-                                      activation=activation, device=device)  # fmt: skip
+    return ops.frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, out=out,
+                              backend=backend, residual=residual, activation=activation,
+                              device=device)  # fmt: skip
 
 
 def backward(
