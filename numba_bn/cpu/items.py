@@ -60,8 +60,6 @@ from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
     ELEMENTWISE_SPAN,
-    ITEM_MIN_ELEMENTS,
-    ITEMS_WANTED,
     PLANE_BLOCK,
     ROW_CHUNK,
     affine_planes,
@@ -81,6 +79,7 @@ from .kernels import (
     short_planes,
     short_planes_jit,
     spread_columns,
+    wanted_units,
 )
 
 #: Channels per channel-item kernel call (see the module's docstring).
@@ -165,7 +164,7 @@ def row_tile(outer, width):
     of whole columns, each reduced as in any tile (row blocks merged in row order): the tile
     decides which item computes a column, never its bits."""
     chunks, rows = -(-outer // ROW_CHUNK), min(outer, ROW_CHUNK)
-    tile = max(-(-width * chunks // ITEMS_WANTED), -(-ITEM_MIN_ELEMENTS // rows))
+    tile = wanted_units(width * chunks, rows)  # a column of a chunk: rows values
     return min(CHANNEL_TILE, max(MIN_CHANNEL_TILE, -(-tile // 16) * 16))
 
 

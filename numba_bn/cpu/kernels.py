@@ -73,11 +73,18 @@ ITEM_MIN_ELEMENTS = 1 << 15
 
 
 @kernel(inline="always")
+def wanted_units(units, unit):
+    """Units of ``unit`` elements per item, ``units`` in all, for ITEMS_WANTED items where each
+    keeps ITEM_MIN_ELEMENTS: the rule of the elementwise items (rows, planes) and of the
+    reduction tiles (columns of a row chunk, items.row_tile); each caller bounds it."""
+    return max(-(-units // ITEMS_WANTED), -(-ITEM_MIN_ELEMENTS // unit))
+
+
+@kernel(inline="always")
 def _span_units(units, unit):
     """Units (rows or planes) of ``unit`` elements per elementwise item of ``units`` of them:
-    ELEMENTWISE_SPAN elements at most, ITEMS_WANTED items where ITEM_MIN_ELEMENTS allow."""
-    wanted = max(-(-units // ITEMS_WANTED), -(-ITEM_MIN_ELEMENTS // unit))
-    return max(1, min(ELEMENTWISE_SPAN // unit, wanted))
+    ELEMENTWISE_SPAN elements at most, wanted_units where they are fewer."""
+    return max(1, min(ELEMENTWISE_SPAN // unit, wanted_units(units, unit)))
 
 
 @kernel(inline="always")
