@@ -1,3 +1,4 @@
+import functools
 import os
 import shutil
 import signal
@@ -21,10 +22,10 @@ from numba_bn.memory import is_device_array
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_child(command, env=None, output=subprocess.PIPE):
+def start_child(command, env=None, output=subprocess.PIPE, niceness=0):
     """``command`` started at the repository root with this checkout first on PYTHONPATH and
     ``env`` over the current environment, in its own process session (see finish_child);
-    stdout and stderr together into ``output``."""
+    stdout and stderr together into ``output``; ``niceness`` added to its nice value."""
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
@@ -32,6 +33,7 @@ def start_child(command, env=None, output=subprocess.PIPE):
     return subprocess.Popen(
         [str(part) for part in command], cwd=ROOT, env=full_env, stdout=output,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=functools.partial(os.nice, niceness) if niceness else None,
     )  # fmt: skip
 
 
@@ -201,11 +203,14 @@ def tiny_launches(monkeypatch, simulator_pace):
 # ------------------------------------------------------- children started with the session
 # A few fixtures wait minutes for a child process that keeps one core busy: the C builds
 # (every kernel compiled again for each CPU) and the CUDA simulator suite. The tests of the
-# main process leave the second core of a 2-core machine idle most of the time, so the session
-# starts the children its selected tests need before the first test, and each fixture waits for
-# its own. Each child has a Numba cache directory of its own: Numba's cache index is not safe
-# for processes that compile different signatures of one function at the same time.
+# main process leave the second core of a 2-core machine idle much of the time, so the session
+# starts the children its selected tests need before the first test, at the lowest priority
+# (EARLY_NICENESS: they take the time the tests leave, and the tests' parallel regions, whose
+# threads wait for each other, keep their cores), and each fixture waits for its own. Each
+# child has a Numba cache directory of its own: Numba's cache index is not safe for processes
+# that compile different signatures of one function at the same time.
 EARLY_TIMEOUT = 1800  # s, from the start of the session
+EARLY_NICENESS = 19
 
 
 def _simulator_suite():
@@ -241,7 +246,7 @@ class EarlyChild:
         cache = {"NUMBA_CACHE_DIR": str(folder.parent / f"{folder.name}-numba-cache")}
         with open(self.log, "w") as log:
             command = [str(part).format(out=folder) for part in command]
-            self.process = start_child(command, {**env, **cache}, output=log)
+            self.process = start_child(command, {**env, **cache}, log, EARLY_NICENESS)
         self.started = time.monotonic()
 
     def result(self):
