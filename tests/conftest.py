@@ -1,8 +1,10 @@
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,27 +17,30 @@ os.environ.pop("NUMBA_BN_COMPILED_CALLS", None)
 
 import numba_bn as nbn
 from numba_bn.capi import build
-from numba_bn.cli import main
 from numba_bn.memory import is_device_array
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_child(command, env=None, timeout=600, stop_signal=signal.SIGKILL):
-    """(return code, stdout + stderr) of ``command``, run at the repository root with this
-    checkout first on PYTHONPATH and ``env`` over the current environment.
-
-    The child gets its own process session, so on timeout its whole group (mpiexec and its
-    ranks, say) gets ``stop_signal``, SIGKILL 10 s later, and the test fails.
-    """
+def start_child(command, env=None, output=subprocess.PIPE, niceness=0):
+    """``command`` started at the repository root with this checkout first on PYTHONPATH and
+    ``env`` over the current environment, in its own process session (see finish_child);
+    stdout and stderr together into ``output``; ``niceness`` added to its nice value."""
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
     )
-    process = subprocess.Popen(
-        [str(part) for part in command], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+    return subprocess.Popen(
+        [str(part) for part in command], cwd=ROOT, env=full_env, stdout=output,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=functools.partial(os.nice, niceness) if niceness else None,
     )  # fmt: skip
+
+
+def finish_child(process, timeout, stop_signal=signal.SIGKILL):
+    """(return code, output read from its pipe, or None) of a child of start_child. On timeout
+    its whole group (mpiexec and its ranks, say) gets ``stop_signal``, SIGKILL 10 s later, and
+    the test fails."""
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -45,9 +50,14 @@ def run_child(command, env=None, timeout=600, stop_signal=signal.SIGKILL):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
-        command_line = " ".join(str(part) for part in command)
-        pytest.fail(f"{command_line} did not finish in {timeout} s:\n{output[-4000:]}")
+        command_line = " ".join(process.args)
+        pytest.fail(f"{command_line} did not finish in {timeout} s:\n{(output or '')[-4000:]}")
     return process.returncode, output
+
+
+def run_child(command, env=None, timeout=600, stop_signal=signal.SIGKILL):
+    """(return code, stdout + stderr) of ``command`` (start_child, finish_child)."""
+    return finish_child(start_child(command, env), timeout, stop_signal)
 
 
 @pytest.fixture
@@ -190,6 +200,103 @@ def tiny_launches(monkeypatch, simulator_pace):
     monkeypatch.setattr(config, "ELEMENTWISE_VALUES_PER_THREAD", 4)
 
 
+# ------------------------------------------------------- children started with the session
+# A few fixtures wait minutes for a child process that keeps one core busy: the C builds
+# (every kernel compiled again for each CPU) and the CUDA simulator suite. The tests of the
+# main process leave the second core of a 2-core machine idle much of the time, so the session
+# starts the children its selected tests need before the first test, at the lowest priority
+# (EARLY_NICENESS: they take the time the tests leave, and the tests' parallel regions, whose
+# threads wait for each other, keep their cores), and each fixture waits for its own. Each
+# child has a Numba cache directory of its own: Numba's cache index is not safe for processes
+# that compile different signatures of one function at the same time.
+EARLY_TIMEOUT = 1800  # s, from the start of the session
+EARLY_NICENESS = 19
+
+
+def _simulator_suite():
+    """The conformance suite on the "cuda" backend alone (the main process runs the others), the
+    fused op's backend tests, the backend's own tests and group and instance norm on it."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "tests/test_conformance.py", "tests/gpu_suite.py", "tests/gpu_norms_suite.py",
+               "tests/test_fused.py::test_fused_train_matches_torch_autograd",
+               "tests/test_fused.py::test_fused_eval_matches_torch",
+               "-k", "not on_a_gpu"]  # fmt: skip  # *_on_a_gpu: real CuPy/torch CUDA only
+    return command, {"NUMBA_ENABLE_CUDASIM": "1", "NBN_TEST_BACKENDS": "cuda"}
+
+
+#: fixture -> (command, environment) of its child; "{out}" is the fixture's folder.
+EARLY_CHILDREN = {
+    # the portable plugin (x86-64-v2/v3/v4 variants), built through the CLI
+    "plugin_build": ([sys.executable, "-m", "numba_bn", "build-plugin", "--out", "{out}"], {}),
+    # a --cpu host build, whose kernels are compiled exactly as the JIT's
+    "host_build": (
+        [sys.executable, "-m", "numba_bn", "build-plugin", "--out", "{out}", "--cpu", "host"],
+        {},
+    ),
+    "simulator_suite": _simulator_suite(),
+}
+
+
+class EarlyChild:
+    """A child of EARLY_CHILDREN, started now, its output in a log file next to its folder."""
+
+    def __init__(self, fixture, folder):
+        command, env = EARLY_CHILDREN[fixture]
+        self.folder, self.log = folder, folder.parent / f"{folder.name}.log"
+        cache = {"NUMBA_CACHE_DIR": str(folder.parent / f"{folder.name}-numba-cache")}
+        with open(self.log, "w") as log:
+            command = [str(part).format(out=folder) for part in command]
+            self.process = start_child(command, {**env, **cache}, log, EARLY_NICENESS)
+        self.started = time.monotonic()
+
+    def result(self):
+        """(return code, output) once it has finished."""
+        timeout = max(1.0, EARLY_TIMEOUT - (time.monotonic() - self.started))
+        code, _ = finish_child(self.process, timeout)
+        return code, self.log.read_text()
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _early_fixtures(item):
+    """The fixtures of EARLY_CHILDREN that ``item`` needs: those of its fixture closure, and
+    plugin_build for the "c-plugin" conformance backend (asked for at run time)."""
+    needed = set(getattr(item, "fixturenames", ())) & set(EARLY_CHILDREN)
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("backend") == "c-plugin":
+        needed.add("plugin_build")
+    return needed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_children(request, tmp_path_factory):
+    """fixture -> EarlyChild, started before the first test for what the selected tests need;
+    a fixture not foreseen starts its child when it is first asked for."""
+    needed = set().union(*map(_early_fixtures, request.session.items))
+    if "plugin_build" in needed or "host_build" in needed:
+        if shutil.which(build.c_compiler()) is None:
+            needed -= {"plugin_build", "host_build"}  # the fixtures skip
+    children = {name: EarlyChild(name, tmp_path_factory.mktemp(name)) for name in sorted(needed)}
+    yield children
+    for child in children.values():
+        child.stop()
+
+
+def early_result(request, fixture):
+    """(return code, output, folder) of ``fixture``'s early child, waiting for it."""
+    children = request.getfixturevalue("early_children")
+    if fixture not in children:
+        children[fixture] = EarlyChild(
+            fixture, request.getfixturevalue("tmp_path_factory").mktemp(fixture)
+        )
+    child = children[fixture]
+    code, output = child.result()
+    return code, output, child.folder
+
+
 # ------------------------------------------------------------- the C plugin, once per session
 def _require_c_compiler():
     compiler = build.c_compiler()
@@ -197,22 +304,30 @@ def _require_c_compiler():
         pytest.skip(f"no C compiler: {compiler!r} is not on PATH (set CC); the C plugin needs one")
 
 
+def _c_build(request, fixture):
+    _require_c_compiler()
+    code, output, folder = early_result(request, fixture)
+    assert code == 0, output[-4000:]
+    return folder
+
+
 @pytest.fixture(scope="session")
-def plugin_build(tmp_path_factory):
+def plugin_build(request):
     """The portable plugin (x86-64-v2/v3/v4 variants), built through the CLI: its folder."""
-    _require_c_compiler()
-    directory = tmp_path_factory.mktemp("plugin")
-    assert main(["build-plugin", "--out", str(directory)]) == 0
-    return directory
+    return _c_build(request, "plugin_build")
 
 
 @pytest.fixture(scope="session")
-def host_build(tmp_path_factory):
+def host_build(request):
     """A ``--cpu host`` build, whose kernels are compiled exactly as the JIT's: its folder."""
-    _require_c_compiler()
-    directory = tmp_path_factory.mktemp("plugin-host")
-    build.build_plugin(directory, cpu="host")
-    return directory
+    return _c_build(request, "host_build")
+
+
+@pytest.fixture(scope="session")
+def simulator_suite(request):
+    """(return code, output) of the CUDA simulator suite (_simulator_suite)."""
+    code, output, _ = early_result(request, "simulator_suite")
+    return code, output
 
 
 @pytest.fixture(scope="session")

@@ -53,17 +53,11 @@ def toolkit_root():
     return None
 
 
-def test_cuda_conformance_and_gpu_suite_pass_under_the_simulator():
-    """The conformance suite on the "cuda" backend alone (the main process runs the others),
-    the fused op's backend tests, the backend's own tests and group and instance norm on it;
-    nothing skipped, so a simulator that did not start shows."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "tests/test_conformance.py", "tests/gpu_suite.py", "tests/gpu_norms_suite.py",
-               "tests/test_fused.py::test_fused_train_matches_torch_autograd",
-               "tests/test_fused.py::test_fused_eval_matches_torch",
-               "-k", "not on_a_gpu"]  # fmt: skip  # *_on_a_gpu: real CuPy/torch CUDA only
-    environment = {"NUMBA_ENABLE_CUDASIM": "1", "NBN_TEST_BACKENDS": "cuda"}
-    code, output = run(command, environment, timeout=900)
+def test_cuda_conformance_and_gpu_suite_pass_under_the_simulator(simulator_suite):
+    """The conformance suite on the "cuda" backend alone and the GPU suites (conftest's
+    _simulator_suite, run in a child started with the session); nothing skipped, so a
+    simulator that did not start shows."""
+    code, output = simulator_suite
     assert code == 0, output[-6000:]
     summary = output.splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, output[-2000:]
