@@ -209,7 +209,7 @@ def tiny_launches(monkeypatch, simulator_pace):
 # threads wait for each other, keep their cores), and each fixture waits for its own. Each
 # child has a Numba cache directory of its own: Numba's cache index is not safe for processes
 # that compile different signatures of one function at the same time.
-EARLY_TIMEOUT = 1800  # s, from the start of the session
+EARLY_TIMEOUT = 3600  # s, from the start of the session (a slow machine runs CI for 40 min)
 EARLY_NICENESS = 19
 
 
