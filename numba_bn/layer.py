@@ -7,7 +7,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from . import conventions as _conventions
-from . import folding, ghost
+from . import folding, ghost, ops
 from . import renorm as renorm_
 from .annotations import (
     Activation,
@@ -19,6 +19,7 @@ from .annotations import (
     HostArray,
     NanPolicy,
 )
+from .capi import calls
 from .checks import check_activation, check_nan_policy, check_scalar, compute_dtype
 from .dispatch import memory_of, move
 from .functional import forward_eval
@@ -311,6 +312,15 @@ class BatchNorm(LayerState):
                 (self.running_mean, self.running_var) if update else (None, None)
             )
             momentum = convention.new_batch_weight(self.momentum, batches)
+            result = None
+            if mask is None and self._exchange is None and calls.entry is None:
+                # batch_forward's plain path without its keywords and its TrainResult (~1 us of
+                # a small step): its fields as a tuple, or None for a call it does not take
+                result = ops.plain_batch_forward(
+                    x, self.weight, self.bias, self.eps, self.axis, running_mean, running_var,
+                    momentum, convention.unbiased_running_var, self.nan_policy, out, self.backend,
+                    residual, self.activation, self._side,
+                )  # fmt: skip
             if mask is not None:
                 result = masked_batch_forward(
                     x, self.weight, self.bias, self.eps, self.axis, mask,
@@ -318,7 +328,7 @@ class BatchNorm(LayerState):
                     unbiased=convention.unbiased_running_var, nan_policy=self.nan_policy, out=out,
                     backend=self.backend, residual=residual, activation=self.activation,
                 )  # fmt: skip
-            else:  # keywords spelt out, no dict to build: a training loop's every call
+            elif result is None:  # keywords spelt out, no dict to build
                 result = batch_forward(
                     x, self.weight, self.bias, self.eps, self.axis, running_mean=running_mean,
                     running_var=running_var, momentum=momentum,
@@ -326,27 +336,25 @@ class BatchNorm(LayerState):
                     backend=self.backend, exchange=self._exchange, residual=residual,
                     activation=self.activation, device=self._side,
                 )  # fmt: skip
+            y, mean, invstd, m2, count = result  # a TrainResult, or its fields as a tuple
             if update:  # an empty batch counts, as in PyTorch (its statistics change nothing)
                 self.num_batches_tracked = batches
-            if self._collected is not None and result.count:
-                mean, m2 = (memory_of(v).to_host(v) for v in (result.mean, result.m2))
-                self._collected = self._collected.merge(Moments(result.count, mean, m2))
-            self._saved = _Saved(True, x, result.mean, result.invstd, result.count, mask)
-            return result.y
-        y = forward_eval(  # the public call: compiled calls (capi.calls) serve it when they can
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.eps,
-            self.axis,
-            out=out,
-            backend=self.backend,
-            device=self._side,
-            residual=residual,
-            activation=self.activation,
-        )
+            if self._collected is not None and count:
+                host = (memory_of(v).to_host(v) for v in (mean, m2))
+                self._collected = self._collected.merge(Moments(count, *host))
+            self._saved = _Saved(True, x, mean, invstd, count, mask)
+            return y
+        y = None
+        if calls.entry is None:  # forward_eval's plain path, as batch statistics' above
+            y = ops.plain_frozen_forward(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                self.axis, out, self.backend, residual, self.activation, self._side,
+            )  # fmt: skip
+        if y is None:  # the public call: compiled calls (capi.calls) serve it when they can
+            y = forward_eval(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             self.eps, self.axis, out=out, backend=self.backend,
+                             device=self._side, residual=residual,
+                             activation=self.activation)  # fmt: skip
         self._saved = _Saved(False, None if overwrites_x else x)
         return y
 
@@ -476,18 +484,25 @@ class BatchNorm(LayerState):
                 backend=self.backend, activation=activation, y=y, residual_out=grad_residual,
             )  # fmt: skip
         elif saved.batch:
-            dx, sum_dy, sum_dy_xmu, _, grad_weight, grad_bias = batch_backward(
-                dy, x, saved.mean, saved.invstd, weight, self.axis, out=out, backend=self.backend,
-                exchange=self._exchange, device=self._side, activation=activation, y=y,
-                residual_out=grad_residual,
-            )  # fmt: skip
+            result = None
+            if self._exchange is None and calls.entry is None:  # as in _forward
+                result = ops.plain_batch_backward(
+                    dy, x, saved.mean, saved.invstd, weight, self.axis, out, self.backend,
+                    activation, y, grad_residual, self._side,
+                )  # fmt: skip
+            if result is None:
+                result = batch_backward(
+                    dy, x, saved.mean, saved.invstd, weight, self.axis, out=out,
+                    backend=self.backend, exchange=self._exchange, device=self._side,
+                    activation=activation, y=y, residual_out=grad_residual,
+                )  # fmt: skip
+            dx, sum_dy, sum_dy_xmu, _, grad_weight, grad_bias = result
         else:
             dx, sum_dy, sum_dy_xmu, invstd = frozen_backward(
                 dy, x, self.running_mean, self.running_var, self.weight, self.eps, self.axis,
                 out=out, backend=self.backend, exchange=self._exchange, device=self._side,
                 activation=activation, y=y, residual_out=grad_residual,
             )  # fmt: skip
-        memory = memory_of(sum_dy)
         if self.weight is None:
             self.grad_weight = None
         elif saved.renorm is not None:  # d(y)/d(gamma) = x_hat * r + d
@@ -499,13 +514,13 @@ class BatchNorm(LayerState):
         elif saved.batch:
             self.grad_weight = weight_gradient(saved.invstd, sum_dy_xmu, saved.count, self.dtype)
         else:
-            self.grad_weight = memory.product(invstd, sum_dy_xmu, self.dtype)
+            self.grad_weight = memory_of(sum_dy).product(invstd, sum_dy_xmu, self.dtype)
         if self.bias is None:
             self.grad_bias = None
         elif grad_bias is not None:
             self.grad_bias = grad_bias
         else:
-            self.grad_bias = memory.astype(sum_dy, self.dtype)
+            self.grad_bias = memory_of(sum_dy).astype(sum_dy, self.dtype)
         self.grad_residual = grad_residual
         self._saved = None  # one backward per forward, as PyTorch frees its graph
         return dx

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn import ops
+from numba_bn import functional, layer, ops
 
 from conftest import LAYOUTS, poison, random_batch
 
@@ -70,6 +70,53 @@ def test_plain_calls_skip_the_checks_and_give_their_bits(rng, shape, axis, dtype
     assert len(checked_calls) == 6
     for a, b in zip(plain + plain_running, checked + checked_running, strict=True):
         assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_a_plain_training_step_of_the_layer_and_of_batch_norm_skips_the_wrappers(
+    rng, monkeypatch, checked_calls, convention
+):
+    """BatchNorm's training step and eval, batch_norm(training=True) and forward_eval on plain
+    arrays call the plain path itself (not ops.batch_forward / batch_backward / frozen_forward,
+    nor the layer forward_eval: their keywords and NamedTuples are ~1 us of a small step), with
+    the bits of the checked path (out= takes it)."""
+    wrapped = []
+    for module, name in [(layer, "batch_forward"), (layer, "batch_backward"),
+                         (layer, "forward_eval"), (functional, "batch_forward"),
+                         (ops, "frozen_forward")]:  # fmt: skip
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            wrapped.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    x = random_batch(rng, (16, 5, 3), np.float32)
+    dy = random_batch(rng, (16, 5, 3), np.float32, mean_scale=1.0)
+    weight, bias = rng.uniform(0.5, 2, 5), rng.standard_normal(5)
+    running = [rng.standard_normal(5).astype(np.float32), rng.uniform(0.5, 2, 5).astype(np.float32)]
+    results = {}
+    for path in ("plain", "checked"):
+
+        def out(path=path):  # out= takes the checked path
+            return None if path == "plain" else poison(x.shape, x.dtype)
+
+        bn = nbn.BatchNorm(5, convention=convention, axis=1)
+        bn.weight[:], bn.bias[:] = weight, bias
+        arrays = []
+        for step in range(2):
+            arrays += [bn(x + step, out=out()), bn.backward(dy, out=out()), bn.grad_weight,
+                       bn.grad_bias, bn.running_mean.copy(), bn.running_var.copy()]  # fmt: skip
+        arrays.append(bn.eval()(x, out=out()))
+        buffers = [r.copy() for r in running]
+        arrays.append(nbn.batch_norm(x, *buffers, training=True, momentum=0.3, out=out()))
+        arrays.append(nbn.forward_eval(x, *running, weight.astype(np.float32), None, out=out()))
+        results[path] = arrays + buffers
+        if path == "plain":
+            assert wrapped == [] and checked_calls == []
+    assert wrapped == ["batch_forward", "batch_backward"] * 2 + ["forward_eval", "batch_forward"]
+    for a, b in zip(results["plain"], results["checked"], strict=True):
         np.testing.assert_array_equal(a, b)
 
 
