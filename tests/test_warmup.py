@@ -19,7 +19,7 @@ from numba_bn.cpu.items import MEMORY_ROWS as ROWS
 from numba_bn.cpu.items import MEMORY_SHORT as SHORT
 from numba_bn.warmup import NORM_OPERATIONS, label, plan
 
-from conftest import run_child
+from conftest import finish_child, run_child, start_child
 
 LINE = re.compile(r"^numba_bn: compiling .*$", re.MULTILINE)
 STEP = re.compile(r"^(.+?) +(\d+\.\d\d) s  (compiled|from cache|in memory)$", re.MULTILINE)
@@ -193,3 +193,40 @@ def test_warmed_up_norms_compile_nothing_on_their_first_calls(tmp_path):
                "_layer_backward_serial"}  # fmt: skip
     assert drivers <= warmed, warmed
     assert re.search(r"^calls: \[\]$", output, re.MULTILINE), output
+
+
+_SAVES = """
+import sys, time
+from pathlib import Path
+from numba_bn.cpu import drivers
+from numba_bn.cpu.items import MEMORY_ROWS
+tag, where = sys.argv[1], Path(sys.argv[2])
+cache_file = drivers.driver("forward_eval", MEMORY_ROWS)[1]._cache._cache_file
+(where / tag).touch()
+while not ((where / "a").exists() and (where / "b").exists()):  # the other process is ready
+    time.sleep(0.001)
+for i in range(200):
+    cache_file.save((tag, i), (tag, i))
+print("done")
+"""
+_LOADS = """
+from numba_bn.cpu import drivers
+from numba_bn.cpu.items import MEMORY_ROWS
+cache_file = drivers.driver("forward_eval", MEMORY_ROWS)[1]._cache._cache_file
+keys = [(tag, i) for tag in "ab" for i in range(200)]
+print("not its own:", [key for key in keys if cache_file.load(key) != key])
+"""
+
+
+def test_two_processes_saving_entries_of_one_driver_at_once_keep_each_entry_its_own(tmp_path):
+    """Two processes add entries (argument types, say) of one driver to Numba's cache at the
+    same time, as `numba-bn warmup --jobs` or two jobs on one NUMBA_CACHE_DIR do. Numba's
+    unlocked save lost 112 of these 400 entries and pointed 27 at another entry's data (machine
+    code of other types, in a real save) before drivers._lock_cache_saves."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    children = [start_child([sys.executable, "-c", _SAVES, tag, tmp_path], env) for tag in "ab"]
+    for child in children:
+        status, output = finish_child(child, timeout=300)
+        assert status == 0 and "done" in output, output
+    status, output = run_child([sys.executable, "-c", _LOADS], env)
+    assert status == 0 and "not its own: []" in output, output[-2000:]

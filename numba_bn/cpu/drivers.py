@@ -29,6 +29,7 @@ is the plain one on the gradient through the ReLU: ``backward_fused_relu`` takes
 channel in the fused partition, ``relu_grad`` in a pass of its own otherwise.
 """
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -111,6 +112,7 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     pair = kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
     for dispatcher in pair:
         _key_cache_on_sources(dispatcher)
+        _lock_cache_saves(dispatcher)
     _twins.extend(pair)
     return pair
 
@@ -143,6 +145,51 @@ def _key_cache_on_sources(dispatcher):
     if index_key is None:  # caching off
         return
     cache._index_key = lambda sig, codegen: (*index_key(sig, codegen), sources_digest())
+
+
+def _lock_cache_saves(dispatcher):
+    """Save ``dispatcher``'s entries in Numba's cache under an exclusive lock on its index.
+
+    Numba saves an entry by reading the function's index, adding the entry under the first free
+    data file name, and writing both back, unlocked: two processes that compile other argument
+    types of one driver at once (`numba-bn warmup --jobs`, ranks or jobs of two dtypes on one
+    NUMBA_CACHE_DIR) can both pick the same name, and one signature's entry then points at the
+    other's machine code, which a later process loads and runs on the wrong types (numba's
+    issue 4807). The lock, ``flock`` on a ``.lock`` file beside the index, makes each save one
+    step; loads need none (files are replaced whole, and a name once given keeps its entry).
+    Without ``fcntl`` (Windows) or a lock file to open, saves are as Numba makes them."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    index_path = getattr(cache_file, "_index_path", None)
+    if index_path is None or _flock is None:  # caching off, or no locks here
+        return
+    save = cache_file.save
+
+    def locked_save(key, data):
+        with _locked(index_path + ".lock"):
+            save(key, data)
+
+    cache_file.save = locked_save
+
+
+try:
+    from fcntl import LOCK_EX as _LOCK_EX
+    from fcntl import flock as _flock
+except ImportError:  # not POSIX
+    _flock = None
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """Hold an exclusive ``flock`` on ``path`` (made if need be); nothing if it cannot be
+    opened (Numba's own save then reports a cache directory it cannot write)."""
+    try:
+        file = open(path, "a")  # noqa: SIM115 (closed below: closing releases the lock)
+    except OSError:
+        yield
+        return
+    with file:
+        _flock(file.fileno(), _LOCK_EX)
+        yield
 
 
 # ------------------------------------------------------------------------------- loop nests
