@@ -10,10 +10,23 @@ Group, layer and instance norm (:mod:`numba_bn.norms`) have drivers of their own
 (:mod:`numba_bn.cpu.norm_kernels`; instance norm runs group norm's): ``norms=True`` adds their
 steps, NORM_OPERATIONS. They are opt-in: a program that uses batch norm only would spend their
 compile (34 s from a cold cache on 2 cores, benchmarks/README.md) for nothing.
+
+``jobs`` > 1 runs the steps in that many worker processes at once (Numba compiles one function
+at a time in a process), a group of steps that share drivers per worker at a time
+(:func:`groups`); they fill the on-disk cache, which saves each entry under a lock
+(:func:`numba_bn.cpu.drivers._lock_cache_saves`), and this process loads the drivers on their
+first calls.
 """
 
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numba
@@ -192,6 +205,7 @@ def warmup(
     distributed: bool = False,
     norms: bool = False,
     progress: Callable[[tuple[str, str, str, str] | Step], object] | None = None,
+    jobs: int = 1,
 ) -> Timings:
     """Run every step of :func:`plan`; returns the seconds taken, with the steps.
 
@@ -200,16 +214,27 @@ def warmup(
     ``distributed`` adds SyncBatchNorm's split steps (no MPI needed), ``norms`` group, layer and
     instance norm's (NORM_OPERATIONS). ``progress``, when given, is called with each step's
     (operation, dtype, layout, twin) before it runs and with its :class:`Step` after.
+
+    ``jobs`` > 1: the steps run in that many worker processes into Numba's on-disk cache (the
+    total is then the sum of their seconds, more than the time it took; the steps keep the
+    plan's order), and ``progress`` gets each :class:`Step` as it ends, in that order; this
+    process loads the drivers from the cache on their first calls.
     """
-    return run_steps(plan(dtypes, distributed, norms), progress=progress)
+    return run_steps(plan(dtypes, distributed, norms), progress=progress, jobs=jobs)
 
 
 def run_steps(
     steps: Iterable[tuple[str, str, str, str]],
     *,
     progress: Callable[[tuple[str, str, str, str] | Step], object] | None = None,
+    jobs: int = 1,
 ) -> Timings:
     """Run the given steps of :func:`plan` (a part of one, say), as :func:`warmup` does."""
+    if type(jobs) is not int or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    steps = [tuple(step) for step in steps]
+    if jobs > 1 and len(steps) > 1:
+        return _run_in_workers(steps, jobs, progress)
     threads = numba.get_num_threads()
     rng = np.random.default_rng(0)
     done = []
@@ -249,3 +274,86 @@ def _norm_shape(parallel):
     from .cpu import PARALLEL_MIN_ELEMENTS
 
     return (-(-PARALLEL_MIN_ELEMENTS // 48), 8, 6) if parallel else (4, 8, 6)
+
+
+# --------------------------------------------------------------------------- worker processes
+def groups(steps: Sequence[tuple[str, str, str, str]]) -> list[list[tuple[str, str, str, str]]]:
+    """``steps`` in groups that run in one worker, each in the plan's order: one per dtype,
+    twin and memory shape (the "fused" layout's steps with "planes": their eval and split
+    drivers are the same functions), so that no two workers compile one driver for one dtype,
+    and a backward finds its forward compiled. Parallel twins first (the slower compiles)."""
+    keyed = {}
+    for step in steps:
+        operation, dtype, layout, twin = step
+        keyed.setdefault((dtype, "planes" if layout == "fused" else layout, twin), []).append(step)
+    return sorted(keyed.values(), key=lambda group: group[0][3] != "parallel")
+
+
+_WORKER = "from numba_bn.warmup import _serve; _serve()"
+
+
+def _run_in_workers(steps, jobs, progress):
+    """run_steps in ``jobs`` worker processes (:func:`_serve`), a group of :func:`groups` at a
+    time each, handed out as workers finish their last."""
+    todo = queue.SimpleQueue()
+    for group in groups(steps):
+        todo.put(group)
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[1])  # this numba_bn, whatever the cwd
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-c", _WORKER, str(numba.get_num_threads()),
+               "1" if compiling.quiet() else "0"]  # fmt: skip
+    done, failures, report = [], [], threading.Lock()
+
+    def work():
+        worker = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  env=env, text=True)  # fmt: skip
+        with worker:
+            while not failures:
+                try:
+                    group = todo.get_nowait()
+                except queue.Empty:
+                    break
+                worker.stdin.write(json.dumps(group) + "\n")
+                worker.stdin.flush()
+                answer = worker.stdout.readline()
+                if not answer:
+                    failures.append(f"a warm-up worker (pid {worker.pid}) ended during {group[0]}")
+                    break
+                with report:
+                    for fields in json.loads(answer):
+                        step = Step(*fields)
+                        done.append(step)
+                        if progress is not None:
+                            progress(step)
+            worker.stdin.close()
+        if worker.returncode and not failures:
+            failures.append(f"a warm-up worker (pid {worker.pid}) exited with {worker.returncode}")
+
+    threads = [threading.Thread(target=work) for _ in range(min(jobs, todo.qsize()))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError("; ".join(failures) + " (its error is on stderr above)")
+    order = {step: i for i, step in enumerate(steps)}
+    return Timings(sorted(done, key=lambda step: order[tuple(step[:4])]))
+
+
+def _serve():
+    """A warm-up worker (:func:`_run_in_workers`): argv gives the Numba threads and whether the
+    compile lines are off; each line on stdin is a group of steps, answered with their Steps
+    as one JSON line on stdout (anything else printed goes to stderr)."""
+    answers, sys.stdout = sys.stdout, sys.stderr
+    numba.set_num_threads(int(sys.argv[1]))
+    quiet = sys.argv[2] == "1"
+    for line in sys.stdin:
+        group = [tuple(step) for step in json.loads(line)]
+        if quiet:
+            with compiling.silenced():
+                timings = run_steps(group)
+        else:
+            timings = run_steps(group)
+        answers.write(json.dumps([list(step) for step in timings.steps]) + "\n")
+        answers.flush()

@@ -10,6 +10,7 @@ import time
 
 import numba
 import numpy as np
+import pytest
 
 import numba_bn as nbn
 from numba_bn.cpu import drivers
@@ -17,7 +18,7 @@ from numba_bn.cpu.items import MEMORY_ANY as ANY
 from numba_bn.cpu.items import MEMORY_PLANES as PLANES
 from numba_bn.cpu.items import MEMORY_ROWS as ROWS
 from numba_bn.cpu.items import MEMORY_SHORT as SHORT
-from numba_bn.warmup import NORM_OPERATIONS, label, plan
+from numba_bn.warmup import NORM_OPERATIONS, groups, label, plan
 
 from conftest import finish_child, run_child, start_child
 
@@ -121,6 +122,9 @@ def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
 
 
 def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path, monkeypatch):
+    """The first run compiles in two worker processes (--jobs 2), a line per step as it ends;
+    the second, in this process, loads every driver they compiled, a line per step in the
+    plan's order."""
     command = [sys.executable, "-m", "numba_bn", "warmup", "--dtype", "float32", "--distributed",
                "--norms"]  # fmt: skip
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}  # serial twins only
@@ -129,17 +133,42 @@ def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path, m
     assert all(step[-1] == "serial" for step in expected)
     assert [op for op, _ in NORM_OPERATIONS] == [" ".join(s[:2]) for s in expected[-4:]]
     outcomes = []
-    for _ in range(2):
-        status, output = run_child(command, env)
+    for jobs in (2, 1):
+        status, output = run_child([*command, "--jobs", str(jobs)], env)
         print(output)
         assert status == 0, output
-        steps = STEP.findall(output)
-        assert [name.split() for name, _, _ in steps] == expected, output
+        steps = [name.split() for name, _, _ in STEP.findall(output)]
+        # workers report steps as they end: a group's in the plan's order, groups as they end
+        assert steps == expected if jobs == 1 else sorted(steps) == sorted(expected), output
+        assert ("in 2 worker processes" in output) == (jobs == 2), output
         assert f"machine code cached in {tmp_path}" in output, output
         assert not LINE.findall(output), output  # the step lines replace the compile lines
-        outcomes.append({outcome for _, _, outcome in steps})
-    assert "compiled" in outcomes[0] and "from cache" not in outcomes[0]
+        outcomes.append({outcome for _, _, outcome in STEP.findall(output)})
+    # a worker may load what the other saved first (a driver two groups call)
+    assert "compiled" in outcomes[0]
     assert "from cache" in outcomes[1] and "compiled" not in outcomes[1]
+
+
+def test_groups_give_each_driver_to_one_worker_and_keep_the_plans_order():
+    steps = plan((np.float32, np.float64), distributed=True, norms=True)
+    parts = groups(steps)
+    assert sorted(step for part in parts for step in part) == sorted(steps)
+    owner = {}
+    for number, part in enumerate(parts):
+        assert part == [step for step in steps if step in part]  # the plan's order
+        for _, dtype, layout, twin in part:
+            memory = "planes" if layout == "fused" else layout  # one forward_eval, split drivers
+            assert owner.setdefault((dtype, memory, twin), number) == number
+    parallel = [part[0][3] == "parallel" for part in parts]
+    assert parallel == sorted(parallel, reverse=True)  # the slower compiles first
+
+
+def test_warmup_takes_jobs_as_an_int_of_one_or_more():
+    for jobs in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+            nbn.warmup(jobs=jobs)
+    status, output = run_child([sys.executable, "-m", "numba_bn", "warmup", "--jobs", "0"])
+    assert status == 2 and "expected an integer >= 1, got '0'" in output, output
 
 
 def test_warmup_returns_the_total_and_a_step_each():
