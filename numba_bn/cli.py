@@ -182,18 +182,19 @@ def _positive_int(text):
 def _warmup(args):
     import numba
 
-    from .compiling import cache_location, silenced
+    from .compiling import cache_location, cache_path, silenced
     from .warmup import Step, label, plan, warmup
 
     dtypes = tuple(dict.fromkeys(args.dtype or ("float32", "float64")))
     steps = len(plan(dtypes, args.distributed, args.norms))
-    workers = f" in {args.jobs} worker processes" if args.jobs > 1 else ""
+    in_workers = args.jobs > 1 and cache_path() is not None  # else warmup runs them here
+    workers = f" in {args.jobs} worker processes" if in_workers else ""
     print(f"numba-bn warmup: {steps} steps{workers}, {numba.get_num_threads()} Numba threads; "
           f"machine code cached in {cache_location()}")  # fmt: skip
 
     def progress(step):  # a step's name before it runs, its time and outcome after
         if isinstance(step, Step):
-            print(step.line() if args.jobs > 1 else f" {step.outcome()}", flush=True)
+            print(step.line() if in_workers else f" {step.outcome()}", flush=True)
         else:
             print(label(*step), end="", flush=True)
 
@@ -203,7 +204,7 @@ def _warmup(args):
                          progress=progress, jobs=args.jobs)  # fmt: skip
     sources = [step.source for step in timings.steps]
     counts = ", ".join(f"{sources.count(s)} {s}" for s in ("compiled", "from cache", "in memory"))
-    if args.jobs > 1:
+    if in_workers:
         seconds = f"{time.perf_counter() - start:.1f} s ({timings:.1f} s of steps)"
     else:
         seconds = f"{timings:.1f} s"

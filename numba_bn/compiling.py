@@ -134,13 +134,18 @@ def cache_state(dispatcher):
     return why, f"cached in {path}"
 
 
-def cache_location():
-    """Where Numba keeps the drivers' machine code (NUMBA_CACHE_DIR, or next to the sources)."""
+def cache_path():
+    """The directory of the drivers' machine code in Numba's cache (NUMBA_CACHE_DIR, or next to
+    the sources), None when the cache is off."""
     from .cpu import drivers
 
     dispatcher = drivers.driver("forward_eval")[0]  # the drivers share one cache directory
-    path = getattr(getattr(dispatcher, "_cache", None), "cache_path", None)
-    return path or "nowhere (Numba's cache is off)"
+    return getattr(getattr(dispatcher, "_cache", None), "cache_path", None)
+
+
+def cache_location():
+    """Where Numba keeps the drivers' machine code, in words."""
+    return cache_path() or "nowhere (Numba's cache is off)"
 
 
 def _line(name, args, dispatcher):

@@ -218,7 +218,8 @@ def warmup(
     ``jobs`` > 1: the steps run in that many worker processes into Numba's on-disk cache (the
     total is then the sum of their seconds, more than the time it took; the steps keep the
     plan's order), and ``progress`` gets each :class:`Step` as it ends, in that order; this
-    process loads the drivers from the cache on their first calls.
+    process loads the drivers from the cache on their first calls. With Numba's cache off, the
+    steps run here, one at a time.
     """
     return run_steps(plan(dtypes, distributed, norms), progress=progress, jobs=jobs)
 
@@ -233,8 +234,8 @@ def run_steps(
     if type(jobs) is not int or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     steps = [tuple(step) for step in steps]
-    if jobs > 1 and len(steps) > 1:
-        return _run_in_workers(steps, jobs, progress)
+    if jobs > 1 and len(steps) > 1 and compiling.cache_path() is not None:
+        return _run_in_workers(steps, jobs, progress)  # (what workers compile goes to the cache)
     threads = numba.get_num_threads()
     rng = np.random.default_rng(0)
     done = []

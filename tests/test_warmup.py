@@ -4,6 +4,7 @@ Compiles happen in child processes with their own NUMBA_CACHE_DIR, so that the c
 empty. Times are printed, not asserted (benchmarks time things; tests state behaviour).
 """
 
+import importlib
 import re
 import sys
 import time
@@ -161,6 +162,24 @@ def test_groups_give_each_driver_to_one_worker_and_keep_the_plans_order():
             assert owner.setdefault((dtype, memory, twin), number) == number
     parallel = [part[0][3] == "parallel" for part in parts]
     assert parallel == sorted(parallel, reverse=True)  # the slower compiles first
+
+
+def test_with_numbas_cache_off_the_jobs_steps_run_in_this_process(monkeypatch):
+    """Workers would compile into nothing: the steps run here, where their drivers stay."""
+    from numba_bn import compiling
+
+    warmup = importlib.import_module("numba_bn.warmup")  # the module (nbn.warmup: the function)
+
+    def no_workers(*args):
+        raise AssertionError("workers started with Numba's cache off")
+
+    monkeypatch.setattr(compiling, "cache_path", lambda: None)
+    monkeypatch.setattr(warmup, "_run_in_workers", no_workers)
+    steps = [("forward_train", "float64", "rows", "serial"),
+             ("forward_eval", "float64", "rows", "serial")]  # fmt: skip
+    assert [step[:4] for step in warmup.run_steps(steps, jobs=2).steps] == steps
+    dispatcher = drivers.driver("forward_eval", ROWS)[1]
+    assert numba.float64 in {sig[0].dtype for sig in dispatcher.signatures}
 
 
 def test_warmup_takes_jobs_as_an_int_of_one_or_more():
