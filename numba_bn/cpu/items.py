@@ -35,7 +35,12 @@ rows of the (outer, C * inner) view, whose reduction items file a column's parti
 channel's (``chunk * inner + i``: part order, the merge order) and whose elementwise items read
 coefficient rows spread to a column per value. A JIT driver is compiled for one shape
 (:func:`numba_bn.cpu.drivers.driver`) and calls that shape's items only, so that Numba never
-types, inlines or compiles the others' (the README's "First call").
+types, inlines or compiles the others' (the README's "First call"). For the same reason the
+item counts and sizes (``reduce_items``, ``elementwise_items``, ``parts``, ``row_tile``, ...)
+are compiled once, as functions every driver calls, not inlined into each: Numba's inlining
+redoes a function's front end and copies its IR at every site, and these nests, inlined at
+dozens of sites, took ~1.5 s of a cold first call's 15 (benchmarks/README.md, stop 36); the
+leaves they call (``short_planes_jit``, ``wanted_units``) stay inlined.
 
 Which item computes what never changes the merge order inside a channel, so results do not depend
 on the partition's use of threads. Each item is index arithmetic plus a call into
@@ -155,7 +160,7 @@ is_fused_jit = kernel(inline="always")(
 MIN_CHANNEL_TILE = 64
 
 
-@kernel(inline="always")
+@kernel
 def row_tile(outer, width):
     """Columns per reduction item of an (``outer``, ``width``) rows view (rows; short planes'
     (outer, C * inner)): CHANNEL_TILE, or fewer (a multiple of 16, at least MIN_CHANNEL_TILE)
@@ -168,12 +173,12 @@ def row_tile(outer, width):
     return min(CHANNEL_TILE, max(MIN_CHANNEL_TILE, -(-tile // 16) * 16))
 
 
-@kernel(inline="always")
+@kernel
 def row_tiles(outer, width):
     return -(-width // row_tile(outer, width))
 
 
-@kernel(inline="always")
+@kernel
 def parts(outer, inner):
     """Partials per channel: segments for planes, row chunks for rows, and for short planes row
     chunks of the (outer, C * inner) view times the values of a plane (a partial per column:
@@ -185,7 +190,7 @@ def parts(outer, inner):
     return channel_segments_jit(outer, inner)
 
 
-@kernel(inline="always")
+@kernel
 def reduce_items(outer, channels, inner):
     if inner == 1:
         return parts(outer, inner) * row_tiles(outer, channels)
@@ -194,7 +199,7 @@ def reduce_items(outer, channels, inner):
     return channels * parts(outer, inner)
 
 
-@kernel(inline="always")
+@kernel
 def reduce_item_elements(outer, channels, inner):
     """Elements one reduction item reads (the largest item)."""
     if inner == 1 or short_planes_jit(outer, inner):
@@ -204,7 +209,7 @@ def reduce_item_elements(outer, channels, inner):
     return min(outer, PLANE_BLOCK // inner) * inner
 
 
-@kernel(inline="always")
+@kernel
 def elementwise_items(outer, channels, inner):
     if inner == 1 or short_planes_jit(outer, inner):  # short planes: rows of (outer, C * inner)
         return -(-outer // row_span_rows(outer, channels * inner))
@@ -213,7 +218,7 @@ def elementwise_items(outer, channels, inner):
     return -(-(outer * channels) // plane_run_planes(outer, channels, inner))
 
 
-@kernel(inline="always")
+@kernel
 def elementwise_item_elements(outer, channels, inner):
     if inner == 1 or short_planes_jit(outer, inner):
         return min(outer, row_span_rows(outer, channels * inner)) * channels * inner
@@ -222,7 +227,7 @@ def elementwise_item_elements(outer, channels, inner):
     return min(outer * channels, plane_run_planes(outer, channels, inner)) * inner
 
 
-@kernel(inline="always")
+@kernel
 def coef_columns(outer, channels, inner):
     """Columns of the coefficient rows the elementwise items read: one per channel, and for
     short planes one per value of a channel's plane (spread_columns)."""
@@ -373,7 +378,7 @@ def sums_item(dy, x, shape, item, mean, part, scratch):
 
 
 # ----------------------------------------------------------------------------- channel items
-@kernel(inline="always")
+@kernel
 def channel_items(channels):
     """Channel items: groups of CHANNEL_GROUP channels."""
     return -(-channels // CHANNEL_GROUP)

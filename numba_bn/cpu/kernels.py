@@ -87,7 +87,7 @@ def _span_units(units, unit):
     return max(1, min(ELEMENTWISE_SPAN // unit, wanted_units(units, unit)))
 
 
-@kernel(inline="always")
+@kernel
 def row_span_rows(outer, width):
     """Rows per elementwise work item of an (``outer``, ``width``) rows view."""
     return _span_units(outer, width)
@@ -127,7 +127,7 @@ def spread_columns(coef, inner, wide):
                 wide[k, c * step + i] = coef[k, c]
 
 
-@kernel(inline="always")
+@kernel
 def plane_run_planes(outer, channels, inner):
     """Planes per elementwise work item of planes shorter than PLANE_BLOCK."""
     return _span_units(outer * channels, inner)
