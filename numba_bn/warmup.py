@@ -18,6 +18,7 @@ at a time in a process), a group of steps that share drivers per worker at a tim
 first calls.
 """
 
+import contextlib
 import json
 import os
 import queue
@@ -285,7 +286,7 @@ def groups(steps: Sequence[tuple[str, str, str, str]]) -> list[list[tuple[str, s
     and a backward finds its forward compiled. Parallel twins first (the slower compiles)."""
     keyed = {}
     for step in steps:
-        operation, dtype, layout, twin = step
+        _, dtype, layout, twin = step
         keyed.setdefault((dtype, "planes" if layout == "fused" else layout, twin), []).append(step)
     return sorted(keyed.values(), key=lambda group: group[0][3] != "parallel")
 
@@ -351,10 +352,7 @@ def _serve():
     quiet = sys.argv[2] == "1"
     for line in sys.stdin:
         group = [tuple(step) for step in json.loads(line)]
-        if quiet:
-            with compiling.silenced():
-                timings = run_steps(group)
-        else:
+        with compiling.silenced() if quiet else contextlib.nullcontext():
             timings = run_steps(group)
         answers.write(json.dumps([list(step) for step in timings.steps]) + "\n")
         answers.flush()
