@@ -1,0 +1,100 @@
+"""numba_bn's public calls against PyTorch's aten ops in one process, alternated: x torch.
+
+    python benchmarks/vs_torch_inprocess.py [--shapes 64x32,8x16x8x8 | sweep] [--threads 2]
+
+``numba-bn bench --sweep`` times each implementation in a block of its own, seconds apart, and
+on this project's shared 2-core machines a cell's ratio to PyTorch moves by up to 2x between two
+runs minutes apart (benchmarks/README.md, stop 37). Here every call of both libraries is timed
+once per round, alternating which goes first, and each cell is the minimum over the rounds (as
+in :mod:`ab_inprocess`, whose inputs and timing this reuses): a busy spell spoils one sample of
+both, not a whole column. PyTorch's calls are the aten ops ``numba-bn bench`` times
+(``native_batch_norm``, ``native_batch_norm_backward``), on the same memory; the layer's row is
+a training step, forward with the running update and backward, against the same two aten ops
+with running buffers. x torch = PyTorch's time / numba_bn's.
+"""
+
+import argparse
+import os
+
+import numba
+import numpy as np
+from ab_inprocess import ROUNDS, SWEEP, best_us, inputs, parse_shape
+
+import numba_bn as nbn
+
+
+def pairs(torch, x, dy, axis):
+    """{call: (numba_bn's, PyTorch's)} on ``x``, ``dy`` (channels on ``axis``)."""
+    channels = x.shape[axis]
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal(channels) + 1.0).astype(x.dtype)
+    b = rng.standard_normal(channels).astype(x.dtype)
+    rm, rv = np.zeros(channels, x.dtype), np.ones(channels, x.dtype)
+    _, mean, invstd = nbn.forward_train(x, w, b, axis=axis)
+    layer = nbn.BatchNorm(channels, axis=axis)
+    layer.weight[:], layer.bias[:] = w, b
+    # PyTorch normalises axis 1: a channels-last array is handed over as its NCHW view
+    tx, tdy = (torch.from_numpy(a) for a in (x, dy))
+    if axis % x.ndim == x.ndim - 1 and x.ndim > 2:
+        order = (0, x.ndim - 1, *range(1, x.ndim - 1))
+        tx, tdy = tx.permute(order), tdy.permute(order)
+    tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
+    aten = torch.ops.aten
+    _, tmean, tinvstd = aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, 1e-5)
+    grads = [True, True, True]
+
+    def torch_step():
+        aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
+        aten.native_batch_norm_backward(tdy, tx, tw, trm, trv, tmean, tinvstd, True, 1e-5, grads)
+
+    return {
+        "forward_train": (
+            lambda: nbn.forward_train(x, w, b, axis=axis),
+            lambda: aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, 1e-5),
+        ),
+        "forward_eval": (
+            lambda: nbn.forward_eval(x, rm, rv, w, b, axis=axis),
+            lambda: aten.native_batch_norm(tx, tw, tb, trm, trv, False, 0.1, 1e-5),
+        ),
+        "backward": (
+            lambda: nbn.backward(dy, x, mean, invstd, w, axis=axis),
+            lambda: aten.native_batch_norm_backward(
+                tdy, tx, tw, None, None, tmean, tinvstd, True, 1e-5, grads
+            ),  # fmt: skip
+        ),
+        "BatchNorm step": (lambda: (layer(x), layer.backward(dy)), torch_step),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="64x32,64x256,8x16x8x8", help="or: sweep")
+    parser.add_argument("--threads", type=int, default=2, help="numba and torch threads")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    texts = (SWEEP if args.shapes == "sweep" else args.shapes).split(",")
+    shapes = [parse_shape(text) for text in texts]
+    timed = {shape: pairs(torch, *inputs(shape[0]), shape[1]) for shape in shapes}
+    print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds; "
+          f"torch {torch.__version__}, {args.threads} threads")  # fmt: skip
+    best = {}
+    for round_ in range(ROUNDS):  # every call once per round: a busy spell hits one sample
+        for shape in shapes:
+            for name, calls in timed[shape].items():
+                for side in (0, 1) if round_ % 2 == 0 else (1, 0):
+                    key = shape, name, side
+                    best[key] = min(best.get(key, float("inf")), best_us(calls[side]))
+    print("| shape | call | numba_bn | torch | x torch |\n|---|---|---|---|---|")
+    for shape in shapes:
+        for name in timed[shape]:
+            ours, theirs = best[shape, name, 0], best[shape, name, 1]
+            where = f"{shape[0]}" + (f" axis {shape[1]}" if shape[1] != 1 else "")
+            print(f"| {where} | {name} | {ours:.4g} | {theirs:.4g} | {theirs / ours:.2f} |")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
