@@ -5,6 +5,7 @@ Nothing here asserts a timing: the benchmarks run once on tiny shapes to prove t
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numba
@@ -228,6 +229,54 @@ def test_bench_times_nothing_when_an_implementation_is_wrong(capsys, monkeypatch
     assert code == 1
     assert "CHECK FAILED" in out and "numpy eval on small-nc" in out
     assert "ms per call" not in out
+
+
+def _runs(log):
+    """The keys of ``log`` with each run of one key written once."""
+    return [key for i, key in enumerate(log) if i == 0 or log[i - 1] != key]
+
+
+def _logged_calls(log, seconds=0.0):
+    """Four (operation, implementation) calls that log their key (and sleep ``seconds``)."""
+
+    def call(key):
+        def run():
+            log.append(key)
+            if seconds:
+                time.sleep(seconds)
+
+        return run
+
+    return {(op, name): call((op, name)) for name in ("x", "y") for op in ("fwd", "bwd")}
+
+
+def test_time_each_samples_a_small_case_in_rounds():
+    """Calls shorter than a block: after warming and calibrating each key in turn, every key
+    gets one sample (a block of its calls) per round, so a slow spell of the machine hits
+    every implementation alike."""
+    log = []
+    calls = _logged_calls(log)
+    samples, iterations = measure.time_each(calls, 3)
+    warm = 7 * len(calls)  # four warm calls and three calibrating ones per key
+    assert _runs(log[:warm]) == list(calls)
+    assert _runs(log[warm:]) == list(calls) * 3
+    assert all(n > 1 for n in iterations.values())
+    assert all(len(s) == 3 and all(0 < t < measure.BLOCK_SECONDS for t in s)
+               for s in samples.values())  # fmt: skip
+
+
+def test_time_each_samples_a_large_case_key_by_key(no_pause):
+    """A call longer than a block: each key's samples back to back (after one call to warm it
+    again), one call a sample."""
+    log = []
+    calls = _logged_calls(log, seconds=2 * measure.BLOCK_SECONDS)
+    samples, iterations = measure.time_each(calls, 2)
+    warm = 7 * len(calls)
+    assert _runs(log[:warm]) == list(calls)
+    assert _runs(log[warm:]) == list(calls)
+    assert len(log) == warm + 3 * len(calls)
+    assert set(iterations.values()) == {1}
+    assert all(len(s) == 2 and min(s) >= 2 * measure.BLOCK_SECONDS for s in samples.values())
 
 
 def test_verify_rejects_nan_outputs():

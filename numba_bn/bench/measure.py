@@ -52,33 +52,50 @@ def verify(implementation, case, op, call):
 def time_each(calls, repeat):
     """({key: seconds per call, ``repeat`` samples}, {key: calls per sample}); keys (op, name).
 
-    Each (operation, implementation) is timed on its own: four untimed calls (hot caches,
-    compiled code), then ``repeat`` samples back to back, with a pause before each
-    implementation. This is the best case for every peer, on purpose:
-    - interleaving implementations call by call made both Numba and PyTorch 2-5x slower on 2
-      cores (cause not pinned down: both share the system libgomp; PyTorch's per-call output
-      allocations and the cache each leaves behind are the suspects);
-    - rotating PyTorch's operations made them 1.2-2x slower (each call allocates its outputs,
-      and glibc's mmap threshold only settles when the same size is freed and asked for again).
-    Calls faster than BLOCK_SECONDS are timed in blocks of back-to-back calls.
+    Each (operation, implementation) first gets four untimed calls (hot caches, compiled code)
+    and a calibration: calls faster than BLOCK_SECONDS are timed in blocks of back-to-back
+    calls, a block a sample. Then the ``repeat`` samples:
+    - a case whose calls are all that short (the small shapes) takes them in rounds, every
+      (operation, implementation) one sample per round. On this project's shared 2-core VMs
+      a process runs 1.5-2x slower for spells of a second or more, so samples taken back to
+      back put one implementation in a spell and the next out of it: over six runs of the
+      four smallest sweep shapes, a cell's x torch moved by 2.5x (max / min, median of the
+      cells) in blocks and by 1.4x in rounds (benchmarks/README.md, stop 38);
+    - a larger case takes each (operation, implementation)'s samples back to back, with a
+      pause before each implementation, the best case for every peer: in rounds the copy of
+      (4096, 1024) took 1470 us against 548 (calls on megabytes evicting each other's arrays,
+      NumPy's temporaries moving glibc's mmap threshold: suspected, not pinned down), and
+      interleaving call by call made both Numba and PyTorch 2-5x slower on 2 cores.
     """
     iterations = {}
+    for key, call in calls.items():
+        for _ in range(4):
+            call()
+        single = min(_seconds(call) for _ in range(3))
+        iterations[key] = max(1, min(10_000, int(BLOCK_SECONDS / max(single, 1e-9))))
     samples = {key: [] for key in calls}
+    if min(iterations.values()) > 1:
+        for _ in range(repeat):
+            for key, call in calls.items():
+                samples[key].append(_sample(call, iterations[key]))
+        return samples, iterations
     previous = None
     for key, call in calls.items():
         if key[1] != previous:
             time.sleep(PAUSE_SECONDS)  # let the previous implementation's threads go idle
             previous = key[1]
-        for _ in range(4):
-            call()
-        single = min(_seconds(call) for _ in range(3))
-        n = iterations[key] = max(1, min(10_000, int(BLOCK_SECONDS / max(single, 1e-9))))
+        call()  # hot again after the others
         for _ in range(repeat):
-            start = time.perf_counter()
-            for _ in range(n):
-                call()
-            samples[key].append((time.perf_counter() - start) / n)
+            samples[key].append(_sample(call, iterations[key]))
     return samples, iterations
+
+
+def _sample(call, n):
+    """Seconds per call of ``n`` calls back to back."""
+    start = time.perf_counter()
+    for _ in range(n):
+        call()
+    return (time.perf_counter() - start) / n
 
 
 def _seconds(call):
