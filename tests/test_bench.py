@@ -261,8 +261,7 @@ def test_time_each_samples_a_small_case_in_rounds():
     assert _runs(log[:warm]) == list(calls)
     assert _runs(log[warm:]) == list(calls) * 3
     assert all(n > 1 for n in iterations.values())
-    assert all(len(s) == 3 and all(0 < t < measure.BLOCK_SECONDS for t in s)
-               for s in samples.values())  # fmt: skip
+    assert all(len(s) == 3 and min(s) > 0 for s in samples.values())
 
 
 def test_time_each_samples_a_large_case_key_by_key(no_pause):
