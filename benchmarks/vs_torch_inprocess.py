@@ -38,6 +38,8 @@ def pairs(torch, x, dy, axis):
     if axis % x.ndim == x.ndim - 1 and x.ndim > 2:
         order = (0, x.ndim - 1, *range(1, x.ndim - 1))
         tx, tdy = tx.permute(order), tdy.permute(order)
+    elif axis % x.ndim != 1:
+        raise SystemExit(f"axis {axis} of {x.shape}: only channels on axis 1 or last are timed")
     tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
     aten = torch.ops.aten
     _, tmean, tinvstd = aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, 1e-5)
