@@ -256,7 +256,7 @@ def test_time_each_samples_a_small_case_in_rounds():
     every implementation alike."""
     log = []
     calls = _logged_calls(log)
-    samples, iterations = measure.time_each(calls, 3)
+    samples, iterations = measure.time_each(calls, 3, rounds=True)
     warm = 7 * len(calls)  # four warm calls and three calibrating ones per key
     assert _runs(log[:warm]) == list(calls)
     assert _runs(log[warm:]) == list(calls) * 3
@@ -266,16 +266,42 @@ def test_time_each_samples_a_small_case_in_rounds():
 
 def test_time_each_samples_a_large_case_key_by_key(no_pause):
     """A call longer than a block: each key's samples back to back (after one call to warm it
-    again), one call a sample."""
+    again), one call a sample, rounds allowed or not."""
     log = []
     calls = _logged_calls(log, seconds=2 * measure.BLOCK_SECONDS)
-    samples, iterations = measure.time_each(calls, 2)
+    samples, iterations = measure.time_each(calls, 2, rounds=True)
     warm = 7 * len(calls)
     assert _runs(log[:warm]) == list(calls)
     assert _runs(log[warm:]) == list(calls)
     assert len(log) == warm + 3 * len(calls)
     assert set(iterations.values()) == {1}
     assert all(len(s) == 2 and min(s) >= 2 * measure.BLOCK_SECONDS for s in samples.values())
+
+
+def test_time_each_takes_rounds_only_when_asked(no_pause):
+    """Short calls of a large input (run_case: x above ROUNDS_MAX_BYTES) keep their samples
+    back to back, as the fused bench's do."""
+    log = []
+    calls = _logged_calls(log)
+    measure.time_each(calls, 3)
+    assert _runs(log[7 * len(calls) :]) == list(calls)
+
+
+def test_bench_takes_rounds_for_small_inputs_only(monkeypatch):
+    """run_case asks for rounds on an input of at most ROUNDS_MAX_BYTES: the sweep's small
+    shapes, not (256, 512) or (16, 32, 16, 16) (512 KB)."""
+    asked = {}
+
+    def time_each(calls, repeat, rounds=False):
+        asked[case.shape.name] = rounds
+        return {key: [1e-6] * repeat for key in calls}, dict.fromkeys(calls, 1)
+
+    monkeypatch.setattr(measure, "time_each", time_each)
+    for name in ("small-nc", "64x256", "small-nchw", "256x512", "16x32x16x16"):
+        case = cases.Case(cases.SHAPES[name], np.float32)
+        measure.run_case(case, [peers.implementations(["memcpy"], 1, None)[0]], 2)
+    assert asked == {"small-nc": True, "64x256": True, "small-nchw": True, "256x512": False,
+                     "16x32x16x16": False}  # fmt: skip
 
 
 def test_verify_rejects_nan_outputs():

@@ -15,6 +15,9 @@ from .peers import NumbaBnKernels
 
 PAUSE_SECONDS = 0.3
 BLOCK_SECONDS = 1e-3  # calls faster than this are timed in blocks (small shapes)
+#: Inputs up to this size may be sampled in rounds (time_each): glibc's default mmap threshold,
+#: below which every implementation's outputs come from the heap, not from fresh pages
+ROUNDS_MAX_BYTES = 128 * 1024
 
 
 class VerificationError(AssertionError):
@@ -49,23 +52,26 @@ def verify(implementation, case, op, call):
     return error
 
 
-def time_each(calls, repeat):
+def time_each(calls, repeat, rounds=False):
     """({key: seconds per call, ``repeat`` samples}, {key: calls per sample}); keys (op, name).
 
     Each (operation, implementation) first gets four untimed calls (hot caches, compiled code)
     and a calibration: calls faster than BLOCK_SECONDS are timed in blocks of back-to-back
     calls, a block a sample. Then the ``repeat`` samples:
-    - a case whose calls are all that short (the small shapes) takes them in rounds, every
-      (operation, implementation) one sample per round. On this project's shared 2-core VMs
-      a process runs 1.5-2x slower for spells of a second or more, so samples taken back to
-      back put one implementation in a spell and the next out of it: over six runs of the
-      four smallest sweep shapes, a cell's x torch moved by 2.5x (max / min, median of the
-      cells) in blocks and by 1.4x in rounds (benchmarks/README.md, stop 38);
-    - a larger case takes each (operation, implementation)'s samples back to back, with a
-      pause before each implementation, the best case for every peer: in rounds the copy of
-      (4096, 1024) took 1470 us against 548 (calls on megabytes evicting each other's arrays,
-      NumPy's temporaries moving glibc's mmap threshold: suspected, not pinned down), and
-      interleaving call by call made both Numba and PyTorch 2-5x slower on 2 cores.
+    - with ``rounds`` (a small input: run_case) and calls that are all that short, in rounds,
+      every (operation, implementation) one sample per round. On this project's shared 2-core
+      VMs a process runs 1.5-2x slower for spells of a second or more, so samples taken back
+      to back put one implementation in a spell and the next out of it: over six runs of the
+      smallest sweep shapes, a cell's x torch moved by 2.5x (max / min, median of the cells)
+      in blocks and by 1.4x in rounds (benchmarks/README.md, stop 38);
+    - else each (operation, implementation)'s samples back to back, with a pause before each
+      implementation, the best case for every peer. Rounds on larger inputs were not fair:
+      with 512 KB outputs PyTorch's (256, 512) backward took 84-110 us in rounds against
+      54 alternated in 25 ms blocks (``benchmarks/vs_torch_inprocess.py``), ours 62-69
+      against 53-58; the (4096, 1024) copy 1470 us against 548 (outputs above glibc's mmap
+      threshold, whose pages depend on what the other calls allocated and freed: suspected,
+      not pinned down). Interleaving call by call made both Numba and PyTorch 2-5x slower on
+      2 cores.
     """
     iterations = {}
     for key, call in calls.items():
@@ -74,7 +80,7 @@ def time_each(calls, repeat):
         single = min(_seconds(call) for _ in range(3))
         iterations[key] = max(1, min(10_000, int(BLOCK_SECONDS / max(single, 1e-9))))
     samples = {key: [] for key in calls}
-    if min(iterations.values()) > 1:
+    if rounds and min(iterations.values()) > 1:
         for _ in range(repeat):
             for key, call in calls.items():
                 samples[key].append(_sample(call, iterations[key]))
@@ -131,7 +137,7 @@ def run_case(case, chosen, repeat):
             errors[op, name] = verify(implementation, case, op, call)
             calls[op, name] = call
             worst[name] = max(worst.get(name, 0.0), errors[op, name])
-    samples, iterations = time_each(calls, repeat)
+    samples, iterations = time_each(calls, repeat, case.x.nbytes <= ROUNDS_MAX_BYTES)
     results = [
         Result(case, op, name, samples[op, name], iterations[op, name], errors[op, name])
         for op, name in calls

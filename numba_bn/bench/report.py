@@ -21,13 +21,13 @@ BASELINE = "numba_bn"
 KERNELS = "numba_bn kernels"
 LIMIT = "memcpy"
 TABLE_LEGEND = (
-    "ms per call (median; shapes whose calls all take under 1 ms sampled in rounds of every "
-    "call); memcpy = the faster of np.copyto (1 thread) and a parallel copy; "
+    "ms per call (median; inputs up to 128 KiB whose calls all take under 1 ms sampled in "
+    "rounds of every call); memcpy = the faster of np.copyto (1 thread) and a parallel copy; "
     "/memcpy = time / memcpy time; x peer = numba_bn's speed-up over it"
 )
 SWEEP_LEGEND = (
-    "us per call (median; shapes whose calls all take under 1 ms sampled in rounds of every "
-    "call); memcpy = the faster of np.copyto (1 thread) and a parallel copy "
+    "us per call (median; inputs up to 128 KiB whose calls all take under 1 ms sampled in "
+    "rounds of every call); memcpy = the faster of np.copyto (1 thread) and a parallel copy "
     "('by'); /memcpy = time / memcpy time; x peer = the peer's time / this row's time (the "
     "row's speed-up over it)"
 )
