@@ -15,8 +15,8 @@ from .peers import NumbaBnKernels
 
 PAUSE_SECONDS = 0.3
 BLOCK_SECONDS = 1e-3  # calls faster than this are timed in blocks (small shapes)
-#: Inputs up to this size may be sampled in rounds (time_each): glibc's default mmap threshold,
-#: below which every implementation's outputs come from the heap, not from fresh pages
+#: Inputs up to this size may be sampled in rounds (time_each). It is glibc's default mmap
+#: threshold; with 512 KB outputs, rounds slowed PyTorch's calls more than ours (stop 38)
 ROUNDS_MAX_BYTES = 128 * 1024
 
 
