@@ -80,6 +80,26 @@ def best_us(call):
     return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6
 
 
+def alternated_best(timed, shapes, sides):
+    """{(shape, name, side): us}: the minimum over ROUNDS rounds of :func:`best_us` of every
+    call ``timed[shape, side][name]``, each round timing every call once, the two ``sides``
+    in turns first (a busy spell then spoils one sample of many calls, not every sample of
+    one)."""
+    best = {}
+    for round_ in range(ROUNDS):
+        for shape in shapes:
+            for name in timed[shape, sides[0]]:
+                for side in sides if round_ % 2 == 0 else sides[::-1]:
+                    key = shape, name, side
+                    best[key] = min(best.get(key, float("inf")), best_us(timed[shape, side][name]))
+    return best
+
+
+def label(shape):
+    """A table's shape cell of (shape, axis): the axis only when it is not 1."""
+    return f"{shape[0]}" + (f" axis {shape[1]}" if shape[1] != 1 else "")
+
+
 def parse_shape(text):
     """(shape, axis) of ``AxBxC`` (axis 1) or ``AxBxC:axis``."""
     dims, _, axis = text.partition(":")
@@ -104,19 +124,12 @@ def main(argv=None):
         for tag, nbn in packages.items():
             timed[(shape, axis), tag] = calls(nbn, x, dy, axis)
     print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds")
-    best = {}
-    for round_ in range(ROUNDS):  # every call once per round: a busy spell hits one sample
-        for shape in shapes:
-            for name in timed[shape, "old"]:
-                for tag in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
-                    key = shape, name, tag
-                    best[key] = min(best.get(key, float("inf")), best_us(timed[shape, tag][name]))
+    best = alternated_best(timed, shapes, ("old", "new"))
     print("| shape | call | old | new | new / old |\n|---|---|---|---|---|")
     for shape in shapes:
         for name in timed[shape, "old"]:
             old, new = best[shape, name, "old"], best[shape, name, "new"]
-            where = f"{shape[0]}" + (f" axis {shape[1]}" if shape[1] != 1 else "")
-            print(f"| {where} | {name} | {old:.4g} | {new:.4g} | {new / old:.3f} |")
+            print(f"| {label(shape)} | {name} | {old:.4g} | {new:.4g} | {new / old:.3f} |")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

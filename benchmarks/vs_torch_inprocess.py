@@ -18,7 +18,7 @@ import os
 
 import numba
 import numpy as np
-from ab_inprocess import ROUNDS, SWEEP, best_us, inputs, parse_shape
+from ab_inprocess import ROUNDS, SWEEP, alternated_best, inputs, label, parse_shape
 
 import numba_bn as nbn
 
@@ -79,22 +79,19 @@ def main(argv=None):
     numba.set_num_threads(args.threads)
     texts = (SWEEP if args.shapes == "sweep" else args.shapes).split(",")
     shapes = [parse_shape(text) for text in texts]
-    timed = {shape: pairs(torch, *inputs(shape[0]), shape[1]) for shape in shapes}
+    timed = {}
+    for shape in shapes:
+        for name, (ours, theirs) in pairs(torch, *inputs(shape[0]), shape[1]).items():
+            timed.setdefault((shape, "numba_bn"), {})[name] = ours
+            timed.setdefault((shape, "torch"), {})[name] = theirs
     print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds; "
           f"torch {torch.__version__}, {args.threads} threads")  # fmt: skip
-    best = {}
-    for round_ in range(ROUNDS):  # every call once per round: a busy spell hits one sample
-        for shape in shapes:
-            for name, calls in timed[shape].items():
-                for side in (0, 1) if round_ % 2 == 0 else (1, 0):
-                    key = shape, name, side
-                    best[key] = min(best.get(key, float("inf")), best_us(calls[side]))
+    best = alternated_best(timed, shapes, ("numba_bn", "torch"))
     print("| shape | call | numba_bn | torch | x torch |\n|---|---|---|---|---|")
     for shape in shapes:
-        for name in timed[shape]:
-            ours, theirs = best[shape, name, 0], best[shape, name, 1]
-            where = f"{shape[0]}" + (f" axis {shape[1]}" if shape[1] != 1 else "")
-            print(f"| {where} | {name} | {ours:.4g} | {theirs:.4g} | {theirs / ours:.2f} |")
+        for name in timed[shape, "numba_bn"]:
+            ours, theirs = best[shape, name, "numba_bn"], best[shape, name, "torch"]
+            print(f"| {label(shape)} | {name} | {ours:.4g} | {theirs:.4g} | {theirs / ours:.2f} |")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
