@@ -290,18 +290,21 @@ def test_time_each_takes_rounds_only_when_asked(no_pause):
 def test_bench_takes_rounds_for_small_inputs_only(monkeypatch):
     """run_case asks for rounds on an input of at most ROUNDS_MAX_BYTES: the sweep's small
     shapes, not (256, 512) or (16, 32, 16, 16) (512 KB)."""
-    asked = {}
+    asked = []
 
     def time_each(calls, repeat, rounds=False):
-        asked[case.shape.name] = rounds
+        asked.append(rounds)
         return {key: [1e-6] * repeat for key in calls}, dict.fromkeys(calls, 1)
 
     monkeypatch.setattr(measure, "time_each", time_each)
-    for name in ("small-nc", "64x256", "small-nchw", "256x512", "16x32x16x16"):
-        case = cases.Case(cases.SHAPES[name], np.float32)
-        measure.run_case(case, [peers.implementations(["memcpy"], 1, None)[0]], 2)
-    assert asked == {"small-nc": True, "64x256": True, "small-nchw": True, "256x512": False,
-                     "16x32x16x16": False}  # fmt: skip
+    names = ("small-nc", "64x256", "small-nchw", "256x512", "16x32x16x16")
+    copy = peers.implementations(["memcpy"], 1, None)[0]
+    for name in names:
+        measure.run_case(cases.Case(cases.SHAPES[name], np.float32), [copy], 2)
+    assert dict(zip(names, asked, strict=True)) == {
+        "small-nc": True, "64x256": True, "small-nchw": True, "256x512": False,
+        "16x32x16x16": False,
+    }  # fmt: skip
 
 
 def test_verify_rejects_nan_outputs():
