@@ -13,7 +13,7 @@ import numpy as np
 
 from .dispatch import memory_of
 from .layout import canonical_shape, normalize_axis
-from .memory import HOST
+from .memory import HOST, dtype_of
 
 NAN_POLICIES = ("propagate", "raise")
 #: What may follow batch norm in the same pass (issue 13): y = activation(BN(x) + residual).
@@ -339,8 +339,9 @@ def trained(result):
 
 
 def in_compute_dtype(array, *vectors):
-    """float64 per-channel vectors in the compute dtype of ``array``, on its side."""
-    dtype = compute_dtype(array.dtype)
+    """float64 per-channel vectors in the compute dtype of ``array`` (of any kind: y returned
+    as a torch tensor, say), on its side."""
+    dtype = compute_dtype(dtype_of(array))
     if type(array) is np.ndarray:  # the common case, without a look at the device
         return tuple([vector.astype(dtype, copy=False) for vector in vectors])
     memory = memory_of(array)

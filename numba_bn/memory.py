@@ -33,6 +33,15 @@ def is_device_array(value):
     )
 
 
+def dtype_of(array):
+    """The NumPy dtype of an array of any kind: a torch CUDA tensor (a result returned in the
+    caller's kind) names its own in torch's terms, read here from its CUDA array interface."""
+    dtype = array.dtype
+    if isinstance(dtype, np.dtype):
+        return dtype
+    return np.dtype(array.__cuda_array_interface__["typestr"])
+
+
 def reject_masked(value, name):
     """TypeError for a ``numpy.ma.MaskedArray``: its mask would be silently ignored."""
     if isinstance(value, np.ma.MaskedArray):

@@ -30,6 +30,7 @@ from .checks import (
     stats_vector,
 )
 from .dispatch import memory_of, placed
+from .memory import dtype_of
 from .stats import RunningUpdate, first_negative, invstd_of, running_update
 
 
@@ -563,7 +564,7 @@ def parameter_gradients(result, invstd):
     if result.grad_weight is not None:  # a plain or compiled call rounded them, to x's dtype
         return result.grad_weight, result.grad_bias
     dx, sum_dy = result.dx, result.sum_dy
-    dtype = compute_dtype(dx.dtype)
+    dtype = compute_dtype(dtype_of(dx))  # dx is in the caller's kind: a torch tensor, say
     dweight = weight_gradient(invstd, result.sum_dy_xmu, result.count, dtype)
     if type(dx) is np.ndarray:  # a host call: NumPy's own astype
         return dweight, sum_dy.astype(dtype, copy=False)

@@ -162,12 +162,61 @@ def test_torch_cuda_in_torch_out_on_a_gpu(rng):
     if not torch.cuda.is_available():
         pytest.skip("this torch build has no CUDA")
     x_host = random_batch(rng, (8, 3, 33), np.float32)
-    x = torch.as_tensor(x_host, device="cuda")
+    dy_host = rng.standard_normal(x_host.shape).astype(np.float32)
+    x, dy = (torch.as_tensor(a, device="cuda") for a in (x_host, dy_host))
+    # the results' dtypes are torch's (torch.float32), which NumPy cannot read: the library
+    # must not look at them as NumPy dtypes (it did, and raised TypeError, on an H200)
     y, mean, invstd = nbn.forward_train(x)
-    dx, dweight, _ = nbn.backward(x, x, mean, invstd)
-    for value in (y, mean, invstd, dx, dweight):
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd)
+    bn = nbn.BatchNorm(3, dtype=np.float32)
+    y_layer = bn(x)
+    dx_layer = bn.backward(dy)
+    results = (y, mean, invstd, dx, dweight, dbias, y_layer, dx_layer)
+    for value in results:
         assert isinstance(value, torch.Tensor) and value.device == x.device
-    np.testing.assert_allclose(y.cpu().numpy(), naive.forward_train(x_host)[0], atol=3e-5)
+    expected = (*naive.forward_train(x_host), *naive.backward(dy_host, x_host))
+    expected += (expected[0], expected[3])
+    for value, reference in zip(results, expected, strict=True):
+        np.testing.assert_allclose(value.cpu().numpy(), reference, rtol=1e-4, atol=1e-4)
+
+
+# The library's launch sizes, read before any test shrinks them (conftest's tiny_launches).
+FULL_LAUNCHES = {name: getattr(config, name) for name in dir(config) if name.isupper()}
+# Shapes whose channels each span many blocks at the full sizes (the planes: 64 blocks of
+# 256 x 16 values per channel; the rows: 2 tiles of 32 channels over 256 blocks each).
+REPEATABLE_SHAPES = [(64, 6, 4096), (65536, 40)]
+
+
+@on_a_gpu
+@pytest.mark.parametrize("shape", REPEATABLE_SHAPES, ids=str)
+def test_cross_block_merges_are_repeatable_and_exact_on_a_gpu(rng, monkeypatch, shape):
+    """At the library's own launch sizes, on a GPU, where the blocks of a channel run at once:
+    the last block merges all partials (the fences around its counter), so forward-train and
+    backward give the same bits on every call and the float64 reference's values."""
+    for name, value in FULL_LAUNCHES.items():
+        monkeypatch.setattr(config, name, value)
+    _, _, parts_n, parts_s, _ = launch.reduction_shape((*shape, 1)[:3])
+    assert parts_n * parts_s >= 32, (parts_n, parts_s)  # many blocks per channel
+    x_host = random_batch(rng, shape, np.float32)
+    dy_host = rng.standard_normal(shape).astype(np.float32)
+    x, dy = CUDA.on(x_host, dy_host)
+    runs = []
+    for _ in range(20):
+        y, mean, invstd = nbn.forward_train(x)
+        dx, dweight, dbias = nbn.backward(dy, x, mean, invstd)
+        runs.append(CUDA.host(y, mean, invstd, dx, dweight, dbias))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            np.testing.assert_array_equal(a, b)
+    y, mean, invstd, dx, dweight, dbias = runs[0]
+    y_ref, mean_ref, invstd_ref = naive.forward_train(x_host)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6, atol=1e-6 * np.abs(mean_ref).max())
+    np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-5)
+    np.testing.assert_allclose(y, y_ref, atol=5e-5)
+    dx_ref, dweight_ref, dbias_ref = naive.backward(dy_host, x_host)
+    np.testing.assert_allclose(dbias, dbias_ref, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(dweight, dweight_ref, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-5 * np.abs(dx_ref).max())
 
 
 def test_device_arrays_are_used_in_place(rng, monkeypatch):

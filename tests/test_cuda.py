@@ -16,6 +16,7 @@ import pytest
 
 import numba_bn as nbn
 from numba_bn.cuda import CudaUnavailableError
+from numba_bn.memory import dtype_of
 
 from conftest import run_child
 
@@ -27,6 +28,27 @@ class FakeDeviceArray:
 
     __cuda_array_interface__ = {"shape": (4, 3), "typestr": "<f4", "data": (0, False), "version": 3}
     shape, dtype, ndim = (4, 3), np.dtype(np.float32), 2
+
+
+class TorchLikeDtype:
+    """What torch.float32 is to NumPy: not a dtype."""
+
+    def __repr__(self):
+        return "torch.float32"
+
+
+class FakeTorchTensor(FakeDeviceArray):
+    dtype = TorchLikeDtype()
+
+
+def test_dtype_of_reads_a_torch_tensors_dtype_from_its_array_interface():
+    """Results go back to a torch caller as torch tensors, whose dtype NumPy cannot read; the
+    library inspects them through dtype_of (forward_train's statistics, backward's parameter
+    gradients: both raised TypeError for torch CUDA tensors on an H200 before)."""
+    with pytest.raises(TypeError):
+        np.dtype(FakeTorchTensor.dtype)
+    assert dtype_of(FakeTorchTensor()) == np.float32
+    assert dtype_of(np.ones(2, np.float16)) == np.float16
 
 
 def run(command, env_extra, timeout):
