@@ -134,6 +134,81 @@ def test_results_come_back_as_the_kind_of_the_first_cuda_input(rng, monkeypatch,
     np.testing.assert_allclose(dx.copy_to_host(), expected[3], rtol=1e-12, atol=1e-12)
 
 
+class TorchLikeDtype:
+    """What torch.float32 is to NumPy: not a dtype."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class TorchLikeCudaTensor:
+    """What the library meets in a torch CUDA tensor, where _as_kind's stand-in (a Numba array
+    in disguise) is too kind: torch's own dtype, which NumPy cannot read, ``size()`` a method,
+    no Numba array methods; the memory only through ``__cuda_array_interface__`` (here the
+    simulator array it wraps, which the test's ``as_cuda_array`` hands out)."""
+
+    __module__ = "torch"
+    device = "cuda:0"
+
+    def __init__(self, array):
+        self.wrapped = array
+
+    shape = property(lambda self: tuple(self.wrapped.shape))
+    ndim = property(lambda self: self.wrapped.ndim)
+    dtype = property(lambda self: TorchLikeDtype(self.wrapped.dtype.name))
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def __cuda_array_interface__(self):
+        interface = {"shape": self.shape, "typestr": self.wrapped.dtype.str, "version": 3}
+        return {**interface, "data": (0, False), "strides": None}
+
+
+def test_torch_cuda_tensors_are_only_read_through_their_array_interface(rng, monkeypatch):
+    """torch in, torch out, with tensors that are not Numba arrays in disguise: on an H200,
+    forward_train and backward raised TypeError reading torch.float32 as a NumPy dtype and
+    reshaping a returned tensor (whose size is a method) before this was fixed."""
+    import types
+
+    torch = types.ModuleType("torch")
+    torch.Tensor = type("Tensor", (), {})  # memory.py's isinstance checks on torch.Tensor
+    torch.as_tensor = lambda array, device: (
+        array if isinstance(array, TorchLikeCudaTensor) else TorchLikeCudaTensor(array)
+    )
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    adopt = DeviceMemory.adopt  # cuda.as_cuda_array: a Numba view of the tensor's memory
+    monkeypatch.setattr(
+        DeviceMemory,
+        "adopt",
+        lambda self, value: (
+            value.wrapped if isinstance(value, TorchLikeCudaTensor) else adopt(self, value)
+        ),
+    )
+    x_host = random_batch(rng, (4, 3, 5), np.float32)
+    dy_host = rng.standard_normal(x_host.shape).astype(np.float32)
+    x, dy = (TorchLikeCudaTensor(a) for a in CUDA.on(x_host, dy_host))
+    y, mean, invstd = nbn.forward_train(x)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd)
+    y_eval = nbn.forward_eval(x, mean, invstd)  # mean, invstd as running mean and variance
+    bn = nbn.BatchNorm(3, dtype=np.float32)
+    y_layer = bn(x)
+    dx_layer = bn.backward(dy)
+    results = (y, mean, invstd, dx, dweight, dbias, y_layer, dx_layer, y_eval)
+    for value in results:
+        assert isinstance(value, TorchLikeCudaTensor), type(value)
+    expected = (*naive.forward_train(x_host), *naive.backward(dy_host, x_host))
+    host_mean, host_invstd = (CUDA.host(a.wrapped) for a in (mean, invstd))
+    eval_reference = naive.forward(x_host, host_mean, host_invstd.astype(np.float64))
+    expected += (expected[0], expected[3], eval_reference)
+    for value, reference in zip(results, expected, strict=True):
+        np.testing.assert_allclose(CUDA.host(value.wrapped), reference, rtol=1e-4, atol=1e-4)
+
+
 def test_numba_device_arrays_come_back_as_numba_device_arrays(rng):
     x = CUDA.on(random_batch(rng, (4, 3, 5), np.float32))
     y, mean, _ = nbn.forward_train(x)

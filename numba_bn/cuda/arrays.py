@@ -113,27 +113,34 @@ class DeviceMemory:
     def full(self, shape, value, dtype):
         return cuda.to_device(np.full(shape, value, dtype))
 
+    # The methods below take arrays of any kind (the library's own results already turned into
+    # the caller's torch tensors, say) and read them as Numba arrays (adopt).
     def copy(self, array):
+        array = self.adopt(array)
         out = cuda.device_array(array.shape, array.dtype)
-        self.adopt(out).copy_to_device(array)
+        out.copy_to_device(array)
         return out
 
     def copy_into(self, dst, src):
+        dst, src = self.adopt(dst), self.adopt(src)
         if dst.size:
             _cast[_grid(dst.size)](src.reshape(src.size), dst.reshape(dst.size))
 
     def astype(self, array, dtype):
+        array = self.adopt(array)
         out = cuda.device_array(array.shape, dtype)
         self.copy_into(out, array)
         return out
 
     def product(self, a, b, dtype):
+        a, b = self.adopt(a), self.adopt(b)
         out = cuda.device_array(a.shape, dtype)
         if out.size:
             _product[_grid(out.size)](a, b, out)
         return out
 
     def invstd(self, var, eps):
+        var = self.adopt(var)
         out = cuda.device_array(var.shape, np.float64)
         if out.size:
             _invstd[_grid(out.size)](var, float(eps), out)
