@@ -482,6 +482,70 @@ def test_each_forward_and_backward_launches_at_most_two_kernels(rng, monkeypatch
     assert launches == ["eval_coefficients", "affine"]
 
 
+def test_repeated_calls_reuse_their_scratch_and_copy_nothing_from_the_host(rng, monkeypatch):
+    """Partials, counters and coefficients are kept per thread (launch's workspace): once a
+    shape has run, the backend's calls on it allocate nothing and copy nothing from the host,
+    and every call is still right: the counters that each launch's last block sets back to
+    zero find the last block again (a counter left counting would leave the outputs
+    poisoned)."""
+    backend = dispatch.get("cuda")
+    shape = (6, 3, 10)  # each channel over several blocks at the tiny launch sizes
+    assert launch.reduction_shape(shape)[2] * launch.reduction_shape(shape)[3] > 1
+    batches = [random_batch(rng, shape, np.float32) for _ in range(3)]
+    dy_host = rng.standard_normal(shape).astype(np.float32)
+    dy, weight, bias = CUDA.on(dy_host, np.ones(3, np.float32), np.zeros(3, np.float32))
+
+    def outputs():  # y, dx, and the float64 mean, invstd, m2, sum_dy, sum_dy_xmu: poisoned
+        return [CUDA.poisoned(shape, np.float32) for _ in range(2)] + [
+            CUDA.poisoned(3, np.float64) for _ in range(5)
+        ]
+
+    def step(x, y, dx, mean, invstd, m2, sum_dy, sum_dy_xmu):
+        backend.forward_train(x, weight=weight, bias=bias, eps=1e-5, y=y, mean=mean,
+                              invstd=invstd, m2=m2)  # fmt: skip
+        backend.backward(dy, x, mean=mean, invstd=invstd, weight=weight, dx=dx, sum_dy=sum_dy,
+                         sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+
+    inputs = [CUDA.on(x) for x in batches]
+    step(inputs[0], *outputs())  # the first call of the shape makes the workspace
+
+    def no_host_copy_or_allocation(*args, **kwargs):
+        raise AssertionError("a repeated call allocated or copied from the host")
+
+    for x_host, x in zip(batches, inputs, strict=True):
+        out = outputs()
+        with monkeypatch.context() as patched:
+            patched.setattr(cuda, "device_array", no_host_copy_or_allocation)
+            patched.setattr(cuda, "to_device", no_host_copy_or_allocation)
+            step(x, *out)
+        y, dx, mean = CUDA.host(out[0], out[1], out[2])
+        y_ref, mean_ref, _ = naive.forward_train(x_host)
+        np.testing.assert_allclose(mean, mean_ref, rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(y, y_ref, atol=5e-5)
+        np.testing.assert_allclose(dx, naive.backward(dy_host, x_host)[0], atol=5e-5)
+
+
+def test_the_workspace_is_keyed_by_the_gpu_of_a_real_device_array():
+    """A Numba device array on a GPU names its context through a weak proxy, and a context is
+    unhashable (it defines __eq__): the workspace keys by the device id behind it (keying by
+    the context raised TypeError on an H200). The simulator's arrays have none: one key."""
+    import types
+    import weakref
+
+    class Context:  # numba.cuda.cudadrv.driver.Context: __eq__ and no __hash__
+        def __init__(self, device_id):
+            self.device = types.SimpleNamespace(id=device_id)
+
+        def __eq__(self, other):
+            return self is other
+
+    context = Context(3)
+    real = types.SimpleNamespace(gpu_data=types.SimpleNamespace(context=weakref.proxy(context)))
+    assert launch.device_of(real) == 3
+    expected = None if numba.config.ENABLE_CUDASIM else cuda.get_current_device().id
+    assert launch.device_of(CUDA.on(np.ones(2))) == expected
+
+
 def test_split_primitives_match_the_cpu_backend(rng):
     for shape in ((7, 3, 1), (3, 2, 6)):
         x = random_batch(rng, shape, np.float64).reshape(shape)

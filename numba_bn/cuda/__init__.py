@@ -93,7 +93,8 @@ class CudaBackend:
                       nan_check=False, residual=None, activation=None):  # fmt: skip
         launch = self._launch()
         if running is None:  # zero-length buffers: no running update
-            running = (self.memory.empty(0, x.dtype), self.memory.empty(0, x.dtype), 0.0, True)
+            none = launch.reused(x, x.dtype)
+            running = (none, none, 0.0, True)
         run_mean, run_var, momentum, unbiased = running
         return launch.forward_train(x, weight, bias, eps, run_mean, run_var, momentum, unbiased,
                                     nan_check, y, mean, invstd, m2, residual,

@@ -195,16 +195,20 @@ def _block_sum(sh_a, sh_b, t, rank, ranks, width):
 def _is_last_block(flags, tile, parts, sh_flag):
     """Count this block as done for ``tile``; True in every thread of the last one to finish.
 
-    ``flags[1 + tile]`` starts at 0. The fence before the count makes this block's partials
-    visible before the count says so (release); the fence after it keeps the last block's reads
-    of the partials after the count that announced them (acquire: the PTX memory model asks
-    for it on the reading side too, and the barrier alone orders only within the block). The
-    last block then reads them through atomics (L2), never a stale L1 line.
+    ``flags[1 + tile]`` starts at 0 and is 0 again once the last block has counted (the
+    counters are reused by the next launch: numba_bn.cuda.launch's workspace). The fence before
+    the count makes this block's partials visible before the count says so (release); the fence
+    after it keeps the last block's reads of the partials after the count that announced them
+    (acquire: the PTX memory model asks for it on the reading side too, and the barrier alone
+    orders only within the block). The last block then reads them through atomics (L2), never
+    a stale L1 line.
     """
     cuda.threadfence()
     cuda.syncthreads()
     if cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
         last = cuda.atomic.add(flags, 1 + tile, 1) == parts - 1
+        if last:  # every block of the tile has counted: zero again for the next launch
+            flags[1 + tile] = 0
         cuda.threadfence()
         sh_flag[0] = last
     cuda.syncthreads()

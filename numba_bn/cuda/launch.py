@@ -9,6 +9,7 @@ Under the simulator, importing this module first makes its shared arrays thread-
 """
 
 import math
+import threading
 
 import numpy as np
 from numba import cuda
@@ -74,22 +75,70 @@ def elementwise_shape(shape):
     return blocks, (bx, by), values
 
 
-def _scratch(rows, channels, parts, tiles):
-    """(partial, flags) of a reduction: float64 partials per block, zeroed int32 flags (a copy
-    from the host, not a launch)."""
-    partial = cuda.device_array((rows, channels, parts), np.float64)
-    return partial, cuda.to_device(np.zeros(1 + tiles, np.int32))
+# ---------------------------------------------------------------------------------- workspace
+# Each host thread keeps the device buffers its launches need besides their arguments, per GPU,
+# and reuses them call after call: an allocation costs ~30 us of host time on an H200
+# and a copy from the host ~115 us (it also waits for the GPU), more than the kernels of a small
+# batch. Reuse is safe because one thread's launches run in the order it makes them (its
+# stream): a call's launch 1 rewrites the partials and coefficients only after the launch 2 of
+# the call before has read them. The last-block counters start at zero, and the last block of
+# each tile sets its own back to zero (kernels._is_last_block); a call that checks for
+# non-finite statistics (flags[0]) takes freshly zeroed flags instead.
+_WORKSPACE = threading.local()
+#: Buffers a thread keeps before it drops them all (shapes of one training loop repeat).
+WORKSPACE_BUFFERS = 64
 
 
-def _empty(dtype, shape=(0,)):
-    return cuda.device_array(shape, dtype)
+def device_of(like):
+    """The id of the GPU that holds the device array ``like`` (None under the simulator, whose
+    arrays have no ``gpu_data``). Numba runs one (primary) context per GPU, so the id names the
+    context; the context itself cannot be a key: it is unhashable, and arrays hold a weak proxy
+    of it."""
+    data = getattr(like, "gpu_data", None)
+    return None if data is None else data.context.device.id
+
+
+def _buffer(like, key, make):
+    """The reusable buffer ``key`` of this thread on the GPU of the device array ``like``:
+    ``make()`` the first time."""
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACE.buffers = {}
+    key = (device_of(like), *key)
+    buffer = buffers.get(key)
+    if buffer is None:
+        if len(buffers) >= WORKSPACE_BUFFERS:
+            buffers.clear()
+        buffer = buffers[key] = make()
+    return buffer
+
+
+def _scratch(x, rows, parts, tiles, fresh_flags=False):
+    """(partial, flags) of a reduction over ``x``: float64 partials per block, int32 flags
+    (flags[0]: a statistic is not finite; flags[1:]: the counters, zero). The counters are
+    reused unless ``fresh_flags`` asks for a zeroed copy (a call that reads flags[0])."""
+    shape = (rows, x.shape[1], parts)
+    partial = _buffer(x, ("partial", shape), lambda: cuda.device_array(shape, np.float64))
+    if fresh_flags:
+        return partial, cuda.to_device(np.zeros(1 + tiles, np.int32))
+    return partial, _buffer(
+        x, ("flags", tiles), lambda: cuda.to_device(np.zeros(1 + tiles, np.int32))
+    )
+
+
+def reused(like, dtype, shape=(0,)):
+    """A reusable device array of ``shape`` on the GPU of ``like``: zero-length
+    placeholders, and per-channel coefficients written by launch 1 for launch 2."""
+    dtype = np.dtype(dtype)
+    return _buffer(like, ("empty", dtype, shape), lambda: cuda.device_array(shape, dtype))
 
 
 # ------------------------------------------------------------------------------- operations
-def _launch_stats(x, weight, bias, eps, save_mean, save_invstd, save_m2, coef):
-    """Launch channel_stats; returns its flags (flags[0] != 0: a statistic is not finite)."""
+def _launch_stats(x, weight, bias, eps, save_mean, save_invstd, save_m2, coef, nan_check=False):
+    """Launch channel_stats; returns its flags (with ``nan_check``, flags[0] != 0: a statistic
+    is not finite)."""
     blocks, block, parts_n, parts_s, tiles = reduction_shape(x.shape)
-    partial, flags = _scratch(3, x.shape[1], parts_n * parts_s, tiles)
+    partial, flags = _scratch(x, 3, parts_n * parts_s, tiles, fresh_flags=nan_check)
     one = x.dtype.type(1)
     kernels.channel_stats[blocks, block](
         x,
@@ -116,8 +165,8 @@ def _launch_affine(x, coef, y, residual, epilogue, running=None):
     update in the same launch."""
     blocks, block, values = elementwise_shape(x.shape)
     if running is None:
-        stats, none = _empty(np.float64), _empty(x.dtype)
-        running = (1.0, stats, stats, 0.0, True, False, _empty(np.int32, (1,)), none, none)
+        stats, none = reused(x, np.float64), reused(x, x.dtype)
+        running = (1.0, stats, stats, 0.0, True, False, reused(x, np.int32, (1,)), none, none)
     count, save_mean, save_m2, momentum, unbiased, nan_check, flags, run_mean, run_var = running
     kernels.affine[blocks, block](
         x,
@@ -157,8 +206,9 @@ def forward_train(
 ):
     """Statistics (launch 1), then y with its epilogue and the running update (launch 2); see
     the CPU driver."""
-    coef = _empty(x.dtype, (4, x.shape[1]))
-    flags = _launch_stats(x, weight, bias, float(eps), save_mean, save_invstd, save_m2, coef)
+    coef = reused(x, x.dtype, (4, x.shape[1]))
+    flags = _launch_stats(x, weight, bias, float(eps), save_mean, save_invstd, save_m2, coef,
+                          nan_check)  # fmt: skip
     count = x.shape[0] * x.shape[2]
     running = (count, save_mean, save_m2, momentum, unbiased, nan_check, flags)
     _launch_affine(x, coef, y, residual, epilogue, (*running, running_mean, running_var))
@@ -169,7 +219,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, y, residual=No
                  epilogue=EPILOGUE_NONE):  # fmt: skip
     """Coefficients from the running statistics (launch 1), then y with its epilogue
     (launch 2)."""
-    coef = _empty(x.dtype, (4, x.shape[1]))
+    coef = reused(x, x.dtype, (4, x.shape[1]))
     threads = min(128, x.shape[1])
     blocks = math.ceil(x.shape[1] / threads)
     kernels.eval_coefficients[blocks, threads](
@@ -181,7 +231,7 @@ def forward_eval(x, weight, bias, running_mean, running_var, eps, y, residual=No
 def _launch_sums(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     """Launch backward_sums (dx coefficients too when ``coef`` has C columns)."""
     blocks, block, parts_n, parts_s, tiles = reduction_shape(x.shape)
-    partial, flags = _scratch(2, x.shape[1], parts_n * parts_s, tiles)
+    partial, flags = _scratch(x, 2, parts_n * parts_s, tiles)
     kernels.backward_sums[blocks, block](
         dy, x, mean, invstd, weight, parts_n, parts_s, partial, flags, sum_dy, sum_dy_xmu, coef
     )
@@ -195,14 +245,14 @@ def _launch_dx(dy, x, coef, dx):
 
 def backward(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
     """The per-channel reduction and dx coefficients (launch 1), then dx (launch 2)."""
-    coef = _empty(x.dtype, (5, x.shape[1]))
+    coef = reused(x, x.dtype, (5, x.shape[1]))
     _launch_sums(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
     _launch_dx(dy, x, coef, dx)
 
 
 def backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
     """dx from the float64 reductions over ``count`` values per channel (coefficients, dx)."""
-    coef = _empty(x.dtype, (5, x.shape[1]))
+    coef = reused(x, x.dtype, (5, x.shape[1]))
     _per_channel(kernels.dx_coefficients, x.shape[1], float(count), mean, invstd, weight, sum_dy,
                  sum_dy_xmu, coef)  # fmt: skip
     _launch_dx(dy, x, coef, dx)
@@ -217,24 +267,24 @@ def _per_channel(kernel, channels, *args):
 
 def batch_stats(x, mean, m2):
     """mean, M2 (=, float64) of every channel; returns the count."""
-    none = _empty(x.dtype)
-    _launch_stats(x, none, none, 0.0, mean, _empty(np.float64), m2, _empty(x.dtype, (4, 0)))
+    none = reused(x, x.dtype)
+    _launch_stats(x, none, none, 0.0, mean, reused(x, np.float64), m2, reused(x, x.dtype, (4, 0)))
     return float(x.shape[0] * x.shape[2])
 
 
 def normalize(x, mean, invstd, weight, bias, y, residual=None, epilogue=EPILOGUE_NONE):
     """y from float64 per-channel ``mean`` and ``invstd`` (coefficients, then y with its
     epilogue)."""
-    coef = _empty(x.dtype, (4, x.shape[1]))
+    coef = reused(x, x.dtype, (4, x.shape[1]))
     _per_channel(kernels.affine_coefficients, x.shape[1], mean, invstd, weight, bias, coef)
     _launch_affine(x, coef, y, residual, epilogue)
 
 
 def backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=, float64) of every channel."""
-    none = _empty(x.dtype)
-    coef = _empty(x.dtype, (5, 0))
-    _launch_sums(dy, x, mean, _empty(np.float64), none, sum_dy, sum_dy_xmu, coef)
+    none = reused(x, x.dtype)
+    coef = reused(x, x.dtype, (5, 0))
+    _launch_sums(dy, x, mean, reused(x, np.float64), none, sum_dy, sum_dy_xmu, coef)
 
 
 # ---------------------------------------------------------------------- backward of an epilogue
