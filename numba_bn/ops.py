@@ -441,6 +441,15 @@ def _gradient_through(through, kernels, dy_view):
     return through.grad
 
 
+def _backward_sums_out(memory, channels, local):
+    """The float64 (sum_dy, sum_dy_xmu) a backward's reduction fills: left unset when it runs
+    here (``local``: it writes every channel; on a GPU a zero-fill costs a launch each), zeros
+    when there is nothing to sum (a sum over nothing, which an exchange may still add to)."""
+    if local:
+        return memory.empty(channels, np.float64), memory.empty(channels, np.float64)
+    return memory.full(channels, 0.0, np.float64), memory.full(channels, 0.0, np.float64)
+
+
 @placed(("dy", "x", "mean", "invstd", "weight", "out", "y", "residual_out"),
         inplace=("out", "residual_out"))  # fmt: skip
 def checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange,
@@ -453,8 +462,8 @@ def checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, e
     )
     channels = prepared.channels
     dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
-    sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     local, count = prepared.count and channels, prepared.count
+    sum_dy, sum_dy_xmu = _backward_sums_out(memory, channels, local)
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
     through = _through_epilogue(dy, prepared, memory, activation, y, residual_out, out)
     weight = vectors.kernel("weight")
@@ -515,8 +524,8 @@ def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=
     invstd = memory.invstd(running_var, eps)
     vectors = Vectors(prepared.x, channels, memory=memory, weight=weight)
     dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
-    sum_dy, sum_dy_xmu = (memory.full(channels, 0.0, np.float64) for _ in range(2))
     local = prepared.count and channels
+    sum_dy, sum_dy_xmu = _backward_sums_out(memory, channels, local)
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
     through = _through_epilogue(dy, prepared, memory, activation, y, residual_out, out)
     dy_view = _gradient_through(through, kernels, dy_view)

@@ -72,6 +72,7 @@ def signatures(dt):
             array(dt, 2),
         ),
         kernels.backward_dx: (x, x, array(dt, 2), i64, x),
+        arrays._fill: (v, f64),
         arrays._product: (v64, v64, v),
         arrays._invstd: (v64, f64, v64),
     }
