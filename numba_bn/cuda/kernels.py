@@ -79,7 +79,11 @@ def _reduction_position(inner, parts_n, parts_s):
 
 @cuda.jit(device=True)
 def _elementwise_run(outer, channels, inner, values_per_thread):
-    """(channel, first, stop, step): this thread's strided run of the flattened view.
+    """(channel, n, s, stop, step): this thread's strided run of the (outer, C, inner) view,
+    indexed as such: along s from (n, s) for planes (inner > 1), along n from (n, 0) for rows.
+    A flat view would be a ``reshape`` in the kernel, which calls Numba's generic reshape helper,
+    with its local-memory arrays, in every thread; and one loop over both n and s would compute
+    the inner loop's trip count, a division, once per row.
 
     Planes: threads.y pick a plane (n, c), threads.x a stretch of it; rows: threads.x pick a
     channel of the tile, threads.y rows. (No ``min``: numba 0.68's CUDA target fails to type
@@ -93,19 +97,23 @@ def _elementwise_run(outer, channels, inner, values_per_thread):
         group, k = cuda.blockIdx.x // chunks, cuda.blockIdx.x % chunks
         plane = group * by + ty
         if plane >= outer * channels:
-            return 0, 0, 0, 1
-        base, end = plane * inner, (k + 1) * chunk
-        return plane % channels, base + k * chunk + tx, base + (end if end < inner else inner), bx
+            return 0, 0, 0, 0, 1
+        end = (k + 1) * chunk
+        return (
+            plane % channels,
+            plane // channels,
+            k * chunk + tx,
+            end if end < inner else inner,
+            bx,
+        )
     tiles = (channels + bx - 1) // bx
     group, tile = cuda.blockIdx.x // tiles, cuda.blockIdx.x % tiles
     channel = tile * bx + tx
     if channel >= channels:
-        return 0, 0, 0, 1
+        return 0, 0, 0, 0, 1
     rows = by * values_per_thread
-    first = (group * rows + ty) * channels + channel
     end = (group + 1) * rows
-    stop = (end if end < outer else outer) * channels
-    return channel, first, stop, by * channels
+    return channel, group * rows + ty, 0, end if end < outer else outer, by
 
 
 # ------------------------------------------------------------------ per-channel coefficients
@@ -310,6 +318,18 @@ def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
     coef[3, c] = bias[c] if bias.size else 0.0
 
 
+@cuda.jit(device=True)
+def _affine_value(x, residual, y, n, c, s, mean_hi, scale, shift, add, relu):
+    """y[n, c, s] of :func:`affine`."""
+    v = (x[n, c, s] - mean_hi) * scale + shift
+    if add:
+        v += residual[n, c, s]
+    if relu and v < 0:  # False for NaN, which passes through
+        y[n, c, s] = 0
+    else:
+        y[n, c, s] = v
+
+
 @cuda.jit
 def affine(
     x,
@@ -343,20 +363,17 @@ def affine(
     statistic is not finite.
     """
     outer, channels, inner = x.shape
-    c, first, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
+    c, n, s, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
     mean_hi, scale, shift = coef[0, c], coef[2, c], coef[3, c]
     add, relu = (epilogue & EPILOGUE_ADD) != 0, (epilogue & EPILOGUE_RELU) != 0
-    x1 = x.reshape((x.size,))
-    z1 = residual.reshape((residual.size,))
-    y1 = y.reshape((y.size,))
-    for i in range(first, stop, step):
-        v = (x1[i] - mean_hi) * scale + shift
-        if add:
-            v += z1[i]
-        if relu and v < 0:  # False for NaN, which passes through
-            y1[i] = 0
-        else:
-            y1[i] = v
+    if inner > 1:  # while, not range: no trip count to divide out
+        while s < stop:
+            _affine_value(x, residual, y, n, c, s, mean_hi, scale, shift, add, relu)
+            s += step
+    else:
+        while n < stop:
+            _affine_value(x, residual, y, n, c, 0, mean_hi, scale, shift, add, relu)
+            n += step
 
     if cuda.blockIdx.x != 0 or running_mean.size == 0 or (nan_check and flags[0] != 0):
         return
@@ -426,13 +443,16 @@ def backward_dx(dy, x, coef, values_per_thread, dx):
     folded in: stats.folded_shift; row 1 is not read), k (final scale).
     """
     outer, channels, inner = x.shape
-    c, first, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
+    c, n, s, stop, step = _elementwise_run(outer, channels, inner, values_per_thread)
     mean_hi, proj, mean_dy, k = coef[0, c], coef[2, c], coef[3, c], coef[4, c]
-    dy1 = dy.reshape((dy.size,))
-    x1 = x.reshape((x.size,))
-    dx1 = dx.reshape((dx.size,))
-    for i in range(first, stop, step):
-        dx1[i] = (dy1[i] - mean_dy - (x1[i] - mean_hi) * proj) * k
+    if inner > 1:  # as in affine
+        while s < stop:
+            dx[n, c, s] = (dy[n, c, s] - mean_dy - (x[n, c, s] - mean_hi) * proj) * k
+            s += step
+    else:
+        while n < stop:
+            dx[n, c, 0] = (dy[n, c, 0] - mean_dy - (x[n, c, 0] - mean_hi) * proj) * k
+            n += step
 
 
 # ------------------------------------------------------------------ backward of an epilogue
