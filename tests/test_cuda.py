@@ -104,6 +104,14 @@ def test_gpu_benchmark_smoke_mode_runs_under_the_simulator():
     assert "all checks passed" in output, output[-4000:]
 
 
+def test_gpu_host_overhead_benchmark_smoke_mode_runs_under_the_simulator():
+    command = [sys.executable, "benchmarks/gpu_host_overhead.py", "--smoke"]
+    code, output = run(command, {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=300)
+    assert code == 0, output[-4000:]
+    for line in ("launch, 13 arguments", "backend backward", "cProfile of 1 calls of backward"):
+        assert line in output, output[-4000:]
+
+
 @pytest.mark.skipif(toolkit_root() is None, reason="no NVVM: pip install nvidia-cuda-nvcc-cu12")
 def test_kernels_compile_for_a_real_gpu():
     code, output = run(
