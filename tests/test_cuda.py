@@ -51,6 +51,36 @@ def test_dtype_of_reads_a_torch_tensors_dtype_from_its_array_interface():
     assert dtype_of(np.ones(2, np.float16)) == np.float16
 
 
+def test_numba_cuda_without_numpy_2_5_support_is_explained(monkeypatch):
+    """numba-cuda 0.30.4 cannot compile a kernel with NumPy 2.5 (it names np.row_stack): its
+    first compile raised AttributeError deep in its typing on an H200 with NumPy 2.5.2.
+    require_cuda loads that module first and says what to install; other errors pass."""
+    from numba_bn import cuda as nbn_cuda
+
+    def removed(name):
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(nbn_cuda.importlib, "import_module", removed)
+    monkeypatch.setattr(nbn_cuda, "_target_loaded", False)
+    with pytest.raises(CudaUnavailableError, match=r"NumPy 2\.5 removed .*numpy<2\.5"):
+        nbn_cuda._load_target()
+    assert nbn_cuda._target_loaded is False
+
+    def other(name):
+        raise AttributeError("something else")
+
+    monkeypatch.setattr(nbn_cuda.importlib, "import_module", other)
+    with pytest.raises(AttributeError, match="something else"):
+        nbn_cuda._load_target()
+
+    def absent(name):  # Numba's built-in target: no numba.cuda.np
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(nbn_cuda.importlib, "import_module", absent)
+    nbn_cuda._load_target()
+    assert nbn_cuda._target_loaded is True
+
+
 def run(command, env_extra, timeout):
     """(returncode, output) of a child process; its process group is killed on timeout."""
     return run_child(command, env_extra, timeout)

@@ -63,7 +63,38 @@ def require_cuda():
             f"False: {reason} (to run the CUDA kernels without a GPU, set NUMBA_ENABLE_CUDASIM=1 "
             "before numba is imported)"
         )
+    if not _target_loaded:
+        _load_target()
     return cuda
+
+
+_target_loaded = False
+
+
+def _load_target():
+    """Load numba-cuda's NumPy typing now, where a failure can be explained: numba-cuda 0.30.4
+    (in maintenance) names np.row_stack, which NumPy 2.5 removed, so its first kernel compile
+    fails with AttributeError (NVIDIA/numba-cuda#907, closed without a fix). The simulator and
+    Numba's built-in target have no such module."""
+    global _target_loaded
+    import numba
+
+    try:
+        if not numba.config.ENABLE_CUDASIM:
+            importlib.import_module("numba.cuda.np.npyimpl")
+    except ImportError:
+        pass
+    except AttributeError as exc:
+        if "row_stack" not in str(exc):
+            raise
+        import numpy
+
+        raise CudaUnavailableError(
+            f"{cuda_target()} cannot compile kernels with NumPy {numpy.__version__}: it uses "
+            "np.row_stack, which NumPy 2.5 removed (NVIDIA/numba-cuda#907); install NumPy "
+            "< 2.5 (pip install 'numpy<2.5', as the numba-bn[cuda] extra asks)"
+        ) from exc
+    _target_loaded = True
 
 
 class CudaBackend:
