@@ -525,6 +525,19 @@ def test_repeated_calls_reuse_their_scratch_and_copy_nothing_from_the_host(rng, 
         np.testing.assert_allclose(dx, naive.backward(dy_host, x_host)[0], atol=5e-5)
 
 
+def test_each_thread_has_its_own_workspace():
+    """Reuse is safe only in one thread's launch order: another thread (which may run on a
+    stream of its own) gets buffers of its own; the same thread gets the same ones back."""
+    x = CUDA.on(np.ones((2, 3, 4), np.float32))
+    mine = launch.reused(x, np.float32, (4, 3))
+    assert launch.reused(x, np.float32, (4, 3)) is mine
+    theirs = []
+    worker = threading.Thread(target=lambda: theirs.append(launch.reused(x, np.float32, (4, 3))))
+    worker.start()
+    worker.join()
+    assert theirs and theirs[0] is not mine
+
+
 def test_the_workspace_is_keyed_by_the_gpu_of_a_real_device_array():
     """A Numba device array on a GPU names its context through a weak proxy, and a context is
     unhashable (it defines __eq__): the workspace keys by the device id behind it (keying by
