@@ -211,6 +211,20 @@ def time_shape(shape, axis, dtype, repeat, warmup, smoke):
         print(f"  {name:<16} {ms:10.4f} {ours / ms:21.2f}")
 
 
+def prepare(smoke):
+    """False (saying why) without a GPU or the simulator; else True, with the simulator's
+    threads paced and, for ``smoke``, blocks of 8 threads (the simulator runs each thread as a
+    Python thread). gpu_host_overhead.py starts the same way."""
+    if not cuda.is_available():
+        print("no CUDA GPU (numba.cuda.is_available() is False); --smoke: NUMBA_ENABLE_CUDASIM=1")
+        return False
+    if numba.config.ENABLE_CUDASIM:
+        sys.setswitchinterval(1e-4)  # the simulator polls its threads holding the GIL
+    if smoke:
+        config.THREADS_PER_BLOCK, config.ROW_TILE, config.VALUES_PER_THREAD = 8, 2, 1
+    return True
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", help="N,C,... [:axis]; repeatable")
@@ -219,14 +233,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, checks only")
     args = parser.parse_args(argv)
-    if not cuda.is_available():
-        print("no CUDA GPU (numba.cuda.is_available() is False); --smoke: NUMBA_ENABLE_CUDASIM=1")
+    if not prepare(args.smoke):
         return 2
     simulated = bool(numba.config.ENABLE_CUDASIM)
-    if simulated:
-        sys.setswitchinterval(1e-4)  # the simulator polls its threads holding the GIL
-    if args.smoke:
-        config.THREADS_PER_BLOCK, config.ROW_TILE, config.VALUES_PER_THREAD = 8, 2, 1
     shapes = [
         parse_shape(s) for s in (args.shape or (SMOKE_SHAPES if args.smoke else DEFAULT_SHAPES))
     ]

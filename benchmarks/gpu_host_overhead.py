@@ -19,11 +19,11 @@ import time
 
 import numba
 import numpy as np
+from gpu_bench import prepare
 from numba import cuda
 
 import numba_bn as nbn
 from numba_bn import dispatch
-from numba_bn.cuda import config
 
 
 @cuda.jit
@@ -114,16 +114,11 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--smoke", action="store_true", help="tiny, 1 call each, no claims")
     args = parser.parse_args(argv)
-    if not cuda.is_available():
-        print("no CUDA GPU (numba.cuda.is_available() is False); --smoke: NUMBA_ENABLE_CUDASIM=1")
-        return 2
     smoke = args.smoke or bool(numba.config.ENABLE_CUDASIM)
+    if not prepare(smoke):
+        return 2
     calls, warmup = (1, 0) if smoke else (args.calls, 20)
     shape = (4, 3, 5) if smoke else tuple(int(s) for s in args.shape.split(","))
-    if smoke:  # blocks of 8 threads: the simulator runs each thread as a Python thread
-        config.THREADS_PER_BLOCK, config.ROW_TILE, config.VALUES_PER_THREAD = 8, 2, 1
-    if numba.config.ENABLE_CUDASIM:
-        sys.setswitchinterval(1e-4)  # the simulator polls its threads holding the GIL
     rng = np.random.default_rng(0)
     x = cuda.to_device((rng.standard_normal(shape) * 3 + 5).astype(np.float32))
     print(f"host us per call, {calls} synchronised calls" + (" (smoke: no claims)" * smoke))
