@@ -538,6 +538,26 @@ def test_each_thread_has_its_own_workspace():
     assert theirs and theirs[0] is not mine
 
 
+def test_the_workspace_is_bounded_in_buffers_and_bytes(monkeypatch):
+    """Many shapes in one thread do not pile up device memory: past WORKSPACE_BUFFERS buffers
+    or WORKSPACE_BYTES bytes the thread's buffers are dropped (Numba frees them once the
+    launches that use them are done) and the new one starts over."""
+    monkeypatch.setattr(launch, "WORKSPACE_BYTES", 1000)
+    x = CUDA.on(np.ones((2, 3, 4), np.float32))
+    launch._WORKSPACE.buffers = {}
+    first = launch.reused(x, np.float64, (10, 10))  # 800 bytes
+    assert launch.reused(x, np.float64, (10, 10)) is first
+    launch.reused(x, np.float64, (2, 10))  # 160 more: 960, kept
+    assert len(launch._WORKSPACE.buffers) == 2
+    launch.reused(x, np.float64, (1, 10))  # 80 more would pass 1000: all dropped first
+    assert len(launch._WORKSPACE.buffers) == 1
+    assert launch.reused(x, np.float64, (10, 10)) is not first
+    monkeypatch.setattr(launch, "WORKSPACE_BUFFERS", 2)
+    launch.reused(x, np.float32, (1,))
+    launch.reused(x, np.float32, (2,))
+    assert len(launch._WORKSPACE.buffers) <= 2
+
+
 def test_the_workspace_is_keyed_by_the_gpu_of_a_real_device_array():
     """A Numba device array on a GPU names its context through a weak proxy, and a context is
     unhashable (it defines __eq__): the workspace keys by the device id behind it (keying by

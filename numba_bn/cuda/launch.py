@@ -85,8 +85,10 @@ def elementwise_shape(shape):
 # each tile sets its own back to zero (kernels._is_last_block); a call that checks for
 # non-finite statistics (flags[0]) takes freshly zeroed flags instead.
 _WORKSPACE = threading.local()
-#: Buffers a thread keeps before it drops them all (shapes of one training loop repeat).
+#: Buffers, and bytes, a thread keeps before it drops them all (the shapes of one training loop
+#: repeat; a reduction's partials take up to 3 x C x BLOCKS_PER_CHANNEL float64 values).
 WORKSPACE_BUFFERS = 64
+WORKSPACE_BYTES = 64 * 2**20
 
 
 def device_of(like):
@@ -107,9 +109,11 @@ def _buffer(like, key, make):
     key = (device_of(like), *key)
     buffer = buffers.get(key)
     if buffer is None:
-        if len(buffers) >= WORKSPACE_BUFFERS:
+        buffer = make()
+        held = sum(b.nbytes for b in buffers.values())
+        if len(buffers) >= WORKSPACE_BUFFERS or held + buffer.nbytes > WORKSPACE_BYTES:
             buffers.clear()
-        buffer = buffers[key] = make()
+        buffers[key] = buffer
     return buffer
 
 
