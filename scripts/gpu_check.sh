@@ -21,7 +21,12 @@ if ! python3 -c "import numpy; numpy.row_stack" 2> /dev/null; then
     echo "NumPy without row_stack: aliased to vstack for these runs (numba-cuda 0.30.4)"
 fi
 python3 -c "import numba, numba_cuda, numpy; print('numba', numba.__version__, 'numba-cuda', \
-numba_cuda.__version__, 'numpy', numpy.__version__)"
+numba_cuda.__version__, 'numpy', numpy.__version__)" || exit 1
+if ! python3 -c "import numba; from numba import cuda
+raise SystemExit(numba.config.ENABLE_CUDASIM or not cuda.is_available())"; then
+    echo "no CUDA GPU here (or NUMBA_ENABLE_CUDASIM is set): this script is for a GPU" >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 start=$SECONDS
 status=0
