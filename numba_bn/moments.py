@@ -17,6 +17,7 @@ from . import dispatch
 from .annotations import Array, Backend, Comm, Device, Float64Array
 from .checks import Prepared
 from .dispatch import memory_of, placed
+from .ops import reduction_out
 from .stats import merge_moments
 
 if TYPE_CHECKING:  # for the hints only: layer imports this module
@@ -112,11 +113,9 @@ def _batch_moments(x, axis, *, backend="cpu"):
     kernels = dispatch.get(backend)
     memory = dispatch.memory(kernels)
     prepared = Prepared(x, axis, memory=memory)
-    mean, m2 = (
-        memory.full(prepared.channels, 0.0, np.float64),
-        memory.full(prepared.channels, 0.0, np.float64),
-    )
-    if prepared.count and prepared.channels:
+    local = prepared.count and prepared.channels
+    mean, m2 = reduction_out(memory, prepared.channels, local)
+    if local:
         kernels.batch_stats(prepared.view, mean=mean, m2=m2)
     return mean, m2, prepared.count
 

@@ -34,6 +34,16 @@ from .memory import dtype_of
 from .stats import RunningUpdate, first_negative, invstd_of, running_update
 
 
+def reduction_out(memory, channels, written):
+    """Two float64 per-channel vectors for what a reduction fills, (mean, M2) or (sum_dy,
+    sum_dy_xmu): left unset when it runs (``written``: there are values, and it writes every
+    channel; on a GPU a zero-fill costs a launch each), zeros when there is nothing to reduce
+    (the moments of no values, a sum over nothing, which an exchange may still add to)."""
+    if written:
+        return memory.empty(channels, np.float64), memory.empty(channels, np.float64)
+    return memory.full(channels, 0.0, np.float64), memory.full(channels, 0.0, np.float64)
+
+
 def _host_device(device):
     """True for the devices a plain host call may run on; anything else takes the checks
     (which also explain a device that is not one)."""
@@ -212,7 +222,7 @@ def checked_batch_forward(
         )  # fmt: skip
         count = prepared.count
     else:
-        mean, m2 = (memory.full(channels, 0.0, np.float64) for _ in range(2))  # empty: zeros
+        mean, m2 = reduction_out(memory, channels, local)
         if local:
             kernels.batch_stats(prepared.view, mean=mean, m2=m2)
         # the global statistics come back in host memory (NumPy), where the C-length
@@ -441,15 +451,6 @@ def _gradient_through(through, kernels, dy_view):
     return through.grad
 
 
-def _backward_sums_out(memory, channels, local):
-    """The float64 (sum_dy, sum_dy_xmu) a backward's reduction fills: left unset when it runs
-    here (``local``: it writes every channel; on a GPU a zero-fill costs a launch each), zeros
-    when there is nothing to sum (a sum over nothing, which an exchange may still add to)."""
-    if local:
-        return memory.empty(channels, np.float64), memory.empty(channels, np.float64)
-    return memory.full(channels, 0.0, np.float64), memory.full(channels, 0.0, np.float64)
-
-
 @placed(("dy", "x", "mean", "invstd", "weight", "out", "y", "residual_out"),
         inplace=("out", "residual_out"))  # fmt: skip
 def checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, exchange,
@@ -463,7 +464,7 @@ def checked_batch_backward(dy, x, mean, invstd, weight, axis, *, out, backend, e
     channels = prepared.channels
     dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
     local, count = prepared.count and channels, prepared.count
-    sum_dy, sum_dy_xmu = _backward_sums_out(memory, channels, local)
+    sum_dy, sum_dy_xmu = reduction_out(memory, channels, local)
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
     through = _through_epilogue(dy, prepared, memory, activation, y, residual_out, out)
     weight = vectors.kernel("weight")
@@ -525,7 +526,7 @@ def frozen_backward(dy, x, running_mean, running_var, weight, eps, axis, *, out=
     vectors = Vectors(prepared.x, channels, memory=memory, weight=weight)
     dx, dx_view = prepared.output(out, dy=dy, x=prepared.x)
     local = prepared.count and channels
-    sum_dy, sum_dy_xmu = _backward_sums_out(memory, channels, local)
+    sum_dy, sum_dy_xmu = reduction_out(memory, channels, local)
     dy_view = memory.contiguous(dy, prepared.dtype, "dy").reshape(prepared.shape)
     through = _through_epilogue(dy, prepared, memory, activation, y, residual_out, out)
     dy_view = _gradient_through(through, kernels, dy_view)

@@ -123,11 +123,11 @@ def _scratch(x, rows, parts, tiles, fresh_flags=False):
     reused unless ``fresh_flags`` asks for a zeroed copy (a call that reads flags[0])."""
     shape = (rows, x.shape[1], parts)
     partial = _buffer(x, ("partial", shape), lambda: cuda.device_array(shape, np.float64))
-    if fresh_flags:
-        return partial, cuda.to_device(np.zeros(1 + tiles, np.int32))
-    return partial, _buffer(
-        x, ("flags", tiles), lambda: cuda.to_device(np.zeros(1 + tiles, np.int32))
-    )
+
+    def zeroed():
+        return cuda.to_device(np.zeros(1 + tiles, np.int32))
+
+    return partial, zeroed() if fresh_flags else _buffer(x, ("flags", tiles), zeroed)
 
 
 def reused(like, dtype, shape=(0,)):
