@@ -7,7 +7,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from . import conventions as _conventions
-from . import folding, ghost, ops
+from . import folding, ghost, ops, plans
 from . import renorm as renorm_
 from .annotations import (
     Activation,
@@ -52,7 +52,8 @@ class _Saved(NamedTuple):
     mean: object = None
     invstd: object = None
     count: int = 0  # values per channel of the (global) batch
-    mask: object = None  # the mask= of a masked forward (positional: a training step's every call)
+    plan: object = None  # the plans.Plan that ran the forward, which can run its backward
+    mask: object = None  # the mask= of a masked forward
     ghost: object = None  # the GhostResult of a forward with virtual_batch_size
     renorm: object = None  # (r, d), float64, of a Batch Renormalization forward
     y: object = None  # the output, when the activation's backward needs it
@@ -178,6 +179,7 @@ class BatchNorm(LayerState):
             self.moving_stddev = np.ones(num_features, self.dtype)
         self.training = True
         self._saved = None
+        self._plans = {}  # (shape, training) -> plans.Plan: the plain calls checked once
         self.device = "auto"
         self._side = "cpu"  # where the arrays are now
         self.to(device)
@@ -202,7 +204,12 @@ class BatchNorm(LayerState):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_saved"] = None  # a layer's state is its parameters, buffers and gradients
+        del state["_plans"]  # what this process checked (kernels, backends)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._plans = {}
 
     # ---------------------------------------------------------------------------- modes
     def train(self: _Layer, mode: bool = True) -> _Layer:
@@ -281,12 +288,35 @@ class BatchNorm(LayerState):
         ignored when the running statistics normalise, as in Keras). ``residual`` (an array
         like x): added before the layer's ``activation``, in the same pass."""
         training = self.training if training is None else bool(training)
+        plain = type(x) is np.ndarray and mask is None and out is None and residual is None
+        if plain:  # a batch like one before: its plan, when the layer still holds what it checked
+            plan = self._plans.get((x.shape, training))
+            if plan is not None and plan.takes(self, x):
+                y = self._planned_forward(plan, x)
+                if y is not None:
+                    return y
         x, out = self._admit(x), host_view(out)
         y = self._forward(x, training, mask, out, residual)
         if self._saved is not None and (self.activation is not None or residual is not None):
             self._saved = self._saved._replace(
                 y=y if self.activation is not None else None, residual=residual is not None
             )
+        if plain:
+            plans.remember(self._plans, self, x, training)
+        return y
+
+    def _planned_forward(self, plan, x):
+        """forward() of a plain call through its plan: _forward's kernels and bookkeeping
+        without its checks; None when the plan declines (the general path explains)."""
+        if not plan.batch:
+            y = plan.evaluate(x)
+            if y is not None:
+                self._saved = _Saved(False, x)
+            return y
+        y, mean, invstd = plan.train(x)
+        if plan.update:
+            self.num_batches_tracked += 1
+        self._saved = _Saved(True, x, mean, invstd, plan.count, plan)
         return y
 
     def _forward(self, x, training, mask, out, residual):
@@ -342,7 +372,7 @@ class BatchNorm(LayerState):
             if self._collected is not None and count:
                 host = (memory_of(v).to_host(v) for v in (mean, m2))
                 self._collected = self._collected.merge(Moments(count, *host))
-            self._saved = _Saved(True, x, mean, invstd, count, mask)
+            self._saved = _Saved(True, x, mean, invstd, count, mask=mask)
             return y
         y = None
         if calls.entry is None:  # forward_eval's plain path, as batch statistics' above
@@ -440,6 +470,15 @@ class BatchNorm(LayerState):
         """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``, and
         after a forward with a residual ``grad_residual`` (dy through the activation)."""
         saved = self._saved
+        if saved is not None and saved.plan is not None and out is None:  # a planned forward's
+            plan = saved.plan
+            if type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy):
+                dx, grad_weight, grad_bias = plan.backward(dy, saved.x, saved.mean, saved.invstd)
+                self.grad_weight = None if self.weight is None else grad_weight
+                self.grad_bias = None if self.bias is None else grad_bias
+                self.grad_residual = None
+                self._saved = None
+                return dx
         if saved is None:
             raise RuntimeError(
                 "BatchNorm.backward() needs a forward call first: nothing is saved (a backward "

@@ -74,6 +74,7 @@ class NumbaBnLayer(Implementation):
         frozen.eval()
         frozen.running_mean[:], frozen.running_var[:] = case.running_mean, case.running_var
         differentiated(x)
+        differentiated(x)  # a training step's: through the plan of the first (numba_bn/plans.py)
         saved = differentiated._saved
 
         def differentiate():

@@ -1,0 +1,179 @@
+"""A BatchNorm's plain calls, checked once per kind of batch (issue 12: "a layer called again on
+the same shape and dtype should reuse what it validated and allocated").
+
+The plain host path (:mod:`numba_bn.hostcall`, ``ops.plain_batch_forward`` and its twins) checks
+every argument of every call: most of the ~5 us that a small layer's forward and its backward
+each added to their kernels. A layer passes its own arrays, the same objects from one batch to
+the next, so a :class:`Plan` keeps what those checks found for one shape, dtype and mode of
+input, and makes the plain path's backend call (the same kernels on the same arguments, so the
+same bits) on the next batch after checking only what can change: the batch itself (an ndarray
+of the plan's shape and dtype, C-contiguous) and that the layer still holds the arrays and
+settings the plan was made from (:data:`_settings`; arrays by identity: an in-place update is the
+layer's own business, a reassigned array leaves the plan behind).
+
+A plan also keeps the float64 per-channel buffers the kernels fill (statistics, sums): the layer
+exposes none of them and keeps one forward's for one backward, and the kernels hold the GIL while
+they run, so another thread's call on the same layer cannot write them under one.
+
+Anything else (a mask, ``out=``, a residual, an activation, compiled calls, SyncBatchNorm's
+exchange, ghost batches, renorm, momentum=None, population statistics, a CUDA input, a backend
+that is not a host one) never gets a plan and takes the layer's general path.
+"""
+
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+from . import dispatch, hostcall
+from .capi import calls
+from .stats import RunningUpdate, first_negative
+
+#: What a plan depends on besides the four arrays (compared by identity): the layer's settings.
+_settings = operator.attrgetter(
+    "eps", "momentum", "axis", "convention", "nan_policy", "activation", "backend", "dtype",
+    "track_running_stats", "virtual_batch_size", "renorm", "_exchange", "_collected", "_side",
+)  # fmt: skip
+
+#: Plans a layer keeps at most (shapes x modes: a training loop's batch, its last short batch,
+#: and the same in eval).
+MOST_PLANS = 8
+
+
+class Plan(NamedTuple):
+    """The checked arguments of a layer's plain call on inputs of one ``shape`` and dtype, in
+    one mode: ``batch`` statistics (with the running ``update`` or not) or the running ones."""
+
+    shape: tuple
+    dtype: np.dtype
+    view_shape: tuple  # the canonical (outer, C, inner)
+    kernels: object  # the host backend
+    batch: bool
+    update: bool
+    count: int  # values per channel
+    weight: np.ndarray  # as the kernels take them: zero-length when absent
+    bias: np.ndarray
+    running_mean: np.ndarray | None  # None for a batch plan without the running update
+    running_var: np.ndarray | None
+    running: RunningUpdate | None  # the running update of a plan that updates
+    eps: float
+    statistics: tuple  # float64 (C,) mean, invstd, M2 of a batch forward: the kernels fill them
+    sums: tuple  # float64 (C,) sum_dy, sum_dy_xmu of its backward
+    held: tuple  # the layer's weight, bias, running_mean, running_var (None or arrays)
+    settings: tuple  # _settings(layer)
+
+    def __repr__(self):
+        kind = "running statistics" if not self.batch else "batch statistics"
+        return f"Plan({self.shape}, {self.dtype}, {kind}{', update' if self.update else ''})"
+
+    @classmethod
+    def make(cls, layer, x, training):
+        """The plan of ``layer``'s calls on inputs like the ndarray ``x`` in mode ``training``
+        (the call that just ran with them took the general path and succeeded), or None when
+        such a call is not a plain one."""
+        if (calls.entry is not None or layer._exchange is not None or layer._collected is not None
+                or layer.virtual_batch_size is not None or layer.renorm
+                or layer.activation is not None or layer.nan_policy != "propagate"
+                or layer._side != "cpu"):  # fmt: skip
+            return None
+        kernels, view = dispatch.on_host(layer.backend), hostcall.canonical_view(x, layer.axis)
+        if kernels is None or view is None or not view.size:
+            return None
+        outer, channels, inner = view.shape
+        dtype, eps, unbiased = x.dtype, layer.eps, layer.convention.unbiased_running_var
+        batch = training or not layer.track_running_stats
+        update = training and layer.track_running_stats
+        if batch and (outer * inner < 2 or not hostcall.training_eps(eps)):
+            return None  # one value per channel (an error to explain), or an eps to check
+        if not batch and not hostcall.eval_eps(eps):
+            return None
+        running_mean = running_var = running = None
+        if update:
+            running_mean = hostcall.buffer(layer.running_mean, channels, dtype)
+            running_var = hostcall.buffer(layer.running_var, channels, dtype)
+            if layer.momentum is None:  # a cumulative average: a weight per batch
+                return None
+            momentum = layer.convention.new_batch_weight(layer.momentum, 1)  # every batch's
+            if not hostcall.momentum(momentum) or type(unbiased) is not bool:
+                return None
+            running = RunningUpdate(running_mean, running_var, momentum, unbiased)
+        elif not batch:
+            running_mean = hostcall.vector(layer.running_mean, channels, dtype)
+            running_var = hostcall.vector(layer.running_var, channels, dtype)
+        if (update or not batch) and (running_mean is None or running_var is None):
+            return None
+        weight = hostcall.vector(layer.weight, channels, dtype)
+        bias = hostcall.vector(layer.bias, channels, dtype)
+        if weight is None or bias is None:
+            return None
+        statistics = sums = ()
+        if batch:
+            statistics = tuple(np.empty(channels) for _ in range(3))
+            sums = (np.empty(channels), np.empty(channels))
+        held = (layer.weight, layer.bias, layer.running_mean, layer.running_var)
+        return cls(x.shape, dtype, view.shape, kernels, batch, update, outer * inner, weight,
+                   bias, running_mean, running_var, running, eps, statistics, sums, held,
+                   _settings(layer))  # fmt: skip
+
+    def takes(self, layer, x):
+        """Whether this plan serves ``layer``'s call on the ndarray ``x`` (or its backward's
+        ``dy``) of the plan's shape: the layer holds what the plan checked, x is plain."""
+        weight, bias, running_mean, running_var = self.held
+        return (
+            x.dtype is self.dtype
+            and x.flags.c_contiguous
+            and layer.weight is weight
+            and layer.bias is bias
+            and layer.running_mean is running_mean
+            and layer.running_var is running_var
+            and _settings(layer) == self.settings
+            and calls.entry is None
+            and (not self.update or (running_mean.flags.writeable and running_var.flags.writeable))
+        )
+
+    def train(self, x):
+        """y and the float64 mean, invstd (the plan's buffers) of a batch-statistics forward of
+        ``x``, with the running update when the plan updates."""
+        view_shape = self.view_shape
+        y = np.empty(view_shape, self.dtype)
+        mean, invstd, m2 = self.statistics
+        self.kernels.forward_train(x.reshape(view_shape), weight=self.weight, bias=self.bias,
+                                   eps=self.eps, y=y, mean=mean, invstd=invstd, m2=m2,
+                                   running=self.running, residual=None,
+                                   activation=None)  # fmt: skip
+        return y.reshape(self.shape), mean, invstd
+
+    def evaluate(self, x):
+        """y of a running-statistics forward of ``x``; None when the running variance holds a
+        negative value (written in place since: the general path explains)."""
+        if first_negative(self.running_var) >= 0:
+            return None
+        y = np.empty(self.view_shape, self.dtype)
+        self.kernels.forward_eval(x.reshape(self.view_shape), weight=self.weight, bias=self.bias,
+                                  running_mean=self.running_mean, running_var=self.running_var,
+                                  eps=self.eps, y=y, residual=None, activation=None)  # fmt: skip
+        return y.reshape(self.shape)
+
+    def backward(self, dy, x, mean, invstd):
+        """dx, dweight, dbias (in x's dtype, rounded as ``ops.plain_batch_backward`` rounds
+        them) of the batch-statistics forward of ``x`` whose statistics were ``mean``,
+        ``invstd``."""
+        view_shape = self.view_shape
+        dx = np.empty(view_shape, self.dtype)
+        sum_dy, sum_dy_xmu = self.sums
+        self.kernels.backward(dy.reshape(view_shape), x.reshape(view_shape), mean=mean,
+                              invstd=invstd, weight=self.weight, dx=dx, sum_dy=sum_dy,
+                              sum_dy_xmu=sum_dy_xmu)  # fmt: skip
+        dtype = self.dtype
+        return dx.reshape(self.shape), (invstd * sum_dy_xmu).astype(dtype), sum_dy.astype(dtype)
+
+
+def remember(plans, layer, x, training):
+    """Keep in ``plans`` (a layer's) the plan of its calls on inputs like ``x`` in mode
+    ``training``, when they are plain; drops them all when there are MOST_PLANS already."""
+    plan = Plan.make(layer, x, training)
+    if plan is None:
+        return
+    if len(plans) >= MOST_PLANS:
+        plans.clear()
+    plans[x.shape, training] = plan

@@ -1,0 +1,225 @@
+"""BatchNorm's plans (numba_bn/plans.py): a batch like the last one skips the argument checks,
+with the general path's bits, and anything reassigned on the layer takes effect at once."""
+
+import pickle
+
+import numba
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn import ops, plans
+
+import naive
+from conftest import random_batch
+
+# rows, planes, channels-last, and a parallel-sized batch (the backend picks its threads per call)
+SHAPES = [((64, 32), 1), ((8, 16, 8, 8), 1), ((4, 3, 3, 8), -1), ((256, 512), 1)]
+
+
+def _unplanned(layer, x, **keywords):
+    """layer(x) through the general path: the plans it made are forgotten first."""
+    layer._plans.clear()
+    return layer(x, **keywords)
+
+
+def _same(a, b):
+    if a is None or b is None:
+        assert a is None and b is None
+        return
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+
+
+def _same_state(planned, general):
+    for name in ("running_mean", "running_var", "grad_weight", "grad_bias"):
+        _same(getattr(planned, name), getattr(general, name))
+    assert planned.num_batches_tracked == general.num_batches_tracked
+
+
+def _steps(rng, shape, axis, dtype, count=3):
+    return [(random_batch(rng, shape, dtype, axis=axis), random_batch(rng, shape, dtype, axis=axis))
+            for _ in range(count)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape, axis", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("convention, affine", [("torch", True), ("keras", False)])
+def test_planned_steps_give_the_general_paths_bits(rng, shape, axis, dtype, convention, affine):
+    def layer():
+        bn = nbn.BatchNorm(shape[axis], axis=axis, dtype=dtype, convention=convention,
+                           affine=affine)  # fmt: skip
+        if affine:
+            bn.weight[:] = rng.uniform(0.5, 2.0, shape[axis])
+            bn.bias[:] = rng.uniform(-1.0, 1.0, shape[axis])
+        return bn
+
+    planned, general = layer(), layer()
+    general.weight, general.bias = planned.weight, planned.bias
+    for x, dy in _steps(rng, shape, axis, dtype):
+        y = planned(x)
+        _same(y, _unplanned(general, x))
+        dx = planned.backward(dy)
+        _same(dx, general.backward(dy))
+        _same_state(planned, general)
+    assert planned._saved is None and planned._plans, "the steps after the first had a plan"
+    # the last step against float64 loops (tests/naive.py)
+    weight = planned.weight.astype(np.float64) if affine else None
+    bias = planned.bias.astype(np.float64) if affine else None
+    tolerance = {"rtol": 1e-4, "atol": 1e-4}
+    if dtype == np.float64:
+        tolerance = {"rtol": 1e-9, "atol": 1e-11}
+    expected_y = naive.forward_train(x, weight, bias, planned.eps, axis)[0]
+    np.testing.assert_allclose(y, expected_y, **tolerance)
+    expected_dx, expected_dw, expected_db = naive.backward(dy, x, weight, planned.eps, axis)
+    np.testing.assert_allclose(dx, expected_dx, **tolerance)
+    if affine:
+        np.testing.assert_allclose(planned.grad_weight, expected_dw, **tolerance)
+        np.testing.assert_allclose(planned.grad_bias, expected_db, **tolerance)
+    planned.eval(), general.eval()
+    for x, _ in _steps(rng, shape, axis, dtype, 2):
+        _same(planned(x), _unplanned(general, x))
+
+
+def test_a_batch_like_the_last_skips_the_argument_checks(rng, monkeypatch):
+    bn = nbn.BatchNorm(32)
+    x, dy = random_batch(rng, (64, 32), np.float32), random_batch(rng, (64, 32), np.float32)
+    bn(x), bn.backward(dy)
+    bn.eval()
+    bn(x)
+    bn.train()
+
+    def checked(*args, **keywords):
+        raise AssertionError("the plain path's checks ran again")
+
+    for name in ("plain_batch_forward", "plain_batch_backward", "plain_frozen_forward"):
+        monkeypatch.setattr(ops, name, checked)
+    for _ in range(3):
+        bn(x + 1.0), bn.backward(dy)
+    bn.eval()
+    bn(x)
+
+
+def _changed(bn, change, rng):
+    channels = bn.num_features
+    if change == "weight":
+        bn.weight = rng.uniform(0.5, 2.0, channels).astype(bn.dtype)
+    elif change == "bias":
+        bn.bias = rng.uniform(-1.0, 1.0, channels).astype(bn.dtype)
+    elif change == "running buffers":
+        bn.running_mean = rng.uniform(-1.0, 1.0, channels).astype(bn.dtype)
+        bn.running_var = rng.uniform(0.5, 2.0, channels).astype(bn.dtype)
+    elif change == "eps":
+        bn.eps = 0.25
+    elif change == "momentum":
+        bn.momentum = 0.5
+    elif change == "momentum None":
+        bn.momentum = None
+    elif change == "no running statistics":
+        bn.track_running_stats = False
+        bn.running_mean = bn.running_var = None
+    elif change == "activation":
+        bn.activation = "relu"
+    elif change == "axis":
+        bn.axis = -1
+
+
+@pytest.mark.parametrize("change", [
+    "weight", "bias", "running buffers", "eps", "momentum", "momentum None",
+    "no running statistics", "activation", "axis",
+])  # fmt: skip
+@pytest.mark.parametrize("training", [True, False])
+def test_what_is_reassigned_on_the_layer_takes_effect_at_once(rng, change, training):
+    shape = (16, 8, 8)
+    planned, general = nbn.BatchNorm(8), nbn.BatchNorm(8)
+    x = random_batch(rng, shape, np.float32)
+    dy = random_batch(rng, shape, np.float32)
+    for bn in (planned, general):
+        bn.train(training)
+        bn(x), bn(x)  # the planned one has its plan
+    assert planned._plans
+    _changed(planned, change, np.random.default_rng(5))
+    _changed(general, change, np.random.default_rng(5))
+    for _ in range(2):
+        _same(planned(x), _unplanned(general, x))
+        if training:
+            _same(planned.backward(dy), general.backward(dy))
+        _same_state(planned, general)
+
+
+def test_a_weight_replaced_between_forward_and_backward_is_the_one_backward_uses(rng):
+    planned, general = nbn.BatchNorm(8), nbn.BatchNorm(8)
+    x, dy = random_batch(rng, (32, 8), np.float32), random_batch(rng, (32, 8), np.float32)
+    planned(x), planned.backward(dy), planned(x)
+    _unplanned(general, x), general.backward(dy), _unplanned(general, x)
+    weight = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+    planned.weight, general.weight = weight, weight.copy()
+    _same(planned.backward(dy), general.backward(dy))
+    _same_state(planned, general)
+
+
+def test_a_running_buffer_made_read_only_still_raises_and_changes_nothing(rng):
+    bn = nbn.BatchNorm(8)
+    x = random_batch(rng, (32, 8), np.float32)
+    bn(x), bn(x)
+    before = bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked
+    bn.running_var.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        bn(x)
+    _same(bn.running_mean, before[0])
+    _same(bn.running_var, before[1])
+    assert bn.num_batches_tracked == before[2]
+
+
+def test_a_negative_running_variance_written_in_place_still_raises_in_eval(rng):
+    bn = nbn.BatchNorm(8).eval()
+    x = random_batch(rng, (32, 8), np.float32)
+    bn(x), bn(x)
+    bn.running_var[3] = -1.0
+    with pytest.raises(ValueError, match="running_var"):
+        bn(x)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "float64", "memoryview"])
+def test_inputs_a_plan_does_not_take_go_the_general_way(rng, kind):
+    planned, general = nbn.BatchNorm(8), nbn.BatchNorm(8)
+    x = random_batch(rng, (32, 8), np.float32)
+    planned(x), planned(x)
+    _unplanned(general, x), _unplanned(general, x)
+    other = {"transposed": np.asfortranarray(x), "float64": x.astype(np.float64),
+             "memoryview": memoryview(x)}[kind]  # fmt: skip
+    if kind == "float64":  # a float32 layer refuses it, plan or not
+        with pytest.raises(TypeError, match="dtype"):
+            planned(other)
+        return
+    _same(planned(other), _unplanned(general, other))
+    _same_state(planned, general)
+
+
+def test_plans_are_few_and_stay_out_of_pickles(rng):
+    bn = nbn.BatchNorm(4)
+    for n in range(2, 3 + 2 * plans.MOST_PLANS):
+        bn(random_batch(rng, (n, 4), np.float32))
+    assert 0 < len(bn._plans) <= plans.MOST_PLANS
+    copy = pickle.loads(pickle.dumps(bn))
+    assert copy._plans == {}
+    x = random_batch(rng, (6, 4), np.float32)
+    _same(copy(x), bn(x))
+    _same(copy(x), bn(x))
+
+
+def test_a_thread_count_changed_between_planned_calls_gives_the_same_bits(rng):
+    x, dy = random_batch(rng, (256, 512), np.float32), random_batch(rng, (256, 512), np.float32)
+    results = []
+    for threads in (numba.config.NUMBA_NUM_THREADS, 1, numba.config.NUMBA_NUM_THREADS):
+        bn = nbn.BatchNorm(512)
+        bn(x), bn.backward(dy)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            results.append((bn(x), bn.backward(dy), bn.grad_weight, bn.running_var.copy()))
+        finally:
+            numba.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            _same(a, b)
