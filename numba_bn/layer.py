@@ -288,32 +288,34 @@ class BatchNorm(LayerState):
         ignored when the running statistics normalise, as in Keras). ``residual`` (an array
         like x): added before the layer's ``activation``, in the same pass."""
         training = self.training if training is None else bool(training)
-        plain = type(x) is np.ndarray and mask is None and out is None and residual is None
+        plain, y = type(x) is np.ndarray and mask is None and out is None, None
         if plain:  # a batch like one before: its plan, when the layer still holds what it checked
             plan = self._plans.get((x.shape, training))
             if plan is not None and plan.takes(self, x):
-                y = self._planned_forward(plan, x)
-                if y is not None:
-                    return y
-        x, out = self._admit(x), host_view(out)
-        y = self._forward(x, training, mask, out, residual)
+                y = self._planned_forward(plan, x, residual)
+        if y is None:
+            x, out = self._admit(x), host_view(out)
+            y = self._forward(x, training, mask, out, residual)
+            if plain:
+                plans.remember(self._plans, self, x, training)
         if self._saved is not None and (self.activation is not None or residual is not None):
             self._saved = self._saved._replace(
                 y=y if self.activation is not None else None, residual=residual is not None
             )
-        if plain:
-            plans.remember(self._plans, self, x, training)
         return y
 
-    def _planned_forward(self, plan, x):
+    def _planned_forward(self, plan, x, residual):
         """forward() of a plain call through its plan: _forward's kernels and bookkeeping
         without its checks; None when the plan declines (the general path explains)."""
         if not plan.batch:
-            y = plan.evaluate(x)
+            y = plan.evaluate(x, residual)
             if y is not None:
                 self._saved = _Saved(False, x)
             return y
-        y, mean, invstd = plan.train(x)
+        trained = plan.train(x, residual)
+        if trained is None:
+            return None
+        y, mean, invstd = trained
         if plan.update:
             self.num_batches_tracked += 1
         self._saved = _Saved(True, x, mean, invstd, plan.count, plan)
@@ -473,10 +475,11 @@ class BatchNorm(LayerState):
         if saved is not None and saved.plan is not None and out is None:  # a planned forward's
             plan = saved.plan
             if type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy):
-                dx, grad_weight, grad_bias = plan.backward(dy, saved.x, saved.mean, saved.invstd)
+                dx, grad_weight, grad_bias, self.grad_residual = plan.backward(
+                    dy, saved.x, saved.mean, saved.invstd, saved.y, saved.residual
+                )  # fmt: skip
                 self.grad_weight = None if self.weight is None else grad_weight
                 self.grad_bias = None if self.bias is None else grad_bias
-                self.grad_residual = None
                 self._saved = None
                 return dx
         if saved is None:

@@ -15,7 +15,8 @@ A plan also keeps the float64 per-channel buffers the kernels fill (statistics, 
 exposes none of them and keeps one forward's for one backward, and the kernels hold the GIL while
 they run, so another thread's call on the same layer cannot write them under one.
 
-Anything else (a mask, ``out=``, a residual, an activation, compiled calls, SyncBatchNorm's
+A residual (checked per call, as the plain path checks it) and the layer's activation go to the
+same kernels' epilogue. Anything else (a mask, ``out=``, compiled calls, SyncBatchNorm's
 exchange, ghost batches, renorm, momentum=None, population statistics, a CUDA input, a backend
 that is not a host one) never gets a plan and takes the layer's general path.
 """
@@ -57,6 +58,7 @@ class Plan(NamedTuple):
     running_var: np.ndarray | None
     running: RunningUpdate | None  # the running update of a plan that updates
     eps: float
+    activation: str | None  # the layer's, in the kernels' epilogue
     statistics: tuple  # float64 (C,) mean, invstd, M2 of a batch forward: the kernels fill them
     sums: tuple  # float64 (C,) sum_dy, sum_dy_xmu of its backward
     held: tuple  # the layer's weight, bias, running_mean, running_var (None or arrays)
@@ -73,7 +75,7 @@ class Plan(NamedTuple):
         such a call is not a plain one."""
         if (calls.entry is not None or layer._exchange is not None or layer._collected is not None
                 or layer.virtual_batch_size is not None or layer.renorm
-                or layer.activation is not None or layer.nan_policy != "propagate"
+                or not hostcall.activation(layer.activation) or layer.nan_policy != "propagate"
                 or layer._side != "cpu"):  # fmt: skip
             return None
         kernels, view = dispatch.on_host(layer.backend), hostcall.canonical_view(x, layer.axis)
@@ -112,8 +114,8 @@ class Plan(NamedTuple):
             sums = (np.empty(channels), np.empty(channels))
         held = (layer.weight, layer.bias, layer.running_mean, layer.running_var)
         return cls(x.shape, dtype, view.shape, kernels, batch, update, outer * inner, weight,
-                   bias, running_mean, running_var, running, eps, statistics, sums, held,
-                   _settings(layer))  # fmt: skip
+                   bias, running_mean, running_var, running, eps, layer.activation, statistics,
+                   sums, held, _settings(layer))  # fmt: skip
 
     def takes(self, layer, x):
         """Whether this plan serves ``layer``'s call on the ndarray ``x`` (or its backward's
@@ -131,41 +133,59 @@ class Plan(NamedTuple):
             and (not self.update or (running_mean.flags.writeable and running_var.flags.writeable))
         )
 
-    def train(self, x):
+    def train(self, x, residual):
         """y and the float64 mean, invstd (the plan's buffers) of a batch-statistics forward of
-        ``x``, with the running update when the plan updates."""
+        ``x`` (+ ``residual``, then the activation), with the running update when the plan
+        updates; None for a residual the plain path would not take."""
         view_shape = self.view_shape
-        y = np.empty(view_shape, self.dtype)
-        mean, invstd, m2 = self.statistics
-        self.kernels.forward_train(x.reshape(view_shape), weight=self.weight, bias=self.bias,
-                                   eps=self.eps, y=y, mean=mean, invstd=invstd, m2=m2,
-                                   running=self.running, residual=None,
-                                   activation=None)  # fmt: skip
-        return y.reshape(self.shape), mean, invstd
-
-    def evaluate(self, x):
-        """y of a running-statistics forward of ``x``; None when the running variance holds a
-        negative value (written in place since: the general path explains)."""
-        if first_negative(self.running_var) >= 0:
+        view = x.reshape(view_shape)
+        plain, residual = hostcall.residual(residual, x, view)
+        if not plain:
             return None
-        y = np.empty(self.view_shape, self.dtype)
-        self.kernels.forward_eval(x.reshape(self.view_shape), weight=self.weight, bias=self.bias,
-                                  running_mean=self.running_mean, running_var=self.running_var,
-                                  eps=self.eps, y=y, residual=None, activation=None)  # fmt: skip
-        return y.reshape(self.shape)
+        y = np.empty(self.shape, self.dtype)
+        mean, invstd, m2 = self.statistics
+        self.kernels.forward_train(view, weight=self.weight, bias=self.bias, eps=self.eps,
+                                   y=y.reshape(view_shape), mean=mean, invstd=invstd, m2=m2,
+                                   running=self.running, residual=residual,
+                                   activation=self.activation)  # fmt: skip
+        return y, mean, invstd
 
-    def backward(self, dy, x, mean, invstd):
-        """dx, dweight, dbias (in x's dtype, rounded as ``ops.plain_batch_backward`` rounds
-        them) of the batch-statistics forward of ``x`` whose statistics were ``mean``,
-        ``invstd``."""
+    def evaluate(self, x, residual):
+        """y of a running-statistics forward of ``x`` (as :meth:`train`); None for a residual
+        the plain path would not take, or when the running variance holds a negative value
+        (written in place since): the general path explains."""
         view_shape = self.view_shape
-        dx = np.empty(view_shape, self.dtype)
+        view = x.reshape(view_shape)
+        plain, residual = hostcall.residual(residual, x, view)
+        if not plain or first_negative(self.running_var) >= 0:
+            return None
+        y = np.empty(self.shape, self.dtype)
+        self.kernels.forward_eval(view, weight=self.weight, bias=self.bias,
+                                  running_mean=self.running_mean, running_var=self.running_var,
+                                  eps=self.eps, y=y.reshape(view_shape), residual=residual,
+                                  activation=self.activation)  # fmt: skip
+        return y
+
+    def backward(self, dy, x, mean, invstd, y, residual):
+        """dx, dweight, dbias (in x's dtype, rounded as ``ops.plain_batch_backward`` rounds
+        them) and the residual's gradient (None without a ``residual``) of the batch-statistics
+        forward of ``x`` whose statistics were ``mean``, ``invstd`` and output ``y``."""
+        view_shape, shape, dtype = self.view_shape, self.shape, self.dtype
+        dx = np.empty(shape, dtype)
         sum_dy, sum_dy_xmu = self.sums
+        epilogue, grad_residual = {}, None
+        if self.activation is not None:  # the gradient through it, the residual's, in the pass
+            grad = np.empty(shape, dtype)
+            epilogue = {"activation": self.activation, "y": y.reshape(view_shape),
+                        "grad": grad.reshape(view_shape)}  # fmt: skip
+            grad_residual = grad if residual else None
+        elif residual:
+            grad_residual = dy.copy()
         self.kernels.backward(dy.reshape(view_shape), x.reshape(view_shape), mean=mean,
-                              invstd=invstd, weight=self.weight, dx=dx, sum_dy=sum_dy,
-                              sum_dy_xmu=sum_dy_xmu)  # fmt: skip
-        dtype = self.dtype
-        return dx.reshape(self.shape), (invstd * sum_dy_xmu).astype(dtype), sum_dy.astype(dtype)
+                              invstd=invstd, weight=self.weight, dx=dx.reshape(view_shape),
+                              sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, **epilogue)  # fmt: skip
+        grad_weight, grad_bias = (invstd * sum_dy_xmu).astype(dtype), sum_dy.astype(dtype)
+        return dx, grad_weight, grad_bias, grad_residual
 
 
 def remember(plans, layer, x, training):

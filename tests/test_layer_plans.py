@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn import ops, plans
+from numba_bn import layer, ops, plans
 
 import naive
 from conftest import random_batch
@@ -81,23 +81,49 @@ def test_planned_steps_give_the_general_paths_bits(rng, shape, axis, dtype, conv
         _same(planned(x), _unplanned(general, x))
 
 
-def test_a_batch_like_the_last_skips_the_argument_checks(rng, monkeypatch):
-    bn = nbn.BatchNorm(32)
+@pytest.mark.parametrize("shape, axis", SHAPES[:3])
+@pytest.mark.parametrize("activation, residual", [(None, True), ("relu", False), ("relu", True)])
+def test_planned_fused_steps_give_the_general_paths_bits(rng, shape, axis, activation, residual):
+    planned, general = (nbn.BatchNorm(shape[axis], axis=axis, activation=activation)
+                        for _ in range(2))  # fmt: skip
+    for x, dy in _steps(rng, shape, axis, np.float32, 4):
+        z = random_batch(rng, shape, np.float32, axis=axis) if residual else None
+        y = planned(x, residual=z)
+        _same(y, _unplanned(general, x, residual=z))
+        _same(planned.backward(dy), general.backward(dy))
+        _same_state(planned, general)
+        _same(planned.grad_residual, general.grad_residual)
+    if activation == "relu":
+        assert (y >= 0).all()
+    if residual:  # dy through the ReLU (where y > 0), or dy itself
+        np.testing.assert_array_equal(planned.grad_residual, np.where(y > 0, dy, 0) if activation
+                                      else dy)  # fmt: skip
+    planned.eval(), general.eval()
+    for x, _ in _steps(rng, shape, axis, np.float32, 2):
+        z = random_batch(rng, shape, np.float32, axis=axis) if residual else None
+        _same(planned(x, residual=z), _unplanned(general, x, residual=z))
+
+
+@pytest.mark.parametrize("activation, residual", [(None, False), ("relu", True)])
+def test_a_batch_like_the_last_skips_the_general_path(rng, monkeypatch, activation, residual):
+    bn = nbn.BatchNorm(32, activation=activation)
     x, dy = random_batch(rng, (64, 32), np.float32), random_batch(rng, (64, 32), np.float32)
-    bn(x), bn.backward(dy)
+    z = random_batch(rng, (64, 32), np.float32) if residual else None
+    bn(x, residual=z), bn.backward(dy)
     bn.eval()
-    bn(x)
+    bn(x, residual=z)
     bn.train()
 
-    def checked(*args, **keywords):
-        raise AssertionError("the plain path's checks ran again")
+    def general(*args, **keywords):
+        raise AssertionError("the general path ran again")
 
-    for name in ("plain_batch_forward", "plain_batch_backward", "plain_frozen_forward"):
-        monkeypatch.setattr(ops, name, checked)
+    monkeypatch.setattr(nbn.BatchNorm, "_forward", general)
+    monkeypatch.setattr(ops, "plain_batch_backward", general)
+    monkeypatch.setattr(layer, "batch_backward", general)
     for _ in range(3):
-        bn(x + 1.0), bn.backward(dy)
+        bn(x + 1.0, residual=z), bn.backward(dy)
     bn.eval()
-    bn(x)
+    bn(x, residual=z)
 
 
 def _changed(bn, change, rng):
