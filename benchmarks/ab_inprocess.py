@@ -59,6 +59,7 @@ def calls(nbn, x, dy, axis):
     _, mean, invstd = nbn.forward_train(x, w, b, axis=axis)
     layer = nbn.BatchNorm(channels, axis=axis)
     frozen = nbn.BatchNorm(channels, axis=axis).eval()
+    fused = nbn.BatchNorm(channels, axis=axis, activation="relu")  # a ResNet block's last
     return {
         "forward_train": lambda: nbn.forward_train(x, w, b, axis=axis),
         "batch_norm (running update)": lambda: nbn.batch_norm(
@@ -69,6 +70,10 @@ def calls(nbn, x, dy, axis):
         "BatchNorm forward": lambda: layer(x),
         "BatchNorm forward + backward": lambda: (layer(x), layer.backward(dy)),
         "BatchNorm eval": lambda: frozen(x),
+        "BatchNorm(relu) + residual, fwd + bwd": lambda: (
+            fused(x, residual=dy),
+            fused.backward(dy),
+        ),
     }
 
 
