@@ -73,18 +73,18 @@ class Plan(NamedTuple):
         """The plan of ``layer``'s calls on inputs like the ndarray ``x`` in mode ``training``
         (the call that just ran with them took the general path and succeeded), or None when
         such a call is not a plain one."""
+        update = training and layer.track_running_stats
         if (calls.entry is not None or layer._exchange is not None or layer._collected is not None
                 or layer.virtual_batch_size is not None or layer.renorm
                 or not hostcall.activation(layer.activation) or layer.nan_policy != "propagate"
-                or layer._side != "cpu"):  # fmt: skip
-            return None
+                or layer._side != "cpu" or (update and layer.momentum is None)):  # fmt: skip
+            return None  # first the settings no plan takes: their calls try on every call
         kernels, view = dispatch.on_host(layer.backend), hostcall.canonical_view(x, layer.axis)
         if kernels is None or view is None or not view.size:
             return None
         outer, channels, inner = view.shape
         dtype, eps, unbiased = x.dtype, layer.eps, layer.convention.unbiased_running_var
         batch = training or not layer.track_running_stats
-        update = training and layer.track_running_stats
         if batch and (outer * inner < 2 or not hostcall.training_eps(eps)):
             return None  # one value per channel (an error to explain), or an eps to check
         if not batch and not hostcall.eval_eps(eps):
@@ -93,9 +93,8 @@ class Plan(NamedTuple):
         if update:
             running_mean = hostcall.buffer(layer.running_mean, channels, dtype)
             running_var = hostcall.buffer(layer.running_var, channels, dtype)
-            if layer.momentum is None:  # a cumulative average: a weight per batch
-                return None
-            momentum = layer.convention.new_batch_weight(layer.momentum, 1)  # every batch's
+            # every batch's weight (momentum=None, a cumulative average, has none: no plan)
+            momentum = layer.convention.new_batch_weight(layer.momentum, 1)
             if not hostcall.momentum(momentum) or type(unbiased) is not bool:
                 return None
             running = RunningUpdate(running_mean, running_var, momentum, unbiased)
