@@ -189,10 +189,13 @@ class Plan(NamedTuple):
 
 def remember(plans, layer, x, training):
     """Keep in ``plans`` (a layer's) the plan of its calls on inputs like ``x`` in mode
-    ``training``, when they are plain; drops them all when there are MOST_PLANS already."""
+    ``training`` when they are plain, else forget the one it had (its layer changed since); drops
+    them all when there are MOST_PLANS already."""
+    key = x.shape, training
     plan = Plan.make(layer, x, training)
     if plan is None:
+        plans.pop(key, None)
         return
     if len(plans) >= MOST_PLANS:
         plans.clear()
-    plans[x.shape, training] = plan
+    plans[key] = plan
