@@ -17,10 +17,10 @@ from conftest import random_batch
 SHAPES = [((64, 32), 1), ((8, 16, 8, 8), 1), ((4, 3, 3, 8), -1), ((256, 512), 1)]
 
 
-def _unplanned(layer, x, **keywords):
-    """layer(x) through the general path: the plans it made are forgotten first."""
-    layer._plans.clear()
-    return layer(x, **keywords)
+def _unplanned(bn, x, **keywords):
+    """bn(x) through the general path: the plans it made are forgotten first."""
+    bn._plans.clear()
+    return bn(x, **keywords)
 
 
 def _same(a, b):
@@ -46,7 +46,7 @@ def _steps(rng, shape, axis, dtype, count=3):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("convention, affine", [("torch", True), ("keras", False)])
 def test_planned_steps_give_the_general_paths_bits(rng, shape, axis, dtype, convention, affine):
-    def layer():
+    def make_layer():
         bn = nbn.BatchNorm(shape[axis], axis=axis, dtype=dtype, convention=convention,
                            affine=affine)  # fmt: skip
         if affine:
@@ -54,7 +54,7 @@ def test_planned_steps_give_the_general_paths_bits(rng, shape, axis, dtype, conv
             bn.bias[:] = rng.uniform(-1.0, 1.0, shape[axis])
         return bn
 
-    planned, general = layer(), layer()
+    planned, general = make_layer(), make_layer()
     general.weight, general.bias = planned.weight, planned.bias
     for x, dy in _steps(rng, shape, axis, dtype):
         y = planned(x)
