@@ -99,6 +99,11 @@ class BatchNorm(LayerState):
     ``backward(dy)`` returns dx, sets ``grad_weight``/``grad_bias`` (and ``grad_residual`` after
     a forward with a residual) and releases the saved input (as PyTorch frees its graph): one
     backward per forward. Pickles hold parameters, buffers and gradients, never a saved input.
+
+    A host batch like an earlier one (an ndarray of its shape and dtype, C-contiguous, in the
+    same mode) skips the checks that call made (:mod:`numba_bn.plans`), with the same results;
+    reassigning ``weight``, the buffers or a setting such as ``eps`` takes effect on the next
+    call.
     """
 
     # Where batch statistics and backward sums meet across processes (numba_bn.ops.Exchange):
