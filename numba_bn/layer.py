@@ -482,7 +482,7 @@ class BatchNorm(LayerState):
             if type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy):
                 dx, grad_weight, grad_bias, self.grad_residual = plan.backward(
                     dy, saved.x, saved.mean, saved.invstd, saved.y, saved.residual
-                )  # fmt: skip
+                )
                 self.grad_weight = None if self.weight is None else grad_weight
                 self.grad_bias = None if self.bias is None else grad_bias
                 self._saved = None
