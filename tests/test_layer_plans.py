@@ -251,3 +251,19 @@ def test_a_thread_count_changed_between_planned_calls_gives_the_same_bits(rng):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             _same(a, b)
+
+
+def test_the_drivers_hold_the_gil_which_a_plans_shared_buffers_rely_on(rng):
+    """A plan's statistics and sums buffers serve every call of its layer: safe from several
+    Python threads because no driver releases the GIL (numba_bn/plans.py)."""
+    bn = nbn.BatchNorm(8)
+    for shape in ((16, 8), (4, 8, 5, 5), (512, 8, 16)):  # serial and parallel twins
+        x = random_batch(rng, shape, np.float32)
+        bn(x), bn.backward(x)
+        bn.eval()(x)
+        bn.train()
+    from numba_bn.cpu import drivers
+
+    assert drivers.dispatchers()
+    for dispatcher in drivers.dispatchers():
+        assert not dispatcher.targetoptions.get("nogil"), dispatcher
