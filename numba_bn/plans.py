@@ -54,9 +54,9 @@ class Plan(NamedTuple):
     count: int  # values per channel
     weight: np.ndarray  # as the kernels take them: zero-length when absent
     bias: np.ndarray
-    running_mean: np.ndarray | None  # None for a batch plan without the running update
+    running_mean: np.ndarray | None  # the statistics of an eval plan (None for a batch plan)
     running_var: np.ndarray | None
-    running: RunningUpdate | None  # the running update of a plan that updates
+    running: RunningUpdate | None  # the running update of a plan that updates: its buffers
     eps: float
     activation: str | None  # the layer's, in the kernels' epilogue
     statistics: tuple  # float64 (C,) mean, invstd, M2 of a batch forward: the kernels fill them
@@ -85,24 +85,25 @@ class Plan(NamedTuple):
         outer, channels, inner = view.shape
         dtype, eps, unbiased = x.dtype, layer.eps, layer.convention.unbiased_running_var
         batch = training or not layer.track_running_stats
-        if batch and (outer * inner < 2 or not hostcall.training_eps(eps)):
-            return None  # one value per channel (an error to explain), or an eps to check
-        if not batch and not hostcall.eval_eps(eps):
-            return None
         running_mean = running_var = running = None
-        if update:
-            running_mean = hostcall.buffer(layer.running_mean, channels, dtype)
-            running_var = hostcall.buffer(layer.running_var, channels, dtype)
-            # every batch's weight (momentum=None, a cumulative average, has none: no plan)
-            momentum = layer.convention.new_batch_weight(layer.momentum, 1)
-            if not hostcall.momentum(momentum) or type(unbiased) is not bool:
-                return None
-            running = RunningUpdate(running_mean, running_var, momentum, unbiased)
-        elif not batch:
+        if batch:
+            if outer * inner < 2 or not hostcall.training_eps(eps):
+                return None  # one value per channel (an error to explain), or an eps to check
+            if update:
+                buffers = (hostcall.buffer(layer.running_mean, channels, dtype),
+                           hostcall.buffer(layer.running_var, channels, dtype))  # fmt: skip
+                # every batch's weight (momentum=None, a cumulative average, has none: no plan)
+                momentum = layer.convention.new_batch_weight(layer.momentum, 1)
+                if buffers[0] is None or buffers[1] is None or not hostcall.momentum(momentum):
+                    return None
+                if type(unbiased) is not bool:
+                    return None
+                running = RunningUpdate(*buffers, momentum, unbiased)
+        else:
             running_mean = hostcall.vector(layer.running_mean, channels, dtype)
             running_var = hostcall.vector(layer.running_var, channels, dtype)
-        if (update or not batch) and (running_mean is None or running_var is None):
-            return None
+            if running_mean is None or running_var is None or not hostcall.eval_eps(eps):
+                return None
         weight = hostcall.vector(layer.weight, channels, dtype)
         bias = hostcall.vector(layer.bias, channels, dtype)
         if weight is None or bias is None:
