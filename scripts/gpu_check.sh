@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, in one command (a few minutes; about 3 on an H200):
-# the CUDA suites on the GPU, the host time of a call, and the benchmark at small, medium and
-# large sizes. Uses the Python environment it finds (numba, numba-cuda, pytest; torch and CuPy
-# with CUDA for the comparisons and the *_on_a_gpu tests); installs nothing.
+# the CUDA suites on the GPU, the host time of a call, the benchmark at small, medium and
+# large sizes, and the launch sizes against an elementwise floor. Uses the Python environment
+# it finds (numba, numba-cuda, pytest; torch and CuPy with CUDA for the comparisons and the
+# *_on_a_gpu tests); installs nothing.
 #   bash scripts/gpu_check.sh [LOG_DIR]        (default: a new folder under /tmp)
 # If NumPy is 2.5 or newer, numba-cuda 0.30.4 cannot compile (it names np.row_stack, which
 # NumPy 2.5 removed) and numba_bn says so; for a machine you cannot change, this script then
@@ -47,6 +48,10 @@ python3 -W ignore benchmarks/gpu_bench.py --repeat 50 --shape 64,256 --shape 8,1
 python3 -W ignore benchmarks/gpu_bench.py --repeat 20 --shape 256,256,56,56 \
     >> "$logs/bench.log" 2>&1 || status=1
 grep -v "^  (" "$logs/bench.log"
+echo "== launch sizes and the elementwise floor ($((SECONDS - start)) s) -> $logs/sizes.log"
+python3 -W ignore benchmarks/gpu_launch_sizes.py --shape 256,256,56,56 --shape 32,256,56,56 \
+    --shape 128,56,56,64:-1 --shape 4096,1024 > "$logs/sizes.log" 2>&1 || status=1
+cat "$logs/sizes.log"
 echo "== done in $((SECONDS - start)) s, status $status; logs in $logs"
 rm -rf "$shim"
 exit "$status"
