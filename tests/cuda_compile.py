@@ -32,7 +32,7 @@ def signatures(dt):
     partial, flags = array(f64, 3), array(i32, 1)
     return {
         kernels.channel_stats: (
-            (x, v, v, f64, dt, i64, i64, partial, flags, v64, v64, v64, array(dt, 2))
+            (x, v, v, f64, types.boolean, i64, i64, partial, flags, v64, v64, v64, array(dt, 2))
         ),
         kernels.eval_coefficients: (v, v, v, v, f64, array(dt, 2)),
         kernels.affine_coefficients: (v64, v64, v, v, array(dt, 2)),

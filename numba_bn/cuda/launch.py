@@ -143,13 +143,12 @@ def _launch_stats(x, weight, bias, eps, save_mean, save_invstd, save_m2, coef, n
     is not finite)."""
     blocks, block, parts_n, parts_s, tiles = reduction_shape(x.shape)
     partial, flags = _scratch(x, 3, parts_n * parts_s, tiles, fresh_flags=nan_check)
-    one = x.dtype.type(1)
     kernels.channel_stats[blocks, block](
         x,
         weight,
         bias,
         eps,
-        one,
+        x.dtype.itemsize <= 4,
         parts_n,
         parts_s,
         partial,
