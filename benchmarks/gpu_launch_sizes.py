@@ -15,10 +15,10 @@ bits (merge order).
 
 import argparse
 import itertools
+import math
 import sys
-import time
 
-import numba
+import gpu_bench
 import numpy as np
 from numba import cuda, uint64
 
@@ -78,33 +78,17 @@ def flat_affine(x, residual, epilogue, coef, values, y, outer, channels, inner):
 
 
 def event_ms(fn, repeat):
+    """gpu_bench's timer, after one synchronised warm-up call."""
     fn()
     cuda.synchronize()
-    if numba.config.ENABLE_CUDASIM:  # no events there: a smoke run's wall clock, meaningless
-        start = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / repeat
-    start, end = cuda.event(), cuda.event()
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    end.synchronize()
-    return cuda.event_elapsed_time(start, end) / repeat
-
-
-def canonical(shape, axis):
-    axis %= len(shape)
-    outer = int(np.prod(shape[:axis]))
-    inner = int(np.prod(shape[axis + 1 :]))
-    return outer, shape[axis], inner
+    return gpu_bench.event_ms(fn, repeat, 0)
 
 
 def run_shape(text, repeat):
-    dims, _, axis = text.partition(":")
-    shape = tuple(int(d) for d in dims.split(","))
-    outer, channels, inner = view = canonical(shape, int(axis or 1))
+    shape, axis = gpu_bench.parse_shape(text)
+    axis %= len(shape)
+    view = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    outer, channels, inner = view
     rng = np.random.default_rng(0)
     x = cuda.to_device((rng.standard_normal(view) * 3 + 10).astype(np.float32))
     dy = cuda.to_device(rng.standard_normal(view).astype(np.float32))
@@ -131,7 +115,7 @@ def run_shape(text, repeat):
                      sum_dy_xmu=stats[4])  # fmt: skip
 
     copy_ms = event_ms(lambda: copy.copy_to_device(x), repeat)
-    print(f"\n{shape} axis {axis or 1} -> {view}, {mib:.1f} MiB; copy {copy_ms:.4f} ms")
+    print(f"\n{shape} axis {axis} -> {view}, {mib:.1f} MiB; copy {copy_ms:.4f} ms")
     flat_x, flat_y = x.reshape(x.size), y.reshape(y.size)
     for per in (1, 4, 16):
         blocks = max(1, min(65535 * 32, -(-x.size // (256 * per))))
