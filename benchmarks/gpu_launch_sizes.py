@@ -6,9 +6,8 @@ For each shape (float32): the device-to-device copy; the elementwise passes (eva
 backward) for ELEMENTWISE_VALUES_PER_THREAD in 4..32; the reductions (forward-train, backward)
 for VALUES_PER_THREAD x TARGET_BLOCKS; and two plain Numba kernels as the floor of an
 elementwise pass here: ``y = x * a + b`` over the flat array (grid-stride) and over the 3-D view
-with a 3-D grid (no integer division in a thread); and, on planes, the library's affine written
-on 1-D views (:func:`flat_affine`), a candidate with fewer registers. CUDA-event ms per call
-(mean of ``--repeat`` after a warm-up). The elementwise passes must give the same bits for
+with a 3-D grid (no integer division in a thread). CUDA-event ms per call (mean of
+``--repeat`` after a warm-up). The elementwise passes must give the same bits for
 every values-per-thread (each value is computed alone); the reductions may differ in the last
 bits (merge order).
 """
@@ -20,11 +19,10 @@ import sys
 
 import gpu_bench
 import numpy as np
-from numba import cuda, uint64
+from numba import cuda
 
 from numba_bn import dispatch
-from numba_bn.cpu.kernels import EPILOGUE_ADD, EPILOGUE_RELU
-from numba_bn.cuda import config, kernels, launch
+from numba_bn.cuda import config
 
 DEFAULT_SHAPES = [
     "256,256,56,56",
@@ -53,28 +51,6 @@ def grid3_axpb(x, y, values):
     while s < stop:
         y[n, c, s] = x[n, c, s] * np.float32(1.5) + np.float32(0.5)
         s += cuda.blockDim.x
-
-
-@cuda.jit
-def flat_affine(x, residual, epilogue, coef, values, y, outer, channels, inner):
-    """The library's ``affine`` on planes (inner > 1) without its running update, indexing 1-D
-    views of x, residual and y (one pointer each instead of a pointer, 3 shapes and 3 strides):
-    36 registers a thread on sm_90 against the library's 56 (ptxas -v), so 7 blocks of 256
-    threads fit an SM instead of 4."""
-    c, n, s, stop, step = kernels._elementwise_run(outer, channels, inner, values)
-    mean_hi, scale, shift = coef[0, c], coef[2, c], coef[3, c]
-    add, relu = (epilogue & EPILOGUE_ADD) != 0, (epilogue & EPILOGUE_RELU) != 0
-    base = (n * channels + c) * inner
-    while s < stop:
-        i = uint64(base + s)  # unsigned: no wrap-around of negative indices
-        v = (x[i] - mean_hi) * scale + shift
-        if add:
-            v += residual[i]
-        if relu and v < 0:
-            y[i] = 0
-        else:
-            y[i] = v
-        s += step
 
 
 def event_ms(fn, repeat):
@@ -139,19 +115,6 @@ def run_shape(text, repeat):
             print(f"  elementwise {per:2}/thread: eval {eval_ms:8.4f} ms ({copy_ms / eval_ms:4.0%} "
                   f"of copy), backward {back_ms:8.4f} ms")  # fmt: skip
         config.ELEMENTWISE_VALUES_PER_THREAD = saved[0]
-        if inner > 1:
-            evaluate()  # the coefficients of eval, in the workspace
-            coef = launch.reused(x, np.float32, (4, channels))
-            blocks, block, per = launch.elementwise_shape(view)
-            expected = y.copy_to_host()
-            y_flat = y.reshape(y.size)
-            ms = event_ms(
-                lambda: flat_affine[blocks, block](flat_x, flat_x, 0, coef, per, y_flat, *view),
-                repeat,
-            )
-            same_flat = np.array_equal(y.copy_to_host(), expected)
-            print(f"  flat-indexed affine, {per}/thread: {ms:8.4f} ms ({copy_ms / ms:4.0%} of "
-                  f"copy), the same bits as eval: {same_flat}")  # fmt: skip
         same = all(
             np.array_equal(a, b, equal_nan=True)
             for got in bits.values()
