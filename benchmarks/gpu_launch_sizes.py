@@ -1,6 +1,7 @@
 """Time the CUDA backend's passes against the launch sizes of numba_bn.cuda.config, on a GPU.
 
     python benchmarks/gpu_launch_sizes.py [--shape 256,256,56,56 ...] [--repeat 20]
+    NUMBA_ENABLE_CUDASIM=1 python benchmarks/gpu_launch_sizes.py --smoke   # simulator: runs only
 
 For each shape (float32): the device-to-device copy; the elementwise passes (eval = affine,
 backward) for ELEMENTWISE_VALUES_PER_THREAD in 4..32; the reductions (forward-train, backward)
@@ -32,6 +33,7 @@ DEFAULT_SHAPES = [
     "128,56,56,64:-1",
     "4096,1024",
 ]
+SMOKE_SHAPES = ["2,3,5,4", "6,3:-1"]  # planes and rows, for the simulator (--smoke)
 
 
 @cuda.jit
@@ -93,12 +95,13 @@ def run_shape(text, repeat):
     copy_ms = event_ms(lambda: copy.copy_to_device(x), repeat)
     print(f"\n{shape} axis {axis} -> {view}, {mib:.1f} MiB; copy {copy_ms:.4f} ms")
     flat_x, flat_y = x.reshape(x.size), y.reshape(y.size)
+    threads = config.THREADS_PER_BLOCK
     for per in (1, 4, 16):
-        blocks = max(1, min(65535 * 32, -(-x.size // (256 * per))))
-        ms = event_ms(lambda blocks=blocks: flat_axpb[blocks, 256](flat_x, flat_y), repeat)
+        blocks = max(1, min(65535 * 32, -(-x.size // (threads * per))))
+        ms = event_ms(lambda blocks=blocks: flat_axpb[blocks, threads](flat_x, flat_y), repeat)
         print(f"  flat y=ax+b, {per:2} per thread     {ms:8.4f} ms  {copy_ms / ms:5.0%} of copy")
     if inner > 1 and outer <= 65535 and channels <= 65535:
-        bx = min(256, 1 << (inner - 1).bit_length())
+        bx = min(threads, 1 << (inner - 1).bit_length())
         for per in (1, 4, 16):
             grid = (-(-inner // (bx * per)), channels, outer)
             ms = event_ms(lambda grid=grid, per=per: grid3_axpb[grid, bx](x, y, per), repeat)
@@ -136,11 +139,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", help="N,C,... [:axis]; repeatable")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, every call once")
     args = parser.parse_args(argv)
-    if not cuda.is_available():
-        print("no CUDA GPU (smoke run under the simulator: NUMBA_ENABLE_CUDASIM=1)")
+    if not gpu_bench.prepare(args.smoke):
         return 2
-    ok = all([run_shape(s, args.repeat) for s in args.shape or DEFAULT_SHAPES])
+    shapes = args.shape or (SMOKE_SHAPES if args.smoke else DEFAULT_SHAPES)
+    ok = all([run_shape(s, 1 if args.smoke else args.repeat) for s in shapes])
+    print("result: the same bits at every elementwise size" if ok else "result: BITS DIFFER")
     return 0 if ok else 1
 
 

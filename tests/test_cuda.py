@@ -134,6 +134,15 @@ def test_gpu_benchmark_smoke_mode_runs_under_the_simulator():
     assert "all checks passed" in output, output[-4000:]
 
 
+def test_gpu_launch_sizes_benchmark_smoke_mode_runs_under_the_simulator():
+    """Every launch size it times gives the elementwise passes' same bits (it says so)."""
+    command = [sys.executable, "benchmarks/gpu_launch_sizes.py", "--smoke"]
+    code, output = run(command, {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=300)
+    assert code == 0, output[-4000:]
+    assert "result: the same bits at every elementwise size" in output, output[-4000:]
+    assert "reduction 256/thread, 4096 blocks" in output, output[-4000:]
+
+
 def test_gpu_host_overhead_benchmark_smoke_mode_runs_under_the_simulator():
     command = [sys.executable, "benchmarks/gpu_host_overhead.py", "--smoke"]
     code, output = run(command, {"NUMBA_ENABLE_CUDASIM": "1"}, timeout=300)
