@@ -5,11 +5,14 @@ Per-channel statistics come back in the input's dtype (float32 for float16 and b
 :mod:`numba_bn.checks` and the operations in :mod:`numba_bn.ops`.
 """
 
+import numpy as np
+
 from . import ops
 from .annotations import Activation, Array, Backend, Device, NanPolicy
 from .capi import calls
 from .checks import trained
 from .masking import masked_batch_backward, masked_batch_forward
+from .memory import host_views
 from .ops import batch_forward, parameter_gradients
 
 
@@ -80,6 +83,8 @@ def forward_train(
                                            residual, activation, backend, device)  # fmt: skip
         if served is not NotImplemented:
             return served
+    if type(x) is not np.ndarray:  # torch CPU tensors, say: NumPy's views take the plain path
+        x, weight, bias, out, residual = host_views(x, weight, bias, out, residual)
     if mask is None:  # the common call first: keywords spelt out, no dict to build (~0.5 us)
         # ops.batch_forward's two paths, its TrainResult skipped on the plain one (~1 us of 8)
         plain = ops.plain_batch_forward(x, weight, bias, eps, axis, None, None, 0.1, True,
@@ -125,6 +130,10 @@ def forward_eval(
                                           out, residual, activation, backend, device)  # fmt: skip
         if served is not NotImplemented:
             return served
+    if type(x) is not np.ndarray:  # as in forward_train
+        x, running_mean, running_var, weight, bias, out, residual = host_views(
+            x, running_mean, running_var, weight, bias, out, residual
+        )
     # ops.frozen_forward's two paths, its keywords skipped on the plain one (as forward_train)
     y = ops.plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, out,
                                  backend, residual, activation, device)  # fmt: skip
@@ -176,6 +185,10 @@ def backward(
                                       residual_out, backend, device)  # fmt: skip
         if served is not NotImplemented:
             return served
+    if type(x) is not np.ndarray or type(dy) is not np.ndarray:  # as in forward_train
+        dy, x, mean, invstd, weight, out, y, residual_out = host_views(
+            dy, x, mean, invstd, weight, out, y, residual_out
+        )
     if mask is None:  # as in forward_train: ops.batch_backward's two paths
         plain = ops.plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend,
                                          activation, y, residual_out, device)  # fmt: skip
@@ -230,6 +243,10 @@ def batch_norm(
     inputs (a view of ``out`` when given); for CUDA inputs the kind of ``x`` (CuPy, torch, else
     a Numba device array).
     """
+    if type(x) is not np.ndarray and calls.entry is None:  # as in forward_train
+        x, running_mean, running_var, weight, bias, out, residual = host_views(
+            x, running_mean, running_var, weight, bias, out, residual
+        )
     if training and mask is None and calls.entry is None:
         # batch_forward's plain path without its keywords and its TrainResult (~1 us of a small
         # call), as forward_train

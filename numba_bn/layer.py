@@ -293,6 +293,8 @@ class BatchNorm(LayerState):
         ignored when the running statistics normalise, as in Keras). ``residual`` (an array
         like x): added before the layer's ``activation``, in the same pass."""
         training = self.training if training is None else bool(training)
+        if type(x) is not np.ndarray:  # a torch CPU tensor, say: NumPy's views take the plans
+            x, residual = host_view(x), host_view(residual)
         plain, y = type(x) is np.ndarray and mask is None and out is None, None
         if plain:  # a batch like one before: its plan, when the layer still holds what it checked
             plan = self._plans.get((x.shape, training))
@@ -477,6 +479,8 @@ class BatchNorm(LayerState):
         """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``, and
         after a forward with a residual ``grad_residual`` (dy through the activation)."""
         saved = self._saved
+        if type(dy) is not np.ndarray:  # a torch CPU tensor, say: NumPy's view takes the plan
+            dy = host_view(dy)
         if saved is not None and saved.plan is not None and out is None:  # a planned forward's
             plan = saved.plan
             if type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy):

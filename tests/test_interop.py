@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
+from numba_bn import layer as layer_module
+from numba_bn import ops
 
 from conftest import random_batch
 
@@ -199,6 +201,63 @@ def test_batchnorm_layer_on_torch_tensors_gives_the_numpy_bits(rng, dtype):
     assert np.shares_memory(ty, _numpy(out))
     _assert_same_bits(_numpy(out), y)
     _assert_same_bits(layers[1].backward(_tensor(case["dy"])), layers[0].backward(case["dy"]))
+
+
+def _refuse(*args, **keywords):
+    raise AssertionError("the checked (general) path ran")
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_calls_of_torch_tensors_take_the_plain_path(rng, monkeypatch, dtype):
+    """A plain call of torch CPU tensors is the plain call of NumPy's views of them: the
+    functions' checked paths are not run (patched to raise), the bits are the ndarrays', and
+    the running tensors are updated in place (they took the checked path, ~25 us more a call
+    on a small batch)."""
+    case = _case(rng, (16, 5), 1, dtype)
+    t = {name: _tensor(value) for name, value in case.items()}
+    x, dy, weight, bias = (case[n] for n in ("x", "dy", "weight", "bias"))
+    tx, tdy, tweight, tbias = (t[n] for n in ("x", "dy", "weight", "bias"))
+    running = [case["running_mean"].copy(), case["running_var"].copy()]
+    trunning = [t["running_mean"], t["running_var"]]
+    expected_train = nbn.forward_train(x, weight, bias)
+    _, mean, invstd = expected_train
+    expected_dx = nbn.backward(dy, x, mean, invstd, weight)
+    expected_eval = nbn.forward_eval(x, *running, weight, bias)
+    expected_y = nbn.batch_norm(x, *running, weight, bias, training=True)
+
+    for name in ("checked_batch_forward", "checked_frozen_forward", "checked_batch_backward"):
+        monkeypatch.setattr(ops, name, _refuse)
+    for actual, expected in zip(nbn.forward_train(tx, tweight, tbias), expected_train,
+                                strict=True):  # fmt: skip
+        _assert_same_bits(actual, expected)
+    actual_dx = nbn.backward(tdy, tx, _tensor(mean), _tensor(invstd), tweight)
+    for actual, expected in zip(actual_dx, expected_dx, strict=True):
+        _assert_same_bits(actual, expected)
+    _assert_same_bits(nbn.forward_eval(tx, *trunning, tweight, tbias), expected_eval)
+    _assert_same_bits(nbn.batch_norm(tx, *trunning, tweight, tbias, training=True), expected_y)
+    for tbuffer, buffer in zip(trunning, running, strict=True):
+        _assert_same_bits(_numpy(tbuffer), buffer)
+
+
+@needs_torch
+def test_a_layer_on_torch_tensors_keeps_plans(rng, monkeypatch):
+    """BatchNorm on torch CPU tensors (x, residual, dy) plans as on ndarrays: after the first
+    step its general path does not run again (patched to raise), with the ndarrays' bits."""
+    shape = (16, 5)
+    x, z, dy = (random_batch(rng, shape, np.float32) for _ in range(3))
+    layers = [nbn.BatchNorm(5, activation="relu") for _ in range(2)]
+    for bn, inputs in zip(layers, [(x, z, dy), tuple(map(_tensor, (x, z, dy)))], strict=True):
+        bn(inputs[0], residual=inputs[1]), bn.backward(inputs[2])
+    monkeypatch.setattr(nbn.BatchNorm, "_forward", _refuse)
+    monkeypatch.setattr(ops, "plain_batch_backward", _refuse)
+    monkeypatch.setattr(layer_module, "batch_backward", _refuse)
+    tx, tz, tdy = map(_tensor, (x, z, dy))
+    for _ in range(2):
+        _assert_same_bits(layers[1](tx, residual=tz), layers[0](x, residual=z))
+        _assert_same_bits(layers[1].backward(tdy), layers[0].backward(dy))
+        _assert_same_bits(layers[1].grad_residual, layers[0].grad_residual)
+        _assert_same_bits(layers[1].running_var, layers[0].running_var)
 
 
 @needs_torch
