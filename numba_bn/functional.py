@@ -185,9 +185,9 @@ def backward(
                                       residual_out, backend, device)  # fmt: skip
         if served is not NotImplemented:
             return served
-    if type(x) is not np.ndarray or type(dy) is not np.ndarray:  # as in forward_train
-        dy, x, mean, invstd, weight, out, y, residual_out = host_views(
-            dy, x, mean, invstd, weight, out, y, residual_out
+    if type(x) is not np.ndarray:  # as in forward_train
+        x, dy, mean, invstd, weight, out, y, residual_out = host_views(
+            x, dy, mean, invstd, weight, out, y, residual_out
         )
     if mask is None:  # as in forward_train: ops.batch_backward's two paths
         plain = ops.plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend,

@@ -25,7 +25,7 @@ from .dispatch import memory_of, move
 from .functional import forward_eval
 from .layout import check_axis, normalize_axis
 from .masking import masked_batch_backward, masked_batch_forward
-from .memory import host_view, is_device_array
+from .memory import host_view, host_views, is_device_array
 from .moments import Moments, moments
 from .ops import (
     affine_forward,
@@ -293,8 +293,8 @@ class BatchNorm(LayerState):
         ignored when the running statistics normalise, as in Keras). ``residual`` (an array
         like x): added before the layer's ``activation``, in the same pass."""
         training = self.training if training is None else bool(training)
-        if type(x) is not np.ndarray:  # a torch CPU tensor, say: NumPy's views take the plans
-            x, residual = host_view(x), host_view(residual)
+        if type(x) is not np.ndarray:  # a torch CPU tensor: NumPy's views take the plans
+            x, residual = host_views(x, residual)
         plain, y = type(x) is np.ndarray and mask is None and out is None, None
         if plain:  # a batch like one before: its plan, when the layer still holds what it checked
             plan = self._plans.get((x.shape, training))
@@ -479,8 +479,8 @@ class BatchNorm(LayerState):
         """dx for the last forward; sets ``grad_weight`` (sum dy*x_hat) and ``grad_bias``, and
         after a forward with a residual ``grad_residual`` (dy through the activation)."""
         saved = self._saved
-        if type(dy) is not np.ndarray:  # a torch CPU tensor, say: NumPy's view takes the plan
-            dy = host_view(dy)
+        if type(dy) is not np.ndarray:  # a torch CPU tensor: NumPy's view takes the plan
+            (dy,) = host_views(dy)
         if saved is not None and saved.plan is not None and out is None:  # a planned forward's
             plan = saved.plan
             if type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy):
