@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from .layout import canonical_shape
+
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 _EMPTY = {F32: np.empty(0, F32), F64: np.empty(0, F64)}  # "absent": no elements to share
 
@@ -50,8 +52,7 @@ def _view_shape(shape, axis):
     ndim = len(shape)
     if ndim < 2 or not -ndim <= axis < ndim:
         return None
-    axis %= ndim
-    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    return canonical_shape(shape, axis % ndim)
 
 
 def like(other, x, view):
