@@ -24,6 +24,7 @@ from numba import cuda
 import numba_bn as nbn
 from numba_bn import dispatch, reference
 from numba_bn.cuda import config
+from numba_bn.layout import canonical_shape
 
 DEFAULT_SHAPES = ["32,256,56,56", "64,128,64,64", "256,1024", "128,56,56,64:-1"]
 SMOKE_SHAPES = ["3,4,5", "2,3,2,5:-1"]
@@ -139,8 +140,7 @@ def time_shape(shape, axis, dtype, repeat, warmup, smoke):
     y_d, dx_d, copy_d = (cuda.device_array_like(x_d) for _ in range(3))
     _, mean, invstd = nbn.forward_train(x_d, axis=axis)
 
-    outer = int(np.prod(shape[: axis % len(shape)]))
-    view = (outer, channels, host.size // (outer * channels))
+    view = canonical_shape(shape, axis % len(shape))
     x3, y3, dy3, dx3 = (a.reshape(view) for a in (x_d, y_d, dy_d, dx_d))
     stats = [cuda.device_array(channels, np.float64) for _ in range(5)]
     mean64, invstd64 = (cuda.to_device(np.ones(channels)) for _ in range(2))

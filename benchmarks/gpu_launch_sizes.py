@@ -15,7 +15,6 @@ bits (merge order).
 
 import argparse
 import itertools
-import math
 import sys
 
 import gpu_bench
@@ -24,6 +23,7 @@ from numba import cuda
 
 from numba_bn import dispatch
 from numba_bn.cuda import config
+from numba_bn.layout import canonical_shape
 
 DEFAULT_SHAPES = [
     "256,256,56,56",
@@ -65,8 +65,7 @@ def event_ms(fn, repeat):
 def run_shape(text, repeat):
     shape, axis = gpu_bench.parse_shape(text)
     axis %= len(shape)
-    view = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
-    outer, channels, inner = view
+    outer, channels, inner = view = canonical_shape(shape, axis)
     rng = np.random.default_rng(0)
     x = cuda.to_device((rng.standard_normal(view) * 3 + 10).astype(np.float32))
     dy = cuda.to_device(rng.standard_normal(view).astype(np.float32))
