@@ -15,8 +15,6 @@ import math
 
 import numpy as np
 
-from .layout import canonical_shape
-
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 _EMPTY = {F32: np.empty(0, F32), F64: np.empty(0, F64)}  # "absent": no elements to share
 
@@ -52,7 +50,8 @@ def _view_shape(shape, axis):
     ndim = len(shape)
     if ndim < 2 or not -ndim <= axis < ndim:
         return None
-    return canonical_shape(shape, axis % ndim)
+    axis %= ndim
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
 
 
 def like(other, x, view):
