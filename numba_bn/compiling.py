@@ -25,6 +25,8 @@ import time
 
 from numba.core import event
 
+from . import ahead
+
 #: Seconds a cold compile of each serial driver took on the 2-core machine of the README's
 #: "First call" section (load 1), the kernels it inlines included, in a process that had
 #: compiled nothing yet (2026-12-01; rows and planes within 20%). A parallel twin takes about
@@ -168,11 +170,15 @@ class _Listener(event.Listener):
         dispatcher = ev.data["dispatcher"]
         name = driver_name(dispatcher) if not stack else None
         stack.append((name, time.perf_counter()))
-        if name is not None and not quiet():
+        if name is None:
+            return
+        args = ev.data["args"]
+        if not quiet():
             try:
-                print(_line(name, ev.data["args"], dispatcher), file=sys.stderr, flush=True)
+                print(_line(name, args, dispatcher), file=sys.stderr, flush=True)
             except Exception:  # a missing line must not stop the compile
                 pass
+        ahead.started(dispatcher, lambda sibling: describe(driver_name(sibling), args))
 
     def on_end(self, ev):
         stack = getattr(_state, "stack", None)

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numpy.typing import DTypeLike
 
-from . import compiling
+from . import ahead, compiling
 
 #: Memory shapes of the canonical (outer, C, inner) view, and what partitions them: rows
 #: (inner == 1), planes split into segments (few channels), short planes (numba_bn.cpu.kernels:
@@ -248,7 +248,7 @@ def run_steps(
         shape = _norm_shape(parallel) if norm else _shape(layout, parallel, threads)
         x = (rng.standard_normal(shape) + 2.0).astype(dtype)
         loads = _cache_loads()
-        with compiling.recording() as compiled:
+        with compiling.recording() as compiled, ahead.off():  # the steps compile here
             start = time.perf_counter()
             if norm:
                 _norm(operation, x, parallel)

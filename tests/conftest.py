@@ -14,6 +14,10 @@ import pytest
 # the suite chooses when compiled calls are on (tests/test_plugin.py): a shell's setting, which
 # `import numba_bn` reads, would serve calls the tests mean for the Python path (and children)
 os.environ.pop("NUMBA_BN_COMPILED_CALLS", None)
+# and when a compile starts a worker (tests/test_ahead.py): in the rest of the suite, children
+# included, a driver compiles in the process that runs it, as the tests of warm-up, the compile
+# line and the caches expect
+os.environ["NUMBA_BN_COMPILE_AHEAD"] = "0"
 
 import numba_bn as nbn
 from numba_bn.capi import build

@@ -4,6 +4,7 @@ import math
 
 import numba
 
+from .. import ahead
 from ..stats import no_running_update
 from . import drivers
 from .items import is_fused, memory_of
@@ -78,9 +79,8 @@ _PLANS_MAX = 4096
 
 def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     """(run, fused) of ``step`` on ``x``: the twin the cost model picks for x's memory shape and
-    ``epilogue`` (:func:`.drivers.driver`), the parallel one as :func:`.threads.launcher`
-    calls it, and for a step with two partitions whether it takes fused planes
-    (:func:`.items.is_fused`, the rule the C plugin's shim follows too)."""
+    ``epilogue`` (:func:`_driver`), the parallel one as :func:`.threads.launcher` calls it, and
+    for a step with two partitions whether it takes fused planes."""
     key = (step, x.shape, may_fuse, epilogue)
     plan = _PLANS.get(key)
     if plan is not None:
@@ -92,6 +92,21 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
         plan = _PLANS.get(key)
         if plan is not None:
             return plan
+    dispatcher, fused = _driver(step, x, threads, may_fuse, epilogue)
+    if step == "forward_train" and epilogue == EPILOGUE_NONE and not dispatcher.overloads:
+        _expect_siblings(dispatcher, x)
+    plan = (launcher(dispatcher) if threads > 1 else dispatcher), fused
+    # a parallel plan made before numba chose its threading layer is guarded: not kept
+    if len(_PLANS) < _PLANS_MAX and (threads == 1 or layer_known()):
+        _PLANS[key] = plan
+    return plan
+
+
+def _driver(step, x, threads, may_fuse=False, epilogue=EPILOGUE_NONE):
+    """(dispatcher, fused): the twin of ``step`` for ``threads`` threads (1: serial) on x's
+    memory shape and ``epilogue`` (:func:`.drivers.driver`), and for a step with two
+    partitions whether it takes fused planes (:func:`.items.is_fused`, the rule the C plugin's
+    shim follows too)."""
     fused = False
     if step in ("forward_train", "backward"):
         forward = step == "forward_train"
@@ -101,11 +116,19 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     # driver() gives the steps without a copy per memory shape their one copy whatever memory
     # says)
     parallel, serial = drivers.driver(step, memory_of(x.shape[0], x.shape[-1]), epilogue)
-    plan = (launcher(parallel) if threads > 1 else serial), fused
-    # a parallel plan made before numba chose its threading layer is guarded: not kept
-    if len(_PLANS) < _PLANS_MAX and (threads == 1 or layer_known()):
-        _PLANS[key] = plan
-    return plan
+    return (parallel if threads > 1 else serial), fused
+
+
+def _expect_siblings(forward, x):
+    """A plain forward_train driver not run yet in this process: if it compiles, the backward
+    and eval drivers of the same batch compile ahead in a worker (:mod:`numba_bn.ahead`)."""
+    if x.size > ahead.AHEAD_MAX_ELEMENTS:
+        return
+    siblings = [
+        _driver("backward", x, threads_for("backward", x.size), may_fuse=True)[0],
+        _driver("forward_eval", x, threads_for("forward_eval", x.size))[0],
+    ]
+    ahead.expect(forward, x, num_threads(), siblings)
 
 
 class CpuBackend:

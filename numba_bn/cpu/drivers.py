@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from numba import prange
 
+from .. import ahead
 from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
 from .items import (
     ITEM_SCRATCH_SHAPE,
@@ -113,6 +114,7 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     for dispatcher in pair:
         _key_cache_on_sources(dispatcher)
         _lock_cache_saves(dispatcher)
+        ahead.hold_loads(dispatcher)  # a worker may be compiling it (numba_bn.ahead)
     _twins.extend(pair)
     return pair
 

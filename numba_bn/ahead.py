@@ -1,0 +1,214 @@
+"""Compile ahead: a first forward_train compiles its backward and eval in a worker process.
+
+A training loop's first step compiles three drivers one after the other (forward_train, then
+backward, then forward_eval at the first validation): ~10 s from an empty cache on a 2-core
+machine, where Numba compiles one function at a time in a process. When the forward's driver
+starts to compile, the drivers the same batch's backward and eval will run (the cost model's
+choice for its canonical view: twin, partition, memory shape) compile in one worker process
+at the same time, into Numba's on-disk cache; this process then waits for that worker
+instead of compiling them again, and loads them (benchmarks/README.md, "Compile ahead").
+
+One line on stderr says so (NUMBA_BN_QUIET=1 hides it, as the compile lines). It happens only
+on a real compile of a plain forward_train driver (no epilogue), never on a cache load, and only
+where it can help and cannot harm: Numba's cache on, a POSIX ``posix_spawn``, an interpreter that
+is plain Python, mpi4py's MPI not imported (a rank does not start processes behind its
+launcher's back), a batch of at most AHEAD_MAX_ELEMENTS values (the worker runs the two steps
+on one like it), and, unless ``NUMBA_BN_COMPILE_AHEAD`` is true (1, true, yes, on: always),
+two CPUs or more for this process with one of them idle (the 1-minute load average at most
+their count less one): on a busy machine the worker's start and Numba's own start-up in it
+cost more than they save. ``NUMBA_BN_COMPILE_AHEAD=0`` (false, no, off) turns it off. The
+worker writes nothing; a worker that fails costs this process its wait, and the driver then
+compiles here as it would have.
+"""
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+#: 0 / false / no / off: never; 1 / true / yes / on: always (where it can run); unset: by load.
+ENVIRONMENT = "NUMBA_BN_COMPILE_AHEAD"
+#: The largest batch (values) whose backward and eval compile ahead: the worker allocates x, dy
+#: and the outputs of its shape.
+AHEAD_MAX_ELEMENTS = 1 << 24
+#: How long a load waits for the worker at most: its estimated compile times this many times,
+#: plus WAIT_SLACK_SECONDS (a loaded machine), then the driver compiles here.
+WAIT_FACTOR = 4.0
+WAIT_SLACK_SECONDS = 30.0
+_POLL_SECONDS = 0.02
+
+_lock = threading.Lock()
+_expected = [None]  # the (forward dispatcher, request) a compile event may start a worker for
+_workers = []  # the workers started: Worker
+_off = []  # inside off(): warm-up runs its steps itself
+
+
+class Worker:
+    """A worker process started here: its pid, the dispatchers it compiles, and by when."""
+
+    def __init__(self, pid, dispatchers, deadline):
+        self.pid, self.dispatchers, self.deadline = pid, dispatchers, deadline
+        self.status = None  # the exit status, once reaped
+
+    def done(self):
+        """Whether it has ended (reaping it)."""
+        if self.status is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # not our child (a fork of this process), or reaped
+                pid, status = self.pid, -1
+            if pid:
+                self.status = status
+        return self.status is not None
+
+
+class off:
+    """No compile ahead inside the block (``numba_bn.warmup`` runs every step itself)."""
+
+    def __enter__(self):
+        _off.append(True)
+
+    def __exit__(self, *exc):
+        _off.pop()
+
+
+def enabled():
+    """Whether a compile may start a worker here (the module's docstring)."""
+    setting = os.environ.get(ENVIRONMENT, "").strip().lower()
+    if _off or setting in ("0", "false", "no", "off"):
+        return False
+    if not hasattr(os, "posix_spawn") or getattr(sys, "frozen", False):
+        return False
+    if not Path(sys.executable or "").name.lower().startswith("python"):
+        return False  # an application embedding Python: its executable is not an interpreter
+    if "mpi4py.MPI" in sys.modules:
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    return cpus >= 2 and os.getloadavg()[0] <= cpus - 1
+
+
+def expect(forward, view, threads, siblings):
+    """Note that the driver ``forward`` is about to run on the canonical ``view`` for the first
+    time in this process, whose Numba threads are ``threads``, and that the backward and eval
+    of ``view`` run the dispatchers ``siblings``: if ``forward`` now compiles
+    (:func:`started`), a worker compiles them. Called by the CPU backend when it plans a
+    forward_train whose driver has not run here."""
+    request = (tuple(view.shape), view.dtype.name, threads, tuple(siblings))
+    _expected[0] = (forward, request)
+
+
+def started(dispatcher, describe):
+    """A driver's compile has started (numba_bn.compiling's listener): the worker for what
+    :func:`expect` noted, if it is this driver's and compiling ahead is on; ``describe(d)``
+    names a dispatcher's compile for the line on stderr. Never raises."""
+    try:
+        _reap()
+        expected = _expected[0]
+        if expected is None or expected[0] is not dispatcher:
+            return None
+        _expected[0] = None
+        if not enabled():
+            return None
+        return _start(*expected[1], describe)
+    except Exception:  # compiling ahead is an optimisation: nothing may stop the compile
+        return None
+
+
+def _start(shape, dtype, threads, siblings, describe):
+    from . import compiling
+
+    if any(d.overloads for d in siblings) or compiling.cache_path() is None:
+        return None
+    named = [describe(d) for d in siblings]  # (what, estimated seconds)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, **{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-c", "from numba_bn.ahead import _serve; _serve()",
+            "x".join(map(str, shape)), dtype, str(threads)]  # fmt: skip
+    quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    pid = os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
+    seconds = sum(estimate for _, estimate in named)
+    deadline = time.monotonic() + WAIT_FACTOR * seconds + WAIT_SLACK_SECONDS
+    with _lock:
+        _workers.append(Worker(pid, frozenset(map(id, siblings)), deadline))
+    if not compiling.quiet():
+        what = " and ".join(name for name, _ in named)
+        print(
+            f"numba_bn: compiling {what} ahead, in a worker process (pid {pid}) while this one "
+            f"compiles the forward; about {max(1, round(seconds))} s: cached in "
+            f"{compiling.cache_location()}. {ENVIRONMENT}=0 turns this off",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+    return pid
+
+
+def _reap():
+    """Forget the workers that have ended (reaping them)."""
+    with _lock:
+        _workers[:] = [worker for worker in _workers if not worker.done()]
+
+
+def wait_for(dispatcher, load):
+    """``load()``, Numba's cache lookup for ``dispatcher``: while a live worker compiles it,
+    again until the worker has saved it, has ended, or is past its deadline; a worker that
+    ended is forgotten."""
+    found = load()
+    for worker in list(_workers):
+        if id(dispatcher) not in worker.dispatchers:
+            continue
+        while found is None and not worker.done():
+            if time.monotonic() > worker.deadline:
+                break
+            time.sleep(_POLL_SECONDS)
+            found = load()
+        if worker.done():
+            _reap()
+        if found is None:  # it ended first: its last save came before the end
+            found = load()
+    return found
+
+
+def hold_loads(dispatcher):
+    """Make ``dispatcher``'s loads from Numba's cache wait for a worker compiling it first
+    (:func:`wait_for`); nothing when its cache is off."""
+    cache = getattr(dispatcher, "_cache", None)
+    load = getattr(cache, "load_overload", None)
+    if load is None or not getattr(cache, "cache_path", None):
+        return
+
+    def load_overload(sig, target_context):
+        if _workers:
+            return wait_for(dispatcher, lambda: load(sig, target_context))
+        return load(sig, target_context)
+
+    cache.load_overload = load_overload
+
+
+def _serve():
+    """The worker: argv gives the canonical view's shape ("8x16x64"), the dtype and the threads;
+    runs the backward and the eval of a batch of that shape through the CPU backend, which
+    compiles (or loads) the drivers the parent will run, into the shared on-disk cache."""
+    import numba
+    import numpy as np
+
+    from .cpu import CpuBackend
+
+    shape = tuple(int(n) for n in sys.argv[1].split("x"))
+    dtype, threads = np.dtype(sys.argv[2]), int(sys.argv[3])
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    channels = shape[1]
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) + dtype.type(1)
+    mean, invstd = np.zeros(channels), np.ones(channels)
+    weight, empty = np.ones(channels, dtype), np.empty(0, dtype)
+    backend = CpuBackend()
+    backend.backward(x, x, mean=mean, invstd=invstd, weight=weight, dx=np.empty_like(x),
+                     sum_dy=np.empty(channels), sum_dy_xmu=np.empty(channels))  # fmt: skip
+    running_mean, running_var = np.zeros(channels, dtype), np.ones(channels, dtype)
+    backend.forward_eval(x, weight=empty, bias=empty, running_mean=running_mean,
+                         running_var=running_var, eps=1e-5, y=np.empty_like(x))  # fmt: skip

@@ -1,0 +1,200 @@
+"""Compile ahead (numba_bn/ahead.py): a first forward_train's compile starts a worker process
+that compiles the same batch's backward and eval drivers into the on-disk cache, and this
+process loads them instead of compiling them itself.
+
+The rest of the suite runs with it off (conftest.py); here children turn it on, each with an
+empty NUMBA_CACHE_DIR of its own. Times are printed, not asserted.
+"""
+
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from numba_bn import ahead
+
+import naive
+from conftest import run_child
+
+SHAPE = (8, 16, 8, 8)  # planes, the serial twins
+TRAINING_STEP = f"""
+import sys, time
+import numpy as np, numba_bn as nbn
+from numba_bn import compiling
+rng = np.random.default_rng(5)
+x = (rng.standard_normal({SHAPE}) * 3 + 2).astype(np.float32)
+dy = (rng.standard_normal({SHAPE}) - 0.5).astype(np.float32)
+start = time.perf_counter()
+with compiling.recording() as compiled:
+    y, mean, invstd = nbn.forward_train(x)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd)
+    y_eval = nbn.forward_eval(x, mean, 1 / invstd**2)
+print("seconds:", round(time.perf_counter() - start, 2))
+np.savez(sys.argv[1], x=x, dy=dy, y=y, mean=mean, invstd=invstd, dx=dx, dweight=dweight,
+         dbias=dbias, y_eval=y_eval)
+print("compiled:", ",".join(name for name, _ in compiled))
+"""
+AHEAD_LINE = re.compile(r"^numba_bn: compiling (.*) ahead, in a worker process .*$", re.MULTILINE)
+
+
+def _training_step(tmp_path, name, compile_ahead):
+    cache, out = tmp_path / f"cache_{name}", tmp_path / f"{name}.npz"
+    env = {"NUMBA_CACHE_DIR": str(cache), "NUMBA_BN_QUIET": "", ahead.ENVIRONMENT: compile_ahead}
+    status, output = run_child([sys.executable, "-c", TRAINING_STEP, out], env, timeout=300)
+    assert status == 0, output
+    print(f"compile ahead {compile_ahead}:\n{output}")
+    compiled = re.search(r"^compiled: (.*)$", output, re.MULTILINE).group(1).split(",")
+    return output, compiled, dict(np.load(out))
+
+
+def test_a_first_training_step_compiles_its_backward_and_eval_in_a_worker(tmp_path):
+    output, compiled, ahead_run = _training_step(tmp_path, "ahead", "1")
+    assert compiled == ["forward_train_split_planes_serial"], output
+    (line,) = AHEAD_LINE.findall(output)
+    assert "backward (split, planes, float32, serial twin)" in line
+    assert "forward_eval (planes, float32, serial twin)" in line
+    assert f"cached in {tmp_path / 'cache_ahead'}" in output
+
+    output, compiled, here = _training_step(tmp_path, "here", "0")
+    assert compiled == [
+        "forward_train_split_planes_serial",
+        "backward_split_planes_serial",
+        "forward_eval_planes_serial",
+    ], output
+    assert not AHEAD_LINE.search(output)
+    for name, value in here.items():  # the worker's machine code is this process's, bit for bit
+        np.testing.assert_array_equal(ahead_run[name], value, err_msg=name)
+
+    x, dy = here["x"].astype(np.float64), here["dy"].astype(np.float64)
+    y, mean, invstd = naive.forward_train(x)
+    dx, dweight, dbias = naive.backward(dy, x)
+    np.testing.assert_allclose(ahead_run["y"], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ahead_run["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(ahead_run["invstd"], invstd, rtol=1e-6)
+    var = 1 / ahead_run["invstd"].astype(np.float64) ** 2  # as the child passed it
+    y_eval = naive.forward(x, ahead_run["mean"], var)
+    np.testing.assert_allclose(ahead_run["y_eval"], y_eval, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ahead_run["dx"], dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ahead_run["dweight"], dweight, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(ahead_run["dbias"], dbias, rtol=1e-4, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- when it is on
+@pytest.fixture
+def two_cpus(monkeypatch):
+    """Two CPUs, one of them idle, and NUMBA_BN_COMPILE_AHEAD unset."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.9, 0.5, 0.5))
+    monkeypatch.delenv(ahead.ENVIRONMENT, raising=False)
+
+
+def test_it_is_on_by_default_with_two_cpus_one_idle(two_cpus):
+    assert ahead.enabled()
+
+
+def test_a_busy_machine_turns_it_off_unless_the_environment_says_always(two_cpus, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.1, 0.5, 0.5))
+    assert not ahead.enabled()
+    monkeypatch.setenv(ahead.ENVIRONMENT, "1")
+    assert ahead.enabled()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert ahead.enabled()
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", " off "])
+def test_the_environment_turns_it_off(two_cpus, monkeypatch, value):
+    monkeypatch.setenv(ahead.ENVIRONMENT, value)
+    assert not ahead.enabled()
+
+
+def test_one_cpu_an_mpi_rank_an_embedding_program_and_warmup_turn_it_off(two_cpus, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+        assert not ahead.enabled()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "mpi4py.MPI", object())
+        assert not ahead.enabled()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "executable", "/opt/app/bin/blender")
+        assert not ahead.enabled()
+    with ahead.off():
+        assert not ahead.enabled()
+    assert ahead.enabled()
+
+
+def test_a_compile_of_another_driver_starts_no_worker(two_cpus, monkeypatch):
+    forward, other = object(), object()
+    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, ()))])
+    monkeypatch.setattr(ahead, "_start", lambda *args: pytest.fail("a worker started"))
+    assert ahead.started(other, describe=None) is None
+    assert ahead._expected[0][0] is forward  # still expected: the forward has not compiled
+    with ahead.off():
+        assert ahead.started(forward, describe=None) is None
+    assert ahead._expected[0] is None  # a compile consumes what was expected, on or off
+
+
+# ------------------------------------------------------------------ waiting for the worker
+def _sleeper(seconds):
+    """A child process that sleeps (a stand-in for a worker)."""
+    code = f"import time; time.sleep({seconds})"
+    return os.posix_spawn(sys.executable, [sys.executable, "-c", code], os.environ)
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """A sleeping worker registered as compiling ``compiled``; killed afterwards."""
+    workers = []
+    monkeypatch.setattr(ahead, "_workers", workers)
+
+    def start(seconds, compiled, deadline_s=30.0):
+        started = ahead.Worker(_sleeper(seconds), frozenset(map(id, compiled)),
+                               time.monotonic() + deadline_s)  # fmt: skip
+        workers.append(started)
+        return started
+
+    yield start
+    for started in workers:
+        if not started.done():
+            os.kill(started.pid, 9)
+            os.waitpid(started.pid, 0)
+
+
+def test_a_load_waits_until_the_worker_has_saved_the_entry(worker):
+    dispatcher, loads = object(), []
+    running = worker(30, [dispatcher])
+
+    def load():
+        loads.append(time.monotonic())
+        return "entry" if len(loads) >= 4 else None
+
+    start = time.monotonic()
+    assert ahead.wait_for(dispatcher, load) == "entry"
+    assert len(loads) == 4 and time.monotonic() - start < 5
+    assert not running.done()  # it returned as soon as the entry was there
+
+
+def test_a_load_of_a_driver_the_worker_does_not_compile_does_not_wait(worker):
+    worker(30, [object()])
+    start = time.monotonic()
+    assert ahead.wait_for(object(), lambda: None) is None
+    assert time.monotonic() - start < 0.5
+
+
+def test_a_load_looks_again_once_the_worker_has_ended_and_forgets_it(worker):
+    dispatcher = object()
+    running = worker(0.2, [dispatcher])
+    assert ahead.wait_for(dispatcher, lambda: "entry" if running.status is not None else None) == (
+        "entry"
+    )
+    assert ahead._workers == []
+
+
+def test_a_load_stops_waiting_at_the_workers_deadline(worker):
+    dispatcher = object()
+    worker(30, [dispatcher], deadline_s=0.3)
+    start = time.monotonic()
+    assert ahead.wait_for(dispatcher, lambda: None) is None  # then the driver compiles here
+    assert time.monotonic() - start < 5
