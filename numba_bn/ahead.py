@@ -14,8 +14,8 @@ where it can help and cannot harm: Numba's cache on, a POSIX ``posix_spawn``, an
 is plain Python, mpi4py's MPI not imported (a rank does not start processes behind its
 launcher's back), a batch of at most AHEAD_MAX_ELEMENTS values (the worker runs the two steps
 on one like it), and, unless ``NUMBA_BN_COMPILE_AHEAD`` is true (1, true, yes, on: always),
-two CPUs or more for this process with one of them idle (the 1-minute load average at most
-their count less one): on a busy machine the worker's start and Numba's own start-up in it
+two CPUs or more for this process with half of one idle (the 1-minute load average at most
+their count less 0.5): on a busy machine the worker's start and Numba's own start-up in it
 cost more than they save. ``NUMBA_BN_COMPILE_AHEAD=0`` (false, no, off) turns it off. The
 worker writes nothing; a worker that fails costs this process its wait, and the driver then
 compiles here as it would have.
@@ -90,7 +90,7 @@ def enabled():
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cpus = os.cpu_count() or 1
-    return cpus >= 2 and os.getloadavg()[0] <= cpus - 1
+    return cpus >= 2 and os.getloadavg()[0] <= cpus - 0.5
 
 
 def expect(forward, view, threads, siblings):
