@@ -174,6 +174,14 @@ def wait_for(dispatcher, load):
     return found
 
 
+def settle():
+    """Wait for every live worker to end (up to its deadline): before timing anything, say."""
+    for worker in list(_workers):
+        while not worker.done() and time.monotonic() <= worker.deadline:
+            time.sleep(_POLL_SECONDS)
+    _reap()
+
+
 def hold_loads(dispatcher):
     """Make ``dispatcher``'s loads from Numba's cache wait for a worker compiling it first
     (:func:`wait_for`); nothing when its cache is off."""

@@ -198,3 +198,10 @@ def test_a_load_stops_waiting_at_the_workers_deadline(worker):
     start = time.monotonic()
     assert ahead.wait_for(dispatcher, lambda: None) is None  # then the driver compiles here
     assert time.monotonic() - start < 5
+
+
+def test_settle_waits_for_every_worker_and_forgets_them(worker):
+    running = [worker(0.3, [object()]), worker(0.1, [])]
+    ahead.settle()
+    assert all(started.status is not None for started in running)
+    assert ahead._workers == []

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from .. import ahead
 from .cases import BYTES_PER_ELEMENT_MOVED
 from .peers import NumbaBnKernels
 
@@ -137,6 +138,7 @@ def run_case(case, chosen, repeat):
             errors[op, name] = verify(implementation, case, op, call)
             calls[op, name] = call
             worst[name] = max(worst.get(name, 0.0), errors[op, name])
+    ahead.settle()  # no compile-ahead worker of a first call still busy while this times
     samples, iterations = time_each(calls, repeat, case.x.nbytes <= ROUNDS_MAX_BYTES)
     results = [
         Result(case, op, name, samples[op, name], iterations[op, name], errors[op, name])
