@@ -103,17 +103,18 @@ def expect(forward, view, threads, siblings):
     _expected[0] = (forward, request)
 
 
-def started(dispatcher, describe):
-    """A driver's compile has started (numba_bn.compiling's listener): the worker for what
-    :func:`expect` noted, if it is this driver's and compiling ahead is on; ``describe(d)``
-    names a dispatcher's compile for the line on stderr. Never raises."""
+def started(dispatcher, dtype, describe):
+    """A driver's compile for x of ``dtype`` (a name) has started (numba_bn.compiling's
+    listener): the worker for what :func:`expect` noted, if it is this driver's for that dtype
+    and compiling ahead is on; ``describe(d)`` names a dispatcher's compile for the line on
+    stderr. Never raises."""
     try:
         _reap()
         expected = _expected[0]
         if expected is None or expected[0] is not dispatcher:
             return None
         _expected[0] = None
-        if not enabled():
+        if expected[1][1] != dtype or not enabled():  # (a plan is one for every dtype)
             return None
         return _start(*expected[1], describe)
     except Exception:  # compiling ahead is an optimisation: nothing may stop the compile
@@ -123,7 +124,8 @@ def started(dispatcher, describe):
 def _start(shape, dtype, threads, siblings, describe):
     from . import compiling
 
-    if any(d.overloads for d in siblings) or compiling.cache_path() is None:
+    siblings = [d for d in siblings if not d.overloads]  # (those compiled here are loaded)
+    if not siblings or compiling.cache_path() is None:
         return None
     named = [describe(d) for d in siblings]  # (what, estimated seconds)
     package_root = str(Path(__file__).resolve().parents[1])

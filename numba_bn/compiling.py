@@ -178,7 +178,8 @@ class _Listener(event.Listener):
                 print(_line(name, args, dispatcher), file=sys.stderr, flush=True)
             except Exception:  # a missing line must not stop the compile
                 pass
-        ahead.started(dispatcher, lambda sibling: describe(driver_name(sibling), args))
+        dtype = str(getattr(args[0], "dtype", "")) if args else ""
+        ahead.started(dispatcher, dtype, lambda sibling: describe(driver_name(sibling), args))
 
     def on_end(self, ev):
         stack = getattr(_state, "stack", None)

@@ -129,11 +129,21 @@ def test_a_compile_of_another_driver_starts_no_worker(two_cpus, monkeypatch):
     forward, other = object(), object()
     monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, ()))])
     monkeypatch.setattr(ahead, "_start", lambda *args: pytest.fail("a worker started"))
-    assert ahead.started(other, describe=None) is None
+    assert ahead.started(other, "float32", describe=None) is None
     assert ahead._expected[0][0] is forward  # still expected: the forward has not compiled
     with ahead.off():
-        assert ahead.started(forward, describe=None) is None
+        assert ahead.started(forward, "float32", describe=None) is None
     assert ahead._expected[0] is None  # a compile consumes what was expected, on or off
+
+
+def test_a_compile_of_the_forward_for_another_dtype_starts_no_worker(two_cpus, monkeypatch):
+    """A plan serves every dtype: one noted for float32 whose driver then compiles for float64
+    (the float32 one came from the cache) has siblings of the wrong dtype to compile."""
+    forward = object()
+    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, ()))])
+    monkeypatch.setattr(ahead, "_start", lambda *args: pytest.fail("a worker started"))
+    assert ahead.started(forward, "float64", describe=None) is None
+    assert ahead._expected[0] is None
 
 
 # ------------------------------------------------------------------ waiting for the worker
@@ -205,3 +215,30 @@ def test_settle_waits_for_every_worker_and_forgets_them(worker):
     ahead.settle()
     assert all(started.status is not None for started in running)
     assert ahead._workers == []
+
+
+class _Dispatcher:
+    def __init__(self, name, compiled):
+        self.name, self.overloads = name, {"sig": None} if compiled else {}
+
+
+def test_a_worker_compiles_the_siblings_not_compiled_here_and_says_so(
+    two_cpus, monkeypatch, capsys
+):
+    spawned = []
+    monkeypatch.setattr(os, "posix_spawn", lambda *args, **kw: spawned.append(args) or 999_999)
+    monkeypatch.setattr(ahead, "_workers", [])
+    monkeypatch.setenv("NUMBA_BN_QUIET", "")
+    forward = object()
+    backward, evaluate = _Dispatcher("backward", False), _Dispatcher("forward_eval", True)
+    monkeypatch.setattr(
+        ahead, "_expected", [(forward, ((8, 16, 64), "float32", 2, (backward, evaluate)))]
+    )
+    assert ahead.started(forward, "float32", lambda d: (f"{d.name} (what)", 3.0)) == 999_999
+    ((executable, argv, env),) = spawned
+    assert argv[-3:] == ["8x16x64", "float32", "2"] and env[ahead.ENVIRONMENT] == "0"
+    (worker,) = ahead._workers
+    assert worker.dispatchers == {id(backward)}  # the eval is compiled here: loads never wait
+    line = capsys.readouterr().err
+    assert "compiling backward (what) ahead, in a worker process (pid 999999)" in line
+    assert "forward_eval" not in line and "about 3 s" in line
