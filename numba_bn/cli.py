@@ -83,12 +83,10 @@ def _info(args):
 
     import numba_bn as nbn
     from numba_bn.capi import calls
-    from numba_bn.cpu import PARALLEL_MIN_ELEMENTS
-    from numba_bn.cpu.threads import threading_layer
+    from numba_bn.cpu.threads import choose_threading_layer
     from numba_bn.cuda import cuda_target
 
-    # one call large enough for the parallel kernels, so that numba picks its threading layer
-    nbn.forward_train(np.ones((PARALLEL_MIN_ELEMENTS // 2 + 1, 2)))
+    layer = choose_threading_layer()
     features = sorted(
         f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f[0] == "+"
     )
@@ -105,7 +103,7 @@ def _info(args):
         ("numpy", np.__version__),
         ("numba", numba.__version__),
         ("llvmlite", llvmlite.__version__),
-        ("threading layer", threading_layer()),
+        ("threading layer", layer),
         ("threads", numba.get_num_threads()),
         ("cpu", llvm.get_host_cpu_name()),
         ("simd", " ".join(simd)),

@@ -5,6 +5,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import os
+import sys
 
 import numba
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 import numba_bn
 from numba_bn.bench import cases, demo, measure, peers
 from numba_bn.cli import main, parsers
+
+from conftest import run_child
 
 
 @pytest.fixture
@@ -192,3 +195,15 @@ def test_info_names_the_cuda_target(capsys):
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_info_compiles_no_driver_to_name_the_threading_layer(tmp_path):
+    """Numba chooses its threading layer on the first parallel launch of a process: info makes
+    one with the smallest parallel function, not a forward_train of a parallel-sized batch,
+    whose driver took ~12 s to compile from an empty cache."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_BN_QUIET": ""}
+    status, output = run_child([sys.executable, "-m", "numba_bn", "info"], env, timeout=300)
+    assert status == 0, output
+    layer = next(line for line in output.splitlines() if line.startswith("threading layer"))
+    assert layer.split()[-1] in ("omp", "tbb", "workqueue"), output
+    assert "numba_bn: compiling" not in output, output
