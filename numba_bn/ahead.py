@@ -9,16 +9,16 @@ at the same time, into Numba's on-disk cache; this process then waits for that w
 instead of compiling them again, and loads them (benchmarks/README.md, "Compile ahead").
 
 One line on stderr says so (NUMBA_BN_QUIET=1 hides it, as the compile lines). It happens only
-on a real compile of a plain forward_train driver (no epilogue), never on a cache load, and only
-where it can help and cannot harm: Numba's cache on, a POSIX ``posix_spawn``, an interpreter that
-is plain Python, mpi4py's MPI not imported (a rank does not start processes behind its
-launcher's back), a batch of at most AHEAD_MAX_ELEMENTS values (the worker runs the two steps
-on one like it), and, unless ``NUMBA_BN_COMPILE_AHEAD`` is true (1, true, yes, on: always),
-two CPUs or more for this process with half of one idle (the 1-minute load average at most
-their count less 0.5): on a busy machine the worker's start and Numba's own start-up in it
-cost more than they save. ``NUMBA_BN_COMPILE_AHEAD=0`` (false, no, off) turns it off. The
-worker writes nothing; a worker that fails costs this process its wait, and the driver then
-compiles here as it would have.
+on a real compile of a forward_train driver (a plain one, or the fused BN + Add + ReLU's, whose
+backward runs through the ReLU), never on a cache load, and only where it can help and cannot
+harm: Numba's cache on, a POSIX ``posix_spawn``, an interpreter that is plain Python, mpi4py's
+MPI not imported (a rank does not start processes behind its launcher's back), a batch of at
+most AHEAD_MAX_ELEMENTS values (the worker runs the two steps on one like it), and, unless
+``NUMBA_BN_COMPILE_AHEAD`` is true (1, true, yes, on: always), two CPUs or more for this
+process with half of one idle (the 1-minute load average at most their count less 0.5): on a
+busy machine the worker's start and Numba's own start-up in it cost more than they save.
+``NUMBA_BN_COMPILE_AHEAD=0`` (false, no, off) turns it off. The worker writes nothing; a worker
+that fails costs this process its wait, and the driver then compiles here as it would have.
 """
 
 import os
@@ -93,13 +93,13 @@ def enabled():
     return cpus >= 2 and os.getloadavg()[0] <= cpus - 0.5
 
 
-def expect(forward, view, threads, siblings):
+def expect(forward, view, threads, epilogue, siblings):
     """Note that the driver ``forward`` is about to run on the canonical ``view`` for the first
-    time in this process, whose Numba threads are ``threads``, and that the backward and eval
-    of ``view`` run the dispatchers ``siblings``: if ``forward`` now compiles
-    (:func:`started`), a worker compiles them. Called by the CPU backend when it plans a
-    forward_train whose driver has not run here."""
-    request = (tuple(view.shape), view.dtype.name, threads, tuple(siblings))
+    time in this process, whose Numba threads are ``threads``, with the ``epilogue`` code
+    (numba_bn.cpu.kernels), and that the backward and eval of ``view`` run the dispatchers
+    ``siblings``: if ``forward`` now compiles (:func:`started`), a worker compiles them. Called
+    by the CPU backend when it plans a forward_train whose driver has not run here."""
+    request = (tuple(view.shape), view.dtype.name, threads, epilogue, tuple(siblings))
     _expected[0] = (forward, request)
 
 
@@ -121,7 +121,7 @@ def started(dispatcher, dtype, describe):
         return None
 
 
-def _start(shape, dtype, threads, siblings, describe):
+def _start(shape, dtype, threads, epilogue, siblings, describe):
     from . import compiling
 
     siblings = [d for d in siblings if not d.overloads]  # (those compiled here are loaded)
@@ -132,7 +132,7 @@ def _start(shape, dtype, threads, siblings, describe):
     env = dict(os.environ, **{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     argv = [sys.executable, "-c", "from numba_bn.ahead import _serve; _serve()",
-            "x".join(map(str, shape)), dtype, str(threads)]  # fmt: skip
+            "x".join(map(str, shape)), dtype, str(threads), str(epilogue)]  # fmt: skip
     quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     pid = os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
     seconds = sum(estimate for _, estimate in named)
@@ -140,7 +140,8 @@ def _start(shape, dtype, threads, siblings, describe):
     with _lock:
         _workers.append(Worker(pid, frozenset(map(id, siblings)), deadline))
     if not compiling.quiet():
-        what = " and ".join(name for name, _ in named)
+        names = [name for name, _ in named]
+        what = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
         print(
             f"numba_bn: compiling {what} ahead, in a worker process (pid {pid}) while this one "
             f"compiles the forward; about {max(1, round(seconds))} s: cached in "
@@ -201,24 +202,29 @@ def hold_loads(dispatcher):
 
 
 def _serve():
-    """The worker: argv gives the canonical view's shape ("8x16x64"), the dtype and the threads;
-    runs the backward and the eval of a batch of that shape through the CPU backend, which
+    """The worker: argv gives the canonical view's shape ("8x16x64"), the dtype, the threads
+    and the forward's epilogue code; runs the backward (through the ReLU of the epilogue) and
+    the eval (with its epilogue) of a batch of that shape through the CPU backend, which
     compiles (or loads) the drivers the parent will run, into the shared on-disk cache."""
     import numba
     import numpy as np
 
-    from .cpu import CpuBackend
+    from .cpu import EPILOGUE_ADD, EPILOGUE_RELU, CpuBackend
 
     shape = tuple(int(n) for n in sys.argv[1].split("x"))
-    dtype, threads = np.dtype(sys.argv[2]), int(sys.argv[3])
+    dtype, threads, epilogue = np.dtype(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     channels = shape[1]
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype) + dtype.type(1)
     mean, invstd = np.zeros(channels), np.ones(channels)
     weight, empty = np.ones(channels, dtype), np.empty(0, dtype)
+    activation = "relu" if epilogue & EPILOGUE_RELU else None
+    residual = x if epilogue & EPILOGUE_ADD else None
     backend = CpuBackend()
     backend.backward(x, x, mean=mean, invstd=invstd, weight=weight, dx=np.empty_like(x),
-                     sum_dy=np.empty(channels), sum_dy_xmu=np.empty(channels))  # fmt: skip
+                     sum_dy=np.empty(channels), sum_dy_xmu=np.empty(channels),
+                     activation=activation, y=x, grad=np.empty_like(x))  # fmt: skip
     running_mean, running_var = np.zeros(channels, dtype), np.ones(channels, dtype)
     backend.forward_eval(x, weight=empty, bias=empty, running_mean=running_mean,
-                         running_var=running_var, eps=1e-5, y=np.empty_like(x))  # fmt: skip
+                         running_var=running_var, eps=1e-5, y=np.empty_like(x),
+                         residual=residual, activation=activation)  # fmt: skip

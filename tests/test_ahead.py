@@ -37,13 +37,32 @@ np.savez(sys.argv[1], x=x, dy=dy, y=y, mean=mean, invstd=invstd, dx=dx, dweight=
          dbias=dbias, y_eval=y_eval)
 print("compiled:", ",".join(name for name, _ in compiled))
 """
+# the fused layer, y = relu(BN(x) + residual): its backward runs through the ReLU
+FUSED_LAYER_STEP = f"""
+import sys
+import numpy as np, numba_bn as nbn
+from numba_bn import compiling
+rng = np.random.default_rng(6)
+x = (rng.standard_normal({SHAPE}) * 3 + 2).astype(np.float32)
+skip = rng.standard_normal({SHAPE}).astype(np.float32)
+dy = (rng.standard_normal({SHAPE}) - 0.5).astype(np.float32)
+bn = nbn.BatchNorm({SHAPE[1]}, activation="relu")
+with compiling.recording() as compiled:
+    y = bn(x, residual=skip)
+    dx = bn.backward(dy)
+    bn.eval()
+    y_eval = bn(x, residual=skip)
+np.savez(sys.argv[1], y=y, dx=dx, dskip=bn.grad_residual, dweight=bn.grad_weight,
+         dbias=bn.grad_bias, y_eval=y_eval)
+print("compiled:", ",".join(name for name, _ in compiled))
+"""
 AHEAD_LINE = re.compile(r"^numba_bn: compiling (.*) ahead, in a worker process .*$", re.MULTILINE)
 
 
-def _training_step(tmp_path, name, compile_ahead):
+def _training_step(tmp_path, name, compile_ahead, code=TRAINING_STEP):
     cache, out = tmp_path / f"cache_{name}", tmp_path / f"{name}.npz"
     env = {"NUMBA_CACHE_DIR": str(cache), "NUMBA_BN_QUIET": "", ahead.ENVIRONMENT: compile_ahead}
-    status, output = run_child([sys.executable, "-c", TRAINING_STEP, out], env, timeout=300)
+    status, output = run_child([sys.executable, "-c", code, out], env, timeout=300)
     assert status == 0, output
     print(f"compile ahead {compile_ahead}:\n{output}")
     compiled = re.search(r"^compiled: (.*)$", output, re.MULTILINE).group(1).split(",")
@@ -80,6 +99,19 @@ def test_a_first_training_step_compiles_its_backward_and_eval_in_a_worker(tmp_pa
     np.testing.assert_allclose(ahead_run["dx"], dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ahead_run["dweight"], dweight, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(ahead_run["dbias"], dbias, rtol=1e-4, atol=1e-3)
+
+
+def test_the_fused_layers_training_step_compiles_its_relu_backward_and_eval_in_a_worker(tmp_path):
+    output, compiled, ahead_run = _training_step(tmp_path, "ahead", "1", FUSED_LAYER_STEP)
+    assert compiled == ["forward_train_split_planes_epilogue3_serial"], output
+    (line,) = AHEAD_LINE.findall(output)
+    assert "backward (split, planes, float32, serial twin)" in line
+    assert "relu_grad (float32, serial twin)" in line
+    assert "forward_eval (planes, float32, serial twin, + residual + ReLU)" in line
+    output, compiled, here = _training_step(tmp_path, "here", "0", FUSED_LAYER_STEP)
+    assert len(compiled) == 4 and not AHEAD_LINE.search(output), output
+    for name, value in here.items():
+        np.testing.assert_array_equal(ahead_run[name], value, err_msg=name)
 
 
 # --------------------------------------------------------------------------- when it is on
@@ -127,7 +159,7 @@ def test_one_cpu_an_mpi_rank_an_embedding_program_and_warmup_turn_it_off(two_cpu
 
 def test_a_compile_of_another_driver_starts_no_worker(two_cpus, monkeypatch):
     forward, other = object(), object()
-    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, ()))])
+    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, 0, ()))])
     monkeypatch.setattr(ahead, "_start", lambda *args: pytest.fail("a worker started"))
     assert ahead.started(other, "float32", describe=None) is None
     assert ahead._expected[0][0] is forward  # still expected: the forward has not compiled
@@ -140,7 +172,7 @@ def test_a_compile_of_the_forward_for_another_dtype_starts_no_worker(two_cpus, m
     """A plan serves every dtype: one noted for float32 whose driver then compiles for float64
     (the float32 one came from the cache) has siblings of the wrong dtype to compile."""
     forward = object()
-    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, ()))])
+    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, 0, ()))])
     monkeypatch.setattr(ahead, "_start", lambda *args: pytest.fail("a worker started"))
     assert ahead.started(forward, "float64", describe=None) is None
     assert ahead._expected[0] is None
@@ -232,11 +264,11 @@ def test_a_worker_compiles_the_siblings_not_compiled_here_and_says_so(
     forward = object()
     backward, evaluate = _Dispatcher("backward", False), _Dispatcher("forward_eval", True)
     monkeypatch.setattr(
-        ahead, "_expected", [(forward, ((8, 16, 64), "float32", 2, (backward, evaluate)))]
+        ahead, "_expected", [(forward, ((8, 16, 64), "float32", 2, 3, (backward, evaluate)))]
     )
     assert ahead.started(forward, "float32", lambda d: (f"{d.name} (what)", 3.0)) == 999_999
     ((executable, argv, env),) = spawned
-    assert argv[-3:] == ["8x16x64", "float32", "2"] and env[ahead.ENVIRONMENT] == "0"
+    assert argv[-4:] == ["8x16x64", "float32", "2", "3"] and env[ahead.ENVIRONMENT] == "0"
     (worker,) = ahead._workers
     assert worker.dispatchers == {id(backward)}  # the eval is compiled here: loads never wait
     line = capsys.readouterr().err

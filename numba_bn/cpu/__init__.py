@@ -93,8 +93,8 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
         if plan is not None:
             return plan
     dispatcher, fused = _driver(step, x, threads, may_fuse, epilogue)
-    if step == "forward_train" and epilogue == EPILOGUE_NONE and not dispatcher.overloads:
-        _expect_siblings(dispatcher, x)
+    if step == "forward_train" and not dispatcher.overloads:
+        _expect_siblings(dispatcher, x, epilogue)
     plan = (launcher(dispatcher) if threads > 1 else dispatcher), fused
     # a parallel plan made before numba chose its threading layer is guarded: not kept
     if len(_PLANS) < _PLANS_MAX and (threads == 1 or layer_known()):
@@ -119,16 +119,23 @@ def _driver(step, x, threads, may_fuse=False, epilogue=EPILOGUE_NONE):
     return (parallel if threads > 1 else serial), fused
 
 
-def _expect_siblings(forward, x):
-    """A plain forward_train driver not run yet in this process: if it compiles, the backward
-    and eval drivers of the same batch compile ahead in a worker (:mod:`numba_bn.ahead`)."""
+def _expect_siblings(forward, x, epilogue):
+    """A forward_train driver not run yet in this process: if it compiles, the drivers the
+    backward and the eval of the same batch (and ``epilogue``) run compile ahead in a worker
+    (:mod:`numba_bn.ahead`): those :meth:`CpuBackend.backward` picks, through a ReLU too."""
     if x.size > ahead.AHEAD_MAX_ELEMENTS:
         return
-    siblings = [
-        _driver("backward", x, threads_for("backward", x.size), may_fuse=True)[0],
-        _driver("forward_eval", x, threads_for("forward_eval", x.size))[0],
-    ]
-    ahead.expect(forward, x, num_threads(), siblings)
+    threads = threads_for("backward", x.size)
+    backward, fused = _driver("backward", x, threads, may_fuse=True)
+    siblings = [backward]
+    if epilogue & EPILOGUE_RELU:  # backward_fused_relu instead, or relu_grad's pass first
+        if fused:
+            siblings = [_driver("backward_fused_relu", x, threads)[0]]
+        else:
+            siblings.append(_driver("relu_grad", x, threads_for("relu_grad", x.size))[0])
+    threads = threads_for("forward_eval", x.size)
+    siblings.append(_driver("forward_eval", x, threads, epilogue=epilogue)[0])
+    ahead.expect(forward, x, num_threads(), epilogue, siblings)
 
 
 class CpuBackend:
