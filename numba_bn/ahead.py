@@ -6,7 +6,7 @@ machine, where Numba compiles one function at a time in a process. When the forw
 starts to compile, the drivers the same batch's backward and eval will run (the cost model's
 choice for its canonical view: twin, partition, memory shape) compile in one worker process
 at the same time, into Numba's on-disk cache; this process then waits for that worker
-instead of compiling them again, and loads them (benchmarks/README.md, "Compile ahead").
+instead of compiling them again, and loads them (benchmarks/README.md, "Stop 42: compile ahead").
 
 One line on stderr says so (NUMBA_BN_QUIET=1 hides it, as the compile lines). It happens only
 on a real compile of a forward_train driver (a plain one, or the fused BN + Add + ReLU's, whose
