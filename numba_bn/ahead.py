@@ -1,4 +1,4 @@
-"""Compile ahead: a first forward_train compiles its backward and eval in a worker process.
+"""Compile ahead: a first forward compiles its backward and eval in a worker process.
 
 A training loop's first step compiles three drivers one after the other (forward_train, then
 backward, then forward_eval at the first validation): ~10 s from an empty cache on a 2-core
@@ -6,19 +6,21 @@ machine, where Numba compiles one function at a time in a process. When the forw
 starts to compile, the drivers the same batch's backward and eval will run (the cost model's
 choice for its canonical view: twin, partition, memory shape) compile in one worker process
 at the same time, into Numba's on-disk cache; this process then waits for that worker
-instead of compiling them again, and loads them (benchmarks/README.md, "Stop 42: compile ahead").
+instead of compiling them again, and loads them (benchmarks/README.md, "Stop 42: compile
+ahead"). Group and layer norm's forwards do the same for their backward (:data:`JOBS`).
 
 One line on stderr says so (NUMBA_BN_QUIET=1 hides it, as the compile lines). It happens only
-on a real compile of a forward_train driver (a plain one, or the fused BN + Add + ReLU's, whose
-backward runs through the ReLU), never on a cache load, and only where it can help and cannot
-harm: Numba's cache on, a POSIX ``posix_spawn``, an interpreter that is plain Python, mpi4py's
-MPI not imported (a rank does not start processes behind its launcher's back), a batch of at
-most AHEAD_MAX_ELEMENTS values (the worker runs the two steps on one like it), and, unless
-``NUMBA_BN_COMPILE_AHEAD`` is true (1, true, yes, on: always), two CPUs or more for this
-process with half of one idle (the 1-minute load average at most their count less 0.5): on a
-busy machine the worker's start and Numba's own start-up in it cost more than they save.
-``NUMBA_BN_COMPILE_AHEAD=0`` (false, no, off) turns it off. The worker writes nothing; a worker
-that fails costs this process its wait, and the driver then compiles here as it would have.
+on a real compile of a forward driver (batch norm's plain one, or the fused BN + Add + ReLU's,
+whose backward runs through the ReLU; group and layer norm's), never on a cache load, and only
+where it can help and cannot harm: Numba's cache on, a POSIX ``posix_spawn``, an interpreter
+that is plain Python, mpi4py's MPI not imported (a rank does not start processes behind its
+launcher's back), an array of at most AHEAD_MAX_ELEMENTS values (the worker runs the steps on
+one like it), and, unless ``NUMBA_BN_COMPILE_AHEAD`` is true (1, true, yes, on: always), two
+CPUs or more for this process with half of one idle (the 1-minute load average at most their
+count less 0.5): on a busy machine the worker's start and Numba's own start-up in it cost more
+than they save. ``NUMBA_BN_COMPILE_AHEAD=0`` (false, no, off) turns it off. The worker writes
+nothing; a worker that fails costs this process its wait, and the driver then compiles here as
+it would have.
 """
 
 import os
@@ -93,13 +95,13 @@ def enabled():
     return cpus >= 2 and os.getloadavg()[0] <= cpus - 0.5
 
 
-def expect(forward, view, threads, epilogue, siblings):
-    """Note that the driver ``forward`` is about to run on the canonical ``view`` for the first
-    time in this process, whose Numba threads are ``threads``, with the ``epilogue`` code
-    (numba_bn.cpu.kernels), and that the backward and eval of ``view`` run the dispatchers
-    ``siblings``: if ``forward`` now compiles (:func:`started`), a worker compiles them. Called
-    by the CPU backend when it plans a forward_train whose driver has not run here."""
-    request = (tuple(view.shape), view.dtype.name, threads, epilogue, tuple(siblings))
+def expect(forward, view, threads, job, siblings):
+    """Note that the driver ``forward`` is about to run on ``view`` (the array its kernels see)
+    for the first time in this process, whose Numba threads are ``threads``, and that the steps
+    after it (``job``, :data:`JOBS`) run the dispatchers ``siblings``: if ``forward`` now
+    compiles (:func:`started`), a worker compiles them. Called by the CPU backend when it plans
+    a forward_train whose driver has not run here, and by the norms' forwards."""
+    request = (tuple(view.shape), view.dtype.name, threads, job, tuple(siblings))
     _expected[0] = (forward, request)
 
 
@@ -121,7 +123,7 @@ def started(dispatcher, dtype, describe):
         return None
 
 
-def _start(shape, dtype, threads, epilogue, siblings, describe):
+def _start(shape, dtype, threads, job, siblings, describe):
     from . import compiling
 
     siblings = [d for d in siblings if not d.overloads]  # (those compiled here are loaded)
@@ -132,7 +134,7 @@ def _start(shape, dtype, threads, epilogue, siblings, describe):
     env = dict(os.environ, **{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     argv = [sys.executable, "-c", "from numba_bn.ahead import _serve; _serve()",
-            "x".join(map(str, shape)), dtype, str(threads), str(epilogue)]  # fmt: skip
+            "x".join(map(str, shape)), dtype, str(threads), job]  # fmt: skip
     quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     pid = os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
     seconds = sum(estimate for _, estimate in named)
@@ -201,25 +203,19 @@ def hold_loads(dispatcher):
     cache.load_overload = load_overload
 
 
-def _serve():
-    """The worker: argv gives the canonical view's shape ("8x16x64"), the dtype, the threads
-    and the forward's epilogue code; runs the backward (through the ReLU of the epilogue) and
-    the eval (with its epilogue) of a batch of that shape through the CPU backend, which
-    compiles (or loads) the drivers the parent will run, into the shared on-disk cache."""
-    import numba
+def _batch_norm(x, epilogue):
+    """The backward (through the ReLU of ``epilogue``, a code of numba_bn.cpu.kernels) and the
+    eval (with the epilogue) of a canonical view ``x`` (outer, C, inner), as CpuBackend runs
+    them after its forward_train."""
     import numpy as np
 
     from .cpu import EPILOGUE_ADD, EPILOGUE_RELU, CpuBackend
 
-    shape = tuple(int(n) for n in sys.argv[1].split("x"))
-    dtype, threads, epilogue = np.dtype(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    channels = shape[1]
-    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) + dtype.type(1)
+    channels, dtype = x.shape[1], x.dtype
     mean, invstd = np.zeros(channels), np.ones(channels)
     weight, empty = np.ones(channels, dtype), np.empty(0, dtype)
-    activation = "relu" if epilogue & EPILOGUE_RELU else None
-    residual = x if epilogue & EPILOGUE_ADD else None
+    activation = "relu" if int(epilogue) & EPILOGUE_RELU else None
+    residual = x if int(epilogue) & EPILOGUE_ADD else None
     backend = CpuBackend()
     backend.backward(x, x, mean=mean, invstd=invstd, weight=weight, dx=np.empty_like(x),
                      sum_dy=np.empty(channels), sum_dy_xmu=np.empty(channels),
@@ -228,3 +224,44 @@ def _serve():
     backend.forward_eval(x, weight=empty, bias=empty, running_mean=running_mean,
                          running_var=running_var, eps=1e-5, y=np.empty_like(x),
                          residual=residual, activation=activation)  # fmt: skip
+
+
+def _group_norm(x, groups):
+    """Group norm's backward on ``x`` (N, C, S) in ``groups`` groups, as its forward saw it."""
+    import numpy as np
+
+    from .norm_ops import group_kernels_backward
+
+    stats = np.zeros(x.shape[0] * int(groups))
+    group_kernels_backward(x, x, int(groups), stats, stats + 1.0, np.empty(0, x.dtype),
+                           np.empty_like(x))  # fmt: skip
+
+
+def _layer_norm(x):
+    """Layer norm's backward on ``x`` (1, rows, width), as its forward saw it."""
+    import numpy as np
+
+    from .norm_ops import layer_kernels_backward
+
+    rows, width = x.shape[1:]
+    dweight, dbias = np.empty(width), np.empty(width)
+    layer_kernels_backward(x, x, np.zeros(rows), np.ones(rows), np.empty(0, x.dtype),
+                           np.empty_like(x), dweight, dbias)  # fmt: skip
+
+
+#: What a worker runs after a forward, by the job's first word (its other words: arguments).
+JOBS = {"batch_norm": _batch_norm, "group_norm": _group_norm, "layer_norm": _layer_norm}
+
+
+def _serve():
+    """The worker: argv gives the shape of the forward's array ("8x16x64"), the dtype, the
+    threads and the job (:data:`JOBS`); runs the job's steps on an array of that shape, which
+    compiles (or loads) the drivers the parent will run, into the shared on-disk cache."""
+    import numba
+    import numpy as np
+
+    shape = tuple(int(n) for n in sys.argv[1].split("x"))
+    dtype, threads, job = np.dtype(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) + dtype.type(1)
+    JOBS[job[0]](x, *job[1:])

@@ -10,11 +10,11 @@ import math
 
 import numpy as np
 
-from . import hostcall, norm_cuda
+from . import ahead, hostcall, norm_cuda
 from .checks import Vectors, check_eps, check_momentum, compute_dtype
 from .cpu import CpuBackend, threads_for
 from .cpu import norm_kernels as kernels
-from .cpu.threads import launcher
+from .cpu.threads import launcher, num_threads
 from .memory import HOST
 from .norm_checks import (
     ChannelsFirst,
@@ -49,6 +49,15 @@ def _plan(step, size, parallel, serial):
     return threads, launcher(parallel) if threads > 1 else serial
 
 
+def _expect_backward(forward, view, job, parallel, serial):
+    """A norm's forward driver not run yet in this process: if it compiles, the backward's twin
+    (``parallel`` or ``serial``, as :func:`_plan` will pick it) compiles ahead in a worker
+    (:mod:`numba_bn.ahead`, ``job``) on an array shaped like ``view``, the forward's."""
+    if view.size <= ahead.AHEAD_MAX_ELEMENTS:
+        backward = parallel if threads_for("backward", view.size) > 1 else serial
+        ahead.expect(forward, view, num_threads(), job, [backward])
+
+
 # --------------------------------------------------------------------------- operations
 def _plain_or_checked(plain, checked, out, *args):
     """``plain(*args)`` when there is no ``out=`` and it recognises the call (not None), else
@@ -81,7 +90,7 @@ def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
         return None
     y = np.empty(x.shape, x.dtype)
     stats = np.empty((3, n * groups))
-    _group_forward(xc, groups, eps, tiled(weight, n), tiled(bias, n), y.reshape(xc.shape),
+    group_kernels_forward(xc, groups, eps, tiled(weight, n), tiled(bias, n), y.reshape(xc.shape),
                    stats[0], stats[1], stats[2])  # fmt: skip
     stats = stats.reshape(3, n, groups)  # rows by index: unpacking an array's rows costs 1 us
     return y, stats[0], stats[1], stats[2]
@@ -101,12 +110,12 @@ def _checked_group_forward(x, num_groups, weight, bias, eps, axis, out):
     stats = np.full((3, n * groups), np.nan)
     if grid.x.size:
         affine = [tiled(vectors.kernel(name), n) for name in ("weight", "bias")]
-        _group_forward(grid.view(grid.x), groups, eps, *affine, work, *stats)
+        group_kernels_forward(grid.view(grid.x), groups, eps, *affine, work, *stats)
     mean, invstd, m2 = (s.reshape(n, groups) for s in stats)
     return grid.finish(y, work), mean, invstd, m2
 
 
-def _group_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
+def group_kernels_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
     """Kernels of the group norm forward on channels-first (N, C, S) arrays."""
     n, channels, inner = xc.shape
     group_channels = channels // groups  # groups >= 1: x is not empty
@@ -116,6 +125,10 @@ def _group_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
     if threads > 1 and n * groups < 2 * threads:  # a group per item would idle some threads
         split_group_forward(_BACKEND, HOST, xc, groups, eps, weight, bias, y, mean, invstd, m2)
         return
+    forward = kernels.group_forward if threads > 1 else kernels.group_forward_serial
+    if not forward.overloads:
+        _expect_backward(forward, xc, f"group_norm {groups}", kernels.group_backward,
+                         kernels.group_backward_serial)  # fmt: skip
     run(xc.reshape(grouped), group_channels, eps, weight, bias, y.reshape(grouped), mean, invstd,
         m2)  # fmt: skip
 
@@ -152,11 +165,12 @@ def _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis):
     if mean is None or invstd is None or weight is None:
         return None
     dx = np.empty(x.shape, x.dtype)
-    dweight, dbias = _group_backward(dyc, xc, groups, mean, invstd, weight, dx.reshape(xc.shape))
+    dx_view = dx.reshape(xc.shape)
+    dweight, dbias = group_kernels_backward(dyc, xc, groups, mean, invstd, weight, dx_view)
     return dx, dweight, dbias
 
 
-def _group_backward(dyc, xc, groups, mean, invstd, weight, dx):
+def group_kernels_backward(dyc, xc, groups, mean, invstd, weight, dx):
     """Kernels of the group norm backward on channels-first (N, C, S) arrays, S > 0: dx (=),
     and (dweight, dbias) float64 (C,); mean, invstd flat float64 (N*G,), weight (C,) or
     zero-length."""
@@ -184,7 +198,7 @@ def _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):
     out = check_norm_out(out, grid.x, dy=dy, x=grid.x)
     dx, work = grid.output(out)
     if grid.x.size:
-        dweight, dbias = _group_backward(grid.view(dy), grid.view(grid.x), groups,
+        dweight, dbias = group_kernels_backward(grid.view(dy), grid.view(grid.x), groups,
                                          mean.reshape(-1), invstd.reshape(-1),
                                          vectors.kernel("weight"), work)  # fmt: skip
     else:  # sums over no values
@@ -313,15 +327,20 @@ def _plain_layer_forward(x, normalized_shape, weight, bias, eps):
         return None
     y = np.empty(x.shape, x.dtype)
     stats = np.empty((2, rows))
-    _layer_forward(x.reshape(1, rows, width), eps, weight, bias, y, stats[0], stats[1])
+    layer_kernels_forward(x.reshape(1, rows, width), eps, weight, bias, y, stats[0], stats[1])
     lead = x.shape[: x.ndim - len(shape)]
     return y, stats[0].reshape(lead), stats[1].reshape(lead)
 
 
-def _layer_forward(xc, eps, weight, bias, y, mean, invstd):
+def layer_kernels_forward(xc, eps, weight, bias, y, mean, invstd):
     """Kernels of the layer norm forward on ``xc`` (1, rows, width), y of any shape of its
     size: mean, invstd (rows,) float64 (=)."""
-    _, run = _plan("forward_train", xc.size, kernels.layer_forward, kernels.layer_forward_serial)
+    threads, run = _plan("forward_train", xc.size, kernels.layer_forward,
+                         kernels.layer_forward_serial)  # fmt: skip
+    forward = kernels.layer_forward if threads > 1 else kernels.layer_forward_serial
+    if not forward.overloads:
+        _expect_backward(forward, xc, "layer_norm", kernels.layer_backward,
+                         kernels.layer_backward_serial)  # fmt: skip
     run(xc, eps, weight, bias, y.reshape(xc.shape), mean, invstd)
 
 
@@ -340,7 +359,7 @@ def _checked_layer_forward(x, normalized_shape, weight, bias, eps, out):
     y = out if out is not None and dtype == x.dtype else np.empty(x.shape, dtype)
     if x.size:
         xc = np.ascontiguousarray(x, dtype).reshape(1, rows, width)
-        _layer_forward(xc, eps, weight, bias, y, mean, invstd)
+        layer_kernels_forward(xc, eps, weight, bias, y, mean, invstd)
     return _in_dtype(y, x, out), mean.reshape(lead), invstd.reshape(lead)
 
 
@@ -374,11 +393,11 @@ def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight):
         return None
     dx = np.empty(x.shape, x.dtype)
     grads = np.empty((2, width))
-    _layer_backward(dyc, view, mean, invstd, weight, dx, grads[0], grads[1])
+    layer_kernels_backward(dyc, view, mean, invstd, weight, dx, grads[0], grads[1])
     return dx, grads[0].reshape(shape), grads[1].reshape(shape)
 
 
-def _layer_backward(dyc, xc, mean, invstd, weight, dx, dweight, dbias):
+def layer_kernels_backward(dyc, xc, mean, invstd, weight, dx, dweight, dbias):
     """Kernels of the layer norm backward on (1, rows, width) views, dx of any shape of their
     size: dweight, dbias (width,) float64 (=)."""
     _, run = _plan("backward", xc.size, kernels.layer_backward, kernels.layer_backward_serial)
@@ -402,7 +421,7 @@ def _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out):
     dweight, dbias = np.zeros(width), np.zeros(width)
     if x.size:
         view = (1, rows, width)
-        _layer_backward(np.ascontiguousarray(dy, dtype).reshape(view),
+        layer_kernels_backward(np.ascontiguousarray(dy, dtype).reshape(view),
                         np.ascontiguousarray(x, dtype).reshape(view), mean.reshape(-1),
                         invstd.reshape(-1), weight, dx, dweight, dbias)  # fmt: skip
     return _in_dtype(dx, x, out), dweight.reshape(shape), dbias.reshape(shape)

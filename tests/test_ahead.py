@@ -56,6 +56,25 @@ np.savez(sys.argv[1], y=y, dx=dx, dskip=bn.grad_residual, dweight=bn.grad_weight
          dbias=bn.grad_bias, y_eval=y_eval)
 print("compiled:", ",".join(name for name, _ in compiled))
 """
+# a norm's forward then its backward (group norm in 4 groups of (8, 16, 8, 8); layer norm over
+# the last two axes)
+NORM_STEP = """
+import sys
+import numpy as np, numba_bn as nbn
+from numba_bn import compiling
+rng = np.random.default_rng(7)
+x = (rng.standard_normal((8, 16, 8, 8)) * 3 + 2).astype(np.float32)
+dy = (rng.standard_normal((8, 16, 8, 8)) - 0.5).astype(np.float32)
+with compiling.recording() as compiled:
+    if "{norm}" == "group":
+        y, mean, invstd = nbn.group_norm_forward(x, 4)
+        dx, dweight, dbias = nbn.group_norm_backward(dy, x, mean, invstd, 4)
+    else:
+        y, mean, invstd = nbn.layer_norm_forward(x, (8, 8))
+        dx, dweight, dbias = nbn.layer_norm_backward(dy, x, mean, invstd, (8, 8))
+np.savez(sys.argv[1], y=y, mean=mean, invstd=invstd, dx=dx, dweight=dweight, dbias=dbias)
+print("compiled:", ",".join(name for name, _ in compiled))
+"""
 AHEAD_LINE = re.compile(r"^numba_bn: compiling (.*) ahead, in a worker process .*$", re.MULTILINE)
 
 
@@ -110,6 +129,19 @@ def test_the_fused_layers_training_step_compiles_its_relu_backward_and_eval_in_a
     assert "forward_eval (planes, float32, serial twin, + residual + ReLU)" in line
     output, compiled, here = _training_step(tmp_path, "here", "0", FUSED_LAYER_STEP)
     assert len(compiled) == 4 and not AHEAD_LINE.search(output), output
+    for name, value in here.items():
+        np.testing.assert_array_equal(ahead_run[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_a_norms_first_forward_compiles_its_backward_in_a_worker(tmp_path, norm):
+    code = NORM_STEP.replace("{norm}", norm)
+    output, compiled, ahead_run = _training_step(tmp_path, "ahead", "1", code)
+    assert compiled == [f"{norm}_forward_serial"], output
+    (line,) = AHEAD_LINE.findall(output)
+    assert line.startswith(f"{norm}_backward (float32, serial twin)"), output
+    output, compiled, here = _training_step(tmp_path, "here", "0", code)
+    assert compiled == [f"{norm}_forward_serial", f"{norm}_backward_serial"], output
     for name, value in here.items():
         np.testing.assert_array_equal(ahead_run[name], value, err_msg=name)
 

@@ -135,7 +135,7 @@ def _expect_siblings(forward, x, epilogue):
             siblings.append(_driver("relu_grad", x, threads_for("relu_grad", x.size))[0])
     threads = threads_for("forward_eval", x.size)
     siblings.append(_driver("forward_eval", x, threads, epilogue=epilogue)[0])
-    ahead.expect(forward, x, num_threads(), epilogue, siblings)
+    ahead.expect(forward, x, num_threads(), f"batch_norm {epilogue}", siblings)
 
 
 class CpuBackend:
