@@ -191,7 +191,8 @@ def test_one_cpu_an_mpi_rank_an_embedding_program_and_warmup_turn_it_off(two_cpu
 
 def test_a_compile_of_another_driver_starts_no_worker(two_cpus, monkeypatch):
     forward, other = object(), object()
-    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, 0, ()))])
+    request = ((8, 16, 64), "float32", 1, "batch_norm 0", ())
+    monkeypatch.setattr(ahead, "_expected", [(forward, request)])
     monkeypatch.setattr(ahead, "_start", lambda *args: pytest.fail("a worker started"))
     assert ahead.started(other, "float32", describe=None) is None
     assert ahead._expected[0][0] is forward  # still expected: the forward has not compiled
@@ -204,7 +205,8 @@ def test_a_compile_of_the_forward_for_another_dtype_starts_no_worker(two_cpus, m
     """A plan serves every dtype: one noted for float32 whose driver then compiles for float64
     (the float32 one came from the cache) has siblings of the wrong dtype to compile."""
     forward = object()
-    monkeypatch.setattr(ahead, "_expected", [(forward, ((8, 16, 64), "float32", 1, 0, ()))])
+    request = ((8, 16, 64), "float32", 1, "batch_norm 0", ())
+    monkeypatch.setattr(ahead, "_expected", [(forward, request)])
     monkeypatch.setattr(ahead, "_start", lambda *args: pytest.fail("a worker started"))
     assert ahead.started(forward, "float64", describe=None) is None
     assert ahead._expected[0] is None
@@ -296,11 +298,14 @@ def test_a_worker_compiles_the_siblings_not_compiled_here_and_says_so(
     forward = object()
     backward, evaluate = _Dispatcher("backward", False), _Dispatcher("forward_eval", True)
     monkeypatch.setattr(
-        ahead, "_expected", [(forward, ((8, 16, 64), "float32", 2, 3, (backward, evaluate)))]
+        ahead,
+        "_expected",
+        [(forward, ((8, 16, 64), "float32", 2, "batch_norm 3", (backward, evaluate)))],
     )
     assert ahead.started(forward, "float32", lambda d: (f"{d.name} (what)", 3.0)) == 999_999
     ((executable, argv, env),) = spawned
-    assert argv[-4:] == ["8x16x64", "float32", "2", "3"] and env[ahead.ENVIRONMENT] == "0"
+    assert argv[-4:] == ["8x16x64", "float32", "2", "batch_norm 3"]
+    assert env[ahead.ENVIRONMENT] == "0"
     (worker,) = ahead._workers
     assert worker.dispatchers == {id(backward)}  # the eval is compiled here: loads never wait
     line = capsys.readouterr().err
