@@ -91,7 +91,7 @@ def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
     y = np.empty(x.shape, x.dtype)
     stats = np.empty((3, n * groups))
     group_kernels_forward(xc, groups, eps, tiled(weight, n), tiled(bias, n), y.reshape(xc.shape),
-                   stats[0], stats[1], stats[2])  # fmt: skip
+                          stats[0], stats[1], stats[2])  # fmt: skip
     stats = stats.reshape(3, n, groups)  # rows by index: unpacking an array's rows costs 1 us
     return y, stats[0], stats[1], stats[2]
 
@@ -199,8 +199,8 @@ def _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):
     dx, work = grid.output(out)
     if grid.x.size:
         dweight, dbias = group_kernels_backward(grid.view(dy), grid.view(grid.x), groups,
-                                         mean.reshape(-1), invstd.reshape(-1),
-                                         vectors.kernel("weight"), work)  # fmt: skip
+                                                mean.reshape(-1), invstd.reshape(-1),
+                                                vectors.kernel("weight"), work)  # fmt: skip
     else:  # sums over no values
         dweight, dbias = np.zeros(channels), np.zeros(channels)
     return grid.finish(dx, work), dweight, dbias
@@ -422,8 +422,8 @@ def _checked_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out):
     if x.size:
         view = (1, rows, width)
         layer_kernels_backward(np.ascontiguousarray(dy, dtype).reshape(view),
-                        np.ascontiguousarray(x, dtype).reshape(view), mean.reshape(-1),
-                        invstd.reshape(-1), weight, dx, dweight, dbias)  # fmt: skip
+                               np.ascontiguousarray(x, dtype).reshape(view), mean.reshape(-1),
+                               invstd.reshape(-1), weight, dx, dweight, dbias)  # fmt: skip
     return _in_dtype(dx, x, out), dweight.reshape(shape), dbias.reshape(shape)
 
 
