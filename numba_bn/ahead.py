@@ -130,9 +130,7 @@ def _start(shape, dtype, threads, job, siblings, describe):
     if not siblings or compiling.cache_path() is None:
         return None
     named = [describe(d) for d in siblings]  # (what, estimated seconds)
-    package_root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, **{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env = compiling.child_environment(**{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
     argv = [sys.executable, "-c", "from numba_bn.ahead import _serve; _serve()",
             "x".join(map(str, shape)), dtype, str(threads), job]  # fmt: skip
     quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]

@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 from numba.core import event
 
@@ -143,6 +144,17 @@ def cache_path():
 
     dispatcher = drivers.driver("forward_eval")[0]  # the drivers share one cache directory
     return getattr(getattr(dispatcher, "_cache", None), "cache_path", None)
+
+
+def child_environment(**settings):
+    """The environment of a child Python process that imports (and compiles) this numba_bn:
+    this one's, ``settings`` over it, and the directory holding this package first on
+    PYTHONPATH, whatever the child's working directory (warm-up and compile-ahead workers, the
+    C library's object builds, the benchmark's first call)."""
+    env = dict(os.environ, **settings)
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    return env
 
 
 def cache_location():

@@ -20,14 +20,12 @@ first calls.
 
 import contextlib
 import json
-import os
 import queue
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import numba
@@ -300,9 +298,7 @@ def _run_in_workers(steps, jobs, progress):
     todo = queue.SimpleQueue()
     for group in groups(steps):
         todo.put(group)
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[1])  # this numba_bn, whatever the cwd
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env = compiling.child_environment()
     command = [sys.executable, "-c", _WORKER, str(numba.get_num_threads()),
                "1" if compiling.quiet() else "0"]  # fmt: skip
     done, failures, report = [], [], threading.Lock()

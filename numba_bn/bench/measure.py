@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .. import ahead
+from .. import ahead, compiling
 from .cases import BYTES_PER_ELEMENT_MOVED
 from .peers import NumbaBnKernels
 
@@ -169,9 +169,7 @@ def first_call_seconds(shapes, dtype, threads, cache_dir=None, timeout=900):
 
     ``cache_dir`` is that process's NUMBA_CACHE_DIR (None: inherited from this one).
     """
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env = compiling.child_environment(NUMBA_NUM_THREADS=str(threads))
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
     code = _FIRST_CALL.format(shapes=[tuple(s) for s in shapes], dtype=np.dtype(dtype).name)

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-#: The folder that holds the installed ``numba_bn`` package: a child process imports from it.
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+from .. import compiling
+
 #: The C sources, package data of numba_bn.capi.
 CSRC_DIR = Path(str(resources.files(__package__) / "csrc"))
 LIBRARY_NAME = "libnumba_bn.so"
@@ -291,16 +291,14 @@ def _start_child(work, name, cpu_name, features):
 
     Numba compiles for that CPU with its own pipeline, as its JIT does for the host, and must
     not see the host's features; a cache hit would give a module without IR, hence a fresh
-    cache directory. The child imports the numba_bn this process runs (PACKAGE_PARENT first on
-    its path, the build directory as its working directory), never one the caller's working
-    directory happens to hold.
+    cache directory. The child imports the numba_bn this process runs (its folder first on its
+    path, :func:`numba_bn.compiling.child_environment`; the build directory as its working
+    directory), never one the caller's working directory happens to hold.
     """
-    env = dict(os.environ)
-    env.update(
+    env = compiling.child_environment(
         NUMBA_CPU_NAME=cpu_name,
         NUMBA_CPU_FEATURES=features,
         NUMBA_CACHE_DIR=str(work / f"numba-cache-{_identifier(name)}"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")])),
     )
     for setting in ("NUMBA_OPT", "NUMBA_DISABLE_JIT"):  # the JIT's defaults, always
         env.pop(setting, None)
