@@ -9,6 +9,11 @@ at the same time, into Numba's on-disk cache; this process then waits for that w
 instead of compiling them again, and loads them (benchmarks/README.md, "Stop 42: compile
 ahead"). Group and layer norm's forwards do the same for their backward (:data:`JOBS`).
 
+The worker is a copy of this process (``os.fork``: numba_bn imported and Numba started
+already, so it begins compiling at once; parallel twins compile there and do not run) on Linux
+when this is the process's only Python thread; else a new interpreter (``posix_spawn``), which
+first imports numba_bn and starts Numba (~2 s of its ~6 on the 2-core machine).
+
 One line on stderr says so (NUMBA_BN_QUIET=1 hides it, as the compile lines). It happens only
 on a real compile of a forward driver (batch norm's plain one, or the fused BN + Add + ReLU's,
 whose backward runs through the ReLU; group and layer norm's), never on a cache load, and only
@@ -27,6 +32,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 #: 0 / false / no / off: never; 1 / true / yes / on: always (where it can run); unset: by load.
@@ -130,11 +136,9 @@ def _start(shape, dtype, threads, job, siblings, describe):
     if not siblings or compiling.cache_path() is None:
         return None
     named = [describe(d) for d in siblings]  # (what, estimated seconds)
-    env = compiling.child_environment(**{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
-    argv = [sys.executable, "-c", "from numba_bn.ahead import _serve; _serve()",
-            "x".join(map(str, shape)), dtype, str(threads), job]  # fmt: skip
-    quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
-    pid = os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
+    pid, how = (_fork(shape, dtype, job) if _may_fork() else None), "forked"
+    if pid is None:
+        pid, how = _spawn(shape, dtype, threads, job), "a new interpreter"
     seconds = sum(estimate for _, estimate in named)
     deadline = time.monotonic() + WAIT_FACTOR * seconds + WAIT_SLACK_SECONDS
     with _lock:
@@ -143,12 +147,62 @@ def _start(shape, dtype, threads, job, siblings, describe):
         names = [name for name, _ in named]
         what = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
         print(
-            f"numba_bn: compiling {what} ahead, in a worker process (pid {pid}) while this one "
-            f"compiles the forward; about {max(1, round(seconds))} s: cached in "
+            f"numba_bn: compiling {what} ahead, in a worker process (pid {pid}, {how}) while "
+            f"this one compiles the forward; about {max(1, round(seconds))} s: cached in "
             f"{compiling.cache_location()}. {ENVIRONMENT}=0 turns this off",
             file=sys.stderr, flush=True,
         )  # fmt: skip
     return pid
+
+
+def _may_fork():
+    """Whether the worker may be a copy of this process (:func:`_fork`): on Linux, where a fork
+    of a process that runs NumPy's and Numba's thread pools is multiprocessing's everyday case,
+    and with no other Python thread, which could hold a lock the copy would wait on for ever."""
+    return sys.platform.startswith("linux") and threading.active_count() == 1
+
+
+def _fork(shape, dtype, job):
+    """The worker as a copy of this process: its pid, or None when the system refuses one.
+
+    The copy has numba_bn imported and Numba started, ~2 s of a new interpreter's ~6 on the
+    2-core machine. It runs the job with every parallel twin compiled and not run
+    (:func:`.cpu.compile_only`: a thread pool this process started is not in the copy), and
+    ends with os._exit, running nothing of this process's on the way out.
+    """
+    try:
+        with warnings.catch_warnings():  # Python 3.12's, on any process with a second thread
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # no memory to copy the page tables into, too many processes
+        return None
+    if pid:
+        return pid
+    status = 1
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        _off.append(True)  # no worker of its own
+        _workers.clear()  # and no waits for its parent's
+        from .cpu import compile_only
+
+        compile_only()
+        _run(shape, dtype, job)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _spawn(shape, dtype, threads, job):
+    """The worker as a new interpreter (:func:`_serve`): its pid."""
+    from . import compiling
+
+    env = compiling.child_environment(**{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
+    argv = [sys.executable, "-c", "from numba_bn.ahead import _serve; _serve()",
+            "x".join(map(str, shape)), dtype, str(threads), job]  # fmt: skip
+    quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    return os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
 
 
 def _reap():
@@ -251,15 +305,22 @@ def _layer_norm(x):
 JOBS = {"batch_norm": _batch_norm, "group_norm": _group_norm, "layer_norm": _layer_norm}
 
 
-def _serve():
-    """The worker: argv gives the shape of the forward's array ("8x16x64"), the dtype, the
-    threads and the job (:data:`JOBS`); runs the job's steps on an array of that shape, which
+def _run(shape, dtype, job):
+    """A worker's work: the job's steps (:data:`JOBS`, the job's first word; its other words
+    are arguments) on an array of ``shape`` and ``dtype`` (a name) like the forward's, which
     compiles (or loads) the drivers the parent will run, into the shared on-disk cache."""
-    import numba
     import numpy as np
 
-    shape = tuple(int(n) for n in sys.argv[1].split("x"))
-    dtype, threads, job = np.dtype(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    dtype, job = np.dtype(dtype), job.split()
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype) + dtype.type(1)
     JOBS[job[0]](x, *job[1:])
+
+
+def _serve():
+    """The spawned worker: argv gives the shape of the forward's array ("8x16x64"), the dtype,
+    the threads and the job; it runs the job (:func:`_run`) on as many Numba threads."""
+    import numba
+
+    shape = tuple(int(n) for n in sys.argv[1].split("x"))
+    numba.set_num_threads(min(int(sys.argv[3]), numba.config.NUMBA_NUM_THREADS))
+    _run(shape, sys.argv[2], sys.argv[4])

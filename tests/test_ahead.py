@@ -9,6 +9,7 @@ empty NUMBA_CACHE_DIR of its own. Times are printed, not asserted.
 import os
 import re
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,13 +21,26 @@ import naive
 from conftest import run_child
 
 SHAPE = (8, 16, 8, 8)  # planes, the serial twins
-TRAINING_STEP = f"""
+PARALLEL_SHAPE = (256, 512)  # rows; every step runs its parallel twin on 2 threads
+# a second Python thread keeps the worker from being a fork of the process (ahead._may_fork)
+SECOND_THREAD = """
+import threading
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+"""
+
+
+def training_step(shape=SHAPE, second_thread=False):
+    """A child's code: forward_train, backward and forward_eval of a float32 batch of ``shape``,
+    the compiles recorded; it saves inputs and outputs in argv[1]."""
+    return (
+        (SECOND_THREAD if second_thread else "")
+        + f"""
 import sys, time
 import numpy as np, numba_bn as nbn
 from numba_bn import compiling
 rng = np.random.default_rng(5)
-x = (rng.standard_normal({SHAPE}) * 3 + 2).astype(np.float32)
-dy = (rng.standard_normal({SHAPE}) - 0.5).astype(np.float32)
+x = (rng.standard_normal({shape}) * 3 + 2).astype(np.float32)
+dy = (rng.standard_normal({shape}) - 0.5).astype(np.float32)
 start = time.perf_counter()
 with compiling.recording() as compiled:
     y, mean, invstd = nbn.forward_train(x)
@@ -37,6 +51,9 @@ np.savez(sys.argv[1], x=x, dy=dy, y=y, mean=mean, invstd=invstd, dx=dx, dweight=
          dbias=dbias, y_eval=y_eval)
 print("compiled:", ",".join(name for name, _ in compiled))
 """
+    )
+
+
 # the fused layer, y = relu(BN(x) + residual): its backward runs through the ReLU
 FUSED_LAYER_STEP = f"""
 import sys
@@ -75,12 +92,15 @@ with compiling.recording() as compiled:
 np.savez(sys.argv[1], y=y, mean=mean, invstd=invstd, dx=dx, dweight=dweight, dbias=dbias)
 print("compiled:", ",".join(name for name, _ in compiled))
 """
-AHEAD_LINE = re.compile(r"^numba_bn: compiling (.*) ahead, in a worker process .*$", re.MULTILINE)
+AHEAD_LINE = re.compile(
+    r"^numba_bn: compiling (.*) ahead, in a worker process \(pid \d+, ([^)]*)\) .*$", re.MULTILINE
+)
 
 
-def _training_step(tmp_path, name, compile_ahead, code=TRAINING_STEP):
+def _training_step(tmp_path, name, compile_ahead, code=None):
     cache, out = tmp_path / f"cache_{name}", tmp_path / f"{name}.npz"
     env = {"NUMBA_CACHE_DIR": str(cache), "NUMBA_BN_QUIET": "", ahead.ENVIRONMENT: compile_ahead}
+    code = training_step() if code is None else code
     status, output = run_child([sys.executable, "-c", code, out], env, timeout=300)
     assert status == 0, output
     print(f"compile ahead {compile_ahead}:\n{output}")
@@ -88,15 +108,18 @@ def _training_step(tmp_path, name, compile_ahead, code=TRAINING_STEP):
     return output, compiled, dict(np.load(out))
 
 
-def test_a_first_training_step_compiles_its_backward_and_eval_in_a_worker(tmp_path):
-    output, compiled, ahead_run = _training_step(tmp_path, "ahead", "1")
+@pytest.mark.parametrize("how", ["forked", "a new interpreter"])
+def test_a_first_training_step_compiles_its_backward_and_eval_in_a_worker(tmp_path, how):
+    code = training_step(second_thread=how == "a new interpreter")
+    output, compiled, ahead_run = _training_step(tmp_path, "ahead", "1", code)
     assert compiled == ["forward_train_split_planes_serial"], output
-    (line,) = AHEAD_LINE.findall(output)
-    assert "backward (split, planes, float32, serial twin)" in line
-    assert "forward_eval (planes, float32, serial twin)" in line
+    ((what, started),) = AHEAD_LINE.findall(output)
+    assert started == how
+    assert "backward (split, planes, float32, serial twin)" in what
+    assert "forward_eval (planes, float32, serial twin)" in what
     assert f"cached in {tmp_path / 'cache_ahead'}" in output
 
-    output, compiled, here = _training_step(tmp_path, "here", "0")
+    output, compiled, here = _training_step(tmp_path, "here", "0", code)
     assert compiled == [
         "forward_train_split_planes_serial",
         "backward_split_planes_serial",
@@ -123,7 +146,8 @@ def test_a_first_training_step_compiles_its_backward_and_eval_in_a_worker(tmp_pa
 def test_the_fused_layers_training_step_compiles_its_relu_backward_and_eval_in_a_worker(tmp_path):
     output, compiled, ahead_run = _training_step(tmp_path, "ahead", "1", FUSED_LAYER_STEP)
     assert compiled == ["forward_train_split_planes_epilogue3_serial"], output
-    (line,) = AHEAD_LINE.findall(output)
+    ((line, started),) = AHEAD_LINE.findall(output)
+    assert started == "forked"
     assert "backward (split, planes, float32, serial twin)" in line
     assert "relu_grad (float32, serial twin)" in line
     assert "forward_eval (planes, float32, serial twin, + residual + ReLU)" in line
@@ -133,13 +157,62 @@ def test_the_fused_layers_training_step_compiles_its_relu_backward_and_eval_in_a
         np.testing.assert_array_equal(ahead_run[name], value, err_msg=name)
 
 
+def test_a_forked_worker_compiles_parallel_twins_without_running_them(tmp_path):
+    """The copy has none of the parent's thread pool: its parallel twins compile and do not run
+    (cpu.compile_only); the parent loads them and runs them."""
+    code = training_step(PARALLEL_SHAPE)
+    output, compiled, run = _training_step(tmp_path, "ahead", "1", code)
+    assert compiled == ["forward_train_split_rows"], output
+    ((what, started),) = AHEAD_LINE.findall(output)
+    assert started == "forked"
+    assert "backward (split, rows, float32, parallel twin)" in what
+    assert "forward_eval (rows, float32, parallel twin)" in what
+    x, dy = run["x"].astype(np.float64), run["dy"].astype(np.float64)
+    dx, dweight, dbias = naive.backward(dy, x)
+    np.testing.assert_allclose(run["dx"], dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run["dweight"], dweight, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(run["dbias"], dbias, rtol=1e-4, atol=1e-2)
+    y_eval = naive.forward(x, run["mean"], 1 / run["invstd"].astype(np.float64) ** 2)
+    np.testing.assert_allclose(run["y_eval"], y_eval, rtol=1e-5, atol=1e-5)
+
+
+COMPILE_ONLY = """
+import numba, numpy as np
+from numba import types
+from numba_bn import cpu
+from numba_bn.cpu import threads
+
+@numba.njit(parallel=True)
+def fill(a, value):
+    for i in numba.prange(a.size):
+        a[i] = value
+
+x = np.random.default_rng(0).standard_normal((8, 16, 64)).astype(np.float32)
+run, _ = cpu._plan("forward_eval", x)  # a plan made before
+assert cpu._PLANS
+cpu.compile_only()
+assert not cpu._PLANS
+a = np.zeros(10)
+assert threads.launcher(fill)(a, 1.0) is None
+assert (a == 0).all(), a
+assert fill.signatures == [(types.Array(types.float64, 1, "C"), types.float64)], fill.signatures
+print("ok")
+"""
+
+
+def test_compile_only_compiles_parallel_twins_and_runs_nothing(tmp_path):
+    status, output = run_child([sys.executable, "-c", COMPILE_ONLY],
+                               {"NUMBA_CACHE_DIR": str(tmp_path)}, timeout=300)  # fmt: skip
+    assert status == 0 and "ok" in output, output
+
+
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_a_norms_first_forward_compiles_its_backward_in_a_worker(tmp_path, norm):
     code = NORM_STEP.replace("{norm}", norm)
     output, compiled, ahead_run = _training_step(tmp_path, "ahead", "1", code)
     assert compiled == [f"{norm}_forward_serial"], output
-    (line,) = AHEAD_LINE.findall(output)
-    assert line.startswith(f"{norm}_backward (float32, serial twin)"), output
+    ((line, started),) = AHEAD_LINE.findall(output)
+    assert line.startswith(f"{norm}_backward (float32, serial twin)") and started == "forked"
     output, compiled, here = _training_step(tmp_path, "here", "0", code)
     assert compiled == [f"{norm}_forward_serial", f"{norm}_backward_serial"], output
     for name, value in here.items():
@@ -288,26 +361,75 @@ class _Dispatcher:
         self.name, self.overloads = name, {"sig": None} if compiled else {}
 
 
-def test_a_worker_compiles_the_siblings_not_compiled_here_and_says_so(
-    two_cpus, monkeypatch, capsys
-):
-    spawned = []
-    monkeypatch.setattr(os, "posix_spawn", lambda *args, **kw: spawned.append(args) or 999_999)
+@pytest.fixture
+def siblings(two_cpus, monkeypatch):
+    """A forward expected with two siblings, its eval compiled here; no workers yet."""
     monkeypatch.setattr(ahead, "_workers", [])
     monkeypatch.setenv("NUMBA_BN_QUIET", "")
     forward = object()
     backward, evaluate = _Dispatcher("backward", False), _Dispatcher("forward_eval", True)
-    monkeypatch.setattr(
-        ahead,
-        "_expected",
-        [(forward, ((8, 16, 64), "float32", 2, "batch_norm 3", (backward, evaluate)))],
-    )
-    assert ahead.started(forward, "float32", lambda d: (f"{d.name} (what)", 3.0)) == 999_999
+    request = ((8, 16, 64), "float32", 2, "batch_norm 3", (backward, evaluate))
+    monkeypatch.setattr(ahead, "_expected", [(forward, request)])
+    return forward, backward
+
+
+def _start(forward, backward, capsys):
+    pid = ahead.started(forward, "float32", lambda d: (f"{d.name} (what)", 3.0))
+    (worker,) = ahead._workers
+    assert worker.pid == pid and worker.dispatchers == {id(backward)}  # the eval: compiled here
+    line = capsys.readouterr().err
+    assert "forward_eval" not in line and "about 3 s" in line
+    return pid, line
+
+
+def test_a_new_interpreter_compiles_the_siblings_not_compiled_here_and_says_so(
+    siblings, monkeypatch, capsys
+):
+    spawned = []
+    monkeypatch.setattr(ahead, "_may_fork", lambda: False)
+    monkeypatch.setattr(os, "posix_spawn", lambda *args, **kw: spawned.append(args) or 999_999)
+    pid, line = _start(*siblings, capsys)
     ((executable, argv, env),) = spawned
     assert argv[-4:] == ["8x16x64", "float32", "2", "batch_norm 3"]
     assert env[ahead.ENVIRONMENT] == "0"
-    (worker,) = ahead._workers
-    assert worker.dispatchers == {id(backward)}  # the eval is compiled here: loads never wait
-    line = capsys.readouterr().err
-    assert "compiling backward (what) ahead, in a worker process (pid 999999)" in line
-    assert "forward_eval" not in line and "about 3 s" in line
+    assert pid == 999_999
+    assert (
+        "compiling backward (what) ahead, in a worker process (pid 999999, a new interpreter)"
+        in (line)
+    )
+
+
+def test_a_copy_of_this_process_is_the_worker_where_it_may_be(siblings, monkeypatch, capsys):
+    monkeypatch.setattr(ahead, "_may_fork", lambda: True)
+    monkeypatch.setattr(os, "fork", lambda: 888_888)  # (this process is the parent)
+    monkeypatch.setattr(os, "posix_spawn", lambda *args, **kw: pytest.fail("spawned"))
+    pid, line = _start(*siblings, capsys)
+    assert pid == 888_888
+    assert "compiling backward (what) ahead, in a worker process (pid 888888, forked)" in line
+
+
+def test_a_refused_fork_starts_a_new_interpreter(siblings, monkeypatch, capsys):
+    def refuse():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(ahead, "_may_fork", lambda: True)
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(os, "posix_spawn", lambda *args, **kw: 777_777)
+    pid, line = _start(*siblings, capsys)
+    assert pid == 777_777 and "(pid 777777, a new interpreter)" in line
+
+
+def test_it_forks_on_linux_with_one_python_thread(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert ahead._may_fork()
+    hold = threading.Event()
+    second = threading.Thread(target=hold.wait)
+    second.start()
+    try:
+        assert not ahead._may_fork()  # it could hold a lock the copy would wait on for ever
+    finally:
+        hold.set()
+        second.join()
+    assert ahead._may_fork()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not ahead._may_fork()

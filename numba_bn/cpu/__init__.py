@@ -9,6 +9,7 @@ from ..stats import no_running_update
 from . import drivers
 from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
+from .threads import compile_only as _twins_compile_only
 from .threads import launcher, layer_known, num_threads
 
 # Serial or parallel, by a measured cost model (benchmarks/serial_parallel.py measures it and
@@ -100,6 +101,14 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     if len(_PLANS) < _PLANS_MAX and (threads == 1 or layer_known()):
         _PLANS[key] = plan
     return plan
+
+
+def compile_only():
+    """From now on in this process, parallel twins compile and do not run
+    (:func:`.threads.compile_only`), those of the plans made before too (forgotten): a
+    compile-ahead worker forked from a process (:mod:`numba_bn.ahead`)."""
+    _twins_compile_only()
+    _PLANS.clear()
 
 
 def _driver(step, x, threads, may_fuse=False, epilogue=EPILOGUE_NONE):

@@ -16,6 +16,7 @@ from numba.np.ufunc import parallel as _pool
 
 _launch_lock = threading.Lock()
 _safe_layer = None  # None: not known yet; True/False once numba has chosen
+_compile_only = []  # after compile_only(): parallel twins compile and do not run
 
 
 def threading_layer():
@@ -78,8 +79,30 @@ def _unknown():
 def launcher(parallel):
     """How to call the parallel kernel ``parallel``: as it is once Numba runs a layer that is
     safe from several threads at once (``omp``, ``tbb``: ~0.4 us less a call), else inside the
-    launch guard (:func:`guarded`), also while the layer is not known yet (:func:`layer_known`)."""
+    launch guard (:func:`guarded`), also while the layer is not known yet (:func:`layer_known`);
+    after :func:`compile_only`, a function that compiles it."""
+    if _compile_only:
+        return compiled(parallel)
     return parallel if _layer_is_safe() else guarded(parallel)
+
+
+def compile_only():
+    """From now on in this process, the parallel kernels :func:`launcher` hands out compile for
+    the arguments they are called with and do not run: a compile-ahead worker forked from a
+    process (:mod:`numba_bn.ahead`), where the thread pool the process may have started is not
+    (the copy has one thread; its parent's pool would wait for threads that are not there)."""
+    _compile_only.append(True)
+
+
+def compiled(parallel):
+    """``parallel`` compiled (or loaded from the cache) for the types of a call's arguments, as
+    the call would, and not run."""
+
+    def run(*args):
+        parallel.compile(tuple(map(parallel.typeof_pyval, args)))
+
+    run.__wrapped__ = parallel
+    return run
 
 
 def layer_known():
