@@ -167,8 +167,9 @@ def _fork(shape, dtype, job):
 
     The copy has numba_bn imported and Numba started, ~2 s of a new interpreter's ~6 on the
     2-core machine. It runs the job with every parallel twin compiled and not run
-    (:func:`.cpu.compile_only`: a thread pool this process started is not in the copy), and
-    ends with os._exit, running nothing of this process's on the way out.
+    (:func:`.cpu.compile_only`: a thread pool this process started is not in the copy), with
+    stdio on /dev/null and no other file of this process's open, and ends with os._exit,
+    running nothing of this process's on the way out.
     """
     try:
         with warnings.catch_warnings():  # Python 3.12's, on any process with a second thread
@@ -183,6 +184,7 @@ def _fork(shape, dtype, job):
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # none of this process's pipes, sockets
         _off.append(True)  # no worker of its own
         _workers.clear()  # and no waits for its parent's
         from .cpu import compile_only

@@ -419,6 +419,31 @@ def test_a_refused_fork_starts_a_new_interpreter(siblings, monkeypatch, capsys):
     assert pid == 777_777 and "(pid 777777, a new interpreter)" in line
 
 
+def _sleep(x, seconds):
+    time.sleep(float(seconds))
+
+
+def _fail(x):
+    raise RuntimeError("a job that fails")
+
+
+def test_a_forked_worker_runs_its_job_holding_none_of_this_processs_files(monkeypatch):
+    monkeypatch.setitem(ahead.JOBS, "sleep", _sleep)
+    monkeypatch.setitem(ahead.JOBS, "fail", _fail)
+    read, write = os.pipe()
+    try:
+        pid = ahead._fork((4, 3), "float32", "sleep 3")
+        os.close(write)
+        start = time.monotonic()
+        assert os.read(read, 1) == b""  # at once: the copy holds no end of the pipe
+        assert time.monotonic() - start < 2
+    finally:
+        os.close(read)
+    assert os.waitpid(pid, 0)[1] == 0  # it ran the job and ended
+    failed = ahead._fork((4, 3), "float32", "fail")
+    assert os.waitstatus_to_exitcode(os.waitpid(failed, 0)[1]) == 1
+
+
 def test_it_forks_on_linux_with_one_python_thread(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     assert ahead._may_fork()

@@ -1,0 +1,63 @@
+"""A cold first training step, each run a new process with an empty Numba cache of its own.
+
+forward_train, backward and forward_eval of a float32 batch, timed from before
+``import numba_bn``, with the backward and eval compiled ahead in a forked worker ("fork"), in
+a new interpreter ("spawn": the child keeps a second Python thread alive, which rules out the
+fork), or not at all ("off": NUMBA_BN_COMPILE_AHEAD=0); the modes alternate within each round
+(README, "First call"; benchmarks/README.md, stop 43). Check ``uptime`` first.
+
+    python benchmarks/first_step.py --shape 64,32 --rounds 3 --modes fork,spawn,off
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+STEP = """
+import sys, time
+start = time.perf_counter()
+if sys.argv[1] == "spawn":
+    import threading
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+import numpy as np, numba_bn as nbn
+imported = time.perf_counter()
+shape = tuple(int(n) for n in sys.argv[2].split(","))
+rng = np.random.default_rng(0)
+x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+dy = rng.standard_normal(shape).astype(np.float32)
+y, mean, invstd = nbn.forward_train(x)
+forward = time.perf_counter()
+nbn.backward(dy, x, mean, invstd)
+backward = time.perf_counter()
+nbn.forward_eval(x, mean, 1 / invstd**2)
+end = time.perf_counter()
+print(f"{sys.argv[1]:5s} import {imported - start:.2f} forward_train {forward - imported:.2f} "
+      f"backward {backward - forward:.2f} forward_eval {end - backward:.2f} "
+      f"total {end - start:.2f} s")
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="64,32", help="batch shape, channels on axis 1")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="fork,spawn,off", help="fork, spawn, off")
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f}; shape ({args.shape}) float32", flush=True)
+    for _ in range(args.rounds):
+        for mode in args.modes.split(","):
+            with tempfile.TemporaryDirectory(
+                prefix="numba_bn_first_step_", ignore_cleanup_errors=True
+            ) as cache:
+                env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_BN_QUIET="1",
+                           NUMBA_BN_COMPILE_AHEAD="0" if mode == "off" else "1")  # fmt: skip
+                command = [sys.executable, "-c", STEP, mode, args.shape]
+                print(subprocess.run(command, env=env, check=True, capture_output=True,
+                                     text=True).stdout.strip(), flush=True)  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
