@@ -94,10 +94,9 @@ def enabled():
         return False
     if setting in ("1", "true", "yes", "on"):
         return True
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cpus = os.cpu_count() or 1
+    from .compiling import usable_cpus
+
+    cpus = usable_cpus()
     return cpus >= 2 and os.getloadavg()[0] <= cpus - 0.5
 
 

@@ -160,11 +160,23 @@ def _warmup_arguments(parser):
         "about 30 s more from a cold cache (docs/norms.md)",
     )  # fmt: skip
     parser.add_argument(
-        "--jobs", type=_positive_int, default=1, metavar="N",
+        "--jobs", type=_positive_int, default=default_jobs(), metavar="N",
         help="compile in N worker processes at once (Numba compiles one function at a time in "
         "a process): about N times faster up to the cores; steps are reported as they end "
-        "(default 1)",
+        f"(default: the CPUs this process may use, at most {MOST_DEFAULT_JOBS})",
     )  # fmt: skip
+
+
+#: warmup's default --jobs at most: each worker holds its own Numba and LLVM (~0.4 GB)
+MOST_DEFAULT_JOBS = 4
+
+
+def default_jobs():
+    """warmup's --jobs by default: a worker per CPU this process may use, MOST_DEFAULT_JOBS at
+    most (188 s instead of 323 for the steps with --distributed on 2 cores, README)."""
+    from .compiling import usable_cpus
+
+    return min(usable_cpus(), MOST_DEFAULT_JOBS)
 
 
 def _positive_int(text):

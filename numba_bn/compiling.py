@@ -157,6 +157,14 @@ def child_environment(**settings):
     return env
 
 
+def usable_cpus():
+    """The CPUs this process may run on (its affinity; the machine's where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def cache_location():
     """Where Numba keeps the drivers' machine code, in words."""
     return cache_path() or "nowhere (Numba's cache is off)"

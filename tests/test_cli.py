@@ -207,3 +207,11 @@ def test_info_compiles_no_driver_to_name_the_threading_layer(tmp_path):
     layer = next(line for line in output.splitlines() if line.startswith("threading layer"))
     assert layer.split()[-1] in ("omp", "tbb", "workqueue"), output
     assert "numba_bn: compiling" not in output, output
+
+
+@pytest.mark.parametrize(("cpus", "jobs"), [(1, 1), (2, 2), (3, 3), (64, 4)])
+def test_warmup_compiles_in_a_worker_per_cpu_by_default_four_at_most(monkeypatch, cpus, jobs):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    _, commands = parsers()
+    assert commands["warmup"].parse_args([]).jobs == jobs
+    assert commands["warmup"].parse_args(["--jobs", "1"]).jobs == 1
