@@ -46,6 +46,7 @@ from numpy.typing import DTypeLike
 
 from .annotations import Array, Backend, Comm, Device, NanPolicy
 from .checks import trained
+from .cpu.drivers import lock_cache_saves
 from .dispatch import memory_of
 from .layer import BatchNorm
 from .memory import HOST
@@ -177,6 +178,9 @@ def _merge_ranks(counts, ranks, mean, m2):
         mean[c] = mu
         m2[c] = sq
     return count
+
+
+lock_cache_saves(_merge_ranks)
 
 
 def merge_over_ranks(comm, operation, dtype, count, mean, m2):

@@ -246,10 +246,12 @@ def test_warmed_up_norms_compile_nothing_on_their_first_calls(tmp_path):
 _SAVES = """
 import sys, time
 from pathlib import Path
-from numba_bn.cpu import drivers
+import numba_bn.bench.peers, numba_bn.distributed
+from numba_bn import stats
+from numba_bn.cpu import drivers, threads
 from numba_bn.cpu.items import MEMORY_ROWS
-tag, where = sys.argv[1], Path(sys.argv[2])
-cache_file = drivers.driver("forward_eval", MEMORY_ROWS)[1]._cache._cache_file
+tag, where, cached = sys.argv[1], Path(sys.argv[2]), eval(sys.argv[3])
+cache_file = cached._cache._cache_file
 (where / tag).touch()
 while not ((where / "a").exists() and (where / "b").exists()):  # the other process is ready
     time.sleep(0.001)
@@ -258,23 +260,42 @@ for i in range(200):
 print("done")
 """
 _LOADS = """
-from numba_bn.cpu import drivers
+import sys
+import numba_bn.bench.peers, numba_bn.distributed
+from numba_bn import stats
+from numba_bn.cpu import drivers, threads
 from numba_bn.cpu.items import MEMORY_ROWS
-cache_file = drivers.driver("forward_eval", MEMORY_ROWS)[1]._cache._cache_file
+cache_file = eval(sys.argv[1])._cache._cache_file
 keys = [(tag, i) for tag in "ab" for i in range(200)]
 print("not its own:", [key for key in keys if cache_file.load(key) != key])
 """
+#: every function numba_bn caches on disk: a driver, and those of stats.py, threads.py,
+#: distributed.py and the benchmark
+CACHED = [
+    "drivers.driver('forward_eval', MEMORY_ROWS)[1]",
+    "stats.first_negative",
+    "stats.merge_moments",
+    "threads._smallest_parallel_function",
+    "numba_bn.distributed._merge_ranks",
+    "numba_bn.bench.peers.parallel_copy",
+]
 
 
-def test_two_processes_saving_entries_of_one_driver_at_once_keep_each_entry_its_own(tmp_path):
-    """Two processes add entries (argument types, say) of one driver to Numba's cache at the
-    same time, as `numba-bn warmup --jobs` or two jobs on one NUMBA_CACHE_DIR do. Numba's
-    unlocked save lost 112 of these 400 entries and pointed 27 at another entry's data (machine
-    code of other types, in a real save) before drivers._lock_cache_saves."""
+@pytest.mark.parametrize("cached", CACHED)
+def test_two_processes_saving_entries_of_one_function_at_once_keep_each_entry_its_own(
+    tmp_path, cached
+):
+    """Two processes add entries (argument types, say) of one cached function to Numba's cache
+    at the same time, as `numba-bn warmup --jobs` or two jobs on one NUMBA_CACHE_DIR do. Numba's
+    unlocked save lost 112 of these 400 entries of a driver and pointed 27 at another entry's
+    data (machine code of other types, in a real save) before drivers.lock_cache_saves; the
+    functions of stats.py (the float32 and float64 first_negative of two warm-up workers), and
+    the others cached on disk, saved unlocked until stop 43."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
-    children = [start_child([sys.executable, "-c", _SAVES, tag, tmp_path], env) for tag in "ab"]
+    children = [start_child([sys.executable, "-c", _SAVES, tag, tmp_path, cached], env)
+                for tag in "ab"]  # fmt: skip
     for child in children:
         status, output = finish_child(child, timeout=300)
         assert status == 0 and "done" in output, output
-    status, output = run_child([sys.executable, "-c", _LOADS], env)
+    status, output = run_child([sys.executable, "-c", _LOADS, cached], env)
     assert status == 0 and "not its own: []" in output, output[-2000:]

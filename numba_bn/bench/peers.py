@@ -11,6 +11,7 @@ import numpy as np
 from numba import prange, uint64
 
 from .. import reference
+from ..cpu.drivers import lock_cache_saves
 from ..dispatch import get as get_backend
 from ..functional import backward, forward_eval, forward_train
 from ..layer import BatchNorm
@@ -223,6 +224,9 @@ def parallel_copy(dst, src, blocks):
         start, stop = n * uint64(block) // uint64(blocks), n * uint64(block + 1) // uint64(blocks)
         for i in range(start, stop):  # unsigned, so that LLVM sees a plain copy loop
             dst[i] = src[i]
+
+
+lock_cache_saves(parallel_copy)
 
 
 class ParallelCopy(Memcpy):

@@ -41,7 +41,7 @@ import numpy as np
 from numba import prange
 
 from .. import ahead
-from ..stats import AFFINE_ROWS, DX_ROWS, kernel, running_update
+from ..stats import AFFINE_ROWS, DX_ROWS, first_negative, kernel, merge_moments, running_update
 from .items import (
     ITEM_SCRATCH_SHAPE,
     ITEMS,
@@ -113,7 +113,7 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     pair = kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
     for dispatcher in pair:
         _key_cache_on_sources(dispatcher)
-        _lock_cache_saves(dispatcher)
+        lock_cache_saves(dispatcher)
         ahead.hold_loads(dispatcher)  # a worker may be compiling it (numba_bn.ahead)
     _twins.extend(pair)
     return pair
@@ -149,8 +149,9 @@ def _key_cache_on_sources(dispatcher):
     cache._index_key = lambda sig, codegen: (*index_key(sig, codegen), sources_digest())
 
 
-def _lock_cache_saves(dispatcher):
-    """Save ``dispatcher``'s entries in Numba's cache under an exclusive lock on its index.
+def lock_cache_saves(dispatcher):
+    """Save ``dispatcher``'s entries in Numba's cache under an exclusive lock on its index:
+    every function of numba_bn cached on disk (the drivers, and those named below it).
 
     Numba saves an entry by reading the function's index, adding the entry under the first free
     data file name, and writing both back, unlocked: two processes that compile other argument
@@ -192,6 +193,11 @@ def _locked(path):
     with file:
         _flock(file.fileno(), _LOCK_EX)
         yield
+
+
+# stats.py imports nothing of the package: its cached functions are locked here
+lock_cache_saves(first_negative)
+lock_cache_saves(merge_moments)
 
 
 # ------------------------------------------------------------------------------- loop nests

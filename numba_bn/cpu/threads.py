@@ -14,6 +14,8 @@ import threading
 import numba
 from numba.np.ufunc import parallel as _pool
 
+from .drivers import lock_cache_saves
+
 _launch_lock = threading.Lock()
 _safe_layer = None  # None: not known yet; True/False once numba has chosen
 _compile_only = []  # after compile_only(): parallel twins compile and do not run
@@ -33,6 +35,9 @@ def _smallest_parallel_function(n):
     for i in numba.prange(n):
         total += i
     return total
+
+
+lock_cache_saves(_smallest_parallel_function)
 
 
 def choose_threading_layer():
