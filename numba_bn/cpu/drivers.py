@@ -150,8 +150,9 @@ def _key_cache_on_sources(dispatcher):
 
 
 def lock_cache_saves(dispatcher):
-    """Save ``dispatcher``'s entries in Numba's cache under an exclusive lock on its index:
-    every function of numba_bn cached on disk (the drivers, and those named below it).
+    """Save ``dispatcher``'s entries in Numba's cache under an exclusive lock on its index.
+    Every function numba_bn caches on disk goes through it: the drivers (:func:`twins`), the two
+    of stats.py (below), those of cpu/threads.py, distributed.py and bench/peers.py.
 
     Numba saves an entry by reading the function's index, adding the entry under the first free
     data file name, and writing both back, unlocked: two processes that compile other argument
