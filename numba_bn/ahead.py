@@ -28,6 +28,7 @@ nothing; a worker that fails costs this process its wait, and the driver then co
 it would have.
 """
 
+import gc
 import os
 import sys
 import threading
@@ -167,8 +168,8 @@ def _fork(shape, dtype, job):
     The copy has numba_bn imported and Numba started, ~2 s of a new interpreter's ~6 on the
     2-core machine. It runs the job with every parallel twin compiled and not run
     (:func:`.cpu.compile_only`: a thread pool this process started is not in the copy), with
-    stdio on /dev/null and no other file of this process's open, and ends with os._exit,
-    running nothing of this process's on the way out.
+    every descriptor of this process's on /dev/null, and ends with os._exit, running nothing
+    of this process's on the way out.
     """
     try:
         with warnings.catch_warnings():  # Python 3.12's, on any process with a second thread
@@ -180,10 +181,18 @@ def _fork(shape, dtype, job):
         return pid
     status = 1
     try:
+        # This process's objects stay as they are in the copy (none collected: a file object
+        # of theirs would close a descriptor number the copy may have reused), and its
+        # descriptors, pipes and sockets among them, point at /dev/null from here on.
+        gc.freeze()
         null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # none of this process's pipes, sockets
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd != null:
+                try:
+                    os.dup2(null, fd)
+                except OSError:  # nothing to point at /dev/null
+                    pass
+        os.close(null)
         _off.append(True)  # no worker of its own
         _workers.clear()  # and no waits for its parent's
         from .cpu import compile_only
