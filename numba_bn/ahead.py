@@ -30,6 +30,7 @@ it would have.
 
 import gc
 import os
+import signal
 import sys
 import threading
 import time
@@ -168,7 +169,8 @@ def _fork(shape, dtype, job):
     The copy has numba_bn imported and Numba started, ~2 s of a new interpreter's ~6 on the
     2-core machine. It runs the job with every parallel twin compiled and not run
     (:func:`.cpu.compile_only`: a thread pool this process started is not in the copy), with
-    every descriptor of this process's on /dev/null, and ends with os._exit, running nothing
+    every descriptor of this process's on /dev/null and the default action for every signal
+    this process handles in Python (Ctrl-C ends it), and ends with os._exit, running nothing
     of this process's on the way out.
     """
     try:
@@ -185,6 +187,9 @@ def _fork(shape, dtype, job):
         # of theirs would close a descriptor number the copy may have reused), and its
         # descriptors, pipes and sockets among them, point at /dev/null from here on.
         gc.freeze()
+        for signum in signal.valid_signals():  # none of its signal handlers runs here either
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in map(int, os.listdir("/proc/self/fd")):
             if fd != null:

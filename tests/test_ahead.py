@@ -8,6 +8,7 @@ empty NUMBA_CACHE_DIR of its own. Times are printed, not asserted.
 
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -449,6 +450,11 @@ def _fail(x):
     raise RuntimeError("a job that fails")
 
 
+def _ready_then_sleep(x, path, seconds):
+    open(path, "w").close()
+    time.sleep(float(seconds))
+
+
 def test_a_forked_worker_runs_its_job_holding_none_of_this_processs_files(monkeypatch):
     monkeypatch.setitem(ahead.JOBS, "sleep", _sleep)
     monkeypatch.setitem(ahead.JOBS, "fail", _fail)
@@ -464,6 +470,23 @@ def test_a_forked_worker_runs_its_job_holding_none_of_this_processs_files(monkey
     assert os.waitpid(pid, 0)[1] == 0  # it ran the job and ended
     failed = ahead._fork((4, 3), "float32", "fail")
     assert os.waitstatus_to_exitcode(os.waitpid(failed, 0)[1]) == 1
+
+
+def test_a_forked_worker_runs_none_of_this_processs_signal_handlers(monkeypatch, tmp_path):
+    """A training script's handler (a checkpoint on SIGTERM, say) must not run in the copy."""
+    monkeypatch.setitem(ahead.JOBS, "ready", _ready_then_sleep)
+    ran, ready = tmp_path / "handler ran", tmp_path / "ready"
+    previous = signal.signal(signal.SIGUSR1, lambda *args: ran.touch())
+    try:
+        pid = ahead._fork((4, 3), "float32", f"ready {ready} 30")
+        while not ready.exists():  # the copy is in its job
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGUSR1)
+        status = os.waitpid(pid, 0)[1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGUSR1  # the default action: it ended
+    assert not ran.exists()
 
 
 def test_it_forks_on_linux_with_one_python_thread(monkeypatch):
