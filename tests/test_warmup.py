@@ -80,6 +80,39 @@ def test_a_norms_cold_call_announces_its_driver_too(tmp_path):
     assert "group_forward (float32, serial twin)" in lines[0] and "about 3 s" in lines[0]
 
 
+# Python's collector during compiles: a listener registered after numba_bn's sees its state
+GC_DURING_COMPILES = """
+import gc
+import numba, numpy as np, numba_bn as nbn
+from numba.core import event
+seen = []
+class Listener(event.Listener):
+    def on_start(self, ev): seen.append((ev.data["dispatcher"].py_func.__name__, gc.isenabled()))
+    def on_end(self, ev): pass
+event.register("numba:compile", Listener())
+x = np.ones((64, 32), np.float32)
+nbn.forward_eval(x, np.zeros(32, np.float32), np.ones(32, np.float32))
+print("driver and its kernels:", sorted(set(seen)), "after:", gc.isenabled())
+seen.clear()
+numba.njit(lambda a: a + 1)(1.0)  # a compile of the program's own
+print("own:", seen)
+gc.disable()
+nbn.forward_eval(x.astype(np.float64), np.zeros(32), np.ones(32))
+print("disabled before:", gc.isenabled())
+print("done")
+"""
+
+
+def test_the_collector_is_off_while_a_driver_compiles_and_as_it_was_after(tmp_path):
+    output, _ = _run(GC_DURING_COMPILES, tmp_path, NUMBA_BN_QUIET="1")
+    compiled = eval(re.search(r"^driver and its kernels: (.*) after:", output, re.M).group(1))
+    assert ("_forward_eval_rows_serial", False) in compiled, output
+    # its kernels' too (first_negative, the running variance's check, compiles before, alone)
+    assert all(enabled is False for name, enabled in compiled if name != "first_negative"), output
+    assert "after: True" in output and "own: [('<lambda>', True)]" in output, output
+    assert "disabled before: False" in output, output
+
+
 # The kernels of one memory shape only (cpu/kernels.py): a call compiles its own shape's alone.
 ROWS_KERNELS = {"rows_chunk_stats", "rows_chunk_sums", "rows_affine", "rows_dx"}
 PLANES_KERNELS = {"plane_segment_stats", "plane_segment_sums", "affine_planes", "affine_range",
