@@ -85,21 +85,42 @@ class off:
 
 def enabled():
     """Whether a compile may start a worker here (the module's docstring)."""
+    return _refusal() is None
+
+
+def _refusal():
+    """Why a compile may not start a worker here, in words; None when it may."""
     setting = os.environ.get(ENVIRONMENT, "").strip().lower()
-    if _off or setting in ("0", "false", "no", "off"):
-        return False
+    if _off:
+        return "inside numba-bn warmup"
+    if setting in ("0", "false", "no", "off"):
+        return f"{ENVIRONMENT}={os.environ[ENVIRONMENT]}"
     if not hasattr(os, "posix_spawn") or getattr(sys, "frozen", False):
-        return False
+        return "no posix_spawn here"
     if not Path(sys.executable or "").name.lower().startswith("python"):
-        return False  # an application embedding Python: its executable is not an interpreter
+        return "not a Python interpreter"  # an application embedding Python
     if "mpi4py.MPI" in sys.modules:
-        return False
+        return "an MPI rank"
     if setting in ("1", "true", "yes", "on"):
-        return True
+        return None
     from .compiling import usable_cpus
 
-    cpus = usable_cpus()
-    return cpus >= 2 and os.getloadavg()[0] <= cpus - 0.5
+    cpus, load = usable_cpus(), os.getloadavg()[0]
+    if cpus < 2:
+        return "one CPU"
+    if load > cpus - 0.5:
+        return f"the machine is busy: load {load:.2f} on {cpus} CPUs"
+    return None
+
+
+def status():
+    """What a forward driver's first compile does here now, in words (``numba-bn info``)."""
+    from . import compiling
+
+    why = "Numba's cache is off" if compiling.cache_path() is None else _refusal()
+    if why is not None:
+        return f"off ({why})"
+    return "in a forked worker" if _may_fork() else "in a new interpreter"
 
 
 def expect(forward, view, threads, job, siblings):

@@ -82,6 +82,7 @@ def _info(args):
     import numba
 
     import numba_bn as nbn
+    from numba_bn import ahead
     from numba_bn.capi import calls
     from numba_bn.cpu.threads import choose_threading_layer
     from numba_bn.cuda import cuda_target
@@ -111,6 +112,7 @@ def _info(args):
         ("cuda available", cuda_available),
         ("cache dir", numba.config.CACHE_DIR or "(next to the package sources)"),
         ("compiled calls", calls.in_use or f"off (use_compiled_calls, {calls.ENVIRONMENT})"),
+        ("compile ahead", ahead.status()),
     ]
     for name, value in rows:
         print(f"{name:<16} {value}")

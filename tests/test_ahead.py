@@ -285,6 +285,23 @@ def test_one_cpu_an_mpi_rank_an_embedding_program_and_warmup_turn_it_off(two_cpu
     assert ahead.enabled()
 
 
+def test_status_says_what_a_first_compile_does_here_and_why(two_cpus, monkeypatch):
+    monkeypatch.setattr(ahead, "_may_fork", lambda: True)
+    assert ahead.status() == "in a forked worker"
+    monkeypatch.setattr(ahead, "_may_fork", lambda: False)
+    assert ahead.status() == "in a new interpreter"
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.75, 0.5, 0.5))
+    assert ahead.status() == "off (the machine is busy: load 1.75 on 2 CPUs)"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert ahead.status() == "off (one CPU)"
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", object())
+    assert ahead.status() == "off (an MPI rank)"
+    monkeypatch.setenv(ahead.ENVIRONMENT, "off")
+    assert ahead.status() == "off (NUMBA_BN_COMPILE_AHEAD=off)"
+    with ahead.off():
+        assert ahead.status() == "off (inside numba-bn warmup)"
+
+
 def test_a_compile_of_another_driver_starts_no_worker(two_cpus, monkeypatch):
     forward, other = object(), object()
     request = ((8, 16, 64), "float32", 1, "batch_norm 0", ())

@@ -179,6 +179,8 @@ def test_info_lists_versions_and_layer(capsys):
     assert layer.split()[-1] in ("omp", "tbb", "workqueue")
     calls = next(line for line in output.splitlines() if line.startswith("compiled calls"))
     assert "off (use_compiled_calls, NUMBA_BN_COMPILED_CALLS)" in calls
+    ahead_line = next(line for line in output.splitlines() if line.startswith("compile ahead"))
+    assert ahead_line.endswith("off (NUMBA_BN_COMPILE_AHEAD=0)"), output  # (conftest.py)
 
 
 def test_info_names_the_cuda_target(capsys):
