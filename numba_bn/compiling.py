@@ -184,10 +184,10 @@ def _line(name, args, dispatcher):
 class _Listener(event.Listener):
     """Announces and records the compiles of drivers started from outside any other compile,
     and holds Python's cyclic garbage collector off while one compiles: Numba's compile makes
-    objects by the million, and the collections they set off (each going over every object of
-    the process, Numba's own ~300 MB among them) were 10-13% of a cold first training step
-    (forward 4.9 -> 4.4 s, then backward and eval 3.9 -> 3.3 s; ~30 MB more at the peak; stop 43,
-    benchmarks/README.md). The collector runs again after the compile, as it was."""
+    objects by the million, and the collections they set off took 0.84-0.93 s (1264 of them)
+    of a cold (64, 32) training step, 0.43 s (259) with the collector off (the step 8.6-8.9 ->
+    8.2 s, 231 -> 263 MB at the peak; stop 43, benchmarks/README.md). The collector runs
+    again after the compile, as it was."""
 
     # Numba sends every compile of the process here, the user's own functions too; nothing here
     # may raise into a compile.

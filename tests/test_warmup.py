@@ -276,13 +276,16 @@ def test_warmed_up_norms_compile_nothing_on_their_first_calls(tmp_path):
     assert re.search(r"^calls: \[\]$", output, re.MULTILINE), output
 
 
-_SAVES = """
-import sys, time
-from pathlib import Path
+# every module with a function in CACHED, for a child to eval its name
+_CACHED_MODULES = """
 import numba_bn.bench.peers, numba_bn.distributed
 from numba_bn import stats
 from numba_bn.cpu import drivers, threads
 from numba_bn.cpu.items import MEMORY_ROWS
+"""
+_SAVES = """
+import sys, time
+from pathlib import Path
 tag, where, cached = sys.argv[1], Path(sys.argv[2]), eval(sys.argv[3])
 cache_file = cached._cache._cache_file
 (where / tag).touch()
@@ -294,10 +297,6 @@ print("done")
 """
 _LOADS = """
 import sys
-import numba_bn.bench.peers, numba_bn.distributed
-from numba_bn import stats
-from numba_bn.cpu import drivers, threads
-from numba_bn.cpu.items import MEMORY_ROWS
 cache_file = eval(sys.argv[1])._cache._cache_file
 keys = [(tag, i) for tag in "ab" for i in range(200)]
 print("not its own:", [key for key in keys if cache_file.load(key) != key])
@@ -325,10 +324,10 @@ def test_two_processes_saving_entries_of_one_function_at_once_keep_each_entry_it
     functions of stats.py (the float32 and float64 first_negative of two warm-up workers), and
     the others cached on disk, saved unlocked until stop 43."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
-    children = [start_child([sys.executable, "-c", _SAVES, tag, tmp_path, cached], env)
-                for tag in "ab"]  # fmt: skip
+    saves = [sys.executable, "-c", _CACHED_MODULES + _SAVES]
+    children = [start_child([*saves, tag, tmp_path, cached], env) for tag in "ab"]
     for child in children:
         status, output = finish_child(child, timeout=300)
         assert status == 0 and "done" in output, output
-    status, output = run_child([sys.executable, "-c", _LOADS, cached], env)
+    status, output = run_child([sys.executable, "-c", _CACHED_MODULES + _LOADS, cached], env)
     assert status == 0 and "not its own: []" in output, output[-2000:]
