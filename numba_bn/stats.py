@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 import llvmlite.binding as ll
 import numpy as np
-from numba import float64, njit, types, uint64
+from numba import config, float64, njit, types, uint64
 from numba.core import cgutils
+from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
 #: ``numba.njit`` for every kernel of the package: IEEE division (``error_model="numpy"``: x / 0
@@ -33,6 +34,48 @@ from numba.extending import intrinsic
 #: Numba does not free the arrays of a nopython function that raises, and a kernel that has
 #: written half its output cannot take it back. Errors are found in Python before a kernel runs.
 kernel = functools.partial(njit, error_model="numpy")
+
+#: The entry points Numba adds to every function it compiles: a Python one (unboxing each
+#: argument) and a C one (for first-class function values).
+_ENTRY_POINTS = ("no_cpython_wrapper", "no_cfunc_wrapper")
+
+
+class Callee(CPUDispatcher):
+    """The dispatcher of a :func:`callee`: its compiled functions have no entry points, and a
+    call from Python runs :attr:`python_twin` instead."""
+
+    def __call__(self, *args, **kwargs):
+        return self.python_twin(*args, **kwargs)
+
+    @functools.cached_property
+    def python_twin(self):
+        """The same function compiled with Numba's entry points, as :data:`kernel` compiles it:
+        what a call from Python runs (the tests', the CUDA simulator's). The package calls no
+        callee from Python (tests/test_ahead.py holds it to that), so its processes never make
+        one."""
+        options = {k: v for k, v in self.targetoptions.items()
+                   if k not in _ENTRY_POINTS and k != "nopython"}  # fmt: skip
+        return njit(**options)(self.py_func)
+
+
+def callee(function=None, **options):
+    """:data:`kernel` for a function only compiled code calls (a driver, a range driver of the C
+    library, another kernel): compiled without Numba's entry points, which a call from compiled
+    code does not use. Numba compiles the kernels a driver calls as functions of their own, each
+    with its entry points, optimised and turned into machine code for a process that never
+    enters them: ~0.3 s of a cold first forward's ~4.3 (benchmarks/README.md, stop 44). A call
+    from Python still works (:class:`Callee`). ``inline="always"`` kernels need no such care:
+    they are never compiled on their own."""
+    if config.DISABLE_JIT:
+        return kernel(function, **options) if function is not None else kernel(**options)
+    options = {"nopython": True, "boundscheck": None, "error_model": "numpy", **options,
+               **dict.fromkeys(_ENTRY_POINTS, True)}  # fmt: skip
+
+    def make(function):
+        return Callee(py_func=function, locals={}, targetoptions=options)
+
+    return make if function is None else make(function)
+
 
 # Reductions may be reassociated (that is what lets LLVM vectorise them); NaN/Inf semantics are
 # kept so that NaN checks survive. Elementwise code takes no fast-math flag at all: the
@@ -191,7 +234,7 @@ def one_pass_exact(typingctx, values):
     return types.boolean(values), codegen
 
 
-@kernel(fastmath=REDUCE_FASTMATH)
+@callee(fastmath=REDUCE_FASTMATH)
 def runs_stats(values, start, length, stride, runs):
     """Exact ``(count, mean, M2)`` of a block of 1-D ``values``, accumulated in float64.
 

@@ -28,11 +28,11 @@ import math
 import numpy as np
 from numba import uint64
 
-from ..stats import chan_merge, finalize, folded_shift, kernel, prescale, split_hi_lo
+from ..stats import callee, chan_merge, finalize, folded_shift, kernel, prescale, split_hi_lo
 
 
 # --------------------------------------------------------------------------------- one channel
-@kernel
+@callee
 def affine_coefficients(c, mean, invstd, weight, bias, coef):
     """Channel c: ``coef`` affine rows of y = (x - mean) * invstd * weight + bias."""
     pre = prescale(mean, coef)
@@ -42,7 +42,7 @@ def affine_coefficients(c, mean, invstd, weight, bias, coef):
     coef[4, c] = pre
 
 
-@kernel
+@callee
 def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd):
     """Channel c: save (mean, invstd); ``coef`` affine rows of y from the batch statistics."""
     invstd = finalize(count, m2, eps)
@@ -51,7 +51,7 @@ def train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, s
     affine_coefficients(c, mean, invstd, weight, bias, coef)
 
 
-@kernel
+@callee
 def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     """Channel c: ``coef`` dx rows, see kernels.dx_range."""
     pre = prescale(mean, coef)
@@ -136,19 +136,19 @@ def _affine_rows(c0, c1, mean, invstd, weight, bias, coef):
         coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
 
 
-@kernel
+@callee
 def affine_coefficient_range(c0, c1, mean, invstd, weight, bias, coef):
     """affine_coefficients of channels c0:c1, from float64 ``mean`` and ``invstd``."""
     _affine_rows(c0, c1, mean, invstd, weight, bias, coef)
 
 
-@kernel
+@callee
 def merge_channels(c0, c1, part, mean, m2):
     """mean, m2 (=) of channels c0:c1 from partials ``part`` (3, parts, C), in part order."""
     _merge_range(c0, c1, part, mean, m2)
 
 
-@kernel
+@callee
 def train_channels(c0, c1, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2):
     """Channels c0:c1: merge their partials, save mean, invstd, M2 and the affine rows."""
     _merge_range(c0, c1, part, save_mean, save_m2)
@@ -157,7 +157,7 @@ def train_channels(c0, c1, part, count, eps, weight, bias, coef, save_mean, save
     _affine_rows(c0, c1, save_mean, save_invstd, weight, bias, coef)
 
 
-@kernel
+@callee
 def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
     """``coef`` affine rows from frozen running statistics, every channel."""
     channels = coef.shape[1]
@@ -185,7 +185,7 @@ def _add_range(c0, c1, part, sum_dy, sum_dy_xmu):
             sum_dy_xmu[c] += part[1, k, c]
 
 
-@kernel
+@callee
 def add_channels(c0, c1, part, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=) of channels c0:c1 from partials ``part`` (2, parts, C)."""
     _add_range(c0, c1, part, sum_dy, sum_dy_xmu)
@@ -204,13 +204,13 @@ def _dx_rows(c0, c1, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
         coef[4, c] = _final_scale(invstd[c], weight, c)
 
 
-@kernel
+@callee
 def dx_coefficient_range(c0, c1, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     """dx_coefficients of channels c0:c1, from the per-channel float64 arguments."""
     _dx_rows(c0, c1, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef)
 
 
-@kernel
+@callee
 def dx_channels(c0, c1, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu):
     """Channels c0:c1: add their partials, then the dx rows."""
     _add_range(c0, c1, part, sum_dy, sum_dy_xmu)

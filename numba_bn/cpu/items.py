@@ -60,7 +60,7 @@ import types
 
 import numpy as np
 
-from ..stats import apart, kernel
+from ..stats import apart, callee, kernel
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
@@ -160,7 +160,7 @@ is_fused_jit = kernel(inline="always")(
 MIN_CHANNEL_TILE = 64
 
 
-@kernel
+@callee
 def row_tile(outer, width):
     """Columns per reduction item of an (``outer``, ``width``) rows view (rows; short planes'
     (outer, C * inner)): CHANNEL_TILE, or fewer (a multiple of 16, at least MIN_CHANNEL_TILE)
@@ -173,12 +173,12 @@ def row_tile(outer, width):
     return min(CHANNEL_TILE, max(MIN_CHANNEL_TILE, -(-tile // 16) * 16))
 
 
-@kernel
+@callee
 def row_tiles(outer, width):
     return -(-width // row_tile(outer, width))
 
 
-@kernel
+@callee
 def parts(outer, inner):
     """Partials per channel: segments for planes, row chunks for rows, and for short planes row
     chunks of the (outer, C * inner) view times the values of a plane (a partial per column:
@@ -190,7 +190,7 @@ def parts(outer, inner):
     return channel_segments_jit(outer, inner)
 
 
-@kernel
+@callee
 def reduce_items(outer, channels, inner):
     if inner == 1:
         return parts(outer, inner) * row_tiles(outer, channels)
@@ -199,7 +199,7 @@ def reduce_items(outer, channels, inner):
     return channels * parts(outer, inner)
 
 
-@kernel
+@callee
 def reduce_item_elements(outer, channels, inner):
     """Elements one reduction item reads (the largest item)."""
     if inner == 1 or short_planes_jit(outer, inner):
@@ -209,7 +209,7 @@ def reduce_item_elements(outer, channels, inner):
     return min(outer, PLANE_BLOCK // inner) * inner
 
 
-@kernel
+@callee
 def elementwise_items(outer, channels, inner):
     if inner == 1 or short_planes_jit(outer, inner):  # short planes: rows of (outer, C * inner)
         return -(-outer // row_span_rows(outer, channels * inner))
@@ -218,7 +218,7 @@ def elementwise_items(outer, channels, inner):
     return -(-(outer * channels) // plane_run_planes(outer, channels, inner))
 
 
-@kernel
+@callee
 def elementwise_item_elements(outer, channels, inner):
     if inner == 1 or short_planes_jit(outer, inner):
         return min(outer, row_span_rows(outer, channels * inner)) * channels * inner
@@ -227,7 +227,7 @@ def elementwise_item_elements(outer, channels, inner):
     return min(outer * channels, plane_run_planes(outer, channels, inner)) * inner
 
 
-@kernel
+@callee
 def coef_columns(outer, channels, inner):
     """Columns of the coefficient rows the elementwise items read: one per channel, and for
     short planes one per value of a channel's plane (spread_columns)."""
@@ -251,7 +251,7 @@ def same_coefficients(coef, outer, inner):
     return coef
 
 
-@kernel
+@callee
 def plan(outer, channels, inner, threads, out):
     """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 8)."""
     size = outer * channels * inner
@@ -378,7 +378,7 @@ def sums_item(dy, x, shape, item, mean, part, scratch):
 
 
 # ----------------------------------------------------------------------------- channel items
-@kernel
+@callee
 def channel_items(channels):
     """Channel items: groups of CHANNEL_GROUP channels."""
     return -(-channels // CHANNEL_GROUP)

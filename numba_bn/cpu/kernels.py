@@ -35,6 +35,7 @@ from ..stats import (
     CONTRACT_FASTMATH,
     REDUCE_FASTMATH,
     apart,
+    callee,
     chan_merge,
     four_runs,
     kernel,
@@ -87,7 +88,7 @@ def _span_units(units, unit):
     return max(1, min(ELEMENTWISE_SPAN // unit, wanted_units(units, unit)))
 
 
-@kernel
+@callee
 def row_span_rows(outer, width):
     """Rows per elementwise work item of an (``outer``, ``width``) rows view."""
     return _span_units(outer, width)
@@ -114,7 +115,7 @@ def short_planes(outer, inner):
 short_planes_jit = kernel(inline="always")(short_planes)
 
 
-@kernel
+@callee
 def spread_columns(coef, inner, wide):
     """wide (=) (rows, C * inner): column c * inner + i of each row is coef's column c. A value
     of the plane at a time, over every channel: strided stores, 0.3 ns a value, where a loop
@@ -127,7 +128,7 @@ def spread_columns(coef, inner, wide):
                 wide[k, c * step + i] = coef[k, c]
 
 
-@kernel
+@callee
 def plane_run_planes(outer, channels, inner):
     """Planes per elementwise work item of planes shorter than PLANE_BLOCK."""
     return _span_units(outer * channels, inner)
@@ -177,7 +178,7 @@ def plane_segment_stats(x, shape, c, segment):
     return apart(runs_stats, (x, start, length, stride, runs))
 
 
-@kernel
+@callee
 def plane_channel_stats(x, c):
     """(count, mean, M2) of channel ``c``: its segments merged in order."""
     outer, channels, inner = x.shape
@@ -254,7 +255,7 @@ def _two_pass_moments(x, first, last, c0, width, mean, m2):
             m2[j] += dev * dev
 
 
-@kernel(fastmath=REDUCE_FASTMATH)
+@callee(fastmath=REDUCE_FASTMATH)
 def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2):
     """(mean, M2) of channels ``c0:c1`` over rows ``r0:r1`` of ``x`` (rows, C); returns the count.
 
@@ -309,7 +310,7 @@ def _affine_run(x, y, start, stop, coef, c, z, epilogue):
         y[i] = _epilogue((x[i] * pre - mean_hi) * scale + shift, z, i, epilogue)
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def affine_range(x, y, start, stop, coef, c, z, epilogue):
     """y = (x * pre - mean_hi) * scale + shift over [start, stop) of 1-D arrays, with the
     affine rows of channel ``c`` (mean_lo folded into shift: stats.folded_shift), then the
@@ -317,7 +318,7 @@ def affine_range(x, y, start, stop, coef, c, z, epilogue):
     _affine_run(x, y, start, stop, coef, c, z, epilogue)
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def affine_planes(x, y, first, stop, step, inner, coef, z, epilogue):
     """y over the whole planes ``first:stop:step`` of flat ``x``, ``y``: plane p holds elements
     [p * inner, (p + 1) * inner) of channel p % C. One call for many planes: a call per plane
@@ -340,7 +341,7 @@ def _all_one(pre, c0, c1):
     return off == 0
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def rows_affine(x, y, r0, r1, c0, c1, coef, z, epilogue):
     """Normalise rows ``r0:r1``, channels ``c0:c1`` of (rows, C) arrays; coef as affine_range,
     ``z`` (rows, C)."""
@@ -358,7 +359,7 @@ def rows_affine(x, y, r0, r1, c0, c1, coef, z, epilogue):
 
 
 # ----------------------------------------------------------------------------- backward: reduce
-@kernel(fastmath=REDUCE_FASTMATH)
+@callee(fastmath=REDUCE_FASTMATH)
 def runs_sums(dy, x, start, length, stride, runs, mean):
     """(sum dy, sum dy * (x - mean)) over a block laid out as in runs_stats, in float64, four
     runs at a time as there."""
@@ -390,7 +391,7 @@ def plane_segment_sums(dy, x, shape, c, segment, mean):
     return apart(runs_sums, (dy, x, start, length, stride, runs, mean))
 
 
-@kernel
+@callee
 def plane_channel_sums(dy, x, c, mean):
     """(sum_dy, sum_dy_xmu) of channel ``c``, its segments added in order."""
     outer, channels, inner = x.shape
@@ -404,7 +405,7 @@ def plane_channel_sums(dy, x, c, mean):
     return sum_dy, sum_dy_xmu
 
 
-@kernel(fastmath=REDUCE_FASTMATH)
+@callee(fastmath=REDUCE_FASTMATH)
 def rows_chunk_sums(dy, x, r0, r1, c0, c1, mean, sum_dy_out, sum_dy_xmu_out):
     """sum_dy, sum_dy_xmu (=, length >= c1-c0) of channels ``c0:c1`` over rows ``r0:r1``;
     ``mean`` (length >= c1-c0): those channels' means, from c0's on.
@@ -449,13 +450,13 @@ def _dx_run(dy, x, dx, start, stop, coef, c):
         dx[i] = (dy[i] - mean_dy - (x[i] * pre - mean_hi) * proj) * k
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def dx_range(dy, x, dx, start, stop, coef, c):
     """dx over [start, stop) of 1-D arrays with the dx rows of channel ``c``."""
     _dx_run(dy, x, dx, start, stop, coef, c)
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def dx_planes(dy, x, dx, first, stop, step, inner, coef):
     """dx over the whole planes ``first:stop:step`` of flat arrays, as affine_planes."""
     channels = coef.shape[1]
@@ -463,7 +464,7 @@ def dx_planes(dy, x, dx, first, stop, step, inner, coef):
         _dx_run(dy, x, dx, p * inner, (p + 1) * inner, coef, p % channels)
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def rows_dx(dy, x, dx, r0, r1, c0, c1, coef):
     mean_hi, proj, mean_dy, k, pre = coef[0], coef[2], coef[3], coef[4], coef[5]
     if _all_one(pre, c0, c1):
@@ -485,7 +486,7 @@ def _relu_grad_run(dy, y, g, start, stop):
         g[i] = dy[i] if y[i] > 0 else 0
 
 
-@kernel
+@callee
 def relu_grad_range(dy, y, g, start, stop):
     """g = dy where y > 0, else 0, over [start, stop) of flat arrays: the gradient through the
     ReLU of a fused forward, from its output (torch's threshold_backward). The batch norm
@@ -493,7 +494,7 @@ def relu_grad_range(dy, y, g, start, stop):
     _relu_grad_run(dy, y, g, start, stop)
 
 
-@kernel
+@callee
 def relu_grad_planes(dy, y, g, first, stop, step, inner):
     """relu_grad_range over the whole planes ``first:stop:step`` of flat arrays (as
     affine_planes): one channel's, before its backward reads g from L2."""
@@ -503,7 +504,7 @@ def relu_grad_planes(dy, y, g, first, stop, step, inner):
 
 # ------------------------------------------------------------------ whole channels (planes, fused)
 # One channel start to finish while its planes are still in L2: x (and dy) come from memory once.
-@kernel
+@callee
 def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2, z,
                         epilogue):  # fmt: skip
     """Statistics of channel ``c``, its coefficients, then y for its planes (with the
@@ -516,7 +517,7 @@ def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd
                   z.reshape(z.size), epilogue)  # fmt: skip
 
 
-@kernel
+@callee
 def plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu):
     """Backward reduction of channel ``c``, its dx coefficients, then dx for its planes."""
     outer, channels, inner = x.shape

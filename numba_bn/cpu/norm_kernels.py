@@ -47,6 +47,7 @@ from ..stats import (
     CONTRACT_FASTMATH,
     REDUCE_FASTMATH,
     apart,
+    callee,
     finalize,
     kernel,
     prescale,
@@ -102,7 +103,7 @@ def unit_range(item, per, units):
 
 
 # ------------------------------------------------------------------------------- group norm
-@kernel
+@callee
 def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2):
     """Groups g0:g1 of ``x`` (1, N*G, C/G*S): mean, invstd, m2 (=, float64), their channels'
     affine rows (columns n*C + c of ``coef``) and y."""
@@ -119,7 +120,7 @@ def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mea
                       EPILOGUE_NONE)  # fmt: skip
 
 
-@kernel
+@callee
 def group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_dy, sum_dy_xmu,
                           coef):  # fmt: skip
     """The dx rows (GROUP_DX_ROWS) of group ``ng``'s channels from their float64 sums; see
@@ -144,7 +145,7 @@ def group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_d
         coef[6, c] = inv  # final scale
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def weighted_dx_planes(dy, x, dx, first, stop, inner, coef):
     """dx = (dy * w - mean_g - xmu * proj) * invstd over planes first:stop of flat arrays
     (plane p is column p of ``coef``)."""
@@ -156,7 +157,7 @@ def weighted_dx_planes(dy, x, dx, first, stop, inner, coef):
             dx[i] = ((dy[i] * w - mean_g) - xmu * proj) * k
 
 
-@kernel
+@callee
 def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx, sum_dy,
                          sum_dy_xmu):  # fmt: skip
     """Groups g0:g1 of (1, N*C, S) views: per channel sum_dy, sum_dy_xmu (=, float64), then the
@@ -207,7 +208,7 @@ def _row_coefficients(mean, invstd, x):
     return hi, lo, cast(invstd / pre), cast(pre)
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def layer_affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, bias):
     """y = x_hat * weight[f] + bias[f] over [start, start + width) of flat x, y."""
     first = uint64(start)
@@ -226,7 +227,7 @@ def layer_affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, b
             y[first + f] = ((x[first + f] * pre - mean_hi) - mean_lo) * scale
 
 
-@kernel
+@callee
 def layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd):
     """Rows r0:r1 of ``x`` (1, N, F): mean, invstd (=, float64) and y."""
     width = x.shape[2]
@@ -240,7 +241,7 @@ def layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd):
                          bias)  # fmt: skip
 
 
-@kernel(fastmath=REDUCE_FASTMATH)
+@callee(fastmath=REDUCE_FASTMATH)
 def layer_row_sums(dy, x, start, width, mean, weight):
     """(sum g, sum g * (x - mean)) over a row, g = dy * weight[f], in float64."""
     first = uint64(start)
@@ -258,7 +259,7 @@ def layer_row_sums(dy, x, start, width, mean, weight):
     return sum_g, sum_g_xmu
 
 
-@kernel(fastmath=CONTRACT_FASTMATH)
+@callee(fastmath=CONTRACT_FASTMATH)
 def layer_row_dx(dy, x, dx, start, width, mean_hi, mean_lo, pre, k, mean_g, proj, mean,
                  invstd, weight, col_dy, col_dy_xhat):  # fmt: skip
     """dx = (dy * weight[f] - mean_g - xmu * proj) * k over a row; adds (+=) the row's dy and
@@ -279,7 +280,7 @@ def layer_row_dx(dy, x, dx, start, width, mean_hi, mean_lo, pre, k, mean_g, proj
             dx[first + f] = ((g - mean_g) - ((xv * pre - mean_hi) - mean_lo) * proj) * k
 
 
-@kernel
+@callee
 def layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part):
     """Rows r0:r1 of (1, N, F) views: dx, and the chunk's column partials ``part`` (=, float64,
     (2, F)) of dbias (sum dy) and dweight (sum dy * x_hat)."""
@@ -301,7 +302,7 @@ def layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part):
                      col_dy_xhat)  # fmt: skip
 
 
-@kernel
+@callee
 def add_parts(part, dweight, dbias):
     """dweight, dbias (=, float64) from the column partials (chunks, 2, F), in chunk order."""
     for f in range(dbias.size):

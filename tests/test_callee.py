@@ -1,0 +1,104 @@
+"""Callees (numba_bn.stats.callee): the kernels only compiled code calls are compiled without
+Numba's entry points; a call from Python still runs (a twin compiled with them), and the
+package's own Python never makes one."""
+
+import math
+import re
+import sys
+
+from numba import njit
+
+from numba_bn.stats import Callee, callee, kernel
+
+from conftest import run_child
+
+
+def entry_points(compiled):
+    """The names of the Python and C entry points a compiled function's library defines."""
+    defined = re.findall(r'^define [^@]*@"?([^"(]+)', compiled.library.get_llvm_str(), re.M)
+    fndesc = compiled.fndesc
+    return [name for name in (fndesc.llvm_cpython_wrapper_name, fndesc.llvm_cfunc_wrapper_name)
+            if name in defined]  # fmt: skip
+
+
+def test_a_callee_compiles_without_entry_points_where_a_kernel_has_two():
+    def scaled(a, b):
+        return 2.0 * a + b
+
+    inner, control = callee(scaled), kernel(scaled)
+
+    @njit
+    def outer(a, b):
+        return inner(a, b) - control(a, b)
+
+    assert outer(1.5, 3.0) == 0.0
+    (inner_compiled,) = inner.overloads.values()
+    (control_compiled,) = control.overloads.values()
+    assert entry_points(inner_compiled) == []
+    assert len(entry_points(control_compiled)) == 2  # the kernel's: the test can see them
+
+
+def test_a_call_from_python_runs_a_twin_with_the_callees_options():
+    @callee(fastmath={"reassoc"})
+    def ratio(a, b):
+        return a / b
+
+    assert isinstance(ratio, Callee) and "python_twin" not in vars(ratio)
+    assert ratio(3.0, 4.0) == 0.75
+    assert math.isinf(ratio(1.0, 0.0))  # error_model="numpy" as every kernel: no exception
+    twin = ratio.python_twin
+    assert twin.targetoptions["fastmath"] == ratio.targetoptions["fastmath"]
+    assert twin.targetoptions["error_model"] == "numpy"
+    assert not ratio.overloads  # the callee itself compiled nothing for Python
+    (compiled,) = twin.overloads.values()
+    assert len(entry_points(compiled)) == 2
+
+    @njit
+    def outer(a, b):
+        return ratio(a, b)
+
+    assert math.isinf(outer(-1.0, 0.0))  # compiled code calls the callee's own compile
+    (own,) = ratio.overloads.values()
+    assert entry_points(own) == []
+
+
+# Every kind of call the package makes on the host, in a fresh process: not one of its callees
+# may have been called from Python (each such call would compile the callee a second time).
+PACKAGE_CALLS = """
+import sys
+import numpy as np
+import numba_bn as nbn
+from numba_bn.stats import Callee
+
+rng = np.random.default_rng(0)
+shapes = [(64, 32), (8, 16, 8, 8), (64, 4, 3), (4, 8, 4096), (2048, 64)]  # rows, planes, short
+for shape in shapes:  # planes, fused planes, a parallel size
+    x = (rng.standard_normal(shape) + 2).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[1]
+    y, mean, invstd = nbn.forward_train(x)
+    nbn.backward(dy, x, mean, invstd)
+    nbn.forward_eval(x, mean, invstd)
+    nbn.forward_train(x, out=np.empty_like(x), nan_policy="raise")
+    nbn.batch_norm(x, np.zeros(channels, np.float32), np.ones(channels, np.float32), training=True)
+    layer = nbn.BatchNorm(channels, activation="relu")
+    layer(x, residual=x)
+    layer.backward(dy)
+    layer.eval()
+    layer(x)
+    nbn.moments(x)
+    y, mean, invstd = nbn.group_norm_forward(x, 2)
+    nbn.group_norm_backward(dy, x, mean, invstd, 2)
+    y, mean, invstd = nbn.layer_norm_forward(x, shape[1:])
+    nbn.layer_norm_backward(dy, x, mean, invstd, shape[1:])
+made = sorted(f"{name}.{attribute}" for name, module in list(sys.modules.items())
+              if name.startswith("numba_bn") for attribute, value in vars(module).items()
+              if isinstance(value, Callee) and "python_twin" in vars(value))
+print("twins:", made)
+"""
+
+
+def test_the_package_calls_no_callee_from_python():
+    code, output = run_child([sys.executable, "-c", PACKAGE_CALLS])
+    assert code == 0, output
+    assert "twins: []" in output, output
