@@ -51,7 +51,7 @@ class Callee(CPUDispatcher):
     def python_twin(self):
         """The same function compiled with Numba's entry points, as :data:`kernel` compiles it:
         what a call from Python runs (the tests', the CUDA simulator's). The package calls no
-        callee from Python (tests/test_ahead.py holds it to that), so its processes never make
+        callee from Python (tests/test_callee.py holds it to that), so its processes never make
         one."""
         options = {k: v for k, v in self.targetoptions.items()
                    if k not in _ENTRY_POINTS and k != "nopython"}  # fmt: skip
