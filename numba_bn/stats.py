@@ -42,7 +42,8 @@ _ENTRY_POINTS = ("no_cpython_wrapper", "no_cfunc_wrapper")
 
 class Callee(CPUDispatcher):
     """The dispatcher of a :func:`callee`: its compiled functions have no entry points, and a
-    call from Python runs :attr:`python_twin` instead."""
+    call from Python runs :attr:`python_twin` instead (Numba's own dispatch would call the
+    missing entry point: the process dies of a segmentation fault)."""
 
     def __call__(self, *args, **kwargs):
         return self.python_twin(*args, **kwargs)
