@@ -56,7 +56,7 @@ class Callee(CPUDispatcher):
         one."""
         options = {k: v for k, v in self.targetoptions.items()
                    if k not in _ENTRY_POINTS and k != "nopython"}  # fmt: skip
-        return njit(**options)(self.py_func)
+        return kernel(**options)(self.py_func)
 
 
 def callee(function=None, **options):
@@ -68,12 +68,13 @@ def callee(function=None, **options):
     from Python still works (:class:`Callee`). ``inline="always"`` kernels need no such care:
     they are never compiled on their own."""
     if config.DISABLE_JIT:
-        return kernel(function, **options) if function is not None else kernel(**options)
-    options = {"nopython": True, "boundscheck": None, "error_model": "numpy", **options,
-               **dict.fromkeys(_ENTRY_POINTS, True)}  # fmt: skip
+        make = kernel(**options)
+    else:  # the options njit gives a dispatcher (kernel's among them), without entry points
+        options = {"nopython": True, "boundscheck": None, **kernel.keywords, **options,
+                   **dict.fromkeys(_ENTRY_POINTS, True)}  # fmt: skip
 
-    def make(function):
-        return Callee(py_func=function, locals={}, targetoptions=options)
+        def make(function):
+            return Callee(py_func=function, locals={}, targetoptions=options)
 
     return make if function is None else make(function)
 
