@@ -180,7 +180,7 @@ def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypa
 
 def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(monkeypatch):
     """A small input's plan is kept under its shape (its twin is serial at any thread count); a
-    large one's under its shape and the thread count, asked at each call, so that
+    large one's under its shape by the thread count, asked at each call, so that
     numba.set_num_threads takes effect. A parallel plan calls the parallel twin as it is on a
     threading layer safe from several threads, in its launch guard on workqueue; one made before
     numba chose the layer is guarded and not kept."""
@@ -203,11 +203,11 @@ def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(mo
     monkeypatch.setattr(cpu, "_PLANS", {})
     monkeypatch.setattr(threads, "_safe_layer", None)
     monkeypatch.setattr(threads, "threading_layer", lambda: "omp")
-    assert cpu._plan("forward_eval", small)[0] is serial_twin
-    parallel_plan = cpu._plan("forward_eval", large)
+    small_plan, parallel_plan = cpu._plan("forward_eval", small), cpu._plan("forward_eval", large)
+    assert small_plan[0] is serial_twin
     assert parallel_plan[0] is parallel_twin  # as it is
-    assert list(cpu._PLANS) == [("forward_eval", small.shape, False, 0),
-                                ("forward_eval", large.shape, False, 0, 2)]  # fmt: skip
+    assert cpu._PLANS == {("forward_eval", small.shape, False, 0): small_plan,
+                          ("forward_eval", large.shape, False, 0): {2: parallel_plan}}  # fmt: skip
     assert cpu._plan("forward_eval", small)[0] is serial_twin  # from the dict
     assert cpu._plan("forward_eval", large) is parallel_plan  # from the dict
     monkeypatch.setattr(cpu, "num_threads", lambda: 1)

@@ -54,11 +54,13 @@ _SERIAL_BELOW = {step: serial_below(step) for step in NS_PER_ELEMENT}
 PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
 
 
-def threads_for(step, size):
-    """How many threads the cost model gives ``step`` on ``size`` elements (1: serial)."""
+def threads_for(step, size, threads=None):
+    """How many threads the cost model gives ``step`` on ``size`` elements (1: serial), of
+    ``threads`` (the calling thread's count when None)."""
     if size < _SERIAL_BELOW[step]:
         return 1
-    threads = num_threads()
+    if threads is None:
+        threads = num_threads()
     if threads == 1 or NS_PER_ELEMENT[step] * size * (1.0 - 1.0 / threads) <= WAKE_NS:
         return 1
     return threads
@@ -71,9 +73,12 @@ def epilogue_code(residual, activation):
     return code | EPILOGUE_RELU if activation == "relu" else code
 
 
-#: _plan's answers: a small batch's plan costs a dict lookup (~0.2 us) instead of ~1 us, a
-#: larger one's the thread count and a lookup (~1 us instead of ~2). The key of a size below the
-#: serial bound has no thread count (none changes its answer, and none is asked for).
+#: _plan's answers: a small batch's plan costs a dict lookup (~0.2 us) instead of ~1 us. A size
+#: below the serial bound keeps its plan under (step, shape, may_fuse, epilogue): no thread count
+#: changes it, and none is asked for. A larger one keeps a dict there, its plans by the calling
+#: thread's count (:func:`.threads.num_threads`, asked at each call so that
+#: numba.set_num_threads takes effect): ~0.4 us a call instead of ~0.8 for the cost model's sums
+#: and a second key.
 _PLANS = {}
 _PLANS_MAX = 4096
 
@@ -84,22 +89,33 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     for a step with two partitions whether it takes fused planes."""
     key = (step, x.shape, may_fuse, epilogue)
     plan = _PLANS.get(key)
-    if plan is not None:
+    if type(plan) is tuple:  # below the serial bound
         return plan
-    threads = 1
-    if x.size >= _SERIAL_BELOW[step]:
-        threads = threads_for(step, x.size)
-        key += (threads,)
-        plan = _PLANS.get(key)
+    threads = None
+    if plan is not None:  # a size that may run in parallel: its plans by thread count
+        threads = num_threads()
+        plan = plan.get(threads)
         if plan is not None:
             return plan
-    dispatcher, fused = _driver(step, x, threads, may_fuse, epilogue)
+    elif x.size >= _SERIAL_BELOW[step]:
+        threads = num_threads()
+    return _new_plan(key, step, x, may_fuse, epilogue, threads)
+
+
+def _new_plan(key, step, x, may_fuse, epilogue, threads):
+    """_plan's answer made and kept: ``threads`` is the calling thread's count for a size that
+    may run in parallel, None below the serial bound."""
+    parallel = 1 if threads is None else threads_for(step, x.size, threads)
+    dispatcher, fused = _driver(step, x, parallel, may_fuse, epilogue)
     if step == "forward_train" and not dispatcher.overloads:
         _expect_siblings(dispatcher, x, epilogue)
-    plan = (launcher(dispatcher) if threads > 1 else dispatcher), fused
+    plan = (launcher(dispatcher) if parallel > 1 else dispatcher), fused
     # a parallel plan made before numba chose its threading layer is guarded: not kept
-    if len(_PLANS) < _PLANS_MAX and (threads == 1 or layer_known()):
-        _PLANS[key] = plan
+    if len(_PLANS) < _PLANS_MAX and (parallel == 1 or layer_known()):
+        if threads is None:
+            _PLANS[key] = plan
+        else:
+            _PLANS.setdefault(key, {})[threads] = plan
     return plan
 
 
