@@ -10,7 +10,8 @@ For each step, times the serial and the parallel twin of its driver on prepared 
 
 with medians throughout (of short repeats, then over the sizes), so that a busy moment drops
 out. Prints the fitted numbers and the size where parallel starts to pay. Run it on a quiet
-machine (check `uptime`) and copy the numbers into numba_bn/cpu/__init__.py.
+machine (check `uptime`) and copy the numbers into numba_bn/cpu/__init__.py (but relu_grad's:
+it takes its cost inside a training step there, where its inputs are not in cache).
 """
 
 import argparse
@@ -44,6 +45,7 @@ def arguments(step, shape):
         "normalize": (x, vec[0], vec[1], f32, f32, out, x),
         "backward_sums": (x, x, vec[0], vec[1], vec[2]),
         "backward_dx": (x, x, vec[0], vec[1], f32, vec[2], vec[3], float(x.size), out),
+        "relu_grad": (x.reshape(x.size), x.reshape(x.size), out.reshape(out.size)),
     }[step]
 
 
@@ -71,7 +73,7 @@ def main():
     print(f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}")
     wakes = []
     for step in ("forward_train", "forward_eval", "backward", "batch_stats", "normalize",
-                 "backward_sums", "backward_dx"):  # fmt: skip
+                 "backward_sums", "backward_dx", "relu_grad"):  # fmt: skip
         fits = []
         for layout, shape_of in LAYOUTS.items():
             # the partition numba_bn.cpu picks for these inputs: planes of 64 channels fuse

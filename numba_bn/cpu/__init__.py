@@ -32,7 +32,10 @@ NS_PER_ELEMENT = {
     "normalize": 0.12,
     "backward_sums": 0.25,
     "backward_dx": 0.16,
-    "relu_grad": 0.12,  # not measured: an elementwise pass like normalize's
+    # warm buffers: 0.097 (serial_parallel.py, stop 45). In a step it reads the forward's y and
+    # dy from L3 or memory: a fused layer's step of 98K-131K elements ran 10-12% faster with
+    # it parallel, 65K 3% slower, so it takes the in-step cost (parallel from 80K elements)
+    "relu_grad": 0.2,
     "backward_fused_relu": 0.49,  # not measured: the backward's
 }
 #: Below these sizes every thread count runs serial: numba.set_num_threads cannot exceed
