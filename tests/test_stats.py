@@ -98,8 +98,8 @@ def test_runs_sums_reads_runs_at_a_stride(rng, dtype, runs):
 def _rows_chunk(x, r0, r1, c0, c1):
     """rows_chunk_stats of x[r0:r1, c0:c1], its scratch poisoned: (count, mean, M2)."""
     width = c1 - c0
-    mean, m2, block = np.full(width, np.nan), np.full(width, np.nan), np.full((2, width), np.nan)
-    count = rows_chunk_stats(x, r0, r1, c0, c1, mean, m2, block[0], block[1])
+    mean, m2, block = np.full(width, np.nan), np.full(width, np.nan), np.full((3, width), np.nan)
+    count = rows_chunk_stats(x, r0, r1, c0, c1, mean, m2, block[0], block[1], block[2])
     return count, mean, m2
 
 

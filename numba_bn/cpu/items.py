@@ -91,8 +91,9 @@ from .kernels import (
 CHANNEL_GROUP = 64
 
 #: The float64 scratch a reduction item of rows or short planes needs: rows_chunk_stats' block
-#: sums, and a short planes item's column partials (or column means) before it files them.
-ITEM_SCRATCH_SHAPE = (4, CHANNEL_TILE)
+#: sums and shifts, and a short planes item's column partials (or column means) before it files
+#: them.
+ITEM_SCRATCH_SHAPE = (5, CHANNEL_TILE)
 
 #: Memory shapes: the keys of :data:`ITEMS` (see the module's docstring).
 MEMORY_ANY, MEMORY_ROWS, MEMORY_PLANES, MEMORY_SHORT = 0, 1, 2, 3
@@ -281,14 +282,14 @@ def stats_item_rows(x, shape, item, part, scratch):
     """Partials (=) count, mean, M2 of reduction item ``item`` in ``part`` (3, parts, C), rows.
 
     ``x``: the values of the canonical view of ``shape`` (outer, C, inner), flat, as every
-    reduction and elementwise item takes them. ``scratch`` (2, >= CHANNEL_TILE) float64:
-    rows_chunk_stats' block sums.
+    reduction and elementwise item takes them. ``scratch`` (3, >= CHANNEL_TILE) float64:
+    rows_chunk_stats' block sums and shifts.
     """
     outer, channels, _ = shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
     part[0, k, c0:c1] = apart(rows_chunk_stats, (
         x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
-        scratch[0], scratch[1],
+        scratch[0], scratch[1], scratch[2],
     ))  # fmt: skip
 
 
@@ -309,6 +310,7 @@ def stats_item_short(x, shape, item, part, scratch):
     k, r0, r1, c0, c1 = _row_item_range(item, outer, width)
     count = apart(rows_chunk_stats, (
         x.reshape(outer, width), r0, r1, c0, c1, scratch[2], scratch[3], scratch[0], scratch[1],
+        scratch[4],
     ))  # fmt: skip
     for j in range(c1 - c0):
         c, i = (c0 + j) // inner, (c0 + j) % inner
