@@ -407,18 +407,19 @@ def warmup(dtypes: Iterable[DTypeLike] = (np.float32, np.float64)) -> float:
 
     Needs no MPI. Run it once before ``mpiexec`` (with the NUMBA_CACHE_DIR the job will use)
     so that the ranks load machine code instead of each compiling the same kernels at once.
-    Small inputs run the serial twins of the kernels; inputs of PARALLEL_MIN_ELEMENTS or more the
-    parallel ones, when Numba has more than one thread (numba_bn.cpu).
+    Small inputs run the serial twins of the kernels; inputs of ``cpu.parallel_min_elements()``
+    or more the parallel ones, when Numba has more than one thread (numba_bn.cpu).
     """
     import time
 
-    from .cpu import PARALLEL_MIN_ELEMENTS
+    from .cpu import parallel_min_elements
 
     start = time.perf_counter()
     comm = OneProcess()
     rng = np.random.default_rng(0)
     small = ((4, 3, 5), (6, 3))  # planes, rows
-    large = ((PARALLEL_MIN_ELEMENTS // 6 + 1, 3, 2), (PARALLEL_MIN_ELEMENTS // 3 + 1, 3))
+    least = parallel_min_elements()
+    large = ((least // 6 + 1, 3, 2), (least // 3 + 1, 3))
     for dtype in dtypes:
         for shape in small + (large if numba.get_num_threads() > 1 else ()):
             x = rng.standard_normal(shape).astype(dtype)

@@ -4,7 +4,7 @@ A step is one operation on one dtype, memory shape and twin, run through the pub
 on a small batch of that shape: it compiles the drivers that call would compile, or loads them
 from Numba's on-disk cache (NUMBA_CACHE_DIR). Serial twins run inputs below the cost model's
 threshold (numba_bn.cpu); parallel twins, warmed when Numba has two threads or more, run
-inputs of PARALLEL_MIN_ELEMENTS. ``numba-bn warmup`` prints a line per step.
+inputs of ``cpu.parallel_min_elements()``. ``numba-bn warmup`` prints a line per step.
 
 Group, layer and instance norm (:mod:`numba_bn.norms`) have drivers of their own
 (:mod:`numba_bn.cpu.norm_kernels`; instance norm runs group norm's): ``norms=True`` adds their
@@ -99,7 +99,7 @@ class Timings(float):
 
 def _shape(layout, parallel, threads):
     """A (N, C) or (N, C, L) batch of ``layout`` whose steps run on the twin asked for."""
-    from .cpu import PARALLEL_MIN_ELEMENTS
+    from .cpu import parallel_min_elements
     from .cpu.items import (
         FUSED_BACKWARD_MIN_ELEMENTS,
         FUSED_FORWARD_MIN_INNER,
@@ -119,7 +119,7 @@ def _shape(layout, parallel, threads):
         least = FUSED_BACKWARD_MIN_ELEMENTS if parallel else FUSED_SERIAL_MIN_ELEMENTS
         outer = -(-least // (channels * inner))
     else:  # serial: SHORT_MIN_OUTER planes a channel, so that a short layout is short
-        outer = -(-PARALLEL_MIN_ELEMENTS // (channels * inner)) if parallel else SHORT_MIN_OUTER
+        outer = -(-parallel_min_elements() // (channels * inner)) if parallel else SHORT_MIN_OUTER
     return (outer, channels) if inner == 1 else (outer, channels, inner)
 
 
@@ -270,10 +270,11 @@ def run_steps(
 
 def _norm_shape(parallel):
     """(N, 8, L) for the norms' steps: 4 groups of 2 channels, layer norm's rows of L; in
-    parallel at least PARALLEL_MIN_ELEMENTS (every step parallel with 2 threads or more)."""
-    from .cpu import PARALLEL_MIN_ELEMENTS
+    parallel at least ``cpu.parallel_min_elements()`` (every step parallel with 2 threads or
+    more)."""
+    from .cpu import parallel_min_elements
 
-    return (-(-PARALLEL_MIN_ELEMENTS // 48), 8, 6) if parallel else (4, 8, 6)
+    return (-(-parallel_min_elements() // 48), 8, 6) if parallel else (4, 8, 6)
 
 
 # --------------------------------------------------------------------------- worker processes

@@ -134,6 +134,9 @@ def _two_threads(monkeypatch):
     from numba_bn import cpu
 
     monkeypatch.setattr(cpu, "num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "expected_layer", lambda: "omp")  # WAKE_NS, whatever runs here
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     if numba.config.NUMBA_NUM_THREADS < 2:
         bounds = {step: cpu.WAKE_NS / (ns * 0.5) for step, ns in cpu.NS_PER_ELEMENT.items()}
         monkeypatch.setattr(cpu, "_SERIAL_BELOW", bounds)
@@ -145,13 +148,65 @@ def test_the_cost_model_runs_small_inputs_serial_and_large_ones_on_every_thread(
     _two_threads(monkeypatch)
     for step, ns in cpu.NS_PER_ELEMENT.items():
         assert cpu.threads_for(step, 64 * 32) == 1, step  # an MLP batch: never worth a wake-up
-        assert cpu.threads_for(step, cpu.PARALLEL_MIN_ELEMENTS) == 2, step
+        assert cpu.threads_for(step, cpu.parallel_min_elements()) == 2, step
         pays = cpu.WAKE_NS / (ns * 0.5)  # with 2 threads, half the work is saved
         assert (
             cpu.threads_for(step, int(pays) - 1) == 1 and cpu.threads_for(step, int(pays) + 1) == 2
         )
     monkeypatch.setattr(cpu, "num_threads", lambda: 1)
     assert cpu.threads_for("forward_train", 10**8) == 1
+
+
+def test_a_launch_is_priced_by_how_the_layers_threads_wait(monkeypatch):
+    """OpenMP's threads spin after a launch (WAKE_NS), TBB's wake later, the workqueue's sleep,
+    as OpenMP's do with OMP_WAIT_POLICY=passive or GOMP_SPINCOUNT=0: a batch of 200K elements
+    that repays a wake-up of OpenMP's spinning pool runs serial on a sleeping one (measured
+    2-4x faster there, benchmarks/README.md), and a layer not chosen yet is priced as the
+    least."""
+    from numba_bn import cpu
+
+    spinning, passive, no_spin = {}, {"OMP_WAIT_POLICY": " Passive"}, {"GOMP_SPINCOUNT": "0"}
+    assert cpu.wake_ns("omp", spinning) == cpu.WAKE_NS
+    assert cpu.wake_ns("omp", {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "300000"}) == (
+        cpu.WAKE_NS
+    )
+    assert cpu.wake_ns("omp", passive) == cpu.wake_ns("omp", no_spin) == cpu.WAKE_NS_OMP_SLEEPING
+    for layer in ("tbb", "workqueue", None):  # OpenMP's variables are OpenMP's alone
+        assert cpu.wake_ns(layer, passive) == cpu.wake_ns(layer, spinning)
+    assert cpu.wake_ns(None, spinning) == cpu.WAKE_NS
+    assert cpu.WAKE_NS < cpu.wake_ns("tbb") < cpu.WAKE_NS_OMP_SLEEPING < cpu.wake_ns("workqueue")
+    # every price at least WAKE_NS: the sizes below _SERIAL_BELOW are serial on any layer
+    assert min(cpu.WAKE_NS_BY_LAYER.values()) == cpu.WAKE_NS
+
+    _two_threads(monkeypatch)
+    size = 200_000
+    cases = [("omp", {}, 2), ("tbb", {}, 2), ("workqueue", {}, 1), ("omp", passive, 1),
+             ("omp", no_spin, 1), (None, passive, 2)]  # fmt: skip
+    for layer, env, threads in cases:
+        monkeypatch.setattr(cpu, "expected_layer", lambda layer=layer: layer)
+        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert cpu.threads_for("forward_train", size) == threads, (layer, env)
+        least = cpu.parallel_min_elements()
+        assert all(cpu.threads_for(step, least) == 2 for step in cpu.NS_PER_ELEMENT), layer
+        assert least > size or threads == 2
+
+
+def test_the_layer_launches_will_run_on_is_numbas_choice_or_the_one_configured(monkeypatch):
+    import numba
+
+    from numba_bn.cpu import threads
+
+    monkeypatch.setattr(threads, "threading_layer", lambda: None)  # not chosen yet
+    cases = [("workqueue", "workqueue"), ("OMP", "omp"), ("tbb", "tbb"), ("default", None),
+             ("forksafe", None), ("safe", None)]  # fmt: skip
+    for configured, expected in cases:
+        monkeypatch.setattr(numba.config, "THREADING_LAYER", configured)
+        assert threads.expected_layer() == expected, configured
+    monkeypatch.setattr(threads, "threading_layer", lambda: "omp")  # Numba's choice wins
+    assert threads.expected_layer() == "omp"
 
 
 def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypatch):
@@ -188,9 +243,9 @@ def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(mo
     from numba_bn.cpu import drivers, threads
 
     monkeypatch.setattr(cpu, "_PLANS", {})
-    small = np.empty((64, 32, 1), np.float32)
-    large = np.empty((cpu.PARALLEL_MIN_ELEMENTS, 1, 1), np.float32)
     _two_threads(monkeypatch)
+    small = np.empty((64, 32, 1), np.float32)
+    large = np.empty((cpu.parallel_min_elements(), 1, 1), np.float32)
     serial_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[1]
     parallel_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[0]
     monkeypatch.setattr(threads, "_safe_layer", None)

@@ -21,6 +21,30 @@ def test_four_threads_fifty_calls_each(layer):
         assert f"layer={layer}" in output
 
 
+SLEEPING_POOL = """
+import numpy as np
+import numba_bn as nbn
+from numba_bn import cpu
+x = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32) * 3 + 1
+plan = cpu.threads_for("forward_train", x.size)  # asking the thread count starts Numba's pool
+y = nbn.forward_train(x)[0]
+print(cpu.expected_layer(), plan, np.array_equal(nbn.forward_train(x)[0], y))
+"""
+
+
+@pytest.mark.parametrize("policy, threads", [("passive", "1"), ("active", "2")])
+def test_a_medium_batch_runs_serial_where_the_pools_threads_sleep(policy, threads):
+    """A (256, 512) batch, 131K elements, runs on 2 threads when Numba's OpenMP threads spin
+    after a launch, serially when they sleep (OMP_WAIT_POLICY=passive: a wake-up ~45 us
+    instead of ~3); the layer is known from the first plan on (asking the thread count starts
+    the pool)."""
+    env = {"NUMBA_THREADING_LAYER": "default", "NUMBA_NUM_THREADS": "2",
+           "OMP_WAIT_POLICY": policy}  # fmt: skip
+    code, output = run_child([sys.executable, "-c", SLEEPING_POOL], env, timeout=300)
+    assert code == 0, output
+    assert output.split()[-3:] == ["omp", threads, "True"], output
+
+
 def test_the_thread_count_a_call_asks_is_numbas_in_every_thread():
     """cpu.threads.num_threads (Numba's pool accessor without its locks) answers as
     numba.get_num_threads: after numba.set_num_threads in this thread, and in a new thread, which

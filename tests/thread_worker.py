@@ -4,6 +4,7 @@ twins among them; exits non-zero on a wrong result.
 Run as a script so that the threading layer can be chosen (NUMBA_THREADING_LAYER) per process.
 """
 
+import math
 import sys
 import threading
 
@@ -13,16 +14,20 @@ import numba_bn as nbn
 
 
 def main(threads=4, calls=50):
-    from numba_bn.cpu import PARALLEL_MIN_ELEMENTS, threads_for
+    from numba_bn.cpu import parallel_min_elements, threads_for
 
     rng = np.random.default_rng(0)
     # planes (many and few channels), rows, channels-last: the large ones run the parallel
-    # twins (from PARALLEL_MIN_ELEMENTS on), the first the serial one
-    inputs = [rng.standard_normal(shape).astype(np.float32) * 3 + 1
-              for shape in ((16, 8, 9, 9), (16, 8, 33, 33), (2048, 72), (4, 2, 20000),
-                            (64, 9, 30, 8))]  # fmt: skip
+    # twins (from parallel_min_elements() on: the layer's wake-up prices it, the workqueue's
+    # ~12x OpenMP's), the first the serial one
+    least = parallel_min_elements()
+    shapes = [(16, 8, 9, 9)] + [
+        (-(-least // math.prod(rest)), *rest)
+        for rest in ((8, 33, 33), (72,), (2, 20000), (9, 30, 8))
+    ]
+    inputs = [rng.standard_normal(shape).astype(np.float32) * 3 + 1 for shape in shapes]
     axes = [1, 1, 1, 1, -1]
-    assert all(x.size >= PARALLEL_MIN_ELEMENTS for x in inputs[1:])
+    assert all(x.size >= least for x in inputs[1:])
     parallel = sum(threads_for("forward_train", x.size) > 1 for x in inputs)
     cases = [lambda x=x, a=a: nbn.forward_train(x, axis=a)[0]
              for x, a in zip(inputs, axes, strict=True)]  # fmt: skip

@@ -1,6 +1,7 @@
 """CPU backend: Numba drivers over serial range kernels, parallel or serial by a cost model."""
 
 import math
+import os
 
 import numba
 
@@ -10,13 +11,13 @@ from . import drivers
 from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .threads import compile_only as _twins_compile_only
-from .threads import launcher, layer_known, num_threads
+from .threads import expected_layer, launcher, layer_known, num_threads
 
 # Serial or parallel, by a measured cost model (benchmarks/serial_parallel.py measures it and
-# prints these numbers; benchmarks/README.md records them). A parallel launch costs WAKE_NS more
-# than a serial call (waking the pool, writing and merging the partials of every thread), then
-# divides the serial time, NS_PER_ELEMENT[step] per element, among the threads. It runs when
-#     NS_PER_ELEMENT[step] * size * (1 - 1 / threads) > WAKE_NS
+# prints these numbers; benchmarks/README.md records them). A parallel launch costs a wake-up
+# more than a serial call (waking the pool, writing and merging the partials of every thread),
+# then divides the serial time, NS_PER_ELEMENT[step] per element, among the threads. It runs when
+#     NS_PER_ELEMENT[step] * size * (1 - 1 / threads) > wake_ns(layer)
 # (an idle machine; on an oversubscribed one a wake-up takes milliseconds, and only large inputs
 # repay it anyway).
 # Measured 2026-12-01 (serial_parallel.py, float32, means of rows and planes): per element
@@ -24,6 +25,29 @@ from .threads import launcher, layer_known, num_threads
 # backward_sums 0.25, backward_dx 0.16; a wake-up 2-7 us when the other core was idle, so
 # WAKE_NS takes 8 us (a wake-up that finds the other core busy costs milliseconds instead).
 WAKE_NS = 8000.0
+# The wake-up is that of Numba's OpenMP pool, whose threads spin a while after a launch. The
+# other pools cost more (serial_parallel.py's median wake-up, 2026-12-05, this 2-core machine):
+# TBB 12.2 us; the workqueue's threads sleep, 90 us, and OpenMP's do with OMP_WAIT_POLICY=passive
+# (45 us) or GOMP_SPINCOUNT=0 (56 us): priced as WAKE_NS was, a little above the median.
+WAKE_NS_BY_LAYER = {"omp": WAKE_NS, "tbb": 15000.0, "workqueue": 100000.0}
+WAKE_NS_OMP_SLEEPING = 60000.0
+
+
+def omp_threads_sleep(environ):
+    """Whether GNU OpenMP's threads sleep as soon as a launch ends, by the variables of
+    ``environ`` it reads when its pool starts."""
+    return (environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+            or environ.get("GOMP_SPINCOUNT", "").strip() == "0")  # fmt: skip
+
+
+def wake_ns(layer, environ=os.environ):
+    """The cost model's price of a parallel launch on Numba's threading ``layer`` ("omp", "tbb"
+    or "workqueue"; None, not known yet: WAKE_NS, the least)."""
+    if layer == "omp" and omp_threads_sleep(environ):
+        return WAKE_NS_OMP_SLEEPING
+    return WAKE_NS_BY_LAYER.get(layer, WAKE_NS)
+
+
 NS_PER_ELEMENT = {
     "forward_train": 0.46,
     "forward_eval": 0.13,
@@ -38,33 +62,39 @@ NS_PER_ELEMENT = {
     "relu_grad": 0.2,
     "backward_fused_relu": 0.49,  # not measured: the backward's
 }
-#: Below these sizes every thread count runs serial: numba.set_num_threads cannot exceed
-#: NUMBA_NUM_THREADS, and the model's saving grows with the threads (with 2 at most, below twice
-#: WAKE_NS / ns). A size this small skips asking the thread count (:func:`.threads.num_threads`).
+#: Below these sizes every thread count and layer runs serial: numba.set_num_threads cannot
+#: exceed NUMBA_NUM_THREADS, the model's saving grows with the threads (with 2 at most, below
+#: twice WAKE_NS / ns), and no layer's wake-up costs less than WAKE_NS. A size this small skips
+#: asking the thread count (:func:`.threads.num_threads`) and the layer.
 _MOST_THREADS = numba.config.NUMBA_NUM_THREADS
 
 
-def serial_below(step, threads=_MOST_THREADS):
+def serial_below(step, threads=_MOST_THREADS, wake=WAKE_NS):
     """The size (elements) below which the cost model runs ``step`` serially on up to
-    ``threads`` threads (inf for one)."""
+    ``threads`` threads (inf for one), a launch costing ``wake`` ns."""
     if threads == 1:
         return math.inf
-    return WAKE_NS / (NS_PER_ELEMENT[step] * (1.0 - 1.0 / threads))
+    return wake / (NS_PER_ELEMENT[step] * (1.0 - 1.0 / threads))
 
 
 _SERIAL_BELOW = {step: serial_below(step) for step in NS_PER_ELEMENT}
-#: Inputs this large run every step in parallel when there are 2 threads or more (warmup, info).
-PARALLEL_MIN_ELEMENTS = int(2 * WAKE_NS / min(NS_PER_ELEMENT.values())) + 1
+
+
+def parallel_min_elements():
+    """The size from which every step runs in parallel when there are 2 threads or more, on the
+    layer launches run on (warmup's and info's parallel inputs)."""
+    return int(2 * wake_ns(expected_layer()) / min(NS_PER_ELEMENT.values())) + 1
 
 
 def threads_for(step, size, threads=None):
     """How many threads the cost model gives ``step`` on ``size`` elements (1: serial), of
-    ``threads`` (the calling thread's count when None)."""
+    ``threads`` (the calling thread's count when None), on the layer launches run on."""
     if size < _SERIAL_BELOW[step]:
         return 1
     if threads is None:
         threads = num_threads()
-    if threads == 1 or NS_PER_ELEMENT[step] * size * (1.0 - 1.0 / threads) <= WAKE_NS:
+    saved = NS_PER_ELEMENT[step] * size * (1.0 - 1.0 / threads)
+    if threads == 1 or saved <= wake_ns(expected_layer()):
         return 1
     return threads
 

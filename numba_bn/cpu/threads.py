@@ -29,6 +29,21 @@ def threading_layer():
         return None
 
 
+#: The layers NUMBA_THREADING_LAYER may name outright (the others name a property, and Numba
+#: picks one of these for it on the first parallel launch).
+LAYERS = ("omp", "tbb", "workqueue")
+
+
+def expected_layer():
+    """The threading layer parallel launches run on: Numba's choice once made, before it the
+    one NUMBA_THREADING_LAYER names ("omp", "tbb", "workqueue"); None when neither is known."""
+    layer = threading_layer()
+    if layer is None:
+        configured = str(numba.config.THREADING_LAYER).lower()
+        layer = configured if configured in LAYERS else None
+    return layer
+
+
 @numba.njit(parallel=True, cache=True)
 def _smallest_parallel_function(n):
     total = 0
