@@ -12,6 +12,10 @@ with medians throughout (of short repeats, then over the sizes), so that a busy 
 out. Prints the fitted numbers and the size where parallel starts to pay. Run it on a quiet
 machine (check `uptime`) and copy the numbers into numba_bn/cpu/__init__.py (but relu_grad's:
 it takes its cost inside a training step there, where its inputs are not in cache).
+
+The wake-up is that of the pool Numba runs: OpenMP's by default here (WAKE_NS). The other
+prices (WAKE_NS_BY_LAYER, WAKE_NS_OMP_SLEEPING) come from runs with NUMBA_THREADING_LAYER=tbb
+(`pip install tbb`) or workqueue, and with OMP_WAIT_POLICY=passive or GOMP_SPINCOUNT=0.
 """
 
 import argparse
@@ -94,7 +98,8 @@ def main():
             print(f"{step:<14} {layout:<7} {ns:6.3f} ns/element  wake {wake / 1e3:6.1f} us  "
                   f"parallel pays from {pays / 1e3:7.1f}K elements")  # fmt: skip
         print(f"{step:<14} mean    {np.mean(fits):6.3f} ns/element")
-    print(f"median wake {np.median(wakes) / 1e3:.1f} us")
+    layer = numba.threading_layer()
+    print(f"median wake {np.median(wakes) / 1e3:.1f} us ({layer} layer)")
 
 
 if __name__ == "__main__":
