@@ -84,10 +84,15 @@ def _info(args):
     import numba_bn as nbn
     from numba_bn import ahead
     from numba_bn.capi import calls
+    from numba_bn.cpu import serial_below, wake_ns
     from numba_bn.cpu.threads import choose_threading_layer
     from numba_bn.cuda import cuda_target
 
     layer = choose_threading_layer()
+    threads, wake = numba.get_num_threads(), wake_ns(layer)
+    parallel = (f"a launch priced {wake / 1e3:g} us: forward_train on {threads} threads from "
+                f"{serial_below('forward_train', threads, wake) / 1e3:.0f}K elements"
+                if threads > 1 else "1 thread: every call serial")  # fmt: skip
     features = sorted(
         f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f[0] == "+"
     )
@@ -105,7 +110,8 @@ def _info(args):
         ("numba", numba.__version__),
         ("llvmlite", llvmlite.__version__),
         ("threading layer", layer),
-        ("threads", numba.get_num_threads()),
+        ("threads", threads),
+        ("parallel", parallel),
         ("cpu", llvm.get_host_cpu_name()),
         ("simd", " ".join(simd)),
         ("cuda target", cuda_target()),

@@ -183,6 +183,20 @@ def test_info_lists_versions_and_layer(capsys):
     assert ahead_line.endswith("off (NUMBA_BN_COMPILE_AHEAD=0)"), output  # (conftest.py)
 
 
+@pytest.mark.parametrize(("policy", "price"), [("passive", "60"), ("active", "8")])
+def test_info_says_what_a_parallel_launch_is_priced(policy, price):
+    """Numba's OpenMP threads spin after a launch (8 us in the cost model), or sleep with
+    OMP_WAIT_POLICY=passive (60 us): info names the price and the size it makes parallel."""
+    env = {"OMP_WAIT_POLICY": policy, "NUMBA_THREADING_LAYER": "omp", "NUMBA_NUM_THREADS": "2"}
+    status, output = run_child([sys.executable, "-m", "numba_bn", "info"], env, timeout=300)
+    assert status == 0, output
+    line = next(row for row in output.splitlines() if row.startswith("parallel "))
+    least = {"8": 35, "60": 261}[price]  # 2 * price / 0.46 ns, in thousands of elements
+    assert line.split(None, 1)[1] == (
+        f"a launch priced {price} us: forward_train on 2 threads from {least}K elements"
+    ), output
+
+
 def test_info_names_the_cuda_target(capsys):
     assert main(["info"]) == 0
     line = next(
