@@ -135,8 +135,7 @@ def _two_threads(monkeypatch):
 
     monkeypatch.setattr(cpu, "num_threads", lambda: 2)
     monkeypatch.setattr(cpu, "expected_layer", lambda: "omp")  # WAKE_NS, whatever runs here
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setattr(cpu, "_omp_threads_sleep_here", lambda: False)
     if numba.config.NUMBA_NUM_THREADS < 2:
         bounds = {step: cpu.WAKE_NS / (ns * 0.5) for step, ns in cpu.NS_PER_ELEMENT.items()}
         monkeypatch.setattr(cpu, "_SERIAL_BELOW", bounds)
@@ -184,10 +183,9 @@ def test_a_launch_is_priced_by_how_the_layers_threads_wait(monkeypatch):
              ("omp", no_spin, 1), (None, passive, 2)]  # fmt: skip
     for layer, env, threads in cases:
         monkeypatch.setattr(cpu, "expected_layer", lambda layer=layer: layer)
-        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(
+            cpu, "_omp_threads_sleep_here", lambda env=env: cpu.omp_threads_sleep(env)
+        )
         assert cpu.threads_for("forward_train", size) == threads, (layer, env)
         least = cpu.parallel_min_elements()
         assert all(cpu.threads_for(step, least) == 2 for step in cpu.NS_PER_ELEMENT), layer

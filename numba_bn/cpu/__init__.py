@@ -1,5 +1,6 @@
 """CPU backend: Numba drivers over serial range kernels, parallel or serial by a cost model."""
 
+import functools
 import math
 import os
 
@@ -40,11 +41,21 @@ def omp_threads_sleep(environ):
             or environ.get("GOMP_SPINCOUNT", "").strip() == "0")  # fmt: skip
 
 
-def wake_ns(layer, environ=os.environ):
+@functools.cache
+def _omp_threads_sleep_here():
+    """omp_threads_sleep of this process's environment, read once as OpenMP reads it (a missing
+    variable costs ``os.environ.get`` an exception: ~3 us, and the norms price every call)."""
+    return omp_threads_sleep(os.environ)
+
+
+def wake_ns(layer, environ=None):
     """The cost model's price of a parallel launch on Numba's threading ``layer`` ("omp", "tbb"
-    or "workqueue"; None, not known yet: WAKE_NS, the least)."""
-    if layer == "omp" and omp_threads_sleep(environ):
-        return WAKE_NS_OMP_SLEEPING
+    or "workqueue"; None, not known yet: WAKE_NS, the least), OpenMP's variables read from
+    ``environ`` (this process's, once, when None)."""
+    if layer == "omp":
+        sleeps = _omp_threads_sleep_here() if environ is None else omp_threads_sleep(environ)
+        if sleeps:
+            return WAKE_NS_OMP_SLEEPING
     return WAKE_NS_BY_LAYER.get(layer, WAKE_NS)
 
 
