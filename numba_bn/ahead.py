@@ -9,6 +9,14 @@ at the same time, into Numba's on-disk cache; this process then waits for that w
 instead of compiling them again, and loads them (benchmarks/README.md, "Stop 42: compile
 ahead"). Group and layer norm's forwards do the same for their backward (:data:`JOBS`).
 
+A batch large enough for threads has parallel twins to compile too, ~1.6x longer than the
+serial ones: its first forward_train, when the parallel twin is neither in memory nor in the
+cache, starts the worker at once (:func:`start_tiers`): it compiles the serial twins of the
+backward and eval first, then the parallel twins of all three, while this process compiles the
+serial forward and runs the serial twins (the same bits) until the worker has ended; the calls
+after it load the parallel twins (numba_bn.cpu._meanwhile). A worker outlives a process that
+ends first, and fills the cache for the next one.
+
 The worker is a copy of this process (``os.fork``: numba_bn imported and Numba started
 already, so it begins compiling at once; parallel twins compile there and do not run) on Linux
 when this is the process's only Python thread; else a new interpreter (``posix_spawn``), which
@@ -151,30 +159,66 @@ def started(dispatcher, dtype, describe):
         return None
 
 
-def _start(shape, dtype, threads, job, siblings, describe):
+def start_tiers(x, threads, job, serial, twins):
+    """Start a worker that compiles the dispatchers ``serial`` (the serial twins this process
+    runs meanwhile, first), then the parallel ``twins`` of a training step on batches like
+    ``x`` (the canonical view of its forward_train), whose job (:data:`JOBS`) runs them there;
+    its pid, or None when none started. Called by the CPU backend when it plans a forward_train
+    whose parallel twin is neither here nor in the cache, where :func:`enabled`."""
+    import numba
+
+    from . import compiling
+
+    args = (numba.typeof(x),)  # (what describe reads: x's dtype)
+
+    def describe(dispatcher):
+        return compiling.describe(compiling.driver_name(dispatcher), args)
+
+    return _start(tuple(x.shape), x.dtype.name, threads, job, serial, describe, twins)
+
+
+def compiles(dispatcher):
+    """Whether a live worker compiles ``dispatcher`` (and is within its deadline)."""
+    if not _workers:
+        return False
+    _reap()
+    now = time.monotonic()
+    return any(id(dispatcher) in w.dispatchers and now <= w.deadline for w in list(_workers))
+
+
+def _start(shape, dtype, threads, job, siblings, describe, twins=()):
     from . import compiling
 
     siblings = [d for d in siblings if not d.overloads]  # (those compiled here are loaded)
-    if not siblings or compiling.cache_path() is None:
+    if not (siblings or twins) or compiling.cache_path() is None:
         return None
-    named = [describe(d) for d in siblings]  # (what, estimated seconds)
+    named, tiers = [describe(d) for d in siblings], [describe(d) for d in twins]
     pid, how = (_fork(shape, dtype, job) if _may_fork() else None), "forked"
     if pid is None:
         pid, how = _spawn(shape, dtype, threads, job), "a new interpreter"
-    seconds = sum(estimate for _, estimate in named)
+    seconds = sum(estimate for _, estimate in named + tiers)
     deadline = time.monotonic() + WAIT_FACTOR * seconds + WAIT_SLACK_SECONDS
     with _lock:
-        _workers.append(Worker(pid, frozenset(map(id, siblings)), deadline))
+        _workers.append(Worker(pid, frozenset(map(id, [*siblings, *twins])), deadline))
     if not compiling.quiet():
-        names = [name for name, _ in named]
-        what = " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+        what = ", then ".join(filter(None, [_listed(named), _listed(tiers)]))
+        meanwhile = (
+            "runs the serial twins (the same results) until they are loaded"
+            if twins else "compiles the forward"
+        )  # fmt: skip
         print(
             f"numba_bn: compiling {what} ahead, in a worker process (pid {pid}, {how}) while "
-            f"this one compiles the forward; about {max(1, round(seconds))} s: cached in "
+            f"this one {meanwhile}; about {max(1, round(seconds))} s: cached in "
             f"{compiling.cache_location()}. {ENVIRONMENT}=0 turns this off",
             file=sys.stderr, flush=True,
         )  # fmt: skip
     return pid
+
+
+def _listed(named):
+    """Names "a, b and c" of the (what, seconds) ``named``; "" for none."""
+    names = [name for name, _ in named]
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]])) if names else ""
 
 
 def _may_fork():
@@ -337,8 +381,35 @@ def _layer_norm(x):
                            np.empty_like(x), dweight, dbias)  # fmt: skip
 
 
+def _batch_norm_tiers(x, epilogue, may_fuse):
+    """The serial twins of the backward and eval of a batch like ``x`` (``epilogue``: as in
+    :func:`_batch_norm`), which its parent runs meanwhile, then the twins the cost model picks
+    for its forward_train (fused planes where ``may_fuse`` is "1": no NaN check), backward and
+    eval (numba_bn.cpu._meanwhile)."""
+    import numpy as np
+
+    from .cpu import EPILOGUE_ADD, EPILOGUE_RELU, CpuBackend, serial_plans
+
+    with serial_plans():
+        _batch_norm(x, epilogue)
+    channels, dtype = x.shape[1], x.dtype
+    CpuBackend().forward_train(
+        x, weight=np.empty(0, dtype), bias=np.empty(0, dtype), eps=1e-5, y=np.empty_like(x),
+        mean=np.empty(channels), invstd=np.empty(channels), m2=np.empty(channels),
+        residual=x if int(epilogue) & EPILOGUE_ADD else None,
+        activation="relu" if int(epilogue) & EPILOGUE_RELU else None,
+        nan_check=may_fuse == "0",
+    )  # fmt: skip
+    _batch_norm(x, epilogue)
+
+
 #: What a worker runs after a forward, by the job's first word (its other words: arguments).
-JOBS = {"batch_norm": _batch_norm, "group_norm": _group_norm, "layer_norm": _layer_norm}
+JOBS = {
+    "batch_norm": _batch_norm,
+    "batch_norm_tiers": _batch_norm_tiers,
+    "group_norm": _group_norm,
+    "layer_norm": _layer_norm,
+}
 
 
 def _run(shape, dtype, job):

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from numba.core.dispatcher import Dispatcher
 
 from numba_bn import ahead
 
@@ -175,21 +176,33 @@ with compiling.recording() as compiled:
 while not worker.done():
     time.sleep(0.05)
 print("worker's exit status:", os.waitstatus_to_exitcode(worker.status))
+with compiling.recording() as after:
+    y2, mean2, invstd2 = nbn.forward_train(x)
+    dx2, dweight2, dbias2 = nbn.backward(dy, x, mean2, invstd2)
 np.savez(sys.argv[1], x=x, dy=dy, y_eval=y_eval, running_mean=running_mean,
-         running_var=running_var, dx=dx, dweight=dweight, dbias=dbias)
+         running_var=running_var, dx=dx, dweight=dweight, dbias=dbias, y=y, mean=mean,
+         invstd=invstd, y2=y2, mean2=mean2, invstd2=invstd2, dx2=dx2, dweight2=dweight2,
+         dbias2=dbias2)
 print("compiled:", ",".join(name for name, _ in compiled))
+print("compiled after the worker:", ",".join(name for name, _ in after))
 """
 
 
 def test_a_forked_worker_compiles_parallel_twins_without_running_them(tmp_path):
     """The copy has none of the parent's running thread pool: its parallel twins compile and do
     not run (cpu.compile_only; run there, OpenMP's pool ended the copy with -15); the parent
-    loads them and runs them."""
+    runs the serial twins meanwhile, then loads the parallel ones and runs them."""
     output, compiled, run = _training_step(tmp_path, "ahead", "1", POOL_THEN_STEP)
-    assert compiled == ["forward_eval_rows", "forward_train_split_rows"], output
+    assert compiled == ["forward_eval_rows", "forward_train_split_rows_serial"], output
     ((what, started),) = AHEAD_LINE.findall(output)
-    assert started == "forked" and what.startswith("backward (split, rows, float32, parallel")
+    assert started == "forked" and what.startswith("backward (split, rows, float32, serial")
+    assert ", then forward_train (split, rows, float32, parallel twin)" in what
+    assert "backward (split, rows, float32, parallel twin)" in what
+    assert "forward_eval (rows, float32, parallel" not in what  # run here already
     assert "worker's exit status: 0" in output
+    assert re.search(r"^compiled after the worker: $", output, re.MULTILINE), output  # loaded
+    for name in ("y", "mean", "invstd", "dx", "dweight", "dbias"):  # the twins' bits agree
+        np.testing.assert_array_equal(run[name], run[name + "2"], err_msg=name)
     x, dy = run["x"].astype(np.float64), run["dy"].astype(np.float64)
     dx, dweight, dbias = naive.backward(dy, x)
     np.testing.assert_allclose(run["dx"], dx, rtol=1e-4, atol=1e-5)
@@ -197,6 +210,74 @@ def test_a_forked_worker_compiles_parallel_twins_without_running_them(tmp_path):
     np.testing.assert_allclose(run["dbias"], dbias, rtol=1e-4, atol=1e-2)
     y_eval = naive.forward(x, run["running_mean"], run["running_var"])
     np.testing.assert_allclose(run["y_eval"], y_eval, rtol=1e-5, atol=1e-5)
+
+
+# a first training step of a batch that runs on threads, then the steps after the worker
+TIERED_STEP = f"""
+import sys
+import numpy as np, numba_bn as nbn
+from numba_bn import ahead, compiling, cpu
+from numba_bn.cpu import drivers
+rng = np.random.default_rng(4)
+x = (rng.standard_normal({PARALLEL_SHAPE}) * 3 + 2).astype(np.float32)
+dy = (rng.standard_normal({PARALLEL_SHAPE}) - 0.5).astype(np.float32)
+forward = cpu._driver("forward_train", x.reshape(*x.shape, 1), 2)[0]
+print("cached before:", drivers.cached_for(forward, x.dtype))
+outputs = {{}}
+for step in (1, 2, 3):
+    with compiling.recording() as compiled:
+        y, mean, invstd = nbn.forward_train(x)
+        dx, dweight, dbias = nbn.backward(dy, x, mean, invstd)
+        y_eval = nbn.forward_eval(x, mean, 1 / invstd**2)
+    outputs.update({{f"{{name}}{{step}}": value for name, value in dict(
+        y=y, mean=mean, invstd=invstd, dx=dx, dweight=dweight, dbias=dbias, y_eval=y_eval
+    ).items()}})
+    print(f"step {{step}} compiled:", ",".join(name for name, _ in compiled))
+    print(f"step {{step}} runs:", ",".join(sorted(
+        getattr(plan[threads][0], "__wrapped__", plan[threads][0]).__name__
+        for plan in cpu._PLANS.values() if type(plan) is dict
+        for threads in plan)))
+    ahead.settle()
+print("cached after:", drivers.cached_for(forward, x.dtype))
+np.savez(sys.argv[1], x=x, dy=dy, **outputs)
+print("compiled: -")
+"""
+
+
+def test_a_first_step_on_threads_runs_the_serial_twins_while_a_worker_compiles_the_parallel(
+    tmp_path,
+):
+    """A batch large enough for threads: its first step compiles what a small batch's does (the
+    serial forward here, the serial backward and eval in the worker), runs on them, and the
+    steps after the worker has ended load the parallel twins it compiled, with the same bits."""
+    output, _, run = _training_step(tmp_path, "ahead", "1", TIERED_STEP)
+    assert "cached before: False" in output and "cached after: True" in output
+    ((what, started),) = AHEAD_LINE.findall(output)
+    assert started == "forked"
+    assert what == (
+        "backward (split, rows, float32, serial twin) and forward_eval (rows, float32, serial "
+        "twin), then forward_train (split, rows, float32, parallel twin), backward (split, rows, "
+        "float32, parallel twin) and forward_eval (rows, float32, parallel twin)"
+    )
+    assert "while this one runs the serial twins (the same results)" in output
+    assert "step 1 compiled: forward_train_split_rows_serial\n" in output
+    assert "step 1 runs: \n" in output  # no plan kept: each call looks again
+    assert "step 2 compiled: \n" in output and "step 3 compiled: \n" in output  # loaded
+    assert "step 3 runs: _backward_split_rows,_forward_eval_rows,_forward_train_split_rows" in (
+        output
+    )
+    for name in ("y", "mean", "invstd", "dx", "dweight", "dbias", "y_eval"):
+        for step in "23":
+            np.testing.assert_array_equal(run[name + "1"], run[name + step], err_msg=name)
+    x, dy = run["x"].astype(np.float64), run["dy"].astype(np.float64)
+    y, mean, invstd = naive.forward_train(x)
+    dx, dweight, dbias = naive.backward(dy, x)
+    np.testing.assert_allclose(run["y1"], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run["mean1"], mean, rtol=1e-6)
+    np.testing.assert_allclose(run["invstd1"], invstd, rtol=1e-6)
+    np.testing.assert_allclose(run["dx1"], dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run["dweight1"], dweight, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(run["dbias1"], dbias, rtol=1e-4, atol=1e-2)
 
 
 COMPILE_ONLY = """
@@ -520,3 +601,89 @@ def test_it_forks_on_linux_with_one_python_thread(monkeypatch):
     assert ahead._may_fork()
     monkeypatch.setattr(sys, "platform", "darwin")
     assert not ahead._may_fork()
+
+
+# ------------------------------------------------- parallel twins behind serial ones (tiers)
+@pytest.fixture
+def tiers(two_cpus, worker, monkeypatch):
+    """The CPU backend planning a rows batch of 524K values on two threads of OpenMP, with no
+    driver in memory or in the cache, and a sleeping stand-in for each worker it starts: the
+    batch and the (job, serial, twins) each start was given."""
+    from numba_bn import cpu
+
+    monkeypatch.setattr(cpu, "_PLANS", {})
+    monkeypatch.setattr(cpu, "_TIERED", set())
+    monkeypatch.setattr(cpu, "num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "expected_layer", lambda: "omp")
+    monkeypatch.setattr(cpu, "_omp_threads_sleep_here", lambda: False)
+    monkeypatch.setattr(cpu, "loaded_for", lambda dispatcher, dtype: False)
+    monkeypatch.setattr(cpu.drivers, "cached_for", lambda dispatcher, dtype: False)
+    monkeypatch.setattr(ahead, "_expected", [None])
+    started = []
+
+    def start_tiers(x, threads, job, serial, twins):
+        started.append((job, serial, twins))
+        return worker(0.5, [*serial, *twins]).pid
+
+    monkeypatch.setattr(ahead, "start_tiers", start_tiers)
+    return np.zeros((1024, 512, 1), np.float32), started
+
+
+def _unwrapped(plan):
+    """The dispatcher a plan runs (the launch guard's wrapper, before a parallel call chose the
+    threading layer, holds it)."""
+    run = plan[0]
+    return run if isinstance(run, Dispatcher) else run.__wrapped__
+
+
+def test_a_forward_without_its_parallel_twin_runs_serial_while_a_worker_compiles_it(tiers):
+    from numba_bn import cpu
+
+    x, started = tiers
+    (forward, forward_serial), (backward, backward_serial), (evaluate, evaluate_serial) = (
+        (cpu._driver(step, x, 2, may_fuse=True)[0], cpu._driver(step, x, 1, may_fuse=True)[0])
+        for step in ("forward_train", "backward", "forward_eval")
+    )
+    assert cpu._plan("forward_train", x, may_fuse=True) == (forward_serial, False)
+    ((job, serial, twins),) = started
+    assert job == "batch_norm_tiers 0 1"
+    assert serial == [backward_serial, evaluate_serial] and twins == [forward, backward, evaluate]
+    # while the worker lives: the serial twins, in plans not kept, and no second worker
+    assert cpu._plan("backward", x, may_fuse=True) == (backward_serial, False)
+    assert cpu._plan("forward_eval", x) == (evaluate_serial, False)
+    assert cpu._plan("forward_train", x, may_fuse=True) == (forward_serial, False)
+    assert cpu._PLANS == {} and len(started) == 1
+    ahead.settle()  # it ended (without saving a thing, here): they compile here, once
+    for step, parallel in (("forward_train", forward), ("backward", backward)):
+        assert _unwrapped(cpu._plan(step, x, may_fuse=True)) is parallel
+    assert len(started) == 1
+
+
+def test_a_fused_layers_serial_backward_takes_relu_grad_while_the_worker_compiles(tiers):
+    from numba_bn import cpu
+    from numba_bn.cpu import EPILOGUE_RELU
+
+    x, started = tiers
+    assert (
+        cpu._plan("forward_train", x, may_fuse=True, epilogue=EPILOGUE_RELU)[0]
+        is cpu._driver("forward_train", x, 1, epilogue=EPILOGUE_RELU)[0]
+    )
+    ((job, serial, twins),) = started
+    relu_grad, relu_grad_serial = (
+        cpu._driver("relu_grad", x, 2)[0],
+        cpu._driver("relu_grad", x, 1)[0],
+    )
+    assert job == "batch_norm_tiers 2 1" and relu_grad_serial in serial and relu_grad in twins
+    assert cpu._plan("relu_grad", x)[0] is relu_grad_serial  # not the parallel one, here
+
+
+def test_a_forward_whose_parallel_twin_is_cached_starts_no_worker(tiers, monkeypatch):
+    from numba_bn import cpu
+
+    x, started = tiers
+    monkeypatch.setattr(cpu.drivers, "cached_for", lambda dispatcher, dtype: True)
+    assert _unwrapped(cpu._plan("forward_train", x)) is cpu._driver("forward_train", x, 2)[0]
+    monkeypatch.setattr(cpu.drivers, "cached_for", lambda dispatcher, dtype: False)
+    monkeypatch.setenv(ahead.ENVIRONMENT, "0")  # off: it compiles here
+    assert _unwrapped(cpu._plan("forward_train", x)) is cpu._driver("forward_train", x, 2)[0]
+    assert started == []

@@ -160,6 +160,8 @@ for shape, axis in {shapes!r}:
     nbn.forward_eval(x, mean, 1.0 / invstd**2, axis=axis)
     nbn.backward(y, x, mean, invstd, axis=axis)
 print(json.dumps({{"import_s": imported - start, "first_call_s": time.perf_counter() - imported}}))
+from numba_bn import ahead
+ahead.settle()  # a worker compiling the parallel twins ends before the warm process starts
 """
 
 

@@ -1,5 +1,6 @@
 """CPU backend: Numba drivers over serial range kernels, parallel or serial by a cost model."""
 
+import contextlib
 import functools
 import math
 import os
@@ -9,6 +10,7 @@ import numba
 from .. import ahead
 from ..stats import no_running_update
 from . import drivers
+from .drivers import loaded_for
 from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .threads import compile_only as _twins_compile_only
@@ -148,12 +150,20 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
 
 def _new_plan(key, step, x, may_fuse, epilogue, threads):
     """_plan's answer made and kept: ``threads`` is the calling thread's count for a size that
-    may run in parallel, None below the serial bound."""
+    may run in parallel, None below the serial bound. A parallel twin a worker compiles gives
+    way to the serial one (:func:`_meanwhile`), in a plan not kept."""
+    if _serial_only:
+        threads = None
     parallel = 1 if threads is None else threads_for(step, x.size, threads)
     dispatcher, fused = _driver(step, x, parallel, may_fuse, epilogue)
+    if parallel > 1 and not loaded_for(dispatcher, x.dtype):
+        if _meanwhile(step, x, dispatcher, may_fuse, epilogue):
+            return _driver(step, x, 1, may_fuse, epilogue)
     if step == "forward_train" and not dispatcher.overloads:
         _expect_siblings(dispatcher, x, epilogue)
     plan = (launcher(dispatcher) if parallel > 1 else dispatcher), fused
+    if _serial_only:  # not kept
+        return plan
     # a parallel plan made before numba chose its threading layer is guarded: not kept
     if len(_PLANS) < _PLANS_MAX and (parallel == 1 or layer_known()):
         if threads is None:
@@ -188,23 +198,75 @@ def _driver(step, x, threads, may_fuse=False, epilogue=EPILOGUE_NONE):
     return (parallel if threads > 1 else serial), fused
 
 
-def _expect_siblings(forward, x, epilogue):
-    """A forward_train driver not run yet in this process: if it compiles, the drivers the
-    backward and the eval of the same batch (and ``epilogue``) run compile ahead in a worker
-    (:mod:`numba_bn.ahead`): those :meth:`CpuBackend.backward` picks, through a ReLU too."""
-    if x.size > ahead.AHEAD_MAX_ELEMENTS:
-        return
-    threads = threads_for("backward", x.size)
-    backward, fused = _driver("backward", x, threads, may_fuse=True)
+def _siblings(x, epilogue, serial=False):
+    """The drivers the backward and the eval of a forward_train's batch ``x`` (and
+    ``epilogue``) run: those :meth:`CpuBackend.backward` picks, through a ReLU too, then the
+    eval's; the cost model's twins, or every ``serial`` one."""
+
+    def threads(step):
+        return 1 if serial else threads_for(step, x.size)
+
+    backward, fused = _driver("backward", x, threads("backward"), may_fuse=True)
     siblings = [backward]
     if epilogue & EPILOGUE_RELU:  # backward_fused_relu instead, or relu_grad's pass first
         if fused:
-            siblings = [_driver("backward_fused_relu", x, threads)[0]]
+            siblings = [_driver("backward_fused_relu", x, threads("backward"))[0]]
         else:
-            siblings.append(_driver("relu_grad", x, threads_for("relu_grad", x.size))[0])
-    threads = threads_for("forward_eval", x.size)
-    siblings.append(_driver("forward_eval", x, threads, epilogue=epilogue)[0])
-    ahead.expect(forward, x, num_threads(), f"batch_norm {epilogue}", siblings)
+            siblings.append(_driver("relu_grad", x, threads("relu_grad"))[0])
+    siblings.append(_driver("forward_eval", x, threads("forward_eval"), epilogue=epilogue)[0])
+    return siblings
+
+
+def _expect_siblings(forward, x, epilogue):
+    """A forward_train driver not run yet in this process: if it compiles, the drivers the
+    backward and the eval of the same batch (and ``epilogue``) run compile ahead in a worker
+    (:mod:`numba_bn.ahead`)."""
+    if x.size <= ahead.AHEAD_MAX_ELEMENTS:
+        ahead.expect(forward, x, num_threads(), f"batch_norm {epilogue}", _siblings(x, epilogue))
+
+
+#: The parallel forward_train twins a worker was started for (once each in a process: one that
+#: ended without saving its machine code compiles here after it).
+_TIERED = set()
+_serial_only = []  # inside serial_plans()
+
+
+def _meanwhile(step, x, parallel, may_fuse, epilogue):
+    """Whether ``step`` runs its serial twin on ``x`` instead of the parallel twin ``parallel``,
+    which has no machine code here for x's dtype: while a worker compiles it
+    (:func:`.ahead.compiles`), and, for a forward_train whose twin is not in Numba's cache
+    either, after starting one that compiles the serial twins of its backward and eval, then
+    the parallel twins of all three (:func:`.ahead.start_tiers`), where compiling ahead is on.
+    The first training step of a batch large enough for threads then compiles as a small one
+    does, and runs as one; the steps after the worker has ended load the parallel twins
+    (README, "First call")."""
+    if ahead.compiles(parallel):
+        return True
+    if step != "forward_train" or parallel in _TIERED or x.size > ahead.AHEAD_MAX_ELEMENTS:
+        return False
+    if not ahead.enabled() or drivers.cached_for(parallel, x.dtype):
+        return False
+    _TIERED.add(parallel)
+    serial = _siblings(x, epilogue, serial=True)
+    twins = [parallel, *_siblings(x, epilogue)]
+    if epilogue & EPILOGUE_RELU:  # the serial backward takes relu_grad's pass meanwhile
+        twins.append(_driver("relu_grad", x, 2)[0])
+    serial = [d for d in serial if not loaded_for(d, x.dtype)]
+    twins = [d for d in dict.fromkeys(twins) if d not in serial and not loaded_for(d, x.dtype)]
+    job = f"batch_norm_tiers {epilogue} {int(may_fuse)}"  # (a NaN check takes the split one)
+    return ahead.start_tiers(x, num_threads(), job, serial, twins) is not None
+
+
+@contextlib.contextmanager
+def serial_plans():
+    """Inside the block, the plans made run the serial twins and are not kept (a tiered
+    worker compiles the serial twins its parent runs meanwhile: :func:`_meanwhile`)."""
+    _PLANS.clear()
+    _serial_only.append(True)
+    try:
+        yield
+    finally:
+        _serial_only.pop()
 
 
 class CpuBackend:

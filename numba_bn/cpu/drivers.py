@@ -149,6 +149,31 @@ def _key_cache_on_sources(dispatcher):
     cache._index_key = lambda sig, codegen: (*index_key(sig, codegen), sources_digest())
 
 
+def loaded_for(dispatcher, dtype):
+    """Whether ``dispatcher`` has machine code in this process for an x (its first argument) of
+    ``dtype``."""
+    return any(str(getattr(sig[0], "dtype", "")) == dtype.name for sig in dispatcher.overloads)
+
+
+def cached_for(dispatcher, dtype):
+    """Whether Numba's cache holds machine code of ``dispatcher`` for an x (its first argument)
+    of ``dtype``, for this machine, Numba and these sources (what a call would load); True when
+    it cannot tell (a cache of another layout)."""
+    cache = getattr(dispatcher, "_cache", None)
+    if not getattr(cache, "cache_path", None):
+        return False
+    try:
+        wanted = cache._index_key((), dispatcher.targetctx.codegen())[1:]
+        index = cache._cache_file._load_index()  # {} when missing, stale or of another Numba
+    except Exception:  # another Numba's cache layout
+        return True
+    return any(
+        key[1:] == wanted and str(getattr(key[0][0], "dtype", "")) == dtype.name
+        for key in index
+        if key and key[0]
+    )
+
+
 def lock_cache_saves(dispatcher):
     """Save ``dispatcher``'s entries in Numba's cache under an exclusive lock on its index.
     Every function numba_bn caches on disk goes through it: the drivers (:func:`twins`), the two
