@@ -60,6 +60,7 @@ _lock = threading.Lock()
 _expected = [None]  # the (forward dispatcher, request) a compile event may start a worker for
 _workers = []  # the workers started: Worker
 _off = []  # inside off(): warm-up runs its steps itself
+_foreign = {}  # id(dispatcher): the lock of another process's worker compiling it (elsewhere)
 
 
 class Worker:
@@ -159,26 +160,42 @@ def started(dispatcher, dtype, describe):
         return None
 
 
-def start_tiers(x, threads, job, serial, twins):
+def start_tiers(x, threads, job, serial, twins, lock):
     """Start a worker that compiles the dispatchers ``serial`` (the serial twins this process
     runs meanwhile, first), then the parallel ``twins`` of a training step on batches like
-    ``x`` (the canonical view of its forward_train), whose job (:data:`JOBS`) runs them there;
-    its pid, or None when none started. Called by the CPU backend when it plans a forward_train
-    whose parallel twin is neither here nor in the cache, where :func:`enabled`."""
+    ``x`` (the canonical view of its forward_train), whose job (:data:`JOBS`) runs them there,
+    holding the file ``lock`` (:func:`tiers_lock`) while it lives; its pid, or None when none
+    started (also when another process's worker holds the lock: :func:`compiles` then answers
+    for it). Called by the CPU backend when it plans a forward_train whose parallel twin is
+    neither here nor in the cache, where :func:`enabled`."""
     import numba
 
     from . import compiling
 
+    held = _take(lock)
+    if held is None:
+        return None
     args = (numba.typeof(x),)  # (what describe reads: x's dtype)
 
     def describe(dispatcher):
         return compiling.describe(compiling.driver_name(dispatcher), args)
 
-    return _start(tuple(x.shape), x.dtype.name, threads, job, serial, describe, twins)
+    try:
+        return _start(tuple(x.shape), x.dtype.name, threads, job, serial, describe, twins, held)
+    except Exception:  # no worker (no process to spare, say): the twins compile here, as before
+        return None
+    finally:
+        if held >= 0:
+            os.close(held)  # the worker holds it now (or none started: released)
 
 
 def compiles(dispatcher):
-    """Whether a live worker compiles ``dispatcher`` (and is within its deadline)."""
+    """Whether a live worker compiles ``dispatcher`` (and is within its deadline): one of this
+    process's, or another process's whose lock :func:`elsewhere` noted."""
+    if _foreign and id(dispatcher) in _foreign:
+        if held_elsewhere(_foreign[id(dispatcher)]):
+            return True
+        del _foreign[id(dispatcher)]
     if not _workers:
         return False
     _reap()
@@ -186,16 +203,84 @@ def compiles(dispatcher):
     return any(id(dispatcher) in w.dispatchers and now <= w.deadline for w in list(_workers))
 
 
-def _start(shape, dtype, threads, job, siblings, describe, twins=()):
+def tiers_lock(dispatcher, dtype):
+    """The file a worker compiling the parallel twin ``dispatcher`` for ``dtype`` (a NumPy
+    dtype) holds locked while it lives, beside the twin's index in Numba's cache: a process
+    started meanwhile (a script run again, say) runs its serial twins until it is free instead
+    of compiling them again in a worker of its own. None where the cache is off."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    index = getattr(cache_file, "_index_path", None)
+    return None if index is None else f"{index}.{dtype.name}.tiers"
+
+
+def held_elsewhere(lock):
+    """Whether another process's worker holds the file ``lock`` (False for None, or where
+    there are no file locks)."""
+    if lock is None or _flock is None:
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # none yet
+        return False
+    try:
+        _flock(fd, _LOCK_EX | _LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (releases a lock taken here)
+    return False
+
+
+def elsewhere(lock, dispatchers):
+    """Note that another process's worker, holding ``lock``, compiles ``dispatchers``:
+    :func:`compiles` answers for them until it ends."""
+    for dispatcher in dispatchers:
+        _foreign[id(dispatcher)] = lock
+
+
+def _take(lock):
+    """A descriptor of ``lock`` locked here, for the worker to hold; -1 where there is nothing
+    to lock (no cache, no file locks, a directory it cannot write); None when another process
+    holds it."""
+    if lock is None or _flock is None:
+        return -1
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        return -1
+    try:
+        _flock(fd, _LOCK_EX | _LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+try:
+    from fcntl import LOCK_EX as _LOCK_EX
+    from fcntl import LOCK_NB as _LOCK_NB
+    from fcntl import flock as _flock
+except ImportError:  # not POSIX
+    _flock = None
+
+
+def _start(shape, dtype, threads, job, siblings, describe, twins=(), held=-1):
+    """A worker of ``job`` compiling ``siblings`` (those not compiled here) then ``twins``; it
+    keeps the descriptor ``held`` (a lock: -1 for none) open until it ends. Its pid, or None."""
     from . import compiling
 
     siblings = [d for d in siblings if not d.overloads]  # (those compiled here are loaded)
     if not (siblings or twins) or compiling.cache_path() is None:
         return None
     named, tiers = [describe(d) for d in siblings], [describe(d) for d in twins]
-    pid, how = (_fork(shape, dtype, job) if _may_fork() else None), "forked"
+    pid, how = (_fork(shape, dtype, job, held) if _may_fork() else None), "forked"
     if pid is None:
-        pid, how = _spawn(shape, dtype, threads, job), "a new interpreter"
+        pid, how = _spawn(shape, dtype, threads, job, held), "a new interpreter"
     seconds = sum(estimate for _, estimate in named + tiers)
     deadline = time.monotonic() + WAIT_FACTOR * seconds + WAIT_SLACK_SECONDS
     with _lock:
@@ -228,7 +313,7 @@ def _may_fork():
     return sys.platform.startswith("linux") and threading.active_count() == 1
 
 
-def _fork(shape, dtype, job):
+def _fork(shape, dtype, job, held=-1):
     """The worker as a copy of this process: its pid, or None when the system refuses one.
 
     The copy has numba_bn imported and Numba started, ~2 s of a new interpreter's ~6 on the
@@ -257,7 +342,7 @@ def _fork(shape, dtype, job):
                 signal.signal(signum, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in map(int, os.listdir("/proc/self/fd")):
-            if fd != null:
+            if fd not in (null, held):  # (the lock it holds stays)
                 try:
                     os.dup2(null, fd)
                 except OSError:  # nothing to point at /dev/null
@@ -274,14 +359,17 @@ def _fork(shape, dtype, job):
         os._exit(status)
 
 
-def _spawn(shape, dtype, threads, job):
-    """The worker as a new interpreter (:func:`_serve`): its pid."""
+def _spawn(shape, dtype, threads, job, held=-1):
+    """The worker as a new interpreter (:func:`_serve`), inheriting the descriptor ``held``
+    (-1: none): its pid."""
     from . import compiling
 
     env = compiling.child_environment(**{ENVIRONMENT: "0", "NUMBA_BN_QUIET": "1"})
     argv = [sys.executable, "-c", "from numba_bn.ahead import _serve; _serve()",
             "x".join(map(str, shape)), dtype, str(threads), job]  # fmt: skip
     quiet = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    if held >= 0:
+        os.set_inheritable(held, True)
     return os.posix_spawn(sys.executable, argv, env, file_actions=quiet)
 
 

@@ -223,6 +223,7 @@ x = (rng.standard_normal({PARALLEL_SHAPE}) * 3 + 2).astype(np.float32)
 dy = (rng.standard_normal({PARALLEL_SHAPE}) - 0.5).astype(np.float32)
 forward = cpu._driver("forward_train", x.reshape(*x.shape, 1), 2)[0]
 print("cached before:", drivers.cached_for(forward, x.dtype))
+lock = ahead.tiers_lock(forward, x.dtype)
 outputs = {{}}
 for step in (1, 2, 3):
     with compiling.recording() as compiled:
@@ -237,6 +238,7 @@ for step in (1, 2, 3):
         getattr(plan[threads][0], "__wrapped__", plan[threads][0]).__name__
         for plan in cpu._PLANS.values() if type(plan) is dict
         for threads in plan)))
+    print(f"step {{step}} lock held:", ahead.held_elsewhere(lock))
     ahead.settle()
 print("cached after:", drivers.cached_for(forward, x.dtype))
 np.savez(sys.argv[1], x=x, dy=dy, **outputs)
@@ -262,6 +264,8 @@ def test_a_first_step_on_threads_runs_the_serial_twins_while_a_worker_compiles_t
     assert "while this one runs the serial twins (the same results)" in output
     assert "step 1 compiled: forward_train_split_rows_serial\n" in output
     assert "step 1 runs: \n" in output  # no plan kept: each call looks again
+    assert "step 1 lock held: True" in output  # by the worker, still compiling
+    assert "step 2 lock held: False" in output
     assert "step 2 compiled: \n" in output and "step 3 compiled: \n" in output  # loaded
     assert "step 3 runs: _backward_split_rows,_forward_eval_rows,_forward_train_split_rows" in (
         output
@@ -621,7 +625,7 @@ def tiers(two_cpus, worker, monkeypatch):
     monkeypatch.setattr(ahead, "_expected", [None])
     started = []
 
-    def start_tiers(x, threads, job, serial, twins):
+    def start_tiers(x, threads, job, serial, twins, lock):
         started.append((job, serial, twins))
         return worker(0.5, [*serial, *twins]).pid
 
@@ -687,3 +691,44 @@ def test_a_forward_whose_parallel_twin_is_cached_starts_no_worker(tiers, monkeyp
     monkeypatch.setenv(ahead.ENVIRONMENT, "0")  # off: it compiles here
     assert _unwrapped(cpu._plan("forward_train", x)) is cpu._driver("forward_train", x, 2)[0]
     assert started == []
+
+
+def test_a_forward_whose_twins_another_processs_worker_compiles_runs_serial_until_it_ends(
+    tiers,
+):
+    """A script run again while the worker of its first run still compiles (a process that
+    ends leaves its worker to finish): no second worker for the same twins."""
+    from fcntl import LOCK_EX, flock
+
+    from numba_bn import cpu
+
+    x, started = tiers
+    forward, forward_serial = (cpu._driver("forward_train", x, n, may_fuse=True)[0] for n in (2, 1))
+    backward_serial = cpu._driver("backward", x, 1, may_fuse=True)[0]
+    lock = ahead.tiers_lock(forward, x.dtype)
+    other = os.open(lock, os.O_RDONLY | os.O_CREAT)  # another open file: another holder
+    try:
+        flock(other, LOCK_EX)
+        assert ahead.held_elsewhere(lock) and ahead._take(lock) is None
+        assert cpu._plan("forward_train", x, may_fuse=True) == (forward_serial, False)
+        assert cpu._plan("backward", x, may_fuse=True) == (backward_serial, False)
+        assert cpu._plan("forward_train", x, may_fuse=True) == (forward_serial, False)
+        assert started == []
+    finally:
+        os.close(other)  # it ended (without saving, here): a worker of this process now
+    assert not ahead.held_elsewhere(lock)
+    assert cpu._plan("forward_train", x, may_fuse=True) == (forward_serial, False)
+    assert len(started) == 1
+
+
+def test_a_worker_holds_its_lock_until_it_ends(monkeypatch, tmp_path):
+    monkeypatch.setitem(ahead.JOBS, "sleep", _sleep)
+    lock = str(tmp_path / "forward.nbi.float32.tiers")
+    held = ahead._take(lock)
+    assert held >= 0 and ahead._take(lock) is None
+    pid = ahead._fork((4, 3), "float32", "sleep 1", held)
+    os.close(held)
+    assert ahead.held_elsewhere(lock)  # the copy holds it
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not ahead.held_elsewhere(lock)
+    assert ahead.held_elsewhere(None) is False and ahead._take(None) == -1

@@ -234,9 +234,10 @@ _serial_only = []  # inside serial_plans()
 def _meanwhile(step, x, parallel, may_fuse, epilogue):
     """Whether ``step`` runs its serial twin on ``x`` instead of the parallel twin ``parallel``,
     which has no machine code here for x's dtype: while a worker compiles it
-    (:func:`.ahead.compiles`), and, for a forward_train whose twin is not in Numba's cache
-    either, after starting one that compiles the serial twins of its backward and eval, then
-    the parallel twins of all three (:func:`.ahead.start_tiers`), where compiling ahead is on.
+    (:func:`.ahead.compiles`; another process's too, found by its lock), and, for a
+    forward_train whose twin is not in Numba's cache either, after starting one that compiles
+    the serial twins of its backward and eval, then the parallel twins of all three
+    (:func:`.ahead.start_tiers`), where compiling ahead is on.
     The first training step of a batch large enough for threads then compiles as a small one
     does, and runs as one; the steps after the worker has ended load the parallel twins
     (README, "First call")."""
@@ -244,17 +245,23 @@ def _meanwhile(step, x, parallel, may_fuse, epilogue):
         return True
     if step != "forward_train" or parallel in _TIERED or x.size > ahead.AHEAD_MAX_ELEMENTS:
         return False
-    if not ahead.enabled() or drivers.cached_for(parallel, x.dtype):
+    if not ahead.enabled():
         return False
-    _TIERED.add(parallel)
     serial = _siblings(x, epilogue, serial=True)
     twins = [parallel, *_siblings(x, epilogue)]
     if epilogue & EPILOGUE_RELU:  # the serial backward takes relu_grad's pass meanwhile
         twins.append(_driver("relu_grad", x, 2)[0])
     serial = [d for d in serial if not loaded_for(d, x.dtype)]
     twins = [d for d in dict.fromkeys(twins) if d not in serial and not loaded_for(d, x.dtype)]
+    lock = ahead.tiers_lock(parallel, x.dtype)
+    if ahead.held_elsewhere(lock):  # another process's worker: the serial twins until it ends
+        ahead.elsewhere(lock, twins)
+        return True
+    if drivers.cached_for(parallel, x.dtype):
+        return False
+    _TIERED.add(parallel)
     job = f"batch_norm_tiers {epilogue} {int(may_fuse)}"  # (a NaN check takes the split one)
-    return ahead.start_tiers(x, num_threads(), job, serial, twins) is not None
+    return ahead.start_tiers(x, num_threads(), job, serial, twins, lock) is not None
 
 
 @contextlib.contextmanager
