@@ -99,6 +99,24 @@ AHEAD_LINE = re.compile(
 )
 
 
+def _against_naive(run, step="", sums_atol=1e-3):
+    """A child's training step (its saved x, dy and outputs, named with ``step`` after them)
+    against tests/naive.py: forward_train, backward, and the eval on the step's statistics.
+    ``sums_atol``: dweight's and dbias's (sums over the batch)."""
+    x, dy = run["x"].astype(np.float64), run["dy"].astype(np.float64)
+    y, mean, invstd = naive.forward_train(x)
+    dx, dweight, dbias = naive.backward(dy, x)
+    np.testing.assert_allclose(run["y" + step], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run["mean" + step], mean, rtol=1e-6)
+    np.testing.assert_allclose(run["invstd" + step], invstd, rtol=1e-6)
+    var = 1 / run["invstd" + step].astype(np.float64) ** 2  # as the child passed it
+    y_eval = naive.forward(x, run["mean" + step], var)
+    np.testing.assert_allclose(run["y_eval" + step], y_eval, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run["dx" + step], dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run["dweight" + step], dweight, rtol=1e-4, atol=sums_atol)
+    np.testing.assert_allclose(run["dbias" + step], dbias, rtol=1e-4, atol=sums_atol)
+
+
 def _training_step(tmp_path, name, compile_ahead, code=None):
     cache, out = tmp_path / f"cache_{name}", tmp_path / f"{name}.npz"
     env = {"NUMBA_CACHE_DIR": str(cache), "NUMBA_BN_QUIET": "", ahead.ENVIRONMENT: compile_ahead}
@@ -131,18 +149,7 @@ def test_a_first_training_step_compiles_its_backward_and_eval_in_a_worker(tmp_pa
     for name, value in here.items():  # the worker's machine code is this process's, bit for bit
         np.testing.assert_array_equal(ahead_run[name], value, err_msg=name)
 
-    x, dy = here["x"].astype(np.float64), here["dy"].astype(np.float64)
-    y, mean, invstd = naive.forward_train(x)
-    dx, dweight, dbias = naive.backward(dy, x)
-    np.testing.assert_allclose(ahead_run["y"], y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ahead_run["mean"], mean, rtol=1e-6)
-    np.testing.assert_allclose(ahead_run["invstd"], invstd, rtol=1e-6)
-    var = 1 / ahead_run["invstd"].astype(np.float64) ** 2  # as the child passed it
-    y_eval = naive.forward(x, ahead_run["mean"], var)
-    np.testing.assert_allclose(ahead_run["y_eval"], y_eval, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ahead_run["dx"], dx, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ahead_run["dweight"], dweight, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(ahead_run["dbias"], dbias, rtol=1e-4, atol=1e-3)
+    _against_naive(ahead_run)
 
 
 def test_the_fused_layers_training_step_compiles_its_relu_backward_and_eval_in_a_worker(tmp_path):
@@ -273,15 +280,7 @@ def test_a_first_step_on_threads_runs_the_serial_twins_while_a_worker_compiles_t
     for name in ("y", "mean", "invstd", "dx", "dweight", "dbias", "y_eval"):
         for step in "23":
             np.testing.assert_array_equal(run[name + "1"], run[name + step], err_msg=name)
-    x, dy = run["x"].astype(np.float64), run["dy"].astype(np.float64)
-    y, mean, invstd = naive.forward_train(x)
-    dx, dweight, dbias = naive.backward(dy, x)
-    np.testing.assert_allclose(run["y1"], y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(run["mean1"], mean, rtol=1e-6)
-    np.testing.assert_allclose(run["invstd1"], invstd, rtol=1e-6)
-    np.testing.assert_allclose(run["dx1"], dx, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(run["dweight1"], dweight, rtol=1e-4, atol=1e-2)
-    np.testing.assert_allclose(run["dbias1"], dbias, rtol=1e-4, atol=1e-2)
+    _against_naive(run, "1", sums_atol=1e-2)
 
 
 COMPILE_ONLY = """
