@@ -626,10 +626,17 @@ def tiers(two_cpus, worker, monkeypatch):
 
     def start_tiers(x, threads, job, serial, twins, lock):
         started.append((job, serial, twins))
-        return worker(0.5, [*serial, *twins]).pid
+        return worker(60, [*serial, *twins]).pid  # (ended by _end_workers)
 
     monkeypatch.setattr(ahead, "start_tiers", start_tiers)
     return np.zeros((1024, 512, 1), np.float32), started
+
+
+def _end_workers():
+    """End the stand-in workers now (as a worker that ends without saving anything)."""
+    for started in ahead._workers:
+        os.kill(started.pid, signal.SIGKILL)
+    ahead.settle()
 
 
 def _unwrapped(plan):
@@ -656,7 +663,7 @@ def test_a_forward_without_its_parallel_twin_runs_serial_while_a_worker_compiles
     assert cpu._plan("forward_eval", x) == (evaluate_serial, False)
     assert cpu._plan("forward_train", x, may_fuse=True) == (forward_serial, False)
     assert cpu._PLANS == {} and len(started) == 1
-    ahead.settle()  # it ended (without saving a thing, here): they compile here, once
+    _end_workers()  # it ended (without saving a thing, here): they compile here, once
     for step, parallel in (("forward_train", forward), ("backward", backward)):
         assert _unwrapped(cpu._plan(step, x, may_fuse=True)) is parallel
     assert len(started) == 1
