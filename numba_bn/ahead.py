@@ -37,6 +37,7 @@ it would have.
 """
 
 import gc
+import math
 import os
 import signal
 import sys
@@ -61,6 +62,7 @@ _expected = [None]  # the (forward dispatcher, request) a compile event may star
 _workers = []  # the workers started: Worker
 _off = []  # inside off(): warm-up runs its steps itself
 _foreign = {}  # id(dispatcher): the lock of another process's worker compiling it (elsewhere)
+_looked = [-math.inf]  # when compiles() last looked whether workers had ended
 
 
 class Worker:
@@ -191,16 +193,19 @@ def start_tiers(x, threads, job, serial, twins, lock):
 
 def compiles(dispatcher):
     """Whether a live worker compiles ``dispatcher`` (and is within its deadline): one of this
-    process's, or another process's whose lock :func:`elsewhere` noted."""
-    if _foreign and id(dispatcher) in _foreign:
-        if held_elsewhere(_foreign[id(dispatcher)]):
-            return True
-        del _foreign[id(dispatcher)]
-    if not _workers:
-        return False
-    _reap()
+    process's, or another process's whose lock :func:`elsewhere` noted. Whether a worker has
+    ended is looked up every _POLL_SECONDS at most (a ``waitpid`` or a lock's probe: ~1.5-2.5
+    us of each call's plan while the serial twins stand in)."""
     now = time.monotonic()
-    return any(id(dispatcher) in w.dispatchers and now <= w.deadline for w in list(_workers))
+    if now - _looked[0] >= _POLL_SECONDS:
+        _looked[0] = now
+        _reap()
+        for key, lock in list(_foreign.items()):
+            if not held_elsewhere(lock):
+                del _foreign[key]
+    if id(dispatcher) in _foreign:
+        return True
+    return any(id(dispatcher) in w.dispatchers and now <= w.deadline for w in _workers)
 
 
 def tiers_lock(dispatcher, dtype):

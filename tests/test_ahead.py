@@ -622,6 +622,8 @@ def tiers(two_cpus, worker, monkeypatch):
     monkeypatch.setattr(cpu, "loaded_for", lambda dispatcher, dtype: False)
     monkeypatch.setattr(cpu.drivers, "cached_for", lambda dispatcher, dtype: False)
     monkeypatch.setattr(ahead, "_expected", [None])
+    monkeypatch.setattr(ahead, "_foreign", {})
+    monkeypatch.setattr(ahead, "_POLL_SECONDS", 0.0)  # (it looks at every plan)
     started = []
 
     def start_tiers(x, threads, job, serial, twins, lock):
