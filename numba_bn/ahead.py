@@ -200,9 +200,9 @@ def compiles(dispatcher):
     if now - _looked[0] >= _POLL_SECONDS:
         _looked[0] = now
         _reap()
-        for key, lock in list(_foreign.items()):
-            if not held_elsewhere(lock):
-                del _foreign[key]
+        free = {lock for lock in set(_foreign.values()) if not held_elsewhere(lock)}
+        for key in [key for key, lock in _foreign.items() if lock in free]:
+            del _foreign[key]
     if id(dispatcher) in _foreign:
         return True
     return any(id(dispatcher) in w.dispatchers and now <= w.deadline for w in _workers)
@@ -219,23 +219,12 @@ def tiers_lock(dispatcher, dtype):
 
 
 def held_elsewhere(lock):
-    """Whether another process's worker holds the file ``lock`` (False for None, or where
-    there are no file locks)."""
-    if lock is None or _flock is None:
-        return False
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:  # none yet
-        return False
-    try:
-        _flock(fd, _LOCK_EX | _LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # (releases a lock taken here)
-    return False
+    """Whether another process's worker holds the file ``lock`` (False for None, for a file not
+    made yet, or where there are no file locks)."""
+    fd = _take(lock, create=False)
+    if fd is not None and fd >= 0:
+        os.close(fd)  # (releases the lock taken to look)
+    return fd is None
 
 
 def elsewhere(lock, dispatchers):
@@ -245,14 +234,14 @@ def elsewhere(lock, dispatchers):
         _foreign[id(dispatcher)] = lock
 
 
-def _take(lock):
-    """A descriptor of ``lock`` locked here, for the worker to hold; -1 where there is nothing
-    to lock (no cache, no file locks, a directory it cannot write); None when another process
-    holds it."""
+def _take(lock, create=True):
+    """A descriptor of ``lock`` locked here, for the worker to hold (made if need be, when
+    ``create``); -1 where there is nothing to lock (no cache, no file locks, a directory it
+    cannot write, no such file); None when another process holds it."""
     if lock is None or _flock is None:
         return -1
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
     except OSError:
         return -1
     try:

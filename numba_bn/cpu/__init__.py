@@ -247,18 +247,19 @@ def _meanwhile(step, x, parallel, may_fuse, epilogue):
         return False
     if not ahead.enabled():
         return False
+    lock = ahead.tiers_lock(parallel, x.dtype)
+    elsewhere = ahead.held_elsewhere(lock)  # another process's worker compiles them
+    if not elsewhere and drivers.cached_for(parallel, x.dtype):
+        return False
     serial = _siblings(x, epilogue, serial=True)
     twins = [parallel, *_siblings(x, epilogue)]
     if epilogue & EPILOGUE_RELU:  # the serial backward takes relu_grad's pass meanwhile
         twins.append(_driver("relu_grad", x, 2)[0])
     serial = [d for d in serial if not loaded_for(d, x.dtype)]
     twins = [d for d in dict.fromkeys(twins) if d not in serial and not loaded_for(d, x.dtype)]
-    lock = ahead.tiers_lock(parallel, x.dtype)
-    if ahead.held_elsewhere(lock):  # another process's worker: the serial twins until it ends
+    if elsewhere:  # the serial twins until it ends
         ahead.elsewhere(lock, twins)
         return True
-    if drivers.cached_for(parallel, x.dtype):
-        return False
     _TIERED.add(parallel)
     job = f"batch_norm_tiers {epilogue} {int(may_fuse)}"  # (a NaN check takes the split one)
     return ahead.start_tiers(x, num_threads(), job, serial, twins, lock) is not None
