@@ -16,9 +16,10 @@ exposes none of them and keeps one forward's for one backward, and the kernels h
 they run, so another thread's call on the same layer cannot write them under one.
 
 A residual (checked per call, as the plain path checks it) and the layer's activation go to the
-same kernels' epilogue. Anything else (a mask, ``out=``, compiled calls, SyncBatchNorm's
-exchange, ghost batches, renorm, momentum=None, population statistics, a CUDA input, a backend
-that is not a host one) never gets a plan and takes the layer's general path.
+same kernels' epilogue. Anything else (a mask, ``out=``, the calls compiled calls may serve
+(:func:`numba_bn.capi.calls.may_serve`: they run without Python), SyncBatchNorm's exchange,
+ghost batches, renorm, momentum=None, population statistics, a CUDA input, a backend that is
+not a host one) never gets a plan and takes the layer's general path.
 """
 
 import operator
@@ -63,6 +64,7 @@ class Plan(NamedTuple):
     sums: tuple  # float64 (C,) sum_dy, sum_dy_xmu of its backward
     held: tuple  # the layer's weight, bias, running_mean, running_var (None or arrays)
     settings: tuple  # _settings(layer)
+    entry: object  # calls.entry when the plan was made: compiled calls loaded since may serve
 
     def __repr__(self):
         kind = "running statistics" if not self.batch else "batch statistics"
@@ -74,7 +76,10 @@ class Plan(NamedTuple):
         (the call that just ran with them took the general path and succeeded), or None when
         such a call is not a plain one."""
         update = training and layer.track_running_stats
-        if (calls.entry is not None or layer._exchange is not None or layer._collected is not None
+        batch = training or not layer.track_running_stats
+        if layer.activation is None and calls.may_serve(batch, x, layer.axis):
+            return None  # the compiled calls' (the general path asks them first)
+        if (layer._exchange is not None or layer._collected is not None
                 or layer.virtual_batch_size is not None or layer.renorm
                 or not hostcall.activation(layer.activation) or layer.nan_policy != "propagate"
                 or layer._side != "cpu" or (update and layer.momentum is None)):  # fmt: skip
@@ -84,7 +89,6 @@ class Plan(NamedTuple):
             return None
         outer, channels, inner = view.shape
         dtype, eps, unbiased = x.dtype, layer.eps, layer.convention.unbiased_running_var
-        batch = training or not layer.track_running_stats
         running_mean = running_var = running = None
         if batch:
             if outer * inner < 2 or not hostcall.training_eps(eps):
@@ -115,7 +119,7 @@ class Plan(NamedTuple):
         held = (layer.weight, layer.bias, layer.running_mean, layer.running_var)
         return cls(x.shape, dtype, view.shape, kernels, batch, update, outer * inner, weight,
                    bias, running_mean, running_var, running, eps, layer.activation, statistics,
-                   sums, held, _settings(layer))  # fmt: skip
+                   sums, held, _settings(layer), calls.entry)  # fmt: skip
 
     def takes(self, layer, x):
         """Whether this plan serves ``layer``'s call on the ndarray ``x`` (or its backward's
@@ -129,7 +133,7 @@ class Plan(NamedTuple):
             and layer.running_mean is running_mean
             and layer.running_var is running_var
             and _settings(layer) == self.settings
-            and calls.entry is None
+            and calls.entry is self.entry
             and (not self.update or (running_mean.flags.writeable and running_var.flags.writeable))
         )
 

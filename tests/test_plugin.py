@@ -1226,6 +1226,52 @@ def test_compiled_calls_train_the_layer_as_the_python_path(rng, host_build, monk
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "shape, axis, served", [((64, 32), 1, True), ((256, 512), 1, False), ((4, 3, 3, 8), -1, False)]
+)
+def test_a_layer_keeps_its_plans_for_the_batches_compiled_calls_decline(
+    rng, host_build, shape, axis, served
+):
+    """With compiled calls on, a BatchNorm keeps no plan for the batches they serve (small, the
+    channels on axis 1: the entry runs them without Python) and keeps its plans, as without
+    them, for the others (a batch the JIT runs on threads, channels-last), which would take the
+    layer's general path on every call: the same bits as a layer without compiled calls."""
+    channels = shape[axis]
+    batches = [(random_batch(rng, shape, np.float32, axis=axis),
+                random_batch(rng, shape, np.float32, axis=axis, mean_scale=1.0))
+               for _ in range(3)]  # fmt: skip
+    weight, bias = rng.uniform(0.5, 2.0, channels), rng.standard_normal(channels)
+
+    def steps():
+        bn = nbn.BatchNorm(channels, axis=axis)
+        bn.weight[:], bn.bias[:] = weight, bias
+        results, planned = [], []
+        for x, dy in batches:
+            results.append(bn(x))
+            planned.append(bn._saved.plan is not None)
+            results += [bn.backward(dy), bn.grad_weight, bn.grad_bias, bn.running_mean.copy(),
+                        bn.running_var.copy()]  # fmt: skip
+        bn.eval()
+        results += [bn(x) for x, _ in batches]
+        return results, planned, set(bn._plans)
+
+    want, planned, kept = steps()
+    assert planned == [False, True, True] and kept == {(shape, True), (shape, False)}
+    nbn.use_compiled_calls(host_build)
+    try:
+        size_served = all(np.prod(shape) < bound for bound in calls.serial_bounds.values())
+        assert size_served == (shape != (256, 512))  # the shapes cover what they should
+        got, planned, kept = steps()
+    finally:
+        nbn.use_compiled_calls(None)
+    if served:
+        assert planned == [False] * 3 and kept == set()
+    else:
+        assert planned == [False, True, True] and kept == {(shape, True), (shape, False)}
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compiled_training_steps_return_ops_results_with_the_gradients_rounded_as_numpy(
     rng, compiled_calls, dtype

@@ -51,6 +51,11 @@ ENVIRONMENT = "NUMBA_BN_COMPILED_CALLS"
 entry = None
 #: The directory it came from (what :func:`use_compiled_calls` was given), or None.
 in_use = None
+#: {step: the size (elements) below which the entry serves it}, as its ``configure`` was given.
+serial_bounds = {}
+#: {batch statistics?: the size below which it serves one of the steps of a training forward
+#: and its backward (True), or of a forward with the running statistics (False)}
+_served_below = {}
 _library = None  # the ctypes handle of the library whose entry points it calls
 
 
@@ -67,6 +72,8 @@ def use_compiled_calls(directory: str | os.PathLike[str] | None):
     global entry, in_use, _library
     if directory is None:
         entry = in_use = _library = None
+        serial_bounds.clear()
+        _served_below.clear()
         return None
     path = Path(directory) / extension_name()
     if not path.is_file():
@@ -98,11 +105,22 @@ def use_compiled_calls(directory: str | os.PathLike[str] | None):
     threads = max(numba.config.NUMBA_NUM_THREADS, library.nbn_get_num_threads())
     from ..ops import BackwardResult, TrainResult  # ops asks this module: imported on use
 
-    module.configure(
-        *addresses, *(serial_below(step, threads) for step in STEPS), TrainResult, BackwardResult
-    )
+    bounds = {step: serial_below(step, threads) for step in STEPS}
+    module.configure(*addresses, *bounds.values(), TrainResult, BackwardResult)
     entry, in_use, _library = module, directory, library
+    serial_bounds.clear()
+    serial_bounds.update(bounds)
+    _served_below.update({True: max(bounds["forward_train"], bounds["backward"]),
+                          False: bounds["forward_eval"]})  # fmt: skip
     return path
+
+
+def may_serve(batch, x, axis):
+    """Whether the entry may serve a step of a BatchNorm's calls on the ndarray ``x`` with the
+    channels on the int ``axis``, with ``batch`` statistics (a forward and its backward) or the
+    running ones: by size and layout (the entry checks the rest per call). The layer keeps no
+    plan for such calls (numba_bn/plans.py), and one for any other, which the entry declines."""
+    return entry is not None and x.size < _served_below[batch] and axis % x.ndim == 1
 
 
 def use_from_environment():
