@@ -62,6 +62,22 @@ def like(other, x, view):
     return other.reshape(view.shape) if other.flags.c_contiguous else None
 
 
+def output(out, x, *inputs):
+    """The array a plain call writes its result like ``x`` into: a new one for None; the
+    caller's ``out`` when it is a writable plain array like x that each of ``inputs`` (plain
+    arrays or None) either is (in place) or shares no memory with (np.may_share_memory: their
+    bounds); else None (the checks explain, or take an alias that is the same view)."""
+    if out is None:
+        return np.empty(x.shape, x.dtype)
+    if (type(out) is not np.ndarray or out.dtype is not x.dtype or out.shape != x.shape
+            or not out.flags.c_contiguous or not out.flags.writeable):  # fmt: skip
+        return None
+    for value in inputs:
+        if value is not out and value is not None and np.may_share_memory(out, value):
+            return None
+    return out
+
+
 def vector(value, channels, dtype):
     """A plain per-channel vector (C,) of ``dtype`` as it is, the zero-length "absent" array for
     None; else None."""

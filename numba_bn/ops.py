@@ -125,12 +125,12 @@ def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, m
     """batch_forward of a plain host call (:mod:`numba_bn.hostcall`) without an exchange: the
     fields of its TrainResult as a tuple (the functional API returns its own from them); None
     for any other call, which :func:`checked_batch_forward` takes."""
-    if out is not None or nan_policy != "propagate" or not _host_device(device):
+    if nan_policy != "propagate" or not _host_device(device):
         return None
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
     if kernels is None or view is None or not hostcall.training_eps(eps):
         return None
-    plain, residual = hostcall.residual(residual, x, view)
+    plain, residual_view = hostcall.residual(residual, x, view)
     if not plain or not hostcall.activation(activation):
         return None
     outer, channels, inner = view.shape
@@ -147,11 +147,13 @@ def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, m
         if type(unbiased) is not bool:
             return None
         running = RunningUpdate(running_mean, running_var, momentum, unbiased)
-    y = np.empty(x.shape, dtype)
+    y = hostcall.output(out, x, x, residual)  # y[i] depends on x[i] and residual[i] alone
+    if y is None:
+        return None
     mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
     kernels.forward_train(view, weight=weight, bias=bias, eps=eps, y=y.reshape(view.shape),
-                          mean=mean, invstd=invstd, m2=m2, running=running, residual=residual,
-                          activation=activation)  # fmt: skip
+                          mean=mean, invstd=invstd, m2=m2, running=running,
+                          residual=residual_view, activation=activation)  # fmt: skip
     return y, mean, invstd, m2, outer * inner
 
 
@@ -278,12 +280,12 @@ def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, 
                          residual, activation, device):  # fmt: skip
     """frozen_forward of a plain host call (:mod:`numba_bn.hostcall`), or None for any other,
     which :func:`checked_frozen_forward` takes."""
-    if out is not None or not _host_device(device):
+    if not _host_device(device):
         return None
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
     if kernels is None or view is None or not view.size or not hostcall.eval_eps(eps):
         return None
-    plain, residual = hostcall.residual(residual, x, view)
+    plain, residual_view = hostcall.residual(residual, x, view)
     if not plain or not hostcall.activation(activation):
         return None
     if running_mean is None or running_var is None:
@@ -296,10 +298,12 @@ def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, 
         return None
     if first_negative(running_var) >= 0:
         return None  # an error to explain
-    y = np.empty(x.shape, dtype)
+    y = hostcall.output(out, x, x, residual)
+    if y is None:
+        return None
     kernels.forward_eval(view, weight=weight, bias=bias, running_mean=running_mean,
                          running_var=running_var, eps=eps, y=y.reshape(view.shape),
-                         residual=residual, activation=activation)  # fmt: skip
+                         residual=residual_view, activation=activation)  # fmt: skip
     return y
 
 
@@ -372,7 +376,7 @@ def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activa
     """batch_backward of a plain host call (:mod:`numba_bn.hostcall`) without an exchange: the
     fields of its BackwardResult, the parameter gradients with them, as a tuple; None for any
     other call, which :func:`checked_batch_backward` takes."""
-    if out is not None or activation is not None or y is not None or residual_out is not None:
+    if activation is not None or y is not None or residual_out is not None:
         return None
     if not _host_device(device):
         return None
@@ -386,7 +390,9 @@ def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activa
     if dy_view is None or mean is None or invstd is None or weight is None:
         return None
     dtype = x.dtype
-    dx = np.empty(x.shape, dtype)
+    dx = hostcall.output(out, x, dy, x)
+    if dx is None:
+        return None
     sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
     kernels.backward(dy_view, view, mean=mean, invstd=invstd, weight=weight,
                      dx=dx.reshape(view.shape), sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)  # fmt: skip

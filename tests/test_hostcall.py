@@ -28,9 +28,19 @@ def checked_calls(monkeypatch):
     return calls
 
 
+def _no_plain_path(monkeypatch):
+    """Every call from now on takes the checked path: ops' plain functions decline it."""
+    for name in ("plain_batch_forward", "plain_frozen_forward", "plain_batch_backward"):
+        monkeypatch.setattr(ops, name, lambda *args, **kwargs: None)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", LAYOUTS)
-def test_plain_calls_skip_the_checks_and_give_their_bits(rng, shape, axis, dtype, checked_calls):
+def test_plain_calls_skip_the_checks_and_give_their_bits(
+    rng, monkeypatch, shape, axis, dtype, checked_calls
+):
+    """The plain calls, with new arrays and with out= (the caller's array, written and
+    returned), give the checked path's bits."""
     x = random_batch(rng, shape, dtype, axis=axis)
     dy = random_batch(rng, shape, dtype, mean_scale=1.0, axis=axis)
     channels = shape[axis]
@@ -48,9 +58,35 @@ def test_plain_calls_skip_the_checks_and_give_their_bits(rng, shape, axis, dtype
         nbn.forward_eval(x, *running, weight, bias, axis=axis, residual=dy, activation="relu"),
     ]
     plain += nbn.backward(dy, x, plain[2], plain[3], weight, axis=axis)
+    outs = [poison(shape, dtype) for _ in range(6)]
+    into = [
+        nbn.batch_norm(
+            x,
+            *[r.copy() for r in running],
+            weight,
+            bias,
+            training=True,
+            momentum=0.3,
+            axis=axis,
+            out=outs[0],
+        ),  # fmt: skip
+        nbn.forward_train(x, weight, bias, axis=axis, out=outs[1])[0],
+        nbn.forward_eval(x, *running, weight, bias, axis=axis, out=outs[2]),
+        nbn.forward_train(x, weight, bias, axis=axis, residual=dy, activation="relu", out=outs[3])[
+            0
+        ],  # fmt: skip
+        nbn.forward_eval(
+            x, *running, weight, bias, axis=axis, residual=dy, activation="relu", out=outs[4]
+        ),  # fmt: skip
+        nbn.backward(dy, x, plain[2], plain[3], weight, axis=axis, out=outs[5])[0],
+    ]
     assert checked_calls == []
+    for got, written, want in zip(into, outs, [plain[i] for i in (0, 1, 4, 5, 6, 7)], strict=True):
+        assert got is written
+        np.testing.assert_array_equal(got, want)
+    _no_plain_path(monkeypatch)
 
-    def out():  # out= takes the checked path
+    def out():
         return poison(shape, dtype)
 
     checked = [
@@ -80,7 +116,7 @@ def test_a_plain_training_step_of_the_layer_and_of_batch_norm_skips_the_wrappers
     """BatchNorm's training step and eval, batch_norm(training=True) and forward_eval on plain
     arrays call the plain path itself (not ops.batch_forward / batch_backward / frozen_forward,
     nor the layer forward_eval: their keywords and NamedTuples are ~1 us of a small step), with
-    the bits of the checked path (out= takes it)."""
+    out= too, and with the bits of the checked path."""
     wrapped = []
     for module, name in [(layer, "batch_forward"), (layer, "batch_backward"),
                          (layer, "forward_eval"), (functional, "batch_forward"),
@@ -97,9 +133,11 @@ def test_a_plain_training_step_of_the_layer_and_of_batch_norm_skips_the_wrappers
     weight, bias = rng.uniform(0.5, 2, 5), rng.standard_normal(5)
     running = [rng.standard_normal(5).astype(np.float32), rng.uniform(0.5, 2, 5).astype(np.float32)]
     results = {}
-    for path in ("plain", "checked"):
+    for path in ("plain", "plain out=", "checked"):
+        if path == "checked":
+            _no_plain_path(monkeypatch)
 
-        def out(path=path):  # out= takes the checked path
+        def out(path=path):
             return None if path == "plain" else poison(x.shape, x.dtype)
 
         bn = nbn.BatchNorm(5, convention=convention, axis=1)
@@ -113,11 +151,33 @@ def test_a_plain_training_step_of_the_layer_and_of_batch_norm_skips_the_wrappers
         arrays.append(nbn.batch_norm(x, *buffers, training=True, momentum=0.3, out=out()))
         arrays.append(nbn.forward_eval(x, *running, weight.astype(np.float32), None, out=out()))
         results[path] = arrays + buffers
-        if path == "plain":
+        if path != "checked":
             assert wrapped == [] and checked_calls == []
     assert wrapped == ["batch_forward", "batch_backward"] * 2 + ["forward_eval", "batch_forward"]
-    for a, b in zip(results["plain"], results["checked"], strict=True):
-        np.testing.assert_array_equal(a, b)
+    for path in ("plain out=", "checked"):
+        for a, b in zip(results["plain"], results[path], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def _not_plain_outs(x):
+    """(name, out=) that a plain call leaves to the checks (x: float32, at least 2 values on
+    its last axis)."""
+    read_only = np.empty_like(x)
+    read_only.flags.writeable = False
+    wide = np.empty((*x.shape[:-1], 2 * x.shape[-1]), x.dtype)
+    return [("float64 out", np.empty(x.shape)), ("out of another shape", np.empty_like(x[1:])),
+            ("non-contiguous out", wide[..., ::2]), ("read-only out", read_only),
+            ("out as a list", np.empty_like(x).tolist())]  # fmt: skip
+
+
+def _overlapping(x, first, second):
+    """{first: an array, second: another}: C-contiguous, the values of x, one value apart in
+    the same memory."""
+    memory = np.empty(x.size + 1, x.dtype)
+    arrays = {first: memory[:-1].reshape(x.shape), second: memory[1:].reshape(x.shape)}
+    for array in arrays.values():
+        array[...] = x
+    return arrays
 
 
 def _variants(rng):
@@ -156,7 +216,9 @@ def _variants(rng):
         ("non-contiguous residual", dict(x=x, residual=np.repeat(x, 2, axis=2)[:, :, ::2])),
         ("unknown activation", dict(x=x, activation="gelu")),
         ("activation not a str", dict(x=x, activation=np.str_("relu"))),
-        ("out", dict(x=x, out=np.empty_like(x))),
+        *[(name, dict(x=x, out=out)) for name, out in _not_plain_outs(x)],
+        ("out overlapping x", _overlapping(x, "x", "out")),
+        ("out overlapping the residual", {**_overlapping(x, "residual", "out"), "x": x}),
         ("nan_policy raise", dict(x=x, nan_policy="raise")),
         ("device cuda", dict(x=x, device="cuda")),
         ("device not a str", dict(x=x, device=["cpu"])),
@@ -189,7 +251,9 @@ def test_not_plain_eval_and_backward_go_to_the_checks(rng):
         ("float16 x", dict(x=x.astype(np.float16))),
         ("float64 residual", dict(residual=x.astype(float))),
         ("unknown activation", dict(activation="tanh")),
-        ("out", dict(out=np.empty_like(x))),
+        *[(name, dict(out=out)) for name, out in _not_plain_outs(x)],
+        ("out overlapping x", _overlapping(x, "x", "out")),
+        ("out overlapping the residual", _overlapping(x, "residual", "out")),
         ("device cuda", dict(device="cuda")),
     ]:
         assert ops.plain_frozen_forward(**{**plain, **arguments}) is None, name
@@ -201,12 +265,48 @@ def test_not_plain_eval_and_backward_go_to_the_checks(rng):
         ("dy of another dtype", dict(dy=x.astype(np.float64))),
         ("mean too long", dict(mean=np.zeros(4))),
         ("invstd as list", dict(invstd=[1.0, 1.0, 1.0])),
-        ("out", dict(out=np.empty_like(x))),
+        *[(name, dict(out=out)) for name, out in _not_plain_outs(x)],
+        ("out overlapping x", _overlapping(x, "x", "out")),
+        ("out overlapping dy", _overlapping(x, "dy", "out")),
         ("an activation", dict(activation="relu", y=x)),
         ("residual_out", dict(residual_out=np.empty_like(x))),
         ("device cuda", dict(device="cuda")),
     ]:
         assert ops.plain_batch_backward(**{**plain, **arguments}) is None, name
+
+
+def test_an_out_that_is_an_input_or_shares_no_memory_with_one_is_plain(rng):
+    """out= a new array, or an input itself (in place: x, the residual, dy), is a plain call's:
+    written with the bits of a call without out=, and returned."""
+    x = random_batch(rng, (6, 3, 4), np.float32)
+    dy = random_batch(rng, (6, 3, 4), np.float32, mean_scale=1.0)
+    mean, var = rng.standard_normal(3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32)
+    forward = dict(weight=None, bias=None, eps=1e-5, axis=1, running_mean=None, running_var=None,
+                   momentum=0.1, unbiased=True, nan_policy="propagate", backend="cpu",
+                   activation="relu", device="auto")  # fmt: skip
+    frozen = dict(running_mean=mean, running_var=var, weight=None, bias=None, eps=1e-5, axis=1,
+                  backend="cpu", activation="relu", device="auto")  # fmt: skip
+    backward = dict(mean=mean, invstd=var, weight=None, axis=1, backend="cpu", activation=None,
+                    y=None, residual_out=None, device="auto")  # fmt: skip
+    want = (ops.plain_batch_forward(x, out=None, residual=dy, **forward)[0],
+            ops.plain_frozen_forward(x, out=None, residual=dy, **frozen),
+            ops.plain_batch_backward(dy, x, out=None, **backward)[0])  # fmt: skip
+    for into in ("new", "x", "residual", "dy"):
+        for step in range(3):
+            if (step, into) in ((0, "dy"), (1, "dy"), (2, "residual")):
+                continue  # not an input of that call
+            inputs = {"x": x.copy(), "residual": dy.copy(), "dy": dy.copy()}
+            out = inputs[into] if into in inputs else poison(x.shape, x.dtype)
+            if step == 0:
+                got = ops.plain_batch_forward(inputs["x"], out=out, residual=inputs["residual"],
+                                              **forward)[0]  # fmt: skip
+            elif step == 1:
+                got = ops.plain_frozen_forward(inputs["x"], out=out, residual=inputs["residual"],
+                                               **frozen)  # fmt: skip
+            else:
+                got = ops.plain_batch_backward(inputs["dy"], inputs["x"], out=out, **backward)[0]
+            assert got is out, (step, into)
+            np.testing.assert_array_equal(got, want[step], err_msg=f"{step} {into}")
 
 
 def test_a_layer_checks_an_input_of_a_new_kind_again(rng):
