@@ -60,12 +60,11 @@ def _expect_backward(forward, view, job, parallel, serial):
 
 # --------------------------------------------------------------------------- operations
 def _plain_or_checked(plain, checked, out, *args):
-    """``plain(*args)`` when there is no ``out=`` and it recognises the call (not None), else
+    """``plain(*args, out)`` when it recognises the call (not None), else
     ``checked(*args, out)``: every operation's two paths."""
-    if out is None:
-        result = plain(*args)
-        if result is not None:
-            return result
+    result = plain(*args, out)
+    if result is not None:
+        return result
     return checked(*args, out)
 
 
@@ -77,7 +76,7 @@ def group_stats_forward(x, num_groups, weight, bias, eps, axis, *, out=None):
     )
 
 
-def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
+def _plain_group_forward(x, num_groups, weight, bias, eps, axis, out):
     """group_stats_forward of a plain call; None for any other."""
     xc = plain_grid(x, axis)
     if xc is None or not hostcall.training_eps(eps):
@@ -88,7 +87,9 @@ def _plain_group_forward(x, num_groups, weight, bias, eps, axis):
     bias = hostcall.vector(bias, channels, x.dtype)
     if groups is None or weight is None or bias is None:
         return None
-    y = np.empty(x.shape, x.dtype)
+    y = hostcall.output(out, x, x)
+    if y is None:
+        return None
     stats = np.empty((3, n * groups))
     group_kernels_forward(xc, groups, eps, tiled(weight, n), tiled(bias, n), y.reshape(xc.shape),
                           stats[0], stats[1], stats[2])  # fmt: skip
@@ -150,7 +151,7 @@ def group_stats_backward(dy, x, mean, invstd, num_groups, weight, axis, *, out=N
     )
 
 
-def _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis):
+def _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):
     """group_stats_backward of a plain call; None for any other."""
     xc = plain_grid(x, axis)
     if xc is None:
@@ -164,7 +165,9 @@ def _plain_group_backward(dy, x, mean, invstd, num_groups, weight, axis):
     weight = hostcall.vector(weight, channels, x.dtype)
     if mean is None or invstd is None or weight is None:
         return None
-    dx = np.empty(x.shape, x.dtype)
+    dx = hostcall.output(out, x, dy, x)
+    if dx is None:
+        return None
     dx_view = dx.reshape(xc.shape)
     dweight, dbias = group_kernels_backward(dyc, xc, groups, mean, invstd, weight, dx_view)
     return dx, dweight, dbias
@@ -211,9 +214,9 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
     """Instance norm forward: (y, mean, invstd), float64 (N, C), (C,) for one sample
     (:func:`instance_batch`); with input statistics and running buffers, the buffers take
     PyTorch's update (in place)."""
-    if out is None and spatial_dims is None and use_input_stats is True:
+    if spatial_dims is None and use_input_stats is True:
         result = _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum,
-                                         eps, axis)  # fmt: skip
+                                         eps, axis, out)  # fmt: skip
         if result is not None:
             return result
     if any_on_device(x, running_mean, running_var, weight, bias, out):
@@ -257,7 +260,8 @@ def instance_stats_forward(x, running_mean, running_var, weight, bias, use_input
     return y, mean, invstd
 
 
-def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum, eps, axis):
+def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum, eps, axis,
+                            out):  # fmt: skip
     """instance_stats_forward of a plain call with input statistics; None for any other."""
     xc = plain_grid(x, axis)
     if xc is None or xc.shape[2] < 2:
@@ -268,7 +272,7 @@ def _plain_instance_forward(x, running_mean, running_var, weight, bias, momentum
         running_var = hostcall.buffer(running_var, channels, x.dtype)
         if running_mean is None or running_var is None or not hostcall.momentum(momentum):
             return None
-    result = _plain_group_forward(x, None, weight, bias, eps, axis)
+    result = _plain_group_forward(x, None, weight, bias, eps, axis, out)
     if result is None:
         return None
     y, mean, invstd, m2 = result
@@ -316,7 +320,7 @@ def layer_stats_forward(x, normalized_shape, weight, bias, eps, *, out=None):
     )
 
 
-def _plain_layer_forward(x, normalized_shape, weight, bias, eps):
+def _plain_layer_forward(x, normalized_shape, weight, bias, eps, out):
     """layer_stats_forward of a plain call; None for any other."""
     plain = plain_layer_shape(x, normalized_shape)
     if plain is None or not hostcall.training_eps(eps):
@@ -325,7 +329,9 @@ def _plain_layer_forward(x, normalized_shape, weight, bias, eps):
     weight, bias = plain_elements(weight, shape, x.dtype), plain_elements(bias, shape, x.dtype)
     if weight is None or bias is None:
         return None
-    y = np.empty(x.shape, x.dtype)
+    y = hostcall.output(out, x, x)
+    if y is None:
+        return None
     stats = np.empty((2, rows))
     layer_kernels_forward(x.reshape(1, rows, width), eps, weight, bias, y, stats[0], stats[1])
     lead = x.shape[: x.ndim - len(shape)]
@@ -378,7 +384,7 @@ def layer_stats_backward(dy, x, mean, invstd, normalized_shape, weight, *, out=N
     )
 
 
-def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight):
+def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight, out):
     """layer_stats_backward of a plain call; None for any other."""
     plain = plain_layer_shape(x, normalized_shape)
     if plain is None:
@@ -391,7 +397,9 @@ def _plain_layer_backward(dy, x, mean, invstd, normalized_shape, weight):
     weight = plain_elements(weight, shape, x.dtype)
     if dyc is None or mean is None or invstd is None or weight is None:
         return None
-    dx = np.empty(x.shape, x.dtype)
+    dx = hostcall.output(out, x, dy, x)
+    if dx is None:
+        return None
     grads = np.empty((2, width))
     layer_kernels_backward(dyc, view, mean, invstd, weight, dx, grads[0], grads[1])
     return dx, grads[0].reshape(shape), grads[1].reshape(shape)

@@ -27,6 +27,8 @@ from numba_bn.norms import (
     layer_norm_forward,
 )
 
+from conftest import poison
+
 EPS = 1e-5
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
 
@@ -577,37 +579,51 @@ def test_forward_in_place():
     np.testing.assert_array_equal(x, expected)
 
 
-def _plain_and_checked(monkeypatch, rng, dtype):
+def _plain_and_checked(monkeypatch, rng, dtype, into):
     """(name, results of a plain call, results of the same call through the checks): eps as
     np.float64 is not a Python float, so the second call takes the checked path. The plain
-    calls run with the checked functions made to fail, so they must not reach them."""
+    calls run with the checked functions made to fail, so they must not reach them. ``into``:
+    the calls write into out= arrays (poisoned first), which they must return."""
     from numba_bn import norm_ops
 
     x, dy = make(rng, (3, 8, 5, 4), dtype), make(rng, (3, 8, 5, 4), dtype, 0.0, 1.0)
     w, b = make(rng, 8, dtype, 1.0, 0.5), make(rng, 8, dtype, 0.0, 0.5)
     lw, lb = make(rng, (5, 4), dtype, 1.0, 0.5), make(rng, (5, 4), dtype, 0.0, 0.5)
+    outs = []
+
+    def out():
+        if not into:
+            return None
+        outs.append(poison(x.shape, dtype))
+        return outs[-1]
 
     def calls(eps):
         buffers = [np.full(8, 0.5, dtype), np.full(8, 2.0, dtype)]
-        y, gm, gi = group_norm_forward(x, 4, w, b, eps)
-        yield "group", (y, gm, gi, *group_norm_backward(dy, x, gm, gi, 4, w))
-        y, lm, li = layer_norm_forward(x, (5, 4), lw, lb, eps)
-        yield "layer", (y, lm, li, *layer_norm_backward(dy, x, lm, li, (5, 4), lw))
-        y, im, ii = instance_norm_forward(x, *buffers, w, b, momentum=0.25, eps=eps)
-        grads = instance_norm_backward(dy, x, im, ii, w)
+        y, gm, gi = group_norm_forward(x, 4, w, b, eps, out=out())
+        yield "group", (y, gm, gi, *group_norm_backward(dy, x, gm, gi, 4, w, out=out()))
+        y, lm, li = layer_norm_forward(x, (5, 4), lw, lb, eps, out=out())
+        yield "layer", (y, lm, li, *layer_norm_backward(dy, x, lm, li, (5, 4), lw, out=out()))
+        y, im, ii = instance_norm_forward(x, *buffers, w, b, momentum=0.25, eps=eps, out=out())
+        grads = instance_norm_backward(dy, x, im, ii, w, out=out())
         yield "instance", (y, im, ii, *grads, *buffers)
 
     checked = dict(calls(np.float64(EPS)))
     for name in ("group_forward", "group_backward", "layer_forward", "layer_backward"):
         monkeypatch.setattr(norm_ops, f"_checked_{name}", None)  # calling it raises TypeError
     monkeypatch.setattr(norm_ops, "ChannelsFirst", None)
+    outs.clear()
     plain = dict(calls(EPS))
+    if into:  # what each call wrote into and returned: y, dx of each norm
+        results = [plain[name][i] for name in ("group", "layer", "instance") for i in (0, 3)]
+        assert len(outs) == 6 and all(a is b for a, b in zip(results, outs, strict=True))
     return [(name, plain[name], checked[name]) for name in checked]
 
 
+@pytest.mark.parametrize("into", [False, True], ids=["new arrays", "out="])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_plain_calls_take_no_checks_and_give_the_checked_bits(monkeypatch, dtype):
-    for name, plain, checked in _plain_and_checked(monkeypatch, np.random.default_rng(79), dtype):
+def test_plain_calls_take_no_checks_and_give_the_checked_bits(monkeypatch, dtype, into):
+    cases = _plain_and_checked(monkeypatch, np.random.default_rng(79), dtype, into)
+    for name, plain, checked in cases:
         assert len(plain) == len(checked), name
         for one, other in zip(plain, checked, strict=True):
             assert one.dtype == other.dtype and one.shape == other.shape, name
