@@ -63,12 +63,11 @@ def like(other, x, view):
 
 
 def output(out, x, *inputs):
-    """The array a plain call writes its result like ``x`` into: a new one for None; the
-    caller's ``out`` when it is a writable plain array like x that each of ``inputs`` (plain
-    arrays or None) either is (in place) or shares no memory with (np.may_share_memory: their
-    bounds); else None (the checks explain, or take an alias that is the same view)."""
-    if out is None:
-        return np.empty(x.shape, x.dtype)
+    """The caller's ``out`` when a plain call can write its result like ``x`` into it: a
+    writable plain array like x that each of ``inputs`` (plain arrays or None) either is (in
+    place) or shares no memory with (np.may_share_memory: their bounds); else None (the checks
+    explain, or take an alias that is the same view). A call without out= makes its own
+    array, ``np.empty(x.shape, x.dtype)``, without this call (~0.1 us of a small one)."""
     if (type(out) is not np.ndarray or out.dtype is not x.dtype or out.shape != x.shape
             or not out.flags.c_contiguous or not out.flags.writeable):  # fmt: skip
         return None

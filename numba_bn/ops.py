@@ -147,7 +147,8 @@ def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, m
         if type(unbiased) is not bool:
             return None
         running = RunningUpdate(running_mean, running_var, momentum, unbiased)
-    y = hostcall.output(out, x, x, residual)  # y[i] depends on x[i] and residual[i] alone
+    # y[i] depends on x[i] and residual[i] alone: out may be either
+    y = np.empty(x.shape, dtype) if out is None else hostcall.output(out, x, x, residual)
     if y is None:
         return None
     mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
@@ -298,7 +299,7 @@ def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, 
         return None
     if first_negative(running_var) >= 0:
         return None  # an error to explain
-    y = hostcall.output(out, x, x, residual)
+    y = np.empty(x.shape, dtype) if out is None else hostcall.output(out, x, x, residual)
     if y is None:
         return None
     kernels.forward_eval(view, weight=weight, bias=bias, running_mean=running_mean,
@@ -390,7 +391,7 @@ def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activa
     if dy_view is None or mean is None or invstd is None or weight is None:
         return None
     dtype = x.dtype
-    dx = hostcall.output(out, x, dy, x)
+    dx = np.empty(x.shape, dtype) if out is None else hostcall.output(out, x, dy, x)
     if dx is None:
         return None
     sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
