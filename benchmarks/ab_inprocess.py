@@ -2,6 +2,7 @@
 
     python benchmarks/ab_inprocess.py OLD_CHECKOUT NEW_CHECKOUT [--shapes 64x32,8x16x8x8]
     python benchmarks/ab_inprocess.py OLD NEW --shapes sweep    # every size of bench --sweep
+    python benchmarks/ab_inprocess.py OLD NEW --calls out       # the same calls with out=
 
 On this project's shared 2-core machines a process can run 10-50% slower than the next one for
 its whole life (stop 23: the same code's (64, 32) forward 8.8 and 14.5 us twenty minutes apart),
@@ -77,6 +78,34 @@ def calls(nbn, x, dy, axis):
     }
 
 
+def out_calls(nbn, x, dy, axis):
+    """The functional calls (batch norm's, group and layer norm's) with ``out=`` a C-contiguous
+    array of the caller's, and the layer's forward with it."""
+    channels, out = x.shape[axis], np.empty_like(x)
+    w = np.full(channels, 1.5, np.float32)
+    b = np.full(channels, 0.2, np.float32)
+    rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    _, mean, invstd = nbn.forward_train(x, w, b, axis=axis)
+    layer = nbn.BatchNorm(channels, axis=axis)
+    groups = 8 if channels % 8 == 0 else 1
+    _, group_mean, group_invstd = nbn.group_norm_forward(x, groups, w, b, axis=axis)
+    normalized = x.shape[-1:]
+    return {
+        "forward_train, out=": lambda: nbn.forward_train(x, w, b, axis=axis, out=out),
+        "forward_eval, out=": lambda: nbn.forward_eval(x, rm, rv, w, b, axis=axis, out=out),
+        "backward, out=": lambda: nbn.backward(dy, x, mean, invstd, w, axis=axis, out=out),
+        "BatchNorm forward, out=": lambda: layer(x, out=out),
+        "group_norm, out=": lambda: nbn.group_norm(x, groups, w, b, axis=axis, out=out),
+        "group_norm_backward, out=": lambda: nbn.group_norm_backward(
+            dy, x, group_mean, group_invstd, groups, w, axis=axis, out=out
+        ),  # fmt: skip
+        "layer_norm, out=": lambda: nbn.layer_norm(x, normalized, out=out),
+    }
+
+
+CALLS = {"step": calls, "out": out_calls}
+
+
 def best_us(call):
     call()
     start = time.perf_counter()
@@ -116,6 +145,8 @@ def main(argv=None):
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--shapes", default="64x32,64x256,8x16x8x8", help="or: sweep")
+    parser.add_argument("--calls", choices=CALLS, default="step",
+                        help="a training step's and inference's, or with out=")  # fmt: skip
     args = parser.parse_args(argv)
     root = os.path.join(tempfile.gettempdir(), "numba_bn_ab_inprocess")
     os.makedirs(root, exist_ok=True)
@@ -127,7 +158,7 @@ def main(argv=None):
     for shape, axis in shapes:
         x, dy = inputs(shape)
         for tag, nbn in packages.items():
-            timed[(shape, axis), tag] = calls(nbn, x, dy, axis)
+            timed[(shape, axis), tag] = CALLS[args.calls](nbn, x, dy, axis)
     print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds")
     best = alternated_best(timed, shapes, ("old", "new"))
     print("| shape | call | old | new | new / old |\n|---|---|---|---|---|")
