@@ -1144,7 +1144,31 @@ def _plain_calls(rng, shape, affine, dtype=np.float32):
         "batch_norm, eval": lambda: nbn.batch_norm(x, mean, running_var, weight, bias),
         "BatchNorm, eval": lambda: bn(x),
         "backward": lambda: nbn.backward(dy, x, mean, invstd, weight),
+        "forward_train, out=": lambda: _into(nbn.forward_train, x, x, weight, bias),
+        "forward_train, out=x": lambda: _into(nbn.forward_train, "x", x, weight, bias),
+        "forward_eval, out=": lambda: _into(nbn.forward_eval, x, x, mean, running_var, weight),
+        "backward, out=": lambda: _into(nbn.backward, x, dy, x, mean, invstd, weight),
+        "backward, out=dy": lambda: _into(nbn.backward, "dy", dy, x, mean, invstd, weight),
+        "BatchNorm, training, out=": lambda: _into(nbn.BatchNorm(channels, dtype=dtype), x, x),
+        "batch_norm, training, out=": lambda: _into(
+            nbn.batch_norm, x, x, *[b.copy() for b in running], weight, bias, training=True
+        ),  # fmt: skip
     }
+
+
+def _into(call, into, *args, **keywords):
+    """``call(*args, out=...)`` (the first result, which must be out): out a new array like
+    ``into`` (poisoned), or "x" or "dy": a copy of the argument of that name given as it."""
+    args = list(args)
+    if isinstance(into, str):  # in place: x is the first argument of the forwards, dy's second
+        at = 1 if into == "x" and call is nbn.backward else 0
+        args[at] = out = args[at].copy()
+    else:
+        out = poison(into.shape, into.dtype)
+    result = call(*args, **keywords, out=out)
+    y = result[0] if isinstance(result, tuple) else result
+    assert y is out
+    return result
 
 
 def _python_then_compiled(calls, host_build, monkeypatch):
@@ -1331,8 +1355,9 @@ def _declined_calls(rng):
     big = random_batch(rng, (512, 512), np.float32)
     swapped, x64 = x.astype(">f4"), x.astype(np.float64)
     sub = x.view(type("Subclass", (np.ndarray,), {}))
-    read_only = invstd.copy()
-    read_only.flags.writeable = False
+    shifted = np.concatenate([x, x[:1]])  # two (16, 6) views one row apart: shifted[:16], [1:]
+    read_only, read_only_x = invstd.copy(), x.copy()
+    read_only.flags.writeable = read_only_x.flags.writeable = False
     return {
         "float16": lambda: nbn.forward_train(x.astype(np.float16)),
         "float64 x, float32 weight": lambda: nbn.forward_train(x64, w),
@@ -1341,7 +1366,12 @@ def _declined_calls(rng):
         ),
         "channels last": lambda: nbn.forward_train(x4, axis=-1),
         "axis -1 of a matrix": lambda: nbn.forward_train(x, axis=-1),
-        "out": lambda: nbn.forward_train(x, out=np.empty_like(x)),
+        "out overlapping x": lambda: nbn.forward_train(shifted[:16], out=shifted[1:]),
+        "float64 out": lambda: nbn.forward_eval(x, mean, invstd, out=x64.copy()),
+        "read-only out": lambda: nbn.backward(x, x, mean, invstd, out=read_only_x),
+        "non-contiguous out": lambda: nbn.backward(
+            x, x, mean, invstd, out=np.empty((16, 12), np.float32)[:, ::2]
+        ),
         "nan_policy": lambda: nbn.forward_train(x, nan_policy="raise"),
         "mask": lambda: nbn.forward_train(x, mask=np.ones(16, bool)),
         "residual": lambda: nbn.forward_train(x, residual=x),
@@ -1356,7 +1386,6 @@ def _declined_calls(rng):
         "an int eps": lambda: nbn.forward_train(x, w, b, 1),
         "parallel-sized": lambda: nbn.forward_train(big),
         "eval, float64 running_var": lambda: nbn.forward_eval(x, mean, invstd.astype(np.float64)),
-        "eval, out": lambda: nbn.forward_eval(x, mean, invstd, out=x.copy()),
         "batch_norm, training, momentum 1.5": lambda: nbn.batch_norm(
             x, mean.copy(), invstd.copy(), training=True, momentum=1.5
         ),
@@ -1370,7 +1399,6 @@ def _declined_calls(rng):
         "BatchNorm, training, relu": lambda: nbn.BatchNorm(6, activation="relu")(x),
         "BatchNorm, training, nan_policy": lambda: nbn.BatchNorm(6, nan_policy="raise")(x),
         "BatchNorm, training, residual": lambda: nbn.BatchNorm(6)(x, residual=x),
-        "BatchNorm, training, out": lambda: nbn.BatchNorm(6)(x, out=np.empty_like(x)),
         "BatchNorm, eval, relu": lambda: nbn.BatchNorm(6, activation="relu").eval()(x),
         "batch_norm, eval, relu": lambda: nbn.batch_norm(x, mean, invstd, activation="relu"),
         "eval, parallel-sized": lambda: nbn.forward_eval(
@@ -1382,7 +1410,6 @@ def _declined_calls(rng):
         "backward, float64 dy": lambda: nbn.backward(x.astype(np.float64), x, mean, invstd),
         "backward, mask": lambda: nbn.backward(x, x, mean, invstd, mask=np.ones(16, bool)),
         "backward, activation": lambda: nbn.backward(x, x, mean, invstd, activation="relu", y=x),
-        "backward, out": lambda: nbn.backward(x, x, mean, invstd, out=x.copy()),
     }
 
 

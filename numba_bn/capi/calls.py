@@ -9,8 +9,9 @@ calls").
 :func:`numba_bn.forward_eval`, :func:`numba_bn.backward`, :func:`numba_bn.batch_norm` and
 ``BatchNorm`` (through ``ops.batch_forward`` and ``ops.batch_backward`` in training, with the
 float64 statistics of ABI 1.4) hand it their arguments first. It serves float32 and float64
-NumPy arrays with the channels on axis 1, without ``out``, ``mask``, ``residual`` or
-``activation``, on the host, at the sizes the JIT backend runs serially (its cost model,
+NumPy arrays with the channels on axis 1, without ``mask``, ``residual`` or ``activation``,
+``out`` None or taken as the Python path's plain call takes it (:func:`.hostcall.output`), on
+the host, at the sizes the JIT backend runs serially (its cost model,
 :func:`numba_bn.cpu.serial_below`); it declines anything else (NotImplemented) and the Python
 path runs as before, its checks and errors included. A served call compiles nothing. Its
 results are the JIT backend's bits with the host build (``--cpu host`` compiles the same kernels

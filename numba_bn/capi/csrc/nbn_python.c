@@ -6,11 +6,13 @@
  * name, positionally, in its order. A call they serve: float32 or float64 NumPy arrays (exactly
  * ndarray, C-contiguous, aligned, native byte order), channels on axis 1 of a rank >= 2 x,
  * per-channel vectors of x's dtype and length (weight and bias may be None; a running variance
- * without a negative value), a float eps > 0, no out, mask, residual or activation, nan_policy
- * "propagate", backend "cpu", device "auto" or "cpu", and a size the JIT backend runs serially
- * (below the bounds `configure` sets from its cost model, so that the library's worker threads
- * never run beside Numba's). Everything else returns NotImplemented, and the Python path takes
- * the call, its checks and errors included: a call served here has passed every one of them.
+ * without a negative value), a float eps > 0, no mask, residual or activation, nan_policy
+ * "propagate", backend "cpu", device "auto" or "cpu", out None or an array like x (writable;
+ * each input like x is out itself or shares no byte with it), and a size the JIT backend runs
+ * serially (below the bounds `configure` sets from its cost model, so that the library's worker
+ * threads never run beside Numba's). Everything else returns NotImplemented, and the Python path
+ * takes the call, its checks and errors included: a call served here has passed every one of
+ * them.
  *
  * batch_forward and batch_backward (1.4 entry points) take the arguments of numba_bn.ops'
  * functions of those names, which BatchNorm and batch_norm call in training, and return what
@@ -244,6 +246,31 @@ static PyObject *new_like(PyObject *x) {
     return PyArray_SimpleNew(PyArray_NDIM(array), PyArray_DIMS(array), PyArray_TYPE(array));
 }
 
+/* Whether the plain array `out` is `input` (None or an array) or shares no byte with it (the
+ * bounds of their bytes, as np.may_share_memory compares them). */
+static int apart_or_same(PyObject *out, PyObject *input) {
+    if (input == Py_None || input == out) return 1;
+    uintptr_t a = (uintptr_t)PyArray_BYTES((PyArrayObject *)out),
+              b = (uintptr_t)PyArray_BYTES((PyArrayObject *)input);
+    return a + (uintptr_t)PyArray_NBYTES((PyArrayObject *)out) <= b ||
+           b + (uintptr_t)PyArray_NBYTES((PyArrayObject *)input) <= a;
+}
+
+/* An out= the call writes as the Python path's plain call does (numba_bn.hostcall.output):
+ * None, or a writable plain array like x that each of the inputs `a` and `b` (plain arrays like
+ * x, or None) is or shares no byte with. */
+static int plain_out(PyObject *out, PyObject *x, int type, PyObject *a, PyObject *b) {
+    return out == Py_None || (like(out, x, type) && PyArray_ISWRITEABLE((PyArrayObject *)out) &&
+                              apart_or_same(out, a) && apart_or_same(out, b));
+}
+
+/* The array the result goes to: a new one like x for a None `out`, else out (a new reference). */
+static PyObject *output(PyObject *out, PyObject *x) {
+    if (out == Py_None) return new_like(x);
+    Py_INCREF(out);
+    return out;
+}
+
 static PyObject *new_vector(int64_t channels, int type) {
     npy_intp length = (npy_intp)channels;
     return PyArray_SimpleNew(1, &length, type);
@@ -298,11 +325,11 @@ static PyObject *forward_train(PyObject *Py_UNUSED(module), PyObject *const *arg
     if (nargs != 12 || !plain_view(args[0], FORWARD_TRAIN, &type, &outer, &channels, &inner) ||
         !vector_or_none(args[1], type, channels, &weight) ||
         !vector_or_none(args[2], type, channels, &bias) || !positive_eps(args[3], &eps) ||
-        !axis_one(args[4]) || !is_none(args[5]) || !is_str(args[6], "propagate") ||
-        !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) ||
-        !is_str(args[10], "cpu") || !host_device(args[11]))
+        !axis_one(args[4]) || !plain_out(args[5], args[0], type, args[0], Py_None) ||
+        !is_str(args[6], "propagate") || !is_none(args[7]) || !is_none(args[8]) ||
+        !is_none(args[9]) || !is_str(args[10], "cpu") || !host_device(args[11]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *y = new_like(args[0]), *mean = new_vector(channels, type),
+    PyObject *y = output(args[5], args[0]), *mean = new_vector(channels, type),
              *invstd = new_vector(channels, type);
     int status = NBN_OK;
     if (y && mean && invstd)
@@ -325,10 +352,11 @@ static PyObject *forward_eval(PyObject *Py_UNUSED(module), PyObject *const *args
         !variance(args[2], type, channels, &running_var) ||
         !vector_or_none(args[3], type, channels, &weight) ||
         !vector_or_none(args[4], type, channels, &bias) || !positive_eps(args[5], &eps) ||
-        !axis_one(args[6]) || !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) ||
-        !is_str(args[10], "cpu") || !host_device(args[11]))
+        !axis_one(args[6]) || !plain_out(args[7], args[0], type, args[0], Py_None) ||
+        !is_none(args[8]) || !is_none(args[9]) || !is_str(args[10], "cpu") ||
+        !host_device(args[11]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *y = new_like(args[0]);
+    PyObject *y = output(args[7], args[0]);
     if (!y) return NULL;
     int status = lib_forward_eval(type == NPY_FLOAT64, data(args[0]), outer, channels, inner,
                                   weight, bias, running_mean, running_var, eps, data(y));
@@ -348,10 +376,11 @@ static PyObject *backward(PyObject *Py_UNUSED(module), PyObject *const *args,
         !like(args[0], args[1], type) || !vector(args[2], type, channels, &mean) ||
         !vector(args[3], type, channels, &invstd) ||
         !vector_or_none(args[4], type, channels, &weight) || !axis_one(args[5]) ||
-        !is_none(args[6]) || !is_none(args[7]) || !is_none(args[8]) || !is_none(args[9]) ||
-        !is_none(args[10]) || !is_str(args[11], "cpu") || !host_device(args[12]))
+        !plain_out(args[6], args[1], type, args[0], args[1]) || !is_none(args[7]) ||
+        !is_none(args[8]) || !is_none(args[9]) || !is_none(args[10]) ||
+        !is_str(args[11], "cpu") || !host_device(args[12]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *dx = new_like(args[1]), *dweight = new_vector(channels, type),
+    PyObject *dx = output(args[6], args[1]), *dweight = new_vector(channels, type),
              *dbias = new_vector(channels, type);
     int status = NBN_OK;
     if (dx && dweight && dbias)
@@ -376,11 +405,11 @@ static PyObject *batch_forward(PyObject *Py_UNUSED(module), PyObject *const *arg
         !axis_one(args[4]) ||
         !running_buffers(args[5], args[6], type, channels, &running_mean, &running_var) ||
         (running_mean && (!momentum_value(args[7], &momentum) || !PyBool_Check(args[8]))) ||
-        !is_str(args[9], "propagate") || !is_none(args[10]) || !is_str(args[11], "cpu") ||
-        !is_none(args[12]) || !is_none(args[13]) || !is_none(args[14]) ||
-        !host_device(args[15]))
+        !is_str(args[9], "propagate") || !plain_out(args[10], args[0], type, args[0], Py_None) ||
+        !is_str(args[11], "cpu") || !is_none(args[12]) || !is_none(args[13]) ||
+        !is_none(args[14]) || !host_device(args[15]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *y = new_like(args[0]), *mean = new_vector(channels, NPY_FLOAT64),
+    PyObject *y = output(args[10], args[0]), *mean = new_vector(channels, NPY_FLOAT64),
              *invstd = new_vector(channels, NPY_FLOAT64), *m2 = new_vector(channels, NPY_FLOAT64);
     int status = NBN_OK;
     if (y && mean && invstd && m2)
@@ -406,11 +435,11 @@ static PyObject *batch_backward(PyObject *Py_UNUSED(module), PyObject *const *ar
         !like(args[0], args[1], type) || !vector(args[2], NPY_FLOAT64, channels, &mean) ||
         !vector(args[3], NPY_FLOAT64, channels, &invstd) ||
         !vector_or_none(args[4], type, channels, &weight) || !axis_one(args[5]) ||
-        !is_none(args[6]) || !is_str(args[7], "cpu") || !is_none(args[8]) ||
-        !is_none(args[9]) || !is_none(args[10]) || !is_none(args[11]) ||
+        !plain_out(args[6], args[1], type, args[0], args[1]) || !is_str(args[7], "cpu") ||
+        !is_none(args[8]) || !is_none(args[9]) || !is_none(args[10]) || !is_none(args[11]) ||
         !host_device(args[12]))
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *dx = new_like(args[1]), *sum_dy = new_vector(channels, NPY_FLOAT64),
+    PyObject *dx = output(args[6], args[1]), *sum_dy = new_vector(channels, NPY_FLOAT64),
              *sum_dy_xmu = new_vector(channels, NPY_FLOAT64),
              *grad_weight = new_vector(channels, type), *grad_bias = new_vector(channels, type);
     PyObject *arrays[] = {dx, sum_dy, sum_dy_xmu, grad_weight, grad_bias};
