@@ -159,6 +159,7 @@ GROUP_CASES = [  # shape (channels on axis 1), groups
     ((3, 8, 4, 5), 4),
     ((2, 12, 3, 2, 3), 2),
     ((4, 6), 6),  # no spatial dimensions
+    ((64, 24), 4),  # no spatial dimensions, groups of several channels: one value a plane
     ((1, 4, 70, 70), 1),  # one group, planes longer than a PLANE_BLOCK
     ((5, 16, 9, 9), 8),
 ]
@@ -633,6 +634,7 @@ def test_plain_calls_take_no_checks_and_give_the_checked_bits(monkeypatch, dtype
 PARALLEL_CASES = [  # large enough for the cost model to use every thread
     ("group", (8, 32, 24, 24), 8),
     ("group", (1, 4, 128, 128), 2),  # fewer groups than 2 * threads: the split steps
+    ("group", (512, 256), 8),  # no spatial dimensions: one value a plane
     ("instance", (4, 16, 48, 48), None),
     ("layer", (256, 2, 300), (2, 300)),
     ("layer", (4, 40000), (40000,)),

@@ -167,8 +167,16 @@ def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, co
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
     for ng in range(g0, g1):
         c0 = ng * group_channels
-        for c in range(c0, c0 + group_channels):
-            sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[ng])
+        # an (N, C) batch has one value a plane: its sums are that value's, added to 0.0 as
+        # plane_channel_sums adds them (the same bits, without two calls a value: ~70 ns)
+        if inner == 1:
+            for c in range(c0, c0 + group_channels):
+                g = np.float64(dy_flat[c])
+                sum_dy[c] = 0.0 + g
+                sum_dy_xmu[c] = 0.0 + g * (x_flat[c] - mean[ng])
+        else:
+            for c in range(c0, c0 + group_channels):
+                sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[ng])
         group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_dy,
                               sum_dy_xmu, coef)  # fmt: skip
         weighted_dx_planes(dy_flat, x_flat, dx_flat, c0, c0 + group_channels, inner, coef)
