@@ -59,27 +59,16 @@ def test_plain_calls_skip_the_checks_and_give_their_bits(
     ]
     plain += nbn.backward(dy, x, plain[2], plain[3], weight, axis=axis)
     outs = [poison(shape, dtype) for _ in range(6)]
-    into = [
-        nbn.batch_norm(
-            x,
-            *[r.copy() for r in running],
-            weight,
-            bias,
-            training=True,
-            momentum=0.3,
-            axis=axis,
-            out=outs[0],
-        ),  # fmt: skip
-        nbn.forward_train(x, weight, bias, axis=axis, out=outs[1])[0],
-        nbn.forward_eval(x, *running, weight, bias, axis=axis, out=outs[2]),
-        nbn.forward_train(x, weight, bias, axis=axis, residual=dy, activation="relu", out=outs[3])[
-            0
-        ],  # fmt: skip
-        nbn.forward_eval(
-            x, *running, weight, bias, axis=axis, residual=dy, activation="relu", out=outs[4]
-        ),  # fmt: skip
-        nbn.backward(dy, x, plain[2], plain[3], weight, axis=axis, out=outs[5])[0],
-    ]
+    buffers = [r.copy() for r in running]
+    into = [nbn.batch_norm(x, *buffers, weight, bias, training=True, momentum=0.3, axis=axis,
+                           out=outs[0]),
+            nbn.forward_train(x, weight, bias, axis=axis, out=outs[1])[0],
+            nbn.forward_eval(x, *running, weight, bias, axis=axis, out=outs[2]),
+            nbn.forward_train(x, weight, bias, axis=axis, residual=dy, activation="relu",
+                              out=outs[3])[0],
+            nbn.forward_eval(x, *running, weight, bias, axis=axis, residual=dy,
+                             activation="relu", out=outs[4]),
+            nbn.backward(dy, x, plain[2], plain[3], weight, axis=axis, out=outs[5])[0]]  # fmt: skip
     assert checked_calls == []
     for got, written, want in zip(into, outs, [plain[i] for i in (0, 1, 4, 5, 6, 7)], strict=True):
         assert got is written
