@@ -20,7 +20,7 @@ group_forward               per group: statistics, then y of its channels      r
                             (batch norm's affine_coefficients)                 (group in L2)
 group_backward              per group: channel sums (plane_channel_sums), the  read dy, x; write dx
                             group's dx rows, then dx (weighted_dx_planes)
-layer_forward               per row: statistics, then y (layer_affine_row)     read x, write y
+layer_forward               per row: statistics; then y (layer_affine_rows)    read x, write y
 layer_backward              per row: sums, then dx and the column partials     read dy, x; write dx
                             of dweight, dbias (layer_row_dx)
 ==========================  =================================================  ===================
@@ -31,7 +31,7 @@ Group norm's affine is batch norm's affine_planes on the (1, N*C, S) view (so th
 inside the sums (``g = weight[c] * dy``), so dx is ``(dy * w - mean_g - xmu * proj) * invstd``
 (dividing the weight back out of the sums fails for a zero weight): weighted_dx_planes, whose
 rows (GROUP_DX_ROWS) carry the weight too. Layer norm's weight varies along the row:
-layer_affine_row, layer_row_dx.
+layer_affine_rows, layer_row_dx.
 
 Outputs are overwritten (``=``). Work items cover whole groups or rows, whose results do not
 depend on the item; the one cross-row reduction (layer norm's dweight, dbias) goes through
@@ -70,6 +70,10 @@ ITEM_SPAN = 1 << 14
 #: per column sum (the chunks depend on the shape only, never on the threads).
 MAX_PARTS = 64
 PART_BUDGET = 1 << 20
+#: Rows a chunk spans at least (fewer rows only in a chunk of all of them): a chunk zeroes its
+#: partials, 2 * width float64, and add_parts reads them back, as much traffic as a row of dy
+#: and x each; with a row per chunk (64 rows of 256: 64 chunks) that was most of the backward.
+MIN_PART_ROWS = 16
 
 
 # ------------------------------------------------------------------------------- counting
@@ -81,7 +85,7 @@ def units_per_item(unit_size):
 
 def part_rows(rows, width):
     """Rows per chunk of layer norm's column partials: a function of the shape only."""
-    parts = max(1, min(MAX_PARTS, PART_BUDGET // max(1, width)))
+    parts = max(1, min(MAX_PARTS, PART_BUDGET // max(1, width), -(-rows // MIN_PART_ROWS)))
     return max(1, -(-rows // parts))
 
 
@@ -110,7 +114,7 @@ def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mea
     inner = x.shape[2] // group_channels
     x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
     for ng in range(g0, g1):
-        count, mu, group_m2 = plane_channel_stats(x, ng)
+        count, mu, group_m2 = plane_channel_stats(x_flat, x.shape, ng)
         inv = finalize(count, group_m2, eps)
         mean[ng], invstd[ng], m2[ng] = mu, inv, group_m2
         c0 = ng * group_channels
@@ -176,7 +180,7 @@ def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, co
                 sum_dy_xmu[c] = 0.0 + g * (x_flat[c] - mean[ng])
         else:
             for c in range(c0, c0 + group_channels):
-                sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy, x, c, mean[ng])
+                sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy_flat, x_flat, x.shape, c, mean[ng])
         group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_dy,
                               sum_dy_xmu, coef)  # fmt: skip
         weighted_dx_planes(dy_flat, x_flat, dx_flat, c0, c0 + group_channels, inner, coef)
@@ -216,8 +220,8 @@ def _row_coefficients(mean, invstd, x):
     return hi, lo, cast(invstd / pre), cast(pre)
 
 
-@callee(fastmath=CONTRACT_FASTMATH)
-def layer_affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, bias):
+@kernel(inline="always")
+def _affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, bias):
     """y = x_hat * weight[f] + bias[f] over [start, start + width) of flat x, y."""
     first = uint64(start)
     if weight.size and bias.size:
@@ -235,18 +239,25 @@ def layer_affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, b
             y[first + f] = ((x[first + f] * pre - mean_hi) - mean_lo) * scale
 
 
+@callee(fastmath=CONTRACT_FASTMATH)
+def layer_affine_rows(x, y, r0, r1, width, mean, invstd, weight, bias):
+    """y over rows r0:r1 of flat x, y from their float64 ``mean`` and ``invstd``: one call for
+    a work item's rows (a call a row cost ~20 ns, the affine of a row of 8 values). The rows'
+    coefficients (_row_coefficients) are the same under contraction: their one product,
+    ``mean * pre``, is exact (pre is 1 or 1/4), so no fused multiply-add rounds differently."""
+    for r in range(r0, r1):
+        mean_hi, mean_lo, scale, pre = _row_coefficients(mean[r], invstd[r], x)
+        _affine_row(x, y, r * width, width, mean_hi, mean_lo, scale, pre, weight, bias)
+
+
 @callee
 def layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd):
-    """Rows r0:r1 of ``x`` (1, N, F): mean, invstd (=, float64) and y."""
-    width = x.shape[2]
-    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
+    """Rows r0:r1 of ``x`` (1, N, F): mean, invstd (=, float64), then y."""
+    x_flat = x.reshape(x.size)
     for r in range(r0, r1):
-        count, mu, m2 = plane_channel_stats(x, r)
-        inv = finalize(count, m2, eps)
-        mean[r], invstd[r] = mu, inv
-        mean_hi, mean_lo, scale, pre = _row_coefficients(mu, inv, x)
-        layer_affine_row(x_flat, y_flat, r * width, width, mean_hi, mean_lo, scale, pre, weight,
-                         bias)  # fmt: skip
+        count, mu, m2 = plane_channel_stats(x_flat, x.shape, r)
+        mean[r], invstd[r] = mu, finalize(count, m2, eps)
+    layer_affine_rows(x_flat, y.reshape(y.size), r0, r1, x.shape[2], mean, invstd, weight, bias)
 
 
 @callee(fastmath=REDUCE_FASTMATH)
@@ -267,31 +278,36 @@ def layer_row_sums(dy, x, start, width, mean, weight):
     return sum_g, sum_g_xmu
 
 
-@callee(fastmath=CONTRACT_FASTMATH)
+@kernel(inline="always")
 def layer_row_dx(dy, x, dx, start, width, mean_hi, mean_lo, pre, k, mean_g, proj, mean,
                  invstd, weight, col_dy, col_dy_xhat):  # fmt: skip
     """dx = (dy * weight[f] - mean_g - xmu * proj) * k over a row; adds (+=) the row's dy and
-    dy * x_hat (float64, x_hat from the float64 mean and invstd) to the column partials."""
+    dy * x_hat (float64, x_hat from the float64 mean and invstd) to the column partials.
+
+    Two loops, each value's arithmetic as in one: a loop that stores to dx and to both partials
+    has too many pairs of arrays that may overlap for LLVM to check them and vectorise (it ran a
+    value at a time, ~1 ns, where the two take ~0.3; dy and x come back from L1)."""
     first = uint64(start)
+    for f in range(uint64(width)):
+        g = dy[first + f]
+        col_dy[f] += g
+        col_dy_xhat[f] += g * ((x[first + f] - mean) * invstd)
     if weight.size:
         for f in range(uint64(width)):
-            g, xv = dy[first + f], x[first + f]
-            col_dy[f] += g
-            col_dy_xhat[f] += g * ((xv - mean) * invstd)
-            xmu = (xv * pre - mean_hi) - mean_lo
-            dx[first + f] = ((g * weight[f] - mean_g) - xmu * proj) * k
+            xmu = (x[first + f] * pre - mean_hi) - mean_lo
+            dx[first + f] = ((dy[first + f] * weight[f] - mean_g) - xmu * proj) * k
     else:
         for f in range(uint64(width)):
-            g, xv = dy[first + f], x[first + f]
-            col_dy[f] += g
-            col_dy_xhat[f] += g * ((xv - mean) * invstd)
-            dx[first + f] = ((g - mean_g) - ((xv * pre - mean_hi) - mean_lo) * proj) * k
+            xmu = (x[first + f] * pre - mean_hi) - mean_lo
+            dx[first + f] = ((dy[first + f] - mean_g) - xmu * proj) * k
 
 
-@callee
+@callee(fastmath=CONTRACT_FASTMATH)
 def layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part):
     """Rows r0:r1 of (1, N, F) views: dx, and the chunk's column partials ``part`` (=, float64,
-    (2, F)) of dbias (sum dy) and dweight (sum dy * x_hat)."""
+    (2, F)) of dbias (sum dy) and dweight (sum dy * x_hat). Contracted as layer_row_dx is, the
+    row's dx inlined (a call a row cost as much as a row of 8 values): its coefficients add no
+    product (_row_coefficients: see layer_affine_rows), and the sums are apart."""
     width = x.shape[2]
     cast = x.dtype.type
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
