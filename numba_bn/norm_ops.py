@@ -36,7 +36,7 @@ from .norm_checks import (
     sample_out,
 )
 from .norm_cuda import any_on_device
-from .norm_steps import parameter_sums, running_update, split_group_forward, tiled
+from .norm_steps import running_update, split_group_forward, tiled
 from .ops import frozen_forward
 
 _BACKEND = CpuBackend()  # the split steps, for group norm with fewer groups than threads
@@ -178,13 +178,12 @@ def group_kernels_backward(dyc, xc, groups, mean, invstd, weight, dx):
     and (dweight, dbias) float64 (C,); mean, invstd flat float64 (N*G,), weight (C,) or
     zero-length."""
     n, channels, inner = xc.shape
-    group_channels = channels // groups
     planes = (1, n * channels, inner)
-    sums = np.empty((2, n * channels))
+    sums, grads = np.empty((2, n * channels)), np.empty((2, channels))
     _, run = _plan("backward", xc.size, kernels.group_backward, kernels.group_backward_serial)
-    run(dyc.reshape(planes), xc.reshape(planes), group_channels, mean, invstd, tiled(weight, n),
-        dx.reshape(planes), sums[0], sums[1])  # fmt: skip
-    return parameter_sums(sums, invstd, n, groups)
+    run(dyc.reshape(planes), xc.reshape(planes), channels // groups, mean, invstd,
+        tiled(weight, n), dx.reshape(planes), sums[0], sums[1], grads[0], grads[1])  # fmt: skip
+    return grads[0], grads[1]
 
 
 def _checked_group_backward(dy, x, mean, invstd, num_groups, weight, axis, out):

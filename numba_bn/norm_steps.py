@@ -21,6 +21,7 @@ norm's. Everything here is float64 except the views and weight, bias (the comput
 
 import numpy as np
 
+from .cpu.norm_kernels import group_parameter_sums
 from .stats import invstd_of
 
 
@@ -90,13 +91,13 @@ def split_group_backward(backend, memory, dyc, xc, groups, mean, invstd, weight,
 
 
 def parameter_sums(sums, invstd, n, groups):
-    """(dweight, dbias) float64 (C,) from the per-(n, c) ``sums`` (2, N*C) (sum_dy, sum_dy_xmu;
-    overwritten) and invstd (N*G,): sum_dy_xmu * invstd per (n, c), then both rows summed over
-    n in one reduction."""
+    """(dweight, dbias) float64 (C,) from the per-(n, c) ``sums`` (2, N*C) (sum_dy, sum_dy_xmu)
+    and invstd (N*G,), host arrays: the CPU driver's own step
+    (:func:`.cpu.norm_kernels.group_parameter_sums`)."""
     channels = sums.shape[1] // n
-    sums.reshape(2, n, groups, channels // groups)[1] *= invstd.reshape(n, groups, 1)
-    dbias, dweight = np.add.reduce(sums.reshape(2, n, channels), axis=1)
-    return dweight, dbias
+    grads = np.empty((2, channels))
+    group_parameter_sums(sums[0], sums[1], invstd, channels // groups, grads[0], grads[1])
+    return grads[0], grads[1]
 
 
 def running_update(running_mean, running_var, mean, m2, inner, momentum):

@@ -127,3 +127,23 @@ def test_coefficient_ranges_give_the_per_channel_bits(rng, dtype, affine):
             c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], want
         )
     assert _bits_equal(coef, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_affine_coefficients_give_the_per_channel_bits(rng, dtype, affine):
+    """Group norm's coefficients (the channels of groups g0:g1 share their group's mean and
+    invstd) against affine_coefficients channel by channel."""
+    groups, group_channels, g0, g1 = 12, 5, 2, 11
+    c_total = groups * group_channels
+    mean = _means(rng, dtype, groups)
+    invstd = rng.uniform(0.1, 3.0, groups)
+    weight = rng.uniform(0.5, 2.0, c_total).astype(dtype) if affine else np.empty(0, dtype)
+    bias = rng.normal(0.0, 1.0, c_total).astype(dtype) if affine else np.empty(0, dtype)
+    coef = np.full((AFFINE_ROWS, c_total), np.nan, dtype)
+    channels.group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias, coef)
+    want = np.full((AFFINE_ROWS, c_total), np.nan, dtype)
+    for c in range(g0 * group_channels, g1 * group_channels):
+        g = c // group_channels
+        channels.affine_coefficients(c, mean[g], invstd[g], weight, bias, want)
+    assert _bits_equal(coef, want)

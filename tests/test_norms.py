@@ -952,3 +952,24 @@ def test_group_and_instance_norm_refuse_arrays_on_two_sides_before_touching_cuda
         group_norm(DeviceArray(), 1, np.ones(3))
     with pytest.raises(ValueError, match=r"x is on the CUDA device, running_mean, running_var"):
         instance_norm(DeviceArray(), np.zeros(3), np.ones(3))
+
+
+@pytest.mark.parametrize(("n", "channels", "groups"), [(1, 6, 3), (7, 24, 4), (64, 256, 8)])
+def test_group_parameter_sums_are_numpys_reduction_over_the_samples(n, channels, groups):
+    """The driver's dweight, dbias: sum_dy_xmu * invstd per (n, c), then a sum over n in
+    sample order from 0, bit for bit what the NumPy reduction it replaced gave (-0.0 sums
+    included)."""
+    from numba_bn.cpu.norm_kernels import group_parameter_sums
+
+    rng = np.random.default_rng(n)
+    sums = rng.normal(0.5, 3.0, (2, n * channels)) * 10.0 ** rng.integers(-3, 4, (2, n * channels))
+    sums[:, :channels] = -0.0  # a channel of -0.0 over every sample: +0.0 from 0
+    sums[:, channels::channels] = -0.0
+    invstd = rng.uniform(0.1, 5.0, n * groups)
+    grads = np.full((2, channels), np.nan)
+    group_parameter_sums(sums[0], sums[1], invstd, channels // groups, grads[0], grads[1])
+    products = sums.copy()
+    products.reshape(2, n, groups, channels // groups)[1] *= invstd.reshape(n, groups, 1)
+    dbias, dweight = np.add.reduce(products.reshape(2, n, channels), axis=1)
+    assert np.array_equal(grads[0].view(np.uint64), dweight.view(np.uint64))
+    assert np.array_equal(grads[1].view(np.uint64), dbias.view(np.uint64))

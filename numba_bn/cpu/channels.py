@@ -143,6 +143,29 @@ def affine_coefficient_range(c0, c1, mean, invstd, weight, bias, coef):
 
 
 @callee
+def group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias, coef):
+    """affine_coefficients of the channels of groups g0:g1 (group norm: channel ``ng *
+    group_channels + j`` has the float64 ``mean[ng]``, ``invstd[ng]`` of its group), a row per
+    loop over a group's channels."""
+    limit = _prescale_limit(coef)
+    cast = coef.dtype.type
+    for ng in range(g0, g1):
+        c0, c1 = uint64(ng * group_channels), uint64((ng + 1) * group_channels)
+        pre = _pre(mean[ng], limit)
+        value = mean[ng] * pre
+        for c in range(c0, c1):  # stats.split_hi_lo
+            coef[0, c] = value
+        for c in range(c0, c1):
+            coef[1, c] = value - np.float64(cast(value))
+        for c in range(c0, c1):
+            coef[4, c] = pre
+        for c in range(c0, c1):
+            coef[2, c] = _final_scale(invstd[ng], weight, c) / pre
+        for c in range(c0, c1):  # the shift, mean_lo folded in
+            coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
+
+
+@callee
 def merge_channels(c0, c1, part, mean, m2):
     """mean, m2 (=) of channels c0:c1 from partials ``part`` (3, parts, C), in part order."""
     _merge_range(c0, c1, part, mean, m2)

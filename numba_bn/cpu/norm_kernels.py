@@ -51,15 +51,15 @@ from ..stats import (
     finalize,
     kernel,
     prescale,
-    split_hi_lo,
 )
+from .channels import group_affine_coefficients
 from .drivers import twins
 from .kernels import (
     EPILOGUE_NONE,
-    affine_coefficients,
     affine_planes,
     plane_channel_stats,
     plane_channel_sums,
+    rows_affine,
 )
 
 #: Rows of the group dx coefficients: mean_hi, mean_lo, proj, mean_g, weight, pre, invstd.
@@ -110,49 +110,70 @@ def unit_range(item, per, units):
 @callee
 def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2):
     """Groups g0:g1 of ``x`` (1, N*G, C/G*S): mean, invstd, m2 (=, float64), their channels'
-    affine rows (columns n*C + c of ``coef``) and y."""
+    affine rows (columns n*C + c of ``coef``), then y of all their channels in one call: per
+    group, a call for its channels' coefficients and one for its planes cost more than the
+    work on an (N, C) batch's group of single values (64 ns a channel on (64, 256))."""
     inner = x.shape[2] // group_channels
     x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
     for ng in range(g0, g1):
         count, mu, group_m2 = plane_channel_stats(x_flat, x.shape, ng)
-        inv = finalize(count, group_m2, eps)
-        mean[ng], invstd[ng], m2[ng] = mu, inv, group_m2
-        c0 = ng * group_channels
-        for c in range(c0, c0 + group_channels):
-            affine_coefficients(c, mu, inv, weight, bias, coef)
-        affine_planes(x_flat, y_flat, c0, c0 + group_channels, 1, inner, coef, x_flat,
-                      EPILOGUE_NONE)  # fmt: skip
+        mean[ng], invstd[ng], m2[ng] = mu, finalize(count, group_m2, eps), group_m2
+    group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias, coef)
+    c0, c1 = g0 * group_channels, g1 * group_channels
+    if inner == 1:  # a value a channel: batch norm's rows pass over one row of N*C values
+        x_row, y_row = x_flat.reshape(1, x.size), y_flat.reshape(1, y.size)
+        rows_affine(x_row, y_row, 0, 1, c0, c1, coef, x_row, EPILOGUE_NONE)
+    else:
+        affine_planes(x_flat, y_flat, c0, c1, 1, inner, coef, x_flat, EPILOGUE_NONE)
 
 
 @callee
-def group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_dy, sum_dy_xmu,
-                          coef):  # fmt: skip
-    """The dx rows (GROUP_DX_ROWS) of group ``ng``'s channels from their float64 sums; see
+def group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, sum_dy,
+                          sum_dy_xmu, coef):  # fmt: skip
+    """The dx rows (GROUP_DX_ROWS) of the channels of groups g0:g1 from their float64 sums; see
     docs/backward.md, "Group, instance and layer norm":
-    dx = (dy * w - mean_g - xmu * proj) * invstd, xmu = (x * pre - mean_hi) - mean_lo."""
-    c0 = ng * group_channels
-    sum_g, sum_g_xmu = 0.0, 0.0  # the sums of g = weight * dy over the group
-    for c in range(c0, c0 + group_channels):
-        w = weight[c] if weight.size else 1.0
-        sum_g += w * sum_dy[c]
-        sum_g_xmu += w * sum_dy_xmu[c]
-    mu, inv = mean[ng], invstd[ng]
-    pre = prescale(mu, coef)
-    mean_g = sum_g / count  # term 2
-    proj = inv * inv * sum_g_xmu / count / pre  # term 3, per unit of the scaled xmu
-    for c in range(c0, c0 + group_channels):
-        split_hi_lo(mu * pre, coef, 0, c)
-        coef[2, c] = proj
-        coef[3, c] = mean_g
-        coef[4, c] = weight[c] if weight.size else 1.0  # term 1: g = dy * weight
-        coef[5, c] = pre
-        coef[6, c] = inv  # final scale
+    dx = (dy * w - mean_g - xmu * proj) * invstd, xmu = (x * pre - mean_hi) - mean_lo.
+    A row per loop over a group's channels (.channels: a loop that stores every row of a
+    channel stays scalar); all but the weight's row hold the group's values."""
+    cast = coef.dtype.type
+    for ng in range(g0, g1):
+        c0, c1 = uint64(ng * group_channels), uint64((ng + 1) * group_channels)
+        sum_g, sum_g_xmu = 0.0, 0.0  # the sums of g = weight * dy over the group
+        for c in range(c0, c1):
+            w = weight[c] if weight.size else 1.0
+            sum_g += w * sum_dy[c]
+            sum_g_xmu += w * sum_dy_xmu[c]
+        mu, inv = mean[ng], invstd[ng]
+        pre = prescale(mu, coef)
+        mean_g = sum_g / count  # term 2
+        proj = inv * inv * sum_g_xmu / count / pre  # term 3, per unit of the scaled xmu
+        value = mu * pre  # stats.split_hi_lo: rows 0 and 1
+        for c in range(c0, c1):
+            coef[0, c] = value
+        for c in range(c0, c1):
+            coef[1, c] = value - np.float64(cast(value))
+        for c in range(c0, c1):
+            coef[2, c] = proj
+        for c in range(c0, c1):
+            coef[3, c] = mean_g
+        for c in range(c0, c1):
+            coef[4, c] = weight[c] if weight.size else 1.0  # term 1: g = dy * weight
+        for c in range(c0, c1):
+            coef[5, c] = pre
+        for c in range(c0, c1):
+            coef[6, c] = inv  # final scale
 
 
 @callee(fastmath=CONTRACT_FASTMATH)
 def weighted_dx_planes(dy, x, dx, first, stop, inner, coef):
     """dx = (dy * w - mean_g - xmu * proj) * invstd over planes first:stop of flat arrays
-    (plane p is column p of ``coef``)."""
+    (plane p is column p of ``coef``); planes of one value (an (N, C) batch) in one loop over
+    the values, which vectorises, each value's arithmetic as in a plane."""
+    if inner == 1:
+        for p in range(uint64(first), uint64(stop)):
+            xmu = (x[p] * coef[5, p] - coef[0, p]) - coef[1, p]
+            dx[p] = ((dy[p] * coef[4, p] - coef[3, p]) - xmu * coef[2, p]) * coef[6, p]
+        return
     for p in range(first, stop):
         mean_hi, mean_lo, proj, mean_g = coef[0, p], coef[1, p], coef[2, p], coef[3, p]
         w, pre, k = coef[4, p], coef[5, p], coef[6, p]
@@ -165,25 +186,28 @@ def weighted_dx_planes(dy, x, dx, first, stop, inner, coef):
 def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx, sum_dy,
                          sum_dy_xmu):  # fmt: skip
     """Groups g0:g1 of (1, N*C, S) views: per channel sum_dy, sum_dy_xmu (=, float64), then the
-    group's dx rows and dx."""
+    groups' dx rows, then dx of all their channels in one call (calls per group cost more than
+    the work on an (N, C) batch's group of single values)."""
     inner = x.shape[2]
     count = float(group_channels * inner)
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
-    for ng in range(g0, g1):
-        c0 = ng * group_channels
+    c0, c1 = g0 * group_channels, g1 * group_channels
+    if inner == 1:
         # an (N, C) batch has one value a plane: its sums are that value's, added to 0.0 as
         # plane_channel_sums adds them (the same bits, without two calls a value: ~70 ns)
-        if inner == 1:
-            for c in range(c0, c0 + group_channels):
+        for ng in range(g0, g1):
+            for c in range(ng * group_channels, (ng + 1) * group_channels):
                 g = np.float64(dy_flat[c])
                 sum_dy[c] = 0.0 + g
                 sum_dy_xmu[c] = 0.0 + g * (x_flat[c] - mean[ng])
-        else:
-            for c in range(c0, c0 + group_channels):
-                sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy_flat, x_flat, x.shape, c, mean[ng])
-        group_dx_coefficients(ng, group_channels, count, mean, invstd, weight, sum_dy,
-                              sum_dy_xmu, coef)  # fmt: skip
-        weighted_dx_planes(dy_flat, x_flat, dx_flat, c0, c0 + group_channels, inner, coef)
+    else:
+        for ng in range(g0, g1):
+            for c in range(ng * group_channels, (ng + 1) * group_channels):
+                sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy_flat, x_flat, x.shape, c,
+                                                              mean[ng])  # fmt: skip
+    group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, sum_dy,
+                          sum_dy_xmu, coef)  # fmt: skip
+    weighted_dx_planes(dy_flat, x_flat, dx_flat, c0, c1, inner, coef)
 
 
 def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
@@ -197,9 +221,10 @@ def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
         group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2)
 
 
-def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
-    """Group norm backward on (1, N*C, S) views: dx, and sum_dy, sum_dy_xmu (N*C,) float64 (=)
-    per channel of each sample (dbias and, times invstd, dweight before the sum over n)."""
+def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, dweight,
+                    dbias):  # fmt: skip
+    """Group norm backward on (1, N*C, S) views: dx, sum_dy, sum_dy_xmu (N*C,) float64 (=) per
+    channel of each sample, and from them dweight, dbias (C,) float64 (=)."""
     groups = mean.size
     per = units_per_item(group_channels * x.shape[2])
     coef = np.empty((GROUP_DX_ROWS, x.shape[1]), x.dtype)
@@ -207,6 +232,28 @@ def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum
         g0, g1 = unit_range(item, per, groups)
         group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx,
                              sum_dy, sum_dy_xmu)  # fmt: skip
+    group_parameter_sums(sum_dy, sum_dy_xmu, invstd, group_channels, dweight, dbias)
+
+
+@kernel(inline="always")
+def group_parameter_sums(sum_dy, sum_dy_xmu, invstd, group_channels, dweight, dbias):
+    """dweight, dbias (=, float64 (C,)) from the per-(n, c) sums (N*C,) and invstd (N*G,):
+    sum_dy_xmu * invstd rounded per (n, c), then each channel's sums over the samples in sample
+    order, from 0 (as the C library's group_norm_backward). In the driver: as NumPy calls
+    (np.add.reduce over n, the same bits) they cost 6 us of an (8, 16, 8, 8) backward and ~20
+    of a (64, 256) one; the CUDA path's host step calls it from Python
+    (norm_steps.parameter_sums)."""
+    channels = dbias.size
+    for c in range(channels):
+        dbias[c] = 0.0
+        dweight[c] = 0.0
+    for p0 in range(0, sum_dy.size, channels):  # a sample's channels
+        for c in range(channels):
+            dbias[c] += sum_dy[p0 + c]
+        for g0 in range(0, channels, group_channels):
+            inv = invstd[(p0 + g0) // group_channels]
+            for c in range(g0, g0 + group_channels):
+                dweight[c] += sum_dy_xmu[p0 + c] * inv
 
 
 # ------------------------------------------------------------------------------- layer norm
