@@ -91,7 +91,7 @@ def _plain_group_forward(x, num_groups, weight, bias, eps, axis, out):
     if y is None:
         return None
     stats = np.empty((3, n * groups))
-    group_kernels_forward(xc, groups, eps, tiled(weight, n), tiled(bias, n), y.reshape(xc.shape),
+    group_kernels_forward(xc, groups, eps, weight, bias, y.reshape(xc.shape),
                           stats[0], stats[1], stats[2])  # fmt: skip
     stats = stats.reshape(3, n, groups)  # rows by index: unpacking an array's rows costs 1 us
     return y, stats[0], stats[1], stats[2]
@@ -110,21 +110,23 @@ def _checked_group_forward(x, num_groups, weight, bias, eps, axis, out):
     y, work = grid.output(out)
     stats = np.full((3, n * groups), np.nan)
     if grid.x.size:
-        affine = [tiled(vectors.kernel(name), n) for name in ("weight", "bias")]
+        affine = [vectors.kernel(name) for name in ("weight", "bias")]
         group_kernels_forward(grid.view(grid.x), groups, eps, *affine, work, *stats)
     mean, invstd, m2 = (s.reshape(n, groups) for s in stats)
     return grid.finish(y, work), mean, invstd, m2
 
 
 def group_kernels_forward(xc, groups, eps, weight, bias, y, mean, invstd, m2):
-    """Kernels of the group norm forward on channels-first (N, C, S) arrays."""
+    """Kernels of the group norm forward on channels-first (N, C, S) arrays; weight and bias
+    (C,) or zero-length."""
     n, channels, inner = xc.shape
     group_channels = channels // groups  # groups >= 1: x is not empty
     grouped = (1, n * groups, group_channels * inner)
     threads, run = _plan("forward_train", xc.size, kernels.group_forward,
                          kernels.group_forward_serial)  # fmt: skip
     if threads > 1 and n * groups < 2 * threads:  # a group per item would idle some threads
-        split_group_forward(_BACKEND, HOST, xc, groups, eps, weight, bias, y, mean, invstd, m2)
+        split_group_forward(_BACKEND, HOST, xc, groups, eps, tiled(weight, n), tiled(bias, n), y,
+                            mean, invstd, m2)  # fmt: skip
         return
     forward = kernels.group_forward if threads > 1 else kernels.group_forward_serial
     if not forward.overloads:
@@ -182,7 +184,7 @@ def group_kernels_backward(dyc, xc, groups, mean, invstd, weight, dx):
     sums, grads = np.empty((2, n * channels)), np.empty((2, channels))
     _, run = _plan("backward", xc.size, kernels.group_backward, kernels.group_backward_serial)
     run(dyc.reshape(planes), xc.reshape(planes), channels // groups, mean, invstd,
-        tiled(weight, n), dx.reshape(planes), sums[0], sums[1], grads[0], grads[1])  # fmt: skip
+        weight, dx.reshape(planes), sums[0], sums[1], grads[0], grads[1])  # fmt: skip
     return grads[0], grads[1]
 
 

@@ -6,8 +6,8 @@ drivers use: runs of ``units_per_item`` whole groups or rows, and for layer norm
 fixed chunks of ``part_rows`` rows whose column partials ``part`` ``(chunks, 2, width)`` are added
 in chunk order (:func:`layer_add_parts`). :func:`norm_plan` tells the shim how many items there
 are, so the shim counts nothing. Group norm's views are those of the drivers:
-``(1, N*G, C/G*S)`` for the forward, ``(1, N*C, S)`` for the backward, weight and bias tiled to
-``N*C`` (by the shim), coefficients per (sample, channel). The statistics and the sums are
+``(1, N*G, C/G*S)`` for the forward, ``(1, N*C, S)`` for the backward, weight and bias (C,) as
+the caller gave them, coefficients per (sample, channel). The statistics and the sums are
 float64; outputs are overwritten (``=``); nothing allocates.
 
 =========================  ==========================================  ========================
@@ -79,7 +79,7 @@ def group_train_items(
     m2_ptr: OUT64,
 ):
     """Items first:last of the group norm forward: ``groups`` = N*G groups of ``group_channels``
-    channels of ``inner`` values; weight and bias tiled to N*C (or 0)."""
+    channels of ``inner`` values; weight and bias (C,) (or 0)."""
     shape = (1, groups, group_channels * inner)
     x, y = carray(x_ptr, shape), carray(y_ptr, shape)
     weight, bias = carray(weight_ptr, n_weight), carray(bias_ptr, n_bias)
@@ -110,7 +110,7 @@ def group_backward_items(
     sum_dy_xmu_ptr: OUT64,
 ):
     """Items first:last of the group norm backward: dx, and sum_dy, sum_dy_xmu per (sample,
-    channel) (N*C); weight tiled to N*C (or 0)."""
+    channel) (N*C); weight (C,) (or 0)."""
     planes = groups * group_channels
     shape = (1, planes, inner)
     dy, x, dx = carray(dy_ptr, shape), carray(x_ptr, shape), carray(dx_ptr, shape)

@@ -142,27 +142,41 @@ def affine_coefficient_range(c0, c1, mean, invstd, weight, bias, coef):
     _affine_rows(c0, c1, mean, invstd, weight, bias, coef)
 
 
+@kernel(inline="always")
+def sample_channel(ng, group_channels, vector):
+    """Group ``ng``'s first channel in its sample, where a per-channel ``vector`` (C,) of group
+    norm holds its value (0 for a zero-length one): the group norm kernels take weight and bias
+    as given, not tiled to N*C (two copies of x's size on an (N, C) batch)."""
+    if not vector.size:
+        return 0
+    return ng % (vector.size // group_channels) * group_channels
+
+
 @callee
 def group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias, coef):
     """affine_coefficients of the channels of groups g0:g1 (group norm: channel ``ng *
-    group_channels + j`` has the float64 ``mean[ng]``, ``invstd[ng]`` of its group), a row per
-    loop over a group's channels."""
+    group_channels + j`` has the float64 ``mean[ng]``, ``invstd[ng]`` of its group; weight and
+    bias (C,) or zero-length), a row per loop over a group's channels."""
     limit = _prescale_limit(coef)
     cast = coef.dtype.type
+    width = uint64(group_channels)
     for ng in range(g0, g1):
-        c0, c1 = uint64(ng * group_channels), uint64((ng + 1) * group_channels)
+        c0 = uint64(ng * group_channels)
+        w0 = uint64(sample_channel(ng, group_channels, weight))
+        b0 = uint64(sample_channel(ng, group_channels, bias))
         pre = _pre(mean[ng], limit)
         value = mean[ng] * pre
-        for c in range(c0, c1):  # stats.split_hi_lo
-            coef[0, c] = value
-        for c in range(c0, c1):
-            coef[1, c] = value - np.float64(cast(value))
-        for c in range(c0, c1):
-            coef[4, c] = pre
-        for c in range(c0, c1):
-            coef[2, c] = _final_scale(invstd[ng], weight, c) / pre
-        for c in range(c0, c1):  # the shift, mean_lo folded in
-            coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
+        for j in range(width):  # stats.split_hi_lo
+            coef[0, c0 + j] = value
+        for j in range(width):
+            coef[1, c0 + j] = value - np.float64(cast(value))
+        for j in range(width):
+            coef[4, c0 + j] = pre
+        for j in range(width):
+            coef[2, c0 + j] = _final_scale(invstd[ng], weight, w0 + j) / pre
+        for j in range(width):  # the shift, mean_lo folded in
+            shift = bias[b0 + j] if bias.size else 0.0
+            coef[3, c0 + j] = folded_shift(shift, coef[1, c0 + j], coef[2, c0 + j])
 
 
 @callee

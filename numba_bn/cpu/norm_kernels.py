@@ -7,7 +7,8 @@ Views (channels first, C-contiguous; :mod:`numba_bn.norms` brings any other layo
   channel ``ng`` of the view ``(1, N*G, C/G*S)``, by batch norm's own kernel
   (:func:`.kernels.plane_channel_stats`, the merge order of ``CpuBackend.batch_stats`` on that
   view, so the same bits); the affine and the backward sums are per channel ``nc = n * C + c`` of
-  the view ``(1, N*C, S)``, weight and bias tiled to length ``N*C``;
+  the view ``(1, N*C, S)``, with weight and bias (C,) as given (a group's channels are those
+  of its sample, :func:`.channels.sample_channel`);
 * layer norm: statistics of row ``n`` are those of channel ``n`` of ``(1, N, F)``; the affine is
   per element of a row (``weight[f]``), which no per-channel pass expresses.
 
@@ -52,7 +53,7 @@ from ..stats import (
     kernel,
     prescale,
 )
-from .channels import group_affine_coefficients
+from .channels import group_affine_coefficients, sample_channel
 from .drivers import twins
 from .kernels import (
     EPILOGUE_NONE,
@@ -138,9 +139,10 @@ def group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, s
     cast = coef.dtype.type
     for ng in range(g0, g1):
         c0, c1 = uint64(ng * group_channels), uint64((ng + 1) * group_channels)
+        w0 = uint64(sample_channel(ng, group_channels, weight)) - c0  # weight[w0 + c]
         sum_g, sum_g_xmu = 0.0, 0.0  # the sums of g = weight * dy over the group
         for c in range(c0, c1):
-            w = weight[c] if weight.size else 1.0
+            w = weight[w0 + c] if weight.size else 1.0
             sum_g += w * sum_dy[c]
             sum_g_xmu += w * sum_dy_xmu[c]
         mu, inv = mean[ng], invstd[ng]
@@ -157,7 +159,7 @@ def group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, s
         for c in range(c0, c1):
             coef[3, c] = mean_g
         for c in range(c0, c1):
-            coef[4, c] = weight[c] if weight.size else 1.0  # term 1: g = dy * weight
+            coef[4, c] = weight[w0 + c] if weight.size else 1.0  # term 1: g = dy * weight
         for c in range(c0, c1):
             coef[5, c] = pre
         for c in range(c0, c1):
@@ -212,7 +214,7 @@ def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, co
 
 def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
     """Group norm forward on ``x``, ``y`` (1, N*G, C/G*S): mean, invstd, m2 (N*G,) float64 (=);
-    weight, bias tiled to (N*C,) in x's dtype, or zero-length."""
+    weight, bias (C,) in x's dtype, or zero-length."""
     groups = x.shape[1]
     per = units_per_item(x.shape[2])
     coef = np.empty((AFFINE_ROWS, groups * group_channels), x.dtype)

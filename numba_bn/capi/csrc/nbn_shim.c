@@ -531,7 +531,7 @@ typedef struct {
     int64_t inner;          /* values per channel (group norm), or the row width */
     const void *dy, *x;
     void *out;                 /* y or dx */
-    const void *weight, *bias; /* group norm: tiled to N * C (n * C + c), in scratch */
+    const void *weight, *bias; /* (C,) or NULL: group norm too (the kernels find the sample) */
     int64_t n_weight, n_bias;
     double eps;
     void *coef;                       /* group norm's coefficient rows, per (sample, channel) */
@@ -577,15 +577,6 @@ static int32_t layer_backward(const void *job, int64_t first, int64_t last, doub
                                        a->invstd, a->weight, a->n_weight, a->out, a->part);
 }
 
-/* `copies` copies of a vector of n values of the tensor type, one after another: group norm's
- * kernels index weight and bias per (sample, channel), as numba_bn's driver tiles them. */
-static void *tile_vector(void *dst, const void *src, size_t element, int64_t n, int64_t copies) {
-    if (!src) return NULL;
-    size_t bytes = (size_t)n * element;
-    for (int64_t k = 0; k < copies; k++) memcpy((char *)dst + (size_t)k * bytes, src, bytes);
-    return dst;
-}
-
 static int group_norm_forward(int f64, const void *x, int64_t outer, int64_t channels,
                               int64_t inner, int64_t num_groups, const void *weight,
                               const void *bias, double eps, void *y, double *mean,
@@ -595,22 +586,19 @@ static int group_norm_forward(int f64, const void *x, int64_t outer, int64_t cha
     if (status != NBN_OK) return status;
     /* below INT64_MAX / 8 after nbn_check_groups */
     const int64_t groups = outer * num_groups, planes = outer * channels;
-    const size_t element = f64 ? sizeof(double) : sizeof(float);
+    /* weight and bias (C,) as given: the kernels find a group's channels in its sample */
     nbn_norm_call a = {.k = kernels(f64), .units = groups, .group_channels = channels / num_groups,
-                       .inner = inner, .x = x, .out = y, .n_weight = weight ? planes : 0,
-                       .n_bias = bias ? planes : 0, .eps = eps, .mean_out = mean,
+                       .inner = inner, .x = x, .out = y, .weight = weight,
+                       .n_weight = weight ? channels : 0, .bias = bias,
+                       .n_bias = bias ? channels : 0, .eps = eps, .mean_out = mean,
                        .invstd_out = invstd};
     int64_t plan[NBN_NORM_PLAN_SIZE];
     status = read_norm_plan(a.k, groups, a.group_channels * inner, 0, plan);
     if (status != NBN_OK) return status;
-    /* m2 per group; the coefficient rows, then the tiled weight and bias, per (sample, channel) */
-    double *scratch = alloc_scratch(groups, nbn_mul(NBN_AFFINE_ROWS + 2, planes), &a.coef,
-                                    &status);
+    /* m2 per group; the coefficient rows per (sample, channel) */
+    double *scratch = alloc_scratch(groups, nbn_mul(NBN_AFFINE_ROWS, planes), &a.coef, &status);
     if (!scratch) return status;
     a.m2 = scratch;
-    char *tiles = (char *)a.coef + (size_t)(NBN_AFFINE_ROWS * planes) * element;
-    a.weight = tile_vector(tiles, weight, element, channels, outer);
-    a.bias = tile_vector(tiles + (size_t)planes * element, bias, element, channels, outer);
     status = parallel_items(group_train, &a, plan[NBN_NORM_PLAN_ITEMS],
                             plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner,
                             call_threads(NBN_NS_FORWARD_TRAIN, planes * inner));
@@ -626,20 +614,17 @@ static int group_norm_backward(int f64, const void *dy, const void *x, int64_t o
                                                invstd, dx);
     if (status != NBN_OK) return status;
     const int64_t groups = outer * num_groups, planes = outer * channels;
-    const size_t element = f64 ? sizeof(double) : sizeof(float);
     nbn_norm_call a = {.k = kernels(f64), .units = groups, .group_channels = channels / num_groups,
-                       .inner = inner, .dy = dy, .x = x, .out = dx,
-                       .n_weight = weight ? planes : 0, .mean = mean, .invstd = invstd};
+                       .inner = inner, .dy = dy, .x = x, .out = dx, .weight = weight,
+                       .n_weight = weight ? channels : 0, .mean = mean, .invstd = invstd};
     int64_t plan[NBN_NORM_PLAN_SIZE];
     status = read_norm_plan(a.k, groups, a.group_channels * inner, 0, plan);
     if (status != NBN_OK) return status;
-    /* sum_dy, sum_dy_xmu per (sample, channel); the dx rows, then the tiled weight */
-    double *scratch = alloc_scratch(nbn_mul(2, planes), nbn_mul(NBN_GROUP_DX_ROWS + 1, planes),
+    /* sum_dy, sum_dy_xmu per (sample, channel); the dx rows */
+    double *scratch = alloc_scratch(nbn_mul(2, planes), nbn_mul(NBN_GROUP_DX_ROWS, planes),
                                     &a.coef, &status);
     if (!scratch) return status;
     a.sum_dy = scratch, a.sum_dy_xmu = scratch + planes;
-    char *tiles = (char *)a.coef + (size_t)(NBN_GROUP_DX_ROWS * planes) * element;
-    a.weight = tile_vector(tiles, weight, element, channels, outer);
     status = parallel_items(group_backward, &a, plan[NBN_NORM_PLAN_ITEMS],
                             plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner,
                             call_threads(NBN_NS_BACKWARD, planes * inner));
