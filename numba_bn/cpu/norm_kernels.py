@@ -60,7 +60,6 @@ from .kernels import (
     affine_planes,
     plane_channel_stats,
     plane_channel_sums,
-    rows_affine,
 )
 
 #: Rows of the group dx coefficients: mean_hi, mean_lo, proj, mean_g, weight, pre, invstd.
@@ -120,12 +119,8 @@ def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mea
         count, mu, group_m2 = plane_channel_stats(x_flat, x.shape, ng)
         mean[ng], invstd[ng], m2[ng] = mu, finalize(count, group_m2, eps), group_m2
     group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias, coef)
-    c0, c1 = g0 * group_channels, g1 * group_channels
-    if inner == 1:  # a value a channel: batch norm's rows pass over one row of N*C values
-        x_row, y_row = x_flat.reshape(1, x.size), y_flat.reshape(1, y.size)
-        rows_affine(x_row, y_row, 0, 1, c0, c1, coef, x_row, EPILOGUE_NONE)
-    else:
-        affine_planes(x_flat, y_flat, c0, c1, 1, inner, coef, x_flat, EPILOGUE_NONE)
+    affine_planes(x_flat, y_flat, g0 * group_channels, g1 * group_channels, 1, inner, coef,
+                  x_flat, EPILOGUE_NONE)  # fmt: skip
 
 
 @callee
