@@ -7,8 +7,8 @@ fixed chunks of ``part_rows`` rows whose column partials ``part`` ``(chunks, 2, 
 in chunk order (:func:`layer_add_parts`). :func:`norm_plan` tells the shim how many items there
 are, so the shim counts nothing. Group norm's views are those of the drivers:
 ``(1, N*G, C/G*S)`` for the forward, ``(1, N*C, S)`` for the backward, weight and bias (C,) as
-the caller gave them, coefficients per (sample, channel). The statistics and the sums are
-float64; outputs are overwritten (``=``); nothing allocates.
+the caller gave them, the affine rows per (sample, channel), the dx terms per group. The
+statistics and the sums are float64; outputs are overwritten (``=``); nothing allocates.
 
 =========================  ==========================================  ========================
 function                   items                                       writes
@@ -115,7 +115,7 @@ def group_backward_items(
     shape = (1, planes, inner)
     dy, x, dx = carray(dy_ptr, shape), carray(x_ptr, shape), carray(dx_ptr, shape)
     mean, invstd = carray(mean_ptr, groups), carray(invstd_ptr, groups)
-    weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (GROUP_DX_ROWS, planes))
+    weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (GROUP_DX_ROWS, groups))
     sum_dy, sum_dy_xmu = carray(sum_dy_ptr, planes), carray(sum_dy_xmu_ptr, planes)
     per = units_per_item(group_channels * inner)
     for item in range(first, last):

@@ -143,13 +143,19 @@ def affine_coefficient_range(c0, c1, mean, invstd, weight, bias, coef):
 
 
 @kernel(inline="always")
-def sample_channel(ng, group_channels, vector):
-    """Group ``ng``'s first channel in its sample, where a per-channel ``vector`` (C,) of group
-    norm holds its value (0 for a zero-length one): the group norm kernels take weight and bias
-    as given, not tiled to N*C (two copies of x's size on an (N, C) batch)."""
-    if not vector.size:
-        return 0
-    return ng % (vector.size // group_channels) * group_channels
+def sample_channel(ng, group_channels, channels):
+    """Group ``ng``'s first channel in its sample of ``channels`` (0 for none): where group
+    norm's weight and bias (C,) hold its channels' values. The kernels take them as given, not
+    tiled to N*C (two copies of x's size on an (N, C) batch), and step this from group to group
+    (next_sample_channel) rather than take a modulo a group."""
+    return ng * group_channels % channels if channels else 0
+
+
+@kernel(inline="always")
+def next_sample_channel(c0, group_channels, channels):
+    """sample_channel of the group after one whose first channel is ``c0``."""
+    c0 += group_channels
+    return c0 if c0 < channels else 0
 
 
 @callee
@@ -159,11 +165,10 @@ def group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias
     bias (C,) or zero-length), a row per loop over a group's channels."""
     limit = _prescale_limit(coef)
     cast = coef.dtype.type
-    width = uint64(group_channels)
+    width, channels = uint64(group_channels), max(weight.size, bias.size)
+    s0 = sample_channel(g0, group_channels, channels)
     for ng in range(g0, g1):
         c0 = uint64(ng * group_channels)
-        w0 = uint64(sample_channel(ng, group_channels, weight))
-        b0 = uint64(sample_channel(ng, group_channels, bias))
         pre = _pre(mean[ng], limit)
         value = mean[ng] * pre
         for j in range(width):  # stats.split_hi_lo
@@ -173,10 +178,11 @@ def group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias
         for j in range(width):
             coef[4, c0 + j] = pre
         for j in range(width):
-            coef[2, c0 + j] = _final_scale(invstd[ng], weight, w0 + j) / pre
+            coef[2, c0 + j] = _final_scale(invstd[ng], weight, uint64(s0) + j) / pre
         for j in range(width):  # the shift, mean_lo folded in
-            shift = bias[b0 + j] if bias.size else 0.0
+            shift = bias[uint64(s0) + j] if bias.size else 0.0
             coef[3, c0 + j] = folded_shift(shift, coef[1, c0 + j], coef[2, c0 + j])
+        s0 = next_sample_channel(s0, group_channels, channels)
 
 
 @callee

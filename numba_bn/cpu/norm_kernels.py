@@ -17,10 +17,10 @@ Variants (each a ``prange`` driver with a serial twin, as :mod:`.drivers`):
 ==========================  =================================================  ===================
 driver                      computes                                           traffic
 ==========================  =================================================  ===================
-group_forward               per group: statistics, then y of its channels      read x, write y
-                            (batch norm's affine_coefficients)                 (group in L2)
+group_forward               per group: statistics, its channels' affine rows   read x, write y
+                            (group_affine_coefficients); then y of the groups  (groups in L2)
 group_backward              per group: channel sums (plane_channel_sums), the  read dy, x; write dx
-                            group's dx rows, then dx (weighted_dx_planes)
+                            group's dx terms; then dx (weighted_dx_groups)
 layer_forward               per row: statistics; then y (layer_affine_rows)    read x, write y
 layer_backward              per row: sums, then dx and the column partials     read dy, x; write dx
                             of dweight, dbias (layer_row_dx)
@@ -30,8 +30,8 @@ Group norm's affine is batch norm's affine_planes on the (1, N*C, S) view (so th
 ``CpuBackend.normalize``). New hot loops: batch norm's dx pass is
 ``(dy - mean_dy - xmu * proj) * k`` with ``k = weight * invstd``; in a group the weight sits
 inside the sums (``g = weight[c] * dy``), so dx is ``(dy * w - mean_g - xmu * proj) * invstd``
-(dividing the weight back out of the sums fails for a zero weight): weighted_dx_planes, whose
-rows (GROUP_DX_ROWS) carry the weight too. Layer norm's weight varies along the row:
+(dividing the weight back out of the sums fails for a zero weight): weighted_dx_groups, the
+group's terms (GROUP_DX_ROWS) and each channel's weight. Layer norm's weight varies along the row:
 layer_affine_rows, layer_row_dx.
 
 Outputs are overwritten (``=``). Work items cover whole groups or rows, whose results do not
@@ -53,7 +53,7 @@ from ..stats import (
     kernel,
     prescale,
 )
-from .channels import group_affine_coefficients, sample_channel
+from .channels import group_affine_coefficients, next_sample_channel, sample_channel
 from .drivers import twins
 from .kernels import (
     EPILOGUE_NONE,
@@ -62,8 +62,8 @@ from .kernels import (
     plane_channel_sums,
 )
 
-#: Rows of the group dx coefficients: mean_hi, mean_lo, proj, mean_g, weight, pre, invstd.
-GROUP_DX_ROWS = 7
+#: Rows of the group dx terms (a column per group): mean_hi, mean_lo, proj, mean_g, pre, invstd.
+GROUP_DX_ROWS = 6
 #: Elements a work item of the group and row drivers spans at least (whole groups or rows).
 ITEM_SPAN = 1 << 14
 #: Layer norm backward: at most this many row chunks, and at most PART_BUDGET float64 partials
@@ -126,57 +126,56 @@ def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mea
 @callee
 def group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, sum_dy,
                           sum_dy_xmu, coef):  # fmt: skip
-    """The dx rows (GROUP_DX_ROWS) of the channels of groups g0:g1 from their float64 sums; see
-    docs/backward.md, "Group, instance and layer norm":
-    dx = (dy * w - mean_g - xmu * proj) * invstd, xmu = (x * pre - mean_hi) - mean_lo.
-    A row per loop over a group's channels (.channels: a loop that stores every row of a
-    channel stays scalar); all but the weight's row hold the group's values."""
+    """The dx terms (GROUP_DX_ROWS) of groups g0:g1, column ng of ``coef`` for group ng, from
+    its channels' float64 sums; see docs/backward.md, "Group, instance and layer norm":
+    dx = (dy * w - mean_g - xmu * proj) * invstd, xmu = (x * pre - mean_hi) - mean_lo, with the
+    weight w of the channel (weighted_dx_groups)."""
     cast = coef.dtype.type
+    s0 = sample_channel(g0, group_channels, weight.size)
     for ng in range(g0, g1):
-        c0, c1 = uint64(ng * group_channels), uint64((ng + 1) * group_channels)
-        w0 = uint64(sample_channel(ng, group_channels, weight)) - c0  # weight[w0 + c]
+        c0 = ng * group_channels
         sum_g, sum_g_xmu = 0.0, 0.0  # the sums of g = weight * dy over the group
-        for c in range(c0, c1):
-            w = weight[w0 + c] if weight.size else 1.0
-            sum_g += w * sum_dy[c]
-            sum_g_xmu += w * sum_dy_xmu[c]
+        for j in range(group_channels):
+            w = weight[s0 + j] if weight.size else 1.0
+            sum_g += w * sum_dy[c0 + j]
+            sum_g_xmu += w * sum_dy_xmu[c0 + j]
+        s0 = next_sample_channel(s0, group_channels, weight.size)
         mu, inv = mean[ng], invstd[ng]
         pre = prescale(mu, coef)
-        mean_g = sum_g / count  # term 2
-        proj = inv * inv * sum_g_xmu / count / pre  # term 3, per unit of the scaled xmu
-        value = mu * pre  # stats.split_hi_lo: rows 0 and 1
-        for c in range(c0, c1):
-            coef[0, c] = value
-        for c in range(c0, c1):
-            coef[1, c] = value - np.float64(cast(value))
-        for c in range(c0, c1):
-            coef[2, c] = proj
-        for c in range(c0, c1):
-            coef[3, c] = mean_g
-        for c in range(c0, c1):
-            coef[4, c] = weight[w0 + c] if weight.size else 1.0  # term 1: g = dy * weight
-        for c in range(c0, c1):
-            coef[5, c] = pre
-        for c in range(c0, c1):
-            coef[6, c] = inv  # final scale
+        coef[0, ng] = mu * pre  # stats.split_hi_lo
+        coef[1, ng] = mu * pre - np.float64(cast(mu * pre))
+        coef[2, ng] = inv * inv * sum_g_xmu / count / pre  # term 3, per unit of the scaled xmu
+        coef[3, ng] = sum_g / count  # term 2
+        coef[4, ng] = pre
+        coef[5, ng] = inv  # final scale
 
 
 @callee(fastmath=CONTRACT_FASTMATH)
-def weighted_dx_planes(dy, x, dx, first, stop, inner, coef):
-    """dx = (dy * w - mean_g - xmu * proj) * invstd over planes first:stop of flat arrays
-    (plane p is column p of ``coef``); planes of one value (an (N, C) batch) in one loop over
-    the values, which vectorises, each value's arithmetic as in a plane."""
-    if inner == 1:
-        for p in range(uint64(first), uint64(stop)):
-            xmu = (x[p] * coef[5, p] - coef[0, p]) - coef[1, p]
-            dx[p] = ((dy[p] * coef[4, p] - coef[3, p]) - xmu * coef[2, p]) * coef[6, p]
-        return
-    for p in range(first, stop):
-        mean_hi, mean_lo, proj, mean_g = coef[0, p], coef[1, p], coef[2, p], coef[3, p]
-        w, pre, k = coef[4, p], coef[5, p], coef[6, p]
-        for i in range(uint64(p * inner), uint64((p + 1) * inner)):
-            xmu = (x[i] * pre - mean_hi) - mean_lo
-            dx[i] = ((dy[i] * w - mean_g) - xmu * proj) * k
+def weighted_dx_groups(dy, x, dx, g0, g1, group_channels, inner, coef, weight):
+    """dx = (dy * w - mean_g - xmu * proj) * invstd over the channels of groups g0:g1 of flat
+    arrays: the group's terms from column ng of ``coef``, w from ``weight`` (C,) (1 when
+    zero-length: dy * 1 is dy). Channels of one value (an (N, C) batch) in one loop over the
+    group's values, which vectorises."""
+    one = x.dtype.type(1.0)
+    s0 = sample_channel(g0, group_channels, weight.size)
+    for ng in range(g0, g1):
+        mean_hi, mean_lo, proj, mean_g = coef[0, ng], coef[1, ng], coef[2, ng], coef[3, ng]
+        pre, k = coef[4, ng], coef[5, ng]
+        w0 = uint64(s0)
+        s0 = next_sample_channel(s0, group_channels, weight.size)
+        first = uint64(ng * group_channels * inner)
+        if inner == 1:
+            for j in range(uint64(group_channels)):
+                w = weight[w0 + j] if weight.size else one
+                xmu = (x[first + j] * pre - mean_hi) - mean_lo
+                dx[first + j] = ((dy[first + j] * w - mean_g) - xmu * proj) * k
+            continue
+        for j in range(uint64(group_channels)):
+            w = weight[w0 + j] if weight.size else one
+            start = first + j * uint64(inner)
+            for i in range(start, start + uint64(inner)):
+                xmu = (x[i] * pre - mean_hi) - mean_lo
+                dx[i] = ((dy[i] * w - mean_g) - xmu * proj) * k
 
 
 @callee
@@ -188,7 +187,6 @@ def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, co
     inner = x.shape[2]
     count = float(group_channels * inner)
     dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
-    c0, c1 = g0 * group_channels, g1 * group_channels
     if inner == 1:
         # an (N, C) batch has one value a plane: its sums are that value's, added to 0.0 as
         # plane_channel_sums adds them (the same bits, without two calls a value: ~70 ns)
@@ -204,7 +202,7 @@ def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, co
                                                               mean[ng])  # fmt: skip
     group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, sum_dy,
                           sum_dy_xmu, coef)  # fmt: skip
-    weighted_dx_planes(dy_flat, x_flat, dx_flat, c0, c1, inner, coef)
+    weighted_dx_groups(dy_flat, x_flat, dx_flat, g0, g1, group_channels, inner, coef, weight)
 
 
 def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
@@ -224,7 +222,7 @@ def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum
     channel of each sample, and from them dweight, dbias (C,) float64 (=)."""
     groups = mean.size
     per = units_per_item(group_channels * x.shape[2])
-    coef = np.empty((GROUP_DX_ROWS, x.shape[1]), x.dtype)
+    coef = np.empty((GROUP_DX_ROWS, groups), x.dtype)
     for item in prange(unit_items(groups, per)):
         g0, g1 = unit_range(item, per, groups)
         group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx,

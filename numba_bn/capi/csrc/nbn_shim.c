@@ -534,7 +534,7 @@ typedef struct {
     const void *weight, *bias; /* (C,) or NULL: group norm too (the kernels find the sample) */
     int64_t n_weight, n_bias;
     double eps;
-    void *coef;                       /* group norm's coefficient rows, per (sample, channel) */
+    void *coef;                       /* group norm: affine rows per (n, c), dx terms per group */
     const double *mean, *invstd;      /* the backward's */
     double *mean_out, *invstd_out, *m2; /* the forward's */
     double *sum_dy, *sum_dy_xmu;      /* group norm backward, per (sample, channel) */
@@ -620,8 +620,8 @@ static int group_norm_backward(int f64, const void *dy, const void *x, int64_t o
     int64_t plan[NBN_NORM_PLAN_SIZE];
     status = read_norm_plan(a.k, groups, a.group_channels * inner, 0, plan);
     if (status != NBN_OK) return status;
-    /* sum_dy, sum_dy_xmu per (sample, channel); the dx rows */
-    double *scratch = alloc_scratch(nbn_mul(2, planes), nbn_mul(NBN_GROUP_DX_ROWS, planes),
+    /* sum_dy, sum_dy_xmu per (sample, channel); the dx terms per group */
+    double *scratch = alloc_scratch(nbn_mul(2, planes), nbn_mul(NBN_GROUP_DX_ROWS, groups),
                                     &a.coef, &status);
     if (!scratch) return status;
     a.sum_dy = scratch, a.sum_dy_xmu = scratch + planes;
