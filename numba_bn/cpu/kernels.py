@@ -181,9 +181,10 @@ def plane_segment_stats(x, shape, c, segment):
 @callee
 def plane_channel_stats(flat, shape, c):
     """(count, mean, M2) of channel ``c`` of the canonical view ``shape`` of ``flat``: its
-    segments merged in order. On the flat array its caller made once: with the 3-D view, a call
+    segments merged in order. On the flat array its caller made once: with the 3-D view a call
     cost ~33 ns (a view and its reference counts), as much as a layer norm row of 8 values'
-    statistics, and ~11 ns now (inlined into layer norm's rows, ~0.5 s more of its compile)."""
+    statistics; ~11 ns now. Inlined into layer norm's rows it saved those 11 ns a row and cost
+    ~0.5 s of the driver's compile: compiled once, for every caller."""
     outer, channels, inner = shape
     count, mean, m2 = 0.0, 0.0, 0.0
     for segment in range(channel_segments_jit(outer, inner)):

@@ -52,6 +52,7 @@ from ..stats import (
     finalize,
     kernel,
     prescale,
+    split_hi_lo,
 )
 from .channels import group_affine_coefficients, next_sample_channel, sample_channel
 from .drivers import twins
@@ -130,7 +131,6 @@ def group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, s
     its channels' float64 sums; see docs/backward.md, "Group, instance and layer norm":
     dx = (dy * w - mean_g - xmu * proj) * invstd, xmu = (x * pre - mean_hi) - mean_lo, with the
     weight w of the channel (weighted_dx_groups)."""
-    cast = coef.dtype.type
     s0 = sample_channel(g0, group_channels, weight.size)
     for ng in range(g0, g1):
         c0 = ng * group_channels
@@ -142,8 +142,7 @@ def group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, s
         s0 = next_sample_channel(s0, group_channels, weight.size)
         mu, inv = mean[ng], invstd[ng]
         pre = prescale(mu, coef)
-        coef[0, ng] = mu * pre  # stats.split_hi_lo
-        coef[1, ng] = mu * pre - np.float64(cast(mu * pre))
+        split_hi_lo(mu * pre, coef, 0, ng)
         coef[2, ng] = inv * inv * sum_g_xmu / count / pre  # term 3, per unit of the scaled xmu
         coef[3, ng] = sum_g / count  # term 2
         coef[4, ng] = pre
@@ -182,7 +181,7 @@ def weighted_dx_groups(dy, x, dx, g0, g1, group_channels, inner, coef, weight):
 def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx, sum_dy,
                          sum_dy_xmu):  # fmt: skip
     """Groups g0:g1 of (1, N*C, S) views: per channel sum_dy, sum_dy_xmu (=, float64), then the
-    groups' dx rows, then dx of all their channels in one call (calls per group cost more than
+    groups' dx terms, then dx of all their channels in one call (calls per group cost more than
     the work on an (N, C) batch's group of single values)."""
     inner = x.shape[2]
     count = float(group_channels * inner)
