@@ -45,10 +45,12 @@ ESTIMATED_SECONDS = {
     "normalize": 1.0,
     "backward_sums": 1.1,
     "backward_dx": 0.8,
-    "group_forward": 2.8,  # the norms' drivers (benchmarks/README.md, "Warm-up of the norms")
-    "group_backward": 2.3,
-    "layer_forward": 1.3,
-    "layer_backward": 1.7,
+    # the norms' drivers (benchmarks/README.md, "Warm-up of the norms"), scaled at stop 49 by
+    # what their kernels' loops per group and row added (x1.1-1.35, benchmarks/README.md)
+    "group_forward": 3.4,
+    "group_backward": 3.1,
+    "layer_forward": 1.5,
+    "layer_backward": 1.9,
 }
 PARALLEL_FACTOR = 1.8
 _DEFAULT_SECONDS = 2.0
