@@ -133,17 +133,20 @@ def test_coefficient_ranges_give_the_per_channel_bits(rng, dtype, affine):
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_affine_coefficients_give_the_per_channel_bits(rng, dtype, affine):
     """Group norm's coefficients (the channels of groups g0:g1 share their group's mean and
-    invstd) against affine_coefficients channel by channel."""
-    groups, group_channels, g0, g1 = 12, 5, 2, 11
-    c_total = groups * group_channels
-    mean = _means(rng, dtype, groups)
-    invstd = rng.uniform(0.1, 3.0, groups)
-    weight = rng.uniform(0.5, 2.0, c_total).astype(dtype) if affine else np.empty(0, dtype)
-    bias = rng.normal(0.0, 1.0, c_total).astype(dtype) if affine else np.empty(0, dtype)
+    invstd; weight and bias (C,) per sample) against affine_coefficients channel by channel on
+    the weight and bias tiled to N*C, from a group in the middle of a sample to one in another."""
+    samples, groups, group_channels, g0, g1 = 4, 3, 5, 2, 11  # groups per sample
+    c_total = samples * groups * group_channels
+    mean = _means(rng, dtype, samples * groups)
+    invstd = rng.uniform(0.1, 3.0, samples * groups)
+    per_sample = groups * group_channels
+    weight = rng.uniform(0.5, 2.0, per_sample).astype(dtype) if affine else np.empty(0, dtype)
+    bias = rng.normal(0.0, 1.0, per_sample).astype(dtype) if affine else np.empty(0, dtype)
     coef = np.full((AFFINE_ROWS, c_total), np.nan, dtype)
     channels.group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias, coef)
     want = np.full((AFFINE_ROWS, c_total), np.nan, dtype)
+    tiled_weight, tiled_bias = np.tile(weight, samples), np.tile(bias, samples)
     for c in range(g0 * group_channels, g1 * group_channels):
         g = c // group_channels
-        channels.affine_coefficients(c, mean[g], invstd[g], weight, bias, want)
+        channels.affine_coefficients(c, mean[g], invstd[g], tiled_weight, tiled_bias, want)
     assert _bits_equal(coef, want)

@@ -963,8 +963,8 @@ def test_group_parameter_sums_are_numpys_reduction_over_the_samples(n, channels,
 
     rng = np.random.default_rng(n)
     sums = rng.normal(0.5, 3.0, (2, n * channels)) * 10.0 ** rng.integers(-3, 4, (2, n * channels))
-    sums[:, :channels] = -0.0  # a channel of -0.0 over every sample: +0.0 from 0
-    sums[:, channels::channels] = -0.0
+    sums[:, :channels] = -0.0  # the first sample's sums -0.0, and channel 0's in every
+    sums[:, channels::channels] = -0.0  # sample: +0.0 from 0, as NumPy's
     invstd = rng.uniform(0.1, 5.0, n * groups)
     grads = np.full((2, channels), np.nan)
     group_parameter_sums(sums[0], sums[1], invstd, channels // groups, grads[0], grads[1])
