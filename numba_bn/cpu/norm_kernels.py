@@ -130,16 +130,17 @@ def group_dx_coefficients(g0, g1, group_channels, count, mean, invstd, weight, s
     """The dx terms (GROUP_DX_ROWS) of groups g0:g1, column ng of ``coef`` for group ng, from
     its channels' float64 sums; see docs/backward.md, "Group, instance and layer norm":
     dx = (dy * w - mean_g - xmu * proj) * invstd, xmu = (x * pre - mean_hi) - mean_lo, with the
-    weight w of the channel (weighted_dx_groups)."""
-    s0 = sample_channel(g0, group_channels, weight.size)
+    weight w of the channel (weighted_dx_groups). Indices unsigned (see group_backward_range)."""
+    channels, width = weight.size, uint64(group_channels)
+    s0 = sample_channel(g0, group_channels, channels)
     for ng in range(g0, g1):
-        c0 = ng * group_channels
+        c0, w0 = uint64(ng) * width, uint64(s0)
         sum_g, sum_g_xmu = 0.0, 0.0  # the sums of g = weight * dy over the group
-        for j in range(group_channels):
-            w = weight[s0 + j] if weight.size else 1.0
+        for j in range(width):
+            w = weight[w0 + j] if weight.size else 1.0
             sum_g += w * sum_dy[c0 + j]
             sum_g_xmu += w * sum_dy_xmu[c0 + j]
-        s0 = next_sample_channel(s0, group_channels, weight.size)
+        s0 = next_sample_channel(s0, group_channels, channels)
         mu, inv = mean[ng], invstd[ng]
         pre = prescale(mu, coef)
         split_hi_lo(mu * pre, coef, 0, ng)
@@ -189,11 +190,14 @@ def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, co
     if inner == 1:
         # an (N, C) batch has one value a plane: its sums are that value's, added to 0.0 as
         # plane_channel_sums adds them (the same bits, without two calls a value: ~70 ns)
+        # (unsigned indices: with signed ones of unknown sign the loop stayed scalar, 1.6 ns a
+        # value, as group_parameter_sums' did)
         for ng in range(g0, g1):
-            for c in range(ng * group_channels, (ng + 1) * group_channels):
+            first, mu = uint64(ng * group_channels), mean[ng]
+            for c in range(first, first + uint64(group_channels)):
                 g = np.float64(dy_flat[c])
                 sum_dy[c] = 0.0 + g
-                sum_dy_xmu[c] = 0.0 + g * (x_flat[c] - mean[ng])
+                sum_dy_xmu[c] = 0.0 + g * (x_flat[c] - mu)
     else:
         for ng in range(g0, g1):
             for c in range(ng * group_channels, (ng + 1) * group_channels):
@@ -237,17 +241,19 @@ def group_parameter_sums(sum_dy, sum_dy_xmu, invstd, group_channels, dweight, db
     (np.add.reduce over n, the same bits) they cost 6 us of an (8, 16, 8, 8) backward and ~20
     of a (64, 256) one; the CUDA path's host step calls it from Python
     (norm_steps.parameter_sums)."""
-    channels = dbias.size
+    channels, width = uint64(dbias.size), uint64(group_channels)
     for c in range(channels):
         dbias[c] = 0.0
         dweight[c] = 0.0
-    for p0 in range(0, sum_dy.size, channels):  # a sample's channels
+    ng = uint64(0)  # the group of p0 + g0
+    for p0 in range(uint64(0), uint64(sum_dy.size), channels):  # a sample's channels
         for c in range(channels):
             dbias[c] += sum_dy[p0 + c]
-        for g0 in range(0, channels, group_channels):
-            inv = invstd[(p0 + g0) // group_channels]
-            for c in range(g0, g0 + group_channels):
+        for g0 in range(uint64(0), channels, width):
+            inv = invstd[ng]
+            for c in range(g0, g0 + width):
                 dweight[c] += sum_dy_xmu[p0 + c] * inv
+            ng += uint64(1)
 
 
 # ------------------------------------------------------------------------------- layer norm
