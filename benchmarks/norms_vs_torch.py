@@ -13,11 +13,11 @@ once with each on PYTHONPATH (from a directory outside both checkouts).
 
 import argparse
 import math
-import os
 
 import numba
 import numpy as np
-from ab_inprocess import ROUNDS, alternated_best, inputs
+from ab_inprocess import inputs
+from vs_torch_inprocess import compare
 
 import numba_bn as nbn
 
@@ -86,24 +86,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     cases = [parse_case(text) for text in args.cases.split(",")]
-    timed = {}
-    for case in cases:
-        kind, shape, k = case
-        for name, (ours, theirs) in pairs(torch, kind, *inputs(shape), k).items():
-            timed.setdefault((case, "numba_bn"), {})[name] = ours
-            timed.setdefault((case, "torch"), {})[name] = theirs
-    print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds; "
-          f"torch {torch.__version__}, {args.threads} threads")  # fmt: skip
-    best = alternated_best(timed, cases, ("numba_bn", "torch"))
-    print("| case | call | numba_bn | torch | x torch |\n|---|---|---|---|---|")
-    for case in cases:
-        kind, shape, k = case
-        what = f"{k} groups" if kind == "group" else f"over the last {k}"
-        for name in timed[case, "numba_bn"]:
-            ours, theirs = best[case, name, "numba_bn"], best[case, name, "torch"]
-            print(f"| {kind} {shape}, {what} | {name} | {ours:.4g} | {theirs:.4g} | "
-                  f"{theirs / ours:.2f} |")  # fmt: skip
-    print(f"load average {os.getloadavg()[0]:.2f}")
+    compare(torch, args.threads, cases, lambda case: pairs(torch, case[0], *inputs(case[1]),
+            case[2]), case_label, "case")  # fmt: skip
+
+
+def case_label(case):
+    """A table's case cell."""
+    kind, shape, k = case
+    return f"{kind} {shape}, " + (f"{k} groups" if kind == "group" else f"over the last {k}")
 
 
 if __name__ == "__main__":

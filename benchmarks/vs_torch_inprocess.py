@@ -68,6 +68,27 @@ def pairs(torch, x, dy, axis):
     }
 
 
+def compare(torch, threads, cases, pairs_of, label_of, column):
+    """Time the calls ``pairs_of(case)`` ({call: (numba_bn's, PyTorch's)}) of every case, all
+    alternated (:func:`ab_inprocess.alternated_best`), and print a row per call: ``column``
+    names the cases' column, ``label_of(case)`` its cells."""
+    timed = {}
+    for case in cases:
+        for name, (ours, theirs) in pairs_of(case).items():
+            timed.setdefault((case, "numba_bn"), {})[name] = ours
+            timed.setdefault((case, "torch"), {})[name] = theirs
+    print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds; "
+          f"torch {torch.__version__}, {threads} threads")  # fmt: skip
+    best = alternated_best(timed, cases, ("numba_bn", "torch"))
+    print(f"| {column} | call | numba_bn | torch | x torch |\n|---|---|---|---|---|")
+    for case in cases:
+        for name in timed[case, "numba_bn"]:
+            ours, theirs = best[case, name, "numba_bn"], best[case, name, "torch"]
+            print(f"| {label_of(case)} | {name} | {ours:.4g} | {theirs:.4g} | "
+                  f"{theirs / ours:.2f} |")  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="64x32,64x256,8x16x8x8", help="or: sweep")
@@ -79,20 +100,8 @@ def main(argv=None):
     numba.set_num_threads(args.threads)
     texts = (SWEEP if args.shapes == "sweep" else args.shapes).split(",")
     shapes = [parse_shape(text) for text in texts]
-    timed = {}
-    for shape in shapes:
-        for name, (ours, theirs) in pairs(torch, *inputs(shape[0]), shape[1]).items():
-            timed.setdefault((shape, "numba_bn"), {})[name] = ours
-            timed.setdefault((shape, "torch"), {})[name] = theirs
-    print(f"load average {os.getloadavg()[0]:.2f}; us, min of {ROUNDS} alternated rounds; "
-          f"torch {torch.__version__}, {args.threads} threads")  # fmt: skip
-    best = alternated_best(timed, shapes, ("numba_bn", "torch"))
-    print("| shape | call | numba_bn | torch | x torch |\n|---|---|---|---|---|")
-    for shape in shapes:
-        for name in timed[shape, "numba_bn"]:
-            ours, theirs = best[shape, name, "numba_bn"], best[shape, name, "torch"]
-            print(f"| {label(shape)} | {name} | {ours:.4g} | {theirs:.4g} | {theirs / ours:.2f} |")
-    print(f"load average {os.getloadavg()[0]:.2f}")
+    compare(torch, args.threads, shapes, lambda shape: pairs(torch, *inputs(shape[0]), shape[1]),
+            label, "shape")  # fmt: skip
 
 
 if __name__ == "__main__":
