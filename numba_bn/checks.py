@@ -341,9 +341,10 @@ def trained(result):
 def in_compute_dtype(array, *vectors):
     """float64 per-channel vectors in the compute dtype of ``array`` (of any kind: y returned
     as a torch tensor, say), on its side."""
-    dtype = compute_dtype(dtype_of(array))
-    if type(array) is np.ndarray:  # the common case, without a look at the device
+    if type(array) is np.ndarray:  # the common case, without a look at the device (~0.7 us)
+        dtype = _COMPUTE_DTYPE.get(array.dtype) or compute_dtype(array.dtype)
         return tuple([vector.astype(dtype, copy=False) for vector in vectors])
+    dtype = compute_dtype(dtype_of(array))
     memory = memory_of(array)
     return returned_like(array, *(memory.astype(vector, dtype) for vector in vectors))
 

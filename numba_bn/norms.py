@@ -35,12 +35,10 @@ recognisers, :mod:`numba_bn.norm_layers` the layers.
 
 from collections.abc import Sequence
 
-import numpy as np
 from numpy.typing import ArrayLike
 
 from .annotations import Array, HostArray
 from .checks import in_compute_dtype
-from .hostcall import F32, F64
 from .norm_ops import (
     group_stats_backward,
     group_stats_forward,
@@ -53,15 +51,7 @@ from .norm_ops import (
 
 def _public(result, *arrays):
     """float64 statistics or gradients in the compute dtype of ``result`` (y or dx), on its side
-    and of its kind (CUDA arrays: as batch norm's, :func:`numba_bn.checks.in_compute_dtype`). A
-    float32 or float64 NumPy result's in an ``astype`` each or as they are (~1.4 us less, as
-    :func:`numba_bn.checks.trained`)."""
-    if type(result) is np.ndarray:
-        dtype = result.dtype
-        if dtype is F64:
-            return arrays
-        if dtype is F32:
-            return tuple([array.astype(F32) for array in arrays])
+    and of its kind (CUDA arrays: as batch norm's, :func:`numba_bn.checks.in_compute_dtype`)."""
     return in_compute_dtype(result, *arrays)
 
 

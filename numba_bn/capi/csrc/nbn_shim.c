@@ -629,9 +629,9 @@ static int group_norm_backward(int f64, const void *dy, const void *x, int64_t o
                             plan[NBN_NORM_PLAN_UNITS_PER_ITEM] * a.group_channels * inner,
                             call_threads(NBN_NS_BACKWARD, planes * inner));
     if (status == NBN_OK) {
-        /* as numba_bn's group norm backward (its parameter sums, np.add.reduce over n):
-         * sum_dy_xmu * invstd per (sample, channel), then each channel's sums over the samples
-         * in sample order, from 0 */
+        /* as numba_bn's group norm backward (norm_kernels.group_parameter_sums, the same
+         * order): sum_dy_xmu * invstd per (sample, channel), then each channel's sums over the
+         * samples in sample order, from 0 */
         for (int64_t p = 0; p < planes; p++) a.sum_dy_xmu[p] *= invstd[p / a.group_channels];
         for (int64_t c = 0; c < channels; c++) {
             double sum_dy = 0.0, sum_dy_xhat = 0.0;
