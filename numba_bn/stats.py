@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 import llvmlite.binding as ll
 import numpy as np
-from numba import config, float64, njit, types, uint64
-from numba.core import cgutils
+from numba import _dynfunc, config, float64, njit, types, uint64
+from numba.core import cgutils, compiler
+from numba.core.codegen import JITCodeLibrary
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
@@ -38,6 +39,47 @@ kernel = functools.partial(njit, error_model="numpy")
 #: The entry points Numba adds to every function it compiles: a Python one (unboxing each
 #: argument) and a C one (for first-class function values).
 _ENTRY_POINTS = ("no_cpython_wrapper", "no_cfunc_wrapper")
+
+
+class _LinkedOnly(JITCodeLibrary):
+    """The code library of a function whose code only runs linked into other functions' (a
+    :func:`callee`'s, a :func:`strict_copy`): finalised (linked and optimised) without machine
+    code of its own. Numba hands every finalised library to its JIT engine, which turns it into
+    machine code; a callee's, never entered (no entry points, and a driver runs the copy linked
+    into it), took ~0.3 s of a cold forward and as much of the backward and eval
+    (benchmarks/README.md, "Stop 50"). Its callers link its optimised IR and make their own."""
+
+    def _finalize_final_module(self):
+        # Numba's, less adding the module to the JIT engine and making its machine code. That
+        # also changed what callers linked: the engine's code generation rewrites a module's IR
+        # in place (its IR-level passes), so they linked the rewritten IR; now the optimised
+        # IR, and float64 statistics on planes moved by an ulp (the same in the C library)
+        self._finalize_dynamic_globals()
+        self._verify_declare_only_symbols()
+        self._finalized = True
+
+
+class _CalleeCompiler(compiler.Compiler):
+    """Numba's pipeline, in a :class:`_LinkedOnly` library."""
+
+    def compile_extra(self, func):
+        if self.state.library is None:  # as Numba's lowering makes one
+            self.state.library = _LinkedOnly(self.state.targetctx.codegen(), func.__qualname__)
+            self.state.library.enable_object_caching()
+        # this compile's own copy of the target context (compiler._make_subtarget)
+        self.state.targetctx.get_executable = _linked_executable
+        return super().compile_extra(func)
+
+
+def _linked_executable(library, fndesc, env):
+    """The target context's ``get_executable`` for a :class:`_LinkedOnly` library: the function
+    object Numba registers for callers to find the callee by, without an entry point (as for
+    any function without a Python wrapper: the address 0) and without writing the address of its
+    environment into machine code there is none of (a code path that reads it, raising, is one
+    no kernel takes)."""
+    doc = f"compiled wrapper for {fndesc.qualname!r}"
+    return _dynfunc.make_function(fndesc.lookup_module(), fndesc.qualname.split(".")[-1], doc, 0,
+                                  env, (library,))  # fmt: skip
 
 
 class Callee(CPUDispatcher):
@@ -64,9 +106,10 @@ def callee(function=None, **options):
     library, another kernel): compiled without Numba's entry points, which a call from compiled
     code does not use. Numba compiles the kernels a driver calls as functions of their own, each
     with its entry points, optimised and turned into machine code for a process that never
-    enters them: ~0.3 s of a cold first forward's ~4.3 (benchmarks/README.md, stop 44). A call
-    from Python still works (:class:`Callee`). ``inline="always"`` kernels need no such care:
-    they are never compiled on their own."""
+    enters them: ~0.3 s of a cold first forward's ~4.3 (benchmarks/README.md, stop 44). Nor is
+    a callee turned into machine code of its own (:class:`_LinkedOnly`): its callers link its
+    optimised IR. A call from Python still works (:class:`Callee`). ``inline="always"`` kernels
+    need no such care: they are never compiled on their own."""
     if config.DISABLE_JIT:
         make = kernel(**options)
     else:  # the options njit gives a dispatcher (kernel's among them), without entry points
@@ -74,7 +117,8 @@ def callee(function=None, **options):
                    **dict.fromkeys(_ENTRY_POINTS, True)}  # fmt: skip
 
         def make(function):
-            return Callee(py_func=function, locals={}, targetoptions=options)
+            return Callee(py_func=function, locals={}, targetoptions=options,
+                          pipeline_class=_CalleeCompiler)  # fmt: skip
 
     return make if function is None else make(function)
 
@@ -138,7 +182,7 @@ def strict_copy(context, compiled):
         text = re.sub(rf'^define linkonce_odr (.*@"{re.escape(symbol)}"\()', r"define \1", text,
                       flags=re.MULTILINE)  # fmt: skip
         text = _FAST_MATH_FLAGS.sub(_contract_only, text)
-        library = codegen.create_library(f"strict.{compiled.library.name}")
+        library = _LinkedOnly(codegen, f"strict.{compiled.library.name}")
         library.add_llvm_module(ll.parse_assembly(text))
         library.finalize()
         _strict_copies[key] = library, symbol, compiled.library  # keeps the key's object alive

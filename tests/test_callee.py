@@ -6,9 +6,10 @@ import math
 import re
 import sys
 
+import numpy as np
 from numba import njit
 
-from numba_bn.stats import Callee, callee, kernel
+from numba_bn.stats import REDUCE_FASTMATH, Callee, _LinkedOnly, apart, callee, kernel, strict_copy
 
 from conftest import run_child
 
@@ -60,6 +61,49 @@ def test_a_call_from_python_runs_a_twin_with_the_callees_options():
     assert math.isinf(outer(-1.0, 0.0))  # compiled code calls the callee's own compile
     (own,) = ratio.overloads.values()
     assert entry_points(own) == []
+
+
+def test_a_callee_and_its_strict_copy_make_no_machine_code_of_their_own():
+    """Their code runs linked into each caller's (a callee has no entry point to enter it by):
+    Numba finalises their libraries without turning them into machine code (~0.3 s of a cold
+    forward). The callers' machine code has theirs, and does what the sources say."""
+
+    @callee
+    def shifted_sum(values, shift):
+        total = 0.0
+        for v in values:
+            total += v - shift
+        return total
+
+    @callee(fastmath=REDUCE_FASTMATH)
+    def squares(values):
+        total = 0.0
+        for v in values:
+            total += v * v
+        return total
+
+    control = kernel(shifted_sum.py_func)
+
+    @njit
+    def outer(values):
+        return shifted_sum(values, 1.0) + apart(squares, (values,)) - control(values, 1.0)
+
+    values = np.arange(1.0, 65.0)
+    assert outer(values) == (values * values).sum()  # exact: integers
+    # machine code made for a library is kept on it (Numba's object cache hook)
+    (compiled,) = control.overloads.values()
+    assert compiled.library._compiled_object is not None  # the test can see it
+    for function in (shifted_sum, squares):
+        (compiled,) = function.overloads.values()
+        assert isinstance(compiled.library, _LinkedOnly)
+        assert compiled.library._compiled_object is None
+    library, symbol = strict_copy(compiled.library.codegen, compiled)  # apart made it: cached
+    assert isinstance(library, _LinkedOnly)
+    (caller,) = outer.overloads.values()  # the caller links the strict copy, and calls it
+    assert re.search(
+        rf'^define [^@]*@"?{re.escape(symbol)}"?\(', caller.library.get_llvm_str(), re.M
+    )
+    assert caller.library._compiled_object is not None
 
 
 # Every kind of call the package makes on the host, in a fresh process: not one of its callees
