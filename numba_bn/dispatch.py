@@ -7,7 +7,9 @@ the interface of :class:`numba_bn.cpu.CpuBackend`, every per-channel argument na
   mean, invstd, m2, running=None, nan_check=False, residual=None, activation=None)``,
   ``forward_eval(x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
   activation=None)``, ``backward(dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
-  activation=None, y=None, grad=None)``;
+  activation=None, y=None, grad=None)`` (a host backend's also takes ``grads=None``: a (2, C)
+  array of x's dtype that receives dweight = invstd * sum_dy_xmu and dbias = sum_dy, rounded
+  from float64, when given);
 * the split steps that an exchange (SyncBatchNorm's ranks) goes between: ``batch_stats(x, *,
   mean, m2)`` -> count, ``normalize(x, *, mean, invstd, weight, bias, y, residual=None,
   activation=None)``, ``backward_sums(dy, x, *, mean, sum_dy, sum_dy_xmu)``,

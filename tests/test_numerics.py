@@ -223,19 +223,25 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
         assert train(x, weight, bias, 1e-5, *running, 0.1, True, True, y, *stats, x)
         dx = np.full_like(x, np.nan)
         sums = [np.full(shape[1], np.nan) for _ in range(2)]
-        back(dy, x, stats[0], stats[1], weight, dx, *sums)
+        grads = np.full((2, shape[1]), np.nan, np.float32)  # dweight, dbias
+        back(dy, x, stats[0], stats[1], weight, dx, *sums, grads)
+        # rounded from float64 as NumPy rounds them (parameter_gradients' way)
+        np.testing.assert_array_equal(grads[0], (stats[1] * sums[1]).astype(np.float32))
+        np.testing.assert_array_equal(grads[1], sums[0].astype(np.float32))
         fused_y = np.full_like(x, np.nan)  # the epilogue's twins: y = relu(BN(x) + dy)
         add_relu[0 if twin == "" else 1](x, weight, bias, 1e-5, *running, 0.1, True, True,
                                          fused_y, *stats, dy)  # fmt: skip
-        results.append([y, *stats, *running, dx, *sums, fused_y])
+        results.append([y, *stats, *running, dx, *sums, grads, fused_y])
         if fused:  # its backward, through the ReLU channel by channel
             grad, relu_dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
             relu_sums = [np.full(shape[1], np.nan) for _ in range(2)]
+            relu_grads = np.full((2, shape[1]), np.nan, np.float32)
             relu_backs[0 if twin == "" else 1](
-                dy, fused_y, x, stats[0], stats[1], weight, relu_dx, *relu_sums, grad
+                dy, fused_y, x, stats[0], stats[1], weight, relu_dx, *relu_sums, grad, relu_grads
             )
             np.testing.assert_array_equal(grad, np.where(fused_y > 0, dy, np.float32(0)))
-            results[-1] += [relu_dx, *relu_sums]
+            np.testing.assert_array_equal(relu_grads[1], relu_sums[0].astype(np.float32))
+            results[-1] += [relu_dx, *relu_sums, relu_grads]
     for parallel, serial in zip(*results, strict=True):
         assert np.all(np.isfinite(parallel))
         np.testing.assert_array_equal(parallel, serial)

@@ -223,16 +223,19 @@ class CBackend:
         )
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, activation=None,
-                 y=None, grad=None):  # fmt: skip
+                 y=None, grad=None, grads=None):  # fmt: skip
         """The plain backward, or with an ``activation`` nbn_backward_ex: the gradient through
-        it (from the forward's ``y``) into ``grad``, then the backward on it, in one call."""
+        it (from the forward's ``y``) into ``grad``, then the backward on it, in one call. The
+        library's dweight and dbias land in ``grads`` when given."""
         op, through = "backward", ()
         if activation is not None:
             op, (_, code) = self._fused_op("backward", None, activation)
             through = (_pointer(y), code, _pointer(grad))
         outer, channels, inner = x.shape
         mean_t, invstd_t = mean.astype(x.dtype), invstd.astype(x.dtype)
-        dweight, dbias = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
+        if grads is None:
+            grads = np.empty((2, channels), x.dtype)
+        dweight, dbias = grads
         self._call(
             op,
             x.dtype,

@@ -6,6 +6,7 @@ import math
 import os
 
 import numba
+import numpy as np
 
 from .. import ahead
 from ..stats import no_running_update
@@ -117,6 +118,13 @@ def epilogue_code(residual, activation):
     validated activation (None or "relu")."""
     code = EPILOGUE_NONE if residual is None else EPILOGUE_ADD
     return code | EPILOGUE_RELU if activation == "relu" else code
+
+
+@functools.cache
+def _no_gradients(dtype):
+    """backward's ``grads`` when the caller wants the sums alone: no column, nothing written
+    (one per dtype: with no elements it holds nothing to share)."""
+    return np.empty((2, 0), dtype)
 
 
 #: _plan's answers: a small batch's plan costs a dict lookup (~0.2 us) instead of ~1 us. A size
@@ -314,19 +322,22 @@ class CpuBackend:
         run(dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size))
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, activation=None,
-                 y=None, grad=None):  # fmt: skip
+                 y=None, grad=None, grads=None):  # fmt: skip
         """The backward; with an ``activation``, first through it (``grad`` (=) as in
         activation_grad, from the forward's ``y``): channel by channel in the fused partition,
-        so that grad is read back from L2."""
+        so that grad is read back from L2. ``grads`` (=, (2, C) of x's dtype): dweight and
+        dbias, when given."""
         run, fused = _plan("backward", x, may_fuse=True)
+        if grads is None:
+            grads = _no_gradients(x.dtype)
         if activation is not None:
             if fused:
                 run, _ = _plan("backward_fused_relu", x)  # the same threads
-                run(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grad)
+                run(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grad, grads)
                 return
             self.activation_grad(dy, y, activation=activation, grad=grad)
             dy = grad
-        run(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
+        run(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads)
 
     # ----------------------------------------------- the split steps (and their exchange)
     def batch_stats(self, x, *, mean, m2):
