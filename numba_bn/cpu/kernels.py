@@ -313,10 +313,17 @@ def _epilogue(v, z, i, epilogue):
 
 
 @kernel(inline="always")
+def _affine(v, pre, mean_hi, scale, shift):
+    """A value normalised with its channel's affine rows: the one formula of every affine pass
+    (runs, planes of one value, rows), so that all give the same bits."""
+    return (v * pre - mean_hi) * scale + shift
+
+
+@kernel(inline="always")
 def _affine_run(x, y, start, stop, coef, c, z, epilogue):
     mean_hi, scale, shift, pre = coef[0, c], coef[2, c], coef[3, c], coef[4, c]
     for i in range(uint64(start), uint64(stop)):
-        y[i] = _epilogue((x[i] * pre - mean_hi) * scale + shift, z, i, epilogue)
+        y[i] = _epilogue(_affine(x[i], pre, mean_hi, scale, shift), z, i, epilogue)
 
 
 @callee(fastmath=CONTRACT_FASTMATH)
@@ -345,7 +352,7 @@ def affine_planes(x, y, first, stop, step, inner, coef, z, epilogue):
     costs as much as a short plane's work."""
     if inner == 1 and step == 1:  # a value a plane (group norm of an (N, C) batch): one loop
         for p in range(uint64(first), uint64(stop)):  # that vectorises, a run's arithmetic
-            v = (x[p] * coef[4, p] - coef[0, p]) * coef[2, p] + coef[3, p]
+            v = _affine(x[p], coef[4, p], coef[0, p], coef[2, p], coef[3, p])
             y[p] = _epilogue(v, z, p, epilogue)
         return
     channels = coef.shape[1]
@@ -381,7 +388,7 @@ def rows_affine(x, y, r0, r1, c0, c1, coef, z, epilogue):
         return
     for r in range(uint64(r0), uint64(r1)):
         for c in range(uint64(c0), uint64(c1)):
-            v = (x[r, c] * pre[c] - mean_hi[c]) * scale[c] + shift[c]
+            v = _affine(x[r, c], pre[c], mean_hi[c], scale[c], shift[c])
             y[r, c] = _epilogue(v, z, (r, c), epilogue)
 
 
