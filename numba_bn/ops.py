@@ -120,11 +120,13 @@ def batch_forward(
 
 
 def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, momentum,
-                        unbiased, nan_policy, out, backend, residual, activation,
-                        device):  # fmt: skip
+                        unbiased, nan_policy, out, backend, residual, activation, device,
+                        statistics="float64"):  # fmt: skip
     """batch_forward of a plain host call (:mod:`numba_bn.hostcall`) without an exchange: the
-    fields of its TrainResult as a tuple (the functional API returns its own from them); None
-    for any other call, which :func:`checked_batch_forward` takes."""
+    fields of its TrainResult as a tuple; with ``statistics="rounded"``, y and the statistics in
+    x's dtype as the functional API returns them (the kernels round them), with None, (y,)
+    (no float64 statistics made: the kernels' own); None for any other call, which
+    :func:`checked_batch_forward` takes."""
     if nan_policy != "propagate" or not _host_device(device):
         return None
     kernels, view = dispatch.on_host(backend), hostcall.canonical_view(x, axis)
@@ -151,11 +153,18 @@ def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, m
     y = np.empty(x.shape, dtype) if out is None else hostcall.output(out, x, x, residual)
     if y is None:
         return None
-    mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
+    saved = mean = invstd = m2 = None  # the float64 statistics not wanted: the kernels' own
+    if statistics == "float64":
+        mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
+    elif statistics == "rounded":
+        saved = np.empty((2, channels), dtype)
     kernels.forward_train(view, weight=weight, bias=bias, eps=eps, y=y.reshape(view.shape),
                           mean=mean, invstd=invstd, m2=m2, running=running,
-                          residual=residual_view, activation=activation)  # fmt: skip
-    return y, mean, invstd, m2, outer * inner
+                          residual=residual_view, activation=activation,
+                          saved=saved)  # fmt: skip
+    if mean is not None:
+        return y, mean, invstd, m2, outer * inner
+    return (y,) if saved is None else (y, saved[0], saved[1])
 
 
 def _epilogue_inputs(residual, activation, prepared, memory):
@@ -373,10 +382,11 @@ def batch_backward(dy, x, mean, invstd, weight, axis, *, out=None, backend="cpu"
 
 
 def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activation, y,
-                         residual_out, device):  # fmt: skip
+                         residual_out, device, sums=True):  # fmt: skip
     """batch_backward of a plain host call (:mod:`numba_bn.hostcall`) without an exchange: the
-    fields of its BackwardResult, the parameter gradients with them, as a tuple; None for any
-    other call, which :func:`checked_batch_backward` takes."""
+    fields of its BackwardResult, the parameter gradients with them, as a tuple (without
+    ``sums``, the float64 sums None: the kernels' own); None for any other call, which
+    :func:`checked_batch_backward` takes."""
     if activation is not None or y is not None or residual_out is not None:
         return None
     if not _host_device(device):
@@ -394,7 +404,7 @@ def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activa
     dx = np.empty(x.shape, dtype) if out is None else hostcall.output(out, x, dy, x)
     if dx is None:
         return None
-    sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
+    sum_dy, sum_dy_xmu = (np.empty(channels), np.empty(channels)) if sums else (None, None)
     # the parameter gradients written by the kernels, rounded as parameter_gradients rounds
     # them (three NumPy calls here cost ~1.2 us of a small backward)
     grads = np.empty((2, channels), dtype)

@@ -162,10 +162,12 @@ class CBackend:
 
     # --------------------------------------------------------------- through the library
     def forward_train(self, x, *, weight, bias, eps, y, mean, invstd, m2, running=None,
-                      nan_check=False, residual=None, activation=None):  # fmt: skip
+                      nan_check=False, residual=None, activation=None, saved=None):  # fmt: skip
         op, fused = self._fused_op("forward_train", residual, activation)
-        save_mean, save_invstd, save_m2 = mean, invstd, m2
         outer, channels, inner = x.shape
+        if mean is None:  # not wanted
+            mean, invstd, m2 = np.empty(channels), np.empty(channels), np.empty(channels)
+        save_mean, save_invstd, save_m2 = mean, invstd, m2
         count = outer * inner
         mean, invstd = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
         batch_mean, batch_var = np.zeros(channels, x.dtype), np.zeros(channels, x.dtype)
@@ -200,6 +202,8 @@ class CBackend:
             np.copyto(y, y_written)
         if running is not None:
             running_update(*running[:2], float(count), save_mean, save_m2, *running[2:])
+        if saved is not None:
+            saved[0], saved[1] = save_mean, save_invstd
         return True
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
@@ -252,6 +256,8 @@ class CBackend:
             _pointer(dbias),
             *through,
         )
+        if sum_dy is None:  # not wanted
+            return
         sum_dy[:] = dbias
         # dweight = invstd * sum_dy_xmu, in float64; nothing to recover where invstd = 0
         invstd64 = invstd_t.astype(np.float64)

@@ -120,11 +120,14 @@ def epilogue_code(residual, activation):
     return code | EPILOGUE_RELU if activation == "relu" else code
 
 
-@functools.cache
-def _no_gradients(dtype):
-    """backward's ``grads`` when the caller wants the sums alone: no column, nothing written
-    (one per dtype: with no elements it holds nothing to share)."""
-    return np.empty((2, 0), dtype)
+#: What the drivers take for an argument the caller does not give, by x's dtype (the kernels'
+#: float32 and float64; zero-length: nothing to share between calls): no running update, and
+#: backward's ``grads`` and forward_train's ``saved`` without a column (nothing written). A dict
+#: lookup costs ~40 ns of a small call, a functools.cache ~110.
+_NO_RUNNING = {np.dtype(t): no_running_update(t) for t in (np.float32, np.float64)}
+_NO_ROWS = {np.dtype(t): np.empty((2, 0), t) for t in (np.float32, np.float64)}
+#: A float64 statistic or sum the caller does not want (None): the driver makes its own.
+_NOT_WANTED = np.empty(0)
 
 
 #: _plan's answers: a small batch's plan costs a dict lookup (~0.2 us) instead of ~1 us. A size
@@ -298,17 +301,22 @@ class CpuBackend:
 
     # ----------------------------------------------------------- whole operations, fused
     def forward_train(self, x, *, weight, bias, eps, y, mean, invstd, m2, running=None,
-                      nan_check=False, residual=None, activation=None):  # fmt: skip
+                      nan_check=False, residual=None, activation=None, saved=None):  # fmt: skip
         """Batch statistics, y, and the running update (``running``: a RunningUpdate). False,
-        with nothing written but the statistics, when nan_check finds them not finite."""
+        with nothing written but the statistics, when nan_check finds them not finite.
+        ``mean``, ``invstd`` and ``m2`` may be None together (not wanted); ``saved`` (=, (2, C)
+        of x's dtype): mean and invstd rounded to it, when given."""
         # The fused pass writes y channel by channel as it goes; a NaN check must come before
         # any y is written (a call that raises leaves out= as it was), so it takes the split one.
         run, _ = _plan("forward_train", x, may_fuse=not nan_check,
                        epilogue=epilogue_code(residual, activation))  # fmt: skip
-        running = running or no_running_update(x.dtype)  # cached zero-length buffers
+        running = running or _NO_RUNNING[x.dtype]
+        if mean is None:
+            mean = invstd = m2 = _NOT_WANTED
         return run(x, weight, bias, eps, running.mean, running.var, running.momentum,
                    running.unbiased, nan_check, y, mean, invstd, m2,
-                   x if residual is None else residual)  # fmt: skip
+                   x if residual is None else residual,
+                   _NO_ROWS[x.dtype] if saved is None else saved)  # fmt: skip
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
                      activation=None):  # fmt: skip
@@ -326,10 +334,12 @@ class CpuBackend:
         """The backward; with an ``activation``, first through it (``grad`` (=) as in
         activation_grad, from the forward's ``y``): channel by channel in the fused partition,
         so that grad is read back from L2. ``grads`` (=, (2, C) of x's dtype): dweight and
-        dbias, when given."""
+        dbias, when given; ``sum_dy`` and ``sum_dy_xmu`` may be None together (not wanted)."""
         run, fused = _plan("backward", x, may_fuse=True)
         if grads is None:
-            grads = _no_gradients(x.dtype)
+            grads = _NO_ROWS[x.dtype]
+        if sum_dy is None:
+            sum_dy = sum_dy_xmu = _NOT_WANTED
         if activation is not None:
             if fused:
                 run, _ = _plan("backward_fused_relu", x)  # the same threads
