@@ -60,6 +60,7 @@ class _Saved(NamedTuple):
     renorm: object = None  # (r, d), float64, of a Batch Renormalization forward
 
 
+@plans.watch
 class BatchNorm(LayerState):
     """Batch normalisation over the channel ``axis`` of inputs of any rank >= 2.
 

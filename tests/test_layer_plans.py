@@ -236,6 +236,20 @@ def test_plans_are_few_and_stay_out_of_pickles(rng):
     _same(copy(x), bn(x))
 
 
+def test_what_a_plan_depends_on_is_the_layers_own_and_assigning_it_moves_the_version(rng):
+    # plans.Watched leaves reads to the instance's dict: a watched name a layer did not set
+    # itself would read as the descriptor
+    layers = [nbn.BatchNorm(4), nbn.BatchNorm(4, affine=False, track_running_stats=False,
+                                              virtual_batch_size=2, activation="relu")]  # fmt: skip
+    layers += [pickle.loads(pickle.dumps(bn)) for bn in layers]
+    for bn in layers:
+        for name in plans.WATCHED:
+            assert name in vars(bn), name
+            version = bn._version
+            setattr(bn, name, getattr(bn, name))  # the same value: a plan is made again
+            assert bn._version == version + 1, name
+
+
 def test_a_thread_count_changed_between_planned_calls_gives_the_same_bits(rng):
     x, dy = random_batch(rng, (256, 512), np.float32), random_batch(rng, (256, 512), np.float32)
     results = []
