@@ -96,7 +96,9 @@ class BatchNorm(LayerState):
         there; an input from the other side raises. :meth:`to` moves them.
 
     A forward saves what :meth:`backward` needs: x itself, so in training mode ``out=`` may
-    not share memory with x (after an eval-mode ``forward(x, out=x)``, backward raises).
+    not share memory with x (after an eval-mode ``forward(x, out=x)``, backward raises). A
+    layer trains in one thread at a time, as a forward is paired with the next backward; in
+    eval mode it serves several threads at once.
     ``backward(dy)`` returns dx, sets ``grad_weight``/``grad_bias`` (and ``grad_residual`` after
     a forward with a residual) and releases the saved input (as PyTorch frees its graph): one
     backward per forward. Pickles hold parameters, buffers and gradients, never a saved input.

@@ -13,8 +13,11 @@ settings the plan was made from: that none of :data:`WATCHED` was assigned since
 layer's own business, a reassigned array leaves the plan behind).
 
 A plan also keeps the float64 per-channel buffers the kernels fill (statistics, sums): the layer
-exposes none of them and keeps one forward's for one backward, and the kernels hold the GIL while
-they run, so another thread's call on the same layer cannot write them under one.
+exposes none of them and keeps one forward's for one backward. Like the layer's saved input they
+belong to one training step at a time: two threads training one layer at once would pair one's
+forward with the other's backward anyway (and a parallel twin releases the GIL while its threads
+run, Numba's launch, so the buffers are not even kept whole). An eval plan has no buffers: one
+layer evaluates batches from several threads at once.
 
 A residual (checked per call, as the plain path checks it) and the layer's activation go to the
 same kernels' epilogue. Anything else (a mask, ``out=``, the calls compiled calls may serve

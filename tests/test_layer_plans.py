@@ -2,6 +2,7 @@
 with the general path's bits, and anything reassigned on the layer takes effect at once."""
 
 import pickle
+import threading
 
 import numba
 import numpy as np
@@ -267,17 +268,29 @@ def test_a_thread_count_changed_between_planned_calls_gives_the_same_bits(rng):
             _same(a, b)
 
 
-def test_the_drivers_hold_the_gil_which_a_plans_shared_buffers_rely_on(rng):
-    """A plan's statistics and sums buffers serve every call of its layer: safe from several
-    Python threads because no driver releases the GIL (numba_bn/plans.py)."""
+def test_one_layer_evaluates_batches_from_several_threads_at_once(rng):
+    """An eval plan keeps no buffers (numba_bn/plans.py): four threads, serial and parallel
+    sizes (a parallel twin releases the GIL while its threads run), the bits of one thread."""
     bn = nbn.BatchNorm(8)
-    for shape in ((16, 8), (4, 8, 5, 5), (512, 8, 16)):  # serial and parallel twins
-        x = random_batch(rng, shape, np.float32)
-        bn(x), bn.backward(x)
-        bn.eval()(x)
-        bn.train()
-    from numba_bn.cpu import drivers
+    inputs = [random_batch(rng, shape, np.float32) for shape in ((16, 8), (4, 8, 5, 5),
+                                                                 (512, 8, 64))]  # fmt: skip
+    for x in inputs:
+        bn(x), bn(x)  # running statistics that are not the initial ones
+    bn.eval()
+    expected = [bn(x) for x in inputs]
+    failures = []
 
-    assert drivers.dispatchers()
-    for dispatcher in drivers.dispatchers():
-        assert not dispatcher.targetoptions.get("nogil"), dispatcher
+    def work(worker):
+        for call in range(30):
+            k = (worker + call) % len(inputs)
+            if not np.array_equal(bn(inputs[k]), expected[k]):
+                failures.append((worker, call, k))
+
+    pool = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not failures
+    evaluating = [plan for (_, training), plan in bn._plans.items() if not training]
+    assert len(evaluating) == 3 and not any(plan.statistics for plan in evaluating)

@@ -29,17 +29,24 @@ def main(threads=4, calls=50):
     axes = [1, 1, 1, 1, -1]
     assert all(x.size >= least for x in inputs[1:])
     parallel = sum(threads_for("forward_train", x.size) > 1 for x in inputs)
-    cases = [lambda x=x, a=a: nbn.forward_train(x, axis=a)[0]
+    # y and the statistics; dx and the parameter gradients (the float64 statistics and sums
+    # these calls do not return are scratch shared by calls of as many channels: the first
+    # two have 8, one serial and one parallel)
+    cases = [lambda x=x, a=a: nbn.forward_train(x, axis=a)
              for x, a in zip(inputs, axes, strict=True)]  # fmt: skip
+    trained = [case()[1:] for case in cases]
+    cases += [lambda x=x, a=a, s=s: nbn.backward(x * 0.5, x, *s, axis=a)
+              for x, a, s in zip(inputs, axes, trained, strict=True)]  # fmt: skip
     # group and layer norm's parallel kernels, through the same launch guard
-    cases += [lambda: nbn.group_norm(inputs[1], 4), lambda: nbn.layer_norm(inputs[2], 72)]
+    cases += [lambda: (nbn.group_norm(inputs[1], 4),), lambda: (nbn.layer_norm(inputs[2], 72),)]
     expected = [case() for case in cases]
     failures = []
 
     def work(worker):
         for call in range(calls):
             k = (worker + call) % len(cases)
-            if not np.array_equal(cases[k](), expected[k]):
+            results = cases[k]()
+            if not all(map(np.array_equal, results, expected[k])):
                 failures.append((worker, call, k))
 
     pool = [threading.Thread(target=work, args=(w,)) for w in range(threads)]

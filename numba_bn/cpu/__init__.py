@@ -4,6 +4,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 
 import numba
 import numpy as np
@@ -126,8 +127,28 @@ def epilogue_code(residual, activation):
 #: lookup costs ~40 ns of a small call, a functools.cache ~110.
 _NO_RUNNING = {np.dtype(t): no_running_update(t) for t in (np.float32, np.float64)}
 _NO_ROWS = {np.dtype(t): np.empty((2, 0), t) for t in (np.float32, np.float64)}
-#: A float64 statistic or sum the caller does not want (None): the driver makes its own.
-_NOT_WANTED = np.empty(0)
+#: The float64 vectors of the statistics or sums a caller does not want (None), by channel
+#: count: the drivers write them and nothing reads them after the call. One set per Python
+#: thread, whose calls run one after another: a parallel twin releases the GIL while its threads
+#: run (Numba's launch), so another thread's call could write a set shared between threads
+#: under it (tests/thread_worker.py caught it). A lookup costs ~0.1 us, three np.empty ~0.5
+#: (allocated in the drivers they cost 0.15 s of a cold forward).
+_local = threading.local()
+_SCRATCH_MAX = 64
+
+
+def _scratch(channels):
+    """Three float64 vectors of ``channels`` values, this thread's (see _local)."""
+    try:
+        kept = _local.scratch
+    except AttributeError:
+        kept = _local.scratch = {}
+    vectors = kept.get(channels)
+    if vectors is None:
+        vectors = (np.empty(channels), np.empty(channels), np.empty(channels))
+        if len(kept) < _SCRATCH_MAX:
+            kept[channels] = vectors
+    return vectors
 
 
 #: _plan's answers: a small batch's plan costs a dict lookup (~0.2 us) instead of ~1 us. A size
@@ -312,7 +333,7 @@ class CpuBackend:
                        epilogue=epilogue_code(residual, activation))  # fmt: skip
         running = running or _NO_RUNNING[x.dtype]
         if mean is None:
-            mean = invstd = m2 = _NOT_WANTED
+            mean, invstd, m2 = _scratch(x.shape[1])
         return run(x, weight, bias, eps, running.mean, running.var, running.momentum,
                    running.unbiased, nan_check, y, mean, invstd, m2,
                    x if residual is None else residual,
@@ -339,7 +360,7 @@ class CpuBackend:
         if grads is None:
             grads = _NO_ROWS[x.dtype]
         if sum_dy is None:
-            sum_dy = sum_dy_xmu = _NOT_WANTED
+            sum_dy, sum_dy_xmu, _ = _scratch(x.shape[1])
         if activation is not None:
             if fused:
                 run, _ = _plan("backward_fused_relu", x)  # the same threads

@@ -342,14 +342,6 @@ def _running_update_if_finite(nan_check, running_mean, running_var, count, mean,
 
 
 @kernel(inline="always")
-def _or_scratch(vector, size):
-    """``vector`` (float64, 1-D), or a new one of ``size`` where the caller passed a zero-length
-    one: a statistic or sum it does not want (the driver's allocation costs ~40 ns, the
-    caller's np.empty ~160)."""
-    return vector if vector.size == size else np.empty(size)
-
-
-@kernel(inline="always")
 def _saved_statistics(mean, invstd, saved):
     """saved (=) mean and invstd rounded to saved's dtype (x's) as NumPy's astype rounds them,
     when it has a column per channel; a caller that wants the float64 ones alone passes a
@@ -367,15 +359,12 @@ def _forward_train_split(
     """Batch statistics, normalisation and the running update in one call: reduction items,
     channel merges, then elementwise items (any memory shape); y with the EPILOGUE and ``z``.
 
-    Writes y, save_mean, save_invstd and save_m2 (M2 per channel, float64; zero-length ones are
-    not written: the driver's own), and the rounded statistics in ``saved``
-    (:func:`_saved_statistics`). Returns False, with the running buffers and y untouched, when
-    ``nan_check`` is set and a statistic is not finite.
+    Writes y, save_mean, save_invstd and save_m2 (M2 per channel, float64), and the rounded
+    statistics in ``saved`` (:func:`_saved_statistics`). Returns False, with the running buffers
+    and y untouched, when ``nan_check`` is set and a statistic is not finite.
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
-    save_mean, save_invstd = _or_scratch(save_mean, channels), _or_scratch(save_invstd, channels)
-    save_m2 = _or_scratch(save_m2, channels)
     coef = np.empty((AFFINE_ROWS, channels), x.dtype)
     part = np.empty((3, parts(outer, inner), channels))
     _stats_loop(x, part)
@@ -403,8 +392,6 @@ def _forward_train_fused(
     memory once. y is written channel by channel, so with ``nan_check`` it may be written when
     False comes back (the caller does not fuse then)."""
     outer, channels, inner = x.shape
-    save_mean, save_invstd = _or_scratch(save_mean, channels), _or_scratch(save_invstd, channels)
-    save_m2 = _or_scratch(save_m2, channels)
     coef = np.empty((AFFINE_ROWS, channels), x.dtype)
     for c in prange(channels):
         plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2, z,
@@ -438,12 +425,10 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
     reduction items, channel sums, then elementwise items (any memory shape).
 
     Writes dx, the float64 reductions sum_dy (= dbias) and sum_dy_xmu (dweight is
-    invstd * sum_dy_xmu; zero-length ones are not written: the driver's own), and the parameter
-    gradients in ``grads`` (:func:`_parameter_gradients`).
+    invstd * sum_dy_xmu), and the parameter gradients in ``grads`` (:func:`_parameter_gradients`).
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
-    sum_dy, sum_dy_xmu = _or_scratch(sum_dy, channels), _or_scratch(sum_dy_xmu, channels)
     coef = np.empty((DX_ROWS, channels), x.dtype)
     part = np.empty((2, parts(outer, inner), channels))
     _sums_loop(dy, x, mean, part)
@@ -458,9 +443,7 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
 
 def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
     """backward_split with one channel per item (planes): dy and x are read from memory once."""
-    channels = x.shape[1]
-    sum_dy, sum_dy_xmu = _or_scratch(sum_dy, channels), _or_scratch(sum_dy_xmu, channels)
-    coef = np.empty((DX_ROWS, channels), x.dtype)
+    coef = np.empty((DX_ROWS, x.shape[1]), x.dtype)
     for c in prange(x.shape[1]):
         plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
     _parameter_gradients(invstd, sum_dy, sum_dy_xmu, grads)
@@ -471,7 +454,6 @@ def _backward_fused_relu(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
     channel's backward on grad while it is still in L2 (dy and y are read from memory once, grad
     is written once: the residual's gradient)."""
     outer, channels, inner = x.shape
-    sum_dy, sum_dy_xmu = _or_scratch(sum_dy, channels), _or_scratch(sum_dy_xmu, channels)
     coef = np.empty((DX_ROWS, channels), x.dtype)
     dy_flat, y_flat, grad_flat = dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size)
     for c in prange(channels):
