@@ -41,22 +41,9 @@ def arguments(step, shape):
     vec = [np.ones(channels) for _ in range(4)]
     f32 = np.ones(channels, np.float32)
     none, no_rows = np.empty(0, np.float32), np.empty((2, 0), np.float32)  # saved, grads
+    train = (x, f32, f32, 1e-5, none, none, 0.1, True, False, out, *vec[:3], x, no_rows)
     return {
-        "forward_train": (
-            x,
-            f32,
-            f32,
-            1e-5,
-            none,
-            none,
-            0.1,
-            True,
-            False,
-            out,
-            *vec[:3],
-            x,
-            no_rows,
-        ),  # fmt: skip
+        "forward_train": train,
         "forward_eval": (x, f32, f32, f32, f32, 1e-5, out, x),
         "backward": (x, x, vec[0], vec[1], f32, out, vec[2], vec[3], no_rows),
         "batch_stats": (x, vec[0], vec[1]),
