@@ -62,10 +62,20 @@ class Watched:
 
 
 def watch(cls):
-    """Class decorator: :data:`WATCHED` as :class:`Watched` attributes of ``cls``."""
+    """Class decorator: :data:`WATCHED` as :class:`Watched` attributes of ``cls``, and of its
+    subclasses that define one of those names themselves (a class attribute there would take
+    the assignments past the descriptor; __init__ assigns every one of them anyway)."""
     for name in WATCHED:
         setattr(cls, name, Watched(name))
     cls._version = 0  # a layer's before its first assignment (and a pickle's from before)
+
+    def __init_subclass__(subclass, **keywords):
+        super(cls, subclass).__init_subclass__(**keywords)
+        for name in WATCHED:
+            if name in vars(subclass):
+                setattr(subclass, name, Watched(name))
+
+    cls.__init_subclass__ = classmethod(__init_subclass__)
     return cls
 
 

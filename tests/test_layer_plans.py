@@ -243,6 +243,11 @@ def test_what_a_plan_depends_on_is_the_layers_own_and_assigning_it_moves_the_ver
     layers = [nbn.BatchNorm(4), nbn.BatchNorm(4, affine=False, track_running_stats=False,
                                               virtual_batch_size=2, activation="relu")]  # fmt: skip
     layers += [pickle.loads(pickle.dumps(bn)) for bn in layers]
+
+    class Slower(nbn.BatchNorm):  # a class attribute of a watched name: watched all the same
+        momentum = 0.01
+
+    layers.append(Slower(4))
     for bn in layers:
         for name in plans.WATCHED:
             assert name in vars(bn), name
