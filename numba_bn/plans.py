@@ -104,7 +104,6 @@ class Plan(NamedTuple):
     activation: str | None  # the layer's, in the kernels' epilogue
     statistics: tuple  # float64 (C,) mean, invstd, M2 of a batch forward: the kernels fill them
     sums: tuple  # float64 (C,) sum_dy, sum_dy_xmu of its backward
-    held: tuple  # the layer's weight, bias, running_mean, running_var (None or arrays)
     version: int  # the layer's when the plan was made (Watched)
     entry: object  # calls.entry when the plan was made: compiled calls loaded since may serve
 
@@ -158,10 +157,9 @@ class Plan(NamedTuple):
         if batch:
             statistics = tuple(np.empty(channels) for _ in range(3))
             sums = (np.empty(channels), np.empty(channels))
-        held = (layer.weight, layer.bias, layer.running_mean, layer.running_var)
         return cls(x.shape, dtype, view.shape, kernels, batch, update, outer * inner, weight,
                    bias, running_mean, running_var, running, eps, layer.activation, statistics,
-                   sums, held, layer._version, calls.entry)  # fmt: skip
+                   sums, layer._version, calls.entry)  # fmt: skip
 
     def takes(self, layer, x):
         """Whether this plan serves ``layer``'s call on the ndarray ``x`` (or its backward's
@@ -174,7 +172,8 @@ class Plan(NamedTuple):
             and layer._collected is None
             and calls.entry is self.entry
             and (
-                not self.update or (self.held[2].flags.writeable and self.held[3].flags.writeable)
+                not self.update
+                or (self.running.mean.flags.writeable and self.running.var.flags.writeable)
             )  # fmt: skip
         )
 
