@@ -18,6 +18,9 @@ os.environ.pop("NUMBA_BN_COMPILED_CALLS", None)
 # included, a driver compiles in the process that runs it, as the tests of warm-up, the compile
 # line and the caches expect
 os.environ["NUMBA_BN_COMPILE_AHEAD"] = "0"
+# every call of a driver's machine code checks its arguments' kinds first (numba_bn.cpu.drivers.
+# machine_code: a wrong dtype, rank or layout would run unchecked there), children included
+os.environ["NUMBA_BN_CHECK_DRIVER_CALLS"] = "1"
 
 import numba_bn as nbn
 from numba_bn.capi import build

@@ -227,8 +227,27 @@ def test_sizes_serial_at_every_thread_count_skip_asking_for_the_threads(monkeypa
         assert cpu.threads_for(step, below - 1) == 1, step
     if most == 2:  # this project's machines: (64, 256) is below the backward's bound
         x = np.empty((64, 256, 1), np.float32)
+        _serial_twins_run(x)
         plan = cpu._plan("backward", x, may_fuse=True)
-        assert cpu._PLANS["backward", x.shape, True, 0] is plan
+        assert cpu._PLANS["backward", x.shape, x.dtype, True, 0] is plan
+
+
+def _serial_twins_run(x):
+    """forward_eval and backward run once on a batch like the canonical view ``x``: their serial
+    twins then have machine code for x's dtype, which a plan calls (drivers.machine_code; a plan
+    made before there is some is not kept)."""
+    import numba_bn as nbn
+
+    channels = np.ones(x.shape[1], x.dtype)
+    batch = np.ones(x.shape, x.dtype)
+    nbn.forward_eval(batch, channels, channels)
+    nbn.backward(batch, batch, channels, channels)
+
+
+def _runs(plan):
+    """What a plan's run calls: the parallel twin in its launch guard, or the serial twin's
+    machine code behind the suite's check (drivers.CHECK_CALLS), is its ``__wrapped__``."""
+    return getattr(plan[0], "__wrapped__", plan[0])
 
 
 def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(monkeypatch):
@@ -246,29 +265,35 @@ def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(mo
     large = np.empty((cpu.parallel_min_elements(), 1, 1), np.float32)
     serial_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[1]
     parallel_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[0]
+    _serial_twins_run(small)
+    monkeypatch.setattr(cpu, "_PLANS", {})
     monkeypatch.setattr(threads, "_safe_layer", None)
     monkeypatch.setattr(threads, "threading_layer", lambda: None)  # not chosen yet
-    assert cpu._plan("forward_eval", small)[0] is serial_twin
+    assert _runs(cpu._plan("forward_eval", small)) is serial_twin
     assert cpu._plan("forward_eval", large)[0].__wrapped__ is parallel_twin  # in its guard
-    assert list(cpu._PLANS) == [("forward_eval", small.shape, False, 0)]
+    assert list(cpu._PLANS) == [("forward_eval", small.shape, small.dtype, False, 0)]
     monkeypatch.setattr(threads, "threading_layer", lambda: "workqueue")
     assert cpu._plan("forward_eval", large)[0].__wrapped__ is parallel_twin
     monkeypatch.setattr(cpu, "_PLANS", {})
     monkeypatch.setattr(threads, "_safe_layer", None)
     monkeypatch.setattr(threads, "threading_layer", lambda: "omp")
     small_plan, parallel_plan = cpu._plan("forward_eval", small), cpu._plan("forward_eval", large)
-    assert small_plan[0] is serial_twin
+    assert _runs(small_plan) is serial_twin
     assert parallel_plan[0] is parallel_twin  # as it is
-    assert cpu._PLANS == {("forward_eval", small.shape, False, 0): small_plan,
-                          ("forward_eval", large.shape, False, 0): {2: parallel_plan}}  # fmt: skip
-    assert cpu._plan("forward_eval", small)[0] is serial_twin  # from the dict
+    assert cpu._PLANS == {
+        ("forward_eval", small.shape, small.dtype, False, 0): small_plan,
+        ("forward_eval", large.shape, large.dtype, False, 0): {2: parallel_plan},
+    }
+    assert cpu._plan("forward_eval", small) is small_plan  # from the dict
     assert cpu._plan("forward_eval", large) is parallel_plan  # from the dict
     monkeypatch.setattr(cpu, "num_threads", lambda: 1)
-    assert cpu._plan("forward_eval", large)[0] is serial_twin
+    assert _runs(cpu._plan("forward_eval", large)) is serial_twin
     monkeypatch.setattr(cpu, "num_threads", lambda: 2)
     assert cpu._plan("forward_eval", large) is parallel_plan
     for shape in [(2, 8, 5), (2, 1, 5)]:  # the partition is kept too: split, as one thread
         x = np.empty(shape, np.float32)  # runs inputs this small (items.is_fused)
+        _serial_twins_run(x)
         assert cpu._plan("backward", x, may_fuse=True)[1] is False
-        assert cpu._plan("backward", x, may_fuse=True) is cpu._PLANS["backward", shape, True, 0]
+        plan = cpu._PLANS["backward", shape, x.dtype, True, 0]
+        assert cpu._plan("backward", x, may_fuse=True) is plan
         assert cpu._plan("backward", x, may_fuse=False)[1] is False

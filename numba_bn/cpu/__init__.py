@@ -12,7 +12,7 @@ import numpy as np
 from .. import ahead
 from ..stats import no_running_update
 from . import drivers
-from .drivers import loaded_for
+from .drivers import loaded_for, machine_code
 from .items import is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .threads import compile_only as _twins_compile_only
@@ -152,9 +152,9 @@ def _scratch(channels):
 
 
 #: _plan's answers: a small batch's plan costs a dict lookup (~0.2 us) instead of ~1 us. A size
-#: below the serial bound keeps its plan under (step, shape, may_fuse, epilogue): no thread count
-#: changes it, and none is asked for. A larger one keeps a dict there, its plans by the calling
-#: thread's count (:func:`.threads.num_threads`, asked at each call so that
+#: below the serial bound keeps its plan under (step, shape, dtype, may_fuse, epilogue): no
+#: thread count changes it, and none is asked for. A larger one keeps a dict there, its plans
+#: by the calling thread's count (:func:`.threads.num_threads`, asked at each call so that
 #: numba.set_num_threads takes effect): ~0.4 us a call instead of ~0.8 for the cost model's sums
 #: and a second key.
 _PLANS = {}
@@ -165,7 +165,7 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     """(run, fused) of ``step`` on ``x``: the twin the cost model picks for x's memory shape and
     ``epilogue`` (:func:`_driver`), the parallel one as :func:`.threads.launcher` calls it, and
     for a step with two partitions whether it takes fused planes."""
-    key = (step, x.shape, may_fuse, epilogue)
+    key = (step, x.shape, x.dtype, may_fuse, epilogue)
     plan = _PLANS.get(key)
     if type(plan) is tuple:  # below the serial bound
         return plan
@@ -183,7 +183,9 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
 def _new_plan(key, step, x, may_fuse, epilogue, threads):
     """_plan's answer made and kept: ``threads`` is the calling thread's count for a size that
     may run in parallel, None below the serial bound. A parallel twin a worker compiles gives
-    way to the serial one (:func:`_meanwhile`), in a plan not kept."""
+    way to the serial one (:func:`_meanwhile`), in a plan not kept. A serial twin is called
+    through its machine code's entry point (:func:`.drivers.machine_code`), once it has one for
+    x's dtype: until then its plans are not kept."""
     if _serial_only:
         threads = None
     parallel = 1 if threads is None else threads_for(step, x.size, threads)
@@ -193,7 +195,10 @@ def _new_plan(key, step, x, may_fuse, epilogue, threads):
             return _driver(step, x, 1, may_fuse, epilogue)
     if step == "forward_train" and not dispatcher.overloads:
         _expect_siblings(dispatcher, x, epilogue)
-    plan = (launcher(dispatcher) if parallel > 1 else dispatcher), fused
+    run = launcher(dispatcher) if parallel > 1 else machine_code(dispatcher, x.dtype)
+    if run is None:  # its first call compiles (or loads) it, in a plan not kept
+        return dispatcher, fused
+    plan = run, fused
     if _serial_only:  # not kept
         return plan
     # a parallel plan made before numba chose its threading layer is guarded: not kept
@@ -383,4 +388,7 @@ class CpuBackend:
         _plan("backward_sums", x)[0](dy, x, mean, sum_dy, sum_dy_xmu)
 
     def backward_dx(self, dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
-        _plan("backward_dx", x)[0](dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx)
+        """``count`` (the values per channel: an int from a mask, the norms or an exchange) goes
+        to the driver as the float it divides by: one machine code for every caller."""
+        run, _ = _plan("backward_dx", x)
+        run(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, float(count), dx)

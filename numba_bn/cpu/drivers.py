@@ -33,10 +33,12 @@ import contextlib
 import functools
 import hashlib
 import math
+import os
 import threading
 import types
 from pathlib import Path
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -153,6 +155,80 @@ def loaded_for(dispatcher, dtype):
     """Whether ``dispatcher`` has machine code in this process for an x (its first argument) of
     ``dtype``."""
     return any(str(getattr(sig[0], "dtype", "")) == dtype.name for sig in dispatcher.overloads)
+
+
+#: Set (to anything but "" or "0") in the environment before numba_bn is imported, every
+#: :func:`machine_code` call checks its arguments' types first (the test suite sets it).
+CHECK_CALLS = os.environ.get("NUMBA_BN_CHECK_DRIVER_CALLS", "") not in ("", "0")
+
+
+def machine_code(dispatcher, dtype):
+    """How a plan calls the serial twin ``dispatcher`` on an x of ``dtype``: the entry point of
+    its machine code for that dtype, which skips Numba's dispatch (typing each argument, ~25 ns
+    an array, and finding the overload: 0.2-0.4 us of a small call). None while it has none
+    (the first call compiles or loads it); the dispatcher itself when its overloads for the
+    dtype take arguments of more than one :func:`_kind` (or one without a kind).
+
+    The entry point unboxes what it is given as the types it was compiled for, unchecked: the
+    callers pass validated C-contiguous arrays of x's dtype and float64 vectors (the module's
+    first rule), Python floats and bools. Arrays that are read-only or unaligned run the same
+    machine code (the dispatcher would compile another copy): the drivers write only their
+    outputs, which the callers make or check writable, and x86-64 and AArch64 loads take any
+    address. With :data:`CHECK_CALLS` each call checks the arguments' kinds first."""
+    compiled = getattr(dispatcher, "overloads", None)
+    if compiled is None:  # a Python function (NUMBA_DISABLE_JIT)
+        return dispatcher
+    overloads = [(signature, code) for signature, code in compiled.items()
+                 if str(getattr(signature[0], "dtype", "")) == dtype.name]  # fmt: skip
+    if not overloads:
+        return None
+    kinds = {_kind(signature) for signature, _ in overloads}
+    if len(kinds) != 1 or None in kinds:
+        return dispatcher
+    entry = overloads[0][1].entry_point
+    return _checked(entry, kinds.pop(), dispatcher) if CHECK_CALLS else entry
+
+
+def _kind(signature):
+    """What a call's arguments must be to run the machine code of ``signature`` as Numba's
+    dispatch would: (dtype name, ndim) for a C-contiguous array, float for float64, bool for
+    boolean; None when another type is in it."""
+    kind = []
+    for argument in signature:
+        if isinstance(argument, numba.types.Array) and argument.layout == "C":
+            kind.append((str(argument.dtype), argument.ndim))
+        elif argument == numba.types.float64 or argument == numba.types.boolean:
+            kind.append(float if argument == numba.types.float64 else bool)
+        else:
+            return None
+    return tuple(kind)
+
+
+def _checked(entry, kind, dispatcher):
+    """``entry`` behind a check that its arguments are of ``kind`` (:data:`CHECK_CALLS`)."""
+
+    def run(*arguments):
+        if len(arguments) != len(kind) or not all(map(_fits, arguments, kind)):
+            given = [_kind_of(value) for value in arguments]
+            raise TypeError(f"{dispatcher.__name__}: arguments {given} for machine code {kind}")
+        return entry(*arguments)
+
+    run.__wrapped__ = dispatcher
+    return run
+
+
+def _fits(value, kind):
+    if kind is float:
+        return isinstance(value, float)  # np.float64 too; Numba types both float64
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    return isinstance(value, np.ndarray) and _kind_of(value) == kind
+
+
+def _kind_of(value):
+    if isinstance(value, np.ndarray):
+        return (value.dtype.name, value.ndim) if value.flags.c_contiguous else "not C-contiguous"
+    return type(value).__name__
 
 
 def cached_for(dispatcher, dtype):

@@ -1,0 +1,120 @@
+"""Serial plans call a driver's machine code without Numba's dispatch (numba_bn/cpu/drivers.py,
+machine_code): the same code, the same bits, and only where the types cannot differ."""
+
+import numba
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn import cpu
+from numba_bn.cpu import drivers
+
+from conftest import random_batch
+
+
+def _serial_plans(shape, dtype):
+    """(x, dy, weight, bias) of ``shape`` and the functional calls run twice on them: the first
+    compiles or loads the serial twins, the second plans their machine code."""
+    rng = np.random.default_rng(7)
+    x, dy = random_batch(rng, shape, dtype), random_batch(rng, shape, dtype)
+    weight, bias = random_batch(rng, (shape[1],), dtype), random_batch(rng, (shape[1],), dtype)
+    for _ in range(2):
+        _, mean, invstd = nbn.forward_train(x, weight, bias)
+        nbn.backward(dy, x, mean, invstd, weight)
+    return x, dy, weight, bias
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_serial_plan_calls_the_machine_code_of_the_twin_the_dispatcher_runs(dtype):
+    x, dy, weight, bias = _serial_plans((8, 6, 5, 3), dtype)
+    view = x.reshape(8, 6, 15)
+    for step in ("forward_train", "backward"):
+        run, fused = cpu._plan(step, view, may_fuse=True)
+        twin = cpu._driver(step, view, 1, may_fuse=True)[0]
+        assert run.__wrapped__ is twin  # the suite's check around the machine code
+        (entry,) = {code.entry_point for signature, code in twin.overloads.items()
+                    if str(signature[0].dtype) == np.dtype(dtype).name}  # fmt: skip
+        assert drivers.CHECK_CALLS and run is not entry
+    # the same bits as through Numba's dispatch
+    y, mean, invstd = nbn.forward_train(x, weight, bias)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd, weight)
+    cpu._PLANS.clear()
+    for step in ("forward_train", "backward"):  # plans that call the dispatchers
+        cpu._PLANS[step, view.shape, view.dtype, True, 0] = cpu._driver(step, view, 1, True)
+    try:
+        expected = nbn.forward_train(x, weight, bias)
+        expected += nbn.backward(dy, x, expected[1], expected[2], weight)
+    finally:
+        cpu._PLANS.clear()
+    for got, want in zip((y, mean, invstd, dx, dweight, dbias), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_read_only_inputs_run_the_same_machine_code_and_compile_nothing():
+    """Numba types a read-only array apart from a writable one: through its dispatch a read-only
+    batch compiled every driver of the step again (seconds each)."""
+    x, dy, weight, bias = _serial_plans((16, 12), np.float32)
+    view = x.reshape(16, 12, 1)
+    twins = [cpu._driver(step, view, 1, may_fuse=True)[0] for step in ("forward_train", "backward")]
+    compiled = [len(twin.overloads) for twin in twins]
+    y, mean, invstd = nbn.forward_train(x, weight, bias)
+    dx, dweight, dbias = nbn.backward(dy, x, mean, invstd, weight)
+    for array in (x, dy, weight, bias, mean, invstd):
+        array.flags.writeable = False
+    got = nbn.forward_train(x, weight, bias)
+    got += nbn.backward(dy, x, mean, invstd, weight)
+    assert [len(twin.overloads) for twin in twins] == compiled
+    for value, want in zip(got, (y, mean, invstd, dx, dweight, dbias), strict=True):
+        np.testing.assert_array_equal(value, want)
+
+
+def test_the_suites_check_names_arguments_the_machine_code_was_not_compiled_for():
+    x, dy, weight, bias = _serial_plans((16, 12), np.float32)
+    view, y = x.reshape(16, 12, 1), np.full((16, 12, 1), np.nan, np.float32)
+    ones = np.ones(12, np.float32)
+    for _ in range(2):
+        nbn.forward_eval(x, bias, ones)
+    run, _ = cpu._plan("forward_eval", view)
+    wrong = weight.astype(np.float64)  # a float64 weight for a float32 x
+    with pytest.raises(TypeError, match=r"forward_eval.*\('float64', 1\)"):
+        run(view, wrong, bias, bias, ones, 1e-5, y, view)
+    with pytest.raises(TypeError, match="not C-contiguous"):
+        run(view, weight, bias, bias, ones, 1e-5, y[::-1], view)
+    with pytest.raises(TypeError, match="int"):
+        run(view, weight, bias, bias, ones, 0, y, view)  # eps: Numba would type it int64
+    assert np.isnan(y).all()  # nothing ran
+    run(view, weight, bias, bias, ones, 1e-5, y, view)
+    assert not np.isnan(y).any()
+
+
+def _scale():
+    """A new dispatcher of three arguments: an array, a float and a flag."""
+
+    @numba.njit
+    def scale(a, factor, flag):
+        return a.sum() * factor if flag else 0.0
+
+    return scale
+
+
+def test_machine_code_only_where_every_overload_takes_the_same_kinds():
+    a = np.arange(4.0, dtype=np.float32)
+    scale = _scale()
+    assert drivers.machine_code(scale, a.dtype) is None  # nothing compiled yet
+    assert scale(a, 2.0, True) == 12.0
+    run = drivers.machine_code(scale, a.dtype)
+    assert run is not scale and run.__wrapped__ is scale and run(a, 2.0, True) == 12.0
+    assert drivers.machine_code(scale, np.dtype(np.float64)) is None  # another dtype
+    read_only = a.copy()
+    read_only.flags.writeable = False
+    scale(read_only, 2.0, True)  # another type for Numba, the same kinds
+    assert drivers.machine_code(scale, a.dtype) is not scale
+    scale(a[::2], 2.0, True)  # an "A" array: no kind
+    assert drivers.machine_code(scale, a.dtype) is scale
+    scale = _scale()
+    scale(a, np.float32(2.0), True)  # a float32 scalar: no kind
+    assert drivers.machine_code(scale, a.dtype) is scale
+    scale = _scale()
+    scale(a, 2.0, True)
+    scale(a, 2.0, 1)  # an int flag: no kind either, and two overloads the dispatcher chooses from
+    assert drivers.machine_code(scale, a.dtype) is scale
