@@ -6,10 +6,20 @@ import math
 import re
 import sys
 
+import llvmlite.binding as ll
 import numpy as np
 from numba import njit
 
-from numba_bn.stats import REDUCE_FASTMATH, Callee, _LinkedOnly, apart, callee, kernel, strict_copy
+from numba_bn.stats import (
+    REDUCE_FASTMATH,
+    Callee,
+    _LinkedOnly,
+    apart,
+    callee,
+    kernel,
+    strict_copy,
+    strict_ir,
+)
 
 from conftest import run_child
 
@@ -99,6 +109,13 @@ def test_a_callee_and_its_strict_copy_make_no_machine_code_of_their_own():
         assert compiled.library._compiled_object is None
     library, symbol = strict_copy(compiled.library.codegen, compiled)  # apart made it: cached
     assert isinstance(library, _LinkedOnly)
+    # nor optimised again: its IR is the kernel's, in the order the kernel's optimisation chose
+    # and with no flag that lets a pass reorder it (the callers optimise it with their code)
+    text, copied = strict_ir(compiled)
+    assert copied == symbol and "reassoc" not in text
+    final, parsed = (str(module).partition("\n")[2]  # after the module's name
+                     for module in (library._final_module, ll.parse_assembly(text)))  # fmt: skip
+    assert final == parsed
     (caller,) = outer.overloads.values()  # the caller links the strict copy, and calls it
     assert re.search(
         rf'^define [^@]*@"?{re.escape(symbol)}"?\(', caller.library.get_llvm_str(), re.M
