@@ -1,6 +1,8 @@
 """Serial plans call a driver's machine code without Numba's dispatch (numba_bn/cpu/drivers.py,
 machine_code): the same code, the same bits, and only where the types cannot differ."""
 
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import numba_bn as nbn
 from numba_bn import cpu
 from numba_bn.cpu import drivers
 
-from conftest import random_batch
+from conftest import random_batch, run_child
 
 
 def _serial_plans(shape, dtype):
@@ -118,3 +120,46 @@ def test_machine_code_only_where_every_overload_takes_the_same_kinds():
     scale(a, 2.0, True)
     scale(a, 2.0, 1)  # an int flag: no kind either, and two overloads the dispatcher chooses from
     assert drivers.machine_code(scale, a.dtype) is scale
+
+
+# The suite checks every call of a driver's machine code (conftest.py); a user's process calls
+# it as it is. The same calls with and without the check, in a child each: the same bits.
+UNCHECKED = """
+import hashlib, sys
+import numpy as np
+import numba_bn as nbn
+from numba_bn import cpu
+from numba_bn.cpu import drivers
+
+digest = hashlib.sha256()
+rng = np.random.default_rng(11)
+for shape in [(64, 32), (8, 16, 8, 8), (6, 5, 3, 3)]:  # rows, planes, short planes
+    for dtype in (np.float32, np.float64):
+        x = (rng.standard_normal(shape) * 3 + 4).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        weight = (rng.random(shape[1]) + 0.5).astype(dtype)
+        buffers = np.zeros(shape[1], dtype), np.ones(shape[1], dtype)
+        layer = nbn.BatchNorm(shape[1], dtype=dtype)
+        for _ in range(3):  # the first call of each compiles or loads: its plan is not kept
+            y, mean, invstd = nbn.forward_train(x, weight)
+            results = (y, mean, invstd, *nbn.backward(dy, x, mean, invstd, weight),
+                       nbn.batch_norm(x, *buffers, weight, training=True),
+                       nbn.forward_eval(x, *buffers, weight), layer(x), layer.backward(dy))
+        for array in (*results, *buffers, layer.running_mean, layer.grad_weight):
+            digest.update(np.ascontiguousarray(array).tobytes())
+kept = [plan[0] for plan in cpu._PLANS.values() if type(plan) is tuple]
+machine = [run for run in kept if not hasattr(run, "overloads")]
+assert kept and len(machine) == len(kept), kept
+assert drivers.CHECK_CALLS == (sys.argv[1] == "1")
+print(digest.hexdigest())
+"""
+
+
+def test_the_machine_code_gives_the_checked_calls_bits_unchecked():
+    digests = []
+    for check in ("1", "0"):
+        status, output = run_child([sys.executable, "-c", UNCHECKED, check],
+                                   {"NUMBA_BN_CHECK_DRIVER_CALLS": check})  # fmt: skip
+        assert status == 0, output
+        digests.append(output.split()[-1])
+    assert digests[0] == digests[1]
