@@ -388,7 +388,7 @@ class CpuBackend:
         _plan("backward_sums", x)[0](dy, x, mean, sum_dy, sum_dy_xmu)
 
     def backward_dx(self, dy, x, *, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
-        """``count`` (the values per channel: an int from a mask, the norms or an exchange) goes
-        to the driver as the float it divides by: one machine code for every caller."""
+        """``count`` (the values per channel; a mask's is an int, an exchange's a float) goes to
+        the driver as the float it divides by: one machine code for every caller."""
         run, _ = _plan("backward_dx", x)
         run(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, float(count), dx)
