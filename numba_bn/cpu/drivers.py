@@ -151,10 +151,16 @@ def _key_cache_on_sources(dispatcher):
     cache._index_key = lambda sig, codegen: (*index_key(sig, codegen), sources_digest())
 
 
+def _for_dtype(signature, dtype):
+    """Whether a driver's ``signature`` (Numba's argument types) takes an x (its first
+    argument) of ``dtype``."""
+    return str(getattr(signature[0], "dtype", "")) == dtype.name
+
+
 def loaded_for(dispatcher, dtype):
     """Whether ``dispatcher`` has machine code in this process for an x (its first argument) of
     ``dtype``."""
-    return any(str(getattr(sig[0], "dtype", "")) == dtype.name for sig in dispatcher.overloads)
+    return any(_for_dtype(signature, dtype) for signature in dispatcher.overloads)
 
 
 #: Set (to anything but "" or "0") in the environment before numba_bn is imported, every
@@ -179,7 +185,7 @@ def machine_code(dispatcher, dtype):
     if compiled is None:  # a Python function (NUMBA_DISABLE_JIT)
         return dispatcher
     overloads = [(signature, code) for signature, code in compiled.items()
-                 if str(getattr(signature[0], "dtype", "")) == dtype.name]  # fmt: skip
+                 if _for_dtype(signature, dtype)]  # fmt: skip
     if not overloads:
         return None
     kinds = {_kind(signature) for signature, _ in overloads}
@@ -197,11 +203,14 @@ def _kind(signature):
     for argument in signature:
         if isinstance(argument, numba.types.Array) and argument.layout == "C":
             kind.append((str(argument.dtype), argument.ndim))
-        elif argument == numba.types.float64 or argument == numba.types.boolean:
-            kind.append(float if argument == numba.types.float64 else bool)
+        elif argument in _SCALAR_KINDS:
+            kind.append(_SCALAR_KINDS[argument])
         else:
             return None
     return tuple(kind)
+
+
+_SCALAR_KINDS = {numba.types.float64: float, numba.types.boolean: bool}
 
 
 def _checked(entry, kind, dispatcher):
@@ -243,11 +252,7 @@ def cached_for(dispatcher, dtype):
         index = cache._cache_file._load_index()  # {} when missing, stale or of another Numba
     except Exception:  # another Numba's cache layout
         return True
-    return any(
-        key[1:] == wanted and str(getattr(key[0][0], "dtype", "")) == dtype.name
-        for key in index
-        if key and key[0]
-    )
+    return any(key[1:] == wanted and _for_dtype(key[0], dtype) for key in index if key and key[0])
 
 
 def lock_cache_saves(dispatcher):
