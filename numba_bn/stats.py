@@ -409,10 +409,9 @@ class RunningUpdate(NamedTuple):
     unbiased: bool
 
 
-@functools.cache
 def no_running_update(dtype):
-    """Zero-length buffers: what the kernels take for "no running update" (one per dtype: with no
-    elements they hold nothing to share)."""
+    """Zero-length buffers: what the kernels take for "no running update" (one per dtype is
+    enough: with no elements they hold nothing to share; numba_bn.cpu keeps one each)."""
     return RunningUpdate(np.empty(0, dtype), np.empty(0, dtype), 0.0, True)
 
 

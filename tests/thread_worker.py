@@ -30,8 +30,8 @@ def main(threads=4, calls=50):
     assert all(x.size >= least for x in inputs[1:])
     parallel = sum(threads_for("forward_train", x.size) > 1 for x in inputs)
     # y and the statistics; dx and the parameter gradients (the float64 statistics and sums
-    # these calls do not return are scratch shared by calls of as many channels: the first
-    # two have 8, one serial and one parallel)
+    # these calls do not return are a scratch kept per thread and channel count, which a
+    # scratch shared by threads would break: the first two have 8, one serial and one parallel)
     cases = [lambda x=x, a=a: nbn.forward_train(x, axis=a)
              for x, a in zip(inputs, axes, strict=True)]  # fmt: skip
     trained = [case()[1:] for case in cases]
