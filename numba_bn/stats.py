@@ -254,6 +254,53 @@ def apart(typingctx, function, arguments):
     return signature.return_type(function, arguments), codegen
 
 
+def _integer_choice(a, b, order):
+    """The typing of :func:`imin` (``order`` "<") and :func:`imax` (">"): two integers of one
+    signedness (literals too) compared as intp or uintp; None (a typing error) otherwise."""
+    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer) and a.signed == b.signed):
+        return None
+    common = types.intp if a.signed else types.uintp
+
+    def codegen(context, builder, sig, args):
+        x, y = (context.cast(builder, v, t, common) for v, t in zip(args, sig.args, strict=True))
+        compare = builder.icmp_signed if common.signed else builder.icmp_unsigned
+        return builder.select(compare(order, x, y), x, y)
+
+    return common(a, b), codegen
+
+
+@intrinsic
+def imin(typingctx, a, b):
+    """``min(a, b)`` of two integers, as one ``select`` in the caller's code. Numba's ``min``
+    and ``max`` are overloads whose implementations compile as functions of their own, once per
+    set of the caller's options: three or four per cold driver, ~25 ms each, on every first
+    call's path (benchmarks/README.md, "Stop 53")."""
+    return _integer_choice(a, b, "<")
+
+
+@intrinsic
+def imax(typingctx, a, b):
+    """``max(a, b)`` of two integers (:func:`imin`)."""
+    return _integer_choice(a, b, ">")
+
+
+@intrinsic
+def overflow_limit(typingctx, values):
+    """``np.finfo(dtype).max * np.finfo(dtype).eps * 0.125`` for the dtype of the array
+    ``values``, as a float64 constant (the product is exact in the dtype: a power of two times
+    max's significand): :func:`prescale`'s threshold. ``np.finfo`` in compiled code compiles
+    two implementations of its own per dtype, ~75 ms of each cold driver."""
+    if not isinstance(values, types.Array) or not isinstance(values.dtype, types.Float):
+        return None
+    info = np.finfo(np.dtype(str(values.dtype)))
+    limit = float(info.max * info.eps) * 0.125
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.float64, limit)
+
+    return types.float64(values), codegen
+
+
 @kernel(inline="always")
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Merge two ``(count, mean, M2)`` states; counts are floats so any size fits."""
@@ -482,8 +529,7 @@ def prescale(mean, coef):
     within an ulp of it: below a quarter ulp (max * eps / 8) the difference rounds to at most
     the maximum, whatever x. Beyond, x / 4 - mean / 4 cannot overflow.
     """
-    limit = np.finfo(coef.dtype).max * np.finfo(coef.dtype).eps * 0.125
-    return 0.25 if abs(mean) >= limit else 1.0
+    return 0.25 if abs(mean) >= overflow_limit(coef) else 1.0
 
 
 @kernel(cache=True)

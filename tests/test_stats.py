@@ -2,6 +2,7 @@
 
 import math
 
+import numba
 import numpy as np
 import pytest
 
@@ -11,8 +12,11 @@ from numba_bn.stats import (
     DX_ROWS,
     chan_merge,
     finalize,
+    imax,
+    imin,
     invstd_of,
     kernel,
+    overflow_limit,
     prescale,
     running_update,
     runs_stats,
@@ -197,6 +201,34 @@ def test_split_hi_lo_keeps_the_float64_value_in_float32_parts():
     split_hi_lo(value, out, 0, 0)
     assert out[0, 0] == np.float32(value)
     assert float(out[0, 0]) + float(out[1, 0]) == pytest.approx(value, rel=1e-14)
+
+
+@kernel
+def _choices(a, b, ua, ub):
+    return imin(a, b), imax(a, b), imin(ua, ub), imax(ua, ub), imin(a, 7), imax(7, a)
+
+
+def test_imin_and_imax_choose_as_min_and_max_do():
+    top = 2**63 + 5  # unsigned above int64's range: a signed comparison takes it for negative
+    for a, b in [(3, -5), (-5, 3), (4, 4), (2**40, -(2**40)), (7, 9)]:
+        ua, ub = np.uint64(top if a > 0 else abs(a)), np.uint64(abs(b))
+        expected = (min(a, b), max(a, b), min(int(ua), int(ub)), max(int(ua), int(ub)),
+                    min(a, 7), max(7, a))  # fmt: skip
+        assert _choices(a, b, ua, ub) == expected
+
+
+def test_imin_takes_integers_of_one_signedness_only():
+    with pytest.raises(numba.TypingError):
+        kernel(lambda a, b: imin(a, b))(np.int64(1), np.uint64(2))
+    with pytest.raises(numba.TypingError):
+        kernel(lambda a, b: imax(a, b))(1, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_overflow_limit_is_max_times_eps_over_8_of_the_arrays_dtype(dtype):
+    info = np.finfo(dtype)
+    limit = kernel(lambda values: overflow_limit(values))(np.empty(1, dtype))
+    assert type(limit) is float and limit == float(info.max) * float(info.eps) / 8
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

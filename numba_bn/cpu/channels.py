@@ -28,7 +28,17 @@ import math
 import numpy as np
 from numba import uint64
 
-from ..stats import callee, chan_merge, finalize, folded_shift, kernel, prescale, split_hi_lo
+from ..stats import (
+    callee,
+    chan_merge,
+    finalize,
+    folded_shift,
+    imax,
+    kernel,
+    overflow_limit,
+    prescale,
+    split_hi_lo,
+)
 
 
 # --------------------------------------------------------------------------------- one channel
@@ -66,13 +76,9 @@ def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
 # The same operations as above, a row per loop. Indices are unsigned (a signed one of unknown
 # sign gets negative-index wraparound, which keeps LLVM from vectorising), and helpers called in
 # a loop take no array whose dtype they inspect: stats.prescale's np.finfo(coef.dtype), inlined
-# into a loop, kept the loop scalar (measured: 10 ns a channel against 4.5), so its threshold is
-# evaluated once per call here (_prescale_limit; tests/test_channels.py pins it to prescale's).
-@kernel(inline="always")
-def _prescale_limit(coef):
-    return np.finfo(coef.dtype).max * np.finfo(coef.dtype).eps * 0.125
-
-
+# into a loop, kept the loop scalar (measured: 10 ns a channel against 4.5), so the threshold
+# (stats.overflow_limit, now a constant of the dtype) is taken once per call here and passed to
+# _pre (tests/test_channels.py pins _pre to prescale).
 @kernel(inline="always")
 def _pre(mean, limit):
     """stats.prescale, with the dtype's threshold ``limit``."""
@@ -82,7 +88,7 @@ def _pre(mean, limit):
 @kernel(inline="always")
 def _mean_rows(c0, c1, mean, coef, pre_row):
     """Rows 0, 1 (mean_hi, mean_lo: stats.split_hi_lo) and ``pre_row`` of channels c0:c1."""
-    limit = _prescale_limit(coef)
+    limit = overflow_limit(coef)
     cast = coef.dtype.type
     for c in range(uint64(c0), uint64(c1)):
         coef[0, c] = mean[c] * _pre(mean[c], limit)
@@ -129,7 +135,7 @@ def _final_scale(invstd, weight, c):
 def _affine_rows(c0, c1, mean, invstd, weight, bias, coef):
     """Affine rows of channels c0:c1 from float64 ``mean``, ``invstd``."""
     _mean_rows(c0, c1, mean, coef, 4)
-    limit = _prescale_limit(coef)
+    limit = overflow_limit(coef)
     for c in range(uint64(c0), uint64(c1)):
         coef[2, c] = _final_scale(invstd[c], weight, c) / _pre(mean[c], limit)
     for c in range(uint64(c0), uint64(c1)):  # the shift, mean_lo folded in
@@ -163,9 +169,9 @@ def group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias
     """affine_coefficients of the channels of groups g0:g1 (group norm: channel ``ng *
     group_channels + j`` has the float64 ``mean[ng]``, ``invstd[ng]`` of its group; weight and
     bias (C,) or zero-length), a row per loop over a group's channels."""
-    limit = _prescale_limit(coef)
+    limit = overflow_limit(coef)
     cast = coef.dtype.type
-    width, channels = uint64(group_channels), max(weight.size, bias.size)
+    width, channels = uint64(group_channels), imax(weight.size, bias.size)
     s0 = sample_channel(g0, group_channels, channels)
     for ng in range(g0, g1):
         c0 = uint64(ng * group_channels)
@@ -205,7 +211,7 @@ def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
     """``coef`` affine rows from frozen running statistics, every channel."""
     channels = coef.shape[1]
     _mean_rows(0, channels, running_mean, coef, 4)
-    limit = _prescale_limit(coef)
+    limit = overflow_limit(coef)
     for c in range(uint64(channels)):
         invstd = 1.0 / math.sqrt(running_var[c] + eps)
         coef[2, c] = _final_scale(invstd, weight, c) / _pre(running_mean[c], limit)
@@ -237,7 +243,7 @@ def add_channels(c0, c1, part, sum_dy, sum_dy_xmu):
 @kernel(inline="always")
 def _dx_rows(c0, c1, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     _mean_rows(c0, c1, mean, coef, 5)
-    limit = _prescale_limit(coef)
+    limit = overflow_limit(coef)
     for c in range(uint64(c0), uint64(c1)):  # term 3: projection onto x_hat
         pre = _pre(mean[c], limit)
         coef[2, c] = invstd[c] * invstd[c] * sum_dy_xmu[c] / count / pre

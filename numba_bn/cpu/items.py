@@ -60,7 +60,7 @@ import types
 
 import numpy as np
 
-from ..stats import apart, callee, kernel
+from ..stats import apart, callee, imax, imin, kernel
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
@@ -169,9 +169,9 @@ def row_tile(outer, width):
     was one item, and its statistics ran no faster on two threads than on one). A tile is a set
     of whole columns, each reduced as in any tile (row blocks merged in row order): the tile
     decides which item computes a column, never its bits."""
-    chunks, rows = -(-outer // ROW_CHUNK), min(outer, ROW_CHUNK)
+    chunks, rows = -(-outer // ROW_CHUNK), imin(outer, ROW_CHUNK)
     tile = wanted_units(width * chunks, rows)  # a column of a chunk: rows values
-    return min(CHANNEL_TILE, max(MIN_CHANNEL_TILE, -(-tile // 16) * 16))
+    return imin(CHANNEL_TILE, imax(MIN_CHANNEL_TILE, -(-tile // 16) * 16))
 
 
 @callee
@@ -204,10 +204,10 @@ def reduce_items(outer, channels, inner):
 def reduce_item_elements(outer, channels, inner):
     """Elements one reduction item reads (the largest item)."""
     if inner == 1 or short_planes_jit(outer, inner):
-        return min(outer, ROW_CHUNK) * row_tile(outer, channels * inner)
+        return imin(outer, ROW_CHUNK) * row_tile(outer, channels * inner)
     if inner >= PLANE_BLOCK:
         return PLANE_BLOCK
-    return min(outer, PLANE_BLOCK // inner) * inner
+    return imin(outer, PLANE_BLOCK // inner) * inner
 
 
 @callee
@@ -222,10 +222,10 @@ def elementwise_items(outer, channels, inner):
 @callee
 def elementwise_item_elements(outer, channels, inner):
     if inner == 1 or short_planes_jit(outer, inner):
-        return min(outer, row_span_rows(outer, channels * inner)) * channels * inner
+        return imin(outer, row_span_rows(outer, channels * inner)) * channels * inner
     if inner >= PLANE_BLOCK:
         return PLANE_BLOCK
-    return min(outer * channels, plane_run_planes(outer, channels, inner)) * inner
+    return imin(outer * channels, plane_run_planes(outer, channels, inner)) * inner
 
 
 @callee
@@ -274,7 +274,7 @@ def _row_item_range(item, outer, channels):
     ntiles = -(-channels // tile)
     k, t = item // ntiles, item % ntiles
     r0, c0 = k * ROW_CHUNK, t * tile
-    return k, r0, min(r0 + ROW_CHUNK, outer), c0, min(c0 + tile, channels)
+    return k, r0, imin(r0 + ROW_CHUNK, outer), c0, imin(c0 + tile, channels)
 
 
 @kernel(inline="always")
@@ -389,8 +389,8 @@ def channel_items(channels):
 @kernel(inline="always")
 def _group(item, channels):
     """Channels c0:c1 of channel item ``item``; empty past the last group."""
-    c0 = min(item * CHANNEL_GROUP, channels)
-    return c0, min(c0 + CHANNEL_GROUP, channels)
+    c0 = imin(item * CHANNEL_GROUP, channels)
+    return c0, imin(c0 + CHANNEL_GROUP, channels)
 
 
 @kernel(inline="always")
@@ -433,7 +433,7 @@ def _plane_block(item, channels, inner):
     nblk = plane_segments_jit(inner)
     plane, b = item // nblk, item % nblk
     start = plane * inner + b * PLANE_BLOCK
-    return plane % channels, start, min(start + PLANE_BLOCK, (plane + 1) * inner)
+    return plane % channels, start, imin(start + PLANE_BLOCK, (plane + 1) * inner)
 
 
 @kernel(inline="always")
@@ -441,7 +441,7 @@ def _plane_run(item, outer, channels, inner):
     """Planes p0:p1 (flat plane index n * C + c) of elementwise item ``item`` of short planes."""
     planes = plane_run_planes(outer, channels, inner)
     p0 = item * planes
-    return p0, min(p0 + planes, outer * channels)
+    return p0, imin(p0 + planes, outer * channels)
 
 
 @kernel(inline="always")
@@ -454,7 +454,7 @@ def flat_items(size):
 def flat_item(item, size):
     """[start, stop) of flat item ``item``."""
     start = item * ELEMENTWISE_SPAN
-    return start, min(start + ELEMENTWISE_SPAN, size)
+    return start, imin(start + ELEMENTWISE_SPAN, size)
 
 
 # Elementwise items take the flat arrays and the view's shape (a reshape per item costs reference
@@ -466,7 +466,7 @@ def normalize_item_rows(x, y, shape, item, coef, z, epilogue):
     outer, channels, _ = shape
     rows = row_span_rows(outer, channels)
     r0 = item * rows
-    rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0, min(r0 + rows, outer),
+    rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0, imin(r0 + rows, outer),
                 0, channels, coef, z.reshape(outer, channels), epilogue)  # fmt: skip
 
 
@@ -506,7 +506,7 @@ def dx_item_rows(dy, x, dx, shape, item, coef):
     rows = row_span_rows(outer, channels)
     r0 = item * rows
     rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels), dx.reshape(outer, channels),
-            r0, min(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+            r0, imin(r0 + rows, outer), 0, channels, coef)  # fmt: skip
 
 
 @kernel(inline="always")

@@ -38,6 +38,8 @@ from ..stats import (
     callee,
     chan_merge,
     four_runs,
+    imax,
+    imin,
     kernel,
     one_pass_exact,
     runs_stats,
@@ -78,14 +80,14 @@ def wanted_units(units, unit):
     """Units of ``unit`` elements per item, ``units`` in all, for ITEMS_WANTED items where each
     keeps ITEM_MIN_ELEMENTS: the rule of the elementwise items (rows, planes) and of the
     reduction tiles (columns of a row chunk, items.row_tile); each caller bounds it."""
-    return max(-(-units // ITEMS_WANTED), -(-ITEM_MIN_ELEMENTS // unit))
+    return imax(-(-units // ITEMS_WANTED), -(-ITEM_MIN_ELEMENTS // unit))
 
 
 @kernel(inline="always")
 def _span_units(units, unit):
     """Units (rows or planes) of ``unit`` elements per elementwise item of ``units`` of them:
     ELEMENTWISE_SPAN elements at most, wanted_units where they are fewer."""
-    return max(1, min(ELEMENTWISE_SPAN // unit, wanted_units(units, unit)))
+    return imax(1, imin(ELEMENTWISE_SPAN // unit, wanted_units(units, unit)))
 
 
 @callee
@@ -162,10 +164,10 @@ def segment_runs(outer, channels, inner, c, segment):
         nblk = plane_segments_jit(inner)
         n, block = segment // nblk, segment % nblk
         start = (n * channels + c) * inner + block * PLANE_BLOCK
-        return start, min(PLANE_BLOCK, inner - block * PLANE_BLOCK), pitch, 1
+        return start, imin(PLANE_BLOCK, inner - block * PLANE_BLOCK), pitch, 1
     group = PLANE_BLOCK // inner
     n0 = segment * group
-    return (n0 * channels + c) * inner, inner, pitch, min(group, outer - n0)
+    return (n0 * channels + c) * inner, inner, pitch, imin(group, outer - n0)
 
 
 # ---------------------------------------------------------------------------- forward statistics
@@ -279,7 +281,7 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2, 
         m2_out[j] = 0.0
     count = 0.0
     for b0 in range(r0, r1, ROW_BLOCK):
-        b1 = min(b0 + ROW_BLOCK, r1)
+        b1 = imin(b0 + ROW_BLOCK, r1)
         if one_pass_exact(x):
             _one_pass_moments(x, b0, b1, c0, width, block_mean, block_m2, block_shift)
         else:
