@@ -410,9 +410,12 @@ def hold_loads(dispatcher):
         return
 
     def load_overload(sig, target_context):
-        if _workers:
-            return wait_for(dispatcher, lambda: load(sig, target_context))
-        return load(sig, target_context)
+        from .compiling import collector_held  # (compiling imports this module)
+
+        with collector_held():
+            if _workers:
+                return wait_for(dispatcher, lambda: load(sig, target_context))
+            return load(sig, target_context)
 
     cache.load_overload = load_overload
 

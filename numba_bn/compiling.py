@@ -185,11 +185,7 @@ def _line(name, args, dispatcher):
 
 class _Listener(event.Listener):
     """Announces and records the compiles of drivers started from outside any other compile,
-    and holds Python's cyclic garbage collector off while one compiles: Numba's compile makes
-    objects by the million, and the collections they set off took 0.84-0.93 s (1264 of them)
-    of a cold (64, 32) training step, 0.43 s (259) with the collector off (the step 8.6-8.9 ->
-    8.2 s, 231 -> 263 MB at the peak; stop 43, benchmarks/README.md). The collector runs
-    again after the compile, as it was."""
+    and holds Python's cyclic garbage collector off while one compiles (:func:`_hold`)."""
 
     # Numba sends every compile of the process here, the user's own functions too; nothing here
     # may raise into a compile.
@@ -197,11 +193,9 @@ class _Listener(event.Listener):
         stack = _state.__dict__.setdefault("stack", [])
         dispatcher = ev.data["dispatcher"]
         name = driver_name(dispatcher) if not stack else None
-        stack.append((name, time.perf_counter(), name is not None and gc.isenabled()))
+        stack.append((name, time.perf_counter(), name is not None and _hold(compile=True)))
         if name is None:
             return
-        if stack[-1][2]:  # no collection while it compiles (below)
-            gc.disable()
         args = ev.data["args"]
         if not quiet():
             try:
@@ -215,9 +209,8 @@ class _Listener(event.Listener):
         stack = getattr(_state, "stack", None)
         if not stack:
             return
-        name, start, collecting = stack.pop()
-        if collecting:
-            gc.enable()
+        name, start, held = stack.pop()
+        _release(held, compile=True)
         if name is None:
             return
         seconds = time.perf_counter() - start
@@ -225,6 +218,64 @@ class _Listener(event.Listener):
         _speed[0] = min(4.0, max(0.25, seconds / estimate))
         for record in list(_recorders):
             record.append((name, seconds))
+
+
+# ------------------------------------------------------------ the collector while Numba works
+# Numba's compile makes objects by the million, and the collections they set off took 0.84-0.93 s
+# (1264 of them) of a cold (64, 32) training step, 0.43 s (259) with the collector off (the step
+# 8.6-8.9 -> 8.2 s, 231 -> 263 MB at the peak; stop 43, benchmarks/README.md). So the collector
+# is off while a driver compiles, and while a driver's machine code is looked up in the cache
+# (ahead.hold_loads: the process's first lookup starts Numba's target, ~130 collections).
+#
+# When the collector comes back on, the compile's ~300K objects (~295K of them garbage in
+# cycles) are all in the youngest generation, and the next allocation's collection scanned and
+# freed them: 0.16-0.2 s after each compile, on the first call's path. _release moves the young
+# objects (the program's few too) to the oldest generation instead (gc.freeze then gc.unfreeze:
+# two list splices), where Python's next full collection frees them; if none has run by the next
+# compile, that compile runs one first, so that one compile's garbage (~40 MB) waits at most.
+# Not when objects are frozen already (a forked server's gc.freeze, or the compile-ahead worker's,
+# :func:`.ahead._fork`): unfreezing would hand those to the collector, so the young collection
+# takes the compile's objects as before.
+_waiting = []  # [full collections so far] while a compile's garbage waits for the next one
+
+
+def _full_collections():
+    return gc.get_stats()[-1]["collections"]
+
+
+def _hold(compile):
+    """Turn Python's collector off if it is on; returns whether this call did. Before a
+    ``compile``, the previous compile's garbage is collected if it still waits."""
+    if not gc.isenabled():
+        return False
+    if compile and _waiting:
+        if _waiting.pop() == _full_collections():
+            gc.collect()
+    gc.disable()
+    return True
+
+
+def _release(held, compile):
+    """Turn the collector back on after :func:`_hold` turned it off (``held``), the objects of
+    the block moved to the oldest generation (above)."""
+    if not held:
+        return
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
+        if compile:
+            _waiting[:] = [_full_collections()]
+    gc.enable()
+
+
+@contextlib.contextmanager
+def collector_held():
+    """The collector off in the block (a cache lookup), as around a compile."""
+    held = _hold(compile=False)
+    try:
+        yield
+    finally:
+        _release(held, compile=False)
 
 
 _LISTENER = _Listener()

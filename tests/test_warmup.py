@@ -113,6 +113,51 @@ def test_the_collector_is_off_while_a_driver_compiles_and_as_it_was_after(tmp_pa
     assert "disabled before: False" in output, output
 
 
+# The objects a driver's compile leaves (compiling._release): the collections of each call, with
+# Python's own full collections off (threshold 2), so that only numba_bn's gc.collect() runs one
+GC_AFTER_COMPILES = """
+import gc
+import numpy as np, numba_bn as nbn
+gc.set_threshold(700, 10, 10**9)
+seen = []
+gc.callbacks.append(lambda phase, info: phase == "stop" and seen.append(
+    (info["generation"], info["collected"])))
+def call(label, x):
+    channels = x.shape[1]
+    nbn.forward_eval(x, np.zeros(channels, x.dtype), np.ones(channels, x.dtype))
+    [[] for _ in range(20000)]  # young collections after it
+    print(label, seen); seen.clear()
+call("first:", np.ones((64, 32), np.float32))
+call("second:", np.ones((64, 32)))
+print("collected after:", gc.collect())
+gc.freeze()
+call("frozen:", np.ones((2, 3, 5), np.float32))
+print("still frozen:", gc.get_freeze_count() > 0, "collected after:", gc.collect())
+print("done")
+"""
+MANY = 20_000  # an eval driver's compile leaves ~50-80K objects in cycles, a forward's ~300K
+
+
+def test_a_compiles_garbage_waits_for_a_full_collection_or_the_next_compile(tmp_path):
+    output, _ = _run(GC_AFTER_COMPILES, tmp_path, NUMBA_BN_QUIET="1")
+
+    def collections(label):
+        return eval(re.search(rf"^{label}: (.*)$", output, re.MULTILINE).group(1))
+
+    # no young collection scans the compile's objects: they wait in the oldest generation
+    assert all(collected < MANY for _, collected in collections("first")), output
+    # the next compile collects them first, in one full collection; its own objects wait
+    assert [c for generation, c in collections("second") if c >= MANY and generation == 2], output
+    assert all(c < MANY for generation, c in collections("second") if generation < 2), output
+    after = [int(n) for n in re.findall(r"collected after: (\d+)", output)]
+    assert after[0] >= MANY, output
+    # with objects frozen (a forked server's), nothing is unfrozen, and the young collections
+    # take the compile's objects as before
+    assert "still frozen: True" in output, output
+    assert [c for generation, c in collections("frozen") if c >= MANY and generation < 2], output
+    assert after[1] < MANY, output
+
+
 # The kernels of one memory shape only (cpu/kernels.py): a call compiles its own shape's alone.
 ROWS_KERNELS = {"rows_chunk_stats", "rows_chunk_sums", "rows_affine", "rows_dx"}
 PLANES_KERNELS = {"plane_segment_stats", "plane_segment_sums", "affine_planes", "affine_range",
