@@ -209,8 +209,9 @@ def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
     assert {"affine_planes", "affine_range"} & planes and not planes & ROWS_KERNELS, planes
     for memory in ("rows", "planes"):
         overloads = eval(re.search(rf"^{memory} overloads: (.*)$", output, re.MULTILINE).group(1))
-        assert any(name.startswith("ol_np_empty.") for name in overloads), output  # (it sees)
         assert not [name for name in overloads if name.startswith(NOT_COMPILED)], output
+        if memory == "rows":  # (the listener sees them: the first compile's np.empty)
+            assert any(name.startswith("ol_np_empty.") for name in overloads), output
 
 
 def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path, monkeypatch):
