@@ -301,6 +301,28 @@ def overflow_limit(typingctx, values):
     return types.float64(values), codegen
 
 
+@intrinsic
+def empty(typingctx, shape, dtype):
+    """``np.empty(shape, dtype)`` (a tuple of integers; x.dtype or a NumPy scalar type) as
+    Numba's own allocates it, in the caller's code. ``np.empty`` is an overload whose
+    implementation compiles as a function of its own for each shape type and dtype, three or
+    four per cold driver (~0.03-0.08 s each; benchmarks/README.md, "Stop 53")."""
+    # Numba's own pieces of np.empty, imported as a compile needs them (as Numba loads them)
+    from numba.core.typing.npydecl import parse_dtype, parse_shape
+    from numba.np.arrayobj import _empty_nd_impl, _parse_shape
+
+    ndim, element = parse_shape(shape), parse_dtype(dtype)
+    if ndim is None or element is None:
+        return None
+    array = types.Array(element, ndim, "C")
+
+    def codegen(context, builder, sig, args):
+        sizes = _parse_shape(context, builder, sig.args[0], args[0])
+        return _empty_nd_impl(context, builder, array, sizes)._getvalue()
+
+    return array(shape, dtype), codegen
+
+
 @kernel(inline="always")
 def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Merge two ``(count, mean, M2)`` states; counts are floats so any size fits."""

@@ -11,6 +11,7 @@ from numba_bn.stats import (
     AFFINE_ROWS,
     DX_ROWS,
     chan_merge,
+    empty,
     finalize,
     imax,
     imin,
@@ -222,6 +223,37 @@ def test_imin_takes_integers_of_one_signedness_only():
         kernel(lambda a, b: imin(a, b))(np.int64(1), np.uint64(2))
     with pytest.raises(numba.TypingError):
         kernel(lambda a, b: imax(a, b))(1, 2.0)
+
+
+@kernel
+def _allocated(x, n):
+    a, b = empty((2, n), x.dtype), empty((3, n, 0), np.float64)
+    a[:] = 1.5
+    return a, b, empty((n,), np.float32)
+
+
+def test_empty_allocates_as_np_empty_and_frees():
+    from numba.core.runtime import _nrt_python as nrt  # Numba's allocation counters
+
+    enabled = nrt.memsys_stats_enabled()
+    nrt.memsys_enable_stats()
+    try:
+        for dtype in (np.float32, np.float64):
+            _allocated(np.ones(1, dtype), 4)  # compiled
+            before = (nrt.memsys_get_stats_alloc(), nrt.memsys_get_stats_free())
+            a, b, c = _allocated(np.ones(1, dtype), 5)
+            assert (a.shape, a.dtype, b.shape, b.dtype, c.shape, c.dtype) == (
+                (2, 5), dtype, (3, 5, 0), np.float64, (5,), np.float32)  # fmt: skip
+            assert all(v.flags.c_contiguous and v.flags.writeable for v in (a, b, c))
+            assert (a == 1.5).all()
+            del a, b, c
+            after = (nrt.memsys_get_stats_alloc(), nrt.memsys_get_stats_free())
+            assert after[0] - before[0] == after[1] - before[1] >= 3  # all freed
+    finally:
+        if not enabled:
+            nrt.memsys_disable_stats()
+    with pytest.raises(numba.TypingError):
+        kernel(lambda n: empty(n, np.float64))(3.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -43,7 +43,15 @@ import numpy as np
 from numba import prange
 
 from .. import ahead
-from ..stats import AFFINE_ROWS, DX_ROWS, first_negative, kernel, merge_moments, running_update
+from ..stats import (
+    AFFINE_ROWS,
+    DX_ROWS,
+    empty,
+    first_negative,
+    kernel,
+    merge_moments,
+    running_update,
+)
 from .items import (
     ITEM_SCRATCH_SHAPE,
     ITEMS,
@@ -315,20 +323,21 @@ lock_cache_saves(merge_moments)
 def _stats_loop(x, part):
     """Partials (=) of every reduction item."""
     outer, channels, inner = x.shape
-    x_flat, unused = x.reshape(x.size), np.empty((ITEM_SCRATCH_SHAPE[0], 0))
+    x_flat, unused = x.reshape(x.size), empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64)
     rows = inner == 1 or short_planes_jit(outer, inner)
     for item in prange(reduce_items(outer, channels, inner)):
         # rows and short planes items take ITEM_SCRATCH_SHAPE, one per item (a thread's)
-        scratch = np.empty(ITEM_SCRATCH_SHAPE) if rows else unused
+        scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if rows else unused
         stats_item(x_flat, x.shape, item, part, scratch)  # noqa: F821
 
 
 def _sums_loop(dy, x, mean, part):
     outer, channels, inner = x.shape
     dy_flat, x_flat = dy.reshape(dy.size), x.reshape(x.size)
-    unused, short = np.empty((ITEM_SCRATCH_SHAPE[0], 0)), short_planes_jit(outer, inner)
+    unused, short = empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64), short_planes_jit(outer, inner)
     for item in prange(reduce_items(outer, channels, inner)):
-        scratch = np.empty(ITEM_SCRATCH_SHAPE) if short else unused  # short planes items' only
+        # short planes items' only
+        scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if short else unused
         sums_item(dy_flat, x_flat, x.shape, item, mean, part, scratch)  # noqa: F821
 
 
@@ -367,7 +376,7 @@ LOOPS = {
 def _batch_stats(x, mean, m2):
     """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
     outer, channels, inner = x.shape
-    part = np.empty((3, parts(outer, inner), channels))
+    part = empty((3, parts(outer, inner), channels), np.float64)
     _stats_loop(x, part)
     if channel_items(channels) == 1:  # see _forward_train_split
         merge_channel(0, part, mean, m2)
@@ -380,7 +389,7 @@ def _batch_stats(x, mean, m2):
 def _normalize(x, mean, invstd, weight, bias, y, z):
     """y = (x - mean) * invstd * weight + bias from float64 per-channel ``mean``, ``invstd``,
     then the EPILOGUE with ``z`` (x itself when it has no residual, and not read)."""
-    coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
+    coef = empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         affine_coefficients(c, mean[c], invstd[c], weight, bias, coef)
     _normalize_loop(x, coef, y, z, EPILOGUE)
@@ -389,7 +398,7 @@ def _normalize(x, mean, invstd, weight, bias, y, z):
 def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=, float64, (C,)): the per-channel reduction of the backward."""
     outer, channels, inner = x.shape
-    part = np.empty((2, parts(outer, inner), channels))
+    part = empty((2, parts(outer, inner), channels), np.float64)
     _sums_loop(dy, x, mean, part)
     if channel_items(channels) == 1:  # see _forward_train_split
         add_channel(0, part, sum_dy, sum_dy_xmu)
@@ -401,7 +410,7 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
 def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
     """dx from the reductions ``sum_dy``, ``sum_dy_xmu`` over ``count`` values per channel
     (which may be those of a larger batch than x: SyncBatchNorm's global batch)."""
-    coef = np.empty((DX_ROWS, x.shape[1]), x.dtype)
+    coef = empty((DX_ROWS, x.shape[1]), x.dtype)
     for c in range(x.shape[1]):
         dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
     _dx_loop(dy, x, coef, dx)
@@ -446,8 +455,8 @@ def _forward_train_split(
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
-    coef = np.empty((AFFINE_ROWS, channels), x.dtype)
-    part = np.empty((3, parts(outer, inner), channels))
+    coef = empty((AFFINE_ROWS, channels), x.dtype)
+    part = empty((3, parts(outer, inner), channels), np.float64)
     _stats_loop(x, part)
     # One channel item (up to CHANNEL_GROUP channels) runs on this thread: a parallel region
     # costs ~1.2 us to start and finish, also when one thread has all its work
@@ -473,7 +482,7 @@ def _forward_train_fused(
     memory once. y is written channel by channel, so with ``nan_check`` it may be written when
     False comes back (the caller does not fuse then)."""
     outer, channels, inner = x.shape
-    coef = np.empty((AFFINE_ROWS, channels), x.dtype)
+    coef = empty((AFFINE_ROWS, channels), x.dtype)
     for c in prange(channels):
         plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd, save_m2, z,
                             EPILOGUE)  # fmt: skip
@@ -484,7 +493,7 @@ def _forward_train_fused(
 
 def _forward_eval(x, weight, bias, running_mean, running_var, eps, y, z):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, then the EPILOGUE."""
-    coef = np.empty((AFFINE_ROWS, x.shape[1]), x.dtype)
+    coef = empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
     _normalize_loop(x, coef, y, z, EPILOGUE)
 
@@ -510,8 +519,8 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
     """
     outer, channels, inner = x.shape
     count = float(outer * inner)
-    coef = np.empty((DX_ROWS, channels), x.dtype)
-    part = np.empty((2, parts(outer, inner), channels))
+    coef = empty((DX_ROWS, channels), x.dtype)
+    part = empty((2, parts(outer, inner), channels), np.float64)
     _sums_loop(dy, x, mean, part)
     if channel_items(channels) == 1:  # see _forward_train_split
         dx_channel(0, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
@@ -524,7 +533,7 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
 
 def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
     """backward_split with one channel per item (planes): dy and x are read from memory once."""
-    coef = np.empty((DX_ROWS, x.shape[1]), x.dtype)
+    coef = empty((DX_ROWS, x.shape[1]), x.dtype)
     for c in prange(x.shape[1]):
         plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum_dy_xmu)
     _parameter_gradients(invstd, sum_dy, sum_dy_xmu, grads)
@@ -535,7 +544,7 @@ def _backward_fused_relu(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
     channel's backward on grad while it is still in L2 (dy and y are read from memory once, grad
     is written once: the residual's gradient)."""
     outer, channels, inner = x.shape
-    coef = np.empty((DX_ROWS, channels), x.dtype)
+    coef = empty((DX_ROWS, channels), x.dtype)
     dy_flat, y_flat, grad_flat = dy.reshape(dy.size), y.reshape(y.size), grad.reshape(grad.size)
     for c in prange(channels):
         relu_grad_planes(dy_flat, y_flat, grad_flat, c, outer * channels, channels, inner)

@@ -58,9 +58,7 @@ the C library's x86-64-v2 build, and 1 and 2 threads gave other bits).
 
 import types
 
-import numpy as np
-
-from ..stats import apart, callee, imax, imin, kernel
+from ..stats import apart, callee, empty, imax, imin, kernel
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
@@ -240,7 +238,7 @@ def wide_coefficients(coef, outer, inner):
     """The coefficient rows (rows, C) as the elementwise items of a view (``outer``, C,
     ``inner``) read them: ``coef`` itself, or for short planes a copy with a column per value."""
     if short_planes_jit(outer, inner):
-        wide = np.empty((coef.shape[0], coef.shape[1] * inner), coef.dtype)
+        wide = empty((coef.shape[0], coef.shape[1] * inner), coef.dtype)
         spread_columns(coef, inner, wide)
         return wide
     return coef
