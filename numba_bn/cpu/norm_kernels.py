@@ -49,6 +49,7 @@ from ..stats import (
     REDUCE_FASTMATH,
     apart,
     callee,
+    empty,
     finalize,
     kernel,
     prescale,
@@ -213,7 +214,7 @@ def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
     weight, bias (C,) in x's dtype, or zero-length."""
     groups = x.shape[1]
     per = units_per_item(x.shape[2])
-    coef = np.empty((AFFINE_ROWS, groups * group_channels), x.dtype)
+    coef = empty((AFFINE_ROWS, groups * group_channels), x.dtype)
     for item in prange(unit_items(groups, per)):
         g0, g1 = unit_range(item, per, groups)
         group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2)
@@ -225,7 +226,7 @@ def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum
     channel of each sample, and from them dweight, dbias (C,) float64 (=)."""
     groups = mean.size
     per = units_per_item(group_channels * x.shape[2])
-    coef = np.empty((GROUP_DX_ROWS, groups), x.dtype)
+    coef = empty((GROUP_DX_ROWS, groups), x.dtype)
     for item in prange(unit_items(groups, per)):
         g0, g1 = unit_range(item, per, groups)
         group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx,
@@ -401,7 +402,7 @@ def _layer_backward(dy, x, mean, invstd, weight, dx, dweight, dbias):
     rows, width = x.shape[1], x.shape[2]
     per = part_rows_jit(rows, width)
     chunks = unit_items(rows, per)
-    part = np.empty((chunks, 2, width))
+    part = empty((chunks, 2, width), np.float64)
     for item in prange(chunks):
         r0, r1 = unit_range(item, per, rows)
         layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part[item])
