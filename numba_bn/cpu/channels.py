@@ -35,7 +35,6 @@ from ..stats import (
     folded_shift,
     imax,
     kernel,
-    overflow_limit,
     prescale,
     split_hi_lo,
 )
@@ -74,29 +73,20 @@ def dx_coefficients(c, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
 
 # ------------------------------------------------------------------------------ channel ranges
 # The same operations as above, a row per loop. Indices are unsigned (a signed one of unknown
-# sign gets negative-index wraparound, which keeps LLVM from vectorising), and helpers called in
-# a loop take no array whose dtype they inspect: stats.prescale's np.finfo(coef.dtype), inlined
-# into a loop, kept the loop scalar (measured: 10 ns a channel against 4.5), so the threshold
-# (stats.overflow_limit, now a constant of the dtype) is taken once per call here and passed to
-# _pre (tests/test_channels.py pins _pre to prescale).
-@kernel(inline="always")
-def _pre(mean, limit):
-    """stats.prescale, with the dtype's threshold ``limit``."""
-    return 0.25 if abs(mean) >= limit else 1.0
-
-
+# sign gets negative-index wraparound, which keeps LLVM from vectorising). stats.prescale's
+# threshold is a constant of the dtype (stats.overflow_limit): its np.finfo(coef.dtype), inlined
+# into a loop, once kept the loop scalar (measured: 10 ns a channel against 4.5).
 @kernel(inline="always")
 def _mean_rows(c0, c1, mean, coef, pre_row):
     """Rows 0, 1 (mean_hi, mean_lo: stats.split_hi_lo) and ``pre_row`` of channels c0:c1."""
-    limit = overflow_limit(coef)
     cast = coef.dtype.type
     for c in range(uint64(c0), uint64(c1)):
-        coef[0, c] = mean[c] * _pre(mean[c], limit)
+        coef[0, c] = mean[c] * prescale(mean[c], coef)
     for c in range(uint64(c0), uint64(c1)):
-        value = mean[c] * _pre(mean[c], limit)
+        value = mean[c] * prescale(mean[c], coef)
         coef[1, c] = value - np.float64(cast(value))
     for c in range(uint64(c0), uint64(c1)):
-        coef[pre_row, c] = _pre(mean[c], limit)
+        coef[pre_row, c] = prescale(mean[c], coef)
 
 
 @kernel(inline="always")
@@ -135,9 +125,8 @@ def _final_scale(invstd, weight, c):
 def _affine_rows(c0, c1, mean, invstd, weight, bias, coef):
     """Affine rows of channels c0:c1 from float64 ``mean``, ``invstd``."""
     _mean_rows(c0, c1, mean, coef, 4)
-    limit = overflow_limit(coef)
     for c in range(uint64(c0), uint64(c1)):
-        coef[2, c] = _final_scale(invstd[c], weight, c) / _pre(mean[c], limit)
+        coef[2, c] = _final_scale(invstd[c], weight, c) / prescale(mean[c], coef)
     for c in range(uint64(c0), uint64(c1)):  # the shift, mean_lo folded in
         coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
 
@@ -169,13 +158,12 @@ def group_affine_coefficients(g0, g1, group_channels, mean, invstd, weight, bias
     """affine_coefficients of the channels of groups g0:g1 (group norm: channel ``ng *
     group_channels + j`` has the float64 ``mean[ng]``, ``invstd[ng]`` of its group; weight and
     bias (C,) or zero-length), a row per loop over a group's channels."""
-    limit = overflow_limit(coef)
     cast = coef.dtype.type
     width, channels = uint64(group_channels), imax(weight.size, bias.size)
     s0 = sample_channel(g0, group_channels, channels)
     for ng in range(g0, g1):
         c0 = uint64(ng * group_channels)
-        pre = _pre(mean[ng], limit)
+        pre = prescale(mean[ng], coef)
         value = mean[ng] * pre
         for j in range(width):  # stats.split_hi_lo
             coef[0, c0 + j] = value
@@ -211,10 +199,9 @@ def eval_coefficients(weight, bias, running_mean, running_var, eps, coef):
     """``coef`` affine rows from frozen running statistics, every channel."""
     channels = coef.shape[1]
     _mean_rows(0, channels, running_mean, coef, 4)
-    limit = overflow_limit(coef)
     for c in range(uint64(channels)):
         invstd = 1.0 / math.sqrt(running_var[c] + eps)
-        coef[2, c] = _final_scale(invstd, weight, c) / _pre(running_mean[c], limit)
+        coef[2, c] = _final_scale(invstd, weight, c) / prescale(running_mean[c], coef)
     for c in range(uint64(channels)):  # the shift, mean_lo folded in
         coef[3, c] = folded_shift(bias[c] if bias.size else 0.0, coef[1, c], coef[2, c])
 
@@ -243,9 +230,8 @@ def add_channels(c0, c1, part, sum_dy, sum_dy_xmu):
 @kernel(inline="always")
 def _dx_rows(c0, c1, count, mean, invstd, weight, sum_dy, sum_dy_xmu, coef):
     _mean_rows(c0, c1, mean, coef, 5)
-    limit = overflow_limit(coef)
     for c in range(uint64(c0), uint64(c1)):  # term 3: projection onto x_hat
-        pre = _pre(mean[c], limit)
+        pre = prescale(mean[c], coef)
         coef[2, c] = invstd[c] * invstd[c] * sum_dy_xmu[c] / count / pre
     for c in range(uint64(c0), uint64(c1)):  # term 2: mean of dy, mean_lo * proj folded in
         coef[3, c] = folded_shift(sum_dy[c] / count, coef[1, c], coef[2, c])
