@@ -46,7 +46,7 @@ from numpy.typing import DTypeLike
 
 from .annotations import Array, Backend, Comm, Device, NanPolicy
 from .checks import trained
-from .cpu.drivers import lock_cache_saves
+from .codecache import lock_cache_saves
 from .dispatch import memory_of
 from .layer import BatchNorm
 from .memory import HOST

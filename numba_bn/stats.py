@@ -30,6 +30,8 @@ from numba.core.codegen import JITCodeLibrary
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
+from .codecache import lock_cache_saves
+
 #: ``numba.njit`` for every kernel of the package: IEEE division (``error_model="numpy"``: x / 0
 #: is inf or NaN) instead of a raised ZeroDivisionError. A compiled function must never raise:
 #: Numba does not free the arrays of a nopython function that raises, and a kernel that has
@@ -571,3 +573,7 @@ def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b, mean, m2):
     for c in range(mean.size):
         _, mean[c], m2[c] = chan_merge(count_a, mean_a[c], m2_a[c], count_b, mean_b[c], m2_b[c])
     return count_a + count_b
+
+
+lock_cache_saves(first_negative)
+lock_cache_saves(merge_moments)

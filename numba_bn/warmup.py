@@ -14,7 +14,7 @@ compile (34 s from a cold cache on 2 cores, benchmarks/README.md) for nothing.
 ``jobs`` > 1 runs the steps in that many worker processes at once (Numba compiles one function
 at a time in a process), a group of steps that share drivers per worker at a time
 (:func:`groups`); they fill the on-disk cache, which saves each entry under a lock
-(:func:`numba_bn.cpu.drivers.lock_cache_saves`), and this process loads the drivers on their
+(:func:`numba_bn.codecache.lock_cache_saves`), and this process loads the drivers on their
 first calls.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "numba_bn"
-LEAVES = ("numba_bn.memory", "numba_bn.layout", "numba_bn.stats", "numba_bn.hostcall")
+LEAVES = ("numba_bn.memory", "numba_bn.layout", "numba_bn.hostcall", "numba_bn.codecache")
 ABOVE_THE_BACKENDS = ("numba_bn.functional", "numba_bn.layer", "numba_bn.distributed")
 
 
@@ -54,6 +54,12 @@ def test_the_graph_was_read():
 @pytest.mark.parametrize("leaf", LEAVES)
 def test_leaves_import_nothing_of_the_package(leaf):
     assert _package_imports(leaf) == set()
+
+
+def test_the_kernels_statistics_import_only_leaves():
+    """stats.py, which every kernel, the CUDA backend and the C library's build import, takes
+    only how numba_bn keeps Numba's cache (codecache) from the package."""
+    assert _package_imports("numba_bn.stats") <= set(LEAVES)
 
 
 BACKENDS = [m for m in MODULES if m.startswith(("numba_bn.cpu", "numba_bn.cuda"))]

@@ -138,18 +138,18 @@ def test_a_process_that_loads_a_driver_gives_the_bits_of_the_one_that_compiled_i
 _FORWARD = """
 import sys
 import numpy as np
-from numba_bn.cpu import drivers
+from numba_bn import codecache
 import numba_bn as nbn
 
 if sys.argv[1] == "edited":  # as if stats.py or a module of cpu/ had changed since the compile
-    drivers.sources_digest = lambda: "another source"
+    codecache.sources_digest = lambda: "another source"
 nbn.forward_train(np.arange(24.0).reshape(4, 6))
 """
 
 
 def test_a_cached_driver_of_other_kernel_sources_compiles_again(tmp_path):
     """A driver's cache entry is keyed on the sources of its kernels, not only on its own file
-    (drivers.sources_digest): an edit of stats.py once left a tree's cache serving the old
+    (codecache.sources_digest): an edit of stats.py once left a tree's cache serving the old
     kernels."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_BN_QUIET": ""}
     outputs = [run_child([sys.executable, "-c", _FORWARD, sources], env, timeout=600)

@@ -379,7 +379,7 @@ def test_two_processes_saving_entries_of_one_function_at_once_keep_each_entry_it
     """Two processes add entries (argument types, say) of one cached function to Numba's cache
     at the same time, as `numba-bn warmup --jobs` or two jobs on one NUMBA_CACHE_DIR do. Numba's
     unlocked save lost 112 of these 400 entries of a driver and pointed 27 at another entry's
-    data (machine code of other types, in a real save) before drivers.lock_cache_saves; the
+    data (machine code of other types, in a real save) before codecache.lock_cache_saves; the
     functions of stats.py (the float32 and float64 first_negative of two warm-up workers), and
     the others cached on disk, saved unlocked until stop 43."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}

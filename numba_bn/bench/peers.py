@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange, uint64
 
 from .. import reference
-from ..cpu.drivers import lock_cache_saves
+from ..codecache import lock_cache_saves
 from ..dispatch import get as get_backend
 from ..functional import backward, forward_eval, forward_train
 from ..layer import BatchNorm

@@ -14,7 +14,7 @@ import threading
 import numba
 from numba.np.ufunc import parallel as _pool
 
-from .drivers import lock_cache_saves
+from ..codecache import lock_cache_saves
 
 _launch_lock = threading.Lock()
 _safe_layer = None  # None: not known yet; True/False once numba has chosen
