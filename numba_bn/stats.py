@@ -16,6 +16,7 @@ holds exactly (:func:`one_pass_exact`); blocks are then merged with the formula 
 order, so results do not depend on the number of threads.
 """
 
+import contextlib
 import functools
 import math
 import re
@@ -26,11 +27,12 @@ import llvmlite.binding as ll
 import numpy as np
 from numba import _dynfunc, config, float64, njit, types, uint64
 from numba.core import cgutils, compiler
+from numba.core.caching import CompileResultCacheImpl, FunctionCache
 from numba.core.codegen import JITCodeLibrary
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic
 
-from .codecache import lock_cache_saves
+from .codecache import key_on_sources, lock_cache_saves
 
 #: ``numba.njit`` for every kernel of the package: IEEE division (``error_model="numpy"``: x / 0
 #: is inf or NaN) instead of a raised ZeroDivisionError. A compiled function must never raise:
@@ -97,6 +99,42 @@ def _linked_executable(library, fndesc, env):
                                   env, (library,))  # fmt: skip
 
 
+class _CalleeCacheImpl(CompileResultCacheImpl):
+    """How Numba's on-disk cache keeps a callee's compile: its optimised IR (LLVM bitcode), what
+    its callers link, where Numba keeps a function's machine code (a callee has none:
+    :class:`_LinkedOnly`). A process that finds it compiles none of it: a compile-ahead worker
+    whose parent compiled a kernel moments before (numba_bn.ahead), or a later process's first
+    call of another driver that calls the kernel."""
+
+    def reduce(self, cres):
+        fndesc = cres.fndesc
+        fndesc.typemap = fndesc.calltypes = None  # as CompileResult._reduce (not picklable)
+        return (cres.library.serialize_using_bitcode(), fndesc, cres.environment,
+                cres.signature, cres.objectmode, cres.lifted, str(cres.type_annotation),
+                cres.reload_init, tuple(cres._find_referenced_environments()))  # fmt: skip
+
+    def rebuild(self, target_context, payload):
+        """CompileResult._rebuild, with a :class:`_LinkedOnly` library of the saved IR."""
+        (name, _, bitcode), fndesc, env, signature, objectmode, lifted, typeann = payload[:7]
+        reload_init, referenced_envs = payload[7:]
+        for init in reload_init or ():
+            init()
+        library = _LinkedOnly(target_context.codegen(), name)
+        library._final_module = ll.parse_bitcode(bitcode)
+        library._finalize_final_module()
+        return compiler.CompileResult(
+            target_context=target_context, typing_context=target_context.typing_context,
+            library=library, environment=env, entry_point=_linked_executable(library, fndesc, env),
+            fndesc=fndesc, type_annotation=typeann, signature=signature, objectmode=objectmode,
+            lifted=lifted, typing_error=None, call_helper=None, metadata=None,
+            reload_init=reload_init, referenced_envs=referenced_envs,
+        )  # fmt: skip
+
+
+class _CalleeCache(FunctionCache):
+    _impl_class = _CalleeCacheImpl
+
+
 class Callee(CPUDispatcher):
     """The dispatcher of a :func:`callee`: its compiled functions have no entry points, and a
     call from Python runs :attr:`python_twin` instead (Numba's own dispatch would call the
@@ -124,7 +162,11 @@ def callee(function=None, **options):
     enters them: ~0.3 s of a cold first forward's ~4.3 (benchmarks/README.md, stop 44). Nor is
     a callee turned into machine code of its own (:class:`_LinkedOnly`): its callers link its
     optimised IR. A call from Python still works (:class:`Callee`). ``inline="always"`` kernels
-    need no such care: they are never compiled on their own."""
+    need no such care: they are never compiled on their own.
+
+    Numba's on-disk cache keeps that IR (:class:`_CalleeCacheImpl`), keyed on the kernels'
+    sources as the drivers are (numba_bn.codecache): a process whose driver calls a kernel
+    another process compiled links the saved IR (the same bits) instead of compiling it."""
     if config.DISABLE_JIT:
         make = kernel(**options)
     else:  # the options njit gives a dispatcher (kernel's among them), without entry points
@@ -132,8 +174,15 @@ def callee(function=None, **options):
                    **dict.fromkeys(_ENTRY_POINTS, True)}  # fmt: skip
 
         def make(function):
-            return Callee(py_func=function, locals={}, targetoptions=options,
-                          pipeline_class=_CalleeCompiler)  # fmt: skip
+            dispatcher = Callee(py_func=function, locals={}, targetoptions=options,
+                                pipeline_class=_CalleeCompiler)  # fmt: skip
+            # Numba's enable_caching, for its IR; not cached without a file to key it on (a
+            # function of `python -c` or a notebook cell, where njit(cache=True) raises)
+            with contextlib.suppress(RuntimeError):
+                dispatcher._cache = _CalleeCache(function)
+            key_on_sources(dispatcher)
+            lock_cache_saves(dispatcher)
+            return dispatcher
 
     return make if function is None else make(function)
 

@@ -163,3 +163,65 @@ def test_the_package_calls_no_callee_from_python():
     code, output = run_child([sys.executable, "-c", PACKAGE_CALLS])
     assert code == 0, output
     assert "twins: []" in output, output
+
+
+SHARED = """
+import hashlib, sys
+import numpy as np
+from numba.core import event
+from numba_bn import codecache
+import numba_bn as nbn
+
+compiled = []
+
+class Compiles(event.Listener):
+    def on_start(self, ev):
+        pass
+
+    def on_end(self, ev):
+        compiled.append(ev.data["dispatcher"].py_func.__name__)
+
+event.register("numba:compile", Compiles())
+if sys.argv[2] == "edited":  # as if stats.py or a module of cpu/ had changed since the compile
+    codecache.sources_digest = lambda: "another source"
+rng = np.random.default_rng(int(sys.argv[3]))
+x = (rng.standard_normal((64, 32)) * 3 + 2).astype(np.float32)
+dy = rng.standard_normal((64, 32)).astype(np.float32)
+if sys.argv[1] == "forward":
+    nbn.forward_train(x)
+else:
+    mean, invstd = x.mean(axis=0), (1 / x.std(axis=0)).astype(np.float32)
+    bits = hashlib.sha256(b"".join(a.tobytes() for a in nbn.backward(dy, x, mean, invstd)))
+    print("bits", bits.hexdigest())
+print("compiled", sorted(compiled))
+"""
+
+
+def test_a_driver_links_the_kernels_another_process_compiled_and_gives_their_bits(rng, tmp_path):
+    """A callee's optimised IR is kept in Numba's cache: a later process's driver that calls it
+    links the saved IR instead of compiling the kernel again (a compile-ahead worker, or the
+    first backward after a run that compiled the forward), with the same bits as a driver whose
+    process compiled every kernel; an entry of other sources is a miss, as a driver's is."""
+    seed = str(rng.integers(2**31))
+
+    def child(step, cache, sources="same"):
+        env = {"NUMBA_CACHE_DIR": str(tmp_path / cache), "NUMBA_BN_COMPILE_AHEAD": "0"}
+        status, output = run_child([sys.executable, "-c", SHARED, step, sources, seed], env)
+        assert status == 0, output
+        lines = dict(line.split(" ", 1) for line in output.splitlines()
+                     if line.startswith(("bits ", "compiled ")))  # fmt: skip
+        return lines.get("bits"), lines["compiled"]
+
+    _, forward_compiled = child("forward", "shared")
+    assert "parts" in forward_compiled and "elementwise_items" in forward_compiled
+    linked_bits, linked_compiled = child("backward", "shared")
+    own_bits, own_compiled = child("backward", "empty")
+    # the kernels both steps call: compiled by the forward's process, not again
+    assert "parts" in own_compiled and "elementwise_items" in own_compiled, own_compiled
+    assert "parts" not in linked_compiled and "elementwise_items" not in linked_compiled
+    # the backward's own: its driver and the kernels the forward does not call
+    for name in ("_backward_split_rows_serial", "rows_dx", "rows_chunk_sums"):
+        assert name in linked_compiled and name in own_compiled, (name, linked_compiled)
+    assert linked_bits is not None and linked_bits == own_bits
+    _, edited_compiled = child("forward", "shared", "edited")
+    assert "parts" in edited_compiled and "elementwise_items" in edited_compiled
