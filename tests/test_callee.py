@@ -225,3 +225,18 @@ def test_a_driver_links_the_kernels_another_process_compiled_and_gives_their_bit
     assert linked_bits is not None and linked_bits == own_bits
     _, edited_compiled = child("forward", "shared", "edited")
     assert "parts" in edited_compiled and "elementwise_items" in edited_compiled
+
+
+def test_a_callee_without_a_file_compiles_uncached():
+    """Numba keys a cached function on its file: a callee written where there is none (`python
+    -c`, a notebook cell) is compiled in each process instead, where njit(cache=True) raises."""
+    scope = {"callee": callee}
+    exec("@callee\ndef twice(a):\n    return 2.0 * a\n", scope)  # no file behind it
+    twice = scope["twice"]
+
+    @njit
+    def outer(a):
+        return twice(a) + 1.0
+
+    assert outer(1.5) == 4.0
+    assert type(twice._cache).__name__ == "NullCache"
