@@ -253,7 +253,10 @@ def test_not_plain_eval_and_backward_go_to_the_checks(rng):
         ("dy of another shape", dict(dy=x[:3])),
         ("dy of another dtype", dict(dy=x.astype(np.float64))),
         ("mean too long", dict(mean=np.zeros(4))),
+        ("invstd too long", dict(invstd=np.ones(4, np.float32))),
         ("invstd as list", dict(invstd=[1.0, 1.0, 1.0])),
+        ("float16 mean", dict(mean=mean.astype(np.float16))),
+        ("float64 invstd not contiguous", dict(invstd=np.ones(6)[::2])),
         *[(name, dict(out=out)) for name, out in _not_plain_outs(x)],
         ("out overlapping x", _overlapping(x, "x", "out")),
         ("out overlapping dy", _overlapping(x, "dy", "out")),
@@ -262,6 +265,25 @@ def test_not_plain_eval_and_backward_go_to_the_checks(rng):
         ("device cuda", dict(device="cuda")),
     ]:
         assert ops.plain_batch_backward(**{**plain, **arguments}) is None, name
+
+
+def test_a_plain_backward_takes_float32_and_float64_statistics_alike(rng):
+    """The saved statistics reach the kernels as float64 (hostcall.statistics), as they are or
+    converted from float32, whichever dtype each has."""
+    x = random_batch(rng, (6, 3, 4), np.float32)
+    dy = random_batch(rng, (6, 3, 4), np.float32, mean_scale=1.0)
+    mean, invstd = rng.standard_normal(3).astype(np.float32), rng.uniform(0.5, 2, 3)
+    invstd = invstd.astype(np.float32)
+    backward = dict(weight=None, axis=1, out=None, backend="cpu", activation=None, y=None,
+                    residual_out=None, device="auto")  # fmt: skip
+    want = ops.checked_batch_backward(dy, x, mean.astype(float), invstd.astype(float), None, 1,
+                                      out=None, backend="cpu", exchange=None, activation=None,
+                                      y=None, residual_out=None, device="auto").dx  # fmt: skip
+    for pair in [(mean, invstd), (mean.astype(float), invstd), (mean, invstd.astype(float)),
+                 (mean.astype(float), invstd.astype(float))]:  # fmt: skip
+        got = ops.plain_batch_backward(dy, x, *pair, **backward)
+        assert got is not None, [a.dtype for a in pair]
+        np.testing.assert_array_equal(got[0], want)
 
 
 def test_an_out_that_is_an_input_or_shares_no_memory_with_one_is_plain(rng):
