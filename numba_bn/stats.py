@@ -26,7 +26,7 @@ from typing import NamedTuple
 import llvmlite.binding as ll
 import numpy as np
 from numba import _dynfunc, config, float64, njit, types, uint64
-from numba.core import cgutils, compiler
+from numba.core import cgutils, compiler, ir_utils
 from numba.core.caching import CompileResultCacheImpl, FunctionCache
 from numba.core.codegen import JITCodeLibrary
 from numba.core.registry import CPUDispatcher
@@ -372,6 +372,107 @@ def empty(typingctx, shape, dtype):
         return _empty_nd_impl(context, builder, array, sizes)._getvalue()
 
     return array(shape, dtype), codegen
+
+
+def _borrowed_view(context, builder, array_type, value, view_type, shape, strides):
+    """A view of the array ``value`` (of ``array_type``) as ``view_type`` with ``shape`` and
+    ``strides`` (LLVM arrays), holding no reference to its memory."""
+    source = cgutils.create_struct_proxy(array_type)(context, builder, value=value)
+    view = cgutils.create_struct_proxy(view_type)(context, builder)
+    view.meminfo = cgutils.get_null_value(view.meminfo.type)
+    view.parent = cgutils.get_null_value(view.parent.type)
+    view.nitems, view.itemsize, view.data = source.nitems, source.itemsize, source.data
+    view.shape, view.strides = shape, strides
+    return view._getvalue()
+
+
+@intrinsic
+def borrowed(typingctx, array):
+    """``array`` as a view that holds no reference to its memory (a null meminfo), so that
+    Numba's reference counting of it tests a null pointer and returns, as it does for the C
+    library's ``carray`` views (numba_bn/capi/ranges.py).
+
+    Numba counts a reference (an atomic add on the array's meminfo, in ``NRT_incref`` and
+    ``NRT_decref``, called out of line) each time an array is bound to a name, and a kernel
+    inlined into a loop binds each of its array arguments anew in every iteration. Numba's
+    pruning pass leaves most of these in loops: the serial backward of an (8, 16, 8, 8) batch
+    made 119 increfs and 131 decrefs a call, ~0.8 us of its 4.4 (benchmarks/README.md, "Stop
+    55").
+
+    A borrowed view must not outlive its array, and Numba frees an array after its name's last
+    use. Take it where the array is sure to live: inside a loop that uses the array in every
+    iteration (it lives until the loop ends; Numba's parfor pass hoists out of a ``prange``
+    loop only calls it knows to be pure), or as an argument of a call that is not inlined (a
+    :func:`callee`, an intrinsic), which returns before the statement ends. Not as an argument
+    of an inline kernel outside a loop: its body runs after its arguments, when nothing may
+    hold the array any more. Nothing may keep a view: a driver returns no arrays and stores
+    none."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        source = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
+        return _borrowed_view(context, builder, sig.args[0], args[0], sig.return_type,
+                              source.shape, source.strides)  # fmt: skip
+
+    return array(array), codegen
+
+
+def _reshaped(context, builder, array_type, value, view_type, sizes):
+    """:func:`_borrowed_view` with the C-contiguous strides of ``sizes`` (LLVM integers)."""
+    itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+        context.get_data_type(array_type.dtype)))  # fmt: skip
+    strides = [itemsize]
+    for size in reversed(sizes[1:]):
+        strides.insert(0, builder.mul(strides[0], size))
+    return _borrowed_view(context, builder, array_type, value, view_type,
+                          cgutils.pack_array(builder, sizes),
+                          cgutils.pack_array(builder, strides))  # fmt: skip
+
+
+@intrinsic
+def flat(typingctx, array):
+    """``array.reshape(array.size)`` of a C-contiguous ``array``, :func:`borrowed`: the flat
+    values the items take. Numba's reshape calls into its helper library for every view."""
+    if not isinstance(array, types.Array) or array.layout != "C":
+        return None
+    view_type = array.copy(ndim=1, layout="C")
+
+    def codegen(context, builder, sig, args):
+        source = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
+        return _reshaped(context, builder, sig.args[0], args[0], view_type, [source.nitems])
+
+    return view_type(array), codegen
+
+
+@intrinsic
+def shaped(typingctx, array, shape):
+    """``array.reshape(shape)`` of a C-contiguous ``array`` (a tuple of integers whose product
+    is its size, unchecked), :func:`borrowed`: the rows of a flat item's values."""
+    if not isinstance(array, types.Array) or array.layout != "C":
+        return None
+    if not isinstance(shape, types.UniTuple) or not isinstance(shape.dtype, types.Integer):
+        return None
+    view_type = array.copy(ndim=shape.count, layout="C")
+
+    def codegen(context, builder, sig, args):
+        sizes = [context.cast(builder, size, shape.dtype, types.intp)
+                 for size in cgutils.unpack_tuple(builder, args[1])]  # fmt: skip
+        return _reshaped(context, builder, sig.args[0], args[0], view_type, sizes)
+
+    return view_type(array, shape), codegen
+
+
+def _aliases_its_array(view, arguments, alias_map, arg_aliases):
+    """How Numba's alias analysis learns that the result of :func:`borrowed`, :func:`flat` and
+    :func:`shaped` is their array: without it, the parfor passes took a store through the view
+    for a store to a fresh array nothing reads, and removed it (the parallel twins' partials
+    were never written)."""
+    ir_utils._add_alias(view, arguments[0].name, alias_map, arg_aliases)
+
+
+for _view in (borrowed, flat, shaped):
+    ir_utils.alias_func_extensions[(_view.__name__, __name__)] = _aliases_its_array
 
 
 @kernel(inline="always")

@@ -5,14 +5,18 @@ import math
 import numba
 import numpy as np
 import pytest
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from numba_bn.cpu.kernels import ROW_BLOCK, rows_chunk_stats, runs_sums
 from numba_bn.stats import (
     AFFINE_ROWS,
     DX_ROWS,
+    borrowed,
     chan_merge,
     empty,
     finalize,
+    flat,
     imax,
     imin,
     invstd_of,
@@ -21,6 +25,7 @@ from numba_bn.stats import (
     prescale,
     running_update,
     runs_stats,
+    shaped,
     split_hi_lo,
 )
 
@@ -254,6 +259,64 @@ def test_empty_allocates_as_np_empty_and_frees():
             nrt.memsys_disable_stats()
     with pytest.raises(numba.TypingError):
         kernel(lambda n: empty(n, np.float64))(3.0)
+
+
+@intrinsic
+def _holds_reference(typingctx, array):
+    """Whether ``array`` holds a reference to its memory (a meminfo)."""
+
+    def codegen(context, builder, sig, args):
+        proxy = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
+        return cgutils.is_not_null(builder, proxy.meminfo)
+
+    return numba.types.boolean(array), codegen
+
+
+@kernel
+def _views(x):
+    """x (3-D) through borrowed, flat and shaped views: whether each holds a reference (x and
+    Numba's reshape for comparison), copies of their values and their strides, written
+    through."""
+    b, f, s = borrowed(x), flat(x), shaped(x, (x.shape[0], x.shape[1] * x.shape[2]))
+    held = (_holds_reference(x), _holds_reference(x.reshape(x.size)), _holds_reference(b),
+            _holds_reference(f), _holds_reference(s))  # fmt: skip
+    values = (b.copy(), f.copy(), s.copy())
+    strides = (b.strides, f.strides, s.strides)
+    b[0, 0, 0], f[1], s[-1, -1] = -1.0, -2.0, -3.0
+    return held, values, strides
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_borrowed_views_hold_no_reference_and_are_the_arrays_views(rng, dtype):
+    x = random_batch(rng, (3, 4, 5), dtype)
+    expected = x.copy(), x.ravel().copy(), x.reshape(3, 20).copy()
+    held, values, strides = _views(x)
+    assert held == (True, True, False, False, False)
+    for got, want in zip(values, expected, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)  # their shapes too
+    assert strides == tuple(want.strides for want in expected)
+    assert (x[0, 0, 0], x.ravel()[1], x[-1, -1, -1]) == (-1.0, -2.0, -3.0)
+
+
+@kernel(parallel=True)
+def _stored_in_parallel(x, a, b, c):
+    for i in numba.prange(a.size):
+        borrowed(a)[i] = flat(x)[i] * 2.0
+        flat(b)[i] = x[0, i] + 1.0
+        shaped(c, (1, c.size))[0, i] = i
+
+
+def test_stores_through_views_survive_numbas_parfor_passes(rng):
+    """The parfor passes remove stores to an array nothing reads after them; a view's stores are
+    its array's (numba_bn.stats._aliases_its_array). Without that, every store here was
+    removed: the partials of the parallel drivers were never written."""
+    x = random_batch(rng, (1, 64), np.float64)
+    a, b, c = (np.zeros(64) for _ in range(3))
+    _stored_in_parallel(x, a, b, c)
+    np.testing.assert_array_equal(a, x[0] * 2.0)
+    np.testing.assert_array_equal(b, x[0] + 1.0)
+    np.testing.assert_array_equal(c, np.arange(64.0))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

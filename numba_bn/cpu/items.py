@@ -44,21 +44,25 @@ leaves they call (``short_planes_jit``, ``wanted_units``) stay inlined.
 
 Which item computes what never changes the merge order inside a channel, so results do not depend
 on the partition's use of threads. Each item is index arithmetic plus a call into
-:mod:`.kernels` or :mod:`.channels`, inlined into the loop that runs it (an item's arguments are
-still reference-counted once per iteration, so items must be long: see the channel items and the
-short planes' elementwise items; and they take the view's values flat with its shape, reshaped
-once by the loop: the reshapes of a short planes reduction item cost ~27 ns, two fifths of its
-66 ns overhead). Floating point stays in the separately compiled kernels,
-which keeps the parallel and serial twins bitwise identical (float code inline in a prange body
-was seen to round 1 ulp differently between twins). The reductions that may be reassociated go
-further: they are called through :func:`numba_bn.stats.apart`, never inlined, so a fused item
-and a split item run one compiled body of ``runs_sums`` (inlined, LLVM vectorised it two ways in
-the C library's x86-64-v2 build, and 1 and 2 threads gave other bits).
+:mod:`.kernels` or :mod:`.channels`, inlined into the loop that runs it. An item's arrays are
+views that hold no reference (:func:`numba_bn.stats.borrowed`, taken by the loop; the C library's
+are ``carray`` views): Numba counted one for each array of an item in every iteration, two
+atomic operations each, ~0.8 us of a small backward's 4.4 (benchmarks/README.md, stop 55). Items
+are still long (see the channel items and the short planes' elementwise items): each is a call
+or two and its index arithmetic. They take the view's values flat with its shape, shaped as rows
+inside (:func:`numba_bn.stats.shaped`: Numba's reshape calls into its helper library, ~27 ns of a
+short planes reduction item's 66 ns overhead). Floating point stays in the separately compiled
+kernels, which keeps the parallel and serial twins bitwise identical (float code inline in a
+prange body was seen to round 1 ulp differently between twins). The reductions that may be
+reassociated go further: they are called through :func:`numba_bn.stats.apart`, never inlined,
+so a fused item and a split item run one compiled body of ``runs_sums`` (inlined, LLVM
+vectorised it two ways in the C library's x86-64-v2 build, and 1 and 2 threads gave other
+bits).
 """
 
 import types
 
-from ..stats import apart, callee, empty, imax, imin, kernel
+from ..stats import apart, callee, empty, imax, imin, kernel, shaped
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
@@ -286,7 +290,7 @@ def stats_item_rows(x, shape, item, part, scratch):
     outer, channels, _ = shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
     part[0, k, c0:c1] = apart(rows_chunk_stats, (
-        x.reshape(outer, channels), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
+        shaped(x, (outer, channels)), r0, r1, c0, c1, part[1, k, c0:c1], part[2, k, c0:c1],
         scratch[0], scratch[1], scratch[2],
     ))  # fmt: skip
 
@@ -307,7 +311,7 @@ def stats_item_short(x, shape, item, part, scratch):
     width = channels * inner
     k, r0, r1, c0, c1 = _row_item_range(item, outer, width)
     count = apart(rows_chunk_stats, (
-        x.reshape(outer, width), r0, r1, c0, c1, scratch[2], scratch[3], scratch[0], scratch[1],
+        shaped(x, (outer, width)), r0, r1, c0, c1, scratch[2], scratch[3], scratch[0], scratch[1],
         scratch[4],
     ))  # fmt: skip
     for j in range(c1 - c0):
@@ -335,7 +339,7 @@ def sums_item_rows(dy, x, shape, item, mean, part, scratch):
     outer, channels, _ = shape
     k, r0, r1, c0, c1 = _row_item_range(item, outer, channels)
     apart(rows_chunk_sums, (
-        dy.reshape(outer, channels), x.reshape(outer, channels), r0, r1, c0, c1, mean[c0:c1],
+        shaped(dy, (outer, channels)), shaped(x, (outer, channels)), r0, r1, c0, c1, mean[c0:c1],
         part[0, k, c0:c1], part[1, k, c0:c1],
     ))  # fmt: skip
 
@@ -357,7 +361,7 @@ def sums_item_short(dy, x, shape, item, mean, part, scratch):
     for j in range(c1 - c0):
         scratch[0, j] = mean[(c0 + j) // inner]
     apart(rows_chunk_sums, (
-        dy.reshape(outer, width), x.reshape(outer, width), r0, r1, c0, c1, scratch[0],
+        shaped(dy, (outer, width)), shaped(x, (outer, width)), r0, r1, c0, c1, scratch[0],
         scratch[1], scratch[2],
     ))  # fmt: skip
     for j in range(c1 - c0):
@@ -455,17 +459,17 @@ def flat_item(item, size):
     return start, imin(start + ELEMENTWISE_SPAN, size)
 
 
-# Elementwise items take the flat arrays and the view's shape (a reshape per item costs reference
-# counting); the rows layout reshapes once per item, inside.
+# Elementwise items take the flat arrays and the view's shape; the rows layout's shape them as
+# rows (numba_bn.stats.shaped) once per item, inside.
 @kernel(inline="always")
 def normalize_item_rows(x, y, shape, item, coef, z, epilogue):
     """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``,
     then the ``epilogue`` (:mod:`.kernels`) with flat ``z``; rows."""
     outer, channels, _ = shape
-    rows = row_span_rows(outer, channels)
+    rows, view = row_span_rows(outer, channels), (outer, channels)
     r0 = item * rows
-    rows_affine(x.reshape(outer, channels), y.reshape(outer, channels), r0, imin(r0 + rows, outer),
-                0, channels, coef, z.reshape(outer, channels), epilogue)  # fmt: skip
+    rows_affine(shaped(x, view), shaped(y, view), r0, imin(r0 + rows, outer), 0, channels, coef,
+                shaped(z, view), epilogue)  # fmt: skip
 
 
 @kernel(inline="always")
@@ -501,10 +505,10 @@ def normalize_item(x, y, shape, item, coef, z, epilogue):
 def dx_item_rows(dy, x, dx, shape, item, coef):
     """dx (=) of elementwise item ``item`` of flat ``dy``, ``x``, ``dx`` with the dx rows; rows."""
     outer, channels, _ = shape
-    rows = row_span_rows(outer, channels)
+    rows, view = row_span_rows(outer, channels), (outer, channels)
     r0 = item * rows
-    rows_dx(dy.reshape(outer, channels), x.reshape(outer, channels), dx.reshape(outer, channels),
-            r0, imin(r0 + rows, outer), 0, channels, coef)  # fmt: skip
+    rows_dx(shaped(dy, view), shaped(x, view), shaped(dx, view), r0, imin(r0 + rows, outer), 0,
+            channels, coef)  # fmt: skip
 
 
 @kernel(inline="always")

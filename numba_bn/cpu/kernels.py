@@ -37,6 +37,7 @@ from ..stats import (
     apart,
     callee,
     chan_merge,
+    flat,
     four_runs,
     imax,
     imin,
@@ -548,12 +549,12 @@ def plane_channel_train(x, c, eps, weight, bias, coef, y, save_mean, save_invstd
     """Statistics of channel ``c``, its coefficients, then y for its planes (with the
     ``epilogue`` and ``z``, as x)."""
     outer, channels, inner = x.shape
-    x_flat = x.reshape(x.size)
+    x_flat = flat(x)
     count, mean, m2 = plane_channel_stats(x_flat, x.shape, c)
     save_m2[c] = m2
     train_coefficients(c, count, mean, m2, eps, weight, bias, coef, save_mean, save_invstd)
-    affine_planes(x_flat, y.reshape(y.size), c, outer * channels, channels, inner, coef,
-                  z.reshape(z.size), epilogue)  # fmt: skip
+    affine_planes(x_flat, flat(y), c, outer * channels, channels, inner, coef,
+                  flat(z), epilogue)  # fmt: skip
 
 
 @callee
@@ -561,7 +562,7 @@ def plane_channel_backward(dy, x, c, mean, invstd, weight, coef, dx, sum_dy, sum
     """Backward reduction of channel ``c``, its dx coefficients, then dx for its planes."""
     outer, channels, inner = x.shape
     count = float(outer * inner)
-    dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
+    dy_flat, x_flat, dx_flat = flat(dy), flat(x), flat(dx)
     sum_dy[c], sum_dy_xmu[c] = plane_channel_sums(dy_flat, x_flat, x.shape, c, mean[c])
     dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
     dx_planes(dy_flat, x_flat, dx_flat, c, outer * channels, channels, inner, coef)

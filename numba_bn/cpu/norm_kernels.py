@@ -48,9 +48,11 @@ from ..stats import (
     CONTRACT_FASTMATH,
     REDUCE_FASTMATH,
     apart,
+    borrowed,
     callee,
     empty,
     finalize,
+    flat,
     kernel,
     prescale,
     split_hi_lo,
@@ -116,7 +118,7 @@ def group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mea
     group, a call for its channels' coefficients and one for its planes cost more than the
     work on an (N, C) batch's group of single values (64 ns a channel on (64, 256))."""
     inner = x.shape[2] // group_channels
-    x_flat, y_flat = x.reshape(x.size), y.reshape(y.size)
+    x_flat, y_flat = flat(x), flat(y)
     for ng in range(g0, g1):
         count, mu, group_m2 = plane_channel_stats(x_flat, x.shape, ng)
         mean[ng], invstd[ng], m2[ng] = mu, finalize(count, group_m2, eps), group_m2
@@ -187,7 +189,7 @@ def group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, co
     the work on an (N, C) batch's group of single values)."""
     inner = x.shape[2]
     count = float(group_channels * inner)
-    dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
+    dy_flat, x_flat, dx_flat = flat(dy), flat(x), flat(dx)
     if inner == 1:
         # an (N, C) batch has one value a plane: its sums are that value's, added to 0.0 as
         # plane_channel_sums adds them (the same bits, without two calls a value: ~70 ns)
@@ -217,7 +219,9 @@ def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
     coef = empty((AFFINE_ROWS, groups * group_channels), x.dtype)
     for item in prange(unit_items(groups, per)):
         g0, g1 = unit_range(item, per, groups)
-        group_train_range(x, g0, g1, group_channels, eps, weight, bias, coef, y, mean, invstd, m2)
+        group_train_range(borrowed(x), g0, g1, group_channels, eps, borrowed(weight),
+                          borrowed(bias), borrowed(coef), borrowed(y), borrowed(mean),
+                          borrowed(invstd), borrowed(m2))  # fmt: skip
 
 
 def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, dweight,
@@ -229,8 +233,9 @@ def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum
     coef = empty((GROUP_DX_ROWS, groups), x.dtype)
     for item in prange(unit_items(groups, per)):
         g0, g1 = unit_range(item, per, groups)
-        group_backward_range(dy, x, g0, g1, group_channels, mean, invstd, weight, coef, dx,
-                             sum_dy, sum_dy_xmu)  # fmt: skip
+        group_backward_range(borrowed(dy), borrowed(x), g0, g1, group_channels, borrowed(mean),
+                             borrowed(invstd), borrowed(weight), borrowed(coef), borrowed(dx),
+                             borrowed(sum_dy), borrowed(sum_dy_xmu))  # fmt: skip
     group_parameter_sums(sum_dy, sum_dy_xmu, invstd, group_channels, dweight, dbias)
 
 
@@ -301,11 +306,11 @@ def layer_affine_rows(x, y, r0, r1, width, mean, invstd, weight, bias):
 @callee
 def layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd):
     """Rows r0:r1 of ``x`` (1, N, F): mean, invstd (=, float64), then y."""
-    x_flat = x.reshape(x.size)
+    x_flat = flat(x)
     for r in range(r0, r1):
         count, mu, m2 = plane_channel_stats(x_flat, x.shape, r)
         mean[r], invstd[r] = mu, finalize(count, m2, eps)
-    layer_affine_rows(x_flat, y.reshape(y.size), r0, r1, x.shape[2], mean, invstd, weight, bias)
+    layer_affine_rows(x_flat, flat(y), r0, r1, x.shape[2], mean, invstd, weight, bias)
 
 
 @callee(fastmath=REDUCE_FASTMATH)
@@ -358,7 +363,7 @@ def layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part):
     product (_row_coefficients: see layer_affine_rows), and the sums are apart."""
     width = x.shape[2]
     cast = x.dtype.type
-    dy_flat, x_flat, dx_flat = dy.reshape(dy.size), x.reshape(x.size), dx.reshape(dx.size)
+    dy_flat, x_flat, dx_flat = flat(dy), flat(x), flat(dx)
     col_dy, col_dy_xhat = part[0], part[1]
     for f in range(width):
         col_dy[f] = 0.0
@@ -394,7 +399,8 @@ def _layer_forward(x, eps, weight, bias, y, mean, invstd):
     per = units_per_item(x.shape[2])
     for item in prange(unit_items(rows, per)):
         r0, r1 = unit_range(item, per, rows)
-        layer_train_rows(x, r0, r1, eps, weight, bias, y, mean, invstd)
+        layer_train_rows(borrowed(x), r0, r1, eps, borrowed(weight), borrowed(bias), borrowed(y),
+                         borrowed(mean), borrowed(invstd))  # fmt: skip
 
 
 def _layer_backward(dy, x, mean, invstd, weight, dx, dweight, dbias):
@@ -405,7 +411,8 @@ def _layer_backward(dy, x, mean, invstd, weight, dx, dweight, dbias):
     part = empty((chunks, 2, width), np.float64)
     for item in prange(chunks):
         r0, r1 = unit_range(item, per, rows)
-        layer_backward_rows(dy, x, r0, r1, mean, invstd, weight, dx, part[item])
+        layer_backward_rows(borrowed(dy), borrowed(x), r0, r1, borrowed(mean), borrowed(invstd),
+                            borrowed(weight), borrowed(dx), borrowed(part)[item])  # fmt: skip
     add_parts(part, dweight, dbias)
 
 
