@@ -252,6 +252,38 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(16, 32, 256), (6, 16, 40), (5, 2, 300), (3, 9, 2100)])
+def test_the_fused_and_split_partitions_give_the_same_bits(rng, shape, dtype):
+    """Which items compute a channel never changes its merge order (numba_bn/cpu/items.py): the
+    partition the rules pick (items.is_fused, measured on one machine and the other way round
+    on another: benchmarks/README.md, "Stop 55") decides the speed alone."""
+    x = random_batch(rng, shape, dtype)
+    dy = random_batch(rng, shape, dtype, mean_scale=0.5)
+    weight = rng.uniform(0.5, 2.0, shape[1]).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
+    memory = items.memory_of(shape[0], shape[2])
+    results = {}
+    for partition in ("fused", "split"):
+        trains = drivers.driver(f"forward_train_{partition}", memory)  # (parallel, serial)
+        backs = drivers.driver(f"backward_{partition}", memory)
+        for twin, train, back in zip(("parallel", "serial"), trains, backs, strict=True):
+            running = [np.zeros(shape[1], dtype), np.ones(shape[1], dtype)]
+            y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+            stats = [np.full(shape[1], np.nan) for _ in range(3)]
+            saved = np.full((2, shape[1]), np.nan, dtype)
+            assert train(x, weight, bias, 1e-5, *running, 0.1, True, True, y, *stats, x, saved)
+            sums = [np.full(shape[1], np.nan) for _ in range(2)]
+            grads = np.full((2, shape[1]), np.nan, dtype)
+            back(dy, x, stats[0], stats[1], weight, dx, *sums, grads)
+            results[partition, twin] = [y, *stats, *running, saved, dx, *sums, grads]
+    expected = results["split", "serial"]
+    assert all(np.all(np.isfinite(value)) for value in expected)
+    for got in results.values():
+        for value, want in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(value, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", PARTITION_SHAPES)
 def test_every_partition_path_matches_reference(rng, shape, axis, dtype):
     x = random_batch(rng, shape, dtype, axis=axis)
