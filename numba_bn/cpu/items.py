@@ -464,8 +464,8 @@ def flat_item(item, size):
     return start, imin(start + ELEMENTWISE_SPAN, size)
 
 
-# Elementwise items take the flat arrays and the view's shape; the rows layout's shape them as
-# rows (numba_bn.stats.shaped) once per item, inside.
+# Elementwise items take the flat arrays and the view's shape; the rows layout's items view them
+# as rows (numba_bn.stats.shaped) once per item, inside.
 @kernel(inline="always")
 def normalize_item_rows(x, y, shape, item, coef, z, epilogue):
     """y (=) of elementwise item ``item`` of flat ``x``, ``y`` with the affine rows ``coef``,
