@@ -399,14 +399,17 @@ def borrowed(typingctx, array):
     made 119 increfs and 131 decrefs a call, ~0.8 us of its 4.4 (benchmarks/README.md, "Stop
     55").
 
-    A borrowed view must not outlive its array, and Numba frees an array after its name's last
-    use. Take it where the array is sure to live: inside a loop that uses the array in every
-    iteration (it lives until the loop ends; Numba's parfor pass hoists out of a ``prange``
-    loop only calls it knows to be pure), or as an argument of a call that is not inlined (a
-    :func:`callee`, an intrinsic), which returns before the statement ends. Not as an argument
-    of an inline kernel outside a loop: its body runs after its arguments, when nothing may
-    hold the array any more. Nothing may keep a view: a driver returns no arrays and stores
-    none."""
+    A borrowed view must not outlive its array, and Numba drops a name's reference right after
+    the last expression that uses it: in ``f(borrowed(a))`` that is ``borrowed(a)`` itself,
+    before ``f`` runs, and an array made in the function is freed there. Take a view only where
+    something else is sure to hold the array: inside a loop that uses the array in every
+    iteration (held until the loop ends; Numba's parfor pass hoists out of a ``prange`` loop
+    only calls it knows to be pure), or of a function's own argument when the function is
+    called, not inlined (a driver, a :func:`callee`: its caller holds the argument for the
+    call). Nothing may keep a view: a driver returns no arrays and stores none.
+    tests/test_numerics.py runs every step where glibc fills freed memory with a pattern
+    (``MALLOC_PERTURB_``): the channel items' views of their partials, passed to a callee
+    outside a loop, read it (stop 55)."""
     if not isinstance(array, types.Array):
         return None
 

@@ -62,7 +62,7 @@ bits).
 
 import types
 
-from ..stats import apart, borrowed, callee, empty, imax, imin, kernel, shaped
+from ..stats import apart, callee, empty, imax, imin, kernel, shaped
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
@@ -395,14 +395,12 @@ def _group(item, channels):
     return c0, imin(c0 + CHANNEL_GROUP, channels)
 
 
-# The channel items pass the channels' callees borrowed views (a callee's call returns before
-# the statement ends): each callee counted a reference for each of its arrays, twice.
 @kernel(inline="always")
 def merge_channel(item, part, mean, m2):
     """mean, m2 (=) of channel item ``item``'s channels, from their partials in part order."""
     c0, c1 = _group(item, part.shape[2])
     if c1 > c0:
-        merge_channels(c0, c1, borrowed(part), borrowed(mean), borrowed(m2))
+        merge_channels(c0, c1, part, mean, m2)
 
 
 @kernel(inline="always")
@@ -410,8 +408,7 @@ def train_channel(item, part, count, eps, weight, bias, coef, mean, invstd, m2):
     """Channel item ``item``: merge the partials, save mean, invstd, M2, and the affine rows."""
     c0, c1 = _group(item, part.shape[2])
     if c1 > c0:
-        train_channels(c0, c1, borrowed(part), count, eps, borrowed(weight), borrowed(bias),
-                       borrowed(coef), borrowed(mean), borrowed(invstd), borrowed(m2))  # fmt: skip
+        train_channels(c0, c1, part, count, eps, weight, bias, coef, mean, invstd, m2)
 
 
 @kernel(inline="always")
@@ -419,7 +416,7 @@ def add_channel(item, part, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=) of channel item ``item``'s channels, partials added in order."""
     c0, c1 = _group(item, part.shape[2])
     if c1 > c0:
-        add_channels(c0, c1, borrowed(part), borrowed(sum_dy), borrowed(sum_dy_xmu))
+        add_channels(c0, c1, part, sum_dy, sum_dy_xmu)
 
 
 @kernel(inline="always")
@@ -427,9 +424,7 @@ def dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu
     """Channel item ``item``: add the partials, then the dx rows."""
     c0, c1 = _group(item, part.shape[2])
     if c1 > c0:
-        dx_channels(c0, c1, borrowed(part), count, borrowed(mean), borrowed(invstd),
-                    borrowed(weight), borrowed(coef), borrowed(sum_dy),
-                    borrowed(sum_dy_xmu))  # fmt: skip
+        dx_channels(c0, c1, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
 
 
 # -------------------------------------------------------------------------- elementwise items
