@@ -374,10 +374,14 @@ def empty(typingctx, shape, dtype):
     return array(shape, dtype), codegen
 
 
-def _borrowed_view(context, builder, array_type, value, view_type, shape, strides):
-    """A view of the array ``value`` (of ``array_type``) as ``view_type`` with ``shape`` and
+def _array(context, builder, array_type, value):
+    """The fields of the array ``value`` of ``array_type`` (Numba's struct proxy)."""
+    return cgutils.create_struct_proxy(array_type)(context, builder, value=value)
+
+
+def _borrowed_view(context, builder, source, view_type, shape, strides):
+    """A view of the array ``source`` (:func:`_array`) as ``view_type`` with ``shape`` and
     ``strides`` (LLVM arrays), holding no reference to its memory."""
-    source = cgutils.create_struct_proxy(array_type)(context, builder, value=value)
     view = cgutils.create_struct_proxy(view_type)(context, builder)
     view.meminfo = cgutils.get_null_value(view.meminfo.type)
     view.parent = cgutils.get_null_value(view.parent.type)
@@ -414,22 +418,21 @@ def borrowed(typingctx, array):
         return None
 
     def codegen(context, builder, sig, args):
-        source = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
-        return _borrowed_view(context, builder, sig.args[0], args[0], sig.return_type,
-                              source.shape, source.strides)  # fmt: skip
+        source = _array(context, builder, sig.args[0], args[0])
+        return _borrowed_view(context, builder, source, sig.return_type, source.shape,
+                              source.strides)  # fmt: skip
 
     return array(array), codegen
 
 
-def _reshaped(context, builder, array_type, value, view_type, sizes):
+def _reshaped(context, builder, source, view_type, sizes):
     """:func:`_borrowed_view` with the C-contiguous strides of ``sizes`` (LLVM integers)."""
     itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
-        context.get_data_type(array_type.dtype)))  # fmt: skip
+        context.get_data_type(view_type.dtype)))  # fmt: skip
     strides = [itemsize]
     for size in reversed(sizes[1:]):
         strides.insert(0, builder.mul(strides[0], size))
-    return _borrowed_view(context, builder, array_type, value, view_type,
-                          cgutils.pack_array(builder, sizes),
+    return _borrowed_view(context, builder, source, view_type, cgutils.pack_array(builder, sizes),
                           cgutils.pack_array(builder, strides))  # fmt: skip
 
 
@@ -442,8 +445,8 @@ def flat(typingctx, array):
     view_type = array.copy(ndim=1, layout="C")
 
     def codegen(context, builder, sig, args):
-        source = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
-        return _reshaped(context, builder, sig.args[0], args[0], view_type, [source.nitems])
+        source = _array(context, builder, sig.args[0], args[0])
+        return _reshaped(context, builder, source, view_type, [source.nitems])
 
     return view_type(array), codegen
 
@@ -461,7 +464,8 @@ def shaped(typingctx, array, shape):
     def codegen(context, builder, sig, args):
         sizes = [context.cast(builder, size, shape.dtype, types.intp)
                  for size in cgutils.unpack_tuple(builder, args[1])]  # fmt: skip
-        return _reshaped(context, builder, sig.args[0], args[0], view_type, sizes)
+        return _reshaped(context, builder, _array(context, builder, sig.args[0], args[0]),
+                         view_type, sizes)  # fmt: skip
 
     return view_type(array, shape), codegen
 
