@@ -242,9 +242,8 @@ def cached_for(dispatcher, dtype):
 # Templates: LOOPS holds their copies per memory shape, each calling that shape's items
 # (stats_item and the rest are names of .items.ITEMS, bound in the copies' globals), with
 # inline="always", which inlines them into each driver before Numba's parfor pass, so that their
-# prange loops run on threads in the parallel twin and as plain loops in the serial one. An item
-# takes borrowed views of its arrays (flat and borrowed, taken in the loop): it binds them anew
-# in every iteration, and Numba would count a reference for each.
+# prange loops run on threads in the parallel twin and as plain loops in the serial one. Their
+# items take borrowed views (the module's docstring).
 def _stats_loop(x, part):
     """Partials (=) of every reduction item."""
     outer, channels, inner = x.shape
