@@ -191,11 +191,50 @@ def start_tiers(x, threads, job, serial, twins, lock):
             os.close(held)  # the worker holds it now (or none started: released)
 
 
+def start_partitions(x, threads, job, twins):
+    """Start a worker that compiles the parallel ``twins`` of the partitions the rule does not
+    pick for batches like ``x``, which a race in this process times once they are in the cache
+    (numba_bn.cpu.race), running ``job`` (:data:`JOBS`); its pid, or None when none started.
+    Called by the CPU backend where :func:`enabled`."""
+    import numba
+
+    from . import compiling
+
+    args = (numba.typeof(x),)
+
+    def describe(dispatcher):
+        return compiling.describe(compiling.driver_name(dispatcher), args)
+
+    meanwhile = "runs the partition it has; then it times both and keeps the faster"
+    try:
+        return _start(tuple(x.shape), x.dtype.name, threads, job, twins, describe,
+                      meanwhile=meanwhile)  # fmt: skip
+    except Exception:  # no worker: the rule's partition stays
+        return None
+
+
 def compiles(dispatcher):
     """Whether a live worker compiles ``dispatcher`` (and is within its deadline): one of this
     process's, or another process's whose lock :func:`elsewhere` noted. Whether a worker has
     ended is looked up every _POLL_SECONDS at most (a ``waitpid`` or a lock's probe: ~1.5-2.5
     us of each call's plan while the serial twins stand in)."""
+    now = _look()
+    if id(dispatcher) in _foreign:
+        return True
+    return any(id(dispatcher) in w.dispatchers and now <= w.deadline for w in _workers)
+
+
+def working():
+    """Whether a worker this process started is alive, within its deadline (looked up as
+    :func:`compiles` does): a race waits for it (numba_bn.cpu.race), as its compile takes a
+    core that the timed calls' threads would run on."""
+    now = _look()
+    return any(now <= worker.deadline for worker in _workers)
+
+
+def _look():
+    """Now (time.monotonic), having forgotten the workers that ended, if the last look was
+    _POLL_SECONDS ago or more."""
     now = time.monotonic()
     if now - _looked[0] >= _POLL_SECONDS:
         _looked[0] = now
@@ -203,9 +242,7 @@ def compiles(dispatcher):
         free = {lock for lock in set(_foreign.values()) if not held_elsewhere(lock)}
         for key in [key for key, lock in _foreign.items() if lock in free]:
             del _foreign[key]
-    if id(dispatcher) in _foreign:
-        return True
-    return any(id(dispatcher) in w.dispatchers and now <= w.deadline for w in _workers)
+    return now
 
 
 def tiers_lock(dispatcher, dtype):
@@ -263,9 +300,10 @@ except ImportError:  # not POSIX
     _flock = None
 
 
-def _start(shape, dtype, threads, job, siblings, describe, twins=(), held=-1):
+def _start(shape, dtype, threads, job, siblings, describe, twins=(), held=-1, meanwhile=None):
     """A worker of ``job`` compiling ``siblings`` (those not compiled here) then ``twins``; it
-    keeps the descriptor ``held`` (a lock: -1 for none) open until it ends. Its pid, or None."""
+    keeps the descriptor ``held`` (a lock: -1 for none) open until it ends. Its pid, or None.
+    ``meanwhile``: what this process does meanwhile, in words, for the line on stderr."""
     from . import compiling
 
     siblings = [d for d in siblings if not d.overloads]  # (those compiled here are loaded)
@@ -281,10 +319,11 @@ def _start(shape, dtype, threads, job, siblings, describe, twins=(), held=-1):
         _workers.append(Worker(pid, frozenset(map(id, [*siblings, *twins])), deadline))
     if not compiling.quiet():
         what = ", then ".join(filter(None, [_listed(named), _listed(tiers)]))
-        meanwhile = (
-            "runs the serial twins (the same results) until they are loaded"
-            if twins else "compiles the forward"
-        )  # fmt: skip
+        if meanwhile is None:
+            meanwhile = (
+                "runs the serial twins (the same results) until they are loaded"
+                if twins else "compiles the forward"
+            )  # fmt: skip
         print(
             f"numba_bn: compiling {what} ahead, in a worker process (pid {pid}, {how}) while "
             f"this one {meanwhile}; about {max(1, round(seconds))} s: cached in "
@@ -429,18 +468,44 @@ def _batch_norm(x, epilogue):
     from .cpu import EPILOGUE_ADD, EPILOGUE_RELU, CpuBackend
 
     channels, dtype = x.shape[1], x.dtype
-    mean, invstd = np.zeros(channels), np.ones(channels)
-    weight, empty = np.ones(channels, dtype), np.empty(0, dtype)
     activation = "relu" if int(epilogue) & EPILOGUE_RELU else None
     residual = x if int(epilogue) & EPILOGUE_ADD else None
-    backend = CpuBackend()
-    backend.backward(x, x, mean=mean, invstd=invstd, weight=weight, dx=np.empty_like(x),
-                     sum_dy=np.empty(channels), sum_dy_xmu=np.empty(channels),
-                     activation=activation, y=x, grad=np.empty_like(x))  # fmt: skip
+    _backward(x, activation)
     running_mean, running_var = np.zeros(channels, dtype), np.ones(channels, dtype)
-    backend.forward_eval(x, weight=empty, bias=empty, running_mean=running_mean,
-                         running_var=running_var, eps=1e-5, y=np.empty_like(x),
-                         residual=residual, activation=activation)  # fmt: skip
+    empty = np.empty(0, dtype)
+    CpuBackend().forward_eval(x, weight=empty, bias=empty, running_mean=running_mean,
+                              running_var=running_var, eps=1e-5, y=np.empty_like(x),
+                              residual=residual, activation=activation)  # fmt: skip
+
+
+def _backward(x, activation):
+    """CpuBackend's backward of a canonical view ``x`` (through ``activation``: None or
+    "relu")."""
+    import numpy as np
+
+    from .cpu import CpuBackend
+
+    channels = x.shape[1]
+    CpuBackend().backward(x, x, mean=np.zeros(channels), invstd=np.ones(channels),
+                          weight=np.ones(channels, x.dtype), dx=np.empty_like(x),
+                          sum_dy=np.empty(channels), sum_dy_xmu=np.empty(channels),
+                          activation=activation, y=x, grad=np.empty_like(x))  # fmt: skip
+
+
+def _forward_train(x, epilogue, nan_check=False):
+    """CpuBackend's forward_train of a canonical view ``x`` with ``epilogue``."""
+    import numpy as np
+
+    from .cpu import EPILOGUE_ADD, EPILOGUE_RELU, CpuBackend
+
+    channels, dtype = x.shape[1], x.dtype
+    CpuBackend().forward_train(
+        x, weight=np.empty(0, dtype), bias=np.empty(0, dtype), eps=1e-5, y=np.empty_like(x),
+        mean=np.empty(channels), invstd=np.empty(channels), m2=np.empty(channels),
+        residual=x if int(epilogue) & EPILOGUE_ADD else None,
+        activation="relu" if int(epilogue) & EPILOGUE_RELU else None,
+        nan_check=nan_check,
+    )  # fmt: skip
 
 
 def _group_norm(x, groups):
@@ -471,27 +536,33 @@ def _batch_norm_tiers(x, epilogue, may_fuse):
     :func:`_batch_norm`), which its parent runs meanwhile, then the twins the cost model picks
     for its forward_train (fused planes where ``may_fuse`` is "1": no NaN check), backward and
     eval (numba_bn.cpu._meanwhile)."""
-    import numpy as np
-
-    from .cpu import EPILOGUE_ADD, EPILOGUE_RELU, CpuBackend, serial_plans
+    from .cpu import serial_plans
 
     with serial_plans():
         _batch_norm(x, epilogue)
-    channels, dtype = x.shape[1], x.dtype
-    CpuBackend().forward_train(
-        x, weight=np.empty(0, dtype), bias=np.empty(0, dtype), eps=1e-5, y=np.empty_like(x),
-        mean=np.empty(channels), invstd=np.empty(channels), m2=np.empty(channels),
-        residual=x if int(epilogue) & EPILOGUE_ADD else None,
-        activation="relu" if int(epilogue) & EPILOGUE_RELU else None,
-        nan_check=may_fuse == "0",
-    )  # fmt: skip
+    _forward_train(x, epilogue, nan_check=may_fuse == "0")
     _batch_norm(x, epilogue)
+
+
+def _batch_norm_partitions(x, epilogue, *steps):
+    """The forward_train (with ``epilogue``) and the backward of a batch like ``x`` in the
+    partitions ``steps`` names ("forward_train=1": fused, "backward=0": split), those the
+    rule does not pick, which a race in the parent times (numba_bn.cpu._compile_partitions)."""
+    from .cpu import partitions
+
+    fused = {step: value == "1" for step, value in (word.split("=") for word in steps)}
+    with partitions(**fused):
+        if "forward_train" in fused:
+            _forward_train(x, epilogue)
+        if "backward" in fused:
+            _backward(x, None)
 
 
 #: What a worker runs after a forward, by the job's first word (its other words: arguments).
 JOBS = {
     "batch_norm": _batch_norm,
     "batch_norm_tiers": _batch_norm_tiers,
+    "batch_norm_partitions": _batch_norm_partitions,
     "group_norm": _group_norm,
     "layer_norm": _layer_norm,
 }

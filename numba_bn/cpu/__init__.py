@@ -13,8 +13,9 @@ from .. import ahead
 from ..stats import no_running_update
 from . import drivers
 from .drivers import loaded_for, machine_code
-from .items import is_fused, memory_of
+from .items import both_partitions, is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
+from .race import NOT_YET, RACE_MIN_ELEMENTS, Race
 from .threads import compile_only as _twins_compile_only
 from .threads import expected_layer, launcher, layer_known, num_threads
 
@@ -206,8 +207,104 @@ def _new_plan(key, step, x, may_fuse, epilogue, threads):
         if threads is None:
             _PLANS[key] = plan
         else:
+            if parallel > 1:
+                plan = _raced(key, threads, x, plan)
             _PLANS.setdefault(key, {})[threads] = plan
     return plan
+
+
+#: The partitions races chose in this process (:mod:`.race`): {(step, shape, dtype name,
+#: epilogue, threads): (fused, the rule's fastest call, the other's: us)}.
+RACES = {}
+_PARTITIONED = ("forward_train", "backward")
+_forced = {}  # inside partitions(): {step: fused}
+_no_races = []  # after compile_only()
+
+
+def _raced(key, threads, x, plan):
+    """The parallel ``plan`` (run, fused) kept for ``key`` on ``threads`` threads: where both
+    partitions can run ``x`` (:mod:`.race`), one whose run is a :class:`.race.Race` of the
+    rule's run and the other partition's, which puts the faster one's plan in its place. The
+    plan's ``fused`` stays the rule's: the backward through a ReLU reads it, and takes the
+    fused ReLU driver only where the rule compiled it."""
+    step, _, _, may_fuse, epilogue = key
+    if not may_fuse or step not in _PARTITIONED or x.size < RACE_MIN_ELEMENTS:
+        return plan
+    if _forced or _no_races or not both_partitions(*x.shape, threads):
+        return plan
+    rule, fused = plan
+    ready = _other_partition(step, x, threads, epilogue, not fused)
+    if ready is None:
+        return plan
+
+    def settle(winner, other_won, seconds):
+        chosen = (winner, fused)
+        kept = _PLANS.get(key)
+        if isinstance(kept, dict) and kept.get(threads) is raced:
+            kept[threads] = chosen
+        if seconds is not None:
+            name = (step, x.shape, x.dtype.name, epilogue, threads)
+            RACES[name] = (fused != other_won, *(round(s * 1e6, 1) for s in seconds))
+
+    raced = Race(rule, ready, settle), fused
+    return raced
+
+
+def _other_partition(step, x, threads, epilogue, fused):
+    """The ``ready`` of a race (:class:`.race.Race`) for the parallel twin of ``step``'s
+    ``fused`` partition on x: its run once it is loaded or in Numba's cache, NOT_YET while a
+    worker compiles it (started here if need be: :func:`_compile_partitions`); None when
+    neither can be."""
+    twin, dtype = _driver(step, x, threads, True, epilogue, fused=fused)[0], x.dtype
+    if not _can_load(twin, dtype) and not ahead.compiles(twin):
+        if _compile_partitions(x, threads, epilogue) is None:
+            return None
+
+    def ready():
+        if ahead.working() or ahead.compiles(twin):  # (a compile's core: no fair timing)
+            return NOT_YET
+        return launcher(twin) if _can_load(twin, dtype) else None
+
+    return ready
+
+
+def _can_load(dispatcher, dtype):
+    """Whether ``dispatcher`` has machine code for x's ``dtype`` here or in Numba's cache."""
+    return loaded_for(dispatcher, dtype) or drivers.cached_for(dispatcher, dtype)
+
+
+def _compile_partitions(x, threads, epilogue):
+    """Start a worker compiling the parallel twins of the partitions the rule does not pick for
+    a forward_train (with ``epilogue``) and a backward of batches like x, those neither here
+    nor in the cache (:func:`.ahead.start_partitions`); its pid, or None when none started."""
+    if x.size > ahead.AHEAD_MAX_ELEMENTS or not ahead.enabled():
+        return None
+    forced, twins = {}, []
+    for step, code in (("forward_train", epilogue), ("backward", EPILOGUE_NONE)):
+        fused = not is_fused(x.shape[1], x.shape[2], threads, x.size, step == "forward_train")
+        twin = _driver(step, x, threads, True, code, fused=fused)[0]
+        if not _can_load(twin, x.dtype) and not ahead.compiles(twin):
+            forced[step] = fused
+            twins.append(twin)
+    if not twins:
+        return None
+    steps = " ".join(f"{step}={int(fused)}" for step, fused in forced.items())
+    return ahead.start_partitions(x, threads, f"batch_norm_partitions {epilogue} {steps}", twins)
+
+
+@contextlib.contextmanager
+def partitions(**fused):
+    """Inside the block, forward_train and backward (the keywords: whether fused) take the
+    partition given where they may fuse, on batches both partitions can run
+    (:func:`.items.both_partitions`), and no race starts (:mod:`.race`): the worker that
+    compiles the partitions the rule does not pick (:func:`_compile_partitions`)."""
+    _PLANS.clear()
+    _forced.update(fused)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _PLANS.clear()
 
 
 def compile_only():
@@ -215,19 +312,27 @@ def compile_only():
     (:func:`.threads.compile_only`), those of the plans made before too (forgotten): a
     compile-ahead worker forked from a process (:mod:`numba_bn.ahead`)."""
     _twins_compile_only()
+    _no_races.append(True)
     _PLANS.clear()
 
 
-def _driver(step, x, threads, may_fuse=False, epilogue=EPILOGUE_NONE):
+def _driver(step, x, threads, may_fuse=False, epilogue=EPILOGUE_NONE, fused=None):
     """(dispatcher, fused): the twin of ``step`` for ``threads`` threads (1: serial) on x's
     memory shape and ``epilogue`` (:func:`.drivers.driver`), and for a step with two
-    partitions whether it takes fused planes (:func:`.items.is_fused`, the rule the C plugin's
-    shim follows too)."""
-    fused = False
-    if step in ("forward_train", "backward"):
-        forward = step == "forward_train"
-        fused = may_fuse and is_fused(x.shape[1], x.shape[2], threads, x.size, forward)
+    partitions whether it takes fused planes: ``fused`` where given (for a batch both can
+    run), else :func:`partitions`' inside it, else :func:`.items.is_fused`, the rule the C
+    plugin's shim follows too."""
+    if step in _PARTITIONED:
+        if not may_fuse:
+            fused = False
+        elif fused is None:
+            fused = _forced.get(step)
+            if fused is None or not both_partitions(*x.shape, threads):
+                forward = step == "forward_train"
+                fused = is_fused(x.shape[1], x.shape[2], threads, x.size, forward)
         step += "_fused" if fused else "_split"
+    else:
+        fused = False
     # x.shape[0], x.shape[-1]: the canonical view's outer and inner (relu_grad takes any rank;
     # driver() gives the steps without a copy per memory shape their one copy whatever memory
     # says)

@@ -153,6 +153,13 @@ def is_fused(channels, inner, threads, size, forward):
     return inner >= (FUSED_FORWARD_MIN_INNER if forward else 2) and channels >= 2 * threads
 
 
+def both_partitions(outer, channels, inner, threads):
+    """Whether both partitions can run a canonical view (``outer``, ``channels``, ``inner``) on
+    ``threads`` threads: planes, not short, with a channel or more for each thread, twice over
+    (a race times them: :mod:`.race`)."""
+    return inner > 1 and not short_planes(outer, inner) and channels >= 2 * threads
+
+
 # the same rule for plan(), calling the compiled short_planes (Numba calls no Python function)
 is_fused_jit = kernel(inline="always")(
     types.FunctionType(is_fused.__code__, {**globals(), "short_planes": short_planes_jit})

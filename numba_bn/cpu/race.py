@@ -1,0 +1,85 @@
+"""The partition of a large planes batch, chosen by timing both on this machine.
+
+A forward_train or backward on planes with a channel or more for each thread, twice over, has
+two partitions (:mod:`.items`): fused (one channel per item, its statistics and normalisation
+back to back while it is in L2) and split (a reduction pass, then an elementwise pass). They give
+the same bits (tests/test_numerics.py), so which one runs decides only the time, and that
+depends on the machine more than a fixed size can say: the split backward of (32, 64, 28, 28)
+float32 took 1.3-1.5x the fused one's time on an Intel Xeon (2 MB of L2 a core) and ran faster
+than it on an AMD Zen 3 (benchmarks/README.md, "Stop 56"). :func:`.items.is_fused` is the rule a
+plan starts with (and the C library's shim keeps); where both partitions can run the batch, a
+parallel plan's run is a :class:`Race` that times both on the first calls and keeps the faster.
+
+A race only times machine code this process has or can load from Numba's cache: the other
+partition's parallel twin, when it is in neither, compiles in a compile-ahead worker
+(:mod:`numba_bn.ahead`) while the rule's runs; where no worker may start and the cache does not
+hold it, the rule's partition stays, as before.
+"""
+
+import time
+
+#: The smallest batch (elements) whose partition is timed: below, the split partition was as
+#: fast or faster on every machine measured (131K elements: split / fused time 0.79-0.97 on the
+#: Intel Xeon, 0.6-0.9 on the AMD Zen 3), and a race's calls would cost more than it could save.
+RACE_MIN_ELEMENTS = 1 << 18
+#: Timed calls of each partition, after an untimed first call of each (its machine code loaded,
+#: its caches warm). Calls alternate between the two, so that a busy spell of the machine slows
+#: both; each keeps its fastest.
+RACE_SAMPLES = 4
+#: What a race's ``ready`` answers while the other partition is not ready yet.
+NOT_YET = "not yet"
+
+
+class Race:
+    """A plan's run that times two partitions and keeps the faster.
+
+    ``rule``: the run of the partition the rule picks. ``ready()``: the other partition's run
+    once it can be called (loaded, or in Numba's cache), NOT_YET while a worker compiles it,
+    None when it will not be had (the rule's run stays). ``settle(run, other_won, seconds)``:
+    called once with the faster run, whether it is the other's, and the two fastest times
+    (rule's, other's; None when there was no race), to put the plan in place of this one.
+    ``clock``: seconds (a fake in the tests).
+
+    Until ``ready`` gives a run, every call runs the rule's; then 2 * (RACE_SAMPLES + 1) calls
+    alternate between them, rule first, and it settles. A call's arguments and result pass
+    through. Results do not depend on which partition runs (the module's docstring).
+    """
+
+    def __init__(self, rule, ready, settle, clock=time.perf_counter, samples=RACE_SAMPLES):
+        self.rule, self.ready, self._settle, self.clock = rule, ready, settle, clock
+        self.samples = samples
+        self.times = ([], [])  # the rule's, the other's: seconds per call, the first untimed
+        self.runs = None  # (rule, other) while racing
+        self.winner = None
+        self._call = self._waiting
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+    def _waiting(self, *args):
+        other = self.ready()
+        if other is NOT_YET:
+            return self.rule(*args)
+        if other is None:
+            self._done(self.rule, False, None)
+            return self.rule(*args)
+        self.runs = (self.rule, other)
+        self._call = self._racing
+        return self._racing(*args)
+
+    def _racing(self, *args):
+        rule_times, other_times = self.times
+        side = 0 if len(rule_times) <= len(other_times) else 1
+        start = self.clock()
+        result = self.runs[side](*args)
+        self.times[side].append(self.clock() - start)
+        if len(other_times) > self.samples:
+            rule_best, other_best = min(rule_times[1:]), min(other_times[1:])
+            other_won = other_best < rule_best
+            self._done(self.runs[other_won], other_won, (rule_best, other_best))
+        return result
+
+    def _done(self, winner, other_won, seconds):
+        self.winner = winner
+        self._call = winner
+        self._settle(winner, other_won, seconds)

@@ -1,0 +1,211 @@
+"""The partition of a large planes batch chosen by timing both (numba_bn/cpu/race.py): a race
+times them on the first calls and keeps the faster, and what a call returns does not depend on
+which one ran."""
+
+import numba
+import numpy as np
+import pytest
+
+import numba_bn as nbn
+from numba_bn import ahead, cpu
+from numba_bn.cpu import drivers, items
+from numba_bn.cpu.race import NOT_YET, RACE_MIN_ELEMENTS, RACE_SAMPLES, Race
+
+from conftest import random_batch
+
+
+class Partition:
+    """A run that records its calls and advances a fake clock by its ``seconds`` a call (the
+    next from the list, then the last one again)."""
+
+    def __init__(self, name, clock, seconds):
+        self.name, self.clock, self.seconds, self.calls = name, clock, list(seconds), []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        self.clock.now += self.seconds.pop(0) if len(self.seconds) > 1 else self.seconds[0]
+        return self.name, args
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _race(rule_seconds, other_seconds, ready_answers=()):
+    """A race of two fake partitions; ``ready_answers``: what ready() says first (then the
+    other's run); the settle calls are recorded in race.settled."""
+    clock = Clock()
+    rule = Partition("rule", clock, rule_seconds)
+    other = Partition("other", clock, other_seconds)
+    answers = list(ready_answers)
+
+    def ready():
+        return answers.pop(0) if answers else other
+
+    settled = []
+    race = Race(rule, ready, lambda *args: settled.append(args), clock=clock)
+    race.settled = settled
+    return race, rule, other
+
+
+CALLS = 2 * (RACE_SAMPLES + 1)  # a race's calls: an untimed one of each, then the samples
+
+
+def test_a_race_alternates_then_keeps_the_faster_partition():
+    """The first call of each is slow (a load) and untimed; the other partition is faster."""
+    race, rule, other = _race([9.0, 3.0], [50.0, 2.0])
+    results = [race(n) for n in range(CALLS)]
+    assert [name for name, _ in results] == ["rule", "other"] * (RACE_SAMPLES + 1)
+    assert race.settled == [(other, True, (3.0, 2.0))]
+    assert race(99) == ("other", (99,)) and race.winner is other
+    assert len(rule.calls) == RACE_SAMPLES + 1  # none after the race
+
+
+@pytest.mark.parametrize("other_seconds", [[4.0], [3.0]])  # slower; as fast (a tie)
+def test_the_rules_partition_stays_unless_the_other_is_faster(other_seconds):
+    race, rule, other = _race([3.0], other_seconds)
+    for n in range(CALLS + 3):
+        race(n)
+    assert race.settled == [(rule, False, (3.0, other_seconds[0]))]
+    assert len(other.calls) == RACE_SAMPLES + 1
+
+
+def test_a_race_keeps_each_partitions_fastest_call():
+    """A busy spell slows one sample of the faster partition: its other samples decide."""
+    race, rule, other = _race([3.0] * 3 + [2.5], [2.0, 2.0, 40.0, 2.0])
+    for n in range(CALLS):
+        race(n)
+    assert race.settled == [(other, True, (2.5, 2.0))]
+
+
+def test_a_race_runs_the_rule_until_the_other_partition_is_ready():
+    race, rule, other = _race([3.0], [1.0], ready_answers=[NOT_YET] * 5)
+    for n in range(5):
+        assert race(n) == ("rule", (n,))
+    assert race.settled == [] and not other.calls and race.times == ([], [])
+    for n in range(CALLS):
+        race(n)
+    assert race.settled == [(other, True, (3.0, 1.0))]
+
+
+def test_the_rule_stays_when_the_other_partition_cannot_be_had():
+    race, rule, other = _race([3.0], [1.0], ready_answers=[NOT_YET, None])
+    assert [race(n)[0] for n in range(4)] == ["rule"] * 4
+    assert race.settled == [(rule, False, None)] and not other.calls
+
+
+# ------------------------------------------------------------------- in the CPU backend
+SHAPE = (8, 8, RACE_MIN_ELEMENTS // 64)  # planes: both partitions run it on 2 threads
+
+
+def _plans_for(x, threads, key):
+    plans = cpu._PLANS.get(key)
+    return plans.get(threads) if isinstance(plans, dict) else None
+
+
+def _both_partitions_loaded(x):
+    """The parallel twins of both partitions of forward_train and backward for x: loaded."""
+    dy = x + 1
+    for fused in (True, False):
+        with cpu.partitions(forward_train=fused, backward=fused):
+            _, mean, invstd = nbn.forward_train(x)
+            nbn.backward(dy, x, mean, invstd)
+    for step in ("forward_train", "backward"):
+        for fused in (True, False):
+            twin = cpu._driver(step, x, 2, True, fused=fused)[0]
+            assert drivers.loaded_for(twin, x.dtype), (step, fused)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one thread: nothing to race")
+def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatch):
+    """A forward_train and backward on a planes batch time both partitions on their first calls
+    and keep the faster one's plan; every call, during the race and after, gives the bits of
+    the rule's partition alone."""
+    monkeypatch.setattr(cpu, "num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "RACES", {})
+    x = random_batch(rng, SHAPE, np.float32)
+    dy = random_batch(rng, SHAPE, np.float32, mean_scale=0.5)
+    assert x.size == RACE_MIN_ELEMENTS and items.both_partitions(*SHAPE, 2)
+    _both_partitions_loaded(x)
+    rule = {step: items.is_fused(8, SHAPE[2], 2, x.size, step == "forward_train")
+            for step in ("forward_train", "backward")}  # fmt: skip
+    with cpu.partitions(**rule):  # the rule's partition alone
+        expected = nbn.forward_train(x)
+        expected_grads = nbn.backward(dy, x, *expected[1:])
+    cpu._PLANS.clear()
+    for call in range(CALLS + 2):
+        y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+        _, mean, invstd = nbn.forward_train(x, out=y)
+        _, dweight, dbias = nbn.backward(dy, x, mean, invstd, out=dx)
+        for got, want in zip((y, mean, invstd, dx, dweight, dbias), (*expected, *expected_grads),
+                             strict=True):  # fmt: skip
+            np.testing.assert_array_equal(got, want, err_msg=f"call {call}")
+    for step in ("forward_train", "backward"):
+        key = (step, SHAPE, x.dtype, True, 0)
+        run, fused = _plans_for(x, 2, key)
+        assert not isinstance(run, Race) and fused is rule[step]  # (the ReLU path reads it)
+        chosen, rule_us, other_us = cpu.RACES[step, SHAPE, "float32", 0, 2]
+        assert chosen is (rule[step] if rule_us <= other_us else not rule[step])
+        twin = cpu._driver(step, x, 2, True, fused=chosen)[0]
+        assert twin in (run, getattr(run, "__wrapped__", None))  # as it is, or in its guard
+
+
+def test_no_race_where_the_other_partition_cannot_be_had(rng, monkeypatch):
+    """Neither here nor in the cache, and no worker may start: the rule's plan is kept as it
+    is (compile-ahead is off in the suite)."""
+    monkeypatch.setattr(cpu, "_can_load", lambda *_: False)
+    x = np.empty(SHAPE, np.float32)
+    plan = (object(), False)
+    assert cpu._raced(("backward", SHAPE, x.dtype, True, 0), 2, x, plan) is plan
+
+
+def test_a_race_waits_for_the_worker_that_compiles_the_other_partition(monkeypatch):
+    """The other partitions, neither here nor in the cache, compile in one worker (the rule's
+    split: forward_train and backward fused); the race runs the rule's meanwhile, and also
+    while any worker of this process lives (a compile takes a core)."""
+    started, compiling = [], [False]
+
+    def start_partitions(*args):
+        started.append(args)
+        compiling[0] = True
+        return 12345  # its pid
+
+    monkeypatch.setattr(cpu, "_can_load", lambda *_: False)
+    monkeypatch.setattr(ahead, "enabled", lambda: True)
+    monkeypatch.setattr(ahead, "start_partitions", start_partitions)
+    monkeypatch.setattr(ahead, "compiles", lambda twin: compiling[0])
+    monkeypatch.setattr(ahead, "working", lambda: compiling[0])
+    x = np.empty((64, 8, 1000), np.float32)  # rule: split (short of the fused bounds)
+    assert x.size >= RACE_MIN_ELEMENTS and not items.is_fused(8, 1000, 2, x.size, True)
+    assert not items.is_fused(8, 1000, 2, x.size, False)
+    key = ("backward", x.shape, x.dtype, True, 0)
+    plan = cpu._raced(key, 2, x, ("rule", False))
+    assert isinstance(plan[0], Race) and plan[1] is False
+    ((shape_x, threads, job, twins),) = started
+    assert (shape_x is x, threads, job) == (True, 2, "batch_norm_partitions 0 "
+                                            "forward_train=1 backward=1")  # fmt: skip
+    assert twins == [cpu._driver(step, x, 2, True, fused=True)[0]
+                     for step in ("forward_train", "backward")]  # fmt: skip
+    ready = plan[0].ready
+    assert ready() is NOT_YET
+    monkeypatch.setattr(ahead, "compiles", lambda twin: False)
+    assert ready() is NOT_YET  # another worker still lives
+    compiling[0] = False
+    assert ready() is None  # it ended and saved nothing: the rule's stays
+    monkeypatch.setattr(cpu, "_can_load", lambda *_: True)
+    assert ready() is not None
+
+
+def test_the_partitions_job_runs_the_partitions_it_names(rng):
+    """The worker's job (ahead.JOBS) runs forward_train and backward in the partitions named,
+    which then have machine code (here: it runs in this process)."""
+    x = random_batch(rng, (8, 8, 1000), np.float32)
+    ahead.JOBS["batch_norm_partitions"](x, "0", "forward_train=1", "backward=0")
+    assert cpu._forced == {} and cpu._PLANS == {}
+    threads = min(2, numba.config.NUMBA_NUM_THREADS)  # parallel twins on two threads
+    for step, fused in [("forward_train", True), ("backward", False)]:
+        twin = cpu._driver(step, x, threads, True, fused=fused)[0 if threads > 1 else 1]
+        assert drivers.loaded_for(twin, x.dtype), step
