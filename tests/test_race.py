@@ -9,7 +9,7 @@ import pytest
 import numba_bn as nbn
 from numba_bn import ahead, cpu
 from numba_bn.cpu import drivers, items
-from numba_bn.cpu.race import NOT_YET, RACE_MIN_ELEMENTS, RACE_SAMPLES, Race
+from numba_bn.cpu.race import NOT_YET, RACE_AFTER, RACE_MIN_ELEMENTS, RACE_SAMPLES, Race
 
 from conftest import random_batch
 
@@ -34,20 +34,21 @@ class Clock:
         return self.now
 
 
-def _race(rule_seconds, other_seconds, ready_answers=()):
+def _race(rule_seconds, other_seconds, ready_answers=(), after=0):
     """A race of two fake partitions; ``ready_answers``: what ready() says first (then the
-    other's run); the settle calls are recorded in race.settled."""
+    other's run); the settle calls are recorded in race.settled, ready's in race.asked."""
     clock = Clock()
     rule = Partition("rule", clock, rule_seconds)
     other = Partition("other", clock, other_seconds)
-    answers = list(ready_answers)
+    answers, asked = list(ready_answers), []
 
     def ready():
+        asked.append(True)
         return answers.pop(0) if answers else other
 
     settled = []
-    race = Race(rule, ready, lambda *args: settled.append(args), clock=clock)
-    race.settled = settled
+    race = Race(rule, ready, lambda *args: settled.append(args), clock=clock, after=after)
+    race.settled, race.asked = settled, asked
     return race, rule, other
 
 
@@ -79,6 +80,16 @@ def test_a_race_keeps_each_partitions_fastest_call():
     for n in range(CALLS):
         race(n)
     assert race.settled == [(other, True, (2.5, 2.0))]
+
+
+def test_a_race_asks_for_the_other_partition_from_the_plans_third_call_on():
+    """A program that calls once or twice starts no worker and loads nothing more."""
+    race, rule, other = _race([3.0], [1.0], after=RACE_AFTER)
+    for n in range(RACE_AFTER):
+        assert race(n) == ("rule", (n,))
+    assert not race.asked and not other.calls
+    race(RACE_AFTER)
+    assert race.asked and len(rule.calls) == RACE_AFTER + 1  # the race's first: the rule's
 
 
 def test_a_race_runs_the_rule_until_the_other_partition_is_ready():
@@ -136,7 +147,7 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
         expected = nbn.forward_train(x)
         expected_grads = nbn.backward(dy, x, *expected[1:])
     cpu._PLANS.clear()
-    for call in range(CALLS + 2):
+    for call in range(RACE_AFTER + CALLS + 2):
         y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
         _, mean, invstd = nbn.forward_train(x, out=y)
         _, dweight, dbias = nbn.backward(dy, x, mean, invstd, out=dx)
@@ -153,13 +164,20 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
         assert twin in (run, getattr(run, "__wrapped__", None))  # as it is, or in its guard
 
 
-def test_no_race_where_the_other_partition_cannot_be_had(rng, monkeypatch):
-    """Neither here nor in the cache, and no worker may start: the rule's plan is kept as it
-    is (compile-ahead is off in the suite)."""
+def test_the_rules_plan_stays_where_the_other_partition_cannot_be_had(monkeypatch):
+    """Neither here nor in the cache, and no worker may start (compile-ahead is off in the
+    suite): the race settles on the rule's run, whose plan takes its place, untimed."""
     monkeypatch.setattr(cpu, "_can_load", lambda *_: False)
+    monkeypatch.setattr(cpu, "_PLANS", {})
+    monkeypatch.setattr(cpu, "RACES", {})
     x = np.empty(SHAPE, np.float32)
-    plan = (object(), False)
-    assert cpu._raced(("backward", SHAPE, x.dtype, True, 0), 2, x, plan) is plan
+    key = ("backward", SHAPE, x.dtype, True, 0)
+    rule = Partition("rule", Clock(), [1.0])
+    cpu._PLANS[key] = {2: cpu._raced(key, 2, x, (rule, False))}
+    race = cpu._PLANS[key][2][0]
+    for n in range(RACE_AFTER + 1):
+        assert race(n) == ("rule", (n,))
+    assert cpu._PLANS[key][2] == (rule, False) and cpu.RACES == {}
 
 
 def test_a_race_waits_for_the_worker_that_compiles_the_other_partition(monkeypatch):
@@ -184,13 +202,14 @@ def test_a_race_waits_for_the_worker_that_compiles_the_other_partition(monkeypat
     key = ("backward", x.shape, x.dtype, True, 0)
     plan = cpu._raced(key, 2, x, ("rule", False))
     assert isinstance(plan[0], Race) and plan[1] is False
-    ((shape_x, threads, job, twins),) = started
-    assert (shape_x is x, threads, job) == (True, 2, "batch_norm_partitions 0 "
-                                            "forward_train=1 backward=1")  # fmt: skip
+    ready = plan[0].ready
+    assert not started  # until the race asks
+    assert ready() is NOT_YET
+    ((batch, threads, job, twins),) = started
+    assert (batch.shape, batch.dtype, threads, job) == (
+        x.shape, x.dtype, 2, "batch_norm_partitions 0 forward_train=1 backward=1")  # fmt: skip
     assert twins == [cpu._driver(step, x, 2, True, fused=True)[0]
                      for step in ("forward_train", "backward")]  # fmt: skip
-    ready = plan[0].ready
-    assert ready() is NOT_YET
     monkeypatch.setattr(ahead, "compiles", lambda twin: False)
     assert ready() is NOT_YET  # another worker still lives
     compiling[0] = False
@@ -209,3 +228,18 @@ def test_the_partitions_job_runs_the_partitions_it_names(rng):
     for step, fused in [("forward_train", True), ("backward", False)]:
         twin = cpu._driver(step, x, threads, True, fused=fused)[0 if threads > 1 else 1]
         assert drivers.loaded_for(twin, x.dtype), step
+
+
+def test_a_race_holds_no_reference_to_the_batch(monkeypatch):
+    """A plan outlives its calls: its race keeps x's shape and dtype, not x's memory."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(cpu, "_PLANS", {})
+    x = np.empty(SHAPE, np.float32)
+    gone = weakref.ref(x)
+    plan = cpu._raced(("backward", SHAPE, x.dtype, True, 0), 2, x, ("rule", False))
+    assert isinstance(plan[0], Race)
+    del x
+    gc.collect()
+    assert gone() is None

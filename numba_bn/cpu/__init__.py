@@ -233,37 +233,40 @@ def _raced(key, threads, x, plan):
     if _forced or _no_races or not both_partitions(*x.shape, threads):
         return plan
     rule, fused = plan
-    ready = _other_partition(step, x, threads, epilogue, not fused)
-    if ready is None:
-        return plan
+    batch = np.broadcast_to(x.dtype.type(0), x.shape)  # x's shape and dtype, not its memory
+    ready = _other_partition(step, batch, threads, epilogue, not fused)
+    name = (step, x.shape, x.dtype.name, epilogue, threads)
 
     def settle(winner, other_won, seconds):
-        chosen = (winner, fused)
         kept = _PLANS.get(key)
         if isinstance(kept, dict) and kept.get(threads) is raced:
-            kept[threads] = chosen
+            kept[threads] = (winner, fused)
         if seconds is not None:
-            name = (step, x.shape, x.dtype.name, epilogue, threads)
             RACES[name] = (fused != other_won, *(round(s * 1e6, 1) for s in seconds))
 
     raced = Race(rule, ready, settle), fused
     return raced
 
 
-def _other_partition(step, x, threads, epilogue, fused):
+def _other_partition(step, batch, threads, epilogue, fused):
     """The ``ready`` of a race (:class:`.race.Race`) for the parallel twin of ``step``'s
-    ``fused`` partition on x: its run once it is loaded or in Numba's cache, NOT_YET while a
-    worker compiles it (started here if need be: :func:`_compile_partitions`); None when
-    neither can be."""
-    twin, dtype = _driver(step, x, threads, True, epilogue, fused=fused)[0], x.dtype
-    if not _can_load(twin, dtype) and not ahead.compiles(twin):
-        if _compile_partitions(x, threads, epilogue) is None:
-            return None
+    ``fused`` partition on batches like ``batch``: its run once it is loaded or in Numba's
+    cache; NOT_YET while a worker of this process lives (a compile takes a core the timed
+    calls would run on), one it starts the first time it finds neither
+    (:func:`_compile_partitions`) among them; None when it cannot be had."""
+    twin, dtype = _driver(step, batch, threads, True, epilogue, fused=fused)[0], batch.dtype
+    asked = []
 
     def ready():
-        if ahead.working() or ahead.compiles(twin):  # (a compile's core: no fair timing)
+        if ahead.working() or ahead.compiles(twin):
             return NOT_YET
-        return launcher(twin) if _can_load(twin, dtype) else None
+        if _can_load(twin, dtype):
+            return launcher(twin)
+        if not asked:
+            asked.append(True)
+            if _compile_partitions(batch, threads, epilogue) is not None:
+                return NOT_YET
+        return None
 
     return ready
 

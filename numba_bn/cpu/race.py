@@ -26,6 +26,9 @@ RACE_MIN_ELEMENTS = 1 << 18
 #: its caches warm). Calls alternate between the two, so that a busy spell of the machine slows
 #: both; each keeps its fastest.
 RACE_SAMPLES = 4
+#: Calls of a plan before its race asks for the other partition: a program that calls once
+#: (a first-call measurement, a script) starts no worker and loads nothing it will not run.
+RACE_AFTER = 2
 #: What a race's ``ready`` answers while the other partition is not ready yet.
 NOT_YET = "not yet"
 
@@ -40,14 +43,16 @@ class Race:
     (rule's, other's; None when there was no race), to put the plan in place of this one.
     ``clock``: seconds (a fake in the tests).
 
-    Until ``ready`` gives a run, every call runs the rule's; then 2 * (RACE_SAMPLES + 1) calls
-    alternate between them, rule first, and it settles. A call's arguments and result pass
-    through. Results do not depend on which partition runs (the module's docstring).
+    The first ``after`` calls run the rule's; then, until ``ready`` gives a run, every call
+    asks it and runs the rule's; then 2 * (``samples`` + 1) calls alternate between them, rule
+    first, and it settles. A call's arguments and result pass through. Results do not depend
+    on which partition runs (the module's docstring).
     """
 
-    def __init__(self, rule, ready, settle, clock=time.perf_counter, samples=RACE_SAMPLES):
+    def __init__(self, rule, ready, settle, clock=time.perf_counter, samples=RACE_SAMPLES,
+                 after=RACE_AFTER):  # fmt: skip
         self.rule, self.ready, self._settle, self.clock = rule, ready, settle, clock
-        self.samples = samples
+        self.samples, self.after = samples, after
         self.times = ([], [])  # the rule's, the other's: seconds per call, the first untimed
         self.runs = None  # (rule, other) while racing
         self.winner = None
@@ -57,6 +62,9 @@ class Race:
         return self._call(*args)
 
     def _waiting(self, *args):
+        if self.after > 0:
+            self.after -= 1
+            return self.rule(*args)
         other = self.ready()
         if other is NOT_YET:
             return self.rule(*args)
