@@ -415,3 +415,15 @@ def test_benchmark_suites_run_each_case_once():
     )
     assert code == 0, out
     assert " passed" in out and "failed" not in out
+
+
+def test_the_report_says_which_planes_partition_each_race_kept():
+    from numba_bn.bench.report import race_lines
+
+    assert race_lines({}) == []
+    races = {("backward", (32, 64, 784), "float32", 0, 2):
+             {"split": 613.7, "fused": 447.71, "rule": "split", "kept": "fused"}}  # fmt: skip
+    title, line = race_lines(races)
+    assert "race.py" in title
+    assert line == ("  backward (32, 64, 784) float32 on 2 threads: fused 448 us, split 614 us: "
+                    "kept fused (the rule's: split)")  # fmt: skip

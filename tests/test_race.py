@@ -158,8 +158,11 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
         key = (step, SHAPE, x.dtype, True, 0)
         run, fused = _plans_for(x, 2, key)
         assert not isinstance(run, Race) and fused is rule[step]  # (the ReLU path reads it)
-        chosen, rule_us, other_us = cpu.RACES[step, SHAPE, "float32", 0, 2]
-        assert chosen is (rule[step] if rule_us <= other_us else not rule[step])
+        race = cpu.RACES[step, SHAPE, "float32", 0, 2]
+        assert race["rule"] == ("fused" if rule[step] else "split")
+        chosen = race["fused"] < race["split"] if race["rule"] == "split" else (
+            race["fused"] <= race["split"])  # (a tie keeps the rule's)  # fmt: skip
+        assert race["kept"] == ("fused" if chosen else "split")
         twin = cpu._driver(step, x, 2, True, fused=chosen)[0]
         assert twin in (run, getattr(run, "__wrapped__", None))  # as it is, or in its guard
 

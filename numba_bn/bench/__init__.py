@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from .. import cpu
 from ..capi import calls
 from ..capi.calls import use_compiled_calls
 from .cases import SHAPES, Case, parse_shapes
@@ -39,6 +40,7 @@ from .report import (
     main_table,
     overhead_table,
     pytest_benchmark_json,
+    race_lines,
     sweep_table,
 )
 
@@ -218,6 +220,9 @@ def _timed_tables(args, shapes, impls, names, wanted, torch, log):
             log("(the compiled calls skip the backend's Numba dispatch: 'API adds' may be < 0)")
         log("")
         log(overhead)
+    races = race_lines(cpu.RACES)
+    if races:
+        log("\n" + "\n".join(races))
     first_call = None
     if not args.no_first_call:
         first_call = cold_and_warm_first_call(dtype, args.threads)

@@ -228,6 +228,23 @@ def speedup_line(results, ours, peer):
     return f"speed-up of {ours} over {peer}: " + ", ".join(ratios)
 
 
+def race_lines(races):
+    """The planes partitions the CPU backend timed in this process and kept
+    (numba_bn.cpu.RACES), a line each; none when it timed none."""
+    if not races:
+        return []
+    lines = ["planes partitions timed in this run, each one's fastest call "
+             "(numba_bn/cpu/race.py):"]  # fmt: skip
+    for (step, shape, dtype, _, threads), race in races.items():
+        lines.append(
+            f"  {step} {shape} {dtype} on {threads} threads: fused "
+            f"{_significant(race['fused']).rstrip('.')} us, split "
+            f"{_significant(race['split']).rstrip('.')} us: kept "
+            f"{race['kept']} (the rule's: {race['rule']})"
+        )
+    return lines
+
+
 def first_call_lines(first_call):
     cold, warm = first_call["cold"], first_call["warm"]
     shapes = " and ".join(f"{dims} axis {axis}" for dims, axis in first_call["shapes"])

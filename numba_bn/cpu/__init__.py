@@ -213,8 +213,9 @@ def _new_plan(key, step, x, may_fuse, epilogue, threads):
     return plan
 
 
-#: The partitions races chose in this process (:mod:`.race`): {(step, shape, dtype name,
-#: epilogue, threads): (fused, the rule's fastest call, the other's: us)}.
+#: The partitions races chose in this process (:mod:`.race`): {(step, canonical shape, dtype
+#: name, epilogue, threads): {"fused": us, "split": us (each one's fastest call), "rule": the
+#: partition the rule picked, "kept": the faster}}.
 RACES = {}
 _PARTITIONED = ("forward_train", "backward")
 _forced = {}  # inside partitions(): {step: fused}
@@ -242,7 +243,9 @@ def _raced(key, threads, x, plan):
         if isinstance(kept, dict) and kept.get(threads) is raced:
             kept[threads] = (winner, fused)
         if seconds is not None:
-            RACES[name] = (fused != other_won, *(round(s * 1e6, 1) for s in seconds))
+            rule_name, other_name = ("fused", "split") if fused else ("split", "fused")
+            race = {rule_name: seconds[0] * 1e6, other_name: seconds[1] * 1e6, "rule": rule_name}
+            RACES[name] = {**race, "kept": other_name if other_won else rule_name}
 
     raced = Race(rule, ready, settle), fused
     return raced

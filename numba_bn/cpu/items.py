@@ -10,7 +10,9 @@ Work items of the canonical ``(outer, C, inner)`` view:
 * fused, planes (the forward: of FUSED_FORWARD_MIN_INNER values or more; the backward: from
   FUSED_BACKWARD_MIN_ELEMENTS elements on, not short) with ``C >= 2 * threads`` (one thread: from
   FUSED_SERIAL_MIN_ELEMENTS elements on): one channel per item, statistics and normalisation (or
-  reduction and dx) back to back while the channel is in L2;
+  reduction and dx) back to back while the channel is in L2. That rule (:func:`is_fused`, the
+  C shim's) was measured on one machine; the JIT backend's parallel plans time both partitions
+  where both can run (:func:`both_partitions`) and keep the faster (:mod:`.race`);
 * reduction items write partials ``part`` (rows, parts, C): ``(channel, segment)`` for planes
   (:func:`.kernels.channel_segments`), ``(row chunk, channel tile)`` for rows, ``(row chunk,
   column tile)`` of the (outer, C * inner) view for short planes (partial ``chunk * inner + i``
