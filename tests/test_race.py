@@ -82,6 +82,18 @@ def test_a_race_keeps_each_partitions_fastest_call():
     assert race.settled == [(other, True, (2.5, 2.0))]
 
 
+def test_a_race_settles_once_both_partitions_have_their_samples():
+    """Python threads calling one plan at once may run a side more often than the other (both
+    read the counts before either appends): the race waits for the samples of both."""
+    race, rule, other = _race([3.0], [1.0])
+    race(0)  # the race's first call: the rule's
+    race.times[1].extend([1.0] * (RACE_SAMPLES + 2))  # the other's, run by other threads
+    for n in range(RACE_SAMPLES - 1):
+        assert race(n)[0] == "rule" and race.settled == []
+    race(RACE_SAMPLES)  # the rule's last sample
+    assert race.settled == [(other, True, (3.0, 1.0))]
+
+
 def test_a_race_asks_for_the_other_partition_from_the_plans_third_call_on():
     """A program that calls once or twice starts no worker and loads nothing more."""
     race, rule, other = _race([3.0], [1.0], after=RACE_AFTER)

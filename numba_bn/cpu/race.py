@@ -81,7 +81,8 @@ class Race:
         start = self.clock()
         result = self.runs[side](*args)
         self.times[side].append(self.clock() - start)
-        if len(other_times) > self.samples:
+        # (both counts: calls from several Python threads may have run one side more often)
+        if min(len(rule_times), len(other_times)) > self.samples:
             rule_best, other_best = min(rule_times[1:]), min(other_times[1:])
             other_won = other_best < rule_best
             self._done(self.runs[other_won], other_won, (rule_best, other_best))
