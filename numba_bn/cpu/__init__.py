@@ -253,10 +253,11 @@ def _raced(key, threads, x, plan):
 
 def _other_partition(step, batch, threads, epilogue, fused):
     """The ``ready`` of a race (:class:`.race.Race`) for the parallel twin of ``step``'s
-    ``fused`` partition on batches like ``batch``: its run once it is loaded or in Numba's
-    cache; NOT_YET while a worker of this process lives (a compile takes a core the timed
-    calls would run on), one it starts the first time it finds neither
-    (:func:`_compile_partitions`) among them; None when it cannot be had."""
+    ``fused`` partition on batches like ``batch``. It answers NOT_YET while any worker of this
+    process lives (a compile takes a core the timed calls would run on); then the twin's run
+    once it is loaded or in Numba's cache. The first time it finds the twin in neither, it
+    starts a worker that compiles it (:func:`_compile_partitions`) and answers NOT_YET; when
+    none can start, or the worker saved nothing, None."""
     twin, dtype = _driver(step, batch, threads, True, epilogue, fused=fused)[0], batch.dtype
     asked = []
 
