@@ -9,7 +9,14 @@ import pytest
 import numba_bn as nbn
 from numba_bn import ahead, cpu
 from numba_bn.cpu import drivers, items
-from numba_bn.cpu.race import NOT_YET, RACE_AFTER, RACE_MIN_ELEMENTS, RACE_SAMPLES, Race
+from numba_bn.cpu.race import (
+    NOT_YET,
+    RACE_AFTER,
+    RACE_MIN_ELEMENTS,
+    RACE_SAMPLES,
+    RACE_SPACING,
+    Race,
+)
 
 from conftest import random_batch
 
@@ -34,7 +41,7 @@ class Clock:
         return self.now
 
 
-def _race(rule_seconds, other_seconds, ready_answers=(), after=0):
+def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0):
     """A race of two fake partitions; ``ready_answers``: what ready() says first (then the
     other's run); the settle calls are recorded in race.settled, ready's in race.asked."""
     clock = Clock()
@@ -47,12 +54,13 @@ def _race(rule_seconds, other_seconds, ready_answers=(), after=0):
         return answers.pop(0) if answers else other
 
     settled = []
-    race = Race(rule, ready, lambda *args: settled.append(args), clock=clock, after=after)
+    race = Race(rule, ready, lambda *args: settled.append(args), clock=clock, after=after,
+                spacing=spacing)  # fmt: skip
     race.settled, race.asked = settled, asked
     return race, rule, other
 
 
-CALLS = 2 * (RACE_SAMPLES + 1)  # a race's calls: an untimed one of each, then the samples
+CALLS = 2 * (RACE_SAMPLES + 1)  # a race's calls without spacing: an untimed pair, the samples
 
 
 def test_a_race_alternates_then_keeps_the_faster_partition():
@@ -63,6 +71,17 @@ def test_a_race_alternates_then_keeps_the_faster_partition():
     assert race.settled == [(other, True, (3.0, 2.0))]
     assert race(99) == ("other", (99,)) and race.winner is other
     assert len(rule.calls) == RACE_SAMPLES + 1  # none after the race
+
+
+def test_a_race_spaces_its_pairs_with_calls_of_the_rules_partition():
+    """A busy spell as long as a few calls spoils the pairs in it, not every pair."""
+    # a spell over the first pair (untimed), the two calls after it and the first timed pair
+    race, rule, other = _race([50.0] * 4 + [3.0], [50.0] * 2 + [2.0], spacing=2)
+    names = [race(n)[0] for n in range(2 + RACE_SAMPLES * 4 + 2)]
+    pair, spaced = ["rule", "other"], ["rule", "rule", "rule", "other"]
+    assert names == pair + spaced * RACE_SAMPLES + ["other", "other"]
+    assert race.settled == [(other, True, (3.0, 2.0))]
+    assert [t > 10 for t in race.times[0]] == [True, True] + [False] * (RACE_SAMPLES - 1)
 
 
 @pytest.mark.parametrize("other_seconds", [[4.0], [3.0]])  # slower; as fast (a tie)
@@ -159,7 +178,7 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
         expected = nbn.forward_train(x)
         expected_grads = nbn.backward(dy, x, *expected[1:])
     cpu._PLANS.clear()
-    for call in range(RACE_AFTER + CALLS + 2):
+    for call in range(RACE_AFTER + CALLS + RACE_SAMPLES * RACE_SPACING + 2):
         y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
         _, mean, invstd = nbn.forward_train(x, out=y)
         _, dweight, dbias = nbn.backward(dy, x, mean, invstd, out=dx)

@@ -23,9 +23,14 @@ import time
 #: Intel Xeon, 0.6-0.9 on the AMD Zen 3), and a race's calls would cost more than it could save.
 RACE_MIN_ELEMENTS = 1 << 18
 #: Timed calls of each partition, after an untimed first call of each (its machine code loaded,
-#: its caches warm). Calls alternate between the two, so that a busy spell of the machine slows
-#: both; each keeps its fastest.
+#: its caches warm). They come in pairs, the rule's call then the other's, so that a busy spell
+#: of the machine slows both of a pair; each partition keeps its fastest.
 RACE_SAMPLES = 4
+#: Calls of the rule's partition, untimed, before each timed pair after the first: the pairs
+#: spread over 26 calls instead of 10, so that one spell cannot spoil every sample. Timed in
+#: `numba-bn bench`, right after PyTorch's threads had run, ten calls in a row read 2-5x
+#: their time in one of four races (benchmarks/README.md, stop 56).
+RACE_SPACING = 4
 #: Calls of a plan before its race asks for the other partition: a program that calls once
 #: (a first-call measurement, a script) starts no worker and loads nothing it will not run.
 RACE_AFTER = 2
@@ -44,17 +49,19 @@ class Race:
     ``clock``: seconds (a fake in the tests).
 
     The first ``after`` calls run the rule's; then, until ``ready`` gives a run, every call
-    asks it and runs the rule's; then 2 * (``samples`` + 1) calls alternate between them, rule
-    first, and it settles. A call's arguments and result pass through. Results do not depend
-    on which partition runs (the module's docstring).
+    asks it and runs the rule's; then ``samples`` + 1 pairs of calls, the rule's then the
+    other's, ``spacing`` calls of the rule's before each pair after the first, and it settles.
+    A call's arguments and result pass through. Results do not depend on which partition runs
+    (the module's docstring).
     """
 
     def __init__(self, rule, ready, settle, clock=time.perf_counter, samples=RACE_SAMPLES,
-                 after=RACE_AFTER):  # fmt: skip
+                 after=RACE_AFTER, spacing=RACE_SPACING):  # fmt: skip
         self.rule, self.ready, self._settle, self.clock = rule, ready, settle, clock
-        self.samples, self.after = samples, after
+        self.samples, self.after, self.spacing = samples, after, spacing
         self.times = ([], [])  # the rule's, the other's: seconds per call, the first untimed
         self.runs = None  # (rule, other) while racing
+        self.between = 0  # calls of the rule's still to run before the next pair
         self.winner = None
         self._call = self._waiting
 
@@ -76,11 +83,16 @@ class Race:
         return self._racing(*args)
 
     def _racing(self, *args):
+        if self.between > 0:
+            self.between -= 1
+            return self.rule(*args)
         rule_times, other_times = self.times
         side = 0 if len(rule_times) <= len(other_times) else 1
         start = self.clock()
         result = self.runs[side](*args)
         self.times[side].append(self.clock() - start)
+        if side == 1:
+            self.between = self.spacing
         # (both counts: calls from several Python threads may have run one side more often)
         if min(len(rule_times), len(other_times)) > self.samples:
             rule_best, other_best = min(rule_times[1:]), min(other_times[1:])
