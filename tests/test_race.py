@@ -60,28 +60,29 @@ def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0):
     return race, rule, other
 
 
-CALLS = 2 * (RACE_SAMPLES + 1)  # a race's calls without spacing: an untimed pair, the samples
+CALLS = 4 * RACE_SAMPLES  # a race's calls without spacing: two calls a sample, a pair of samples
 
 
-def test_a_race_alternates_then_keeps_the_faster_partition():
-    """The first call of each is slow (a load) and untimed; the other partition is faster."""
+def test_a_race_alternates_samples_then_keeps_the_faster_partition():
+    """A sample is an untimed call (the first of each loads its twin: slow) and a timed one;
+    the other partition is faster."""
     race, rule, other = _race([9.0, 3.0], [50.0, 2.0])
     results = [race(n) for n in range(CALLS)]
-    assert [name for name, _ in results] == ["rule", "other"] * (RACE_SAMPLES + 1)
+    assert [name for name, _ in results] == ["rule", "rule", "other", "other"] * RACE_SAMPLES
     assert race.settled == [(other, True, (3.0, 2.0))]
     assert race(99) == ("other", (99,)) and race.winner is other
-    assert len(rule.calls) == RACE_SAMPLES + 1  # none after the race
+    assert len(rule.calls) == 2 * RACE_SAMPLES  # none after the race
 
 
 def test_a_race_spaces_its_pairs_with_calls_of_the_rules_partition():
     """A busy spell as long as a few calls spoils the pairs in it, not every pair."""
-    # a spell over the first pair (untimed), the two calls after it and the first timed pair
+    # a spell over the first pair of samples and the two calls after it
     race, rule, other = _race([50.0] * 4 + [3.0], [50.0] * 2 + [2.0], spacing=2)
-    names = [race(n)[0] for n in range(2 + RACE_SAMPLES * 4 + 2)]
-    pair, spaced = ["rule", "other"], ["rule", "rule", "rule", "other"]
-    assert names == pair + spaced * RACE_SAMPLES + ["other", "other"]
+    names = [race(n)[0] for n in range(CALLS + 2 * (RACE_SAMPLES - 1) + 2)]
+    pair = ["rule", "rule", "other", "other"]
+    assert names == pair + (["rule"] * 2 + pair) * (RACE_SAMPLES - 1) + ["other", "other"]
     assert race.settled == [(other, True, (3.0, 2.0))]
-    assert [t > 10 for t in race.times[0]] == [True, True] + [False] * (RACE_SAMPLES - 1)
+    assert [t > 10 for t in race.times[0]] == [True] + [False] * (RACE_SAMPLES - 1)
 
 
 @pytest.mark.parametrize("other_seconds", [[4.0], [3.0]])  # slower; as fast (a tie)
@@ -90,26 +91,35 @@ def test_the_rules_partition_stays_unless_the_other_is_faster(other_seconds):
     for n in range(CALLS + 3):
         race(n)
     assert race.settled == [(rule, False, (3.0, other_seconds[0]))]
-    assert len(other.calls) == RACE_SAMPLES + 1
+    assert len(other.calls) == 2 * RACE_SAMPLES
 
 
 def test_a_race_keeps_each_partitions_fastest_call():
     """A busy spell slows one sample of the faster partition: its other samples decide."""
-    race, rule, other = _race([3.0] * 3 + [2.5], [2.0, 2.0, 40.0, 2.0])
+    race, rule, other = _race([3.0] * 3 + [2.5], [2.0, 40.0, 2.0])
     for n in range(CALLS):
         race(n)
     assert race.settled == [(other, True, (2.5, 2.0))]
+    assert max(race.times[1]) == 40.0  # the spoilt sample, timed
+
+
+def test_a_sample_times_the_second_of_two_calls():
+    """The first lays the batch out in the caches as its partition reads it (and loads it)."""
+    race, rule, other = _race([7.0, 3.0], [7.0, 2.0])
+    for n in range(4):
+        race(n)
+    assert race.times == ([3.0], [2.0])
 
 
 def test_a_race_settles_once_both_partitions_have_their_samples():
     """Python threads calling one plan at once may run a side more often than the other (both
     read the counts before either appends): the race waits for the samples of both."""
     race, rule, other = _race([3.0], [1.0])
-    race(0)  # the race's first call: the rule's
-    race.times[1].extend([1.0] * (RACE_SAMPLES + 2))  # the other's, run by other threads
-    for n in range(RACE_SAMPLES - 1):
+    race(0)  # the race's first call: the rule's, untimed
+    race.times[1].extend([1.0] * (RACE_SAMPLES + 1))  # the other's, run by other threads
+    for n in range(2 * RACE_SAMPLES - 2):
         assert race(n)[0] == "rule" and race.settled == []
-    race(RACE_SAMPLES)  # the rule's last sample
+    race(2 * RACE_SAMPLES)  # the rule's last sample
     assert race.settled == [(other, True, (3.0, 1.0))]
 
 
@@ -178,7 +188,7 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
         expected = nbn.forward_train(x)
         expected_grads = nbn.backward(dy, x, *expected[1:])
     cpu._PLANS.clear()
-    for call in range(RACE_AFTER + CALLS + RACE_SAMPLES * RACE_SPACING + 2):
+    for call in range(RACE_AFTER + CALLS + (RACE_SAMPLES - 1) * RACE_SPACING + 2):
         y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
         _, mean, invstd = nbn.forward_train(x, out=y)
         _, dweight, dbias = nbn.backward(dy, x, mean, invstd, out=dx)

@@ -22,14 +22,16 @@ import time
 #: fast or faster on every machine measured (131K elements: split / fused time 0.79-0.97 on the
 #: Intel Xeon, 0.6-0.9 on the AMD Zen 3), and a race's calls would cost more than it could save.
 RACE_MIN_ELEMENTS = 1 << 18
-#: Timed calls of each partition, after an untimed first call of each (its machine code loaded,
-#: its caches warm). They come in pairs, the rule's call then the other's, so that a busy spell
-#: of the machine slows both of a pair; each partition keeps its fastest.
+#: Samples of each partition: a sample is two calls of it, the second timed. The first lays
+#: the batch out in the cores' caches as that partition reads it (a fused item reads a channel
+#: of every row; a split one, rows): timed right after the other partition's calls, a fused
+#: forward of (8, 32, 32, 32) read 61-65 us, 43 in a loop of its own (benchmarks/README.md,
+#: stop 56). Samples come in pairs, the rule's then the other's, so that a busy spell of the
+#: machine slows both of a pair; each partition keeps its fastest.
 RACE_SAMPLES = 4
-#: Calls of the rule's partition, untimed, before each timed pair after the first: the pairs
-#: spread over 26 calls instead of 10, so that one spell cannot spoil every sample. Timed in
-#: `numba-bn bench`, right after PyTorch's threads had run, ten calls in a row read 2-5x
-#: their time in one of four races (benchmarks/README.md, stop 56).
+#: Calls of the rule's partition, untimed, between two pairs: the pairs spread over 28 calls,
+#: so that one spell cannot spoil every sample (ten calls in a row, timed in `numba-bn bench`
+#: after the other implementations' verification, read 2-5x their time in one race of four).
 RACE_SPACING = 4
 #: Calls of a plan before its race asks for the other partition: a program that calls once
 #: (a first-call measurement, a script) starts no worker and loads nothing it will not run.
@@ -49,8 +51,8 @@ class Race:
     ``clock``: seconds (a fake in the tests).
 
     The first ``after`` calls run the rule's; then, until ``ready`` gives a run, every call
-    asks it and runs the rule's; then ``samples`` + 1 pairs of calls, the rule's then the
-    other's, ``spacing`` calls of the rule's before each pair after the first, and it settles.
+    asks it and runs the rule's; then ``samples`` pairs of samples (:data:`RACE_SAMPLES`), the
+    rule's then the other's, ``spacing`` calls of the rule's between pairs, and it settles.
     A call's arguments and result pass through. Results do not depend on which partition runs
     (the module's docstring).
     """
@@ -59,9 +61,10 @@ class Race:
                  after=RACE_AFTER, spacing=RACE_SPACING):  # fmt: skip
         self.rule, self.ready, self._settle, self.clock = rule, ready, settle, clock
         self.samples, self.after, self.spacing = samples, after, spacing
-        self.times = ([], [])  # the rule's, the other's: seconds per call, the first untimed
+        self.times = ([], [])  # the rule's, the other's: seconds of each sample's timed call
         self.runs = None  # (rule, other) while racing
         self.between = 0  # calls of the rule's still to run before the next pair
+        self.laid_out = False  # whether this sample's untimed call has run
         self.winner = None
         self._call = self._waiting
 
@@ -88,14 +91,18 @@ class Race:
             return self.rule(*args)
         rule_times, other_times = self.times
         side = 0 if len(rule_times) <= len(other_times) else 1
+        if not self.laid_out:
+            self.laid_out = True
+            return self.runs[side](*args)
+        self.laid_out = False
         start = self.clock()
         result = self.runs[side](*args)
         self.times[side].append(self.clock() - start)
         if side == 1:
             self.between = self.spacing
         # (both counts: calls from several Python threads may have run one side more often)
-        if min(len(rule_times), len(other_times)) > self.samples:
-            rule_best, other_best = min(rule_times[1:]), min(other_times[1:])
+        if min(len(rule_times), len(other_times)) >= self.samples:
+            rule_best, other_best = min(rule_times), min(other_times)
             other_won = other_best < rule_best
             self._done(self.runs[other_won], other_won, (rule_best, other_best))
         return result
