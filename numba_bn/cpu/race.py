@@ -18,9 +18,10 @@ hold it, the rule's partition stays, as before.
 
 import time
 
-#: The smallest batch (elements) whose partition is timed: below, the split partition was as
-#: fast or faster on every machine measured (131K elements: split / fused time 0.79-0.97 on the
-#: Intel Xeon, 0.6-0.9 on the AMD Zen 3), and a race's calls would cost more than it could save.
+#: The smallest batch (elements) whose partition is timed: below, the fused one was never more
+#: than 6% the faster on the machines measured (131K elements, split / fused time: 0.79-0.97 on
+#: stop 56's Intel Xeon, 0.95-1.06 on stop 55's; the AMD Zen 3 ran split up to 2M), and a
+#: race's calls would cost more than it could save.
 RACE_MIN_ELEMENTS = 1 << 18
 #: Samples of each partition: a sample is two calls of it, the second timed. The first lays
 #: the batch out in the cores' caches as that partition reads it (a fused item reads a channel
