@@ -262,15 +262,25 @@ def test_a_race_waits_for_the_worker_that_compiles_the_other_partition(monkeypat
     assert ready() is not None
 
 
-def test_the_partitions_job_runs_the_partitions_it_names(rng):
-    """The worker's job (ahead.JOBS) runs forward_train and backward in the partitions named,
-    which then have machine code (here: it runs in this process)."""
-    x = random_batch(rng, (8, 8, 1000), np.float32)
+def test_the_partitions_job_runs_the_partitions_it_names(rng, monkeypatch):
+    """The worker's job (ahead.JOBS) plans and runs forward_train and backward in the
+    partitions named, whose twins then have machine code (here: it runs in this process), and
+    leaves no partition forced."""
+    planned, driver = [], cpu._driver
+
+    def recorded(step, *args, **kwargs):
+        dispatcher, fused = driver(step, *args, **kwargs)
+        planned.append((step, fused, dispatcher))
+        return dispatcher, fused
+
+    monkeypatch.setattr(cpu, "_driver", recorded)
+    x = random_batch(rng, (8, 8, 1000), np.float32)  # the rule: split, both steps
     ahead.JOBS["batch_norm_partitions"](x, "0", "forward_train=1", "backward=0")
     assert cpu._forced == {} and cpu._PLANS == {}
-    threads = min(2, numba.config.NUMBA_NUM_THREADS)  # parallel twins on two threads
-    for step, fused in [("forward_train", True), ("backward", False)]:
-        twin = cpu._driver(step, x, threads, True, fused=fused)[0 if threads > 1 else 1]
+    named = {("forward_train", True), ("backward", False)}
+    steps = [(step, fused, twin) for step, fused, twin in planned if step in cpu._PARTITIONED]
+    assert {(step, fused) for step, fused, _ in steps} == named
+    for step, _, twin in steps:
         assert drivers.loaded_for(twin, x.dtype), step
 
 
