@@ -170,20 +170,12 @@ def start_tiers(x, threads, job, serial, twins, lock):
     started (also when another process's worker holds the lock: :func:`compiles` then answers
     for it). Called by the CPU backend when it plans a forward_train whose parallel twin is
     neither here nor in the cache, where :func:`enabled`."""
-    import numba
-
-    from . import compiling
-
     held = _take(lock)
     if held is None:
         return None
-    args = (numba.typeof(x),)  # (what describe reads: x's dtype)
-
-    def describe(dispatcher):
-        return compiling.describe(compiling.driver_name(dispatcher), args)
-
     try:
-        return _start(tuple(x.shape), x.dtype.name, threads, job, serial, describe, twins, held)
+        return _start(tuple(x.shape), x.dtype.name, threads, job, serial, _describer(x), twins,
+                      held)  # fmt: skip
     except Exception:  # no worker (no process to spare, say): the twins compile here, as before
         return None
     finally:
@@ -196,6 +188,17 @@ def start_partitions(x, threads, job, twins):
     pick for batches like ``x``, which a race in this process times once they are in the cache
     (numba_bn.cpu.race), running ``job`` (:data:`JOBS`); its pid, or None when none started.
     Called by the CPU backend where :func:`enabled`."""
+    meanwhile = "runs the partition it has; then it times both and keeps the faster"
+    try:
+        return _start(tuple(x.shape), x.dtype.name, threads, job, twins, _describer(x),
+                      meanwhile=meanwhile)  # fmt: skip
+    except Exception:  # no worker: the rule's partition stays
+        return None
+
+
+def _describer(x):
+    """How the line on stderr names a dispatcher's compile for arrays like ``x`` (what
+    numba_bn.compiling.describe reads of the arguments: x's dtype)."""
     import numba
 
     from . import compiling
@@ -205,12 +208,7 @@ def start_partitions(x, threads, job, twins):
     def describe(dispatcher):
         return compiling.describe(compiling.driver_name(dispatcher), args)
 
-    meanwhile = "runs the partition it has; then it times both and keeps the faster"
-    try:
-        return _start(tuple(x.shape), x.dtype.name, threads, job, twins, describe,
-                      meanwhile=meanwhile)  # fmt: skip
-    except Exception:  # no worker: the rule's partition stays
-        return None
+    return describe
 
 
 def compiles(dispatcher):
