@@ -288,7 +288,7 @@ def _compile_partitions(x, threads, epilogue):
         return None
     forced, twins = {}, []
     for step, code in (("forward_train", epilogue), ("backward", EPILOGUE_NONE)):
-        fused = not is_fused(x.shape[1], x.shape[2], threads, x.size, step == "forward_train")
+        fused = not _driver(step, x, threads, True, code)[1]  # the rule's, the other way
         twin = _driver(step, x, threads, True, code, fused=fused)[0]
         if not _can_load(twin, x.dtype) and not ahead.compiles(twin):
             forced[step] = fused
