@@ -167,6 +167,10 @@ def main(argv=None):
             old, new = best[shape, name, "old"], best[shape, name, "new"]
             print(f"| {label(shape)} | {name} | {old:.4g} | {new:.4g} | {new / old:.3f} |")
     print(f"load average {os.getloadavg()[0]:.2f}")
+    for tag, nbn in packages.items():  # what each one's races kept (numba_bn/cpu/race.py)
+        report = importlib.import_module(f"{nbn.__name__}.bench.report")
+        for line in report.race_lines(nbn.cpu.RACES):
+            print(f"{tag}: {line.strip()}")
 
 
 if __name__ == "__main__":
