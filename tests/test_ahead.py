@@ -241,10 +241,11 @@ for step in (1, 2, 3):
         y=y, mean=mean, invstd=invstd, dx=dx, dweight=dweight, dbias=dbias, y_eval=y_eval
     ).items()}})
     print(f"step {{step}} compiled:", ",".join(name for name, _ in compiled))
+    runs = [plan[threads][0] for plan in cpu._PLANS.values() if type(plan) is dict
+            for threads in plan]
+    runs = [getattr(run, "rule", run) for run in runs]  # a race's: the cost model's twin
     print(f"step {{step}} runs:", ",".join(sorted(
-        getattr(plan[threads][0], "__wrapped__", plan[threads][0]).__name__
-        for plan in cpu._PLANS.values() if type(plan) is dict
-        for threads in plan)))
+        getattr(run, "__wrapped__", run).__name__ for run in runs)))
     print(f"step {{step}} lock held:", ahead.held_elsewhere(lock))
     ahead.settle()
 print("cached after:", drivers.cached_for(forward, x.dtype))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from numba_bn.cpu import drivers, items
+from numba_bn.cpu.race import THREADS_RACE_BOUNDS
 from numba_bn.stats import AFFINE_ROWS
 
 from conftest import random_batch
@@ -262,7 +263,8 @@ def test_the_backend_remembers_plans_and_the_thread_counts_they_were_made_for(mo
     monkeypatch.setattr(cpu, "_PLANS", {})
     _two_threads(monkeypatch)
     small = np.empty((64, 32, 1), np.float32)
-    large = np.empty((cpu.parallel_min_elements(), 1, 1), np.float32)
+    # (past the sizes whose plans race the twins: numba_bn/cpu/race.py)
+    large = np.empty((THREADS_RACE_BOUNDS * cpu.parallel_min_elements(), 1, 1), np.float32)
     serial_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[1]
     parallel_twin = drivers.driver("forward_eval", items.MEMORY_ROWS)[0]
     _serial_twins_run(small)

@@ -12,9 +12,10 @@ from numba_bn.cpu import drivers, items
 from numba_bn.cpu.race import (
     NOT_YET,
     RACE_AFTER,
+    RACE_MARGIN,
     RACE_MIN_ELEMENTS,
     RACE_SAMPLES,
-    RACE_SPACING,
+    THREADS_RACE_BOUNDS,
     Race,
 )
 
@@ -41,7 +42,7 @@ class Clock:
         return self.now
 
 
-def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0):
+def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0, gap=0.0):
     """A race of two fake partitions; ``ready_answers``: what ready() says first (then the
     other's run); the settle calls are recorded in race.settled, ready's in race.asked."""
     clock = Clock()
@@ -55,7 +56,7 @@ def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0):
 
     settled = []
     race = Race(rule, ready, lambda *args: settled.append(args), clock=clock, after=after,
-                spacing=spacing)  # fmt: skip
+                spacing=spacing, gap=gap)  # fmt: skip
     race.settled, race.asked = settled, asked
     return race, rule, other
 
@@ -85,7 +86,17 @@ def test_a_race_spaces_its_pairs_with_calls_of_the_rules_partition():
     assert [t > 10 for t in race.times[0]] == [True] + [False] * (RACE_SAMPLES - 1)
 
 
-@pytest.mark.parametrize("other_seconds", [[4.0], [3.0]])  # slower; as fast (a tie)
+def test_a_race_spaces_its_pairs_in_time_too():
+    """A stall longer than the calls between two pairs (one core's, say) spoils one pair: the
+    next waits for ``gap`` seconds, calls of the rule's meanwhile."""
+    race, rule, other = _race([1.0], [50.0] * 2 + [0.5], spacing=1, gap=3.0)
+    names = [race(n)[0] for n in range(4 + 4)]
+    # after the first pair: one call (spacing), then two more until 3 s have passed, a pair
+    assert names == ["rule", "rule", "other", "other", "rule", "rule", "rule", "rule"]
+    assert race.resume == 2 * 1.0 + 2 * 50.0 + 3.0  # the clock after the pair, plus the gap
+
+
+@pytest.mark.parametrize("other_seconds", [[4.0], [3.0], [2.875]])  # slower; a tie; 4% faster
 def test_the_rules_partition_stays_unless_the_other_is_faster(other_seconds):
     race, rule, other = _race([3.0], other_seconds)
     for n in range(CALLS + 3):
@@ -171,6 +182,22 @@ def _both_partitions_loaded(x):
             assert drivers.loaded_for(twin, x.dtype), (step, fused)
 
 
+def _steps_until_settled(x, dy, expected, races, most=5000):
+    """Training steps on x (forward_train, then backward of dy; poisoned outputs), each giving
+    the ``expected`` (y, mean, invstd, dx, dweight, dbias) bits, until the ``races`` (names in
+    cpu.RACES) have settled: their pairs come RACE_GAP_SECONDS apart, so the calls that takes
+    depend on the machine's speed (fails after ``most`` steps)."""
+    for call in range(most):
+        y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+        _, mean, invstd = nbn.forward_train(x, out=y)
+        _, dweight, dbias = nbn.backward(dy, x, mean, invstd, out=dx)
+        for got, want in zip((y, mean, invstd, dx, dweight, dbias), expected, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=f"call {call}")
+        if call >= RACE_AFTER + CALLS and all(name in cpu.RACES for name in races):
+            return
+    raise AssertionError(f"not settled after {most} training steps: {races}")
+
+
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one thread: nothing to race")
 def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatch):
     """A forward_train and backward on a planes batch time both partitions on their first calls
@@ -188,13 +215,8 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
         expected = nbn.forward_train(x)
         expected_grads = nbn.backward(dy, x, *expected[1:])
     cpu._PLANS.clear()
-    for call in range(RACE_AFTER + CALLS + (RACE_SAMPLES - 1) * RACE_SPACING + 2):
-        y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
-        _, mean, invstd = nbn.forward_train(x, out=y)
-        _, dweight, dbias = nbn.backward(dy, x, mean, invstd, out=dx)
-        for got, want in zip((y, mean, invstd, dx, dweight, dbias), (*expected, *expected_grads),
-                             strict=True):  # fmt: skip
-            np.testing.assert_array_equal(got, want, err_msg=f"call {call}")
+    names = [(step, SHAPE, "float32", 0, 2) for step in ("forward_train", "backward")]
+    _steps_until_settled(x, dy, (*expected, *expected_grads), names)
     for step in ("forward_train", "backward"):
         key = (step, SHAPE, x.dtype, True, 0)
         run, fused = _plans_for(x, 2, key)
@@ -297,3 +319,83 @@ def test_a_race_holds_no_reference_to_the_batch(monkeypatch):
     del x
     gc.collect()
     assert gone() is None
+
+
+# ------------------------------------------------------------- the twins near the model's bound
+ROWS = (128, 256)  # 32K elements: the backward's bound on 2 threads, the forward's just above
+
+
+def _bound(step, threads=2):
+    """The cost model's serial bound of ``step`` on ``threads`` threads here."""
+    return cpu.serial_below(step, threads, cpu.wake_ns(cpu.expected_layer()))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one thread: nothing to race")
+def test_a_backward_near_the_bound_races_its_twins_with_the_same_bits(rng, monkeypatch):
+    """A backward the cost model runs in parallel, up to four times its bound, times the
+    parallel and the serial twin on its first calls and keeps the faster one's plan; every call
+    gives the serial twin's bits. The forward, serial by the model, does not race."""
+    monkeypatch.setattr(cpu, "num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "RACES", {})
+    monkeypatch.setattr(cpu, "_PLANS", {})
+    x = random_batch(rng, ROWS, np.float32)
+    dy = random_batch(rng, ROWS, np.float32, mean_scale=0.5)
+    view = x.reshape(*ROWS, 1)
+    assert _bound("backward") <= x.size < THREADS_RACE_BOUNDS * _bound("backward")
+    assert cpu.threads_for("forward_train", x.size, 2) == 1
+    with cpu.serial_plans():  # the serial twins alone, loaded
+        expected = nbn.forward_train(x)
+        expected_grads = nbn.backward(dy, x, *expected[1:])
+    with monkeypatch.context() as patched:  # the parallel twins, loaded (the layer known)
+        patched.setattr(cpu, "threads_for", lambda *_: 2)
+        cpu._PLANS.clear()
+        nbn.backward(dy, x, *nbn.forward_train(x)[1:])
+    cpu._PLANS.clear()
+    cpu.RACES.clear()
+    name = ("backward", view.shape, "float32", 0, 2)
+    _steps_until_settled(x, dy, (*expected, *expected_grads), [name])
+    race = cpu.RACES[name]
+    run, fused = _plans_for(x, 2, ("backward", view.shape, x.dtype, True, 0))
+    assert not isinstance(run, Race) and fused is False
+    assert race["rule"] == "parallel"
+    faster = race["serial"] < (1 - RACE_MARGIN) * race["parallel"]  # else the model's
+    assert race["kept"] == ("serial" if faster else "parallel")
+    twin = cpu._driver("backward", view, 1 if faster else 2, True)[0]
+    assert _runs(run, twin, x.dtype)
+    assert not faster or run is not twin  # the serial twin: its entry point, as a plan's
+    assert list(cpu.RACES) == [("backward", view.shape, "float32", 0, 2)]  # no forward race
+
+
+def _runs(run, twin, dtype):
+    """Whether ``run`` calls the twin ``twin``: it is the twin, its machine code's entry point,
+    or a wrapper of the twin (the launch guard, the checked entry point of the test suite)."""
+    return (run in (twin, drivers.machine_code(twin, dtype))
+            or getattr(run, "__wrapped__", None) is twin)  # fmt: skip
+
+
+@pytest.mark.parametrize("bounds, races", [(1.1, True), (3.9, True), (4.1, False)])
+def test_a_parallel_plan_races_its_twins_up_to_four_times_the_models_bound(monkeypatch, bounds,
+                                                                           races):  # fmt: skip
+    """Sizes from the bound (parallel plans) to THREADS_RACE_BOUNDS times it race."""
+    x = np.empty((int(bounds * _bound("backward")) // 8, 8, 1), np.float32)  # rows: one partition
+    key = ("backward", x.shape, x.dtype, True, 0)
+    plan = cpu._threads_raced(key, 2, x, ("rule", False))
+    assert isinstance(plan[0], Race) is races and plan[1] is False
+
+
+def test_a_twins_race_times_only_a_serial_twin_it_can_load(monkeypatch):
+    """The serial twin: NOT_YET while a worker of this process lives, None when it is neither
+    loaded nor cached (the parallel twin stays), else its run: its entry point, or its
+    dispatcher before it is loaded, which the kept plan replaces by the entry point."""
+    x = np.empty((int(2 * _bound("backward")) // 8, 8, 1), np.float32)
+    key = ("backward", x.shape, x.dtype, True, 0)
+    ready = cpu._threads_raced(key, 2, x, ("rule", False))[0].ready
+    serial = cpu._driver("backward", x, 1, True)[0]
+    working = [True]
+    monkeypatch.setattr(ahead, "working", lambda: working[0])
+    assert ready() is NOT_YET
+    working[0] = False
+    monkeypatch.setattr(cpu, "_can_load", lambda *_: False)
+    assert ready() is None
+    monkeypatch.setattr(cpu, "_can_load", lambda *_: True)
+    assert _runs(ready(), serial, x.dtype)

@@ -228,19 +228,25 @@ def speedup_line(results, ours, peer):
     return f"speed-up of {ours} over {peer}: " + ", ".join(ratios)
 
 
+#: How a race's line names the epilogue of a forward (numba_bn/cpu/kernels.py's codes)
+_EPILOGUES = {0: "", 1: " + residual", 2: " + relu", 3: " + residual + relu"}
+
+
 def race_lines(races):
-    """The planes partitions the CPU backend timed in this process and kept
-    (numba_bn.cpu.RACES), a line each; none when it timed none."""
+    """The planes partitions and the twins (serial or parallel) the CPU backend timed in this
+    process and kept (numba_bn.cpu.RACES), a line each; none when it timed none."""
     if not races:
         return []
-    lines = ["planes partitions timed in this run, each one's fastest call "
+    lines = ["partitions and thread counts timed in this run, each one's fastest call "
              "(numba_bn/cpu/race.py):"]  # fmt: skip
-    for (step, shape, dtype, _, threads), race in races.items():
+    for (step, shape, dtype, epilogue, threads), race in races.items():
+        timed = ", ".join(f"{name} {_significant(race[name]).rstrip('.')} us"
+                          for name in sorted(set(race) - {"rule", "kept"}))  # fmt: skip
         lines.append(
-            f"  {step} {shape} {dtype} on {threads} threads: fused "
-            f"{_significant(race['fused']).rstrip('.')} us, split "
-            f"{_significant(race['split']).rstrip('.')} us: kept "
-            f"{race['kept']} (the rule's: {race['rule']})"
+            f"  {step}{_EPILOGUES[epilogue]} {shape} {dtype} on {threads} threads: {timed}: "
+            f"kept {race['kept']} "
+            f"(the {'rule' if race['rule'] in ('fused', 'split') else 'cost model'}'s: "
+            f"{race['rule']})"
         )
     return lines
 

@@ -15,7 +15,7 @@ from . import drivers
 from .drivers import loaded_for, machine_code
 from .items import both_partitions, is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
-from .race import NOT_YET, RACE_MIN_ELEMENTS, Race
+from .race import NOT_YET, RACE_MIN_ELEMENTS, THREADS_RACE_BOUNDS, Race
 from .threads import compile_only as _twins_compile_only
 from .threads import expected_layer, launcher, layer_known, num_threads
 
@@ -209,13 +209,16 @@ def _new_plan(key, step, x, may_fuse, epilogue, threads):
         else:
             if parallel > 1:
                 plan = _raced(key, threads, x, plan)
+                if not isinstance(plan[0], Race):
+                    plan = _threads_raced(key, threads, x, plan)
             _PLANS.setdefault(key, {})[threads] = plan
     return plan
 
 
-#: The partitions races chose in this process (:mod:`.race`): {(step, canonical shape, dtype
-#: name, epilogue, threads): {"fused": us, "split": us (each one's fastest call), "rule": the
-#: partition the rule picked, "kept": the faster}}.
+#: What races chose in this process (:mod:`.race`): {(step, canonical shape, dtype name,
+#: epilogue, threads): {"fused": us, "split": us (each one's fastest call), "rule": the
+#: partition the rule picked, "kept": the faster}}; a race of the twins has "parallel" (the
+#: cost model's, its "rule") and "serial" where a partitions race has "fused" and "split".
 RACES = {}
 _PARTITIONED = ("forward_train", "backward")
 _forced = {}  # inside partitions(): {step: fused}
@@ -236,16 +239,55 @@ def _raced(key, threads, x, plan):
     rule, fused = plan
     batch = np.broadcast_to(x.dtype.type(0), x.shape)  # x's shape and dtype, not its memory
     ready = _other_partition(step, batch, threads, epilogue, not fused)
-    name = (step, x.shape, x.dtype.name, epilogue, threads)
+    names = ("fused", "split") if fused else ("split", "fused")
+    return _race_plan(key, threads, rule, ready, names, fused)
+
+
+def _threads_raced(key, threads, x, plan):
+    """The parallel plan (run, fused) kept for ``key`` on ``threads`` threads: for a size up to
+    :data:`.race.THREADS_RACE_BOUNDS` times the cost model's bound (that of ``threads`` threads
+    on the layer launches run on), where it guesses, one whose run is a race (:mod:`.race`) of
+    the parallel twin and the serial one, once that one is loaded or in Numba's cache (no worker
+    compiles it)."""
+    step, _, dtype, may_fuse, epilogue = key
+    if _forced or _no_races:
+        return plan
+    if x.size >= THREADS_RACE_BOUNDS * serial_below(step, threads, wake_ns(expected_layer())):
+        return plan
+    rule, fused = plan
+    serial, serial_fused = _driver(step, x, 1, may_fuse, epilogue)
+    if serial_fused != fused:  # (the ReLU backward reads the plan's fused)
+        return plan
+
+    def ready():
+        if ahead.working() or ahead.compiles(serial):
+            return NOT_YET
+        if not _can_load(serial, dtype):
+            return None
+        return machine_code(serial, dtype) or serial  # the dispatcher loads it on its first call
+
+    def kept(run):  # loaded during the race, the serial twin's plan calls its machine code
+        return (machine_code(serial, dtype) or run) if run is serial else run
+
+    return _race_plan(key, threads, rule, ready, ("parallel", "serial"), fused, kept)
+
+
+def _race_plan(key, threads, rule, ready, names, fused, resolve=None):
+    """The plan (:class:`.race.Race`, ``fused``) of a race between the run ``rule`` and the one
+    ``ready`` gives, named ``names`` (the rule's, the other's) in :data:`RACES`: settled, it puts
+    the plan of the faster one (``resolve``: the run kept for it) in its place in _PLANS."""
+    step, shape, dtype, _, epilogue = key
+    name = (step, shape, dtype.name, epilogue, threads)
 
     def settle(winner, other_won, seconds):
+        if resolve is not None:
+            winner = resolve(winner)
         kept = _PLANS.get(key)
         if isinstance(kept, dict) and kept.get(threads) is raced:
             kept[threads] = (winner, fused)
         if seconds is not None:
-            rule_name, other_name = ("fused", "split") if fused else ("split", "fused")
-            race = {rule_name: seconds[0] * 1e6, other_name: seconds[1] * 1e6, "rule": rule_name}
-            RACES[name] = {**race, "kept": other_name if other_won else rule_name}
+            times = {names[0]: seconds[0] * 1e6, names[1]: seconds[1] * 1e6}
+            RACES[name] = {**times, "rule": names[0], "kept": names[other_won]}
 
     raced = Race(rule, ready, settle), fused
     return raced

@@ -1,4 +1,5 @@
-"""The partition of a large planes batch, chosen by timing both on this machine.
+"""The partition of a large planes batch, and the thread count of a batch near the cost
+model's bound, chosen by timing both on this machine.
 
 A forward_train or backward on planes with a channel or more for each thread, twice over, has
 two partitions (:mod:`.items`): fused (one channel per item, its statistics and normalisation
@@ -14,6 +15,15 @@ A race only times machine code this process has or can load from Numba's cache: 
 partition's parallel twin, when it is in neither, compiles in a compile-ahead worker
 (:mod:`numba_bn.ahead`) while the rule's runs; where no worker may start and the cache does not
 hold it, the rule's partition stays, as before.
+
+The serial and the parallel twin of a step give the same bits too (tests/test_numerics.py), and
+the cost model (:func:`numba_bn.cpu.threads_for`) that picks one prices a parallel launch and
+an element with constants measured on one machine. Near its bound it guesses: on stop 57's
+Intel Xeon (2 threads) the parallel twin of a (128, 256) backward, which it runs in parallel,
+took 1.35-1.57x the serial one's time (five races; benchmarks/README.md, "Stop 57"). Up to four
+times its bound (:data:`THREADS_RACE_BOUNDS`), a parallel plan races the parallel twin against
+the serial one in the same way, once the serial one is loaded or in Numba's cache (no worker
+compiles it).
 """
 
 import time
@@ -30,13 +40,27 @@ RACE_MIN_ELEMENTS = 1 << 18
 #: stop 56). Samples come in pairs, the rule's then the other's, so that a busy spell of the
 #: machine slows both of a pair; each partition keeps its fastest.
 RACE_SAMPLES = 4
-#: Calls of the rule's partition, untimed, between two pairs: the pairs spread over 28 calls,
-#: so that one spell cannot spoil every sample (ten calls in a row, timed in `numba-bn bench`
-#: after the other implementations' verification, read 2-5x their time in one race of four).
+#: Calls of the rule's partition, untimed, between two pairs, and at least RACE_GAP_SECONDS:
+#: the pairs spread over 28 calls or more, so that one spell cannot spoil every sample (ten
+#: calls in a row, timed in `numba-bn bench` after the other implementations' verification,
+#: read 2-5x their time in one race of four).
 RACE_SPACING = 4
+#: A spell can be one core's: a race of the twins of a (16, 32, 16, 16) eval in ``python
+#: benchmarks/ab_inprocess.py``, its pairs 0.1 ms apart, timed the parallel twin at 18.9 us
+#: against 17.5 for the serial one, which took 0.75x the parallel twin's time in six races of
+#: their own (stop 57). Pairs 2 ms apart at least put a stall of the other core in one of them.
+RACE_GAP_SECONDS = 0.002
+#: The other partition (or twin) replaces the rule's when its fastest sample is this much
+#: faster: the rule is a measured guess, and a near tie is not worth trusting four samples.
+RACE_MARGIN = 0.05
 #: Calls of a plan before its race asks for the other partition: a program that calls once
 #: (a first-call measurement, a script) starts no worker and loads nothing it will not run.
 RACE_AFTER = 2
+#: The largest size whose thread count a race decides, in the cost model's serial bounds
+#: (:func:`numba_bn.cpu.serial_below`) on the plan's threads. On stop 57's Intel Xeon (2
+#: threads), at 3.8-4x the bound the parallel twin took 0.67-0.78x the serial one's time
+#: (forward_train and backward of (256, 512) and (16, 32, 16, 16)); at 1-2x it, 0.8-1.6x.
+THREADS_RACE_BOUNDS = 4
 #: What a race's ``ready`` answers while the other partition is not ready yet.
 NOT_YET = "not yet"
 
@@ -53,18 +77,23 @@ class Race:
 
     The first ``after`` calls run the rule's; then, until ``ready`` gives a run, every call
     asks it and runs the rule's; then ``samples`` pairs of samples (:data:`RACE_SAMPLES`), the
-    rule's then the other's, ``spacing`` calls of the rule's between pairs, and it settles.
+    rule's then the other's, ``spacing`` calls of the rule's and ``gap`` seconds at least
+    between pairs, and it settles: on the other's run when its fastest sample took less than
+    ``1 - margin`` times the rule's fastest.
     A call's arguments and result pass through. Results do not depend on which partition runs
     (the module's docstring).
     """
 
     def __init__(self, rule, ready, settle, clock=time.perf_counter, samples=RACE_SAMPLES,
-                 after=RACE_AFTER, spacing=RACE_SPACING):  # fmt: skip
+                 after=RACE_AFTER, spacing=RACE_SPACING, gap=RACE_GAP_SECONDS,
+                 margin=RACE_MARGIN):  # fmt: skip
         self.rule, self.ready, self._settle, self.clock = rule, ready, settle, clock
         self.samples, self.after, self.spacing = samples, after, spacing
+        self.gap, self.margin = gap, margin
         self.times = ([], [])  # the rule's, the other's: seconds of each sample's timed call
         self.runs = None  # (rule, other) while racing
         self.between = 0  # calls of the rule's still to run before the next pair
+        self.resume = 0.0  # and the clock's reading before which the next pair waits
         self.laid_out = False  # whether this sample's untimed call has run
         self.winner = None
         self._call = self._waiting
@@ -87,8 +116,8 @@ class Race:
         return self._racing(*args)
 
     def _racing(self, *args):
-        if self.between > 0:
-            self.between -= 1
+        if self.between > 0 or (self.resume and self.clock() < self.resume):
+            self.between = max(self.between - 1, 0)
             return self.rule(*args)
         rule_times, other_times = self.times
         side = 0 if len(rule_times) <= len(other_times) else 1
@@ -100,11 +129,11 @@ class Race:
         result = self.runs[side](*args)
         self.times[side].append(self.clock() - start)
         if side == 1:
-            self.between = self.spacing
+            self.between, self.resume = self.spacing, self.clock() + self.gap
         # (both counts: calls from several Python threads may have run one side more often)
         if min(len(rule_times), len(other_times)) >= self.samples:
             rule_best, other_best = min(rule_times), min(other_times)
-            other_won = other_best < rule_best
+            other_won = other_best < (1.0 - self.margin) * rule_best
             self._done(self.runs[other_won], other_won, (rule_best, other_best))
         return result
 
