@@ -47,8 +47,8 @@ RACE_SAMPLES = 4
 RACE_SPACING = 4
 #: A spell can be one core's: a race of the twins of a (16, 32, 16, 16) eval in ``python
 #: benchmarks/ab_inprocess.py``, its pairs 0.1 ms apart, timed the parallel twin at 18.9 us
-#: against 17.5 for the serial one, which took 0.75x the parallel twin's time in six races of
-#: their own (stop 57). Pairs 2 ms apart at least put a stall of the other core in one of them.
+#: against 17.5 for the serial one, which took 1.3-1.8x the parallel twin's time in six races
+#: of their own (stop 57). Pairs 2 ms apart at least put a stall of the other core in one.
 RACE_GAP_SECONDS = 0.002
 #: The other partition (or twin) replaces the rule's when its fastest sample is this much
 #: faster: the rule is a measured guess, and a near tie is not worth trusting four samples.
@@ -58,7 +58,7 @@ RACE_MARGIN = 0.05
 RACE_AFTER = 2
 #: The largest size whose thread count a race decides, in the cost model's serial bounds
 #: (:func:`numba_bn.cpu.serial_below`) on the plan's threads. On stop 57's Intel Xeon (2
-#: threads), at 3.8-4x the bound the parallel twin took 0.67-0.78x the serial one's time
+#: threads), at 3.8-4x the bound the parallel twin took 0.67-0.77x the serial one's time
 #: (forward_train and backward of (256, 512) and (16, 32, 16, 16)); at 1-2x it, 0.8-1.6x.
 THREADS_RACE_BOUNDS = 4
 #: What a race's ``ready`` answers while the other partition is not ready yet.
@@ -66,13 +66,14 @@ NOT_YET = "not yet"
 
 
 class Race:
-    """A plan's run that times two partitions and keeps the faster.
+    """A plan's run that times two partitions (or twins) and keeps the faster.
 
-    ``rule``: the run of the partition the rule picks. ``ready()``: the other partition's run
-    once it can be called (loaded, or in Numba's cache), NOT_YET while a worker compiles it,
-    None when it will not be had (the rule's run stays). ``settle(run, other_won, seconds)``:
-    called once with the faster run, whether it is the other's, and the two fastest times
-    (rule's, other's; None when there was no race), to put the plan in place of this one.
+    ``rule``: the run of the partition the rule picks (or the cost model's twin). ``ready()``:
+    the other partition's run once it can be called (loaded, or in Numba's cache), NOT_YET
+    while a worker compiles it, None when it will not be had (the rule's run stays).
+    ``settle(run, other_won, seconds)``: called once with the faster run, whether it is the
+    other's, and the two fastest times (rule's, other's; None when there was no race), to put
+    the plan in place of this one.
     ``clock``: seconds (a fake in the tests).
 
     The first ``after`` calls run the rule's; then, until ``ready`` gives a run, every call
