@@ -322,7 +322,7 @@ def test_a_race_holds_no_reference_to_the_batch(monkeypatch):
 
 
 # ------------------------------------------------------------- the twins near the model's bound
-ROWS = (128, 256)  # 32K elements: the backward's bound on 2 threads, the forward's just above
+ROWS = (128, 256)  # 32K elements: at the backward's bound on 2 threads, just under the forward's
 
 
 def _bound(step, threads=2):
@@ -374,8 +374,7 @@ def _runs(run, twin, dtype):
 
 
 @pytest.mark.parametrize("bounds, races", [(1.1, True), (3.9, True), (4.1, False)])
-def test_a_parallel_plan_races_its_twins_up_to_four_times_the_models_bound(monkeypatch, bounds,
-                                                                           races):  # fmt: skip
+def test_a_parallel_plan_races_its_twins_up_to_four_times_the_models_bound(bounds, races):
     """Sizes from the bound (parallel plans) to THREADS_RACE_BOUNDS times it race."""
     x = np.empty((int(bounds * _bound("backward")) // 8, 8, 1), np.float32)  # rows: one partition
     key = ("backward", x.shape, x.dtype, True, 0)
@@ -386,7 +385,7 @@ def test_a_parallel_plan_races_its_twins_up_to_four_times_the_models_bound(monke
 def test_a_twins_race_times_only_a_serial_twin_it_can_load(monkeypatch):
     """The serial twin: NOT_YET while a worker of this process lives, None when it is neither
     loaded nor cached (the parallel twin stays), else its run: its entry point, or its
-    dispatcher before it is loaded, which the kept plan replaces by the entry point."""
+    dispatcher before it is loaded (its first call loads it)."""
     x = np.empty((int(2 * _bound("backward")) // 8, 8, 1), np.float32)
     key = ("backward", x.shape, x.dtype, True, 0)
     ready = cpu._threads_raced(key, 2, x, ("rule", False))[0].ready
