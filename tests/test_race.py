@@ -223,8 +223,9 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
         assert not isinstance(run, Race) and fused is rule[step]  # (the ReLU path reads it)
         race = cpu.RACES[step, SHAPE, "float32", 0, 2]
         assert race["rule"] == ("fused" if rule[step] else "split")
-        chosen = race["fused"] < race["split"] if race["rule"] == "split" else (
-            race["fused"] <= race["split"])  # (a tie keeps the rule's)  # fmt: skip
+        other = "split" if rule[step] else "fused"
+        other_won = race[other] < (1 - RACE_MARGIN) * race[race["rule"]]  # else the rule's
+        chosen = (other if other_won else race["rule"]) == "fused"
         assert race["kept"] == ("fused" if chosen else "split")
         twin = cpu._driver(step, x, 2, True, fused=chosen)[0]
         assert twin in (run, getattr(run, "__wrapped__", None))  # as it is, or in its guard
