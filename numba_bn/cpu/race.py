@@ -94,7 +94,7 @@ class Race:
         self.times = ([], [])  # the rule's, the other's: seconds of each sample's timed call
         self.runs = None  # (rule, other) while racing
         self.between = 0  # calls of the rule's still to run before the next pair
-        self.resume = 0.0  # and the clock's reading before which the next pair waits
+        self.resume = 0.0  # and the clock's reading before which the next pair waits (none yet)
         self.laid_out = False  # whether this sample's untimed call has run
         self.winner = None
         self._call = self._waiting
@@ -117,7 +117,7 @@ class Race:
         return self._racing(*args)
 
     def _racing(self, *args):
-        if self.between > 0 or (self.resume and self.clock() < self.resume):
+        if self.between > 0 or self.clock() < self.resume:
             self.between = max(self.between - 1, 0)
             return self.rule(*args)
         rule_times, other_times = self.times
