@@ -426,7 +426,7 @@ def test_the_report_says_what_each_race_kept():
     races = {("backward", (32, 64, 784), "float32", 0, 2):
              {"split": 613.7, "fused": 447.71, "rule": "split", "kept": "fused"},
              ("forward_eval", (256, 256, 1), "float32", 0, 2):
-             {"serial": 15.24, "parallel": 13.1, "rule": "serial", "kept": "parallel"},
+             {"serial": 15.24, "parallel": 13.1, "rule": "parallel", "kept": "parallel"},
              ("forward_train", (256, 256, 1), "float32", 3, 2):
              {"serial": 31.0, "parallel": 35.0, "rule": "parallel", "kept": "serial"}}  # fmt: skip
     title, partitions, twins, fused = race_lines(races)
@@ -434,5 +434,5 @@ def test_the_report_says_what_each_race_kept():
     assert partitions == ("  backward (32, 64, 784) float32 on 2 threads: fused 448 us, split "
                           "614 us: kept fused (the rule's: split)")  # fmt: skip
     assert twins == ("  forward_eval (256, 256, 1) float32 on 2 threads: parallel 13.1 us, "
-                     "serial 15.2 us: kept parallel (the cost model's: serial)")  # fmt: skip
+                     "serial 15.2 us: kept parallel (the cost model's: parallel)")  # fmt: skip
     assert fused.startswith("  forward_train + residual + relu (256, 256, 1) float32 on 2 ")
