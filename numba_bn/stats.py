@@ -11,9 +11,10 @@ Every kernel, thread, GPU block, stream chunk and MPI rank combines statistics t
 
 (Chan, Golub & LeVeque, 1979). A block small enough to stay in L1 gets its exact
 ``(count, mean, M2)`` from two vectorisable passes (sum, then squared deviations from the block
-mean), or, for float32, from one pass over its deviations from its first value, which float64
-holds exactly (:func:`one_pass_exact`); blocks are then merged with the formula above in a fixed
-order, so results do not depend on the number of threads.
+mean); a float32 block, which need not fit in L1, gets it from one pass over its deviations
+from its first value, which float64 holds exactly (:func:`one_pass_exact`). Blocks are then
+merged with the formula above in a fixed order, so results do not depend on the number of
+threads.
 """
 
 import contextlib
@@ -513,7 +514,7 @@ def one_pass_exact(typingctx, values):
     For float32 (and narrower) values, x - K and its square are exact in float64 for K one of
     the block's values (its first), and one pass sums them: mean = K + S1 / n and
     M2 = S2 - S1 * S1 / n. As K is one of the n values, (mean - K)^2 <= M2, so S2 <= (n + 1) M2:
-    the subtraction costs at most log2(n + 1) of float64's 53 bits (5 for a rows block of 32,
+    the subtraction costs at most log2(n + 1) of float64's 53 bits (10 for a rows block of 1024,
     12 for a planes block of 4096; one on typical data), which float32 statistics never see. It
     reads the block once and does four vector operations per eight values instead of five
     (benchmarks/README.md, "One pass over a float32 block"). In float64 the deviations are

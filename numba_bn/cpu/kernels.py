@@ -56,8 +56,14 @@ from .channels import (  # noqa: F401
 )
 
 PLANE_BLOCK = 4096  # elements of one plane reduced at a time: 16 KiB of float32, in L1
-ROW_BLOCK = 32  # rows reduced at a time; ROW_BLOCK x CHANNEL_TILE float32 = 32 KiB, in L1
+ROW_BLOCK = 32  # rows reduced at a time in two passes (float64): ROW_BLOCK x CHANNEL_TILE in L1
 ROW_CHUNK = 1024  # rows merged sequentially into one partial (a work item of the rows layout)
+# One pass (float32) reads a block once, so its block need not stay in L1: it takes ROW_CHUNK
+# rows at a time (a reduction item's rows, one block), which saves each column's finalisation and
+# Chan merge per 32 rows: the serial rows statistics 13-17% faster from (256, 512) on, 8% on
+# (64, 256) (benchmarks/README.md, stop 58). It loses at most log2(1025) = 10 of float64's bits
+# (stats.one_pass_exact), below a planes block's 12.
+ROW_BLOCK_ONE_PASS = ROW_CHUNK
 CHANNEL_TILE = 256  # channels of the rows layout handled by one work item
 # Elementwise items span about ELEMENTWISE_SPAN elements: whole rows for rows (a channel tile
 # would stride through memory, and a row pitch of 4 KiB makes every row of a tile land in the
@@ -200,7 +206,7 @@ def plane_channel_stats(flat, shape, c):
 @kernel(inline="always")
 def _one_pass_moments(x, first, last, c0, width, mean, m2, shift):
     """(mean, M2) (=) of columns ``c0 : c0 + width`` over rows ``first:last`` of (rows, C) ``x``
-    in ``mean``, ``m2`` (float64, length >= width): one ROW_BLOCK of rows_chunk_stats.
+    in ``mean``, ``m2`` (float64, length >= width): one ROW_BLOCK_ONE_PASS of rows_chunk_stats.
 
     Each column's values are taken less its first one, kept in float64 in the scratch ``shift``
     (length >= width): converted once per block, not once per four rows (float32 -> float64
@@ -272,17 +278,18 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2, 
 
     ``mean_out``, ``m2_out`` (=) and the scratch ``block_mean``, ``block_m2``, ``block_shift``
     have length >= c1-c0.
-    Rows are reduced ROW_BLOCK at a time, in one pass or two (:func:`..stats.one_pass_exact`),
-    vectorised across columns, four rows per update of the L1 accumulators, and each block is
-    Chan-merged into the chunk in row order.
+    Rows are reduced a block at a time, in one pass (ROW_BLOCK_ONE_PASS rows) or two
+    (ROW_BLOCK rows) (:func:`..stats.one_pass_exact`), vectorised across columns, four rows per
+    update of the L1 accumulators, and each block is Chan-merged into the chunk in row order.
     """
     width = uint64(c1 - c0)
     for j in range(width):
         mean_out[j] = 0.0
         m2_out[j] = 0.0
     count = 0.0
-    for b0 in range(r0, r1, ROW_BLOCK):
-        b1 = imin(b0 + ROW_BLOCK, r1)
+    block = ROW_BLOCK_ONE_PASS if one_pass_exact(x) else ROW_BLOCK
+    for b0 in range(r0, r1, block):
+        b1 = imin(b0 + block, r1)
         if one_pass_exact(x):
             _one_pass_moments(x, b0, b1, c0, width, block_mean, block_m2, block_shift)
         else:
