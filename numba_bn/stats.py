@@ -22,6 +22,7 @@ import functools
 import math
 import re
 import threading
+from types import FunctionType
 from typing import NamedTuple
 
 import llvmlite.binding as ll
@@ -273,15 +274,25 @@ def apart(typingctx, function, arguments):
     threads). Called apart, a kernel is one function, optimised on its own, whatever calls it:
     one order, so the bits cannot depend on the partition, the process or the build. A call
     costs ~10 ns; each sums a segment or a chunk of rows.
+
+    ``function`` may be a :class:`ByWidth` pair: the copy of the first argument's dtype.
     """
-    if not isinstance(function, types.Dispatcher) or not isinstance(arguments, types.BaseTuple):
+    if not isinstance(arguments, types.BaseTuple):
         return None
-    signature = typingctx.resolve_function_type(function, tuple(arguments.types), {})
+    kernel_type = function
+    if getattr(function, "instance_class", None) is ByWidth and len(arguments) > 0:
+        bits = getattr(getattr(arguments.types[0], "dtype", None), "bitwidth", None)
+        if bits is None:
+            return None
+        kernel_type = function.types[0 if one_pass_exact(bits) else 1]
+    if not isinstance(kernel_type, types.Dispatcher):
+        return None
+    signature = typingctx.resolve_function_type(kernel_type, tuple(arguments.types), {})
     if signature is None:
         return None
 
     def codegen(context, builder, sig, args):
-        compiled = function.dispatcher.overloads[signature.args]
+        compiled = kernel_type.dispatcher.overloads[signature.args]
         library, symbol = strict_copy(context, compiled)
         given = cgutils.unpack_tuple(builder, args[1])
         values = [context.cast(builder, value, given_type, param_type)
@@ -505,11 +516,9 @@ def four_runs(start, stride, quad):
     return a, a + uint64(stride), a + uint64(2 * stride), a + uint64(3 * stride)
 
 
-@intrinsic
-def one_pass_exact(typingctx, values):
-    """Whether a block of ``values`` takes its ``(mean, M2)`` in one pass: a constant of their
-    dtype, so that LLVM keeps one of a kernel's two bodies (an ``overload`` choosing the body
-    compiled the chosen one apart too, +0.25 s of a cold first call).
+def one_pass_exact(bits):
+    """Whether a block of values of ``bits`` bits takes its ``(mean, M2)`` in one pass (the
+    :func:`by_width` copy a reduction of such values runs).
 
     For float32 (and narrower) values, x - K and its square are exact in float64 for K one of
     the block's values (its first), and one pass sums them: mean = K + S1 / n and
@@ -521,30 +530,53 @@ def one_pass_exact(typingctx, values):
     rounded and that bound would count: float64 keeps the two passes (the sum, then squared
     deviations from the block mean).
     """
-
-    def codegen(context, builder, sig, args):
-        return context.get_constant(types.boolean, values.dtype.bitwidth <= 32)
-
-    return types.boolean(values), codegen
+    return bits <= 32
 
 
-@callee(fastmath=REDUCE_FASTMATH)
-def runs_stats(values, start, length, stride, runs):
-    """Exact ``(count, mean, M2)`` of a block of 1-D ``values``, accumulated in float64.
+#: The body a :func:`by_width` copy compiles, read by its template as a global: True in the
+#: copy for values :func:`one_pass_exact` takes in one pass, False in the other. None here, in
+#: the templates' own globals (no template is compiled).
+ONE_PASS = None
 
-    The block is ``runs`` runs of ``length`` values, run k starting at ``start + k * stride``
-    (one piece of a long plane, or several short planes of one channel), small enough to stay
-    in L1: one pass or two (:func:`one_pass_exact`). Each pass takes four runs at a time,
-    position by position (then the runs left one by one): the vectorised loop ends in one
-    horizontal sum per four runs, not per run, which on planes of 64 values cost as much as the
-    run itself. Indices are unsigned: with a signed index of unknown sign Numba wraps negative
-    indices around, which stops LLVM from vectorising the loop (measured 4x slower).
-    """
-    if runs * length <= 0:
-        return 0.0, 0.0, 0.0
-    if one_pass_exact(values):
-        return _runs_one_pass(values, start, length, stride, runs)
-    return _runs_two_pass(values, start, length, stride, runs)
+
+class ByWidth(NamedTuple):
+    """A reduction kernel as two copies (:func:`by_width`): ``narrow`` for values of 32 bits or
+    fewer (one pass), ``wide`` for float64 (two). :func:`apart` calls the copy of its first
+    argument's dtype, and so does a call from Python (the tests')."""
+
+    narrow: object
+    wide: object
+
+    def __call__(self, values, *arguments):
+        copy = self.narrow if one_pass_exact(values.dtype.itemsize * 8) else self.wide
+        return copy(values, *arguments)
+
+
+def by_width(**options):
+    """Decorator: a :func:`callee` (with ``options``) whose first argument's dtype decides one
+    branch, ``if ONE_PASS:``, compiled as two copies (:class:`ByWidth`), each with its own
+    :data:`ONE_PASS`. Numba prunes a branch on a global constant before typing, so a copy types,
+    lowers and optimises its own body alone: with the branch decided by an intrinsic of the
+    dtype, both bodies were typed and lowered, and LLVM dropped one, ~0.35 s of the 0.8 that
+    ``rows_chunk_stats`` took to compile (stop 59). An ``overload`` choosing the body, inlined,
+    took as long; not inlined, it compiled the chosen body apart too (+0.25 s).
+
+    A copy takes the template's module globals as they are when it is made (the names it
+    reads must be defined above it), and its own name (Numba's on-disk cache keys on it)."""
+
+    def make(template):
+        def copy(one_pass, suffix):
+            function = FunctionType(
+                template.__code__, {**template.__globals__, "ONE_PASS": one_pass},
+                template.__name__ + suffix, template.__defaults__, template.__closure__,
+            )  # fmt: skip
+            function.__qualname__ = template.__qualname__ + suffix
+            function.__doc__ = template.__doc__
+            return callee(**options)(function)
+
+        return ByWidth(copy(True, "_one_pass"), copy(False, "_two_pass"))
+
+    return make
 
 
 @kernel(inline="always")
@@ -600,6 +632,26 @@ def _runs_two_pass(values, start, length, stride, runs):
             dev = values[i] - mean
             m2 += dev * dev
     return count, mean, m2
+
+
+@by_width(fastmath=REDUCE_FASTMATH)
+def runs_stats(values, start, length, stride, runs):
+    """Exact ``(count, mean, M2)`` of a block of 1-D ``values``, accumulated in float64.
+
+    The block is ``runs`` runs of ``length`` values, run k starting at ``start + k * stride``
+    (one piece of a long plane, or several short planes of one channel), small enough to stay
+    in L1: one pass or two (:func:`one_pass_exact`, a copy each: :func:`by_width`). Each pass
+    takes four runs at a time, position by position (then the runs left one by one): the
+    vectorised loop ends in one horizontal sum per four runs, not per run, which on planes of 64
+    values cost as much as the run itself. Indices are unsigned: with a signed index of unknown
+    sign Numba wraps negative indices around, which stops LLVM from vectorising the loop
+    (measured 4x slower).
+    """
+    if runs * length <= 0:
+        return 0.0, 0.0, 0.0
+    if ONE_PASS:
+        return _runs_one_pass(values, start, length, stride, runs)
+    return _runs_two_pass(values, start, length, stride, runs)
 
 
 @kernel(inline="always")

@@ -158,8 +158,9 @@ def test_a_compiles_garbage_waits_for_a_full_collection_or_the_next_compile(tmp_
     assert after[1] < MANY, output
 
 
-# The kernels of one memory shape only (cpu/kernels.py): a call compiles its own shape's alone.
-ROWS_KERNELS = {"rows_chunk_stats", "rows_chunk_sums", "rows_affine", "rows_dx"}
+# The kernels of one memory shape only (cpu/kernels.py): a call compiles its own shape's alone;
+# and of the statistics' copies (stats.by_width) its dtype's alone, the one-pass one for float32.
+ROWS_KERNELS = {"rows_chunk_stats_one_pass", "rows_chunk_sums", "rows_affine", "rows_dx"}
 PLANES_KERNELS = {"plane_segment_stats", "plane_segment_sums", "affine_planes", "affine_range",
                   "dx_planes", "dx_range"}  # fmt: skip
 # A child that prints, after each call, the functions Numba compiled for it, and the qualified
@@ -207,6 +208,7 @@ def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
     planes = set(eval(re.search(r"^planes: (.*)$", output, re.MULTILINE).group(1)))
     assert ROWS_KERNELS <= rows and not rows & PLANES_KERNELS, rows
     assert {"affine_planes", "affine_range"} & planes and not planes & ROWS_KERNELS, planes
+    assert not {name for name in rows | planes if name.endswith("_two_pass")}, output
     for memory in ("rows", "planes"):
         overloads = eval(re.search(rf"^{memory} overloads: (.*)$", output, re.MULTILINE).group(1))
         assert not [name for name in overloads if name.startswith(NOT_COMPILED)], output

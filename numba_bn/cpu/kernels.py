@@ -33,8 +33,10 @@ from numba import uint64
 
 from ..stats import (
     CONTRACT_FASTMATH,
+    ONE_PASS,
     REDUCE_FASTMATH,
     apart,
+    by_width,
     callee,
     chan_merge,
     flat,
@@ -42,7 +44,6 @@ from ..stats import (
     imax,
     imin,
     kernel,
-    one_pass_exact,
     runs_stats,
 )
 
@@ -272,25 +273,26 @@ def _two_pass_moments(x, first, last, c0, width, mean, m2):
             m2[j] += dev * dev
 
 
-@callee(fastmath=REDUCE_FASTMATH)
+@by_width(fastmath=REDUCE_FASTMATH)
 def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2, block_shift):
     """(mean, M2) of channels ``c0:c1`` over rows ``r0:r1`` of ``x`` (rows, C); returns the count.
 
     ``mean_out``, ``m2_out`` (=) and the scratch ``block_mean``, ``block_m2``, ``block_shift``
     have length >= c1-c0.
     Rows are reduced a block at a time, in one pass (ROW_BLOCK_ONE_PASS rows) or two
-    (ROW_BLOCK rows) (:func:`..stats.one_pass_exact`), vectorised across columns, four rows per
-    update of the L1 accumulators, and each block is Chan-merged into the chunk in row order.
+    (ROW_BLOCK rows) (:func:`..stats.one_pass_exact`, a copy each: :func:`..stats.by_width`),
+    vectorised across columns, four rows per update of the L1 accumulators, and each block is
+    Chan-merged into the chunk in row order.
     """
     width = uint64(c1 - c0)
     for j in range(width):
         mean_out[j] = 0.0
         m2_out[j] = 0.0
     count = 0.0
-    block = ROW_BLOCK_ONE_PASS if one_pass_exact(x) else ROW_BLOCK
+    block = ROW_BLOCK_ONE_PASS if ONE_PASS else ROW_BLOCK
     for b0 in range(r0, r1, block):
         b1 = imin(b0 + block, r1)
-        if one_pass_exact(x):
+        if ONE_PASS:
             _one_pass_moments(x, b0, b1, c0, width, block_mean, block_m2, block_shift)
         else:
             _two_pass_moments(x, b0, b1, c0, width, block_mean, block_m2)
