@@ -557,9 +557,10 @@ def by_width(**options):
     branch, ``if ONE_PASS:``, compiled as two copies (:class:`ByWidth`), each with its own
     :data:`ONE_PASS`. Numba prunes a branch on a global constant before typing, so a copy types,
     lowers and optimises its own body alone: with the branch decided by an intrinsic of the
-    dtype, both bodies were typed and lowered, and LLVM dropped one, ~0.35 s of the 0.8 that
-    ``rows_chunk_stats`` took to compile (stop 59). An ``overload`` choosing the body, inlined,
-    took as long; not inlined, it compiled the chosen body apart too (+0.25 s).
+    dtype, both bodies were typed and lowered before LLVM dropped one (``rows_chunk_stats``:
+    0.73-0.82 s of a cold (64, 32) step's compile, 0.34-0.45 as copies; benchmarks/README.md,
+    "Stop 59"). An ``overload`` choosing the body, inlined, took as long; not inlined, it compiled
+    the chosen body apart too (+0.25 s).
 
     A copy takes the template's module globals as they are when it is made (the names it
     reads must be defined above it), and its own name (Numba's on-disk cache keys on it)."""
