@@ -57,6 +57,9 @@ def main():
     args = parser.parse_args()
     checkouts = [os.path.abspath(path) for path in args.checkouts.split(",") if path] or [None]
     print(f"load average {os.getloadavg()[0]:.2f}; shape ({args.shape}) float32", flush=True)
+    if sys.dont_write_bytecode:  # the children inherit it: a checkout without .pyc compiles
+        print("PYTHONDONTWRITEBYTECODE is set: a checkout without bytecode files compiles "
+              "numba_bn's modules at each import (+0.04-0.08 s; README, 'First call')")  # fmt: skip
     for _ in range(args.rounds):
         for checkout in checkouts:
             for mode in args.modes.split(","):
