@@ -216,6 +216,23 @@ def test_each_driver_of_a_training_step_announces_itself_once(tmp_path):
             assert any(name.startswith("_ol_array_allocate.") for name in overloads), output
 
 
+def test_a_batch_compiles_the_statistics_copy_of_its_dtype_alone(tmp_path):
+    """stats.by_width: the statistics kernels' float32 (one-pass) and float64 (two-pass) bodies
+    are copies of their own, and a batch's drivers compile its dtype's copy alone."""
+    code = COMPILED + (
+        "nbn.forward_train(np.ones((8, 16, 8, 8), np.float32)); compiled('float32:')\n"
+        "nbn.forward_train(np.ones((64, 32), np.float64)); compiled('float64:')\n"
+        "print('done')"
+    )
+    output, _ = _run(code, tmp_path, NUMBA_BN_COMPILE_AHEAD="0")
+    narrow = set(eval(re.search(r"^float32: (.*)$", output, re.MULTILINE).group(1)))
+    wide = set(eval(re.search(r"^float64: (.*)$", output, re.MULTILINE).group(1)))
+    assert "runs_stats_one_pass" in narrow, output  # planes
+    assert "rows_chunk_stats_two_pass" in wide, output  # rows
+    assert not {name for name in narrow if name.endswith("_two_pass")}, output
+    assert not {name for name in wide if name.endswith("_one_pass")}, output
+
+
 def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path, monkeypatch):
     """The first run compiles in two worker processes (--jobs 2), a line per step as it ends;
     the second, in this process, loads every driver they compiled, a line per step in the
