@@ -552,6 +552,19 @@ class ByWidth(NamedTuple):
         return copy(values, *arguments)
 
 
+def renamed_copy(template, suffix, scope):
+    """``template`` under its name + ``suffix`` (Numba's on-disk cache keys on it) with the
+    globals ``scope``: the drivers' twins and loop nests (:mod:`.cpu.drivers`), the copies of
+    :func:`by_width`."""
+    copy = FunctionType(
+        template.__code__, scope, template.__name__ + suffix, template.__defaults__,
+        template.__closure__,
+    )  # fmt: skip
+    copy.__qualname__ = template.__qualname__ + suffix
+    copy.__doc__ = template.__doc__
+    return copy
+
+
 def by_width(**options):
     """Decorator: a :func:`callee` (with ``options``) whose first argument's dtype decides one
     branch, ``if ONE_PASS:``, compiled as two copies (:class:`ByWidth`), each with its own
@@ -567,13 +580,8 @@ def by_width(**options):
 
     def make(template):
         def copy(one_pass, suffix):
-            function = FunctionType(
-                template.__code__, {**template.__globals__, "ONE_PASS": one_pass},
-                template.__name__ + suffix, template.__defaults__, template.__closure__,
-            )  # fmt: skip
-            function.__qualname__ = template.__qualname__ + suffix
-            function.__doc__ = template.__doc__
-            return callee(**options)(function)
+            scope = {**template.__globals__, "ONE_PASS": one_pass}
+            return callee(**options)(renamed_copy(template, suffix, scope))
 
         return ByWidth(copy(True, "_one_pass"), copy(False, "_two_pass"))
 

@@ -37,7 +37,6 @@ operations each (250 in a serial backward of an (8, 16, 8, 8) batch, ~0.8 us of 
 import math
 import os
 import threading
-import types
 
 import numba
 import numpy as np
@@ -52,6 +51,7 @@ from ..stats import (
     empty,
     flat,
     kernel,
+    renamed_copy,
     running_update,
 )
 from .items import (
@@ -90,13 +90,9 @@ CACHE = True
 
 
 def _copy(template, suffix, scope):
-    """``template`` under another name (Numba's on-disk cache keys on it) and globals."""
-    copy = types.FunctionType(
-        template.__code__, scope, template.__name__ + suffix, template.__defaults__,
-        template.__closure__,
-    )  # fmt: skip
-    copy.__qualname__ = template.__qualname__ + suffix
-    copy.__doc__ = template.__doc__
+    """``template`` under another name (Numba's on-disk cache keys on it) and globals, marked as
+    a driver's."""
+    copy = renamed_copy(template, suffix, scope)
     copy.twin_of = template.__name__  # what numba_bn.compiling announces
     return copy
 
