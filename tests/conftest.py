@@ -69,8 +69,9 @@ def run_child(command, env=None, timeout=600, stop_signal=signal.SIGKILL):
 
 @pytest.fixture
 def rng(request):
-    """A fresh generator per test; its seed is printed so that a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    """A fresh generator per test; its seed is printed so that a failure can be replayed
+    (NUMBA_BN_TEST_SEED=seed gives every test that seed)."""
+    seed = int(os.environ.get("NUMBA_BN_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
     print(f"rng seed for {request.node.nodeid}: {seed}")
     return np.random.default_rng(seed)
 
