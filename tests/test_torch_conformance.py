@@ -62,14 +62,15 @@ def _dx_close(ours, theirs, dy, x, weight, dtype):
         np.testing.assert_allclose(ours, theirs, **tol, err_msg="dx")
         return
     axes = tuple(a for a in range(x.ndim) if a != 1)
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    mean, var = x64.mean(axis=axes, keepdims=True), x64.var(axis=axes, keepdims=True)
-    invstd = 1.0 / np.sqrt(var + 1e-5)
-    projection = np.abs((dy64 * (x64 - mean) * invstd).mean(axis=axes, keepdims=True))
+    mean, var = x.mean(axis=axes, dtype=np.float64), x.var(axis=axes, dtype=np.float64)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    invstd = np.reshape(1.0 / np.sqrt(var + 1e-5), shape)
+    dy64 = dy.astype(np.float64)
+    projection = np.abs((dy64 * _x_hat(x, mean, var)).mean(axis=axes, keepdims=True))
     terms = np.abs(dy64).max(axis=axes, keepdims=True) + (
-        np.abs(x64).max(axis=axes, keepdims=True) * invstd * projection
+        np.abs(x).max(axis=axes, keepdims=True) * invstd * projection
     )
-    k = invstd if weight is None else np.abs(weight).reshape(mean.shape) * invstd
+    k = invstd if weight is None else np.abs(weight).reshape(shape) * invstd
     atol = np.maximum(tol["atol"], 2.0**-18 * k * terms)
     excess = np.abs(ours.astype(np.float64) - theirs) - atol - tol["rtol"] * np.abs(theirs)
     off = np.count_nonzero(excess > 0)
