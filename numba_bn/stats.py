@@ -26,6 +26,7 @@ from types import FunctionType
 from typing import NamedTuple
 
 import llvmlite.binding as ll
+import llvmlite.ir as llvm_ir
 import numpy as np
 from numba import _dynfunc, config, float64, njit, types, uint64
 from numba.core import cgutils, compiler, ir_utils
@@ -369,7 +370,12 @@ def empty(typingctx, shape, dtype):
     """``np.empty(shape, dtype)`` (a tuple of integers; x.dtype or a NumPy scalar type) as
     Numba's own allocates it, in the caller's code. ``np.empty`` is an overload whose
     implementation compiles as a function of its own for each shape type and dtype, three or
-    four per cold driver (~0.03-0.08 s each; benchmarks/README.md, "Stop 53")."""
+    four per cold driver (~0.03-0.08 s each; benchmarks/README.md, "Stop 53").
+
+    In a function compiled without Numba's runtime (``_nrt=False``: the drivers' serial twins,
+    :func:`numba_bn.cpu.drivers.twins`) the memory comes from the runtime's allocator all the
+    same, but nothing counts references to it: :func:`release` frees it, on every path out of
+    the function, and no view of it may be released in its place."""
     # Numba's own pieces of np.empty, imported as a compile needs them (as Numba loads them)
     from numba.core.typing.npydecl import parse_dtype, parse_shape
     from numba.np.arrayobj import _empty_nd_impl, _parse_shape
@@ -381,9 +387,67 @@ def empty(typingctx, shape, dtype):
 
     def codegen(context, builder, sig, args):
         sizes = _parse_shape(context, builder, sig.args[0], args[0])
+        if not context.enable_nrt:
+            return _unmanaged_empty(context, builder, array, sizes)
         return _empty_nd_impl(context, builder, array, sizes)._getvalue()
 
     return array(shape, dtype), codegen
+
+
+def _runtime_function(builder, name, result, arguments):
+    """The C function ``name`` of Numba's runtime (registered with LLVM as ``NRT_`` + its
+    helper's name: numba.core.runtime.nrt), declared in the module being built."""
+    return cgutils.get_or_insert_function(
+        builder.module, llvm_ir.FunctionType(result, arguments), name
+    )
+
+
+def _unmanaged_empty(context, builder, array_type, sizes):
+    """:func:`empty`'s array (C-contiguous, of LLVM integer ``sizes``) in a function without
+    Numba's runtime: a MemInfo of the runtime's allocator, aligned as Numba aligns arrays, whose
+    reference count stays 1 (the function counts no references) until :func:`release`."""
+    from numba.np.arrayobj import make_array, populate_array
+
+    data_type = context.get_data_type(array_type.dtype)
+    itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
+    strides = [itemsize]
+    for size in reversed(sizes[1:]):
+        strides.insert(0, builder.mul(strides[0], size))
+    nbytes = builder.mul(strides[0], sizes[0]) if sizes else itemsize
+    pointer, intp = cgutils.voidptr_t, context.get_value_type(types.intp)
+    allocate = _runtime_function(builder, "NRT_MemInfo_alloc_aligned", pointer,
+                                 [intp, llvm_ir.IntType(32)])  # fmt: skip
+    data_of = _runtime_function(builder, "NRT_MemInfo_data", pointer, [pointer])
+    align = context.get_preferred_array_alignment(array_type.dtype)
+    meminfo = builder.call(allocate, [nbytes, llvm_ir.Constant(llvm_ir.IntType(32), align)])
+    array = make_array(array_type)(context, builder)
+    populate_array(array, data=builder.bitcast(builder.call(data_of, [meminfo]),
+                                               data_type.as_pointer()),
+                   shape=cgutils.pack_array(builder, sizes, ty=intp),
+                   strides=cgutils.pack_array(builder, strides, ty=intp), itemsize=itemsize,
+                   meminfo=meminfo)  # fmt: skip
+    return array._getvalue()
+
+
+@intrinsic
+def release(typingctx, array):
+    """Free an array that :func:`empty` made in a function without Numba's runtime (nothing
+    else frees it there); with the runtime, nothing (its reference count frees it). An array
+    without a MemInfo (an argument of such a function, a :func:`borrowed` view) is left alone;
+    a view that shares one (a slice of the array) must not be released in its place."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if not context.enable_nrt:
+            meminfo = _array(context, builder, sig.args[0], args[0]).meminfo
+            destroy = _runtime_function(builder, "NRT_MemInfo_call_dtor",
+                                        llvm_ir.VoidType(), [cgutils.voidptr_t])  # fmt: skip
+            with builder.if_then(cgutils.is_not_null(builder, meminfo)):
+                builder.call(destroy, [meminfo])
+        return context.get_dummy_value()
+
+    return types.none(array), codegen
 
 
 def _array(context, builder, array_type, value):

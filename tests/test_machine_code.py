@@ -6,6 +6,8 @@ import sys
 import numba
 import numpy as np
 import pytest
+from numba.core.runtime import _nrt_python as nrt_stats
+from numba.core.runtime import nrt
 
 import numba_bn as nbn
 from numba_bn import cpu
@@ -163,3 +165,73 @@ def test_the_machine_code_gives_the_checked_calls_bits_unchecked():
         assert status == 0, output
         digests.append(output.split()[-1])
     assert digests[0] == digests[1]
+
+
+def _runtime_counts():
+    """Numba's runtime statistics: (allocations, frees, MemInfos made, MemInfos destroyed)."""
+    return tuple(nrt.rtsys.get_allocation_stats())
+
+
+def _every_serial_twin(rng, dtype):
+    """Calls that run every serial twin (the sizes are below every serial bound): each memory
+    shape's split steps, the fused partitions, the epilogues, a forward whose statistics are
+    not finite (nan_policy="raise": the driver returns early), and the norms'."""
+    calls = []
+    for shape in [(64, 12), (8, 6, 5, 3), (16, 5, 3, 3)]:  # rows, planes, short planes
+        x, dy = random_batch(rng, shape, dtype), random_batch(rng, shape, dtype)
+        weight, bias = random_batch(rng, (shape[1],), dtype), random_batch(rng, (shape[1],), dtype)
+        buffers = np.zeros(shape[1], dtype), np.ones(shape[1], dtype)
+
+        def steps(x=x, dy=dy, weight=weight, bias=bias, buffers=buffers):
+            y, mean, invstd = nbn.forward_train(x, weight, bias)
+            nbn.backward(dy, x, mean, invstd, weight)
+            nbn.forward_eval(x, *buffers, weight, bias)
+            y = nbn.forward_train(x, weight, bias, residual=dy, activation="relu")[0]
+            nbn.backward(dy, x, mean, invstd, weight, activation="relu", y=y)
+            poisoned = x.copy()
+            poisoned[0, 0] = np.nan
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                nbn.batch_norm(poisoned, *buffers, training=True, nan_policy="raise")
+
+        calls.append(steps)
+    x = random_batch(rng, (4, 6, 5, 3), dtype)
+    calls.append(lambda: nbn.group_norm_backward(x, x, *nbn.group_norm_forward(x, 3)[1:], 3))
+    dims = (5, 3)  # layer norm's normalized_shape: the trailing dimensions
+    calls.append(lambda: nbn.layer_norm_backward(x, x, *nbn.layer_norm_forward(x, dims)[1:], dims))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_serial_twins_run_without_numbas_runtime_and_free_what_they_allocate(dtype):
+    """A serial twin is compiled without Numba's runtime (drivers.twins): its machine code takes
+    each array as a pointer, where Numba's made a reference-counted MemInfo of it (~0.5 us of a
+    small call). So the twins free their scratch themselves (stats.release), on every path: the
+    runtime's statistics count every allocation of a call freed in it, and no MemInfo made for
+    an array argument."""
+    rng = np.random.default_rng(23)
+    calls = _every_serial_twin(rng, dtype)
+    with cpu.partitions(forward_train=True, backward=True):  # the fused serial twins
+        calls[0](), calls[1]()
+    for call in calls:
+        call()  # compiles or loads each twin
+    enabled = nrt_stats.memsys_stats_enabled()
+    nrt_stats.memsys_enable_stats()
+    try:
+        before = _runtime_counts()
+        with cpu.partitions(forward_train=True, backward=True):
+            calls[0](), calls[1]()
+        for call in calls:
+            call()
+        allocated, freed, made, destroyed = np.subtract(_runtime_counts(), before)
+        view = random_batch(rng, (64, 12), dtype).reshape(64, 12, 1)
+        run, _ = cpu._plan("backward", view, may_fuse=True)
+        arguments = (view, view, np.zeros(12), np.ones(12), np.ones(12, dtype), np.empty_like(view),
+                     np.empty(12), np.empty(12), np.empty((2, 12), dtype))  # fmt: skip
+        before = _runtime_counts()
+        run(*arguments)
+        one_call = np.subtract(_runtime_counts(), before)
+    finally:
+        if not enabled:
+            nrt_stats.memsys_disable_stats()
+    assert made > 0 and (allocated, made) == (freed, destroyed)
+    assert one_call[2] == one_call[3] < len(arguments)  # the scratch's MemInfos only

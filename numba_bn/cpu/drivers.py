@@ -32,6 +32,15 @@ A loop passes the items and kernels it calls views of its arrays that hold no re
 (:func:`numba_bn.stats.borrowed`, ``flat``), taken in the loop, so that the arrays live until it
 ends: Numba counted a reference for every array of an item in every iteration, two atomic
 operations each (250 in a serial backward of an (8, 16, 8, 8) batch, ~0.8 us of its 4.4).
+
+The serial twins, which every small call runs, go further: they are compiled without Numba's
+runtime (``_nrt=False``), so nothing counts references in them at all. With the runtime, a
+call made a MemInfo of each array argument (a malloc, a free and the GIL taken to let go of
+the array) and counted its references in the driver, atomically: 0.5-0.9 us of a serial call,
+half of a small backward's driver (benchmarks/README.md, "Stop 61"). Without it, the twin frees
+the scratch it allocates (:func:`numba_bn.stats.empty`) itself, with
+:func:`numba_bn.stats.release` on every path out; in a parallel twin ``release`` does nothing,
+the runtime frees the scratch there.
 """
 
 import math
@@ -51,6 +60,7 @@ from ..stats import (
     empty,
     flat,
     kernel,
+    release,
     renamed_copy,
     running_update,
 )
@@ -105,9 +115,10 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     """Compile ``template`` twice: ``parallel=True``, and serial (``prange`` runs as ``range``).
 
     The serial twin serves inputs too small to repay waking the thread pool (a parallel launch
-    costs ~5 us on an idle machine and milliseconds on a loaded one). Both run the same code in
-    the same order, so they give bitwise the same results. The copy gets its own qualname so
-    that Numba's on-disk cache keeps the two apart.
+    costs ~5 us on an idle machine and milliseconds on a loaded one), compiled without Numba's
+    runtime (the module's docstring). Both run the same code in the same order, so they give
+    bitwise the same results. The copy gets its own qualname so that Numba's on-disk cache keeps
+    the two apart.
 
     ``epilogue`` (:mod:`.kernels`) becomes the global EPILOGUE of both, a compile-time constant,
     and the loop nests they call are those of ``memory`` (:data:`LOOPS`; ``_rows_epilogue1`` in
@@ -118,7 +129,7 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     parallel = _copy(template, suffix, scope)
     serial = _copy(template, suffix + "_serial", scope)
     options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
-    pair = kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
+    pair = kernel(parallel=True, **options)(parallel), kernel(_nrt=False, **options)(serial)
     for dispatcher in pair:
         key_on_sources(dispatcher)
         lock_cache_saves(dispatcher)
@@ -249,6 +260,8 @@ def _stats_loop(x, part):
         # rows and short planes items take ITEM_SCRATCH_SHAPE, one per item (a thread's)
         scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if rows else borrowed(unused)
         stats_item(flat(x), x.shape, item, borrowed(part), scratch)  # noqa: F821
+        release(scratch)
+    release(unused)
 
 
 def _sums_loop(dy, x, mean, part):
@@ -259,6 +272,8 @@ def _sums_loop(dy, x, mean, part):
         scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if short else borrowed(unused)
         sums_item(flat(dy), flat(x), x.shape, item, borrowed(mean), borrowed(part),  # noqa: F821
                   scratch)  # fmt: skip
+        release(scratch)
+    release(unused)
 
 
 def _normalize_loop(x, coef, y, z, epilogue):
@@ -266,17 +281,19 @@ def _normalize_loop(x, coef, y, z, epilogue):
     global here would be this module's) and ``z`` (as x); ``coef`` (rows, C), spread here to a
     column per value for short planes (wide_coefficients)."""
     outer, channels, inner = x.shape
-    coef = wide_coefficients(coef, outer, inner)  # noqa: F821
+    wide = wide_coefficients(coef, outer, inner)  # noqa: F821
     for item in prange(elementwise_items(outer, channels, inner)):
-        normalize_item(flat(x), flat(y), x.shape, item, borrowed(coef), flat(z),  # noqa: F821
+        normalize_item(flat(x), flat(y), x.shape, item, borrowed(wide), flat(z),  # noqa: F821
                        epilogue)  # fmt: skip
+    release_wide(wide, outer, inner)  # noqa: F821
 
 
 def _dx_loop(dy, x, coef, dx):
     outer, channels, inner = x.shape
-    coef = wide_coefficients(coef, outer, inner)  # noqa: F821
+    wide = wide_coefficients(coef, outer, inner)  # noqa: F821
     for item in prange(elementwise_items(outer, channels, inner)):
-        dx_item(flat(dy), flat(x), flat(dx), x.shape, item, borrowed(coef))  # noqa: F821
+        dx_item(flat(dy), flat(x), flat(dx), x.shape, item, borrowed(wide))  # noqa: F821
+    release_wide(wide, outer, inner)  # noqa: F821
 
 
 #: LOOPS[memory][name]: the loop nests of one memory shape, as the drivers' copies call them.
@@ -302,6 +319,7 @@ def _batch_stats(x, mean, m2):
     else:
         for item in prange(channel_items(channels)):
             merge_channel(item, borrowed(part), borrowed(mean), borrowed(m2))
+    release(part)
     return float(outer * inner)
 
 
@@ -312,6 +330,7 @@ def _normalize(x, mean, invstd, weight, bias, y, z):
     for c in range(x.shape[1]):
         affine_coefficients(c, mean[c], invstd[c], weight, bias, coef)
     _normalize_loop(x, coef, y, z, EPILOGUE)
+    release(coef)
 
 
 def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
@@ -324,6 +343,7 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     else:
         for item in prange(channel_items(channels)):
             add_channel(item, borrowed(part), borrowed(sum_dy), borrowed(sum_dy_xmu))
+    release(part)
 
 
 def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
@@ -333,6 +353,7 @@ def _backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, dx):
     for c in range(x.shape[1]):
         dx_coefficients(c, count, mean[c], invstd[c], weight, sum_dy[c], sum_dy_xmu[c], coef)
     _dx_loop(dy, x, coef, dx)
+    release(coef)
 
 
 @kernel(inline="always")
@@ -386,12 +407,14 @@ def _forward_train_split(
             train_channel(item, borrowed(part), count, eps, borrowed(weight), borrowed(bias),
                           borrowed(coef), borrowed(save_mean), borrowed(save_invstd),
                           borrowed(save_m2))  # fmt: skip
-    if not _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
-                                     save_m2, momentum, unbiased):  # fmt: skip
-        return False
-    _saved_statistics(save_mean, save_invstd, saved)
-    _normalize_loop(x, coef, y, z, EPILOGUE)
-    return True
+    release(part)
+    finite = _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
+                                       save_m2, momentum, unbiased)  # fmt: skip
+    if finite:
+        _saved_statistics(save_mean, save_invstd, saved)
+        _normalize_loop(x, coef, y, z, EPILOGUE)
+    release(coef)
+    return finite
 
 
 def _forward_train_fused(
@@ -407,6 +430,7 @@ def _forward_train_fused(
         plane_channel_train(borrowed(x), c, eps, borrowed(weight), borrowed(bias), borrowed(coef),
                             borrowed(y), borrowed(save_mean), borrowed(save_invstd),
                             borrowed(save_m2), borrowed(z), EPILOGUE)  # fmt: skip
+    release(coef)
     _saved_statistics(save_mean, save_invstd, saved)
     return _running_update_if_finite(nan_check, running_mean, running_var, float(outer * inner),
                                      save_mean, save_m2, momentum, unbiased)  # fmt: skip
@@ -417,6 +441,7 @@ def _forward_eval(x, weight, bias, running_mean, running_var, eps, y, z):
     coef = empty((AFFINE_ROWS, x.shape[1]), x.dtype)
     eval_coefficients(weight, bias, running_mean, running_var, eps, coef)
     _normalize_loop(x, coef, y, z, EPILOGUE)
+    release(coef)
 
 
 @kernel(inline="always")
@@ -450,8 +475,10 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
             dx_channel(item, borrowed(part), count, borrowed(mean), borrowed(invstd),
                        borrowed(weight), borrowed(coef), borrowed(sum_dy),
                        borrowed(sum_dy_xmu))  # fmt: skip
+    release(part)
     _parameter_gradients(invstd, sum_dy, sum_dy_xmu, grads)
     _dx_loop(dy, x, coef, dx)
+    release(coef)
 
 
 def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
@@ -461,6 +488,7 @@ def _backward_fused(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
         plane_channel_backward(borrowed(dy), borrowed(x), c, borrowed(mean), borrowed(invstd),
                                borrowed(weight), borrowed(coef), borrowed(dx), borrowed(sum_dy),
                                borrowed(sum_dy_xmu))  # fmt: skip
+    release(coef)
     _parameter_gradients(invstd, sum_dy, sum_dy_xmu, grads)
 
 
@@ -475,6 +503,7 @@ def _backward_fused_relu(dy, y, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu,
         plane_channel_backward(borrowed(grad), borrowed(x), c, borrowed(mean), borrowed(invstd),
                                borrowed(weight), borrowed(coef), borrowed(dx), borrowed(sum_dy),
                                borrowed(sum_dy_xmu))  # fmt: skip
+    release(coef)
     _parameter_gradients(invstd, sum_dy, sum_dy_xmu, grads)
 
 

@@ -64,7 +64,7 @@ bits).
 
 import types
 
-from ..stats import apart, callee, empty, imax, imin, kernel, shaped
+from ..stats import apart, callee, empty, imax, imin, kernel, release, shaped
 from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
@@ -258,9 +258,22 @@ def wide_coefficients(coef, outer, inner):
 
 
 @kernel(inline="always")
+def release_wide(wide, outer, inner):
+    """Free wide_coefficients' copy (:func:`numba_bn.stats.release`: in a function without
+    Numba's runtime); ``coef`` itself stays its caller's."""
+    if short_planes_jit(outer, inner):
+        release(wide)
+
+
+@kernel(inline="always")
 def same_coefficients(coef, outer, inner):
     """wide_coefficients of a memory shape without short planes."""
     return coef
+
+
+@kernel(inline="always")
+def keep_same(wide, outer, inner):
+    """release_wide of a memory shape without short planes: nothing to free."""
 
 
 @callee
@@ -554,14 +567,14 @@ def dx_item(dy, x, dx, shape, item, coef):
 ITEMS = {
     MEMORY_ANY: {"stats_item": stats_item, "sums_item": sums_item,
                  "normalize_item": normalize_item, "dx_item": dx_item,
-                 "wide_coefficients": wide_coefficients},
+                 "wide_coefficients": wide_coefficients, "release_wide": release_wide},
     MEMORY_ROWS: {"stats_item": stats_item_rows, "sums_item": sums_item_rows,
                   "normalize_item": normalize_item_rows, "dx_item": dx_item_rows,
-                  "wide_coefficients": same_coefficients},
+                  "wide_coefficients": same_coefficients, "release_wide": keep_same},
     MEMORY_PLANES: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
                     "normalize_item": normalize_item_planes, "dx_item": dx_item_planes,
-                    "wide_coefficients": same_coefficients},
+                    "wide_coefficients": same_coefficients, "release_wide": keep_same},
     MEMORY_SHORT: {"stats_item": stats_item_short, "sums_item": sums_item_short,
                    "normalize_item": normalize_item_short, "dx_item": dx_item_short,
-                   "wide_coefficients": wide_coefficients},
+                   "wide_coefficients": wide_coefficients, "release_wide": release_wide},
 }  # fmt: skip

@@ -55,6 +55,7 @@ from ..stats import (
     flat,
     kernel,
     prescale,
+    release,
     split_hi_lo,
 )
 from .channels import group_affine_coefficients, next_sample_channel, sample_channel
@@ -222,6 +223,7 @@ def _group_forward(x, group_channels, eps, weight, bias, y, mean, invstd, m2):
         group_train_range(borrowed(x), g0, g1, group_channels, eps, borrowed(weight),
                           borrowed(bias), borrowed(coef), borrowed(y), borrowed(mean),
                           borrowed(invstd), borrowed(m2))  # fmt: skip
+    release(coef)
 
 
 def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, dweight,
@@ -236,6 +238,7 @@ def _group_backward(dy, x, group_channels, mean, invstd, weight, dx, sum_dy, sum
         group_backward_range(borrowed(dy), borrowed(x), g0, g1, group_channels, borrowed(mean),
                              borrowed(invstd), borrowed(weight), borrowed(coef), borrowed(dx),
                              borrowed(sum_dy), borrowed(sum_dy_xmu))  # fmt: skip
+    release(coef)
     group_parameter_sums(sum_dy, sum_dy_xmu, invstd, group_channels, dweight, dbias)
 
 
@@ -414,6 +417,7 @@ def _layer_backward(dy, x, mean, invstd, weight, dx, dweight, dbias):
         layer_backward_rows(borrowed(dy), borrowed(x), r0, r1, borrowed(mean), borrowed(invstd),
                             borrowed(weight), borrowed(dx), borrowed(part)[item])  # fmt: skip
     add_parts(part, dweight, dbias)
+    release(part)
 
 
 group_forward, group_forward_serial = twins(_group_forward)
