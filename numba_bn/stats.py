@@ -372,7 +372,7 @@ def empty(typingctx, shape, dtype):
     implementation compiles as a function of its own for each shape type and dtype, three or
     four per cold driver (~0.03-0.08 s each; benchmarks/README.md, "Stop 53").
 
-    In a function compiled without Numba's runtime (``_nrt=False``: the drivers' serial twins,
+    In a function compiled without Numba's runtime (``_nrt=False``: the drivers,
     :func:`numba_bn.cpu.drivers.twins`) the memory comes from the runtime's allocator all the
     same, but nothing counts references to it: :func:`release` frees it, on every path out of
     the function, and no view of it may be released in its place."""

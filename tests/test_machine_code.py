@@ -172,12 +172,18 @@ def _runtime_counts():
     return tuple(nrt.rtsys.get_allocation_stats())
 
 
-def _every_serial_twin(rng, dtype):
-    """Calls that run every serial twin (the sizes are below every serial bound): each memory
-    shape's split steps, the fused partitions, the epilogues, a forward whose statistics are
-    not finite (nan_policy="raise": the driver returns early), and the norms'."""
+#: Canonical shapes of each memory shape (rows, planes, short planes) below every serial bound
+#: of the cost model and above every parallel one (numba_bn/cpu/__init__.py; 2 threads or more).
+SERIAL_SHAPES = [(64, 12), (8, 6, 5, 3), (16, 5, 3, 3)]
+PARALLEL_SHAPES = [(1024, 130), (32, 16, 16, 16), (2048, 8, 3, 3)]
+
+
+def _every_driver(rng, dtype, shapes):
+    """Calls that run the drivers of ``shapes``: each memory shape's split steps, the
+    epilogues, a forward whose statistics are not finite (nan_policy="raise": the driver
+    returns early), and the norms'."""
     calls = []
-    for shape in [(64, 12), (8, 6, 5, 3), (16, 5, 3, 3)]:  # rows, planes, short planes
+    for shape in shapes:
         x, dy = random_batch(rng, shape, dtype), random_batch(rng, shape, dtype)
         weight, bias = random_batch(rng, (shape[1],), dtype), random_batch(rng, (shape[1],), dtype)
         buffers = np.zeros(shape[1], dtype), np.ones(shape[1], dtype)
@@ -194,39 +200,44 @@ def _every_serial_twin(rng, dtype):
                 nbn.batch_norm(poisoned, *buffers, training=True, nan_policy="raise")
 
         calls.append(steps)
-    x = random_batch(rng, (4, 6, 5, 3), dtype)
-    calls.append(lambda: nbn.group_norm_backward(x, x, *nbn.group_norm_forward(x, 3)[1:], 3))
-    dims = (5, 3)  # layer norm's normalized_shape: the trailing dimensions
+    x = random_batch(rng, (4, 8, 5, 3) if shapes is SERIAL_SHAPES else (64, 32, 16, 16), dtype)
+    calls.append(lambda: nbn.group_norm_backward(x, x, *nbn.group_norm_forward(x, 4)[1:], 4))
+    dims = x.shape[2:]  # layer norm's normalized_shape: the trailing dimensions
     calls.append(lambda: nbn.layer_norm_backward(x, x, *nbn.layer_norm_forward(x, dims)[1:], dims))
     return calls
 
 
+@pytest.mark.parametrize("shapes", [SERIAL_SHAPES, PARALLEL_SHAPES], ids=["serial", "parallel"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_serial_twins_run_without_numbas_runtime_and_free_what_they_allocate(dtype):
-    """A serial twin is compiled without Numba's runtime (drivers.twins): its machine code takes
+def test_the_drivers_run_without_numbas_runtime_and_free_what_they_allocate(dtype, shapes):
+    """The drivers are compiled without Numba's runtime (drivers.twins): their entry point takes
     each array as a pointer, where Numba's made a reference-counted MemInfo of it (~0.5 us of a
-    small call). So the twins free their scratch themselves (stats.release), on every path: the
-    runtime's statistics count every allocation of a call freed in it, and no MemInfo made for
-    an array argument."""
+    call). So they free their scratch themselves (stats.release), on every path, in the
+    parallel twins' threads too: the runtime's statistics count every allocation of the calls
+    freed in them, and no MemInfo made for an array argument."""
+    if shapes is PARALLEL_SHAPES and numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread: every driver call is serial")
     rng = np.random.default_rng(23)
-    calls = _every_serial_twin(rng, dtype)
-    with cpu.partitions(forward_train=True, backward=True):  # the fused serial twins
-        calls[0](), calls[1]()
+    calls = _every_driver(rng, dtype, shapes)
+    with cpu.partitions(forward_train=True, backward=True):  # the fused planes' drivers
+        calls[1]()
     for call in calls:
-        call()  # compiles or loads each twin
+        call()  # compiles or loads each driver
     enabled = nrt_stats.memsys_stats_enabled()
     nrt_stats.memsys_enable_stats()
     try:
         before = _runtime_counts()
         with cpu.partitions(forward_train=True, backward=True):
-            calls[0](), calls[1]()
+            calls[1]()
         for call in calls:
             call()
         allocated, freed, made, destroyed = np.subtract(_runtime_counts(), before)
-        view = random_batch(rng, (64, 12), dtype).reshape(64, 12, 1)
+        outer, channels = shapes[0]
+        view = random_batch(rng, (outer, channels), dtype).reshape(outer, channels, 1)
         run, _ = cpu._plan("backward", view, may_fuse=True)
-        arguments = (view, view, np.zeros(12), np.ones(12), np.ones(12, dtype), np.empty_like(view),
-                     np.empty(12), np.empty(12), np.empty((2, 12), dtype))  # fmt: skip
+        arguments = (view, view, np.zeros(channels), np.ones(channels), np.ones(channels, dtype),
+                     np.empty_like(view), np.empty(channels), np.empty(channels),
+                     np.empty((2, channels), dtype))  # fmt: skip
         before = _runtime_counts()
         run(*arguments)
         one_call = np.subtract(_runtime_counts(), before)

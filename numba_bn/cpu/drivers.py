@@ -33,14 +33,14 @@ A loop passes the items and kernels it calls views of its arrays that hold no re
 ends: Numba counted a reference for every array of an item in every iteration, two atomic
 operations each (250 in a serial backward of an (8, 16, 8, 8) batch, ~0.8 us of its 4.4).
 
-The serial twins, which every small call runs, go further: they are compiled without Numba's
-runtime (``_nrt=False``), so nothing counts references in them at all. With the runtime, a
-call made a MemInfo of each array argument (a malloc, a free and the GIL taken to let go of
-the array) and counted its references in the driver, atomically: 0.5-0.9 us of a serial call,
-half of a small backward's driver (benchmarks/README.md, "Stop 61"). Without it, the twin frees
-the scratch it allocates (:func:`numba_bn.stats.empty`) itself, with
-:func:`numba_bn.stats.release` on every path out; in a parallel twin ``release`` does nothing,
-the runtime frees the scratch there.
+The drivers go further: they are compiled without Numba's runtime (``_nrt=False``), so nothing
+counts references in them at all. With the runtime, a call made a MemInfo of each array
+argument (a malloc, a free and the GIL taken to let go of the array) and counted its
+references in the driver, atomically: 0.3-0.9 us of a serial call, half of a small backward's
+driver, and 1-2.5 us of a parallel one (benchmarks/README.md, "Stop 61"). Without it, a driver
+frees the scratch it allocates (:func:`numba_bn.stats.empty`) itself, with
+:func:`numba_bn.stats.release` on every path out and in each item of a ``prange`` loop
+(``release`` does nothing in a function compiled with the runtime, which frees the scratch).
 """
 
 import math
@@ -115,10 +115,10 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     """Compile ``template`` twice: ``parallel=True``, and serial (``prange`` runs as ``range``).
 
     The serial twin serves inputs too small to repay waking the thread pool (a parallel launch
-    costs ~5 us on an idle machine and milliseconds on a loaded one), compiled without Numba's
-    runtime (the module's docstring). Both run the same code in the same order, so they give
-    bitwise the same results. The copy gets its own qualname so that Numba's on-disk cache keeps
-    the two apart.
+    costs ~5 us on an idle machine and milliseconds on a loaded one). Both run the same code in
+    the same order, so they give bitwise the same results, and both without Numba's runtime (the
+    module's docstring). The copy gets its own qualname so that Numba's on-disk cache keeps the
+    two apart.
 
     ``epilogue`` (:mod:`.kernels`) becomes the global EPILOGUE of both, a compile-time constant,
     and the loop nests they call are those of ``memory`` (:data:`LOOPS`; ``_rows_epilogue1`` in
@@ -128,8 +128,9 @@ def twins(template, epilogue=EPILOGUE_NONE, memory=MEMORY_ANY):
     scope = {**template.__globals__, "EPILOGUE": epilogue, **LOOPS[memory]}
     parallel = _copy(template, suffix, scope)
     serial = _copy(template, suffix + "_serial", scope)
-    options = {"cache": CACHE, "no_cfunc_wrapper": True}  # called from Python only
-    pair = kernel(parallel=True, **options)(parallel), kernel(_nrt=False, **options)(serial)
+    # called from Python only; without Numba's runtime (the module's docstring)
+    options = {"cache": CACHE, "no_cfunc_wrapper": True, "_nrt": False}
+    pair = kernel(parallel=True, **options)(parallel), kernel(**options)(serial)
     for dispatcher in pair:
         key_on_sources(dispatcher)
         lock_cache_saves(dispatcher)
