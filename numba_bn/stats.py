@@ -394,6 +394,14 @@ def empty(typingctx, shape, dtype):
     return array(shape, dtype), codegen
 
 
+def _c_strides(builder, itemsize, sizes):
+    """The strides (LLVM integers) of a C-contiguous array of ``sizes`` and ``itemsize``."""
+    strides = [itemsize]
+    for size in reversed(sizes[1:]):
+        strides.insert(0, builder.mul(strides[0], size))
+    return strides
+
+
 def _runtime_function(builder, name, result, arguments):
     """The C function ``name`` of Numba's runtime (registered with LLVM as ``NRT_`` + its
     helper's name: numba.core.runtime.nrt), declared in the module being built."""
@@ -410,16 +418,16 @@ def _unmanaged_empty(context, builder, array_type, sizes):
 
     data_type = context.get_data_type(array_type.dtype)
     itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
-    strides = [itemsize]
-    for size in reversed(sizes[1:]):
-        strides.insert(0, builder.mul(strides[0], size))
-    nbytes = builder.mul(strides[0], sizes[0]) if sizes else itemsize
+    strides = _c_strides(builder, itemsize, sizes)
+    nbytes = builder.mul(strides[0], sizes[0])
     pointer, intp = cgutils.voidptr_t, context.get_value_type(types.intp)
     allocate = _runtime_function(builder, "NRT_MemInfo_alloc_aligned", pointer,
                                  [intp, llvm_ir.IntType(32)])  # fmt: skip
     data_of = _runtime_function(builder, "NRT_MemInfo_data", pointer, [pointer])
     align = context.get_preferred_array_alignment(array_type.dtype)
     meminfo = builder.call(allocate, [nbytes, llvm_ir.Constant(llvm_ir.IntType(32), align)])
+    # a MemoryError, as np.empty's (Numba's runtime raises it the same way)
+    cgutils.guard_memory_error(context, builder, meminfo, "Allocation failed (probably too large).")
     array = make_array(array_type)(context, builder)
     populate_array(array, data=builder.bitcast(builder.call(data_of, [meminfo]),
                                                data_type.as_pointer()),
@@ -505,9 +513,7 @@ def _reshaped(context, builder, source, view_type, sizes):
     """:func:`_borrowed_view` with the C-contiguous strides of ``sizes`` (LLVM integers)."""
     itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
         context.get_data_type(view_type.dtype)))  # fmt: skip
-    strides = [itemsize]
-    for size in reversed(sizes[1:]):
-        strides.insert(0, builder.mul(strides[0], size))
+    strides = _c_strides(builder, itemsize, sizes)
     return _borrowed_view(context, builder, source, view_type, cgutils.pack_array(builder, sizes),
                           cgutils.pack_array(builder, strides))  # fmt: skip
 
