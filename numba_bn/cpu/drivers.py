@@ -80,6 +80,7 @@ from .items import (
     merge_channel,
     parts,
     reduce_items,
+    release_wide,
     train_channel,
 )
 from .kernels import (
@@ -286,7 +287,7 @@ def _normalize_loop(x, coef, y, z, epilogue):
     for item in prange(elementwise_items(outer, channels, inner)):
         normalize_item(flat(x), flat(y), x.shape, item, borrowed(wide), flat(z),  # noqa: F821
                        epilogue)  # fmt: skip
-    release_wide(wide, outer, inner)  # noqa: F821
+    release_wide(wide, outer, inner)
 
 
 def _dx_loop(dy, x, coef, dx):
@@ -294,7 +295,7 @@ def _dx_loop(dy, x, coef, dx):
     wide = wide_coefficients(coef, outer, inner)  # noqa: F821
     for item in prange(elementwise_items(outer, channels, inner)):
         dx_item(flat(dy), flat(x), flat(dx), x.shape, item, borrowed(wide))  # noqa: F821
-    release_wide(wide, outer, inner)  # noqa: F821
+    release_wide(wide, outer, inner)
 
 
 #: LOOPS[memory][name]: the loop nests of one memory shape, as the drivers' copies call them.

@@ -260,7 +260,8 @@ def wide_coefficients(coef, outer, inner):
 @kernel(inline="always")
 def release_wide(wide, outer, inner):
     """Free wide_coefficients' copy (:func:`numba_bn.stats.release`: in a function without
-    Numba's runtime); ``coef`` itself stays its caller's."""
+    Numba's runtime); ``coef`` itself stays its caller's. Every memory shape's loops call it:
+    rows and planes never have short planes, so same_coefficients' coef is never freed."""
     if short_planes_jit(outer, inner):
         release(wide)
 
@@ -269,11 +270,6 @@ def release_wide(wide, outer, inner):
 def same_coefficients(coef, outer, inner):
     """wide_coefficients of a memory shape without short planes."""
     return coef
-
-
-@kernel(inline="always")
-def keep_same(wide, outer, inner):
-    """release_wide of a memory shape without short planes: nothing to free."""
 
 
 @callee
@@ -567,14 +563,14 @@ def dx_item(dy, x, dx, shape, item, coef):
 ITEMS = {
     MEMORY_ANY: {"stats_item": stats_item, "sums_item": sums_item,
                  "normalize_item": normalize_item, "dx_item": dx_item,
-                 "wide_coefficients": wide_coefficients, "release_wide": release_wide},
+                 "wide_coefficients": wide_coefficients},
     MEMORY_ROWS: {"stats_item": stats_item_rows, "sums_item": sums_item_rows,
                   "normalize_item": normalize_item_rows, "dx_item": dx_item_rows,
-                  "wide_coefficients": same_coefficients, "release_wide": keep_same},
+                  "wide_coefficients": same_coefficients},
     MEMORY_PLANES: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
                     "normalize_item": normalize_item_planes, "dx_item": dx_item_planes,
-                    "wide_coefficients": same_coefficients, "release_wide": keep_same},
+                    "wide_coefficients": same_coefficients},
     MEMORY_SHORT: {"stats_item": stats_item_short, "sums_item": sums_item_short,
                    "normalize_item": normalize_item_short, "dx_item": dx_item_short,
-                   "wide_coefficients": wide_coefficients, "release_wide": release_wide},
+                   "wide_coefficients": wide_coefficients},
 }  # fmt: skip
