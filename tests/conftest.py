@@ -88,6 +88,14 @@ def random_batch(rng, shape, dtype=np.float64, mean_scale=5.0, std_range=(0.1, 1
     return x.astype(dtype)
 
 
+def assert_mean_close(actual, expected, values, rtol=1e-12):
+    """Means (or running means) of ``values`` to ``rtol`` of the values' scale: a mean near 0
+    carries the rounding of values near 5, not its own size (a 2.3e-4 channel mean of values up
+    to ~5 was 1.5e-12 off relative, and a 8.7e-5 one 4e-12)."""
+    scale = np.abs(np.asarray(values, dtype=np.float64)).max()
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
 def poison(shape, dtype):
     """An output buffer full of NaN, so that any element a kernel forgets to write shows."""
     return np.full(shape, np.nan, dtype)

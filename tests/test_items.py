@@ -8,7 +8,7 @@ from numba_bn.cpu import drivers, items
 from numba_bn.cpu.race import THREADS_RACE_BOUNDS
 from numba_bn.stats import AFFINE_ROWS
 
-from conftest import random_batch
+from conftest import assert_mean_close, random_batch
 
 # rows with several chunks and channel tiles, long planes (several blocks), short planes (as
 # rows of (outer, C * inner): one chunk, several, several chunks and tiles of columns), one
@@ -60,9 +60,7 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
     np.testing.assert_array_equal(mean, expected_mean)
     np.testing.assert_array_equal(m2, expected_m2)
     values = np.moveaxis(x, 1, 0).reshape(shape[1], -1)
-    # a mean near 0 of values near 5 carries their rounding, not its own (8.7e-5 was 4e-12 off)
-    atol = 1e-12 * np.abs(values).max()
-    np.testing.assert_allclose(mean, values.mean(axis=1), rtol=1e-12, atol=atol)
+    assert_mean_close(mean, values.mean(axis=1), values)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
