@@ -396,6 +396,8 @@ def empty(typingctx, shape, dtype):
 
 def _c_strides(builder, itemsize, sizes):
     """The strides (LLVM integers) of a C-contiguous array of ``sizes`` and ``itemsize``."""
+    if not sizes:  # a 0-d array
+        return []
     strides = [itemsize]
     for size in reversed(sizes[1:]):
         strides.insert(0, builder.mul(strides[0], size))
@@ -419,7 +421,7 @@ def _unmanaged_empty(context, builder, array_type, sizes):
     data_type = context.get_data_type(array_type.dtype)
     itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
     strides = _c_strides(builder, itemsize, sizes)
-    nbytes = builder.mul(strides[0], sizes[0])
+    nbytes = builder.mul(strides[0], sizes[0]) if sizes else itemsize  # a 0-d array: one item
     pointer, intp = cgutils.voidptr_t, context.get_value_type(types.intp)
     allocate = _runtime_function(builder, "NRT_MemInfo_alloc_aligned", pointer,
                                  [intp, llvm_ir.IntType(32)])  # fmt: skip

@@ -23,6 +23,7 @@ from numba_bn.stats import (
     kernel,
     overflow_limit,
     prescale,
+    release,
     running_update,
     runs_stats,
     shaped,
@@ -263,6 +264,36 @@ def test_empty_allocates_as_np_empty_and_frees():
             nrt.memsys_disable_stats()
     with pytest.raises(numba.TypingError):
         kernel(lambda n: empty(n, np.float64))(3.0)
+
+
+@kernel(_nrt=False)
+def _unmanaged(n):
+    """empty without Numba's runtime (the drivers'): a 0-d, a 2-D and an empty array, written,
+    read and released."""
+    a, b, c = empty((), np.float64), empty((n, 3), np.float32), empty((0, n), np.float64)
+    a[()] = 2.0
+    b[n - 1, 2] = 5.0
+    total = a[()] + b[n - 1, 2] + a.size + b.size + c.size
+    release(a)
+    release(b)
+    release(c)
+    return total
+
+
+def test_empty_without_the_runtime_allocates_every_rank_and_release_frees_it():
+    from numba.core.runtime import _nrt_python as nrt
+
+    enabled = nrt.memsys_stats_enabled()
+    nrt.memsys_enable_stats()
+    try:
+        assert _unmanaged(4) == 2.0 + 5.0 + 1 + 12 + 0  # compiled
+        before = (nrt.memsys_get_stats_alloc(), nrt.memsys_get_stats_free())
+        assert _unmanaged(5) == 2.0 + 5.0 + 1 + 15 + 0
+        after = (nrt.memsys_get_stats_alloc(), nrt.memsys_get_stats_free())
+        assert after[0] - before[0] == after[1] - before[1] == 3
+    finally:
+        if not enabled:
+            nrt.memsys_disable_stats()
 
 
 @intrinsic
