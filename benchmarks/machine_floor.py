@@ -5,17 +5,18 @@
 For float32 (N, C) batches: a bare elementwise loop ``y = (x - a) * b`` and bare float64 column
 sums (four rows per update of the accumulators, no shift), each serial and in a ``prange``
 over ``threads`` equal row ranges, against ``np.copyto`` and the serial and parallel twins of
-numba_bn's normalize and batch_stats drivers on the same buffers. Each cell is the fastest of 7
-blocks of back-to-back calls, in us; the drivers are called through Numba's dispatcher. A pass
+numba_bn's normalize and batch_stats drivers on the same buffers. Each cell is the fastest of 5
+blocks of back-to-back calls (ab_inprocess.best_us), in us; the drivers are called through
+Numba's dispatcher. A pass
 near its bare loop has little left to take; one far from it has (benchmarks/README.md, "Stop
 62"). The sums' row ranges must hold a multiple of four rows.
 """
 
 import argparse
-import time
 
 import numba
 import numpy as np
+from ab_inprocess import best_us
 from numba import njit, prange
 
 from numba_bn.cpu import _driver
@@ -67,20 +68,6 @@ def sums_parallel(x, s1, s2, parts):
         _sums_rows(x, s1[p], s2[p], p * x.shape[0] // parts, (p + 1) * x.shape[0] // parts)
 
 
-def best_us(call, seconds=0.02):
-    call()
-    start = time.perf_counter()
-    call()
-    n = max(1, int(seconds / max(time.perf_counter() - start, 1e-7)))
-    blocks = []
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(n):
-            call()
-        blocks.append((time.perf_counter() - start) / n * 1e6)
-    return min(blocks)
-
-
 def cells(shape, threads):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
@@ -120,7 +107,7 @@ def main():
     numba.set_num_threads(args.threads)
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     table = {shape: cells(shape, args.threads) for shape in shapes}
-    print("us, the fastest of 7 blocks; float32 (N, C)")
+    print("us, the fastest of 5 blocks; float32 (N, C)")
     print("| pass | " + " | ".join(str(s) for s in shapes) + " |")
     print("|---|" + "---|" * len(shapes))
     for name in table[shapes[0]]:
