@@ -12,7 +12,8 @@ the interface of :class:`numba_bn.cpu.CpuBackend`, every per-channel argument na
   from float64, when given; its forward_train takes ``saved=None``, a (2, C) array of x's dtype
   that receives mean and invstd rounded as NumPy's astype rounds them; and it takes None for
   ``mean``, ``invstd`` and ``m2`` together, and for ``sum_dy`` and ``sum_dy_xmu`` together:
-  not wanted, the backend keeps its own);
+  not wanted, the backend keeps its own; its forward_eval returns -1, or the index of the first
+  negative value of ``running_var`` with nothing written, which the plain calls then explain);
 * the split steps that an exchange (SyncBatchNorm's ranks) goes between: ``batch_stats(x, *,
   mean, m2)`` -> count, ``normalize(x, *, mean, invstd, weight, bias, y, residual=None,
   activation=None)``, ``backward_sums(dy, x, *, mean, sum_dy, sum_dy_xmu)``,

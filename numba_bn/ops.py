@@ -31,7 +31,7 @@ from .checks import (
 )
 from .dispatch import memory_of, placed
 from .memory import dtype_of
-from .stats import RunningUpdate, first_negative, invstd_of, running_update
+from .stats import RunningUpdate, invstd_of, running_update
 
 
 def reduction_out(memory, channels, written):
@@ -306,15 +306,15 @@ def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, 
     weight, bias = hostcall.vector(weight, channels, dtype), hostcall.vector(bias, channels, dtype)
     if running_mean is None or running_var is None or weight is None or bias is None:
         return None
-    if first_negative(running_var) >= 0:
-        return None  # an error to explain
     y = np.empty(x.shape, dtype) if out is None else hostcall.output(out, x, x, residual)
     if y is None:
         return None
-    kernels.forward_eval(view, weight=weight, bias=bias, running_mean=running_mean,
-                         running_var=running_var, eps=eps, y=y.reshape(view.shape),
-                         residual=residual_view, activation=activation)  # fmt: skip
-    return y
+    negative = kernels.forward_eval(view, weight=weight, bias=bias, running_mean=running_mean,
+                                    running_var=running_var, eps=eps, y=y.reshape(view.shape),
+                                    residual=residual_view, activation=activation)  # fmt: skip
+    # a negative running variance, nothing written: an error to explain (None: not run, in a
+    # compile-ahead worker)
+    return None if negative is not None and negative >= 0 else y
 
 
 @placed(("x", "running_mean", "running_var", "weight", "bias", "out", "residual"),

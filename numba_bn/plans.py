@@ -32,7 +32,7 @@ import numpy as np
 
 from . import dispatch, hostcall
 from .capi import calls
-from .stats import RunningUpdate, first_negative
+from .stats import RunningUpdate
 
 #: What a plan depends on: the layer's settings and arrays (every one an attribute of the
 #: layer's own, set by its __init__), besides ``_exchange`` and ``_collected`` (None for a plan,
@@ -201,14 +201,15 @@ class Plan(NamedTuple):
         view_shape = self.view_shape
         view = x.reshape(view_shape)
         plain, residual = hostcall.residual(residual, x, view)
-        if not plain or first_negative(self.running_var) >= 0:
+        if not plain:
             return None
         y = np.empty(self.shape, self.dtype)
-        self.kernels.forward_eval(view, weight=self.weight, bias=self.bias,
-                                  running_mean=self.running_mean, running_var=self.running_var,
-                                  eps=self.eps, y=y.reshape(view_shape), residual=residual,
-                                  activation=self.activation)  # fmt: skip
-        return y
+        negative = self.kernels.forward_eval(
+            view, weight=self.weight, bias=self.bias, running_mean=self.running_mean,
+            running_var=self.running_var, eps=self.eps, y=y.reshape(view_shape),
+            residual=residual, activation=self.activation,
+        )  # fmt: skip
+        return None if negative is not None and negative >= 0 else y  # as ops' plain call
 
     def backward(self, dy, x, mean, invstd, y, residual):
         """dx, dweight, dbias (in x's dtype, rounded as ``ops.plain_batch_backward`` rounds

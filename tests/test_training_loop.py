@@ -297,6 +297,29 @@ def test_negative_running_var_in_eval_names_the_channel(rng):
     np.testing.assert_array_equal(out, 7.0)
 
 
+@pytest.mark.parametrize("shape, axis", [((8, 4, 3), 1), *PATH_SHAPES])
+@pytest.mark.parametrize("epilogue", [{}, {"residual": True, "activation": "relu"}])
+def test_a_plain_eval_with_a_negative_running_var_writes_nothing(rng, shape, axis, epilogue):
+    """The plain call finds the negative variance in the kernel (the last channel, so that the
+    search reads every one) and writes nothing: out= keeps its values, serial or parallel."""
+    x = random_batch(rng, shape, np.float32, axis=axis)
+    channels = shape[axis]
+    running_mean = rng.standard_normal(channels).astype(np.float32)
+    running_var = rng.uniform(0.5, 2, channels).astype(np.float32)
+    nbn.forward_eval(x, running_mean, running_var, axis=axis)  # the same plan, valid
+    running_var[-1] = -0.5
+    kept = running_mean.copy(), running_var.copy()
+    residual = random_batch(rng, shape, np.float32, axis=axis) if epilogue else None
+    out = np.full(x.shape, 7.0, np.float32)
+    match = rf"running_var must be >= 0, got -0.5 in channel {channels - 1}"
+    with pytest.raises(ValueError, match=match):
+        nbn.forward_eval(x, running_mean, running_var, axis=axis, out=out, residual=residual,
+                         activation=epilogue.get("activation"))  # fmt: skip
+    np.testing.assert_array_equal(out, 7.0)
+    np.testing.assert_array_equal(running_mean, kept[0])
+    np.testing.assert_array_equal(running_var, kept[1])
+
+
 def test_load_state_dict_refuses_a_negative_num_batches_tracked():
     bn = nbn.BatchNorm(3, momentum=None)
     state = bn.state_dict()

@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import dispatch
 from ..cpu import CpuBackend
-from ..stats import running_update
+from ..stats import first_negative, running_update
 
 ABI_MAJOR = 1  # NBN_VERSION_MAJOR of csrc/numba_bn.h
 #: nbn_activation of csrc/numba_bn.h (1.1) by the ``activation`` of the Python API.
@@ -208,6 +208,11 @@ class CBackend:
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
                      activation=None):  # fmt: skip
+        """As the CPU backend's: -1, or the index of the first negative running variance
+        with nothing written (checked here: the library normalises whatever it is given)."""
+        negative = first_negative(running_var)
+        if negative >= 0:
+            return negative
         op, fused = self._fused_op("forward_eval", residual, activation)
         outer, channels, inner = x.shape
         self._call(
@@ -225,6 +230,7 @@ class CBackend:
             _pointer(y),
             *fused,
         )
+        return -1
 
     def backward(self, dy, x, *, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, activation=None,
                  y=None, grad=None, grads=None):  # fmt: skip

@@ -500,8 +500,11 @@ class CpuBackend:
 
     def forward_eval(self, x, *, weight, bias, running_mean, running_var, eps, y, residual=None,
                      activation=None):  # fmt: skip
+        """Returns -1, or the index of the first negative running variance with nothing
+        written (the dispatch interface)."""
         run, _ = _plan("forward_eval", x, epilogue=epilogue_code(residual, activation))
-        run(x, weight, bias, running_mean, running_var, eps, y, x if residual is None else residual)
+        return run(x, weight, bias, running_mean, running_var, eps, y,
+                   x if residual is None else residual)  # fmt: skip
 
     def activation_grad(self, dy, y, *, activation, grad):
         """grad (=, like dy) = the gradient through ``activation`` of the forward that gave
