@@ -11,6 +11,7 @@ from . import ops
 from .annotations import Activation, Array, Backend, Device, NanPolicy
 from .capi import calls
 from .checks import trained
+from .cpu import fronts
 from .masking import masked_batch_backward, masked_batch_forward
 from .memory import host_views
 from .ops import batch_forward, parameter_gradients
@@ -86,6 +87,16 @@ def forward_train(
     if type(x) is not np.ndarray:  # torch CPU tensors, say: NumPy's views take the plain path
         x, weight, bias, out, residual = host_views(x, weight, bias, out, residual)
     if mask is None:  # the common call first: keywords spelt out, no dict to build (~0.5 us)
+        if (
+            out is None
+            and residual is None
+            and activation is None
+            and nan_policy is fronts.PROPAGATE
+            and fronts.may_serve(backend, device)
+        ):
+            served = fronts.forward_train(x, weight, bias, eps, axis)
+            if served is not None:  # a small call like one before, in compiled code
+                return served
         # ops.batch_forward's two paths, its TrainResult skipped on the plain one (~1 us of 8),
         # and the statistics rounded to x's dtype by the kernels (two astype: ~0.7 us)
         plain = ops.plain_batch_forward(x, weight, bias, eps, axis, None, None, 0.1, True,
@@ -134,6 +145,15 @@ def forward_eval(
         x, running_mean, running_var, weight, bias, out, residual = host_views(
             x, running_mean, running_var, weight, bias, out, residual
         )
+    if (
+        out is None
+        and residual is None
+        and activation is None
+        and fronts.may_serve(backend, device)
+    ):
+        y = fronts.forward_eval(x, running_mean, running_var, weight, bias, eps, axis)
+        if y is not None:  # a small call like one before, in compiled code (cpu/fronts.py)
+            return y
     # ops.frozen_forward's two paths, its keywords skipped on the plain one (as forward_train)
     y = ops.plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, out,
                                  backend, residual, activation, device)  # fmt: skip
@@ -189,6 +209,11 @@ def backward(
         x, dy, mean, invstd, weight, out, y, residual_out = host_views(
             x, dy, mean, invstd, weight, out, y, residual_out
         )
+    if (mask is None and out is None and activation is None and y is None
+            and residual_out is None and fronts.may_serve(backend, device)):  # fmt: skip
+        served = fronts.backward(dy, x, mean, invstd, weight, axis)
+        if served is not None:  # a small call like one before, in compiled code
+            return served
     if mask is None:  # as in forward_train: ops.batch_backward's two paths
         plain = ops.plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend,
                                          activation, y, residual_out, device, False)  # fmt: skip

@@ -29,6 +29,7 @@ from .checks import (
     returned_like,
     stats_vector,
 )
+from .cpu import CpuBackend, front_address, fronts
 from .dispatch import memory_of, placed
 from .memory import dtype_of
 from .stats import RunningUpdate, invstd_of, running_update
@@ -164,7 +165,12 @@ def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, m
                           saved=saved)  # fmt: skip
     if mean is not None:
         return y, mean, invstd, m2, outer * inner
-    return (y,) if saved is None else (y, saved[0], saved[1])
+    if saved is None:
+        return (y,)
+    if out is None and running is None and residual is None and activation is None and (
+            fronts.may_serve(backend, device)):  # fmt: skip
+        learn_front("forward_train", kernels, x, axis, view, may_fuse=True)
+    return y, saved[0], saved[1]
 
 
 def _epilogue_inputs(residual, activation, prepared, memory):
@@ -312,9 +318,26 @@ def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, 
     negative = kernels.forward_eval(view, weight=weight, bias=bias, running_mean=running_mean,
                                     running_var=running_var, eps=eps, y=y.reshape(view.shape),
                                     residual=residual_view, activation=activation)  # fmt: skip
-    # a negative running variance, nothing written: an error to explain (None: not run, in a
-    # compile-ahead worker)
-    return None if negative is not None and negative >= 0 else y
+    if negative is not None and negative >= 0:
+        return None  # a negative running variance, nothing written: an error to explain
+    if (
+        out is None
+        and residual is None
+        and activation is None
+        and fronts.may_serve(backend, device)
+    ):
+        learn_front("forward_eval", kernels, x, axis, view)
+    return y
+
+
+def learn_front(step, kernels, x, axis, view, may_fuse=False):
+    """After a plain call of ``step`` that a front may serve (:func:`.cpu.fronts.may_serve`),
+    on the CPU backend: the next such calls on inputs like ``x`` through a front, when a
+    serial twin ran."""
+    if type(kernels) is CpuBackend and not fronts.knows(step, x, axis):
+        address = front_address(step, view, may_fuse)
+        if address is not None:
+            fronts.learn(step, x, axis, address)
 
 
 @placed(("x", "running_mean", "running_var", "weight", "bias", "out", "residual"),
@@ -411,6 +434,8 @@ def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activa
     kernels.backward(dy_view, view, mean=mean, invstd=invstd, weight=weight,
                      dx=dx.reshape(view.shape), sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu,
                      grads=grads)  # fmt: skip
+    if not sums and out is None and fronts.may_serve(backend, device):
+        learn_front("backward", kernels, x, axis, view, may_fuse=True)
     return dx, sum_dy, sum_dy_xmu, outer * inner, grads[0], grads[1]
 
 

@@ -27,6 +27,7 @@ from numba_bn import functional, layer, norm_ops, ops
 from numba_bn.capi import build, calls
 from numba_bn.capi.ranges import EXPORTED
 from numba_bn.cli import main
+from numba_bn.cpu import fronts
 
 from conftest import LAYOUTS, poison, random_batch, run_child
 
@@ -1093,6 +1094,8 @@ def _no_python_path(monkeypatch):
     for module in (functional, layer):  # the layer's eval goes through functional.forward_eval
         for name in ("masked_batch_forward", "masked_batch_backward"):
             monkeypatch.setattr(module, name, reached)
+    for name in ("forward_train", "forward_eval", "backward"):  # a call like one before
+        monkeypatch.setattr(fronts, name, reached)
 
 
 @pytest.fixture

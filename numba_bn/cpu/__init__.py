@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import ahead
 from ..stats import no_running_update
-from . import drivers
+from . import drivers, fronts
 from .drivers import loaded_for, machine_code
 from .items import both_partitions, is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
@@ -181,6 +181,23 @@ def _plan(step, x, may_fuse=False, epilogue=EPILOGUE_NONE):
     return _new_plan(key, step, x, may_fuse, epilogue, threads)
 
 
+def _forget_plans():
+    """Drop the plans, and the fronts' addresses of their drivers (:mod:`.fronts`)."""
+    _PLANS.clear()
+    fronts.forget()
+
+
+def front_address(step, x, may_fuse=False):
+    """The address of the serial twin that the kept plan of ``step`` on the canonical view
+    ``x`` (without an epilogue) runs, for a front (:mod:`.fronts`); None for a size that may
+    run in parallel or a plan not kept."""
+    if x.size >= _SERIAL_BELOW[step] or _serial_only:
+        return None
+    if type(_PLANS.get((step, x.shape, x.dtype, may_fuse, EPILOGUE_NONE))) is not tuple:
+        return None
+    return drivers.native_address(_driver(step, x, 1, may_fuse)[0], x.dtype)
+
+
 def _new_plan(key, step, x, may_fuse, epilogue, threads):
     """_plan's answer made and kept: ``threads`` is the calling thread's count for a size that
     may run in parallel, None below the serial bound. A parallel twin a worker compiles gives
@@ -347,13 +364,13 @@ def partitions(**fused):
     partition given where they may fuse, on batches both partitions can run
     (:func:`.items.both_partitions`), and no race starts (:mod:`.race`): the worker that
     compiles the partitions the rule does not pick (:func:`_compile_partitions`)."""
-    _PLANS.clear()
+    _forget_plans()
     _forced.update(fused)
     try:
         yield
     finally:
         _forced.clear()
-        _PLANS.clear()
+        _forget_plans()
 
 
 def compile_only():
@@ -362,7 +379,7 @@ def compile_only():
     compile-ahead worker forked from a process (:mod:`numba_bn.ahead`)."""
     _twins_compile_only()
     _no_races.append(True)
-    _PLANS.clear()
+    _forget_plans()
 
 
 def _driver(step, x, threads, may_fuse=False, epilogue=EPILOGUE_NONE, fused=None):
@@ -460,7 +477,7 @@ def _meanwhile(step, x, parallel, may_fuse, epilogue):
 def serial_plans():
     """Inside the block, the plans made run the serial twins and are not kept (a tiered
     worker compiles the serial twins its parent runs meanwhile: :func:`_meanwhile`)."""
-    _PLANS.clear()
+    _forget_plans()
     _serial_only.append(True)
     try:
         yield

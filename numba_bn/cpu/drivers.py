@@ -187,6 +187,18 @@ def machine_code(dispatcher, dtype):
     return _checked(entry, kinds.pop(), dispatcher) if CHECK_CALLS else entry
 
 
+def native_address(dispatcher, dtype):
+    """The address of the serial twin ``dispatcher``'s machine code for an x of ``dtype`` as
+    Numba's compiled code calls it (:func:`numba_bn.cpu.fronts.native_call`), for arguments of
+    the one kind :func:`machine_code` calls it with; None when there is no such code."""
+    if machine_code(dispatcher, dtype) is None or not hasattr(dispatcher, "overloads"):
+        return None
+    for signature, code in dispatcher.overloads.items():
+        if _for_dtype(signature, dtype) and _kind(signature) is not None:
+            return code.library.get_pointer_to_function(code.fndesc.llvm_func_name) or None
+    return None
+
+
 def _kind(signature):
     """What a call's arguments must be to run the machine code of ``signature`` as Numba's
     dispatch would: (dtype name, ndim) for a C-contiguous array, float for float64, bool for

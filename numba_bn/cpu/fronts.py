@@ -1,0 +1,326 @@
+"""Fronts: a small plain call's checks and canonical view in compiled code, in front of the
+serial driver's machine code (issue 12: the per-call overhead).
+
+A plain host call (:mod:`numba_bn.hostcall`) on a batch too small for the thread pool spends
+most of its time in Python: ~20 attribute checks, the canonical view, the plan's lookup and
+the driver's entry point, 3.5-5 us around a kernel of 0.5-3 us (benchmarks/README.md, "Stop
+63"). A front is a small Numba function that takes the call's arrays as they come, checks
+what Numba's dispatch does not (the vectors' lengths, eps, the arrays' layout and dtype,
+folded at compile time), makes the canonical view and calls the serial driver's machine code
+by its address (:func:`native_call`, Numba's calling convention, as a compiled call of the
+driver would, without linking the driver into the front: a front compiles in ~0.1 s and holds
+no copy of a driver). The same driver on the same views: the same bits.
+
+The address comes from the plan the plain path made for the same shape (:func:`learn`, called
+by ``numba_bn.ops`` after a plain call that ran a serial twin), kept by (step, x's shape, axis,
+dtype): a front serves only the shapes a plain call ran before, and the first call of a shape
+takes the plain path. What Python still checks (:func:`forward_eval`): the arrays are
+ndarrays of x's dtype (a torch tensor or a list would make Numba's dispatch compile, or fail);
+a vector that is not contiguous makes the front compile once more for that layout and decline.
+Declined calls (None) take the plain path, whose checks explain.
+"""
+
+import math
+
+import numpy as np
+from numba import float64, types
+from numba.extending import intrinsic
+
+from ..codecache import key_on_sources, lock_cache_saves
+from ..stats import empty, kernel, release
+
+ndarray, F64 = np.ndarray, np.dtype(np.float64)
+NOT_PLAIN = -2  # a front's answer for a call it does not serve (the plain path's checks then)
+
+#: (step, x.shape, axis, x.dtype) -> (the serial driver's address, a zero-length vector of the
+#: dtype: an absent weight or bias): what :func:`learn` found; bounded as the plans are
+_ADDRESSES = {}
+_ADDRESSES_MAX = 256
+
+
+def native_call(restype):
+    """An intrinsic ``call(address, arguments)``: the function at ``address`` (an int), compiled
+    by Numba for the types of the tuple ``arguments``, called with Numba's calling convention,
+    its ``restype`` result returned; an exception it raises (MemoryError) propagates."""
+
+    @intrinsic
+    def call(typingctx, address, arguments):
+        if not isinstance(address, types.Integer) or not isinstance(arguments, types.BaseTuple):
+            return None
+        given = tuple(arguments)
+        argtypes = tuple(types.unliteral(t) for t in given)  # a constant True: a boolean
+
+        def codegen(context, builder, signature, args):
+            pointer = context.call_conv.get_function_type(restype, argtypes).as_pointer()
+            function = builder.inttoptr(args[0], pointer)
+            values = [context.cast(builder, builder.extract_value(args[1], i), t, argtypes[i])
+                      for i, t in enumerate(given)]  # fmt: skip
+            status, result = context.call_conv.call_function(builder, function, restype,
+                                                             argtypes, values)  # fmt: skip
+            with builder.if_then(status.is_error, likely=False):
+                context.call_conv.return_status_propagate(builder, status)
+            return result
+
+        return restype(address, arguments), codegen
+
+    return call
+
+
+call_int64 = native_call(types.int64)
+call_boolean = native_call(types.boolean)
+call_none = native_call(types.none)
+
+
+@intrinsic
+def plain_arrays(typingctx, arrays, vectors):
+    """Whether every array of the tuples ``arrays`` (x's first, an output last) and ``vectors``
+    is C-contiguous, of x's dtype (float32 or float64), each vector of rank 1 and the output
+    writable: a constant of the types, folded where the front compiles (a front of other
+    types compiles once, and declines)."""
+    if not isinstance(arrays, types.BaseTuple) or not isinstance(vectors, types.BaseTuple):
+        return None
+    dtype = arrays[0].dtype
+    plain = (all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == dtype
+                 for a in (*arrays, *vectors))
+             and all(v.ndim == 1 for v in vectors) and arrays[-1].mutable
+             and str(dtype) in ("float32", "float64"))  # fmt: skip
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.boolean, plain)
+
+    return types.boolean(arrays, vectors), codegen
+
+
+@kernel(inline="always")
+def _canonical(x, axis):
+    """(outer, C, inner) of ``x`` with channels on ``axis`` (negative counts from the end); C is
+    -1 for an axis out of range."""
+    ndim = x.ndim
+    if axis < 0:
+        axis += ndim
+    if axis < 0 or axis >= ndim:
+        return 0, -1, 0
+    outer = inner = 1
+    for i in range(axis):
+        outer *= x.shape[i]
+    for i in range(axis + 1, ndim):
+        inner *= x.shape[i]
+    return outer, x.shape[axis], inner
+
+
+@kernel(inline="always")
+def _fits(vector, channels, absent):
+    """A per-channel vector of ``channels`` values, or the zero-length one for an absent one."""
+    return vector.size == 0 if absent else vector.size == channels
+
+
+def _front(function):
+    """A front compiled as the drivers are (cached, without Numba's runtime)."""
+    dispatcher = kernel(cache=True, no_cfunc_wrapper=True, _nrt=False)(function)
+    key_on_sources(dispatcher)
+    lock_cache_saves(dispatcher)
+    return dispatcher
+
+
+@_front
+def _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y):
+    """forward_eval's driver on x's canonical view: its answer (-1, or the first negative
+    running variance's index, nothing written), or NOT_PLAIN."""
+    if not plain_arrays((x, y), (running_mean, running_var, weight, bias)):
+        return NOT_PLAIN
+    outer, channels, inner = _canonical(x, axis)
+    if (channels < 1 or running_mean.size != channels or running_var.size != channels
+            or not _fits(weight, channels, absent & 1) or not _fits(bias, channels, absent & 2)
+            or not (eps >= 0.0 and eps <= math.inf) or y.size != x.size):  # fmt: skip
+        return NOT_PLAIN
+    view = x.reshape((outer, channels, inner))
+    y_view = y.reshape((outer, channels, inner))
+    return call_int64(address, (view, weight, bias, running_mean, running_var, float64(eps),
+                                y_view, view))  # fmt: skip
+
+
+@kernel(inline="always")
+def _same_shape(a, b):
+    if a.ndim != b.ndim:
+        return False
+    for i in range(a.ndim):
+        if a.shape[i] != b.shape[i]:
+            return False
+    return True
+
+
+@_front
+def _train_front(address, x, axis, weight, bias, absent, eps, nothing, y, saved):
+    """forward_train's driver on x's canonical view, without running buffers, its float64
+    statistics in scratch and rounded to x's dtype in ``saved`` (2, C): 0, or NOT_PLAIN."""
+    if not plain_arrays((x, y), (weight, bias, nothing)) or not plain_arrays((x, saved), ()):
+        return NOT_PLAIN
+    outer, channels, inner = _canonical(x, axis)
+    if (channels < 1 or outer * inner < 2 or not _fits(weight, channels, absent & 1)
+            or not _fits(bias, channels, absent & 2) or not (eps > 0.0 and eps <= math.inf)
+            or nothing.size != 0 or y.size != x.size or saved.shape[0] != 2
+            or saved.shape[1] != channels):  # fmt: skip
+        return NOT_PLAIN
+    view = x.reshape((outer, channels, inner))
+    mean, invstd, m2 = (empty(channels, np.float64), empty(channels, np.float64),
+                        empty(channels, np.float64))  # fmt: skip
+    call_boolean(
+        address,
+        (
+            view,
+            weight,
+            bias,
+            float64(eps),
+            nothing,
+            nothing,
+            0.1,
+            True,
+            False,
+            y.reshape((outer, channels, inner)),
+            mean,
+            invstd,
+            m2,
+            view,
+            saved,
+        ),
+    )
+    release(mean)
+    release(invstd)
+    release(m2)
+    return 0
+
+
+@_front
+def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, dx, grads):
+    """backward's driver on the canonical views of dy and x, the statistics (vectors of float64
+    or x's dtype, any layout) as float64, its sums in scratch, dweight and dbias rounded to x's
+    dtype in ``grads`` (2, C): 0, or NOT_PLAIN."""
+    if not plain_arrays((x, dy, dx), (weight,)) or not plain_arrays((x, grads), ()):
+        return NOT_PLAIN
+    outer, channels, inner = _canonical(x, axis)
+    if (channels < 1 or not _same_shape(dy, x) or mean.size != channels or invstd.size != channels
+            or not _fits(weight, channels, absent & 1) or dx.size != x.size
+            or grads.shape[0] != 2 or grads.shape[1] != channels):  # fmt: skip
+        return NOT_PLAIN
+    shape = (outer, channels, inner)
+    mean64, invstd64 = empty(channels, np.float64), empty(channels, np.float64)
+    sum_dy, sum_dy_xmu = empty(channels, np.float64), empty(channels, np.float64)
+    for c in range(channels):  # exact: float32 and float64 alike
+        mean64[c] = mean[c]
+        invstd64[c] = invstd[c]
+    call_none(address, (dy.reshape(shape), x.reshape(shape), mean64, invstd64, weight,
+                        dx.reshape(shape), sum_dy, sum_dy_xmu, grads))  # fmt: skip
+    release(mean64)
+    release(invstd64)
+    release(sum_dy)
+    release(sum_dy_xmu)
+    return 0
+
+
+def forward_train(x, weight, bias, eps, axis):
+    """(y, mean, invstd) of a plain forward_train of the ndarray ``x`` without out=, mask,
+    residual or activation (nan_policy "propagate"), the statistics in x's dtype, when a front
+    serves it; else None."""
+    if type(x) is not ndarray:  # a CUDA array, say
+        return None
+    plan = _ADDRESSES.get(("forward_train", x.shape, axis, x.dtype))
+    if plan is None or type(eps) is not float or type(axis) is not int:
+        return None
+    address, nothing = plan
+    dtype = nothing.dtype
+    absent = 0
+    if weight is None:
+        weight, absent = nothing, 1
+    elif type(weight) is not ndarray or weight.dtype is not dtype:
+        return None
+    if bias is None:
+        bias, absent = nothing, absent | 2
+    elif type(bias) is not ndarray or bias.dtype is not dtype:
+        return None
+    y, saved = np.empty(x.shape, dtype), np.empty((2, x.shape[axis]), dtype)
+    if _train_front(address, x, axis, weight, bias, absent, eps, nothing, y, saved):
+        return None
+    return y, saved[0], saved[1]
+
+
+def backward(dy, x, mean, invstd, weight, axis):
+    """(dx, dweight, dbias) of a plain backward of the ndarrays ``dy`` and ``x`` without out=,
+    mask or activation, when a front serves it; else None."""
+    if type(x) is not ndarray:  # a CUDA array, say
+        return None
+    plan = _ADDRESSES.get(("backward", x.shape, axis, x.dtype))
+    if plan is None or type(axis) is not int:
+        return None
+    address, nothing = plan
+    dtype = nothing.dtype
+    if (type(dy) is not ndarray or dy.dtype is not dtype or type(mean) is not ndarray
+            or (mean.dtype is not dtype and mean.dtype is not F64) or mean.ndim != 1
+            or type(invstd) is not ndarray or invstd.ndim != 1
+            or (invstd.dtype is not dtype and invstd.dtype is not F64)):  # fmt: skip
+        return None
+    absent = 0
+    if weight is None:
+        weight, absent = nothing, 1
+    elif type(weight) is not ndarray or weight.dtype is not dtype:
+        return None
+    dx, grads = np.empty(x.shape, dtype), np.empty((2, x.shape[axis]), dtype)
+    if _backward_front(address, dy, x, axis, mean, invstd, weight, absent, dx, grads):
+        return None
+    return dx, grads[0], grads[1]
+
+
+def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
+    """y of a plain forward_eval of the ndarray ``x`` without out=, residual or activation, when
+    a front serves it; else None."""
+    if type(x) is not ndarray:  # a CUDA array, say
+        return None
+    plan = _ADDRESSES.get(("forward_eval", x.shape, axis, x.dtype))
+    if plan is None or type(eps) is not float or type(axis) is not int:
+        return None
+    address, nothing = plan
+    dtype = nothing.dtype
+    # each test inline: a call of a function per vector cost ~0.2 us more
+    if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
+            or type(running_var) is not ndarray or running_var.dtype is not dtype):  # fmt: skip
+        return None
+    absent = 0
+    if weight is None:
+        weight, absent = nothing, 1
+    elif type(weight) is not ndarray or weight.dtype is not dtype:
+        return None
+    if bias is None:
+        bias, absent = nothing, absent | 2
+    elif type(bias) is not ndarray or bias.dtype is not dtype:
+        return None
+    y = np.empty(x.shape, dtype)
+    status = _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y)
+    return y if status == -1 else None
+
+
+#: The defaults of ``backend`` and ``device``, as the strings they are (interned): a call that
+#: keeps them may take a front after one identity test each; any other string takes the plain
+#: path (the same result).
+CPU, AUTO, PROPAGATE = "cpu", "auto", "propagate"  # (and nan_policy's)
+
+
+def may_serve(backend, device):
+    """Whether a front may serve a call with these ``backend`` and ``device`` arguments."""
+    return backend is CPU and device is AUTO
+
+
+def knows(step, x, axis):
+    """Whether a front serves ``step`` on inputs like ``x`` with channels on ``axis``."""
+    return (step, x.shape, axis, x.dtype) in _ADDRESSES
+
+
+def learn(step, x, axis, address):
+    """Keep ``address`` (the serial driver's machine code, :func:`.drivers.native_address`) for
+    ``step``'s plain calls on inputs like the ndarray ``x`` with channels on ``axis``."""
+    if len(_ADDRESSES) >= _ADDRESSES_MAX:
+        _ADDRESSES.clear()
+    _ADDRESSES[step, x.shape, axis, x.dtype] = address, np.empty(0, x.dtype)
+
+
+def forget():
+    """Forget every address (the plans were dropped: another thread count, compile_only)."""
+    _ADDRESSES.clear()

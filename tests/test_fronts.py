@@ -1,0 +1,282 @@
+"""The fronts (numba_bn/cpu/fronts.py): a small plain call like one before, checked and viewed in
+compiled code in front of the serial driver's machine code.
+
+A front must give the plain path's bits (the same driver on the same views), serve only what
+the plain path would serve, and send anything else back to it, so that the errors and
+conversions are the same as without fronts. References: the float64 loops of tests/naive.py
+and the plain path's own results.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+from numba.core.runtime import _nrt_python as nrt_stats
+from numba.core.runtime import nrt
+
+import numba_bn as nbn
+from numba_bn import ops
+from numba_bn.cpu import fronts, partitions
+
+import naive
+from conftest import LAYOUTS, random_batch
+
+#: The plain calls a front takes the place of, by step.
+PLAIN = {"forward_train": "plain_batch_forward", "forward_eval": "plain_frozen_forward",
+         "backward": "plain_batch_backward"}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def no_addresses():
+    """Each test learns its own."""
+    fronts.forget()
+    yield
+    fronts.forget()
+
+
+def _only_fronts(monkeypatch):
+    """From now on a plain call that no front serves fails the test."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the plain path ran where a front should serve")
+
+    for name in PLAIN.values():
+        monkeypatch.setattr(ops, name, refused)
+
+
+def _inputs(rng, shape, axis, dtype):
+    channels = shape[axis]
+    x = random_batch(rng, shape, dtype, axis=axis)
+    dy = random_batch(rng, shape, dtype, mean_scale=1.0, axis=axis)
+    weight = rng.uniform(0.5, 2, channels).astype(dtype)
+    bias = rng.uniform(-1, 1, channels).astype(dtype)
+    running_mean = rng.standard_normal(channels).astype(dtype)
+    running_var = rng.uniform(0.5, 2, channels).astype(dtype)
+    return x, dy, weight, bias, running_mean, running_var
+
+
+def _calls(x, dy, weight, bias, running_mean, running_var, axis):
+    """The three calls a front serves, each returning a tuple of arrays."""
+    saved = nbn.forward_train(x, weight, bias, axis=axis)
+    return {
+        "forward_train": lambda: nbn.forward_train(x, weight, bias, axis=axis),
+        "forward_eval": lambda: (
+            nbn.forward_eval(x, running_mean, running_var, weight, bias, axis=axis),
+        ),  # fmt: skip
+        "backward": lambda: nbn.backward(dy, x, saved[1], saved[2], weight, axis=axis),
+    }
+
+
+def _same(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert type(a) is np.ndarray and a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_a_front_serves_the_next_call_of_a_shape_with_the_plain_paths_bits(
+    rng, monkeypatch, shape, axis, dtype
+):
+    inputs = _inputs(rng, shape, axis, dtype)
+    calls = _calls(*inputs, axis)
+    first = {step: call() for step, call in calls.items()}  # compiles, or loads: not kept
+    plain = {step: call() for step, call in calls.items()}  # the plain path: a front learns
+    assert all(fronts.knows(step, inputs[0], axis) for step in calls)
+    _only_fronts(monkeypatch)
+    for step, call in calls.items():
+        _same(call(), plain[step])
+        _same(call(), first[step])
+    # against the float64 loops, that the bits are the right ones
+    x, dy, weight, bias, running_mean, running_var = inputs
+    tol = 2e-5 if dtype == np.float32 else 1e-11
+    y, mean, invstd = calls["forward_train"]()
+    want_y, want_mean, want_invstd = naive.forward_train(x, weight, bias, axis=axis)
+    np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(invstd, want_invstd, rtol=tol)
+    (y,) = calls["forward_eval"]()
+    want = naive.forward(x, running_mean, running_var, weight, bias, axis=axis)
+    np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
+    dx, dweight, dbias = calls["backward"]()
+    want_dx, want_dw, want_db = naive.backward(dy, x, weight, axis=axis)
+    terms = np.abs(dy).sum() * 10  # |x_hat| up to ~10 here
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-3 if dtype == np.float32 else 1e-9,
+                               atol=tol * np.abs(want_dx).max())  # fmt: skip
+    np.testing.assert_allclose(dbias, want_db, rtol=tol, atol=tol * terms)
+    np.testing.assert_allclose(dweight, want_dw, rtol=1e-3 if dtype == np.float32 else 1e-9,
+                               atol=tol * terms)  # fmt: skip
+
+
+def _outcome(call):
+    """A call's arrays, or its exception's type and message."""
+    try:
+        result = call()
+    except Exception as error:  # noqa: BLE001 - compared, not swallowed
+        return type(error), str(error)
+    return tuple(np.array(a, copy=True) for a in (result if isinstance(result, tuple) else
+                                                  (result,)))  # fmt: skip
+
+
+def _same_outcome(got, want):
+    if isinstance(want[0], type):
+        assert got == want
+    else:
+        _same(got, want)
+
+
+def _variants(rng, dtype):
+    """Calls on a learned shape that a front must not serve as it serves the plain ones: each
+    (name, step, call)."""
+    shape, axis = (16, 5, 3), 1
+    x, dy, weight, bias, running_mean, running_var = _inputs(rng, shape, axis, dtype)
+    _, mean, invstd = nbn.forward_train(x, weight, bias)
+    other = np.float64 if dtype == np.float32 else np.float32
+    strided = np.repeat(weight, 2)[::2]
+    negative = running_var.copy()
+    negative[-1] = -0.5
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    frozen = dict(running_mean=running_mean, running_var=running_var)
+    return [
+        ("long weight", "forward_train", lambda: nbn.forward_train(x, np.ones(6, dtype))),
+        (
+            "weight of another dtype",
+            "forward_train",
+            lambda: nbn.forward_train(x, weight.astype(other), bias),
+        ),
+        ("strided weight", "forward_train", lambda: nbn.forward_train(x, strided, bias)),
+        ("2-D weight", "forward_train", lambda: nbn.forward_train(x, weight[None], bias)),
+        ("list bias", "forward_train", lambda: nbn.forward_train(x, weight, list(bias))),
+        ("eps 0", "forward_train", lambda: nbn.forward_train(x, eps=0.0)),
+        ("int eps", "forward_train", lambda: nbn.forward_train(x, eps=1)),
+        ("NaN eps", "forward_train", lambda: nbn.forward_train(x, eps=float("nan"))),
+        ("axis True", "forward_train", lambda: nbn.forward_train(x, axis=True)),
+        ("readonly x", "forward_train", lambda: nbn.forward_train(readonly, weight, bias)),
+        (
+            "negative running_var",
+            "forward_eval",
+            lambda: nbn.forward_eval(x, running_mean, negative, weight, bias),
+        ),
+        (
+            "short running_mean",
+            "forward_eval",
+            lambda: nbn.forward_eval(x, running_mean[:4], running_var),
+        ),
+        (
+            "running_var of another dtype",
+            "forward_eval",
+            lambda: nbn.forward_eval(x, running_mean, running_var.astype(other)),
+        ),
+        ("negative eps", "forward_eval", lambda: nbn.forward_eval(x, **frozen, eps=-1e-5)),
+        ("eps 0", "forward_eval", lambda: nbn.forward_eval(x, **frozen, eps=0.0)),
+        (
+            "strided running_mean",
+            "forward_eval",
+            lambda: nbn.forward_eval(x, np.repeat(running_mean, 2)[::2], running_var),
+        ),
+        (
+            "dy of another shape",
+            "backward",
+            lambda: nbn.backward(dy.reshape(16, 15), x, mean, invstd),
+        ),
+        (
+            "dy of another dtype",
+            "backward",
+            lambda: nbn.backward(dy.astype(other), x, mean, invstd),
+        ),
+        (
+            "statistics of another dtype",
+            "backward",
+            lambda: nbn.backward(dy, x, mean.astype(other), invstd.astype(other), weight),
+        ),
+        ("2-D mean", "backward", lambda: nbn.backward(dy, x, mean[None], invstd)),
+        ("short invstd", "backward", lambda: nbn.backward(dy, x, mean, invstd[:4])),
+        (
+            "strided statistics",
+            "backward",
+            lambda: nbn.backward(dy, x, np.repeat(mean, 2)[::2], np.repeat(invstd, 2)[::2]),
+        ),
+        ("readonly dy", "backward", lambda: nbn.backward(readonly, x, mean, invstd)),
+    ], x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_what_a_front_does_not_serve_as_plain_has_the_outcome_it_had_without_fronts(
+    rng, monkeypatch, dtype
+):
+    """Errors, conversions and other layouts on a shape a front serves: the same arrays or the
+    same error as when no front had learned the shape."""
+    variants, x = _variants(rng, dtype)
+    fronts.forget()
+    with monkeypatch.context() as patched:
+        patched.setattr(fronts, "learn", lambda *args: None)
+        want = [_outcome(call) for _, _, call in variants]
+    assert not fronts._ADDRESSES
+    for (name, step, call), outcome in zip(variants, want, strict=True):
+        # each step learnt on plain calls of x's shape first
+        _, _, weight, bias, running_mean, running_var = _inputs(rng, x.shape, 1, x.dtype)
+        for _ in range(2):
+            _, mean, invstd = nbn.forward_train(x, weight, bias)
+            nbn.forward_eval(x, running_mean, running_var)
+            nbn.backward(x, x, mean, invstd)
+        assert fronts.knows(step, x, 1), name
+        _same_outcome(_outcome(call), outcome)
+    for (name, step, _), outcome in zip(variants, want, strict=True):  # the errors are errors
+        if name in ("long weight", "short running_mean", "negative running_var", "negative eps",
+                    "dy of another shape", "2-D weight", "short invstd", "NaN eps",
+                    "2-D mean") or (name, step) == ("eps 0", "forward_train"):  # fmt: skip
+            assert isinstance(outcome[0], type), name
+
+
+def test_partitions_forget_the_addresses(rng):
+    x = random_batch(rng, (16, 5, 3), np.float32)
+    nbn.forward_train(x), nbn.forward_train(x)
+    assert fronts.knows("forward_train", x, 1)
+    with partitions(forward_train=True):
+        assert not fronts.knows("forward_train", x, 1)
+        nbn.forward_train(x), nbn.forward_train(x)
+    assert not fronts.knows("forward_train", x, 1)
+
+
+def test_threads_calling_one_front_at_once_get_the_plain_paths_bits(rng):
+    inputs = _inputs(rng, (8, 6, 5, 3), 1, np.float32)
+    calls = _calls(*inputs, 1)
+    want = {step: call() for step, call in calls.items()}
+    want = {step: call() for step, call in calls.items()}
+    assert all(fronts.knows(step, inputs[0], 1) for step in calls)
+    failures = []
+
+    def work():
+        for _ in range(200):
+            for step, call in calls.items():
+                got = call()
+                if not all(np.array_equal(a, b) for a, b in zip(got, want[step], strict=True)):
+                    failures.append(step)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+def test_a_front_frees_its_scratch(rng):
+    """The fronts run without Numba's runtime and free the float64 scratch they allocate."""
+    calls = _calls(*_inputs(rng, (8, 6, 5, 3), 1, np.float32), 1)
+    for call in (*calls.values(), *calls.values()):
+        call()
+    enabled = nrt_stats.memsys_stats_enabled()
+    nrt_stats.memsys_enable_stats()
+    try:
+        before = nrt.rtsys.get_allocation_stats()
+        for _ in range(50):
+            for call in calls.values():
+                call()
+        after = nrt.rtsys.get_allocation_stats()
+    finally:
+        if not enabled:
+            nrt_stats.memsys_disable_stats()
+    allocated, freed = after.alloc - before.alloc, after.free - before.free
+    assert allocated == freed and allocated >= 50 * 7  # train: 3, backward: 4 (and the drivers')
+    assert after.mi_alloc - before.mi_alloc == after.mi_free - before.mi_free
