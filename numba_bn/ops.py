@@ -163,14 +163,16 @@ def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, m
                           mean=mean, invstd=invstd, m2=m2, running=running,
                           residual=residual_view, activation=activation,
                           saved=saved)  # fmt: skip
+    if (
+        out is None
+        and residual is None
+        and activation is None
+        and fronts.may_serve(backend, device)
+    ):
+        learn_front("forward_train", kernels, x, axis, view, may_fuse=True)
     if mean is not None:
         return y, mean, invstd, m2, outer * inner
-    if saved is None:
-        return (y,)
-    if out is None and running is None and residual is None and activation is None and (
-            fronts.may_serve(backend, device)):  # fmt: skip
-        learn_front("forward_train", kernels, x, axis, view, may_fuse=True)
-    return y, saved[0], saved[1]
+    return (y,) if saved is None else (y, saved[0], saved[1])
 
 
 def _epilogue_inputs(residual, activation, prepared, memory):

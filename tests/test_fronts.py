@@ -58,8 +58,17 @@ def _inputs(rng, shape, axis, dtype):
 def _calls(x, dy, weight, bias, running_mean, running_var, axis):
     """The three calls a front serves, each returning a tuple of arrays."""
     saved = nbn.forward_train(x, weight, bias, axis=axis)
+
+    def batch_norm(unbiased):  # buffers updated in place: each call from the same ones
+        buffers = running_mean.copy(), running_var.copy()
+        y = nbn.batch_norm(x, *buffers, weight, bias, training=True, momentum=0.25, axis=axis,
+                           unbiased_running_var=unbiased)  # fmt: skip
+        return y, *buffers
+
     return {
         "forward_train": lambda: nbn.forward_train(x, weight, bias, axis=axis),
+        "batch_norm": lambda: batch_norm(True),
+        "batch_norm, biased": lambda: batch_norm(False),
         "forward_eval": lambda: (
             nbn.forward_eval(x, running_mean, running_var, weight, bias, axis=axis),
         ),  # fmt: skip
@@ -82,7 +91,7 @@ def test_a_front_serves_the_next_call_of_a_shape_with_the_plain_paths_bits(
     calls = _calls(*inputs, axis)
     first = {step: call() for step, call in calls.items()}  # compiles, or loads: not kept
     plain = {step: call() for step, call in calls.items()}  # the plain path: a front learns
-    assert all(fronts.knows(step, inputs[0], axis) for step in calls)
+    assert all(fronts.knows(step, inputs[0], axis) for step in PLAIN)
     _only_fronts(monkeypatch)
     for step, call in calls.items():
         _same(call(), plain[step])
@@ -94,6 +103,15 @@ def test_a_front_serves_the_next_call_of_a_shape_with_the_plain_paths_bits(
     want_y, want_mean, want_invstd = naive.forward_train(x, weight, bias, axis=axis)
     np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol)
     np.testing.assert_allclose(invstd, want_invstd, rtol=tol)
+    for unbiased in (True, False):
+        y, running_mean_now, running_var_now = calls[
+            "batch_norm" if unbiased else "batch_norm, biased"
+        ]()
+        np.testing.assert_allclose(y, want_y, rtol=tol, atol=tol)
+        want_mean, want_var = naive.running_update(running_mean, running_var, x, 0.25, axis=axis,
+                                                   unbiased=unbiased)  # fmt: skip
+        np.testing.assert_allclose(running_mean_now, want_mean, rtol=tol, atol=tol * 10)
+        np.testing.assert_allclose(running_var_now, want_var, rtol=tol)
     (y,) = calls["forward_eval"]()
     want = naive.forward(x, running_mean, running_var, weight, bias, axis=axis)
     np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
@@ -137,7 +155,27 @@ def _variants(rng, dtype):
     readonly = x.copy()
     readonly.flags.writeable = False
     frozen = dict(running_mean=running_mean, running_var=running_var)
+
+    def batch_norm(**options):  # from the same buffers each call
+        buffers = {"running_mean": running_mean.copy(), "running_var": running_var.copy()}
+        if options.pop("readonly", False):
+            buffers["running_var"].flags.writeable = False
+        buffers.update(options)
+        y = nbn.batch_norm(x, weight=weight, bias=bias, training=True, **buffers)
+        return y, *(b for b in buffers.values() if isinstance(b, np.ndarray))
+
     return [
+        ("running buffers", "forward_train", lambda: batch_norm()),
+        ("a read-only running_var", "forward_train", lambda: batch_norm(readonly=True)),
+        ("one running buffer", "forward_train", lambda: batch_norm(running_var=None)),
+        ("momentum 2", "forward_train", lambda: batch_norm(momentum=2.0)),
+        ("int momentum", "forward_train", lambda: batch_norm(momentum=1)),
+        ("unbiased 1", "forward_train", lambda: batch_norm(unbiased_running_var=1)),
+        (
+            "short running_mean",
+            "forward_train",
+            lambda: batch_norm(running_mean=running_mean[:4].copy()),
+        ),
         ("long weight", "forward_train", lambda: nbn.forward_train(x, np.ones(6, dtype))),
         (
             "weight of another dtype",
@@ -223,6 +261,7 @@ def test_what_a_front_does_not_serve_as_plain_has_the_outcome_it_had_without_fro
         _same_outcome(_outcome(call), outcome)
     for (name, step, _), outcome in zip(variants, want, strict=True):  # the errors are errors
         if name in ("long weight", "short running_mean", "negative running_var", "negative eps",
+                    "a read-only running_var", "one running buffer", "momentum 2",
                     "dy of another shape", "2-D weight", "short invstd", "NaN eps",
                     "2-D mean") or (name, step) == ("eps 0", "forward_train"):  # fmt: skip
             assert isinstance(outcome[0], type), name
@@ -243,7 +282,7 @@ def test_threads_calling_one_front_at_once_get_the_plain_paths_bits(rng):
     calls = _calls(*inputs, 1)
     want = {step: call() for step, call in calls.items()}
     want = {step: call() for step, call in calls.items()}
-    assert all(fronts.knows(step, inputs[0], 1) for step in calls)
+    assert all(fronts.knows(step, inputs[0], 1) for step in PLAIN)
     failures = []
 
     def work():

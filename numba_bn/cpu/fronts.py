@@ -27,11 +27,12 @@ from numba import float64, types
 from numba.extending import intrinsic
 
 from ..codecache import key_on_sources, lock_cache_saves
-from ..stats import empty, kernel, release
+from ..stats import empty, kernel, release, shaped
 
 ndarray, F64 = np.ndarray, np.dtype(np.float64)
 NOT_PLAIN = -2  # a front's answer for a call it does not serve (the plain path's checks then)
 
+_NO_ROWS = {np.dtype(t): np.empty((2, 0), t) for t in (np.float32, np.float64)}  # not wanted
 #: (step, x.shape, axis, x.dtype) -> (the serial driver's address, a zero-length vector of the
 #: dtype: an absent weight or bias): what :func:`learn` found; bounded as the plans are
 _ADDRESSES = {}
@@ -91,6 +92,20 @@ def plain_arrays(typingctx, arrays, vectors):
     return types.boolean(arrays, vectors), codegen
 
 
+@intrinsic
+def writable(typingctx, arrays):
+    """Whether every array of the tuple ``arrays`` is writable (a read-only one is another type
+    to Numba): a constant, as :func:`plain_arrays`."""
+    if not isinstance(arrays, types.BaseTuple):
+        return None
+    mutable = all(isinstance(a, types.Array) and a.mutable for a in arrays)
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.boolean, mutable)
+
+    return types.boolean(arrays), codegen
+
+
 @kernel(inline="always")
 def _canonical(x, axis):
     """(outer, C, inner) of ``x`` with channels on ``axis`` (negative counts from the end); C is
@@ -133,8 +148,8 @@ def _eval_front(address, x, axis, running_mean, running_var, weight, bias, absen
             or not _fits(weight, channels, absent & 1) or not _fits(bias, channels, absent & 2)
             or not (eps >= 0.0 and eps <= math.inf) or y.size != x.size):  # fmt: skip
         return NOT_PLAIN
-    view = x.reshape((outer, channels, inner))
-    y_view = y.reshape((outer, channels, inner))
+    view = shaped(x, (outer, channels, inner))
+    y_view = shaped(y, (outer, channels, inner))
     return call_int64(address, (view, weight, bias, running_mean, running_var, float64(eps),
                                 y_view, view))  # fmt: skip
 
@@ -150,40 +165,38 @@ def _same_shape(a, b):
 
 
 @_front
-def _train_front(address, x, axis, weight, bias, absent, eps, nothing, y, saved):
-    """forward_train's driver on x's canonical view, without running buffers, its float64
-    statistics in scratch and rounded to x's dtype in ``saved`` (2, C): 0, or NOT_PLAIN."""
-    if not plain_arrays((x, y), (weight, bias, nothing)) or not plain_arrays((x, saved), ()):
+def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, running_var,
+                 momentum, unbiased, y, saved):  # fmt: skip
+    """forward_train's driver on x's canonical view, with the running update of the buffers
+    unless absent (``absent & 4``), its float64 statistics in scratch and rounded to x's dtype
+    in ``saved`` (2, C; (2, 0): not wanted): 0, or NOT_PLAIN."""
+    if not (
+        plain_arrays((x, y), (weight, bias, running_mean, running_var))
+        and writable((running_mean, running_var))
+        and plain_arrays((x, saved), ())
+    ):
         return NOT_PLAIN
     outer, channels, inner = _canonical(x, axis)
-    if (channels < 1 or outer * inner < 2 or not _fits(weight, channels, absent & 1)
-            or not _fits(bias, channels, absent & 2) or not (eps > 0.0 and eps <= math.inf)
-            or nothing.size != 0 or y.size != x.size or saved.shape[0] != 2
-            or saved.shape[1] != channels):  # fmt: skip
-        return NOT_PLAIN
-    view = x.reshape((outer, channels, inner))
+    if (
+        channels < 1
+        or outer * inner < 2
+        or not _fits(weight, channels, absent & 1)
+        or not _fits(bias, channels, absent & 2)
+        or not (eps > 0.0 and eps <= math.inf)
+        or not _fits(running_mean, channels, absent & 4)
+        or not _fits(running_var, channels, absent & 4)
+        or not (momentum >= 0.0 and momentum <= 1.0)
+        or y.size != x.size
+        or saved.shape[0] != 2
+        or (saved.shape[1] != channels and saved.shape[1] != 0)
+    ):
+        return NOT_PLAIN  # fmt: skip
+    view = shaped(x, (outer, channels, inner))
     mean, invstd, m2 = (empty(channels, np.float64), empty(channels, np.float64),
                         empty(channels, np.float64))  # fmt: skip
-    call_boolean(
-        address,
-        (
-            view,
-            weight,
-            bias,
-            float64(eps),
-            nothing,
-            nothing,
-            0.1,
-            True,
-            False,
-            y.reshape((outer, channels, inner)),
-            mean,
-            invstd,
-            m2,
-            view,
-            saved,
-        ),
-    )
+    call_boolean(address, (view, weight, bias, float64(eps), running_mean, running_var,
+                           float64(momentum), unbiased, False, shaped(y, (outer, channels, inner)),
+                           mean, invstd, m2, view, saved))  # fmt: skip
     release(mean)
     release(invstd)
     release(m2)
@@ -208,8 +221,8 @@ def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, dx, grad
     for c in range(channels):  # exact: float32 and float64 alike
         mean64[c] = mean[c]
         invstd64[c] = invstd[c]
-    call_none(address, (dy.reshape(shape), x.reshape(shape), mean64, invstd64, weight,
-                        dx.reshape(shape), sum_dy, sum_dy_xmu, grads))  # fmt: skip
+    call_none(address, (shaped(dy, shape), shaped(x, shape), mean64, invstd64, weight,
+                        shaped(dx, shape), sum_dy, sum_dy_xmu, grads))  # fmt: skip
     release(mean64)
     release(invstd64)
     release(sum_dy)
@@ -217,10 +230,12 @@ def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, dx, grad
     return 0
 
 
-def forward_train(x, weight, bias, eps, axis):
-    """(y, mean, invstd) of a plain forward_train of the ndarray ``x`` without out=, mask,
-    residual or activation (nan_policy "propagate"), the statistics in x's dtype, when a front
-    serves it; else None."""
+def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=None,
+                  momentum=0.1, unbiased=True):  # fmt: skip
+    """A plain training forward of the ndarray ``x`` without out=, mask, residual or
+    activation (nan_policy "propagate"), when a front serves it; else None. Without running
+    buffers, (y, mean, invstd), the statistics in x's dtype (functional.forward_train); with
+    them (updated in place), y (functional.batch_norm)."""
     if type(x) is not ndarray:  # a CUDA array, say
         return None
     plan = _ADDRESSES.get(("forward_train", x.shape, axis, x.dtype))
@@ -237,10 +252,19 @@ def forward_train(x, weight, bias, eps, axis):
         bias, absent = nothing, absent | 2
     elif type(bias) is not ndarray or bias.dtype is not dtype:
         return None
-    y, saved = np.empty(x.shape, dtype), np.empty((2, x.shape[axis]), dtype)
-    if _train_front(address, x, axis, weight, bias, absent, eps, nothing, y, saved):
+    y = np.empty(x.shape, dtype)
+    if running_mean is None and running_var is None:
+        saved = np.empty((2, x.shape[axis]), dtype)
+        status = _train_front(address, x, axis, weight, bias, absent | 4, eps, nothing, nothing,
+                              0.1, True, y, saved)  # fmt: skip
+        return None if status else (y, saved[0], saved[1])
+    if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
+            or type(running_var) is not ndarray or running_var.dtype is not dtype
+            or type(momentum) is not float or type(unbiased) is not bool):  # fmt: skip
         return None
-    return y, saved[0], saved[1]
+    status = _train_front(address, x, axis, weight, bias, absent, eps, running_mean, running_var,
+                          momentum, unbiased, y, _NO_ROWS[dtype])  # fmt: skip
+    return None if status else y
 
 
 def backward(dy, x, mean, invstd, weight, axis):
