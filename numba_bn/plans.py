@@ -32,7 +32,13 @@ import numpy as np
 
 from . import dispatch, hostcall
 from .capi import calls
+from .cpu import CpuBackend, front_address, fronts
 from .stats import RunningUpdate
+
+#: A training front's arguments for no running update (``absent & 4``) and no rounded
+#: statistics, by x's dtype.
+_NO_RUNNING = {dtype: (rows[0], rows[0], 0.1, True) for dtype, rows in fronts._NO_ROWS.items()}
+_NO_ROWS = fronts._NO_ROWS
 
 #: What a plan depends on: the layer's settings and arrays (every one an attribute of the
 #: layer's own, set by its __init__), besides ``_exchange`` and ``_collected`` (None for a plan,
@@ -106,6 +112,9 @@ class Plan(NamedTuple):
     sums: tuple  # float64 (C,) sum_dy, sum_dy_xmu of its backward
     version: int  # the layer's when the plan was made (Watched)
     entry: object  # calls.entry when the plan was made: compiled calls loaded since may serve
+    axis: int  # the layer's
+    absent: int  # the fronts' mask (numba_bn.cpu.fronts): 1 no weight, 2 no bias, 4 no update
+    fronts: dict  # {step: the address of its serial driver, for a front}: found on first use
 
     def __repr__(self):
         kind = "running statistics" if not self.batch else "batch statistics"
@@ -157,9 +166,24 @@ class Plan(NamedTuple):
         if batch:
             statistics = tuple(np.empty(channels) for _ in range(3))
             sums = (np.empty(channels), np.empty(channels))
+        absent = (not weight.size) | (not bias.size) << 1 | (running is None) << 2
         return cls(x.shape, dtype, view.shape, kernels, batch, update, outer * inner, weight,
                    bias, running_mean, running_var, running, eps, layer.activation, statistics,
-                   sums, layer._version, calls.entry)  # fmt: skip
+                   sums, layer._version, calls.entry, layer.axis, absent, {})  # fmt: skip
+
+    def front(self, step, x):
+        """The address of the serial driver of ``step`` for a front on x's shape (a plain call
+        without an epilogue on the CPU backend, at a serial size), or 0; looked up until the
+        backend keeps its plan (its first call compiles or loads the driver)."""
+        address = self.fronts.get(step)
+        if address is None:
+            if type(self.kernels) is not CpuBackend or self.activation is not None:
+                address = self.fronts[step] = 0
+            else:
+                address = front_address(step, x.reshape(self.view_shape), step != "forward_eval")
+                if address is not None:
+                    self.fronts[step] = address
+        return address
 
     def takes(self, layer, x):
         """Whether this plan serves ``layer``'s call on the ndarray ``x`` (or its backward's
@@ -181,13 +205,20 @@ class Plan(NamedTuple):
         """y and the float64 mean, invstd (the plan's buffers) of a batch-statistics forward of
         ``x`` (+ ``residual``, then the activation), with the running update when the plan
         updates; None for a residual the plain path would not take."""
+        mean, invstd, m2 = self.statistics
+        if residual is None and self.front("forward_train", x):
+            running = self.running or _NO_RUNNING[self.dtype]
+            y = np.empty(self.shape, self.dtype)
+            if not fronts._train_front(self.fronts["forward_train"], x, self.axis, self.weight,
+                                       self.bias, self.absent, self.eps, *running, mean, invstd,
+                                       m2, y, _NO_ROWS[self.dtype]):  # fmt: skip
+                return y, mean, invstd
         view_shape = self.view_shape
         view = x.reshape(view_shape)
         plain, residual = hostcall.residual(residual, x, view)
         if not plain:
             return None
         y = np.empty(self.shape, self.dtype)
-        mean, invstd, m2 = self.statistics
         self.kernels.forward_train(view, weight=self.weight, bias=self.bias, eps=self.eps,
                                    y=y.reshape(view_shape), mean=mean, invstd=invstd, m2=m2,
                                    running=self.running, residual=residual,
@@ -198,6 +229,12 @@ class Plan(NamedTuple):
         """y of a running-statistics forward of ``x`` (as :meth:`train`); None for a residual
         the plain path would not take, or when the running variance holds a negative value
         (written in place since): the general path explains."""
+        if residual is None and self.front("forward_eval", x):
+            y = np.empty(self.shape, self.dtype)
+            negative = fronts._eval_front(self.fronts["forward_eval"], x, self.axis,
+                                          self.running_mean, self.running_var, self.weight,
+                                          self.bias, self.absent, self.eps, y)  # fmt: skip
+            return y if negative == -1 else None
         view_shape = self.view_shape
         view = x.reshape(view_shape)
         plain, residual = hostcall.residual(residual, x, view)
@@ -218,6 +255,12 @@ class Plan(NamedTuple):
         view_shape, shape, dtype = self.view_shape, self.shape, self.dtype
         dx = np.empty(shape, dtype)
         sum_dy, sum_dy_xmu = self.sums
+        if not residual and self.front("backward", x):
+            grads = np.empty((2, view_shape[1]), dtype)
+            if not fronts._backward_front(self.fronts["backward"], dy, x, self.axis, mean,
+                                          invstd, self.weight, self.absent, sum_dy, sum_dy_xmu,
+                                          dx, grads):  # fmt: skip
+                return dx, grads[0], grads[1], None
         grad = grad_residual = None
         if self.activation is not None:  # the gradient through it, the residual's, in the pass
             grad, y = np.empty(view_shape, dtype), y.reshape(view_shape)

@@ -16,7 +16,7 @@ from numba.core.runtime import nrt
 
 import numba_bn as nbn
 from numba_bn import ops
-from numba_bn.cpu import fronts, partitions
+from numba_bn.cpu import CpuBackend, fronts, partitions
 
 import naive
 from conftest import LAYOUTS, random_batch
@@ -319,3 +319,49 @@ def test_a_front_frees_its_scratch(rng):
     allocated, freed = after.alloc - before.alloc, after.free - before.free
     assert allocated == freed and allocated >= 50 * 7  # train: 3, backward: 4 (and the drivers')
     assert after.mi_alloc - before.mi_alloc == after.mi_free - before.mi_free
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_layers_plans_take_the_fronts_with_the_general_paths_bits(rng, monkeypatch, dtype,
+                                                                    affine):  # fmt: skip
+    """BatchNorm's plans (numba_bn/plans.py) call the fronts with their checked arrays: the
+    training step and eval give the bits of a layer whose plans are off, state included."""
+    shape, axis = (6, 4, 5, 3), 1
+    x, dy = (random_batch(rng, shape, dtype, axis=axis) for _ in range(2))
+    fronted, general = (nbn.BatchNorm(4, dtype=dtype, affine=affine) for _ in range(2))
+
+    def steps(layer):
+        results = []
+        for _ in range(3):
+            layer.train()
+            results += [layer(x), layer.backward(dy)]
+            layer.eval()
+            results.append(layer(x))
+        state = layer.state_dict()
+        return results + [state[k] for k in sorted(state)] + [layer.grad_weight, layer.grad_bias]
+
+    def warm(layer):  # compiles or loads the drivers, makes the plans, finds the fronts
+        for _ in range(3):
+            layer.train()
+            layer(x), layer.backward(dy), layer.eval(), layer(x)
+
+    warm(fronted)
+    plans = list(fronted._plans.values())
+    assert {step for plan in plans for step, found in plan.fronts.items() if found} == {
+        "forward_train", "backward", "forward_eval"}  # fmt: skip
+    with monkeypatch.context() as patched:
+        patched.setattr(nbn.layer.plans, "remember", lambda *args: None)  # no plans
+        warm(general)
+        want = steps(general)
+    for name in ("forward_train", "forward_eval", "backward"):  # the plans' kernel calls
+        monkeypatch.setattr(CpuBackend, name, _refused)
+    for got, expected in zip(steps(fronted), want, strict=True):
+        if expected is None:
+            assert got is None
+        else:
+            np.testing.assert_array_equal(got, expected)
+
+
+def _refused(*args, **kwargs):
+    raise AssertionError("a plan's kernel call ran where its front should")

@@ -32,6 +32,7 @@ from ..stats import empty, kernel, release, shaped
 ndarray, F64 = np.ndarray, np.dtype(np.float64)
 NOT_PLAIN = -2  # a front's answer for a call it does not serve (the plain path's checks then)
 
+_NO_STATISTICS = np.empty(0)  # the float64 statistics or sums of a call: in the front's scratch
 _NO_ROWS = {np.dtype(t): np.empty((2, 0), t) for t in (np.float32, np.float64)}  # not wanted
 #: (step, x.shape, axis, x.dtype) -> (the serial driver's address, a zero-length vector of the
 #: dtype: an absent weight or bias): what :func:`learn` found; bounded as the plans are
@@ -106,6 +107,21 @@ def writable(typingctx, arrays):
     return types.boolean(arrays), codegen
 
 
+@intrinsic
+def float64_buffers(typingctx, arrays):
+    """Whether every array of the tuple ``arrays`` is a writable C-contiguous float64 vector
+    (the statistics and sums the drivers write): a constant, as :func:`plain_arrays`."""
+    if not isinstance(arrays, types.BaseTuple):
+        return None
+    plain = all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.mutable
+                and a.dtype == types.float64 for a in arrays)  # fmt: skip
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.boolean, plain)
+
+    return types.boolean(arrays), codegen
+
+
 @kernel(inline="always")
 def _canonical(x, axis):
     """(outer, C, inner) of ``x`` with channels on ``axis`` (negative counts from the end); C is
@@ -166,14 +182,16 @@ def _same_shape(a, b):
 
 @_front
 def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, running_var,
-                 momentum, unbiased, y, saved):  # fmt: skip
+                 momentum, unbiased, mean, invstd, m2, y, saved):  # fmt: skip
     """forward_train's driver on x's canonical view, with the running update of the buffers
-    unless absent (``absent & 4``), its float64 statistics in scratch and rounded to x's dtype
-    in ``saved`` (2, C; (2, 0): not wanted): 0, or NOT_PLAIN."""
+    unless absent (``absent & 4``); its float64 statistics in ``mean``, ``invstd`` and ``m2``
+    (zero-length: in scratch), and rounded to x's dtype in ``saved`` (2, C; (2, 0): not
+    wanted): 0, or NOT_PLAIN."""
     if not (
         plain_arrays((x, y), (weight, bias, running_mean, running_var))
         and writable((running_mean, running_var))
         and plain_arrays((x, saved), ())
+        and float64_buffers((mean, invstd, m2))
     ):
         return NOT_PLAIN
     outer, channels, inner = _canonical(x, axis)
@@ -189,11 +207,14 @@ def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, runn
         or y.size != x.size
         or saved.shape[0] != 2
         or (saved.shape[1] != channels and saved.shape[1] != 0)
+        or not _fits(mean, channels, absent & 8)
+        or invstd.size != mean.size
+        or m2.size != mean.size
     ):
-        return NOT_PLAIN  # fmt: skip
+        return NOT_PLAIN
     view = shaped(x, (outer, channels, inner))
-    mean, invstd, m2 = (empty(channels, np.float64), empty(channels, np.float64),
-                        empty(channels, np.float64))  # fmt: skip
+    if absent & 8:  # (an argument's release does nothing: it has no MemInfo here)
+        mean, invstd, m2 = _scratch(channels), _scratch(channels), _scratch(channels)
     call_boolean(address, (view, weight, bias, float64(eps), running_mean, running_var,
                            float64(momentum), unbiased, False, shaped(y, (outer, channels, inner)),
                            mean, invstd, m2, view, saved))  # fmt: skip
@@ -203,24 +224,45 @@ def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, runn
     return 0
 
 
+@kernel(inline="always")
+def _scratch(channels):
+    return empty(channels, np.float64)
+
+
 @_front
-def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, dx, grads):
+def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, sum_dy, sum_dy_xmu, dx,
+                    grads):  # fmt: skip
     """backward's driver on the canonical views of dy and x, the statistics (vectors of float64
-    or x's dtype, any layout) as float64, its sums in scratch, dweight and dbias rounded to x's
-    dtype in ``grads`` (2, C): 0, or NOT_PLAIN."""
-    if not plain_arrays((x, dy, dx), (weight,)) or not plain_arrays((x, grads), ()):
+    or x's dtype, any layout) as float64, its sums in ``sum_dy`` and ``sum_dy_xmu``
+    (zero-length: in scratch), dweight and dbias rounded to x's dtype in ``grads`` (2, C): 0,
+    or NOT_PLAIN."""
+    if not (
+        plain_arrays((x, dy, dx), (weight,))
+        and plain_arrays((x, grads), ())
+        and float64_buffers((sum_dy, sum_dy_xmu))
+    ):
         return NOT_PLAIN
     outer, channels, inner = _canonical(x, axis)
-    if (channels < 1 or not _same_shape(dy, x) or mean.size != channels or invstd.size != channels
-            or not _fits(weight, channels, absent & 1) or dx.size != x.size
-            or grads.shape[0] != 2 or grads.shape[1] != channels):  # fmt: skip
+    if (
+        channels < 1
+        or not _same_shape(dy, x)
+        or mean.size != channels
+        or invstd.size != channels
+        or not _fits(weight, channels, absent & 1)
+        or not _fits(sum_dy, channels, absent & 8)
+        or sum_dy_xmu.size != sum_dy.size
+        or dx.size != x.size
+        or grads.shape[0] != 2
+        or grads.shape[1] != channels
+    ):
         return NOT_PLAIN
     shape = (outer, channels, inner)
-    mean64, invstd64 = empty(channels, np.float64), empty(channels, np.float64)
-    sum_dy, sum_dy_xmu = empty(channels, np.float64), empty(channels, np.float64)
+    mean64, invstd64 = _scratch(channels), _scratch(channels)
     for c in range(channels):  # exact: float32 and float64 alike
         mean64[c] = mean[c]
         invstd64[c] = invstd[c]
+    if absent & 8:
+        sum_dy, sum_dy_xmu = _scratch(channels), _scratch(channels)
     call_none(address, (shaped(dy, shape), shaped(x, shape), mean64, invstd64, weight,
                         shaped(dx, shape), sum_dy, sum_dy_xmu, grads))  # fmt: skip
     release(mean64)
@@ -255,15 +297,17 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
     y = np.empty(x.shape, dtype)
     if running_mean is None and running_var is None:
         saved = np.empty((2, x.shape[axis]), dtype)
-        status = _train_front(address, x, axis, weight, bias, absent | 4, eps, nothing, nothing,
-                              0.1, True, y, saved)  # fmt: skip
+        status = _train_front(address, x, axis, weight, bias, absent | 12, eps, nothing, nothing,
+                              0.1, True, _NO_STATISTICS, _NO_STATISTICS, _NO_STATISTICS, y,
+                              saved)  # fmt: skip
         return None if status else (y, saved[0], saved[1])
     if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
             or type(running_var) is not ndarray or running_var.dtype is not dtype
             or type(momentum) is not float or type(unbiased) is not bool):  # fmt: skip
         return None
-    status = _train_front(address, x, axis, weight, bias, absent, eps, running_mean, running_var,
-                          momentum, unbiased, y, _NO_ROWS[dtype])  # fmt: skip
+    status = _train_front(address, x, axis, weight, bias, absent | 8, eps, running_mean,
+                          running_var, momentum, unbiased, _NO_STATISTICS, _NO_STATISTICS,
+                          _NO_STATISTICS, y, _NO_ROWS[dtype])  # fmt: skip
     return None if status else y
 
 
@@ -288,7 +332,8 @@ def backward(dy, x, mean, invstd, weight, axis):
     elif type(weight) is not ndarray or weight.dtype is not dtype:
         return None
     dx, grads = np.empty(x.shape, dtype), np.empty((2, x.shape[axis]), dtype)
-    if _backward_front(address, dy, x, axis, mean, invstd, weight, absent, dx, grads):
+    if _backward_front(address, dy, x, axis, mean, invstd, weight, absent | 8, _NO_STATISTICS,
+                       _NO_STATISTICS, dx, grads):  # fmt: skip
         return None
     return dx, grads[0], grads[1]
 
