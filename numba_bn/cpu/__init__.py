@@ -187,11 +187,16 @@ def _forget_plans():
     fronts.forget()
 
 
+def serial_size(step, x):
+    """Whether every thread count and layer runs ``step`` on ``x`` serially (its size)."""
+    return x.size < _SERIAL_BELOW[step]
+
+
 def front_address(step, x, may_fuse=False):
     """The address of the serial twin that the kept plan of ``step`` on the canonical view
     ``x`` (without an epilogue) runs, for a front (:mod:`.fronts`); None for a size that may
     run in parallel or a plan not kept."""
-    if x.size >= _SERIAL_BELOW[step] or _serial_only:
+    if not serial_size(step, x) or _serial_only:
         return None
     if type(_PLANS.get((step, x.shape, x.dtype, may_fuse, EPILOGUE_NONE))) is not tuple:
         return None
