@@ -38,6 +38,7 @@ _NO_ROWS = {np.dtype(t): np.empty((2, 0), t) for t in (np.float32, np.float64)} 
 #: dtype: an absent weight or bias): what :func:`learn` found; bounded as the plans are
 _ADDRESSES = {}
 _ADDRESSES_MAX = 256
+_largest = -1  # the size of the largest x in _ADDRESSES: larger calls skip the lookup
 
 
 def native_call(restype):
@@ -278,7 +279,7 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
     activation (nan_policy "propagate"), when a front serves it; else None. Without running
     buffers, (y, mean, invstd), the statistics in x's dtype (functional.forward_train); with
     them (updated in place), y (functional.batch_norm)."""
-    if type(x) is not ndarray:  # a CUDA array, say
+    if type(x) is not ndarray or x.size > _largest:  # a CUDA array; a size no front serves
         return None
     plan = _ADDRESSES.get(("forward_train", x.shape, axis, x.dtype))
     if plan is None or type(eps) is not float or type(axis) is not int:
@@ -314,7 +315,7 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
 def backward(dy, x, mean, invstd, weight, axis):
     """(dx, dweight, dbias) of a plain backward of the ndarrays ``dy`` and ``x`` without out=,
     mask or activation, when a front serves it; else None."""
-    if type(x) is not ndarray:  # a CUDA array, say
+    if type(x) is not ndarray or x.size > _largest:  # a CUDA array; a size no front serves
         return None
     plan = _ADDRESSES.get(("backward", x.shape, axis, x.dtype))
     if plan is None or type(axis) is not int:
@@ -341,7 +342,7 @@ def backward(dy, x, mean, invstd, weight, axis):
 def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
     """y of a plain forward_eval of the ndarray ``x`` without out=, residual or activation, when
     a front serves it; else None."""
-    if type(x) is not ndarray:  # a CUDA array, say
+    if type(x) is not ndarray or x.size > _largest:  # a CUDA array; a size no front serves
         return None
     plan = _ADDRESSES.get(("forward_eval", x.shape, axis, x.dtype))
     if plan is None or type(eps) is not float or type(axis) is not int:
@@ -385,11 +386,15 @@ def knows(step, x, axis):
 def learn(step, x, axis, address):
     """Keep ``address`` (the serial driver's machine code, :func:`.drivers.native_address`) for
     ``step``'s plain calls on inputs like the ndarray ``x`` with channels on ``axis``."""
+    global _largest
     if len(_ADDRESSES) >= _ADDRESSES_MAX:
-        _ADDRESSES.clear()
+        forget()
     _ADDRESSES[step, x.shape, axis, x.dtype] = address, np.empty(0, x.dtype)
+    _largest = max(_largest, x.size)
 
 
 def forget():
     """Forget every address (the plans were dropped: another thread count, compile_only)."""
+    global _largest
     _ADDRESSES.clear()
+    _largest = -1
