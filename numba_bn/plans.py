@@ -32,7 +32,7 @@ import numpy as np
 
 from . import dispatch, hostcall
 from .capi import calls
-from .cpu import CpuBackend, front_address, fronts
+from .cpu import CpuBackend, front_address, fronts, serial_size
 from .stats import RunningUpdate
 
 #: A training front's arguments for no running update (``absent & 4``) and no rounded
@@ -177,10 +177,12 @@ class Plan(NamedTuple):
         backend keeps its plan (its first call compiles or loads the driver)."""
         address = self.fronts.get(step)
         if address is None:
-            if type(self.kernels) is not CpuBackend or self.activation is not None:
+            view = x.reshape(self.view_shape)
+            if (type(self.kernels) is not CpuBackend or self.activation is not None
+                    or not serial_size(step, view)):  # fmt: skip
                 address = self.fronts[step] = 0
             else:
-                address = front_address(step, x.reshape(self.view_shape), step != "forward_eval")
+                address = front_address(step, view, step != "forward_eval")
                 if address is not None:
                     self.fronts[step] = address
         return address
