@@ -286,15 +286,10 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
         return None
     address, nothing = plan
     dtype = nothing.dtype
-    absent = 0
-    if weight is None:
-        weight, absent = nothing, 1
-    elif type(weight) is not ndarray or weight.dtype is not dtype:
+    affine = _affine(weight, bias, nothing)
+    if affine is None:
         return None
-    if bias is None:
-        bias, absent = nothing, absent | 2
-    elif type(bias) is not ndarray or bias.dtype is not dtype:
-        return None
+    weight, bias, absent = affine
     y = np.empty(x.shape, dtype)
     if running_mean is None and running_var is None:
         saved = np.empty((2, x.shape[axis]), dtype)
@@ -353,7 +348,19 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
     if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
             or type(running_var) is not ndarray or running_var.dtype is not dtype):  # fmt: skip
         return None
-    absent = 0
+    affine = _affine(weight, bias, nothing)
+    if affine is None:
+        return None
+    weight, bias, absent = affine
+    y = np.empty(x.shape, dtype)
+    status = _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y)
+    return y if status == -1 else None
+
+
+def _affine(weight, bias, nothing):
+    """(weight, bias, the absent mask) as a front takes them: the zero-length ``nothing`` for
+    None; None for a vector that is not an ndarray of nothing's dtype."""
+    dtype, absent = nothing.dtype, 0
     if weight is None:
         weight, absent = nothing, 1
     elif type(weight) is not ndarray or weight.dtype is not dtype:
@@ -362,9 +369,7 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
         bias, absent = nothing, absent | 2
     elif type(bias) is not ndarray or bias.dtype is not dtype:
         return None
-    y = np.empty(x.shape, dtype)
-    status = _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y)
-    return y if status == -1 else None
+    return weight, bias, absent
 
 
 #: The defaults of ``backend`` and ``device``, as the strings they are (interned): a call that
