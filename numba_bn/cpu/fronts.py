@@ -279,10 +279,8 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
     activation (nan_policy "propagate"), when a front serves it; else None. Without running
     buffers, (y, mean, invstd), the statistics in x's dtype (functional.forward_train); with
     them (updated in place), y (functional.batch_norm)."""
-    if type(x) is not ndarray or x.size > _largest:  # a CUDA array; a size no front serves
-        return None
-    plan = _ADDRESSES.get(("forward_train", x.shape, axis, x.dtype))
-    if plan is None or type(eps) is not float or type(axis) is not int:
+    plan = _served("forward_train", x, axis)
+    if plan is None or type(eps) is not float:
         return None
     address, nothing = plan
     dtype = nothing.dtype
@@ -310,10 +308,8 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
 def backward(dy, x, mean, invstd, weight, axis):
     """(dx, dweight, dbias) of a plain backward of the ndarrays ``dy`` and ``x`` without out=,
     mask or activation, when a front serves it; else None."""
-    if type(x) is not ndarray or x.size > _largest:  # a CUDA array; a size no front serves
-        return None
-    plan = _ADDRESSES.get(("backward", x.shape, axis, x.dtype))
-    if plan is None or type(axis) is not int:
+    plan = _served("backward", x, axis)
+    if plan is None:
         return None
     address, nothing = plan
     dtype = nothing.dtype
@@ -337,10 +333,8 @@ def backward(dy, x, mean, invstd, weight, axis):
 def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
     """y of a plain forward_eval of the ndarray ``x`` without out=, residual or activation, when
     a front serves it; else None."""
-    if type(x) is not ndarray or x.size > _largest:  # a CUDA array; a size no front serves
-        return None
-    plan = _ADDRESSES.get(("forward_eval", x.shape, axis, x.dtype))
-    if plan is None or type(eps) is not float or type(axis) is not int:
+    plan = _served("forward_eval", x, axis)
+    if plan is None or type(eps) is not float:
         return None
     address, nothing = plan
     dtype = nothing.dtype
@@ -355,6 +349,14 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
     y = np.empty(x.shape, dtype)
     status = _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y)
     return y if status == -1 else None
+
+
+def _served(step, x, axis):
+    """(address, the zero-length vector of x's dtype) of the front that serves ``step`` on
+    ``x`` with channels on ``axis``, or None."""
+    if type(x) is not ndarray or x.size > _largest or type(axis) is not int:
+        return None  # a CUDA array, say; a size no front serves; axis=True (hashes as 1)
+    return _ADDRESSES.get((step, x.shape, axis, x.dtype))
 
 
 def _affine(weight, bias, nothing):
