@@ -8,7 +8,7 @@ the driver's entry point, 3.5-5 us around a kernel of 0.5-3 us (benchmarks/READM
 what Numba's dispatch does not (the vectors' lengths, eps, the arrays' layout and dtype,
 folded at compile time), makes the canonical view and calls the serial driver's machine code
 by its address (:func:`native_call`, Numba's calling convention, as a compiled call of the
-driver would, without linking the driver into the front: a front compiles in ~0.1 s and holds
+driver would, without linking the driver into the front: a front compiles in ~0.3 s and holds
 no copy of a driver). The same driver on the same views: the same bits.
 
 The address comes from the plan the plain path made for the same shape (:func:`learn`, called
@@ -82,16 +82,21 @@ def plain_arrays(typingctx, arrays, vectors):
     types compiles once, and declines)."""
     if not isinstance(arrays, types.BaseTuple) or not isinstance(vectors, types.BaseTuple):
         return None
-    dtype = arrays[0].dtype
+    dtype = getattr(arrays[0], "dtype", None)
     plain = (all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == dtype
                  for a in (*arrays, *vectors))
              and all(v.ndim == 1 for v in vectors) and arrays[-1].mutable
              and str(dtype) in ("float32", "float64"))  # fmt: skip
+    return _constant(plain, arrays, vectors)
+
+
+def _constant(value, *argtypes):
+    """An intrinsic's signature and code generator that give the boolean constant ``value``."""
 
     def codegen(context, builder, signature, args):
-        return context.get_constant(types.boolean, plain)
+        return context.get_constant(types.boolean, value)
 
-    return types.boolean(arrays, vectors), codegen
+    return types.boolean(*argtypes), codegen
 
 
 @intrinsic
@@ -100,12 +105,7 @@ def writable(typingctx, arrays):
     to Numba): a constant, as :func:`plain_arrays`."""
     if not isinstance(arrays, types.BaseTuple):
         return None
-    mutable = all(isinstance(a, types.Array) and a.mutable for a in arrays)
-
-    def codegen(context, builder, signature, args):
-        return context.get_constant(types.boolean, mutable)
-
-    return types.boolean(arrays), codegen
+    return _constant(all(isinstance(a, types.Array) and a.mutable for a in arrays), arrays)
 
 
 @intrinsic
@@ -116,11 +116,7 @@ def float64_buffers(typingctx, arrays):
         return None
     plain = all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.mutable
                 and a.dtype == types.float64 for a in arrays)  # fmt: skip
-
-    def codegen(context, builder, signature, args):
-        return context.get_constant(types.boolean, plain)
-
-    return types.boolean(arrays), codegen
+    return _constant(plain, arrays)
 
 
 @kernel(inline="always")
