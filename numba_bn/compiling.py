@@ -9,7 +9,9 @@ silent; a real compile takes seconds, so it says so, in one line per driver on s
     these argument types (nothing cached yet); about 4 s, once: cached in /path/to/cache.
     NUMBA_BN_QUIET=1 hides this line
 
-(wrapped here). The line comes from a listener on Numba's ``numba:compile`` event,
+(wrapped here). A front (:mod:`numba_bn.cpu.fronts`, the checks of a small call like one before,
+~0.3 s) says so the same way, as "the front of forward_eval (float32, rank 2)". The line comes
+from a listener on Numba's ``numba:compile`` event,
 which fires only for a real compile (never for a cache load, never on a call that finds its
 machine code), so a warm call pays nothing: there is no wrapper around the dispatchers. The
 kernels a driver inlines compile inside it and say nothing. ``NUMBA_BN_QUIET=1`` (read at each
@@ -53,6 +55,9 @@ ESTIMATED_SECONDS = {
     "layer_backward": 1.9,
 }
 PARALLEL_FACTOR = 1.8
+#: A front's compile (numba_bn/cpu/fronts.py: a small call's checks before a serial driver),
+#: 0.30-0.37 s on the 2-core machine (stop 63).
+FRONT_SECONDS = 0.35
 _DEFAULT_SECONDS = 2.0
 
 _QUIET = "NUMBA_BN_QUIET"
@@ -90,6 +95,13 @@ def driver_name(dispatcher):
     return py_func.__name__.lstrip("_")
 
 
+def front_name(dispatcher):
+    """``front forward_eval`` for the dispatcher of a front (:mod:`numba_bn.cpu.fronts`), None
+    for anything else."""
+    step = getattr(getattr(dispatcher, "py_func", None), "front_of", None)
+    return None if step is None else "front " + step
+
+
 _MEMORY = {"rows": "rows", "planes": "planes", "short": "short planes"}
 _PARTITIONS = {"split": "split", "fused": "fused planes"}
 _EPILOGUES = {"1": "+ residual", "2": "+ ReLU", "3": "+ residual + ReLU"}  # cpu.kernels' codes
@@ -97,7 +109,12 @@ _EPILOGUES = {"1": "+ residual", "2": "+ ReLU", "3": "+ residual + ReLU"}  # cpu
 
 def describe(name, args):
     """(what, estimated seconds) of driver ``name`` compiled for ``args`` (Numba types):
-    ``forward_train (split, rows, float32, serial twin)`` for forward_train_split_rows_serial."""
+    ``forward_train (split, rows, float32, serial twin)`` for forward_train_split_rows_serial;
+    ``the front of backward (float32, rank 2)`` for "front backward" (:func:`front_name`)."""
+    if name.startswith("front "):  # (address, x or dy, ...)
+        array = args[1] if len(args) > 1 else None
+        kind = f"{getattr(array, 'dtype', '?')}, rank {getattr(array, 'ndim', '?')}"
+        return f"the front of {name.removeprefix('front ')} ({kind})", FRONT_SECONDS
     serial = name.endswith("_serial")
     step, details = name.removesuffix("_serial"), []
     step, _, epilogue = step.partition("_epilogue")  # drivers.twins names its copies
@@ -192,7 +209,7 @@ class _Listener(event.Listener):
     def on_start(self, ev):
         stack = _state.__dict__.setdefault("stack", [])
         dispatcher = ev.data["dispatcher"]
-        name = driver_name(dispatcher) if not stack else None
+        name = (driver_name(dispatcher) or front_name(dispatcher)) if not stack else None
         stack.append((name, time.perf_counter(), name is not None and _hold(compile=True)))
         if name is None:
             return
@@ -202,6 +219,8 @@ class _Listener(event.Listener):
                 print(_line(name, args, dispatcher), file=sys.stderr, flush=True)
             except Exception:  # a missing line must not stop the compile
                 pass
+        if name.startswith("front "):
+            return  # no siblings to compile ahead, and the drivers' speed is not its
         dtype = str(getattr(args[0], "dtype", "")) if args else ""
         ahead.started(dispatcher, dtype, lambda sibling: describe(driver_name(sibling), args))
 
@@ -214,8 +233,9 @@ class _Listener(event.Listener):
         if name is None:
             return
         seconds = time.perf_counter() - start
-        _, estimate = describe(name, ev.data["args"])
-        _speed[0] = min(4.0, max(0.25, seconds / estimate))
+        if not name.startswith("front "):
+            _, estimate = describe(name, ev.data["args"])
+            _speed[0] = min(4.0, max(0.25, seconds / estimate))
         for record in list(_recorders):
             record.append((name, seconds))
 

@@ -7,6 +7,8 @@ conversions are the same as without fronts. References: the float64 loops of tes
 and the plain path's own results.
 """
 
+import re
+import sys
 import threading
 
 import numpy as np
@@ -19,7 +21,7 @@ from numba_bn import ops
 from numba_bn.cpu import CpuBackend, fronts, partitions
 
 import naive
-from conftest import LAYOUTS, random_batch
+from conftest import LAYOUTS, random_batch, run_child
 
 #: The plain calls a front takes the place of, by step.
 PLAIN = {"forward_train": "plain_batch_forward", "forward_eval": "plain_frozen_forward",
@@ -365,3 +367,27 @@ def test_a_layers_plans_take_the_fronts_with_the_general_paths_bits(rng, monkeyp
 
 def _refused(*args, **kwargs):
     raise AssertionError("a plan's kernel call ran where its front should")
+
+
+_THREE_EVALS = """
+import numpy as np, numba_bn as nbn
+x = np.ones((64, 32), np.float32)
+for _ in range(3):
+    nbn.forward_eval(x, np.zeros(32, np.float32), np.ones(32, np.float32))
+print("done")
+"""
+
+
+def test_a_fronts_compile_says_so_in_one_line_and_a_warm_cache_says_nothing(tmp_path):
+    """The third call of a shape compiles its front (the first compiles the driver): one line
+    each, as numba_bn.compiling announces the drivers; a later process loads both silently."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_BN_QUIET": ""}
+    outputs = [run_child([sys.executable, "-c", _THREE_EVALS], env, timeout=600)
+               for _ in range(2)]  # fmt: skip
+    assert all(status == 0 and "done" in output for status, output in outputs), outputs
+    lines = [re.findall(r"^numba_bn: compiling .*$", output, re.M) for _, output in outputs]
+    assert len(lines[0]) == 2, outputs[0]
+    assert "forward_eval (rows, float32, serial twin)" in lines[0][0]
+    assert "the front of forward_eval (float32, rank 2) on its first call" in lines[0][1]
+    assert f"cached in {tmp_path}" in lines[0][1] and "NUMBA_BN_QUIET=1" in lines[0][1]
+    assert lines[1] == [], outputs[1]

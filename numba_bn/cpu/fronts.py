@@ -142,15 +142,21 @@ def _fits(vector, channels, absent):
     return vector.size == 0 if absent else vector.size == channels
 
 
-def _front(function):
-    """A front compiled as the drivers are (cached, without Numba's runtime)."""
-    dispatcher = kernel(cache=True, no_cfunc_wrapper=True, _nrt=False)(function)
-    key_on_sources(dispatcher)
-    lock_cache_saves(dispatcher)
-    return dispatcher
+def _front(step):
+    """The front of ``step``, compiled as the drivers are (cached, without Numba's runtime) and
+    announced as they are (numba_bn.compiling: ``front_of``)."""
+
+    def make(function):
+        function.front_of = step
+        dispatcher = kernel(cache=True, no_cfunc_wrapper=True, _nrt=False)(function)
+        key_on_sources(dispatcher)
+        lock_cache_saves(dispatcher)
+        return dispatcher
+
+    return make
 
 
-@_front
+@_front("forward_eval")
 def _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y):
     """forward_eval's driver on x's canonical view: its answer (-1, or the first negative
     running variance's index, nothing written), or NOT_PLAIN."""
@@ -177,7 +183,7 @@ def _same_shape(a, b):
     return True
 
 
-@_front
+@_front("forward_train")
 def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, running_var,
                  momentum, unbiased, mean, invstd, m2, y, saved):  # fmt: skip
     """forward_train's driver on x's canonical view, with the running update of the buffers
@@ -226,7 +232,7 @@ def _scratch(channels):
     return empty(channels, np.float64)
 
 
-@_front
+@_front("backward")
 def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, sum_dy, sum_dy_xmu, dx,
                     grads):  # fmt: skip
     """backward's driver on the canonical views of dy and x, the statistics (vectors of float64
