@@ -275,10 +275,10 @@ def batch_norm(
     if (training and mask is None and calls.entry is None and out is None and residual is None
             and activation is None and nan_policy is fronts.PROPAGATE
             and fronts.may_serve(backend, device)):  # fmt: skip
-        y = fronts.forward_train(x, weight, bias, eps, axis, running_mean, running_var, momentum,
-                                 unbiased_running_var)  # fmt: skip
-        if y is not None:  # a small call like one before, in compiled code (cpu/fronts.py)
-            return y[0] if type(y) is tuple else y  # (y, mean, invstd) without running buffers
+        served = fronts.forward_train(x, weight, bias, eps, axis, running_mean, running_var,
+                                      momentum, unbiased_running_var)  # fmt: skip
+        if served is not None:  # a small call like one before, in compiled code (cpu/fronts.py)
+            return served[0]
     if training and mask is None and calls.entry is None:
         # batch_forward's plain path without its keywords and its TrainResult (~1 us of a small
         # call), as forward_train

@@ -282,8 +282,8 @@ def test_partitions_forget_the_addresses(rng):
 def test_threads_calling_one_front_at_once_get_the_plain_paths_bits(rng):
     inputs = _inputs(rng, (8, 6, 5, 3), 1, np.float32)
     calls = _calls(*inputs, 1)
-    want = {step: call() for step, call in calls.items()}
-    want = {step: call() for step, call in calls.items()}
+    for _ in range(2):  # compiles or loads, then the plain path keeps the plans: fronts learn
+        want = {step: call() for step, call in calls.items()}
     assert all(fronts.knows(step, inputs[0], 1) for step in PLAIN)
     failures = []
 

@@ -173,16 +173,6 @@ def _eval_front(address, x, axis, running_mean, running_var, weight, bias, absen
                                 y_view, view))  # fmt: skip
 
 
-@kernel(inline="always")
-def _same_shape(a, b):
-    if a.ndim != b.ndim:
-        return False
-    for i in range(a.ndim):
-        if a.shape[i] != b.shape[i]:
-            return False
-    return True
-
-
 @_front("forward_train")
 def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, running_var,
                  momentum, unbiased, mean, invstd, m2, y, saved):  # fmt: skip
@@ -248,7 +238,7 @@ def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, sum_dy, 
     outer, channels, inner = _canonical(x, axis)
     if (
         channels < 1
-        or not _same_shape(dy, x)
+        or dy.shape != x.shape  # (False for shapes of two ranks)
         or mean.size != channels
         or invstd.size != channels
         or not _fits(weight, channels, absent & 1)
@@ -280,7 +270,7 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
     """A plain training forward of the ndarray ``x`` without out=, mask, residual or
     activation (nan_policy "propagate"), when a front serves it; else None. Without running
     buffers, (y, mean, invstd), the statistics in x's dtype (functional.forward_train); with
-    them (updated in place), y (functional.batch_norm)."""
+    them (updated in place), (y,) (functional.batch_norm)."""
     plan = _served("forward_train", x, axis)
     if plan is None or type(eps) is not float:
         return None
@@ -304,7 +294,7 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
     status = _train_front(address, x, axis, weight, bias, absent | 8, eps, running_mean,
                           running_var, momentum, unbiased, _NO_STATISTICS, _NO_STATISTICS,
                           _NO_STATISTICS, y, _NO_ROWS[dtype])  # fmt: skip
-    return None if status else y
+    return None if status else (y,)
 
 
 def backward(dy, x, mean, invstd, weight, axis):
@@ -320,11 +310,10 @@ def backward(dy, x, mean, invstd, weight, axis):
             or type(invstd) is not ndarray or invstd.ndim != 1
             or (invstd.dtype is not dtype and invstd.dtype is not F64)):  # fmt: skip
         return None
-    absent = 0
-    if weight is None:
-        weight, absent = nothing, 1
-    elif type(weight) is not ndarray or weight.dtype is not dtype:
+    affine = _affine(weight, None, nothing)  # (no bias: its slot and bit go unread)
+    if affine is None:
         return None
+    weight, _, absent = affine
     dx, grads = np.empty(x.shape, dtype), np.empty((2, x.shape[axis]), dtype)
     if _backward_front(address, dy, x, axis, mean, invstd, weight, absent | 8, _NO_STATISTICS,
                        _NO_STATISTICS, dx, grads):  # fmt: skip
@@ -340,7 +329,6 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
         return None
     address, nothing = plan
     dtype = nothing.dtype
-    # each test inline: a call of a function per vector cost ~0.2 us more
     if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
             or type(running_var) is not ndarray or running_var.dtype is not dtype):  # fmt: skip
         return None
