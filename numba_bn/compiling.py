@@ -9,7 +9,7 @@ silent; a real compile takes seconds, so it says so, in one line per driver on s
     these argument types (nothing cached yet); about 4 s, once: cached in /path/to/cache.
     NUMBA_BN_QUIET=1 hides this line
 
-(wrapped here). A front (:mod:`numba_bn.cpu.fronts`, the checks of a small call like one before,
+(wrapped here). A front (:mod:`numba_bn.cpu.fronts`, the checks of a plain call like one before,
 ~0.3 s) says so the same way, as "the front of forward_eval (float32, rank 2)". The line comes
 from a listener on Numba's ``numba:compile`` event,
 which fires only for a real compile (never for a cache load, never on a call that finds its
@@ -55,7 +55,7 @@ ESTIMATED_SECONDS = {
     "layer_backward": 1.9,
 }
 PARALLEL_FACTOR = 1.8
-#: A front's compile (numba_bn/cpu/fronts.py: a small call's checks before a serial driver),
+#: A front's compile (numba_bn/cpu/fronts.py: a plain call's checks before its driver),
 #: 0.30-0.37 s on the 2-core machine (stop 63).
 FRONT_SECONDS = 0.35
 _DEFAULT_SECONDS = 2.0

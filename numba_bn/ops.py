@@ -29,7 +29,7 @@ from .checks import (
     returned_like,
     stats_vector,
 )
-from .cpu import CpuBackend, front_address, fronts, serial_size
+from .cpu import CpuBackend, front_address, fronts
 from .dispatch import memory_of, placed
 from .memory import dtype_of
 from .stats import RunningUpdate, invstd_of, running_update
@@ -334,12 +334,12 @@ def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, 
 
 def learn_front(step, kernels, x, axis, view, may_fuse=False):
     """After a plain call of ``step`` that a front may serve (:func:`.cpu.fronts.may_serve`),
-    on the CPU backend: the next such calls on inputs like ``x`` through a front, when a
-    serial twin ran."""
-    if type(kernels) is CpuBackend and serial_size(step, view) and not fronts.knows(step, x, axis):
-        address = front_address(step, view, may_fuse)
-        if address is not None:
-            fronts.learn(step, x, axis, address)
+    on the CPU backend: the next such calls on inputs like ``x`` through a front, once the
+    backend keeps the plan it ran (:func:`.cpu.front_address`)."""
+    if type(kernels) is CpuBackend and not fronts.knows(step, x, axis):
+        found = front_address(step, view, may_fuse)
+        if found is not None:
+            fronts.learn(step, x, axis, found)
 
 
 @placed(("x", "running_mean", "running_var", "weight", "bias", "out", "residual"),

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import dispatch, hostcall
 from .capi import calls
-from .cpu import CpuBackend, front_address, fronts, serial_size
+from .cpu import CpuBackend, front_address, fronts, num_threads
 from .stats import RunningUpdate
 
 #: A training front's arguments for no running update (``absent & 4``) and no rounded
@@ -114,7 +114,7 @@ class Plan(NamedTuple):
     entry: object  # calls.entry when the plan was made: compiled calls loaded since may serve
     axis: int  # the layer's
     absent: int  # the fronts' mask (numba_bn.cpu.fronts): 1 no weight, 2 no bias, 4 no update
-    fronts: dict  # {step: the address of its serial driver, for a front}: found on first use
+    fronts: dict  # {step: (its driver's address for a front, threads)}: found on first use
 
     def __repr__(self):
         kind = "running statistics" if not self.batch else "batch statistics"
@@ -172,20 +172,20 @@ class Plan(NamedTuple):
                    sums, layer._version, calls.entry, layer.axis, absent, {})  # fmt: skip
 
     def front(self, step, x):
-        """The address of the serial driver of ``step`` for a front on x's shape (a plain call
-        without an epilogue on the CPU backend, at a serial size), or 0; looked up until the
-        backend keeps its plan (its first call compiles or loads the driver)."""
-        address = self.fronts.get(step)
-        if address is None:
-            view = x.reshape(self.view_shape)
-            if (type(self.kernels) is not CpuBackend or self.activation is not None
-                    or not serial_size(step, view)):  # fmt: skip
-                address = self.fronts[step] = 0
+        """The address of the driver of ``step`` for a front on x's shape (a plain call without
+        an epilogue on the CPU backend), or 0; looked up until the backend keeps its plan (its
+        first call compiles or loads the driver, a race settles), and again when the calling
+        thread's count is not the one of the parallel plan found (:func:`.cpu.front_address`)."""
+        found = self.fronts.get(step)
+        if found is None or (found[1] and found[1] != num_threads()):
+            if type(self.kernels) is not CpuBackend or self.activation is not None:
+                found = (0, 0)
             else:
-                address = front_address(step, view, step != "forward_eval")
-                if address is not None:
-                    self.fronts[step] = address
-        return address
+                found = front_address(step, x.reshape(self.view_shape), step != "forward_eval")
+                if found is None:
+                    return 0
+            self.fronts[step] = found
+        return found[0]
 
     def takes(self, layer, x):
         """Whether this plan serves ``layer``'s call on the ndarray ``x`` (or its backward's
@@ -208,10 +208,11 @@ class Plan(NamedTuple):
         ``x`` (+ ``residual``, then the activation), with the running update when the plan
         updates; None for a residual the plain path would not take."""
         mean, invstd, m2 = self.statistics
-        if residual is None and self.front("forward_train", x):
+        front = self.front("forward_train", x) if residual is None else 0
+        if front:
             running = self.running or _NO_RUNNING[self.dtype]
             y = np.empty(self.shape, self.dtype)
-            if not fronts._train_front(self.fronts["forward_train"], x, self.axis, self.weight,
+            if not fronts._train_front(front, x, self.axis, self.weight,
                                        self.bias, self.absent, self.eps, *running, mean, invstd,
                                        m2, y, _NO_ROWS[self.dtype]):  # fmt: skip
                 return y, mean, invstd
@@ -231,9 +232,10 @@ class Plan(NamedTuple):
         """y of a running-statistics forward of ``x`` (as :meth:`train`); None for a residual
         the plain path would not take, or when the running variance holds a negative value
         (written in place since): the general path explains."""
-        if residual is None and self.front("forward_eval", x):
+        front = self.front("forward_eval", x) if residual is None else 0
+        if front:
             y = np.empty(self.shape, self.dtype)
-            negative = fronts._eval_front(self.fronts["forward_eval"], x, self.axis,
+            negative = fronts._eval_front(front, x, self.axis,
                                           self.running_mean, self.running_var, self.weight,
                                           self.bias, self.absent, self.eps, y)  # fmt: skip
             return y if negative == -1 else None
@@ -257,9 +259,10 @@ class Plan(NamedTuple):
         view_shape, shape, dtype = self.view_shape, self.shape, self.dtype
         dx = np.empty(shape, dtype)
         sum_dy, sum_dy_xmu = self.sums
-        if not residual and self.front("backward", x):
+        front = self.front("backward", x) if not residual else 0
+        if front:
             grads = np.empty((2, view_shape[1]), dtype)
-            if not fronts._backward_front(self.fronts["backward"], dy, x, self.axis, mean,
+            if not fronts._backward_front(front, dy, x, self.axis, mean,
                                           invstd, self.weight, self.absent, sum_dy, sum_dy_xmu,
                                           dx, grads):  # fmt: skip
                 return dx, grads[0], grads[1], None

@@ -1,5 +1,6 @@
-"""The fronts (numba_bn/cpu/fronts.py): a small plain call like one before, checked and viewed in
-compiled code in front of the serial driver's machine code.
+"""The fronts (numba_bn/cpu/fronts.py): a plain call like one before, checked and viewed in
+compiled code in front of the machine code of the driver its plan runs (the serial twin, or the
+parallel one at sizes for threads).
 
 A front must give the plain path's bits (the same driver on the same views), serve only what
 the plain path would serve, and send anything else back to it, so that the errors and
@@ -11,14 +12,15 @@ import re
 import sys
 import threading
 
+import numba
 import numpy as np
 import pytest
 from numba.core.runtime import _nrt_python as nrt_stats
 from numba.core.runtime import nrt
 
 import numba_bn as nbn
-from numba_bn import ops
-from numba_bn.cpu import CpuBackend, fronts, partitions
+from numba_bn import cpu, hostcall, ops
+from numba_bn.cpu import CpuBackend, drivers, fronts, partitions
 
 import naive
 from conftest import LAYOUTS, random_batch, run_child
@@ -84,11 +86,45 @@ def _same(got, want):
         np.testing.assert_array_equal(a, b)
 
 
+#: Batches the cost model runs on threads in every step (above 4x the serial bounds of 2
+#: threads: no threads race) in rows, planes and channels-last; the tests that take them turn
+#: the races off (:func:`_no_races`), whose plans a front waits for.
+PARALLEL = [((4096, 128), 1, np.float32), ((16, 32, 16, 16), 1, np.float64),
+            ((32, 8, 8, 64), -1, np.float32)]  # fmt: skip
+
+
+def _no_races(monkeypatch):
+    """Plans run the rule's twin from their first call on (no race: numba_bn/cpu/race.py)."""
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread: no parallel twin runs")
+    monkeypatch.setattr(cpu, "_no_races", [True])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", LAYOUTS)
 def test_a_front_serves_the_next_call_of_a_shape_with_the_plain_paths_bits(
     rng, monkeypatch, shape, axis, dtype
 ):
+    _serves_with_the_plain_paths_bits(rng, monkeypatch, shape, axis, dtype)
+
+
+@pytest.mark.parametrize("shape, axis, dtype", PARALLEL)
+def test_a_front_at_a_size_for_threads_runs_the_parallel_twin_with_the_plain_paths_bits(
+    rng, monkeypatch, shape, axis, dtype
+):
+    _no_races(monkeypatch)
+    found = _serves_with_the_plain_paths_bits(rng, monkeypatch, shape, axis, dtype)
+    threads = numba.get_num_threads()
+    view = hostcall.canonical_view(np.empty(shape, dtype), axis)
+    for step, (address, _, served) in found.items():
+        parallel = cpu._driver(step, view, threads, step != "forward_eval")[0]
+        assert served == threads and address == drivers.native_address(parallel, view.dtype)
+
+
+def _serves_with_the_plain_paths_bits(rng, monkeypatch, shape, axis, dtype):
+    """The three steps' calls on a batch of ``shape``, through fronts once the plain path ran
+    twice: the plain path's bits and the float64 loops' values. Returns what the fronts
+    learnt, by step."""
     inputs = _inputs(rng, shape, axis, dtype)
     calls = _calls(*inputs, axis)
     first = {step: call() for step, call in calls.items()}  # compiles, or loads: not kept
@@ -125,6 +161,35 @@ def test_a_front_serves_the_next_call_of_a_shape_with_the_plain_paths_bits(
     np.testing.assert_allclose(dbias, want_db, rtol=tol, atol=tol * terms)
     np.testing.assert_allclose(dweight, want_dw, rtol=1e-3 if dtype == np.float32 else 1e-9,
                                atol=tol * terms)  # fmt: skip
+    return {step: fronts._ADDRESSES[step, shape, axis, np.dtype(dtype)] for step in PLAIN}
+
+
+def test_a_parallel_front_serves_the_thread_count_it_was_learnt_on(rng, monkeypatch):
+    """numba.set_num_threads picks another plan (here the serial twin's): the front of the
+    other count declines, the plain path runs that plan and a front learns it, with the same
+    bits (a twin's result does not depend on the threads)."""
+    _no_races(monkeypatch)
+    threads = numba.get_num_threads()
+    x, dy, *_ = _inputs(rng, PARALLEL[0][0], 1, np.float32)
+    key = ("backward", x.shape, 1, x.dtype)
+    _, mean, invstd = nbn.forward_train(x)
+    want = [nbn.backward(dy, x, mean, invstd) for _ in range(2)][-1]
+    parallel, _, learnt_on = fronts._ADDRESSES[key]
+    assert learnt_on == threads
+    try:
+        numba.set_num_threads(1)
+        assert not fronts.knows("backward", x, 1)
+        for _ in range(2):  # the plain path: its plan for one thread, which a front learns
+            _same(nbn.backward(dy, x, mean, invstd), want)
+        serial, _, learnt_on = fronts._ADDRESSES[key]
+        assert learnt_on == 1 and serial != parallel
+        with monkeypatch.context() as patched:
+            _only_fronts(patched)
+            _same(nbn.backward(dy, x, mean, invstd), want)
+    finally:
+        numba.set_num_threads(threads)
+    assert not fronts.knows("backward", x, 1)
+    _same(nbn.backward(dy, x, mean, invstd), want)
 
 
 def _outcome(call):
@@ -279,8 +344,11 @@ def test_partitions_forget_the_addresses(rng):
     assert not fronts.knows("forward_train", x, 1)
 
 
-def test_threads_calling_one_front_at_once_get_the_plain_paths_bits(rng):
-    inputs = _inputs(rng, (8, 6, 5, 3), 1, np.float32)
+@pytest.mark.parametrize("shape", [(8, 6, 5, 3), (16, 32, 16, 16)])
+def test_threads_calling_one_front_at_once_get_the_plain_paths_bits(rng, monkeypatch, shape):
+    if np.prod(shape) > 10000:  # a parallel twin's front, from four threads at once
+        _no_races(monkeypatch)
+    inputs = _inputs(rng, shape, 1, np.float32)
     calls = _calls(*inputs, 1)
     for _ in range(2):  # compiles or loads, then the plain path keeps the plans: fronts learn
         want = {step: call() for step, call in calls.items()}
@@ -325,13 +393,17 @@ def test_a_front_frees_its_scratch(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(6, 4, 5, 3), (16, 32, 16, 16)])
 def test_a_layers_plans_take_the_fronts_with_the_general_paths_bits(rng, monkeypatch, dtype,
-                                                                    affine):  # fmt: skip
+                                                                    affine, shape):  # fmt: skip
     """BatchNorm's plans (numba_bn/plans.py) call the fronts with their checked arrays: the
-    training step and eval give the bits of a layer whose plans are off, state included."""
-    shape, axis = (6, 4, 5, 3), 1
+    training step and eval give the bits of a layer whose plans are off, state included; at a
+    size for threads too."""
+    axis, channels = 1, shape[1]
+    if np.prod(shape) > 10000:
+        _no_races(monkeypatch)
     x, dy = (random_batch(rng, shape, dtype, axis=axis) for _ in range(2))
-    fronted, general = (nbn.BatchNorm(4, dtype=dtype, affine=affine) for _ in range(2))
+    fronted, general = (nbn.BatchNorm(channels, dtype=dtype, affine=affine) for _ in range(2))
 
     def steps(layer):
         results = []
@@ -350,7 +422,7 @@ def test_a_layers_plans_take_the_fronts_with_the_general_paths_bits(rng, monkeyp
 
     warm(fronted)
     plans = list(fronted._plans.values())
-    assert {step for plan in plans for step, found in plan.fronts.items() if found} == {
+    assert {step for plan in plans for step, found in plan.fronts.items() if found[0]} == {
         "forward_train", "backward", "forward_eval"}  # fmt: skip
     with monkeypatch.context() as patched:
         patched.setattr(nbn.layer.plans, "remember", lambda *args: None)  # no plans

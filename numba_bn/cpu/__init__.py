@@ -17,7 +17,7 @@ from .items import both_partitions, is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
 from .race import NOT_YET, RACE_MIN_ELEMENTS, THREADS_RACE_BOUNDS, Race
 from .threads import compile_only as _twins_compile_only
-from .threads import expected_layer, launcher, layer_known, num_threads
+from .threads import expected_layer, launcher, layer_known, layer_safe, num_threads
 
 # Serial or parallel, by a measured cost model (benchmarks/serial_parallel.py measures it and
 # prints these numbers; benchmarks/README.md records them). A parallel launch costs a wake-up
@@ -187,20 +187,40 @@ def _forget_plans():
     fronts.forget()
 
 
-def serial_size(step, x):
-    """Whether every thread count and layer runs ``step`` on ``x`` serially (its size)."""
-    return x.size < _SERIAL_BELOW[step]
-
-
 def front_address(step, x, may_fuse=False):
-    """The address of the serial twin that the kept plan of ``step`` on the canonical view
-    ``x`` (without an epilogue) runs, for a front (:mod:`.fronts`); None for a size that may
-    run in parallel or a plan not kept."""
-    if not serial_size(step, x) or _serial_only:
+    """(address, threads) of the twin that the kept plan of ``step`` on the canonical view
+    ``x`` (without an epilogue) runs, for a front (:mod:`.fronts`): below the serial bound the
+    serial twin's, for any thread count (0); above it the plan of the calling thread's count
+    (``threads``), settled (no race under way) on a layer that is safe from several threads
+    (the parallel twin is called as it is: :func:`.threads.launcher`). None for a plan not
+    kept."""
+    if _serial_only:
         return None
-    if type(_PLANS.get((step, x.shape, x.dtype, may_fuse, EPILOGUE_NONE))) is not tuple:
+    plan = _PLANS.get((step, x.shape, x.dtype, may_fuse, EPILOGUE_NONE))
+    if type(plan) is tuple:
+        serial = _driver(step, x, 1, may_fuse)[0]
+        return _address(serial, x.dtype, 0)
+    if type(plan) is not dict or not layer_safe():
         return None
-    return drivers.native_address(_driver(step, x, 1, may_fuse)[0], x.dtype)
+    threads = num_threads()
+    run = plan.get(threads, (None,))[0]
+    if isinstance(run, numba.core.dispatcher.Dispatcher):  # a parallel twin
+        return _address(run, x.dtype, threads)
+    # a serial twin's machine code (the cost model's twin for one thread, or a race's winner);
+    # its dispatcher under drivers.CHECK_CALLS
+    serial = _driver(step, x, 1, may_fuse)[0]
+    if run is not None and getattr(run, "__wrapped__", run) in (
+        serial,
+        machine_code(serial, x.dtype),
+    ):
+        return _address(serial, x.dtype, threads)
+    return None
+
+
+def _address(dispatcher, dtype, threads):
+    """(native address of ``dispatcher``'s machine code for ``dtype``, ``threads``), or None."""
+    address = drivers.native_address(dispatcher, dtype)
+    return None if address is None else (address, threads)
 
 
 def _new_plan(key, step, x, may_fuse, epilogue, threads):

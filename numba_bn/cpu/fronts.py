@@ -1,23 +1,26 @@
-"""Fronts: a small plain call's checks and canonical view in compiled code, in front of the
-serial driver's machine code (issue 12: the per-call overhead).
+"""Fronts: a plain call's checks and canonical view in compiled code, in front of the machine
+code of the driver its plan runs (issue 12: the per-call overhead).
 
-A plain host call (:mod:`numba_bn.hostcall`) on a batch too small for the thread pool spends
-most of its time in Python: ~20 attribute checks, the canonical view, the plan's lookup and
-the driver's entry point, 3.5-5 us around a kernel of 0.5-3 us (benchmarks/README.md, "Stop
-63"). A front is a small Numba function that takes the call's arrays as they come, checks
+A plain host call (:mod:`numba_bn.hostcall`) spends 3.5-9 us in Python: ~20 attribute checks,
+the canonical view, the plan's lookup and the driver's entry point (benchmarks/README.md,
+"Stop 63" and "Stop 64"), around a kernel of 0.5-3 us on a small batch, 20-30 us on a medium
+one. A front is a small Numba function that takes the call's arrays as they come, checks
 what Numba's dispatch does not (the vectors' lengths, eps, the arrays' layout and dtype,
-folded at compile time), makes the canonical view and calls the serial driver's machine code
-by its address (:func:`native_call`, Numba's calling convention, as a compiled call of the
-driver would, without linking the driver into the front: a front compiles in ~0.3 s and holds
-no copy of a driver). The same driver on the same views: the same bits.
+folded at compile time), makes the canonical view and calls the driver's machine code by its
+address (:func:`native_call`, Numba's calling convention, as a compiled call of the driver
+would, without linking the driver into the front: a front compiles in ~0.3 s and holds no
+copy of a driver). The same driver on the same views: the same bits.
 
 The address comes from the plan the plain path made for the same shape (:func:`learn`, called
-by ``numba_bn.ops`` after a plain call that ran a serial twin), kept by (step, x's shape, axis,
-dtype): a front serves only the shapes a plain call ran before, and the first call of a shape
-takes the plain path. What Python still checks (:func:`forward_eval`): the arrays are
-ndarrays of x's dtype (a torch tensor or a list would make Numba's dispatch compile, or fail);
-a vector that is not contiguous makes the front compile once more for that layout and decline.
-Declined calls (None) take the plain path, whose checks explain.
+by ``numba_bn.ops`` after a plain call, :func:`numba_bn.cpu.front_address`), kept by (step,
+x's shape, axis, dtype): a front serves only the shapes a plain call ran before, and the first
+call of a shape takes the plain path. Below the cost model's serial bound the plan is the
+serial twin's for any thread count; above it, the plan of one thread count (the parallel twin,
+or the serial one a race chose), and a call on another count takes the plain path, after
+which a front learns that count's plan. What Python still checks (:func:`forward_eval`): the
+arrays are ndarrays of x's dtype (a torch tensor or a list would make Numba's dispatch
+compile, or fail); a vector that is not contiguous makes the front compile once more for that
+layout and decline. Declined calls (None) take the plain path, whose checks explain.
 """
 
 import math
@@ -28,14 +31,16 @@ from numba.extending import intrinsic
 
 from ..codecache import key_on_sources, lock_cache_saves
 from ..stats import empty, kernel, release, shaped
+from .threads import num_threads
 
 ndarray, F64 = np.ndarray, np.dtype(np.float64)
 NOT_PLAIN = -2  # a front's answer for a call it does not serve (the plain path's checks then)
 
 _NO_STATISTICS = np.empty(0)  # the float64 statistics or sums of a call: in the front's scratch
 _NO_ROWS = {np.dtype(t): np.empty((2, 0), t) for t in (np.float32, np.float64)}  # not wanted
-#: (step, x.shape, axis, x.dtype) -> (the serial driver's address, a zero-length vector of the
-#: dtype: an absent weight or bias): what :func:`learn` found; bounded as the plans are
+#: (step, x.shape, axis, x.dtype) -> (the driver's address, a zero-length vector of the dtype:
+#: an absent weight or bias, the thread count it serves: 0 for any): what :func:`learn` found;
+#: bounded as the plans are
 _ADDRESSES = {}
 _ADDRESSES_MAX = 256
 _largest = -1  # the size of the largest x in _ADDRESSES: larger calls skip the lookup
@@ -274,7 +279,7 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
     plan = _served("forward_train", x, axis)
     if plan is None or type(eps) is not float:
         return None
-    address, nothing = plan
+    address, nothing, _ = plan
     dtype = nothing.dtype
     affine = _affine(weight, bias, nothing)
     if affine is None:
@@ -303,7 +308,7 @@ def backward(dy, x, mean, invstd, weight, axis):
     plan = _served("backward", x, axis)
     if plan is None:
         return None
-    address, nothing = plan
+    address, nothing, _ = plan
     dtype = nothing.dtype
     if (type(dy) is not ndarray or dy.dtype is not dtype or type(mean) is not ndarray
             or (mean.dtype is not dtype and mean.dtype is not F64) or mean.ndim != 1
@@ -327,7 +332,7 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
     plan = _served("forward_eval", x, axis)
     if plan is None or type(eps) is not float:
         return None
-    address, nothing = plan
+    address, nothing, _ = plan
     dtype = nothing.dtype
     if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
             or type(running_var) is not ndarray or running_var.dtype is not dtype):  # fmt: skip
@@ -342,11 +347,14 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
 
 
 def _served(step, x, axis):
-    """(address, the zero-length vector of x's dtype) of the front that serves ``step`` on
-    ``x`` with channels on ``axis``, or None."""
+    """(address, the zero-length vector of x's dtype, threads) of the front that serves
+    ``step`` on ``x`` with channels on ``axis`` on the calling thread's count, or None."""
     if type(x) is not ndarray or x.size > _largest or type(axis) is not int:
         return None  # a CUDA array, say; a size no front serves; axis=True (hashes as 1)
-    return _ADDRESSES.get((step, x.shape, axis, x.dtype))
+    plan = _ADDRESSES.get((step, x.shape, axis, x.dtype))
+    if plan is not None and plan[2] and plan[2] != num_threads():
+        return None  # a parallel plan's: that count's plan may run another twin
+    return plan
 
 
 def _affine(weight, bias, nothing):
@@ -376,17 +384,20 @@ def may_serve(backend, device):
 
 
 def knows(step, x, axis):
-    """Whether a front serves ``step`` on inputs like ``x`` with channels on ``axis``."""
-    return (step, x.shape, axis, x.dtype) in _ADDRESSES
+    """Whether a front serves ``step`` on inputs like ``x`` with channels on ``axis`` (on the
+    calling thread's count)."""
+    return _served(step, x, axis) is not None
 
 
-def learn(step, x, axis, address):
-    """Keep ``address`` (the serial driver's machine code, :func:`.drivers.native_address`) for
-    ``step``'s plain calls on inputs like the ndarray ``x`` with channels on ``axis``."""
+def learn(step, x, axis, found):
+    """Keep ``found`` ((address, threads): the machine code of the driver the plan runs,
+    :func:`numba_bn.cpu.front_address`) for ``step``'s plain calls on inputs like the ndarray
+    ``x`` with channels on ``axis``."""
     global _largest
     if len(_ADDRESSES) >= _ADDRESSES_MAX:
         forget()
-    _ADDRESSES[step, x.shape, axis, x.dtype] = address, np.empty(0, x.dtype)
+    address, threads = found
+    _ADDRESSES[step, x.shape, axis, x.dtype] = address, np.empty(0, x.dtype), threads
     _largest = max(_largest, x.size)
 
 

@@ -74,6 +74,12 @@ def _layer_is_safe():
     return _safe_layer
 
 
+def layer_safe():
+    """Whether numba has chosen a threading layer that is safe from several threads at once
+    (where :func:`launcher` hands out the parallel kernel as it is)."""
+    return _layer_is_safe() is True
+
+
 def launch_guard():
     """A context manager to hold around a parallel kernel call."""
     return contextlib.nullcontext() if _layer_is_safe() else _launch_lock
