@@ -4,7 +4,9 @@ A step is one operation on one dtype, memory shape and twin, run through the pub
 on a small batch of that shape: it compiles the drivers that call would compile, or loads them
 from Numba's on-disk cache (NUMBA_CACHE_DIR). Serial twins run inputs below the cost model's
 threshold (numba_bn.cpu); parallel twins, warmed when Numba has two threads or more, run
-inputs of ``cpu.parallel_min_elements()``. ``numba-bn warmup`` prints a line per step.
+inputs of ``cpu.parallel_min_elements()``. A dtype's ``fronts`` steps compile the fronts of its
+plain calls (:mod:`numba_bn.cpu.fronts`) for x of each rank of FRONT_RANKS. ``numba-bn
+warmup`` prints a line per step.
 
 Group, layer and instance norm (:mod:`numba_bn.norms`) have drivers of their own
 (:mod:`numba_bn.cpu.norm_kernels`; instance norm runs group norm's): ``norms=True`` adds their
@@ -39,6 +41,10 @@ from . import ahead, compiling
 #: rows of (outer, C * inner)), planes one channel per item.
 LAYOUTS = ("rows", "planes", "short", "fused")
 OPERATIONS = ("forward_train", "backward", "forward_eval")
+#: The ranks of x whose fronts (numba_bn/cpu/fronts.py: the checks of a plain call like one
+#: before, compiled per dtype and rank of x) a dtype's steps compile: an MLP's (N, C) and a
+#: convolution's (N, C, H, W). Their steps' twin column is "-": a front calls either twin.
+FRONT_RANKS = (2, 4)
 #: The steps of SyncBatchNorm (numba_bn.distributed): the split steps with an exchange between.
 SYNC_OPERATIONS = ("sync forward_train", "sync backward", "sync eval backward")
 #: The norms' steps, with the memory shape of the view their drivers see.
@@ -81,9 +87,10 @@ class Step(NamedTuple):
 def _cache_loads():
     """How many times the drivers' machine code (batch norm's and the norms') has come from
     Numba's cache in this process."""
-    from .cpu import drivers, norm_kernels  # noqa: F401 (the norms' drivers made)
+    from .cpu import drivers, fronts, norm_kernels  # noqa: F401 (the norms' drivers made)
 
-    return sum(sum(dispatcher.stats.cache_hits.values()) for dispatcher in drivers.dispatchers())
+    return sum(sum(dispatcher.stats.cache_hits.values())
+               for dispatcher in (*drivers.dispatchers(), *fronts.dispatchers()))  # fmt: skip
 
 
 class Timings(float):
@@ -185,6 +192,7 @@ def plan(
     steps = []
     for dtype in dtypes:
         name = np.dtype(dtype).name
+        steps += [("fronts", name, f"{rank}-D", "-") for rank in FRONT_RANKS]
         for twin in twins:
             for layout in LAYOUTS:
                 if layout == "fused" and twin == "serial" and len(twins) > 1:
@@ -243,12 +251,17 @@ def run_steps(
             progress((operation, dtype, layout, twin))
         parallel = twin == "parallel"
         norm = layout == "groups" or operation.startswith("layer_norm")
-        shape = _norm_shape(parallel) if norm else _shape(layout, parallel, threads)
-        x = (rng.standard_normal(shape) + 2.0).astype(dtype)
+        if operation != "fronts":
+            shape = _norm_shape(parallel) if norm else _shape(layout, parallel, threads)
+            x = (rng.standard_normal(shape) + 2.0).astype(dtype)
         loads = _cache_loads()
         with compiling.recording() as compiled, ahead.off():  # the steps compile here
             start = time.perf_counter()
-            if norm:
+            if operation == "fronts":
+                from .cpu import fronts
+
+                fronts.compile_ahead(np.dtype(dtype), int(layout.removesuffix("-D")))
+            elif norm:
                 _norm(operation, x, parallel)
             elif operation.startswith("sync"):
                 _sync(operation, x)

@@ -248,7 +248,7 @@ def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path, m
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}  # serial twins only
     monkeypatch.setattr(numba, "get_num_threads", lambda: 1)  # the child's plan
     expected = [label(*step).split() for step in plan((np.float32,), distributed=True, norms=True)]
-    assert all(step[-1] == "serial" for step in expected)
+    assert all(step[-1] == ("-" if step[0] == "fronts" else "serial") for step in expected)
     assert [op for op, _ in NORM_OPERATIONS] == [" ".join(s[:2]) for s in expected[-4:]]
     outcomes = []
     for jobs in (2, 1):
@@ -265,6 +265,27 @@ def test_warmup_cli_prints_a_line_per_step_then_loads_from_the_cache(tmp_path, m
     # a worker may load what the other saved first (a driver two groups call)
     assert "compiled" in outcomes[0]
     assert "from cache" in outcomes[1] and "compiled" not in outcomes[1]
+    # a program's calls then compile nothing, their fronts (a shape's third call) included
+    status, output = run_child([sys.executable, "-c", PLAIN_CALLS], env)
+    assert status == 0 and "done" in output and not LINE.findall(output), output
+
+
+# Every plain call of a training loop and its eval, functional and layer, four times on an
+# MLP's batch and a feature map (a front serves each from its third call)
+PLAIN_CALLS = """
+import numpy as np, numba_bn as nbn
+for shape in ((64, 32), (8, 16, 8, 8)):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    running_mean, running_var = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+    layer = nbn.BatchNorm(shape[1])
+    for _ in range(4):
+        y, mean, invstd = nbn.forward_train(x)
+        nbn.backward(x, x, mean, invstd)
+        nbn.forward_eval(x, running_mean, running_var)
+        nbn.batch_norm(x, running_mean, running_var, training=True)
+        layer.train(), layer(x), layer.backward(x), layer.eval(), layer(x)
+print("done")
+"""
 
 
 def test_groups_give_each_driver_to_one_worker_and_keep_the_plans_order():

@@ -26,7 +26,7 @@ layout and decline. Declined calls (None) take the plain path, whose checks expl
 import math
 
 import numpy as np
-from numba import float64, types
+from numba import float64, typeof, types
 from numba.extending import intrinsic
 
 from ..codecache import key_on_sources, lock_cache_saves
@@ -406,3 +406,25 @@ def forget():
     global _largest
     _ADDRESSES.clear()
     _largest = -1
+
+
+def dispatchers():
+    """The fronts' dispatchers (warm-up counts their cache loads)."""
+    return [_eval_front, _train_front, _backward_front]
+
+
+def compile_ahead(dtype, rank):
+    """Compile (or load from Numba's cache) the fronts the plain calls on an x of ``dtype`` and
+    ``rank`` take (``numba-bn warmup``): the functional API's and the layer's, whose backward
+    passes float64 statistics, for C-contiguous writable arrays as those calls make them. A
+    front compiles on the third call of a shape otherwise (~0.35 s each)."""
+    x = np.empty((1,) * rank, dtype)
+    vector, rows, f64 = np.empty(0, dtype), np.empty((2, 0), dtype), np.empty(0)
+    train = (0, x, 1, vector, vector, 0, 1e-5, vector, vector, 0.1, True, f64, f64, f64, x, rows)
+    calls = [(_eval_front, (0, x, 1, vector, vector, vector, vector, 0, 1e-5, x)),
+             (_train_front, train)]  # fmt: skip
+    for statistics in dict.fromkeys((vector.dtype, f64.dtype)):  # functional's, the layer's
+        stat = np.empty(0, statistics)
+        calls.append((_backward_front, (0, x, x, 1, stat, stat, vector, 0, f64, f64, x, rows)))
+    for front, arguments in calls:
+        front.compile(tuple(map(typeof, arguments)))
