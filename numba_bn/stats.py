@@ -541,6 +541,24 @@ def shaped(typingctx, array, shape):
     is its size, unchecked), :func:`borrowed`: the rows of a flat item's values."""
     if not isinstance(array, types.Array) or array.layout != "C":
         return None
+    return _shaped(array, shape)
+
+
+@intrinsic
+def shaped_when_plain(typingctx, array, shape):
+    """:func:`shaped`, typed for an ``array`` of any layout, for code that reaches it for a
+    C-contiguous one only: a front (numba_bn/cpu/fronts.py) declines another layout by a
+    constant test first, but Numba types every branch, and :func:`shaped` refuses the layout
+    (the front failed to compile where it should decline). The view it would make of another
+    layout is wrong, and never made."""
+    if not isinstance(array, types.Array):
+        return None
+    return _shaped(array, shape)
+
+
+def _shaped(array, shape):
+    """The signature and code generator of :func:`shaped` (a C-contiguous view of ``array``'s
+    memory)."""
     if not isinstance(shape, types.UniTuple) or not isinstance(shape.dtype, types.Integer):
         return None
     view_type = array.copy(ndim=shape.count, layout="C")
@@ -562,7 +580,7 @@ def _aliases_its_array(view, arguments, alias_map, arg_aliases):
     ir_utils._add_alias(view, arguments[0].name, alias_map, arg_aliases)
 
 
-for _view in (borrowed, flat, shaped):
+for _view in (borrowed, flat, shaped, shaped_when_plain):
     ir_utils.alias_func_extensions[(_view.__name__, __name__)] = _aliases_its_array
 
 

@@ -221,6 +221,8 @@ def _variants(rng, dtype):
     negative[-1] = -0.5
     readonly = x.copy()
     readonly.flags.writeable = False
+    fortran = np.asfortranarray(x)  # x's shape and values, not C-contiguous: a front declines it
+    strided_x = np.repeat(x, 2, axis=-1)[..., ::2]
     frozen = dict(running_mean=running_mean, running_var=running_var)
 
     def batch_norm(**options):  # from the same buffers each call
@@ -257,6 +259,20 @@ def _variants(rng, dtype):
         ("NaN eps", "forward_train", lambda: nbn.forward_train(x, eps=float("nan"))),
         ("axis True", "forward_train", lambda: nbn.forward_train(x, axis=True)),
         ("readonly x", "forward_train", lambda: nbn.forward_train(readonly, weight, bias)),
+        ("Fortran-ordered x", "forward_train", lambda: nbn.forward_train(fortran, weight, bias)),
+        ("strided x", "forward_train", lambda: nbn.forward_train(strided_x, weight, bias)),
+        (
+            "Fortran-ordered x",
+            "forward_train",
+            lambda: nbn.batch_norm(fortran, running_mean.copy(), running_var.copy(), training=True),
+        ),
+        ("Fortran-ordered x", "forward_eval", lambda: nbn.forward_eval(fortran, **frozen)),
+        ("Fortran-ordered x", "backward", lambda: nbn.backward(dy, fortran, mean, invstd)),
+        (
+            "Fortran-ordered dy",
+            "backward",
+            lambda: nbn.backward(np.asfortranarray(dy), x, mean, invstd),
+        ),
         (
             "negative running_var",
             "forward_eval",

@@ -30,7 +30,7 @@ from numba import float64, typeof, types
 from numba.extending import intrinsic
 
 from ..codecache import key_on_sources, lock_cache_saves
-from ..stats import empty, kernel, release, shaped
+from ..stats import empty, kernel, release, shaped_when_plain
 from .threads import num_threads
 
 ndarray, F64 = np.ndarray, np.dtype(np.float64)
@@ -172,8 +172,8 @@ def _eval_front(address, x, axis, running_mean, running_var, weight, bias, absen
             or not _fits(weight, channels, absent & 1) or not _fits(bias, channels, absent & 2)
             or not (eps >= 0.0 and eps <= math.inf) or y.size != x.size):  # fmt: skip
         return NOT_PLAIN
-    view = shaped(x, (outer, channels, inner))
-    y_view = shaped(y, (outer, channels, inner))
+    view = shaped_when_plain(x, (outer, channels, inner))
+    y_view = shaped_when_plain(y, (outer, channels, inner))
     return call_int64(address, (view, weight, bias, running_mean, running_var, float64(eps),
                                 y_view, view))  # fmt: skip
 
@@ -210,12 +210,13 @@ def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, runn
         or m2.size != mean.size
     ):
         return NOT_PLAIN
-    view = shaped(x, (outer, channels, inner))
+    view = shaped_when_plain(x, (outer, channels, inner))
+    y_view = shaped_when_plain(y, (outer, channels, inner))
     if absent & 8:  # (an argument's release does nothing: it has no MemInfo here)
         mean, invstd, m2 = _scratch(channels), _scratch(channels), _scratch(channels)
     call_boolean(address, (view, weight, bias, float64(eps), running_mean, running_var,
-                           float64(momentum), unbiased, False, shaped(y, (outer, channels, inner)),
-                           mean, invstd, m2, view, saved))  # fmt: skip
+                           float64(momentum), unbiased, False, y_view, mean, invstd, m2, view,
+                           saved))  # fmt: skip
     release(mean)
     release(invstd)
     release(m2)
@@ -261,8 +262,9 @@ def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, sum_dy, 
         invstd64[c] = invstd[c]
     if absent & 8:
         sum_dy, sum_dy_xmu = _scratch(channels), _scratch(channels)
-    call_none(address, (shaped(dy, shape), shaped(x, shape), mean64, invstd64, weight,
-                        shaped(dx, shape), sum_dy, sum_dy_xmu, grads))  # fmt: skip
+    views = shaped_when_plain(dy, shape), shaped_when_plain(x, shape), shaped_when_plain(dx, shape)
+    call_none(address, (views[0], views[1], mean64, invstd64, weight, views[2], sum_dy, sum_dy_xmu,
+                        grads))  # fmt: skip
     release(mean64)
     release(invstd64)
     release(sum_dy)
