@@ -189,18 +189,24 @@ class Plan(NamedTuple):
 
     def takes(self, layer, x):
         """Whether this plan serves ``layer``'s call on the ndarray ``x`` (or its backward's
-        ``dy``) of the plan's shape: the layer holds what the plan checked, x is plain."""
+        ``dy``) of the plan's shape: the layer holds what the plan checked, x has its dtype.
+        The memory the kernels need is checked where they are called: a front's types (a
+        non-contiguous x, a read-only buffer: another type, which it declines), else
+        :meth:`_memory` (~0.3 us less a front's call)."""
         return (
             x.dtype is self.dtype
-            and x.flags.c_contiguous
             and layer._version == self.version
             and layer._exchange is None
             and layer._collected is None
             and calls.entry is self.entry
-            and (
-                not self.update
-                or (self.running.mean.flags.writeable and self.running.var.flags.writeable)
-            )  # fmt: skip
+        )
+
+    def _memory(self, x):
+        """Whether the kernels can take ``x`` (C-contiguous) and, for a plan that updates them,
+        the running buffers (writable)."""
+        return x.flags.c_contiguous and (
+            not self.update
+            or (self.running.mean.flags.writeable and self.running.var.flags.writeable)
         )
 
     def train(self, x, residual):
@@ -216,6 +222,8 @@ class Plan(NamedTuple):
                                        self.bias, self.absent, self.eps, *running, mean, invstd,
                                        m2, y, _NO_ROWS[self.dtype]):  # fmt: skip
                 return y, mean, invstd
+        if not self._memory(x):
+            return None
         view_shape = self.view_shape
         view = x.reshape(view_shape)
         plain, residual = hostcall.residual(residual, x, view)
@@ -239,6 +247,8 @@ class Plan(NamedTuple):
                                           self.running_mean, self.running_var, self.weight,
                                           self.bias, self.absent, self.eps, y)  # fmt: skip
             return y if negative == -1 else None
+        if not self._memory(x):
+            return None
         view_shape = self.view_shape
         view = x.reshape(view_shape)
         plain, residual = hostcall.residual(residual, x, view)
@@ -255,7 +265,9 @@ class Plan(NamedTuple):
     def backward(self, dy, x, mean, invstd, y, residual):
         """dx, dweight, dbias (in x's dtype, rounded as ``ops.plain_batch_backward`` rounds
         them) and the residual's gradient (None without a ``residual``) of the batch-statistics
-        forward of ``x`` whose statistics were ``mean``, ``invstd`` and output ``y``."""
+        forward of ``x`` whose statistics were ``mean``, ``invstd`` and output ``y``; None for
+        a ``dy`` the kernels do not take as it is (not C-contiguous: the general path copies
+        it)."""
         view_shape, shape, dtype = self.view_shape, self.shape, self.dtype
         dx = np.empty(shape, dtype)
         sum_dy, sum_dy_xmu = self.sums
@@ -266,6 +278,8 @@ class Plan(NamedTuple):
                                           invstd, self.weight, self.absent, sum_dy, sum_dy_xmu,
                                           dx, grads):  # fmt: skip
                 return dx, grads[0], grads[1], None
+        if not dy.flags.c_contiguous:
+            return None
         grad = grad_residual = None
         if self.activation is not None:  # the gradient through it, the residual's, in the pass
             grad, y = np.empty(view_shape, dtype), y.reshape(view_shape)

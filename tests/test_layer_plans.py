@@ -225,6 +225,22 @@ def test_inputs_a_plan_does_not_take_go_the_general_way(rng, kind):
     _same_state(planned, general)
 
 
+@pytest.mark.parametrize("kind", ["Fortran-ordered", "strided"])
+def test_a_dy_the_kernels_do_not_take_as_it_is_goes_the_general_way(rng, kind):
+    """A planned forward's backward of a dy that is not C-contiguous: the general path copies
+    it (the front and the plan's kernel call decline it), with the bits of a layer without
+    plans."""
+    planned, general = nbn.BatchNorm(8), nbn.BatchNorm(8)
+    x, dy = (random_batch(rng, (32, 8), np.float32) for _ in range(2))
+    other = np.asfortranarray(dy) if kind == "Fortran-ordered" else np.repeat(dy, 2, 1)[:, ::2]
+    for _ in range(3):  # the plan, then its front, each step
+        planned(x), planned.backward(dy)
+        _unplanned(general, x), general.backward(dy)
+    planned(x), _unplanned(general, x)
+    _same(planned.backward(other), general.backward(other))
+    _same_state(planned, general)
+
+
 def test_plans_are_few_and_stay_out_of_pickles(rng):
     bn = nbn.BatchNorm(4)
     for n in range(2, 3 + 2 * plans.MOST_PLANS):
