@@ -204,7 +204,7 @@ def front_address(step, x, may_fuse=False):
         return None
     threads = num_threads()
     run = plan.get(threads, (None,))[0]
-    if isinstance(run, numba.core.dispatcher.Dispatcher):  # a parallel twin
+    if isinstance(run, numba.core.dispatcher.Dispatcher):  # a twin as launcher hands it out
         return _address(run, x.dtype, threads)
     # a serial twin's machine code (the cost model's twin for one thread, or a race's winner);
     # its dispatcher under drivers.CHECK_CALLS
