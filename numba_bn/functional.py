@@ -95,7 +95,7 @@ def forward_train(
             and fronts.may_serve(backend, device)
         ):
             served = fronts.forward_train(x, weight, bias, eps, axis)
-            if served is not None:  # a small call like one before, in compiled code
+            if served is not None:  # a call like one before, in compiled code
                 return served
         # ops.batch_forward's two paths, its TrainResult skipped on the plain one (~1 us of 8),
         # and the statistics rounded to x's dtype by the kernels (two astype: ~0.7 us)
@@ -152,7 +152,7 @@ def forward_eval(
         and fronts.may_serve(backend, device)
     ):
         y = fronts.forward_eval(x, running_mean, running_var, weight, bias, eps, axis)
-        if y is not None:  # a small call like one before, in compiled code (cpu/fronts.py)
+        if y is not None:  # a call like one before, in compiled code (cpu/fronts.py)
             return y
     # ops.frozen_forward's two paths, its keywords skipped on the plain one (as forward_train)
     y = ops.plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, out,
@@ -212,7 +212,7 @@ def backward(
     if (mask is None and out is None and activation is None and y is None
             and residual_out is None and fronts.may_serve(backend, device)):  # fmt: skip
         served = fronts.backward(dy, x, mean, invstd, weight, axis)
-        if served is not None:  # a small call like one before, in compiled code
+        if served is not None:  # a call like one before, in compiled code
             return served
     if mask is None:  # as in forward_train: ops.batch_backward's two paths
         plain = ops.plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend,
@@ -277,7 +277,7 @@ def batch_norm(
             and fronts.may_serve(backend, device)):  # fmt: skip
         served = fronts.forward_train(x, weight, bias, eps, axis, running_mean, running_var,
                                       momentum, unbiased_running_var)  # fmt: skip
-        if served is not None:  # a small call like one before, in compiled code (cpu/fronts.py)
+        if served is not None:  # a call like one before, in compiled code (cpu/fronts.py)
             return served[0]
     if training and mask is None and calls.entry is None:
         # batch_forward's plain path without its keywords and its TrainResult (~1 us of a small

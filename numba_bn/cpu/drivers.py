@@ -188,9 +188,10 @@ def machine_code(dispatcher, dtype):
 
 
 def native_address(dispatcher, dtype):
-    """The address of the serial twin ``dispatcher``'s machine code for an x of ``dtype`` as
-    Numba's compiled code calls it (:func:`numba_bn.cpu.fronts.native_call`), for arguments of
-    the one kind :func:`machine_code` calls it with; None when there is no such code."""
+    """The address of the twin ``dispatcher``'s machine code (serial or parallel) for an x of
+    ``dtype`` as Numba's compiled code calls it (:func:`numba_bn.cpu.fronts.native_call`), for
+    arguments of the one kind :func:`machine_code` calls it with; None when there is no such
+    code."""
     if machine_code(dispatcher, dtype) is None or not hasattr(dispatcher, "overloads"):
         return None
     for signature, code in dispatcher.overloads.items():
