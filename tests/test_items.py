@@ -6,7 +6,7 @@ import pytest
 
 from numba_bn.cpu import drivers, items
 from numba_bn.cpu.race import THREADS_RACE_BOUNDS
-from numba_bn.stats import AFFINE_ROWS
+from numba_bn.stats import AFFINE_ROWS, DX_ROWS
 
 from conftest import assert_mean_close, random_batch
 
@@ -86,6 +86,63 @@ def test_reduction_items_and_channel_sums_give_the_drivers_sums(rng, shape):
     np.testing.assert_allclose(sum_dy, g.sum(axis=1), rtol=1e-10, atol=1e-10 * g.size)
     np.testing.assert_allclose(sum_dy_xmu, (g * xmu).sum(axis=1), rtol=1e-10,
                                atol=1e-10 * g.size)  # fmt: skip
+
+
+# reduction items that hold whole channels: rows of one chunk (one tile, several: 1000 x 300
+# has two, 1024 x 1024 four), planes of one segment a channel; and SHAPES, where most do not
+WHOLE = [(256, 40, 1), (1000, 300, 1), (1024, 1024, 1), (3, 5, 300), (1, 2, 4096)]
+
+
+@pytest.mark.parametrize("shape", WHOLE + SHAPES)
+def test_items_that_hold_whole_channels_finish_them_as_channel_items_do(rng, shape):
+    """Where every reduction item reads all of its channels' values (items.whole_channels), the
+    training forward and the backward finish each channel in the item that reduced it (no
+    channel items of their own): each channel in exactly one item, the one that wrote its
+    partial, and the same statistics and sums as the drivers that merge in channel items."""
+    plan, memory = _plan(shape), items.memory_of(shape[0], shape[2])
+    whole = items.whole_channels(shape[0], shape[2])
+    assert whole == (plan["parts"] == 1 and memory != items.MEMORY_SHORT)
+    if whole:
+        x = random_batch(rng, shape, np.float64)
+        finished = []
+        for item in range(plan["reduce_items"]):
+            part = np.full((3, 1, shape[1]), np.nan)
+            items.ITEMS[memory]["stats_item"](x.reshape(-1), shape, item, part,
+                                              np.empty(items.ITEM_SCRATCH_SHAPE))  # fmt: skip
+            c0, c1 = items.ITEMS[memory]["item_channels"](shape, item)
+            assert c1 > c0
+            assert np.flatnonzero(~np.isnan(part[0, 0])).tolist() == list(range(c0, c1))
+            finished += range(c0, c1)
+        assert sorted(finished) == list(range(shape[1]))
+    # the training forward's statistics and the backward's sums, bit for bit those of the
+    # reduction items merged in channel items (the other drivers' way), on both twins
+    x, dy = random_batch(rng, shape, np.float64), random_batch(rng, shape, np.float64)
+    channels, none, count = shape[1], np.empty(0), float(shape[0] * shape[2])
+    stats, sums = np.empty((3, plan["parts"], channels)), np.empty((2, plan["parts"], channels))
+    expected = [np.empty(channels) for _ in range(5)]  # mean, invstd, m2, sum_dy, sum_dy_xmu
+    coef = np.empty((AFFINE_ROWS, channels))
+    for item in range(plan["reduce_items"]):
+        items.ITEMS[memory]["stats_item"](x.reshape(-1), shape, item, stats,
+                                          np.empty(items.ITEM_SCRATCH_SHAPE))  # fmt: skip
+    for item in range(items.channel_items(channels)):
+        items.train_channel(item, stats, count, 1e-5, none, none, coef, *expected[:3])
+    for item in range(plan["reduce_items"]):
+        items.ITEMS[memory]["sums_item"](dy.reshape(-1), x.reshape(-1), shape, item, expected[0],
+                                         sums, np.empty(items.ITEM_SCRATCH_SHAPE))  # fmt: skip
+    coef = np.empty((DX_ROWS, channels))
+    for item in range(items.channel_items(channels)):
+        items.dx_channel(item, sums, count, expected[0], expected[1], none, coef, *expected[3:])
+    for twin in (0, 1):
+        got = [np.full(channels, np.nan) for _ in range(5)]
+        y, dx = np.full(shape, np.nan), np.full(shape, np.nan)
+        drivers.driver("forward_train_split", memory)[twin](
+            x, none, none, 1e-5, none, none, 0.1, True, False, y, *got[:3], x, np.empty((2, 0))
+        )  # fmt: skip
+        drivers.driver("backward_split", memory)[twin](dy, x, got[0], got[1], none, dx, *got[3:],
+                                                        np.empty((2, 0)))  # fmt: skip
+        for value, reference in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(value, reference)
+        assert not np.isnan(y).any() and not np.isnan(dx).any()
 
 
 @pytest.mark.parametrize("shape", SHAPES)

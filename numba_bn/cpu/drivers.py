@@ -64,6 +64,7 @@ from ..stats import (
     renamed_copy,
     running_update,
 )
+from .channels import dx_channels, train_channels
 from .items import (
     ITEM_SCRATCH_SHAPE,
     ITEMS,
@@ -82,6 +83,7 @@ from .items import (
     reduce_items,
     release_wide,
     train_channel,
+    whole_channels,
 )
 from .kernels import (
     EPILOGUE_NONE,
@@ -291,6 +293,42 @@ def _sums_loop(dy, x, mean, part):
     release(unused)
 
 
+def _train_stats_loop(x, part, whole, count, eps, weight, bias, coef, mean, invstd, m2):
+    """_stats_loop of a training forward: where the reduction items hold whole channels
+    (``whole``: :func:`.items.whole_channels`), each then finishes its channels
+    (``train_channels``: mean, invstd, M2 and the affine rows) in the same parallel region,
+    and the channel items' region (~4 us to start and end on two threads) is not needed. The
+    same kernels on the same partials: the same bits."""
+    outer, channels, inner = x.shape
+    unused = empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64)
+    rows = inner == 1 or short_planes_jit(outer, inner)
+    for item in prange(reduce_items(outer, channels, inner)):
+        scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if rows else borrowed(unused)
+        stats_item(flat(x), x.shape, item, borrowed(part), scratch)  # noqa: F821
+        c0, c1 = item_channels(x.shape, item) if whole else (0, 0)  # noqa: F821
+        train_channels(c0, c1, borrowed(part), count, eps, borrowed(weight), borrowed(bias),
+                       borrowed(coef), borrowed(mean), borrowed(invstd), borrowed(m2))  # fmt: skip
+        release(scratch)
+    release(unused)
+
+
+def _dx_sums_loop(dy, x, mean, part, whole, count, invstd, weight, coef, sum_dy, sum_dy_xmu):
+    """_sums_loop of a backward, as _train_stats_loop: with ``whole``, each item then adds its
+    channels' sums and takes their dx rows (``dx_channels``)."""
+    outer, channels, inner = x.shape
+    unused, short = empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64), short_planes_jit(outer, inner)
+    for item in prange(reduce_items(outer, channels, inner)):
+        scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if short else borrowed(unused)
+        sums_item(flat(dy), flat(x), x.shape, item, borrowed(mean), borrowed(part),  # noqa: F821
+                  scratch)  # fmt: skip
+        c0, c1 = item_channels(x.shape, item) if whole else (0, 0)  # noqa: F821
+        dx_channels(c0, c1, borrowed(part), count, borrowed(mean), borrowed(invstd),
+                    borrowed(weight), borrowed(coef), borrowed(sum_dy),
+                    borrowed(sum_dy_xmu))  # fmt: skip
+        release(scratch)
+    release(unused)
+
+
 def _normalize_loop(x, coef, y, z, epilogue):
     """y (=) of every elementwise item, with ``epilogue`` (the calling driver's EPILOGUE: a
     global here would be this module's) and ``z`` (as x); ``coef`` (rows, C), spread here to a
@@ -317,7 +355,14 @@ LOOPS = {
         loop.__name__: kernel(inline="always")(
             _copy(loop, _MEMORY_SUFFIX[memory], {**globals(), **items})
         )
-        for loop in (_stats_loop, _sums_loop, _normalize_loop, _dx_loop)
+        for loop in (
+            _stats_loop,
+            _sums_loop,
+            _train_stats_loop,
+            _dx_sums_loop,
+            _normalize_loop,
+            _dx_loop,
+        )
     }
     for memory, items in ITEMS.items()
 }
@@ -412,12 +457,14 @@ def _forward_train_split(
     count = float(outer * inner)
     coef = empty((AFFINE_ROWS, channels), x.dtype)
     part = empty((3, parts(outer, inner), channels), np.float64)
-    _stats_loop(x, part)
-    # One channel item (up to CHANNEL_GROUP channels) runs on this thread: a parallel region
-    # costs ~1.2 us to start and finish, also when one thread has all its work
-    if channel_items(channels) == 1:
+    whole = whole_channels(outer, inner)
+    _train_stats_loop(x, part, whole, count, eps, weight, bias, coef, save_mean, save_invstd,
+                      save_m2)  # fmt: skip
+    # Else the channel items; one (up to CHANNEL_GROUP channels) runs on this thread: a parallel
+    # region costs ~1.2 us to start and finish, also when one thread has all its work
+    if not whole and channel_items(channels) == 1:
         train_channel(0, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
-    else:
+    elif not whole:
         for item in prange(channel_items(channels)):
             train_channel(item, borrowed(part), count, eps, borrowed(weight), borrowed(bias),
                           borrowed(coef), borrowed(save_mean), borrowed(save_invstd),
@@ -490,10 +537,11 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
     count = float(outer * inner)
     coef = empty((DX_ROWS, channels), x.dtype)
     part = empty((2, parts(outer, inner), channels), np.float64)
-    _sums_loop(dy, x, mean, part)
-    if channel_items(channels) == 1:  # see _forward_train_split
+    whole = whole_channels(outer, inner)  # see _forward_train_split
+    _dx_sums_loop(dy, x, mean, part, whole, count, invstd, weight, coef, sum_dy, sum_dy_xmu)
+    if not whole and channel_items(channels) == 1:
         dx_channel(0, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
-    else:
+    elif not whole:
         for item in prange(channel_items(channels)):
             dx_channel(item, borrowed(part), count, borrowed(mean), borrowed(invstd),
                        borrowed(weight), borrowed(coef), borrowed(sum_dy),

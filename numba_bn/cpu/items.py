@@ -399,6 +399,46 @@ def sums_item(dy, x, shape, item, mean, part, scratch):
         sums_item_planes(dy, x, shape, item, mean, part, scratch)
 
 
+@kernel(inline="always")
+def whole_channels(outer, inner):
+    """Whether every reduction item of an (``outer``, C, ``inner``) view reads all the values of
+    the channels it reduces (one partial a channel: rows of at most ROW_CHUNK rows, planes of
+    one segment a channel; never short planes): its partials are then those channels'
+    statistics or sums, and the item can finish them itself (:func:`item_channels`), in the
+    parallel region that reduced them, without channel items of their own."""
+    return parts(outer, inner) == 1
+
+
+@kernel(inline="always")
+def item_channels_rows(shape, item):
+    """Channels c0:c1 of reduction item ``item`` of the rows layout: its column tile."""
+    _, _, _, c0, c1 = _row_item_range(item, shape[0], shape[1])
+    return c0, c1
+
+
+@kernel(inline="always")
+def item_channels_planes(shape, item):
+    """item_channels_rows for planes of one segment a channel (whole_channels): channel
+    ``item``."""
+    return item, item + 1
+
+
+@kernel(inline="always")
+def item_channels_short(shape, item):
+    """Short planes' reduction items never hold whole channels (whole_channels): none."""
+    return 0, 0
+
+
+@kernel(inline="always")
+def item_channels(shape, item):
+    """Any memory shape, decided from ``shape``."""
+    if shape[2] == 1:
+        return item_channels_rows(shape, item)
+    if short_planes_jit(shape[0], shape[2]):
+        return item_channels_short(shape, item)
+    return item_channels_planes(shape, item)
+
+
 # ----------------------------------------------------------------------------- channel items
 @callee
 def channel_items(channels):
@@ -563,14 +603,15 @@ def dx_item(dy, x, dx, shape, item, coef):
 ITEMS = {
     MEMORY_ANY: {"stats_item": stats_item, "sums_item": sums_item,
                  "normalize_item": normalize_item, "dx_item": dx_item,
-                 "wide_coefficients": wide_coefficients},
+                 "wide_coefficients": wide_coefficients, "item_channels": item_channels},
     MEMORY_ROWS: {"stats_item": stats_item_rows, "sums_item": sums_item_rows,
                   "normalize_item": normalize_item_rows, "dx_item": dx_item_rows,
-                  "wide_coefficients": same_coefficients},
+                  "wide_coefficients": same_coefficients, "item_channels": item_channels_rows},
     MEMORY_PLANES: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
                     "normalize_item": normalize_item_planes, "dx_item": dx_item_planes,
-                    "wide_coefficients": same_coefficients},
+                    "wide_coefficients": same_coefficients,
+                    "item_channels": item_channels_planes},
     MEMORY_SHORT: {"stats_item": stats_item_short, "sums_item": sums_item_short,
                    "normalize_item": normalize_item_short, "dx_item": dx_item_short,
-                   "wide_coefficients": wide_coefficients},
+                   "wide_coefficients": wide_coefficients, "item_channels": item_channels_short},
 }  # fmt: skip
