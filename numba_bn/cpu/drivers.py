@@ -10,7 +10,8 @@ it):
   (``forward_train_fused``, ``backward_fused``);
 * split: reduction items into partials, a merge per channel, then elementwise items; planes
   with few channels (C = 1 too) still use every core (``forward_train_split``,
-  ``backward_split``).
+  ``backward_split``). Where each reduction item holds whole channels (rows of one chunk), it
+  merges them itself: one parallel region fewer.
 
 Compile time is what a user feels first (README, "First call"): Numba compiles a driver with
 everything it inlines, and the kernels it calls, on its first call. One driver per partition
@@ -64,7 +65,7 @@ from ..stats import (
     renamed_copy,
     running_update,
 )
-from .channels import dx_channels, train_channels
+from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .items import (
     ITEM_SCRATCH_SHAPE,
     ITEMS,
@@ -268,8 +269,13 @@ def cached_for(dispatcher, dtype):
 # inline="always", which inlines them into each driver before Numba's parfor pass, so that their
 # prange loops run on threads in the parallel twin and as plain loops in the serial one. Their
 # items take borrowed views (the module's docstring).
-def _stats_loop(x, part):
-    """Partials (=) of every reduction item."""
+def _stats_loop(x, part, whole, finish, finishing):
+    """Partials (=) of every reduction item. Where they hold whole channels (``whole``:
+    :func:`.items.whole_channels`), each item then finishes its channels c0:c1 with
+    ``finish(c0, c1, part, *finishing)`` (:mod:`.channels`: ``train_channels``,
+    ``merge_channels``) in the same parallel region, and the caller's channel items, a region
+    of their own (~4 us to start and end on two threads), are not needed. The same kernels on
+    the same partials: the same bits."""
     outer, channels, inner = x.shape
     unused = empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64)
     rows = inner == 1 or short_planes_jit(outer, inner)
@@ -277,11 +283,15 @@ def _stats_loop(x, part):
         # rows and short planes items take ITEM_SCRATCH_SHAPE, one per item (a thread's)
         scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if rows else borrowed(unused)
         stats_item(flat(x), x.shape, item, borrowed(part), scratch)  # noqa: F821
+        c0, c1 = item_channels(x.shape, item) if whole else (0, 0)  # noqa: F821
+        finish(c0, c1, borrowed(part), *finishing)
         release(scratch)
     release(unused)
 
 
-def _sums_loop(dy, x, mean, part):
+def _sums_loop(dy, x, mean, part, whole, finish, finishing):
+    """Partials (=) of every reduction item of a backward, finished as in _stats_loop
+    (``add_channels``, ``dx_channels``)."""
     outer, channels, inner = x.shape
     unused, short = empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64), short_planes_jit(outer, inner)
     for item in prange(reduce_items(outer, channels, inner)):
@@ -289,42 +299,8 @@ def _sums_loop(dy, x, mean, part):
         scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if short else borrowed(unused)
         sums_item(flat(dy), flat(x), x.shape, item, borrowed(mean), borrowed(part),  # noqa: F821
                   scratch)  # fmt: skip
-        release(scratch)
-    release(unused)
-
-
-def _train_stats_loop(x, part, whole, count, eps, weight, bias, coef, mean, invstd, m2):
-    """_stats_loop of a training forward: where the reduction items hold whole channels
-    (``whole``: :func:`.items.whole_channels`), each then finishes its channels
-    (``train_channels``: mean, invstd, M2 and the affine rows) in the same parallel region,
-    and the channel items' region (~4 us to start and end on two threads) is not needed. The
-    same kernels on the same partials: the same bits."""
-    outer, channels, inner = x.shape
-    unused = empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64)
-    rows = inner == 1 or short_planes_jit(outer, inner)
-    for item in prange(reduce_items(outer, channels, inner)):
-        scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if rows else borrowed(unused)
-        stats_item(flat(x), x.shape, item, borrowed(part), scratch)  # noqa: F821
         c0, c1 = item_channels(x.shape, item) if whole else (0, 0)  # noqa: F821
-        train_channels(c0, c1, borrowed(part), count, eps, borrowed(weight), borrowed(bias),
-                       borrowed(coef), borrowed(mean), borrowed(invstd), borrowed(m2))  # fmt: skip
-        release(scratch)
-    release(unused)
-
-
-def _dx_sums_loop(dy, x, mean, part, whole, count, invstd, weight, coef, sum_dy, sum_dy_xmu):
-    """_sums_loop of a backward, as _train_stats_loop: with ``whole``, each item then adds its
-    channels' sums and takes their dx rows (``dx_channels``)."""
-    outer, channels, inner = x.shape
-    unused, short = empty((ITEM_SCRATCH_SHAPE[0], 0), np.float64), short_planes_jit(outer, inner)
-    for item in prange(reduce_items(outer, channels, inner)):
-        scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if short else borrowed(unused)
-        sums_item(flat(dy), flat(x), x.shape, item, borrowed(mean), borrowed(part),  # noqa: F821
-                  scratch)  # fmt: skip
-        c0, c1 = item_channels(x.shape, item) if whole else (0, 0)  # noqa: F821
-        dx_channels(c0, c1, borrowed(part), count, borrowed(mean), borrowed(invstd),
-                    borrowed(weight), borrowed(coef), borrowed(sum_dy),
-                    borrowed(sum_dy_xmu))  # fmt: skip
+        finish(c0, c1, borrowed(part), *finishing)
         release(scratch)
     release(unused)
 
@@ -355,14 +331,7 @@ LOOPS = {
         loop.__name__: kernel(inline="always")(
             _copy(loop, _MEMORY_SUFFIX[memory], {**globals(), **items})
         )
-        for loop in (
-            _stats_loop,
-            _sums_loop,
-            _train_stats_loop,
-            _dx_sums_loop,
-            _normalize_loop,
-            _dx_loop,
-        )
+        for loop in (_stats_loop, _sums_loop, _normalize_loop, _dx_loop)
     }
     for memory, items in ITEMS.items()
 }
@@ -373,10 +342,11 @@ def _batch_stats(x, mean, m2):
     """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
     outer, channels, inner = x.shape
     part = empty((3, parts(outer, inner), channels), np.float64)
-    _stats_loop(x, part)
-    if channel_items(channels) == 1:  # see _forward_train_split
+    whole = whole_channels(outer, inner)  # see _forward_train_split
+    _stats_loop(x, part, whole, merge_channels, (mean, m2))
+    if not whole and channel_items(channels) == 1:
         merge_channel(0, part, mean, m2)
-    else:
+    elif not whole:
         for item in prange(channel_items(channels)):
             merge_channel(item, borrowed(part), borrowed(mean), borrowed(m2))
     release(part)
@@ -397,10 +367,11 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=, float64, (C,)): the per-channel reduction of the backward."""
     outer, channels, inner = x.shape
     part = empty((2, parts(outer, inner), channels), np.float64)
-    _sums_loop(dy, x, mean, part)
-    if channel_items(channels) == 1:  # see _forward_train_split
+    whole = whole_channels(outer, inner)  # see _forward_train_split
+    _sums_loop(dy, x, mean, part, whole, add_channels, (sum_dy, sum_dy_xmu))
+    if not whole and channel_items(channels) == 1:
         add_channel(0, part, sum_dy, sum_dy_xmu)
-    else:
+    elif not whole:
         for item in prange(channel_items(channels)):
             add_channel(item, borrowed(part), borrowed(sum_dy), borrowed(sum_dy_xmu))
     release(part)
@@ -458,8 +429,8 @@ def _forward_train_split(
     coef = empty((AFFINE_ROWS, channels), x.dtype)
     part = empty((3, parts(outer, inner), channels), np.float64)
     whole = whole_channels(outer, inner)
-    _train_stats_loop(x, part, whole, count, eps, weight, bias, coef, save_mean, save_invstd,
-                      save_m2)  # fmt: skip
+    _stats_loop(x, part, whole, train_channels,
+                (count, eps, weight, bias, coef, save_mean, save_invstd, save_m2))  # fmt: skip
     # Else the channel items; one (up to CHANNEL_GROUP channels) runs on this thread: a parallel
     # region costs ~1.2 us to start and finish, also when one thread has all its work
     if not whole and channel_items(channels) == 1:
@@ -538,7 +509,8 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
     coef = empty((DX_ROWS, channels), x.dtype)
     part = empty((2, parts(outer, inner), channels), np.float64)
     whole = whole_channels(outer, inner)  # see _forward_train_split
-    _dx_sums_loop(dy, x, mean, part, whole, count, invstd, weight, coef, sum_dy, sum_dy_xmu)
+    _sums_loop(dy, x, mean, part, whole, dx_channels,
+               (count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu))  # fmt: skip
     if not whole and channel_items(channels) == 1:
         dx_channel(0, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
     elif not whole:

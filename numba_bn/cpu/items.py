@@ -22,7 +22,9 @@ Work items of the canonical ``(outer, C, inner)`` view:
   part order, then their coefficients, in one kernel call (:mod:`.channels`): an item per
   channel cost 30-40 ns a channel in reference counting and calls, more than the merge. An item
   past the last group does nothing, so a loop over ``range(channels)`` also covers every channel
-  once;
+  once. Where each reduction item holds whole channels (:func:`whole_channels`: one partial a
+  channel), the JIT drivers let it finish them instead (:func:`item_channels`), in the
+  parallel region that reduced them; the C shim keeps its channel items (the same bits);
 * elementwise items: runs of whole rows for rows, runs of whole consecutive planes for planes
   shorter than PLANE_BLOCK (ELEMENTWISE_SPAN elements at most, ITEMS_WANTED items where they
   can), ``(n, channel, block)`` for longer ones (:mod:`.kernels`); short
