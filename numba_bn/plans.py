@@ -74,9 +74,13 @@ def watch(cls):
     for name in WATCHED:
         setattr(cls, name, Watched(name))
     cls._version = 0  # a layer's before its first assignment (and a pickle's from before)
+    own = vars(cls).get("__init_subclass__")  # the class's own (a classmethod), run first
 
     def __init_subclass__(subclass, **keywords):
-        super(cls, subclass).__init_subclass__(**keywords)
+        if own is not None:
+            own.__func__(subclass, **keywords)
+        else:
+            super(cls, subclass).__init_subclass__(**keywords)
         for name in WATCHED:
             if name in vars(subclass):
                 setattr(subclass, name, Watched(name))

@@ -35,6 +35,26 @@ def test_train_mode_updates_running_stats_and_eval_mode_uses_them(rng):
     assert bn.num_batches_tracked == 1
 
 
+def test_calling_a_layer_runs_its_forward_and_a_subclass_override_of_it(rng):
+    """layer(x) is forward itself; a subclass that overrides forward is called through it,
+    keywords included, and its assignments still reach the plans' watch."""
+
+    class Doubled(nbn.BatchNorm):
+        def forward(self, x, **keywords):
+            return 2 * super().forward(x, **keywords)
+
+    x = random_batch(rng, (10, 4, 3), np.float64)
+    plain, doubled = nbn.BatchNorm(4, dtype=np.float64), Doubled(4, dtype=np.float64)
+    for _ in range(3):  # the plans' path too
+        np.testing.assert_array_equal(doubled(x), 2 * plain(x))
+    np.testing.assert_array_equal(doubled(x, training=False), 2 * plain(x, training=False))
+    np.testing.assert_array_equal(plain.forward(x, training=False), plain(x, training=False))
+    doubled.eps = plain.eps = 0.5  # Watched in the subclass: the plans made before step aside
+    np.testing.assert_array_equal(doubled(x), 2 * plain(x))
+    np.testing.assert_allclose(plain(x), naive.forward_train(x, eps=0.5)[0], rtol=1e-12,
+                               atol=1e-12)  # fmt: skip
+
+
 def test_momentum_none_is_cumulative_average(rng):
     bn = nbn.BatchNorm(3, momentum=None, dtype=np.float64)
     batches = [random_batch(rng, (8, 3), np.float64) for _ in range(4)]
