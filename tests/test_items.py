@@ -89,7 +89,8 @@ def test_reduction_items_and_channel_sums_give_the_drivers_sums(rng, shape):
 
 
 # reduction items that hold whole channels: rows of one chunk (one tile, several: 1000 x 300
-# has two, 1024 x 1024 four), planes of one segment a channel; and SHAPES, where most do not
+# has two, 1024 x 1024 four); planes of one segment a channel, which are not finished in their
+# items (an item a channel); and SHAPES, where most do not
 WHOLE = [(256, 40, 1), (1000, 300, 1), (1024, 1024, 1), (3, 5, 300), (1, 2, 4096)]
 
 
@@ -101,7 +102,7 @@ def test_items_that_hold_whole_channels_finish_them_as_channel_items_do(rng, sha
     partial, and the same statistics and sums as the drivers that merge in channel items."""
     plan, memory = _plan(shape), items.memory_of(shape[0], shape[2])
     whole = items.whole_channels(shape[0], shape[2])
-    assert whole == (plan["parts"] == 1 and memory != items.MEMORY_SHORT)
+    assert whole == (plan["parts"] == 1 and memory == items.MEMORY_ROWS)
     if whole:
         x = random_batch(rng, shape, np.float64)
         finished = []

@@ -22,9 +22,9 @@ Work items of the canonical ``(outer, C, inner)`` view:
   part order, then their coefficients, in one kernel call (:mod:`.channels`): an item per
   channel cost 30-40 ns a channel in reference counting and calls, more than the merge. An item
   past the last group does nothing, so a loop over ``range(channels)`` also covers every channel
-  once. Where each reduction item holds whole channels (:func:`whole_channels`: one partial a
-  channel), the JIT drivers let it finish them instead (:func:`item_channels`), in the
-  parallel region that reduced them; the C shim keeps its channel items (the same bits);
+  once. Where each reduction item holds whole channels (:func:`whole_channels`: rows of one
+  chunk), the JIT drivers let it finish them instead (:func:`item_channels`), in the parallel
+  region that reduced them; the C shim keeps its channel items (the same bits);
 * elementwise items: runs of whole rows for rows, runs of whole consecutive planes for planes
   shorter than PLANE_BLOCK (ELEMENTWISE_SPAN elements at most, ITEMS_WANTED items where they
   can), ``(n, channel, block)`` for longer ones (:mod:`.kernels`); short
@@ -404,11 +404,14 @@ def sums_item(dy, x, shape, item, mean, part, scratch):
 @kernel(inline="always")
 def whole_channels(outer, inner):
     """Whether every reduction item of an (``outer``, C, ``inner``) view reads all the values of
-    the channels it reduces (one partial a channel: rows of at most ROW_CHUNK rows, planes of
-    one segment a channel; never short planes): its partials are then those channels'
-    statistics or sums, and the item can finish them itself (:func:`item_channels`), in the
-    parallel region that reduced them, without channel items of their own."""
-    return parts(outer, inner) == 1
+    the channels it reduces, and the channels are many (rows of at most ROW_CHUNK rows: one
+    partial a channel, an item a tile of columns): its partials are then those channels'
+    statistics or sums, and the item finishes them itself (:func:`item_channels`), in the
+    parallel region that reduced them, without channel items of their own. Planes of one
+    segment a channel hold their channel whole too, but there an item is one channel:
+    finishing each alone cost a call a channel where a channel item takes CHANNEL_GROUP of
+    them, +0.5-1 us of a serial (8, 16, 8, 8) step (benchmarks/README.md, stop 65)."""
+    return inner == 1 and parts(outer, inner) == 1
 
 
 @kernel(inline="always")
@@ -419,15 +422,9 @@ def item_channels_rows(shape, item):
 
 
 @kernel(inline="always")
-def item_channels_planes(shape, item):
-    """item_channels_rows for planes of one segment a channel (whole_channels): channel
-    ``item``."""
-    return item, item + 1
-
-
-@kernel(inline="always")
-def item_channels_short(shape, item):
-    """Short planes' reduction items never hold whole channels (whole_channels): none."""
+def item_channels_none(shape, item):
+    """Planes' and short planes' reduction items, which never finish channels (whole_channels):
+    none."""
     return 0, 0
 
 
@@ -436,9 +433,7 @@ def item_channels(shape, item):
     """Any memory shape, decided from ``shape``."""
     if shape[2] == 1:
         return item_channels_rows(shape, item)
-    if short_planes_jit(shape[0], shape[2]):
-        return item_channels_short(shape, item)
-    return item_channels_planes(shape, item)
+    return item_channels_none(shape, item)
 
 
 # ----------------------------------------------------------------------------- channel items
@@ -611,9 +606,8 @@ ITEMS = {
                   "wide_coefficients": same_coefficients, "item_channels": item_channels_rows},
     MEMORY_PLANES: {"stats_item": stats_item_planes, "sums_item": sums_item_planes,
                     "normalize_item": normalize_item_planes, "dx_item": dx_item_planes,
-                    "wide_coefficients": same_coefficients,
-                    "item_channels": item_channels_planes},
+                    "wide_coefficients": same_coefficients, "item_channels": item_channels_none},
     MEMORY_SHORT: {"stats_item": stats_item_short, "sums_item": sums_item_short,
                    "normalize_item": normalize_item_short, "dx_item": dx_item_short,
-                   "wide_coefficients": wide_coefficients, "item_channels": item_channels_short},
+                   "wide_coefficients": wide_coefficients, "item_channels": item_channels_none},
 }  # fmt: skip
