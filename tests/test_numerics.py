@@ -231,11 +231,12 @@ def test_a_channels_results_do_not_depend_on_the_tile_that_reduces_it(rng, dtype
     # the narrow batch's reduction items are tiles of fewer than CHANNEL_TILE columns (more
     # items for the threads); with more channels beside them the same columns sit in wide tiles
     # (items.row_tile), and elementwise items of other rows
-    x = random_batch(rng, (rows, 1024), dtype)
-    dy = random_batch(rng, (rows, 1024), dtype, mean_scale=1.0)
-    weight = rng.uniform(0.5, 2.0, 1024).astype(dtype)
-    bias = rng.standard_normal(1024).astype(dtype)
-    assert items.row_tile(rows, narrow) < items.row_tile(rows, 1024) == kernels.CHANNEL_TILE
+    wide = 2 * kernels.CHANNEL_TILE  # one chunk of rows: two tiles of CHANNEL_TILE columns
+    x = random_batch(rng, (rows, wide), dtype)
+    dy = random_batch(rng, (rows, wide), dtype, mean_scale=1.0)
+    weight = rng.uniform(0.5, 2.0, wide).astype(dtype)
+    bias = rng.standard_normal(wide).astype(dtype)
+    assert items.row_tile(rows, narrow) < items.row_tile(rows, wide) == kernels.CHANNEL_TILE
     some = np.ascontiguousarray(x[:, :narrow])
     y, mean, invstd = nbn.forward_train(some, weight[:narrow], bias[:narrow])
     y_all, mean_all, invstd_all = nbn.forward_train(x, weight, bias)

@@ -50,11 +50,11 @@ SYSTEM_LIBRARIES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libgomp.so.1"}
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
 # planes fused and split, a plane of two blocks, rows of two chunks and two tiles, channels-last
 # ... and short planes (cpu.kernels.short_planes: coefficient rows spread to a column per value)
-BIG_LAYOUTS = [((8, 16, 32, 32), 1), ((4, 2, 9000), 1), ((2100, 300), 1), ((40, 6, 6, 5), -1),
+BIG_LAYOUTS = [((8, 16, 32, 32), 1), ((4, 2, 9000), 1), ((1100, 1040), 1), ((40, 6, 6, 5), -1),
                ((160, 40, 3, 3), 1)]  # fmt: skip
 # canonical (outer, C, inner) views for the backends' own methods: planes fused and split, runs
 # of planes, a plane of two blocks, rows of one and of several chunks and tiles, short planes
-VIEWS = [(7, 3, 11), (4, 6, 35), (8, 16, 1024), (4, 2, 9000), (16, 5, 1), (2100, 300, 1),
+VIEWS = [(7, 3, 11), (4, 6, 35), (8, 16, 1024), (4, 2, 9000), (16, 5, 1), (1100, 1040, 1),
          (64, 6, 4)]  # fmt: skip
 EPILOGUES = [(True, None), (False, "relu"), (True, "relu")]  # (residual?, activation)
 NBN_ACTIVATION_RELU = 1  # nbn_activation of numba_bn.h

@@ -177,9 +177,10 @@ MIN_CHANNEL_TILE = 64
 @callee
 def row_tile(outer, width):
     """Columns per reduction item of an (``outer``, ``width``) rows view (rows; short planes'
-    (outer, C * inner)): CHANNEL_TILE, or fewer (a multiple of 16, at least MIN_CHANNEL_TILE)
-    for ITEMS_WANTED items of ITEM_MIN_ELEMENTS or more (:mod:`.kernels`: a (1024, 256) batch
-    was one item, and its statistics ran no faster on two threads than on one). A tile is a set
+    (outer, C * inner)): all of them up to CHANNEL_TILE (longer runs of a row read faster), or
+    fewer (a multiple of 16, at least MIN_CHANNEL_TILE) for ITEMS_WANTED items of
+    ITEM_MIN_ELEMENTS or more (:mod:`.kernels`: a (1024, 256) batch was one item, and its
+    statistics ran no faster on two threads than on one). A tile is a set
     of whole columns, each reduced as in any tile (row blocks merged in row order): the tile
     decides which item computes a column, never its bits."""
     chunks, rows = -(-outer // ROW_CHUNK), imin(outer, ROW_CHUNK)

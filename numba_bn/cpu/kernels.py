@@ -57,7 +57,7 @@ from .channels import (  # noqa: F401
 )
 
 PLANE_BLOCK = 4096  # elements of one plane reduced at a time: 16 KiB of float32, in L1
-ROW_BLOCK = 32  # rows reduced at a time in two passes (float64): ROW_BLOCK x CHANNEL_TILE in L1
+ROW_BLOCK = 32  # rows reduced at a time in two passes (float64): a block of a tile stays in L2
 ROW_CHUNK = 1024  # rows merged sequentially into one partial (a work item of the rows layout)
 # One pass (float32) reads a block once, so its block need not stay in L1: it takes ROW_CHUNK
 # rows at a time (a reduction item's rows, one block), which saves each column's finalisation and
@@ -65,7 +65,15 @@ ROW_CHUNK = 1024  # rows merged sequentially into one partial (a work item of th
 # (64, 256) (benchmarks/README.md, stop 58). It loses at most log2(1025) = 10 of float64's bits
 # (stats.one_pass_exact), below a planes block's 12.
 ROW_BLOCK_ONE_PASS = ROW_CHUNK
-CHANNEL_TILE = 256  # channels of the rows layout handled by one work item
+# Channels of the rows layout one reduction item handles, at most (items.row_tile). Each row of
+# a tile is a run of its columns; the next row's run starts a row pitch further. Longer runs read
+# faster: serially, out of cache, (4096, 1024) float32's sums pass took 0.70 ns a value in
+# 256-column tiles and 0.42 in one of 1024 (float64 statistics 0.66 and 0.48; (4096, 4096),
+# (256, 4096), (1024, 1024) alike), and the tile never changes a column's bits. Wider tiles
+# read faster still, but the statistics' accumulators (40 bytes a column) fill L1 at 1024, and
+# the C shim's per-thread scratch (5 rows of a tile, on its stack) is 40 KiB there
+# (benchmarks/README.md, stop 66).
+CHANNEL_TILE = 1024
 # Elementwise items span about ELEMENTWISE_SPAN elements: whole rows for rows (a channel tile
 # would stride through memory, and a row pitch of 4 KiB makes every row of a tile land in the
 # same L1 sets: measured 2x slower), runs of whole consecutive planes for planes shorter than
