@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from numba_bn.cpu import drivers, items
+from numba_bn.cpu.channels import add_channels, dx_channels, merge_channels, train_channels
 from numba_bn.cpu.race import THREADS_RACE_BOUNDS
 from numba_bn.stats import AFFINE_ROWS, DX_ROWS
 
@@ -54,7 +55,7 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
     assert not np.isnan(part).any(), "a partial no item wrote"
     mean, m2 = np.empty(shape[1]), np.empty(shape[1])
     for c in range(shape[1]):
-        items.merge_channel(c, part, mean, m2)
+        items.channel_item(c, part, merge_channels, (mean, m2))
     expected_mean, expected_m2 = np.empty(shape[1]), np.empty(shape[1])
     drivers.driver("batch_stats", memory)[1](x, expected_mean, expected_m2)
     np.testing.assert_array_equal(mean, expected_mean)
@@ -77,7 +78,7 @@ def test_reduction_items_and_channel_sums_give_the_drivers_sums(rng, shape):
     assert not np.isnan(part).any(), "a partial no item wrote"
     sum_dy, sum_dy_xmu = np.empty(shape[1]), np.empty(shape[1])
     for c in range(shape[1]):
-        items.add_channel(c, part, sum_dy, sum_dy_xmu)
+        items.channel_item(c, part, add_channels, (sum_dy, sum_dy_xmu))
     expected = np.empty(shape[1]), np.empty(shape[1])
     drivers.driver("backward_sums", memory)[1](dy, x, mean, *expected)
     np.testing.assert_array_equal(sum_dy, expected[0])
@@ -89,7 +90,7 @@ def test_reduction_items_and_channel_sums_give_the_drivers_sums(rng, shape):
 
 
 # reduction items that hold whole channels: rows of one chunk (one tile, several: 1000 x 300
-# has two, 1024 x 1024 four); planes of one segment a channel, which are not finished in their
+# and 1024 x 1024 have two); planes of one segment a channel, which are not finished in their
 # items (an item a channel); and SHAPES, where most do not
 WHOLE = [(256, 40, 1), (1000, 300, 1), (1024, 1024, 1), (3, 5, 300), (1, 2, 4096)]
 
@@ -126,13 +127,17 @@ def test_items_that_hold_whole_channels_finish_them_as_channel_items_do(rng, sha
         items.ITEMS[memory]["stats_item"](x.reshape(-1), shape, item, stats,
                                           np.empty(items.ITEM_SCRATCH_SHAPE))  # fmt: skip
     for item in range(items.channel_items(channels)):
-        items.train_channel(item, stats, count, 1e-5, none, none, coef, *expected[:3])
+        items.channel_item(
+            item, stats, train_channels, (count, 1e-5, none, none, coef, *expected[:3])
+        )
     for item in range(plan["reduce_items"]):
         items.ITEMS[memory]["sums_item"](dy.reshape(-1), x.reshape(-1), shape, item, expected[0],
                                          sums, np.empty(items.ITEM_SCRATCH_SHAPE))  # fmt: skip
     coef = np.empty((DX_ROWS, channels))
     for item in range(items.channel_items(channels)):
-        items.dx_channel(item, sums, count, expected[0], expected[1], none, coef, *expected[3:])
+        items.channel_item(
+            item, sums, dx_channels, (count, expected[0], expected[1], none, coef, *expected[3:])
+        )
     for twin in (0, 1):
         got = [np.full(channels, np.nan) for _ in range(5)]
         y, dx = np.full(shape, np.nan), np.full(shape, np.nan)

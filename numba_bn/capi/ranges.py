@@ -50,6 +50,7 @@ Group and layer norm (ABI 1.3) have their drivers in :mod:`.norm_ranges`; :data:
 from numba import carray
 
 from ..cpu import NS_PER_ELEMENT, WAKE_NS, items
+from ..cpu.channels import dx_channels, train_channels
 from ..cpu.kernels import (
     EPILOGUE_ADD,
     EPILOGUE_ADD_RELU,
@@ -197,7 +198,9 @@ def train_from_parts(
     m2 = carray(m2_ptr, channels)
     count = float(outer * inner)
     for c in range(first, last):
-        items.train_channel(c, part, count, eps, weight, bias, coef, mean, invstd, m2)
+        items.channel_item(
+            c, part, train_channels, (count, eps, weight, bias, coef, mean, invstd, m2)
+        )
 
 
 @kernel(inline="always")
@@ -353,7 +356,9 @@ def dx_from_parts(
     sum_dy, sum_dy_xmu = carray(sum_dy_ptr, channels), carray(sum_dy_xmu_ptr, channels)
     count = float(outer * inner)
     for c in range(first, last):
-        items.dx_channel(c, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+        items.channel_item(
+            c, part, dx_channels, (count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+        )
 
 
 def dx_items(

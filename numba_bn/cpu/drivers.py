@@ -73,17 +73,14 @@ from .items import (
     MEMORY_PLANES,
     MEMORY_ROWS,
     MEMORY_SHORT,
-    add_channel,
+    channel_item,
     channel_items,
-    dx_channel,
     elementwise_items,
     flat_item,
     flat_items,
-    merge_channel,
     parts,
     reduce_items,
     release_wide,
-    train_channel,
     whole_channels,
 )
 from .kernels import (
@@ -337,18 +334,28 @@ LOOPS = {
 }
 
 
+@kernel(inline="always")
+def _channels_loop(part, whole, finish, finishing):
+    """The channel items (:func:`.items.channel_item`: ``finish(c0, c1, part, *finishing)``),
+    unless the reduction items finished their channels (``whole``, :func:`_stats_loop`). One
+    item (up to CHANNEL_GROUP channels) runs on this thread: a parallel region costs ~1.2 us
+    (~4 on the AMD EPYC of stop 65) to start and finish, also when one thread has all its work."""
+    count = 0 if whole else channel_items(part.shape[2])
+    if count == 1:
+        channel_item(0, part, finish, finishing)
+    elif count > 1:
+        for item in prange(count):
+            channel_item(item, borrowed(part), finish, finishing)
+
+
 # ------------------------------------------------------------------------------------ drivers
 def _batch_stats(x, mean, m2):
     """mean, M2 (=, float64, (C,)) of each channel of ``x`` (outer, C, inner); returns the count."""
     outer, channels, inner = x.shape
     part = empty((3, parts(outer, inner), channels), np.float64)
-    whole = whole_channels(outer, inner)  # see _forward_train_split
+    whole = whole_channels(outer, inner)  # see _stats_loop
     _stats_loop(x, part, whole, merge_channels, (mean, m2))
-    if not whole and channel_items(channels) == 1:
-        merge_channel(0, part, mean, m2)
-    elif not whole:
-        for item in prange(channel_items(channels)):
-            merge_channel(item, borrowed(part), borrowed(mean), borrowed(m2))
+    _channels_loop(part, whole, merge_channels, (mean, m2))
     release(part)
     return float(outer * inner)
 
@@ -367,13 +374,9 @@ def _backward_sums(dy, x, mean, sum_dy, sum_dy_xmu):
     """sum_dy, sum_dy_xmu (=, float64, (C,)): the per-channel reduction of the backward."""
     outer, channels, inner = x.shape
     part = empty((2, parts(outer, inner), channels), np.float64)
-    whole = whole_channels(outer, inner)  # see _forward_train_split
+    whole = whole_channels(outer, inner)  # see _stats_loop
     _sums_loop(dy, x, mean, part, whole, add_channels, (sum_dy, sum_dy_xmu))
-    if not whole and channel_items(channels) == 1:
-        add_channel(0, part, sum_dy, sum_dy_xmu)
-    elif not whole:
-        for item in prange(channel_items(channels)):
-            add_channel(item, borrowed(part), borrowed(sum_dy), borrowed(sum_dy_xmu))
+    _channels_loop(part, whole, add_channels, (sum_dy, sum_dy_xmu))
     release(part)
 
 
@@ -429,17 +432,9 @@ def _forward_train_split(
     coef = empty((AFFINE_ROWS, channels), x.dtype)
     part = empty((3, parts(outer, inner), channels), np.float64)
     whole = whole_channels(outer, inner)
-    _stats_loop(x, part, whole, train_channels,
-                (count, eps, weight, bias, coef, save_mean, save_invstd, save_m2))  # fmt: skip
-    # Else the channel items; one (up to CHANNEL_GROUP channels) runs on this thread: a parallel
-    # region costs ~1.2 us to start and finish, also when one thread has all its work
-    if not whole and channel_items(channels) == 1:
-        train_channel(0, part, count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
-    elif not whole:
-        for item in prange(channel_items(channels)):
-            train_channel(item, borrowed(part), count, eps, borrowed(weight), borrowed(bias),
-                          borrowed(coef), borrowed(save_mean), borrowed(save_invstd),
-                          borrowed(save_m2))  # fmt: skip
+    finishing = (count, eps, weight, bias, coef, save_mean, save_invstd, save_m2)
+    _stats_loop(x, part, whole, train_channels, finishing)
+    _channels_loop(part, whole, train_channels, finishing)
     release(part)
     finite = _running_update_if_finite(nan_check, running_mean, running_var, count, save_mean,
                                        save_m2, momentum, unbiased)  # fmt: skip
@@ -508,16 +503,10 @@ def _backward_split(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, grads):
     count = float(outer * inner)
     coef = empty((DX_ROWS, channels), x.dtype)
     part = empty((2, parts(outer, inner), channels), np.float64)
-    whole = whole_channels(outer, inner)  # see _forward_train_split
-    _sums_loop(dy, x, mean, part, whole, dx_channels,
-               (count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu))  # fmt: skip
-    if not whole and channel_items(channels) == 1:
-        dx_channel(0, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
-    elif not whole:
-        for item in prange(channel_items(channels)):
-            dx_channel(item, borrowed(part), count, borrowed(mean), borrowed(invstd),
-                       borrowed(weight), borrowed(coef), borrowed(sum_dy),
-                       borrowed(sum_dy_xmu))  # fmt: skip
+    whole = whole_channels(outer, inner)  # see _stats_loop
+    finishing = (count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+    _sums_loop(dy, x, mean, part, whole, dx_channels, finishing)
+    _channels_loop(part, whole, dx_channels, finishing)
     release(part)
     _parameter_gradients(invstd, sum_dy, sum_dy_xmu, grads)
     _dx_loop(dy, x, coef, dx)

@@ -67,7 +67,6 @@ bits).
 import types
 
 from ..stats import apart, callee, empty, imax, imin, kernel, release, shaped
-from .channels import add_channels, dx_channels, merge_channels, train_channels
 from .kernels import (
     CHANNEL_TILE,
     ELEMENTWISE_SPAN,
@@ -452,35 +451,14 @@ def _group(item, channels):
 
 
 @kernel(inline="always")
-def merge_channel(item, part, mean, m2):
-    """mean, m2 (=) of channel item ``item``'s channels, from their partials in part order."""
+def channel_item(item, part, finish, finishing):
+    """Channel item ``item``: ``finish(c0, c1, part, *finishing)`` on its channels c0:c1, the
+    partials merged or added in part order (:mod:`.channels`: ``merge_channels``,
+    ``train_channels`` (and the affine rows), ``add_channels``, ``dx_channels`` (and the dx
+    rows)); nothing past the last group."""
     c0, c1 = _group(item, part.shape[2])
     if c1 > c0:
-        merge_channels(c0, c1, part, mean, m2)
-
-
-@kernel(inline="always")
-def train_channel(item, part, count, eps, weight, bias, coef, mean, invstd, m2):
-    """Channel item ``item``: merge the partials, save mean, invstd, M2, and the affine rows."""
-    c0, c1 = _group(item, part.shape[2])
-    if c1 > c0:
-        train_channels(c0, c1, part, count, eps, weight, bias, coef, mean, invstd, m2)
-
-
-@kernel(inline="always")
-def add_channel(item, part, sum_dy, sum_dy_xmu):
-    """sum_dy, sum_dy_xmu (=) of channel item ``item``'s channels, partials added in order."""
-    c0, c1 = _group(item, part.shape[2])
-    if c1 > c0:
-        add_channels(c0, c1, part, sum_dy, sum_dy_xmu)
-
-
-@kernel(inline="always")
-def dx_channel(item, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu):
-    """Channel item ``item``: add the partials, then the dx rows."""
-    c0, c1 = _group(item, part.shape[2])
-    if c1 > c0:
-        dx_channels(c0, c1, part, count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+        finish(c0, c1, part, *finishing)
 
 
 # -------------------------------------------------------------------------- elementwise items
