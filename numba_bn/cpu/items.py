@@ -179,9 +179,9 @@ def row_tile(outer, width):
     (outer, C * inner)): all of them up to CHANNEL_TILE (longer runs of a row read faster), or
     fewer (a multiple of 16, at least MIN_CHANNEL_TILE) for ITEMS_WANTED items of
     ITEM_MIN_ELEMENTS or more (:mod:`.kernels`: a (1024, 256) batch was one item, and its
-    statistics ran no faster on two threads than on one). A tile is a set
-    of whole columns, each reduced as in any tile (row blocks merged in row order): the tile
-    decides which item computes a column, never its bits."""
+    statistics ran no faster on two threads than on one). A tile is a set of whole columns,
+    each reduced as in any tile (row blocks merged in row order): the tile decides which item
+    computes a column, never its bits."""
     chunks, rows = -(-outer // ROW_CHUNK), imin(outer, ROW_CHUNK)
     tile = wanted_units(width * chunks, rows)  # a column of a chunk: rows values
     return imin(CHANNEL_TILE, imax(MIN_CHANNEL_TILE, -(-tile // 16) * 16))
