@@ -280,8 +280,9 @@ def _stats_loop(x, part, whole, finish, finishing):
         # rows and short planes items take ITEM_SCRATCH_SHAPE, one per item (a thread's)
         scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if rows else borrowed(unused)
         stats_item(flat(x), x.shape, item, borrowed(part), scratch)  # noqa: F821
-        c0, c1 = item_channels(x.shape, item) if whole else (0, 0)  # noqa: F821
-        finish(c0, c1, borrowed(part), *finishing)
+        if whole:
+            c0, c1 = item_channels(x.shape, item)  # noqa: F821
+            finish(c0, c1, borrowed(part), *finishing)
         release(scratch)
     release(unused)
 
@@ -296,8 +297,9 @@ def _sums_loop(dy, x, mean, part, whole, finish, finishing):
         scratch = empty(ITEM_SCRATCH_SHAPE, np.float64) if short else borrowed(unused)
         sums_item(flat(dy), flat(x), x.shape, item, borrowed(mean), borrowed(part),  # noqa: F821
                   scratch)  # fmt: skip
-        c0, c1 = item_channels(x.shape, item) if whole else (0, 0)  # noqa: F821
-        finish(c0, c1, borrowed(part), *finishing)
+        if whole:
+            c0, c1 = item_channels(x.shape, item)  # noqa: F821
+            finish(c0, c1, borrowed(part), *finishing)
         release(scratch)
     release(unused)
 
