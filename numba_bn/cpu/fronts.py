@@ -262,8 +262,9 @@ def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, sum_dy, 
         invstd64[c] = invstd[c]
     if absent & 8:
         sum_dy, sum_dy_xmu = _scratch(channels), _scratch(channels)
-    views = shaped_when_plain(dy, shape), shaped_when_plain(x, shape), shaped_when_plain(dx, shape)
-    call_none(address, (views[0], views[1], mean64, invstd64, weight, views[2], sum_dy, sum_dy_xmu,
+    dy_view, x_view = shaped_when_plain(dy, shape), shaped_when_plain(x, shape)
+    dx_view = shaped_when_plain(dx, shape)
+    call_none(address, (dy_view, x_view, mean64, invstd64, weight, dx_view, sum_dy, sum_dy_xmu,
                         grads))  # fmt: skip
     release(mean64)
     release(invstd64)
