@@ -54,8 +54,8 @@ def test_reduction_items_and_channel_merges_give_the_drivers_statistics(rng, sha
         items.ITEMS[memory]["stats_item"](x.reshape(-1), shape, item, part, scratch)
     assert not np.isnan(part).any(), "a partial no item wrote"
     mean, m2 = np.empty(shape[1]), np.empty(shape[1])
-    for c in range(shape[1]):
-        items.channel_item(c, part, merge_channels, (mean, m2))
+    for item in range(plan["channel_items"]):
+        items.channel_item(item, part, merge_channels, (mean, m2))
     expected_mean, expected_m2 = np.empty(shape[1]), np.empty(shape[1])
     drivers.driver("batch_stats", memory)[1](x, expected_mean, expected_m2)
     np.testing.assert_array_equal(mean, expected_mean)
@@ -77,8 +77,8 @@ def test_reduction_items_and_channel_sums_give_the_drivers_sums(rng, shape):
                                          scratch)  # fmt: skip
     assert not np.isnan(part).any(), "a partial no item wrote"
     sum_dy, sum_dy_xmu = np.empty(shape[1]), np.empty(shape[1])
-    for c in range(shape[1]):
-        items.channel_item(c, part, add_channels, (sum_dy, sum_dy_xmu))
+    for item in range(plan["channel_items"]):
+        items.channel_item(item, part, add_channels, (sum_dy, sum_dy_xmu))
     expected = np.empty(shape[1]), np.empty(shape[1])
     drivers.driver("backward_sums", memory)[1](dy, x, mean, *expected)
     np.testing.assert_array_equal(sum_dy, expected[0])
@@ -87,6 +87,28 @@ def test_reduction_items_and_channel_sums_give_the_drivers_sums(rng, shape):
     np.testing.assert_allclose(sum_dy, g.sum(axis=1), rtol=1e-10, atol=1e-10 * g.size)
     np.testing.assert_allclose(sum_dy_xmu, (g * xmu).sum(axis=1), rtol=1e-10,
                                atol=1e-10 * g.size)  # fmt: skip
+
+
+@pytest.mark.parametrize("channels", [1, 63, 64, 65, 256, 1100])
+def test_the_plan_counts_channel_items_as_the_drivers_run_them(channels):
+    """The C shim runs the merges of a split call as the plan's channel items (each up to
+    CHANNEL_GROUP channels), as the drivers' channel loop does: every channel in exactly one
+    item, and no item without channels. (It ran one item per channel, most of them empty: ~7 ns
+    each, 1.8 us of a (64, 256) backward's 7.6.)"""
+    plan = _plan((300, channels, 1))
+    assert plan["channel_items"] == items.channel_items(channels)
+    assert plan["channel_item_elements"] == plan["parts"] * min(items.CHANNEL_GROUP, channels)
+    merged = []
+
+    def finish(c0, c1, part, out):
+        out.append((c0, c1))
+
+    for item in range(plan["channel_items"]):
+        found = []
+        items.channel_item.py_func(item, np.empty((2, 1, channels)), finish, (found,))
+        assert len(found) == 1 and found[0][1] > found[0][0]
+        merged += range(*found[0])
+    assert merged == list(range(channels))
 
 
 # reduction items that hold whole channels: rows of one chunk (one tile, several: 1000 x 300

@@ -27,7 +27,7 @@ function                   items                                       writes
 plan                       -                                           the partition (PLAN_FIELDS)
 train_plane_channels       channels (fused)                            y, coef, statistics
 stats_items                reduction items                             part
-train_from_parts           channels: merge in part order, coefficients coef, statistics
+train_from_parts           channel items: merge in part order, coefs   coef, statistics
 spread_coefficients        -                                           the wide rows
 normalize_items            elementwise items                           y
 relu_grad_items            flat items                                  g
@@ -35,7 +35,7 @@ update_running             -                                           running_m
 eval_coefficients          -                                           coef
 backward_plane_channels    channels (fused)                            dx, coef, sums
 sums_items                 reduction items                             part
-dx_from_parts              channels: add in part order, coefficients   coef, sums
+dx_from_parts              channel items: add in part order, coefs     coef, sums
 dx_items                   elementwise items                           dx
 =========================  ==========================================  ========================
 
@@ -190,16 +190,17 @@ def train_from_parts(
     invstd_ptr: OUT64,
     m2_ptr: OUT64,
 ):
-    """Channels first:last: merge the partials in order, then the coefficients."""
+    """Channel items first:last (:func:`numba_bn.cpu.items.channel_items`, groups of
+    channels): merge the partials in order, then the coefficients."""
     part = carray(part_ptr, (3, items.parts(outer, inner), channels))
     weight, bias = carray(weight_ptr, n_weight), carray(bias_ptr, n_bias)
     coef = carray(coef_ptr, (AFFINE_ROWS, channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
     m2 = carray(m2_ptr, channels)
     count = float(outer * inner)
-    for c in range(first, last):
+    for item in range(first, last):
         items.channel_item(
-            c, part, train_channels, (count, eps, weight, bias, coef, mean, invstd, m2)
+            item, part, train_channels, (count, eps, weight, bias, coef, mean, invstd, m2)
         )
 
 
@@ -349,15 +350,16 @@ def dx_from_parts(
     sum_dy_ptr: OUT64,
     sum_dy_xmu_ptr: OUT64,
 ):
-    """Channels first:last: add the partials in order, then the dx coefficients."""
+    """Channel items first:last (as train_from_parts): add the partials in order, then the dx
+    coefficients."""
     part = carray(part_ptr, (2, items.parts(outer, inner), channels))
     mean, invstd = carray(mean_ptr, channels), carray(invstd_ptr, channels)
     weight, coef = carray(weight_ptr, n_weight), carray(coef_ptr, (DX_ROWS, channels))
     sum_dy, sum_dy_xmu = carray(sum_dy_ptr, channels), carray(sum_dy_xmu_ptr, channels)
     count = float(outer * inner)
-    for c in range(first, last):
+    for item in range(first, last):
         items.channel_item(
-            c, part, dx_channels, (count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
+            item, part, dx_channels, (count, mean, invstd, weight, coef, sum_dy, sum_dy_xmu)
         )
 
 

@@ -121,6 +121,8 @@ PLAN_FIELDS = (
     "elementwise_items",
     "elementwise_item_elements",
     "coef_columns",
+    "channel_items",
+    "channel_item_elements",
 )
 
 
@@ -276,7 +278,7 @@ def same_coefficients(coef, outer, inner):
 
 @callee
 def plan(outer, channels, inner, threads, out):
-    """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 8)."""
+    """The partition of a call, as :data:`PLAN_FIELDS` in ``out`` (int64, length >= 10)."""
     size = outer * channels * inner
     out[0] = 1 if is_fused_jit(channels, inner, threads, size, True) else 0
     out[1] = 1 if is_fused_jit(channels, inner, threads, size, False) else 0
@@ -286,6 +288,8 @@ def plan(outer, channels, inner, threads, out):
     out[5] = elementwise_items(outer, channels, inner)
     out[6] = elementwise_item_elements(outer, channels, inner)
     out[7] = coef_columns(outer, channels, inner)
+    out[8] = channel_items(channels)
+    out[9] = parts(outer, inner) * imin(CHANNEL_GROUP, channels)  # partials an item merges
 
 
 # ---------------------------------------------------------------------------- reduction items

@@ -369,7 +369,8 @@ static int forward_train_stats(int f64, const void *x, int64_t outer, int64_t ch
         status = parallel_items(stats, &a, plan[NBN_PLAN_REDUCE_ITEMS],
                                 plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS], threads);
         if (status == NBN_OK)
-            status = parallel_items(train_merge, &a, channels, plan[NBN_PLAN_PARTS], threads);
+            status = parallel_items(train_merge, &a, plan[NBN_PLAN_CHANNEL_ITEMS],
+                                    plan[NBN_PLAN_CHANNEL_ITEM_ELEMENTS], threads);
         if (status == NBN_OK && set_wide(&a, NBN_AFFINE_ROWS, plan, f64) != 0)
             status = NBN_ERR_INTERNAL;
         if (status == NBN_OK)
@@ -493,7 +494,8 @@ static int backward_stats(int f64, int doubles, const void *dy, const void *x, i
         status = parallel_items(sums, &a, plan[NBN_PLAN_REDUCE_ITEMS],
                                 plan[NBN_PLAN_REDUCE_ITEM_ELEMENTS], threads);
         if (status == NBN_OK)
-            status = parallel_items(dx_merge, &a, channels, plan[NBN_PLAN_PARTS], threads);
+            status = parallel_items(dx_merge, &a, plan[NBN_PLAN_CHANNEL_ITEMS],
+                                    plan[NBN_PLAN_CHANNEL_ITEM_ELEMENTS], threads);
         if (status == NBN_OK && set_wide(&a, NBN_DX_ROWS, plan, f64) != 0)
             status = NBN_ERR_INTERNAL;
         if (status == NBN_OK)
