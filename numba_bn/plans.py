@@ -20,10 +20,15 @@ run, Numba's launch, so the buffers are not even kept whole). An eval plan has n
 layer evaluates batches from several threads at once.
 
 A residual (checked per call, as the plain path checks it) and the layer's activation go to the
-same kernels' epilogue. Anything else (a mask, ``out=``, the calls compiled calls may serve
-(:func:`numba_bn.capi.calls.may_serve`: they run without Python), SyncBatchNorm's exchange,
-ghost batches, renorm, momentum=None, population statistics, a CUDA input, a backend that is
-not a host one) never gets a plan and takes the layer's general path.
+same kernels' epilogue. Anything else (a mask, ``out=``, SyncBatchNorm's exchange, ghost
+batches, renorm, momentum=None, population statistics, a CUDA input, a backend that is not a
+host one) never gets a plan and takes the layer's general path.
+
+Where compiled calls serve a plan's calls (:func:`numba_bn.capi.calls.may_serve`: loaded, the
+size and layout they take, no activation), the plan hands its checked arguments to them (the C
+library, which compiles nothing) instead of the JIT's drivers; a call they decline (a residual)
+takes the general path, which asks them first as well. The layer's general path cost such a
+call ~2 us more than a plan does (benchmarks/README.md, "Stop 68").
 """
 
 from typing import NamedTuple
@@ -39,6 +44,9 @@ from .stats import RunningUpdate
 #: statistics, by x's dtype.
 _NO_RUNNING = {dtype: (rows[0], rows[0], 0.1, True) for dtype, rows in fronts._NO_ROWS.items()}
 _NO_ROWS = fronts._NO_ROWS
+#: Compiled calls' running arguments for no running update, and the strings they compare.
+_NO_RUNNING_ENTRY = (None, None, 0.1, True)
+CPU, PROPAGATE = fronts.CPU, fronts.PROPAGATE
 
 #: What a plan depends on: the layer's settings and arrays (every one an attribute of the
 #: layer's own, set by its __init__), besides ``_exchange`` and ``_collected`` (None for a plan,
@@ -116,6 +124,7 @@ class Plan(NamedTuple):
     sums: tuple  # float64 (C,) sum_dy, sum_dy_xmu of its backward
     version: int  # the layer's when the plan was made (Watched)
     entry: object  # calls.entry when the plan was made: compiled calls loaded since may serve
+    served: bool  # the entry serves this plan's calls (calls.may_serve when it was made)
     axis: int  # the layer's
     absent: int  # the fronts' mask (numba_bn.cpu.fronts): 1 no weight, 2 no bias, 4 no update
     fronts: dict  # {step: (its driver's address for a front, threads)}: found on first use
@@ -131,8 +140,7 @@ class Plan(NamedTuple):
         such a call is not a plain one."""
         update = training and layer.track_running_stats
         batch = training or not layer.track_running_stats
-        if layer.activation is None and calls.may_serve(batch, x, layer.axis):
-            return None  # the compiled calls' (the general path asks them first)
+        served = layer.activation is None and calls.may_serve(batch, x, layer.axis)
         if (layer._exchange is not None or layer._collected is not None
                 or layer.virtual_batch_size is not None or layer.renorm
                 or not hostcall.activation(layer.activation) or layer.nan_policy != "propagate"
@@ -173,7 +181,8 @@ class Plan(NamedTuple):
         absent = (not weight.size) | (not bias.size) << 1 | (running is None) << 2
         return cls(x.shape, dtype, view.shape, kernels, batch, update, outer * inner, weight,
                    bias, running_mean, running_var, running, eps, layer.activation, statistics,
-                   sums, layer._version, calls.entry, layer.axis, absent, {})  # fmt: skip
+                   sums, layer._version, calls.entry, served, layer.axis, absent,
+                   {})  # fmt: skip
 
     def front(self, step, x):
         """The address of the driver of ``step`` for a front on x's shape (a plain call without
@@ -205,6 +214,10 @@ class Plan(NamedTuple):
             and calls.entry is self.entry
         )
 
+    def _vectors(self):
+        """(weight, bias) as compiled calls take them: None when absent."""
+        return (None if self.absent & 1 else self.weight, None if self.absent & 2 else self.bias)
+
     def _memory(self, x):
         """Whether the kernels can take ``x`` (C-contiguous) and, for a plan that updates them,
         the running buffers (writable)."""
@@ -216,7 +229,15 @@ class Plan(NamedTuple):
     def train(self, x, residual):
         """y and the float64 mean, invstd (the plan's buffers) of a batch-statistics forward of
         ``x`` (+ ``residual``, then the activation), with the running update when the plan
-        updates; None for a residual the plain path would not take."""
+        updates (float64 vectors of their own from compiled calls); None for a residual the
+        plain path would not take, or a call compiled calls decline."""
+        if self.served:
+            running = self.running or _NO_RUNNING_ENTRY
+            served = NotImplemented if residual is not None else calls.entry.batch_forward(
+                x, *self._vectors(), self.eps, self.axis, *running, PROPAGATE, None, CPU, None,
+                None, None, CPU,
+            )  # fmt: skip
+            return None if served is NotImplemented else served[:3]
         mean, invstd, m2 = self.statistics
         front = self.front("forward_train", x) if residual is None else 0
         if front:
@@ -243,7 +264,14 @@ class Plan(NamedTuple):
     def evaluate(self, x, residual):
         """y of a running-statistics forward of ``x`` (as :meth:`train`); None for a residual
         the plain path would not take, or when the running variance holds a negative value
-        (written in place since): the general path explains."""
+        (written in place since), or a call compiled calls decline: the general path
+        explains."""
+        if self.served:
+            served = NotImplemented if residual is not None else calls.entry.forward_eval(
+                x, self.running_mean, self.running_var, *self._vectors(), self.eps, self.axis,
+                None, None, None, CPU, CPU,
+            )  # fmt: skip
+            return None if served is NotImplemented else served
         front = self.front("forward_eval", x) if residual is None else 0
         if front:
             y = np.empty(self.shape, self.dtype)
@@ -271,7 +299,16 @@ class Plan(NamedTuple):
         them) and the residual's gradient (None without a ``residual``) of the batch-statistics
         forward of ``x`` whose statistics were ``mean``, ``invstd`` and output ``y``; None for
         a ``dy`` the kernels do not take as it is (not C-contiguous: the general path copies
-        it)."""
+        it), or that compiled calls decline."""
+        if self.served:
+            served = NotImplemented if residual else calls.entry.batch_backward(
+                dy, x, mean, invstd, self._vectors()[0], self.axis, None, CPU, None, None, None,
+                None, CPU,
+            )  # fmt: skip
+            if served is NotImplemented:
+                return None
+            dx, _, _, _, grad_weight, grad_bias = served
+            return dx, grad_weight, grad_bias, None
         view_shape, shape, dtype = self.view_shape, self.shape, self.dtype
         dx = np.empty(shape, dtype)
         sum_dy, sum_dy_xmu = self.sums

@@ -119,8 +119,8 @@ def use_compiled_calls(directory: str | os.PathLike[str] | None):
 def may_serve(batch, x, axis):
     """Whether the entry may serve a step of a BatchNorm's calls on the ndarray ``x`` with the
     channels on the int ``axis``, with ``batch`` statistics (a forward and its backward) or the
-    running ones: by size and layout (the entry checks the rest per call). The layer keeps no
-    plan for such calls (numba_bn/plans.py), and one for any other, which the entry declines."""
+    running ones: by size and layout (the entry checks the rest per call). The layer's plan for
+    such calls hands them to the entry (numba_bn/plans.py)."""
     return entry is not None and x.size < _served_below[batch] and axis % x.ndim == 1
 
 
