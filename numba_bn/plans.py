@@ -28,7 +28,7 @@ Where compiled calls serve a plan's calls (:func:`numba_bn.capi.calls.may_serve`
 size and layout they take, no activation), the plan hands its checked arguments to them (the C
 library, which compiles nothing) instead of the JIT's drivers; a call they decline (a residual)
 takes the general path, which asks them first as well. The layer's general path cost such a
-call ~2 us more than a plan does (benchmarks/README.md, "Stop 68").
+training step ~1 us more than a plan does (benchmarks/README.md, "Stop 68").
 """
 
 from typing import NamedTuple
@@ -175,7 +175,7 @@ class Plan(NamedTuple):
         if weight is None or bias is None:
             return None
         statistics = sums = ()
-        if batch:
+        if batch and not served:  # (compiled calls return vectors of their own)
             statistics = tuple(np.empty(channels) for _ in range(3))
             sums = (np.empty(channels), np.empty(channels))
         absent = (not weight.size) | (not bias.size) << 1 | (running is None) << 2
