@@ -1265,7 +1265,7 @@ def test_compiled_calls_train_the_layer_as_the_python_path(rng, host_build, monk
 def test_a_layer_keeps_its_plans_with_compiled_calls(rng, host_build, shape, axis, served):
     """With compiled calls on, a BatchNorm keeps its plans as without them: for the batches they
     serve (small, the channels on axis 1) a plan hands its checked arguments to the entry (its
-    general path cost ~2 us more a call), for the others (a batch the JIT runs on threads,
+    general path cost ~1 us more a training step), for the others (a batch the JIT runs on threads,
     channels-last) it runs the JIT's kernels; the same bits as a layer without compiled calls.
     (Until stop 68 a served batch got no plan, and took the layer's general path every call.)"""
     channels = shape[axis]
