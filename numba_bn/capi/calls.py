@@ -1,14 +1,14 @@
 """Compiled calls: the plain host calls of the functional API through a CPython extension over
-the C library, ~0.3-0.5 us of call instead of ~5 us of Python (benchmarks/README.md, "Compiled
-calls").
+the C library, ~1 us of call from Python where the JIT's fronts take ~2 (benchmarks/README.md,
+"Compiled calls", "Stop 68").
 
 ``numba-bn build-plugin --out DIR`` builds, next to ``libnumba_bn.so``, the extension
 ``_numba_bn_calls`` (csrc/nbn_python.c) when Python's and NumPy's headers are there.
 :func:`use_compiled_calls` loads it, as ``import numba_bn`` does when the environment variable
 ``NUMBA_BN_COMPILED_CALLS`` names such a directory; from then on :func:`numba_bn.forward_train`,
 :func:`numba_bn.forward_eval`, :func:`numba_bn.backward`, :func:`numba_bn.batch_norm` and
-``BatchNorm`` (through ``ops.batch_forward`` and ``ops.batch_backward`` in training, with the
-float64 statistics of ABI 1.4) hand it their arguments first. It serves float32 and float64
+``BatchNorm`` (its plans, or ``ops.batch_forward`` and ``ops.batch_backward`` in training, with
+the float64 statistics of ABI 1.4) hand it their arguments first. It serves float32 and float64
 NumPy arrays with the channels on axis 1, without ``mask``, ``residual`` or ``activation``,
 ``out`` None or taken as the Python path's plain call takes it (:func:`.hostcall.output`), on
 the host, at the sizes the JIT backend runs serially (its cost model,
