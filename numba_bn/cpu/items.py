@@ -289,7 +289,7 @@ def plan(outer, channels, inner, threads, out):
     out[6] = elementwise_item_elements(outer, channels, inner)
     out[7] = coef_columns(outer, channels, inner)
     out[8] = channel_items(channels)
-    out[9] = parts(outer, inner) * imin(CHANNEL_GROUP, channels)  # partials an item merges
+    out[9] = out[2] * imin(CHANNEL_GROUP, channels)  # the partials a channel item merges
 
 
 # ---------------------------------------------------------------------------- reduction items
