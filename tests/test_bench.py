@@ -324,6 +324,63 @@ def test_bench_takes_rounds_for_small_inputs_only(monkeypatch):
     }  # fmt: skip
 
 
+def _racing_calls(monkeypatch, settles_after):
+    """Calls of numba_bn's and of a peer, each logging its key, and races
+    (numba_bn.cpu.races_running) that settle after ``settles_after`` calls of numba_bn's."""
+    log, left = [], [settles_after]
+
+    def call(key):
+        def run():
+            log.append(key)
+            if key[1] == "numba_bn":
+                left[0] = max(left[0] - 1, 0)
+
+        return run
+
+    monkeypatch.setattr(measure.cpu, "races_running", lambda: left[0])
+    calls = {(op, name): call((op, name)) for name in ("numba_bn", "numpy") for op in ("f", "b")}
+    return calls, log, left
+
+
+def test_settle_races_calls_numba_bns_calls_until_no_race_is_left(monkeypatch):
+    """A plan's race (numba_bn/cpu/race.py) runs the slower partition in half of its timed
+    calls: the bench calls numba_bn's calls, all in turn, until none is left, and no peer's."""
+    calls, log, left = _racing_calls(monkeypatch, 5)
+    measure.settle_races(calls)
+    assert left[0] == 0
+    assert log == [("f", "numba_bn"), ("b", "numba_bn")] * 3
+
+
+def test_settle_races_gives_up_after_its_seconds(monkeypatch):
+    calls, log, left = _racing_calls(monkeypatch, 10**9)
+    start = time.perf_counter()
+    measure.settle_races(calls, seconds=0.05)
+    assert 0.05 <= time.perf_counter() - start < 5 and log and left[0] > 0
+
+
+def test_bench_times_after_the_races_settled(monkeypatch):
+    """run_case settles the races of numba_bn's plans between its checks and its timing (in
+    stop 68's sweeps they settled 0.34-0.52 s into the timed samples of every large case)."""
+    calls, log, left = _racing_calls(monkeypatch, 7)
+    at_timing = []
+
+    def time_each(timed, repeat, rounds=False):
+        at_timing.append(measure.cpu.races_running())
+        return {key: [1e-6] * repeat for key in timed}, dict.fromkeys(timed, 1)
+
+    class Logged(peers.Implementation):
+        name, tolerance = "numba_bn", peers.STRICT
+
+        def calls(self, case):
+            right = peers.NumbaBn().calls(case)
+            ours = {op: call for (op, name), call in calls.items() if name == "numba_bn"}
+            return {op: lambda op=op: (ours["f"](), right[op]())[1] for op in right}
+
+    monkeypatch.setattr(measure, "time_each", time_each)
+    measure.run_case(cases.Case(cases.SHAPES["small-nc"], np.float32), [Logged()], 2)
+    assert at_timing == [0] and len(log) >= 7
+
+
 def test_verify_rejects_nan_outputs():
     case = cases.Case(cases.SHAPES["small-nc"], np.float32)
     poisoned = {"eval": lambda: (np.full(case.x.shape, np.nan, np.float32),)}

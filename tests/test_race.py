@@ -2,6 +2,8 @@
 times them on the first calls and keeps the faster, and what a call returns does not depend on
 which one ran."""
 
+import gc
+
 import numba
 import numpy as np
 import pytest
@@ -245,6 +247,31 @@ def test_the_rules_plan_stays_where_the_other_partition_cannot_be_had(monkeypatc
     for n in range(RACE_AFTER + 1):
         assert race(n) == ("rule", (n,))
     assert cpu._PLANS[key][2] == (rule, False) and cpu.RACES == {}
+
+
+def test_a_race_counts_as_running_until_it_settles(monkeypatch):
+    """cpu.races_running: the races of plans not settled yet (a benchmark calls its plans until
+    there are none before it times them); a plan dropped with its race takes it along."""
+    monkeypatch.setattr(cpu, "_can_load", lambda *_: False)
+    monkeypatch.setattr(cpu, "_PLANS", {})
+    monkeypatch.setattr(cpu, "_RACING", type(cpu._RACING)())
+    x = np.empty(SHAPE, np.float32)
+    key = ("backward", SHAPE, x.dtype, True, 0)
+    rule = Partition("rule", Clock(), [1.0])
+    cpu._PLANS[key] = {2: cpu._raced(key, 2, x, (rule, False))}
+    race = cpu._PLANS[key][2][0]
+    assert isinstance(race, Race) and cpu.races_running() == 1
+    for n in range(RACE_AFTER):
+        race(n)
+        assert cpu.races_running() == 1
+    race(RACE_AFTER)  # asks for the other partition: none to be had, settled on the rule's
+    assert cpu.races_running() == 0
+    cpu._PLANS[key] = {2: cpu._raced(key, 2, x, (rule, False))}
+    assert cpu.races_running() == 1
+    cpu._PLANS.clear()
+    del race
+    gc.collect()
+    assert cpu.races_running() == 0
 
 
 def test_a_race_waits_for_the_worker_that_compiles_the_other_partition(monkeypatch):

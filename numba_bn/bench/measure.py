@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .. import ahead, compiling
+from .. import ahead, compiling, cpu
 from .cases import BYTES_PER_ELEMENT_MOVED
 from .peers import NumbaBnKernels
 
@@ -19,6 +19,10 @@ BLOCK_SECONDS = 1e-3  # calls faster than this are timed in blocks (small shapes
 #: Inputs up to this size may be sampled in rounds (time_each). It is glibc's default mmap
 #: threshold; with 512 KB outputs, rounds slowed PyTorch's calls more than ours (stop 38)
 ROUNDS_MAX_BYTES = 128 * 1024
+#: The longest run_case calls numba_bn's calls to let their plans' races settle (settle_races)
+RACES_SECONDS = 20.0
+#: The implementations whose calls run numba_bn's plans
+OURS = ("numba_bn", "BatchNorm", "numba_bn kernels")
 
 
 class VerificationError(AssertionError):
@@ -139,12 +143,30 @@ def run_case(case, chosen, repeat):
             calls[op, name] = call
             worst[name] = max(worst.get(name, 0.0), errors[op, name])
     ahead.settle()  # no compile-ahead worker of a first call still busy while this times
+    settle_races(calls)
     samples, iterations = time_each(calls, repeat, case.x.nbytes <= ROUNDS_MAX_BYTES)
     results = [
         Result(case, op, name, samples[op, name], iterations[op, name], errors[op, name])
         for op, name in calls
     ]
     return results, worst
+
+
+def settle_races(calls, seconds=RACES_SECONDS):
+    """Call numba_bn's ``calls`` ({(op, implementation name): call}), all in turn, until no race
+    of its plans is left (numba_bn.cpu.races_running), waiting for the compile-ahead workers
+    a race starts; ``seconds`` at most. A large planes batch times both partitions on its first
+    ~30 calls, a batch near the cost model's bound both twins (numba_bn/cpu/race.py), and runs
+    the slower one in half of the timed calls: left to the timed samples, the races of
+    (32, 64, 28, 28), (64, 256, 14, 14), (256, 512) and (16, 32, 16, 16) settled 0.34-0.52 s
+    into them, in numba_bn's first cells (stop 69). The samples time what a program runs from
+    then on, as they time compiled code, not its compilation."""
+    ours = [call for (_, name), call in calls.items() if name in OURS]
+    deadline = time.perf_counter() + seconds
+    while ours and cpu.races_running() and time.perf_counter() < deadline:
+        for call in ours:
+            call()
+        ahead.settle()
 
 
 # --------------------------------------------------------------------------------- first call

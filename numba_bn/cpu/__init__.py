@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import threading
+import weakref
 
 import numba
 import numpy as np
@@ -262,6 +263,9 @@ def _new_plan(key, step, x, may_fuse, epilogue, threads):
 #: partition the rule picked, "kept": the faster}}; a race of the twins has "parallel" (the
 #: cost model's, its "rule") and "serial" where a partitions race has "fused" and "split".
 RACES = {}
+#: The races of this process's plans that have not settled (weakly: a plan dropped before its
+#: race settled takes the race with it)
+_RACING = weakref.WeakSet()
 _PARTITIONED = ("forward_train", "backward")
 _forced = {}  # inside partitions(): {step: fused}
 _no_races = []  # after compile_only()
@@ -322,6 +326,7 @@ def _race_plan(key, threads, rule, ready, names, fused, resolve=None):
     name = (step, shape, dtype.name, epilogue, threads)
 
     def settle(winner, other_won, seconds):
+        _RACING.discard(race)
         if resolve is not None:
             winner = resolve(winner)
         kept = _PLANS.get(key)
@@ -331,8 +336,17 @@ def _race_plan(key, threads, rule, ready, names, fused, resolve=None):
             times = {names[0]: seconds[0] * 1e6, names[1]: seconds[1] * 1e6}
             RACES[name] = {**times, "rule": names[0], "kept": names[other_won]}
 
-    raced = Race(rule, ready, settle), fused
+    race = Race(rule, ready, settle)
+    _RACING.add(race)
+    raced = race, fused
     return raced
+
+
+def races_running():
+    """How many races of this process's plans (:mod:`.race`) have not settled: their plans
+    still run the rule's partition or twin, and now and then the other one, timed. A benchmark
+    calls its plans until none is left before it times them (numba_bn.bench)."""
+    return len(_RACING)
 
 
 def _other_partition(step, batch, threads, epilogue, fused):
