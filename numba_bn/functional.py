@@ -88,13 +88,12 @@ def forward_train(
         x, weight, bias, out, residual = host_views(x, weight, bias, out, residual)
     if mask is None:  # the common call first: keywords spelt out, no dict to build (~0.5 us)
         if (
-            out is None
-            and residual is None
+            residual is None
             and activation is None
             and nan_policy is fronts.PROPAGATE
             and fronts.may_serve(backend, device)
         ):
-            served = fronts.forward_train(x, weight, bias, eps, axis)
+            served = fronts.forward_train(x, weight, bias, eps, axis, out=out)
             if served is not None:  # a call like one before, in compiled code
                 return served
         # ops.batch_forward's two paths, its TrainResult skipped on the plain one (~1 us of 8),
@@ -145,13 +144,8 @@ def forward_eval(
         x, running_mean, running_var, weight, bias, out, residual = host_views(
             x, running_mean, running_var, weight, bias, out, residual
         )
-    if (
-        out is None
-        and residual is None
-        and activation is None
-        and fronts.may_serve(backend, device)
-    ):
-        y = fronts.forward_eval(x, running_mean, running_var, weight, bias, eps, axis)
+    if residual is None and activation is None and fronts.may_serve(backend, device):
+        y = fronts.forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out)
         if y is not None:  # a call like one before, in compiled code (cpu/fronts.py)
             return y
     # ops.frozen_forward's two paths, its keywords skipped on the plain one (as forward_train)
@@ -209,9 +203,9 @@ def backward(
         x, dy, mean, invstd, weight, out, y, residual_out = host_views(
             x, dy, mean, invstd, weight, out, y, residual_out
         )
-    if (mask is None and out is None and activation is None and y is None
-            and residual_out is None and fronts.may_serve(backend, device)):  # fmt: skip
-        served = fronts.backward(dy, x, mean, invstd, weight, axis)
+    if (mask is None and activation is None and y is None and residual_out is None
+            and fronts.may_serve(backend, device)):  # fmt: skip
+        served = fronts.backward(dy, x, mean, invstd, weight, axis, out)
         if served is not None:  # a call like one before, in compiled code
             return served
     if mask is None:  # as in forward_train: ops.batch_backward's two paths
@@ -272,11 +266,11 @@ def batch_norm(
         x, running_mean, running_var, weight, bias, out, residual = host_views(
             x, running_mean, running_var, weight, bias, out, residual
         )
-    if (training and mask is None and calls.entry is None and out is None and residual is None
+    if (training and mask is None and calls.entry is None and residual is None
             and activation is None and nan_policy is fronts.PROPAGATE
             and fronts.may_serve(backend, device)):  # fmt: skip
         served = fronts.forward_train(x, weight, bias, eps, axis, running_mean, running_var,
-                                      momentum, unbiased_running_var)  # fmt: skip
+                                      momentum, unbiased_running_var, out)  # fmt: skip
         if served is not None:  # a call like one before, in compiled code (cpu/fronts.py)
             return served[0]
     if training and mask is None and calls.entry is None:

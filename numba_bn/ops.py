@@ -163,12 +163,7 @@ def plain_batch_forward(x, weight, bias, eps, axis, running_mean, running_var, m
                           mean=mean, invstd=invstd, m2=m2, running=running,
                           residual=residual_view, activation=activation,
                           saved=saved)  # fmt: skip
-    if (
-        out is None
-        and residual is None
-        and activation is None
-        and fronts.may_serve(backend, device)
-    ):
+    if residual is None and activation is None and fronts.may_serve(backend, device):
         learn_front("forward_train", kernels, x, axis, view, may_fuse=True)
     if mean is not None:
         return y, mean, invstd, m2, outer * inner
@@ -322,12 +317,7 @@ def plain_frozen_forward(x, running_mean, running_var, weight, bias, eps, axis, 
                                     residual=residual_view, activation=activation)  # fmt: skip
     if negative is not None and negative >= 0:
         return None  # a negative running variance, nothing written: an error to explain
-    if (
-        out is None
-        and residual is None
-        and activation is None
-        and fronts.may_serve(backend, device)
-    ):
+    if residual is None and activation is None and fronts.may_serve(backend, device):
         learn_front("forward_eval", kernels, x, axis, view)
     return y
 
@@ -436,7 +426,7 @@ def plain_batch_backward(dy, x, mean, invstd, weight, axis, out, backend, activa
     kernels.backward(dy_view, view, mean=mean, invstd=invstd, weight=weight,
                      dx=dx.reshape(view.shape), sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu,
                      grads=grads)  # fmt: skip
-    if not sums and out is None and fronts.may_serve(backend, device):
+    if not sums and fronts.may_serve(backend, device):
         learn_front("backward", kernels, x, axis, view, may_fuse=True)
     return dx, sum_dy, sum_dy_xmu, outer * inner, grads[0], grads[1]
 

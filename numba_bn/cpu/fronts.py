@@ -142,6 +142,18 @@ def _canonical(x, axis):
 
 
 @kernel(inline="always")
+def _apart_or_same(out, value):
+    """Whether the C-contiguous arrays ``out`` and ``value`` of one dtype are one view (the same
+    first byte and size) or lie apart (their bytes' bounds do not meet, np.may_share_memory's
+    test): what a plain call asks of an ``out=`` and each of its inputs
+    (:func:`numba_bn.hostcall.output`; the checked path takes the same view in place too)."""
+    a, b = out.ctypes.data, value.ctypes.data
+    if a == b:
+        return out.size == value.size
+    return a + out.nbytes <= b or b + value.nbytes <= a
+
+
+@kernel(inline="always")
 def _fits(vector, channels, absent):
     """A per-channel vector of ``channels`` values, or the zero-length one for an absent one."""
     return vector.size == 0 if absent else vector.size == channels
@@ -170,7 +182,8 @@ def _eval_front(address, x, axis, running_mean, running_var, weight, bias, absen
     outer, channels, inner = _canonical(x, axis)
     if (channels < 1 or running_mean.size != channels or running_var.size != channels
             or not _fits(weight, channels, absent & 1) or not _fits(bias, channels, absent & 2)
-            or not (eps >= 0.0 and eps <= math.inf) or y.size != x.size):  # fmt: skip
+            or not (eps >= 0.0 and eps <= math.inf) or y.size != x.size
+            or not _apart_or_same(y, x)):  # fmt: skip
         return NOT_PLAIN
     view = shaped_when_plain(x, (outer, channels, inner))
     y_view = shaped_when_plain(y, (outer, channels, inner))
@@ -203,6 +216,7 @@ def _train_front(address, x, axis, weight, bias, absent, eps, running_mean, runn
         or not _fits(running_var, channels, absent & 4)
         or not (momentum >= 0.0 and momentum <= 1.0)
         or y.size != x.size
+        or not _apart_or_same(y, x)
         or saved.shape[0] != 2
         or (saved.shape[1] != channels and saved.shape[1] != 0)
         or not _fits(mean, channels, absent & 8)
@@ -251,6 +265,8 @@ def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, sum_dy, 
         or not _fits(sum_dy, channels, absent & 8)
         or sum_dy_xmu.size != sum_dy.size
         or dx.size != x.size
+        or not _apart_or_same(dx, dy)
+        or not _apart_or_same(dx, x)
         or grads.shape[0] != 2
         or grads.shape[1] != channels
     ):
@@ -274,17 +290,19 @@ def _backward_front(address, dy, x, axis, mean, invstd, weight, absent, sum_dy, 
 
 
 def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=None,
-                  momentum=0.1, unbiased=True):  # fmt: skip
-    """A plain training forward of the ndarray ``x`` without out=, mask, residual or
-    activation (nan_policy "propagate"), when a front serves it; else None. Without running
-    buffers, (y, mean, invstd), the statistics in x's dtype (functional.forward_train); with
-    them (updated in place), (y,) (functional.batch_norm)."""
+                  momentum=0.1, unbiased=True, out=None):  # fmt: skip
+    """A plain training forward of the ndarray ``x`` without mask, residual or activation
+    (nan_policy "propagate"), into ``out`` when given, when a front serves it; else None.
+    Without running buffers, (y, mean, invstd), the statistics in x's dtype
+    (functional.forward_train); with them (updated in place), (y,) (functional.batch_norm)."""
     served = _served("forward_train", x, axis, weight, bias)
     if served is None or type(eps) is not float:
         return None
     address, nothing, weight, bias, absent = served
     dtype = nothing.dtype
-    y = np.empty(x.shape, dtype)
+    y = np.empty(x.shape, dtype) if out is None else _output(out, x)
+    if y is None:
+        return None
     if running_mean is None and running_var is None:
         saved = np.empty((2, x.shape[axis]), dtype)
         status = _train_front(address, x, axis, weight, bias, absent | 12, eps, nothing, nothing,
@@ -301,9 +319,9 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
     return None if status else (y,)
 
 
-def backward(dy, x, mean, invstd, weight, axis):
-    """(dx, dweight, dbias) of a plain backward of the ndarrays ``dy`` and ``x`` without out=,
-    mask or activation, when a front serves it; else None."""
+def backward(dy, x, mean, invstd, weight, axis, out=None):
+    """(dx, dweight, dbias) of a plain backward of the ndarrays ``dy`` and ``x`` without mask
+    or activation, dx in ``out`` when given, when a front serves it; else None."""
     served = _served("backward", x, axis, weight, None)  # (no bias: its slot and bit unread)
     if served is None:
         return None
@@ -314,16 +332,19 @@ def backward(dy, x, mean, invstd, weight, axis):
             or type(invstd) is not ndarray or invstd.ndim != 1
             or (invstd.dtype is not dtype and invstd.dtype is not F64)):  # fmt: skip
         return None
-    dx, grads = np.empty(x.shape, dtype), np.empty((2, x.shape[axis]), dtype)
+    dx = np.empty(x.shape, dtype) if out is None else _output(out, x)
+    if dx is None:
+        return None
+    grads = np.empty((2, x.shape[axis]), dtype)
     if _backward_front(address, dy, x, axis, mean, invstd, weight, absent | 8, _NO_STATISTICS,
                        _NO_STATISTICS, dx, grads):  # fmt: skip
         return None
     return dx, grads[0], grads[1]
 
 
-def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
-    """y of a plain forward_eval of the ndarray ``x`` without out=, residual or activation, when
-    a front serves it; else None."""
+def forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out=None):
+    """y of a plain forward_eval of the ndarray ``x`` without residual or activation, into
+    ``out`` when given, when a front serves it; else None."""
     served = _served("forward_eval", x, axis, weight, bias)
     if served is None or type(eps) is not float:
         return None
@@ -332,9 +353,20 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis):
     if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
             or type(running_var) is not ndarray or running_var.dtype is not dtype):  # fmt: skip
         return None
-    y = np.empty(x.shape, dtype)
+    y = np.empty(x.shape, dtype) if out is None else _output(out, x)
+    if y is None:
+        return None
     status = _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y)
     return y if status == -1 else None
+
+
+def _output(out, x):
+    """The caller's ``out`` as a front takes it: an ndarray of x's dtype and shape; else None.
+    Its layout and writability are the front's types to check, its overlap with the inputs the
+    front's to test (:func:`_apart_or_same`)."""
+    if type(out) is not ndarray or out.dtype is not x.dtype or out.shape != x.shape:
+        return None
+    return out
 
 
 def _served(step, x, axis, weight=None, bias=None):
