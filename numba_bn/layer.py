@@ -297,11 +297,13 @@ class BatchNorm(LayerState):
         training = self.training if training is None else bool(training)
         if type(x) is not np.ndarray:  # a torch CPU tensor: NumPy's views take the plans
             x, residual = host_views(x, residual)
-        plain, y = type(x) is np.ndarray and mask is None and out is None, None
+        plain, y = type(x) is np.ndarray and mask is None, None
+        if plain and out is not None:  # an out= the plans take: like x, apart from it
+            plain = _apart(out, x)
         if plain:  # a batch like one before: its plan, when the layer still holds what it checked
             plan = self._plans.get((x.shape, training))
             if plan is not None and plan.takes(self, x):
-                y = self._planned_forward(plan, x, residual)
+                y = self._planned_forward(plan, x, residual, out)
         if y is None:
             x, out = self._admit(x), host_view(out)
             y = self._forward(x, training, mask, out, residual)
@@ -323,17 +325,17 @@ class BatchNorm(LayerState):
         if "forward" in vars(cls) and "__call__" not in vars(cls):
             cls.__call__ = _call_forward
 
-    def _planned_forward(self, plan, x, residual):
+    def _planned_forward(self, plan, x, residual, out):
         """forward() of a plain call through its plan: _forward's kernels and bookkeeping
         without its checks; None when the plan declines (the general path explains). The saved
         state is made whole at once, positionally (a NamedTuple's _replace costs ~0.85 us)."""
         if not plan.batch:
-            y = plan.evaluate(x, residual)
+            y = plan.evaluate(x, residual, out)
             if y is not None:
                 kept = y if plan.activation is not None else None
                 self._saved = _Saved(False, x, None, None, 0, None, kept, residual is not None)
             return y
-        trained = plan.train(x, residual)
+        trained = plan.train(x, residual, out)
         if trained is None:
             return None
         y, mean, invstd = trained
@@ -499,12 +501,13 @@ class BatchNorm(LayerState):
         saved = self._saved
         if type(dy) is not np.ndarray:  # a torch CPU tensor: NumPy's view takes the plan
             (dy,) = host_views(dy)
-        if saved is not None and saved.plan is not None and out is None:  # a planned forward's
+        if saved is not None and saved.plan is not None:  # a planned forward's
             plan = saved.plan
             planned = None
-            if type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy):
+            if (type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy)
+                    and (out is None or _like(out, dy))):  # fmt: skip
                 planned = plan.backward(dy, saved.x, saved.mean, saved.invstd, saved.y,
-                                        saved.residual)  # fmt: skip
+                                        saved.residual, out)  # fmt: skip
             if planned is not None:  # (None: a dy the kernels do not take as it is)
                 dx, grad_weight, grad_bias, self.grad_residual = planned
                 self.grad_weight = None if self.weight is None else grad_weight
@@ -663,6 +666,19 @@ class BatchNorm(LayerState):
             f"convention={self.convention.name!r}, training={self.training}, "
             f"device={self.device!r})"
         )
+
+
+def _like(out, x):
+    """Whether ``out`` is an ndarray of the ndarray x's shape and dtype."""
+    return type(out) is np.ndarray and out.dtype is x.dtype and out.shape == x.shape
+
+
+def _apart(out, x):
+    """Whether the plans may take ``out`` for a forward of the ndarray ``x``: like x, and
+    sharing no memory with it (its bounds; a training forward may not overwrite the x its
+    backward needs, and an eval forward that does takes the general path, which records it).
+    Its layout and writability are the fronts' to check."""
+    return _like(out, x) and not np.may_share_memory(out, x)
 
 
 def _shares_memory(out, x):

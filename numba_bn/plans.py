@@ -226,11 +226,15 @@ class Plan(NamedTuple):
             or (self.running.mean.flags.writeable and self.running.var.flags.writeable)
         )
 
-    def train(self, x, residual):
+    def train(self, x, residual, out=None):
         """y and the float64 mean, invstd (the plan's buffers) of a batch-statistics forward of
         ``x`` (+ ``residual``, then the activation), with the running update when the plan
         updates (float64 vectors of their own from compiled calls); None for a residual the
-        plain path would not take, or a call compiled calls decline."""
+        plain path would not take, or a call compiled calls decline. y is ``out`` when given
+        (an ndarray like x that shares no memory with it: the layer's test), written by a front
+        only (None where none serves it: the general path checks and writes it)."""
+        if out is not None and (self.served or residual is not None):
+            return None
         if self.served:
             running = self.running or _NO_RUNNING_ENTRY
             served = NotImplemented if residual is not None else calls.entry.batch_forward(
@@ -242,12 +246,12 @@ class Plan(NamedTuple):
         front = self.front("forward_train", x) if residual is None else 0
         if front:
             running = self.running or _NO_RUNNING[self.dtype]
-            y = np.empty(self.shape, self.dtype)
+            y = np.empty(self.shape, self.dtype) if out is None else out
             if not fronts._train_front(front, x, self.axis, self.weight,
                                        self.bias, self.absent, self.eps, *running, mean, invstd,
                                        m2, y, _NO_ROWS[self.dtype]):  # fmt: skip
                 return y, mean, invstd
-        if not self._memory(x):
+        if out is not None or not self._memory(x):
             return None
         view_shape = self.view_shape
         view = x.reshape(view_shape)
@@ -261,11 +265,13 @@ class Plan(NamedTuple):
                                    activation=self.activation)  # fmt: skip
         return y, mean, invstd
 
-    def evaluate(self, x, residual):
-        """y of a running-statistics forward of ``x`` (as :meth:`train`); None for a residual
-        the plain path would not take, or when the running variance holds a negative value
-        (written in place since), or a call compiled calls decline: the general path
-        explains."""
+    def evaluate(self, x, residual, out=None):
+        """y of a running-statistics forward of ``x`` (as :meth:`train`, into ``out`` as
+        there); None for a residual the plain path would not take, or when the running variance
+        holds a negative value (written in place since), or a call compiled calls decline: the
+        general path explains."""
+        if out is not None and (self.served or residual is not None):
+            return None
         if self.served:
             served = NotImplemented if residual is not None else calls.entry.forward_eval(
                 x, self.running_mean, self.running_var, *self._vectors(), self.eps, self.axis,
@@ -274,12 +280,12 @@ class Plan(NamedTuple):
             return None if served is NotImplemented else served
         front = self.front("forward_eval", x) if residual is None else 0
         if front:
-            y = np.empty(self.shape, self.dtype)
+            y = np.empty(self.shape, self.dtype) if out is None else out
             negative = fronts._eval_front(front, x, self.axis,
                                           self.running_mean, self.running_var, self.weight,
                                           self.bias, self.absent, self.eps, y)  # fmt: skip
             return y if negative == -1 else None
-        if not self._memory(x):
+        if out is not None or not self._memory(x):
             return None
         view_shape = self.view_shape
         view = x.reshape(view_shape)
@@ -294,12 +300,16 @@ class Plan(NamedTuple):
         )  # fmt: skip
         return None if negative is not None and negative >= 0 else y  # as ops' plain call
 
-    def backward(self, dy, x, mean, invstd, y, residual):
+    def backward(self, dy, x, mean, invstd, y, residual, out=None):
         """dx, dweight, dbias (in x's dtype, rounded as ``ops.plain_batch_backward`` rounds
         them) and the residual's gradient (None without a ``residual``) of the batch-statistics
         forward of ``x`` whose statistics were ``mean``, ``invstd`` and output ``y``; None for
         a ``dy`` the kernels do not take as it is (not C-contiguous: the general path copies
-        it), or that compiled calls decline."""
+        it), or that compiled calls decline. dx is ``out`` when given (an ndarray of x's shape
+        and dtype), written by a front only, which tests it against dy and x as the plain path
+        does (:func:`numba_bn.hostcall.output`); None where none serves it."""
+        if out is not None and (self.served or residual):
+            return None
         if self.served:
             served = NotImplemented if residual else calls.entry.batch_backward(
                 dy, x, mean, invstd, self._vectors()[0], self.axis, None, CPU, None, None, None,
@@ -310,7 +320,7 @@ class Plan(NamedTuple):
             dx, _, _, _, grad_weight, grad_bias = served
             return dx, grad_weight, grad_bias, None
         view_shape, shape, dtype = self.view_shape, self.shape, self.dtype
-        dx = np.empty(shape, dtype)
+        dx = np.empty(shape, dtype) if out is None else out
         sum_dy, sum_dy_xmu = self.sums
         front = self.front("backward", x) if not residual else 0
         if front:
@@ -319,7 +329,7 @@ class Plan(NamedTuple):
                                           invstd, self.weight, self.absent, sum_dy, sum_dy_xmu,
                                           dx, grads):  # fmt: skip
                 return dx, grads[0], grads[1], None
-        if not dy.flags.c_contiguous:
+        if out is not None or not dy.flags.c_contiguous:
             return None
         grad = grad_residual = None
         if self.activation is not None:  # the gradient through it, the residual's, in the pass

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import numba_bn as nbn
-from numba_bn import functional, layer, ops
+from numba_bn import functional, layer, ops, plans
 from numba_bn.cpu import fronts
 
 from conftest import LAYOUTS, poison, random_batch
@@ -30,11 +30,12 @@ def checked_calls(monkeypatch):
 
 
 def _no_plain_path(monkeypatch):
-    """Every call from now on takes the checked path: ops' plain functions decline it, and no
-    front serves it (a front serves out= too)."""
+    """Every call from now on takes the checked path: ops' plain functions decline it, and
+    neither a front nor a new layer's plans serve it (they serve out= too)."""
     for name in ("plain_batch_forward", "plain_frozen_forward", "plain_batch_backward"):
         monkeypatch.setattr(ops, name, lambda *args, **kwargs: None)
     monkeypatch.setattr(fronts, "may_serve", lambda backend, device: False)
+    monkeypatch.setattr(plans, "remember", lambda *args: None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
