@@ -21,6 +21,7 @@ from .annotations import (
 )
 from .capi import calls
 from .checks import check_activation, check_nan_policy, check_scalar, compute_dtype
+from .cpu import fronts
 from .dispatch import memory_of, move
 from .functional import forward_eval
 from .layout import check_axis, normalize_axis
@@ -505,7 +506,7 @@ class BatchNorm(LayerState):
             plan = saved.plan
             planned = None
             if (type(dy) is np.ndarray and dy.shape == plan.shape and plan.takes(self, dy)
-                    and (out is None or _like(out, dy))):  # fmt: skip
+                    and (out is None or fronts.like(out, dy))):  # fmt: skip
                 planned = plan.backward(dy, saved.x, saved.mean, saved.invstd, saved.y,
                                         saved.residual, out)  # fmt: skip
             if planned is not None:  # (None: a dy the kernels do not take as it is)
@@ -668,17 +669,12 @@ class BatchNorm(LayerState):
         )
 
 
-def _like(out, x):
-    """Whether ``out`` is an ndarray of the ndarray x's shape and dtype."""
-    return type(out) is np.ndarray and out.dtype is x.dtype and out.shape == x.shape
-
-
 def _apart(out, x):
-    """Whether the plans may take ``out`` for a forward of the ndarray ``x``: like x, and
-    sharing no memory with it (its bounds; a training forward may not overwrite the x its
-    backward needs, and an eval forward that does takes the general path, which records it).
-    Its layout and writability are the fronts' to check."""
-    return _like(out, x) and not np.may_share_memory(out, x)
+    """Whether the plans may take ``out`` for a forward of the ndarray ``x``: as a front takes
+    it (fronts.like), and sharing no memory with x (its bounds; a training forward may not
+    overwrite the x its backward needs, and an eval forward that does takes the general path,
+    which records it)."""
+    return fronts.like(out, x) and not np.may_share_memory(out, x)
 
 
 def _shares_memory(out, x):

@@ -300,9 +300,9 @@ def forward_train(x, weight, bias, eps, axis, running_mean=None, running_var=Non
         return None
     address, nothing, weight, bias, absent = served
     dtype = nothing.dtype
-    y = np.empty(x.shape, dtype) if out is None else _output(out, x)
-    if y is None:
+    if out is not None and not like(out, x):
         return None
+    y = np.empty(x.shape, dtype) if out is None else out
     if running_mean is None and running_var is None:
         saved = np.empty((2, x.shape[axis]), dtype)
         status = _train_front(address, x, axis, weight, bias, absent | 12, eps, nothing, nothing,
@@ -332,9 +332,9 @@ def backward(dy, x, mean, invstd, weight, axis, out=None):
             or type(invstd) is not ndarray or invstd.ndim != 1
             or (invstd.dtype is not dtype and invstd.dtype is not F64)):  # fmt: skip
         return None
-    dx = np.empty(x.shape, dtype) if out is None else _output(out, x)
-    if dx is None:
+    if out is not None and not like(out, x):
         return None
+    dx = np.empty(x.shape, dtype) if out is None else out
     grads = np.empty((2, x.shape[axis]), dtype)
     if _backward_front(address, dy, x, axis, mean, invstd, weight, absent | 8, _NO_STATISTICS,
                        _NO_STATISTICS, dx, grads):  # fmt: skip
@@ -353,20 +353,18 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps, axis, out=None
     if (type(running_mean) is not ndarray or running_mean.dtype is not dtype
             or type(running_var) is not ndarray or running_var.dtype is not dtype):  # fmt: skip
         return None
-    y = np.empty(x.shape, dtype) if out is None else _output(out, x)
-    if y is None:
+    if out is not None and not like(out, x):
         return None
+    y = np.empty(x.shape, dtype) if out is None else out
     status = _eval_front(address, x, axis, running_mean, running_var, weight, bias, absent, eps, y)
     return y if status == -1 else None
 
 
-def _output(out, x):
-    """The caller's ``out`` as a front takes it: an ndarray of x's dtype and shape; else None.
-    Its layout and writability are the front's types to check, its overlap with the inputs the
-    front's to test (:func:`_apart_or_same`)."""
-    if type(out) is not ndarray or out.dtype is not x.dtype or out.shape != x.shape:
-        return None
-    return out
+def like(out, x):
+    """Whether an ``out=`` is one a front takes for the ndarray ``x``: an ndarray of x's dtype
+    and shape. Its layout and writability are the front's types to check, its overlap with the
+    inputs the front's to test (:func:`_apart_or_same`)."""
+    return type(out) is ndarray and out.dtype is x.dtype and out.shape == x.shape
 
 
 def _served(step, x, axis, weight=None, bias=None):
