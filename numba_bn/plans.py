@@ -20,9 +20,11 @@ run, Numba's launch, so the buffers are not even kept whole). An eval plan has n
 layer evaluates batches from several threads at once.
 
 A residual (checked per call, as the plain path checks it) and the layer's activation go to the
-same kernels' epilogue. Anything else (a mask, ``out=``, SyncBatchNorm's exchange, ghost
-batches, renorm, momentum=None, population statistics, a CUDA input, a backend that is not a
-host one) never gets a plan and takes the layer's general path.
+same kernels' epilogue. An ``out=`` like x that shares no memory with it (the layer's test) a
+plan writes through a front only, which checks its layout and overlap as the plain path does;
+any other, or one no front serves, takes the general path. Anything else (a mask,
+SyncBatchNorm's exchange, ghost batches, renorm, momentum=None, population statistics, a CUDA
+input, a backend that is not a host one) never gets a plan and takes the layer's general path.
 
 Where compiled calls serve a plan's calls (:func:`numba_bn.capi.calls.may_serve`: loaded, the
 size and layout they take, no activation), the plan hands its checked arguments to them (the C

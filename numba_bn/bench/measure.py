@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import ahead, compiling, cpu
 from .cases import BYTES_PER_ELEMENT_MOVED
-from .peers import NumbaBnKernels
+from .peers import NumbaBn, NumbaBnKernels, NumbaBnLayer
 
 PAUSE_SECONDS = 0.3
 BLOCK_SECONDS = 1e-3  # calls faster than this are timed in blocks (small shapes)
@@ -22,7 +22,7 @@ ROUNDS_MAX_BYTES = 128 * 1024
 #: The longest run_case calls numba_bn's calls to let their plans' races settle (settle_races)
 RACES_SECONDS = 20.0
 #: The implementations whose calls run numba_bn's plans
-OURS = ("numba_bn", "BatchNorm", "numba_bn kernels")
+OURS = (NumbaBn.name, NumbaBnLayer.name, NumbaBnKernels.name)
 
 
 class VerificationError(AssertionError):
