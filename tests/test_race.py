@@ -16,6 +16,7 @@ from numba_bn.cpu.race import (
     RACE_AFTER,
     RACE_MARGIN,
     RACE_MIN_ELEMENTS,
+    RACE_REMATCH_SECONDS,
     RACE_SAMPLES,
     THREADS_RACE_BOUNDS,
     Race,
@@ -44,9 +45,11 @@ class Clock:
         return self.now
 
 
-def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0, gap=0.0):
+def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0, gap=0.0,
+          rematch=None):  # fmt: skip
     """A race of two fake partitions; ``ready_answers``: what ready() says first (then the
-    other's run); the settle calls are recorded in race.settled, ready's in race.asked."""
+    other's run); the settle calls are recorded in race.settled, ready's in race.asked. One
+    round unless ``rematch`` is given (the tests of the rematch below)."""
     clock = Clock()
     rule = Partition("rule", clock, rule_seconds)
     other = Partition("other", clock, other_seconds)
@@ -58,7 +61,7 @@ def _race(rule_seconds, other_seconds, ready_answers=(), after=0, spacing=0, gap
 
     settled = []
     race = Race(rule, ready, lambda *args: settled.append(args), clock=clock, after=after,
-                spacing=spacing, gap=gap)  # fmt: skip
+                spacing=spacing, gap=gap, rematch=rematch)  # fmt: skip
     race.settled, race.asked = settled, asked
     return race, rule, other
 
@@ -100,11 +103,39 @@ def test_a_race_spaces_its_pairs_in_time_too():
 
 @pytest.mark.parametrize("other_seconds", [[4.0], [3.0], [2.875]])  # slower; a tie; 4% faster
 def test_the_rules_partition_stays_unless_the_other_is_faster(other_seconds):
-    race, rule, other = _race([3.0], other_seconds)
+    """And at once: the rule's win needs no second round."""
+    race, rule, other = _race([3.0], other_seconds, rematch=RACE_REMATCH_SECONDS)
     for n in range(CALLS + 3):
         race(n)
     assert race.settled == [(rule, False, (3.0, other_seconds[0]))]
     assert len(other.calls) == 2 * RACE_SAMPLES
+
+
+def test_a_race_the_other_wins_runs_again_later_before_it_settles():
+    """The other's run between the rounds, ``rematch`` seconds; then a second round of pairs;
+    the other kept, faster over both rounds."""
+    race, rule, other = _race([3.0], [2.0], rematch=10.0)
+    names = [race(n)[0] for n in range(CALLS)]
+    assert names == ["rule", "rule", "other", "other"] * RACE_SAMPLES and race.settled == []
+    between = [race(n)[0] for n in range(5)]  # 10 s of the other's 2 s calls
+    assert between == ["other"] * 5 and race.settled == [] and race.times == (
+        [3.0] * RACE_SAMPLES, [2.0] * RACE_SAMPLES)  # fmt: skip
+    names = [race(n)[0] for n in range(CALLS)]
+    assert names == ["rule", "rule", "other", "other"] * RACE_SAMPLES
+    assert race.settled == [(other, True, (3.0, 2.0))] and race(99) == ("other", (99,))
+    assert len(race.times[0]) == len(race.times[1]) == 2 * RACE_SAMPLES
+
+
+def test_a_second_round_keeps_the_rule_whose_first_round_ran_in_a_spell():
+    """Stop 69's race of a (256, 512) eval's twins: a busy spell slowed the parallel twin's
+    samples (the rule's) and the serial one won by 6%; the second round, out of the spell,
+    times the rule faster than the other, whose first-round win does not count alone."""
+    spell = [6.0] * (2 * RACE_SAMPLES)  # the rule's calls of the first round
+    race, rule, other = _race(spell + [3.0], [5.6, 5.6] * RACE_SAMPLES + [5.0], rematch=1.0)
+    for n in range(2 * CALLS + 1):
+        race(n)
+    assert race.settled == [(rule, False, (3.0, 5.0))] and race.winner is rule
+    assert race(99) == ("rule", (99,))
 
 
 def test_a_race_keeps_each_partitions_fastest_call():
@@ -207,6 +238,7 @@ def test_a_training_step_races_its_partitions_with_the_same_bits(rng, monkeypatc
     the rule's partition alone."""
     monkeypatch.setattr(cpu, "num_threads", lambda: 2)
     monkeypatch.setattr(cpu, "RACES", {})
+    monkeypatch.setattr(cpu, "RACE_REMATCH_SECONDS", 0.05)  # a second round, if one, soon
     x = random_batch(rng, SHAPE, np.float32)
     dy = random_batch(rng, SHAPE, np.float32, mean_scale=0.5)
     assert x.size == RACE_MIN_ELEMENTS and items.both_partitions(*SHAPE, 2)
@@ -365,6 +397,7 @@ def test_a_backward_near_the_bound_races_its_twins_with_the_same_bits(rng, monke
     gives the serial twin's bits. The forward, serial by the model, does not race."""
     monkeypatch.setattr(cpu, "num_threads", lambda: 2)
     monkeypatch.setattr(cpu, "RACES", {})
+    monkeypatch.setattr(cpu, "RACE_REMATCH_SECONDS", 0.05)  # a second round, if one, soon
     monkeypatch.setattr(cpu, "_PLANS", {})
     x = random_batch(rng, ROWS, np.float32)
     dy = random_batch(rng, ROWS, np.float32, mean_scale=0.5)

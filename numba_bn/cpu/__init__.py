@@ -16,7 +16,7 @@ from . import drivers, fronts
 from .drivers import loaded_for, machine_code
 from .items import both_partitions, is_fused, memory_of
 from .kernels import EPILOGUE_ADD, EPILOGUE_NONE, EPILOGUE_RELU
-from .race import NOT_YET, RACE_MIN_ELEMENTS, THREADS_RACE_BOUNDS, Race
+from .race import NOT_YET, RACE_MIN_ELEMENTS, RACE_REMATCH_SECONDS, THREADS_RACE_BOUNDS, Race
 from .threads import compile_only as _twins_compile_only
 from .threads import expected_layer, launcher, layer_known, layer_safe, num_threads
 
@@ -336,7 +336,7 @@ def _race_plan(key, threads, rule, ready, names, fused, resolve=None):
             times = {names[0]: seconds[0] * 1e6, names[1]: seconds[1] * 1e6}
             RACES[name] = {**times, "rule": names[0], "kept": names[other_won]}
 
-    race = Race(rule, ready, settle)
+    race = Race(rule, ready, settle, rematch=RACE_REMATCH_SECONDS)  # (a test may shorten it)
     _RACING.add(race)
     raced = race, fused
     return raced

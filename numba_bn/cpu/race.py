@@ -9,7 +9,8 @@ depends on the machine more than a fixed size can say: the split backward of (32
 float32 took 1.3-1.5x the fused one's time on an Intel Xeon (2 MB of L2 a core) and ran faster
 than it on an AMD Zen 3 (benchmarks/README.md, "Stop 56"). :func:`.items.is_fused` is the rule a
 plan starts with (and the C library's shim keeps); where both partitions can run the batch, a
-parallel plan's run is a :class:`Race` that times both on the first calls and keeps the faster.
+parallel plan's run is a :class:`Race` that times both on the first calls and keeps the faster
+(timed again a second later when it is not the rule's, :data:`RACE_REMATCH_SECONDS`).
 
 A race only times machine code this process has or can load from Numba's cache: the other
 partition's parallel twin, when it is in neither, compiles in a compile-ahead worker
@@ -53,6 +54,15 @@ RACE_GAP_SECONDS = 0.002
 #: The other partition (or twin) replaces the rule's when its fastest sample is this much
 #: faster: the rule is a measured guess, and a near tie is not worth trusting four samples.
 RACE_MARGIN = 0.05
+#: A race the other partition (or twin) wins is run again this many seconds later, the other's
+#: run in between, and the other is kept only if it is still the faster by the margin over both
+#: rounds' samples (each side's fastest); one the rule's wins settles at once. A spell slows
+#: this machine for a second or more (benchmarks/README.md, stop 38), more than a race's ~8 ms
+#: of pairs: in stop 69's sweep, the twins' race of a (256, 512) eval ran in one, timed the
+#: parallel twin at 18.0 us against 16.9 for the serial one, and kept the serial twin, which
+#: took 1.5x the parallel one's time for the rest of the process. The rule is the measured
+#: guess; overturning it takes two rounds apart in time.
+RACE_REMATCH_SECONDS = 1.0
 #: Calls of a plan before its race asks for the other partition: a program that calls once
 #: (a first-call measurement, a script) starts no worker and loads nothing it will not run.
 RACE_AFTER = 2
@@ -80,17 +90,21 @@ class Race:
     asks it and runs the rule's; then ``samples`` pairs of samples (:data:`RACE_SAMPLES`), the
     rule's then the other's, ``spacing`` calls of the rule's and ``gap`` seconds at least
     between pairs, and it settles: on the other's run when its fastest sample took less than
-    ``1 - margin`` times the rule's fastest.
+    ``1 - margin`` times the rule's fastest. When the other's wins, a second round of pairs
+    follows ``rematch`` seconds later (the other's run meanwhile), and the other is kept when
+    its fastest sample over both rounds is still that much faster than the rule's
+    (:data:`RACE_REMATCH_SECONDS`; None: one round).
     A call's arguments and result pass through. Results do not depend on which partition runs
     (the module's docstring).
     """
 
     def __init__(self, rule, ready, settle, clock=time.perf_counter, samples=RACE_SAMPLES,
                  after=RACE_AFTER, spacing=RACE_SPACING, gap=RACE_GAP_SECONDS,
-                 margin=RACE_MARGIN):  # fmt: skip
+                 margin=RACE_MARGIN, rematch=RACE_REMATCH_SECONDS):  # fmt: skip
         self.rule, self.ready, self._settle, self.clock = rule, ready, settle, clock
         self.samples, self.after, self.spacing = samples, after, spacing
-        self.gap, self.margin = gap, margin
+        self.gap, self.margin, self.rematch = gap, margin, rematch
+        self.rounds = 1  # the rounds of pairs whose samples the race waits for
         self.times = ([], [])  # the rule's, the other's: seconds of each sample's timed call
         self.runs = None  # (rule, other) while racing
         self.between = 0  # calls of the rule's still to run before the next pair
@@ -132,11 +146,21 @@ class Race:
         if side == 1:
             self.between, self.resume = self.spacing, self.clock() + self.gap
         # (both counts: calls from several Python threads may have run one side more often)
-        if min(len(rule_times), len(other_times)) >= self.samples:
+        if min(len(rule_times), len(other_times)) >= self.samples * self.rounds:
             rule_best, other_best = min(rule_times), min(other_times)
             other_won = other_best < (1.0 - self.margin) * rule_best
-            self._done(self.runs[other_won], other_won, (rule_best, other_best))
+            if other_won and self.rounds == 1 and self.rematch is not None:
+                self.rounds, self.resume = 2, self.clock() + self.rematch
+                self.between, self._call = 0, self._between_rounds
+            else:
+                self._done(self.runs[other_won], other_won, (rule_best, other_best))
         return result
+
+    def _between_rounds(self, *args):
+        if self.clock() < self.resume:
+            return self.runs[1](*args)
+        self._call = self._racing
+        return self._racing(*args)
 
     def _done(self, winner, other_won, seconds):
         self.winner = winner
