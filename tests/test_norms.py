@@ -580,6 +580,31 @@ def test_forward_in_place():
     np.testing.assert_array_equal(x, expected)
 
 
+@pytest.mark.parametrize("shape", [(3, 8, 5, 4), (40, 16)])  # planes; (N, C): rows of values
+def test_backward_in_place_of_dy_or_x_gets_the_bits_it_gets_apart(shape):
+    """dx into dy or into x (``out``): the bits of a dx into a new array (each value of dy and
+    x is read before dx is written at its index, by the group's and the rows' passes alike)."""
+    rng = np.random.default_rng(43)
+    x, dy = make(rng, shape, np.float32), make(rng, shape, np.float32, 0.0, 1.0)
+    w, lw = make(rng, shape[1], np.float32, 1.0, 0.5), make(rng, shape[1:], np.float32, 1.0, 0.5)
+    _, mean, invstd = group_norm_forward(x, 4, w)
+    _, row_mean, row_invstd = layer_norm_forward(x, shape[1:], lw)
+    calls = {
+        "group": lambda dy, x, out: group_norm_backward(dy, x, mean, invstd, 4, w, out=out),
+        "layer": lambda dy, x, out: layer_norm_backward(
+            dy, x, row_mean, row_invstd, shape[1:], lw, out=out
+        ),  # fmt: skip
+    }
+    for name, call in calls.items():
+        expected = call(dy, x, None)
+        assert np.all(np.isfinite(expected[0])), name
+        into_dy, into_x = dy.copy(), x.copy()
+        for got in (call(into_dy, x, into_dy), call(dy, into_x, into_x)):
+            assert got[0] is into_dy or got[0] is into_x, name
+            for value, want in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(value, want, err_msg=name)
+
+
 def _plain_and_checked(monkeypatch, rng, dtype, into):
     """(name, results of a plain call, results of the same call through the checks): eps as
     np.float64 is not a Python float, so the second call takes the checked path. The plain

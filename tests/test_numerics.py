@@ -299,6 +299,48 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
         np.testing.assert_array_equal(parallel, serial)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape", [(6, 16, 40), (5, 2, 300), (700, 9, 1), (40, 130, 1),
+                                   (45, 3, 196)])  # fmt: skip
+def test_a_drivers_output_in_place_of_an_input_gets_the_bits_it_gets_apart(rng, shape, fused):
+    """y into x itself, or into the residual z; dx into dy or into x: each elementwise pass
+    reads and writes that one array (kernels.one_memory; through two, its vector loop ran the
+    scalar one, 5-7x slower), and every value is read before its own index is written."""
+    fused = fused and shape[2] > 1
+    x, dy = random_batch(rng, shape, np.float32), random_batch(rng, shape, np.float32)
+    weight = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
+    bias = rng.standard_normal(shape[1]).astype(np.float32)
+    partition, memory = "fused" if fused else "split", items.memory_of(shape[0], shape[2])
+    trains = drivers.driver(f"forward_train_{partition}", memory)  # (parallel, serial)
+    add_relus = drivers.driver(f"forward_train_{partition}", memory, kernels.EPILOGUE_ADD_RELU)
+    backs = drivers.driver(f"backward_{partition}", memory)
+    no_rows = np.empty((2, 0), np.float32)
+
+    def train(twin, x, y, z=None):
+        stats = [np.full(shape[1], np.nan) for _ in range(3)]
+        running = [np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)]
+        run = (trains if z is None else add_relus)[twin]
+        run(x, weight, bias, 1e-5, *running, 0.1, True, True, y, *stats,
+            x if z is None else z, no_rows)  # fmt: skip
+        return y, stats
+
+    def back(twin, dy, x, dx, mean, invstd):
+        sums = [np.full(shape[1], np.nan) for _ in range(2)]
+        backs[twin](dy, x, mean, invstd, weight, dx, *sums, np.empty((2, shape[1]), np.float32))
+        return dx
+
+    for twin in (0, 1):
+        y, (mean, invstd, _) = train(twin, x, np.full_like(x, np.nan))
+        fused_y = train(twin, x, np.full_like(x, np.nan), dy)[0]
+        dx = back(twin, dy, x, np.full_like(x, np.nan), mean, invstd)
+        assert np.all(np.isfinite(y)) and np.all(np.isfinite(fused_y)) and np.all(np.isfinite(dx))
+        into_x, into_z, into_dy, into_x_again = x.copy(), dy.copy(), dy.copy(), x.copy()
+        np.testing.assert_array_equal(train(twin, into_x, into_x)[0], y)
+        np.testing.assert_array_equal(train(twin, x, into_z, into_z)[0], fused_y)
+        np.testing.assert_array_equal(back(twin, into_dy, x, into_dy, mean, invstd), dx)
+        np.testing.assert_array_equal(back(twin, dy, into_x_again, into_x_again, mean, invstd), dx)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(16, 32, 256), (6, 16, 40), (5, 2, 300), (3, 9, 2100)])
 def test_the_fused_and_split_partitions_give_the_same_bits(rng, shape, dtype):
