@@ -299,8 +299,8 @@ class BatchNorm(LayerState):
         if type(x) is not np.ndarray:  # a torch CPU tensor: NumPy's views take the plans
             x, residual = host_views(x, residual)
         plain, y = type(x) is np.ndarray and mask is None, None
-        if plain and out is not None:  # an out= the plans take: like x, apart from it
-            plain = _apart(out, x)
+        if plain and out is not None:  # an out= the plans take: like x, apart from it, or
+            plain = _apart(out, x) or (out is x and not training)  # an eval's x itself
         if plain:  # a batch like one before: its plan, when the layer still holds what it checked
             plan = self._plans.get((x.shape, training))
             if plan is not None and plan.takes(self, x):
@@ -332,9 +332,10 @@ class BatchNorm(LayerState):
         state is made whole at once, positionally (a NamedTuple's _replace costs ~0.85 us)."""
         if not plan.batch:
             y = plan.evaluate(x, residual, out)
-            if y is not None:
+            if y is not None:  # (into x itself: no x left for a backward, as _forward says)
                 kept = y if plan.activation is not None else None
-                self._saved = _Saved(False, x, None, None, 0, None, kept, residual is not None)
+                self._saved = _Saved(False, None if out is x else x, None, None, 0, None, kept,
+                                     residual is not None)  # fmt: skip
             return y
         trained = plan.train(x, residual, out)
         if trained is None:
@@ -672,8 +673,8 @@ class BatchNorm(LayerState):
 def _apart(out, x):
     """Whether the plans may take ``out`` for a forward of the ndarray ``x``: as a front takes
     it (fronts.like), and sharing no memory with x (its bounds; a training forward may not
-    overwrite the x its backward needs, and an eval forward that does takes the general path,
-    which records it)."""
+    overwrite the x its backward needs; an eval forward into x itself is the caller's other
+    case, one that partly overlaps x takes the general path)."""
     return fronts.like(out, x) and not np.may_share_memory(out, x)
 
 

@@ -141,9 +141,10 @@ def _general_path_raises(monkeypatch):
 def test_planned_steps_with_out_write_the_general_paths_bits_into_it(
     rng, monkeypatch, shape, axis, dtype
 ):
-    """bn(x, out=y) and bn.backward(dy, out=dx) (dy itself too: in place) take the plans once a
-    front serves the shape, and write the bits of a layer without plans into out. (Before stop
-    69 every call with out= took the general path, ~5 us more a small call.)"""
+    """bn(x, out=y) and bn.backward(dy, out=dx) (dy itself too: in place), and an eval's
+    bn(x, out=x), take the plans once a front serves the shape, and write the bits of a layer
+    without plans into out. (Before stop 69 every call with out= took the general path, ~5 us
+    more a small call; an eval into x itself before stop 70.)"""
     planned, general = (nbn.BatchNorm(shape[axis], axis=axis, dtype=dtype) for _ in range(2))
     planned.weight[:] = general.weight[:] = rng.uniform(0.5, 2.0, shape[axis])
 
@@ -162,13 +163,15 @@ def test_planned_steps_with_out_write_the_general_paths_bits_into_it(
     for n, (x, dy) in enumerate(_steps(rng, shape, axis, dtype, 6)):
         step(x, dy, n % 2, n >= 4)
     planned.eval(), general.eval()
-    for n, (x, _) in enumerate(_steps(rng, shape, axis, dtype, 3)):
-        y_out = np.full_like(x, np.nan)
+    for n, (x, _) in enumerate(_steps(rng, shape, axis, dtype, 5)):
+        in_place = n >= 3  # inference into x itself (its own memory: no x left for a backward)
+        y_out = x.copy() if in_place else np.full_like(x, np.nan)
         with monkeypatch.context() as patched:
             if n:
                 _general_path_raises(patched)
-            assert planned(x, out=y_out) is y_out
+            assert planned(y_out if in_place else x, out=y_out) is y_out
         _same(y_out, _unplanned(general, x))
+        assert (planned._saved.x is None) is in_place
 
 
 def _outcome(call):
