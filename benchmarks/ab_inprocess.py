@@ -3,6 +3,7 @@
     python benchmarks/ab_inprocess.py OLD_CHECKOUT NEW_CHECKOUT [--shapes 64x32,8x16x8x8]
     python benchmarks/ab_inprocess.py OLD NEW --shapes sweep    # every size of bench --sweep
     python benchmarks/ab_inprocess.py OLD NEW --calls out       # the same calls with out=
+    python benchmarks/ab_inprocess.py OLD NEW --calls in-place  # out= an input itself
 
 On this project's shared 2-core machines a process can run 10-50% slower than the next one for
 its whole life (stop 23: the same code's (64, 32) forward 8.8 and 14.5 us twenty minutes apart),
@@ -103,7 +104,27 @@ def out_calls(nbn, x, dy, axis):
     }
 
 
-CALLS = {"step": calls, "out": out_calls}
+def in_place_calls(nbn, x, dy, axis):
+    """Calls in place, out= an input itself (on copies of x and dy of their own), each one's
+    result the same when it is called again on it: the training forward normalises (a batch
+    normalised once stays so), the eval with mean 0 and variance 1 - eps is the identity, the
+    backward with weight 1 / invstd a projection of dy."""
+    channels = x.shape[axis]
+    xs, dys = x.copy(), dy.copy()
+    rm, rv = np.zeros(channels, np.float32), np.full(channels, 1 - 1e-5, np.float32)
+    _, mean, invstd = nbn.forward_train(x, axis=axis)
+    w = (1 / invstd).astype(np.float32)
+    frozen = nbn.BatchNorm(channels, axis=axis).eval()
+    frozen.running_mean[:], frozen.running_var[:] = rm, rv
+    return {
+        "forward_train, out=x": lambda: nbn.forward_train(xs, axis=axis, out=xs),
+        "forward_eval, out=x": lambda: nbn.forward_eval(xs, rm, rv, axis=axis, out=xs),
+        "backward, out=dy": lambda: nbn.backward(dys, x, mean, invstd, w, axis=axis, out=dys),
+        "BatchNorm eval, out=x": lambda: frozen(xs, out=xs),
+    }
+
+
+CALLS = {"step": calls, "out": out_calls, "in-place": in_place_calls}
 
 
 def best_us(call):
@@ -146,7 +167,7 @@ def main(argv=None):
     parser.add_argument("new")
     parser.add_argument("--shapes", default="64x32,64x256,8x16x8x8", help="or: sweep")
     parser.add_argument("--calls", choices=CALLS, default="step",
-                        help="a training step's and inference's, or with out=")  # fmt: skip
+                        help="a training step's and inference's; with out=; in place")  # fmt: skip
     args = parser.parse_args(argv)
     root = os.path.join(tempfile.gettempdir(), "numba_bn_ab_inprocess")
     os.makedirs(root, exist_ok=True)
