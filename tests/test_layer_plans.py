@@ -228,6 +228,20 @@ def test_an_out_the_plans_do_not_take_has_the_general_paths_outcome(rng, kind, t
             planned.backward(dy)
 
 
+def test_an_eval_with_batch_statistics_into_x_itself_raises_as_without_plans(rng):
+    """track_running_stats=False: an eval normalises with the batch's statistics, which its
+    backward needs x for; into x itself, the plans leave it to the general path's error, and x
+    is as it was."""
+    bn = nbn.BatchNorm(8, track_running_stats=False).eval()
+    x = random_batch(rng, (32, 8), np.float32)
+    for _ in range(3):  # the plan, then its front
+        bn(x)
+    given = x.copy()
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        bn(given, out=given)
+    np.testing.assert_array_equal(given, x)
+
+
 def _changed(bn, change, rng):
     channels = bn.num_features
     if change == "weight":
