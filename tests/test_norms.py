@@ -581,9 +581,11 @@ def test_forward_in_place():
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 5, 4), (40, 16)])  # planes; (N, C): rows of values
-def test_backward_in_place_of_dy_or_x_gets_the_bits_it_gets_apart(shape):
-    """dx into dy or into x (``out``): the bits of a dx into a new array (each value of dy and
-    x is read before dx is written at its index, by the group's and the rows' passes alike)."""
+def test_in_place_of_an_input_gets_the_bits_it_gets_apart(shape):
+    """dx into dy or into x (``out``), and y into x: the bits of a result into a new array (each
+    value is read before the result is written at its index; with dx into dy, group norm's runs
+    and layer norm's weighted rows, and layer norm's affine with weight and bias into x, read
+    and write one array: kernels.one_memory)."""
     rng = np.random.default_rng(43)
     x, dy = make(rng, shape, np.float32), make(rng, shape, np.float32, 0.0, 1.0)
     w, lw = make(rng, shape[1], np.float32, 1.0, 0.5), make(rng, shape[1:], np.float32, 1.0, 0.5)
@@ -603,6 +605,12 @@ def test_backward_in_place_of_dy_or_x_gets_the_bits_it_gets_apart(shape):
             assert got[0] is into_dy or got[0] is into_x, name
             for value, want in zip(got, expected, strict=True):
                 np.testing.assert_array_equal(value, want, err_msg=name)
+    lb = make(rng, shape[1:], np.float32, 0.0, 0.5)
+    for forward in (lambda x, out: group_norm(x, 4, w, w, out=out),
+                    lambda x, out: layer_norm(x, shape[1:], lw, lb, out=out)):  # fmt: skip
+        into_x = x.copy()
+        assert forward(into_x, into_x) is into_x
+        np.testing.assert_array_equal(into_x, forward(x, None))
 
 
 def _plain_and_checked(monkeypatch, rng, dtype, into):

@@ -322,7 +322,9 @@ def rows_chunk_stats(x, r0, r1, c0, c1, mean_out, m2_out, block_mean, block_m2, 
 # bits: each value is read before the value at its index is written. Each such loop is a second
 # copy of the pass's loop to compile, so only the usual cases have one: y into x, dx into dy
 # (a cold step compiled ~0.35 s, ~9%, longer with them); y into the residual, dx into x, the
-# rows' loops of a large mean's pre and planes of one value run the two-array loop.
+# rows' loops of a large mean's pre and planes of one value run the two-array loop. Group and
+# layer norm (.norm_kernels) likewise: dx into dy, and layer norm's y into x with a weight and
+# a bias (their cold steps ~0.3-0.45 s longer).
 @kernel(inline="always")
 def one_memory(a, b):
     """Whether the arrays ``a`` and ``b`` (of one shape and layout) are views of one memory."""

@@ -63,6 +63,7 @@ from .drivers import twins
 from .kernels import (
     EPILOGUE_NONE,
     affine_planes,
+    one_memory,
     plane_channel_stats,
     plane_channel_sums,
 )
@@ -159,7 +160,8 @@ def weighted_dx_groups(dy, x, dx, g0, g1, group_channels, inner, coef, weight):
     """dx = (dy * w - mean_g - xmu * proj) * invstd over the channels of groups g0:g1 of flat
     arrays: the group's terms from column ng of ``coef``, w from ``weight`` (C,) (1 when
     zero-length: dy * 1 is dy). Channels of one value (an (N, C) batch) in one loop over the
-    group's values, which vectorises."""
+    group's values, which vectorises. dx may be dy (in place; planes of one value: two
+    arrays)."""
     one = x.dtype.type(1.0)
     s0 = sample_channel(g0, group_channels, weight.size)
     for ng in range(g0, g1):
@@ -174,12 +176,21 @@ def weighted_dx_groups(dy, x, dx, g0, g1, group_channels, inner, coef, weight):
                 xmu = (x[first + j] * pre - mean_hi) - mean_lo
                 dx[first + j] = ((dy[first + j] * w - mean_g) - xmu * proj) * k
             continue
+        in_place = one_memory(dy, dx)  # (kernels.one_memory: dx into dy, one array)
         for j in range(uint64(group_channels)):
             w = weight[w0 + j] if weight.size else one
             start = first + j * uint64(inner)
-            for i in range(start, start + uint64(inner)):
-                xmu = (x[i] * pre - mean_hi) - mean_lo
-                dx[i] = ((dy[i] * w - mean_g) - xmu * proj) * k
+            if in_place:
+                _group_dx_run(dx, x, dx, start, inner, w, mean_hi, mean_lo, proj, mean_g, pre, k)
+            else:
+                _group_dx_run(dy, x, dx, start, inner, w, mean_hi, mean_lo, proj, mean_g, pre, k)
+
+
+@kernel(inline="always")
+def _group_dx_run(dy, x, dx, start, inner, w, mean_hi, mean_lo, proj, mean_g, pre, k):
+    for i in range(start, start + uint64(inner)):
+        xmu = (x[i] * pre - mean_hi) - mean_lo
+        dx[i] = ((dy[i] * w - mean_g) - xmu * proj) * k
 
 
 @callee
@@ -281,9 +292,7 @@ def _affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, bias):
     """y = x_hat * weight[f] + bias[f] over [start, start + width) of flat x, y."""
     first = uint64(start)
     if weight.size and bias.size:
-        for f in range(uint64(width)):
-            x_hat = ((x[first + f] * pre - mean_hi) - mean_lo) * scale
-            y[first + f] = x_hat * weight[f] + bias[f]
+        _affine_row_weighted(x, y, first, width, mean_hi, mean_lo, scale, pre, weight, bias)
     elif weight.size:
         for f in range(uint64(width)):
             y[first + f] = (((x[first + f] * pre - mean_hi) - mean_lo) * scale) * weight[f]
@@ -295,15 +304,28 @@ def _affine_row(x, y, start, width, mean_hi, mean_lo, scale, pre, weight, bias):
             y[first + f] = ((x[first + f] * pre - mean_hi) - mean_lo) * scale
 
 
+@kernel(inline="always")
+def _affine_row_weighted(x, y, first, width, mean_hi, mean_lo, scale, pre, weight, bias):
+    for f in range(uint64(width)):
+        x_hat = ((x[first + f] * pre - mean_hi) - mean_lo) * scale
+        y[first + f] = x_hat * weight[f] + bias[f]
+
+
 @callee(fastmath=CONTRACT_FASTMATH)
 def layer_affine_rows(x, y, r0, r1, width, mean, invstd, weight, bias):
     """y over rows r0:r1 of flat x, y from their float64 ``mean`` and ``invstd``: one call for
     a work item's rows (a call a row cost ~20 ns, the affine of a row of 8 values). The rows'
     coefficients (_row_coefficients) are the same under contraction: their one product,
-    ``mean * pre``, is exact (pre is 1 or 1/4), so no fused multiply-add rounds differently."""
+    ``mean * pre``, is exact (pre is 1 or 1/4), so no fused multiply-add rounds differently.
+    y may be x (in place, kernels.one_memory: with a weight and a bias, one array)."""
+    in_place = weight.size > 0 and bias.size > 0 and one_memory(x, y)
     for r in range(r0, r1):
         mean_hi, mean_lo, scale, pre = _row_coefficients(mean[r], invstd[r], x)
-        _affine_row(x, y, r * width, width, mean_hi, mean_lo, scale, pre, weight, bias)
+        if in_place:
+            first = uint64(r * width)
+            _affine_row_weighted(y, y, first, width, mean_hi, mean_lo, scale, pre, weight, bias)
+        else:
+            _affine_row(x, y, r * width, width, mean_hi, mean_lo, scale, pre, weight, bias)
 
 
 @callee
@@ -348,14 +370,21 @@ def layer_row_dx(dy, x, dx, start, width, mean_hi, mean_lo, pre, k, mean_g, proj
         g = dy[first + f]
         col_dy[f] += g
         col_dy_xhat[f] += g * ((x[first + f] - mean) * invstd)
-    if weight.size:
-        for f in range(uint64(width)):
-            xmu = (x[first + f] * pre - mean_hi) - mean_lo
-            dx[first + f] = ((dy[first + f] * weight[f] - mean_g) - xmu * proj) * k
+    if weight.size and one_memory(dy, dx):  # in place (kernels.one_memory): one array
+        _row_dx_weighted(dx, x, dx, first, width, mean_hi, mean_lo, pre, k, mean_g, proj, weight)
+    elif weight.size:
+        _row_dx_weighted(dy, x, dx, first, width, mean_hi, mean_lo, pre, k, mean_g, proj, weight)
     else:
         for f in range(uint64(width)):
             xmu = (x[first + f] * pre - mean_hi) - mean_lo
             dx[first + f] = ((dy[first + f] - mean_g) - xmu * proj) * k
+
+
+@kernel(inline="always")
+def _row_dx_weighted(dy, x, dx, first, width, mean_hi, mean_lo, pre, k, mean_g, proj, weight):
+    for f in range(uint64(width)):
+        xmu = (x[first + f] * pre - mean_hi) - mean_lo
+        dx[first + f] = ((dy[first + f] * weight[f] - mean_g) - xmu * proj) * k
 
 
 @callee(fastmath=CONTRACT_FASTMATH)
