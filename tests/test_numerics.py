@@ -303,9 +303,10 @@ def test_serial_and_parallel_twins_are_bitwise_identical(rng, shape, fused):
 @pytest.mark.parametrize("shape", [(6, 16, 40), (5, 2, 300), (700, 9, 1), (40, 130, 1),
                                    (45, 3, 196)])  # fmt: skip
 def test_a_drivers_output_in_place_of_an_input_gets_the_bits_it_gets_apart(rng, shape, fused):
-    """y into x itself, or into the residual z; dx into dy or into x: each elementwise pass
-    reads and writes that one array (kernels.one_memory; through two, its vector loop ran the
-    scalar one, 5-7x slower), and every value is read before its own index is written."""
+    """y into x itself, or into the residual z; dx into dy or into x: the bits a new array gets
+    (every value is read before its own index is written). y into x and dx into dy read and
+    write one array (kernels.one_memory; through two, the vector loop ran the scalar one, 5-7x
+    slower); the others keep the two-array loop."""
     fused = fused and shape[2] > 1
     x, dy = random_batch(rng, shape, np.float32), random_batch(rng, shape, np.float32)
     weight = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
