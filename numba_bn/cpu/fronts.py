@@ -31,6 +31,7 @@ from numba.extending import intrinsic
 
 from ..codecache import key_on_sources, lock_cache_saves
 from ..stats import empty, kernel, release, shaped_when_plain
+from .kernels import one_memory
 from .threads import num_threads
 
 ndarray, F64 = np.ndarray, np.dtype(np.float64)
@@ -147,9 +148,9 @@ def _apart_or_same(out, value):
     first byte and size) or lie apart (their bytes' bounds do not meet, np.may_share_memory's
     test): what a plain call asks of an ``out=`` and each of its inputs
     (:func:`numba_bn.hostcall.output`; the checked path takes the same view in place too)."""
-    a, b = out.ctypes.data, value.ctypes.data
-    if a == b:
+    if one_memory(out, value):  # (the kernels then read and write one array: in place)
         return out.size == value.size
+    a, b = out.ctypes.data, value.ctypes.data
     return a + out.nbytes <= b or b + value.nbytes <= a
 
 

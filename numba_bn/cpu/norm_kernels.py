@@ -163,6 +163,7 @@ def weighted_dx_groups(dy, x, dx, g0, g1, group_channels, inner, coef, weight):
     group's values, which vectorises. dx may be dy (in place; planes of one value: two
     arrays)."""
     one = x.dtype.type(1.0)
+    in_place = one_memory(dy, dx)  # (kernels.one_memory: dx into dy, one array)
     s0 = sample_channel(g0, group_channels, weight.size)
     for ng in range(g0, g1):
         mean_hi, mean_lo, proj, mean_g = coef[0, ng], coef[1, ng], coef[2, ng], coef[3, ng]
@@ -176,7 +177,6 @@ def weighted_dx_groups(dy, x, dx, g0, g1, group_channels, inner, coef, weight):
                 xmu = (x[first + j] * pre - mean_hi) - mean_lo
                 dx[first + j] = ((dy[first + j] * w - mean_g) - xmu * proj) * k
             continue
-        in_place = one_memory(dy, dx)  # (kernels.one_memory: dx into dy, one array)
         for j in range(uint64(group_channels)):
             w = weight[w0 + j] if weight.size else one
             start = first + j * uint64(inner)
