@@ -299,9 +299,8 @@ class BatchNorm(LayerState):
         if type(x) is not np.ndarray:  # a torch CPU tensor: NumPy's views take the plans
             x, residual = host_views(x, residual)
         plain, y = type(x) is np.ndarray and mask is None, None
-        if plain and out is not None:  # an out= the plans take: like x, apart from it, or
-            plain = _apart(out, x) or (out is x and not training)  # an eval's x itself (its
-            # running statistics' plan: _planned_forward)
+        if plain and out is not None:  # an out= the plans take: like x, apart from it, or x
+            plain = _apart(out, x) or out is x  # itself (a running-statistics plan's only)
         if plain:  # a batch like one before: its plan, when the layer still holds what it checked
             plan = self._plans.get((x.shape, training))
             if plan is not None and plan.takes(self, x):
@@ -338,8 +337,8 @@ class BatchNorm(LayerState):
                 self._saved = _Saved(False, None if out is x else x, None, None, 0, None, kept,
                                      residual is not None)  # fmt: skip
             return y
-        if out is x:  # batch statistics (an eval without running statistics): the general
-            return None  # path's error, the x its backward needs kept
+        if out is x:  # batch statistics (training, or an eval without running statistics):
+            return None  # the general path's error, the x its backward needs kept
         trained = plan.train(x, residual, out)
         if trained is None:
             return None
